@@ -1,0 +1,20 @@
+"""Build hubcore, with the compiled SSE meter unless HUBCORE_NO_EXTENSIONS=1.
+
+The pure-Python twin (hubcore/_sse_py.py) is always installed, so a build
+without a compiler, or with the variable set, still gives a working hub.
+"""
+import os
+
+from setuptools import setup
+
+ext_modules = []
+if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
+    from Cython.Build import cythonize
+    from setuptools import Extension
+
+    ext_modules = cythonize(
+        [Extension("hubcore._sse", ["hubcore/_sse.pyx"], extra_compile_args=["-O3"])],
+        compiler_directives={"language_level": "3"},
+    )
+
+setup(ext_modules=ext_modules)
