@@ -1,0 +1,3 @@
+from hubcore.cli import main
+
+raise SystemExit(main())

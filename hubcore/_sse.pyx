@@ -1,0 +1,960 @@
+# Every index below is checked by hand against its buffer's length; Cython's
+# own bounds check would add a second branch per byte.
+# cython: boundscheck=False
+# No index is ever negative, so the negative-index fix-up is dead code.
+# cython: wraparound=False
+# Memoryviews are bound before every use; skip the "is it bound?" test.
+# cython: initializedcheck=False
+# The only % is on a non-negative count; C division needs no Python fix-up.
+# cython: cdivision=True
+"""Compiled twin of the streaming meter: the SSE framing and event sorting in C.
+
+Mirrors `_sse_py.py` method for method (same names, same numbers); the few
+events that carry usage are decoded with orjson exactly as there.
+"""
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from libc.string cimport memchr, memcmp, memcpy
+
+import orjson
+
+from hubcore._meter_errors import MeterError
+
+FMT_ANTHROPIC = 1  # Anthropic Messages (/v1/messages)
+FMT_OPENAI_RESPONSES = 2  # OpenAI Responses (/v1/responses)
+FMT_OPENAI_CHAT = 3  # OpenAI Chat Completions (/v1/chat/completions)
+
+# Bytes; see _sse_py.py for why these sizes.
+MAX_EVENT_SIZE = 16 * 1024 * 1024
+MAX_BODY_SIZE = 64 * 1024 * 1024
+
+cdef enum:
+    # Bytes. A buffer that grew past this for one big event is freed after
+    # it, so a long stream does not keep its largest event's memory.
+    _KEEP_CAPACITY = 64 * 1024
+
+cdef enum:
+    _FMT_ANTHROPIC = 1
+    _FMT_RESPONSES = 2
+    _FMT_CHAT = 3
+
+# What an event is, from its `event:` name or its data's "type".
+cdef enum:
+    _SNIFF = 0  # no name (or "message"): read the type from the data
+    _SKIP = 1
+    _A_START = 2
+    _A_DELTA = 3
+    _A_STOP = 4
+    _A_BLOCK = 5  # content_block_start: may name the model a fallback switched to
+    _ERROR = 6
+    _R_CREATED = 7  # response.created / response.in_progress: the model, early
+    _R_COMPLETED = 8
+    _R_INCOMPLETE = 9
+    _R_FAILED = 10
+
+cdef object _loads = orjson.loads
+cdef object _JSONDecodeError = orjson.JSONDecodeError
+cdef const unsigned char* _EMPTY = <const unsigned char*>b""
+
+_TERMINAL_STATUS = {_R_COMPLETED: "completed", _R_INCOMPLETE: "incomplete", _R_FAILED: "failed"}
+_NOTHING = (None, False, None, None)
+_WANTED_KEYS = {b'"model"': 1, b'"stream"': 2, b'"metadata"': 3, b'"prompt_cache_key"': 4}
+_USER_ID_KEY = {b'"user_id"': 1}
+
+# Bytes that open, close or quote a JSON value, and bytes that end a scalar.
+cdef unsigned char _STRUCTURAL[256]
+cdef unsigned char _SCALAR_END[256]
+
+
+cdef void _init_tables() noexcept:
+    cdef int c
+    for c in range(256):
+        _STRUCTURAL[c] = 0
+        _SCALAR_END[c] = 0
+    for c in b'"{}[]':
+        _STRUCTURAL[c] = 1
+    for c in b",}] \t\n\r":
+        _SCALAR_END[c] = 1
+
+
+_init_tables()
+
+
+# -- growable byte buffer -----------------------------------------------------
+
+cdef struct Buf:
+    unsigned char* data
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+cdef int _buf_put(Buf* b, const unsigned char* p, Py_ssize_t n) except -1:
+    cdef Py_ssize_t need = b.len + n
+    cdef Py_ssize_t cap
+    cdef unsigned char* grown
+    if need > b.cap:
+        cap = b.cap * 2 if b.cap else 256
+        while cap < need:
+            cap *= 2
+        grown = <unsigned char*>PyMem_Realloc(b.data, cap)
+        if grown == NULL:
+            raise MemoryError()
+        b.data = grown
+        b.cap = cap
+    if n:
+        memcpy(b.data + b.len, p, n)
+    b.len = need
+    return 0
+
+
+cdef void _buf_free(Buf* b) noexcept:
+    PyMem_Free(b.data)
+    b.data = NULL
+    b.len = 0
+    b.cap = 0
+
+
+# -- byte-level helpers --------------------------------------------------------
+
+cdef inline bint _is_ws(unsigned char c) noexcept:
+    return c == 32 or c == 10 or c == 13 or c == 9
+
+
+cdef inline Py_ssize_t _skip_ws(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    while i < n and _is_ws(p[i]):
+        i += 1
+    return i
+
+
+cdef inline Py_ssize_t _eol(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """Index of the first \\r or \\n at or after i, or n."""
+    cdef const unsigned char* q = <const unsigned char*>memchr(p + i, 10, n - i)
+    cdef Py_ssize_t e = n if q == NULL else q - p
+    if e > i:
+        q = <const unsigned char*>memchr(p + i, 13, e - i)
+        if q != NULL:
+            e = q - p
+    return e
+
+
+cdef inline bint _eq(const unsigned char* p, Py_ssize_t n, const char* s, Py_ssize_t sn) noexcept:
+    return n == sn and memcmp(p, s, sn) == 0
+
+
+cdef int _lookup(int fmt, const unsigned char* s, Py_ssize_t n) noexcept:
+    """The kind of a named event (or data "type"), _SKIP when not one we read."""
+    if fmt == _FMT_ANTHROPIC:
+        if n == 13:
+            if memcmp(s, b"message_start", 13) == 0:
+                return _A_START
+            if memcmp(s, b"message_delta", 13) == 0:
+                return _A_DELTA
+        elif _eq(s, n, b"message_stop", 12):
+            return _A_STOP
+        elif _eq(s, n, b"content_block_start", 19):
+            return _A_BLOCK
+        elif _eq(s, n, b"error", 5):
+            return _ERROR
+    elif fmt == _FMT_RESPONSES:
+        if n > 9 and memcmp(s, b"response.", 9) == 0:
+            if _eq(s, n, b"response.created", 16) or _eq(s, n, b"response.in_progress", 20):
+                return _R_CREATED
+            if _eq(s, n, b"response.completed", 18):
+                return _R_COMPLETED
+            if _eq(s, n, b"response.incomplete", 19):
+                return _R_INCOMPLETE
+            if _eq(s, n, b"response.failed", 15):
+                return _R_FAILED
+        elif _eq(s, n, b"error", 5):
+            return _ERROR
+    return _SKIP
+
+
+cdef inline int _name_kind(int fmt, const unsigned char* s, Py_ssize_t n) noexcept:
+    if n == 0 or _eq(s, n, b"message", 7):
+        return _SNIFF
+    return _lookup(fmt, s, n)
+
+
+cdef bint _sniff_type(const unsigned char* p, Py_ssize_t n, Py_ssize_t* start, Py_ssize_t* end) noexcept:
+    """Find `{"type":"<name>"` at the start of p (JSON spaces allowed).
+
+    False when the data starts otherwise or the name holds a backslash: the
+    caller then decodes the whole event.
+    """
+    cdef Py_ssize_t i = _skip_ws(p, 0, n)
+    if i >= n or p[i] != 123:
+        return False
+    i = _skip_ws(p, i + 1, n)
+    if i + 6 > n or memcmp(p + i, b'"type"', 6) != 0:
+        return False
+    i = _skip_ws(p, i + 6, n)
+    if i >= n or p[i] != 58:
+        return False
+    i = _skip_ws(p, i + 1, n)
+    if i >= n or p[i] != 34:
+        return False
+    i += 1
+    start[0] = i
+    while i < n:
+        if p[i] == 34:
+            end[0] = i
+            return True
+        if p[i] == 92:
+            return False
+        i += 1
+    return False
+
+
+cdef inline bint _member_at(
+    const unsigned char* p, Py_ssize_t k, Py_ssize_t n,
+    const char* key, Py_ssize_t kn, const char* val, Py_ssize_t vn,
+) noexcept:
+    """Whether p[k:] is `<key> : <val...>` (key with its quotes, JSON spaces allowed)."""
+    cdef Py_ssize_t j
+    if k + kn > n or memcmp(p + k, key, kn) != 0:
+        return False
+    j = _skip_ws(p, k + kn, n)
+    if j >= n or p[j] != 58:
+        return False
+    j = _skip_ws(p, j + 1, n)
+    return j + vn <= n and memcmp(p + j, val, vn) == 0
+
+
+cdef bint _has_member(
+    const unsigned char* p, Py_ssize_t n,
+    const char* key, Py_ssize_t kn, const char* val, Py_ssize_t vn,
+    const char* key2, Py_ssize_t kn2, const char* val2, Py_ssize_t vn2,
+) noexcept:
+    """Whether a `<key>:<val...>` member (or the second pair, if kn2) appears anywhere.
+
+    A quote preceded by a backslash is inside a JSON string (text that merely
+    mentions "usage"); a structural quote never is.
+    """
+    cdef Py_ssize_t i = 0, k
+    cdef const unsigned char* q
+    while i < n:
+        q = <const unsigned char*>memchr(p + i, 34, n - i)
+        if q == NULL:
+            return False
+        k = q - p
+        if k == 0 or p[k - 1] != 92:
+            if _member_at(p, k, n, key, kn, val, vn):
+                return True
+            if kn2 and _member_at(p, k, n, key2, kn2, val2, vn2):
+                return True
+        i = k + 1
+    return False
+
+
+cdef bint _error_first(const unsigned char* p, Py_ssize_t n) noexcept:
+    """Whether the data is an object whose first member is "error"."""
+    cdef Py_ssize_t i = _skip_ws(p, 0, n)
+    if i >= n or p[i] != 123:
+        return False
+    i = _skip_ws(p, i + 1, n)
+    if i + 7 > n or memcmp(p + i, b'"error"', 7) != 0:
+        return False
+    i = _skip_ws(p, i + 7, n)
+    return i < n and p[i] == 58
+
+
+cdef object _count(object v):
+    """A token count as the vendor sent it, or None for null, bools, negatives, floats."""
+    return v if type(v) is int and v >= 0 else None
+
+
+cdef str _openai_error(object err):
+    cdef object v
+    if type(err) is dict:
+        for key in ("code", "type"):
+            v = err.get(key)
+            if type(v) is str and v:
+                return v
+    return "error"
+
+
+cdef object _as_bytes(object data):
+    if type(data) is bytes or type(data) is bytearray:
+        return data
+    return memoryview(data).cast("B")
+
+
+# -- the meter ----------------------------------------------------------------
+
+cdef class Meter:
+    """Counts one response's tokens from its bytes, fed in pieces as they pass."""
+
+    cdef readonly int fmt
+    cdef readonly bint sse
+    # results
+    cdef readonly object model
+    cdef readonly object input_tokens
+    cdef readonly object output_tokens
+    cdef readonly object cache_write_5m
+    cdef readonly object cache_write_1h
+    cdef readonly object cache_read
+    cdef readonly object reasoning_tokens
+    cdef readonly object server_tool_requests
+    cdef readonly object stop_reason
+    cdef readonly object error_type
+    cdef readonly bint completed
+    cdef readonly Py_ssize_t events
+    cdef readonly Py_ssize_t malformed
+    # OpenAI reports input including cached tokens; keep both raw totals
+    cdef object _oa_input
+    cdef object _oa_cached
+    cdef bint _closed
+    # SSE framing
+    cdef Py_ssize_t _max_event
+    cdef Buf _tail
+    cdef bint _discarding
+    cdef bint _after_cr
+    # the event being assembled: its first data line stays a view into the
+    # caller's buffer until the event ends or the buffer does
+    cdef int _kind
+    cdef Py_ssize_t _ndata
+    cdef Py_ssize_t _dlen
+    cdef bint _poisoned
+    cdef bint _has_view
+    cdef const unsigned char* _view
+    cdef Py_ssize_t _view_len
+    cdef Buf _acc
+    # non-SSE body
+    cdef Py_ssize_t _max_body
+    cdef bytearray _body
+    cdef bint _overflow
+
+    def __init__(self, int fmt, sse, *, Py_ssize_t max_event_size=MAX_EVENT_SIZE,
+                 Py_ssize_t max_body_size=MAX_BODY_SIZE):
+        if fmt != _FMT_ANTHROPIC and fmt != _FMT_RESPONSES and fmt != _FMT_CHAT:
+            raise MeterError(f"unknown meter format {fmt!r}")
+        if max_event_size < 1 or max_body_size < 0:
+            raise MeterError("size caps must be positive")
+        self.fmt = fmt
+        self.sse = bool(sse)
+        self.model = None
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cache_write_5m = 0
+        self.cache_write_1h = 0
+        self.cache_read = 0
+        self.reasoning_tokens = 0
+        self.server_tool_requests = 0
+        self.stop_reason = None
+        self.error_type = None
+        self.completed = False
+        self.events = 0
+        self.malformed = 0
+        self._oa_input = 0
+        self._oa_cached = 0
+        self._closed = False
+        self._max_event = max_event_size
+        self._discarding = False
+        self._after_cr = False
+        self._kind = _SNIFF
+        self._ndata = 0
+        self._dlen = 0
+        self._poisoned = False
+        self._has_view = False
+        self._max_body = max_body_size
+        self._body = bytearray()
+        self._overflow = False
+
+    def __dealloc__(self):
+        _buf_free(&self._tail)
+        _buf_free(&self._acc)
+
+    # -- input ----------------------------------------------------------------
+
+    def feed(self, data) -> None:
+        cdef const unsigned char[:] view
+        cdef Py_ssize_t n
+        if self._closed:
+            raise MeterError("feed() after close()")
+        data = _as_bytes(data)
+        view = data
+        n = view.shape[0]
+        if n == 0:
+            return
+        if not self.sse:
+            if self._overflow:
+                return
+            if len(self._body) + n > self._max_body:
+                self._overflow = True
+                self._body = bytearray()
+            else:
+                self._body += data
+            return
+        self._feed_sse(&view[0], n)
+
+    def close(self) -> None:
+        cdef Py_ssize_t tl
+        if self._closed:
+            return
+        self._closed = True
+        if not self.sse:
+            self._close_body()
+            return
+        if self._discarding:
+            self._discarding = False
+            self._poison()
+        elif self._tail.len:
+            # the body ended without a line end: the SDKs drop such an event,
+            # but its numbers are real (a vendor bills them), so keep them
+            tl = self._tail.len
+            self._tail.len = 0
+            self._line(self._tail.data, tl)
+        self._dispatch()
+        _buf_free(&self._tail)
+        _buf_free(&self._acc)
+
+    cdef int _feed_sse(self, const unsigned char* p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t i = 0, j, tl
+        if self._after_cr:
+            self._after_cr = False
+            if p[0] == 10:
+                i = 1
+        if self._discarding or self._tail.len:
+            j = _eol(p, i, n)
+            if j == n:
+                if not self._discarding:
+                    if self._tail.len + (n - i) > self._max_event:
+                        self._discarding = True
+                        _buf_free(&self._tail)
+                    else:
+                        _buf_put(&self._tail, p + i, n - i)
+                return 0
+            if self._discarding:
+                self._discarding = False
+                self._poison()
+            elif self._tail.len + (j - i) > self._max_event:
+                _buf_free(&self._tail)
+                self._poison()
+            else:
+                _buf_put(&self._tail, p + i, j - i)
+                # the line stays in the tail buffer until this feed ends
+                tl = self._tail.len
+                self._tail.len = 0
+                self._line(self._tail.data, tl)
+            i = self._past_eol(p, j, n)
+        while i < n:
+            j = _eol(p, i, n)
+            if j == n:
+                break
+            if j - i > self._max_event:
+                self._poison()
+            else:
+                self._line(p + i, j - i)
+            i = self._past_eol(p, j, n)
+        if self._has_view:
+            # the event goes on past this buffer: keep its data
+            self._has_view = False
+            _buf_put(&self._acc, self._view, self._view_len)
+        if self._tail.cap > _KEEP_CAPACITY:
+            _buf_free(&self._tail)
+        if i < n:
+            if n - i > self._max_event:
+                self._discarding = True
+            else:
+                _buf_put(&self._tail, p + i, n - i)
+        return 0
+
+    cdef inline Py_ssize_t _past_eol(self, const unsigned char* p, Py_ssize_t j, Py_ssize_t n) noexcept:
+        if p[j] == 13:
+            if j + 1 < n:
+                return j + 2 if p[j + 1] == 10 else j + 1
+            self._after_cr = True
+        return j + 1
+
+    # -- SSE fields and events --------------------------------------------------
+
+    cdef int _line(self, const unsigned char* s, Py_ssize_t n) except -1:
+        if n == 0:
+            return self._dispatch()
+        if s[0] == 100:  # d
+            if n >= 4 and memcmp(s, b"data", 4) == 0:
+                if n == 4:
+                    self._data(s + 4, 0)
+                elif s[4] == 58:
+                    if n > 5 and s[5] == 32:
+                        self._data(s + 6, n - 6)
+                    else:
+                        self._data(s + 5, n - 5)
+        elif s[0] == 101:  # e
+            if n >= 5 and memcmp(s, b"event", 5) == 0:
+                if n == 5:
+                    self._kind = _SNIFF
+                elif s[5] == 58:
+                    if n > 6 and s[6] == 32:
+                        self._kind = _name_kind(self.fmt, s + 7, n - 7)
+                    else:
+                        self._kind = _name_kind(self.fmt, s + 6, n - 6)
+        return 0
+
+    cdef int _data(self, const unsigned char* v, Py_ssize_t vn) except -1:
+        if self._poisoned:
+            return 0
+        if self._ndata == 0:
+            self._view = v
+            self._view_len = vn
+            self._has_view = True
+            self._dlen = vn
+        else:
+            self._dlen += 1 + vn
+            if self._dlen > self._max_event:
+                self._poison()
+                return 0
+            if self._has_view:
+                self._has_view = False
+                _buf_put(&self._acc, self._view, self._view_len)
+            _buf_put(&self._acc, <const unsigned char*>b"\n", 1)
+            _buf_put(&self._acc, v, vn)
+        self._ndata += 1
+        return 0
+
+    cdef void _poison(self) noexcept:
+        self._poisoned = True
+        self._has_view = False
+        self._acc.len = 0
+
+    cdef int _dispatch(self) except -1:
+        cdef int kind = self._kind
+        cdef bint poisoned = self._poisoned
+        cdef const unsigned char* d
+        cdef Py_ssize_t dn
+        if self._ndata == 0 and not poisoned:
+            self._kind = _SNIFF
+            return 0
+        if self._has_view:
+            d = self._view
+            dn = self._view_len
+        else:
+            d = self._acc.data
+            dn = self._acc.len
+        if d == NULL:
+            d = _EMPTY
+        # reset first; the accumulated bytes stay put until the next event
+        self._kind = _SNIFF
+        self._ndata = 0
+        self._dlen = 0
+        self._poisoned = False
+        self._has_view = False
+        self._acc.len = 0
+        self.events += 1
+        if poisoned:
+            self.malformed += 1
+            return 0
+        self._event(kind, d, dn)
+        if self._acc.cap > _KEEP_CAPACITY:
+            _buf_free(&self._acc)
+        return 0
+
+    cdef int _event(self, int kind, const unsigned char* d, Py_ssize_t dn) except -1:
+        cdef Py_ssize_t ts = 0, te = 0
+        cdef bytes tb
+        if self.fmt == _FMT_CHAT:
+            return self._chat_event(d, dn)
+        if kind == _SNIFF:
+            if not _sniff_type(d, dn, &ts, &te):
+                obj = self._loads(d, dn)
+                if type(obj) is dict:
+                    t = obj.get("type")
+                    if type(t) is str:
+                        tb = (<str>t).encode()
+                        self._apply(_lookup(self.fmt, tb, len(tb)), obj)
+                return 0
+            kind = _lookup(self.fmt, d + ts, te - ts)
+        if kind == _SKIP:
+            return 0
+        if kind == _A_STOP:
+            self.completed = True
+            return 0
+        if kind == _A_BLOCK and not _has_member(d, dn, b'"type"', 6, b'"fallback"', 10, NULL, 0, NULL, 0):
+            return 0
+        if kind == _R_CREATED and self.model is not None:
+            return 0
+        obj = self._loads(d, dn)
+        if type(obj) is dict:
+            self._apply(kind, obj)
+        elif kind == _ERROR or kind == _R_FAILED:
+            self._error("error")
+        return 0
+
+    cdef int _chat_event(self, const unsigned char* d, Py_ssize_t dn) except -1:
+        if _eq(d, dn, b"[DONE]", 6):
+            self.completed = True
+            return 0
+        if (
+            self.model is not None
+            and not _has_member(d, dn, b'"usage"', 7, b"{", 1, b'"finish_reason"', 15, b'"', 1)
+            and not _error_first(d, dn)
+        ):
+            return 0
+        obj = self._loads(d, dn)
+        if type(obj) is dict:
+            self._chat_obj(obj)
+        return 0
+
+    cdef object _loads(self, const unsigned char* d, Py_ssize_t dn):
+        """The decoded JSON, or None (counted in `malformed`) when it is not JSON."""
+        try:
+            return _loads(PyBytes_FromStringAndSize(<const char*>d, dn))
+        except _JSONDecodeError:
+            self.malformed += 1
+            return None
+
+    # -- interpretation of the few decoded objects (as in _sse_py.py) ----------
+
+    cdef _error(self, str kind):
+        # the first error is the cause; later ones are its echoes
+        if self.error_type is None:
+            self.error_type = kind
+
+    cdef _apply(self, int kind, dict obj):
+        if kind == _A_START:
+            msg = obj.get("message")
+            if type(msg) is dict:
+                self._anthropic_message(msg)
+        elif kind == _A_DELTA:
+            delta = obj.get("delta")
+            if type(delta) is dict:
+                sr = delta.get("stop_reason")
+                if type(sr) is str:
+                    self.stop_reason = sr
+            self._anthropic_usage(obj.get("usage"))
+        elif kind == _A_STOP:
+            self.completed = True
+        elif kind == _A_BLOCK:
+            block = obj.get("content_block")
+            if type(block) is dict and block.get("type") == "fallback":
+                to = block.get("to")
+                if type(to) is dict:
+                    m = to.get("model")
+                    if type(m) is str:
+                        self.model = m
+        elif kind == _ERROR:
+            if self.fmt == _FMT_ANTHROPIC:
+                err = obj.get("error")
+                et = err.get("type") if type(err) is dict else None
+                self._error(et if type(et) is str and et else "error")
+            else:
+                code = obj.get("code")
+                self._error(code if type(code) is str and code else _openai_error(obj.get("error")))
+        elif kind == _R_CREATED:
+            resp = obj.get("response")
+            if type(resp) is dict:
+                m = resp.get("model")
+                if type(m) is str:
+                    self.model = m
+        elif kind == _R_COMPLETED or kind == _R_INCOMPLETE or kind == _R_FAILED:
+            resp = obj.get("response")
+            if type(resp) is dict:
+                self._responses_obj(resp, _TERMINAL_STATUS[kind])
+            elif kind == _R_FAILED:
+                self._error("error")
+            if kind != _R_FAILED:
+                self.completed = True
+
+    cdef _anthropic_message(self, dict msg):
+        m = msg.get("model")
+        if type(m) is str:
+            self.model = m
+        sr = msg.get("stop_reason")
+        if type(sr) is str:
+            self.stop_reason = sr
+        self._anthropic_usage(msg.get("usage"))
+
+    cdef _anthropic_usage(self, usage):
+        # overwrite, never add: message_delta numbers are running totals
+        if type(usage) is not dict:
+            return
+        v = _count(usage.get("input_tokens"))
+        if v is not None:
+            self.input_tokens = v
+        v = _count(usage.get("output_tokens"))
+        if v is not None:
+            self.output_tokens = v
+        v = _count(usage.get("cache_read_input_tokens"))
+        if v is not None:
+            self.cache_read = v
+        split = usage.get("cache_creation")
+        if type(split) is dict:
+            v = _count(split.get("ephemeral_5m_input_tokens"))
+            if v is not None:
+                self.cache_write_5m = v
+            v = _count(split.get("ephemeral_1h_input_tokens"))
+            if v is not None:
+                self.cache_write_1h = v
+        v = _count(usage.get("cache_creation_input_tokens"))
+        if v is not None:
+            self._cache_write_total(v)
+        details = usage.get("output_tokens_details")
+        if type(details) is dict:
+            v = _count(details.get("thinking_tokens"))
+            if v is not None:
+                self.reasoning_tokens = v
+        tools = usage.get("server_tool_use")
+        if type(tools) is dict:
+            total = 0
+            for key, n in tools.items():
+                c = _count(n)
+                if c is not None and key.endswith("_requests"):
+                    total += c
+            self.server_tool_requests = total
+
+    cdef _cache_write_total(self, total):
+        """Make the 5m/1h split add up to a new total (see _sse_py.py)."""
+        w5 = self.cache_write_5m
+        w1h = self.cache_write_1h
+        diff = total - (w5 + w1h)
+        if diff == 0:
+            return
+        if w5 == 0 and w1h > 0:
+            w1h += diff
+        else:
+            w5 += diff
+        if w5 < 0:
+            w1h += w5
+            w5 = 0
+        if w1h < 0:
+            w5 += w1h
+            w1h = 0
+        self.cache_write_5m = w5
+        self.cache_write_1h = w1h
+
+    cdef _openai_usage(self, usage, str inp, str out, str inp_details, str out_details):
+        if type(usage) is not dict:
+            return
+        v = _count(usage.get(inp))
+        if v is not None:
+            self._oa_input = v
+        details = usage.get(inp_details)
+        if type(details) is dict:
+            v = _count(details.get("cached_tokens"))
+            if v is not None:
+                self._oa_cached = v
+        self.cache_read = self._oa_cached
+        self.input_tokens = max(self._oa_input - self._oa_cached, 0)
+        v = _count(usage.get(out))
+        if v is not None:
+            self.output_tokens = v
+        details = usage.get(out_details)
+        if type(details) is dict:
+            v = _count(details.get("reasoning_tokens"))
+            if v is not None:
+                self.reasoning_tokens = v
+
+    cdef _responses_obj(self, dict resp, status_default):
+        m = resp.get("model")
+        if type(m) is str:
+            self.model = m
+        self._openai_usage(
+            resp.get("usage"), "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"
+        )
+        status = resp.get("status")
+        if type(status) is not str:
+            status = status_default
+        details = resp.get("incomplete_details")
+        reason = details.get("reason") if type(details) is dict else None
+        if type(reason) is str:
+            self.stop_reason = reason
+        elif status is not None:
+            self.stop_reason = status
+        err = resp.get("error")
+        if err is not None:
+            self._error(_openai_error(err))
+        elif status == "failed":
+            self._error("error")
+
+    cdef _chat_obj(self, dict obj):
+        m = obj.get("model")
+        if type(m) is str:
+            self.model = m
+        choices = obj.get("choices")
+        if type(choices) is list:
+            for choice in choices:
+                if type(choice) is dict:
+                    fr = choice.get("finish_reason")
+                    if type(fr) is str:
+                        self.stop_reason = fr
+        self._openai_usage(
+            obj.get("usage"), "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
+        )
+        err = obj.get("error")
+        if err is not None:
+            self._error(_openai_error(err))
+
+    cdef _close_body(self):
+        cdef bytearray body
+        if self._overflow:
+            self.malformed += 1
+            return
+        body = self._body
+        self._body = bytearray()
+        try:
+            obj = _loads(body)
+        except _JSONDecodeError:
+            self.malformed += 1
+            return
+        if type(obj) is not dict:
+            return
+        if self.fmt == _FMT_ANTHROPIC:
+            if obj.get("type") == "error":
+                err = obj.get("error")
+                et = err.get("type") if type(err) is dict else None
+                self._error(et if type(et) is str and et else "error")
+            else:
+                self._anthropic_message(obj)
+        elif self.fmt == _FMT_RESPONSES:
+            self._responses_obj(obj, None)
+        else:
+            self._chat_obj(obj)
+        if self.error_type is None and type(obj.get("usage")) is dict:
+            self.completed = True
+
+
+# -- request scanning -----------------------------------------------------------
+
+cdef Py_ssize_t _skip_string(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """Index past the string opening at p[i], or -1 if it never closes."""
+    cdef Py_ssize_t j = i + 1, k, s
+    cdef const unsigned char* q
+    while True:
+        q = <const unsigned char*>memchr(p + j, 34, n - j)
+        if q == NULL:
+            return -1
+        k = q - p
+        s = k - 1
+        while s > i and p[s] == 92:
+            s -= 1
+        if (k - 1 - s) % 2 == 0:
+            return k + 1
+        j = k + 1
+
+
+cdef Py_ssize_t _skip_value(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """Index past the value starting at p[i] (not whitespace), or -1."""
+    cdef unsigned char c = p[i]
+    cdef Py_ssize_t depth = 0
+    if c == 34:
+        return _skip_string(p, i, n)
+    if c == 123 or c == 91:
+        while i < n:
+            c = p[i]
+            if not _STRUCTURAL[c]:
+                i += 1
+                continue
+            if c == 34:
+                i = _skip_string(p, i, n)
+                if i < 0:
+                    return -1
+                continue
+            if c == 123 or c == 91:
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        return -1
+    while i < n and not _SCALAR_END[p[i]]:
+        i += 1
+    return i
+
+
+cdef object _string_at(const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+    if p[start] != 34:
+        return None
+    try:
+        v = _loads(PyBytes_FromStringAndSize(<const char*>p + start, end - start))
+    except _JSONDecodeError:
+        return None
+    return v if type(v) is str else None
+
+
+cdef int _key_is(const unsigned char* p, Py_ssize_t start, Py_ssize_t end, dict wanted) except -1:
+    cdef bytes raw = PyBytes_FromStringAndSize(<const char*>p + start, end - start)
+    w = wanted.get(raw)
+    if w is not None:
+        return w
+    if memchr(p + start, 92, end - start) == NULL:
+        return 0
+    key = _string_at(p, start, end)
+    if key is None:
+        return 0
+    return wanted.get(b'"' + (<str>key).encode() + b'"', 0)
+
+
+cdef list _members(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, dict wanted):
+    """(which, value start, value end) for the wanted keys of the object at p[i], in order.
+
+    Stops quietly where the JSON stops making sense.
+    """
+    cdef list found = []
+    cdef Py_ssize_t ks, ke, vs
+    cdef int which
+    i += 1
+    while True:
+        i = _skip_ws(p, i, n)
+        if i >= n or p[i] != 34:
+            return found
+        ks = i
+        i = _skip_string(p, i, n)
+        if i < 0:
+            return found
+        ke = i
+        i = _skip_ws(p, i, n)
+        if i >= n or p[i] != 58:
+            return found
+        i = _skip_ws(p, i + 1, n)
+        if i >= n:
+            return found
+        vs = i
+        i = _skip_value(p, i, n)
+        if i < 0 or i == vs:
+            return found
+        # only keys of the right length can be wanted (or carry escapes)
+        if (ke - ks) <= 18 or memchr(p + ks, 92, ke - ks) != NULL:
+            which = _key_is(p, ks, ke, wanted)
+            if which:
+                found.append((which, vs, i))
+        i = _skip_ws(p, i, n)
+        if i >= n or p[i] != 44:
+            return found
+        i += 1
+
+
+def scan_request(body) -> tuple:
+    """(model, stream, metadata.user_id, prompt_cache_key) from a request body's top level.
+
+    Walks the top-level object, skipping nested values without building them,
+    and decodes only the wanted values; agrees with a full orjson parse on
+    every valid document (duplicate keys: the last wins, as in orjson).
+    """
+    cdef const unsigned char[:] view = _as_bytes(body)
+    cdef Py_ssize_t n = view.shape[0]
+    cdef const unsigned char* p
+    cdef Py_ssize_t i
+    if n == 0:
+        return _NOTHING
+    p = &view[0]
+    i = _skip_ws(p, 0, n)
+    if i >= n or p[i] != 123:
+        return _NOTHING
+    model = uid = pck = None
+    stream = False
+    for which, vs, ve in _members(p, i, n, _WANTED_KEYS):
+        if which == 1:
+            model = _string_at(p, vs, ve)
+        elif which == 2:
+            stream = _eq(p + <Py_ssize_t>vs, <Py_ssize_t>ve - <Py_ssize_t>vs, b"true", 4)
+        elif which == 3:
+            uid = None
+            if p[<Py_ssize_t>vs] == 123:
+                for _, us, ue in _members(p, vs, n, _USER_ID_KEY):
+                    uid = _string_at(p, us, ue)
+        else:
+            pck = _string_at(p, vs, ve)
+    return model, stream, uid, pck

@@ -1,0 +1,188 @@
+"""The running hub: wires config, database, tokens, usage writer, upstreams,
+the client-facing server and the signals together, and takes them down in
+order (stop accepting, drain, flush usage)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sqlite3
+import ssl
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from hubcore import __version__, config as config_mod, store
+from hubcore.config import Config
+from hubcore.errors import ConfigError
+from hubcore.pricing import PriceTable
+from hubcore.proxy import Hub
+from hubcore.server import Server
+from hubcore.tokens import TokenTable
+from hubcore.usage import UsageRecorder
+
+log = logging.getLogger("hubcore")
+
+
+class App:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.loop = loop
+        self.tokens = TokenTable()
+        self.recorder = UsageRecorder(
+            config.server.database,
+            config.spool_path,
+            queue_max=config.server.usage_queue_max,
+            flush_interval=config.server.usage_flush_interval,
+        )
+        self.prices = PriceTable.load(_path_or_none(config.server.prices))
+        self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices)
+        self.server = Server(config.server, self.hub.handle, loop)
+        self.db: sqlite3.Connection | None = None
+        self.addresses: list[tuple[str, int]] = []
+        self.started = time.time()
+        self.stopped = asyncio.Event()
+        self._reloader: asyncio.Task[None] | None = None
+
+    async def start(self, sock: Any = None) -> list[tuple[str, int]]:
+        cfg = self.config.server
+        # check_same_thread=False: refreshes run in a worker thread, one at a time.
+        self.db = store.connect(cfg.database, check_same_thread=False)
+        self.tokens.refresh(self.db, force=True)
+        await self.recorder.start()
+        ssl_context = None
+        if cfg.tls_cert:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            ssl_context.set_alpn_protocols(["http/1.1"])
+        host, port = config_mod.parse_listen(cfg.listen)
+        self.addresses = await self.server.start(host, port, ssl=ssl_context, sock=sock)
+        self._reloader = self.loop.create_task(self._watch_tokens())
+        return self.addresses
+
+    async def _watch_tokens(self) -> None:
+        """Pick up created and revoked tokens without a restart."""
+        interval = self.config.server.token_reload_interval
+        while True:
+            await asyncio.sleep(interval)
+            await self.refresh_tokens()
+
+    async def refresh_tokens(self, force: bool = False) -> None:
+        db = self.db
+        if db is None:
+            return
+        try:
+            if await asyncio.to_thread(self.tokens.refresh, db, force):
+                log.info("tokens reloaded: %d active", len(self.tokens))
+        except sqlite3.Error as e:
+            log.warning("could not reload tokens (keeping the current table): %s", e)
+
+    async def reload(self) -> tuple[bool, str]:
+        """SIGHUP: reload config keys, tokens and prices; a broken config is
+        rejected with a logged error and the old one stays."""
+        try:
+            new = config_mod.load(self.config_path)
+            prices = PriceTable.load(_path_or_none(new.server.prices))
+        except (ConfigError, OSError, ValueError) as e:
+            log.error("reload rejected, keeping the running configuration: %s", e)
+            return False, str(e)
+        self.prices = prices
+        self.hub.prices = prices
+        for upstream in new.upstreams:
+            runtime = self.hub.upstreams.get(upstream.kind)
+            if runtime is not None and runtime.config.name == upstream.name:
+                runtime.ring.replace_specs(list(upstream.keys))
+                runtime.config = upstream
+        await self.refresh_tokens(force=True)
+        log.info("configuration reloaded from %s", new.source)
+        return True, "reloaded"
+
+    async def stop(self) -> None:
+        """SIGTERM: stop accepting, drain in-flight requests, flush usage."""
+        log.info("shutting down: draining up to %g s", self.config.server.drain_timeout)
+        await self.server.shutdown(self.config.server.drain_timeout)
+        if self._reloader is not None:
+            self._reloader.cancel()
+        self.hub.close()
+        await self.recorder.close()
+        if self.db is not None:
+            self.db.close()
+        log.info("stopped")
+        self.stopped.set()
+
+    def install_signals(self) -> None:
+        self.loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
+        self.loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
+        self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self) -> None:
+        if not self.server.draining:
+            self.loop.create_task(self.stop())
+
+    def _on_hup(self) -> None:
+        self.loop.create_task(self.reload())
+
+
+def _path_or_none(path: str) -> Any:
+    from pathlib import Path
+
+    return Path(path) if path else None
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return orjson.dumps(
+            {
+                "ts": record.created,
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        ).decode()
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.server.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("hubcore")
+    root.handlers[:] = [handler]
+    root.setLevel(config.server.log_level.upper())
+    root.propagate = False
+
+
+def first_token(config: Config) -> str | None:
+    """On a database without tokens, mint one for user "admin" so the hub is
+    usable at once; return it (it is printed once and never stored)."""
+    from hubcore import tokens
+
+    conn = store.connect(config.server.database)
+    try:
+        if conn.execute("SELECT count(*) FROM tokens").fetchone()[0]:
+            return None
+        _, token = tokens.create(conn, "admin", note="first token, made by hubcore serve")
+        return token
+    finally:
+        conn.close()
+
+
+async def serve(config: Config, config_path: str | None) -> int:
+    loop = asyncio.get_running_loop()
+    app = App(config, loop, config_path)
+    try:
+        addresses = await app.start()
+    except OSError as e:
+        log.error("cannot listen on %s: %s", config.server.listen, e.strerror or e)
+        await app.recorder.close()
+        return 1
+    app.install_signals()
+    for host, port in addresses:
+        scheme = "https" if config.server.tls_cert else "http"
+        log.info("hubcore %s listening on %s://%s:%d", __version__, scheme, host, port)
+    await app.stopped.wait()
+    return 0

@@ -1,0 +1,328 @@
+"""Configuration: one TOML file turned into frozen dataclasses.
+
+Every limit and timeout is a named field with its default and unit here; an
+unknown or ill-typed field is an error that names the file and the field, and
+is raised before anything listens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from hubcore.errors import ConfigError
+from hubcore.keys import KeyPolicy, KeySpec
+
+KIB = 1024
+MIB = 1024 * 1024
+
+UPSTREAM_KINDS = ("anthropic", "openai")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:8787"
+    database: str = "hubcore.db"
+    # Where usage rows go while the database cannot take them; replayed later.
+    spool: str = ""  # default: database path + ".spool"
+    ops_socket: str = "hubcore-ops.sock"
+    ops_socket_mode: int = 0o660
+    ops_socket_group: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Request head (request line + headers). Node allows 16 KiB, nginx 32 KiB;
+    # Claude Code's anthropic-beta list and x-stainless-* headers run to a few
+    # KiB, so 64 KiB leaves room without inviting abuse. Beyond: 431.
+    max_header_bytes: int = 64 * KIB
+    # The vendor's own request limit (Anthropic: 32 MB). Beyond: 413.
+    max_body_bytes: int = 32 * MIB
+    # Seconds to receive a whole request head once its first byte arrived, or
+    # the first byte of a new connection (slow-loris guard; nginx: 60 s).
+    header_timeout: float = 10.0
+    # Seconds between two reads of a request body before giving up (408).
+    body_timeout: float = 60.0
+    # Seconds an idle keep-alive connection is kept open (nginx: 75 s).
+    keepalive_timeout: float = 75.0
+    # Open client connections beyond this get a 503 and are closed.
+    max_connections: int = 4096
+    # SIGTERM: seconds in-flight requests may take to finish.
+    drain_timeout: float = 30.0
+    # Seconds between checks of the tokens table for changes.
+    token_reload_interval: float = 0.5
+    log_level: str = "info"
+    log_format: str = "text"  # or "json"
+    # Operator price file that overrides or extends the built-in prices.
+    prices: str = ""
+    usage_queue_max: int = 100_000
+    usage_flush_interval: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    kind: str
+    base_url: str
+    keys: tuple[KeySpec, ...] = ()
+    # CA bundle for the vendor's certificate; empty: the system store.
+    ca_file: str = ""
+    connect_timeout: float = 10.0
+    # Seconds from sending a request to the first response byte. Non-streaming
+    # long generations take minutes; the SDKs' own default is 10 minutes.
+    first_byte_timeout: float = 600.0
+    # Seconds without a byte in a response body (Anthropic pings SSE streams
+    # every few seconds, so a silent stream for this long is dead).
+    stream_idle_timeout: float = 300.0
+    # Idle pooled connections kept per upstream, and for how long (seconds);
+    # kept below the vendors' edge idle timeouts so the hub closes first.
+    pool_max_idle: int = 64
+    pool_idle_timeout: float = 30.0
+    # Attempts per request across keys, and their total deadline (seconds).
+    max_attempts: int = 4
+    retry_deadline: float = 60.0
+    # When every key is cooling after 429s, wait this long for one to free up.
+    queue_timeout: float = 15.0
+    policy: KeyPolicy = field(default_factory=KeyPolicy)
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.base_url).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.base_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def base_path(self) -> str:
+        return urlsplit(self.base_url).path.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    source: str = "<built-in defaults>"
+
+    @property
+    def spool_path(self) -> str:
+        return self.server.spool or self.server.database + ".spool"
+
+    def upstream_for(self, kind: str) -> UpstreamConfig | None:
+        for upstream in self.upstreams:
+            if upstream.kind == kind:
+                return upstream
+        return None
+
+
+def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
+    """The config from `path`, else $HUBCORE_CONFIG, else the built-in defaults."""
+    env = dict(os.environ) if env is None else env
+    path = path or env.get("HUBCORE_CONFIG") or None
+    if path is None:
+        return defaults(env)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    return parse(data, source=str(path), env=env)
+
+
+def defaults(env: dict[str, str]) -> Config:
+    """Built-in defaults: listen on 127.0.0.1:8787, SQLite in the working
+    directory, vendor keys from ANTHROPIC_API_KEY / OPENAI_API_KEY."""
+    upstreams = []
+    for kind, base_url, var in (
+        ("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY"),
+        ("openai", "https://api.openai.com", "OPENAI_API_KEY"),
+    ):
+        keys: tuple[KeySpec, ...] = ()
+        if env.get(var):
+            keys = (KeySpec(secret=env[var].strip(), label=f"{kind}-env"),)
+        upstreams.append(UpstreamConfig(name=kind, kind=kind, base_url=base_url, keys=keys))
+    return Config(upstreams=tuple(upstreams))
+
+
+def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
+    _reject_unknown(data, {"server", "upstream"}, source, "")
+    server = _build(ServerConfig, data.get("server", {}), source, "server")
+    if server.log_format not in ("text", "json"):
+        raise ConfigError(f'{source}: server.log_format: must be "text" or "json"')
+    if server.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{source}: server.log_level: must be debug, info, warning or error")
+    _parse_listen(server.listen, source)
+    if bool(server.tls_cert) != bool(server.tls_key):
+        raise ConfigError(f"{source}: server.tls_cert / server.tls_key: set both or neither")
+    for name in ("max_header_bytes", "max_body_bytes", "max_connections", "usage_queue_max"):
+        if getattr(server, name) <= 0:
+            raise ConfigError(f"{source}: server.{name}: must be positive")
+
+    raw_upstreams = data.get("upstream", [])
+    if not isinstance(raw_upstreams, list):
+        raise ConfigError(f"{source}: upstream: must be an array of tables ([[upstream]])")
+    upstreams = []
+    names = set()
+    for i, raw in enumerate(raw_upstreams):
+        where = f"upstream[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: {where}: must be a table")
+        upstream = _parse_upstream(raw, source, where, env)
+        if upstream.name in names:
+            raise ConfigError(f"{source}: {where}.name: duplicate upstream name {upstream.name!r}")
+        names.add(upstream.name)
+        upstreams.append(upstream)
+    return Config(server=server, upstreams=tuple(upstreams), source=source)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parse_listen(listen: str, source: str) -> None:
+    try:
+        host, port = parse_listen(listen)
+    except ValueError:
+        raise ConfigError(f'{source}: server.listen: expected "HOST:PORT", got {listen!r}') from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{source}: server.listen: port {port} out of range")
+
+
+def _parse_upstream(raw: dict[str, Any], source: str, where: str, env: dict[str, str]) -> UpstreamConfig:
+    raw = dict(raw)
+    for required in ("name", "kind", "base_url"):
+        if required not in raw:
+            raise ConfigError(f"{source}: {where}.{required}: required")
+    name = raw["name"]
+    if raw["kind"] not in UPSTREAM_KINDS:
+        raise ConfigError(f"{source}: {where}.kind: must be one of {', '.join(UPSTREAM_KINDS)}")
+    parts = urlsplit(str(raw["base_url"]))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{source}: {where}.base_url: expected http(s)://host[:port], got {raw['base_url']!r}")
+    raw_keys = raw.pop("keys", [])
+    if not isinstance(raw_keys, list):
+        raise ConfigError(f"{source}: {where}.keys: must be an array")
+    policy_fields = {f.name for f in dataclasses.fields(KeyPolicy)}
+    policy_raw = {k: raw.pop(k) for k in list(raw) if k in policy_fields}
+    policy = _build(KeyPolicy, policy_raw, source, where)
+    upstream = _build(UpstreamConfig, raw, source, where, exclude={"keys", "policy"})
+    keys = []
+    labels = set()
+    for j, raw_key in enumerate(raw_keys):
+        spec = _parse_key(raw_key, source, f"{where}.keys[{j}]", f"{name}-{j + 1}", env)
+        if spec.label in labels:
+            raise ConfigError(f"{source}: {where}.keys[{j}].label: duplicate label {spec.label!r}")
+        labels.add(spec.label)
+        keys.append(spec)
+    if upstream.max_attempts < 1:
+        raise ConfigError(f"{source}: {where}.max_attempts: must be at least 1")
+    return dataclasses.replace(upstream, keys=tuple(keys), policy=policy)
+
+
+_KEY_FIELDS = {"key", "label", "weight", "priority", "workspace", "org"}
+
+
+def _parse_key(raw: Any, source: str, where: str, default_label: str, env: dict[str, str]) -> KeySpec:
+    if isinstance(raw, str):
+        raw = {"key": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where}: must be a string or a table")
+    _reject_unknown(raw, _KEY_FIELDS, source, where + ".")
+    if "key" not in raw:
+        raise ConfigError(f"{source}: {where}.key: required")
+    secret = resolve_secret(raw["key"], env, f"{source}: {where}.key")
+    weight = raw.get("weight", 1)
+    priority = raw.get("priority", 0)
+    if not isinstance(weight, int) or weight < 1:
+        raise ConfigError(f"{source}: {where}.weight: must be an integer >= 1")
+    if not isinstance(priority, int):
+        raise ConfigError(f"{source}: {where}.priority: must be an integer")
+    for name in ("label", "workspace", "org"):
+        if name in raw and not isinstance(raw[name], str):
+            raise ConfigError(f"{source}: {where}.{name}: must be a string")
+    return KeySpec(
+        secret=secret,
+        label=raw.get("label", default_label),
+        weight=weight,
+        priority=priority,
+        workspace=raw.get("workspace"),
+        org=raw.get("org"),
+    )
+
+
+_VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+
+
+def resolve_secret(ref: Any, env: dict[str, str], where: str) -> str:
+    """Resolve a key reference: "env:NAME", "file:/path" ($VAR expanded, for
+    systemd's $CREDENTIALS_DIRECTORY), or a literal key. The error messages
+    name the reference, never the secret."""
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{where}: must be a non-empty string")
+    if ref.startswith("env:"):
+        name = ref[4:]
+        value = env.get(name, "").strip()
+        if not value:
+            raise ConfigError(f"{where}: environment variable {name} is not set or empty")
+        return value
+    if ref.startswith("file:"):
+        def expand(m: re.Match[str]) -> str:
+            name = m.group(1) or m.group(2)
+            if name not in env:
+                raise ConfigError(f"{where}: ${name} is not set (in {ref!r})")
+            return env[name]
+
+        path = _VAR.sub(expand, ref[5:])
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read key file {path}: {e.strerror}") from e
+        if not value:
+            raise ConfigError(f"{where}: key file {path} is empty")
+        return value
+    return ref.strip()
+
+
+def _reject_unknown(raw: dict[str, Any], known: set[str], source: str, prefix: str) -> None:
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"{source}: {prefix}{name}: unknown field")
+
+
+def _build(cls: Any, raw: Any, source: str, where: str, exclude: frozenset[str] | set[str] = frozenset()) -> Any:
+    """Build dataclass `cls` from a TOML table, checking names and types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where}: must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
+    _reject_unknown(raw, set(fields), source, where + ".")
+    values = {}
+    for name, value in raw.items():
+        expected = fields[name].type
+        expected = expected if isinstance(expected, str) else expected.__name__
+        if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = {
+            "str": isinstance(value, str),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, float),
+            "bool": isinstance(value, bool),
+        }.get(expected, True)
+        if not ok:
+            raise ConfigError(f"{source}: {where}.{name}: expected {expected}, got {type(value).__name__}")
+        if expected == "float" and value < 0:
+            raise ConfigError(f"{source}: {where}.{name}: must not be negative")
+        values[name] = value
+    return cls(**values)

@@ -1,0 +1,832 @@
+"""The vendor key ring: which key a request goes out on, and what each key's
+answers say about its health (cooling after 429s, circuit breaker, dead keys),
+with session affinity so prompt caches survive. Sans-IO except `wait_available`.
+"""
+from __future__ import annotations
+
+import asyncio
+import calendar
+import email.utils
+import enum
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Failure",
+    "FailureKind",
+    "KeyPolicy",
+    "KeyRing",
+    "KeySpec",
+    "KeyState",
+    "Lease",
+    "classify",
+    "parse_rfc3339",
+    "retryable",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """One vendor key as configured. The secret never appears in a repr."""
+
+    secret: str = field(repr=False)
+    label: str
+    weight: int = 1
+    # Lower is better: keys of tier 1 are used only while no key of tier 0 is.
+    priority: int = 0
+    # Prompt caches live per workspace; rate limits per organisation.
+    workspace: str | None = None
+    org: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """How the ring reacts to failures and how long sessions stay sticky."""
+
+    # Seconds a key rests after a 429 that says nothing of when to come back.
+    cooldown_default: float = 10.0
+    # Consecutive failures (5xx, 529, connect failure, timeout) that open the circuit.
+    circuit_threshold: int = 5
+    # Seconds the circuit stays open before one probe request is let through;
+    # doubled after each failed probe, up to circuit_pause_max.
+    circuit_pause: float = 5.0
+    circuit_pause_max: float = 60.0
+    # A session keeps its key this long after its last request (seconds); the
+    # table holds at most this many sessions, least recently used dropped first.
+    affinity_ttl: float = 3600.0
+    affinity_max_sessions: int = 100_000
+    # A 429 on one key of an organisation also cools the org's other keys: they
+    # share its rate limit. Off by default because workspaces may carry their
+    # own, lower limits, and then a sibling key still has capacity.
+    cool_whole_org: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("cooldown_default", "circuit_pause", "circuit_pause_max", "affinity_ttl"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+        if self.circuit_threshold < 1:
+            raise ValueError(f"circuit_threshold: must be at least 1, got {self.circuit_threshold!r}")
+        if self.circuit_pause_max < self.circuit_pause:
+            raise ValueError("circuit_pause_max: must not be less than circuit_pause")
+        if self.affinity_max_sessions < 0:
+            raise ValueError(f"affinity_max_sessions: must be >= 0, got {self.affinity_max_sessions!r}")
+
+
+class KeyState(enum.Enum):
+    HEALTHY = "healthy"
+    COOLING = "cooling"  # rate limited until `until`
+    OPEN = "open"  # circuit open until `until`
+    HALF_OPEN = "half_open"  # one probe request may go out
+    DEAD = "dead"  # the vendor refused the key (401/403); a reload revives it
+    DISABLED = "disabled"  # by an operator
+
+
+class FailureKind(enum.Enum):
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 5xx other than 529
+    OVERLOADED = "overloaded"  # 529
+    CONNECT_FAILED = "connect_failed"
+    TIMEOUT = "timeout"
+    AUTH_FAILED = "auth_failed"  # 401/403: the key, not the request, is refused
+    # 408, 409, or a 4xx the vendor marks `x-should-retry: true`: worth another
+    # try, but says nothing against the key.
+    TRANSIENT = "transient"
+    CLIENT_ABORTED = "client_aborted"  # the client left; no verdict on the key
+
+
+# Failures that count towards a key's circuit breaker.
+_CIRCUIT_KINDS = frozenset(
+    {FailureKind.SERVER_ERROR, FailureKind.OVERLOADED, FailureKind.CONNECT_FAILED, FailureKind.TIMEOUT}
+)
+_RETRYABLE_KINDS = _CIRCUIT_KINDS | {FailureKind.RATE_LIMITED, FailureKind.AUTH_FAILED, FailureKind.TRANSIENT}
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What went wrong with one attempt on one key."""
+
+    kind: FailureKind
+    status: int | None = None
+    # RATE_LIMITED: seconds the key should rest, from the response headers;
+    # None means the policy's cooldown_default.
+    cooldown: float | None = None
+    # The vendor's `x-should-retry`, when it sent one.
+    should_retry: bool | None = None
+
+    def describe(self) -> str:
+        """Short text for stats (never holds a secret or a response body)."""
+        text = self.kind.value.replace("_", " ")
+        return text if self.status is None else f"{self.status} {text}"
+
+
+def retryable(failure: Failure) -> bool:
+    """Whether the request may go out again on another key.
+
+    The vendor's `x-should-retry` decides first, except for 401/403: those
+    speak of the credential, and the next attempt carries another one (a
+    client holding a valid hub token must not see a vendor 401 while other
+    keys work). Otherwise what the SDKs retry (408, 409, 429, >= 500,
+    connection errors) is retried; CLIENT_ABORTED never is.
+    """
+    if failure.kind is FailureKind.AUTH_FAILED:
+        return True
+    if failure.should_retry is not None:
+        return failure.should_retry
+    return failure.kind in _RETRYABLE_KINDS
+
+
+def classify(status: int, headers: Iterable[tuple[bytes, bytes]], wall_now: float | None = None) -> Failure | None:
+    """Turn an upstream response head into a Failure, or None when it says
+    nothing against the key and should reach the client as it is (2xx, 3xx,
+    and 4xx about the request itself). `wall_now` (unix time) is the clock
+    that RFC 3339 reset times are measured against; default: now.
+    """
+    if status < 400:
+        return None
+    should_retry: bool | None = None
+    wanted: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.lower()
+        if name == b"x-should-retry":
+            value = raw_value.strip().lower()
+            should_retry = True if value == b"true" else False if value == b"false" else None
+        elif status == 429 and (
+            name in (b"retry-after", b"retry-after-ms")
+            or name.startswith(b"anthropic-ratelimit-")
+            or name.startswith(b"x-ratelimit-")
+        ):
+            wanted[name.decode("latin-1")] = raw_value.decode("latin-1").strip()
+    if status == 429:
+        cooldown = _rate_limit_cooldown(wanted, time.time() if wall_now is None else wall_now)
+        return Failure(FailureKind.RATE_LIMITED, status, cooldown, should_retry)
+    if status in (401, 403):
+        return Failure(FailureKind.AUTH_FAILED, status, should_retry=should_retry)
+    if status == 529:
+        return Failure(FailureKind.OVERLOADED, status, should_retry=should_retry)
+    if status >= 500:
+        return Failure(FailureKind.SERVER_ERROR, status, should_retry=should_retry)
+    if status in (408, 409) or should_retry:
+        return Failure(FailureKind.TRANSIENT, status, should_retry=should_retry)
+    return None
+
+
+def _rate_limit_cooldown(headers: dict[str, str], wall_now: float) -> float | None:
+    """Seconds to rest after a 429: `retry-after-ms`, else `retry-after`, else
+    the earliest reset among the exhausted limits (remaining == 0), else None.
+
+    Earliest, not latest: the vendors' limits are token buckets and `reset` is
+    when a bucket is full again; capacity trickles back long before, so the
+    latest full refill would rest the key far longer than needed.
+    """
+    seconds = _number(headers.get("retry-after-ms"))
+    if seconds is not None:
+        return seconds / 1000.0
+    retry_after = headers.get("retry-after")
+    if retry_after is not None:
+        seconds = _number(retry_after)
+        if seconds is not None:
+            return seconds
+        when = _http_date(retry_after)
+        if when is not None:
+            return max(0.0, when - wall_now)
+    earliest: float | None = None
+    for name, value in headers.items():
+        delay: float | None = None
+        if name.startswith("anthropic-ratelimit-") and name.endswith("-remaining") and value == "0":
+            reset = headers.get(name[: -len("remaining")] + "reset")
+            when = parse_rfc3339(reset) if reset is not None else None
+            delay = None if when is None else max(0.0, when - wall_now)
+        elif name.startswith("x-ratelimit-remaining-") and value == "0":
+            # OpenAI: x-ratelimit-reset-<limit> is a duration such as "6m0s".
+            reset = headers.get("x-ratelimit-reset-" + name[len("x-ratelimit-remaining-") :])
+            delay = _duration(reset) if reset is not None else None
+        if delay is not None and (earliest is None or delay < earliest):
+            earliest = delay
+    return earliest
+
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _http_date(text: str) -> float | None:
+    try:
+        return email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+
+def parse_rfc3339(text: str) -> float | None:
+    """Unix time of an RFC 3339 timestamp (any number of fractional digits,
+    `Z` or a numeric offset); None when it is not one."""
+    m = _RFC3339.fullmatch(text.strip())
+    if m is None:
+        return None
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    if not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]):
+        return None
+    # Second 60 is a leap second: RFC 3339 allows it, timegm counts it as :00 of the next minute.
+    if hour > 23 or minute > 59 or second > 60:
+        return None
+    value = float(calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)))
+    if m.group(7):
+        value += float("0." + m.group(7))
+    if m.group(9):
+        offset = int(m.group(10)) * 3600 + int(m.group(11)) * 60
+        value -= offset if m.group(9) == "+" else -offset
+    return value
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def _duration(text: str) -> float | None:
+    if not _DURATION.fullmatch(text):
+        return None
+    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+# ---------------------------------------------------------------------------
+# Theory of operation: one key's state machine.
+#
+# Everything that moves a key between states goes through KeyRing._transition,
+# which looks the (state, event) pair up in _TRANSITIONS; a missing pair is a
+# bug and raises. Events come from three places:
+#   - release() turns an attempt's outcome into ANSWERED / LIMITED / FAULT /
+#     TRIP / REJECTED / ABORTED (and ORG_LIMITED for the org's other keys);
+#   - time: a COOLING or OPEN key whose `until` has passed gets EXPIRED, lazily,
+#     whenever the ring looks at it (no timers run for keys);
+#   - the operator and reloads: DISABLE / ENABLE / RELOADED.
+# While the circuit is OPEN or HALF_OPEN, answers to requests that were sent
+# before it opened are STALE: they change counters, not the state, so only the
+# probe decides. Rate-limit news and a refused key are never stale.
+# ---------------------------------------------------------------------------
+
+
+class _Event(enum.Enum):
+    ANSWERED = enum.auto()  # the vendor answered and the key worked
+    LIMITED = enum.auto()  # 429 on this key
+    ORG_LIMITED = enum.auto()  # 429 on another key of the same org (cool_whole_org)
+    FAULT = enum.auto()  # a circuit failure below the threshold (or the probe's)
+    TRIP = enum.auto()  # the circuit failure that reaches the threshold
+    REJECTED = enum.auto()  # 401/403
+    ABORTED = enum.auto()  # the client left
+    STALE = enum.auto()  # an answer from before the circuit opened
+    EXPIRED = enum.auto()  # the cooling or open period is over
+    DISABLE = enum.auto()
+    ENABLE = enum.auto()
+    RELOADED = enum.auto()  # SIGHUP kept this key (same label, same secret)
+
+
+_H, _C, _O, _HO, _D, _X = (
+    KeyState.HEALTHY,
+    KeyState.COOLING,
+    KeyState.OPEN,
+    KeyState.HALF_OPEN,
+    KeyState.DEAD,
+    KeyState.DISABLED,
+)
+_E = _Event
+_OUTCOMES = (_E.ANSWERED, _E.LIMITED, _E.ORG_LIMITED, _E.FAULT, _E.REJECTED, _E.ABORTED)
+
+_TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
+    (_H, _E.ANSWERED): _H,
+    (_H, _E.LIMITED): _C,
+    (_H, _E.ORG_LIMITED): _C,
+    (_H, _E.FAULT): _H,
+    (_H, _E.TRIP): _O,
+    (_H, _E.REJECTED): _D,
+    (_H, _E.ABORTED): _H,
+    (_H, _E.DISABLE): _X,
+    (_H, _E.ENABLE): _H,
+    (_H, _E.RELOADED): _H,
+    # A late success does not end a rest that a newer 429 started.
+    (_C, _E.ANSWERED): _C,
+    (_C, _E.LIMITED): _C,
+    (_C, _E.ORG_LIMITED): _C,
+    (_C, _E.FAULT): _C,
+    (_C, _E.TRIP): _O,
+    (_C, _E.REJECTED): _D,
+    (_C, _E.ABORTED): _C,
+    (_C, _E.EXPIRED): _H,
+    (_C, _E.DISABLE): _X,
+    (_C, _E.ENABLE): _C,
+    (_C, _E.RELOADED): _C,
+    # No lease is handed out while OPEN: every answer is stale, except that a
+    # 429 pushes the end of the pause out to the end of the rest.
+    (_O, _E.STALE): _O,
+    (_O, _E.LIMITED): _O,
+    (_O, _E.ORG_LIMITED): _O,
+    (_O, _E.REJECTED): _D,
+    (_O, _E.EXPIRED): _HO,
+    (_O, _E.DISABLE): _X,
+    (_O, _E.ENABLE): _O,
+    (_O, _E.RELOADED): _O,
+    # The probe's answer decides; a 429 proves the vendor answers, so the
+    # circuit closes and the key rests.
+    (_HO, _E.ANSWERED): _H,
+    (_HO, _E.LIMITED): _C,
+    (_HO, _E.FAULT): _O,
+    (_HO, _E.ABORTED): _HO,
+    (_HO, _E.STALE): _HO,
+    # The org is out of capacity: wait for it (still OPEN), then probe.
+    (_HO, _E.ORG_LIMITED): _O,
+    (_HO, _E.REJECTED): _D,
+    (_HO, _E.DISABLE): _X,
+    (_HO, _E.ENABLE): _HO,
+    (_HO, _E.RELOADED): _HO,
+    **{(_D, event): _D for event in _OUTCOMES},
+    (_D, _E.DISABLE): _X,
+    (_D, _E.ENABLE): _D,
+    (_D, _E.RELOADED): _H,
+    **{(_X, event): _X for event in _OUTCOMES},
+    (_X, _E.DISABLE): _X,
+    # The operator's word overrides what the ring learned: a fresh start.
+    (_X, _E.ENABLE): _H,
+    (_X, _E.RELOADED): _X,
+}
+
+_OUTCOME_EVENTS = {
+    FailureKind.RATE_LIMITED: _E.LIMITED,
+    FailureKind.SERVER_ERROR: _E.FAULT,
+    FailureKind.OVERLOADED: _E.FAULT,
+    FailureKind.CONNECT_FAILED: _E.FAULT,
+    FailureKind.TIMEOUT: _E.FAULT,
+    FailureKind.AUTH_FAILED: _E.REJECTED,
+    FailureKind.TRANSIENT: _E.ANSWERED,
+    FailureKind.CLIENT_ABORTED: _E.ABORTED,
+}
+
+
+class _Key:
+    """A key's spec, its state and its counters (one object per label and secret)."""
+
+    __slots__ = (
+        "spec",
+        "state",
+        "until",
+        "pause",
+        "probe",
+        "current",
+        "in_flight",
+        "requests",
+        "rate_limited",
+        "errors",
+        "consecutive_failures",
+        "last_error",
+    )
+
+    def __init__(self, spec: KeySpec, policy: KeyPolicy) -> None:
+        self.spec = spec
+        self.state = KeyState.HEALTHY
+        # Monotonic time when COOLING or OPEN ends; None in the other states.
+        self.until: float | None = None
+        # Length of the current (or last) open period, doubled per failed probe.
+        self.pause = policy.circuit_pause
+        # The probe lease, from the moment it is handed out in HALF_OPEN until
+        # it is released (whatever the state is by then).
+        self.probe: Lease | None = None
+        # Smooth weighted round-robin accumulator.
+        self.current = 0
+        self.in_flight = 0
+        self.requests = 0
+        self.rate_limited = 0
+        self.errors = 0
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.state is KeyState.HEALTHY or (self.state is KeyState.HALF_OPEN and self.probe is None)
+
+
+class Lease:
+    """One attempt's hold on a key; give it back with KeyRing.release, once."""
+
+    __slots__ = ("_key", "probe", "released")
+
+    def __init__(self, key: _Key, probe: bool) -> None:
+        self._key = key
+        # True when this attempt is the half-open circuit's single probe.
+        self.probe = probe
+        self.released = False
+
+    @property
+    def label(self) -> str:
+        return self._key.spec.label
+
+    @property
+    def secret(self) -> str:
+        return self._key.spec.secret
+
+    @property
+    def workspace(self) -> str | None:
+        return self._key.spec.workspace
+
+    @property
+    def org(self) -> str | None:
+        return self._key.spec.org
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.label!r} probe={self.probe} released={self.released}>"
+
+
+class KeyRing:
+    """The keys of one upstream: selection, health and session affinity.
+
+    Not thread-safe: it belongs to one event loop. `clock` is monotonic
+    seconds (injectable for tests); `wall_clock` only converts times for display.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        specs: Iterable[KeySpec],
+        policy: KeyPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.policy = policy if policy is not None else KeyPolicy()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._keys: dict[str, _Key] = {}
+        # session id -> (key, monotonic expiry). Every touch moves the entry to
+        # the end with the same TTL, so the order is also the expiry order.
+        self._sessions: OrderedDict[str, tuple[_Key, float]] = OrderedDict()
+        self._waiters: set[asyncio.Future[None]] = set()
+        self.replace_specs(specs)
+
+    # -- selection ---------------------------------------------------------
+
+    def acquire(
+        self,
+        session_id: str | None = None,
+        tried: AbstractSet[str] = frozenset(),
+        reason: Failure | None = None,
+        previous: Lease | None = None,
+    ) -> Lease | None:
+        """A lease on the best usable key not in `tried`, or None if there is none.
+
+        Best: the lowest priority tier; the session's key if it is in that
+        tier; else, when failing over (`reason`), a key of another org after a
+        429 and of the same workspace after other failures, relative to
+        `previous` (the failed lease; default: the session's key, or the one
+        key in `tried`); then the least in-flight per weight, ties by smooth
+        weighted round-robin. The chosen key becomes the session's key.
+        """
+        now = self._clock()
+        usable: list[_Key] = []
+        for key in self._keys.values():
+            self._expire(key, now)
+            if key.usable and key.spec.label not in tried:
+                usable.append(key)
+        if not usable:
+            return None
+        tier = min(key.spec.priority for key in usable)
+        best = [key for key in usable if key.spec.priority == tier]
+
+        sticky = self._session_key(session_id, now) if session_id is not None else None
+        if sticky is not None and any(key is sticky for key in best):
+            chosen = sticky
+        else:
+            before = self._previous_key(previous, sticky, tried)
+            if before is not None:
+                if reason is not None:
+                    away_from_org = reason.kind is FailureKind.RATE_LIMITED
+                else:
+                    # The session moves without a fresh failure: its key is
+                    # resting, broken, gone, or in a worse tier than now usable.
+                    away_from_org = before.state is KeyState.COOLING
+                best = _prefer(best, before, away_from_org)
+            chosen = self._pick(best)
+
+        lease = Lease(chosen, probe=chosen.state is KeyState.HALF_OPEN)
+        if lease.probe:
+            chosen.probe = lease
+        chosen.in_flight += 1
+        chosen.requests += 1
+        if session_id is not None:
+            self._remember(session_id, chosen, now)
+        return lease
+
+    def _previous_key(self, previous: Lease | None, sticky: _Key | None, tried: AbstractSet[str]) -> _Key | None:
+        if previous is not None:
+            return previous._key
+        if sticky is not None:
+            return sticky
+        if len(tried) == 1:
+            (label,) = tried
+            return self._keys.get(label)
+        return None
+
+    @staticmethod
+    def _pick(candidates: list[_Key]) -> _Key:
+        # nginx's least_conn: fewest in-flight requests per unit of weight
+        # (compared exactly, by cross-multiplying), ties by smooth weighted
+        # round-robin among the tied keys. Sequential traffic is all ties, so
+        # it splits exactly by weight; concurrent traffic spreads by load.
+        tied = [candidates[0]]
+        for key in candidates[1:]:
+            lhs = key.in_flight * tied[0].spec.weight
+            rhs = tied[0].in_flight * key.spec.weight
+            if lhs < rhs:
+                tied = [key]
+            elif lhs == rhs:
+                tied.append(key)
+        if len(tied) == 1:
+            return tied[0]
+        total = 0
+        chosen = tied[0]
+        for key in tied:
+            key.current += key.spec.weight
+            total += key.spec.weight
+            if key.current > chosen.current:
+                chosen = key
+        chosen.current -= total
+        return chosen
+
+    # -- affinity ------------------------------------------------------------
+
+    def _session_key(self, session_id: str, now: float) -> _Key | None:
+        sessions = self._sessions
+        while sessions:
+            oldest = next(iter(sessions.values()))
+            if oldest[1] > now:
+                break
+            sessions.popitem(last=False)
+        entry = sessions.get(session_id)
+        if entry is None or entry[1] <= now:
+            return None
+        return entry[0]
+
+    def _remember(self, session_id: str, key: _Key, now: float) -> None:
+        limit = self.policy.affinity_max_sessions
+        if limit == 0:
+            return
+        self._sessions[session_id] = (key, now + self.policy.affinity_ttl)
+        self._sessions.move_to_end(session_id)
+        while len(self._sessions) > limit:
+            self._sessions.popitem(last=False)
+
+    def session_count(self) -> int:
+        """Sessions in the affinity table (expired ones may linger until looked at)."""
+        return len(self._sessions)
+
+    # -- outcomes ------------------------------------------------------------
+
+    def release(self, lease: Lease, failure: Failure | None = None) -> None:
+        """Give a lease back with its outcome: None for success (any answer
+        that says nothing against the key), else the Failure."""
+        if lease.released:
+            raise RuntimeError(f"{lease!r} released twice")
+        lease.released = True
+        key = lease._key
+        key.in_flight -= 1
+        now = self._clock()
+        self._expire(key, now)
+        # The probe slot is freed only by the probe itself, so at most one is
+        # ever out; its answer decides only while the key is still HALF_OPEN.
+        is_probe = key.probe is lease and key.state is _HO
+        if key.probe is lease:
+            key.probe = None
+
+        if failure is None:
+            event = _E.ANSWERED
+        else:
+            event = _OUTCOME_EVENTS[failure.kind]
+            if failure.kind is FailureKind.RATE_LIMITED:
+                key.rate_limited += 1
+            elif failure.kind is not FailureKind.CLIENT_ABORTED:
+                key.errors += 1
+            if failure.kind is not FailureKind.CLIENT_ABORTED:
+                key.last_error = failure.describe()
+        if key.state in (_O, _HO) and not is_probe and event in (_E.ANSWERED, _E.FAULT, _E.ABORTED):
+            event = _E.STALE
+        elif event is _E.FAULT and key.state in (_H, _C):
+            if key.consecutive_failures + 1 >= self.policy.circuit_threshold:
+                event = _E.TRIP
+
+        rest_until = None
+        if event is _E.LIMITED:
+            assert failure is not None
+            cooldown = self.policy.cooldown_default if failure.cooldown is None else failure.cooldown
+            rest_until = now + cooldown
+        self._transition(key, event, now, rest_until)
+        if rest_until is not None and self.policy.cool_whole_org and key.spec.org is not None:
+            for other in self._keys.values():
+                if other is not key and other.spec.org == key.spec.org:
+                    self._expire(other, now)
+                    self._transition(other, _E.ORG_LIMITED, now, rest_until)
+        self._notify()
+
+    def _expire(self, key: _Key, now: float) -> None:
+        if key.until is not None and key.until <= now:
+            self._transition(key, _E.EXPIRED, now, None)
+
+    def _transition(self, key: _Key, event: _Event, now: float, rest_until: float | None) -> None:
+        """The one place a key changes state (see _TRANSITIONS)."""
+        old = key.state
+        try:
+            new = _TRANSITIONS[(old, event)]
+        except KeyError:
+            raise RuntimeError(f"key {key.spec.label!r}: no transition from {old.name} on {event.name}") from None
+        key.state = new
+
+        if event in (_E.ANSWERED, _E.LIMITED):
+            key.consecutive_failures = 0
+        elif event in (_E.FAULT, _E.TRIP):
+            key.consecutive_failures += 1
+        elif (event is _E.ENABLE and old is _X) or (event is _E.RELOADED and old is _D):
+            key.consecutive_failures = 0
+            key.pause = self.policy.circuit_pause
+
+        # Rests and pauses only ever lengthen, except that a failed probe sets
+        # the doubled pause from now.
+        earlier = key.until if key.until is not None and old in (_C, _O) else -math.inf
+        rest = rest_until if rest_until is not None else -math.inf
+        if new is _C:
+            key.until = max(earlier, rest)
+        elif new is _O and event is _E.TRIP:
+            key.pause = self.policy.circuit_pause
+            key.until = max(earlier, now + key.pause)
+        elif new is _O and event is _E.FAULT:
+            key.pause = min(key.pause * 2, self.policy.circuit_pause_max)
+            key.until = now + key.pause
+        elif new is _O:
+            key.until = max(earlier, rest)
+        else:
+            key.until = None
+
+    # -- waiting ---------------------------------------------------------------
+
+    def next_available_in(self, tried: AbstractSet[str] = frozenset()) -> float | None:
+        """Seconds until some key not in `tried` may be usable: 0.0 if one is
+        now, None if every such key is DEAD or DISABLED (or there is none). A
+        half-open key whose probe is out counts its pause, a fair guess."""
+        now = self._clock()
+        soonest: float | None = None
+        for key in self._keys.values():
+            if key.spec.label in tried:
+                continue
+            self._expire(key, now)
+            if key.usable:
+                return 0.0
+            if key.until is not None:
+                wait = key.until - now
+            elif key.state is KeyState.HALF_OPEN:
+                wait = key.pause
+            else:
+                continue
+            if soonest is None or wait < soonest:
+                soonest = wait
+        return soonest
+
+    async def wait_available(self, timeout: float, tried: AbstractSet[str] = frozenset()) -> bool:
+        """Wait until a key not in `tried` may be usable; False after `timeout` seconds.
+
+        Woken by any release or operator change, or by a timer at the moment
+        the earliest rest or pause ends; never polls.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            delay = self.next_available_in(tried)
+            if delay == 0.0:
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.add(waiter)
+            timer = loop.call_later(remaining if delay is None else min(delay, remaining), _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiters.discard(waiter)
+
+    def _notify(self) -> None:
+        for waiter in self._waiters:
+            _wake(waiter)
+
+    # -- operator --------------------------------------------------------------
+
+    def disable(self, label: str) -> bool:
+        key = self._keys.get(label)
+        if key is None:
+            return False
+        self._transition(key, _E.DISABLE, self._clock(), None)
+        return True
+
+    def enable(self, label: str) -> bool:
+        key = self._keys.get(label)
+        if key is None:
+            return False
+        self._transition(key, _E.ENABLE, self._clock(), None)
+        self._notify()
+        return True
+
+    def replace_specs(self, specs: Iterable[KeySpec], policy: KeyPolicy | None = None) -> None:
+        """Reload: keys whose label and secret stay keep their state and counters
+        (DEAD ones revive); a changed secret starts afresh; removed keys go, and
+        their outstanding leases release harmlessly."""
+        if policy is not None:
+            self.policy = policy
+        keys: dict[str, _Key] = {}
+        now = self._clock()
+        for spec in specs:
+            if spec.label in keys:
+                raise ValueError(f"upstream {self.name!r}: duplicate key label {spec.label!r}")
+            key = self._keys.get(spec.label)
+            if key is not None and key.spec.secret == spec.secret:
+                key.spec = spec
+                self._transition(key, _E.RELOADED, now, None)
+            else:
+                key = _Key(spec, self.policy)
+            keys[spec.label] = key
+        for key in keys.values():
+            # Weights may have changed: restart the round-robin from even.
+            key.current = 0
+        self._keys = keys
+        self._notify()
+
+    # -- stats -------------------------------------------------------------------
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self._keys)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Each key's state and counters for stats; never the secret. `until` is
+        unix time; `errors` counts every failure but 429s (`rate_limited`) and
+        client aborts."""
+        now = self._clock()
+        wall = self._wall_clock()
+        rows = []
+        for key in self._keys.values():
+            self._expire(key, now)
+            spec = key.spec
+            rows.append(
+                {
+                    "label": spec.label,
+                    "state": key.state.value,
+                    "until": None if key.until is None else wall + (key.until - now),
+                    "consecutive_failures": key.consecutive_failures,
+                    "in_flight": key.in_flight,
+                    "requests": key.requests,
+                    "rate_limited": key.rate_limited,
+                    "errors": key.errors,
+                    "last_error": key.last_error,
+                    "priority": spec.priority,
+                    "weight": spec.weight,
+                    "workspace": spec.workspace,
+                    "org": spec.org,
+                }
+            )
+        return rows
+
+    def __repr__(self) -> str:
+        return f"<KeyRing {self.name!r} keys={len(self._keys)}>"
+
+
+def _prefer(candidates: list[_Key], before: _Key, away_from_org: bool) -> list[_Key]:
+    """Narrow the failover candidates, each step only if something is left:
+    after a 429 to other orgs (same-org keys share the limit), then to the
+    failed key's workspace (it holds the session's prompt cache)."""
+    org = before.spec.org
+    if away_from_org and org is not None:
+        elsewhere = [key for key in candidates if key.spec.org != org]
+        if elsewhere:
+            candidates = elsewhere
+    workspace = before.spec.workspace
+    if workspace is not None:
+        same = [key for key in candidates if key.spec.workspace == workspace]
+        if same:
+            candidates = same
+    return candidates
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,482 @@
+"""The hub's own instruments: counters, gauges and fixed-bucket latency histograms.
+
+Recording is a few integer operations on the request path; turning them into
+``/stats`` JSON or Prometheus text happens only when the ops socket asks.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+# Upper bounds in seconds. A model's first token takes from a few hundred ms
+# to tens of seconds (long prompts, extended thinking); a whole stream can run
+# for minutes, so the tail reaches the longest upstream timeouts.
+TTFB_BUCKETS: tuple[float, ...] = (
+    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0,
+)
+TOTAL_BUCKETS: tuple[float, ...] = (
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
+)
+# The hub's own overhead should sit well under a millisecond; the upper
+# buckets exist to catch a blocked event loop, not to describe normal traffic.
+HUB_ADDED_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+
+LOOP_LAG_INTERVAL = 0.5          # seconds between event-loop lag samples
+RATE_WINDOW = 60.0               # seconds over which /stats reports req/s
+
+# Key states rendered one-hot (like kube-state-metrics), so a dashboard can
+# count keys per state even when none is in it. A key in a state missing from
+# this list is still rendered, with its own series.
+KEY_STATES: tuple[str, ...] = ("healthy", "cooling", "open", "half_open", "dead", "disabled")
+
+# What a key-ring snapshot may carry into /stats and /metrics. Anything else a
+# provider puts in the dict is dropped, so a secret can never leak this way.
+KEY_FIELDS: tuple[str, ...] = (
+    "label", "state", "until", "consecutive_failures", "in_flight", "requests",
+    "rate_limited", "errors", "last_error", "priority", "weight", "workspace", "org",
+)
+WRITER_FIELDS: tuple[str, ...] = (
+    "queue_depth", "written", "spooled", "replayed", "spool_pending", "unpriced", "last_error",
+)
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    """Counts of observations in fixed buckets (``le`` upper bounds, seconds)."""
+
+    __slots__ = ("buckets", "counts", "count", "sum")
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        bounds = tuple(float(b) for b in buckets)
+        if not bounds or any(b >= c for b, c in zip(bounds, bounds[1:])):
+            raise ValueError("histogram buckets must be non-empty and strictly increasing")
+        if math.isinf(bounds[-1]):
+            bounds = bounds[:-1]          # +Inf is implicit: the last slot of counts
+        self.buckets: tuple[float, ...] = bounds
+        self.counts: list[int] = [0] * (len(bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left puts a value equal to a bound into that bound's bucket,
+        # which is Prometheus's `le` (less than or equal) meaning.
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(le, count of observations <= le)`` per bucket, ending with ``+Inf``."""
+        out: list[tuple[float, int]] = []
+        running = 0
+        for bound, n in zip((*self.buckets, math.inf), self.counts):
+            running += n
+            out.append((bound, running))
+        return out
+
+    def quantile(self, q: float) -> float | None:
+        """Estimate the q-quantile by linear interpolation inside its bucket.
+
+        Same rule as Prometheus's ``histogram_quantile``: observations are
+        assumed spread evenly inside a bucket; the first bucket starts at 0;
+        a rank in the +Inf bucket answers the highest finite bound.
+        """
+        if not 0.0 <= q <= 1.0:
+            raise ValueError("quantile must be within [0, 1]")
+        if self.count == 0:
+            return None
+        rank = q * self.count
+        running = 0
+        lower = 0.0
+        for i, n in enumerate(self.counts):
+            if n and running + n >= rank:
+                if i == len(self.buckets):
+                    return self.buckets[-1]
+                upper = self.buckets[i]
+                return lower + (upper - lower) * ((rank - running) / n)
+            running += n
+            if i < len(self.buckets):
+                lower = self.buckets[i]
+        return self.buckets[-1]
+
+    def summary(self) -> dict[str, float | int | None]:
+        return {
+            "count": self.count,
+            "sum": self.sum,
+            "p50": self.quantile(0.5),
+            "p90": self.quantile(0.9),
+            "p99": self.quantile(0.99),
+        }
+
+
+class HubMetrics:
+    """Every instrument of one hub process; plain attributes, mutated in place."""
+
+    def __init__(
+        self,
+        *,
+        ttfb_buckets: Sequence[float] = TTFB_BUCKETS,
+        total_buckets: Sequence[float] = TOTAL_BUCKETS,
+        hub_added_buckets: Sequence[float] = HUB_ADDED_BUCKETS,
+        lag_interval: float = LOOP_LAG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock              # monotonic seconds; injectable for tests
+        self.started_at = time.time()
+        self._started_mono = clock()
+        # client connections
+        self.connections_open = 0
+        self.connections_total = 0
+        # requests
+        self.in_flight = 0
+        self.requests_total = 0
+        self.requests: dict[tuple[str, int, str], int] = {}    # (route, status, outcome)
+        self.refused: dict[str, int] = {}                      # reason
+        self.ttfb = Histogram(ttfb_buckets)
+        self.total = Histogram(total_buckets)
+        self.hub_added = Histogram(hub_added_buckets)
+        # upstream
+        self.upstream_attempts: dict[str, int] = {}            # upstream name
+        self.upstream_retries: dict[str, int] = {}
+        # event loop
+        self.loop_lag = 0.0
+        self.loop_lag_max = 0.0
+        self._lag_interval = lag_interval
+        self._lag_task: asyncio.Task[None] | None = None
+        self._rate_samples: deque[tuple[float, int]] = deque()
+
+    # -- recording (hot path: keep these to a few dict/int operations) --------
+
+    def connection_opened(self) -> None:
+        self.connections_open += 1
+        self.connections_total += 1
+
+    def connection_closed(self) -> None:
+        self.connections_open -= 1
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_finished(
+        self, route: str, status: int, outcome: str, total_s: float, ttfb_s: float | None = None,
+    ) -> None:
+        """One request left the hub; pairs with ``request_started``."""
+        self.in_flight -= 1
+        self.requests_total += 1
+        key = (route, status, outcome)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.total.observe(total_s)
+        if ttfb_s is not None:
+            self.ttfb.observe(ttfb_s)
+
+    def observe_hub_added(self, seconds: float) -> None:
+        self.hub_added.observe(seconds)
+
+    def upstream_attempt(self, upstream: str, *, retry: bool = False) -> None:
+        self.upstream_attempts[upstream] = self.upstream_attempts.get(upstream, 0) + 1
+        if retry:
+            self.upstream_retries[upstream] = self.upstream_retries.get(upstream, 0) + 1
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    # -- event-loop lag sampler ----------------------------------------------
+
+    def start(self) -> None:
+        """Start sampling loop lag (and the req/s window); needs a running loop."""
+        if self._lag_task is None or self._lag_task.done():
+            self._rate_samples.append((self._clock(), self.requests_total))
+            self._lag_task = asyncio.get_running_loop().create_task(
+                self._sample_forever(), name="hubcore-loop-lag")
+
+    async def stop(self) -> None:
+        task, self._lag_task = self._lag_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            # wait() rather than `await task`: the task's CancelledError stays
+            # inside it, while a cancellation of stop() itself still propagates.
+            await asyncio.wait({task})
+
+    async def _sample_forever(self) -> None:
+        # Theory of operation: a sleep of `interval` that returns late was
+        # late because callbacks ahead of it held the loop; the surplus is the
+        # delay every socket event saw at that moment.
+        loop = asyncio.get_running_loop()
+        interval = self._lag_interval
+        while True:
+            before = loop.time()
+            await asyncio.sleep(interval)
+            self.sample_lag(max(0.0, loop.time() - before - interval))
+
+    def sample_lag(self, lag: float) -> None:
+        """Record one lag sample and one point of the request-rate window."""
+        self.loop_lag = lag
+        if lag > self.loop_lag_max:
+            self.loop_lag_max = lag
+        now = self._clock()
+        samples = self._rate_samples
+        samples.append((now, self.requests_total))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:
+            samples.popleft()
+
+    # -- reading ---------------------------------------------------------------
+
+    @property
+    def uptime(self) -> float:
+        return self._clock() - self._started_mono
+
+    def request_rate(self) -> float:
+        """Requests per second over the last minute (since start before that)."""
+        samples = self._rate_samples
+        now = self._clock()
+        if samples:
+            t0, n0 = samples[0]
+        else:
+            t0, n0 = self._started_mono, 0
+        elapsed = now - t0
+        return (self.requests_total - n0) / elapsed if elapsed > 0 else 0.0
+
+    def snapshot(
+        self,
+        keys: Mapping[str, Iterable[Mapping[str, Any]]] | None = None,
+        writer: Mapping[str, Any] | None = None,
+        tokens_loaded: int = 0,
+        version: str = "",
+    ) -> dict[str, Any]:
+        """Everything for ``GET /stats``: JSON-ready (string keys, plain values).
+
+        ``keys`` maps an upstream name to its key ring's per-key dicts (fields
+        in KEY_FIELDS, ``until`` as unix time or None); ``writer`` is the usage
+        writer's stats (WRITER_FIELDS).
+        """
+        by_status: dict[str, int] = {}
+        by_outcome: dict[str, int] = {}
+        by_route: list[dict[str, Any]] = []
+        for (route, status, outcome), n in sorted(self.requests.items()):
+            by_status[str(status)] = by_status.get(str(status), 0) + n
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + n
+            by_route.append({"route": route, "status": status, "outcome": outcome, "count": n})
+        return {
+            "version": version,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "uptime_s": self.uptime,
+            "connections": {"open": self.connections_open, "total": self.connections_total},
+            "in_flight": self.in_flight,
+            "requests": {
+                "total": self.requests_total,
+                "rate_1m": self.request_rate(),
+                "by_status": by_status,
+                "by_outcome": by_outcome,
+                "by_route": by_route,
+            },
+            "latency_s": {
+                "ttfb": self.ttfb.summary(),
+                "total": self.total.summary(),
+                "hub_added": self.hub_added.summary(),
+            },
+            "upstream": {
+                name: {
+                    "attempts": self.upstream_attempts.get(name, 0),
+                    "retries": self.upstream_retries.get(name, 0),
+                }
+                for name in sorted(self.upstream_attempts.keys() | self.upstream_retries.keys())
+            },
+            "refused": dict(sorted(self.refused.items())),
+            "loop_lag_s": {"last": self.loop_lag, "max": self.loop_lag_max},
+            "tokens_loaded": tokens_loaded,
+            "writer": _pick(writer or {}, WRITER_FIELDS),
+            "keys": {
+                upstream: [_pick(k, KEY_FIELDS) for k in ring]
+                for upstream, ring in (keys or {}).items()
+            },
+        }
+
+    def render_prometheus(
+        self,
+        keys: Mapping[str, Iterable[Mapping[str, Any]]] | None = None,
+        writer: Mapping[str, Any] | None = None,
+        tokens_loaded: int = 0,
+        version: str = "",
+        *,
+        key_states: Sequence[str] = KEY_STATES,
+    ) -> str:
+        """Everything for ``GET /metrics`` in the Prometheus text format 0.0.4."""
+        out = _Exposition()
+        out.family("hubcore_build_info", "gauge", "Version of the running hub; always 1.")
+        out.sample("hubcore_build_info", 1, version=version)
+        out.family("hubcore_start_time_seconds", "gauge", "Unix time the hub process started.")
+        out.sample("hubcore_start_time_seconds", self.started_at)
+        out.family("hubcore_uptime_seconds", "gauge", "Seconds since the hub process started.")
+        out.sample("hubcore_uptime_seconds", self.uptime)
+
+        out.family("hubcore_connections_open", "gauge", "Client connections open now.")
+        out.sample("hubcore_connections_open", self.connections_open)
+        out.family("hubcore_connections_total", "counter", "Client connections accepted.")
+        out.sample("hubcore_connections_total", self.connections_total)
+        out.family("hubcore_in_flight_requests", "gauge", "Requests being served now.")
+        out.sample("hubcore_in_flight_requests", self.in_flight)
+
+        out.family("hubcore_requests_total", "counter",
+                   "Requests finished, by route, status sent to the client and outcome.")
+        for (route, status, outcome), n in sorted(self.requests.items()):
+            out.sample("hubcore_requests_total", n, route=route, status=str(status), outcome=outcome)
+        out.family("hubcore_refused_total", "counter", "Requests the hub refused itself, by reason.")
+        for reason, n in sorted(self.refused.items()):
+            out.sample("hubcore_refused_total", n, reason=reason)
+
+        out.histogram("hubcore_ttfb_seconds", self.ttfb,
+                      "Time from request received to first response byte sent to the client.")
+        out.histogram("hubcore_request_duration_seconds", self.total,
+                      "Time from request received to the last response byte sent.")
+        out.histogram("hubcore_hub_added_seconds", self.hub_added,
+                      "Latency the hub itself added: request complete to upstream send, "
+                      "plus upstream first byte to client first byte.")
+
+        out.family("hubcore_upstream_attempts_total", "counter",
+                   "Requests sent to an upstream, retries included.")
+        for name, n in sorted(self.upstream_attempts.items()):
+            out.sample("hubcore_upstream_attempts_total", n, upstream=name)
+        out.family("hubcore_upstream_retries_total", "counter",
+                   "Attempts that retried a failed attempt on another key.")
+        for name, n in sorted(self.upstream_retries.items()):
+            out.sample("hubcore_upstream_retries_total", n, upstream=name)
+
+        out.family("hubcore_event_loop_lag_seconds", "gauge",
+                   "Delay of the latest event-loop lag probe.")
+        out.sample("hubcore_event_loop_lag_seconds", self.loop_lag)
+        out.family("hubcore_event_loop_lag_max_seconds", "gauge",
+                   "Largest event-loop lag probe since start.")
+        out.sample("hubcore_event_loop_lag_max_seconds", self.loop_lag_max)
+
+        out.family("hubcore_tokens_loaded", "gauge", "Hub tokens in the in-memory table.")
+        out.sample("hubcore_tokens_loaded", tokens_loaded)
+
+        self._render_writer(out, writer or {})
+        self._render_keys(out, keys or {}, key_states)
+        return out.text()
+
+    @staticmethod
+    def _render_writer(out: _Exposition, writer: Mapping[str, Any]) -> None:
+        for field, kind, help_text in (
+            ("queue_depth", "gauge", "Usage events waiting for the writer."),
+            ("written", "counter", "Usage events written to the database."),
+            ("spooled", "counter", "Usage events spooled to disk while the database failed."),
+            ("replayed", "counter", "Spooled usage events written back to the database."),
+            ("spool_pending", "gauge", "Usage events in the spool, not yet replayed."),
+            ("unpriced", "counter", "Usage events for a model without a price."),
+        ):
+            value = writer.get(field)
+            if value is None:
+                continue
+            name = f"hubcore_usage_{field}" + ("_total" if kind == "counter" else "")
+            out.family(name, kind, help_text)
+            out.sample(name, value)
+        out.family("hubcore_usage_writer_failing", "gauge",
+                   "1 while the usage writer's latest attempt failed.")
+        out.sample("hubcore_usage_writer_failing", 1 if writer.get("last_error") else 0)
+
+    @staticmethod
+    def _render_keys(
+        out: _Exposition, keys: Mapping[str, Iterable[Mapping[str, Any]]], key_states: Sequence[str],
+    ) -> None:
+        rows = [(upstream, k) for upstream, ring in sorted(keys.items()) for k in ring]
+        now = time.time()
+        out.family("hubcore_key_info", "gauge", "Vendor keys and their workspace and organisation.")
+        for upstream, k in rows:
+            out.sample("hubcore_key_info", 1, upstream=upstream, key=str(k.get("label", "")),
+                       workspace=str(k.get("workspace") or ""), org=str(k.get("org") or ""))
+        out.family("hubcore_key_state", "gauge", "Vendor key state, one series per state (1 = current).")
+        for upstream, k in rows:
+            current = str(k.get("state", ""))
+            states = list(key_states)
+            if current not in states:
+                states.append(current)
+            for state in states:
+                out.sample("hubcore_key_state", 1 if state == current else 0,
+                           upstream=upstream, key=str(k.get("label", "")), state=state)
+        out.family("hubcore_key_unavailable_seconds", "gauge",
+                   "Seconds until a cooling or open key may be used again (0 when usable).")
+        for upstream, k in rows:
+            until = k.get("until")
+            remaining = max(0.0, float(until) - now) if until is not None else 0.0
+            out.sample("hubcore_key_unavailable_seconds", remaining,
+                       upstream=upstream, key=str(k.get("label", "")))
+        for field, name, kind, help_text in (
+            ("in_flight", "hubcore_key_in_flight_requests", "gauge", "Requests on this key now."),
+            ("consecutive_failures", "hubcore_key_consecutive_failures", "gauge",
+             "Failures in a row counted by the circuit breaker."),
+            ("priority", "hubcore_key_priority", "gauge", "Configured priority (lower is tried first)."),
+            ("weight", "hubcore_key_weight", "gauge", "Configured weight within its priority."),
+            ("requests", "hubcore_key_requests_total", "counter", "Attempts sent with this key."),
+            ("rate_limited", "hubcore_key_rate_limited_total", "counter",
+             "429 answers received on this key."),
+            ("errors", "hubcore_key_errors_total", "counter",
+             "Failed attempts on this key (5xx, 529, connect errors, timeouts)."),
+        ):
+            out.family(name, kind, help_text)
+            for upstream, k in rows:
+                value = k.get(field)
+                if value is not None:
+                    out.sample(name, value, upstream=upstream, key=str(k.get("label", "")))
+
+
+def _pick(d: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    return {f: d[f] for f in fields if f in d}
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float | int | bool) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class _Exposition:
+    """Builds text exposition lines; every family gets HELP and TYPE once."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        self._lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float | int | bool, **labels: str) -> None:
+        if labels:
+            body = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
+            self._lines.append(f"{name}{{{body}}} {_number(value)}")
+        else:
+            self._lines.append(f"{name} {_number(value)}")
+
+    def histogram(self, name: str, hist: Histogram, help_text: str) -> None:
+        self.family(name, "histogram", help_text)
+        for bound, running in hist.cumulative():
+            self.sample(f"{name}_bucket", running, le=_number(bound))
+        self.sample(f"{name}_sum", hist.sum)
+        self.sample(f"{name}_count", hist.count)
+
+    def text(self) -> str:
+        self._lines.append("")
+        return "\n".join(self._lines)

@@ -1,0 +1,646 @@
+"""The Exchange: one request through the hub, from auth to the usage row.
+
+auth → route → key → send (retrying on another key while nothing has
+reached the client) → stream the response through the meter → record.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hubcore import sse
+from hubcore.config import Config, UpstreamConfig
+from hubcore.errors import ANTHROPIC, OPENAI, HubError, MeterError, error_body
+from hubcore.keys import Failure, FailureKind, KeyRing, Lease, classify, retryable
+from hubcore.server import HttpProtocol, Request, status_line
+from hubcore.tokens import Principal, TokenTable
+from hubcore.upstream import (
+    ConnectFailed,
+    Pool,
+    ResponseHead,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamTimeout,
+    client_ssl_context,
+)
+from hubcore.usage import UsageEvent
+
+log = logging.getLogger("hubcore.proxy")
+access_log = logging.getLogger("hubcore.access")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: str            # upstream kind: "anthropic" or "openai"
+    endpoint: str        # the path, for usage rows
+    fmt: int             # meter format
+    methods: tuple[bytes, ...]
+    flavour: str         # error shape
+
+
+ROUTES: dict[bytes, Route] = {
+    b"/v1/messages": Route("anthropic", "/v1/messages", sse.FMT_ANTHROPIC, (b"POST",), ANTHROPIC),
+    b"/v1/messages/count_tokens": Route("anthropic", "/v1/messages/count_tokens", 0, (b"POST",), ANTHROPIC),
+    b"/v1/models": Route("anthropic", "/v1/models", 0, (b"GET",), ANTHROPIC),
+    b"/v1/responses": Route("openai", "/v1/responses", sse.FMT_OPENAI_RESPONSES, (b"POST",), OPENAI),
+    b"/v1/chat/completions": Route("openai", "/v1/chat/completions", sse.FMT_OPENAI_CHAT, (b"POST",), OPENAI),
+}
+MODELS_PREFIX = b"/v1/models/"
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and the ones the hub sets itself.
+REQUEST_DROP = frozenset(
+    {
+        b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+        b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect",
+        b"proxy-authorization", b"x-api-key", b"authorization", b"accept-encoding",
+    }
+)
+RESPONSE_DROP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+        b"te", b"trailer", b"upgrade", b"content-length",
+    }
+)
+JSON = (b"content-type", b"application/json")
+ROOT_BODY = b"hubcore\n"
+SESSION_HEADERS = (b"x-claude-code-session-id", b"session_id", b"session-id")
+# Bytes of an error body the hub reads before deciding to retry.
+ERROR_BODY_LIMIT = 1024 * 1024
+
+
+class UpstreamRuntime:
+    """One configured upstream: its connection pool and its key ring."""
+
+    def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        ssl_context = client_ssl_context(config.ca_file) if config.scheme == "https" else None
+        self.pool = Pool(
+            loop,
+            config.host,
+            config.port,
+            ssl_context,
+            connect_timeout=config.connect_timeout,
+            max_idle=config.pool_max_idle,
+            idle_timeout=config.pool_idle_timeout,
+        )
+        self.ring = KeyRing(config.name, list(config.keys), config.policy)
+        default_port = 443 if config.scheme == "https" else 80
+        host = config.host if config.port == default_port else f"{config.host}:{config.port}"
+        self.host_header = b"host: " + host.encode() + b"\r\n"
+        self.base_path = config.base_path.encode()
+        self.auth_anthropic = config.kind == "anthropic"
+
+    def auth_header(self, secret: str) -> bytes:
+        if self.auth_anthropic:
+            return b"x-api-key: " + secret.encode() + b"\r\n"
+        return b"authorization: Bearer " + secret.encode() + b"\r\n"
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class Hub:
+    """Everything the Exchange needs, shared by all connections."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, tokens: TokenTable, recorder: Any, prices: Any, metrics: Any = None) -> None:
+        self.config = config
+        self.loop = loop
+        self.tokens = tokens
+        self.recorder = recorder
+        self.prices = prices
+        self.metrics = metrics
+        self.upstreams: dict[str, UpstreamRuntime] = {}
+        for upstream in config.upstreams:
+            if upstream.kind not in self.upstreams:
+                self.upstreams[upstream.kind] = UpstreamRuntime(upstream, loop)
+        self.in_flight = 0
+        self.requests = 0
+        self._id_prefix = os.urandom(4).hex()
+        self._id_counter = 0
+
+    def request_id(self) -> str:
+        self._id_counter += 1
+        return f"hc_{self._id_prefix}{self._id_counter:010x}"
+
+    async def handle(self, request: Request, protocol: HttpProtocol) -> None:
+        exchange = Exchange(self, request, protocol)
+        protocol.handler = exchange
+        self.in_flight += 1
+        try:
+            await exchange.run()
+        finally:
+            self.in_flight -= 1
+            self.requests += 1
+
+    def close(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.close()
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Exchange:
+    """One request: implements the server's Handler and the upstream's BodySink."""
+
+    def __init__(self, hub: Hub, request: Request, protocol: HttpProtocol) -> None:
+        self.hub = hub
+        self.loop = hub.loop
+        self.request = request
+        self.protocol = protocol
+        self.request_id = hub.request_id()
+        self.ts = time.time()
+        self.t0 = self.loop.time()
+        self.ttfb: float | None = None
+        self.route: Route | None = None
+        self.flavour = ANTHROPIC
+        self.principal: Principal | None = None
+        self.model: str | None = None
+        self.session_id: str | None = None
+        self.upstream: UpstreamRuntime | None = None
+        self.lease: Lease | None = None
+        self.key_label: str | None = None
+        self.keep_alive = True
+        self.attempts = 0
+        self.status = 0
+        self.outcome = "ok"
+        self.error_type: str | None = None
+        self.meter: Any = None
+        # streaming state
+        self.conn: UpstreamConnection | None = None
+        self.head: ResponseHead | None = None
+        self.committed = False
+        self.chunked = False
+        self.sse_body = False
+        self.pending_head: list[bytes] = []
+        self.done: asyncio.Future[None] | None = None
+        self.gone = False
+
+    # -- Handler (server side) ---------------------------------------------
+    def client_gone(self) -> None:
+        self.gone = True
+        if self.conn is not None:
+            self.conn.close()
+        done = self.done
+        if done is not None and not done.done():
+            done.set_exception(ClientGone())
+
+    def pause_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_reading()
+
+    # -- the request ---------------------------------------------------------
+    async def run(self) -> None:
+        request = self.request
+        try:
+            if request.path == b"/":
+                if request.method not in (b"GET", b"HEAD"):
+                    raise HubError(405, "method not allowed")
+                self.respond(200, [(b"content-type", b"text/plain")], ROOT_BODY, head_only=request.method == b"HEAD")
+                return
+            self.route = route = self._route(request.path)
+            self.flavour = route.flavour if route else (OPENAI if request.path.startswith((b"/v1/responses", b"/v1/chat")) else ANTHROPIC)
+            if route is None:
+                raise HubError(404, f"no route for {request.path.decode('latin-1')!r}")
+            self.principal = self._authenticate()
+            if request.method not in route.methods:
+                raise HubError(405, f"{request.method.decode()} is not allowed on {route.endpoint}")
+            self._scan_body()
+            upstream = self.hub.upstreams.get(route.kind)
+            if upstream is None or not upstream.config.keys:
+                raise HubError(503, f"no {route.kind} upstream key is configured", retry_after=30)
+            self.upstream = upstream
+            await self._proxy(upstream)
+        except HubError as e:
+            self.refuse(e)
+        except ClientGone:
+            self.outcome = "client_aborted"
+        finally:
+            self._record()
+
+    def _route(self, path: bytes) -> Route | None:
+        route = ROUTES.get(path)
+        if route is None and path.startswith(MODELS_PREFIX):
+            route = ROUTES[b"/v1/models"]
+        return route
+
+    def _authenticate(self) -> Principal:
+        token = self.request.header(b"x-api-key")
+        if token is None:
+            auth = self.request.header(b"authorization")
+            if auth is not None and auth[:7].lower() == b"bearer ":
+                token = auth[7:].strip()
+        if not token:
+            raise HubError(401, "missing hub token: send it as x-api-key or Authorization: Bearer")
+        principal = self.hub.tokens.lookup(token)
+        if principal is None:
+            raise HubError(401, "invalid hub token")
+        return principal
+
+    def _scan_body(self) -> None:
+        request = self.request
+        if request.method != b"POST":
+            return
+        body = request.body
+        if not body.lstrip()[:1] == b"{":
+            raise HubError(400, "request body must be a JSON object")
+        try:
+            model, stream, user_id, cache_key = sse.scan_request(body)
+        except MeterError:
+            model = user_id = cache_key = None
+        self.model = model
+        session = None
+        for name in SESSION_HEADERS:
+            value = request.header(name)
+            if value:
+                session = value.decode("latin-1")
+                break
+        if session is None and user_id:
+            session = sse.session_from_user_id(user_id)
+        if session is None and cache_key:
+            session = cache_key
+        self.session_id = session
+
+    # -- talking to the vendor ---------------------------------------------
+    async def _proxy(self, upstream: UpstreamRuntime) -> None:
+        cfg = upstream.config
+        deadline = self.t0 + cfg.retry_deadline
+        queue_deadline = self.t0 + cfg.queue_timeout
+        ring = upstream.ring
+        tried: set[str] = set()
+        reason: Failure | None = None
+        previous: Lease | None = None
+        last_error: tuple[ResponseHead, bytes] | None = None
+        last_exc: UpstreamError | None = None
+        while True:
+            lease = ring.acquire(self.session_id, tried, reason, previous)
+            if lease is None:
+                wait = ring.next_available_in()
+                now = self.loop.time()
+                if wait is not None and now < queue_deadline and not self.gone:
+                    if await ring.wait_available(queue_deadline - now):
+                        tried.clear()
+                        continue
+                self._give_up(upstream, last_error, last_exc, ring.next_available_in())
+                return
+            self.lease = previous = lease
+            self.key_label = lease.label
+            self.attempts += 1
+            tried.add(lease.label)
+            final = self.attempts >= cfg.max_attempts or self.loop.time() >= deadline
+            try:
+                head = await self._send(upstream, lease)
+            except UpstreamError as e:
+                ring.release(lease, _failure_for(e))
+                self.lease = None
+                last_exc, last_error = e, None
+                reason = _failure_for(e)
+                if final or self.gone:
+                    self._give_up(upstream, None, e, None)
+                    return
+                continue
+            failure = classify(head.status, head.headers)
+            if failure is not None and retryable(failure):
+                try:
+                    body = await self.conn.read_body(ERROR_BODY_LIMIT) if self.conn else b""
+                except UpstreamError:
+                    body = b""
+                self._release_conn()
+                ring.release(lease, failure)
+                self.lease = None
+                last_error, last_exc = (head, body), None
+                reason = failure
+                if final or self.gone:
+                    self._give_up(upstream, last_error, None, None)
+                    return
+                continue
+            try:
+                await self._stream(head)
+            except _RetryBeforeFirstByte as e:
+                ring.release(lease, _failure_for(e.error))
+                self.lease = None
+                last_exc, last_error = e.error, None
+                reason = _failure_for(e.error)
+                if final:
+                    self._give_up(upstream, None, e.error, None)
+                    return
+                continue
+            ring.release(lease, failure)
+            self.lease = None
+            return
+
+    async def _send(self, upstream: UpstreamRuntime, lease: Lease) -> ResponseHead:
+        request = self.request
+        cfg = upstream.config
+        head = self._request_head(upstream, lease.secret)
+        for fresh in (False, True):
+            conn = await (upstream.pool.connect() if fresh else upstream.pool.acquire())
+            self.conn = conn
+            try:
+                return await conn.send(head, request.body, cfg.first_byte_timeout, cfg.stream_idle_timeout)
+            except UpstreamError as e:
+                conn.close()
+                self.conn = None
+                # A pooled connection the vendor closed while idle fails
+                # before any response byte: that is a stale socket, not the
+                # vendor refusing; try once more on a fresh connection.
+                if not (conn.reused and isinstance(e, UpstreamError) and e.before_response and not isinstance(e, UpstreamTimeout)):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _request_head(self, upstream: UpstreamRuntime, secret: str) -> bytes:
+        request = self.request
+        parts = [request.method, b" ", upstream.base_path, request.target, b" HTTP/1.1\r\n", upstream.host_header]
+        connection_tokens: set[bytes] = set()
+        for name, value in request.headers:
+            if name == b"connection":
+                connection_tokens.update(t.strip().lower() for t in value.split(b","))
+        for name, value in request.headers:
+            if name in REQUEST_DROP or name in connection_tokens:
+                continue
+            parts.append(name + b": " + value + b"\r\n")
+        parts.append(upstream.auth_header(secret))
+        parts.append(b"accept-encoding: identity\r\n")
+        if request.body or request.method == b"POST":
+            parts.append(b"content-length: %d\r\n" % len(request.body))
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def _stream(self, head: ResponseHead) -> None:
+        """Pass the response through: head held until the first body byte (so
+        a stream that dies before it can still be retried), then every chunk
+        written as it arrives and fed to the meter."""
+        conn = self.conn
+        assert conn is not None
+        self.head = head
+        self.status = head.status
+        content_type = head.header(b"content-type") or b""
+        self.sse_body = content_type.startswith(b"text/event-stream")
+        route = self.route
+        if route is not None and route.fmt and 200 <= head.status < 300:
+            self.meter = sse.Meter(route.fmt, self.sse_body)
+        client_http11 = self.request.http_version == "1.1"
+        keep_alive = self.request.keep_alive and not self.hub_draining()
+        self.chunked = head.content_length is None and client_http11
+        parts = [status_line(head.status)]
+        for name, value in head.headers:
+            if name.lower() not in RESPONSE_DROP:
+                parts.append(name + b": " + value + b"\r\n")
+        parts.append(b"x-hubcore-request-id: " + self.request_id.encode() + b"\r\n")
+        if head.content_length is not None:
+            parts.append(b"content-length: %d\r\n" % head.content_length)
+        elif self.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        else:
+            keep_alive = False
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        self.pending_head = parts
+        self.keep_alive = keep_alive
+        self.done = self.loop.create_future()
+        if self.protocol.write_paused:
+            conn.pause_reading()
+        conn.attach(self)
+        try:
+            await self.done
+        except UpstreamError as e:
+            if not self.committed and self.attempts and e.before_response is not None:
+                self._release_conn()
+                raise _RetryBeforeFirstByte(e) from e
+            self._abort_midstream(e)
+            return
+        finally:
+            self.done = None
+        self._release_conn()
+        self.protocol.finish(self.keep_alive)
+
+    def hub_draining(self) -> bool:
+        return self.protocol.server.draining
+
+    # -- BodySink (upstream side) ---------------------------------------------
+    def on_body(self, chunk: bytes) -> None:
+        if self.gone:
+            return
+        if not self.committed:
+            self._commit()
+        if self.chunked:
+            self.protocol.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        else:
+            self.protocol.write(chunk)
+        meter = self.meter
+        if meter is not None:
+            try:
+                meter.feed(chunk)
+            except MeterError as e:
+                log.warning("request %s: metering stopped: %s", self.request_id, e)
+                self.meter = None
+
+    def on_complete(self) -> None:
+        if not self.committed:
+            self._commit()
+        if self.chunked:
+            self.protocol.write(b"0\r\n\r\n")
+        done = self.done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def on_error(self, exc: UpstreamError) -> None:
+        done = self.done
+        if done is not None and not done.done():
+            done.set_exception(exc)
+
+    def _commit(self) -> None:
+        self.committed = True
+        self.ttfb = self.loop.time()
+        self.protocol.writelines(self.pending_head)
+        self.pending_head = []
+
+    def _abort_midstream(self, exc: UpstreamError) -> None:
+        """The vendor failed after the client got bytes: end the stream the
+        protocol's way so the client's SDK raises instead of hanging."""
+        self.outcome = "upstream_aborted"
+        self.error_type = "upstream_aborted"
+        self._release_conn()
+        if self.lease is not None and self.upstream is not None:
+            self.upstream.ring.release(self.lease, _failure_for(exc))
+            self.lease = None
+        if self.gone:
+            return
+        if self.sse_body and self.chunked:
+            event = _sse_error_event(self.flavour, str(exc))
+            self.protocol.writelines((b"%x\r\n" % len(event), event, b"\r\n", b"0\r\n\r\n"))
+            # The stream is framed correctly, but the client cannot reuse
+            # what it thinks is a failed connection reliably; close it.
+            self.protocol.finish(False)
+        else:
+            self.protocol.abort()
+
+    def _release_conn(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.release()
+
+    # -- answers the hub makes itself ------------------------------------------
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, head_only: bool = False) -> None:
+        self.status = status
+        self.ttfb = self.loop.time()
+        headers = headers + [(b"x-hubcore-request-id", self.request_id.encode())]
+        self.protocol.send_response(status, headers, body, keep_alive=self.request.keep_alive and not self.hub_draining(), head_only=head_only)
+
+    def refuse(self, error: HubError) -> None:
+        self.outcome = "refused" if error.status in (401, 403, 429) else "upstream_error" if error.status >= 500 else "refused"
+        self.error_type = error.error_type or error.code or str(error.status)
+        headers = [JSON]
+        if error.retry_after is not None:
+            headers.append((b"retry-after", b"%d" % max(1, round(error.retry_after))))
+        if error.status >= 500 or error.status == 429:
+            headers.append((b"x-should-retry", b"false" if error.status != 429 else b"true"))
+        self.respond(error.status, headers, error.body(self.flavour))
+
+    def _give_up(self, upstream: UpstreamRuntime, last_error: tuple[ResponseHead, bytes] | None, last_exc: UpstreamError | None, wait: float | None) -> None:
+        """Every attempt failed: the last vendor error unchanged, marked so
+        that clients do not multiply the load by retrying it themselves."""
+        self.outcome = "upstream_error"
+        if last_error is not None:
+            head, body = last_error
+            self.error_type = f"http_{head.status}"
+            headers = [(n, v) for n, v in head.headers if n.lower() not in RESPONSE_DROP]
+            if self.attempts > 1:
+                headers = [(n, v) for n, v in headers if n.lower() != b"x-should-retry"]
+                headers.append((b"x-should-retry", b"false"))
+            self.respond(head.status, headers, body)
+            return
+        if last_exc is not None:
+            self.error_type = last_exc.kind
+            status = 504 if isinstance(last_exc, UpstreamTimeout) else 502
+            message = f"upstream {upstream.config.name}: {last_exc}"
+            self.respond(status, [JSON, (b"x-should-retry", b"false")], error_body(self.flavour, status, message))
+            return
+        if wait is not None:
+            self.error_type = "rate_limit_error"
+            retry_after = b"%d" % max(1, round(wait + 0.5))
+            self.respond(429, [JSON, (b"retry-after", retry_after)], error_body(self.flavour, 429, f"every {upstream.config.name} key is rate limited; retry after {retry_after.decode()} s"))
+            return
+        self.error_type = "overloaded_error"
+        self.respond(503, [JSON, (b"retry-after", b"30")], error_body(self.flavour, 503, f"no usable {upstream.config.name} key: all are disabled, dead or their circuits are open"))
+
+    # -- the usage row -----------------------------------------------------------
+    def _record(self) -> None:
+        if self.lease is not None and self.upstream is not None:
+            self.upstream.ring.release(self.lease, CLIENT_ABORTED)
+            self.lease = None
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.gone and self.outcome == "ok":
+            self.outcome = "client_aborted"
+        elif self.outcome == "ok" and self.status >= 400:
+            self.outcome = "upstream_error"
+        now = self.loop.time()
+        principal = self.principal
+        route = self.route
+        if principal is None or route is None:
+            self._log(now)
+            return  # unauthenticated: no row (a flood of them must not fill the database)
+        event = UsageEvent(
+            ts=self.ts,
+            request_id=self.request_id,
+            endpoint=route.endpoint,
+            status=self.status,
+            outcome=self.outcome,
+            total_ms=(now - self.t0) * 1000.0,
+            token_id=principal.token_id,
+            user=principal.user,
+            project=principal.project,
+            upstream=self.upstream.config.name if self.upstream else None,
+            key_label=self.key_label,
+            model=self.model,
+            error_type=self.error_type,
+            ttfb_ms=(self.ttfb - self.t0) * 1000.0 if self.ttfb is not None else None,
+            attempts=self.attempts,
+            session_id=self.session_id,
+            user_agent=_decode(self.request.header(b"user-agent")),
+        )
+        meter = self.meter
+        if meter is not None:
+            try:
+                meter.close()
+            except MeterError as e:
+                log.warning("request %s: metering failed at the end of the body: %s", self.request_id, e)
+            event.model = meter.model or self.model
+            event.input_tokens = meter.input_tokens
+            event.output_tokens = meter.output_tokens
+            event.cache_write_5m = meter.cache_write_5m
+            event.cache_write_1h = meter.cache_write_1h
+            event.cache_read = meter.cache_read
+            event.reasoning_tokens = meter.reasoning_tokens
+            event.server_tool_requests = meter.server_tool_requests
+            event.stop_reason = meter.stop_reason
+            if meter.error_type and event.error_type is None:
+                event.error_type = meter.error_type
+            if self.outcome == "ok" and self.sse_body and not meter.completed:
+                event.outcome = "upstream_aborted"
+            if self.hub.prices is not None:
+                event.cost_micros = self.hub.prices.cost_micros(
+                    event.model, event.input_tokens, event.output_tokens,
+                    event.cache_write_5m, event.cache_write_1h, event.cache_read,
+                )
+        self.hub.recorder.record(event)
+        self._log(now, event)
+
+    def _log(self, now: float, event: UsageEvent | None = None) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        if event is None:
+            access_log.info(
+                "%s %s %s %d %.1fms",
+                self.request_id, self.request.method.decode(), self.request.path.decode("latin-1"),
+                self.status, (now - self.t0) * 1000.0,
+            )
+            return
+        access_log.info(
+            "%s user=%s model=%s key=%s status=%d outcome=%s in=%d out=%d cw5m=%d cw1h=%d cr=%d cost_micros=%s ttfb_ms=%s total_ms=%.1f attempts=%d",
+            event.request_id, event.user, event.model, event.key_label, event.status, event.outcome,
+            event.input_tokens, event.output_tokens, event.cache_write_5m, event.cache_write_1h,
+            event.cache_read, event.cost_micros,
+            "-" if event.ttfb_ms is None else "%.1f" % event.ttfb_ms, event.total_ms, event.attempts,
+        )
+
+
+class _RetryBeforeFirstByte(Exception):
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _failure_for(exc: UpstreamError) -> Failure:
+    if isinstance(exc, UpstreamTimeout):
+        return Failure(FailureKind.TIMEOUT)
+    return Failure(FailureKind.CONNECT_FAILED)
+
+
+CLIENT_ABORTED = Failure(FailureKind.CLIENT_ABORTED)
+
+
+def _decode(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
+def _sse_error_event(flavour: str, message: str) -> bytes:
+    if flavour == OPENAI:
+        import orjson
+
+        data = orjson.dumps({"type": "error", "code": "upstream_aborted", "message": f"hubcore: upstream stream failed: {message}", "param": None})
+        return b"event: error\ndata: " + data + b"\n\n"
+    data = error_body(ANTHROPIC, 529, f"hubcore: upstream stream failed: {message}", "overloaded_error")
+    return b"event: error\ndata: " + data + b"\n\n"

@@ -1,0 +1,432 @@
+"""The client side of the hub: HTTP/1.1 over uvloop, parsed with httptools.
+
+One `HttpProtocol` per connection, one `Request` per message. The protocol
+enforces the limits (head size, body size, read timeouts, connection count),
+refuses request smuggling, answers `Expect: 100-continue`, and hands each
+complete request to the application coroutine, one at a time per connection
+(pipelined requests wait their turn with reading paused).
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import cast, Any, Protocol
+
+import httptools
+
+from hubcore.config import ServerConfig
+from hubcore.errors import ANTHROPIC, OPENAI, error_body
+
+log = logging.getLogger("hubcore.server")
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Overloaded" if status == 529 else "Unknown"
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason.encode())
+
+
+# Status lines are built once; the vendors' statuses plus the hub's own.
+STATUS_LINES = {s: _status_line(s) for s in [*map(int, HTTPStatus), 529]}
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    return line if line is not None else _status_line(status)
+
+
+def flavour_for_path(path: bytes) -> str:
+    """Which vendor's error shape a client on `path` understands."""
+    if path.startswith((b"/v1/responses", b"/v1/chat/")):
+        return OPENAI
+    return ANTHROPIC
+
+
+class Request:
+    __slots__ = ("method", "path", "query", "target", "headers", "body", "keep_alive", "http_version")
+
+    def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool, http_version: str) -> None:
+        self.method = method
+        self.target = target
+        path, _, query = target.partition(b"?")
+        self.path = path
+        self.query = query
+        self.headers = headers  # names lower-cased, in order received
+        self.body = body
+        self.keep_alive = keep_alive
+        self.http_version = http_version
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class Handler(Protocol):
+    """What the protocol calls with each request, and while it runs."""
+
+    def client_gone(self) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+
+App = Callable[[Request, "HttpProtocol"], Awaitable[None]]
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"          # keep-alive: waiting for the next request
+    HEAD = "head"          # receiving a request head
+    BODY = "body"          # receiving a request body
+    BUSY = "busy"          # the request is being answered
+    CLOSED = "closed"
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class HttpProtocol(asyncio.Protocol):
+    def __init__(self, server: Server) -> None:
+        # per-connection
+        self.server = server
+        self.config = server.config
+        self.loop = server.loop
+        self.app = server.app
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.phase = Phase.IDLE
+        self.timer: asyncio.TimerHandle | None = None
+        self.last_activity = 0.0
+        self.pipeline: deque[Request] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.handler: Handler | None = None
+        self.write_paused = False
+        self.reading_paused = False
+        self.closing = False
+        # per-request (the one being parsed)
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.expect_continue = False
+
+    # -- asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        self.server.connections_total += 1
+        if len(self.server.connections) > self.config.max_connections or self.server.draining:
+            self._refuse_connection()
+            return
+        # A new connection must send its request head promptly.
+        self._set_phase(Phase.HEAD)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        if self.phase is Phase.IDLE:
+            self._set_phase(Phase.HEAD)
+        if self.phase is Phase.HEAD:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(400, "protocol upgrades are not supported")
+            return
+        except httptools.HttpParserError as e:
+            # httptools re-raises an exception from a callback as a
+            # HttpParserCallbackError whose context is the original.
+            reject = e.__context__
+            if isinstance(reject, _Reject):
+                self._reject(reject.status, reject.message)
+            else:
+                self._reject(400, f"malformed HTTP request: {e}")
+            return
+        if self.phase is Phase.HEAD and self.head_bytes > self.config.max_header_bytes:
+            self._reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = Phase.CLOSED
+        self.server.connections.discard(self)
+        self._cancel_timer()
+        if self.handler is not None:
+            self.handler.client_gone()
+        self.pipeline.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.handler is not None:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.handler is not None:
+            self.handler.resume_writing()
+
+    # -- httptools callbacks (never await) ---------------------------------
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.body_parts = []
+        self.body_size = 0
+        self.expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # Only plain chunked framing is understood end to end; anything
+            # else is a classic smuggling vector.
+            raise _Reject(400, "unsupported Transfer-Encoding")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        if size > self.config.max_header_bytes:
+            raise _Reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
+        self._set_phase(Phase.BODY)
+        length = -1
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"expect":
+                if value.lower() != b"100-continue":
+                    raise _Reject(417, "unsupported Expect header")
+                self.expect_continue = True
+        if length > self.config.max_body_bytes:
+            raise _Reject(413, f"request body larger than {self.config.max_body_bytes} bytes")
+        if self.expect_continue and length != 0 and self.transport is not None:
+            self.transport.write(CONTINUE_100)
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.config.max_body_bytes:
+            raise _Reject(413, f"request body larger than {self.config.max_body_bytes} bytes")
+        self.body_parts.append(body)
+
+    def on_message_complete(self) -> None:
+        parts = self.body_parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        request = Request(
+            self.parser.get_method(),
+            self.url,
+            self.headers,
+            body,
+            self.parser.should_keep_alive(),
+            self.parser.get_http_version(),
+        )
+        self.body_parts = []
+        if self.task is None:
+            self._start(request)
+        else:
+            # A pipelined request: answer in order, stop reading meanwhile.
+            self.pipeline.append(request)
+            self._pause_reading()
+
+    # -- running requests --------------------------------------------------
+    def _start(self, request: Request) -> None:
+        self._set_phase(Phase.BUSY)
+        self.task = task = self.loop.create_task(self.app(request, self))
+        self.server.tasks.add(task)
+        task.add_done_callback(self._on_task_done)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        self.server.tasks.discard(task)
+        self.task = None
+        self.handler = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request handler failed", exc_info=task.exception())
+            self.close()
+            return
+        if self.phase is Phase.CLOSED or self.closing:
+            return
+        if self.pipeline:
+            self._start(self.pipeline.popleft())
+            return
+        self._resume_reading()
+        if self.server.draining:
+            self.close()
+        elif self.phase is Phase.BUSY:
+            self._set_phase(Phase.IDLE)
+
+    def finish(self, keep_alive: bool) -> None:
+        """The response is fully written; close unless it may be kept alive."""
+        if not keep_alive:
+            self.closing = True
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def writelines(self, data: list[bytes] | tuple[bytes, ...]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(data)
+
+    def send_response(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        keep_alive: bool,
+        head_only: bool = False,
+    ) -> None:
+        """Write a complete response with a Content-Length body."""
+        parts = [status_line(status)]
+        for name, value in headers:
+            parts.append(b"%s: %s\r\n" % (name, value))
+        parts.append(b"content-length: %d\r\n" % len(body))
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if body and not head_only:
+            parts.append(body)
+        self.writelines(parts)
+        self.finish(keep_alive)
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- limits and timeouts -------------------------------------------------
+    def _reject(self, status: int, message: str) -> None:
+        """Answer a request the parser refused, then close: after a framing
+        error nothing more on this connection can be trusted."""
+        self._cancel_timer()
+        self._pause_reading()
+        if self.task is not None:
+            # A response is in progress for an earlier request; do not
+            # interleave a second one into it.
+            self.abort()
+            return
+        flavour = flavour_for_path(self.url)
+        self.send_response(
+            status,
+            [(b"content-type", b"application/json")],
+            error_body(flavour, status, message),
+            keep_alive=False,
+        )
+        self.server.rejected += 1
+
+    def _refuse_connection(self) -> None:
+        self.send_response(
+            503,
+            [(b"content-type", b"application/json"), (b"retry-after", b"1")],
+            error_body(ANTHROPIC, 503, "hubcore is at its connection limit; retry shortly"),
+            keep_alive=False,
+        )
+        self.server.refused_connections += 1
+
+    def _set_phase(self, phase: Phase) -> None:
+        self.phase = phase
+        self._cancel_timer()
+        if phase is Phase.HEAD:
+            self.head_bytes = 0
+            timeout = self.config.header_timeout
+        elif phase is Phase.BODY:
+            timeout = self.config.body_timeout
+        elif phase is Phase.IDLE:
+            timeout = self.config.keepalive_timeout
+        else:
+            return
+        self.last_activity = self.loop.time()
+        if timeout > 0:
+            self.timer = self.loop.call_later(timeout, self._on_timer, timeout)
+
+    def _on_timer(self, timeout: float) -> None:
+        self.timer = None
+        if self.phase is Phase.BODY:
+            # The body timeout is between reads, not for the whole body.
+            remaining = self.last_activity + timeout - self.loop.time()
+            if remaining > 0:
+                self.timer = self.loop.call_later(remaining, self._on_timer, timeout)
+                return
+            self._reject(408, f"no request body data for {timeout:g} s")
+            return
+        if self.phase is Phase.HEAD and self.head_bytes:
+            self._reject(408, f"request head not received within {timeout:g} s")
+            return
+        self.close()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.transport.is_closing():
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+
+class Server:
+    """Listening sockets, the set of live connections, graceful shutdown."""
+
+    def __init__(self, config: ServerConfig, app: App, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.app = app
+        self.loop = loop
+        self.connections: set[HttpProtocol] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.draining = False
+        self.connections_total = 0
+        self.refused_connections = 0
+        self.rejected = 0
+
+    async def start(self, host: str, port: int, ssl: Any = None, sock: Any = None) -> list[tuple[str, int]]:
+        if sock is not None:
+            server = await self.loop.create_server(lambda: HttpProtocol(self), sock=sock, ssl=ssl, backlog=2048)
+        else:
+            server = await self.loop.create_server(
+                lambda: HttpProtocol(self), host, port, ssl=ssl, reuse_address=True, backlog=2048
+            )
+        self.servers.append(server)
+        return [s.getsockname()[:2] for s in server.sockets]
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish (up to the drain
+        timeout), close idle keep-alive connections, then abort the rest."""
+        self.draining = True
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn.close()
+        if self.tasks:
+            done, pending = await asyncio.wait(set(self.tasks), timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for conn in list(self.connections):
+            conn.close()
+        for server in self.servers:
+            await server.wait_closed()

@@ -1,0 +1,69 @@
+"""The streaming meter and request scanner: picks the compiled twin, else the Python one.
+
+Conventions (the same columns mean the same thing for every vendor):
+
+- ``input_tokens`` is uncached input only (Anthropic's meaning). OpenAI counts
+  cached tokens inside its input, so there ``input_tokens = input - cached``
+  (never below 0) and ``cache_read = cached``; OpenAI cache writes stay in
+  ``input_tokens`` and ``cache_write_*`` are 0.
+- ``output_tokens`` includes reasoning/thinking tokens (both vendors do);
+  ``reasoning_tokens`` repeats that share for reporting.
+- Anthropic ``message_delta`` usage is cumulative: each field it carries
+  (non-null) overwrites the value from ``message_start``; nothing is added.
+  Cache writes are split 5m/1h from ``usage.cache_creation``; without it, all
+  of ``cache_creation_input_tokens`` counts as 5m. A later total that differs
+  from the split moves the difference into 5m, or into 1h when every write so
+  far was 1h; neither side goes below 0.
+- ``model`` is the model that served the response: Anthropic
+  ``message_start.message.model``, relabelled by a ``fallback`` content block;
+  Responses ``response.model``; Chat the chunk ``model``.
+- ``stop_reason``: Anthropic ``stop_reason``; Responses the terminal status or
+  ``incomplete_details.reason``; Chat ``finish_reason``.
+- ``completed``: ``message_stop``, ``response.completed`` or
+  ``response.incomplete`` (final usage, like Anthropic's max_tokens stop),
+  ``data: [DONE]``; without SSE, a JSON body with ``usage`` and no error.
+- ``error_type``: the first in-stream error (Anthropic ``error.type``, OpenAI
+  ``code`` then ``type``); ``"error"`` when the error names none.
+- ``events`` counts dispatched SSE events; ``malformed`` counts events (or a
+  body) that needed decoding but were not JSON, and lines or bodies over the
+  size caps. Malformed input never raises: one odd event must not stop the
+  metering of the rest. ``MeterError`` is raised only for misuse.
+- A body that ends without a final blank line still has its last event
+  counted (the SDKs drop it, but its numbers are real).
+
+``HUBCORE_NO_EXTENSIONS`` (any non-empty value) or a non-CPython interpreter
+selects the pure-Python twin; type checkers see that twin.
+"""
+
+import os
+import platform
+from typing import TYPE_CHECKING
+
+from hubcore._meter_errors import MeterError
+from hubcore._sse_py import session_from_user_id
+
+__all__ = [
+    "COMPILED", "FMT_ANTHROPIC", "FMT_OPENAI_CHAT", "FMT_OPENAI_RESPONSES", "MAX_BODY_SIZE",
+    "MAX_EVENT_SIZE", "Meter", "MeterError", "scan_request", "session_from_user_id",
+]
+
+COMPILED = False
+if TYPE_CHECKING:
+    from hubcore._sse_py import (
+        FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Meter, scan_request,
+    )
+else:
+    if not os.environ.get("HUBCORE_NO_EXTENSIONS") and platform.python_implementation() == "CPython":
+        try:
+            from hubcore._sse import (
+                FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Meter,
+                scan_request,
+            )
+
+            COMPILED = True
+        except ImportError:
+            pass
+    if not COMPILED:
+        from hubcore._sse_py import (
+            FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Meter, scan_request,
+        )

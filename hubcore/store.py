@@ -1,0 +1,144 @@
+"""The SQLite database: connection settings, the versioned schema and its migrations.
+
+Every process (the server's writer, the token reloader, the CLI) opens the
+database through `connect()`, so all of them agree on WAL mode and on the
+schema version; `migrate()` upgrades an older database in place.
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+# Each entry upgrades the schema from version i to i + 1 (PRAGMA user_version).
+# Append only: a released migration is never edited, so every database that
+# exists in the field can be brought to the current version step by step.
+MIGRATIONS: list[str] = [
+    # 1: hub tokens (only their SHA-256 is stored) and usage rows.
+    """
+    CREATE TABLE tokens (
+        id          INTEGER PRIMARY KEY,
+        prefix      TEXT NOT NULL,
+        hash        BLOB NOT NULL UNIQUE,
+        user        TEXT NOT NULL,
+        project     TEXT,
+        note        TEXT,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        revoked_at  REAL
+    );
+    CREATE TABLE generation (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    INSERT INTO generation (name, value) VALUES ('tokens', 0);
+    CREATE TRIGGER tokens_gen_insert AFTER INSERT ON tokens BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER tokens_gen_update AFTER UPDATE ON tokens BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER tokens_gen_delete AFTER DELETE ON tokens BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TABLE usage (
+        id                   INTEGER PRIMARY KEY,
+        ts                   REAL NOT NULL,
+        request_id           TEXT NOT NULL UNIQUE,
+        token_id             INTEGER,
+        user                 TEXT,
+        project              TEXT,
+        upstream             TEXT,
+        key_label            TEXT,
+        endpoint             TEXT NOT NULL,
+        model                TEXT,
+        status               INTEGER NOT NULL,
+        outcome              TEXT NOT NULL,
+        input_tokens         INTEGER NOT NULL DEFAULT 0,
+        output_tokens        INTEGER NOT NULL DEFAULT 0,
+        cache_write_5m       INTEGER NOT NULL DEFAULT 0,
+        cache_write_1h       INTEGER NOT NULL DEFAULT 0,
+        cache_read           INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens     INTEGER NOT NULL DEFAULT 0,
+        server_tool_requests INTEGER NOT NULL DEFAULT 0,
+        stop_reason          TEXT,
+        error_type           TEXT,
+        cost_micros          INTEGER,
+        ttfb_ms              REAL,
+        total_ms             REAL NOT NULL,
+        attempts             INTEGER NOT NULL DEFAULT 0,
+        session_id           TEXT,
+        user_agent           TEXT
+    );
+    CREATE INDEX usage_ts ON usage (ts);
+    CREATE INDEX usage_user_ts ON usage (user, ts);
+    CREATE INDEX usage_token_ts ON usage (token_id, ts);
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# How long a connection waits for another writer's lock before it gives up
+# with "database is locked"; the usage writer spools rather than wait longer.
+BUSY_TIMEOUT_MS = 5000
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer hubcore than this one."""
+
+
+def connect(path: str | Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """Open the database, set the pragmas every hubcore connection uses, migrate."""
+    conn = sqlite3.connect(
+        str(path), isolation_level=None, check_same_thread=check_same_thread
+    )
+    configure(conn)
+    migrate(conn)
+    return conn
+
+
+def configure(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    # NORMAL is durable against process crashes in WAL mode; only a power cut
+    # can lose the last transactions, which the spool cannot help with either.
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION; return the version found before."""
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"database schema version {found} is newer than this hubcore's "
+            f"{SCHEMA_VERSION}; upgrade hubcore"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        # BEGIN IMMEDIATE so two processes starting at once do not both migrate.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current == version:
+                for statement in _split(MIGRATIONS[version]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return int(found)
+
+
+def _split(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:80]}")
+    return statements

@@ -1,0 +1,423 @@
+"""Upstream connections: a keep-alive pool per vendor origin, TLS, response
+parsing with httptools, timeouts and flow control.
+
+Theory of operation: one `UpstreamConnection` (an asyncio Protocol) carries
+one request at a time. The Exchange awaits the response head (status and
+headers) as a future, because retry decisions are made on it; the body then
+flows by callbacks: each chunk httptools hands to `on_body` goes straight to
+the attached `BodySink` (which writes it to the client and feeds the meter),
+with no task switch and no queue per chunk. Chunks that arrive before a sink
+is attached (in the same read as the head) are held until it is. A slow
+client pauses this transport's reading (`pause_reading`), which lets TCP push
+back on the vendor, so nothing in between grows without bound.
+
+A connection goes back to the pool only from the IDLE state, i.e. after a
+complete response with keep-alive; anything else closes it.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import ssl
+from collections import deque
+from typing import cast, Protocol
+
+import httptools
+
+log = logging.getLogger("hubcore.upstream")
+
+
+class UpstreamError(Exception):
+    """A failure talking to the vendor. `before_response` is True when no
+    response byte was received, so the request may be retried elsewhere."""
+
+    kind = "upstream_error"
+
+    def __init__(self, message: str, *, before_response: bool = True) -> None:
+        super().__init__(message)
+        self.before_response = before_response
+
+
+class ConnectFailed(UpstreamError):
+    kind = "connect_failed"
+
+
+class UpstreamTimeout(UpstreamError):
+    kind = "timeout"
+
+
+class ConnectionClosed(UpstreamError):
+    kind = "connection_closed"
+
+
+class BodySink(Protocol):
+    def on_body(self, chunk: bytes) -> None: ...
+    def on_complete(self) -> None: ...
+    def on_error(self, exc: UpstreamError) -> None: ...
+
+
+class ConnState(enum.Enum):
+    CONNECTING = "connecting"
+    IDLE = "idle"          # in the pool, reusable
+    SENDING = "sending"    # request written, waiting for the response head
+    RECEIVING = "receiving"  # head received, body in progress
+    DONE = "done"          # response complete, not yet back in the pool
+    CLOSED = "closed"
+
+
+class ResponseHead:
+    __slots__ = ("status", "headers", "keep_alive", "content_length", "chunked")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        self.status = status
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.content_length: int | None = None
+        self.chunked = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                self.content_length = int(value)
+            elif lower == b"transfer-encoding":
+                self.chunked = b"chunked" in value.lower()
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, pool: Pool) -> None:
+        # per-connection
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.state = ConnState.CONNECTING
+        self.reused = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.reading_paused = False
+        # per-request
+        self.head_future: asyncio.Future[ResponseHead] | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head: ResponseHead | None = None
+        self.sink: BodySink | None = None
+        self.held: list[bytes] = []
+        self.complete = False
+        self.failure: UpstreamError | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        self.last_activity = 0.0
+        self.first_byte_timeout = 0.0
+        self.idle_timeout = 0.0
+
+    # -- asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        if self.state is ConnState.IDLE:
+            # A pooled connection must be silent; bytes now mean the server
+            # is confused or closing. Never reuse it.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
+        except httptools.HttpParserError as e:
+            self._fail(UpstreamError(f"invalid response from upstream: {e}", before_response=self.head is None))
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close; connection_lost does the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        previous = self.state
+        self.state = ConnState.CLOSED
+        self._cancel_timers()
+        self.pool.forget(self)
+        if previous in (ConnState.SENDING, ConnState.RECEIVING) and not self.complete:
+            if self.head is not None and self.head.content_length is None and not self.head.chunked:
+                # A close-delimited body ends with the connection.
+                self.on_message_complete()
+                return
+            reason = f"upstream closed the connection ({exc})" if exc else "upstream closed the connection"
+            self._fail(ConnectionClosed(reason, before_response=self.head is None))
+
+    def pause_writing(self) -> None:
+        pass  # request bodies are bounded by max_body_bytes; the buffer may hold one
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks ---------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            self.headers = []  # 1xx interim response: the real one follows
+            return
+        head = ResponseHead(status, self.headers, self.parser.should_keep_alive())
+        self.head = head
+        self.state = ConnState.RECEIVING
+        self._arm(self.idle_timeout)
+        fut = self.head_future
+        if fut is not None and not fut.done():
+            fut.set_result(head)
+
+    def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.on_body(body)
+        else:
+            self.held.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.head is None:
+            return  # end of a 1xx interim response
+        self.complete = True
+        self.state = ConnState.DONE
+        self._cancel_timers()
+        if self.sink is not None:
+            self.sink.on_complete()
+
+    # -- used by the Exchange --------------------------------------------
+    def send(self, head: bytes, body: bytes, first_byte_timeout: float, idle_timeout: float) -> asyncio.Future[ResponseHead]:
+        assert self.transport is not None
+        self.state = ConnState.SENDING
+        self.headers = []
+        self.head = None
+        self.sink = None
+        self.held = []
+        self.complete = False
+        self.failure = None
+        self.first_byte_timeout = first_byte_timeout
+        self.idle_timeout = idle_timeout
+        self.head_future = self.loop.create_future()
+        if body:
+            self.transport.writelines((head, body))
+        else:
+            self.transport.write(head)
+        self.last_activity = self.loop.time()
+        self._arm(first_byte_timeout)
+        return self.head_future
+
+    def attach(self, sink: BodySink) -> None:
+        """Start delivering the body to `sink` (held chunks first)."""
+        self.sink = sink
+        held, self.held = self.held, []
+        for chunk in held:
+            sink.on_body(chunk)
+        if self.complete:
+            sink.on_complete()
+        elif self.failure is not None:
+            sink.on_error(self.failure)
+
+    async def read_body(self, limit: int = 1024 * 1024) -> bytes:
+        """Read a whole (small) body, e.g. an error body that decides a retry."""
+        collector = _Collector(self.loop, limit)
+        self.attach(collector)
+        return await collector.future
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def release(self) -> None:
+        """Give the connection back: pooled if the response completed cleanly."""
+        self.sink = None
+        self.head_future = None
+        if (
+            self.state is ConnState.DONE
+            and self.head is not None
+            and self.head.keep_alive
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            self.resume_reading()
+            self.state = ConnState.IDLE
+            self.pool.put_idle(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.state is not ConnState.CLOSED:
+            self.state = ConnState.CLOSED
+            self._cancel_timers()
+            self.pool.forget(self)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    # -- timeouts ----------------------------------------------------------
+    # One timer per connection, re-armed lazily: data_received only stamps
+    # last_activity, and the timer, when it fires, reschedules itself if there
+    # was activity since. That costs no TimerHandle per chunk.
+    def _arm(self, timeout: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if timeout > 0:
+            self.deadline = timeout
+            self.timer = self.loop.call_later(timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.state not in (ConnState.SENDING, ConnState.RECEIVING):
+            return
+        if self.state is ConnState.RECEIVING:
+            remaining = self.last_activity + self.idle_timeout - self.loop.time()
+            if remaining > 0:
+                self.timer = self.loop.call_later(remaining, self._on_timer)
+                return
+            exc = UpstreamTimeout(f"upstream stream idle for {self.idle_timeout:g} s", before_response=False)
+        else:
+            exc = UpstreamTimeout(f"no response from upstream within {self.first_byte_timeout:g} s")
+        self._fail(exc)
+        self.close()
+
+    def _cancel_timers(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def _fail(self, exc: UpstreamError) -> None:
+        if self.failure is not None or self.complete:
+            return
+        self.failure = exc
+        fut = self.head_future
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+        elif self.sink is not None:
+            self.sink.on_error(exc)
+        if self.state is not ConnState.CLOSED:
+            self.close()
+
+
+class _Collector:
+    """A BodySink that gathers a bounded body into a future."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self.future: asyncio.Future[bytes] = loop.create_future()
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.size < self.limit:
+            self.parts.append(chunk[: self.limit - self.size])
+        self.size += len(chunk)
+
+    def on_complete(self) -> None:
+        if not self.future.done():
+            self.future.set_result(b"".join(self.parts))
+
+    def on_error(self, exc: UpstreamError) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class Pool:
+    """Keep-alive connections to one origin (scheme, host, port)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        connect_timeout: float,
+        max_idle: int,
+        idle_timeout: float,
+    ) -> None:
+        self.loop = loop
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.idle: deque[UpstreamConnection] = deque()
+        self.active: set[UpstreamConnection] = set()
+        self.connects = 0
+        self.reuses = 0
+
+    async def acquire(self) -> UpstreamConnection:
+        while self.idle:
+            conn = self.idle.pop()  # most recently used: least likely closed by the peer
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
+            if conn.state is ConnState.IDLE and conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                self.active.add(conn)
+                self.reuses += 1
+                return conn
+        return await self.connect()
+
+    async def connect(self) -> UpstreamConnection:
+        conn = UpstreamConnection(self)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self.loop.create_connection(
+                    lambda: conn,
+                    self.host,
+                    self.port,
+                    ssl=self.ssl_context,
+                    server_hostname=self.host if self.ssl_context else None,
+                )
+        except TimeoutError:
+            conn.close()
+            raise ConnectFailed(f"connect to {self.host}:{self.port} timed out after {self.connect_timeout:g} s") from None
+        except ssl.SSLError as e:
+            conn.close()
+            raise ConnectFailed(f"TLS handshake with {self.host}:{self.port} failed: {e.reason or e}") from e
+        except OSError as e:
+            conn.close()
+            raise ConnectFailed(f"connect to {self.host}:{self.port} failed: {e.strerror or e}") from e
+        conn.state = ConnState.DONE
+        self.connects += 1
+        self.active.add(conn)
+        return conn
+
+    def put_idle(self, conn: UpstreamConnection) -> None:
+        self.active.discard(conn)
+        if len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        self.idle.append(conn)
+        conn.idle_timer = self.loop.call_later(self.idle_timeout, conn.close)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.active.discard(conn)
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        for conn in list(self.idle) + list(self.active):
+            conn.close()
+
+
+def client_ssl_context(ca_file: str = "") -> ssl.SSLContext:
+    """TLS for vendor connections: system CAs (or `ca_file`), SNI, HTTP/1.1."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx

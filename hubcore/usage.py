@@ -1,0 +1,618 @@
+"""UsageEvent, the one record every request leaves behind, and UsageRecorder,
+which takes events off the request path and into SQLite: a bounded queue, one
+batch-writing task, and an append-only spool so that no event is ever lost.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from hubcore import store
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("ok", "client_aborted", "upstream_error", "upstream_aborted", "refused")
+
+
+@dataclass(slots=True)
+class UsageEvent:
+    ts: float                      # unix time the request arrived
+    request_id: str                # also sent to the client as x-hubcore-request-id
+    endpoint: str                  # route path without query, e.g. "/v1/messages"
+    status: int                    # HTTP status the client received
+    outcome: str                   # one of OUTCOMES
+    total_ms: float
+    token_id: int | None = None
+    user: str | None = None
+    project: str | None = None
+    upstream: str | None = None
+    key_label: str | None = None
+    model: str | None = None
+    input_tokens: int = 0          # uncached input (Anthropic meaning, both vendors)
+    output_tokens: int = 0         # includes reasoning/thinking
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    cache_read: int = 0
+    reasoning_tokens: int = 0
+    server_tool_requests: int = 0
+    stop_reason: str | None = None
+    error_type: str | None = None
+    cost_micros: int | None = None
+    ttfb_ms: float | None = None
+    attempts: int = 0
+    session_id: str | None = None
+    user_agent: str | None = None
+
+
+# The usage table's columns carry the same names as UsageEvent's fields.
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageEvent))
+_row: Callable[[UsageEvent], tuple[Any, ...]] = attrgetter(*FIELDS)
+# OR IGNORE: request_id is UNIQUE, so replaying a spool that was partly
+# written already inserts each event exactly once.
+INSERT_SQL = (
+    f"INSERT OR IGNORE INTO usage ({', '.join(FIELDS)}) "
+    f"VALUES ({', '.join('?' * len(FIELDS))})"
+)
+
+# Everything that can go wrong writing to SQLite: locked past the busy
+# timeout, unwritable file, disk full, corruption (sqlite3.Error), or the
+# connection already gone (aiosqlite raises ValueError).
+_DB_ERRORS = (sqlite3.Error, ValueError)
+# Writing the spool: unwritable path, disk full (OSError); an event field
+# orjson cannot encode even with default=str (TypeError).
+_SPOOL_ERRORS = (OSError, TypeError, ValueError)
+
+# Bytes read from the spool per replay step: parsing one step holds the event
+# loop for about a millisecond, and replay awaits the database between steps.
+SPOOL_READ_CHUNK = 256 * 1024
+DEFAULT_CLOSE_TIMEOUT = 30.0  # seconds close() keeps trying when both DB and spool fail
+
+Listener = Callable[[UsageEvent], None]
+
+
+class _ConfiguredConnection(sqlite3.Connection):
+    """A sqlite3 connection with the pragmas every hubcore connection uses.
+
+    aiosqlite opens its connection in its own thread; passing this class as
+    the factory applies store.configure() there, so the writer cannot drift
+    from the rest of hubcore.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        store.configure(self)
+
+
+def _encode(event: UsageEvent) -> bytes:
+    # orjson encodes slotted dataclasses as objects keyed by field name, which
+    # keeps the spool readable by a later hubcore whose UsageEvent has grown.
+    return orjson.dumps(event, default=str, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _decode(line: bytes) -> UsageEvent | None:
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    try:
+        return UsageEvent(**{k: v for k, v in data.items() if k in _FIELD_SET})
+    except TypeError:  # a required field is missing
+        return None
+
+
+_FIELD_SET = frozenset(FIELDS)
+
+
+class UsageRecorder:
+    """Queue of UsageEvents drained into SQLite by one writer task.
+
+    Theory of operation. `record()` appends to a deque and, only when the
+    queue goes from empty to non-empty or reaches a full batch, sets an
+    asyncio.Event; it never touches the database. The writer task wakes on
+    that event, waits up to `flush_interval` for a batch to fill, and inserts
+    at most `batch_max` events in one transaction. Events that cannot reach
+    the database go to the spool, an append-only file of JSON lines:
+
+    - queue full: `record()` appends the event to the spool at once;
+    - database write fails: the batch is appended (and fsynced), the database
+      is marked unhealthy and retried with exponential backoff; meanwhile new
+      batches go straight to the spool, keeping a locked database from
+      stalling the writer for a busy timeout per batch;
+    - the spool itself fails: the batch goes back to the front of the queue
+      and is retried; memory is the last place an event can wait.
+
+    After any successful database write, and at `start()`, the spool is
+    replayed from where the last replay stopped and truncated once fully
+    consumed. The replay only ever truncates when no append happened since it
+    reached the end: every spool write runs on the event loop thread and the
+    size check and the truncate happen with no await between them.
+    """
+
+    def __init__(
+        self,
+        db_path: str | Path,
+        spool_path: str | Path,
+        *,
+        queue_max: int = 100_000,
+        flush_interval: float = 0.2,
+        batch_max: int = 2000,
+        busy_timeout_ms: int = store.BUSY_TIMEOUT_MS,
+        retry_max: float = 5.0,
+    ) -> None:
+        if queue_max < 1 or batch_max < 1 or flush_interval <= 0:
+            raise ValueError("queue_max and batch_max must be >= 1, flush_interval > 0")
+        self._db_path = Path(db_path)
+        self._spool_path = Path(spool_path)
+        self._queue_max = queue_max
+        self._flush_interval = flush_interval
+        self._batch_max = batch_max
+        self._busy_timeout_ms = busy_timeout_ms
+        self._retry_max = max(retry_max, flush_interval)
+        self._listeners: list[Listener] = []
+
+        # queue and writer
+        self._queue: deque[UsageEvent] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._db: aiosqlite.Connection | None = None
+        self._closing = False
+        self._closed = False
+        self._close_deadline = 0.0
+
+        # database health: retry_at is a monotonic time; 0 means "now"
+        self._db_healthy = True
+        self._retry_at = 0.0
+        self._backoff = 0.0
+
+        # spool: offset is how far replay has consumed the file
+        self._spool_fd: int | None = None
+        self._spool_offset = 0
+        self._spool_lines = 0        # event lines in the file since it was last truncated
+        self._spool_consumed = 0     # of those, lines replay has read
+        self._spool_torn = False     # the file ends mid-line (a failed partial write)
+        self._spool_dirty = False    # written without fsync (from record())
+        self._spool_failing = False
+
+        # counters
+        self._written = 0
+        self._spooled = 0
+        self._replayed = 0
+        self._ignored = 0
+        self._spool_bad_lines = 0
+        self._unpriced = 0
+        self._last_error: str | None = None
+        self._logged_error: str | None = None  # reset on recovery, so a relapse logs again
+
+    # -- public API -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Migrate and open the database, replay a leftover spool, start the writer."""
+        if self._task is not None:
+            raise RuntimeError("UsageRecorder already started")
+        await asyncio.to_thread(_migrate, self._db_path)
+        self._db = await aiosqlite.connect(
+            self._db_path, isolation_level=None, factory=_ConfiguredConnection
+        )
+        if self._busy_timeout_ms != store.BUSY_TIMEOUT_MS:
+            await self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        if self._spool_path.exists():
+            try:
+                self._open_spool(count_lines=True)
+            except OSError as exc:
+                self._spool_failing = True
+                self._note_error(f"cannot open usage spool {self._spool_path}", exc)
+            else:
+                if os.fstat(self._spool_fd_or_raise()).st_size:
+                    log.info(
+                        "replaying %d usage events spooled by a previous run from %s",
+                        self._spool_lines, self._spool_path,
+                    )
+                    await self._replay_guarded()
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name="hubcore-usage-writer"
+        )
+        self._task.add_done_callback(self._writer_done)
+
+    def record(self, event: UsageEvent) -> None:
+        """Queue one event for writing. Non-blocking; never raises.
+
+        Call it from the event loop's thread (the queue and the spool are not
+        locked), like every other method here.
+        """
+        if event.cost_micros is None and event.model is not None:
+            self._unpriced += 1
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("usage listener %r failed", listener)
+        queue = self._queue
+        if self._closed or len(queue) >= self._queue_max:
+            self._overflow(event)
+            return
+        queue.append(event)
+        n = len(queue)
+        if n == 1 or n >= self._batch_max:
+            self._wake.set()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(event)` synchronously in every `record()`; keep it cheap."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
+
+    async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Write or spool everything queued, stop the writer, close the database.
+
+        Only when neither the database nor the spool accepts events for
+        `timeout` seconds are the remaining events given up, and then they are
+        logged in full at CRITICAL level rather than dropped silently.
+        """
+        if self._closed:
+            return
+        self._closing = True
+        self._close_deadline = time.monotonic() + timeout
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception:
+                log.exception("usage writer failed; spooling what is left")
+        # Not started, or the writer died: nothing will drain the queue now.
+        if self._queue:
+            events = list(self._queue)
+            self._queue.clear()
+            if not self._spool_quietly(events, sync=True):
+                _log_lost(events)
+        self._closed = True
+        if self._spool_dirty:
+            self._fsync_spool()
+        self._close_spool()
+        if self._db is not None:
+            try:
+                await self._db.close()
+            except _DB_ERRORS as exc:
+                self._note_error("closing the usage database failed", exc)
+            self._db = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queue_depth": len(self._queue),
+            "written": self._written,
+            "spooled": self._spooled,
+            "replayed": self._replayed,
+            "spool_pending": max(0, self._spool_lines - self._spool_consumed),
+            "last_error": self._last_error,
+            "unpriced": self._unpriced,
+            "ignored": self._ignored,
+            "spool_bad_lines": self._spool_bad_lines,
+            "db_healthy": self._db_healthy,
+        }
+
+    # -- the writer task ------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if self._spool_dirty:
+                self._fsync_spool()
+            if self._queue:
+                if not self._closing and len(self._queue) < self._batch_max:
+                    await self._wait(self._flush_interval)
+                if await self._flush_batch():
+                    continue
+                # Neither the database nor the spool took the batch.
+                if self._closing and time.monotonic() >= self._close_deadline:
+                    events = list(self._queue)
+                    self._queue.clear()
+                    _log_lost(events)
+                    return
+                await self._wait(self._flush_interval)
+                continue
+            if self._spool_pending() and self._retry_due():
+                await self._replay_guarded()
+                continue
+            if self._closing:
+                return
+            await self._wait(self._retry_delay() if self._spool_pending() else None)
+
+    async def _flush_batch(self) -> bool:
+        """Move one batch to the database or the spool; False if neither took it."""
+        queue = self._queue
+        batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
+        if self._retry_due():
+            try:
+                self._written += await self._insert([_row(e) for e in batch], len(batch))
+            except _DB_ERRORS as exc:
+                self._db_failed(exc)
+            else:
+                self._db_ok()
+                if self._spool_pending():
+                    await self._replay_guarded()
+                return True
+        if self._spool_quietly(batch, sync=True):
+            return True
+        queue.extendleft(reversed(batch))
+        return False
+
+    async def _insert(self, rows: Sequence[tuple[Any, ...]], expected: int) -> int:
+        """Insert rows in one transaction; return how many were new."""
+        db = self._db
+        if db is None:
+            raise ValueError("usage database is not open")
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = await db.executemany(INSERT_SQL, rows)
+            inserted = cursor.rowcount
+            await db.execute("COMMIT")
+        except BaseException:
+            try:
+                await db.execute("ROLLBACK")
+            except _DB_ERRORS:
+                pass  # BEGIN itself failed: no transaction to roll back
+            raise
+        if inserted < expected:
+            self._ignored += expected - inserted
+        return inserted
+
+    async def _wait(self, timeout: float | None) -> None:
+        self._wake.clear()
+        if timeout is None:
+            await self._wake.wait()
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._note_error("usage writer stopped", task.exception())
+
+    # -- database health ------------------------------------------------------
+
+    def _retry_due(self) -> bool:
+        return self._db_healthy or time.monotonic() >= self._retry_at
+
+    def _retry_delay(self) -> float:
+        return max(0.0, self._retry_at - time.monotonic()) if not self._db_healthy else 0.0
+
+    def _db_failed(
+        self, exc: BaseException, what: str = "usage database write failed; spooling"
+    ) -> None:
+        self._note_error(what, exc)
+        self._db_healthy = False
+        self._backoff = min(self._retry_max, max(self._flush_interval, self._backoff * 2))
+        self._retry_at = time.monotonic() + self._backoff
+
+    def _db_ok(self) -> None:
+        if not self._db_healthy:
+            log.warning("usage database writable again")
+            self._db_healthy = True
+            self._recovered()
+        self._backoff = 0.0
+        self._retry_at = 0.0
+
+    # -- the spool ------------------------------------------------------------
+
+    def _spool_pending(self) -> bool:
+        return self._spool_lines > self._spool_consumed
+
+    def _spool_fd_or_raise(self) -> int:
+        if self._spool_fd is None:
+            raise OSError(f"usage spool {self._spool_path} is not open")
+        return self._spool_fd
+
+    def _open_spool(self, *, count_lines: bool = False) -> int:
+        if self._spool_fd is not None:
+            return self._spool_fd
+        fd = os.open(self._spool_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                # A file that does not end in a newline was torn mid-write
+                # (kill -9, disk full): the next append must start a new line.
+                self._spool_torn = os.pread(fd, 1, size - 1) != b"\n"
+                if count_lines:
+                    self._spool_lines = _count_lines(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        self._spool_fd = fd
+        return fd
+
+    def _spool_write(self, events: Sequence[UsageEvent], *, sync: bool) -> None:
+        """Append events to the spool; raises on failure (nothing counted then)."""
+        data = b"".join([_encode(e) for e in events])
+        fd = self._open_spool()
+        if self._spool_torn:
+            data = b"\n" + data
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(fd, view[done:])
+        except OSError:
+            if done and data[done - 1] != 0x0A:
+                self._spool_torn = True
+            elif done:
+                self._spool_torn = False
+            raise
+        self._spool_torn = False
+        if sync:
+            os.fsync(fd)
+        else:
+            self._spool_dirty = True
+        self._spool_lines += len(events)
+        self._spooled += len(events)
+
+    def _spool_quietly(self, events: Sequence[UsageEvent], *, sync: bool) -> bool:
+        try:
+            self._spool_write(events, sync=sync)
+        except _SPOOL_ERRORS as exc:
+            self._spool_failing = True
+            self._note_error(f"cannot write usage spool {self._spool_path}", exc)
+            return False
+        if self._spool_failing:
+            self._spool_failing = False
+            log.warning("usage spool %s writable again", self._spool_path)
+            self._recovered()
+        return True
+
+    def _overflow(self, event: UsageEvent) -> None:
+        # The queue is full (or the writer is gone): the spool takes the event
+        # now. fsync is left to the writer's next pass: a process crash keeps
+        # what reached the kernel, and the request path cannot pay for a sync.
+        if self._closed:
+            # A straggler after shutdown: the next start() replays it.
+            stored = self._spool_quietly([event], sync=True)
+            self._close_spool()
+            if not stored:
+                _log_lost([event])
+        elif not self._spool_quietly([event], sync=False):
+            # Memory is the last place left; the writer drains it in time.
+            self._queue.append(event)
+
+    def _close_spool(self) -> None:
+        if self._spool_fd is not None:
+            fd, self._spool_fd = self._spool_fd, None
+            try:
+                os.close(fd)
+            except OSError as exc:
+                self._note_error(f"cannot close usage spool {self._spool_path}", exc)
+
+    def _fsync_spool(self) -> None:
+        self._spool_dirty = False
+        if self._spool_fd is None:
+            return
+        try:
+            os.fsync(self._spool_fd)
+        except OSError as exc:
+            self._note_error(f"cannot fsync usage spool {self._spool_path}", exc)
+
+    async def _replay_guarded(self) -> None:
+        try:
+            await self._replay()
+        except _DB_ERRORS as exc:
+            self._db_failed(exc)
+        except OSError as exc:
+            # Reading the spool failed; back off as for the database.
+            self._db_failed(exc, f"cannot read usage spool {self._spool_path}")
+        else:
+            self._db_ok()
+
+    async def _replay(self) -> None:
+        """Insert the spool's unread complete lines; truncate it when all are in."""
+        if self._spool_fd is None:
+            if not self._spool_path.exists():
+                self._spool_lines = self._spool_consumed = 0
+                return
+            self._open_spool(count_lines=True)
+        fd = self._spool_fd_or_raise()
+        # Only what is in the file now: events appended while this replay
+        # awaits the database are left for the next one.
+        end = os.fstat(fd).st_size
+        pos = self._spool_offset
+        carry = b""
+        while pos < end:
+            chunk = os.pread(fd, min(SPOOL_READ_CHUNK, end - pos), pos)
+            if not chunk:
+                break
+            pos += len(chunk)
+            data = carry + chunk if carry else chunk
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            lines = data[:cut].split(b"\n")
+            events: list[UsageEvent] = []
+            bad = 0
+            for line in lines:
+                if not line.strip():
+                    continue
+                event = _decode(line)
+                if event is None:
+                    bad += 1
+                else:
+                    events.append(event)
+            for i in range(0, len(events), self._batch_max):
+                chunk_events = events[i:i + self._batch_max]
+                self._replayed += await self._insert(
+                    [_row(e) for e in chunk_events], len(chunk_events)
+                )
+            if bad:
+                self._spool_bad_lines += bad
+                log.warning(
+                    "skipped %d unreadable lines in usage spool %s before offset %d",
+                    bad, self._spool_path, pos - len(carry),
+                )
+            self._spool_offset = pos - len(carry)
+            self._spool_consumed += len(events) + bad
+        if carry:
+            log.warning(
+                "skipped a torn last line (%d bytes) in usage spool %s: "
+                "its writer died mid-write",
+                len(carry), self._spool_path,
+            )
+            self._spool_bad_lines += 1
+            self._spool_offset = end
+        if self._spool_offset >= os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+            self._spool_offset = 0
+            self._spool_lines = self._spool_consumed = 0
+            self._spool_torn = False
+
+    # -- errors ---------------------------------------------------------------
+
+    def _recovered(self) -> None:
+        # last_error describes the current failure (stats and metrics read it
+        # as "failing"), so it clears once both the database and spool work.
+        if self._db_healthy and not self._spool_failing:
+            self._last_error = None
+            self._logged_error = None
+
+    def _note_error(self, what: str, exc: BaseException | None) -> None:
+        text = f"{what}: {exc!r}" if exc is not None else what
+        # Log each distinct failure once, not once per batch while it lasts.
+        if text != self._logged_error:
+            log.error("%s", text)
+            self._logged_error = text
+        self._last_error = text
+
+
+def _migrate(path: Path) -> None:
+    conn = store.connect(path)
+    conn.close()
+
+
+def _count_lines(fd: int, size: int) -> int:
+    count = 0
+    pos = 0
+    while pos < size:
+        chunk = os.pread(fd, SPOOL_READ_CHUNK, pos)
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        pos += len(chunk)
+    return count
+
+
+def _log_lost(events: Iterable[UsageEvent]) -> None:
+    # Last resort: neither the database nor the spool would take these, so
+    # the log is the only record left from which an operator can restore them.
+    for event in events:
+        log.critical("usage event not stored: %s", _encode(event).decode().rstrip())

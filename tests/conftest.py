@@ -1,0 +1,39 @@
+"""Shared fixtures: a fake vendor and a real hub in front of it."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor
+from tests.hubharness import HubThread, make_config, mint
+
+
+@pytest.fixture
+def vendor() -> Iterator[FakeVendor]:
+    with FakeVendor() as v:
+        yield v
+
+
+def upstreams_for(vendor: FakeVendor, anthropic_keys: list[Any] | None = None, openai_keys: list[Any] | None = None, **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {"name": "anthropic", "kind": "anthropic", "base_url": vendor.url, "keys": anthropic_keys or [ANTHROPIC_KEY], **extra},
+        {"name": "openai", "kind": "openai", "base_url": vendor.url, "keys": openai_keys or [OPENAI_KEY], **extra},
+    ]
+
+
+@pytest.fixture
+def hub(vendor: FakeVendor, tmp_path: Path) -> Iterator[HubThread]:
+    config = make_config(tmp_path, upstreams_for(vendor))
+    with HubThread(config) as h:
+        yield h
+
+
+@pytest.fixture
+def token(hub: HubThread) -> str:
+    value = mint(hub.config.server.database, "alice", "proj-a")
+    assert hub.app is not None
+    hub.call(hub.app.refresh_tokens(force=True))
+    return value

@@ -1,0 +1,131 @@
+"""Run a real hub for tests: in a thread with its own uvloop loop (so the
+official sync SDKs can talk to it), or as a `hubcore serve` subprocess."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvloop
+
+from hubcore import config as config_mod, store, tokens
+from hubcore.app import App
+from hubcore.config import Config
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_config(tmp: Path, upstreams: list[dict[str, Any]], **server: Any) -> Config:
+    data = {
+        "server": {
+            "listen": "127.0.0.1:0",
+            "database": str(tmp / "hub.db"),
+            "ops_socket": str(tmp / "ops.sock"),
+            "token_reload_interval": 0.1,
+            "usage_flush_interval": 0.05,
+            **server,
+        },
+        "upstream": upstreams,
+    }
+    return config_mod.parse(data, source="<test>", env=dict(os.environ))
+
+
+def mint(database: str | Path, user: str = "alice", project: str | None = None) -> str:
+    conn = store.connect(database)
+    try:
+        return tokens.create(conn, user, project)[1]
+    finally:
+        conn.close()
+
+
+class HubThread:
+    """A started App on 127.0.0.1:<ephemeral>, stopped on exit."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="hub", daemon=True)
+        self.app: App | None = None
+        self.url = ""
+        self.port = 0
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def __enter__(self) -> HubThread:
+        self.thread.start()
+        self.app = self.call(self._start())
+        return self
+
+    async def _start(self) -> App:
+        app = App(self.config, asyncio.get_running_loop())
+        addresses = await app.start()
+        self.port = addresses[0][1]
+        scheme = "https" if self.config.server.tls_cert else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        return app
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.app is not None:
+            self.call(self.app.stop(), timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def usage_rows(self) -> list[dict[str, Any]]:
+        conn = store.connect(self.config.server.database)
+        try:
+            cur = conn.execute("SELECT * FROM usage ORDER BY id")
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+        finally:
+            conn.close()
+
+    def wait_rows(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.usage_rows()
+            if len(rows) >= count or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hubcore_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hubcore", *args]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(hubcore_cmd(*args), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def wait_listening(port: int, proc: subprocess.Popen[Any] | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"hubcore exited early with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")

@@ -1,0 +1,200 @@
+"""The proxy end to end: official SDKs → hub → fake vendor, over real sockets."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import anthropic
+import openai
+import orjson
+import pytest
+
+from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor
+from tests.hubharness import HubThread, free_port, make_config, mint
+
+MESSAGES_BODY = {
+    "model": "claude-sonnet-4-6",
+    "max_tokens": 64,
+    "messages": [{"role": "user", "content": "Say hello"}],
+    "metadata": {"user_id": "user_" + "a" * 64 + "_account__session_0b7c2f5e-1f0e-4d8b-9a63-3c1e0f1d2a4b"},
+}
+
+
+def anthropic_client(hub: HubThread, token: str, **kw: object) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=hub.url, api_key=token, max_retries=0, **kw)  # type: ignore[arg-type]
+
+
+def openai_client(hub: HubThread, token: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=hub.url + "/v1", api_key=token, max_retries=0)
+
+
+def assert_vendor_saw_only_vendor_key(vendor: FakeVendor, token: str) -> None:
+    assert vendor.requests, "the vendor saw no request"
+    for req in vendor.requests:
+        assert req.key in (ANTHROPIC_KEY, OPENAI_KEY)
+        for name, value in req.headers:
+            assert token not in value, f"hub token leaked upstream in {name}"
+        assert req.header("accept-encoding") == "identity"
+    assert vendor.protocol_errors == []
+
+
+def test_messages_non_streaming(hub: HubThread, vendor: FakeVendor, token: str) -> None:
+    client = anthropic_client(hub, token)
+    raw = client.messages.with_raw_response.create(**MESSAGES_BODY)  # type: ignore[arg-type]
+    message = raw.parse()
+    assert message.type == "message"
+    assert message.model == "claude-sonnet-4-6"
+    assert raw.headers["x-hubcore-request-id"].startswith("hc_")
+    (req,) = vendor.requests
+    assert req.target == "/v1/messages"
+    assert req.key == ANTHROPIC_KEY and req.key_header == "x-api-key"
+    assert req.header("anthropic-version") == raw.http_request.headers["anthropic-version"]
+    assert req.json() == MESSAGES_BODY
+    assert_vendor_saw_only_vendor_key(vendor, token)
+    (row,) = hub.wait_rows(1)
+    assert row["request_id"] == raw.headers["x-hubcore-request-id"]
+    assert row["user"] == "alice" and row["project"] == "proj-a"
+    assert row["outcome"] == "ok" and row["status"] == 200
+    assert row["session_id"] == "0b7c2f5e-1f0e-4d8b-9a63-3c1e0f1d2a4b"
+    assert row["input_tokens"] == message.usage.input_tokens
+    assert row["output_tokens"] == message.usage.output_tokens
+
+
+def test_messages_streaming_body_forwarded_byte_for_byte(hub: HubThread, vendor: FakeVendor, token: str) -> None:
+    # Odd spacing and key order: the vendor must see these exact bytes.
+    body = b'{"stream": true,  "model":"claude-sonnet-4-6","max_tokens":64,\n "messages":[{"role":"user","content":"hi \\u00e9"}]}'
+    client = anthropic_client(hub, token)
+    with client.messages.stream(
+        model="claude-sonnet-4-6",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"anthropic-beta": "prompt-caching-2024-07-31,oauth-2025-04-20", "x-fake-events": "12"},
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text
+    assert vendor.requests[0].header("anthropic-beta") == "prompt-caching-2024-07-31,oauth-2025-04-20"
+    assert final.usage.output_tokens > 0
+
+    with socket.create_connection(("127.0.0.1", hub.port)) as s:
+        s.sendall(
+            b"POST /v1/messages?beta=true HTTP/1.1\r\nhost: x\r\nx-api-key: " + token.encode()
+            + b"\r\ncontent-type: application/json\r\nanthropic-version: 2023-06-01\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+            + body
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"transfer-encoding: chunked" in data.lower()
+    assert b"event: message_stop" in data
+    assert vendor.requests[-1].body == body
+    assert vendor.requests[-1].target == "/v1/messages?beta=true"
+    rows = hub.wait_rows(2)
+    assert [r["outcome"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["output_tokens"] == final.usage.output_tokens
+
+
+def test_bearer_token_and_count_tokens_and_models(hub: HubThread, vendor: FakeVendor, token: str) -> None:
+    client = anthropic.Anthropic(base_url=hub.url, auth_token=token, max_retries=0)
+    count = client.messages.count_tokens(model="claude-sonnet-4-6", messages=[{"role": "user", "content": "hello"}])
+    assert count.input_tokens > 0
+    models = client.models.list()
+    assert [m.id for m in models.data]
+    assert {r.path for r in vendor.requests} == {"/v1/messages/count_tokens", "/v1/models"}
+    assert all(r.key_header == "x-api-key" and r.header("authorization") is None for r in vendor.requests)
+    assert_vendor_saw_only_vendor_key(vendor, token)
+
+
+def test_openai_responses_streaming(hub: HubThread, vendor: FakeVendor, token: str) -> None:
+    client = openai_client(hub, token)
+    stream = client.responses.create(model="gpt-5-codex", input="hello", stream=True, extra_headers={"session_id": "conv-1"})
+    events = list(stream)
+    completed = [e for e in events if e.type == "response.completed"]
+    assert completed and completed[0].response.usage is not None
+    usage = completed[0].response.usage
+    (req,) = vendor.requests
+    assert req.key == OPENAI_KEY and req.key_header == "authorization"
+    assert_vendor_saw_only_vendor_key(vendor, token)
+    (row,) = hub.wait_rows(1)
+    assert row["endpoint"] == "/v1/responses" and row["session_id"] == "conv-1"
+    cached = usage.input_tokens_details.cached_tokens
+    assert row["input_tokens"] + row["cache_read"] == usage.input_tokens
+    assert row["cache_read"] == cached
+    assert row["output_tokens"] == usage.output_tokens
+
+
+def test_openai_chat_streaming_with_usage(hub: HubThread, vendor: FakeVendor, token: str) -> None:
+    client = openai_client(hub, token)
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-5-mini", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True}
+        )
+    )
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens > 0
+    (row,) = hub.wait_rows(1)
+    assert row["endpoint"] == "/v1/chat/completions"
+    assert row["output_tokens"] == usage.completion_tokens
+    assert row["model"] == "gpt-5-mini"
+    assert_vendor_saw_only_vendor_key(vendor, token)
+
+
+def test_missing_and_unknown_token_never_reach_vendor(hub: HubThread, vendor: FakeVendor, token: str) -> None:
+    client = anthropic_client(hub, "hc-not-a-real-token")
+    with pytest.raises(anthropic.AuthenticationError) as info:
+        client.messages.create(**MESSAGES_BODY)  # type: ignore[arg-type]
+    assert info.value.status_code == 401
+    assert info.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(hub, "nope").responses.create(model="gpt-5", input="x")
+    with socket.create_connection(("127.0.0.1", hub.port)) as s:
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "authentication_error"
+    assert vendor.requests == []
+
+
+def test_root_probe_and_unknown_path(hub: HubThread, token: str) -> None:
+    with socket.create_connection(("127.0.0.1", hub.port)) as s:
+        s.sendall(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\nGET /v2/nothing HTTP/1.1\r\nhost: x\r\nx-api-key: " + token.encode() + b"\r\nconnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 2
+    assert b"HTTP/1.1 404 Not Found" in data
+    body = data.rsplit(b"\r\n\r\n", 1)[1]
+    assert json.loads(body)["error"]["type"] == "not_found_error"
+
+
+def test_upstream_connections_are_pooled(hub: HubThread, vendor: FakeVendor, token: str) -> None:
+    client = anthropic_client(hub, token)
+    for _ in range(5):
+        client.messages.create(**MESSAGES_BODY)  # type: ignore[arg-type]
+    assert len(vendor.requests) == 5
+    assert vendor.connections_accepted == 1
+
+
+def test_upstream_error_passes_through_unchanged(hub: HubThread, vendor: FakeVendor, token: str) -> None:
+    client = anthropic_client(hub, token)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(**MESSAGES_BODY, extra_headers={"x-fake-status": "400"})  # type: ignore[arg-type]
+    assert info.value.body["error"]["message"] == "Invalid request"  # type: ignore[index]
+    (row,) = hub.wait_rows(1)
+    assert row["status"] == 400 and row["outcome"] == "upstream_error"
+
+
+def test_upstream_unreachable_is_502(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    config = make_config(tmp_path, [{"name": "anthropic", "kind": "anthropic", "base_url": f"http://127.0.0.1:{port}", "keys": ["sk-literal-k1"], "max_attempts": 2}])
+    tok = mint(config.server.database)
+    with HubThread(config) as h:
+        with pytest.raises(anthropic.APIStatusError) as info:
+            anthropic_client(h, tok).messages.create(**MESSAGES_BODY)  # type: ignore[arg-type]
+        assert info.value.status_code == 502
+        assert info.value.response.headers["x-should-retry"] == "false"
+        assert "sk-literal-k1" not in info.value.response.text
+        (row,) = h.wait_rows(1)
+        assert row["outcome"] == "upstream_error" and row["attempts"] == 2

@@ -1,0 +1,405 @@
+"""UsageRecorder against real SQLite files: batching, flushing, the spool, replay."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from hubcore import store
+from hubcore.usage import FIELDS, UsageEvent, UsageRecorder
+
+BASE_TS = 1_760_000_000.0
+
+
+def make_event(i: int, **overrides: Any) -> UsageEvent:
+    fields: dict[str, Any] = dict(
+        ts=BASE_TS + i,
+        request_id=f"req-{i:06d}",
+        endpoint="/v1/messages",
+        status=200,
+        outcome="ok",
+        total_ms=100.0 + i,
+        token_id=7,
+        user="alice",
+        project="hub",
+        upstream="anthropic",
+        key_label="key-a",
+        model="claude-sonnet-4-5",
+        input_tokens=10 + i,
+        output_tokens=20 + i,
+        cache_write_5m=3,
+        cache_write_1h=4,
+        cache_read=1000 + i,
+        reasoning_tokens=2,
+        server_tool_requests=1,
+        stop_reason="end_turn",
+        cost_micros=1234 + i,
+        ttfb_ms=50.5,
+        attempts=1,
+        session_id="sess-1",
+        user_agent="claude-cli/2.0.0 (external, cli)",
+    )
+    fields.update(overrides)
+    return UsageEvent(**fields)
+
+
+def db_request_ids(db: Path) -> list[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return [r[0] for r in conn.execute("SELECT request_id FROM usage ORDER BY request_id")]
+    finally:
+        conn.close()
+
+
+def spool_lines(spool: Path) -> list[bytes]:
+    if not spool.exists():
+        return []
+    return [line for line in spool.read_bytes().split(b"\n") if line]
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+class Lock:
+    """Another connection holding the database's write lock, as a second
+    process (a CLI, a backup) would; root ignores file modes, not locks."""
+
+    def __init__(self, db: Path) -> None:
+        self.conn = sqlite3.connect(db, isolation_level=None)
+
+    def __enter__(self) -> Lock:
+        self.conn.execute("BEGIN EXCLUSIVE")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "hub.db"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    return tmp_path / "usage.spool"
+
+
+@pytest.fixture
+async def recorder_factory(
+    db: Path, spool: Path
+) -> AsyncIterator[Callable[..., UsageRecorder]]:
+    made: list[UsageRecorder] = []
+
+    def make(**kwargs: Any) -> UsageRecorder:
+        kwargs.setdefault("busy_timeout_ms", 20)
+        kwargs.setdefault("retry_max", 0.2)
+        recorder = UsageRecorder(db, spool, **kwargs)
+        made.append(recorder)
+        return recorder
+
+    yield make
+    for recorder in made:
+        await recorder.close(timeout=2)
+
+
+async def test_row_appears_within_flush_interval_and_round_trips(
+    recorder_factory: Callable[..., UsageRecorder], db: Path
+) -> None:
+    recorder = recorder_factory(flush_interval=0.05)
+    await recorder.start()
+    events = [make_event(i) for i in range(3)]
+    recorder.record(events[0])
+    await eventually(lambda: len(db_request_ids(db)) == 1)
+    # Now the writer is idle: the next event alone must wake it.
+    for event in events[1:]:
+        recorder.record(event)
+    # No further events and no close(): only the flush interval can write them.
+    await eventually(lambda: len(db_request_ids(db)) == 3)
+    assert recorder.stats()["written"] == 3
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        stored = conn.execute(
+            f"SELECT {', '.join(FIELDS)} FROM usage WHERE request_id = 'req-000002'"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert dict(stored) == dataclasses.asdict(events[2])
+
+
+async def test_full_batches_do_not_wait_for_the_interval(
+    recorder_factory: Callable[..., UsageRecorder], db: Path
+) -> None:
+    recorder = recorder_factory(flush_interval=60.0, batch_max=10)
+    await recorder.start()
+    for i in range(25):
+        recorder.record(make_event(i))
+    await eventually(lambda: len(db_request_ids(db)) >= 20)
+    # Two full batches went at once; the partial one waits for the interval.
+    assert len(db_request_ids(db)) == 20
+    assert recorder.stats()["queue_depth"] == 5
+    await recorder.close()
+    assert len(db_request_ids(db)) == 25
+
+
+async def test_close_flushes_everything(
+    recorder_factory: Callable[..., UsageRecorder], db: Path, spool: Path
+) -> None:
+    recorder = recorder_factory(flush_interval=60.0, batch_max=64)
+    await recorder.start()
+    for i in range(500):
+        recorder.record(make_event(i))
+    await recorder.close()
+    assert db_request_ids(db) == [f"req-{i:06d}" for i in range(500)]
+    stats = recorder.stats()
+    assert (stats["written"], stats["spooled"], stats["queue_depth"]) == (500, 0, 0)
+    assert spool_lines(spool) == []
+
+
+async def test_full_queue_spills_to_the_spool_then_replays(
+    recorder_factory: Callable[..., UsageRecorder], db: Path, spool: Path
+) -> None:
+    recorder = recorder_factory(queue_max=5, flush_interval=60.0)
+    await recorder.start()
+    for i in range(12):
+        recorder.record(make_event(i))
+    # Synchronously, before the writer ran at all.
+    assert len(spool_lines(spool)) == 7
+    stats = recorder.stats()
+    assert (stats["queue_depth"], stats["spooled"], stats["spool_pending"]) == (5, 7, 7)
+
+    await recorder.close()
+    assert db_request_ids(db) == [f"req-{i:06d}" for i in range(12)]
+    stats = recorder.stats()
+    assert (stats["written"], stats["replayed"], stats["spool_pending"]) == (5, 7, 0)
+    assert spool.stat().st_size == 0
+
+
+async def test_locked_database_spools_then_replays_exactly_once(
+    recorder_factory: Callable[..., UsageRecorder], db: Path, spool: Path
+) -> None:
+    recorder = recorder_factory(flush_interval=0.02, batch_max=8)
+    await recorder.start()
+    for i in range(10):
+        recorder.record(make_event(i))
+    await eventually(lambda: recorder.stats()["written"] == 10)
+
+    with Lock(db):
+        for i in range(10, 40):
+            recorder.record(make_event(i))
+            if i % 7 == 0:
+                await asyncio.sleep(0.03)  # several batches, across backoff retries
+        await eventually(lambda: recorder.stats()["spooled"] == 30)
+        stats = recorder.stats()
+        assert stats["written"] == 10
+        assert stats["spool_pending"] == 30
+        assert stats["db_healthy"] is False
+        assert "locked" in (stats["last_error"] or "")
+        assert len(spool_lines(spool)) == 30
+
+    # No new event is needed: the writer retries on its own.
+    await eventually(lambda: recorder.stats()["spool_pending"] == 0)
+    for i in range(40, 50):
+        recorder.record(make_event(i))
+    await eventually(lambda: recorder.stats()["written"] == 20)
+
+    assert db_request_ids(db) == [f"req-{i:06d}" for i in range(50)]
+    stats = recorder.stats()
+    assert (stats["spooled"], stats["replayed"], stats["ignored"]) == (30, 30, 0)
+    assert stats["db_healthy"] is True
+    assert stats["last_error"] is None  # recovered: no longer failing
+    assert spool.stat().st_size == 0
+
+
+async def test_unwritable_spool_keeps_events_in_memory(
+    tmp_path: Path, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool_dir = tmp_path / "spool-is-a-directory"
+    spool_dir.mkdir()
+    recorder = UsageRecorder(
+        db, spool_dir, flush_interval=0.02, busy_timeout_ms=20, retry_max=0.1
+    )
+    await recorder.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="hubcore.usage"), Lock(db):
+            for i in range(5):
+                recorder.record(make_event(i))
+            # Back at the front of the queue after both the database and the spool failed.
+            await eventually(
+                lambda: recorder.stats()["queue_depth"] == 5
+                and "cannot write usage spool" in (recorder.stats()["last_error"] or "")
+            )
+            assert recorder.stats()["spooled"] == 0
+        assert "cannot write usage spool" in caplog.text
+        await eventually(lambda: recorder.stats()["written"] == 5)
+    finally:
+        await recorder.close(timeout=2)
+    assert db_request_ids(db) == [f"req-{i:06d}" for i in range(5)]
+
+
+async def test_torn_and_garbled_spool_lines_are_skipped(
+    recorder_factory: Callable[..., UsageRecorder], db: Path, spool: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lines = [orjson.dumps(make_event(i)) + b"\n" for i in range(4)]
+    torn = orjson.dumps(make_event(99))[:40]  # kill -9 in the middle of a write
+    spool.write_bytes(lines[0] + lines[1] + b"{not json\n" + lines[2] + lines[3] + torn)
+
+    recorder = recorder_factory()
+    with caplog.at_level(logging.WARNING, logger="hubcore.usage"):
+        await recorder.start()
+    assert db_request_ids(db) == [f"req-{i:06d}" for i in range(4)]
+    stats = recorder.stats()
+    assert (stats["replayed"], stats["spool_bad_lines"], stats["spool_pending"]) == (4, 2, 0)
+    assert "torn last line" in caplog.text
+    assert spool.stat().st_size == 0
+
+
+async def test_new_appends_after_a_torn_line_start_on_their_own_line(
+    recorder_factory: Callable[..., UsageRecorder], db: Path, spool: Path
+) -> None:
+    spool.write_bytes(orjson.dumps(make_event(0)) + b"\n" + orjson.dumps(make_event(1))[:30])
+    await asyncio.to_thread(lambda: store.connect(db).close())
+    first = recorder_factory(queue_max=1, flush_interval=0.02)
+    with Lock(db):
+        await first.start()  # the replay fails under the lock: the spool stays
+        assert first.stats()["db_healthy"] is False
+        first.record(make_event(2))  # queued
+        first.record(make_event(3))  # queue full: appended after the torn line
+        await first.close()
+    # Whatever the first run could not write, the next one replays.
+    second = recorder_factory()
+    await second.start()
+    assert db_request_ids(db) == ["req-000000", "req-000002", "req-000003"]
+    assert first.stats()["spool_bad_lines"] + second.stats()["spool_bad_lines"] == 1
+    assert spool.stat().st_size == 0
+
+
+async def test_events_spooled_during_a_replay_are_not_truncated_away(
+    recorder_factory: Callable[..., UsageRecorder], db: Path, spool: Path
+) -> None:
+    # A long spool replayed in many small transactions, while a full queue
+    # keeps appending to the same spool.
+    spool.write_bytes(b"".join(orjson.dumps(make_event(i)) + b"\n" for i in range(3000)))
+    recorder = recorder_factory(queue_max=1, batch_max=50, flush_interval=0.02)
+    starting = asyncio.get_running_loop().create_task(recorder.start())
+    n = 3000
+    while not starting.done():
+        recorder.record(make_event(n))
+        n += 1
+        await asyncio.sleep(0)
+    await starting
+    assert n > 3002, "no event was recorded while the spool was replayed"
+    await recorder.close()
+    second = recorder_factory()
+    await second.start()
+    assert db_request_ids(db) == [f"req-{i:06d}" for i in range(n)]
+
+
+async def test_restart_replays_the_spool_and_replays_are_idempotent(
+    db: Path, spool: Path, recorder_factory: Callable[..., UsageRecorder]
+) -> None:
+    first = recorder_factory(flush_interval=0.02)
+    await first.start()
+    with Lock(db):
+        for i in range(20):
+            first.record(make_event(i))
+        await first.close()  # the database stays locked: all 20 go to the spool
+    assert first.stats()["written"] == 0
+    assert first.stats()["spooled"] == 20
+    saved = spool.read_bytes()
+    assert len(spool_lines(spool)) == 20
+    assert db_request_ids(db) == []
+
+    second = recorder_factory()
+    await second.start()
+    assert db_request_ids(db) == [f"req-{i:06d}" for i in range(20)]
+    assert second.stats()["replayed"] == 20
+    assert spool.stat().st_size == 0
+    await second.close()
+
+    spool.write_bytes(saved)  # the same spool again, as after a crash mid-truncate
+    third = recorder_factory()
+    await third.start()
+    stats = third.stats()
+    assert (stats["replayed"], stats["ignored"]) == (0, 20)
+    assert len(db_request_ids(db)) == 20
+
+
+async def test_record_after_close_is_spooled_for_the_next_run(
+    db: Path, spool: Path, recorder_factory: Callable[..., UsageRecorder]
+) -> None:
+    first = recorder_factory()
+    await first.start()
+    await first.close()
+    first.record(make_event(1))  # a straggler after shutdown
+    assert len(spool_lines(spool)) == 1
+
+    second = recorder_factory()
+    await second.start()
+    assert db_request_ids(db) == ["req-000001"]
+
+
+async def test_listeners_and_unpriced_count(
+    recorder_factory: Callable[..., UsageRecorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = recorder_factory()
+    seen: list[str] = []
+
+    def broken(event: UsageEvent) -> None:
+        raise RuntimeError("listener bug")
+
+    recorder.add_listener(broken)
+    recorder.add_listener(lambda e: seen.append(e.request_id))
+    await recorder.start()
+    with caplog.at_level(logging.ERROR, logger="hubcore.usage"):
+        recorder.record(make_event(1))
+        recorder.record(make_event(2, cost_micros=None))              # unpriced
+        recorder.record(make_event(3, cost_micros=None, model=None))  # no model: not unpriced
+    assert seen == ["req-000001", "req-000002", "req-000003"]
+    assert "listener bug" in caplog.text
+    assert recorder.stats()["unpriced"] == 1
+    assert recorder.stats()["queue_depth"] == 3
+
+
+def test_migrate_from_an_empty_database_and_again(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.write_bytes(b"")  # SQLite reads an empty file as a version-0 database
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert store.migrate(conn) == 0
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(usage)")}
+        assert set(FIELDS) <= columns
+        schema = conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+        assert store.migrate(conn) == store.SCHEMA_VERSION
+        assert conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
+    finally:
+        conn.close()
+
+
+async def test_start_migrates_an_empty_database(
+    recorder_factory: Callable[..., UsageRecorder], db: Path
+) -> None:
+    db.write_bytes(b"")
+    recorder = recorder_factory()
+    await recorder.start()
+    recorder.record(make_event(5))
+    await recorder.close()
+    assert db_request_ids(db) == ["req-000005"]
