@@ -326,9 +326,9 @@ cdef class Meter:
     cdef bytearray _body
     cdef bint _overflow
 
-    def __init__(self, int fmt, sse, *, Py_ssize_t max_event_size=MAX_EVENT_SIZE,
+    def __init__(self, fmt, sse, *, Py_ssize_t max_event_size=MAX_EVENT_SIZE,
                  Py_ssize_t max_body_size=MAX_BODY_SIZE):
-        if fmt != _FMT_ANTHROPIC and fmt != _FMT_RESPONSES and fmt != _FMT_CHAT:
+        if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt not in (_FMT_ANTHROPIC, _FMT_RESPONSES, _FMT_CHAT):
             raise MeterError(f"unknown meter format {fmt!r}")
         if max_event_size < 1 or max_body_size < 0:
             raise MeterError("size caps must be positive")

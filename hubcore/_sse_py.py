@@ -110,11 +110,11 @@ class Meter:
         max_event_size: int = MAX_EVENT_SIZE,
         max_body_size: int = MAX_BODY_SIZE,
     ) -> None:
-        if fmt not in (FMT_ANTHROPIC, FMT_OPENAI_RESPONSES, FMT_OPENAI_CHAT):
+        if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt not in _KINDS:
             raise MeterError(f"unknown meter format {fmt!r}")
         if max_event_size < 1 or max_body_size < 0:
             raise MeterError("size caps must be positive")
-        self.fmt = fmt
+        self.fmt = int(fmt)
         self.sse = bool(sse)
         # results
         self.model: str | None = None

@@ -14,9 +14,11 @@ from typing import Any
 
 import orjson
 
-from hubcore import __version__, config as config_mod, store
+from hubcore import __version__, config as config_mod, sdnotify, store
 from hubcore.config import Config
 from hubcore.errors import ConfigError
+from hubcore.metrics import HubMetrics
+from hubcore.ops import OpsServer
 from hubcore.pricing import PriceTable
 from hubcore.proxy import Hub
 from hubcore.server import Server
@@ -39,8 +41,18 @@ class App:
             flush_interval=config.server.usage_flush_interval,
         )
         self.prices = PriceTable.load(_path_or_none(config.server.prices))
-        self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices)
-        self.server = Server(config.server, self.hub.handle, loop)
+        self.metrics = HubMetrics()
+        self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics)
+        self.server = Server(config.server, self.hub.handle, loop, self.metrics)
+        self.ops: OpsServer | None = None
+        if config.server.ops_socket:
+            self.ops = OpsServer(
+                config.server.ops_socket,
+                self,
+                mode=config.server.ops_socket_mode,
+                group=config.server.ops_socket_group or None,
+            )
+        self.watchdog = sdnotify.Watchdog()
         self.db: sqlite3.Connection | None = None
         self.addresses: list[tuple[str, int]] = []
         self.started = time.time()
@@ -61,7 +73,32 @@ class App:
         host, port = config_mod.parse_listen(cfg.listen)
         self.addresses = await self.server.start(host, port, ssl=ssl_context, sock=sock)
         self._reloader = self.loop.create_task(self._watch_tokens())
+        self.metrics.start()
+        if self.ops is not None:
+            await self.ops.start()
+        self.watchdog.start()
+        sdnotify.ready(f"listening on {cfg.listen}")
         return self.addresses
+
+    # -- the ops socket's handler --------------------------------------------
+    def _key_snapshots(self) -> dict[str, list[dict[str, Any]]]:
+        return {u.config.name: u.ring.snapshot() for u in self.hub.upstreams.values()}
+
+    def stats(self) -> dict[str, Any]:
+        snapshot = self.metrics.snapshot(self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__)
+        snapshot["draining"] = self.server.draining
+        return snapshot
+
+    def metrics_text(self) -> str:
+        return self.metrics.render_prometheus(self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__)
+
+    def set_key_enabled(self, label: str, enabled: bool) -> bool:
+        found = False
+        for upstream in self.hub.upstreams.values():
+            found = (upstream.ring.enable(label) if enabled else upstream.ring.disable(label)) or found
+        if found:
+            log.warning("key %s %s by the operator", label, "enabled" if enabled else "disabled")
+        return found
 
     async def _watch_tokens(self) -> None:
         """Pick up created and revoked tokens without a restart."""
@@ -83,31 +120,39 @@ class App:
     async def reload(self) -> tuple[bool, str]:
         """SIGHUP: reload config keys, tokens and prices; a broken config is
         rejected with a logged error and the old one stays."""
+        sdnotify.reloading()
         try:
             new = config_mod.load(self.config_path)
             prices = PriceTable.load(_path_or_none(new.server.prices))
         except (ConfigError, OSError, ValueError) as e:
             log.error("reload rejected, keeping the running configuration: %s", e)
+            sdnotify.ready("reload rejected; running the previous configuration")
             return False, str(e)
         self.prices = prices
         self.hub.prices = prices
         for upstream in new.upstreams:
             runtime = self.hub.upstreams.get(upstream.kind)
             if runtime is not None and runtime.config.name == upstream.name:
-                runtime.ring.replace_specs(list(upstream.keys))
+                runtime.ring.replace_specs(list(upstream.keys), upstream.policy)
                 runtime.config = upstream
         await self.refresh_tokens(force=True)
         log.info("configuration reloaded from %s", new.source)
+        sdnotify.ready("configuration reloaded")
         return True, "reloaded"
 
     async def stop(self) -> None:
         """SIGTERM: stop accepting, drain in-flight requests, flush usage."""
         log.info("shutting down: draining up to %g s", self.config.server.drain_timeout)
+        sdnotify.stopping()
         await self.server.shutdown(self.config.server.drain_timeout)
         if self._reloader is not None:
             self._reloader.cancel()
         self.hub.close()
         await self.recorder.close()
+        if self.ops is not None:
+            await self.ops.close()
+        await self.watchdog.stop()
+        await self.metrics.stop()
         if self.db is not None:
             self.db.close()
         log.info("stopped")

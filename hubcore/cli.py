@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_token_revoke)
 
+    from hubcore import opsclient
+
+    p = command("stats", "show the running hub's state (over the ops socket)")
+    opsclient.add_stats_arguments(p)
+    p.set_defaults(func=lambda a: opsclient.run_stats(a, default_socket=_ops_socket(a)))
+    p = command("keys", "show the vendor keys' health; enable or disable one")
+    opsclient.add_keys_arguments(p)
+    p.set_defaults(func=lambda a: opsclient.run_keys(a, default_socket=_ops_socket(a)))
+    p = command("reload", "reload config keys, tokens and prices (like SIGHUP)")
+    opsclient.add_reload_arguments(p)
+    p.set_defaults(func=lambda a: opsclient.run_reload(a, default_socket=_ops_socket(a)))
+
     p = command("usage", "report usage and cost")
     p.add_argument("--by", default="user", choices=["user", "project", "model", "key", "day", "upstream"])
     p.add_argument("--since", help="ISO 8601 time or date, or relative: 24h, 7d")
@@ -73,6 +85,19 @@ def _load_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     try:
         return config.load(args.config)
+    except ConfigError as e:
+        print(f"hubcore: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _ops_socket(args: argparse.Namespace) -> str | None:
+    """The configured ops socket, read without resolving vendor keys (which
+    may live in a credentials directory only the service can see)."""
+    from hubcore import config
+    from hubcore.errors import ConfigError
+
+    try:
+        return config.load_server(args.config).ops_socket
     except ConfigError as e:
         print(f"hubcore: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

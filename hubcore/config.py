@@ -129,16 +129,29 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
     path = path or env.get("HUBCORE_CONFIG") or None
     if path is None:
         return defaults(env)
+    return parse(_read(path), source=str(path), env=env)
+
+
+def load_server(path: str | None = None, env: dict[str, str] | None = None) -> ServerConfig:
+    """Only the [server] table: for commands that must not resolve vendor keys."""
+    env = dict(os.environ) if env is None else env
+    path = path or env.get("HUBCORE_CONFIG") or None
+    if path is None:
+        return ServerConfig()
+    data = _read(path)
+    return _build(ServerConfig, data.get("server", {}), str(path), "server")
+
+
+def _read(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from e
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
-    return parse(data, source=str(path), env=env)
 
 
 def defaults(env: dict[str, str]) -> Config:
@@ -217,7 +230,10 @@ def _parse_upstream(raw: dict[str, Any], source: str, where: str, env: dict[str,
         raise ConfigError(f"{source}: {where}.keys: must be an array")
     policy_fields = {f.name for f in dataclasses.fields(KeyPolicy)}
     policy_raw = {k: raw.pop(k) for k in list(raw) if k in policy_fields}
-    policy = _build(KeyPolicy, policy_raw, source, where)
+    try:
+        policy = _build(KeyPolicy, policy_raw, source, where)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {where}: {e}") from None
     upstream = _build(UpstreamConfig, raw, source, where, exclude={"keys", "policy"})
     keys = []
     labels = set()

@@ -130,11 +130,16 @@ class Hub:
         exchange = Exchange(self, request, protocol)
         protocol.handler = exchange
         self.in_flight += 1
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.request_started()
         try:
             await exchange.run()
         finally:
             self.in_flight -= 1
             self.requests += 1
+            if metrics is not None:
+                exchange.report(metrics)
 
     def close(self) -> None:
         for upstream in self.upstreams.values():
@@ -157,6 +162,8 @@ class Exchange:
         self.ts = time.time()
         self.t0 = self.loop.time()
         self.ttfb: float | None = None
+        self.sent_at: float | None = None
+        self.head_at: float | None = None
         self.route: Route | None = None
         self.flavour = ANTHROPIC
         self.principal: Principal | None = None
@@ -227,6 +234,18 @@ class Exchange:
         finally:
             self._record()
 
+    def report(self, metrics: Any) -> None:
+        now = self.loop.time()
+        route = self.route.endpoint if self.route is not None else ("/" if self.request.path == b"/" else "other")
+        ttfb = self.ttfb - self.t0 if self.ttfb is not None else None
+        metrics.request_finished(route, self.status, self.outcome, now - self.t0, ttfb)
+        if self.attempts == 1 and self.sent_at is not None and self.head_at is not None and self.ttfb is not None:
+            # The hub's own share: before the request went upstream, and
+            # between the vendor's first byte and the client's.
+            metrics.observe_hub_added((self.sent_at - self.t0) + max(0.0, self.ttfb - self.head_at))
+        if self.outcome == "refused":
+            metrics.refuse(self.error_type or str(self.status))
+
     def _route(self, path: bytes) -> Route | None:
         route = ROUTES.get(path)
         if route is None and path.startswith(MODELS_PREFIX):
@@ -295,6 +314,8 @@ class Exchange:
             self.lease = previous = lease
             self.key_label = lease.label
             self.attempts += 1
+            if self.hub.metrics is not None:
+                self.hub.metrics.upstream_attempt(cfg.name, retry=self.attempts > 1)
             tried.add(lease.label)
             final = self.attempts >= cfg.max_attempts or self.loop.time() >= deadline
             try:
@@ -346,7 +367,11 @@ class Exchange:
             conn = await (upstream.pool.connect() if fresh else upstream.pool.acquire())
             self.conn = conn
             try:
-                return await conn.send(head, request.body, cfg.first_byte_timeout, cfg.stream_idle_timeout)
+                future = conn.send(head, request.body, cfg.first_byte_timeout, cfg.stream_idle_timeout)
+                self.sent_at = self.loop.time()
+                response = await future
+                self.head_at = conn.head_at
+                return response
             except UpstreamError as e:
                 conn.close()
                 self.conn = None

@@ -128,6 +128,8 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.server.connections.add(self)
         self.server.connections_total += 1
+        if self.server.metrics is not None:
+            self.server.metrics.connection_opened()
         if len(self.server.connections) > self.config.max_connections or self.server.draining:
             self._refuse_connection()
             return
@@ -160,6 +162,8 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
         self.server.connections.discard(self)
+        if self.server.metrics is not None:
+            self.server.metrics.connection_closed()
         self._cancel_timer()
         if self.handler is not None:
             self.handler.client_gone()
@@ -389,10 +393,11 @@ class HttpProtocol(asyncio.Protocol):
 class Server:
     """Listening sockets, the set of live connections, graceful shutdown."""
 
-    def __init__(self, config: ServerConfig, app: App, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: ServerConfig, app: App, loop: asyncio.AbstractEventLoop, metrics: Any = None) -> None:
         self.config = config
         self.app = app
         self.loop = loop
+        self.metrics = metrics
         self.connections: set[HttpProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.servers: list[asyncio.base_events.Server] = []

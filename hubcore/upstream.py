@@ -104,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_future: asyncio.Future[ResponseHead] | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.head: ResponseHead | None = None
+        self.head_at = 0.0
         self.sink: BodySink | None = None
         self.held: list[bytes] = []
         self.complete = False
@@ -166,6 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         head = ResponseHead(status, self.headers, self.parser.should_keep_alive())
         self.head = head
+        self.head_at = self.last_activity
         self.state = ConnState.RECEIVING
         self._arm(self.idle_timeout)
         fut = self.head_future

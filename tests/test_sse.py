@@ -229,8 +229,9 @@ def test_no_extensions_selects_pure_twin() -> None:
 
 
 def test_misuse_raises_meter_error(twin: ModuleType) -> None:
-    with pytest.raises(MeterError):
-        twin.Meter(4, True)
+    for fmt in (0, 4, True, "1", 1.0):
+        with pytest.raises(MeterError):
+            twin.Meter(fmt, True)
     m = twin.Meter(FMT_ANTHROPIC, True)
     m.close()
     m.close()  # idempotent
