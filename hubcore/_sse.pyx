@@ -282,6 +282,16 @@ cdef object _as_bytes(object data):
 
 
 # -- the meter ----------------------------------------------------------------
+#
+# Theory of operation. feed() walks the caller's buffer line by line with
+# memchr and does not copy it, with two exceptions: the unfinished last line
+# (kept in _tail for the next feed, never more than the event cap) and the
+# data of an event still open when the buffer ends (kept in _acc). An event's
+# first data line is only remembered as a pointer (_view) into the buffer; it
+# is copied into _acc when a second data line arrives or the buffer ends
+# first. At the blank line the event is sorted by its `event:` name, else by
+# the first bytes of its data, and only the few usage-bearing kinds reach
+# orjson; text deltas are never decoded.
 
 cdef class Meter:
     """Counts one response's tokens from its bytes, fed in pieces as they pass."""

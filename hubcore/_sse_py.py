@@ -153,6 +153,7 @@ class Meter:
     # -- input -------------------------------------------------------------
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Meter the next bytes of the body, split anywhere."""
         if self._closed:
             raise MeterError("feed() after close()")
         if type(data) is not bytes:
@@ -219,6 +220,7 @@ class Meter:
                 self._tail = last
 
     def close(self) -> None:
+        """The body ended (complete or not); the numbers are final. Idempotent."""
         if self._closed:
             return
         self._closed = True

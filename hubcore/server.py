@@ -12,7 +12,7 @@ import asyncio
 import enum
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import cast, Any, Protocol
 
@@ -78,7 +78,7 @@ class Handler(Protocol):
     def resume_writing(self) -> None: ...
 
 
-App = Callable[[Request, "HttpProtocol"], Awaitable[None]]
+App = Callable[[Request, "HttpProtocol"], Coroutine[Any, Any, None]]
 
 
 class Phase(enum.Enum):

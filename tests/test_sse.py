@@ -183,7 +183,7 @@ def result(m: Any) -> dict[str, Any]:
     return {f: getattr(m, f) for f in FIELDS}
 
 
-def meter_over(twin: ModuleType, pieces: list[bytes], fmt: int = FMT_ANTHROPIC, sse_: bool = True, **kw: Any) -> Any:
+def meter_over(twin: ModuleType, pieces: list[Any], fmt: int = FMT_ANTHROPIC, sse_: bool = True, **kw: Any) -> Any:
     m = twin.Meter(fmt, sse_, **kw)
     for piece in pieces:
         m.feed(piece)
@@ -499,6 +499,7 @@ def test_responses_stream_matches_openai_sdk(twin: ModuleType, vendor: tuple[str
         events = list(client.responses.create(model="gpt-5-codex", input="hi", stream=True))
     assert events[-1].type == "response.completed"
     usage = events[-1].response.usage
+    assert usage is not None
     got = run(twin, RESPONSES_STREAM, FMT_OPENAI_RESPONSES)
     assert got == RESPONSES_EXPECTED
     assert got["cache_read"] == usage.input_tokens_details.cached_tokens
