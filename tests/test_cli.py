@@ -1,0 +1,284 @@
+"""The `hubcore` command as users run it: tokens, config errors, serving with
+no config at all, and usage reports, each as a real subprocess."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import pytest
+
+from hubcore import store
+from hubcore.pricing import PriceTable
+from hubcore.tokens import TokenTable
+from tests.hubharness import REPO, HubThread, free_port, hubcore_cmd, wait_listening
+
+TOKEN_LINE = re.compile(r"hc-[A-Za-z0-9_-]{40,}")
+DEFAULT_PORT = 8787
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HUBCORE_", "NOTIFY_SOCKET", "ANTHROPIC_", "OPENAI_"))}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def hubcore(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(hubcore_cmd(*args), capture_output=True, text=True, env=cli_env(**env), cwd=cwd, timeout=60)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "hubcore.toml"
+    path.write_text(f'[server]\ndatabase = "{tmp_path / "hub.db"}"\n')
+    return path
+
+
+def lookup(db: Path, token: str) -> Any:
+    table = TokenTable()
+    conn = store.connect(db)
+    try:
+        table.refresh(conn, force=True)
+    finally:
+        conn.close()
+    return table.lookup(token.encode())
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+def test_token_create_prints_the_token_alone_on_the_last_line(config: Path, tmp_path: Path) -> None:
+    done = hubcore("token", "create", "--user", "u", "--project", "p", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.splitlines()[-1]
+    assert TOKEN_LINE.fullmatch(token), done.stdout
+    assert done.stdout.count(token) == 1 and token not in done.stderr
+    principal = lookup(tmp_path / "hub.db", token)
+    assert (principal.user, principal.project) == ("u", "p")
+
+
+def test_token_create_json(config: Path, tmp_path: Path) -> None:
+    done = hubcore("token", "create", "--user", "bot", "--json", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    made = orjson.loads(done.stdout)
+    assert made["user"] == "bot" and made["project"] is None and isinstance(made["id"], int)
+    assert TOKEN_LINE.fullmatch(made["token"])
+    assert lookup(tmp_path / "hub.db", made["token"]).token_id == made["id"]
+
+
+def test_token_list_shows_prefixes_never_tokens_and_revoke(config: Path, tmp_path: Path) -> None:
+    made = [orjson.loads(hubcore("token", "create", "--user", f"user{i}", "--json", "--config", str(config)).stdout) for i in range(3)]
+    listed = hubcore("token", "list", "--config", str(config))
+    assert listed.returncode == 0, listed.stderr
+    as_json = hubcore("token", "list", "--json", "--config", str(config))
+    rows = orjson.loads(as_json.stdout)
+    assert [r["user"] for r in rows] == ["user0", "user1", "user2"]
+    for m, row in zip(made, rows):
+        assert m["token"].startswith(row["prefix"]) and len(row["prefix"]) < len(m["token"]) // 2
+        assert row["prefix"] in listed.stdout
+        assert m["token"] not in listed.stdout and m["token"] not in as_json.stdout
+
+    victim = made[1]
+    revoked = hubcore("token", "revoke", str(victim["id"]), "--config", str(config))
+    assert revoked.returncode == 0, revoked.stderr
+    assert lookup(tmp_path / "hub.db", victim["token"]) is None
+    assert lookup(tmp_path / "hub.db", made[0]["token"]) is not None
+    active = orjson.loads(hubcore("token", "list", "--json", "--config", str(config)).stdout)
+    assert [r["id"] for r in active] == [made[0]["id"], made[2]["id"]]
+    everything = orjson.loads(hubcore("token", "list", "--all", "--json", "--config", str(config)).stdout)
+    assert [r["revoked_at"] is not None for r in everything] == [False, True, False]
+    again = hubcore("token", "revoke", str(victim["id"]), "--config", str(config))
+    assert again.returncode != 0 and str(victim["id"]) in again.stderr
+
+
+# -- config errors -------------------------------------------------------------------------
+
+UPSTREAM = '[[upstream]]\nname = "anthropic"\nkind = "anthropic"\nbase_url = "http://127.0.0.1:9"\n'
+
+
+@pytest.mark.parametrize(
+    ("server", "upstream", "field", "detail"),
+    [
+        ('listen_on = "127.0.0.1:1"\n', "", "server.listen_on", "unknown field"),
+        ('max_connections = "many"\n', "", "server.max_connections", "expected int"),
+        ("", UPSTREAM + 'keys = ["env:HUBCORE_TEST_MISSING_KEY"]\n', "upstream[0].keys[0].key", "HUBCORE_TEST_MISSING_KEY"),
+        ("", UPSTREAM + 'connect_timeout = "soon"\nkeys = ["sk-x"]\n', "upstream[0].connect_timeout", "expected float"),
+    ],
+    ids=["unknown-field", "bad-type", "missing-env-key", "bad-upstream-type"],
+)
+def test_config_errors_name_file_and_field_before_anything_listens(
+    tmp_path: Path, server: str, upstream: str, field: str, detail: str
+) -> None:
+    port = free_port()
+    ops = tmp_path / "ops.sock"
+    db = tmp_path / "hub.db"
+    path = tmp_path / "broken.toml"
+    # The valid part points everything at places the test can watch.
+    path.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\ndatabase = "{db}"\nops_socket = "{ops}"\n{server}\n{upstream}')
+    for command in ("serve", "check-config"):
+        done = hubcore(command, "--config", str(path))
+        assert done.returncode != 0
+        assert str(path) in done.stderr and field in done.stderr and detail in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert not db.exists() and not ops.exists(), "something started before the config was checked"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # nothing holds the port
+
+
+# -- serving with no config ------------------------------------------------------------------
+
+@pytest.fixture
+def default_port_free() -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", DEFAULT_PORT))
+        except OSError:
+            pytest.skip(f"127.0.0.1:{DEFAULT_PORT} is in use; the built-in defaults listen there")
+
+
+def test_serve_without_config_uses_built_in_defaults(tmp_path: Path, default_port_free: None) -> None:
+    vendor_key = "sk-ant-from-the-environment"
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            hubcore_cmd("serve"), stdout=sink, stderr=subprocess.PIPE, cwd=tmp_path,
+            env=cli_env(ANTHROPIC_API_KEY=vendor_key),
+        )
+    try:
+        wait_listening(DEFAULT_PORT, proc)
+        lines = out.read_text().splitlines()
+        token = lines[-1]
+        assert TOKEN_LINE.fullmatch(token), lines
+        with socket.create_connection(("127.0.0.1", DEFAULT_PORT), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert (tmp_path / "hubcore.db").exists()
+        listed = orjson.loads(hubcore("token", "list", "--json", cwd=tmp_path).stdout)
+        assert [(r["user"], token.startswith(r["prefix"])) for r in listed] == [("admin", True)]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=40)
+        assert proc.returncode == 0
+        assert vendor_key not in stderr.decode() and vendor_key not in out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+# -- usage reports ---------------------------------------------------------------------------
+
+SENT = [
+    ("claude-sonnet-4-6", {"input_tokens": 1200, "output_tokens": 300, "cache_read": 50_000, "cache_write_5m": 2_000, "cache_write_1h": 0, "reasoning": 40}),
+    ("claude-sonnet-4-6", {"input_tokens": 800, "output_tokens": 120, "cache_read": 0, "cache_write_5m": 0, "cache_write_1h": 9_000, "reasoning": 0}),
+    ("claude-opus-4-6", {"input_tokens": 100, "output_tokens": 4_000, "cache_read": 150_000, "cache_write_5m": 0, "cache_write_1h": 1_000, "reasoning": 3_000}),
+    ("gpt-5-codex", {"input_tokens": 20_000, "output_tokens": 700, "cache_read": 15_000, "reasoning": 500}),
+]
+
+
+@pytest.fixture
+def reported_hub(hub: HubThread, token: str) -> Iterator[HubThread]:
+    claude = anthropic.Anthropic(base_url=hub.url, api_key=token, max_retries=0)
+    gpt = openai.OpenAI(base_url=hub.url + "/v1", api_key=token, max_retries=0)
+    try:
+        for model, usage in SENT:
+            headers = {"x-fake-usage": orjson.dumps(usage).decode()}
+            if model.startswith("claude"):
+                with claude.messages.stream(model=model, max_tokens=16, messages=[{"role": "user", "content": "hi"}], extra_headers=headers) as stream:
+                    stream.until_done()
+            else:
+                gpt.responses.create(model=model, input="hi", extra_headers=headers)
+        with pytest.raises(anthropic.BadRequestError):
+            claude.messages.create(model="claude-opus-4-6", max_tokens=16, messages=[{"role": "user", "content": "x"}], extra_headers={"x-fake-status": "400"})
+    finally:
+        claude.close()
+        gpt.close()
+    assert len(hub.wait_rows(len(SENT) + 1)) == len(SENT) + 1
+    yield hub
+
+
+def expected_by_model() -> dict[str, dict[str, int]]:
+    prices = PriceTable.load()
+    totals: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for model, usage in SENT:
+        t = totals[model]
+        # The hub's convention: OpenAI's cached tokens are not part of input.
+        uncached = usage["input_tokens"] - (usage["cache_read"] if model.startswith("gpt") else 0)
+        t["requests"] += 1
+        t["input"] += uncached
+        t["output"] += usage["output_tokens"]
+        t["cache_read"] += usage["cache_read"]
+        t["cache_write_5m"] += usage.get("cache_write_5m", 0)
+        t["cache_write_1h"] += usage.get("cache_write_1h", 0)
+        t["reasoning"] += usage["reasoning"]
+        cost = prices.cost_micros(model, uncached, usage["output_tokens"], usage.get("cache_write_5m", 0), usage.get("cache_write_1h", 0), usage["cache_read"])
+        assert cost is not None
+        t["cost_micros"] += cost
+    totals["claude-opus-4-6"]["requests"] += 1  # the 400
+    totals["claude-opus-4-6"]["errors"] += 1
+    return {model: dict(t) for model, t in totals.items()}
+
+
+def report_config(hub: HubThread, tmp_path: Path) -> Path:
+    path = tmp_path / "report.toml"
+    path.write_text(f'[server]\ndatabase = "{hub.config.server.database}"\n')
+    return path
+
+
+def test_usage_by_model_json(reported_hub: HubThread, tmp_path: Path) -> None:
+    done = hubcore("usage", "--by", "model", "--format", "json", "--config", str(report_config(reported_hub, tmp_path)))
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["by"] == "model"
+    expected = expected_by_model()
+    groups = {g["group"]: g for g in report["groups"]}
+    assert set(groups) == set(expected)
+    for model, want in expected.items():
+        got = groups[model]
+        for name, value in want.items():
+            assert got[name] == value, (model, name)
+        assert got["unpriced"] == 0
+        prompt = got["input"] + got["cache_write_5m"] + got["cache_write_1h"] + got["cache_read"]
+        assert got["cache_hit_ratio"] == pytest.approx(got["cache_read"] / prompt)
+    assert report["total"]["requests"] == len(SENT) + 1
+    assert report["total"]["cost_micros"] == sum(w["cost_micros"] for w in expected.values())
+    assert report["total"]["errors"] == 1
+
+
+def test_usage_by_model_csv(reported_hub: HubThread, tmp_path: Path) -> None:
+    done = hubcore("usage", "--by", "model", "--format", "csv", "--config", str(report_config(reported_hub, tmp_path)))
+    assert done.returncode == 0, done.stderr
+    rows = {r["group"]: r for r in csv.DictReader(io.StringIO(done.stdout))}
+    expected = expected_by_model()
+    assert set(rows) == set(expected) | {"TOTAL"}
+    for model, want in expected.items():
+        row = rows[model]
+        for name in ("requests", "input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "reasoning"):
+            assert int(row[name]) == want[name], (model, name)
+        assert row["cost_usd"] == f"{want['cost_micros'] // 1_000_000}.{want['cost_micros'] % 1_000_000:06d}"
+    total_micros = sum(w["cost_micros"] for w in expected.values())
+    assert rows["TOTAL"]["cost_usd"] == f"{total_micros // 1_000_000}.{total_micros % 1_000_000:06d}"
+    assert int(rows["TOTAL"]["requests"]) == len(SENT) + 1
+
+
+def test_usage_report_on_a_fresh_database(config: Path) -> None:
+    done = hubcore("usage", "--by", "user", "--format", "json", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["groups"] == [] and report["total"]["requests"] == 0
+    bad = hubcore("usage", "--since", "yesterday-ish", "--config", str(config))
+    assert bad.returncode != 0 and "yesterday-ish" in bad.stderr
+
