@@ -702,6 +702,16 @@ class KeyRing:
                 soonest = wait
         return soonest
 
+    def rate_limited(self) -> bool:
+        """Whether some key is resting after a 429 (COOLING): the hub's own
+        answer is then a 429, not the 503 of keys that are broken or gone."""
+        now = self._clock()
+        for key in self._keys.values():
+            self._expire(key, now)
+            if key.state is KeyState.COOLING:
+                return True
+        return False
+
     async def wait_available(self, timeout: float, tried: AbstractSet[str] = frozenset()) -> bool:
         """Wait until a key not in `tried` may be usable; False after `timeout` seconds.
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -293,7 +294,8 @@ class Exchange:
     async def _proxy(self, upstream: UpstreamRuntime) -> None:
         cfg = upstream.config
         deadline = self.t0 + cfg.retry_deadline
-        queue_deadline = self.t0 + cfg.queue_timeout
+        # Time queued for a resting key counts against the retry deadline too.
+        queue_deadline = min(self.t0 + cfg.queue_timeout, deadline)
         ring = upstream.ring
         tried: set[str] = set()
         reason: Failure | None = None
@@ -301,15 +303,16 @@ class Exchange:
         last_error: tuple[ResponseHead, bytes] | None = None
         last_exc: UpstreamError | None = None
         while True:
+            if self.gone:
+                # Whatever comes next would be for nobody (and paid for).
+                raise ClientGone()
             lease = ring.acquire(self.session_id, tried, reason, previous)
             if lease is None:
-                wait = ring.next_available_in()
-                now = self.loop.time()
-                if wait is not None and now < queue_deadline and not self.gone:
-                    if await ring.wait_available(queue_deadline - now):
-                        tried.clear()
-                        continue
-                self._give_up(upstream, last_error, last_exc, ring.next_available_in())
+                if await self._wait_for_key(ring, deadline, queue_deadline):
+                    tried.clear()
+                    continue
+                rate_limited_for = ring.next_available_in() if ring.rate_limited() else None
+                self._give_up(upstream, last_error, last_exc, rate_limited_for)
                 return
             self.lease = previous = lease
             self.key_label = lease.label
@@ -325,7 +328,7 @@ class Exchange:
                 self.lease = None
                 last_exc, last_error = e, None
                 reason = _failure_for(e)
-                if final or self.gone:
+                if final:
                     self._give_up(upstream, None, e, None)
                     return
                 continue
@@ -340,7 +343,7 @@ class Exchange:
                 self.lease = None
                 last_error, last_exc = (head, body), None
                 reason = failure
-                if final or self.gone:
+                if final:
                     self._give_up(upstream, last_error, None, None)
                     return
                 continue
@@ -355,9 +358,40 @@ class Exchange:
                     self._give_up(upstream, None, e.error, None)
                     return
                 continue
-            ring.release(lease, failure)
-            self.lease = None
+            # A mid-stream abort has already given the lease back, with its failure.
+            if self.lease is lease:
+                ring.release(lease, failure)
+                self.lease = None
             return
+
+    async def _wait_for_key(self, ring: KeyRing, deadline: float, queue_deadline: float) -> bool:
+        """No untried key is usable: whether to go round the keys again.
+
+        At once when a key already tried is usable again (max_attempts and the
+        deadline bound that); after a wait when keys rest and one frees up
+        within the queue time; not at all when none would (waiting then only
+        delays the same answer).
+        """
+        wait = ring.next_available_in()
+        now = self.loop.time()
+        if wait is None:
+            return False
+        if wait == 0.0:
+            return now < deadline
+        if now + wait > queue_deadline:
+            return False
+        # Wait for a key, or for the client to leave (client_gone fails self.done).
+        gone = self.done = self.loop.create_future()
+        waiting = self.loop.create_task(ring.wait_available(queue_deadline - now))
+        try:
+            await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.done = None
+            if not waiting.done():
+                waiting.cancel()
+        if gone.done():
+            await gone  # raises ClientGone
+        return waiting.result()
 
     async def _send(self, upstream: UpstreamRuntime, lease: Lease) -> ResponseHead:
         request = self.request
@@ -532,10 +566,22 @@ class Exchange:
             headers.append((b"x-should-retry", b"false" if error.status != 429 else b"true"))
         self.respond(error.status, headers, error.body(self.flavour))
 
-    def _give_up(self, upstream: UpstreamRuntime, last_error: tuple[ResponseHead, bytes] | None, last_exc: UpstreamError | None, wait: float | None) -> None:
-        """Every attempt failed: the last vendor error unchanged, marked so
-        that clients do not multiply the load by retrying it themselves."""
+    def _give_up(self, upstream: UpstreamRuntime, last_error: tuple[ResponseHead, bytes] | None, last_exc: UpstreamError | None, rate_limited_for: float | None) -> None:
+        """No attempt succeeded and none more will be made.
+
+        `rate_limited_for` (seconds until a resting key frees up) is given
+        when keys rest after 429s and none frees up within the queue time:
+        the hub's own 429 then tells honestly when to come back. Otherwise
+        the last vendor error, unchanged, marked so that clients do not
+        multiply the load by retrying it themselves; a gateway error when the
+        last attempt got no answer; 503 when no key could be tried at all.
+        """
         self.outcome = "upstream_error"
+        if rate_limited_for is not None:
+            self.error_type = "rate_limit_error"
+            retry_after = b"%d" % max(1, math.ceil(rate_limited_for))
+            self.respond(429, [JSON, (b"retry-after", retry_after)], error_body(self.flavour, 429, f"every {upstream.config.name} key is rate limited; retry after {retry_after.decode()} s"))
+            return
         if last_error is not None:
             head, body = last_error
             self.error_type = f"http_{head.status}"
@@ -551,13 +597,10 @@ class Exchange:
             message = f"upstream {upstream.config.name}: {last_exc}"
             self.respond(status, [JSON, (b"x-should-retry", b"false")], error_body(self.flavour, status, message))
             return
-        if wait is not None:
-            self.error_type = "rate_limit_error"
-            retry_after = b"%d" % max(1, round(wait + 0.5))
-            self.respond(429, [JSON, (b"retry-after", retry_after)], error_body(self.flavour, 429, f"every {upstream.config.name} key is rate limited; retry after {retry_after.decode()} s"))
-            return
         self.error_type = "overloaded_error"
-        self.respond(503, [JSON, (b"retry-after", b"30")], error_body(self.flavour, 503, f"no usable {upstream.config.name} key: all are disabled, dead or their circuits are open"))
+        wait = upstream.ring.next_available_in()
+        retry_after = b"%d" % (30 if wait is None else max(1, math.ceil(wait)))
+        self.respond(503, [JSON, (b"retry-after", retry_after)], error_body(self.flavour, 503, f"no usable {upstream.config.name} key: all are disabled, dead or their circuits are open"))
 
     # -- the usage row -----------------------------------------------------------
     def _record(self) -> None:
@@ -615,11 +658,14 @@ class Exchange:
                 event.error_type = meter.error_type
             if self.outcome == "ok" and self.sse_body and not meter.completed:
                 event.outcome = "upstream_aborted"
-            if self.hub.prices is not None:
-                event.cost_micros = self.hub.prices.cost_micros(
-                    event.model, event.input_tokens, event.output_tokens,
-                    event.cache_write_5m, event.cache_write_1h, event.cache_read,
-                )
+        if self.hub.prices is not None:
+            # Priced even without a meter (errors, count_tokens): a known model
+            # that used no tokens cost 0, and only an unknown model is NULL
+            # (and counted as unpriced).
+            event.cost_micros = self.hub.prices.cost_micros(
+                event.model, event.input_tokens, event.output_tokens,
+                event.cache_write_5m, event.cache_write_1h, event.cache_read,
+            )
         self.hub.recorder.record(event)
         self._log(now, event)
 
