@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
@@ -21,12 +22,27 @@ MESSAGES_BODY = {
 }
 
 
+_clients: list[anthropic.Anthropic | openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def anthropic_client(hub: HubThread, token: str, **kw: object) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=hub.url, api_key=token, max_retries=0, **kw)  # type: ignore[arg-type]
+    kw.setdefault("auth_token" if "auth_token" in kw else "api_key", token)
+    client = anthropic.Anthropic(base_url=hub.url, max_retries=0, **kw)  # type: ignore[arg-type]
+    _clients.append(client)
+    return client
 
 
 def openai_client(hub: HubThread, token: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=hub.url + "/v1", api_key=token, max_retries=0)
+    client = openai.OpenAI(base_url=hub.url + "/v1", api_key=token, max_retries=0)
+    _clients.append(client)
+    return client
 
 
 def assert_vendor_saw_only_vendor_key(vendor: FakeVendor, token: str) -> None:
@@ -97,7 +113,7 @@ def test_messages_streaming_body_forwarded_byte_for_byte(hub: HubThread, vendor:
 
 
 def test_bearer_token_and_count_tokens_and_models(hub: HubThread, vendor: FakeVendor, token: str) -> None:
-    client = anthropic.Anthropic(base_url=hub.url, auth_token=token, max_retries=0)
+    client = anthropic_client(hub, token, auth_token=token, api_key=None)
     count = client.messages.count_tokens(model="claude-sonnet-4-6", messages=[{"role": "user", "content": "hello"}])
     assert count.input_tokens > 0
     models = client.models.list()
