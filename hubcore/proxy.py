@@ -9,6 +9,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,8 @@ RESPONSE_DROP = frozenset(
 )
 JSON = (b"content-type", b"application/json")
 ROOT_BODY = b"hubcore\n"
+# A JSON object after optional whitespace; matched in place, never copied.
+JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
 SESSION_HEADERS = (b"x-claude-code-session-id", b"session_id", b"session-id")
 # Bytes of an error body the hub reads before deciding to retry.
 ERROR_BODY_LIMIT = 1024 * 1024
@@ -232,6 +235,11 @@ class Exchange:
             self.refuse(e)
         except ClientGone:
             self.outcome = "client_aborted"
+        except asyncio.CancelledError:
+            # The drain timeout ran out at shutdown: the hub cut this request.
+            self.outcome = "upstream_aborted" if self.committed else "upstream_error"
+            self.error_type = "hub_shutdown"
+            raise
         finally:
             self._record()
 
@@ -271,7 +279,7 @@ class Exchange:
         if request.method != b"POST":
             return
         body = request.body
-        if not body.lstrip()[:1] == b"{":
+        if body[:1] != b"{" and JSON_OBJECT_START.match(body) is None:
             raise HubError(400, "request body must be a JSON object")
         try:
             model, stream, user_id, cache_key = sse.scan_request(body)

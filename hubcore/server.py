@@ -121,6 +121,12 @@ class HttpProtocol(asyncio.Protocol):
         self.body_parts: list[bytes] = []
         self.body_size = 0
         self.expect_continue = False
+        # Where the parser is in the current message; `phase` says BUSY while
+        # an earlier request is answered, this still knows head from body.
+        self.message_phase = Phase.IDLE
+        # A 100 Continue owed to a request that arrived while another was
+        # being answered: it goes out when that answer is complete.
+        self.continue_due = False
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,7 +146,9 @@ class HttpProtocol(asyncio.Protocol):
         self.last_activity = self.loop.time()
         if self.phase is Phase.IDLE:
             self._set_phase(Phase.HEAD)
-        if self.phase is Phase.HEAD:
+        if self.message_phase is not Phase.BODY:
+            # Counted before parsing, so a head that never ends is caught
+            # even when it arrives while an earlier request is answered.
             self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
@@ -156,7 +164,7 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self._reject(400, f"malformed HTTP request: {e}")
             return
-        if self.phase is Phase.HEAD and self.head_bytes > self.config.max_header_bytes:
+        if self.message_phase is Phase.HEAD and self.head_bytes > self.config.max_header_bytes:
             self._reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -186,6 +194,8 @@ class HttpProtocol(asyncio.Protocol):
         self.body_parts = []
         self.body_size = 0
         self.expect_continue = False
+        self.continue_due = False
+        self.message_phase = Phase.HEAD
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -202,7 +212,11 @@ class HttpProtocol(asyncio.Protocol):
         size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
         if size > self.config.max_header_bytes:
             raise _Reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
-        self._set_phase(Phase.BODY)
+        self.message_phase = Phase.BODY
+        if self.task is None:
+            # While an earlier request is answered the client is waiting for
+            # us, not we for it: no body timer until that answer is done.
+            self._set_phase(Phase.BODY)
         length = -1
         for name, value in self.headers:
             if name == b"content-length":
@@ -214,7 +228,11 @@ class HttpProtocol(asyncio.Protocol):
         if length > self.config.max_body_bytes:
             raise _Reject(413, f"request body larger than {self.config.max_body_bytes} bytes")
         if self.expect_continue and length != 0 and self.transport is not None:
-            self.transport.write(CONTINUE_100)
+            if self.task is None:
+                self.transport.write(CONTINUE_100)
+            else:
+                # Written now it would land inside the running response.
+                self.continue_due = True
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -234,6 +252,9 @@ class HttpProtocol(asyncio.Protocol):
             self.parser.get_http_version(),
         )
         self.body_parts = []
+        self.message_phase = Phase.IDLE
+        self.continue_due = False
+        self.head_bytes = 0
         if self.task is None:
             self._start(request)
         else:
@@ -264,8 +285,12 @@ class HttpProtocol(asyncio.Protocol):
         self._resume_reading()
         if self.server.draining:
             self.close()
-        elif self.phase is Phase.BUSY:
-            self._set_phase(Phase.IDLE)
+            return
+        # Part of the next request may have arrived meanwhile: time it from now.
+        self._set_phase(self.message_phase)
+        if self.continue_due and self.transport is not None:
+            self.continue_due = False
+            self.transport.write(CONTINUE_100)
 
     def finish(self, keep_alive: bool) -> None:
         """The response is fully written; close unless it may be kept alive."""
@@ -347,7 +372,6 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = phase
         self._cancel_timer()
         if phase is Phase.HEAD:
-            self.head_bytes = 0
             timeout = self.config.header_timeout
         elif phase is Phase.BODY:
             timeout = self.config.body_timeout
@@ -369,7 +393,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
             self._reject(408, f"no request body data for {timeout:g} s")
             return
-        if self.phase is Phase.HEAD and self.head_bytes:
+        if self.phase is Phase.HEAD and self.message_phase is Phase.HEAD:
             self._reject(408, f"request head not received within {timeout:g} s")
             return
         self.close()

@@ -260,6 +260,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.state = ConnState.CLOSED
             self._cancel_timers()
             self.pool.forget(self)
+        fut = self.head_future
+        if fut is not None and not fut.done():
+            # Closed by the hub while the head was awaited (the client left,
+            # or shutdown): nobody wants the answer. Cancel the waiter rather
+            # than leave it to the first-byte timeout, and rather than fail it
+            # with an UpstreamError that would be retried on another key.
+            fut.cancel()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
