@@ -590,6 +590,15 @@ class Exchange:
             retry_after = b"%d" % max(1, math.ceil(rate_limited_for))
             self.respond(429, [JSON, (b"retry-after", retry_after)], error_body(self.flavour, 429, f"every {upstream.config.name} key is rate limited; retry after {retry_after.decode()} s"))
             return
+        if last_error is not None and last_error[0].status in (401, 403):
+            # The vendor refused the hub's own keys. Passing that 401/403 on
+            # would tell the developer to log in again, though their hub
+            # token is fine: this is the operator's problem, say so.
+            self.error_type = "vendor_key_refused"
+            self.respond(503, [JSON, (b"retry-after", b"30"), (b"x-should-retry", b"false")], error_body(
+                self.flavour, 503, f"every {upstream.config.name} key was refused by the vendor "
+                f"({last_error[0].status}); the hub operator must replace them"))
+            return
         if last_error is not None:
             head, body = last_error
             self.error_type = f"http_{head.status}"

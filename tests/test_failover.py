@@ -196,6 +196,23 @@ def test_a_key_the_vendor_refuses_is_never_used_again(tmp_path: Path, clients: C
         assert sum(r["attempts"] for r in rows) == 22
 
 
+def test_every_key_refused_by_the_vendor_is_the_operators_503_not_a_401(tmp_path: Path, clients: ClientFactory) -> None:
+    # A vendor 401 passed on would make Claude Code ask the developer to log
+    # in again, though their hub token is fine.
+    keys: dict[str, Behaviour] = {"k-401": 401, "k-403": 403}
+    with FakeVendor(keys) as vendor, running_hub(tmp_path, vendor.url, [key(k) for k in keys]) as (hub, token):
+        client = clients(hub, token)
+        with pytest.raises(anthropic.APIStatusError) as info:
+            ask(client)
+        assert info.value.status_code == 503
+        assert info.value.response.headers["x-should-retry"] == "false"
+        assert "refused by the vendor" in info.value.message
+        assert "k-401" not in info.value.response.text
+        assert vendor.hits == Counter({"k-401": 1, "k-403": 1})
+        (row,) = check_rows(hub, 1, set(keys))
+        assert row["outcome"] == "upstream_error" and row["error_type"] == "vendor_key_refused"
+
+
 def test_circuit_opens_half_opens_and_a_good_probe_closes_it(tmp_path: Path, clients: ClientFactory) -> None:
     keys: dict[str, Behaviour] = {"k-flaky": 500, "k-ok": "ok"}
     with FakeVendor(keys) as vendor, running_hub(
