@@ -21,7 +21,9 @@ KEYS = {
          "in_flight": 2, "requests": 40, "rate_limited": 1, "errors": 0, "last_error": None,
          "priority": 0, "weight": 3, "workspace": "ws-a", "org": "org-1",
          "secret": "sk-ant-must-not-leak"},
-        {"label": WEIRD_LABEL, "state": "cooling", "until": time.time() + 30.0,
+        # `until` is set again by the tests that read it: an import-time
+        # value would have passed by the time a long suite reaches them.
+        {"label": WEIRD_LABEL, "state": "cooling", "until": None,
          "consecutive_failures": 0, "in_flight": 0, "requests": 7, "rate_limited": 5,
          "errors": 0, "last_error": "429 rate_limit_error", "priority": 1, "weight": 1,
          "workspace": "ws-b", "org": "org-2"},
@@ -257,6 +259,7 @@ def test_prometheus_histograms_are_cumulative_with_inf(family: str, attr: str) -
 
 def test_prometheus_key_series_one_hot_state_and_escaped_labels() -> None:
     m = busy_metrics()
+    KEYS["anthropic"][1]["until"] = time.time() + 30.0
     text = m.render_prometheus(KEYS, WRITER, tokens_loaded=0, version="x")
     assert "sk-ant-must-not-leak" not in text
     assert 'key="team \\"a\\"\\\\prod\\nline2"' in text          # escaped on the wire
