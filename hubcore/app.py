@@ -17,6 +17,7 @@ import orjson
 from hubcore import __version__, config as config_mod, sdnotify, store
 from hubcore.config import Config
 from hubcore.errors import ConfigError
+from hubcore.limits import Limiter, load_scope_limits
 from hubcore.metrics import HubMetrics
 from hubcore.ops import OpsServer
 from hubcore.pricing import PriceTable
@@ -42,7 +43,11 @@ class App:
         )
         self.prices = PriceTable.load(_path_or_none(config.server.prices))
         self.metrics = HubMetrics()
-        self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics)
+        # Budgets are charged from each usage event as it is recorded, not
+        # after the database write.
+        self.limiter = Limiter(config.server.budget_timezone)
+        self.recorder.add_listener(self.limiter.on_usage)
+        self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter)
         self.server = Server(config.server, self.hub.handle, loop, self.metrics)
         self.ops: OpsServer | None = None
         if config.server.ops_socket:
@@ -65,6 +70,9 @@ class App:
         self.db = store.connect(cfg.database, check_same_thread=False)
         self.tokens.refresh(self.db, force=True)
         await self.recorder.start()
+        # After the spool replay, before any request: a restart never resets a budget.
+        self.limiter.reload(self.db)
+        self.limiter.rebuild(self.db)
         ssl_context = None
         if cfg.tls_cert:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -111,9 +119,15 @@ class App:
         db = self.db
         if db is None:
             return
+        def refresh() -> Any:
+            # Read in a worker thread; apply on the loop.
+            return load_scope_limits(db) if self.tokens.refresh(db, force) else None
+
         try:
-            if await asyncio.to_thread(self.tokens.refresh, db, force):
-                log.info("tokens reloaded: %d active", len(self.tokens))
+            limits = await asyncio.to_thread(refresh)
+            if limits is not None:
+                self.limiter.update(limits)
+                log.info("tokens and limits reloaded: %d active tokens", len(self.tokens))
         except sqlite3.Error as e:
             log.warning("could not reload tokens (keeping the current table): %s", e)
 

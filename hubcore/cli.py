@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
@@ -23,7 +24,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _with_db(args: argparse.Namespace, run: Any, tz: bool = False) -> int:
+    if not hasattr(args, "config"):
+        args.config = None
+    cfg = _load_config(args)
+    from hubcore import store
+
+    conn = store.connect(cfg.server.database)
+    try:
+        if tz:
+            return int(run(args, conn, tz=cfg.server.budget_timezone))
+        return int(run(args, conn))
+    finally:
+        conn.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from hubcore import admin, opsclient
+
     parser = argparse.ArgumentParser(prog="hubcore", description="A gateway between AI coding clients and vendor APIs.")
     parser.add_argument("--version", action="version", version=f"hubcore {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
@@ -47,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project")
     p.add_argument("--note")
     p.add_argument("--json", action="store_true", help="print a JSON object instead")
+    admin.add_token_limit_arguments(p)
     p.set_defaults(func=cmd_token_create)
+    p = token_sub.add_parser("update", help="change a token's limits")
+    p.add_argument("--config")
+    admin.add_token_update_arguments(p)
+    p.set_defaults(func=lambda a: _with_db(a, admin.run_token_update))
     p = token_sub.add_parser("list", help="list tokens (never the tokens themselves)")
     p.add_argument("--config")
     p.add_argument("--all", action="store_true", help="include revoked tokens")
@@ -58,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_token_revoke)
 
-    from hubcore import opsclient
 
     p = command("stats", "show the running hub's state (over the ops socket)")
     opsclient.add_stats_arguments(p)
@@ -70,11 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     opsclient.add_reload_arguments(p)
     p.set_defaults(func=lambda a: opsclient.run_reload(a, default_socket=_ops_socket(a)))
 
+    p = sub.add_parser("user", help="set and show a user's limits and spend")
+    admin.add_user_arguments(p)
+    p.set_defaults(func=lambda a: _with_db(a, admin.run_user, tz=True))
+    p = sub.add_parser("project", help="set and show a project's limits and spend")
+    admin.add_project_arguments(p)
+    p.set_defaults(func=lambda a: _with_db(a, admin.run_project, tz=True))
+
     p = command("usage", "report usage and cost")
     p.add_argument("--by", default="user", choices=["user", "project", "model", "key", "day", "upstream"])
     p.add_argument("--since", help="ISO 8601 time or date, or relative: 24h, 7d")
     p.add_argument("--until", help="ISO 8601 time or date, or relative: 24h, 7d")
     p.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    admin.add_budget_arguments(p)
     p.set_defaults(func=cmd_usage)
     return parser
 
@@ -137,11 +167,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from hubcore import tokens
+    from hubcore import admin
 
     conn = _open_db(args)
     try:
-        token_id, token = tokens.create(conn, args.user, args.project, args.note)
+        token_id, token = admin.create_token(args, conn)
     finally:
         conn.close()
     if args.json:
@@ -196,8 +226,10 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from hubcore import report
+    from hubcore import admin, report
 
+    if args.budgets:
+        return _with_db(args, admin.run_budgets, tz=True)
     conn = _open_db(args)
     try:
         since = report.parse_time(args.since) if args.since else None

@@ -60,6 +60,9 @@ class ServerConfig:
     prices: str = ""
     usage_queue_max: int = 100_000
     usage_flush_interval: float = 0.2
+    # IANA zone in which the day, week (from Monday) and month budget
+    # windows start; the 5-hour window is rolling and zone-free.
+    budget_timezone: str = "UTC"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +180,12 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
     if server.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: server.log_level: must be debug, info, warning or error")
     _parse_listen(server.listen, source)
+    try:
+        from hubcore.limits import zone
+
+        zone(server.budget_timezone)
+    except ValueError:
+        raise ConfigError(f"{source}: server.budget_timezone: unknown time zone {server.budget_timezone!r}") from None
     if bool(server.tls_cert) != bool(server.tls_key):
         raise ConfigError(f"{source}: server.tls_cert / server.tls_key: set both or neither")
     for name in ("max_header_bytes", "max_body_bytes", "max_connections", "usage_queue_max"):

@@ -110,8 +110,9 @@ class UpstreamRuntime:
 class Hub:
     """Everything the Exchange needs, shared by all connections."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, tokens: TokenTable, recorder: Any, prices: Any, metrics: Any = None) -> None:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, tokens: TokenTable, recorder: Any, prices: Any, metrics: Any = None, limiter: Any = None) -> None:
         self.config = config
+        self.limiter = limiter
         self.loop = loop
         self.tokens = tokens
         self.recorder = recorder
@@ -175,6 +176,7 @@ class Exchange:
         self.session_id: str | None = None
         self.upstream: UpstreamRuntime | None = None
         self.lease: Lease | None = None
+        self.admission: Any = None
         self.key_label: str | None = None
         self.keep_alive = True
         self.attempts = 0
@@ -230,17 +232,27 @@ class Exchange:
             if upstream is None or not upstream.config.keys:
                 raise HubError(503, f"no {route.kind} upstream key is configured", retry_after=30)
             self.upstream = upstream
+            if self.hub.limiter is not None:
+                self.admission = self.hub.limiter.admit(
+                    self.principal, self.model, self.ts, model_required=request.method == b"POST"
+                )
             await self._proxy(upstream)
         except HubError as e:
             self.refuse(e)
         except ClientGone:
             self.outcome = "client_aborted"
         except asyncio.CancelledError:
-            # The drain timeout ran out at shutdown: the hub cut this request.
-            self.outcome = "upstream_aborted" if self.committed else "upstream_error"
-            self.error_type = "hub_shutdown"
+            if self.gone:
+                # The client left while the vendor had not answered yet.
+                self.outcome = "client_aborted"
+            else:
+                # The drain timeout ran out at shutdown: the hub cut this request.
+                self.outcome = "upstream_aborted" if self.committed else "upstream_error"
+                self.error_type = "hub_shutdown"
             raise
         finally:
+            if self.admission is not None:
+                self.admission.release()
             self._record()
 
     def report(self, metrics: Any) -> None:
@@ -271,6 +283,10 @@ class Exchange:
             raise HubError(401, "missing hub token: send it as x-api-key or Authorization: Bearer")
         principal = self.hub.tokens.lookup(token)
         if principal is None:
+            revoked_at = self.hub.tokens.revoked_at(token)
+            if revoked_at is not None:
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(revoked_at))
+                raise HubError(403, f"hub token revoked at {when}", error_type="permission_error", code="token_revoked")
             raise HubError(401, "invalid hub token")
         return principal
 
@@ -566,7 +582,7 @@ class Exchange:
 
     def refuse(self, error: HubError) -> None:
         self.outcome = "refused" if error.status in (401, 403, 429) else "upstream_error" if error.status >= 500 else "refused"
-        self.error_type = error.error_type or error.code or str(error.status)
+        self.error_type = error.code or error.error_type or str(error.status)
         headers = [JSON]
         if error.retry_after is not None:
             headers.append((b"retry-after", b"%d" % max(1, round(error.retry_after))))

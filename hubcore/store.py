@@ -73,6 +73,49 @@ MIGRATIONS: list[str] = [
     CREATE INDEX usage_user_ts ON usage (user, ts);
     CREATE INDEX usage_token_ts ON usage (token_id, ts);
     """,
+    # 2: limits (a JSON object, see hubcore/limits.py) on tokens, users and
+    # projects. Users and projects need no row unless they carry limits; any
+    # change bumps the tokens generation so running servers reload limits too.
+    # The token index gains cost_micros so that rebuilding spend counters at
+    # start reads the index alone, in token order, with no sort (1M rows: a
+    # fraction of a second rather than seconds).
+    """
+    ALTER TABLE tokens ADD COLUMN limits TEXT;
+    DROP INDEX usage_token_ts;
+    CREATE INDEX usage_token_ts_cost ON usage (token_id, ts, cost_micros);
+    CREATE TABLE users (
+        name        TEXT PRIMARY KEY,
+        limits      TEXT,
+        note        TEXT,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL
+    );
+    CREATE TABLE projects (
+        name        TEXT PRIMARY KEY,
+        limits      TEXT,
+        note        TEXT,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL
+    );
+    CREATE TRIGGER users_gen_insert AFTER INSERT ON users BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER users_gen_update AFTER UPDATE ON users BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER users_gen_delete AFTER DELETE ON users BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER projects_gen_insert AFTER INSERT ON projects BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER projects_gen_update AFTER UPDATE ON projects BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER projects_gen_delete AFTER DELETE ON projects BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -13,6 +13,8 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from hubcore.limits import Limits, parse_column
+
 TOKEN_PREFIX = "hc-"
 # 32 random bytes: the token is as hard to guess as a vendor key.
 TOKEN_BYTES = 32
@@ -27,6 +29,8 @@ class Principal:
     user: str
     project: str | None
     prefix: str
+    # The token's own limits (the user's and project's live in the Limiter).
+    limits: Limits | None = None
 
 
 def hash_token(token: str | bytes) -> bytes:
@@ -75,9 +79,21 @@ def generation(conn: sqlite3.Connection) -> int:
 
 def load_table(conn: sqlite3.Connection) -> dict[bytes, Principal]:
     rows = conn.execute(
-        "SELECT id, hash, user, project, prefix FROM tokens WHERE revoked_at IS NULL"
+        "SELECT id, hash, user, project, prefix, limits FROM tokens WHERE revoked_at IS NULL"
     ).fetchall()
-    return {bytes(h): Principal(token_id=i, user=u, project=p, prefix=pre) for i, h, u, p, pre in rows}
+    return {
+        bytes(h): Principal(
+            token_id=i, user=u, project=p, prefix=pre,
+            limits=None if lim is None else parse_column(lim, f"token {i}"),
+        )
+        for i, h, u, p, pre, lim in rows
+    }
+
+
+def load_revoked(conn: sqlite3.Connection) -> dict[bytes, float]:
+    """Hash -> revocation time of every revoked token (so they get a 403, not a 401)."""
+    rows = conn.execute("SELECT hash, revoked_at FROM tokens WHERE revoked_at IS NOT NULL").fetchall()
+    return {bytes(h): float(at) for h, at in rows}
 
 
 class TokenTable:
@@ -85,6 +101,7 @@ class TokenTable:
 
     def __init__(self) -> None:
         self._by_hash: dict[bytes, Principal] = {}
+        self._revoked: dict[bytes, float] = {}
         self._generation = -1
 
     def __len__(self) -> int:
@@ -93,11 +110,16 @@ class TokenTable:
     def lookup(self, token: bytes) -> Principal | None:
         return self._by_hash.get(hashlib.sha256(token).digest())
 
+    def revoked_at(self, token: bytes) -> float | None:
+        """When `token` was revoked; None if it never was (or is unknown)."""
+        return self._revoked.get(hashlib.sha256(token).digest())
+
     def refresh(self, conn: sqlite3.Connection, force: bool = False) -> bool:
         """Reload from the database if the tokens changed; True if reloaded."""
         current = generation(conn)
         if current == self._generation and not force:
             return False
         self._by_hash = load_table(conn)
+        self._revoked = load_revoked(conn)
         self._generation = current
         return True
