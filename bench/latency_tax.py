@@ -442,7 +442,7 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "loadavg_at_start": os.getloadavg()[0],
         "nginx": services.nginx_version(nginx_bin) if nginx_bin else None,
-        "wrk": run([wrk_bin, "-v"]) if wrk_bin else None,
+        "wrk": " ".join(run([wrk_bin, "-v"]).split()[:2]) if wrk_bin else None,
     }
 
 
@@ -472,8 +472,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     p99 = hub.get("added", {}).get("total", {}).get("p99")
     out.append({"target": "c=1, 90 KB body, 20 events: hubcore-added p99 ≤ 1 ms",
                 "figure": None if p99 is None else f"{_us(p99)} µs", "met": None if p99 is None else p99 <= TARGET_ADDED_P99})
-    sat = (report.get("saturation") or {}).get("large/c16")
-    share = sat["hubcore_share_of_nginx_rps"] if sat else None
+    sat: dict[str, Any] = (report.get("saturation") or {}).get("large/c16") or {}
+    share = sat.get("hubcore_share_of_nginx_rps")
     out.append({"target": "c=16: hubcore req/s ≥ 50% of nginx (one worker each)",
                 "figure": None if share is None else f"{share * 100:.0f}% ({sat['paths']['hubcore']['rps']:.0f} vs {sat['paths']['nginx']['rps']:.0f} req/s, 90 KB body)",
                 "met": None if share is None else share >= TARGET_RPS_SHARE})
@@ -504,6 +504,10 @@ def _x(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}x"
 
 
+def _n(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
 def _mb(value: int | None) -> str:
     return "–" if value is None else f"{value / MB:.1f}"
 
@@ -518,7 +522,8 @@ def render(report: dict[str, Any]) -> str:
         f"nginx {env['nginx'] or 'absent'}; {env['wrk'] or 'wrk absent'}. All on 127.0.0.1; "
         "times in µs; *added* = path minus direct at the same percentile; *event* = arrival of each SSE text "
         "delta minus the vendor's send time; CPU = proxy process CPU seconds per 1,000 requests; "
-        f"at c=1 each client waits {C1_THINK_MS:g} ms between requests (as a user does), at c ≥ 16 none.",
+        f"at c=1 each client waits {C1_THINK_MS:g} ms between requests (as a user does), at c ≥ 16 none."
+        + (f" Path `{ALT}` is hubcore run from `{env['compare']}`." if env.get("compare") else ""),
         "",
     ]
     for note in report["notes"]:
@@ -537,7 +542,7 @@ def render(report: dict[str, Any]) -> str:
         for path, row in case["paths"].items():
             added = row.get("added", {})
             lines.append(
-                f"| {sc['name']} | {sc['concurrency']} | {path} | {row['rps']:.0f} | "
+                f"| {sc['name']} | {sc['concurrency']} | {path} | {_n(row['rps'])} | "
                 f"{_us(row['ttfb']['p50'])} | {_us(row['ttfb']['p90'])} | {_us(row['ttfb']['p99'])} | "
                 f"{_us(row['total']['p50'])} | {_us(row['total']['p90'])} | {_us(row['total']['p99'])} | "
                 f"{_us(added.get('total', {}).get('p50'))} | {_us(added.get('total', {}).get('p99'))} | "
@@ -659,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                 "quick": args.quick,
                 "environment": environment(bench.nginx_bin, bench.wrk_bin) | {"hubcore_path": args.hubcore_path, "compare": args.compare},
                 "notes": bench.notes,
-                "plan": {k: v for k, v in plan.__dict__.items() if k not in ("c1", "sweep")},
+                "plan": plan,
                 "hub_idle_rss": bench.idle_rss,
             }
             report["latency"] = bench.latency(plan.c1, plan.c1_seconds)
@@ -674,10 +679,33 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.close()
     report["targets"] = targets(report)
+    report["failures"] = failures(report)
     report["seconds"] = round(time.monotonic() - started, 1)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     sys.stdout.write(render(report))
     print(f"\n({report['seconds']:g} s; figures in {out})")
-    return 0
+    for failure in report["failures"]:
+        print(f"bench: FAILED: {failure}", file=sys.stderr)
+    # Speed is never a failure; wrong answers and lost usage rows are.
+    return 1 if report["failures"] else 0
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """Requests that did not get the vendor's stream, and usage rows missing."""
+    out = []
+    cases = list(report["latency"].values()) + [report["open_streams"]]
+    for case in cases:
+        for path, row in case["paths"].items():
+            if row["errors"] or row["bad_streams"]:
+                out.append(f"{case['scenario']['name']} via {path}: {row['errors']} errors, {row['bad_streams']} bad streams; "
+                           f"first: {row['error_sample']}")
+    for case in (report.get("saturation") or {}).values():
+        for path, row in case["paths"].items():
+            if row["errors"]:
+                out.append(f"wrk {case['body']} body c={case['connections']} via {path}: {row['errors']} errors")
+    acct = report["accounting"]
+    if acct["usage_rows"] != acct["hub_requests"]:
+        out.append(f"accounting: {acct['usage_rows']} usage rows for {acct['hub_requests']} requests through the hub")
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Callable
 
 import orjson
 
@@ -127,7 +128,7 @@ def small_body(seed: int = SEED) -> bytes:
     })
 
 
-BODIES = {"large": large_body, "small": small_body}
+BODIES: dict[str, Callable[[], bytes]] = {"large": large_body, "small": small_body}
 
 
 def claude_code_headers(auth: tuple[bytes, bytes], *, session: str, events: int, pace_ms: float) -> list[tuple[bytes, bytes]]:

@@ -1,12 +1,20 @@
-"""Profile hubcore under the latency-tax load with py-spy: the hub and the fake
-vendor started as `python -m bench` starts them, the load generator at c=1
-and c=16 (90 KB body, 20-event stream), one py-spy recording per level, and
-a summary of where the hub's CPU goes. Run `python -m bench.profile`
-(needs `pip install py-spy` and ptrace rights on the hub process).
+"""Where the hub's CPU goes under the latency-tax load, at c=1 and c=16 (90 KB
+body, 20-event stream): the hub and the fake vendor started as `python -m
+bench` starts them, then either
+
+- `--mode spy` (default): py-spy samples the running hub (`pip install
+  py-spy`; needs ptrace rights); wall-clock samples, so on a busy machine the
+  calls that wake another process (socket writes) look heavier than they are;
+- `--mode calls`: the hub runs under cProfile with a thread-CPU clock and the
+  summary counts Python calls per request, the number to drive down (the hub
+  spends roughly its per-call cost times that count), free of timing noise.
+
+Run `python -m bench.profile [--mode calls]`.
 """
 from __future__ import annotations
 
 import argparse
+import pstats
 import re
 import shutil
 import subprocess
@@ -15,12 +23,27 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from bench import payloads, services
 from bench.latency_tax import RESULTS
 from bench.vendor import raise_fd_limit
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
+# `python -c` program: hubcore's CLI under cProfile timed by this thread's CPU
+# clock (so time spent preempted is not charged); stats dumped at SIGTERM.
+CPROFILE_LAUNCHER = """\
+import cProfile, sys, time
+from hubcore import cli
+out = sys.argv[1]
+profiler = cProfile.Profile(time.thread_time)
+profiler.enable()
+try:
+    cli.main(sys.argv[2:])
+finally:
+    profiler.disable()
+    profiler.dump_stats(out)
+"""
 
 
 def _frame(frame: str) -> tuple[str, str, str]:
@@ -42,7 +65,7 @@ def _is_hub(path: str) -> bool:
     return path.startswith("hubcore/") or ("/hubcore/" in path and "site-packages" not in path)
 
 
-def summarise(raw: Path, top: int = 25) -> str:
+def summarise_spy(raw: Path, top: int = 25) -> str:
     """Self and inclusive shares by function, and the hottest hubcore lines,
     from py-spy's collapsed-stack output."""
     self_fn: Counter[str] = Counter()
@@ -58,7 +81,7 @@ def summarise(raw: Path, top: int = 25) -> str:
         frames = [_frame(f) for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
         if not frames:
             continue
-        func, file, lineno = frames[-1]
+        func, file, _ = frames[-1]
         self_fn[f"{func} ({_short(file)})"] += count
         for name in {f"{fn} ({_short(fl)})" for fn, fl, _ in frames}:
             incl_fn[name] += count
@@ -78,34 +101,56 @@ def summarise(raw: Path, top: int = 25) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(RESULTS / "profile"), help="output directory (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="recording time per concurrency level")
-    parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
-    parser.add_argument("--concurrency", default="1,16", help="comma-separated levels (default: %(default)s)")
-    parser.add_argument("--body", default="large", choices=sorted(payloads.BODIES))
-    parser.add_argument("--events", type=int, default=20)
-    parser.add_argument("--native", action="store_true", help="include native frames (uvloop, httptools, the meter)")
-    parser.add_argument("--hubcore-path", help="run the hub from this source tree instead of this checkout")
-    args = parser.parse_args(argv)
+def summarise_calls(prof: Path, requests: int, top: int = 40) -> str:
+    """Python calls per request, per function and in its whole subtree (the
+    call graph's edge counts pushed down; cycles cut), with thread-CPU shares.
+    The shares are inflated for call-heavy code by the profiler's own cost."""
+    stats: dict[Any, Any] = pstats.Stats(str(prof)).stats  # type: ignore[attr-defined]
+    callees: dict[Any, dict[Any, int]] = {}
+    for func, (_, _, _, _, callers) in stats.items():
+        for caller, edge in callers.items():
+            callees.setdefault(caller, {})[func] = edge[1]
+    memo: dict[Any, float] = {}
+
+    def subtree(func: Any, stack: frozenset[Any] = frozenset()) -> float:
+        if func in memo:
+            return memo[func]
+        if func in stack:
+            return 1.0
+        calls = stats[func][1] or 1
+        total = 1.0 + sum(n / calls * subtree(g, stack | {func}) for g, n in callees.get(func, {}).items())
+        memo[func] = total
+        return total
+
+    cpu = sum(v[2] for v in stats.values()) or 1.0
+    all_calls = sum(v[1] for v in stats.values())
+    rows = []
+    for func, (_, calls, tottime, cumtime, _) in stats.items():
+        per = calls / requests
+        if per >= 0.5 and ("hubcore" in func[0] or "logging" in func[0]):
+            rows.append((per * subtree(func), per, tottime / cpu, cumtime / cpu, func))
+    rows.sort(key=lambda r: -r[0])
+    out = [f"{all_calls / requests:.0f} calls per request (all functions, C included)\n",
+           "calls in subtree/req | calls/req | self CPU | incl CPU | function"]
+    for sub, per, self_share, incl_share, (file, line, name) in rows[:top]:
+        out.append(f"{sub:20.1f} | {per:9.1f} | {self_share * 100:7.1f}% | {incl_share * 100:7.1f}% | {_short(file)}:{line} {name}")
+    return "\n".join(out) + "\n"
+
+
+def _job(hub: services.Hub, level: int, args: argparse.Namespace, duration: float) -> dict[str, Any]:
+    return dict(host="127.0.0.1", port=hub.port, auth_name="x-api-key", auth_value=hub.token,
+                body=args.body, events=args.events, pace_ms=0.0, concurrency=level, duration=duration)
+
+
+def _spy(args: argparse.Namespace, work: Path, vendor: services.Service, gen: services.LoadGen, out: Path) -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         print("py-spy not found: pip install py-spy", file=sys.stderr)
         return 2
-    raise_fd_limit()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="hubcore-profile-"))
-    vendor = services.start_vendor(work)
     hub = services.start_hub(work, "hub", f"http://127.0.0.1:{vendor.port}", 1024, args.hubcore_path)
-    gen = services.LoadGen()
     try:
-        for level in (int(c) for c in args.concurrency.split(",")):
-            job = dict(host="127.0.0.1", port=hub.port, auth_name="x-api-key", auth_value=hub.token,
-                       body=args.body, events=args.events, pace_ms=0.0, concurrency=level, duration=1.0)
-            services.run_jobs([gen], [job])  # warm the pools
+        for level in args.levels:
+            services.run_jobs([gen], [_job(hub, level, args, 1.0)])  # warm the pools
             raw = out / f"hub-c{level}.txt"
             cmd = [py_spy, "record", "--pid", str(hub.pid), "--rate", str(args.rate), "--format", "raw",
                    "--duration", str(round(args.seconds)), "-o", str(raw)]
@@ -115,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)
             cpu0 = services.cpu_seconds(hub.pid)
-            result = services.run_jobs([gen], [job | {"duration": args.seconds - 1.0}])[0]
+            result = services.run_jobs([gen], [_job(hub, level, args, args.seconds - 1.0)])[0]
             cpu = services.cpu_seconds(hub.pid) - cpu0
             _, err = spy.communicate(timeout=args.seconds + 60)
             if spy.returncode != 0:
@@ -123,17 +168,60 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             n = result["requests"]
             header = (f"## hub at c={level}: {n} requests in {result['wall']:.1f} s ({n / result['wall']:.0f} req/s), "
-                      f"hub CPU {cpu:.2f} s ({cpu / max(n, 1) * 1e6:.0f} µs per request, sampled under py-spy)\n")
-            text = header + summarise(raw)
+                      f"hub CPU {cpu:.2f} s ({cpu / max(n, 1) * 1e6:.0f} µs per request, under py-spy)\n")
+            text = header + summarise_spy(raw)
             (out / f"hub-c{level}.summary.txt").write_text(text)
             print(text)
     finally:
-        gen.close()
         hub.stop()
-        vendor.stop()
-        shutil.rmtree(work, ignore_errors=True)
     print(f"(collapsed stacks in {out}; open them in speedscope or flamegraph.pl)")
     return 0
+
+
+def _calls(args: argparse.Namespace, work: Path, vendor: services.Service, gen: services.LoadGen, out: Path) -> int:
+    for level in args.levels:
+        prof = out / f"hub-c{level}.pstats"
+        launcher = [sys.executable, "-c", CPROFILE_LAUNCHER, str(prof)]
+        hub = services.start_hub(work, f"hub-c{level}", f"http://127.0.0.1:{vendor.port}", 1024,
+                                 args.hubcore_path, launcher)
+        try:
+            result = services.run_jobs([gen], [_job(hub, level, args, args.seconds)])[0]
+        finally:
+            hub.stop()  # SIGTERM: the hub drains, the launcher dumps the stats
+        n = result["requests"] + result["warmups"]
+        text = f"## hub at c={level}: {n} requests under cProfile (thread CPU clock)\n" + summarise_calls(prof, n)
+        (out / f"hub-c{level}.calls.txt").write_text(text)
+        print(text)
+    print(f"(cProfile stats in {out}: python -m pstats FILE)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("spy", "calls"), default="spy")
+    parser.add_argument("--out", default=str(RESULTS / "profile"), help="output directory (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="load time per concurrency level")
+    parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated levels (default: %(default)s)")
+    parser.add_argument("--body", default="large", choices=sorted(payloads.BODIES))
+    parser.add_argument("--events", type=int, default=20)
+    parser.add_argument("--native", action="store_true", help="spy: include native frames (uvloop, httptools, the meter)")
+    parser.add_argument("--hubcore-path", help="run the hub from this source tree instead of this checkout")
+    args = parser.parse_args(argv)
+    args.levels = [int(c) for c in args.concurrency.split(",")]
+    raise_fd_limit()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="hubcore-profile-"))
+    vendor = services.start_vendor(work)
+    gen = services.LoadGen()
+    try:
+        return (_calls if args.mode == "calls" else _spy)(args, work, vendor, gen, out)
+    finally:
+        gen.close()
+        vendor.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -158,9 +158,11 @@ pool_max_idle = {pool}
 """
 
 
-def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | None = None) -> Hub:
+def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | None = None,
+              launcher: list[str] | None = None) -> Hub:
     """`hubcore token create` then `hubcore serve --config`, as a user would
-    (hubcore imported from `source` when given: to compare two trees)."""
+    (hubcore imported from `source` when given: to compare two trees;
+    `launcher` replaces `python -m hubcore`, e.g. to run it under a profiler)."""
     d = workdir / name
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -177,7 +179,7 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
     token = made.stdout.strip().splitlines()[-1]
     out = open(d / "stdout.log", "wb")
     err = open(d / "hubcore.log", "wb")
-    proc = subprocess.Popen([*_python(), "-m", "hubcore", "serve", "--config", str(config)],
+    proc = subprocess.Popen([*(launcher or [*_python(), "-m", "hubcore"]), "serve", "--config", str(config)],
                             stdout=out, stderr=err, env=env, cwd=d, preexec_fn=_die_with_parent)
     hub = Hub(name, proc, port, [out, err], token=token, config=config, database=d / "hubcore.db")
     wait_http(port, proc, f"hubcore ({d / 'hubcore.log'})")
