@@ -209,6 +209,12 @@ def setup_logging(config: Config) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # One access line per request: skip the record fields no format here
+    # prints (the caller's file and line, process and thread names).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger("hubcore")
     root.handlers[:] = [handler]
     root.setLevel(config.server.log_level.upper())

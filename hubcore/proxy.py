@@ -191,6 +191,7 @@ class Exchange:
         self.chunked = False
         self.sse_body = False
         self.pending_head: list[bytes] = []
+        self.parts: list[bytes] = []  # body chunks of the current upstream read
         self.done: asyncio.Future[None] | None = None
         self.gone = False
 
@@ -476,7 +477,7 @@ class Exchange:
         self.chunked = head.content_length is None and client_http11
         parts = [status_line(head.status)]
         for name, value in head.headers:
-            if name.lower() not in RESPONSE_DROP:
+            if name not in RESPONSE_DROP:
                 parts.append(name + b": " + value + b"\r\n")
         parts.append(b"x-hubcore-request-id: " + self.request_id.encode() + b"\r\n")
         if head.content_length is not None:
@@ -512,32 +513,50 @@ class Exchange:
 
     # -- BodySink (upstream side) ---------------------------------------------
     def on_body(self, chunk: bytes) -> None:
-        if self.gone:
+        if not self.gone:
+            self.parts.append(chunk)
+
+    def flush(self, end: bool = False) -> None:
+        """Everything one upstream read brought, as one chunk in one write
+        (with the response head before the first, the last chunk after the
+        end): a read of 20 SSE events costs one writev, not 20."""
+        parts = self.parts
+        if self.gone or not (parts or end):
             return
-        if not self.committed:
-            self._commit()
-        if self.chunked:
-            self.protocol.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        self.parts = []
+        if self.committed:
+            out: list[bytes] = []
         else:
-            self.protocol.write(chunk)
+            out = self.pending_head
+            self.pending_head = []
+            self.committed = True
+            self.ttfb = self.loop.time()
+        data = b""
+        if parts:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            if self.chunked:
+                out += (b"%x\r\n" % len(data), data, b"\r\n")
+            else:
+                out.append(data)
+        if end and self.chunked:
+            out.append(b"0\r\n\r\n")
+        self.protocol.writelines(out)
         meter = self.meter
-        if meter is not None:
+        if meter is not None and data:
             try:
-                meter.feed(chunk)
+                meter.feed(data)
             except MeterError as e:
                 log.warning("request %s: metering stopped: %s", self.request_id, e)
                 self.meter = None
 
     def on_complete(self) -> None:
-        if not self.committed:
-            self._commit()
-        if self.chunked:
-            self.protocol.write(b"0\r\n\r\n")
+        self.flush(end=True)
         done = self.done
         if done is not None and not done.done():
             done.set_result(None)
 
     def on_error(self, exc: UpstreamError) -> None:
+        self.flush()  # what arrived before the failure reaches the client first
         done = self.done
         if done is not None and not done.done():
             done.set_exception(exc)

@@ -35,6 +35,8 @@ def _status_line(status: int) -> bytes:
 # Status lines are built once; the vendors' statuses plus the hub's own.
 STATUS_LINES = {s: _status_line(s) for s in [*map(int, HTTPStatus), 529]}
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Request headers that change how the message is framed; checked as they come.
+FRAMING_HEADERS = frozenset({b"content-length", b"expect", b"transfer-encoding"})
 
 
 def status_line(status: int) -> bytes:
@@ -117,6 +119,8 @@ class HttpProtocol(asyncio.Protocol):
         # per-request (the one being parsed)
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.content_length = -1
         self.head_bytes = 0
         self.body_parts: list[bytes] = []
         self.body_size = 0
@@ -191,6 +195,8 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
+        self.head_size = 0
+        self.content_length = -1
         self.body_parts = []
         self.body_size = 0
         self.expect_continue = False
@@ -202,29 +208,32 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+        self.head_size += len(name) + len(value) + 4
+        if name in FRAMING_HEADERS:
+            self._framing_header(name, value)
+        self.headers.append((name, value))
+
+    def _framing_header(self, name: bytes, value: bytes) -> None:
+        if name == b"content-length":
+            self.content_length = int(value)
+        elif name == b"expect":
+            if value.lower() != b"100-continue":
+                raise _Reject(417, "unsupported Expect header")
+            self.expect_continue = True
+        elif value.strip().lower() != b"chunked":
             # Only plain chunked framing is understood end to end; anything
             # else is a classic smuggling vector.
             raise _Reject(400, "unsupported Transfer-Encoding")
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
-        if size > self.config.max_header_bytes:
+        if len(self.url) + self.head_size > self.config.max_header_bytes:
             raise _Reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
         self.message_phase = Phase.BODY
         if self.task is None:
             # While an earlier request is answered the client is waiting for
             # us, not we for it: no body timer until that answer is done.
             self._set_phase(Phase.BODY)
-        length = -1
-        for name, value in self.headers:
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"expect":
-                if value.lower() != b"100-continue":
-                    raise _Reject(417, "unsupported Expect header")
-                self.expect_continue = True
+        length = self.content_length
         if length > self.config.max_body_bytes:
             raise _Reject(413, f"request body larger than {self.config.max_body_bytes} bytes")
         if self.expect_continue and length != 0 and self.transport is not None:

@@ -53,6 +53,7 @@ class ConnectionClosed(UpstreamError):
 
 class BodySink(Protocol):
     def on_body(self, chunk: bytes) -> None: ...
+    def flush(self) -> None: ...  # the end of one read's on_body calls
     def on_complete(self) -> None: ...
     def on_error(self, exc: UpstreamError) -> None: ...
 
@@ -75,16 +76,15 @@ class ResponseHead:
         self.keep_alive = keep_alive
         self.content_length: int | None = None
         self.chunked = False
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length":
+        for name, value in headers:  # names are lower-cased by the parser callback
+            if name == b"content-length":
                 self.content_length = int(value)
-            elif lower == b"transfer-encoding":
+            elif name == b"transfer-encoding":
                 self.chunked = b"chunked" in value.lower()
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
-            if key.lower() == name:
+            if key == name:
                 return value
         return None
 
@@ -129,6 +129,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if self.sink is not None:
+                self.sink.flush()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
         except httptools.HttpParserError as e:
@@ -158,7 +160,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -217,6 +219,7 @@ class UpstreamConnection(asyncio.Protocol):
         held, self.held = self.held, []
         for chunk in held:
             sink.on_body(chunk)
+        sink.flush()
         if self.complete:
             sink.on_complete()
         elif self.failure is not None:
@@ -331,6 +334,9 @@ class _Collector:
         if self.size < self.limit:
             self.parts.append(chunk[: self.limit - self.size])
         self.size += len(chunk)
+
+    def flush(self) -> None:
+        pass
 
     def on_complete(self) -> None:
         if not self.future.done():
