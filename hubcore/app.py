@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from hubcore import __version__, config as config_mod, sdnotify, store
+from hubcore.accesslog import AccessLog
 from hubcore.config import Config
 from hubcore.errors import ConfigError
 from hubcore.limits import Limiter, load_scope_limits
@@ -49,6 +50,8 @@ class App:
         self.recorder.add_listener(self.limiter.on_usage)
         self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter)
         self.server = Server(config.server, self.hub.handle, loop, self.metrics)
+        if logging.getLevelName(config.server.log_level.upper()) <= logging.INFO:
+            self.hub.access = AccessLog(sys.stderr, loop, json=config.server.log_format == "json")
         self.ops: OpsServer | None = None
         if config.server.ops_socket:
             self.ops = OpsServer(
@@ -162,6 +165,8 @@ class App:
         if self._reloader is not None:
             self._reloader.cancel()
         self.hub.close()
+        if self.hub.access is not None:
+            self.hub.access.close()
         await self.recorder.close()
         if self.ops is not None:
             await self.ops.close()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hubcore import sse
+from hubcore.accesslog import AccessLog
 from hubcore.config import Config, UpstreamConfig
 from hubcore.errors import ANTHROPIC, OPENAI, HubError, MeterError, error_body
 from hubcore.keys import Failure, FailureKind, KeyRing, Lease, classify, retryable
@@ -113,6 +114,7 @@ class Hub:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, tokens: TokenTable, recorder: Any, prices: Any, metrics: Any = None, limiter: Any = None) -> None:
         self.config = config
         self.limiter = limiter
+        self.access: AccessLog | None = None
         self.loop = loop
         self.tokens = tokens
         self.recorder = recorder
@@ -191,7 +193,6 @@ class Exchange:
         self.chunked = False
         self.sse_body = False
         self.pending_head: list[bytes] = []
-        self.parts: list[bytes] = []  # body chunks of the current upstream read
         self.done: asyncio.Future[None] | None = None
         self.gone = False
 
@@ -512,35 +513,40 @@ class Exchange:
         return self.protocol.server.draining
 
     # -- BodySink (upstream side) ---------------------------------------------
-    def on_body(self, chunk: bytes) -> None:
+    def on_data(self, parts: list[bytes]) -> None:
+        """Everything one upstream read brought, as one chunk in one write: a
+        read of 20 SSE events costs one writev, not 20."""
         if not self.gone:
-            self.parts.append(chunk)
+            self._write(parts[0] if len(parts) == 1 else b"".join(parts), False)
 
-    def flush(self, end: bool = False) -> None:
-        """Everything one upstream read brought, as one chunk in one write
-        (with the response head before the first, the last chunk after the
-        end): a read of 20 SSE events costs one writev, not 20."""
-        parts = self.parts
-        if self.gone or not (parts or end):
-            return
-        self.parts = []
+    def on_complete(self) -> None:
+        if not self.gone:
+            self._write(b"", True)
+        done = self.done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _write(self, data: bytes, end: bool) -> None:
         if self.committed:
             out: list[bytes] = []
         else:
+            # The response head goes out with the first body bytes.
             out = self.pending_head
             self.pending_head = []
             self.committed = True
             self.ttfb = self.loop.time()
-        data = b""
-        if parts:
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            # No retry is possible from here on: a long stream need not keep
+            # a request body of up to 32 MiB alive.
+            self.request.body = b""
+        if data:
             if self.chunked:
                 out += (b"%x\r\n" % len(data), data, b"\r\n")
             else:
                 out.append(data)
         if end and self.chunked:
             out.append(b"0\r\n\r\n")
-        self.protocol.writelines(out)
+        if out:
+            self.protocol.writelines(out)
         meter = self.meter
         if meter is not None and data:
             try:
@@ -549,23 +555,10 @@ class Exchange:
                 log.warning("request %s: metering stopped: %s", self.request_id, e)
                 self.meter = None
 
-    def on_complete(self) -> None:
-        self.flush(end=True)
-        done = self.done
-        if done is not None and not done.done():
-            done.set_result(None)
-
     def on_error(self, exc: UpstreamError) -> None:
-        self.flush()  # what arrived before the failure reaches the client first
         done = self.done
         if done is not None and not done.done():
             done.set_exception(exc)
-
-    def _commit(self) -> None:
-        self.committed = True
-        self.ttfb = self.loop.time()
-        self.protocol.writelines(self.pending_head)
-        self.pending_head = []
 
     def _abort_midstream(self, exc: UpstreamError) -> None:
         """The vendor failed after the client got bytes: end the stream the
@@ -722,22 +715,16 @@ class Exchange:
         self._log(now, event)
 
     def _log(self, now: float, event: UsageEvent | None = None) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
+        if event is not None:
+            if self.hub.access is not None:
+                self.hub.access.record(event)
             return
-        if event is None:
+        if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "%s %s %s %d %.1fms",
                 self.request_id, self.request.method.decode(), self.request.path.decode("latin-1"),
                 self.status, (now - self.t0) * 1000.0,
             )
-            return
-        access_log.info(
-            "%s user=%s model=%s key=%s status=%d outcome=%s in=%d out=%d cw5m=%d cw1h=%d cr=%d cost_micros=%s ttfb_ms=%s total_ms=%.1f attempts=%d",
-            event.request_id, event.user, event.model, event.key_label, event.status, event.outcome,
-            event.input_tokens, event.output_tokens, event.cache_write_5m, event.cache_write_1h,
-            event.cache_read, event.cost_micros,
-            "-" if event.ttfb_ms is None else "%.1f" % event.ttfb_ms, event.total_ms, event.attempts,
-        )
 
 
 class _RetryBeforeFirstByte(Exception):

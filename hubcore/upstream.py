@@ -4,10 +4,12 @@ parsing with httptools, timeouts and flow control.
 Theory of operation: one `UpstreamConnection` (an asyncio Protocol) carries
 one request at a time. The Exchange awaits the response head (status and
 headers) as a future, because retry decisions are made on it; the body then
-flows by callbacks: each chunk httptools hands to `on_body` goes straight to
-the attached `BodySink` (which writes it to the client and feeds the meter),
-with no task switch and no queue per chunk. Chunks that arrive before a sink
-is attached (in the same read as the head) are held until it is. A slow
+flows by callbacks: the chunks httptools finds in one read are collected by
+`list.append` (a C call, no Python frame per SSE event) and handed to the
+attached `BodySink` together at the end of the read (it writes them to the
+client in one write and feeds the meter), with no task switch and no queue.
+Chunks that arrive before a sink is attached (in the same read as the head)
+are held until it is. A slow
 client pauses this transport's reading (`pause_reading`), which lets TCP push
 back on the vendor, so nothing in between grows without bound.
 
@@ -21,6 +23,7 @@ import enum
 import logging
 import ssl
 from collections import deque
+from types import SimpleNamespace
 from typing import cast, Protocol
 
 import httptools
@@ -52,8 +55,8 @@ class ConnectionClosed(UpstreamError):
 
 
 class BodySink(Protocol):
-    def on_body(self, chunk: bytes) -> None: ...
-    def flush(self) -> None: ...  # the end of one read's on_body calls
+    # The body chunks of one read; the list is reused: consume it in the call.
+    def on_data(self, parts: list[bytes]) -> None: ...
     def on_complete(self) -> None: ...
     def on_error(self, exc: UpstreamError) -> None: ...
 
@@ -95,7 +98,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        # Body chunks go straight into a list: httptools binds its callbacks
+        # once, so the list object stays and is emptied after each delivery.
+        self.body_parts: list[bytes] = []
+        self.parser = httptools.HttpResponseParser(
+            SimpleNamespace(
+                on_header=self.on_header,
+                on_headers_complete=self.on_headers_complete,
+                on_body=self.body_parts.append,
+                on_message_complete=self.on_message_complete,
+            )
+        )
         self.state = ConnState.CONNECTING
         self.reused = False
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -129,8 +142,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-            if self.sink is not None:
-                self.sink.flush()
+            if self.body_parts:
+                self._deliver()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
         except httptools.HttpParserError as e:
@@ -176,16 +189,20 @@ class UpstreamConnection(asyncio.Protocol):
         if fut is not None and not fut.done():
             fut.set_result(head)
 
-    def on_body(self, body: bytes) -> None:
+    def _deliver(self) -> None:
+        parts = self.body_parts
         sink = self.sink
         if sink is not None:
-            sink.on_body(body)
+            sink.on_data(parts)
         else:
-            self.held.append(body)
+            self.held.extend(parts)
+        parts.clear()
 
     def on_message_complete(self) -> None:
         if self.head is None:
             return  # end of a 1xx interim response
+        if self.body_parts:
+            self._deliver()
         self.complete = True
         self.state = ConnState.DONE
         self._cancel_timers()
@@ -200,6 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head = None
         self.sink = None
         self.held = []
+        self.body_parts.clear()
         self.complete = False
         self.failure = None
         self.first_byte_timeout = first_byte_timeout
@@ -217,9 +235,8 @@ class UpstreamConnection(asyncio.Protocol):
         """Start delivering the body to `sink` (held chunks first)."""
         self.sink = sink
         held, self.held = self.held, []
-        for chunk in held:
-            sink.on_body(chunk)
-        sink.flush()
+        if held:
+            sink.on_data(held)
         if self.complete:
             sink.on_complete()
         elif self.failure is not None:
@@ -312,6 +329,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.failure is not None or self.complete:
             return
         self.failure = exc
+        if self.body_parts:
+            self._deliver()  # what arrived before the failure goes out first
         fut = self.head_future
         if fut is not None and not fut.done():
             fut.set_exception(exc)
@@ -330,13 +349,11 @@ class _Collector:
         self.size = 0
         self.limit = limit
 
-    def on_body(self, chunk: bytes) -> None:
-        if self.size < self.limit:
-            self.parts.append(chunk[: self.limit - self.size])
-        self.size += len(chunk)
-
-    def flush(self) -> None:
-        pass
+    def on_data(self, parts: list[bytes]) -> None:
+        for chunk in parts:
+            if self.size < self.limit:
+                self.parts.append(chunk[: self.limit - self.size])
+            self.size += len(chunk)
 
     def on_complete(self) -> None:
         if not self.future.done():

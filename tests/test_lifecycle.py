@@ -217,7 +217,11 @@ def test_sigterm_lets_open_streams_finish(serve_factory: Callable[..., Serve], v
     assert sorted(r["request_id"] for r in rows) == sorted(r[1] for r in results)
     assert {r["outcome"] for r in rows} == {"ok"}
     assert not os.path.exists(s.ops), "the ops socket file outlived the hub"
-    assert "stopped" in s.log_text()
+    log_text = s.log_text()
+    assert "stopped" in log_text
+    # One access line per request, flushed before exit.
+    for row in rows:
+        assert f"access {row['request_id']} user=drain " in log_text
 
 
 def test_sd_notify_ready_once_listening_reloading_and_stopping(serve_factory: Callable[..., Serve]) -> None:
