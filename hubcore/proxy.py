@@ -386,9 +386,22 @@ class Exchange:
                 continue
             # A mid-stream abort has already given the lease back, with its failure.
             if self.lease is lease:
-                ring.release(lease, failure)
+                ring.release(lease, failure or self._in_stream_failure())
                 self.lease = None
             return
+
+    def _in_stream_failure(self) -> Failure | None:
+        """An `error` event inside a 200 stream (the vendor overloaded or
+        failing mid-answer) counts against the key like the same status would."""
+        meter = self.meter
+        error = meter.error_type if meter is not None else None
+        if error is None:
+            return None
+        if error == "overloaded_error":
+            return Failure(FailureKind.OVERLOADED, 529)
+        if error in ("api_error", "server_error"):
+            return Failure(FailureKind.SERVER_ERROR, 500)
+        return None
 
     async def _wait_for_key(self, ring: KeyRing, deadline: float, queue_deadline: float) -> bool:
         """No untried key is usable: whether to go round the keys again.

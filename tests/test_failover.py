@@ -523,6 +523,30 @@ def test_midstream_failure_raises_in_the_sdk_and_is_recorded(tmp_path: Path, mod
         assert ask(client).content[0].text == expected_text()
 
 
+def test_in_stream_overloaded_errors_count_towards_the_circuit(tmp_path: Path, clients: ClientFactory) -> None:
+    # A 200 whose stream carries an overloaded_error event is the vendor
+    # failing on that key as much as a 529 would be.
+    keys: dict[str, Behaviour] = {"k-1": "ok"}
+    with FakeVendor(keys) as vendor, running_hub(
+        tmp_path, vendor.url, [key(k) for k in keys], circuit_threshold=2, circuit_pause=30.0
+    ) as (hub, token):
+        client = clients(hub, token)
+        for expected_state in ("healthy", "open"):
+            with pytest.raises(anthropic.APIStatusError):
+                with client.messages.stream(
+                    model=MODEL, max_tokens=32, messages=MESSAGES,
+                    extra_headers={"x-fake-fail-after": "5", "x-fake-fail-mode": "error-event"},
+                ) as stream:
+                    for _ in stream.text_stream:
+                        pass
+            wait_for(lambda: key_states(hub)["k-1"]["state"] == expected_state)
+        assert key_states(hub)["k-1"]["consecutive_failures"] == 2
+        with pytest.raises(anthropic.APIStatusError) as info:
+            ask(client)
+        assert info.value.status_code == 503  # the circuit is open: the vendor is spared
+        assert len(vendor.requests) == 2
+
+
 # -- Codex-like clients --------------------------------------------------------
 
 
