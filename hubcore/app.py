@@ -41,6 +41,7 @@ class App:
             config.spool_path,
             queue_max=config.server.usage_queue_max,
             flush_interval=config.server.usage_flush_interval,
+            busy_timeout_ms=int(config.server.db_busy_timeout * 1000),
         )
         self.prices = PriceTable.load(_path_or_none(config.server.prices))
         self.metrics = HubMetrics()

@@ -60,6 +60,9 @@ class ServerConfig:
     prices: str = ""
     usage_queue_max: int = 100_000
     usage_flush_interval: float = 0.2
+    # Seconds the usage writer waits for a database lock held by another
+    # process (a backup, a long report) before it spools the batch instead.
+    db_busy_timeout: float = 5.0
     # IANA zone in which the day, week (from Monday) and month budget
     # windows start; the 5-hour window is rolling and zone-free.
     budget_timezone: str = "UTC"

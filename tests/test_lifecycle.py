@@ -33,8 +33,8 @@ KEY_ONE = "sk-ant-lifecycle-one"
 KEY_TWO = "sk-ant-lifecycle-two"
 KEY_NEW = "sk-ant-lifecycle-new"
 # The usage writer waits this long for a locked database before it spools
-# (store.BUSY_TIMEOUT_MS); a lock must outlast it to force the spool.
-BUSY_TIMEOUT_S = 5.0
+# (server.db_busy_timeout, kept small here); a lock outlasts it to force the spool.
+BUSY_TIMEOUT_S = 0.5
 SLOW_STREAM = {"x-fake-events": "10", "x-fake-delay-ms": "100"}
 
 
@@ -274,7 +274,7 @@ def writer(s: Serve) -> dict[str, Any]:
 
 
 def test_locked_database_spools_then_replays(serve_factory: Callable[..., Serve]) -> None:
-    s = serve_factory()
+    s = serve_factory(db_busy_timeout=BUSY_TIMEOUT_S)
     token = mint(s.db, "spool")
     s.start()
     before = [request(s.port, token)[1] for _ in range(5)]
@@ -299,7 +299,7 @@ def test_locked_database_spools_then_replays(serve_factory: Callable[..., Serve]
 
 
 def test_rows_spooled_before_kill_9_are_replayed_on_restart(serve_factory: Callable[..., Serve]) -> None:
-    s = serve_factory()
+    s = serve_factory(db_busy_timeout=BUSY_TIMEOUT_S)
     token = mint(s.db, "crash")
     s.start()
     lock = DatabaseLock(s.db)
