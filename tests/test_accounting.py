@@ -360,7 +360,12 @@ def row_usage(row: dict[str, Any]) -> Usage:
 
 @pytest.fixture
 def accounting_hub(vendor: FakeVendor, tmp_path: Path) -> Iterator[HubThread]:
-    config = make_config(tmp_path, upstreams_for(vendor, stream_idle_timeout=STREAM_IDLE_TIMEOUT, max_attempts=1))
+    # The run injects in-stream vendor errors on purpose; with one key per
+    # vendor they must not open its circuit (they count against the key),
+    # or later requests would be refused instead of metered.
+    config = make_config(tmp_path, upstreams_for(
+        vendor, stream_idle_timeout=STREAM_IDLE_TIMEOUT, max_attempts=1, circuit_threshold=1_000_000,
+    ))
     with HubThread(config) as h:
         yield h
 
