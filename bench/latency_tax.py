@@ -30,7 +30,7 @@ from bench.vendor import raise_fd_limit
 PATHS = ("direct", "nginx", "hubcore")
 ALT = "hubcore-alt"  # --compare: a second hubcore source tree, measured alongside
 RESULTS = Path(__file__).resolve().parent / "results"
-CLIENT_CREDENTIAL = "sk-ant-client-credential-nginx-swaps-it"
+CLIENT_CREDENTIAL = "client-credential-nginx-swaps-it"
 MB = 1024 * 1024
 
 # The issue's targets (issue 7), checked against this run's figures.

@@ -67,8 +67,7 @@ class ConfigError(Exception):
 class HubError(Exception):
     """A request the hub answers itself, with a status and a vendor-shaped body.
 
-    `retry_after` (seconds) becomes a `retry-after` header; `close` asks the
-    server to close the connection after answering (framing is not trusted).
+    `retry_after` (seconds) becomes a `retry-after` header.
     """
 
     def __init__(
@@ -79,7 +78,6 @@ class HubError(Exception):
         error_type: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
-        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -87,7 +85,6 @@ class HubError(Exception):
         self.error_type = error_type
         self.code = code
         self.retry_after = retry_after
-        self.close = close
 
     def body(self, flavour: str) -> bytes:
         return error_body(flavour, self.status, self.message, self.error_type, self.code)

@@ -19,7 +19,7 @@ from hubcore.accesslog import AccessLog
 from hubcore.config import Config, UpstreamConfig
 from hubcore.errors import ANTHROPIC, OPENAI, HubError, MeterError, error_body
 from hubcore.keys import Failure, FailureKind, KeyRing, Lease, classify, retryable
-from hubcore.server import HttpProtocol, Request, status_line
+from hubcore.server import HttpProtocol, Request, flavour_for_path, status_line
 from hubcore.tokens import Principal, TokenTable
 from hubcore.upstream import (
     ConnectFailed,
@@ -124,8 +124,6 @@ class Hub:
         for upstream in config.upstreams:
             if upstream.kind not in self.upstreams:
                 self.upstreams[upstream.kind] = UpstreamRuntime(upstream, loop)
-        self.in_flight = 0
-        self.requests = 0
         self._id_prefix = os.urandom(4).hex()
         self._id_counter = 0
 
@@ -136,15 +134,12 @@ class Hub:
     async def handle(self, request: Request, protocol: HttpProtocol) -> None:
         exchange = Exchange(self, request, protocol)
         protocol.handler = exchange
-        self.in_flight += 1
         metrics = self.metrics
         if metrics is not None:
             metrics.request_started()
         try:
             await exchange.run()
         finally:
-            self.in_flight -= 1
-            self.requests += 1
             if metrics is not None:
                 exchange.report(metrics)
 
@@ -223,7 +218,7 @@ class Exchange:
                 self.respond(200, [(b"content-type", b"text/plain")], ROOT_BODY, head_only=request.method == b"HEAD")
                 return
             self.route = route = self._route(request.path)
-            self.flavour = route.flavour if route else (OPENAI if request.path.startswith((b"/v1/responses", b"/v1/chat")) else ANTHROPIC)
+            self.flavour = route.flavour if route else flavour_for_path(request.path)
             if route is None:
                 raise HubError(404, f"no route for {request.path.decode('latin-1')!r}")
             self.principal = self._authenticate()
@@ -350,10 +345,10 @@ class Exchange:
             try:
                 head = await self._send(upstream, lease)
             except UpstreamError as e:
-                ring.release(lease, _failure_for(e))
+                reason = _failure_for(e)
+                ring.release(lease, reason)
                 self.lease = None
                 last_exc, last_error = e, None
-                reason = _failure_for(e)
                 if final:
                     self._give_up(upstream, None, e, None)
                     return
@@ -376,10 +371,10 @@ class Exchange:
             try:
                 await self._stream(head)
             except _RetryBeforeFirstByte as e:
-                ring.release(lease, _failure_for(e.error))
+                reason = _failure_for(e.error)
+                ring.release(lease, reason)
                 self.lease = None
                 last_exc, last_error = e.error, None
-                reason = _failure_for(e.error)
                 if final:
                     self._give_up(upstream, None, e.error, None)
                     return
@@ -451,7 +446,7 @@ class Exchange:
                 # A pooled connection the vendor closed while idle fails
                 # before any response byte: that is a stale socket, not the
                 # vendor refusing; try once more on a fresh connection.
-                if not (conn.reused and isinstance(e, UpstreamError) and e.before_response and not isinstance(e, UpstreamTimeout)):
+                if not (conn.reused and e.before_response and not isinstance(e, UpstreamTimeout)):
                     raise
         raise AssertionError("unreachable")
 
@@ -512,7 +507,7 @@ class Exchange:
         try:
             await self.done
         except UpstreamError as e:
-            if not self.committed and self.attempts and e.before_response is not None:
+            if not self.committed:
                 self._release_conn()
                 raise _RetryBeforeFirstByte(e) from e
             self._abort_midstream(e)
@@ -606,7 +601,8 @@ class Exchange:
         self.protocol.send_response(status, headers, body, keep_alive=self.request.keep_alive and not self.hub_draining(), head_only=head_only)
 
     def refuse(self, error: HubError) -> None:
-        self.outcome = "refused" if error.status in (401, 403, 429) else "upstream_error" if error.status >= 500 else "refused"
+        # The hub's own answers are refusals, except when it has no upstream to offer.
+        self.outcome = "upstream_error" if error.status >= 500 else "refused"
         self.error_type = error.code or error.error_type or str(error.status)
         headers = [JSON]
         if error.retry_after is not None:

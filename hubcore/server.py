@@ -137,7 +137,6 @@ class HttpProtocol(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.server.connections.add(self)
-        self.server.connections_total += 1
         if self.server.metrics is not None:
             self.server.metrics.connection_opened()
         if len(self.server.connections) > self.config.max_connections or self.server.draining:
@@ -366,7 +365,8 @@ class HttpProtocol(asyncio.Protocol):
             error_body(flavour, status, message),
             keep_alive=False,
         )
-        self.server.rejected += 1
+        if self.server.metrics is not None:
+            self.server.metrics.refuse(f"http_{status}")
 
     def _refuse_connection(self) -> None:
         self.send_response(
@@ -375,7 +375,8 @@ class HttpProtocol(asyncio.Protocol):
             error_body(ANTHROPIC, 503, "hubcore is at its connection limit; retry shortly"),
             keep_alive=False,
         )
-        self.server.refused_connections += 1
+        if self.server.metrics is not None:
+            self.server.metrics.refuse("connection_limit")
 
     def _set_phase(self, phase: Phase) -> None:
         self.phase = phase
@@ -435,9 +436,6 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
         self.servers: list[asyncio.base_events.Server] = []
         self.draining = False
-        self.connections_total = 0
-        self.refused_connections = 0
-        self.rejected = 0
 
     async def start(self, host: str, port: int, ssl: Any = None, sock: Any = None) -> list[tuple[str, int]]:
         if sock is not None:

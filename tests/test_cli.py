@@ -148,7 +148,7 @@ def default_port_free() -> None:
 
 
 def test_serve_without_config_uses_built_in_defaults(tmp_path: Path, default_port_free: None) -> None:
-    vendor_key = "sk-ant-from-the-environment"
+    vendor_key = "vendor-key-from-the-environment"
     out = tmp_path / "out.txt"
     with open(out, "wb") as sink:
         proc = subprocess.Popen(
