@@ -1,6 +1,7 @@
-"""Build hubcore, with the compiled SSE meter unless HUBCORE_NO_EXTENSIONS=1.
+"""Build hubcore, with the compiled SSE meter and HTTP head handling unless
+HUBCORE_NO_EXTENSIONS=1.
 
-The pure-Python twin (hubcore/_sse_py.py) is always installed, so a build
+The pure-Python twins (hubcore/_sse_py.py, hubcore/_wire_py.py) are always installed, so a build
 without a compiler, or with the variable set, still gives a working hub.
 """
 import os
@@ -13,7 +14,10 @@ if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
     from setuptools import Extension
 
     ext_modules = cythonize(
-        [Extension("hubcore._sse", ["hubcore/_sse.pyx"], extra_compile_args=["-O3"])],
+        [
+            Extension("hubcore._sse", ["hubcore/_sse.pyx"], extra_compile_args=["-O3"]),
+            Extension("hubcore._wire", ["hubcore/_wire.pyx"], extra_compile_args=["-O3"]),
+        ],
         compiler_directives={"language_level": "3"},
     )
 

@@ -31,6 +31,7 @@ from hubcore.upstream import (
     client_ssl_context,
 )
 from hubcore.usage import UsageEvent
+from hubcore.wire import render_head
 
 log = logging.getLogger("hubcore.proxy")
 access_log = logging.getLogger("hubcore.access")
@@ -452,21 +453,18 @@ class Exchange:
 
     def _request_head(self, upstream: UpstreamRuntime, secret: str) -> bytes:
         request = self.request
-        parts = [request.method, b" ", upstream.base_path, request.target, b" HTTP/1.1\r\n", upstream.host_header]
-        connection_tokens: set[bytes] = set()
-        for name, value in request.headers:
+        start = b"%s %s%s HTTP/1.1\r\n%s" % (request.method, upstream.base_path, request.target, upstream.host_header)
+        drop: frozenset[bytes] | set[bytes] = REQUEST_DROP
+        for name, value in request.control or ():
             if name == b"connection":
-                connection_tokens.update(t.strip().lower() for t in value.split(b","))
-        for name, value in request.headers:
-            if name in REQUEST_DROP or name in connection_tokens:
-                continue
-            parts.append(name + b": " + value + b"\r\n")
-        parts.append(upstream.auth_header(secret))
-        parts.append(b"accept-encoding: identity\r\n")
+                # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+                named = {t.strip().lower() for t in value.split(b",")}
+                if not named <= drop:
+                    drop = drop | named
+        tail = upstream.auth_header(secret) + b"accept-encoding: identity\r\n"
         if request.body or request.method == b"POST":
-            parts.append(b"content-length: %d\r\n" % len(request.body))
-        parts.append(b"\r\n")
-        return b"".join(parts)
+            tail += b"content-length: %d\r\n" % len(request.body)
+        return render_head(start, request.headers, drop, tail + b"\r\n")
 
     async def _stream(self, head: ResponseHead) -> None:
         """Pass the response through: head held until the first body byte (so
@@ -484,21 +482,16 @@ class Exchange:
         client_http11 = self.request.http_version == "1.1"
         keep_alive = self.request.keep_alive and not self.hub_draining()
         self.chunked = head.content_length is None and client_http11
-        parts = [status_line(head.status)]
-        for name, value in head.headers:
-            if name not in RESPONSE_DROP:
-                parts.append(name + b": " + value + b"\r\n")
-        parts.append(b"x-hubcore-request-id: " + self.request_id.encode() + b"\r\n")
+        tail = b"x-hubcore-request-id: " + self.request_id.encode() + b"\r\n"
         if head.content_length is not None:
-            parts.append(b"content-length: %d\r\n" % head.content_length)
+            tail += b"content-length: %d\r\n" % head.content_length
         elif self.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
+            tail += b"transfer-encoding: chunked\r\n"
         else:
             keep_alive = False
         if not keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        self.pending_head = parts
+            tail += b"connection: close\r\n"
+        self.pending_head = [render_head(status_line(head.status), head.headers, RESPONSE_DROP, tail + b"\r\n")]
         self.keep_alive = keep_alive
         self.done = self.loop.create_future()
         if self.protocol.write_paused:
@@ -527,9 +520,10 @@ class Exchange:
         if not self.gone:
             self._write(parts[0] if len(parts) == 1 else b"".join(parts), False)
 
-    def on_complete(self) -> None:
+    def on_complete(self, parts: list[bytes]) -> None:
+        """The last chunks and the end of the body, in one write."""
         if not self.gone:
-            self._write(b"", True)
+            self._write(parts[0] if len(parts) == 1 else b"".join(parts), True)
         done = self.done
         if done is not None and not done.done():
             done.set_result(None)

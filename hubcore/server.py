@@ -14,12 +14,14 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
+from types import SimpleNamespace
 from typing import cast, Any, Protocol
 
 import httptools
 
 from hubcore.config import ServerConfig
 from hubcore.errors import ANTHROPIC, OPENAI, error_body
+from hubcore.wire import HeaderCollector
 
 log = logging.getLogger("hubcore.server")
 
@@ -35,8 +37,6 @@ def _status_line(status: int) -> bytes:
 # Status lines are built once; the vendors' statuses plus the hub's own.
 STATUS_LINES = {s: _status_line(s) for s in [*map(int, HTTPStatus), 529]}
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Request headers that change how the message is framed; checked as they come.
-FRAMING_HEADERS = frozenset({b"content-length", b"expect", b"transfer-encoding"})
 
 
 def status_line(status: int) -> bytes:
@@ -52,24 +52,33 @@ def flavour_for_path(path: bytes) -> str:
 
 
 class Request:
-    __slots__ = ("method", "path", "query", "target", "headers", "body", "keep_alive", "http_version")
+    __slots__ = ("method", "path", "query", "target", "headers", "index", "control", "body", "keep_alive", "http_version")
 
-    def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool, http_version: str) -> None:
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        head: HeaderCollector,
+        body: bytes,
+        keep_alive: bool,
+        http_version: str,
+    ) -> None:
         self.method = method
         self.target = target
         path, _, query = target.partition(b"?")
         self.path = path
         self.query = query
-        self.headers = headers  # names lower-cased, in order received
+        self.headers: list[tuple[bytes, bytes]] = head.headers  # names lower-cased, in order received
+        self.index: dict[bytes, bytes] = head.index  # each name's first value
+        # Transfer-Encoding, Expect and Connection, in order (None: none came).
+        self.control: list[tuple[bytes, bytes]] | None = head.control
         self.body = body
         self.keep_alive = keep_alive
         self.http_version = http_version
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        """The first value of header `name` (lower-case), or None."""
+        return self.index.get(name)
 
 
 class Handler(Protocol):
@@ -106,7 +115,19 @@ class HttpProtocol(asyncio.Protocol):
         self.loop = server.loop
         self.app = server.app
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # httptools calls on_header for every header: that callback is
+        # compiled (hubcore.wire), the per-message ones stay here.
+        self.head = HeaderCollector()
+        self.parser = httptools.HttpRequestParser(
+            SimpleNamespace(
+                on_message_begin=self.on_message_begin,
+                on_url=self.on_url,
+                on_header=self.head.on_header,
+                on_headers_complete=self.on_headers_complete,
+                on_body=self.on_body,
+                on_message_complete=self.on_message_complete,
+            )
+        )
         self.phase = Phase.IDLE
         self.timer: asyncio.TimerHandle | None = None
         self.last_activity = 0.0
@@ -118,9 +139,6 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = False
         # per-request (the one being parsed)
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
-        self.content_length = -1
         self.head_bytes = 0
         self.body_parts: list[bytes] = []
         self.body_size = 0
@@ -193,9 +211,7 @@ class HttpProtocol(asyncio.Protocol):
     # -- httptools callbacks (never await) ---------------------------------
     def on_message_begin(self) -> None:
         self.url = b""
-        self.headers = []
-        self.head_size = 0
-        self.content_length = -1
+        self.head.reset()
         self.body_parts = []
         self.body_size = 0
         self.expect_continue = False
@@ -205,34 +221,18 @@ class HttpProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        self.head_size += len(name) + len(value) + 4
-        if name in FRAMING_HEADERS:
-            self._framing_header(name, value)
-        self.headers.append((name, value))
-
-    def _framing_header(self, name: bytes, value: bytes) -> None:
-        if name == b"content-length":
-            self.content_length = int(value)
-        elif name == b"expect":
-            if value.lower() != b"100-continue":
-                raise _Reject(417, "unsupported Expect header")
-            self.expect_continue = True
-        elif value.strip().lower() != b"chunked":
-            # Only plain chunked framing is understood end to end; anything
-            # else is a classic smuggling vector.
-            raise _Reject(400, "unsupported Transfer-Encoding")
-
     def on_headers_complete(self) -> None:
-        if len(self.url) + self.head_size > self.config.max_header_bytes:
+        head = self.head
+        if len(self.url) + head.size > self.config.max_header_bytes:
             raise _Reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
+        if head.control is not None:
+            self._control_headers(head.control)
         self.message_phase = Phase.BODY
         if self.task is None:
             # While an earlier request is answered the client is waiting for
             # us, not we for it: no body timer until that answer is done.
             self._set_phase(Phase.BODY)
-        length = self.content_length
+        length = head.content_length
         if length > self.config.max_body_bytes:
             raise _Reject(413, f"request body larger than {self.config.max_body_bytes} bytes")
         if self.expect_continue and length != 0 and self.transport is not None:
@@ -241,6 +241,17 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 # Written now it would land inside the running response.
                 self.continue_due = True
+
+    def _control_headers(self, control: list[tuple[bytes, bytes]]) -> None:
+        for name, value in control:
+            if name == b"expect":
+                if value.lower() != b"100-continue":
+                    raise _Reject(417, "unsupported Expect header")
+                self.expect_continue = True
+            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                # Only plain chunked framing is understood end to end; anything
+                # else is a classic smuggling vector.
+                raise _Reject(400, "unsupported Transfer-Encoding")
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -254,7 +265,7 @@ class HttpProtocol(asyncio.Protocol):
         request = Request(
             self.parser.get_method(),
             self.url,
-            self.headers,
+            self.head,
             body,
             self.parser.should_keep_alive(),
             self.parser.get_http_version(),

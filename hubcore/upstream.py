@@ -28,6 +28,8 @@ from typing import cast, Protocol
 
 import httptools
 
+from hubcore.wire import HeaderCollector
+
 log = logging.getLogger("hubcore.upstream")
 
 
@@ -57,7 +59,9 @@ class ConnectionClosed(UpstreamError):
 class BodySink(Protocol):
     # The body chunks of one read; the list is reused: consume it in the call.
     def on_data(self, parts: list[bytes]) -> None: ...
-    def on_complete(self) -> None: ...
+    # The body is complete; `parts` are its last chunks (maybe none), which
+    # came in the same read: the sink can write them and the end together.
+    def on_complete(self, parts: list[bytes]) -> None: ...
     def on_error(self, exc: UpstreamError) -> None: ...
 
 
@@ -71,25 +75,22 @@ class ConnState(enum.Enum):
 
 
 class ResponseHead:
-    __slots__ = ("status", "headers", "keep_alive", "content_length", "chunked")
+    __slots__ = ("status", "headers", "index", "keep_alive", "content_length", "chunked")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+    def __init__(self, status: int, head: HeaderCollector, keep_alive: bool) -> None:
         self.status = status
-        self.headers = headers
+        self.headers: list[tuple[bytes, bytes]] = head.headers  # names lower-cased, in order
+        self.index: dict[bytes, bytes] = head.index
         self.keep_alive = keep_alive
-        self.content_length: int | None = None
+        self.content_length: int | None = head.content_length if head.content_length >= 0 else None
         self.chunked = False
-        for name, value in headers:  # names are lower-cased by the parser callback
-            if name == b"content-length":
-                self.content_length = int(value)
-            elif name == b"transfer-encoding":
+        for name, value in head.control or ():
+            if name == b"transfer-encoding":
                 self.chunked = b"chunked" in value.lower()
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        """The first value of header `name` (lower-case), or None."""
+        return self.index.get(name)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -101,9 +102,10 @@ class UpstreamConnection(asyncio.Protocol):
         # Body chunks go straight into a list: httptools binds its callbacks
         # once, so the list object stays and is emptied after each delivery.
         self.body_parts: list[bytes] = []
+        self.collector = HeaderCollector()  # compiled: no Python frame per header
         self.parser = httptools.HttpResponseParser(
             SimpleNamespace(
-                on_header=self.on_header,
+                on_header=self.collector.on_header,
                 on_headers_complete=self.on_headers_complete,
                 on_body=self.body_parts.append,
                 on_message_complete=self.on_message_complete,
@@ -115,7 +117,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         # per-request
         self.head_future: asyncio.Future[ResponseHead] | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
         self.head: ResponseHead | None = None
         self.head_at = 0.0
         self.sink: BodySink | None = None
@@ -172,15 +173,12 @@ class UpstreamConnection(asyncio.Protocol):
         pass
 
     # -- httptools callbacks ---------------------------------------------
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200:
-            self.headers = []  # 1xx interim response: the real one follows
+            self.collector.reset()  # 1xx interim response: the real one follows
             return
-        head = ResponseHead(status, self.headers, self.parser.should_keep_alive())
+        head = ResponseHead(status, self.collector, self.parser.should_keep_alive())
         self.head = head
         self.head_at = self.last_activity
         self.state = ConnState.RECEIVING
@@ -201,19 +199,22 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.head is None:
             return  # end of a 1xx interim response
-        if self.body_parts:
-            self._deliver()
         self.complete = True
         self.state = ConnState.DONE
         self._cancel_timers()
-        if self.sink is not None:
-            self.sink.on_complete()
+        sink = self.sink
+        if sink is not None:
+            parts = self.body_parts
+            sink.on_complete(parts)
+            parts.clear()
+        # else the chunks wait in `held` (data_received delivers them there)
+        # for attach(), which completes the sink.
 
     # -- used by the Exchange --------------------------------------------
     def send(self, head: bytes, body: bytes, first_byte_timeout: float, idle_timeout: float) -> asyncio.Future[ResponseHead]:
         assert self.transport is not None
         self.state = ConnState.SENDING
-        self.headers = []
+        self.collector.reset()
         self.head = None
         self.sink = None
         self.held = []
@@ -235,11 +236,12 @@ class UpstreamConnection(asyncio.Protocol):
         """Start delivering the body to `sink` (held chunks first)."""
         self.sink = sink
         held, self.held = self.held, []
+        if self.complete:
+            sink.on_complete(held)
+            return
         if held:
             sink.on_data(held)
-        if self.complete:
-            sink.on_complete()
-        elif self.failure is not None:
+        if self.failure is not None:
             sink.on_error(self.failure)
 
     async def read_body(self, limit: int = 1024 * 1024) -> bytes:
@@ -355,7 +357,8 @@ class _Collector:
                 self.parts.append(chunk[: self.limit - self.size])
             self.size += len(chunk)
 
-    def on_complete(self) -> None:
+    def on_complete(self, parts: list[bytes]) -> None:
+        self.on_data(parts)
         if not self.future.done():
             self.future.set_result(b"".join(self.parts))
 

@@ -214,3 +214,27 @@ def test_upstream_unreachable_is_502(tmp_path: Path) -> None:
         assert "sk-literal-k1" not in info.value.response.text
         (row,) = h.wait_rows(1)
         assert row["outcome"] == "upstream_error" and row["attempts"] == 2
+
+
+def test_hop_by_hop_headers_not_forwarded(hub: HubThread, vendor: FakeVendor, token: str) -> None:
+    """Headers a Connection header names are for this hop only (RFC 9110 7.6.1),
+    like the fixed hop-by-hop set; every other header reaches the vendor as sent."""
+    body = b'{"model":"claude-sonnet-4-6","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}'
+    with socket.create_connection(("127.0.0.1", hub.port)) as s:
+        s.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + token.encode()
+            + b"\r\nConnection: keep-alive, X-Hop-Secret\r\nX-Hop-Secret: 1\r\nKeep-Alive: timeout=5"
+            + b"\r\nConnection: X-Other-Hop\r\nX-Other-Hop: 2\r\nTE: trailers\r\nAnthropic-Version: 2023-06-01"
+            + b"\r\nX-End-To-End: kept\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+            + body
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    seen = vendor.requests[-1]
+    for name in ("x-hop-secret", "x-other-hop", "keep-alive", "te", "connection"):
+        assert seen.header(name) is None, name
+    assert seen.header("x-end-to-end") == "kept"
+    assert seen.header("anthropic-version") == "2023-06-01"
+    assert seen.key_header == "x-api-key"

@@ -1,0 +1,123 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""HTTP head handling on the hot path, compiled: the twin of `_wire_py.py`
+(see there for the contract; tests/test_wire.py holds both to it)."""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_SetDefault
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.set cimport PySet_Contains
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.string cimport memcpy
+
+CONTROL = frozenset({b"transfer-encoding", b"expect", b"connection"})
+
+cdef bytes _CONTENT_LENGTH = b"content-length"
+cdef bytes _TRANSFER_ENCODING = b"transfer-encoding"
+cdef bytes _EXPECT = b"expect"
+cdef bytes _CONNECTION = b"connection"
+
+
+cdef bytes _lower(bytes name):
+    """`name.lower()`, without a copy when it is lower-case already (the usual case)."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(name), i
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(name)
+    cdef unsigned char* q
+    cdef unsigned char c
+    for i in range(n):
+        if 65 <= p[i] <= 90:
+            break
+    else:
+        return name
+    out = PyBytes_FromStringAndSize(NULL, n)
+    q = <unsigned char*>PyBytes_AS_STRING(out)
+    for i in range(n):
+        c = p[i]
+        q[i] = c + 32 if 65 <= c <= 90 else c
+    return out
+
+
+cdef inline bint _named(bytes name, bytes wanted):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
+    return n == PyBytes_GET_SIZE(wanted) and name == wanted
+
+
+cdef class HeaderCollector:
+    cdef public list headers
+    cdef public dict index
+    cdef public Py_ssize_t size
+    cdef public long long content_length
+    cdef public object control
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.headers = []
+        self.index = {}
+        self.size = 0
+        self.content_length = -1
+        self.control = None
+
+    def on_header(self, bytes name not None, bytes value not None):
+        cdef Py_ssize_t i, n
+        cdef const unsigned char* v
+        cdef long long length = 0
+        name = _lower(name)
+        self.size += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
+        if _named(name, _CONTENT_LENGTH):
+            n = PyBytes_GET_SIZE(value)
+            v = <const unsigned char*>PyBytes_AS_STRING(value)
+            if n == 0 or n > 18:
+                raise ValueError(f"invalid Content-Length {value!r}")
+            for i in range(n):
+                if not 48 <= v[i] <= 57:
+                    raise ValueError(f"invalid Content-Length {value!r}")
+                length = length * 10 + (v[i] - 48)
+            self.content_length = length
+        elif _named(name, _TRANSFER_ENCODING) or _named(name, _EXPECT) or _named(name, _CONNECTION):
+            if self.control is None:
+                self.control = []
+            self.control.append((name, value))
+        self.headers.append((name, value))
+        PyDict_SetDefault(self.index, name, value)
+
+
+def render_head(bytes start not None, list headers not None, drop not None, bytes tail not None) -> bytes:
+    cdef Py_ssize_t count = PyList_GET_SIZE(headers), i, total, at, ln, lv
+    cdef object item, name, value
+    cdef char* out
+    cdef list kept = []
+    total = PyBytes_GET_SIZE(start) + PyBytes_GET_SIZE(tail)
+    for i in range(count):
+        item = <object>PyList_GET_ITEM(headers, i)
+        if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+            raise TypeError("headers must be (name, value) tuples")
+        name = <object>PyTuple_GET_ITEM(item, 0)
+        value = <object>PyTuple_GET_ITEM(item, 1)
+        if type(name) is not bytes or type(value) is not bytes:
+            raise TypeError("header names and values must be bytes")
+        if PySet_Contains(drop, name):
+            continue
+        kept.append(item)
+        total += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
+    result = PyBytes_FromStringAndSize(NULL, total)
+    out = PyBytes_AS_STRING(result)
+    at = PyBytes_GET_SIZE(start)
+    memcpy(out, PyBytes_AS_STRING(start), at)
+    for item in kept:
+        name = <object>PyTuple_GET_ITEM(item, 0)
+        value = <object>PyTuple_GET_ITEM(item, 1)
+        ln = PyBytes_GET_SIZE(name)
+        lv = PyBytes_GET_SIZE(value)
+        memcpy(out + at, PyBytes_AS_STRING(name), ln)
+        at += ln
+        out[at] = 58   # ':'
+        out[at + 1] = 32   # ' '
+        at += 2
+        memcpy(out + at, PyBytes_AS_STRING(value), lv)
+        at += lv
+        out[at] = 13
+        out[at + 1] = 10
+        at += 2
+    memcpy(out + at, PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail))
+    return result

@@ -1,0 +1,67 @@
+"""HTTP head handling on the hot path, the pure-Python twin of `_wire.pyx`.
+
+httptools calls `on_header` once per header of every request and response:
+about 45 calls per proxied request. `HeaderCollector` is that callback, and
+`render_head` writes a head back out; the compiled twin does both without a
+Python frame per header. The two twins behave the same (tests/test_wire.py
+runs both); `hubcore.wire` picks one.
+"""
+from __future__ import annotations
+
+# Headers that frame the message or manage the connection: noted as they
+# come, and judged once the head is complete.
+CONTROL = frozenset({b"transfer-encoding", b"expect", b"connection"})
+
+
+class HeaderCollector:
+    """Collects one message's headers, names lower-cased, in order.
+
+    Also keeps, as it goes: the head's size (each header counted as
+    `name: value` plus CRLF), Content-Length as an int (-1 when absent), the
+    Transfer-Encoding, Expect and Connection headers for the caller to judge, and an
+    index from each name to its first value. `reset()` starts the next
+    message; the previous message keeps the list and the index it was given.
+    """
+
+    __slots__ = ("headers", "index", "size", "content_length", "control")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.index: dict[bytes, bytes] = {}
+        self.size = 0
+        self.content_length = -1
+        self.control: list[tuple[bytes, bytes]] | None = None
+
+    def reset(self) -> None:
+        self.headers = []
+        self.index = {}
+        self.size = 0
+        self.content_length = -1
+        self.control = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        self.size += len(name) + len(value) + 4
+        if name == b"content-length":
+            # Digits only: llhttp has checked the value, and int() would
+            # also take signs, spaces and underscores.
+            if not value.isdigit() or len(value) > 18:
+                raise ValueError(f"invalid Content-Length {value!r}")
+            self.content_length = int(value)
+        elif name in CONTROL:
+            if self.control is None:
+                self.control = []
+            self.control.append((name, value))
+        self.headers.append((name, value))
+        self.index.setdefault(name, value)
+
+
+def render_head(start: bytes, headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] | set[bytes], tail: bytes) -> bytes:
+    """`start`, then `name: value` CRLF for every header whose name is not in
+    `drop`, then `tail`, as one bytes object."""
+    parts = [start]
+    for name, value in headers:
+        if name not in drop:
+            parts.append(b"%s: %s\r\n" % (name, value))
+    parts.append(tail)
+    return b"".join(parts)
