@@ -436,7 +436,7 @@ class Exchange:
             conn = await (upstream.pool.connect() if fresh else upstream.pool.acquire())
             self.conn = conn
             try:
-                future = conn.send(head, request.body, cfg.first_byte_timeout, cfg.stream_idle_timeout)
+                future = conn.send(head, request.body, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head)
                 self.sent_at = self.loop.time()
                 response = await future
                 self.head_at = conn.head_at
@@ -466,10 +466,16 @@ class Exchange:
             tail += b"content-length: %d\r\n" % len(request.body)
         return render_head(start, request.headers, drop, tail + b"\r\n")
 
-    async def _stream(self, head: ResponseHead) -> None:
-        """Pass the response through: head held until the first body byte (so
-        a stream that dies before it can still be retried), then every chunk
-        written as it arrives and fed to the meter."""
+    def _on_head(self, head: ResponseHead) -> None:
+        """The response head, as the connection reads it: a response that will
+        not be retried starts streaming here, so the body chunks of the same
+        read go out at once rather than after this request's task wakes up.
+        The task then finds it streaming (see _stream)."""
+        failure = classify(head.status, head.headers)
+        if failure is None or not retryable(failure):
+            self._begin_stream(head)
+
+    def _begin_stream(self, head: ResponseHead) -> None:
         conn = self.conn
         assert conn is not None
         self.head = head
@@ -497,8 +503,17 @@ class Exchange:
         if self.protocol.write_paused:
             conn.pause_reading()
         conn.attach(self)
+
+    async def _stream(self, head: ResponseHead) -> None:
+        """Pass the response through: head held until the first body byte (so
+        a stream that dies before it can still be retried), then every chunk
+        written as it arrives and fed to the meter."""
+        if self.head is not head:
+            self._begin_stream(head)
+        done = self.done
+        assert done is not None
         try:
-            await self.done
+            await done
         except UpstreamError as e:
             if not self.committed:
                 self._release_conn()

@@ -23,6 +23,7 @@ import enum
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import cast, Protocol
 
@@ -117,6 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         # per-request
         self.head_future: asyncio.Future[ResponseHead] | None = None
+        self.on_head: Callable[[ResponseHead], None] | None = None
         self.head: ResponseHead | None = None
         self.head_at = 0.0
         self.sink: BodySink | None = None
@@ -186,6 +188,8 @@ class UpstreamConnection(asyncio.Protocol):
         fut = self.head_future
         if fut is not None and not fut.done():
             fut.set_result(head)
+        if self.on_head is not None:
+            self.on_head(head)
 
     def _deliver(self) -> None:
         parts = self.body_parts
@@ -211,8 +215,20 @@ class UpstreamConnection(asyncio.Protocol):
         # for attach(), which completes the sink.
 
     # -- used by the Exchange --------------------------------------------
-    def send(self, head: bytes, body: bytes, first_byte_timeout: float, idle_timeout: float) -> asyncio.Future[ResponseHead]:
+    def send(
+        self,
+        head: bytes,
+        body: bytes,
+        first_byte_timeout: float,
+        idle_timeout: float,
+        on_head: Callable[[ResponseHead], None] | None = None,
+    ) -> asyncio.Future[ResponseHead]:
+        """Write a request; the future gets the response head. `on_head`, if
+        given, is also called with it as it arrives, in the read that brought
+        it: a caller can attach a sink there and the body chunks of that same
+        read reach it without waiting for the future's waiter to wake."""
         assert self.transport is not None
+        self.on_head = on_head
         self.state = ConnState.SENDING
         self.collector.reset()
         self.head = None
@@ -264,6 +280,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Give the connection back: pooled if the response completed cleanly."""
         self.sink = None
         self.head_future = None
+        self.on_head = None
         if (
             self.state is ConnState.DONE
             and self.head is not None
