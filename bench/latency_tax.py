@@ -423,7 +423,7 @@ class Bench:
 
 
 def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
-    from hubcore import __version__, sse
+    from hubcore import __version__, sse, wire
 
     def run(cmd: list[str]) -> str:
         try:
@@ -437,6 +437,7 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
         "hubcore": __version__,
         "commit": run(["git", "-C", str(services.REPO), "rev-parse", "--short", "HEAD"]),
         "meter": sse.Meter.__module__,
+        "wire": wire.HeaderCollector.__module__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
@@ -517,7 +518,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"## hubcore latency tax — {'quick' if report['quick'] else 'full'} run, {env['date']}",
         "",
-        f"hubcore {env['hubcore']} ({env['commit'] or 'no commit'}, meter `{env['meter']}`), Python {env['python']}, "
+        f"hubcore {env['hubcore']} ({env['commit'] or 'no commit'}, meter `{env['meter']}`, heads `{env.get('wire', '?')}`), Python {env['python']}, "
         f"{env['cpus']} CPUs ({env['cpu_model']}), load average at start {env['loadavg_at_start']:.2f}; "
         f"nginx {env['nginx'] or 'absent'}; {env['wrk'] or 'wrk absent'}. All on 127.0.0.1; "
         "times in µs; *added* = path minus direct at the same percentile; *event* = arrival of each SSE text "
