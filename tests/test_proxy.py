@@ -45,6 +45,16 @@ def openai_client(hub: HubThread, token: str) -> openai.OpenAI:
     return client
 
 
+def send_raw(hub: HubThread, request: bytes) -> bytes:
+    """Everything the hub answers to raw request bytes, until it closes."""
+    with socket.create_connection(("127.0.0.1", hub.port)) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
 def assert_vendor_saw_only_vendor_key(vendor: FakeVendor, token: str) -> None:
     assert vendor.requests, "the vendor saw no request"
     for req in vendor.requests:
@@ -93,15 +103,12 @@ def test_messages_streaming_body_forwarded_byte_for_byte(hub: HubThread, vendor:
     assert vendor.requests[0].header("anthropic-beta") == "prompt-caching-2024-07-31,oauth-2025-04-20"
     assert final.usage.output_tokens > 0
 
-    with socket.create_connection(("127.0.0.1", hub.port)) as s:
-        s.sendall(
-            b"POST /v1/messages?beta=true HTTP/1.1\r\nhost: x\r\nx-api-key: " + token.encode()
-            + b"\r\ncontent-type: application/json\r\nanthropic-version: 2023-06-01\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-            + body
-        )
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+    data = send_raw(
+        hub,
+        b"POST /v1/messages?beta=true HTTP/1.1\r\nhost: x\r\nx-api-key: " + token.encode()
+        + b"\r\ncontent-type: application/json\r\nanthropic-version: 2023-06-01\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        + body,
+    )
     assert data.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"transfer-encoding: chunked" in data.lower()
     assert b"event: message_stop" in data
@@ -174,11 +181,7 @@ def test_missing_and_unknown_token_never_reach_vendor(hub: HubThread, vendor: Fa
 
 
 def test_root_probe_and_unknown_path(hub: HubThread, token: str) -> None:
-    with socket.create_connection(("127.0.0.1", hub.port)) as s:
-        s.sendall(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\nGET /v2/nothing HTTP/1.1\r\nhost: x\r\nx-api-key: " + token.encode() + b"\r\nconnection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+    data = send_raw(hub, b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\nGET /v2/nothing HTTP/1.1\r\nhost: x\r\nx-api-key: " + token.encode() + b"\r\nconnection: close\r\n\r\n")
     assert data.count(b"HTTP/1.1 200 OK") == 2
     assert b"HTTP/1.1 404 Not Found" in data
     body = data.rsplit(b"\r\n\r\n", 1)[1]
@@ -220,17 +223,14 @@ def test_hop_by_hop_headers_not_forwarded(hub: HubThread, vendor: FakeVendor, to
     """Headers a Connection header names are for this hop only (RFC 9110 7.6.1),
     like the fixed hop-by-hop set; every other header reaches the vendor as sent."""
     body = b'{"model":"claude-sonnet-4-6","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}'
-    with socket.create_connection(("127.0.0.1", hub.port)) as s:
-        s.sendall(
-            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + token.encode()
-            + b"\r\nConnection: keep-alive, X-Hop-Secret\r\nX-Hop-Secret: 1\r\nKeep-Alive: timeout=5"
-            + b"\r\nConnection: X-Other-Hop\r\nX-Other-Hop: 2\r\nTE: trailers\r\nAnthropic-Version: 2023-06-01"
-            + b"\r\nX-End-To-End: kept\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-            + body
-        )
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+    data = send_raw(
+        hub,
+        b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + token.encode()
+        + b"\r\nConnection: keep-alive, X-Hop-Secret\r\nX-Hop-Secret: 1\r\nKeep-Alive: timeout=5"
+        + b"\r\nConnection: X-Other-Hop\r\nX-Other-Hop: 2\r\nTE: trailers\r\nAnthropic-Version: 2023-06-01"
+        + b"\r\nX-End-To-End: kept\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        + body,
+    )
     assert data.startswith(b"HTTP/1.1 200 OK\r\n")
     seen = vendor.requests[-1]
     for name in ("x-hop-secret", "x-other-hop", "keep-alive", "te", "connection"):
