@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import sqlite3
@@ -60,12 +61,23 @@ class UsageEvent:
 # The usage table's columns carry the same names as UsageEvent's fields.
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageEvent))
 _row: Callable[[UsageEvent], tuple[Any, ...]] = attrgetter(*FIELDS)
-# OR IGNORE: request_id is UNIQUE, so replaying a spool that was partly
-# written already inserts each event exactly once.
-INSERT_SQL = (
-    f"INSERT OR IGNORE INTO usage ({', '.join(FIELDS)}) "
-    f"VALUES ({', '.join('?' * len(FIELDS))})"
-)
+# Rows per INSERT statement. SQLite runs one statement in one step, and
+# Python's sqlite3 lets go of the GIL around each step and must take it back
+# after: while the event loop is busy that retake waits, so a statement per
+# row would hand the GIL back and forth once per row. Bounded by the smallest
+# default limit of bound parameters (999, SQLite before 3.32).
+ROWS_PER_INSERT = 999 // len(FIELDS)
+
+
+@functools.lru_cache(maxsize=None)
+def insert_sql(rows: int) -> str:
+    """INSERT of `rows` events. OR IGNORE: request_id is UNIQUE, so replaying
+    a spool that was partly written already inserts each event exactly once."""
+    values = f"({', '.join('?' * len(FIELDS))})"
+    return f"INSERT OR IGNORE INTO usage ({', '.join(FIELDS)}) VALUES {', '.join([values] * rows)}"
+
+
+INSERT_SQL = insert_sql(1)
 
 # Everything that can go wrong writing to SQLite: locked past the busy
 # timeout, unwritable file, disk full, corruption (sqlite3.Error), or the
@@ -355,10 +367,20 @@ class UsageRecorder:
         db = self._db
         if db is None:
             raise ValueError("usage database is not open")
+        per = ROWS_PER_INSERT
+        full = len(rows) - len(rows) % per
         await db.execute("BEGIN IMMEDIATE")
         try:
-            cursor = await db.executemany(INSERT_SQL, rows)
-            inserted = cursor.rowcount
+            inserted = 0
+            if full:
+                # executemany's rowcount is the sum over its statements.
+                cursor = await db.executemany(
+                    insert_sql(per), [[v for row in rows[i:i + per] for v in row] for i in range(0, full, per)]
+                )
+                inserted += cursor.rowcount
+            if full < len(rows):
+                cursor = await db.execute(insert_sql(len(rows) - full), [v for row in rows[full:] for v in row])
+                inserted += cursor.rowcount
             await db.execute("COMMIT")
         except BaseException:
             try:

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from hubcore import store
-from hubcore.usage import FIELDS, UsageEvent, UsageRecorder
+from hubcore.usage import FIELDS, ROWS_PER_INSERT, UsageEvent, UsageRecorder
 
 BASE_TS = 1_760_000_000.0
 
@@ -170,6 +170,36 @@ async def test_close_flushes_everything(
     stats = recorder.stats()
     assert (stats["written"], stats["spooled"], stats["queue_depth"]) == (500, 0, 0)
     assert spool_lines(spool) == []
+
+
+async def test_batches_of_many_statements_keep_every_column_and_skip_duplicates(
+    recorder_factory: Callable[..., UsageRecorder], db: Path
+) -> None:
+    """A batch goes in as several multi-row INSERTs (ROWS_PER_INSERT rows
+    each, then the rest): every column of every row lands where it belongs,
+    and duplicates anywhere in the batch are counted as ignored, not written."""
+    events = [make_event(i, user=f"user-{i}", model=f"model-{i % 7}", stop_reason=None if i % 3 else "max_tokens",
+                         ttfb_ms=None if i % 5 == 0 else i / 8) for i in range(3 * ROWS_PER_INSERT + 5)]
+    first = recorder_factory(flush_interval=60.0, batch_max=len(events))
+    await first.start()
+    for event in events[: 2 * ROWS_PER_INSERT]:
+        first.record(event)
+    await first.close()
+    second = recorder_factory(flush_interval=60.0, batch_max=len(events))
+    await second.start()
+    for event in events[ROWS_PER_INSERT:]:  # its first ROWS_PER_INSERT are already written
+        second.record(event)
+    await second.close()
+    stats = second.stats()
+    assert (stats["written"], stats["ignored"]) == (len(events) - 2 * ROWS_PER_INSERT, ROWS_PER_INSERT)
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        stored = [dict(r) for r in conn.execute(f"SELECT {', '.join(FIELDS)} FROM usage ORDER BY request_id")]
+    finally:
+        conn.close()
+    assert stored == [dataclasses.asdict(e) for e in events]
 
 
 async def test_full_queue_spills_to_the_spool_then_replays(
