@@ -151,10 +151,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     conn.close()
 
     app = App(config, loop)
+    devnull = open(os.devnull, "w")
     if args.no_access_log:
         app.hub.access = None
     elif app.hub.access is not None:
-        app.hub.access.stream = devnull = open(os.devnull, "w")  # written as in production, to nowhere
+        app.hub.access.stream = devnull  # formatted and written as in production, to nowhere
     await app.start()
     upstream = app.hub.upstreams["anthropic"]
     stream = Stream(20)
@@ -197,6 +198,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             await one()
         batches.append((time.perf_counter() - w0) / args.requests)
         cpu_batches.append((time.thread_time() - c0) / args.requests)
+        if profiler is not None:
+            profiler.disable()
         # The usage writer's SQLite work runs in its own thread, which gets
         # the GIL only when this one lets go: with no socket waits here that
         # is at the switch interval, so let it catch up between batches
@@ -205,21 +208,18 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         while app.recorder.stats()["queue_depth"]:
             await asyncio.sleep(0.005)
         writer_cpu += time.process_time() - time.thread_time() - t0
-        if profiler is not None:
-            profiler.disable()
-    written_before = app.recorder.stats()["written"]
-    await app.recorder.close()
+    await app.stop()  # as at SIGTERM: drains, flushes the usage writer
     rows = app.recorder.stats()["written"]
+    devnull.close()
     if profiler is not None:
         stats = pstats.Stats(profiler, stream=sys.stdout)
-        stats.sort_stats("tottime").print_stats(args.top)
+        stats.sort_stats(args.sort).print_stats(args.top)
     return {
         "wall_us": statistics.median(batches) * 1e6,
         "loop_cpu_us": statistics.median(cpu_batches) * 1e6,
         "rows": rows,
         "cpu_batches": [v * 1e6 for v in cpu_batches],
         "writer_us": writer_cpu / (args.batches * args.requests) * 1e6,
-        "rows_before_close": written_before,
         "requests": args.batches * args.requests + 200,
     }
 
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--body", choices=sorted(payloads.BODIES), default="large")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions by own time")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumtime, ncalls)")
     parser.add_argument("--no-access-log", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hubcore-hotpath-") as d:
