@@ -2,16 +2,20 @@
 parsing with httptools, timeouts and flow control.
 
 Theory of operation: one `UpstreamConnection` (an asyncio Protocol) carries
-one request at a time. The Exchange awaits the response head (status and
-headers) as a future, because retry decisions are made on it; the body then
-flows by callbacks: the chunks httptools finds in one read are collected by
+one request at a time. Header callbacks go to a compiled `HeaderCollector`
+(hubcore.wire). The Exchange awaits the response head (status and headers)
+as a future, because retry decisions are made on it; it is also called with
+the head as it is parsed (`on_head`), so that a response it will not retry
+gets its sink attached in the read that brought the head. The body then flows
+by callbacks: the chunks httptools finds in one read are collected by
 `list.append` (a C call, no Python frame per SSE event) and handed to the
 attached `BodySink` together at the end of the read (it writes them to the
-client in one write and feeds the meter), with no task switch and no queue.
-Chunks that arrive before a sink is attached (in the same read as the head)
-are held until it is. A slow
-client pauses this transport's reading (`pause_reading`), which lets TCP push
-back on the vendor, so nothing in between grows without bound.
+client in one write and feeds the meter; the read that ends the body hands
+its chunks over with the end), with no task switch and no queue. Chunks that
+arrive while no sink is attached (a response about to be retried, or read
+as an error body) are held until one is. A slow client pauses this
+transport's reading (`pause_reading`), which lets TCP push back on the
+vendor, so nothing in between grows without bound.
 
 A connection goes back to the pool only from the IDLE state, i.e. after a
 complete response with keep-alive; anything else closes it.
