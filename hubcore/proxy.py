@@ -487,13 +487,17 @@ class Exchange:
             self.meter = sse.Meter(route.fmt, self.sse_body)
         client_http11 = self.request.http_version == "1.1"
         keep_alive = self.request.keep_alive and not self.hub_draining()
-        self.chunked = head.content_length is None and client_http11
+        # 204 and 304 answers end at their head (RFC 9112 6.3): framing a
+        # body for them would put bytes on the wire the client reads as the
+        # start of the next response.
+        bodiless = head.status in (204, 304)
+        self.chunked = head.content_length is None and client_http11 and not bodiless
         tail = b"x-hubcore-request-id: " + self.request_id.encode() + b"\r\n"
         if head.content_length is not None:
             tail += b"content-length: %d\r\n" % head.content_length
         elif self.chunked:
             tail += b"transfer-encoding: chunked\r\n"
-        else:
+        elif not bodiless:
             keep_alive = False
         if not keep_alive:
             tail += b"connection: close\r\n"

@@ -644,6 +644,8 @@ SCRIPT: dict[str, tuple[bytes, bool]] = {
         False,
     ),
     "k-ok": (_chunked_stream(), False),
+    "k-no-content": (b"HTTP/1.1 204 No Content\r\nrequest-id: req_scripted\r\n\r\n", False),
+    "k-not-modified": (b"HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n", False),
 }
 
 
@@ -746,3 +748,29 @@ def test_a_stream_dying_before_its_first_event_is_retried_transparently(tmp_path
         (row,) = check_rows(hub, 1, {"k-head-only", "k-ok"})
         assert row["outcome"] == "ok" and row["attempts"] == 2 and row["key_label"] == "k-ok"
         assert (row["input_tokens"], row["output_tokens"]) == (7, 3)
+
+
+@pytest.mark.parametrize("secret, status", [("k-no-content", b"204 No Content"), ("k-not-modified", b"304 Not Modified")])
+def test_bodiless_answers_keep_the_client_connection_framed(tmp_path: Path, secret: str, status: bytes) -> None:
+    """A 204 or 304 ends at its head: the hub adds no chunked body to it, so
+    the next response on the same keep-alive connection reads cleanly."""
+    with ScriptedVendor() as vendor, running_hub(tmp_path, vendor.url, [key(secret)]) as (hub, token):
+        body = b'{"model":"%s","max_tokens":8,"messages":[]}' % MODEL.encode()
+        request = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: " + token.encode()
+                   + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        with socket.create_connection(("127.0.0.1", hub.port), timeout=10) as s:
+            s.sendall(request + request)
+            data = b""
+            while data.count(b"\r\n\r\n") < 2:
+                chunk = s.recv(65536)
+                assert chunk, f"the hub closed the connection after {data!r}"
+                data += chunk
+            s.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                data += s.recv(65536)  # nothing follows the second head
+        first, second, rest = data.split(b"\r\n\r\n")
+        for head in (first, second):
+            assert head.startswith(b"HTTP/1.1 " + status + b"\r\n")
+            assert b"transfer-encoding" not in head.lower() and b"connection: close" not in head.lower()
+        assert rest == b""
+        assert vendor.hits == Counter({secret: 2})
