@@ -511,11 +511,10 @@ class Exchange:
     async def _stream(self, head: ResponseHead) -> None:
         """Pass the response through: head held until the first body byte (so
         a stream that dies before it can still be retried), then every chunk
-        written as it arrives and fed to the meter."""
-        if self.head is not head:
-            self._begin_stream(head)
+        written as it arrives and fed to the meter. `_on_head` has already
+        begun it, in the read that brought `head`."""
         done = self.done
-        assert done is not None
+        assert self.head is head and done is not None
         try:
             await done
         except UpstreamError as e:

@@ -117,12 +117,12 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         # httptools calls on_header for every header: that callback is
         # compiled (hubcore.wire), the per-message ones stay here.
-        self.head = HeaderCollector()
+        self.collector = HeaderCollector()
         self.parser = httptools.HttpRequestParser(
             SimpleNamespace(
                 on_message_begin=self.on_message_begin,
                 on_url=self.on_url,
-                on_header=self.head.on_header,
+                on_header=self.collector.on_header,
                 on_headers_complete=self.on_headers_complete,
                 on_body=self.on_body,
                 on_message_complete=self.on_message_complete,
@@ -211,7 +211,7 @@ class HttpProtocol(asyncio.Protocol):
     # -- httptools callbacks (never await) ---------------------------------
     def on_message_begin(self) -> None:
         self.url = b""
-        self.head.reset()
+        self.collector.reset()
         self.body_parts = []
         self.body_size = 0
         self.expect_continue = False
@@ -222,7 +222,7 @@ class HttpProtocol(asyncio.Protocol):
         self.url += url
 
     def on_headers_complete(self) -> None:
-        head = self.head
+        head = self.collector
         if len(self.url) + head.size > self.config.max_header_bytes:
             raise _Reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
         if head.control is not None:
@@ -265,7 +265,7 @@ class HttpProtocol(asyncio.Protocol):
         request = Request(
             self.parser.get_method(),
             self.url,
-            self.head,
+            self.collector,
             body,
             self.parser.should_keep_alive(),
             self.parser.get_http_version(),
