@@ -33,24 +33,9 @@ from typing import Any
 
 import uvloop
 
-from bench import payloads
+from bench import payloads, services
 from bench.vendor import RESPONSE_HEADERS, Stream
 
-CONFIG = """\
-[server]
-listen = "127.0.0.1:0"
-database = "{dir}/hubcore.db"
-log_level = "info"
-
-[[upstream]]
-name = "anthropic"
-kind = "anthropic"
-base_url = "http://127.0.0.1:9"
-keys = [
-  {{ key = "{key_a}", label = "key-a" }},
-  {{ key = "{key_b}", label = "key-b" }},
-]
-"""
 READ_SIZE = 64 * 1024
 
 
@@ -141,9 +126,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from hubcore.upstream import ConnState, UpstreamConnection
 
     loop = asyncio.get_running_loop()
-    (workdir / "hubcore.toml").write_text(CONFIG.format(dir=workdir, key_a=payloads.VENDOR_KEYS[0],
-                                                        key_b=payloads.VENDOR_KEYS[1]))
-    config = config_mod.load(str(workdir / "hubcore.toml"), env={})
+    # The latency-tax run's hub configuration; its upstream is never dialled
+    # (the pool is filled with replaying connections below).
+    (workdir / "hubcore.toml").write_text(
+        services.HUB_CONFIG.format(port=0, dir=workdir, upstream="http://127.0.0.1:9", pool=2))
+    (workdir / "key-b").write_text(payloads.VENDOR_KEYS[1] + "\n")
+    config = config_mod.load(str(workdir / "hubcore.toml"), env={"BENCH_ANTHROPIC_KEY_A": payloads.VENDOR_KEYS[0]})
     conn = store.connect(config.server.database)
     store.migrate(conn)
     _, token = tokens_mod.create(conn, "bench", "hotpath")
