@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -42,6 +43,18 @@ def mint(database: str | Path, user: str = "alice", project: str | None = None) 
     conn = store.connect(database)
     try:
         return tokens.create(conn, user, project)[1]
+    finally:
+        conn.close()
+
+
+def usage_rows(database: str | Path) -> list[dict[str, Any]]:
+    """Every usage row of a hub's database, in insertion order, by column name
+    (read only: no migration, no pragmas, safe beside a running hub)."""
+    conn = sqlite3.connect(str(database))
+    try:
+        cur = conn.execute("SELECT * FROM usage ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
     finally:
         conn.close()
 
@@ -87,13 +100,7 @@ class HubThread:
         self.loop.close()
 
     def usage_rows(self) -> list[dict[str, Any]]:
-        conn = store.connect(self.config.server.database)
-        try:
-            cur = conn.execute("SELECT * FROM usage ORDER BY id")
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
-        finally:
-            conn.close()
+        return usage_rows(self.config.server.database)
 
     def wait_rows(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hubcore import opsclient
 from tests.fakevendor import OPENAI_KEY, FakeVendor
-from tests.hubharness import REPO, free_port, hubcore_cmd, mint, wait_listening
+from tests.hubharness import REPO, free_port, hubcore_cmd, mint, usage_rows, wait_listening
 
 T = TypeVar("T")
 
@@ -126,13 +126,7 @@ class Serve:
         return self.log.read_text(errors="replace")
 
     def rows(self) -> list[dict[str, Any]]:
-        conn = sqlite3.connect(self.db)
-        try:
-            cur = conn.execute("SELECT * FROM usage ORDER BY id")
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
-        finally:
-            conn.close()
+        return usage_rows(self.db)
 
 
 @pytest.fixture
