@@ -46,11 +46,14 @@ class ClientTransport:
         self.done: asyncio.Future[None] | None = None
         self.bytes = 0
         self.tail = b""
+        self.first_write = 0  # perf_counter_ns of the response's first write
 
     def write(self, data: bytes) -> None:
         self.writelines((data,))
 
     def writelines(self, parts: Any) -> None:
+        if not self.first_write:
+            self.first_write = time.perf_counter_ns()
         for part in parts:
             self.bytes += len(part)
             self.tail = (self.tail + part)[-5:]
@@ -85,12 +88,19 @@ class VendorTransport:
         self.response = response
         self.protocol: Any = None
         self.closing = False
+        self.sent = 0      # perf_counter_ns of the request's write upstream
+        self.answered = 0  # perf_counter_ns of the answer's arrival
+
+    def _answer(self) -> None:
+        self.answered = time.perf_counter_ns()
+        self.protocol.data_received(self.response)
 
     def write(self, data: bytes) -> None:
         self.writelines((data,))
 
     def writelines(self, parts: Any) -> None:
-        self.loop.call_soon(self.protocol.data_received, self.response)
+        self.sent = time.perf_counter_ns()
+        self.loop.call_soon(self._answer)
 
     def is_closing(self) -> bool:
         return self.closing
@@ -149,9 +159,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     stream = Stream(20)
     response = (b"HTTP/1.1 200 OK\r\n" + RESPONSE_HEADERS + b"\r\n"
                 + payloads.STAMP_PLACEHOLDER.join(stream.whole))
+    vendors: list[VendorTransport] = []
     for _ in range(2):
         c = UpstreamConnection(upstream.pool)
         t = VendorTransport(loop, response)
+        vendors.append(t)
         t.protocol = c
         c.connection_made(t)  # type: ignore[arg-type]
         c.state = ConnState.IDLE
@@ -162,14 +174,26 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     proto.connection_made(client)  # type: ignore[arg-type]
     reads = request_bytes(token, payloads.BODIES[args.body]())
 
+    # Per request, ns: first read to the write upstream; the answer's
+    # arrival to the client's first write; that write to the end of the
+    # request's bookkeeping. The first two are what a client waits on.
+    phases: tuple[list[int], list[int], list[int]] = ([], [], [])
+
     async def one() -> None:
         client.done = loop.create_future()
+        client.first_write = 0
+        t0 = time.perf_counter_ns()
         for piece in reads:
             proto.data_received(piece)
         await client.done
         # Let the request's task finish its bookkeeping (usage row, metrics).
         while proto.task is not None:
             await asyncio.sleep(0)
+        end = time.perf_counter_ns()
+        vendor = max(vendors, key=lambda v: v.sent)
+        phases[0].append(vendor.sent - t0)
+        phases[1].append(client.first_write - vendor.answered)
+        phases[2].append(end - client.first_write)
 
     for _ in range(200):
         await one()
@@ -178,6 +202,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     cpu_batches: list[float] = []
     writer_cpu = 0.0
     gc.collect()
+    for phase in phases:
+        phase.clear()
     for _ in range(args.batches):
         if profiler is not None:
             profiler.enable()
@@ -209,6 +235,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "cpu_batches": [v * 1e6 for v in cpu_batches],
         "writer_us": writer_cpu / (args.batches * args.requests) * 1e6,
         "requests": args.batches * args.requests + 200,
+        "phases_us": [statistics.median(p) / 1e3 for p in phases],
     }
 
 
@@ -231,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  per request: {min(result['cpu_batches']):.1f} µs CPU on the event loop's thread in the least "
           f"disturbed of {args.batches} batches of {args.requests} (median {result['loop_cpu_us']:.1f} µs; "
           f"wall {result['wall_us']:.1f} µs)")
+    to_vendor, to_client, after = result["phases_us"]
+    print(f"  critical path (median wall µs): request in → written upstream {to_vendor:.1f}; "
+          f"answer in → first bytes to the client {to_client:.1f}; then to the end of the bookkeeping {after:.1f}")
     print(f"  usage writer thread: {result['writer_us']:.1f} µs CPU per row (written between batches)")
     print("  batches (µs CPU): " + " ".join(f"{v:.0f}" for v in result["cpu_batches"]))
     print(f"  usage rows written: {result['rows']} of {result['requests']} requests")
