@@ -499,6 +499,20 @@ class Limiter:
             scope.in_flight += 1
         return Admission(scopes)
 
+    def needs_model(self, principal: Principal) -> bool:
+        """Whether admitting `principal` depends on the request's model: a
+        model allow-list applies to its token, user or project. When none
+        does, the hub need not read the model before the request goes out."""
+        defined = self._limits
+        for limits in (
+            principal.limits,
+            defined.users.get(principal.user),
+            defined.projects.get(principal.project) if principal.project is not None else None,
+        ):
+            if limits is not None and limits.model_re is not None:
+                return True
+        return False
+
     def _check(self, checks: list[tuple[Limits, _Scope]], model: str | None, now: float, model_required: bool) -> None:
         for limits, scope in checks:
             if limits.error is not None:

@@ -171,6 +171,7 @@ class Exchange:
         self.flavour = ANTHROPIC
         self.principal: Principal | None = None
         self.model: str | None = None
+        self.scanned = False  # model and session read from the body
         self.session_id: str | None = None
         self.upstream: UpstreamRuntime | None = None
         self.lease: Lease | None = None
@@ -225,14 +226,24 @@ class Exchange:
             self.principal = self._authenticate()
             if request.method not in route.methods:
                 raise HubError(405, f"{request.method.decode()} is not allowed on {route.endpoint}")
-            self._scan_body()
+            limiter = self.hub.limiter
+            if request.method == b"POST":
+                self._check_body()
+                self.session_id = self._session_header()
+                # The body is read for the model and session now only when
+                # the request cannot go out without them (a model allow-list,
+                # or a session to keep on its key); otherwise right after it
+                # has gone out, while the vendor works on it.
+                if self.session_id is None or (limiter is not None and limiter.needs_model(self.principal)):
+                    self._scan_body()
             upstream = self.hub.upstreams.get(route.kind)
             if upstream is None or not upstream.config.keys:
                 raise HubError(503, f"no {route.kind} upstream key is configured", retry_after=30)
             self.upstream = upstream
-            if self.hub.limiter is not None:
-                self.admission = self.hub.limiter.admit(
-                    self.principal, self.model, self.ts, model_required=request.method == b"POST"
+            if limiter is not None:
+                self.admission = limiter.admit(
+                    self.principal, self.model, self.ts,
+                    model_required=self.scanned and request.method == b"POST",
                 )
             await self._proxy(upstream)
         except HubError as e:
@@ -288,29 +299,33 @@ class Exchange:
             raise HubError(401, "invalid hub token")
         return principal
 
-    def _scan_body(self) -> None:
-        request = self.request
-        if request.method != b"POST":
-            return
-        body = request.body
+    def _check_body(self) -> None:
+        body = self.request.body
         if body[:1] != b"{" and JSON_OBJECT_START.match(body) is None:
             raise HubError(400, "request body must be a JSON object")
+
+    def _session_header(self) -> str | None:
+        for name in SESSION_HEADERS:
+            value = self.request.header(name)
+            if value:
+                return value.decode("latin-1")
+        return None
+
+    def _scan_body(self) -> None:
+        """Read model, metadata.user_id and prompt_cache_key from a POST
+        body; the session falls back to the latter two."""
+        self.scanned = True
+        body = self.request.body
         try:
             model, stream, user_id, cache_key = sse.scan_request(body)
         except MeterError:
             model = user_id = cache_key = None
         self.model = model
-        session = None
-        for name in SESSION_HEADERS:
-            value = request.header(name)
-            if value:
-                session = value.decode("latin-1")
-                break
-        if session is None and user_id:
-            session = sse.session_from_user_id(user_id)
-        if session is None and cache_key:
-            session = cache_key
-        self.session_id = session
+        if self.session_id is None:
+            if user_id:
+                self.session_id = sse.session_from_user_id(user_id)
+            elif cache_key:
+                self.session_id = cache_key
 
     # -- talking to the vendor ---------------------------------------------
     async def _proxy(self, upstream: UpstreamRuntime) -> None:
@@ -438,6 +453,8 @@ class Exchange:
             try:
                 future = conn.send(head, request.body, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head)
                 self.sent_at = self.loop.time()
+                if not self.scanned and request.method == b"POST":
+                    self._scan_body()
                 response = await future
                 self.head_at = conn.head_at
                 return response
@@ -680,9 +697,11 @@ class Exchange:
             self.outcome = "client_aborted"
         elif self.outcome == "ok" and self.status >= 400:
             self.outcome = "upstream_error"
-        now = self.loop.time()
         principal = self.principal
         route = self.route
+        if not self.scanned and principal is not None and self.request.method == b"POST" and self.request.body:
+            self._scan_body()  # answered before it went out: the row still names the model
+        now = self.loop.time()
         if principal is None or route is None:
             self._log(now)
             return  # unauthenticated: no row (a flood of them must not fill the database)

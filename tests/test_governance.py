@@ -210,6 +210,41 @@ def test_model_allow_list(hub: HubThread, vendor: FakeVendor) -> None:
     assert [r.json()["model"] for r in vendor.requests] == [SONNET]
 
 
+def test_model_allow_list_reads_the_model_of_a_request_that_names_its_session(hub: HubThread, vendor: FakeVendor) -> None:
+    # A session header lets the hub choose a key without reading the body,
+    # which it then reads only after the request went out; an allow-list
+    # must still see the model first, at the token's scope and the user's.
+    session = {"x-claude-code-session-id": "5d0c7a4e-1b2f-4c3d-9e8f-0a1b2c3d4e5f"}
+    _, value = token_with(hub, "alice", Limits(models=("claude-sonnet-*",)))
+    with pytest.raises(anthropic.PermissionDeniedError):
+        ask(client(hub, value), OPUS, session)
+    conn = store.connect(hub.config.server.database)
+    try:
+        assert write_limits(conn, "user", "bob", Limits(models=("claude-sonnet-*",)))
+        conn.commit()
+    finally:
+        conn.close()
+    _, bobs = token_with(hub, "bob", None)  # reloads the limits too
+    with pytest.raises(anthropic.PermissionDeniedError):
+        ask(client(hub, bobs), OPUS, session)
+    assert ask(client(hub, bobs), SONNET, session).type == "message"
+    assert [r.json()["model"] for r in vendor.requests] == [SONNET]
+
+
+def test_a_refused_request_that_names_its_session_leaves_a_row_with_its_model(hub: HubThread, vendor: FakeVendor) -> None:
+    session = {"x-claude-code-session-id": "5d0c7a4e-1b2f-4c3d-9e8f-0a1b2c3d4e5f"}
+    _, value = token_with(hub, "alice", Limits(rpm=1))
+    c = client(hub, value)
+    ask(c, SONNET, session)
+    with pytest.raises(anthropic.RateLimitError):
+        ask(c, OPUS, session)
+    rows = hub.wait_rows(2)
+    assert [(r["outcome"], r["model"], r["session_id"]) for r in rows] == [
+        ("ok", SONNET, session["x-claude-code-session-id"]),
+        ("refused", OPUS, session["x-claude-code-session-id"]),
+    ]
+
+
 def test_expired_and_revoked_tokens_refused(hub: HubThread, vendor: FakeVendor) -> None:
     _, expired = token_with(hub, "alice", Limits(expires_at=time.time() - 60))
     with pytest.raises(anthropic.PermissionDeniedError) as info:

@@ -185,6 +185,17 @@ def test_model_allow_list() -> None:
     limiter.admit(who(2, user="bob", project=None), None, T0, model_required=True).release()
 
 
+def test_needs_model_only_where_an_allow_list_applies() -> None:
+    limiter = Limiter(clock=lambda: T0)
+    assert not limiter.needs_model(who(limits=Limits(rpm=5, budget_day=1)))
+    assert limiter.needs_model(who(limits=Limits(models=("claude-*",))))
+    limiter.update(ScopeLimits(users={"bob": Limits(models=("claude-*",))}, projects={"lab": Limits(models=("gpt-*",))}))
+    assert limiter.needs_model(who(user="bob", project=None))
+    assert limiter.needs_model(who(user="carol", project="lab"))
+    assert not limiter.needs_model(who(user="carol", project="other"))
+    assert not limiter.needs_model(who(user="carol", project=None))
+
+
 def test_expired_token_is_refused_with_the_time() -> None:
     limiter = Limiter("Europe/Berlin", clock=lambda: T0)
     p = who(7, limits=Limits(expires_at=T0))
