@@ -300,8 +300,9 @@ class Exchange:
         return principal
 
     def _check_body(self) -> None:
-        body = self.request.body
-        if body[:1] != b"{" and JSON_OBJECT_START.match(body) is None:
+        request = self.request
+        first = request.parts[0][:1] if request.parts else b""
+        if first != b"{" and JSON_OBJECT_START.match(request.body) is None:
             raise HubError(400, "request body must be a JSON object")
 
     def _session_header(self) -> str | None:
@@ -451,7 +452,7 @@ class Exchange:
             conn = await (upstream.pool.connect() if fresh else upstream.pool.acquire())
             self.conn = conn
             try:
-                future = conn.send(head, request.body, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head)
+                future = conn.send(head, request.parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head)
                 self.sent_at = self.loop.time()
                 if not self.scanned and request.method == b"POST":
                     self._scan_body()
@@ -479,8 +480,8 @@ class Exchange:
                 if not named <= drop:
                     drop = drop | named
         tail = upstream.auth_header(secret) + b"accept-encoding: identity\r\n"
-        if request.body or request.method == b"POST":
-            tail += b"content-length: %d\r\n" % len(request.body)
+        if request.body_size or request.method == b"POST":
+            tail += b"content-length: %d\r\n" % request.body_size
         return render_head(start, request.headers, drop, tail + b"\r\n")
 
     def _on_head(self, head: ResponseHead) -> None:
@@ -574,7 +575,7 @@ class Exchange:
             self.ttfb = self.loop.time()
             # No retry is possible from here on: a long stream need not keep
             # a request body of up to 32 MiB alive.
-            self.request.body = b""
+            self.request.drop_body()
         if data:
             if self.chunked:
                 out += (b"%x\r\n" % len(data), data, b"\r\n")
@@ -699,7 +700,7 @@ class Exchange:
             self.outcome = "upstream_error"
         principal = self.principal
         route = self.route
-        if not self.scanned and principal is not None and self.request.method == b"POST" and self.request.body:
+        if not self.scanned and principal is not None and self.request.method == b"POST" and self.request.parts:
             self._scan_body()  # answered before it went out: the row still names the model
         now = self.loop.time()
         if principal is None or route is None:

@@ -37,6 +37,9 @@ def _status_line(status: int) -> bytes:
 # Status lines are built once; the vendors' statuses plus the hub's own.
 STATUS_LINES = {s: _status_line(s) for s in [*map(int, HTTPStatus), 529]}
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A body that came in more pieces than this (a client's small chunks) is
+# joined at once rather than written upstream piece by piece.
+MAX_BODY_PARTS = 16
 
 
 def status_line(status: int) -> bytes:
@@ -52,14 +55,17 @@ def flavour_for_path(path: bytes) -> str:
 
 
 class Request:
-    __slots__ = ("method", "path", "query", "target", "headers", "index", "control", "body", "keep_alive", "http_version")
+    __slots__ = (
+        "method", "path", "query", "target", "headers", "index", "control", "parts", "body_size",
+        "_body", "keep_alive", "http_version",
+    )
 
     def __init__(
         self,
         method: bytes,
         target: bytes,
         head: HeaderCollector,
-        body: bytes,
+        parts: list[bytes],
         keep_alive: bool,
         http_version: str,
     ) -> None:
@@ -72,9 +78,29 @@ class Request:
         self.index: dict[bytes, bytes] = head.index  # each name's first value
         # Transfer-Encoding, Expect and Connection, in order (None: none came).
         self.control: list[tuple[bytes, bytes]] | None = head.control
-        self.body = body
+        # The body as the reads brought it: it can go upstream as it is, and
+        # is joined only when something reads it whole (see `body`).
+        if len(parts) > MAX_BODY_PARTS:
+            parts = [b"".join(parts)]
+        self.parts = parts
+        self.body_size = sum(map(len, parts)) if len(parts) != 1 else len(parts[0])
+        self._body: bytes | None = b"" if not parts else parts[0] if len(parts) == 1 else None
         self.keep_alive = keep_alive
         self.http_version = http_version
+
+    @property
+    def body(self) -> bytes:
+        """The whole body, joined on first use."""
+        body = self._body
+        if body is None:
+            body = self._body = b"".join(self.parts)
+            self.parts = [body]
+        return body
+
+    def drop_body(self) -> None:
+        """Let go of the body (up to max_body_bytes) once nothing can resend it."""
+        self._body = b""
+        self.parts = []
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower-case), or None."""
@@ -260,13 +286,11 @@ class HttpProtocol(asyncio.Protocol):
         self.body_parts.append(body)
 
     def on_message_complete(self) -> None:
-        parts = self.body_parts
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
         request = Request(
             self.parser.get_method(),
             self.url,
             self.collector,
-            body,
+            self.body_parts,
             self.parser.should_keep_alive(),
             self.parser.get_http_version(),
         )

@@ -222,12 +222,13 @@ class UpstreamConnection(asyncio.Protocol):
     def send(
         self,
         head: bytes,
-        body: bytes,
+        body: list[bytes],
         first_byte_timeout: float,
         idle_timeout: float,
         on_head: Callable[[ResponseHead], None] | None = None,
     ) -> asyncio.Future[ResponseHead]:
-        """Write a request; the future gets the response head. `on_head`, if
+        """Write a request (its head, then its body in pieces, in one write);
+        the future gets the response head. `on_head`, if
         given, is also called with it as it arrives, in the read that brought
         it: a caller can attach a sink there and the body chunks of that same
         read reach it without waiting for the future's waiter to wake."""
@@ -245,7 +246,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_timeout = idle_timeout
         self.head_future = self.loop.create_future()
         if body:
-            self.transport.writelines((head, body))
+            self.transport.writelines([head, *body])
         else:
             self.transport.write(head)
         self.last_activity = self.loop.time()

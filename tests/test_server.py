@@ -307,6 +307,30 @@ def test_chunked_body_within_the_limit_is_forwarded_whole(hub: HubThread, vendor
     assert request.header("content-length") == str(len(PLAIN_BODY))
 
 
+@pytest.mark.parametrize("pieces", [3, 40])
+@pytest.mark.parametrize("lead", [b"", b"\n "])
+def test_a_body_in_many_reads_goes_upstream_whole_and_is_read_for_its_model(hub: HubThread, vendor: FakeVendor, pieces: int, lead: bytes) -> None:
+    # The hub writes a body upstream in the pieces it arrived in (joined at
+    # once past a few): with a session header it need not read the body
+    # before. It must still check it is a JSON object (also after leading
+    # whitespace) and read the model for the usage row.
+    token = hub_token(hub)
+    body = lead + PLAIN_BODY
+    request = messages_request(token, body, extra=b"x-claude-code-session-id: 7f0c1e2d\r\n")
+    start = len(request) - len(body)
+    wire = Wire(hub.port)
+    wire.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    wire.send(request[:start])
+    step = -(-len(body) // pieces)
+    for i in range(0, len(body), step):
+        time.sleep(0.003)  # apart, so that the hub reads them apart
+        wire.send(body[i:i + step])
+    assert wire.response().status == 200
+    assert vendor.requests[0].body == body
+    (row,) = hub.wait_rows(1)
+    assert row["model"] == "claude-sonnet-4-6" and row["outcome"] == "ok"
+
+
 def test_body_exactly_at_the_limit_is_forwarded(hub: HubThread, vendor: FakeVendor) -> None:
     token = hub_token(hub)
     limit = LIMITS["max_body_bytes"]
