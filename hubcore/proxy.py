@@ -17,6 +17,7 @@ from typing import Any
 from hubcore import sse
 from hubcore.accesslog import AccessLog
 from hubcore.config import Config, UpstreamConfig
+from hubcore.deadlines import sweep_interval
 from hubcore.errors import ANTHROPIC, OPENAI, HubError, MeterError, error_body
 from hubcore.keys import Failure, FailureKind, KeyRing, Lease, classify, retryable
 from hubcore.server import HttpProtocol, Request, flavour_for_path, status_line
@@ -92,6 +93,7 @@ class UpstreamRuntime:
             connect_timeout=config.connect_timeout,
             max_idle=config.pool_max_idle,
             idle_timeout=config.pool_idle_timeout,
+            sweep_every=sweep_interval(config.first_byte_timeout, config.stream_idle_timeout, config.pool_idle_timeout),
         )
         self.ring = KeyRing(config.name, list(config.keys), config.policy)
         default_port = 443 if config.scheme == "https" else 80

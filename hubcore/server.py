@@ -20,6 +20,7 @@ from typing import cast, Any, Protocol
 import httptools
 
 from hubcore.config import ServerConfig
+from hubcore.deadlines import Sweeper, sweep_interval
 from hubcore.errors import ANTHROPIC, OPENAI, error_body
 from hubcore.wire import HeaderCollector
 
@@ -155,7 +156,10 @@ class HttpProtocol(asyncio.Protocol):
             )
         )
         self.phase = Phase.IDLE
-        self.timer: asyncio.TimerHandle | None = None
+        # When the Server's sweeper must look at this connection (loop time,
+        # 0.0: never), and the timeout of the phase that set it.
+        self.deadline = 0.0
+        self.timeout = 0.0
         self.last_activity = 0.0
         self.pipeline: deque[Request] = deque()
         self.task: asyncio.Task[None] | None = None
@@ -181,6 +185,7 @@ class HttpProtocol(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.server.connections.add(self)
+        self.server.sweeper.start()
         if self.server.metrics is not None:
             self.server.metrics.connection_opened()
         if len(self.server.connections) > self.config.max_connections or self.server.draining:
@@ -219,7 +224,7 @@ class HttpProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.server.metrics is not None:
             self.server.metrics.connection_closed()
-        self._cancel_timer()
+        self._clear_deadline()
         if self.handler is not None:
             self.handler.client_gone()
         self.pipeline.clear()
@@ -386,7 +391,7 @@ class HttpProtocol(asyncio.Protocol):
     def _reject(self, status: int, message: str) -> None:
         """Answer a request the parser refused, then close: after a framing
         error nothing more on this connection can be trusted."""
-        self._cancel_timer()
+        self._clear_deadline()
         self._pause_reading()
         if self.task is not None:
             # A response is in progress for an earlier request; do not
@@ -415,7 +420,6 @@ class HttpProtocol(asyncio.Protocol):
 
     def _set_phase(self, phase: Phase) -> None:
         self.phase = phase
-        self._cancel_timer()
         if phase is Phase.HEAD:
             timeout = self.config.header_timeout
         elif phase is Phase.BODY:
@@ -423,30 +427,30 @@ class HttpProtocol(asyncio.Protocol):
         elif phase is Phase.IDLE:
             timeout = self.config.keepalive_timeout
         else:
+            self.deadline = 0.0
             return
-        self.last_activity = self.loop.time()
-        if timeout > 0:
-            self.timer = self.loop.call_later(timeout, self._on_timer, timeout)
+        now = self.last_activity = self.loop.time()
+        self.timeout = timeout
+        self.deadline = now + timeout if timeout > 0 else 0.0
 
-    def _on_timer(self, timeout: float) -> None:
-        self.timer = None
+    def on_deadline(self, now: float) -> None:
+        timeout = self.timeout
         if self.phase is Phase.BODY:
             # The body timeout is between reads, not for the whole body.
-            remaining = self.last_activity + timeout - self.loop.time()
-            if remaining > 0:
-                self.timer = self.loop.call_later(remaining, self._on_timer, timeout)
+            due = self.last_activity + timeout
+            if due > now:
+                self.deadline = due
                 return
             self._reject(408, f"no request body data for {timeout:g} s")
             return
+        self.deadline = 0.0
         if self.phase is Phase.HEAD and self.message_phase is Phase.HEAD:
             self._reject(408, f"request head not received within {timeout:g} s")
             return
         self.close()
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def _clear_deadline(self) -> None:
+        self.deadline = 0.0
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
@@ -471,6 +475,10 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
         self.servers: list[asyncio.base_events.Server] = []
         self.draining = False
+        self.sweeper = Sweeper(
+            loop, sweep_interval(config.header_timeout, config.body_timeout, config.keepalive_timeout),
+            lambda: self.connections,
+        )
 
     async def start(self, host: str, port: int, ssl: Any = None, sock: Any = None) -> list[tuple[str, int]]:
         if sock is not None:
@@ -499,5 +507,6 @@ class Server:
                 await asyncio.wait(pending, timeout=5)
         for conn in list(self.connections):
             conn.close()
+        self.sweeper.stop()
         for server in self.servers:
             await server.wait_closed()

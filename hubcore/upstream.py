@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import ssl
 from collections import deque
@@ -33,6 +34,7 @@ from typing import cast, Protocol
 
 import httptools
 
+from hubcore.deadlines import Sweeper, sweep_interval
 from hubcore.wire import HeaderCollector
 
 log = logging.getLogger("hubcore.upstream")
@@ -118,7 +120,6 @@ class UpstreamConnection(asyncio.Protocol):
         )
         self.state = ConnState.CONNECTING
         self.reused = False
-        self.idle_timer: asyncio.TimerHandle | None = None
         self.reading_paused = False
         # per-request
         self.head_future: asyncio.Future[ResponseHead] | None = None
@@ -129,7 +130,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.held: list[bytes] = []
         self.complete = False
         self.failure: UpstreamError | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        # When the pool's sweeper must look at this connection (loop time;
+        # 0.0: never): first byte, stream idle, or pooled idle timeout.
         self.deadline = 0.0
         self.last_activity = 0.0
         self.first_byte_timeout = 0.0
@@ -162,7 +164,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
         self.state = ConnState.CLOSED
-        self._cancel_timers()
+        self.deadline = 0.0
         self.pool.forget(self)
         if previous in (ConnState.SENDING, ConnState.RECEIVING) and not self.complete:
             if self.head is not None and self.head.content_length is None and not self.head.chunked:
@@ -188,7 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head = head
         self.head_at = self.last_activity
         self.state = ConnState.RECEIVING
-        self._arm(self.idle_timeout)
+        self.deadline = self.last_activity + self.idle_timeout if self.idle_timeout > 0 else 0.0
         fut = self.head_future
         if fut is not None and not fut.done():
             fut.set_result(head)
@@ -209,7 +211,7 @@ class UpstreamConnection(asyncio.Protocol):
             return  # end of a 1xx interim response
         self.complete = True
         self.state = ConnState.DONE
-        self._cancel_timers()
+        self.deadline = 0.0
         sink = self.sink
         if sink is not None:
             parts = self.body_parts
@@ -249,8 +251,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.writelines([head, *body])
         else:
             self.transport.write(head)
-        self.last_activity = self.loop.time()
-        self._arm(first_byte_timeout)
+        now = self.last_activity = self.loop.time()
+        self.deadline = now + first_byte_timeout if first_byte_timeout > 0 else 0.0
         return self.head_future
 
     def attach(self, sink: BodySink) -> None:
@@ -302,7 +304,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.state is not ConnState.CLOSED:
             self.state = ConnState.CLOSED
-            self._cancel_timers()
+            self.deadline = 0.0
             self.pool.forget(self)
         fut = self.head_future
         if fut is not None and not fut.done():
@@ -315,39 +317,28 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     # -- timeouts ----------------------------------------------------------
-    # One timer per connection, re-armed lazily: data_received only stamps
-    # last_activity, and the timer, when it fires, reschedules itself if there
-    # was activity since. That costs no TimerHandle per chunk.
-    def _arm(self, timeout: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if timeout > 0:
-            self.deadline = timeout
-            self.timer = self.loop.call_later(timeout, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self.timer = None
-        if self.state not in (ConnState.SENDING, ConnState.RECEIVING):
+    # The pool's sweeper calls this once `deadline` has passed. data_received
+    # only stamps last_activity; a stream that was active since gets a later
+    # deadline here instead of a timer per chunk.
+    def on_deadline(self, now: float) -> None:
+        state = self.state
+        if state is ConnState.IDLE:
+            self.close()  # pooled for pool_idle_timeout unused
             return
-        if self.state is ConnState.RECEIVING:
-            remaining = self.last_activity + self.idle_timeout - self.loop.time()
-            if remaining > 0:
-                self.timer = self.loop.call_later(remaining, self._on_timer)
+        if state is ConnState.RECEIVING:
+            due = self.last_activity + self.idle_timeout
+            if due > now:
+                self.deadline = due
                 return
             exc = UpstreamTimeout(f"upstream stream idle for {self.idle_timeout:g} s", before_response=False)
-        else:
+        elif state is ConnState.SENDING:
             exc = UpstreamTimeout(f"no response from upstream within {self.first_byte_timeout:g} s")
+        else:
+            self.deadline = 0.0
+            return
+        self.deadline = 0.0
         self._fail(exc)
         self.close()
-
-    def _cancel_timers(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
 
     def _fail(self, exc: UpstreamError) -> None:
         if self.failure is not None or self.complete:
@@ -402,6 +393,7 @@ class Pool:
         connect_timeout: float,
         max_idle: int,
         idle_timeout: float,
+        sweep_every: float | None = None,
     ) -> None:
         self.loop = loop
         self.host = host
@@ -412,15 +404,19 @@ class Pool:
         self.idle_timeout = idle_timeout
         self.idle: deque[UpstreamConnection] = deque()
         self.active: set[UpstreamConnection] = set()
+        # Every connection's timeouts, idle or busy; `sweep_every` should be
+        # sweep_interval() of the shortest one the requests will use.
+        self.sweeper = Sweeper(
+            loop, sweep_every if sweep_every is not None else sweep_interval(idle_timeout),
+            lambda: itertools.chain(self.idle, self.active),
+        )
         self.connects = 0
         self.reuses = 0
 
     async def acquire(self) -> UpstreamConnection:
         while self.idle:
             conn = self.idle.pop()  # most recently used: least likely closed by the peer
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
+            conn.deadline = 0.0
             if conn.state is ConnState.IDLE and conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 self.active.add(conn)
@@ -451,15 +447,17 @@ class Pool:
         conn.state = ConnState.DONE
         self.connects += 1
         self.active.add(conn)
+        self.sweeper.start()
         return conn
 
     def put_idle(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)
-        if len(self.idle) >= self.max_idle:
+        if len(self.idle) >= self.max_idle or self.idle_timeout <= 0:
             conn.close()
             return
         self.idle.append(conn)
-        conn.idle_timer = self.loop.call_later(self.idle_timeout, conn.close)
+        conn.deadline = self.loop.time() + self.idle_timeout
+        self.sweeper.start()
 
     def forget(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)
@@ -469,6 +467,7 @@ class Pool:
             pass
 
     def close(self) -> None:
+        self.sweeper.stop()
         for conn in list(self.idle) + list(self.active):
             conn.close()
 

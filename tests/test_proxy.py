@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import openai
 import orjson
 import pytest
 
+from tests.conftest import upstreams_for
 from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor
 from tests.hubharness import HubThread, free_port, make_config, mint
 
@@ -194,6 +196,27 @@ def test_upstream_connections_are_pooled(hub: HubThread, vendor: FakeVendor, tok
         client.messages.create(**MESSAGES_BODY)  # type: ignore[arg-type]
     assert len(vendor.requests) == 5
     assert vendor.connections_accepted == 1
+
+
+def test_pooled_connections_close_after_pool_idle_timeout(vendor: FakeVendor, tmp_path: Path) -> None:
+    # Closed by the hub before the vendor's edge would close it under a
+    # request; and reused while younger than that.
+    config = make_config(tmp_path, upstreams_for(vendor, pool_idle_timeout=0.5))
+    with HubThread(config) as hub:
+        token = mint(hub.config.server.database, "alice")
+        assert hub.app is not None
+        hub.call(hub.app.refresh_tokens(force=True))
+        client = anthropic_client(hub, token)
+        client.messages.create(**MESSAGES_BODY)  # type: ignore[arg-type]
+        client.messages.create(**MESSAGES_BODY)  # type: ignore[arg-type]
+        assert vendor.connections_accepted == 1
+        assert vendor.open_connections == 1
+        deadline = time.monotonic() + 5
+        while vendor.open_connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert vendor.open_connections == 0
+        client.messages.create(**MESSAGES_BODY)  # type: ignore[arg-type]
+        assert vendor.connections_accepted == 2
 
 
 def test_upstream_error_passes_through_unchanged(hub: HubThread, vendor: FakeVendor, token: str) -> None:
