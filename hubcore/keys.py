@@ -496,6 +496,25 @@ class KeyRing:
         weighted round-robin. The chosen key becomes the session's key.
         """
         now = self._clock()
+        if session_id is not None:
+            entry = self._sessions.get(session_id)
+            if entry is not None:
+                key = entry[0]
+                # The common case, decided without looking at the other keys:
+                # the session's key is healthy, untried, still in the ring, and
+                # in its best tier whatever state the others are in.
+                if (
+                    entry[1] > now
+                    and key.state is KeyState.HEALTHY
+                    and key.until is None
+                    and key.spec.priority == self._best_priority
+                    and key.spec.label not in tried
+                    and self._keys.get(key.spec.label) is key
+                ):
+                    key.in_flight += 1
+                    key.requests += 1
+                    self._remember(session_id, key, now)
+                    return Lease(key, probe=False)
         usable: list[_Key] = []
         for key in self._keys.values():
             self._expire(key, now)
@@ -603,6 +622,11 @@ class KeyRing:
         lease.released = True
         key = lease._key
         key.in_flight -= 1
+        if failure is None and key.state is _H and key.until is None and key.probe is None:
+            # The common case, as _transition does HEALTHY on ANSWERED.
+            key.consecutive_failures = 0
+            self._notify()
+            return
         now = self._clock()
         self._expire(key, now)
         # The probe slot is freed only by the probe itself, so at most one is
@@ -779,6 +803,7 @@ class KeyRing:
             # Weights may have changed: restart the round-robin from even.
             key.current = 0
         self._keys = keys
+        self._best_priority = min((key.spec.priority for key in keys.values()), default=0)
         self._notify()
 
     # -- stats -------------------------------------------------------------------

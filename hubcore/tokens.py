@@ -96,6 +96,10 @@ def load_revoked(conn: sqlite3.Connection) -> dict[bytes, float]:
     return {bytes(h): float(at) for h, at in rows}
 
 
+# Valid tokens remembered by value between reloads (see TokenTable.lookup).
+SEEN_MAX = 4096
+
+
 class TokenTable:
     """The live tokens, looked up by hash on every request in O(1)."""
 
@@ -103,12 +107,23 @@ class TokenTable:
         self._by_hash: dict[bytes, Principal] = {}
         self._revoked: dict[bytes, float] = {}
         self._generation = -1
+        # Tokens seen valid since the last reload, by their value: a token
+        # is hashed once per reload, not per request. Bounded; emptied by
+        # every reload, so a revoked token stops working with it.
+        self._seen: dict[bytes, Principal] = {}
 
     def __len__(self) -> int:
         return len(self._by_hash)
 
     def lookup(self, token: bytes) -> Principal | None:
-        return self._by_hash.get(hashlib.sha256(token).digest())
+        principal = self._seen.get(token)
+        if principal is None:
+            principal = self._by_hash.get(hashlib.sha256(token).digest())
+            if principal is not None:
+                if len(self._seen) >= SEEN_MAX:
+                    self._seen.clear()
+                self._seen[token] = principal
+        return principal
 
     def revoked_at(self, token: bytes) -> float | None:
         """When `token` was revoked; None if it never was (or is unknown)."""
@@ -121,5 +136,6 @@ class TokenTable:
             return False
         self._by_hash = load_table(conn)
         self._revoked = load_revoked(conn)
+        self._seen = {}
         self._generation = current
         return True

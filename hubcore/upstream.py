@@ -414,6 +414,11 @@ class Pool:
         self.reuses = 0
 
     async def acquire(self) -> UpstreamConnection:
+        conn = self.take_idle()
+        return conn if conn is not None else await self.connect()
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """A pooled connection that is still usable, or None."""
         while self.idle:
             conn = self.idle.pop()  # most recently used: least likely closed by the peer
             conn.deadline = 0.0
@@ -422,7 +427,7 @@ class Pool:
                 self.active.add(conn)
                 self.reuses += 1
                 return conn
-        return await self.connect()
+        return None
 
     async def connect(self) -> UpstreamConnection:
         conn = UpstreamConnection(self)

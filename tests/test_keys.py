@@ -669,6 +669,17 @@ def test_a_session_returns_to_the_best_tier() -> None:
     assert {use(ring, "s") for _ in range(5)} == {"main"}
 
 
+def test_a_session_never_gets_a_secret_a_reload_replaced() -> None:
+    ring, _ = make_ring([spec("a"), spec("b")])
+    assert use(ring, "s") == "a"
+    ring.replace_specs([KeySpec(secret="sk-rotated-a", label="a"), spec("b")])
+    lease = ring.acquire("s")
+    assert lease is not None and lease.secret == "sk-rotated-a"
+    ring.release(lease)
+    ring.replace_specs([spec("b")])
+    assert use(ring, "s") == "b"
+
+
 def test_affinity_table_drops_the_least_recently_used_session() -> None:
     ring, _ = make_ring([spec("a"), spec("b")], affinity_max_sessions=2)
     assert [use(ring, s) for s in ("s1", "s2", "s3")] == ["a", "b", "a"]
