@@ -11,6 +11,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,17 +140,28 @@ class Hub:
         self._id_counter += 1
         return "%s%010x" % (self._id_prefix, self._id_counter)
 
-    async def handle(self, request: Request, protocol: HttpProtocol) -> None:
+    def handle(self, request: Request, protocol: HttpProtocol) -> Coroutine[Any, Any, None]:
+        """Take a request: what needs no waiting, up to its first write
+        upstream, is done now, in the read that completed it; the rest runs
+        in the coroutine returned (the server's task for this request), which
+        is then created off the path the client waits on."""
         exchange = Exchange(self, request, protocol)
         protocol.handler = exchange
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.request_started()
+        if self.metrics is not None:
+            self.metrics.request_started()
+        try:
+            exchange.begin()
+        except Exception as e:
+            # A bug: raised again in the task, which logs it (server.py).
+            exchange.failure = e
+        return self._run(exchange)
+
+    async def _run(self, exchange: Exchange) -> None:
         try:
             await exchange.run()
         finally:
-            if metrics is not None:
-                exchange.report(metrics)
+            if self.metrics is not None:
+                exchange.report(self.metrics)
 
     def close(self) -> None:
         for upstream in self.upstreams.values():
@@ -192,6 +204,11 @@ class Exchange:
     sse_body = False
     done: asyncio.Future[None] | None = None
     gone = False
+    # set by begin(): the refusal to answer with, the first attempt's head
+    # future, or an unexpected exception (a bug), for run() to take up
+    refusal: HubError | None = None
+    sending: asyncio.Future[ResponseHead] | None = None
+    failure: Exception | None = None
 
     def __init__(self, hub: Hub, request: Request, protocol: HttpProtocol) -> None:
         self.hub = hub
@@ -222,41 +239,25 @@ class Exchange:
             self.conn.resume_reading()
 
     # -- the request ---------------------------------------------------------
-    async def run(self) -> None:
-        request = self.request
+    def begin(self) -> None:
+        """Admit the request and, when a key and a pooled connection are at
+        hand, send it: no step up to that write waits, so none needs the
+        task (see Hub.handle). `run` does everything else."""
         try:
-            if request.path == b"/":
-                if request.method not in (b"GET", b"HEAD"):
-                    raise HubError(405, "method not allowed")
-                self.respond(200, [(b"content-type", b"text/plain")], ROOT_BODY, head_only=request.method == b"HEAD")
-                return
-            self.route = route = self._route(request.path)
-            self.flavour = route.flavour if route else flavour_for_path(request.path)
-            if route is None:
-                raise HubError(404, f"no route for {request.path.decode('latin-1')!r}")
-            self.principal = self._authenticate()
-            if request.method not in route.methods:
-                raise HubError(405, f"{request.method.decode()} is not allowed on {route.endpoint}")
-            limiter = self.hub.limiter
-            if request.method == b"POST":
-                self._check_body()
-                self.session_id = self._session_header()
-                # The body is read for the model and session now only when
-                # the request cannot go out without them (a model allow-list,
-                # or a session to keep on its key); otherwise right after it
-                # has gone out, while the vendor works on it.
-                if self.session_id is None or (limiter is not None and limiter.needs_model(self.principal)):
-                    self._scan_body()
-            upstream = self.hub.upstreams.get(route.kind)
-            if upstream is None or not upstream.config.keys:
-                raise HubError(503, f"no {route.kind} upstream key is configured", retry_after=30)
-            self.upstream = upstream
-            if limiter is not None:
-                self.admission = limiter.admit(
-                    self.principal, self.model, self.ts,
-                    model_required=self.scanned and request.method == b"POST",
-                )
-            await self._proxy(upstream)
+            upstream = self.upstream = self._admit()
+            if upstream is not None:
+                self._first_attempt(upstream)
+        except HubError as e:
+            self.refusal = e
+
+    async def run(self) -> None:
+        try:
+            if self.failure is not None:
+                raise self.failure
+            if self.refusal is not None:
+                raise self.refusal
+            if self.upstream is not None:
+                await self._proxy(self.upstream)
         except HubError as e:
             self.refuse(e)
         except ClientGone:
@@ -274,6 +275,42 @@ class Exchange:
             if self.admission is not None:
                 self.admission.release()
             self._record()
+
+    def _admit(self) -> UpstreamRuntime | None:
+        """Route, authenticate and admit the request (HubError if refused);
+        the upstream to send it to, or None once answered here."""
+        request = self.request
+        if request.path == b"/":
+            if request.method not in (b"GET", b"HEAD"):
+                raise HubError(405, "method not allowed")
+            self.respond(200, [(b"content-type", b"text/plain")], ROOT_BODY, head_only=request.method == b"HEAD")
+            return None
+        self.route = route = self._route(request.path)
+        self.flavour = route.flavour if route else flavour_for_path(request.path)
+        if route is None:
+            raise HubError(404, f"no route for {request.path.decode('latin-1')!r}")
+        self.principal = self._authenticate()
+        if request.method not in route.methods:
+            raise HubError(405, f"{request.method.decode()} is not allowed on {route.endpoint}")
+        limiter = self.hub.limiter
+        if request.method == b"POST":
+            self._check_body()
+            self.session_id = self._session_header()
+            # The body is read for the model and session now only when
+            # the request cannot go out without them (a model allow-list,
+            # or a session to keep on its key); otherwise right after it
+            # has gone out, while the vendor works on it.
+            if self.session_id is None or (limiter is not None and limiter.needs_model(self.principal)):
+                self._scan_body()
+        upstream = self.hub.upstreams.get(route.kind)
+        if upstream is None or not upstream.config.keys:
+            raise HubError(503, f"no {route.kind} upstream key is configured", retry_after=30)
+        if limiter is not None:
+            self.admission = limiter.admit(
+                self.principal, self.model, self.ts,
+                model_required=self.scanned and request.method == b"POST",
+            )
+        return upstream
 
     def report(self, metrics: Any) -> None:
         now = self.loop.time()
@@ -351,18 +388,23 @@ class Exchange:
         previous: Lease | None = None
         last_error: tuple[ResponseHead, bytes] | None = None
         last_exc: UpstreamError | None = None
+        first = self.lease  # taken by _first_attempt
         while True:
-            if self.gone:
-                # Whatever comes next would be for nobody (and paid for).
-                raise ClientGone()
-            lease = ring.acquire(self.session_id, tried, reason, previous)
-            if lease is None:
-                if await self._wait_for_key(ring, deadline, queue_deadline):
-                    tried.clear()
-                    continue
-                rate_limited_for = ring.next_available_in() if ring.rate_limited() else None
-                self._give_up(upstream, last_error, last_exc, rate_limited_for)
-                return
+            lease: Lease | None
+            if first is not None:
+                lease, first = first, None
+            else:
+                if self.gone:
+                    # Whatever comes next would be for nobody (and paid for).
+                    raise ClientGone()
+                lease = ring.acquire(self.session_id, tried, reason, previous)
+                if lease is None:
+                    if await self._wait_for_key(ring, deadline, queue_deadline):
+                        tried.clear()
+                        continue
+                    rate_limited_for = ring.next_available_in() if ring.rate_limited() else None
+                    self._give_up(upstream, last_error, last_exc, rate_limited_for)
+                    return
             self.lease = previous = lease
             self.key_label = lease.label
             self.attempts += 1
@@ -455,20 +497,35 @@ class Exchange:
             await gone  # raises ClientGone
         return waiting.result()
 
-    async def _send(self, upstream: UpstreamRuntime, lease: Lease) -> ResponseHead:
-        request = self.request
-        cfg = upstream.config
-        head = self._request_head(upstream, lease.secret)
-        for fresh in (False, True):
-            conn = None if fresh else upstream.pool.take_idle()
-            if conn is None:
-                conn = await upstream.pool.connect()
+    def _first_attempt(self, upstream: UpstreamRuntime) -> None:
+        """Take the first attempt's key and, on a pooled connection, send the
+        request; `_proxy` goes on from there, and does what is left undone
+        here (a key to wait for, a connection to open)."""
+        lease = upstream.ring.acquire(self.session_id)
+        if lease is None:
+            return
+        self.lease = lease
+        conn = upstream.pool.take_idle()
+        if conn is not None:
             self.conn = conn
+            self.sending = self._write_request(upstream, conn, self._request_head(upstream, lease.secret))
+
+    async def _send(self, upstream: UpstreamRuntime, lease: Lease) -> ResponseHead:
+        sending, self.sending = self.sending, None
+        head: bytes | None = None
+        for fresh in (False, True):
+            if sending is not None:
+                conn, future, sending = self.conn, sending, None
+                assert conn is not None
+            else:
+                if head is None:
+                    head = self._request_head(upstream, lease.secret)
+                conn = None if fresh else upstream.pool.take_idle()
+                if conn is None:
+                    conn = await upstream.pool.connect()
+                self.conn = conn
+                future = self._write_request(upstream, conn, head)
             try:
-                future = conn.send(head, request.parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head)
-                self.sent_at = self.loop.time()
-                if not self.scanned and request.method == b"POST":
-                    self._scan_body()
                 response = await future
                 self.head_at = conn.head_at
                 return response
@@ -481,6 +538,15 @@ class Exchange:
                 if not (conn.reused and e.before_response and not isinstance(e, UpstreamTimeout)):
                     raise
         raise AssertionError("unreachable")
+
+    def _write_request(self, upstream: UpstreamRuntime, conn: UpstreamConnection, head: bytes) -> asyncio.Future[ResponseHead]:
+        request = self.request
+        cfg = upstream.config
+        future = conn.send(head, request.parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head)
+        self.sent_at = self.loop.time()
+        if not self.scanned and request.method == b"POST":
+            self._scan_body()
+        return future
 
     def _request_head(self, upstream: UpstreamRuntime, secret: str) -> bytes:
         request = self.request

@@ -331,6 +331,31 @@ def test_a_body_in_many_reads_goes_upstream_whole_and_is_read_for_its_model(hub:
     assert row["model"] == "claude-sonnet-4-6" and row["outcome"] == "ok"
 
 
+def test_a_bug_in_a_request_closes_its_connection_and_the_hub_serves_on(
+    hub: HubThread, vendor: FakeVendor, survivor: Wire, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The first steps of a request run in the read that completed it, before
+    # its task exists; an exception there must end as one in the task would.
+    from hubcore.proxy import Exchange
+
+    def broken(self: Exchange) -> None:
+        raise RuntimeError("a bug in admission")
+
+    token = hub_token(hub)
+    monkeypatch.setattr(Exchange, "_authenticate", broken)
+    wire = Wire(hub.port)
+    with caplog.at_level(logging.ERROR, logger="hubcore.server"):
+        wire.send(messages_request(token))
+        assert wire.rest() == b""
+    assert "request handler failed" in caplog.text and "a bug in admission" in caplog.text
+    assert vendor.requests == []
+    assert_serving(survivor)
+    monkeypatch.undo()
+    assert sdk(hub, token).messages.create(
+        model="claude-sonnet-4-6", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+    ).type == "message"
+
+
 def test_body_exactly_at_the_limit_is_forwarded(hub: HubThread, vendor: FakeVendor) -> None:
     token = hub_token(hub)
     limit = LIMITS["max_body_bytes"]
