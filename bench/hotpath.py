@@ -179,7 +179,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     # request's bookkeeping. The first two are what a client waits on.
     phases: tuple[list[int], list[int], list[int]] = ([], [], [])
 
+    # --cold: what a request meets after a client's pause, when the other
+    # processes have run in between: caches refilled with other data.
+    evict = bytearray(args.cold * 1024 * 1024) if args.cold else None
+
     async def one() -> None:
+        if evict is not None:
+            evict[::64] = bytes(len(evict) // 64)  # a write to every cache line
         client.done = loop.create_future()
         client.first_write = 0
         t0 = time.perf_counter_ns()
@@ -249,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumtime, ncalls)")
     parser.add_argument("--no-access-log", action="store_true")
+    parser.add_argument("--cold", type=int, default=0, metavar="MIB",
+                        help="before each request, write MIB MiB elsewhere to evict the caches (as at c=1)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hubcore-hotpath-") as d:
         result = uvloop.run(run(args, Path(d)))
