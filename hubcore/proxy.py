@@ -147,13 +147,13 @@ class Hub:
         is then created off the path the client waits on."""
         exchange = Exchange(self, request, protocol)
         protocol.handler = exchange
-        if self.metrics is not None:
-            self.metrics.request_started()
         try:
             exchange.begin()
         except Exception as e:
             # A bug: raised again in the task, which logs it (server.py).
             exchange.failure = e
+        if self.metrics is not None:
+            self.metrics.request_started()
         return self._run(exchange)
 
     async def _run(self, exchange: Exchange) -> None:
@@ -644,17 +644,15 @@ class Exchange:
             done.set_result(None)
 
     def _write(self, data: bytes, end: bool) -> None:
-        if self.committed:
-            out: list[bytes] = []
-        else:
+        first = not self.committed
+        if first:
             # The response head goes out with the first body bytes.
             out = self.pending_head
             self.pending_head = []
             self.committed = True
             self.ttfb = self.loop.time()
-            # No retry is possible from here on: a long stream need not keep
-            # a request body of up to 32 MiB alive.
-            self.request.drop_body()
+        else:
+            out = []
         if data:
             if self.chunked:
                 out += (b"%x\r\n" % len(data), data, b"\r\n")
@@ -664,6 +662,11 @@ class Exchange:
             out.append(b"0\r\n\r\n")
         if out:
             self.protocol.writelines(out)
+        if first:
+            # No retry is possible from here on: a long stream need not keep
+            # a request body of up to 32 MiB alive. Freed after the write, which
+            # the client waits on, and the free (of large blocks) need not.
+            self.request.drop_body()
         meter = self.meter
         if meter is not None and data:
             try:
