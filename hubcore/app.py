@@ -4,12 +4,15 @@ order (stop accepting, drain, flush usage)."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
 import sqlite3
 import ssl
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -207,6 +210,38 @@ class JsonFormatter(logging.Formatter):
                 "message": record.getMessage(),
             }
         ).decode()
+
+
+# glibc's mallopt() parameters and the hub's values for them (bytes).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MALLOC_TUNING = ((M_TRIM_THRESHOLD, 8 * 1024 * 1024), (M_MMAP_THRESHOLD, 1024 * 1024))
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def tune_malloc(environ: Mapping[str, str] = os.environ) -> bool:
+    """Keep freed request buffers for reuse instead of returning them to the
+    system at once; True if applied.
+
+    Each request passes some 200 KB through buffers of 26 to 256 KB (socket
+    reads, the body). glibc gives the top of its heap back to the system
+    whenever more than 128 KB is free there, so at 16 concurrent requests the
+    heap shrank and grew back all the time: about 11 page faults per request,
+    a third of the hub's system time. Up to 8 MB free is now kept, and blocks
+    under 1 MB come from the heap (glibc would raise both limits itself only
+    after freeing blocks it had mmap()ed, which these are not). A no-op off
+    glibc, or when the operator sets glibc's MALLOC_* variables.
+    """
+    if any(name in environ for name in MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in MALLOC_TUNING)
 
 
 def setup_logging(config: Config) -> None:

@@ -149,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     app.setup_logging(cfg)
+    app.tune_malloc()
     token = app.first_token(cfg)
     if token is not None:
         print("No hub tokens yet; created one for user 'admin'. Use it as ANTHROPIC_AUTH_TOKEN / OPENAI_API_KEY:", flush=True)
