@@ -331,6 +331,29 @@ def test_a_body_in_many_reads_goes_upstream_whole_and_is_read_for_its_model(hub:
     assert row["model"] == "claude-sonnet-4-6" and row["outcome"] == "ok"
 
 
+def test_bodies_read_in_turns_on_two_connections_stay_apart(hub: HubThread, vendor: FakeVendor) -> None:
+    # Every connection's reads land in one shared buffer, consumed at once;
+    # a piece of body kept from it would be overwritten by the next read.
+    token = hub_token(hub)
+    session = b"x-claude-code-session-id: 7f0c1e2d\r\n"
+    bodies = [
+        b'{"model":"claude-sonnet-4-6","max_tokens":8,"messages":[{"role":"user","content":"%s"}]}' % (letter * 3_000)
+        for letter in (b"a", b"b")
+    ]
+    wires = [Wire(hub.port) for _ in bodies]
+    for wire, body in zip(wires, bodies):
+        wire.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request = messages_request(token, body, extra=session)
+        wire.send(request[: len(request) - len(body)])
+    for start in range(0, len(bodies[0]), 500):
+        for wire, body in zip(wires, bodies):
+            wire.send(body[start:start + 500])
+            time.sleep(0.002)
+    for wire in wires:
+        assert wire.response().status == 200
+    assert sorted(r.body for r in vendor.requests) == bodies
+
+
 def test_a_bug_in_a_request_closes_its_connection_and_the_hub_serves_on(
     hub: HubThread, vendor: FakeVendor, survivor: Wire, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
