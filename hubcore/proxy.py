@@ -390,13 +390,14 @@ class Exchange:
         last_exc: UpstreamError | None = None
         first = self.lease  # taken by _first_attempt
         while True:
+            if self.gone and (first is None or self.sending is None):
+                # Whatever comes next would be for nobody (and paid for). A
+                # request begin() already sent goes on to be recorded as sent.
+                raise ClientGone()
             lease: Lease | None
             if first is not None:
                 lease, first = first, None
             else:
-                if self.gone:
-                    # Whatever comes next would be for nobody (and paid for).
-                    raise ClientGone()
                 lease = ring.acquire(self.session_id, tried, reason, previous)
                 if lease is None:
                     if await self._wait_for_key(ring, deadline, queue_deadline):
