@@ -413,10 +413,6 @@ class Pool:
         self.connects = 0
         self.reuses = 0
 
-    async def acquire(self) -> UpstreamConnection:
-        conn = self.take_idle()
-        return conn if conn is not None else await self.connect()
-
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection that is still usable, or None."""
         while self.idle:
