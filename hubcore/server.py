@@ -3,8 +3,11 @@
 One `HttpProtocol` per connection, one `Request` per message. The protocol
 enforces the limits (head size, body size, read timeouts, connection count),
 refuses request smuggling, answers `Expect: 100-continue`, and hands each
-complete request to the application coroutine, one at a time per connection
-(pipelined requests wait their turn with reading paused).
+complete request to the application, one at a time per connection
+(pipelined requests wait their turn with reading paused). The application
+is called as the request completes, in that read; it does what needs no
+waiting and returns a coroutine for the rest, which runs as the request's
+task.
 """
 from __future__ import annotations
 
@@ -119,6 +122,7 @@ class Handler(Protocol):
     def resume_writing(self) -> None: ...
 
 
+# Called with each complete request; returns the coroutine to run as its task.
 App = Callable[[Request, "HttpProtocol"], Coroutine[Any, Any, None]]
 
 
