@@ -199,6 +199,7 @@ class Exchange:
     # streaming state
     conn: UpstreamConnection | None = None
     head: ResponseHead | None = None
+    head_failure: Failure | None = None  # what the latest response head says against its key
     committed = False
     chunked = False
     sse_body = False
@@ -424,7 +425,7 @@ class Exchange:
                     self._give_up(upstream, None, e, None)
                     return
                 continue
-            failure = classify(head.status, head.headers)
+            failure = self.head_failure  # judged by _on_head, before the future woke this task
             if failure is not None and retryable(failure):
                 try:
                     body = await self.conn.read_body(ERROR_BODY_LIMIT) if self.conn else b""
@@ -569,7 +570,7 @@ class Exchange:
         not be retried starts streaming here, so the body chunks of the same
         read go out at once rather than after this request's task wakes up.
         The task then finds it streaming (see _stream)."""
-        failure = classify(head.status, head.headers)
+        failure = self.head_failure = classify(head.status, head.headers)
         if failure is None or not retryable(failure):
             self._begin_stream(head)
 
