@@ -90,7 +90,7 @@ class Request:
         if len(parts) > MAX_BODY_PARTS:
             parts = [b"".join(parts)]
         self.parts = parts
-        self.body_size = sum(map(len, parts)) if len(parts) != 1 else len(parts[0])
+        self.body_size = sum(map(len, parts))
         self._body: bytes | None = b"" if not parts else parts[0] if len(parts) == 1 else None
         self.keep_alive = keep_alive
         self.http_version = http_version
@@ -244,7 +244,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.server.connections.discard(self)
         if self.server.metrics is not None:
             self.server.metrics.connection_closed()
-        self._clear_deadline()
+        self.deadline = 0.0
         if self.handler is not None:
             self.handler.client_gone()
         self.pipeline.clear()
@@ -411,7 +411,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
     def _reject(self, status: int, message: str) -> None:
         """Answer a request the parser refused, then close: after a framing
         error nothing more on this connection can be trusted."""
-        self._clear_deadline()
+        self.deadline = 0.0
         self._pause_reading()
         if self.task is not None:
             # A response is in progress for an earlier request; do not
@@ -468,9 +468,6 @@ class HttpProtocol(asyncio.BufferedProtocol):
             self._reject(408, f"request head not received within {timeout:g} s")
             return
         self.close()
-
-    def _clear_deadline(self) -> None:
-        self.deadline = 0.0
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
