@@ -297,10 +297,10 @@ class Exchange:
         if request.method == b"POST":
             self._check_body()
             self.session_id = self._session_header()
-            # The body is read for the model and session now only when
-            # the request cannot go out without them (a model allow-list,
-            # or a session to keep on its key); otherwise right after it
-            # has gone out, while the vendor works on it.
+            # The body is read for the model and session before the send
+            # only when the request cannot go out without them (a model
+            # allow-list, or a session to keep on its key); otherwise only
+            # if the vendor's answer does not name the model (see _write).
             if self.session_id is None or (limiter is not None and limiter.needs_model(self.principal)):
                 self._scan_body()
         upstream = self.hub.upstreams.get(route.kind)
@@ -546,8 +546,6 @@ class Exchange:
         cfg = upstream.config
         future = conn.send(head, request.parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head)
         self.sent_at = self.loop.time()
-        if not self.scanned and request.method == b"POST":
-            self._scan_body()
         return future
 
     def _request_head(self, upstream: UpstreamRuntime, secret: str) -> bytes:
@@ -664,18 +662,24 @@ class Exchange:
             out.append(b"0\r\n\r\n")
         if out:
             self.protocol.writelines(out)
-        if first:
-            # No retry is possible from here on: a long stream need not keep
-            # a request body of up to 32 MiB alive. Freed after the write, which
-            # the client waits on, and the free (of large blocks) need not.
-            self.request.drop_body()
         meter = self.meter
         if meter is not None and data:
             try:
                 meter.feed(data)
             except MeterError as e:
                 log.warning("request %s: metering stopped: %s", self.request_id, e)
-                self.meter = None
+                meter = self.meter = None
+        if first and not end:
+            if not self.scanned and (meter is None or meter.model is None) and self.request.method == b"POST":
+                # The row's model comes from the vendor's answer, which names
+                # it in its first event; the body is read for it only when
+                # the answer does not (an error, an unmetered body), before
+                # it is let go. An answer in one piece is left to _record.
+                self._scan_body()
+            # No retry is possible from here on: a long stream need not keep
+            # a request body of up to 32 MiB alive. Freed after the write, which
+            # the client waits on, and the free (of large blocks) need not.
+            self.request.drop_body()
 
     def on_error(self, exc: UpstreamError) -> None:
         done = self.done
@@ -784,12 +788,21 @@ class Exchange:
             self.outcome = "upstream_error"
         principal = self.principal
         route = self.route
-        if not self.scanned and principal is not None and self.request.method == b"POST" and self.request.parts:
-            self._scan_body()  # answered before it went out: the row still names the model
         now = self.loop.time()
         if principal is None or route is None:
             self._log(now)
             return  # unauthenticated: no row (a flood of them must not fill the database)
+        meter = self.meter
+        if meter is not None:
+            try:
+                meter.close()
+            except MeterError as e:
+                log.warning("request %s: metering failed at the end of the body: %s", self.request_id, e)
+        if (not self.scanned and self.request.method == b"POST" and self.request.parts
+                and (meter is None or meter.model is None)):
+            # No answer named the model (refused, an error, failed before a
+            # byte): the body does.
+            self._scan_body()
         event = UsageEvent(
             ts=self.ts,
             request_id=self.request_id,
@@ -809,12 +822,7 @@ class Exchange:
             session_id=self.session_id,
             user_agent=_decode(self.request.header(b"user-agent")),
         )
-        meter = self.meter
         if meter is not None:
-            try:
-                meter.close()
-            except MeterError as e:
-                log.warning("request %s: metering failed at the end of the body: %s", self.request_id, e)
             event.model = meter.model or self.model
             event.input_tokens = meter.input_tokens
             event.output_tokens = meter.output_tokens

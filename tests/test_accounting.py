@@ -34,6 +34,7 @@ WORKERS = 16
 # A stalled upstream stream is given up after this many seconds without a byte.
 STREAM_IDLE_TIMEOUT = 1.0
 SEQ_HEADER = "x-test-seq"
+SESSION_HEADER = {"anthropic": "x-claude-code-session-id", "openai": "session_id"}
 PRICED_CLAUDE = ("claude-sonnet-4-6", "claude-opus-4-6", "claude-haiku-4-5")
 PRICED_GPT = ("gpt-5", "gpt-5-codex", "gpt-5-mini")
 UNPRICED_CLAUDE = "claude-nova-1"
@@ -107,6 +108,11 @@ def build_mix(rng: random.Random) -> list[Call]:
                 model = UNPRICED_GPT if i % 7 == 3 else rng.choice(PRICED_GPT)
                 usage = gpt_usage(rng)
             h = {"x-fake-usage": orjson.dumps(usage).decode(), "x-fake-events": str(rng.randint(1, 8))}
+            if rng.random() < 0.5:
+                # Named as Claude Code and Codex name their sessions: the hub
+                # then reads the row's model from the answer, or from the
+                # body only when no answer names it (errors, cut streams).
+                h[SESSION_HEADER[vendor]] = f"5d0c7a4e-1b2f-4c3d-9e8f-{rng.getrandbits(48):012x}"
             h.update(headers or {})
             calls.append(Call(len(calls), kind, model, h, outcome, status, dict(extra)))
 

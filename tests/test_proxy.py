@@ -12,6 +12,7 @@ import openai
 import orjson
 import pytest
 
+from hubcore import sse
 from tests.conftest import upstreams_for
 from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor
 from tests.hubharness import HubThread, free_port, make_config, mint
@@ -119,6 +120,43 @@ def test_messages_streaming_body_forwarded_byte_for_byte(hub: HubThread, vendor:
     rows = hub.wait_rows(2)
     assert [r["outcome"] for r in rows] == ["ok", "ok"]
     assert rows[0]["output_tokens"] == final.usage.output_tokens
+
+
+def test_a_body_is_read_only_when_the_answer_does_not_name_the_model(
+    hub: HubThread, vendor: FakeVendor, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With its session in a header, a request's body is needed only for the
+    # model of its usage row, which a metered answer names itself: the
+    # 90 KB of a Claude Code body are then never walked. An error names no
+    # model, so its row takes the body's.
+    scanned: list[int] = []
+    scan = sse.scan_request
+
+    def counted(body: bytes) -> tuple[str | None, bool, str | None, str | None]:
+        scanned.append(len(body))
+        return scan(body)
+
+    monkeypatch.setattr(sse, "scan_request", counted)
+    session = {"x-claude-code-session-id": "0b7c2f5e-1f0e-4d8b-9a63-3c1e0f1d2a4b"}
+    client = anthropic_client(hub, token)
+    with client.messages.stream(
+        model="claude-opus-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}], extra_headers=session,
+    ) as stream:
+        assert stream.get_final_message().model == "claude-opus-4-6"
+    client.messages.create(model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}], extra_headers=session)
+    assert scanned == []
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(
+            model="claude-sonnet-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
+            extra_headers={**session, "x-fake-status": "400"},
+        )
+    assert len(scanned) == 1
+    rows = hub.wait_rows(3)
+    assert [(r["status"], r["model"], r["session_id"]) for r in rows] == [
+        (200, "claude-opus-4-6", session["x-claude-code-session-id"]),
+        (200, "claude-haiku-4-5", session["x-claude-code-session-id"]),
+        (400, "claude-sonnet-4-6", session["x-claude-code-session-id"]),
+    ]
 
 
 def test_bearer_token_and_count_tokens_and_models(hub: HubThread, vendor: FakeVendor, token: str) -> None:
