@@ -669,12 +669,14 @@ class Exchange:
             except MeterError as e:
                 log.warning("request %s: metering stopped: %s", self.request_id, e)
                 meter = self.meter = None
-        if first and not end:
+        if first:
+            if end:
+                self._close_meter()  # whole: a JSON answer names its model only now
             if not self.scanned and (meter is None or meter.model is None) and self.request.method == b"POST":
                 # The row's model comes from the vendor's answer, which names
                 # it in its first event; the body is read for it only when
                 # the answer does not (an error, an unmetered body), before
-                # it is let go. An answer in one piece is left to _record.
+                # it is let go.
                 self._scan_body()
             # No retry is possible from here on: a long stream need not keep
             # a request body of up to 32 MiB alive. Freed after the write, which
@@ -792,12 +794,8 @@ class Exchange:
         if principal is None or route is None:
             self._log(now)
             return  # unauthenticated: no row (a flood of them must not fill the database)
+        self._close_meter()
         meter = self.meter
-        if meter is not None:
-            try:
-                meter.close()
-            except MeterError as e:
-                log.warning("request %s: metering failed at the end of the body: %s", self.request_id, e)
         if (not self.scanned and self.request.method == b"POST" and self.request.parts
                 and (meter is None or meter.model is None)):
             # No answer named the model (refused, an error, failed before a
@@ -846,6 +844,15 @@ class Exchange:
             )
         self.hub.recorder.record(event)
         self._log(now, event)
+
+    def _close_meter(self) -> None:
+        """The body has ended: the meter's numbers are final (idempotent)."""
+        meter = self.meter
+        if meter is not None:
+            try:
+                meter.close()
+            except MeterError as e:
+                log.warning("request %s: metering failed at the end of the body: %s", self.request_id, e)
 
     def _log(self, now: float, event: UsageEvent | None = None) -> None:
         if event is not None:

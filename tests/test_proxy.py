@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from hubcore import sse
+from hubcore import proxy, sse
 from tests.conftest import upstreams_for
 from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor
 from tests.hubharness import HubThread, free_port, make_config, mint
@@ -157,6 +157,38 @@ def test_a_body_is_read_only_when_the_answer_does_not_name_the_model(
         (200, "claude-haiku-4-5", session["x-claude-code-session-id"]),
         (400, "claude-sonnet-4-6", session["x-claude-code-session-id"]),
     ]
+
+
+def test_a_body_is_let_go_once_its_answer_has_begun(
+    hub: HubThread, vendor: FakeVendor, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing resends a request once the client has bytes of its answer: a
+    # body (up to max_body_bytes) must not live on with a long stream, nor
+    # wait for the bookkeeping after an answer that came in one read.
+    held: list[int] = []
+    record = proxy.Exchange._record
+
+    def counted(self: proxy.Exchange) -> None:
+        held.append(self.request.body_size if self.request.parts else 0)
+        record(self)
+
+    monkeypatch.setattr(proxy.Exchange, "_record", counted)
+    session = {"x-claude-code-session-id": "0b7c2f5e-1f0e-4d8b-9a63-3c1e0f1d2a4b"}
+    client = anthropic_client(hub, token)
+    with client.messages.stream(
+        model="claude-opus-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={**session, "x-fake-events": "30", "x-fake-delay-ms": "5"},
+    ) as stream:
+        assert stream.get_final_message().usage.output_tokens > 0
+    client.messages.create(model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}], extra_headers=session)
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(
+            model="claude-sonnet-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
+            extra_headers={**session, "x-fake-status": "400"},
+        )
+    assert held == [0, 0, 0]
+    rows = hub.wait_rows(3)
+    assert [r["model"] for r in rows] == ["claude-opus-4-6", "claude-haiku-4-5", "claude-sonnet-4-6"]
 
 
 def test_bearer_token_and_count_tokens_and_models(hub: HubThread, vendor: FakeVendor, token: str) -> None:
