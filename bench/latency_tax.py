@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -398,6 +399,7 @@ class Bench:
                 "p50": sum(r.get("p50", 0.0) for r in results) / n,
                 "p99": sum(r.get("p99", 0.0) for r in results) / n,
                 "errors": sum(r["errors"] for r in results),
+                "error_kinds": dict(sum((Counter(r["error_kinds"]) for r in results), Counter())),
                 "requests": requests,
                 # "direct" is the static nginx itself: its CPU is the vendor's, not a proxy's.
                 "cpu_s_per_1k": sum(r["cpu"] for r in results) / requests * 1000 if requests else None,
@@ -705,7 +707,8 @@ def failures(report: dict[str, Any]) -> list[str]:
     for case in (report.get("saturation") or {}).values():
         for path, row in case["paths"].items():
             if row["errors"]:
-                out.append(f"wrk {case['body']} body c={case['connections']} via {path}: {row['errors']} errors")
+                kinds = ", ".join(f"{kind} {n}" for kind, n in row["error_kinds"].items())
+                out.append(f"wrk {case['body']} body c={case['connections']} via {path}: {row['errors']} errors ({kinds})")
     acct = report["accounting"]
     if acct["usage_rows"] != acct["hub_requests"]:
         out.append(f"accounting: {acct['usage_rows']} usage rows for {acct['hub_requests']} requests through the hub")

@@ -343,12 +343,17 @@ def run_wrk(binary: str, port: int, script: Path, connections: int, duration: fl
         result["requests"] = int(m.group(1))
     for q, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M):
         result[f"p{q}"] = _wrk_time(value)
+    # Errors by kind, so that a failed run says which: answers that were not
+    # 2xx/3xx, or wrk's socket errors.
+    kinds: dict[str, int] = {}
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
-        result["errors"] += int(m.group(1))
+        kinds["non-2xx"] = int(m.group(1))
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
-        result["errors"] += sum(int(g) for g in m.groups())
+        kinds.update(zip(("connect", "read", "write", "timeout"), map(int, m.groups())))
+    result["error_kinds"] = {k: n for k, n in kinds.items() if n}
+    result["errors"] = sum(kinds.values())
     return result
 
 
