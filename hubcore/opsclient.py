@@ -267,6 +267,13 @@ def format_stats(d: Mapping[str, Any], *, now: float | None = None) -> str:
         if w.get("last_error"):
             lines.append(f"              last error: {printable(str(w['last_error']))}")
 
+    g = d.get("gc") or {}
+    if g.get("scheduled"):
+        last = g.get("last_full_collection_ms")
+        lines.append(
+            f"gc            frozen {g.get('frozen_objects', 0)}  full collections {g.get('full_collections', 0)}"
+            + (f" (last {last:.1f} ms)" if last is not None else ""))
+
     lines.append("")
     lines.append(format_keys(flatten_keys(d), now=now))
     return "\n".join(lines)

@@ -61,6 +61,10 @@ def flavour_for_path(path: bytes) -> str:
     return ANTHROPIC
 
 
+# What a closed connection's parser calls: nothing (see connection_lost).
+_NO_CALLBACKS = SimpleNamespace()
+
+
 class Request:
     __slots__ = (
         "method", "path", "query", "target", "headers", "index", "control", "parts", "body_size",
@@ -241,6 +245,10 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
+        # The parser holds this protocol's bound methods: a reference cycle
+        # that would keep the connection's objects alive until the cyclic
+        # collector's next full collection. Broken here, they go now.
+        self.parser = httptools.HttpRequestParser(_NO_CALLBACKS)
         self.server.connections.discard(self)
         if self.server.metrics is not None:
             self.server.metrics.connection_closed()

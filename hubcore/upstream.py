@@ -81,6 +81,10 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
+# What a closed connection's parser calls: nothing (see connection_lost).
+_NO_CALLBACKS = SimpleNamespace()
+
+
 class ResponseHead:
     __slots__ = ("status", "headers", "index", "keep_alive", "content_length", "chunked")
 
@@ -164,6 +168,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
         self.state = ConnState.CLOSED
+        # Break the cycle through the parser's bound callbacks (server.py).
+        self.parser = httptools.HttpResponseParser(_NO_CALLBACKS)
         self.deadline = 0.0
         self.pool.forget(self)
         if previous in (ConnState.SENDING, ConnState.RECEIVING) and not self.complete:

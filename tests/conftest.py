@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor
-from tests.hubharness import HubThread, make_config, mint
+from tests.hubharness import HubThread, make_config
 
 
 @pytest.fixture
@@ -33,7 +33,4 @@ def hub(vendor: FakeVendor, tmp_path: Path) -> Iterator[HubThread]:
 
 @pytest.fixture
 def token(hub: HubThread) -> str:
-    value = mint(hub.config.server.database, "alice", "proj-a")
-    assert hub.app is not None
-    hub.call(hub.app.refresh_tokens(force=True))
-    return value
+    return hub.mint("alice", "proj-a")

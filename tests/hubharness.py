@@ -99,6 +99,13 @@ class HubThread:
         self.thread.join(10)
         self.loop.close()
 
+    def mint(self, user: str = "alice", project: str | None = None) -> str:
+        """A new hub token, already seen by the running hub."""
+        value = mint(self.config.server.database, user, project)
+        assert self.app is not None
+        self.call(self.app.refresh_tokens(force=True))
+        return value
+
     def usage_rows(self) -> list[dict[str, Any]]:
         return usage_rows(self.config.server.database)
 

@@ -27,7 +27,7 @@ from tests.fakevendor import (
     chat_event_names,
     responses_event_names,
 )
-from tests.hubharness import HubThread, make_config, mint
+from tests.hubharness import HubThread, make_config
 
 SEED = 20260301
 WORKERS = 16
@@ -380,9 +380,8 @@ def test_database_totals_equal_what_the_vendor_sent(
     accounting_hub: HubThread, vendor: FakeVendor, caplog: pytest.LogCaptureFixture
 ) -> None:
     hub = accounting_hub
-    token = mint(hub.config.server.database, "acct", "ledger")
+    token = hub.mint("acct", "ledger")
     assert hub.app is not None
-    hub.call(hub.app.refresh_tokens(force=True))
     calls = build_mix(random.Random(SEED))
     assert len(calls) >= 300
 

@@ -114,8 +114,9 @@ UPSTREAM = '[[upstream]]\nname = "anthropic"\nkind = "anthropic"\nbase_url = "ht
         ('max_connections = "many"\n', "", "server.max_connections", "expected int"),
         ("", UPSTREAM + 'keys = ["env:HUBCORE_TEST_MISSING_KEY"]\n', "upstream[0].keys[0].key", "HUBCORE_TEST_MISSING_KEY"),
         ("", UPSTREAM + 'connect_timeout = "soon"\nkeys = ["sk-x"]\n', "upstream[0].connect_timeout", "expected float"),
+        ("gc_full_interval = -1\n", "", "server.gc_full_interval", "must not be negative"),
     ],
-    ids=["unknown-field", "bad-type", "missing-env-key", "bad-upstream-type"],
+    ids=["unknown-field", "bad-type", "missing-env-key", "bad-upstream-type", "negative-gc-interval"],
 )
 def test_config_errors_name_file_and_field_before_anything_listens(
     tmp_path: Path, server: str, upstream: str, field: str, detail: str

@@ -397,6 +397,26 @@ def test_ops_socket_stats_metrics_and_keys(serve_factory: Callable[..., Serve], 
 
 # -- SIGHUP ------------------------------------------------------------------------------------
 
+def test_serve_runs_the_collectors_full_collections_on_its_own_schedule(serve_factory: Callable[..., Serve]) -> None:
+    s = serve_factory(gc_full_interval=0.2)
+    token = mint(s.db, "gc")
+    s.start()
+    assert [request(s.port, token)[0] for _ in range(3)] == [200] * 3
+    gc_stats = eventually(lambda: (g := s.stats()["gc"])["full_collections"] >= 2 and g, what="two full collections")
+    assert gc_stats["scheduled"] is True
+    assert gc_stats["frozen_objects"] > 1000  # what startup made: modules, config, tables
+    assert gc_stats["last_full_collection_ms"] is not None
+    shown = s.cli("stats")
+    assert shown.returncode == 0 and "gc            frozen" in shown.stdout
+    s.signal(signal.SIGTERM)
+    assert s.wait() == 0
+
+    plain = serve_factory(gc_full_interval=0)  # the first has stopped: its files are reused
+    plain.start()
+    gc_stats = plain.stats()["gc"]
+    assert gc_stats["scheduled"] is False and gc_stats["frozen_objects"] == 0
+
+
 def test_sighup_during_open_streams_applies_new_key_and_rejects_broken_config(
     serve_factory: Callable[..., Serve], vendor: FakeVendor
 ) -> None:

@@ -273,10 +273,7 @@ def test_pooled_connections_close_after_pool_idle_timeout(vendor: FakeVendor, tm
     # request; and reused while younger than that.
     config = make_config(tmp_path, upstreams_for(vendor, pool_idle_timeout=0.5))
     with HubThread(config) as hub:
-        token = mint(hub.config.server.database, "alice")
-        assert hub.app is not None
-        hub.call(hub.app.refresh_tokens(force=True))
-        client = anthropic_client(hub, token)
+        client = anthropic_client(hub, hub.mint())
         client.messages.create(**MESSAGES_BODY)  # type: ignore[arg-type]
         client.messages.create(**MESSAGES_BODY)  # type: ignore[arg-type]
         assert vendor.connections_accepted == 1

@@ -25,7 +25,7 @@ import pytest
 from hubcore.config import ServerConfig
 from tests.conftest import upstreams_for
 from tests.fakevendor import CLIENT_GONE, COMPLETED, TRUNCATED, FakeVendor
-from tests.hubharness import HubThread, make_config, mint
+from tests.hubharness import HubThread, make_config
 
 # Limits small enough to cross with a few bytes, timeouts small enough to
 # cross without slowing the suite; keep-alive long enough to outlive a test.
@@ -166,9 +166,7 @@ def running_hub(tmp_path: Path, vendor: FakeVendor, **server: Any) -> Iterator[H
 
 
 def hub_token(h: HubThread, user: str = "alice") -> str:
-    value = mint(h.config.server.database, user, "proj-a")
-    assert h.app is not None
-    h.call(h.app.refresh_tokens(force=True))
+    value = h.mint(user, "proj-a")
     return value
 
 

@@ -18,7 +18,7 @@ import trustme
 
 from tests.conftest import upstreams_for
 from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor, client_ssl_context
-from tests.hubharness import HubThread, make_config, mint
+from tests.hubharness import HubThread, make_config
 
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "hello over TLS"}]
 MODEL = "claude-sonnet-4-6"
@@ -30,9 +30,7 @@ def write_ca(ca: trustme.CA, path: Path) -> str:
 
 
 def refresh(h: HubThread) -> str:
-    value = mint(h.config.server.database, "alice", "tls")
-    assert h.app is not None
-    h.call(h.app.refresh_tokens(force=True))
+    value = h.mint("alice", "tls")
     return value
 
 
