@@ -155,6 +155,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     elif app.hub.access is not None:
         app.hub.access.stream = devnull  # formatted and written as in production, to nowhere
     await app.start()
+    app.cycles.start()  # the collector as `hubcore serve` has it
     upstream = app.hub.upstreams["anthropic"]
     stream = Stream(20)
     response = (b"HTTP/1.1 200 OK\r\n" + RESPONSE_HEADERS + b"\r\n"
