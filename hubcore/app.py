@@ -112,7 +112,9 @@ class App:
         return snapshot
 
     def metrics_text(self) -> str:
-        return self.metrics.render_prometheus(self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__)
+        return self.metrics.render_prometheus(
+            self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__, gc=self.cycles.stats(),
+        )
 
     def set_key_enabled(self, label: str, enabled: bool) -> bool:
         found = False

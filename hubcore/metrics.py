@@ -308,8 +308,10 @@ class HubMetrics:
         version: str = "",
         *,
         key_states: Sequence[str] = KEY_STATES,
+        gc: Mapping[str, Any] | None = None,
     ) -> str:
-        """Everything for ``GET /metrics`` in the Prometheus text format 0.0.4."""
+        """Everything for ``GET /metrics`` in the Prometheus text format 0.0.4;
+        ``gc`` is the hub's garbage-collector stats (app.CycleCollector.stats)."""
         out = _Exposition()
         out.family("hubcore_build_info", "gauge", "Version of the running hub; always 1.")
         out.sample("hubcore_build_info", 1, version=version)
@@ -361,8 +363,30 @@ class HubMetrics:
         out.sample("hubcore_tokens_loaded", tokens_loaded)
 
         self._render_writer(out, writer or {})
+        self._render_gc(out, gc or {})
         self._render_keys(out, keys or {}, key_states)
         return out.text()
+
+    @staticmethod
+    def _render_gc(out: _Exposition, gc: Mapping[str, Any]) -> None:
+        by_generation = gc.get("collections_by_generation")
+        if by_generation is not None:
+            out.family("hubcore_gc_collections_total", "counter",
+                       "Python garbage collections, by generation (2: full; each pauses the hub).")
+            for generation, n in enumerate(by_generation):
+                out.sample("hubcore_gc_collections_total", n, generation=str(generation))
+        if gc.get("scheduled"):
+            out.family("hubcore_gc_frozen_objects", "gauge",
+                       "Objects made at startup, which no collection walks.")
+            out.sample("hubcore_gc_frozen_objects", gc.get("frozen_objects", 0))
+            out.family("hubcore_gc_scheduled_full_collections_total", "counter",
+                       "Full collections run on the hub's timer (server.gc_full_interval).")
+            out.sample("hubcore_gc_scheduled_full_collections_total", gc.get("full_collections", 0))
+            last = gc.get("last_full_collection_ms")
+            if last is not None:
+                out.family("hubcore_gc_last_full_collection_seconds", "gauge",
+                           "How long the latest scheduled full collection paused the hub.")
+                out.sample("hubcore_gc_last_full_collection_seconds", last / 1000.0)
 
     @staticmethod
     def _render_writer(out: _Exposition, writer: Mapping[str, Any]) -> None:

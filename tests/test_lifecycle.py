@@ -408,6 +408,11 @@ def test_serve_runs_the_collectors_full_collections_on_its_own_schedule(serve_fa
     assert gc_stats["last_full_collection_ms"] is not None
     shown = s.cli("stats")
     assert shown.returncode == 0 and "gc            frozen" in shown.stdout
+    status, body = opsclient.fetch(s.ops, "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    (scheduled,) = families["hubcore_gc_scheduled_full_collections"].samples
+    assert scheduled.value >= 2
     s.signal(signal.SIGTERM)
     assert s.wait() == 0
 

@@ -240,6 +240,21 @@ def test_prometheus_text_parses_and_matches_the_instruments() -> None:
     assert samples(families, "hubcore_usage_writer_failing") == [({}, 1.0)]
 
 
+def test_prometheus_shows_the_garbage_collector() -> None:
+    gc_stats = {"scheduled": True, "frozen_objects": 25000, "full_collections": 3, "collected": 10,
+                "last_full_collection_ms": 12.5, "collections_by_generation": [400, 36, 4]}
+    families = parse(HubMetrics().render_prometheus(gc=gc_stats))
+    by_generation = {lb["generation"]: v for lb, v in samples(families, "hubcore_gc_collections", "hubcore_gc_collections_total")}
+    assert by_generation == {"0": 400.0, "1": 36.0, "2": 4.0}
+    assert samples(families, "hubcore_gc_frozen_objects") == [({}, 25000.0)]
+    assert samples(families, "hubcore_gc_scheduled_full_collections",
+                   "hubcore_gc_scheduled_full_collections_total") == [({}, 3.0)]
+    assert samples(families, "hubcore_gc_last_full_collection_seconds") == [({}, 0.0125)]
+    # Left to CPython: its own counts only.
+    plain = parse(HubMetrics().render_prometheus(gc={**gc_stats, "scheduled": False}))
+    assert "hubcore_gc_collections" in plain and "hubcore_gc_frozen_objects" not in plain
+
+
 @pytest.mark.parametrize("family, attr", [
     ("hubcore_ttfb_seconds", "ttfb"),
     ("hubcore_request_duration_seconds", "total"),
