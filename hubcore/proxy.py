@@ -615,6 +615,10 @@ class Exchange:
         try:
             await done
         except UpstreamError as e:
+            # The future holds e, whose traceback holds this frame: dropped,
+            # or the three (old by the end of a long stream) outlive the
+            # request in a cycle that only a full collection finds.
+            done = None
             if not self.committed:
                 self._release_conn()
                 raise _RetryBeforeFirstByte(e) from e

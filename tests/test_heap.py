@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 
-from hubcore import server, upstream
+from hubcore import proxy, server, upstream
 from hubcore.app import NEVER, CycleCollector
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor
@@ -55,6 +55,37 @@ def test_closed_connections_are_freed_without_the_cyclic_collector(vendor: FakeV
         finally:
             gc.enable()
         assert len(hub.wait_rows(10)) == 10
+
+
+def test_a_stream_that_fails_midway_leaves_no_cycle_for_the_full_collections(vendor: FakeVendor, tmp_path: Path) -> None:
+    # By the end of a long stream its objects are in the oldest generation;
+    # were the error that ends it to close a cycle through them, only a full
+    # collection (every gc_full_interval) would free the request.
+    thresholds = gc.get_threshold()
+    gc.set_threshold(thresholds[0], thresholds[1], NEVER)
+    try:
+        with HubThread(make_config(tmp_path, upstreams_for(vendor))) as hub:
+            token = hub.mint()
+            body = orjson.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16, "stream": True,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+            conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=30)
+            conn.request("POST", "/v1/messages", body, {
+                "x-api-key": token, "content-type": "application/json", "anthropic-version": "2023-06-01",
+                "x-fake-events": "30", "x-fake-delay-ms": "20", "x-fake-fail-after": "20", "x-fake-fail-mode": "reset",
+            })
+            response = conn.getresponse()
+            assert response.status == 200
+            gc.collect(1)
+            gc.collect(1)  # the request's objects, alive, move to the oldest generation
+            assert b"event: error" in response.read()
+            conn.close()
+            (row,) = hub.wait_rows(1)
+            assert row["outcome"] == "upstream_aborted"
+            time.sleep(0.1)
+            gc.collect(1)
+            assert _alive(proxy.Exchange) == 0
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 async def test_full_collections_run_on_schedule_and_free_long_lived_cycles() -> None:
