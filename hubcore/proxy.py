@@ -309,7 +309,7 @@ class Exchange:
         if limiter is not None:
             self.admission = limiter.admit(
                 self.principal, self.model, self.ts,
-                model_required=self.scanned and request.method == b"POST",
+                model_required=self.scanned,
             )
         return upstream
 
@@ -360,6 +360,15 @@ class Exchange:
             if value:
                 return value.decode("latin-1")
         return None
+
+    def _scan_unless_named(self) -> None:
+        """The usage row's model comes from the vendor's answer, which names
+        it in its first event; the body is read for it only when no answer
+        did (an error, an unmetered or cut answer, none at all)."""
+        meter = self.meter
+        if (not self.scanned and self.request.parts and self.request.method == b"POST"
+                and (meter is None or meter.model is None)):
+            self._scan_body()
 
     def _scan_body(self) -> None:
         """Read model, metadata.user_id and prompt_cache_key from a POST
@@ -672,16 +681,11 @@ class Exchange:
                 meter.feed(data)
             except MeterError as e:
                 log.warning("request %s: metering stopped: %s", self.request_id, e)
-                meter = self.meter = None
+                self.meter = None
         if first:
             if end:
                 self._close_meter()  # whole: a JSON answer names its model only now
-            if not self.scanned and (meter is None or meter.model is None) and self.request.method == b"POST":
-                # The row's model comes from the vendor's answer, which names
-                # it in its first event; the body is read for it only when
-                # the answer does not (an error, an unmetered body), before
-                # it is let go.
-                self._scan_body()
+            self._scan_unless_named()  # before the body is let go
             # No retry is possible from here on: a long stream need not keep
             # a request body of up to 32 MiB alive. Freed after the write, which
             # the client waits on, and the free (of large blocks) need not.
@@ -799,12 +803,8 @@ class Exchange:
             self._log(now)
             return  # unauthenticated: no row (a flood of them must not fill the database)
         self._close_meter()
+        self._scan_unless_named()  # refused, or failed before a byte: the body is still here
         meter = self.meter
-        if (not self.scanned and self.request.method == b"POST" and self.request.parts
-                and (meter is None or meter.model is None)):
-            # No answer named the model (refused, an error, failed before a
-            # byte): the body does.
-            self._scan_body()
         event = UsageEvent(
             ts=self.ts,
             request_id=self.request_id,

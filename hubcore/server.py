@@ -25,7 +25,7 @@ import httptools
 from hubcore.config import ServerConfig
 from hubcore.deadlines import Sweeper, sweep_interval
 from hubcore.errors import ANTHROPIC, OPENAI, error_body
-from hubcore.wire import HeaderCollector
+from hubcore.wire import NO_CALLBACKS, HeaderCollector
 
 log = logging.getLogger("hubcore.server")
 
@@ -59,10 +59,6 @@ def flavour_for_path(path: bytes) -> str:
     if path.startswith((b"/v1/responses", b"/v1/chat/")):
         return OPENAI
     return ANTHROPIC
-
-
-# What a closed connection's parser calls: nothing (see connection_lost).
-_NO_CALLBACKS = SimpleNamespace()
 
 
 class Request:
@@ -245,10 +241,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
-        # The parser holds this protocol's bound methods: a reference cycle
-        # that would keep the connection's objects alive until the cyclic
-        # collector's next full collection. Broken here, they go now.
-        self.parser = httptools.HttpRequestParser(_NO_CALLBACKS)
+        # Break the cycle through the parser's bound callbacks (wire.NO_CALLBACKS).
+        self.parser = httptools.HttpRequestParser(NO_CALLBACKS)
         self.server.connections.discard(self)
         if self.server.metrics is not None:
             self.server.metrics.connection_closed()

@@ -35,7 +35,7 @@ from typing import cast, Protocol
 import httptools
 
 from hubcore.deadlines import Sweeper, sweep_interval
-from hubcore.wire import HeaderCollector
+from hubcore.wire import NO_CALLBACKS, HeaderCollector
 
 log = logging.getLogger("hubcore.upstream")
 
@@ -79,10 +79,6 @@ class ConnState(enum.Enum):
     RECEIVING = "receiving"  # head received, body in progress
     DONE = "done"          # response complete, not yet back in the pool
     CLOSED = "closed"
-
-
-# What a closed connection's parser calls: nothing (see connection_lost).
-_NO_CALLBACKS = SimpleNamespace()
 
 
 class ResponseHead:
@@ -168,8 +164,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
         self.state = ConnState.CLOSED
-        # Break the cycle through the parser's bound callbacks (server.py).
-        self.parser = httptools.HttpResponseParser(_NO_CALLBACKS)
+        # Break the cycle through the parser's bound callbacks (wire.NO_CALLBACKS).
+        self.parser = httptools.HttpResponseParser(NO_CALLBACKS)
         self.deadline = 0.0
         self.pool.forget(self)
         if previous in (ConnState.SENDING, ConnState.RECEIVING) and not self.complete:

@@ -5,9 +5,16 @@ for the meter (hubcore.sse)."""
 
 import os
 import platform
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-__all__ = ["COMPILED", "CONTROL", "HeaderCollector", "render_head"]
+__all__ = ["COMPILED", "CONTROL", "NO_CALLBACKS", "HeaderCollector", "render_head"]
+
+# The callbacks of a closed connection's parser: none. A live parser holds
+# its connection's bound methods, a reference cycle that would keep a closed
+# connection's objects until a full collection; connection_lost (server.py,
+# upstream.py) swaps in a parser built on this instead.
+NO_CALLBACKS = SimpleNamespace()
 
 COMPILED = False
 if TYPE_CHECKING:
