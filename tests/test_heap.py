@@ -22,6 +22,17 @@ def _alive(kind: type) -> int:
     return sum(1 for o in gc.get_objects() if type(o) is kind)
 
 
+def _post(hub: HubThread, token: str, headers: dict[str, str], stream: bool = False) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A Messages request on a connection of its own; its response, unread."""
+    body = orjson.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16, "stream": stream,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=30)
+    conn.request("POST", "/v1/messages", body, {
+        "x-api-key": token, "content-type": "application/json", "anthropic-version": "2023-06-01", **headers,
+    })
+    return conn, conn.getresponse()
+
+
 def test_closed_connections_are_freed_without_the_cyclic_collector(vendor: FakeVendor, tmp_path: Path) -> None:
     # A connection's parser calls its protocol back: unless the hub breaks
     # that cycle when the connection closes, every closed client and
@@ -31,17 +42,11 @@ def test_closed_connections_are_freed_without_the_cyclic_collector(vendor: FakeV
     with HubThread(config) as hub:
         token = hub.mint()
         assert hub.app is not None
-        body = orjson.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
         gc.collect()
         gc.disable()
         try:
             for _ in range(10):
-                conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=30)
-                conn.request("POST", "/v1/messages", body, {
-                    "x-api-key": token, "content-type": "application/json", "anthropic-version": "2023-06-01",
-                    "connection": "close",
-                })
-                response = conn.getresponse()
+                conn, response = _post(hub, token, {"connection": "close"})
                 assert response.status == 200
                 response.read()
                 conn.close()
@@ -65,15 +70,9 @@ def test_a_stream_that_fails_midway_leaves_no_cycle_for_the_full_collections(ven
     gc.set_threshold(thresholds[0], thresholds[1], NEVER)
     try:
         with HubThread(make_config(tmp_path, upstreams_for(vendor))) as hub:
-            token = hub.mint()
-            body = orjson.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16, "stream": True,
-                                 "messages": [{"role": "user", "content": "hi"}]})
-            conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=30)
-            conn.request("POST", "/v1/messages", body, {
-                "x-api-key": token, "content-type": "application/json", "anthropic-version": "2023-06-01",
+            conn, response = _post(hub, hub.mint(), {
                 "x-fake-events": "30", "x-fake-delay-ms": "20", "x-fake-fail-after": "20", "x-fake-fail-mode": "reset",
-            })
-            response = conn.getresponse()
+            }, stream=True)
             assert response.status == 200
             gc.collect(1)
             gc.collect(1)  # the request's objects, alive, move to the oldest generation

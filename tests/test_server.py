@@ -166,8 +166,7 @@ def running_hub(tmp_path: Path, vendor: FakeVendor, **server: Any) -> Iterator[H
 
 
 def hub_token(h: HubThread, user: str = "alice") -> str:
-    value = h.mint(user, "proj-a")
-    return value
+    return h.mint(user, "proj-a")
 
 
 @pytest.fixture

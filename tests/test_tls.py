@@ -30,8 +30,7 @@ def write_ca(ca: trustme.CA, path: Path) -> str:
 
 
 def refresh(h: HubThread) -> str:
-    value = h.mint("alice", "tls")
-    return value
+    return h.mint("alice", "tls")
 
 
 @pytest.fixture
