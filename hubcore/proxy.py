@@ -140,11 +140,12 @@ class Hub:
         self._id_counter += 1
         return "%s%010x" % (self._id_prefix, self._id_counter)
 
-    def handle(self, request: Request, protocol: HttpProtocol) -> Coroutine[Any, Any, None]:
+    def handle(self, request: Request, protocol: HttpProtocol) -> Coroutine[Any, Any, None] | None:
         """Take a request: what needs no waiting, up to its first write
-        upstream, is done now, in the read that completed it; the rest runs
-        in the coroutine returned (the server's task for this request), which
-        is then created off the path the client waits on."""
+        upstream, is done now, in the read that completed it. A request sent
+        on a pooled connection goes on in callbacks (see Exchange.ensure_task);
+        any other runs in the coroutine returned (the server's task for this
+        request), which is then created off the path the client waits on."""
         exchange = Exchange(self, request, protocol)
         protocol.handler = exchange
         try:
@@ -152,8 +153,11 @@ class Hub:
         except Exception as e:
             # A bug: raised again in the task, which logs it (server.py).
             exchange.failure = e
+            exchange.in_callbacks = False
         if self.metrics is not None:
             self.metrics.request_started()
+        if exchange.in_callbacks:
+            return None
         return self._run(exchange)
 
     async def _run(self, exchange: Exchange) -> None:
@@ -201,6 +205,10 @@ class Exchange:
     head: ResponseHead | None = None
     head_failure: Failure | None = None  # what the latest response head says against its key
     committed = False
+    # Sent by begin() and going on in callbacks, with no task, until the
+    # answer completes (`finishing`) or something needs the task's awaits.
+    in_callbacks = False
+    finishing = False
     chunked = False
     sse_body = False
     done: asyncio.Future[None] | None = None
@@ -227,9 +235,22 @@ class Exchange:
         self.gone = True
         if self.conn is not None:
             self.conn.close()
+        self.ensure_task()
         done = self.done
         if done is not None and not done.done():
             done.set_exception(ClientGone())
+
+    def ensure_task(self) -> None:
+        """Go on in the task from here: what a request sent in callbacks
+        meets off its common path (a retryable answer, a failure, the client
+        leaving, shutdown) is handled by `run`, which then finds its first
+        attempt sent and its futures set as these callbacks left them."""
+        if not self.in_callbacks or self.finishing:
+            return
+        self.in_callbacks = False
+        if self.head is not None and self.done is None:
+            self.done = self.loop.create_future()  # what _stream awaits
+        self.protocol.run_task(self.hub._run(self))
 
     def pause_writing(self) -> None:
         if self.conn is not None:
@@ -273,9 +294,29 @@ class Exchange:
                 self.error_type = "hub_shutdown"
             raise
         finally:
-            if self.admission is not None:
-                self.admission.release()
-            self._record()
+            self._end()
+
+    def _end(self) -> None:
+        if self.admission is not None:
+            self.admission.release()
+        self._record()
+
+    def _finish(self) -> None:
+        """The answer to a request run in callbacks is complete: the rest of
+        what `_stream`, `_proxy`, `run` and `Hub._run` do after it."""
+        protocol = self.protocol
+        try:
+            try:
+                self._stream_done()
+                self._release_lease(self.lease, self.head_failure)
+            finally:
+                self._end()
+                if self.hub.metrics is not None:
+                    self.report(self.hub.metrics)
+        except Exception:
+            log.exception("request handler failed")
+            protocol.close()
+        protocol.request_done()
 
     def _admit(self) -> UpstreamRuntime | None:
         """Route, authenticate and admit the request (HubError if refused);
@@ -398,15 +439,17 @@ class Exchange:
         previous: Lease | None = None
         last_error: tuple[ResponseHead, bytes] | None = None
         last_exc: UpstreamError | None = None
-        first = self.lease  # taken by _first_attempt
+        first = self.lease  # taken (and maybe sent) by _first_attempt
         while True:
             if self.gone and (first is None or self.sending is None):
                 # Whatever comes next would be for nobody (and paid for). A
                 # request begin() already sent goes on to be recorded as sent.
                 raise ClientGone()
             lease: Lease | None
+            counted = False
             if first is not None:
                 lease, first = first, None
+                counted = self.attempts > 0  # sent by _first_attempt
             else:
                 lease = ring.acquire(self.session_id, tried, reason, previous)
                 if lease is None:
@@ -417,10 +460,8 @@ class Exchange:
                     self._give_up(upstream, last_error, last_exc, rate_limited_for)
                     return
             self.lease = previous = lease
-            self.key_label = lease.label
-            self.attempts += 1
-            if self.hub.metrics is not None:
-                self.hub.metrics.upstream_attempt(cfg.name, retry=self.attempts > 1)
+            if not counted:
+                self._count_attempt(cfg, lease)
             tried.add(lease.label)
             final = self.attempts >= cfg.max_attempts or self.loop.time() >= deadline
             try:
@@ -462,9 +503,21 @@ class Exchange:
                 continue
             # A mid-stream abort has already given the lease back, with its failure.
             if self.lease is lease:
-                ring.release(lease, failure or self._in_stream_failure())
-                self.lease = None
+                self._release_lease(lease, failure)
             return
+
+    def _count_attempt(self, cfg: UpstreamConfig, lease: Lease) -> None:
+        self.key_label = lease.label
+        self.attempts += 1
+        if self.hub.metrics is not None:
+            self.hub.metrics.upstream_attempt(cfg.name, retry=self.attempts > 1)
+
+    def _release_lease(self, lease: Lease | None, failure: Failure | None) -> None:
+        """The answer streamed to its end: its key goes back with what the
+        head said against it, or what an error event in the stream did."""
+        if lease is not None and self.upstream is not None:
+            self.upstream.ring.release(lease, failure or self._in_stream_failure())
+            self.lease = None
 
     def _in_stream_failure(self) -> Failure | None:
         """An `error` event inside a 200 stream (the vendor overloaded or
@@ -519,7 +572,9 @@ class Exchange:
         conn = upstream.pool.take_idle()
         if conn is not None:
             self.conn = conn
+            self._count_attempt(upstream.config, lease)
             self.sending = self._write_request(upstream, conn, self._request_head(upstream, lease.secret))
+            self.in_callbacks = True
 
     async def _send(self, upstream: UpstreamRuntime, lease: Lease) -> ResponseHead:
         sending, self.sending = self.sending, None
@@ -553,7 +608,7 @@ class Exchange:
     def _write_request(self, upstream: UpstreamRuntime, conn: UpstreamConnection, head: bytes) -> asyncio.Future[ResponseHead]:
         request = self.request
         cfg = upstream.config
-        future = conn.send(head, request.parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head)
+        future = conn.send(head, request.parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head, self.ensure_task)
         self.sent_at = self.loop.time()
         return future
 
@@ -580,11 +635,14 @@ class Exchange:
         failure = self.head_failure = classify(head.status, head.headers)
         if failure is None or not retryable(failure):
             self._begin_stream(head)
+        else:
+            self.ensure_task()  # the retry
 
     def _begin_stream(self, head: ResponseHead) -> None:
         conn = self.conn
         assert conn is not None
         self.head = head
+        self.head_at = conn.head_at
         self.status = head.status
         content_type = head.header(b"content-type") or b""
         self.sse_body = content_type.startswith(b"text/event-stream")
@@ -609,7 +667,8 @@ class Exchange:
             tail += b"connection: close\r\n"
         self.pending_head = [render_head(status_line(head.status), head.headers, RESPONSE_DROP, tail + b"\r\n")]
         self.keep_alive = keep_alive
-        self.done = self.loop.create_future()
+        if not self.in_callbacks:
+            self.done = self.loop.create_future()
         if self.protocol.write_paused:
             conn.pause_reading()
         conn.attach(self)
@@ -635,6 +694,9 @@ class Exchange:
             return
         finally:
             self.done = None
+        self._stream_done()
+
+    def _stream_done(self) -> None:
         self._release_conn()
         self.protocol.finish(self.keep_alive)
 
@@ -652,6 +714,13 @@ class Exchange:
         """The last chunks and the end of the body, in one write."""
         if not self.gone:
             self._write(parts[0] if len(parts) == 1 else b"".join(parts), True)
+        if self.in_callbacks:
+            if not self.finishing:
+                # The bookkeeping runs once this read's callbacks are over
+                # (the connection goes back to the pool there).
+                self.finishing = True
+                self.loop.call_soon(self._finish)
+            return
         done = self.done
         if done is not None and not done.done():
             done.set_result(None)
@@ -692,6 +761,7 @@ class Exchange:
             self.request.drop_body()
 
     def on_error(self, exc: UpstreamError) -> None:
+        self.ensure_task()
         done = self.done
         if done is not None and not done.done():
             done.set_exception(exc)

@@ -6,8 +6,9 @@ refuses request smuggling, answers `Expect: 100-continue`, and hands each
 complete request to the application, one at a time per connection
 (pipelined requests wait their turn with reading paused). The application
 is called as the request completes, in that read; it does what needs no
-waiting and returns a coroutine for the rest, which runs as the request's
-task.
+waiting and either returns a coroutine for the rest, which runs as the
+request's task, or returns None and goes on in callbacks, calling
+`request_done()` when the answer is complete (see `Handler`).
 """
 from __future__ import annotations
 
@@ -120,10 +121,15 @@ class Handler(Protocol):
     def client_gone(self) -> None: ...
     def pause_writing(self) -> None: ...
     def resume_writing(self) -> None: ...
+    # A request running in callbacks (its App returned None) goes on in a
+    # task from here, started with `run_task`: shutdown drains tasks.
+    def ensure_task(self) -> None: ...
 
 
-# Called with each complete request; returns the coroutine to run as its task.
-App = Callable[[Request, "HttpProtocol"], Coroutine[Any, Any, None]]
+# Called with each complete request; returns the coroutine to run as its
+# task, or None when the request goes on in callbacks: its handler (set on
+# the protocol) then calls `request_done()` once the answer is complete.
+App = Callable[[Request, "HttpProtocol"], Coroutine[Any, Any, None] | None]
 
 
 class Phase(enum.Enum):
@@ -174,6 +180,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.timeout = 0.0
         self.last_activity = 0.0
         self.pipeline: deque[Request] = deque()
+        # A request is being answered (in its task, or in callbacks).
+        self.busy = False
         self.task: asyncio.Task[None] | None = None
         self.handler: Handler | None = None
         self.write_paused = False
@@ -281,7 +289,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         if head.control is not None:
             self._control_headers(head.control)
         self.message_phase = Phase.BODY
-        if self.task is None:
+        if not self.busy:
             # While an earlier request is answered the client is waiting for
             # us, not we for it: no body timer until that answer is done.
             self._set_phase(Phase.BODY)
@@ -289,7 +297,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         if length > self.config.max_body_bytes:
             raise _Reject(413, f"request body larger than {self.config.max_body_bytes} bytes")
         if self.expect_continue and length != 0 and self.transport is not None:
-            if self.task is None:
+            if not self.busy:
                 self.transport.write(CONTINUE_100)
             else:
                 # Written now it would land inside the running response.
@@ -325,7 +333,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.message_phase = Phase.IDLE
         self.continue_due = False
         self.head_bytes = 0
-        if self.task is None:
+        if not self.busy:
             self._start(request)
         else:
             # A pipelined request: answer in order, stop reading meanwhile.
@@ -335,18 +343,33 @@ class HttpProtocol(asyncio.BufferedProtocol):
     # -- running requests --------------------------------------------------
     def _start(self, request: Request) -> None:
         self._set_phase(Phase.BUSY)
-        self.task = task = self.loop.create_task(self.app(request, self))
+        self.busy = True
+        coro = self.app(request, self)
+        if coro is not None:
+            self.run_task(coro)
+
+    def run_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run the current request's coroutine as its task."""
+        self.task = task = self.loop.create_task(coro)
         self.server.tasks.add(task)
         task.add_done_callback(self._on_task_done)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         self.server.tasks.discard(task)
         self.task = None
-        self.handler = None
         if not task.cancelled() and task.exception() is not None:
             log.error("request handler failed", exc_info=task.exception())
+            self.handler = None
+            self.busy = False
             self.close()
             return
+        self.request_done()
+
+    def request_done(self) -> None:
+        """The current request is answered and its bookkeeping done: start
+        the next pipelined one, or wait for the next request."""
+        self.handler = None
+        self.busy = False
         if self.phase is Phase.CLOSED or self.closing:
             return
         if self.pipeline:
@@ -415,7 +438,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         error nothing more on this connection can be trusted."""
         self.deadline = 0.0
         self._pause_reading()
-        if self.task is not None:
+        if self.busy:
             # A response is in progress for an earlier request; do not
             # interleave a second one into it.
             self.abort()
@@ -518,8 +541,13 @@ class Server:
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
-            if conn.task is None:
+            if not conn.busy:
                 conn.close()
+            elif conn.task is None and conn.handler is not None:
+                conn.handler.ensure_task()
+        # A request that completed in callbacks ends in a callback already
+        # scheduled: let it run before waiting for the rest.
+        await asyncio.sleep(0)
         if self.tasks:
             done, pending = await asyncio.wait(set(self.tasks), timeout=drain_timeout)
             for task in pending:

@@ -124,6 +124,7 @@ class UpstreamConnection(asyncio.Protocol):
         # per-request
         self.head_future: asyncio.Future[ResponseHead] | None = None
         self.on_head: Callable[[ResponseHead], None] | None = None
+        self.on_fail: Callable[[], None] | None = None
         self.head: ResponseHead | None = None
         self.head_at = 0.0
         self.sink: BodySink | None = None
@@ -230,14 +231,18 @@ class UpstreamConnection(asyncio.Protocol):
         first_byte_timeout: float,
         idle_timeout: float,
         on_head: Callable[[ResponseHead], None] | None = None,
+        on_fail: Callable[[], None] | None = None,
     ) -> asyncio.Future[ResponseHead]:
         """Write a request (its head, then its body in pieces, in one write);
         the future gets the response head. `on_head`, if
         given, is also called with it as it arrives, in the read that brought
         it: a caller can attach a sink there and the body chunks of that same
-        read reach it without waiting for the future's waiter to wake."""
+        read reach it without waiting for the future's waiter to wake.
+        `on_fail`, if given, is called when the future fails or is cancelled
+        (a caller that does not await it learns so)."""
         assert self.transport is not None
         self.on_head = on_head
+        self.on_fail = on_fail
         self.state = ConnState.SENDING
         self.collector.reset()
         self.head = None
@@ -290,6 +295,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = None
         self.head_future = None
         self.on_head = None
+        self.on_fail = None
         if (
             self.state is ConnState.DONE
             and self.head is not None
@@ -315,6 +321,8 @@ class UpstreamConnection(asyncio.Protocol):
             # than leave it to the first-byte timeout, and rather than fail it
             # with an UpstreamError that would be retried on another key.
             fut.cancel()
+            if self.on_fail is not None:
+                self.on_fail()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
@@ -351,6 +359,8 @@ class UpstreamConnection(asyncio.Protocol):
         fut = self.head_future
         if fut is not None and not fut.done():
             fut.set_exception(exc)
+            if self.on_fail is not None:
+                self.on_fail()
         elif self.sink is not None:
             self.sink.on_error(exc)
         if self.state is not ConnState.CLOSED:

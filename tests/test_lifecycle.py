@@ -186,11 +186,21 @@ def assert_no_secrets(*texts: str, secrets: tuple[str, ...]) -> None:
 
 # -- SIGTERM ----------------------------------------------------------------------------
 
-def test_sigterm_lets_open_streams_finish(serve_factory: Callable[..., Serve], vendor: FakeVendor) -> None:
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "pooled"])
+def test_sigterm_lets_open_streams_finish(serve_factory: Callable[..., Serve], vendor: FakeVendor, pooled: bool) -> None:
     s = serve_factory()
     token = mint(s.db, "drain")
     s.start()
+    warm: list[tuple[int, str, list[str]]] = []
     with ThreadPoolExecutor(30) as pool:
+        if pooled:
+            # Thirty streams open at once leave thirty vendor connections in
+            # the pool: the streams below are sent on them, and run in
+            # callbacks, with no task for shutdown to wait on, until SIGTERM.
+            overlapping = {"x-fake-events": "2", "x-fake-delay-ms": "300"}
+            warm = list(pool.map(lambda _: request(s.port, token, overlapping, stream=True), range(30)))
+            vendor.wait_for_requests(30, timeout=20)
+            vendor.reset()
         futures = [pool.submit(request, s.port, token, SLOW_STREAM, stream=True) for _ in range(30)]
         vendor.wait_for_requests(30, timeout=20)
         s.signal(signal.SIGTERM)
@@ -207,6 +217,7 @@ def test_sigterm_lets_open_streams_finish(serve_factory: Callable[..., Serve], v
         results = [f.result(timeout=60) for f in futures]
     assert s.wait() == 0
     assert_complete(results)
+    results += warm
     rows = s.rows()
     assert sorted(r["request_id"] for r in rows) == sorted(r[1] for r in results)
     assert {r["outcome"] for r in rows} == {"ok"}
