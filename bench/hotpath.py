@@ -193,8 +193,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for piece in reads:
             proto.data_received(piece)
         await client.done
-        # Let the request's task finish its bookkeeping (usage row, metrics).
-        while proto.task is not None:
+        # Let the request finish its bookkeeping (usage row, metrics), in
+        # its task or in the callback scheduled at its end.
+        while proto.busy:
             await asyncio.sleep(0)
         end = time.perf_counter_ns()
         vendor = max(vendors, key=lambda v: v.sent)
