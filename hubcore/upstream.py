@@ -357,12 +357,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self.body_parts:
             self._deliver()  # what arrived before the failure goes out first
         fut = self.head_future
-        if fut is not None and not fut.done():
-            fut.set_exception(exc)
+        if self.sink is not None and (fut is None or fut.done()):
+            self.sink.on_error(exc)
+        else:
+            # Before the head, or after it with no sink attached yet: the
+            # sender may not be awaiting the future (see `send`).
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
             if self.on_fail is not None:
                 self.on_fail()
-        elif self.sink is not None:
-            self.sink.on_error(exc)
         if self.state is not ConnState.CLOSED:
             self.close()
 

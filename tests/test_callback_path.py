@@ -268,3 +268,50 @@ def test_a_failure_in_the_bookkeeping_closes_only_its_connection(
         assert any("request handler failed" in r.getMessage() and r.exc_info for r in caplog.records)
         rows = hub.wait_rows(2)
         assert len(rows) == 2 and rows[-1]["outcome"] == "ok"
+
+
+def test_a_failure_while_the_answer_begins_does_not_leave_the_client_waiting(
+    tmp_path: Path, vendor: FakeVendor, tasks: TaskCount, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bug where the answer's head is taken up fails the upstream
+    # connection after the head, before any sink reads the body: the
+    # request, run in callbacks, must still end (in its task), not hang.
+    from hubcore import proxy
+
+    with warm_hub(tmp_path, vendor) as (hub, client):
+        begin_stream = proxy.Exchange._begin_stream
+        calls = 0
+
+        def failing_once(exchange: proxy.Exchange, head: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("bug in _begin_stream")
+            begin_stream(exchange, head)
+
+        monkeypatch.setattr(proxy.Exchange, "_begin_stream", failing_once)
+        start = tasks.count
+        with caplog.at_level(logging.ERROR, logger="hubcore"):
+            with pytest.raises(anthropic.APIConnectionError) as info:
+                client.with_options(timeout=10).messages.create(model=MODEL, max_tokens=32, messages=MESSAGES)
+            assert not isinstance(info.value, anthropic.APITimeoutError)
+        assert tasks.since(start) == 1
+        assert any("request handler failed" in r.getMessage() for r in caplog.records)
+        assert ask(client.with_options(max_retries=2)).content[0].text == expected_text()
+
+
+def test_pipelined_requests_sent_in_callbacks_are_answered_in_order(tmp_path: Path, vendor: FakeVendor, tasks: TaskCount) -> None:
+    from tests.test_server import PLAIN_BODY, STREAM_BODY, Wire, messages_request
+
+    with warm_hub(tmp_path, vendor) as (hub, client):
+        token = client.api_key
+        start = tasks.count
+        wire = Wire(hub.port)
+        wire.send(messages_request(token, STREAM_BODY) + messages_request(token, PLAIN_BODY))
+        first = wire.response()
+        assert first.status == 200 and b"event: message_stop" in first.body
+        second = wire.response()
+        assert second.status == 200 and second.json()["content"][0]["text"] == expected_text()
+        assert tasks.since(start) == 0
+        rows = hub.wait_rows(3)
+        assert [r["outcome"] for r in rows[1:]] == ["ok", "ok"]
