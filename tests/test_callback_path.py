@@ -144,9 +144,9 @@ def test_a_failure_before_the_first_byte_is_retried_in_a_task(tmp_path: Path, ve
         assert (row["attempts"], row["outcome"]) == (2, "upstream_error")
 
 
-@pytest.mark.parametrize("mode", ["reset", "error-event"])
+@pytest.mark.parametrize("mode", ["reset", "stall", "error-event"])
 def test_a_midstream_failure_is_ended_in_a_task(tmp_path: Path, vendor: FakeVendor, tasks: TaskCount, mode: str) -> None:
-    with warm_hub(tmp_path, vendor) as (hub, client):
+    with warm_hub(tmp_path, vendor, stream_idle_timeout=0.3) as (hub, client):
         start = tasks.count
         texts: list[str] = []
         with pytest.raises(anthropic.APIStatusError) as info:
@@ -162,9 +162,10 @@ def test_a_midstream_failure_is_ended_in_a_task(tmp_path: Path, vendor: FakeVend
         row = last_row(hub)
         assert (row["status"], row["outcome"], row["attempts"]) == (200, "upstream_aborted", 1)
         assert row["key_label"] == req.key
-        # A reset reaches the hub as a connection failure, ended in the task;
-        # an error event is a complete 200 stream, ended in callbacks.
-        assert tasks.since(start) == (1 if mode == "reset" else 0)
+        # A reset or a stall (the stream idle timeout) fails the upstream
+        # connection, ended in the task; an error event is a complete 200
+        # stream, ended in callbacks.
+        assert tasks.since(start) == (0 if mode == "error-event" else 1)
 
 
 def test_a_first_byte_timeout_goes_on_in_a_task(tmp_path: Path, vendor: FakeVendor, tasks: TaskCount) -> None:
