@@ -79,12 +79,29 @@ def ask(client: anthropic.Anthropic, **headers: str) -> Any:
     return client.messages.create(model=MODEL, max_tokens=32, messages=MESSAGES, extra_headers=headers or None)
 
 
-def stream_texts(client: anthropic.Anthropic, **headers: str) -> list[str]:
-    texts: list[str] = []
+def stream_texts(client: anthropic.Anthropic, texts: list[str] | None = None, **headers: str) -> list[str]:
+    """A stream's text deltas, appended to `texts` as they come (so a caller
+    still has them when the stream raises)."""
+    texts = [] if texts is None else texts
     with client.messages.stream(model=MODEL, max_tokens=32, messages=MESSAGES, extra_headers=headers) as stream:
         for text in stream.text_stream:
             texts.append(text)
     return texts
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> None:
+    """Make method `name` of `cls` raise (a bug) on its first call only."""
+    method = getattr(cls, name)
+    calls = 0
+
+    def failing_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError(f"bug in {name}")
+        return method(*args)
+
+    monkeypatch.setattr(cls, name, failing_once)
 
 
 def last_row(hub: HubThread, count: int = 2) -> dict[str, Any]:
@@ -150,12 +167,7 @@ def test_a_midstream_failure_is_ended_in_a_task(tmp_path: Path, vendor: FakeVend
         start = tasks.count
         texts: list[str] = []
         with pytest.raises(anthropic.APIStatusError) as info:
-            with client.messages.stream(
-                model=MODEL, max_tokens=32, messages=MESSAGES,
-                extra_headers={"x-fake-fail-after": "5", "x-fake-fail-mode": mode},
-            ) as stream:
-                for text in stream.text_stream:
-                    texts.append(text)
+            stream_texts(client, texts, **{"x-fake-fail-after": "5", "x-fake-fail-mode": mode})
         assert "".join(texts) == expected_text(2)
         assert info.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
         (req,) = vendor.requests
@@ -248,17 +260,7 @@ def test_a_failure_in_the_bookkeeping_closes_only_its_connection(
     from hubcore import proxy
 
     with warm_hub(tmp_path, vendor) as (hub, client):
-        record = proxy.Exchange._record
-        calls = 0
-
-        def failing_once(exchange: proxy.Exchange) -> None:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise RuntimeError("bookkeeping bug")
-            record(exchange)
-
-        monkeypatch.setattr(proxy.Exchange, "_record", failing_once)
+        fail_once(monkeypatch, proxy.Exchange, "_record")
         with caplog.at_level(logging.ERROR, logger="hubcore"):
             # The answer was written before the bookkeeping ran.
             assert ask(client).content[0].text == expected_text()
@@ -280,17 +282,7 @@ def test_a_failure_while_the_answer_begins_does_not_leave_the_client_waiting(
     from hubcore import proxy
 
     with warm_hub(tmp_path, vendor) as (hub, client):
-        begin_stream = proxy.Exchange._begin_stream
-        calls = 0
-
-        def failing_once(exchange: proxy.Exchange, head: Any) -> None:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise RuntimeError("bug in _begin_stream")
-            begin_stream(exchange, head)
-
-        monkeypatch.setattr(proxy.Exchange, "_begin_stream", failing_once)
+        fail_once(monkeypatch, proxy.Exchange, "_begin_stream")
         start = tasks.count
         with caplog.at_level(logging.ERROR, logger="hubcore"):
             with pytest.raises(anthropic.APIConnectionError) as info:
