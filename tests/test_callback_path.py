@@ -8,6 +8,7 @@ the path did its job."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -47,6 +48,31 @@ class TaskCount:
 @pytest.fixture
 def tasks(monkeypatch: pytest.MonkeyPatch) -> TaskCount:
     return TaskCount(monkeypatch)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def no_orphaned_futures() -> Iterator[None]:
+    """A future nobody awaits that holds an exception, or a task dropped
+    while pending, is a request the callback path lost track of: asyncio
+    logs them when they are collected."""
+    records = _Records()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(records)
+    try:
+        yield
+        gc.collect()
+    finally:
+        logger.removeHandler(records)
+    assert not records.messages, records.messages
 
 
 @contextlib.contextmanager
