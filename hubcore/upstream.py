@@ -238,8 +238,10 @@ class UpstreamConnection(asyncio.Protocol):
         given, is also called with it as it arrives, in the read that brought
         it: a caller can attach a sink there and the body chunks of that same
         read reach it without waiting for the future's waiter to wake.
-        `on_fail`, if given, is called when the future fails or is cancelled
-        (a caller that does not await it learns so)."""
+        `on_fail`, if given, is called when a failure reaches no one else:
+        the future fails or is cancelled, or the connection fails after the
+        head and before a sink is attached (a caller that awaits nothing
+        learns so)."""
         assert self.transport is not None
         self.on_head = on_head
         self.on_fail = on_fail
