@@ -30,6 +30,7 @@ from bench.vendor import raise_fd_limit
 
 PATHS = ("direct", "nginx", "hubcore")
 ALT = "hubcore-alt"  # --compare: a second hubcore source tree, measured alongside
+FLOOR = "python floor"  # saturation only: bench/floor.py, a bare pass-through proxy on hubcore's stack
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIENT_CREDENTIAL = "client-credential-nginx-swaps-it"
 MB = 1024 * 1024
@@ -226,6 +227,7 @@ class Bench:
         self.hub_static: Hub | None = None      # hubcore in front of `static`
         self.alt: Hub | None = None             # --compare: the other tree's hub
         self.alt_static: Hub | None = None
+        self.floor: Service | None = None       # bench/floor.py in front of `static`
         self.proxy_static_port = 0
         self.gens: list[LoadGen] = []
         self.hub_sent = 0
@@ -258,6 +260,7 @@ class Bench:
                 if self.alt_source:
                     self.alt_static = self._own(services.start_hub(
                         self.workdir, "hub-alt-static", f"http://127.0.0.1:{static_port}", pool, self.alt_source))
+                self.floor = self._own(services.start_floor(self.workdir, static_port, payloads.VENDOR_KEYS[0]))
             proxy_port = services.free_port()
             d = self.workdir / "nginx-proxy"
             body = services.NGINX_PROXY_SERVER.format(dir=d, name="vendor", upstream_port=self.vendor.port,
@@ -376,6 +379,8 @@ class Bench:
         }
         if self.alt_static is not None:
             targets[ALT] = (self.alt_static.port, self.alt_static.token, self.alt_static.pid)
+        if self.floor is not None:
+            targets[FLOOR] = (self.floor.port, CLIENT_CREDENTIAL, self.floor.pid)
         paths = list(targets)
         runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
         for r in range(self.plan.wrk_rounds):
@@ -385,9 +390,11 @@ class Bench:
                     port, credential, pid = targets[path]
                     script = self.workdir / f"wrk-{path}-{body}.lua"
                     services.wrk_script(script, bodies[body], (b"x-api-key", credential.encode()), HEADLINE.events)
-                    cpu0 = services.cpu_seconds(pid)
+                    user0, sys0 = services.cpu_split(pid)
                     result = services.run_wrk(self.wrk_bin, port, script, conns, self.plan.wrk_seconds)
-                    result["cpu"] = services.cpu_seconds(pid) - cpu0
+                    user1, sys1 = services.cpu_split(pid)
+                    result["cpu"] = (user1 - user0) + (sys1 - sys0)
+                    result["cpu_sys"] = sys1 - sys0
                     result["rss"] = services.rss_bytes(pid)
                     runs.setdefault((body, conns, path), []).append(result)
         out: dict[str, Any] = {}
@@ -403,6 +410,7 @@ class Bench:
                 "requests": requests,
                 # "direct" is the static nginx itself: its CPU is the vendor's, not a proxy's.
                 "cpu_s_per_1k": sum(r["cpu"] for r in results) / requests * 1000 if requests else None,
+                "cpu_sys_s_per_1k": sum(r["cpu_sys"] for r in results) / requests * 1000 if requests else None,
                 "rss": max(r["rss"] for r in results),
             }
             out.setdefault(f"{body}/c{conns}", {"body": body, "connections": conns, "paths": {}})["paths"][path] = row
@@ -411,6 +419,8 @@ class Bench:
             case["hubcore_share_of_nginx_rps"] = ratio(paths["hubcore"]["rps"], paths["nginx"]["rps"])
             if ALT in paths:
                 case["alt_share_of_nginx_rps"] = ratio(paths[ALT]["rps"], paths["nginx"]["rps"])
+            if FLOOR in paths:
+                case["floor_share_of_nginx_rps"] = ratio(paths[FLOOR]["rps"], paths["nginx"]["rps"])
         return out
 
     def accounting_check(self) -> dict[str, Any]:
@@ -480,6 +490,9 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     out.append({"target": "c=16: hubcore req/s ≥ 50% of nginx (one worker each)",
                 "figure": None if share is None else f"{share * 100:.0f}% ({sat['paths']['hubcore']['rps']:.0f} vs {sat['paths']['nginx']['rps']:.0f} req/s, 90 KB body)",
                 "met": None if share is None else share >= TARGET_RPS_SHARE})
+    floor_share = sat.get("floor_share_of_nginx_rps")
+    if floor_share is not None:
+        out[-1]["note"] = f"{FLOOR}: {floor_share * 100:.0f}%"
     streams = report["open_streams"]
     hub_s = streams["paths"].get("hubcore", {})
     ev99 = hub_s.get("added", {}).get("event_transit", {}).get("p99")
@@ -599,18 +612,26 @@ def render(report: dict[str, Any]) -> str:
             "",
             "### Saturation (wrk, one thread; upstream: nginx `return 200` with the recorded 20-event stream)",
             "",
-            "| body | connections | path | req/s | share of nginx | latency p50 | p99 | CPU s/1k | RSS MB | errors |",
-            "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|",
+            "| body | connections | path | req/s | share of nginx | latency p50 | p99 | CPU s/1k | of which system | RSS MB | errors |",
+            "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
+        if any(FLOOR in case["paths"] for case in sat.values()):
+            lines[-3:-3] = [
+                "",
+                f"`{FLOOR}` is bench/floor.py: a bare pass-through proxy on hubcore's stack (Python, uvloop, "
+                "httptools; no auth, limits, metering, accounting or logs). hubcore's CPU above it is the cost "
+                "of its features; its own CPU above nginx's is the cost of the language and the stack.",
+            ]
         for case in sat.values():
             ngx_rps = case["paths"]["nginx"]["rps"]
             for path, row in case["paths"].items():
                 cpu = "–" if path == "direct" or row["cpu_s_per_1k"] is None else f"{row['cpu_s_per_1k']:.3f}"
+                cpu_sys = "–" if path == "direct" or row["cpu_sys_s_per_1k"] is None else f"{row['cpu_sys_s_per_1k']:.3f}"
                 share = "–" if path == "direct" or not ngx_rps else f"{row['rps'] / ngx_rps * 100:.0f}%"
                 lines.append(
                     f"| {case['body']} | {case['connections']} | {path} | {row['rps']:.0f} | "
                     f"{share} | {_us(row['p50'])} | {_us(row['p99'])} | "
-                    f"{cpu} | {_mb(row['rss'])} | {row['errors']} |"
+                    f"{cpu} | {cpu_sys} | {_mb(row['rss'])} | {row['errors']} |"
                 )
     acct = report["accounting"]
     lines += ["", f"Accounting: {acct['usage_rows']} usage rows for {acct['hub_requests']} requests through the hub."]

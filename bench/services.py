@@ -30,10 +30,15 @@ NGINX_CANDIDATES = ("nginx", "/usr/sbin/nginx", "/usr/local/nginx/sbin/nginx", "
 # -- /proc ----------------------------------------------------------------------
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process, all its threads (the SQLite writer too)."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all its threads."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     fields = stat[stat.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # utime, stime
 
 
 def rss_bytes(pid: int) -> int:
@@ -124,9 +129,24 @@ def start_vendor(workdir: Path) -> Service:
     if not line.strip().isdigit():
         proc.kill()
         raise RuntimeError(f"the fake vendor did not start (see {workdir / 'vendor.log'})")
-    service = Service("vendor", proc, int(line), [log])
+    service = Service("vendor", proc, int(line), [log, proc.stdout])
     wait_http(service.port, proc, "the fake vendor")
     return service
+
+
+# -- the floor: a bare Python pass-through proxy (bench/floor.py) ------------------
+def start_floor(workdir: Path, upstream_port: int, key: str) -> Service:
+    log = open(workdir / "floor.log", "wb")
+    proc = subprocess.Popen([*_python(), "-m", "bench.floor", "--upstream-port", str(upstream_port), "--key", key],
+                            stdout=subprocess.PIPE, stderr=log, env=_env(), cwd=REPO,
+                            preexec_fn=_die_with_parent)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        proc.kill()
+        raise RuntimeError(f"the floor proxy did not start (see {workdir / 'floor.log'})")
+    # It prints its port once it listens (a GET / would reach the vendor).
+    return Service("floor", proc, int(line), [log, proc.stdout])
 
 
 # -- hubcore ----------------------------------------------------------------------
