@@ -12,6 +12,7 @@ import os
 import sqlite3
 import time
 from collections import deque
+from itertools import chain
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -63,6 +64,11 @@ class UsageEvent:
 # The usage table's columns carry the same names as UsageEvent's fields.
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageEvent))
 _row: Callable[[UsageEvent], tuple[Any, ...]] = attrgetter(*FIELDS)
+
+
+def _values(events: Sequence[UsageEvent]) -> list[Any]:
+    """The bound parameters of a multi-row INSERT of `events`, row after row."""
+    return list(chain.from_iterable(map(_row, events)))
 # Rows per INSERT statement. SQLite runs one statement in one step, and
 # Python's sqlite3 lets go of the GIL around each step and must take it back
 # after: while the event loop is busy that retake waits, so a statement per
@@ -351,7 +357,7 @@ class UsageRecorder:
         batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
         if self._retry_due():
             try:
-                self._written += await self._insert([_row(e) for e in batch], len(batch))
+                self._written += await self._insert(batch)
             except _DB_ERRORS as exc:
                 self._db_failed(exc)
             else:
@@ -364,24 +370,26 @@ class UsageRecorder:
         queue.extendleft(reversed(batch))
         return False
 
-    async def _insert(self, rows: Sequence[tuple[Any, ...]], expected: int) -> int:
-        """Insert rows in one transaction; return how many were new."""
+    async def _insert(self, events: Sequence[UsageEvent]) -> int:
+        """Insert events in one transaction; return how many were new."""
         db = self._db
         if db is None:
             raise ValueError("usage database is not open")
         per = ROWS_PER_INSERT
-        full = len(rows) - len(rows) % per
+        full = len(events) - len(events) % per
         await db.execute("BEGIN IMMEDIATE")
         try:
             inserted = 0
             if full:
                 # executemany's rowcount is the sum over its statements.
+                # Flattened by C iterators: this runs on the event loop's
+                # thread, some thirty values per row.
                 cursor = await db.executemany(
-                    insert_sql(per), [[v for row in rows[i:i + per] for v in row] for i in range(0, full, per)]
+                    insert_sql(per), [_values(events[i:i + per]) for i in range(0, full, per)]
                 )
                 inserted += cursor.rowcount
-            if full < len(rows):
-                cursor = await db.execute(insert_sql(len(rows) - full), [v for row in rows[full:] for v in row])
+            if full < len(events):
+                cursor = await db.execute(insert_sql(len(events) - full), _values(events[full:]))
                 inserted += cursor.rowcount
             await db.execute("COMMIT")
         except BaseException:
@@ -390,8 +398,8 @@ class UsageRecorder:
             except _DB_ERRORS:
                 pass  # BEGIN itself failed: no transaction to roll back
             raise
-        if inserted < expected:
-            self._ignored += expected - inserted
+        if inserted < len(events):
+            self._ignored += len(events) - inserted
         return inserted
 
     async def _wait(self, timeout: float | None) -> None:
@@ -575,9 +583,7 @@ class UsageRecorder:
                     events.append(event)
             for i in range(0, len(events), self._batch_max):
                 chunk_events = events[i:i + self._batch_max]
-                self._replayed += await self._insert(
-                    [_row(e) for e in chunk_events], len(chunk_events)
-                )
+                self._replayed += await self._insert(chunk_events)
             if bad:
                 self._spool_bad_lines += bad
                 log.warning(
