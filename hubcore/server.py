@@ -223,9 +223,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         # Called with what the transport read; nothing may keep `data` (it
         # is the server's read buffer): httptools hands callbacks copies.
-        self.last_activity = self.loop.time()
+        now = self.last_activity = self.loop.time()
         if self.phase is Phase.IDLE:
-            self._set_phase(Phase.HEAD)
+            self._set_phase(Phase.HEAD, now)
         if self.message_phase is not Phase.BODY:
             # Counted before parsing, so a head that never ends is caught
             # even when it arrives while an earlier request is answered.
@@ -292,7 +292,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         if not self.busy:
             # While an earlier request is answered the client is waiting for
             # us, not we for it: no body timer until that answer is done.
-            self._set_phase(Phase.BODY)
+            self._set_phase(Phase.BODY, self.last_activity)  # this read's time
         length = head.content_length
         if length > self.config.max_body_bytes:
             raise _Reject(413, f"request body larger than {self.config.max_body_bytes} bytes")
@@ -342,7 +342,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     # -- running requests --------------------------------------------------
     def _start(self, request: Request) -> None:
-        self._set_phase(Phase.BUSY)
+        # No timeout while the hub answers: the upstream side times that.
+        self.phase = Phase.BUSY
+        self.deadline = 0.0
         self.busy = True
         coro = self.app(request, self)
         if coro is not None:
@@ -463,7 +465,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
         if self.server.metrics is not None:
             self.server.metrics.refuse("connection_limit")
 
-    def _set_phase(self, phase: Phase) -> None:
+    def _set_phase(self, phase: Phase, now: float | None = None) -> None:
+        """Enter `phase` and time it from `now` (loop time; None: read the
+        clock), unless the caller has just read it."""
         self.phase = phase
         if phase is Phase.HEAD:
             timeout = self.config.header_timeout
@@ -474,7 +478,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
         else:
             self.deadline = 0.0
             return
-        now = self.last_activity = self.loop.time()
+        if now is None:
+            now = self.loop.time()
+        self.last_activity = now
         self.timeout = timeout
         self.deadline = now + timeout if timeout > 0 else 0.0
 
