@@ -45,6 +45,17 @@ def status_line(status: int) -> bytes:
     return STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
 
 
+def feed(parser: Any, transport: asyncio.Transport | None, data: bytes) -> bool:
+    """Parse what a read brought; False (the connection closed) if it is not HTTP."""
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserError:
+        if transport is not None:
+            transport.close()
+        return False
+    return True
+
+
 class Upstream(asyncio.Protocol):
     """One pooled connection to the vendor; carries one request at a time."""
 
@@ -73,11 +84,7 @@ class Upstream(asyncio.Protocol):
         self.client = None
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            assert self.transport is not None
-            self.transport.close()
+        if not feed(self.parser, self.transport, data):
             return
         if self.parts and self.client is not None:
             self.client.write_body(self.parts, False, self.chunked)
@@ -123,11 +130,7 @@ class Client(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            assert self.transport is not None
-            self.transport.close()
+        feed(self.parser, self.transport, data)
 
     def on_url(self, url: bytes) -> None:
         self.url += url

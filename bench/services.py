@@ -118,35 +118,31 @@ def _env(first: str | None = None) -> dict[str, str]:
     return env
 
 
-# -- the fake vendor --------------------------------------------------------------
-def start_vendor(workdir: Path) -> Service:
-    log = open(workdir / "vendor.log", "wb")
-    proc = subprocess.Popen([*_python(), "-m", "bench.vendor", "--port", "0", "--print-port"],
-                            stdout=subprocess.PIPE, stderr=log, env=_env(), cwd=REPO,
+def _start_module(workdir: Path, name: str, args: list[str], what: str) -> Service:
+    """`python -m ARGS`, which prints the port it listens on as its first line."""
+    log = open(workdir / f"{name}.log", "wb")
+    proc = subprocess.Popen([*_python(), "-m", *args], stdout=subprocess.PIPE, stderr=log, env=_env(), cwd=REPO,
                             preexec_fn=_die_with_parent)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.strip().isdigit():
         proc.kill()
-        raise RuntimeError(f"the fake vendor did not start (see {workdir / 'vendor.log'})")
-    service = Service("vendor", proc, int(line), [log, proc.stdout])
-    wait_http(service.port, proc, "the fake vendor")
+        raise RuntimeError(f"{what} did not start (see {workdir / f'{name}.log'})")
+    return Service(name, proc, int(line), [log, proc.stdout])
+
+
+# -- the fake vendor --------------------------------------------------------------
+def start_vendor(workdir: Path) -> Service:
+    service = _start_module(workdir, "vendor", ["bench.vendor", "--port", "0", "--print-port"], "the fake vendor")
+    wait_http(service.port, service.proc, "the fake vendor")
     return service
 
 
 # -- the floor: a bare Python pass-through proxy (bench/floor.py) ------------------
 def start_floor(workdir: Path, upstream_port: int, key: str) -> Service:
-    log = open(workdir / "floor.log", "wb")
-    proc = subprocess.Popen([*_python(), "-m", "bench.floor", "--upstream-port", str(upstream_port), "--key", key],
-                            stdout=subprocess.PIPE, stderr=log, env=_env(), cwd=REPO,
-                            preexec_fn=_die_with_parent)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.strip().isdigit():
-        proc.kill()
-        raise RuntimeError(f"the floor proxy did not start (see {workdir / 'floor.log'})")
     # It prints its port once it listens (a GET / would reach the vendor).
-    return Service("floor", proc, int(line), [log, proc.stdout])
+    return _start_module(workdir, "floor", ["bench.floor", "--upstream-port", str(upstream_port), "--key", key],
+                         "the floor proxy")
 
 
 # -- hubcore ----------------------------------------------------------------------
