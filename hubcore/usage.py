@@ -12,9 +12,9 @@ import os
 import sqlite3
 import time
 from collections import deque
-from itertools import chain
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,8 @@ _row: Callable[[UsageEvent], tuple[Any, ...]] = attrgetter(*FIELDS)
 def _values(events: Sequence[UsageEvent]) -> list[Any]:
     """The bound parameters of a multi-row INSERT of `events`, row after row."""
     return list(chain.from_iterable(map(_row, events)))
+
+
 # Rows per INSERT statement. SQLite runs one statement in one step, and
 # Python's sqlite3 lets go of the GIL around each step and must take it back
 # after: while the event loop is busy that retake waits, so a statement per
