@@ -106,7 +106,10 @@ class Upstream(asyncio.Protocol):
         if client is not None:
             client.write_body(self.parts, True, self.chunked)
         self.parts.clear()
-        self.pool.append(self)
+        if self.parser.should_keep_alive():
+            self.pool.append(self)
+        elif self.transport is not None:
+            self.transport.close()
 
 
 class Client(asyncio.Protocol):
