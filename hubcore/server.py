@@ -342,9 +342,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     # -- running requests --------------------------------------------------
     def _start(self, request: Request) -> None:
-        # No timeout while the hub answers: the upstream side times that.
-        self.phase = Phase.BUSY
-        self.deadline = 0.0
+        self._set_phase(Phase.BUSY)
         self.busy = True
         coro = self.app(request, self)
         if coro is not None:
