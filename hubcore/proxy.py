@@ -164,8 +164,7 @@ class Hub:
         try:
             await exchange.run()
         finally:
-            if self.metrics is not None:
-                exchange.report(self.metrics)
+            exchange.report()
 
     def close(self) -> None:
         for upstream in self.upstreams.values():
@@ -311,8 +310,7 @@ class Exchange:
                 self._release_lease(self.lease, self.head_failure)
             finally:
                 self._end()
-                if self.hub.metrics is not None:
-                    self.report(self.hub.metrics)
+                self.report()
         except Exception:
             log.exception("request handler failed")
             protocol.close()
@@ -354,7 +352,11 @@ class Exchange:
             )
         return upstream
 
-    def report(self, metrics: Any) -> None:
+    def report(self) -> None:
+        """The request has ended: count it in the hub's metrics, if kept."""
+        metrics = self.hub.metrics
+        if metrics is None:
+            return
         now = self.loop.time()
         route = self.route.endpoint if self.route is not None else ("/" if self.request.path == b"/" else "other")
         ttfb = self.ttfb - self.t0 if self.ttfb is not None else None
