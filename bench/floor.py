@@ -3,7 +3,8 @@ uvloop, httptools) does per request, measured beside nginx and hubcore in the
 saturation phase of `python -m bench`.
 
 It parses the request, forwards its head (hop-by-hop headers dropped, the
-vendor key swapped in, as the nginx reference does) and body on a pooled
+vendor key swapped in, as the nginx reference does; rendered by hubcore's
+compiled `render_head`, from hubcore's header lists) and body on a pooled
 keep-alive connection, parses the answer and passes it back, re-framed like
 hubcore frames it. It does none of what hubcore does for a request beyond
 that: no token check, limits, key ring, timeouts, metering, pricing, usage
@@ -22,27 +23,20 @@ import argparse
 import asyncio
 import signal
 import sys
-from http import HTTPStatus
 from types import SimpleNamespace
 from typing import Any
 
 import httptools
 import uvloop
 
-HOP_BY_HOP = frozenset(
-    {b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"proxy-connection",
-     b"te", b"trailer", b"upgrade", b"x-api-key", b"authorization"}
-)
-RESPONSE_DROP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer", b"upgrade"}
-)
+from hubcore import proxy
+from hubcore.server import status_line
+from hubcore.wire import render_head
 
-
-STATUS_LINES = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, s.phrase.encode()) for s in HTTPStatus}
-
-
-def status_line(status: int) -> bytes:
-    return STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+# hubcore's own lists of what a proxy must not pass on, and its head
+# rendering and status lines; the answer's
+# Content-Length goes through as it came (hubcore writes its own).
+RESPONSE_DROP = proxy.RESPONSE_DROP - {b"content-length"}
 
 
 def feed(parser: Any, transport: asyncio.Transport | None, data: bytes) -> bool:
@@ -92,13 +86,9 @@ class Upstream(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self.client is not None
-        lines = [status_line(self.parser.get_status_code())]
         self.chunked = not any(name == b"content-length" for name, _ in self.headers)
-        lines += [name + b": " + value + b"\r\n" for name, value in self.headers if name not in RESPONSE_DROP]
-        if self.chunked:
-            lines.append(b"transfer-encoding: chunked\r\n")
-        lines.append(b"\r\n")
-        self.client.head = b"".join(lines)
+        tail = b"transfer-encoding: chunked\r\n\r\n" if self.chunked else b"\r\n"
+        self.client.head = render_head(status_line(self.parser.get_status_code()), self.headers, RESPONSE_DROP, tail)
         self.headers = []
 
     def on_message_complete(self) -> None:
@@ -142,11 +132,9 @@ class Client(asyncio.Protocol):
         # The parser appends to this very list: copied out, then emptied.
         body = self.body[:]
         self.body.clear()
-        head = b"".join([
-            self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\n", self.proxy.host_line,
-            *[name + b": " + value + b"\r\n" for name, value in self.headers if name not in HOP_BY_HOP],
-            self.proxy.key_line, b"content-length: %d\r\n\r\n" % sum(map(len, body)),
-        ])
+        start = b"%s %s HTTP/1.1\r\n%s" % (self.parser.get_method(), self.url, self.proxy.host_line)
+        tail = self.proxy.key_line + b"content-length: %d\r\n\r\n" % sum(map(len, body))
+        head = render_head(start, self.headers, proxy.REQUEST_DROP, tail)
         self.url = b""
         self.headers = []
         self.proxy.send(self, [head, *body])
