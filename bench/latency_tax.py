@@ -619,7 +619,7 @@ def render(report: dict[str, Any]) -> str:
             lines[-3:-3] = [
                 "",
                 f"`{FLOOR}` is bench/floor.py: a bare pass-through proxy on hubcore's stack (Python, uvloop, "
-                "httptools; no auth, limits, metering, accounting or logs). hubcore's CPU above it is the cost "
+                "httptools, hubcore's head rendering; no auth, limits, metering, accounting or logs). hubcore's CPU above it is the cost "
                 "of its features; its own CPU above nginx's is the cost of the language and the stack.",
             ]
         for case in sat.values():
