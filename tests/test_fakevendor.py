@@ -366,7 +366,8 @@ def test_tls_mode_with_the_sdk() -> None:
 
 def test_fail_after_message_start_sends_message_start_usage(vendor: FakeVendor, claude: anthropic.Anthropic) -> None:
     headers = {"x-fake-fail-after": "1", **usage_header(**FULL_USAGE)}
-    with pytest.raises(httpx2.TransportError):  # the SDK lets mid-stream transport errors through
+    # Older SDKs let a mid-stream transport error through, newer ones wrap it.
+    with pytest.raises((httpx2.TransportError, anthropic.APIConnectionError)):
         with claude.messages.stream(model="m", max_tokens=1, messages=MESSAGES, extra_headers=headers) as stream:
             stream.get_final_message()
     vendor.wait_idle()
