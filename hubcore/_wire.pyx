@@ -15,6 +15,7 @@ cdef bytes _CONTENT_LENGTH = b"content-length"
 cdef bytes _TRANSFER_ENCODING = b"transfer-encoding"
 cdef bytes _EXPECT = b"expect"
 cdef bytes _CONNECTION = b"connection"
+cdef bytes _HOST = b"host"
 
 
 cdef bytes _lower(bytes name):
@@ -47,6 +48,7 @@ cdef class HeaderCollector:
     cdef public Py_ssize_t size
     cdef public long long content_length
     cdef public object control
+    cdef public Py_ssize_t hosts
 
     def __init__(self):
         self.reset()
@@ -57,6 +59,7 @@ cdef class HeaderCollector:
         self.size = 0
         self.content_length = -1
         self.control = None
+        self.hosts = 0
 
     def on_header(self, bytes name not None, bytes value not None):
         cdef Py_ssize_t i, n
@@ -78,6 +81,8 @@ cdef class HeaderCollector:
             if self.control is None:
                 self.control = []
             self.control.append((name, value))
+        elif _named(name, _HOST):
+            self.hosts += 1
         self.headers.append((name, value))
         PyDict_SetDefault(self.index, name, value)
 

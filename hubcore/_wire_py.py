@@ -18,12 +18,13 @@ class HeaderCollector:
 
     Also keeps, as it goes: the head's size (each header counted as
     `name: value` plus CRLF), Content-Length as an int (-1 when absent), the
-    Transfer-Encoding, Expect and Connection headers for the caller to judge, and an
-    index from each name to its first value. `reset()` starts the next
+    Transfer-Encoding, Expect and Connection headers for the caller to judge, how
+    many Host headers came (RFC 9112 wants exactly one), and an index from each
+    name to its first value. `reset()` starts the next
     message; the previous message keeps the list and the index it was given.
     """
 
-    __slots__ = ("headers", "index", "size", "content_length", "control")
+    __slots__ = ("headers", "index", "size", "content_length", "control", "hosts")
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
@@ -31,6 +32,7 @@ class HeaderCollector:
         self.size = 0
         self.content_length = -1
         self.control: list[tuple[bytes, bytes]] | None = None
+        self.hosts = 0
 
     def reset(self) -> None:
         self.headers = []
@@ -38,6 +40,7 @@ class HeaderCollector:
         self.size = 0
         self.content_length = -1
         self.control = None
+        self.hosts = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
@@ -52,6 +55,8 @@ class HeaderCollector:
             if self.control is None:
                 self.control = []
             self.control.append((name, value))
+        elif name == b"host":
+            self.hosts += 1
         self.headers.append((name, value))
         self.index.setdefault(name, value)
 

@@ -50,6 +50,30 @@ class ServerConfig:
     keepalive_timeout: float = 75.0
     # Open client connections beyond this get a 503 and are closed.
     max_connections: int = 4096
+    # Open connections from one client address; beyond: 503 and closed. A
+    # team behind one NAT shares an address: Claude Code keeps a handful of
+    # connections per developer, so 512 serves about a hundred of them.
+    # 0: no per-address cap.
+    max_connections_per_address: int = 512
+    # Connections that have not yet sent an authenticated request (a new
+    # connection, or one whose requests were all refused) may hold at most
+    # this many slots; when they do, a new connection evicts the one of them
+    # that has waited longest. Clients with a valid token send their head at
+    # once, so a flood of silent or token-less connections cannot lock them out.
+    max_unauthenticated_connections: int = 1024
+    # Bytes of request bodies held in memory across all connections at once
+    # (bodies are read only after the token is accepted). A request whose
+    # body would go beyond gets 503 with retry-after.
+    max_body_bytes_in_flight: int = 512 * MIB
+    # Slowest average rate (bytes/s) at which a request body may arrive,
+    # after a grace of body_timeout (Apache mod_reqtimeout: MinRate=500).
+    # 0: only body_timeout between reads applies.
+    min_body_rate: int = 1024
+    # After a refusal or a `connection: close` answer, unread input is read
+    # and dropped for up to this many seconds and bytes before the close, so
+    # the client reads the answer instead of a reset (nginx's lingering_close).
+    linger_timeout: float = 2.0
+    linger_bytes: int = 1 * MIB
     # SIGTERM: seconds in-flight requests may take to finish.
     drain_timeout: float = 30.0
     # Seconds between checks of the tokens table for changes.
@@ -195,9 +219,13 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         raise ConfigError(f"{source}: server.budget_timezone: unknown time zone {server.budget_timezone!r}") from None
     if bool(server.tls_cert) != bool(server.tls_key):
         raise ConfigError(f"{source}: server.tls_cert / server.tls_key: set both or neither")
-    for name in ("max_header_bytes", "max_body_bytes", "max_connections", "usage_queue_max"):
+    for name in ("max_header_bytes", "max_body_bytes", "max_connections", "usage_queue_max",
+                 "max_unauthenticated_connections", "max_body_bytes_in_flight"):
         if getattr(server, name) <= 0:
             raise ConfigError(f"{source}: server.{name}: must be positive")
+    for name in ("max_connections_per_address", "min_body_rate", "linger_bytes", "linger_timeout"):
+        if getattr(server, name) < 0:
+            raise ConfigError(f"{source}: server.{name}: must not be negative")
 
     raw_upstreams = data.get("upstream", [])
     if not isinstance(raw_upstreams, list):

@@ -1,21 +1,29 @@
 """The client side of the hub: HTTP/1.1 over uvloop, parsed with httptools.
 
 One `HttpProtocol` per connection, one `Request` per message. The protocol
-enforces the limits (head size, body size, read timeouts, connection count),
-refuses request smuggling, answers `Expect: 100-continue`, and hands each
-complete request to the application, one at a time per connection
-(pipelined requests wait their turn with reading paused). The application
-is called as the request completes, in that read; it does what needs no
-waiting and either returns a coroutine for the rest, which runs as the
-request's task, or returns None and goes on in callbacks, calling
-`request_done()` when the answer is complete (see `Handler`).
+enforces the limits (head size, body size, read timeouts and minimum body
+rate, connection counts overall, per address and before authentication, the
+memory held by bodies in flight), refuses request smuggling, answers
+`Expect: 100-continue`, and hands each complete request to the application,
+one at a time per connection (pipelined requests wait their turn with
+reading paused). The application is called as the request completes, in
+that read; it does what needs no waiting and either returns a coroutine for
+the rest, which runs as the request's task, or returns None and goes on in
+callbacks, calling `request_done()` when the answer is complete (see
+`Handler`).
+
+Before a body is read, the application's gate judges the head (see `Gate`):
+a refused request is handed over at once with no body, answered, and the
+connection closed without reading the body, so that a client without a token
+never makes the hub hold its body.
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import enum
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from types import SimpleNamespace
@@ -48,6 +56,18 @@ READ_BUFFER_BYTES = 256 * 1024
 # A body that came in more pieces than this (a client's small chunks) is
 # joined at once rather than written upstream piece by piece.
 MAX_BODY_PARTS = 16
+# Request bodies arrive in pieces of up to READ_BUFFER_BYTES, below glibc's
+# mmap threshold, so freeing them leaves holes in the heap that glibc keeps
+# (60 token-less clients sending 31 MiB each once left the hub at 1.9 GB).
+# After this many body bytes were freed the heap's free pages are given back
+# with malloc_trim, at most once per TRIM_MIN_INTERVAL seconds.
+TRIM_AFTER_BYTES = 64 * 1024 * 1024
+TRIM_MIN_INTERVAL = 1.0
+# A request refused at its head with a body up to this size (announced by
+# Content-Length) has its body read and dropped, so the connection stays
+# usable, as after any answer; a larger or chunked one is not read at all,
+# and the connection is closed after the refusal.
+REFUSED_BODY_DISCARD_BYTES = 64 * 1024
 
 
 def status_line(status: int) -> bytes:
@@ -65,7 +85,7 @@ def flavour_for_path(path: bytes) -> str:
 class Request:
     __slots__ = (
         "method", "path", "query", "target", "headers", "index", "control", "parts", "body_size",
-        "_body", "keep_alive", "http_version",
+        "_body", "keep_alive", "http_version", "context", "reserved", "budget",
     )
 
     def __init__(
@@ -95,6 +115,11 @@ class Request:
         self._body: bytes | None = b"" if not parts else parts[0] if len(parts) == 1 else None
         self.keep_alive = keep_alive
         self.http_version = http_version
+        # What the application's gate said of the head (see `Gate`).
+        self.context: Any = None
+        # Bytes of the in-flight body budget this request holds.
+        self.reserved = 0
+        self.budget: BodyBudget | None = None
 
     @property
     def body(self) -> bytes:
@@ -109,6 +134,10 @@ class Request:
         """Let go of the body (up to max_body_bytes) once nothing can resend it."""
         self._body = b""
         self.parts = []
+        if self.reserved:
+            assert self.budget is not None
+            self.budget.release(self.reserved)
+            self.reserved = 0
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower-case), or None."""
@@ -131,20 +160,89 @@ class Handler(Protocol):
 # the protocol) then calls `request_done()` once the answer is complete.
 App = Callable[[Request, "HttpProtocol"], Coroutine[Any, Any, None] | None]
 
+# Called with each request head (method, target, headers) before its body is
+# read. Its result becomes `Request.context`; an exception instance means the
+# request is refused: its body is not read, the request is handed to the App
+# with no body (the App answers the refusal), and the connection is closed.
+# The gate calls `HttpProtocol.trust()` when the head carried valid credentials.
+Gate = Callable[["HttpProtocol", bytes, bytes, HeaderCollector], Any]
+
+
+class BodyBudget:
+    """The memory that request bodies hold across all connections: reserved
+    as a head announces its Content-Length (or as chunks arrive), released
+    when the body is let go; freed memory is handed back to the system."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.limit = limit
+        self.loop = loop
+        self.in_flight = 0
+        self.freed_since_trim = 0
+        self.last_trim = 0.0
+        self.trim_handle: asyncio.TimerHandle | asyncio.Handle | None = None
+
+    def reserve(self, size: int) -> bool:
+        if self.in_flight + size > self.limit:
+            return False
+        self.in_flight += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.in_flight -= size
+        self.freed_since_trim += size
+        if self.freed_since_trim >= TRIM_AFTER_BYTES and self.trim_handle is None and _malloc_trim is not None:
+            delay = max(0.0, self.last_trim + TRIM_MIN_INTERVAL - self.loop.time())
+            self.trim_handle = self.loop.call_later(delay, self._trim)
+
+    def _trim(self) -> None:
+        self.trim_handle = None
+        self.freed_since_trim = 0
+        self.last_trim = self.loop.time()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+
+    def close(self) -> None:
+        if self.trim_handle is not None:
+            self.trim_handle.cancel()
+            self.trim_handle = None
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
 
 class Phase(enum.Enum):
     IDLE = "idle"          # keep-alive: waiting for the next request
     HEAD = "head"          # receiving a request head
     BODY = "body"          # receiving a request body
     BUSY = "busy"          # the request is being answered
+    LINGER = "linger"      # answered and closing: unread input is dropped
     CLOSED = "closed"
 
 
 class _Reject(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
+
+
+class _RefusedAtHead(Exception):
+    """Stops the parser at a head the gate refused; the body stays unread."""
+
+    def __init__(self, request: Request) -> None:
+        super().__init__("refused at its head")
+        self.request = request
 
 
 class HttpProtocol(asyncio.BufferedProtocol):
@@ -159,7 +257,25 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.config = server.config
         self.loop = server.loop
         self.app = server.app
+        self.gate = server.gate
         self.transport: asyncio.Transport | None = None
+        # The client's address (None on a Unix socket), for the per-address cap.
+        self.peer: str | None = None
+        # Has sent a request whose credentials the gate accepted (see trust()).
+        self.trusted = False
+        # A framing error met while an earlier request was being answered:
+        # refused once that answer (and those pipelined before it) are done.
+        self.pending_reject: _Reject | None = None
+        # A refused head ended parsing: whatever else comes is not read.
+        self.parsing_stopped = False
+        # Bytes the LINGER phase may still drop before closing.
+        self.linger_left = 0
+        # What the gate said of the head being parsed, for its Request; when
+        # it is a refusal, the (small) body is read and dropped.
+        self.context: Any = None
+        self.discarding = False
+        # The request being answered, whose body budget is released when done.
+        self.current: Request | None = None
         # httptools calls on_header for every header: that callback is
         # compiled (hubcore.wire), the per-message ones stay here.
         self.collector = HeaderCollector()
@@ -192,6 +308,10 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.head_bytes = 0
         self.body_parts: list[bytes] = []
         self.body_size = 0
+        # Bytes of the body budget this message's body holds, and when its
+        # first body read came (loop time), for the minimum body rate.
+        self.reserved = 0
+        self.body_started = 0.0
         self.expect_continue = False
         # Where the parser is in the current message; `phase` says BUSY while
         # an earlier request is answered, this still knows head from body.
@@ -204,15 +324,27 @@ class HttpProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.server.connections.add(self)
-        self.server.sweeper.start()
-        if self.server.metrics is not None:
-            self.server.metrics.connection_opened()
-        if len(self.server.connections) > self.config.max_connections or self.server.draining:
-            self._refuse_connection()
+        server = self.server
+        server.connections.add(self)
+        server.sweeper.start()
+        if server.metrics is not None:
+            server.metrics.connection_opened()
+        peername = self.transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and peername:
+            self.peer = peername[0]
+        refusal = server.admit(self)
+        if refusal is not None:
+            self._refuse_connection(refusal)
             return
         # A new connection must send its request head promptly.
         self._set_phase(Phase.HEAD)
+
+    def trust(self) -> None:
+        """The connection sent credentials the gate accepted: it no longer
+        counts against max_unauthenticated_connections."""
+        if not self.trusted:
+            self.trusted = True
+            self.server.untrusted.pop(self, None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.server.read_view
@@ -223,6 +355,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         # Called with what the transport read; nothing may keep `data` (it
         # is the server's read buffer): httptools hands callbacks copies.
+        if self.phase is Phase.LINGER or self.parsing_stopped:
+            self._linger_drop(len(data))
+            return
         now = self.last_activity = self.loop.time()
         if self.phase is Phase.IDLE:
             self._set_phase(Phase.HEAD, now)
@@ -233,14 +368,18 @@ class HttpProtocol(asyncio.BufferedProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            # on_headers_complete refuses CONNECT and Upgrade first; this is
+            # what llhttp still calls an upgrade.
             self._reject(400, "protocol upgrades are not supported")
             return
         except httptools.HttpParserError as e:
             # httptools re-raises an exception from a callback as a
             # HttpParserCallbackError whose context is the original.
-            reject = e.__context__
-            if isinstance(reject, _Reject):
-                self._reject(reject.status, reject.message)
+            reason = e.__context__
+            if isinstance(reason, _RefusedAtHead):
+                self._refused_at_head(reason.request)
+            elif isinstance(reason, _Reject):
+                self._reject(reason.status, reason.message, reason.headers)
             else:
                 self._reject(400, f"malformed HTTP request: {e}")
             return
@@ -251,12 +390,15 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.phase = Phase.CLOSED
         # Break the cycle through the parser's bound callbacks (wire.NO_CALLBACKS).
         self.parser = httptools.HttpRequestParser(NO_CALLBACKS)
-        self.server.connections.discard(self)
+        self.server.forget(self)
         if self.server.metrics is not None:
             self.server.metrics.connection_closed()
         self.deadline = 0.0
+        self._release_partial_body()
         if self.handler is not None:
             self.handler.client_gone()
+        for request in self.pipeline:
+            request.drop_body()
         self.pipeline.clear()
 
     def pause_writing(self) -> None:
@@ -275,6 +417,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.collector.reset()
         self.body_parts = []
         self.body_size = 0
+        self.reserved = 0
+        self.discarding = False
         self.expect_continue = False
         self.continue_due = False
         self.message_phase = Phase.HEAD
@@ -284,18 +428,43 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def on_headers_complete(self) -> None:
         head = self.collector
-        if len(self.url) + head.size > self.config.max_header_bytes:
-            raise _Reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
+        config = self.config
+        if len(self.url) + head.size > config.max_header_bytes:
+            raise _Reject(431, f"request head larger than {config.max_header_bytes} bytes")
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            raise _Reject(405, "CONNECT is not supported: hubcore is not a forward proxy")
+        if head.hosts != 1 and (head.hosts > 1 or self.parser.get_http_version() == "1.1"):
+            # RFC 9112 3.2: a 1.1 request without exactly one Host is a 400.
+            raise _Reject(400, "a request must carry exactly one Host header")
         if head.control is not None:
             self._control_headers(head.control)
+        if b"upgrade" in head.index:
+            raise _Reject(400, "protocol upgrades (WebSocket, h2c) are not supported")
+        length = head.content_length
+        if length > config.max_body_bytes:
+            raise _Reject(413, f"request body larger than {config.max_body_bytes} bytes")
+        context = self.gate(self, method, self.url, head) if self.gate is not None else None
+        self.context = context
+        if isinstance(context, BaseException):
+            # A client waiting for 100 Continue gets the refusal instead.
+            if self.expect_continue or length > REFUSED_BODY_DISCARD_BYTES or (
+                    length < 0 and head.control is not None and any(n == b"transfer-encoding" for n, _ in head.control)):
+                request = Request(method, self.url, head, [], False, self.parser.get_http_version())
+                request.context = context
+                raise _RefusedAtHead(request)
+            self.discarding = True
+        elif length > 0:
+            if not self.server.body_budget.reserve(length):
+                raise _Reject(503, "hubcore holds as many request bodies as it may; retry shortly",
+                              ((b"retry-after", b"1"),))
+            self.reserved = length
         self.message_phase = Phase.BODY
         if not self.busy:
             # While an earlier request is answered the client is waiting for
             # us, not we for it: no body timer until that answer is done.
             self._set_phase(Phase.BODY, self.last_activity)  # this read's time
-        length = head.content_length
-        if length > self.config.max_body_bytes:
-            raise _Reject(413, f"request body larger than {self.config.max_body_bytes} bytes")
+            self.body_started = self.last_activity
         if self.expect_continue and length != 0 and self.transport is not None:
             if not self.busy:
                 self.transport.write(CONTINUE_100)
@@ -315,9 +484,18 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 raise _Reject(400, "unsupported Transfer-Encoding")
 
     def on_body(self, body: bytes) -> None:
-        self.body_size += len(body)
-        if self.body_size > self.config.max_body_bytes:
+        size = self.body_size = self.body_size + len(body)
+        if size > self.config.max_body_bytes:
             raise _Reject(413, f"request body larger than {self.config.max_body_bytes} bytes")
+        if self.discarding:
+            return
+        if size > self.reserved:
+            # A chunked body (or one longer than announced, which llhttp
+            # does not let through): reserved as it comes.
+            if not self.server.body_budget.reserve(size - self.reserved):
+                raise _Reject(503, "hubcore holds as many request bodies as it may; retry shortly",
+                              ((b"retry-after", b"1"),))
+            self.reserved = size
         self.body_parts.append(body)
 
     def on_message_complete(self) -> None:
@@ -329,6 +507,12 @@ class HttpProtocol(asyncio.BufferedProtocol):
             self.parser.should_keep_alive(),
             self.parser.get_http_version(),
         )
+        request.context = self.context
+        self.context = None
+        if self.reserved:
+            request.reserved = self.reserved
+            request.budget = self.server.body_budget
+            self.reserved = 0
         self.body_parts = []
         self.message_phase = Phase.IDLE
         self.continue_due = False
@@ -344,6 +528,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
     def _start(self, request: Request) -> None:
         self._set_phase(Phase.BUSY)
         self.busy = True
+        self.current = request
         coro = self.app(request, self)
         if coro is not None:
             self.run_task(coro)
@@ -359,21 +544,31 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.task = None
         if not task.cancelled() and task.exception() is not None:
             log.error("request handler failed", exc_info=task.exception())
-            self.handler = None
-            self.busy = False
+            self._end_current()
             self.close()
             return
         self.request_done()
 
+    def _end_current(self) -> None:
+        self.handler = None
+        self.busy = False
+        request, self.current = self.current, None
+        if request is not None:
+            request.drop_body()
+
     def request_done(self) -> None:
         """The current request is answered and its bookkeeping done: start
         the next pipelined one, or wait for the next request."""
-        self.handler = None
-        self.busy = False
+        self._end_current()
         if self.phase is Phase.CLOSED or self.closing:
             return
         if self.pipeline:
             self._start(self.pipeline.popleft())
+            return
+        if self.pending_reject is not None:
+            # Every request before the bad bytes has its answer: now refuse them.
+            reject, self.pending_reject = self.pending_reject, None
+            self._reject(reject.status, reject.message, reject.headers)
             return
         self._resume_reading()
         if self.server.draining:
@@ -388,9 +583,38 @@ class HttpProtocol(asyncio.BufferedProtocol):
     def finish(self, keep_alive: bool) -> None:
         """The response is fully written; close unless it may be kept alive."""
         if not keep_alive:
-            self.closing = True
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.close()
+            self.close_gracefully()
+
+    def close_gracefully(self) -> None:
+        """Close after the answer written so far, without a reset: send FIN,
+        then read and drop what the client still sends (a body the hub
+        refused to read, pipelined bytes) for up to linger_timeout and
+        linger_bytes. Closing with unread input would make the kernel send
+        a reset, and the client would see that instead of the answer."""
+        self.closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.config.linger_timeout <= 0 or transport.get_extra_info("sslcontext") is not None or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self.phase = Phase.LINGER
+        self.linger_left = self.config.linger_bytes
+        self.timeout = self.config.linger_timeout
+        self.deadline = self.loop.time() + self.timeout
+        for request in self.pipeline:
+            request.drop_body()
+        self.pipeline.clear()
+        self._resume_reading()
+
+    def _linger_drop(self, size: int) -> None:
+        # Before LINGER (a refusal still being answered) reading is paused,
+        # and what the last read brought is dropped.
+        if self.phase is Phase.LINGER:
+            self.linger_left -= size
+            if self.linger_left < 0:
+                self.close()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -433,39 +657,63 @@ class HttpProtocol(asyncio.BufferedProtocol):
             self.transport.abort()
 
     # -- limits and timeouts -------------------------------------------------
-    def _reject(self, status: int, message: str) -> None:
+    def _reject(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """Answer a request the parser refused, then close: after a framing
         error nothing more on this connection can be trusted."""
         self.deadline = 0.0
-        self._pause_reading()
+        self.parsing_stopped = True
+        self._release_partial_body()
         if self.busy:
-            # A response is in progress for an earlier request; do not
-            # interleave a second one into it.
-            self.abort()
+            # A response is in progress for an earlier request: its client
+            # gets it (and those of requests pipelined before the bad bytes);
+            # the refusal follows once they are done (request_done).
+            self._pause_reading()
+            self.pending_reject = _Reject(status, message, headers)
             return
         flavour = flavour_for_path(self.url)
         self.send_response(
             status,
-            [(b"content-type", b"application/json")],
+            [(b"content-type", b"application/json"), *headers],
             error_body(flavour, status, message),
             keep_alive=False,
         )
         if self.server.metrics is not None:
             self.server.metrics.refuse(f"http_{status}")
 
-    def _refuse_connection(self) -> None:
+    def _refused_at_head(self, request: Request) -> None:
+        """The gate refused a head: hand the request over with no body (the
+        App answers it), read nothing more of this connection, and close
+        once answered (its Request says keep_alive False)."""
+        self.parsing_stopped = True
+        self.message_phase = Phase.IDLE
+        self.head_bytes = 0
+        if not self.busy:
+            self._start(request)
+        else:
+            self.pipeline.append(request)
+            self._pause_reading()
+
+    def _release_partial_body(self) -> None:
+        if self.reserved:
+            self.server.body_budget.release(self.reserved)
+            self.reserved = 0
+        self.body_parts = []
+
+    def _refuse_connection(self, reason: str) -> None:
         self.send_response(
             503,
             [(b"content-type", b"application/json"), (b"retry-after", b"1")],
-            error_body(ANTHROPIC, 503, "hubcore is at its connection limit; retry shortly"),
+            error_body(ANTHROPIC, 503, f"hubcore is at its {reason}; retry shortly"),
             keep_alive=False,
         )
         if self.server.metrics is not None:
-            self.server.metrics.refuse("connection_limit")
+            self.server.metrics.refuse(reason.replace(" ", "_"))
 
     def _set_phase(self, phase: Phase, now: float | None = None) -> None:
         """Enter `phase` and time it from `now` (loop time; None: read the
         clock), unless the caller has just read it."""
+        if self.phase is Phase.LINGER or self.phase is Phase.CLOSED:
+            return  # closing: only the linger deadline applies
         self.phase = phase
         if phase is Phase.HEAD:
             timeout = self.config.header_timeout
@@ -484,9 +732,21 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def on_deadline(self, now: float) -> None:
         timeout = self.timeout
+        if self.phase is Phase.LINGER:
+            self.close()
+            return
         if self.phase is Phase.BODY:
-            # The body timeout is between reads, not for the whole body.
+            # The body timeout is between reads, not for the whole body; the
+            # whole body must also come at min_body_rate after a grace of
+            # body_timeout, so one byte a minute cannot hold a slot for hours.
             due = self.last_activity + timeout
+            rate = self.config.min_body_rate
+            if rate > 0:
+                rate_due = self.body_started + timeout + self.body_size / rate
+                if rate_due <= now:
+                    self._reject(408, f"request body arrived slower than {rate} bytes/s")
+                    return
+                due = min(due, rate_due)
             if due > now:
                 self.deadline = due
                 return
@@ -510,14 +770,22 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
 
 class Server:
-    """Listening sockets, the set of live connections, graceful shutdown."""
+    """Listening sockets, the set of live connections and what they may
+    hold, graceful shutdown."""
 
-    def __init__(self, config: ServerConfig, app: App, loop: asyncio.AbstractEventLoop, metrics: Any = None) -> None:
+    def __init__(
+        self, config: ServerConfig, app: App, loop: asyncio.AbstractEventLoop, metrics: Any = None, gate: Gate | None = None,
+    ) -> None:
         self.config = config
         self.app = app
+        self.gate = gate
         self.loop = loop
         self.metrics = metrics
         self.connections: set[HttpProtocol] = set()
+        # Connections not yet trusted (see HttpProtocol.trust), oldest first.
+        self.untrusted: OrderedDict[HttpProtocol, None] = OrderedDict()
+        self.per_address: dict[str, int] = {}
+        self.body_budget = BodyBudget(config.max_body_bytes_in_flight, loop)
         self.tasks: set[asyncio.Task[None]] = set()
         self.servers: list[asyncio.base_events.Server] = []
         self.draining = False
@@ -527,6 +795,53 @@ class Server:
             loop, sweep_interval(config.header_timeout, config.body_timeout, config.keepalive_timeout),
             lambda: self.connections,
         )
+
+    def admit(self, conn: HttpProtocol) -> str | None:
+        """Count a new connection in; the limit it is refused by, if any.
+
+        Connections nobody has authenticated on yet may hold at most
+        max_unauthenticated_connections slots, and a new one evicts the
+        longest-waiting of them rather than being turned away: a client with
+        a token sends its head at once and is trusted before its turn to be
+        evicted comes, while silent or token-less connections cannot keep
+        slots from it. The rest of max_connections stays for trusted ones.
+        """
+        config = self.config
+        peer = conn.peer
+        if peer is not None:
+            # Counted even when refused: forget() uncounts every connection.
+            count = self.per_address.get(peer, 0) + 1
+            self.per_address[peer] = count
+            if config.max_connections_per_address and count > config.max_connections_per_address:
+                return "per-address connection limit"
+        if self.draining:
+            return "connection limit"
+        if len(self.untrusted) >= config.max_unauthenticated_connections or len(self.connections) > config.max_connections:
+            if not self._evict_untrusted():
+                return "connection limit"
+        self.untrusted[conn] = None
+        return None
+
+    def _evict_untrusted(self) -> bool:
+        for old in self.untrusted:
+            if not old.busy:
+                del self.untrusted[old]
+                old.abort()
+                if self.metrics is not None:
+                    self.metrics.refuse("unauthenticated_evicted")
+                return True
+        return False
+
+    def forget(self, conn: HttpProtocol) -> None:
+        self.connections.discard(conn)
+        self.untrusted.pop(conn, None)
+        peer = conn.peer
+        if peer is not None:
+            count = self.per_address.get(peer, 0) - 1
+            if count > 0:
+                self.per_address[peer] = count
+            else:
+                self.per_address.pop(peer, None)
 
     async def start(self, host: str, port: int, ssl: Any = None, sock: Any = None) -> list[tuple[str, int]]:
         if sock is not None:
@@ -561,5 +876,6 @@ class Server:
         for conn in list(self.connections):
             conn.close()
         self.sweeper.stop()
+        self.body_budget.close()
         for server in self.servers:
             await server.wait_closed()

@@ -362,7 +362,7 @@ def test_a_bug_in_a_request_closes_its_connection_and_the_hub_serves_on(
         raise RuntimeError("a bug in admission")
 
     token = hub_token(hub)
-    monkeypatch.setattr(Exchange, "_authenticate", broken)
+    monkeypatch.setattr(Exchange, "_check_body", broken)
     wire = Wire(hub.port)
     with caplog.at_level(logging.ERROR, logger="hubcore.server"):
         wire.send(messages_request(token))
@@ -484,7 +484,12 @@ def test_stalled_body_is_408_and_closed(hub: HubThread, vendor: FakeVendor, surv
     assert_serving(survivor)
 
 
-def test_body_timeout_is_between_reads_not_for_the_whole_body(hub: HubThread, vendor: FakeVendor) -> None:
+def test_body_timeout_is_between_reads_not_for_the_whole_body(vendor: FakeVendor, tmp_path: Path) -> None:
+    with running_hub(tmp_path, vendor, min_body_rate=0) as hub:
+        _body_in_slow_pieces(hub, vendor)
+
+
+def _body_in_slow_pieces(hub: HubThread, vendor: FakeVendor) -> None:
     token = hub_token(hub)
     request = messages_request(token)
     wire = Wire(hub.port)
@@ -504,9 +509,11 @@ def test_body_timeout_is_between_reads_not_for_the_whole_body(hub: HubThread, ve
 
 def test_connection_beyond_max_connections_gets_503(tmp_path: Path, vendor: FakeVendor) -> None:
     with running_hub(tmp_path, vendor, max_connections=2) as h:
+        token = hub_token(h)
         first, second = Wire(h.port), Wire(h.port)
-        assert_serving(first)
-        assert_serving(second)
+        for wire in (first, second):  # authenticated: a new connection cannot evict them
+            wire.send(messages_request(token))
+            assert wire.response().status == 200
         third = Wire(h.port)
         answer = third.response()
         assert answer.status == 503
@@ -610,8 +617,9 @@ def test_pipelined_request_waits_out_a_slow_stream(hub: HubThread, vendor: FakeV
 
 def test_oversized_head_sent_during_a_response_is_not_buffered(hub: HubThread, vendor: FakeVendor, survivor: Wire) -> None:
     # The head of a next request grows past the limit while the first answer
-    # streams: no 431 can be written into that answer, so the connection is
-    # dropped rather than the head kept growing in memory.
+    # streams: no 431 can be written into that answer, so reading stops (the
+    # head is not kept growing in memory), the answer completes, and the 431
+    # follows it before the connection closes.
     token = hub_token(hub)
     slow = messages_request(token, STREAM_BODY, extra=b"x-fake-events: 40\r\nx-fake-delay-ms: 50\r\n")
     wire = Wire(hub.port)
@@ -628,9 +636,10 @@ def test_oversized_head_sent_during_a_response_is_not_buffered(hub: HubThread, v
         data = wire.rest()
     except TimeoutError:
         pytest.fail("the hub kept the connection and the oversized head")
-    assert b"event: message_stop" not in data
+    assert b"event: message_stop" in data
+    assert data.index(b"event: message_stop") < data.index(b"HTTP/1.1 431 ")
     (row,) = hub.wait_rows(1)
-    assert row["outcome"] == "client_aborted"
+    assert row["outcome"] == "ok"
     assert_serving(survivor)
 
 
