@@ -116,6 +116,11 @@ MIGRATIONS: list[str] = [
         UPDATE generation SET value = value + 1 WHERE name = 'tokens';
     END;
     """,
+    # 3: whether a row's output_tokens were estimated (a stream cut before
+    # the vendor reported them) rather than reported; 0 or 1.
+    """
+    ALTER TABLE usage ADD COLUMN output_estimated INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
@@ -59,6 +59,7 @@ class UsageEvent:
     attempts: int = 0
     session_id: str | None = None
     user_agent: str | None = None
+    output_estimated: bool = False  # output_tokens is hubcore's estimate, not the vendor's count
 
 
 # The usage table's columns carry the same names as UsageEvent's fields.
@@ -155,6 +156,14 @@ class UsageRecorder:
       is marked unhealthy and retried with exponential backoff; meanwhile new
       batches go straight to the spool, keeping a locked database from
       stalling the writer for a busy timeout per batch;
+    - database write still waiting (on a lock, for up to the busy timeout)
+      after a flush interval: the batch is copied to the spool and so is
+      everything queued since, again at every further flush interval:
+      whatever the busy timeout, an event waits in memory (where a kill -9
+      loses it) for at most two flush intervals, one to fill its batch and
+      one for the write to show it is stuck. Should the write then succeed,
+      the batch's request ids are remembered and replay skips their spool
+      copy (a crash in between leaves that to INSERT OR IGNORE);
     - the spool itself fails: the batch goes back to the front of the queue
       and is retried; memory is the last place an event can wait.
 
@@ -195,6 +204,9 @@ class UsageRecorder:
         self._closing = False
         self._closed = False
         self._close_deadline = 0.0
+        # the batch an INSERT is writing, and whether the spool holds a copy
+        self._in_flight: Sequence[UsageEvent] = ()
+        self._in_flight_spooled = False
 
         # database health: retry_at is a monotonic time; 0 means "now"
         self._db_healthy = True
@@ -209,6 +221,8 @@ class UsageRecorder:
         self._spool_torn = False     # the file ends mid-line (a failed partial write)
         self._spool_dirty = False    # written without fsync (from record())
         self._spool_failing = False
+        # request ids of spool lines whose rows are in the database already
+        self._spool_skip: set[str] = set()
 
         # counters
         self._written = 0
@@ -358,15 +372,24 @@ class UsageRecorder:
         queue = self._queue
         batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
         if self._retry_due():
+            self._in_flight, self._in_flight_spooled = batch, False
             try:
-                self._written += await self._insert(batch)
+                written = await self._await_db(self._insert(batch))
             except _DB_ERRORS as exc:
                 self._db_failed(exc)
+                if self._in_flight_spooled:
+                    self._spooled += len(batch)
+                    return True
             else:
+                self._written += written
+                if self._in_flight_spooled:
+                    self._spool_skip.update([e.request_id for e in batch])
                 self._db_ok()
                 if self._spool_pending():
                     await self._replay_guarded()
                 return True
+            finally:
+                self._in_flight, self._in_flight_spooled = (), False
         if self._spool_quietly(batch, sync=True):
             return True
         queue.extendleft(reversed(batch))
@@ -403,6 +426,36 @@ class UsageRecorder:
         if inserted < len(events):
             self._ignored += len(events) - inserted
         return inserted
+
+    async def _await_db(self, write: Coroutine[Any, Any, int]) -> int:
+        """Await a database write; while it waits, spool every flush interval."""
+        task = asyncio.ensure_future(write)
+        try:
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=self._flush_interval)
+                if done:
+                    return task.result()
+                self._spool_while_waiting()
+        except BaseException:
+            task.cancel()
+            raise
+
+    def _spool_while_waiting(self) -> None:
+        # A write waiting on a lock holds its batch, and the queue grows
+        # behind it: both go to the spool now, not after the busy timeout.
+        if self._in_flight and not self._in_flight_spooled:
+            # Counted as spooled only if the write then fails.
+            self._in_flight_spooled = self._spool_quietly(
+                self._in_flight, sync=True, counted=False
+            )
+        queue = self._queue
+        if queue:
+            events = list(queue)
+            queue.clear()
+            if not self._spool_quietly(events, sync=True):
+                queue.extendleft(reversed(events))
+        if self._spool_dirty:
+            self._fsync_spool()
 
     async def _wait(self, timeout: float | None) -> None:
         self._wake.clear()
@@ -471,7 +524,9 @@ class UsageRecorder:
         self._spool_fd = fd
         return fd
 
-    def _spool_write(self, events: Sequence[UsageEvent], *, sync: bool) -> None:
+    def _spool_write(
+        self, events: Sequence[UsageEvent], *, sync: bool, counted: bool = True
+    ) -> None:
         """Append events to the spool; raises on failure (nothing counted then)."""
         data = b"".join([_encode(e) for e in events])
         fd = self._open_spool()
@@ -494,11 +549,14 @@ class UsageRecorder:
         else:
             self._spool_dirty = True
         self._spool_lines += len(events)
-        self._spooled += len(events)
+        if counted:
+            self._spooled += len(events)
 
-    def _spool_quietly(self, events: Sequence[UsageEvent], *, sync: bool) -> bool:
+    def _spool_quietly(
+        self, events: Sequence[UsageEvent], *, sync: bool, counted: bool = True
+    ) -> bool:
         try:
-            self._spool_write(events, sync=sync)
+            self._spool_write(events, sync=sync, counted=counted)
         except _SPOOL_ERRORS as exc:
             self._spool_failing = True
             self._note_error(f"cannot write usage spool {self._spool_path}", exc)
@@ -574,18 +632,22 @@ class UsageRecorder:
             carry = data[cut:]
             lines = data[:cut].split(b"\n")
             events: list[UsageEvent] = []
-            bad = 0
+            bad = skipped = 0
+            skip = self._spool_skip
             for line in lines:
                 if not line.strip():
                     continue
                 event = _decode(line)
                 if event is None:
                     bad += 1
+                elif skip and event.request_id in skip:
+                    skip.discard(event.request_id)
+                    skipped += 1
                 else:
                     events.append(event)
             for i in range(0, len(events), self._batch_max):
                 chunk_events = events[i:i + self._batch_max]
-                self._replayed += await self._insert(chunk_events)
+                self._replayed += await self._await_db(self._insert(chunk_events))
             if bad:
                 self._spool_bad_lines += bad
                 log.warning(
@@ -593,7 +655,7 @@ class UsageRecorder:
                     bad, self._spool_path, pos - len(carry),
                 )
             self._spool_offset = pos - len(carry)
-            self._spool_consumed += len(events) + bad
+            self._spool_consumed += len(events) + bad + skipped
         if carry:
             log.warning(
                 "skipped a torn last line (%d bytes) in usage spool %s: "
@@ -607,6 +669,7 @@ class UsageRecorder:
             self._spool_offset = 0
             self._spool_lines = self._spool_consumed = 0
             self._spool_torn = False
+            self._spool_skip.clear()
 
     # -- errors ---------------------------------------------------------------
 

@@ -433,3 +433,110 @@ async def test_start_migrates_an_empty_database(
     recorder.record(make_event(5))
     await recorder.close()
     assert db_request_ids(db) == ["req-000005"]
+
+
+# -- a write stuck behind a lock -----------------------------------------------------
+
+def spooled_request_ids(spool: Path) -> set[str]:
+    return {orjson.loads(line)["request_id"] for line in spool_lines(spool)}
+
+
+async def test_a_write_stuck_on_a_lock_spools_everything_within_a_flush_interval(
+    recorder_factory: Callable[..., UsageRecorder], db: Path, spool: Path
+) -> None:
+    """A busy timeout far longer than the flush interval: the batch being
+    written and every event recorded meanwhile reach the spool one flush
+    interval after they would have reached the database, so a kill -9 under
+    the lock loses at most that interval; once the lock goes, each event is
+    stored exactly once."""
+    flush = 0.05
+    margin = 1.0  # scheduling on a busy machine, not the mechanism under test
+    recorder = recorder_factory(flush_interval=flush, busy_timeout_ms=10_000, batch_max=8)
+    await recorder.start()
+    recorded: list[str] = []
+    with Lock(db):
+        for n in range(30):
+            event = make_event(n)
+            recorder.record(event)
+            recorded.append(event.request_id)
+            if n % 5 == 4:
+                await asyncio.sleep(flush)  # traffic spread over several flush intervals
+        await eventually(lambda: spooled_request_ids(spool) == set(recorded), timeout=flush + margin)
+        # Still under the lock, and still inside the first write's busy timeout.
+        stats = recorder.stats()
+        assert (stats["queue_depth"], stats["written"]) == (0, 0)
+        assert db_request_ids(db) == []
+
+    await eventually(lambda: recorder.stats()["spool_pending"] == 0)
+    conn = sqlite3.connect(db)
+    try:
+        counts = dict(conn.execute("SELECT request_id, COUNT(*) FROM usage GROUP BY request_id"))
+    finally:
+        conn.close()
+    assert counts == dict.fromkeys(recorded, 1)
+    stats = recorder.stats()
+    # The stuck write went in once the lock was gone; replay skipped its spool copy.
+    assert stats["written"] > 0
+    assert (stats["written"] + stats["replayed"], stats["ignored"]) == (30, 0)
+    assert stats["spooled"] == stats["replayed"]
+    assert spool.stat().st_size == 0
+
+
+# -- output_estimated ---------------------------------------------------------------
+
+async def test_output_estimated_round_trips_through_the_spool_and_old_lines_read_false(
+    recorder_factory: Callable[..., UsageRecorder], db: Path, spool: Path
+) -> None:
+    first = recorder_factory(flush_interval=0.02)
+    await first.start()
+    with Lock(db):
+        first.record(make_event(1, output_estimated=True))
+        first.record(make_event(2))
+        await first.close()  # locked throughout: both go to the spool
+    written = {orjson.loads(line)["request_id"]: orjson.loads(line)["output_estimated"] for line in spool_lines(spool)}
+    assert written == {"req-000001": True, "req-000002": False}
+    # A line spooled by a hubcore from before the field.
+    old = {k: v for k, v in dataclasses.asdict(make_event(3)).items() if k != "output_estimated"}
+    with spool.open("ab") as f:
+        f.write(orjson.dumps(old) + b"\n")
+
+    second = recorder_factory()
+    await second.start()
+    conn = sqlite3.connect(db)
+    try:
+        stored = dict(conn.execute("SELECT request_id, output_estimated FROM usage"))
+    finally:
+        conn.close()
+    assert stored == {"req-000001": 1, "req-000002": 0, "req-000003": 0}
+    assert second.stats()["spool_bad_lines"] == 0
+
+
+async def test_a_database_from_before_output_estimated_is_migrated_on_open(
+    recorder_factory: Callable[..., UsageRecorder], db: Path
+) -> None:
+    old_version = 2  # the last schema without usage.output_estimated
+    raw = sqlite3.connect(db, isolation_level=None)
+    try:
+        for migration in store.MIGRATIONS[:old_version]:
+            raw.executescript(migration)
+        raw.execute(f"PRAGMA user_version = {old_version}")
+        raw.execute(
+            "INSERT INTO usage (ts, request_id, endpoint, status, outcome, total_ms)"
+            " VALUES (1.0, 'old-row', '/v1/messages', 200, 'ok', 5.0)"
+        )
+        assert "output_estimated" not in {r[1] for r in raw.execute("PRAGMA table_info(usage)")}
+    finally:
+        raw.close()
+
+    recorder = recorder_factory()
+    await recorder.start()
+    recorder.record(make_event(1, output_estimated=True))
+    await recorder.close()
+
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
+        stored = dict(conn.execute("SELECT request_id, output_estimated FROM usage"))
+    finally:
+        conn.close()
+    assert stored == {"old-row": 0, "req-000001": 1}
