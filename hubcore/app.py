@@ -14,6 +14,7 @@ import ssl
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -35,6 +36,14 @@ log = logging.getLogger("hubcore")
 
 # A generation-2 threshold no count of younger collections reaches.
 NEVER = 1 << 30
+# Where `serve` leaves the token it mints on an empty database: in the
+# database's directory, the service's state directory under systemd.
+FIRST_TOKEN_FILE = "first-token"
+
+
+class StartFailed(OSError):
+    """A start step failed for a reason the operator must fix; the message
+    names the step and the address or path."""
 
 
 class App:
@@ -92,11 +101,18 @@ class App:
             ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
             ssl_context.set_alpn_protocols(["http/1.1"])
         host, port = config_mod.parse_listen(cfg.listen)
-        self.addresses = await self.server.start(host, port, ssl=ssl_context, sock=sock)
+        try:
+            self.addresses = await self.server.start(host, port, ssl=ssl_context, sock=sock)
+        except OSError as e:
+            raise StartFailed(f"cannot listen on {cfg.listen}: {e.strerror or e}") from e
         self._reloader = self.loop.create_task(self._watch_tokens())
         self.metrics.start()
         if self.ops is not None:
-            await self.ops.start()
+            try:
+                await self.ops.start()
+            except OSError as e:
+                why = store.directory_problem(self.ops.path) or e.strerror or str(e)
+                raise StartFailed(f"cannot open the ops socket {self.ops.path}: {why}") from e
         self.watchdog.start()
         sdnotify.ready(f"listening on {cfg.listen}")
         return self.addresses
@@ -336,19 +352,69 @@ def setup_logging(config: Config) -> None:
     root.propagate = False
 
 
-def first_token(config: Config) -> str | None:
+def state_path_problem(config: Config) -> str | None:
+    """The first of the database, spool and ops socket whose directory the hub
+    cannot create files in, as one line naming the field and the path; None
+    when all look usable. Checked before anything starts, so that the spool,
+    which is first written only when the database fails, fails now."""
+    server = config.server
+    for field, path in (("database", server.database), ("spool", config.spool_path), ("ops_socket", server.ops_socket)):
+        problem = store.directory_problem(path) if path else None
+        if problem is not None:
+            return f"{field} {path}: {problem}"
+    return None
+
+
+def first_token(config: Config) -> tuple[str, Path] | None:
     """On a database without tokens, mint one for user "admin" so the hub is
-    usable at once; return it (it is printed once and never stored)."""
+    usable at once; return it and the file it was written to.
+
+    The token goes to a file only the hub's user can read, not to the log or
+    stdout: under systemd both end in the journal, which the groups adm and
+    systemd-journal read. Only its path is logged.
+    """
     from hubcore import tokens
 
+    path = Path(os.path.abspath(config.server.database)).parent / FIRST_TOKEN_FILE
     conn = store.connect(config.server.database)
+    written = False
     try:
+        # IMMEDIATE: two hubs started at once on a new database mint one token.
+        conn.execute("BEGIN IMMEDIATE")
         if conn.execute("SELECT count(*) FROM tokens").fetchone()[0]:
+            conn.execute("ROLLBACK")
             return None
         _, token = tokens.create(conn, "admin", note="first token, made by hubcore serve")
-        return token
+        _write_private(path, token + "\n")
+        written = True
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if written:
+            path.unlink(missing_ok=True)  # its token was never stored: it would open nothing
+        raise
     finally:
         conn.close()
+    log.warning(
+        "no hub tokens yet: created one for user 'admin' in %s (readable by this user only); "
+        "use it as ANTHROPIC_AUTH_TOKEN / OPENAI_API_KEY, then delete the file", path,
+    )
+    return token, path
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to a new file with mode 0600 from the moment it exists."""
+    # A file left there belongs to an earlier database (this one has no
+    # token): its token opens nothing now.
+    path.unlink(missing_ok=True)
+    # O_EXCL: never write into a file (or through a symlink) someone else
+    # made, whose mode could be wider than 0600.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="ascii") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(fd)
 
 
 async def serve(config: Config, config_path: str | None) -> int:
@@ -357,7 +423,8 @@ async def serve(config: Config, config_path: str | None) -> int:
     try:
         addresses = await app.start()
     except OSError as e:
-        log.error("cannot listen on %s: %s", config.server.listen, e.strerror or e)
+        # StartFailed names its step; anything else (a TLS file, the spool) names its file.
+        log.error("%s", e if isinstance(e, StartFailed) else f"cannot start: {e}")
         await app.recorder.close()
         return 1
     app.install_signals()

@@ -18,10 +18,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from hubcore import store
+
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except (store.CannotOpen, store.SchemaTooNew) as e:
+        print(f"hubcore: {e}", file=sys.stderr)
+        return 1
 
 
 def _with_db(args: argparse.Namespace, run: Any, tz: bool = False) -> int:
@@ -148,12 +153,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hubcore import app
 
     cfg = _load_config(args)
+    problem = app.state_path_problem(cfg)
+    if problem is not None:
+        print(f"hubcore: cannot start: {problem}", file=sys.stderr)
+        return 1
     app.setup_logging(cfg)
     app.tune_malloc()
-    token = app.first_token(cfg)
-    if token is not None:
+    try:
+        made = app.first_token(cfg)
+    except OSError as e:
+        print(f"hubcore: cannot write the first hub token: {e}", file=sys.stderr)
+        return 1
+    # A terminal is a person watching; anything else (a pipe, a file, the
+    # journal) keeps what it is given, so the token stays in its 0600 file.
+    if made is not None and sys.stdout.isatty():
         print("No hub tokens yet; created one for user 'admin'. Use it as ANTHROPIC_AUTH_TOKEN / OPENAI_API_KEY:", flush=True)
-        print(token, flush=True)
+        print(made[0], flush=True)
     if not any(u.keys for u in cfg.upstreams):
         print("hubcore: warning: no vendor keys configured (set ANTHROPIC_API_KEY / OPENAI_API_KEY or write a config)", file=sys.stderr)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

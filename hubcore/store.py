@@ -6,6 +6,7 @@ schema version; `migrate()` upgrades an older database in place.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -134,14 +135,48 @@ class SchemaTooNew(RuntimeError):
     """The database was written by a newer hubcore than this one."""
 
 
+class CannotOpen(sqlite3.OperationalError):
+    """The database file cannot be opened or set up; the message names the
+    file and, when it can tell, what about its directory is wrong."""
+
+
 def connect(path: str | Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
     """Open the database, set the pragmas every hubcore connection uses, migrate."""
-    conn = sqlite3.connect(
-        str(path), isolation_level=None, check_same_thread=check_same_thread
-    )
-    configure(conn)
+    try:
+        conn = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=check_same_thread
+        )
+    except sqlite3.Error as e:
+        raise _cannot_open(path, e) from e
+    try:
+        # WAL mode creates the -wal and -shm files beside the database: a
+        # read-only directory fails here rather than in sqlite3.connect().
+        configure(conn)
+    except sqlite3.Error as e:
+        conn.close()
+        raise _cannot_open(path, e) from e
     migrate(conn)
     return conn
+
+
+def _cannot_open(path: str | Path, error: sqlite3.Error) -> CannotOpen:
+    # SQLite says only "unable to open database file"; the directory says why.
+    return CannotOpen(f"cannot open the database {path}: {directory_problem(path) or error}")
+
+
+def directory_problem(path: str | Path) -> str | None:
+    """Why no file can be created beside `path` (missing, not a directory,
+    not writable by this process), or None when its directory is usable."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(directory):
+        return f"directory {directory} does not exist"
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    # Effective ids: what the kernel checks when the file is created. A
+    # read-only mount fails this even for root.
+    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return f"directory {directory} is not writable"
+    return None
 
 
 def configure(conn: sqlite3.Connection) -> None:

@@ -3,12 +3,18 @@ no config at all, and usage reports, each as a real subprocess."""
 from __future__ import annotations
 
 import csv
+import http.client
 import io
 import os
+import pty
 import re
+import select
+import shutil
 import signal
 import socket
+import stat
 import subprocess
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,9 +164,9 @@ def test_serve_without_config_uses_built_in_defaults(tmp_path: Path, default_por
         )
     try:
         wait_listening(DEFAULT_PORT, proc)
-        lines = out.read_text().splitlines()
-        token = lines[-1]
-        assert TOKEN_LINE.fullmatch(token), lines
+        # The database's directory is the working directory.
+        token = (tmp_path / "first-token").read_text().strip()
+        assert TOKEN_LINE.fullmatch(token)
         with socket.create_connection(("127.0.0.1", DEFAULT_PORT), timeout=5) as s:
             s.sendall(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
             answer = b""
@@ -174,6 +180,7 @@ def test_serve_without_config_uses_built_in_defaults(tmp_path: Path, default_por
         _, stderr = proc.communicate(timeout=40)
         assert proc.returncode == 0
         assert vendor_key not in stderr.decode() and vendor_key not in out.read_text()
+        assert token not in stderr.decode() and token not in out.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -283,3 +290,157 @@ def test_usage_report_on_a_fresh_database(config: Path) -> None:
     bad = hubcore("usage", "--since", "yesterday-ish", "--config", str(config))
     assert bad.returncode != 0 and "yesterday-ish" in bad.stderr
 
+
+
+# -- the first token ---------------------------------------------------------------------------
+
+def start_fresh(tmp_path: Path, stdout: int) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`hubcore serve` on a new database in tmp_path/state; (process, port, state dir)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    port = free_port()
+    config = tmp_path / "hubcore.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\ndatabase = "{state / "hub.db"}"\nops_socket = ""\n')
+    proc = subprocess.Popen(hubcore_cmd("serve", "--config", str(config)), stdout=stdout, stderr=subprocess.PIPE,
+                            env=cli_env(), cwd=tmp_path)
+    return proc, port, state
+
+
+def status_with(port: int, token: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/v1/models", headers={"x-api-key": token})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_first_token_goes_to_a_private_file_not_to_a_piped_stdout(tmp_path: Path) -> None:
+    proc, port, state = start_fresh(tmp_path, subprocess.PIPE)
+    try:
+        wait_listening(port, proc)
+        token_file = state / "first-token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert TOKEN_LINE.fullmatch(token)
+        # Accepted: past the token check to "no vendor key configured".
+        assert status_with(port, token) == 503 and status_with(port, token[:-1]) == 401
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0
+    assert token not in out.decode() and token not in err.decode()
+    assert str(token_file) in err.decode()  # where to find it is logged
+    assert lookup(state / "hub.db", token).user == "admin"
+
+
+def test_first_token_is_shown_on_a_terminal(tmp_path: Path) -> None:
+    controller, terminal = pty.openpty()
+    try:
+        proc, port, state = start_fresh(tmp_path, terminal)
+    finally:
+        os.close(terminal)
+    shown = b""
+    try:
+        wait_listening(port, proc)
+        token = (state / "first-token").read_text().strip()
+        deadline = time.monotonic() + 10
+        while token.encode() not in shown and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.1)[0]:
+                shown += os.read(controller, 4096)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=40)
+    finally:
+        os.close(controller)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert token.encode() in shown.splitlines()
+
+
+# -- state directories ---------------------------------------------------------------------------
+
+def state_config(tmp_path: Path, port: int, **paths: Path) -> Path:
+    """A config whose database, spool and ops socket are in tmp_path unless given."""
+    chosen = {"database": tmp_path / "hub.db", "spool": tmp_path / "hub.spool", "ops_socket": tmp_path / "ops.sock", **paths}
+    config = tmp_path / "hubcore.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n' + "".join(f'{k} = "{v}"\n' for k, v in chosen.items()))
+    return config
+
+
+def assert_nothing_listens(port: int) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("field", ["database", "spool", "ops_socket"])
+def test_serve_with_a_missing_state_directory_says_which_in_one_line(tmp_path: Path, field: str) -> None:
+    missing = tmp_path / "no-such-dir"
+    port = free_port()
+    config = state_config(tmp_path, port, **{field: missing / "file"})
+    done = hubcore("serve", "--config", str(config))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"hubcore: cannot start: {field} {missing / 'file'}: directory {missing} does not exist"]
+    assert not missing.exists()
+    assert_nothing_listens(port)
+
+
+def test_a_command_on_a_missing_database_directory_says_so_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    config = state_config(tmp_path, free_port(), database=missing / "hub.db")
+    for command in (("token", "create", "--user", "u"), ("token", "list"), ("usage",)):
+        done = hubcore(*command, "--config", str(config))
+        assert done.returncode == 1
+        assert done.stderr.splitlines() == [f"hubcore: cannot open the database {missing / 'hub.db'}: directory {missing} does not exist"]
+
+
+def test_serve_with_a_file_where_the_state_directory_should_be(tmp_path: Path) -> None:
+    in_the_way = tmp_path / "state"
+    in_the_way.write_text("")
+    config = state_config(tmp_path, free_port(), database=in_the_way / "hub.db")
+    done = hubcore("serve", "--config", str(config))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"hubcore: cannot start: database {in_the_way / 'hub.db'}: {in_the_way} is not a directory"]
+
+
+def read_only(directory: Path, command: list[str]) -> list[str]:
+    """`command` run where `directory` cannot be written to by it."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        return command
+    # Mode 0555 does not stop root; a read-only bind mount, in a mount
+    # namespace of the command's own, does.
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    wrapped = ["unshare", "--mount", "sh", "-c", script, "sh", str(directory)]
+    if shutil.which("unshare") is None or subprocess.run([*wrapped, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root without a mount namespace for a read-only bind mount")
+    return [*wrapped, *command]
+
+
+def test_serve_with_a_read_only_state_directory_says_so_in_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    port = free_port()
+    config = state_config(tmp_path, port, database=state / "hub.db")
+    done = subprocess.run(read_only(state, hubcore_cmd("serve", "--config", str(config))),
+                          capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"hubcore: cannot start: database {state / 'hub.db'}: directory {state} is not writable"]
+    assert list(state.iterdir()) == []
+    assert_nothing_listens(port)
+
+
+def test_an_ops_socket_that_cannot_be_bound_is_named_not_the_listen_address(tmp_path: Path) -> None:
+    in_the_way = tmp_path / "ops.sock"
+    in_the_way.write_text("keep me")
+    port = free_port()
+    done = hubcore("serve", "--config", str(state_config(tmp_path, port)))
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(f"cannot open the ops socket {in_the_way}: exists and is not a socket; not replacing it")
+    assert "Traceback" not in done.stderr and in_the_way.read_text() == "keep me"
