@@ -5,10 +5,15 @@ request, a visible share of the hub's own latency; like nginx's
 `access_log ... buffer=`, lines are formatted with one %-operation, kept in a
 list, and written together at most `flush_interval` seconds later (and at
 shutdown). Never a token, key or body: only the usage row's fields.
+
+Requests refused before a token was accepted leave no usage row; their lines
+go through `logging`, at most one per client address and status every
+`REFUSAL_WINDOW` seconds, then one summary line (`RefusalLog`).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TextIO
 
@@ -18,6 +23,15 @@ from hubcore.usage import UsageEvent
 
 # Seconds a line may wait in the buffer; short enough for `journalctl -f`.
 FLUSH_INTERVAL = 0.2
+# A client retrying a wrong token in a loop wrote one line per try: 105,000
+# lines in the journal for 105,000 tries. Per client address and status, the
+# first refusal of a window is logged in full and the others counted.
+REFUSAL_WINDOW = 10.0  # seconds
+# Windows open at once (some 300 bytes each: 3 MB at most); beyond it the
+# oldest is summarised early, so a flood from many addresses cannot grow
+# memory and no count is lost.
+REFUSAL_WINDOWS_MAX = 10_000
+SUMMARY_LINE = "%d more requests from %s refused with %d in the last %.1f s"
 
 TEXT_LINE = (
     "%s access %s user=%s project=%s model=%s key=%s status=%d outcome=%s in=%d out=%d "
@@ -35,6 +49,7 @@ class AccessLog:
         self.timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
+        self.refusals = RefusalLog(loop, logging.getLogger("hubcore.access"))
 
     def record(self, event: UsageEvent) -> None:
         if self.json:
@@ -74,6 +89,77 @@ class AccessLog:
 
     def close(self) -> None:
         self.flush()
+        self.refusals.close()
+
+
+class RefusalLog:
+    """Which refused requests are logged one by one, and the summaries of the rest.
+
+    Theory of operation: the first refusal from an (address, status) opens a
+    window of `window` seconds and is logged in full by the caller (`admit`
+    returns True); the refusals that follow inside the window are only
+    counted. When the window ends, a count above zero becomes one summary
+    line, and the next refusal opens a new window. Windows are kept in a
+    dict in the order they opened, so the oldest is always first: one timer,
+    set for the oldest, ends them, and eviction at `max_windows` takes the
+    front too. Times are the loop's clock.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, logger: logging.Logger, window: float = REFUSAL_WINDOW,
+                 max_windows: int = REFUSAL_WINDOWS_MAX) -> None:
+        self.loop = loop
+        self.logger = logger
+        self.window = window
+        self.max_windows = max_windows
+        # (address, status) -> [when the window opened, refusals counted and not logged]
+        self.windows: dict[tuple[str, int], list[float]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def admit(self, address: str, status: int, now: float) -> bool:
+        """True if this refusal is to be logged in full; False if it was counted."""
+        key = (address, status)
+        entry = self.windows.get(key)
+        if entry is not None:
+            if now < entry[0] + self.window:
+                entry[1] += 1
+                return False
+            self._end(key, now)  # ended; the timer has not run yet
+        elif len(self.windows) >= self.max_windows:
+            self._end(next(iter(self.windows)), now)
+        self.windows[key] = [now, 0]
+        if self._timer is None:
+            self._timer = self.loop.call_at(now + self.window, self._sweep)
+        return True
+
+    def expire(self, now: float) -> None:
+        """Summarise the windows that ended by `now`."""
+        windows = self.windows
+        while windows:
+            key = next(iter(windows))
+            if windows[key][0] + self.window > now:
+                break
+            self._end(key, now)
+
+    def close(self) -> None:
+        """Summarise every open window now (at shutdown)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = self.loop.time()
+        while self.windows:
+            self._end(next(iter(self.windows)), now)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        self.expire(self.loop.time())
+        if self.windows:
+            opened = next(iter(self.windows.values()))[0]
+            self._timer = self.loop.call_at(opened + self.window, self._sweep)
+
+    def _end(self, key: tuple[str, int], now: float) -> None:
+        opened, count = self.windows.pop(key)
+        if count:
+            self.logger.info(SUMMARY_LINE, count, key[0], key[1], now - opened)
 
 
 _JSON_FIELDS = (

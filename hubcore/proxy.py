@@ -942,16 +942,25 @@ class Exchange:
                 log.warning("request %s: metering failed at the end of the body: %s", self.request_id, e)
 
     def _log(self, now: float, event: UsageEvent | None = None) -> None:
+        access = self.hub.access
         if event is not None:
-            if self.hub.access is not None:
-                self.hub.access.record(event)
+            if access is not None:
+                access.record(event)
             return
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %s %s %d %.1fms",
-                self.request_id, self.request.method.decode(), self.request.path.decode("latin-1"),
-                self.status, (now - self.t0) * 1000.0,
-            )
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        transport = self.protocol.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        address = str(peer[0]) if isinstance(peer, tuple) else "-"
+        # Refused without a valid token: a client looping on a wrong token
+        # gets one line per window, not one per try (see RefusalLog).
+        if access is not None and self.status >= 400 and not access.refusals.admit(address, self.status, now):
+            return
+        access_log.info(
+            "%s %s %s %d %.1fms from %s",
+            self.request_id, self.request.method.decode(), self.request.path.decode("latin-1"),
+            self.status, (now - self.t0) * 1000.0, address,
+        )
 
 
 class _RetryBeforeFirstByte(Exception):

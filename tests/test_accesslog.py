@@ -1,13 +1,23 @@
-"""The buffered access log: one line per request, written on a timer."""
+"""The buffered access log: one line per request, written on a timer; refused
+requests summarised per client address instead of logged one by one."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
+import pytest
 
-from hubcore.accesslog import AccessLog
+from hubcore.accesslog import AccessLog, RefusalLog
 from hubcore.usage import UsageEvent
+from tests.conftest import upstreams_for
+from tests.fakevendor import FakeVendor
+from tests.hubharness import HubThread, make_config
 
 
 def event(n: int) -> UsageEvent:
@@ -43,3 +53,119 @@ async def test_json_lines_parse() -> None:
     (line,) = out.getvalue().splitlines()
     data = orjson.loads(line)
     assert data["request_id"] == "hc_7" and data["cache_read"] == 100 and data["logger"] == "hubcore.access"
+
+
+# -- refused requests: one line per address and status per window ------------------------
+
+class Lines(logging.Handler):
+    """The access logger's lines, as the journal would get them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def access_lines() -> Iterator[Lines]:
+    logger = logging.getLogger("hubcore.access")
+    handler, level = Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def summaries(lines: list[str]) -> list[tuple[int, str, int]]:
+    """(count, address, status) of each summary line."""
+    return [(int(m[1]), m[2], int(m[3])) for line in lines if (m := SUMMARY.fullmatch(line))]
+
+
+SUMMARY = re.compile(r"(\d+) more requests from (\S+) refused with (\d+) in the last [\d.]+ s")
+
+
+async def test_refusals_are_counted_within_a_window_and_summarised_after_it(access_lines: Lines) -> None:
+    refusals = RefusalLog(asyncio.get_running_loop(), logging.getLogger("hubcore.access"), window=10.0)
+    assert refusals.admit("192.0.2.7", 401, 100.0)  # the first is logged in full
+    assert not any(refusals.admit("192.0.2.7", 401, 100.0 + i / 100) for i in range(1, 300))
+    assert refusals.admit("192.0.2.7", 404, 101.0)  # another status: its own window
+    assert refusals.admit("198.51.100.1", 401, 101.0)  # another address: its own window
+    assert not refusals.admit("198.51.100.1", 401, 102.0)
+    refusals.expire(109.9)
+    assert access_lines.lines == []
+    refusals.expire(110.0)
+    assert summaries(access_lines.lines) == [(299, "192.0.2.7", 401)]  # a window with no count says nothing
+    refusals.expire(111.0)
+    assert summaries(access_lines.lines) == [(299, "192.0.2.7", 401), (1, "198.51.100.1", 401)]
+    assert refusals.windows == {}
+    assert refusals.admit("192.0.2.7", 401, 111.5)  # a new window: logged in full again
+    refusals.close()
+
+
+async def test_a_window_past_its_end_is_summarised_before_the_next_refusal_opens_one(access_lines: Lines) -> None:
+    refusals = RefusalLog(asyncio.get_running_loop(), logging.getLogger("hubcore.access"), window=10.0)
+    refusals.admit("192.0.2.7", 401, 100.0)
+    refusals.admit("192.0.2.7", 401, 105.0)
+    assert refusals.admit("192.0.2.7", 401, 110.0)  # the timer has not run yet
+    assert summaries(access_lines.lines) == [(1, "192.0.2.7", 401)]
+    refusals.close()
+
+
+async def test_the_oldest_window_is_summarised_early_when_too_many_are_open(access_lines: Lines) -> None:
+    refusals = RefusalLog(asyncio.get_running_loop(), logging.getLogger("hubcore.access"), window=10.0, max_windows=3)
+    for n in range(3):
+        refusals.admit(f"192.0.2.{n}", 401, 100.0 + n)
+        refusals.admit(f"192.0.2.{n}", 401, 100.5 + n)
+    assert refusals.admit("192.0.2.200", 401, 103.0)
+    assert len(refusals.windows) == 3 and ("192.0.2.0", 401) not in refusals.windows
+    assert summaries(access_lines.lines) == [(1, "192.0.2.0", 401)]  # evicted, its count kept
+    refusals.close()  # shutdown says what is still counted
+    assert sorted(summaries(access_lines.lines)) == [(1, f"192.0.2.{n}", 401) for n in range(3)]
+
+
+async def test_the_timer_ends_windows_on_its_own(access_lines: Lines) -> None:
+    loop = asyncio.get_running_loop()
+    refusals = RefusalLog(loop, logging.getLogger("hubcore.access"), window=0.05)
+    refusals.admit("192.0.2.7", 401, loop.time())
+    refusals.admit("192.0.2.7", 401, loop.time())
+    await asyncio.sleep(0.03)
+    refusals.admit("192.0.2.8", 403, loop.time())
+    refusals.admit("192.0.2.8", 403, loop.time())
+    await asyncio.sleep(0.2)
+    assert summaries(access_lines.lines) == [(1, "192.0.2.7", 401), (1, "192.0.2.8", 403)]
+    assert refusals.windows == {}
+
+
+def bad_token_requests(hub: HubThread, count: int, source: str) -> list[int]:
+    """`count` requests with a wrong token from `source`, over keep-alive
+    connections (reopened when the hub closes one); their statuses."""
+    conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=10, source_address=(source, 0))
+    statuses = []
+    try:
+        for _ in range(count):
+            conn.request("GET", "/v1/models", headers={"x-api-key": "hc-wrong-token"})
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+    finally:
+        conn.close()
+    return statuses
+
+
+def test_a_wrong_token_flood_writes_a_few_lines_that_count_it(
+    vendor: FakeVendor, tmp_path: Path, access_lines: Lines,
+) -> None:
+    with HubThread(make_config(tmp_path, upstreams_for(vendor))) as hub:
+        # 127.0.0.2 is loopback too: a second client address.
+        statuses = bad_token_requests(hub, 400, "127.0.0.1") + bad_token_requests(hub, 100, "127.0.0.2")
+        assert statuses == [401] * 500
+        full = [line for line in access_lines.lines if " GET /v1/models 401 " in line]
+        assert [line.rsplit(" from ", 1)[1] for line in full] == ["127.0.0.1", "127.0.0.2"]
+        assert summaries(access_lines.lines) == []  # the 10 s windows are still open
+    # Stopping the hub summarises them.
+    assert len(access_lines.lines) == 4, access_lines.lines
+    assert sorted(summaries(access_lines.lines)) == [(99, "127.0.0.2", 401), (399, "127.0.0.1", 401)]
+    assert all("hc-wrong-token" not in line for line in access_lines.lines)
