@@ -7,7 +7,7 @@ from cpython.dict cimport PyDict_SetDefault
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.set cimport PySet_Contains
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 CONTROL = frozenset({b"transfer-encoding", b"expect", b"connection"})
 
@@ -16,6 +16,8 @@ cdef bytes _TRANSFER_ENCODING = b"transfer-encoding"
 cdef bytes _EXPECT = b"expect"
 cdef bytes _CONNECTION = b"connection"
 cdef bytes _HOST = b"host"
+# See _wire_py.FRAMING.
+FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
 cdef bytes _lower(bytes name):
@@ -49,6 +51,7 @@ cdef class HeaderCollector:
     cdef public long long content_length
     cdef public object control
     cdef public Py_ssize_t hosts
+    cdef public bint sealed
 
     def __init__(self):
         self.reset()
@@ -60,13 +63,19 @@ cdef class HeaderCollector:
         self.content_length = -1
         self.control = None
         self.hosts = 0
+        self.sealed = False
+
+    def seal(self):
+        self.sealed = True
 
     def on_header(self, bytes name not None, bytes value not None):
         cdef Py_ssize_t i, n
         cdef const unsigned char* v
         cdef long long length = 0
-        name = _lower(name)
         self.size += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
+        if self.sealed:
+            return
+        name = _lower(name)
         if _named(name, _CONTENT_LENGTH):
             n = PyBytes_GET_SIZE(value)
             v = <const unsigned char*>PyBytes_AS_STRING(value)
@@ -83,6 +92,9 @@ cdef class HeaderCollector:
             self.control.append((name, value))
         elif _named(name, _HOST):
             self.hosts += 1
+        elif memchr(PyBytes_AS_STRING(name), 95, PyBytes_GET_SIZE(name)) != NULL:  # '_'
+            if name.replace(b"_", b"-").strip(b"-") in FRAMING:
+                raise ValueError(f"header name {name!r} may be read as a framing header")
         self.headers.append((name, value))
         PyDict_SetDefault(self.index, name, value)
 

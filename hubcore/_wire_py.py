@@ -11,6 +11,9 @@ from __future__ import annotations
 # Headers that frame the message or manage the connection: noted as they
 # come, and judged once the head is complete.
 CONTROL = frozenset({b"transfer-encoding", b"expect", b"connection"})
+# Names some servers read as these when they map "_" to "-" (CGI, WSGI): a
+# vendor stack that did would frame the request differently from the hub.
+FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
 class HeaderCollector:
@@ -22,9 +25,11 @@ class HeaderCollector:
     many Host headers came (RFC 9112 wants exactly one), and an index from each
     name to its first value. `reset()` starts the next
     message; the previous message keeps the list and the index it was given.
+    `seal()` ends the head: fields after it (a chunked body's trailers) are
+    counted in `size` but not kept, so they never pass as headers.
     """
 
-    __slots__ = ("headers", "index", "size", "content_length", "control", "hosts")
+    __slots__ = ("headers", "index", "size", "content_length", "control", "hosts", "sealed")
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
@@ -33,6 +38,7 @@ class HeaderCollector:
         self.content_length = -1
         self.control: list[tuple[bytes, bytes]] | None = None
         self.hosts = 0
+        self.sealed = False
 
     def reset(self) -> None:
         self.headers = []
@@ -41,10 +47,16 @@ class HeaderCollector:
         self.content_length = -1
         self.control = None
         self.hosts = 0
+        self.sealed = False
+
+    def seal(self) -> None:
+        self.sealed = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
         self.size += len(name) + len(value) + 4
+        if self.sealed:
+            return
+        name = name.lower()
         if name == b"content-length":
             # Digits only: llhttp has checked the value, and int() would
             # also take signs, spaces and underscores.
@@ -57,6 +69,8 @@ class HeaderCollector:
             self.control.append((name, value))
         elif name == b"host":
             self.hosts += 1
+        elif b"_" in name and name.replace(b"_", b"-").strip(b"-") in FRAMING:
+            raise ValueError(f"header name {name!r} may be read as a framing header")
         self.headers.append((name, value))
         self.index.setdefault(name, value)
 

@@ -385,6 +385,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
             return
         if self.message_phase is Phase.HEAD and self.head_bytes > self.config.max_header_bytes:
             self._reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
+        elif self.message_phase is Phase.BODY and self.collector.size > self.config.max_header_bytes:
+            # Trailers of a chunked body still coming: counted with the head they follow.
+            self._reject(431, f"request head and trailers larger than {self.config.max_header_bytes} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
@@ -428,13 +431,17 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def on_headers_complete(self) -> None:
         head = self.collector
+        head.seal()  # a chunked body's trailers are not headers
         config = self.config
         if len(self.url) + head.size > config.max_header_bytes:
             raise _Reject(431, f"request head larger than {config.max_header_bytes} bytes")
         method = self.parser.get_method()
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Reject(505, f"HTTP/{version} is not supported; hubcore speaks HTTP/1.1")
         if method == b"CONNECT":
             raise _Reject(405, "CONNECT is not supported: hubcore is not a forward proxy")
-        if head.hosts != 1 and (head.hosts > 1 or self.parser.get_http_version() == "1.1"):
+        if head.hosts != 1 and (head.hosts > 1 or version == "1.1"):
             # RFC 9112 3.2: a 1.1 request without exactly one Host is a 400.
             raise _Reject(400, "a request must carry exactly one Host header")
         if head.control is not None:
@@ -499,6 +506,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.body_parts.append(body)
 
     def on_message_complete(self) -> None:
+        if self.collector.size > self.config.max_header_bytes:
+            raise _Reject(431, f"request head and trailers larger than {self.config.max_header_bytes} bytes")
         request = Request(
             self.parser.get_method(),
             self.url,

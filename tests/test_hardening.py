@@ -5,6 +5,7 @@ probe found it, over raw sockets against a real hub and fake vendor.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -325,3 +326,53 @@ def test_keep_alive_survives_every_hardening_refusal(tmp_path: Path, vendor: Fak
         assert wire.response().status == 200
         wire.send(messages_request(token))
         assert wire.response().status == 200
+
+
+# -- 8. the drain timeout ends streams with an error event ------------------------------
+
+def test_a_stream_cut_by_the_drain_timeout_ends_with_an_error_event(tmp_path: Path, vendor: FakeVendor) -> None:
+    received: list[bytes] = []
+    ended_whole: list[bool] = []
+
+    def read(wire: Wire) -> None:
+        try:
+            for chunk in wire.chunks():
+                received.append(chunk)
+            ended_whole.append(True)  # the terminating zero-length chunk came
+        except (EOFError, OSError):
+            ended_whole.append(False)
+
+    with running_hub(tmp_path, vendor, drain_timeout=0.3) as hub:
+        token = hub_token(hub)
+        wire = Wire(hub.port)
+        wire.send(messages_request(token, STREAM_BODY, extra=b"x-fake-events: 60\r\nx-fake-delay-ms: 50\r\n"))
+        status, headers = wire.head()
+        assert status == 200 and headers["transfer-encoding"] == "chunked"
+        reader = threading.Thread(target=read, args=(wire,))
+        reader.start()
+        time.sleep(0.2)
+    reader.join(10)
+    assert ended_whole == [True]
+    body = b"".join(received)
+    assert b"event: message_stop" not in body
+    last_event = body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert last_event.startswith(b"event: error\ndata: ")
+    assert b"drain timeout" in last_event
+    (row,) = hub.wait_rows(1)
+    assert (row["outcome"], row["error_type"]) == ("upstream_aborted", "hub_shutdown")
+
+
+def test_trailers_never_pass_as_headers_and_count_against_the_head_limit(tmp_path: Path, vendor: FakeVendor) -> None:
+    with running_hub(tmp_path, vendor, max_header_bytes=2048) as hub:
+        token = hub_token(hub)
+        head = (b"POST /v1/messages HTTP/1.1\r\nhost: hub\r\nx-api-key: " + token.encode()
+                + b"\r\nanthropic-version: 2023-06-01\r\ntransfer-encoding: chunked\r\n\r\n")
+        chunked = b"%x\r\n%s\r\n0\r\n" % (len(PLAIN_BODY), PLAIN_BODY)
+        wire = Wire(hub.port)
+        wire.send(head + chunked + b"x-trailer: t\r\nanthropic-beta: injected\r\n\r\n")
+        assert wire.response().status == 200
+        (forwarded,) = vendor.requests
+        assert not any(name in ("x-trailer", "anthropic-beta") for name, _ in forwarded.headers)
+        wire.send(head + chunked + b"".join(b"x-t%d: %s\r\n" % (i, b"v" * 100) for i in range(40)) + b"\r\n")
+        assert wire.response().status == 431
+        assert len(vendor.requests) == 1

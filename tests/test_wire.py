@@ -121,3 +121,32 @@ def test_twins_agree(headers: list[tuple[bytes, bytes]], drop: set[bytes]) -> No
         assert c.index == {n: v for n, v in reversed(kept)}
         assert c.size == sum(len(n) + len(v) + 4 for n, v in kept)
         assert c.control == ([(n, v) for n, v in kept if n in wire.CONTROL] or None)
+
+
+def test_host_headers_are_counted(twin: ModuleType) -> None:
+    assert collect(twin, [(b"a", b"1")]).hosts == 0
+    assert collect(twin, [(b"Host", b"h")]).hosts == 1
+    assert collect(twin, [(b"host", b"h"), (b"HOST", b"g")]).hosts == 2
+
+
+@pytest.mark.parametrize("name", [b"content_length", b"Transfer_Encoding", b"_host", b"host_"])
+def test_a_name_that_reads_as_a_framing_header_with_dashes_is_refused(twin: ModuleType, name: bytes) -> None:
+    with pytest.raises(ValueError, match="framing header"):
+        collect(twin, [(name, b"5")])
+
+
+def test_other_underscored_names_pass(twin: ModuleType) -> None:
+    c = collect(twin, [(b"x_custom", b"1"), (b"content_type", b"2")])
+    assert c.headers == [(b"x_custom", b"1"), (b"content_type", b"2")]
+
+
+def test_fields_after_seal_are_counted_not_kept(twin: ModuleType) -> None:
+    c = collect(twin, [(b"host", b"h")])
+    c.seal()
+    c.on_header(b"x-trailer", b"v")
+    c.on_header(b"content-length", b"99")
+    assert c.headers == [(b"host", b"h")] and c.content_length == -1
+    assert c.size == len(b"host") + 1 + 4 + len(b"x-trailer") + 1 + 4 + len(b"content-length") + 2 + 4
+    c.reset()
+    c.on_header(b"a", b"b")
+    assert c.headers == [(b"a", b"b")]
