@@ -61,7 +61,7 @@ MAX_BODY_PARTS = 16
 # (60 token-less clients sending 31 MiB each once left the hub at 1.9 GB).
 # After this many body bytes were freed the heap's free pages are given back
 # with malloc_trim, at most once per TRIM_MIN_INTERVAL seconds.
-TRIM_AFTER_BYTES = 64 * 1024 * 1024
+TRIM_AFTER_BYTES = 16 * 1024 * 1024
 TRIM_MIN_INTERVAL = 1.0
 # A request refused at its head with a body up to this size (announced by
 # Content-Length) has its body read and dropped, so the connection stays
