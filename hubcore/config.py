@@ -120,6 +120,10 @@ class UpstreamConfig:
     retry_deadline: float = 60.0
     # When every key is cooling after 429s, wait this long for one to free up.
     queue_timeout: float = 15.0
+    # Seconds the hub's own probe of a key with an open circuit (GET
+    # /v1/models) may wait for its first byte, and then between bytes; the
+    # vendors answer it in well under a second.
+    probe_timeout: float = 10.0
     policy: KeyPolicy = field(default_factory=KeyPolicy)
 
     @property
@@ -289,6 +293,10 @@ def _parse_upstream(raw: dict[str, Any], source: str, where: str, env: dict[str,
         keys.append(spec)
     if upstream.max_attempts < 1:
         raise ConfigError(f"{source}: {where}.max_attempts: must be at least 1")
+    if upstream.probe_timeout <= 0:
+        # 0 would mean no timeout: a probe the vendor never answers would
+        # keep its key out of service for good.
+        raise ConfigError(f"{source}: {where}.probe_timeout: must be positive")
     return dataclasses.replace(upstream, keys=tuple(keys), policy=policy)
 
 

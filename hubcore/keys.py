@@ -1,6 +1,7 @@
 """The vendor key ring: which key a request goes out on, and what each key's
 answers say about its health (cooling after 429s, circuit breaker, dead keys),
-with session affinity so prompt caches survive. Sans-IO except `wait_available`.
+with session affinity so prompt caches survive. Sans-IO except the two waits;
+the hub's probes of open circuits are sent by hubcore.probe.
 """
 from __future__ import annotations
 
@@ -51,12 +52,21 @@ class KeyPolicy:
 
     # Seconds a key rests after a 429 that says nothing of when to come back.
     cooldown_default: float = 10.0
-    # Consecutive failures (5xx, 529, connect failure, timeout) that open the circuit.
+    # Consecutive failures (5xx, 529, connect failure, timeout, a stream that
+    # broke or carried an error event) that open the circuit.
     circuit_threshold: int = 5
-    # Seconds the circuit stays open before one probe request is let through;
-    # doubled after each failed probe, up to circuit_pause_max.
+    # Seconds the circuit stays open after the vendor answered with failures
+    # (5xx, 529, broken streams) before the hub probes the key; doubled after
+    # each failed probe and each relapse, up to circuit_pause_max.
     circuit_pause: float = 5.0
     circuit_pause_max: float = 60.0
+    # The same after failures to reach the vendor at all (connect failures,
+    # timeouts): the probe is as good a test of those as a user's request, so
+    # it goes out soon. 1 s at most: recovery from an outage within about a
+    # second of the vendor's return (it took 16.8 s when every key waited
+    # circuit_pause for a user's request to probe it).
+    circuit_probe_pause: float = 0.5
+    circuit_probe_pause_max: float = 1.0
     # A session keeps its key this long after its last request (seconds); the
     # table holds at most this many sessions, least recently used dropped first.
     affinity_ttl: float = 3600.0
@@ -67,7 +77,10 @@ class KeyPolicy:
     cool_whole_org: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("cooldown_default", "circuit_pause", "circuit_pause_max", "affinity_ttl"):
+        for name in (
+            "cooldown_default", "circuit_pause", "circuit_pause_max",
+            "circuit_probe_pause", "circuit_probe_pause_max", "affinity_ttl",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
@@ -75,6 +88,8 @@ class KeyPolicy:
             raise ValueError(f"circuit_threshold: must be at least 1, got {self.circuit_threshold!r}")
         if self.circuit_pause_max < self.circuit_pause:
             raise ValueError("circuit_pause_max: must not be less than circuit_pause")
+        if self.circuit_probe_pause_max < self.circuit_probe_pause:
+            raise ValueError("circuit_probe_pause_max: must not be less than circuit_probe_pause")
         if self.affinity_max_sessions < 0:
             raise ValueError(f"affinity_max_sessions: must be >= 0, got {self.affinity_max_sessions!r}")
 
@@ -83,7 +98,8 @@ class KeyState(enum.Enum):
     HEALTHY = "healthy"
     COOLING = "cooling"  # rate limited until `until`
     OPEN = "open"  # circuit open until `until`
-    HALF_OPEN = "half_open"  # one probe request may go out
+    HALF_OPEN = "half_open"  # the pause is over: the hub's probe is due
+    PROBING = "probing"  # the hub's probe is out; its answer decides
     DEAD = "dead"  # the vendor refused the key (401/403); a reload revives it
     DISABLED = "disabled"  # by an operator
 
@@ -99,12 +115,24 @@ class FailureKind(enum.Enum):
     # try, but says nothing against the key.
     TRANSIENT = "transient"
     CLIENT_ABORTED = "client_aborted"  # the client left; no verdict on the key
+    # The upstream connection broke or stalled after the client got bytes:
+    # the one failure a retry cannot hide from the user.
+    STREAM_BROKEN = "stream_broken"
 
 
 # Failures that count towards a key's circuit breaker.
 _CIRCUIT_KINDS = frozenset(
-    {FailureKind.SERVER_ERROR, FailureKind.OVERLOADED, FailureKind.CONNECT_FAILED, FailureKind.TIMEOUT}
+    {
+        FailureKind.SERVER_ERROR,
+        FailureKind.OVERLOADED,
+        FailureKind.CONNECT_FAILED,
+        FailureKind.TIMEOUT,
+        FailureKind.STREAM_BROKEN,
+    }
 )
+# Circuit failures that say the vendor could not be reached at all, which the
+# hub's probe tests as well as a user's request would: the short pauses.
+_UNREACHED_KINDS = frozenset({FailureKind.CONNECT_FAILED, FailureKind.TIMEOUT})
 _RETRYABLE_KINDS = _CIRCUIT_KINDS | {FailureKind.RATE_LIMITED, FailureKind.AUTH_FAILED, FailureKind.TRANSIENT}
 
 
@@ -271,15 +299,26 @@ def _duration(text: str) -> float | None:
 #
 # Everything that moves a key between states goes through KeyRing._transition,
 # which looks the (state, event) pair up in _TRANSITIONS; a missing pair is a
-# bug and raises. Events come from three places:
+# bug and raises. Events come from four places:
 #   - release() turns an attempt's outcome into ANSWERED / LIMITED / FAULT /
 #     TRIP / REJECTED / ABORTED (and ORG_LIMITED for the org's other keys);
 #   - time: a COOLING or OPEN key whose `until` has passed gets EXPIRED, lazily,
 #     whenever the ring looks at it (no timers run for keys);
+#   - the hub's prober: take_probes() moves a HALF_OPEN key to PROBING (PROBE),
+#     and the probe lease's release decides, as above;
 #   - the operator and reloads: DISABLE / ENABLE / RELOADED.
-# While the circuit is OPEN or HALF_OPEN, answers to requests that were sent
-# before it opened are STALE: they change counters, not the state, so only the
-# probe decides. Rate-limit news and a refused key are never stale.
+# Users' requests go to HEALTHY keys only. An open circuit closes only on the
+# answer of the hub's own probe (a cheap request, see hubcore.probe): a user's
+# request that probed a broken key failed in front of that user, mid-stream
+# where no retry could hide it. While the circuit is OPEN, HALF_OPEN or
+# PROBING, answers to requests that were sent before it opened are STALE: they
+# change counters, not the state. Rate-limit news and a refused key are never
+# stale.
+#
+# The probe proves less than a user's request (a list of models may come back
+# while messages fail), so a key it closes is on probation: its failure count
+# stands one short of the threshold, and the pause of the circuit a relapse
+# opens again is doubled; a user's success ends the probation (see `pause`).
 # ---------------------------------------------------------------------------
 
 
@@ -290,19 +329,21 @@ class _Event(enum.Enum):
     FAULT = enum.auto()  # a circuit failure below the threshold (or the probe's)
     TRIP = enum.auto()  # the circuit failure that reaches the threshold
     REJECTED = enum.auto()  # 401/403
-    ABORTED = enum.auto()  # the client left
+    ABORTED = enum.auto()  # the client left (or the probe was cancelled)
     STALE = enum.auto()  # an answer from before the circuit opened
     EXPIRED = enum.auto()  # the cooling or open period is over
+    PROBE = enum.auto()  # the hub's prober sends its probe
     DISABLE = enum.auto()
     ENABLE = enum.auto()
     RELOADED = enum.auto()  # SIGHUP kept this key (same label, same secret)
 
 
-_H, _C, _O, _HO, _D, _X = (
+_H, _C, _O, _HO, _PR, _D, _X = (
     KeyState.HEALTHY,
     KeyState.COOLING,
     KeyState.OPEN,
     KeyState.HALF_OPEN,
+    KeyState.PROBING,
     KeyState.DEAD,
     KeyState.DISABLED,
 )
@@ -342,19 +383,29 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
     (_O, _E.DISABLE): _X,
     (_O, _E.ENABLE): _O,
     (_O, _E.RELOADED): _O,
-    # The probe's answer decides; a 429 proves the vendor answers, so the
+    # Waiting for the prober. A (stale) 429 proves the vendor answers, so the
     # circuit closes and the key rests.
-    (_HO, _E.ANSWERED): _H,
-    (_HO, _E.LIMITED): _C,
-    (_HO, _E.FAULT): _O,
-    (_HO, _E.ABORTED): _HO,
+    (_HO, _E.PROBE): _PR,
     (_HO, _E.STALE): _HO,
+    (_HO, _E.LIMITED): _C,
     # The org is out of capacity: wait for it (still OPEN), then probe.
     (_HO, _E.ORG_LIMITED): _O,
     (_HO, _E.REJECTED): _D,
     (_HO, _E.DISABLE): _X,
     (_HO, _E.ENABLE): _HO,
     (_HO, _E.RELOADED): _HO,
+    # The probe's answer decides (the rest are stale, as while OPEN); one that
+    # gave no verdict leaves the probe due.
+    (_PR, _E.ANSWERED): _H,
+    (_PR, _E.LIMITED): _C,
+    (_PR, _E.FAULT): _O,
+    (_PR, _E.ABORTED): _HO,
+    (_PR, _E.STALE): _PR,
+    (_PR, _E.ORG_LIMITED): _O,
+    (_PR, _E.REJECTED): _D,
+    (_PR, _E.DISABLE): _X,
+    (_PR, _E.ENABLE): _PR,
+    (_PR, _E.RELOADED): _PR,
     **{(_D, event): _D for event in _OUTCOMES},
     (_D, _E.DISABLE): _X,
     (_D, _E.ENABLE): _D,
@@ -372,6 +423,7 @@ _OUTCOME_EVENTS = {
     FailureKind.OVERLOADED: _E.FAULT,
     FailureKind.CONNECT_FAILED: _E.FAULT,
     FailureKind.TIMEOUT: _E.FAULT,
+    FailureKind.STREAM_BROKEN: _E.FAULT,
     FailureKind.AUTH_FAILED: _E.REJECTED,
     FailureKind.TRANSIENT: _E.ANSWERED,
     FailureKind.CLIENT_ABORTED: _E.ABORTED,
@@ -396,15 +448,17 @@ class _Key:
         "last_error",
     )
 
-    def __init__(self, spec: KeySpec, policy: KeyPolicy) -> None:
+    def __init__(self, spec: KeySpec) -> None:
         self.spec = spec
         self.state = KeyState.HEALTHY
         # Monotonic time when COOLING or OPEN ends; None in the other states.
         self.until: float | None = None
-        # Length of the current (or last) open period, doubled per failed probe.
-        self.pause = policy.circuit_pause
-        # The probe lease, from the moment it is handed out in HALF_OPEN until
-        # it is released (whatever the state is by then).
+        # Length of the current (or last) open period, doubled per failed
+        # probe and per relapse on probation; 0.0 once a user's request was
+        # answered since, so that the next circuit starts from the policy's pause.
+        self.pause = 0.0
+        # The hub's probe lease, from take_probes() until it is released
+        # (whatever the state is by then).
         self.probe: Lease | None = None
         # Smooth weighted round-robin accumulator.
         self.current = 0
@@ -415,10 +469,6 @@ class _Key:
         self.consecutive_failures = 0
         self.last_error: str | None = None
 
-    @property
-    def usable(self) -> bool:
-        return self.state is KeyState.HEALTHY or (self.state is KeyState.HALF_OPEN and self.probe is None)
-
 
 class Lease:
     """One attempt's hold on a key; give it back with KeyRing.release, once."""
@@ -427,7 +477,7 @@ class Lease:
 
     def __init__(self, key: _Key, probe: bool) -> None:
         self._key = key
-        # True when this attempt is the half-open circuit's single probe.
+        # True for the hub's own probe of an open circuit (take_probes).
         self.probe = probe
         self.released = False
 
@@ -475,6 +525,9 @@ class KeyRing:
         # the end with the same TTL, so the order is also the expiry order.
         self._sessions: OrderedDict[str, tuple[_Key, float]] = OrderedDict()
         self._waiters: set[asyncio.Future[None]] = set()
+        # The prober's: woken only when a circuit opens or its pause ends, not
+        # by every release as users' waiters are.
+        self._probe_waiters: set[asyncio.Future[None]] = set()
         self.replace_specs(specs)
 
     # -- selection ---------------------------------------------------------
@@ -486,7 +539,7 @@ class KeyRing:
         reason: Failure | None = None,
         previous: Lease | None = None,
     ) -> Lease | None:
-        """A lease on the best usable key not in `tried`, or None if there is none.
+        """A lease on the best HEALTHY key not in `tried`, or None if there is none.
 
         Best: the lowest priority tier; the session's key if it is in that
         tier; else, when failing over (`reason`), a key of another org after a
@@ -518,7 +571,7 @@ class KeyRing:
         usable: list[_Key] = []
         for key in self._keys.values():
             self._expire(key, now)
-            if key.usable and key.spec.label not in tried:
+            if key.state is _H and key.spec.label not in tried:
                 usable.append(key)
         if not usable:
             return None
@@ -540,9 +593,7 @@ class KeyRing:
                 best = _prefer(best, before, away_from_org)
             chosen = self._pick(best)
 
-        lease = Lease(chosen, probe=chosen.state is KeyState.HALF_OPEN)
-        if lease.probe:
-            chosen.probe = lease
+        lease = Lease(chosen, probe=False)
         chosen.in_flight += 1
         chosen.requests += 1
         if session_id is not None:
@@ -622,16 +673,15 @@ class KeyRing:
         lease.released = True
         key = lease._key
         key.in_flight -= 1
-        if failure is None and key.state is _H and key.until is None and key.probe is None:
-            # The common case, as _transition does HEALTHY on ANSWERED.
-            key.consecutive_failures = 0
+        if failure is None and key.state is _H and key.consecutive_failures == 0 and key.probe is None:
+            # The common case, in which _transition would change nothing.
             self._notify()
             return
         now = self._clock()
         self._expire(key, now)
         # The probe slot is freed only by the probe itself, so at most one is
-        # ever out; its answer decides only while the key is still HALF_OPEN.
-        is_probe = key.probe is lease and key.state is _HO
+        # ever out; its answer decides only while the key is still PROBING.
+        is_probe = key.probe is lease and key.state is _PR
         if key.probe is lease:
             key.probe = None
 
@@ -645,7 +695,7 @@ class KeyRing:
                 key.errors += 1
             if failure.kind is not FailureKind.CLIENT_ABORTED:
                 key.last_error = failure.describe()
-        if key.state in (_O, _HO) and not is_probe and event in (_E.ANSWERED, _E.FAULT, _E.ABORTED):
+        if key.state in (_O, _HO, _PR) and not is_probe and event in (_E.ANSWERED, _E.FAULT, _E.ABORTED):
             event = _E.STALE
         elif event is _E.FAULT and key.state in (_H, _C):
             if key.consecutive_failures + 1 >= self.policy.circuit_threshold:
@@ -656,7 +706,7 @@ class KeyRing:
             assert failure is not None
             cooldown = self.policy.cooldown_default if failure.cooldown is None else failure.cooldown
             rest_until = now + cooldown
-        self._transition(key, event, now, rest_until)
+        self._transition(key, event, now, rest_until, failure)
         if rest_until is not None and self.policy.cool_whole_org and key.spec.org is not None:
             for other in self._keys.values():
                 if other is not key and other.spec.org == key.spec.org:
@@ -668,8 +718,11 @@ class KeyRing:
         if key.until is not None and key.until <= now:
             self._transition(key, _E.EXPIRED, now, None)
 
-    def _transition(self, key: _Key, event: _Event, now: float, rest_until: float | None) -> None:
-        """The one place a key changes state (see _TRANSITIONS)."""
+    def _transition(
+        self, key: _Key, event: _Event, now: float, rest_until: float | None, failure: Failure | None = None
+    ) -> None:
+        """The one place a key changes state (see _TRANSITIONS). `failure`
+        (TRIP, FAULT) chooses the pause of the circuit it opens."""
         old = key.state
         try:
             new = _TRANSITIONS[(old, event)]
@@ -677,13 +730,18 @@ class KeyRing:
             raise RuntimeError(f"key {key.spec.label!r}: no transition from {old.name} on {event.name}") from None
         key.state = new
 
-        if event in (_E.ANSWERED, _E.LIMITED):
+        if event is _E.ANSWERED and old is _PR:
+            # The hub's probe closed the circuit: on probation.
+            key.consecutive_failures = self.policy.circuit_threshold - 1
+        elif event in (_E.ANSWERED, _E.LIMITED):
             key.consecutive_failures = 0
+            if new is _H or new is _C:
+                key.pause = 0.0
         elif event in (_E.FAULT, _E.TRIP):
             key.consecutive_failures += 1
         elif (event is _E.ENABLE and old is _X) or (event is _E.RELOADED and old is _D):
             key.consecutive_failures = 0
-            key.pause = self.policy.circuit_pause
+            key.pause = 0.0
 
         # Rests and pauses only ever lengthen, except that a failed probe sets
         # the doubled pause from now.
@@ -691,40 +749,91 @@ class KeyRing:
         rest = rest_until if rest_until is not None else -math.inf
         if new is _C:
             key.until = max(earlier, rest)
-        elif new is _O and event is _E.TRIP:
-            key.pause = self.policy.circuit_pause
+        elif new is _O and event in (_E.TRIP, _E.FAULT):
+            key.pause = self._next_pause(key.pause, failure)
             key.until = max(earlier, now + key.pause)
-        elif new is _O and event is _E.FAULT:
-            key.pause = min(key.pause * 2, self.policy.circuit_pause_max)
-            key.until = now + key.pause
         elif new is _O:
             key.until = max(earlier, rest)
         else:
             key.until = None
+        if (new is _O or new is _HO) and self._probe_waiters:
+            # A circuit opened, or its probe is due again: the prober's timer
+            # may be set for later than that, or not at all.
+            for waiter in self._probe_waiters:
+                _wake(waiter)
+
+    def _next_pause(self, pause: float, failure: Failure | None) -> float:
+        """The pause of a circuit that opens after `pause` (0.0: none since a
+        user's success): the policy's first pause for the kind of failure,
+        else twice the last, within that kind's bounds."""
+        policy = self.policy
+        if failure is not None and failure.kind in _UNREACHED_KINDS:
+            first, most = policy.circuit_probe_pause, policy.circuit_probe_pause_max
+        else:
+            first, most = policy.circuit_pause, policy.circuit_pause_max
+        if pause == 0.0:
+            return first
+        return min(max(pause * 2, first), most)
 
     # -- waiting ---------------------------------------------------------------
 
     def next_available_in(self, tried: AbstractSet[str] = frozenset()) -> float | None:
         """Seconds until some key not in `tried` may be usable: 0.0 if one is
-        now, None if every such key is DEAD or DISABLED (or there is none). A
-        half-open key whose probe is out counts its pause, a fair guess."""
+        now, the end of the soonest rest after a 429 (COOLING), else None.
+
+        An open circuit does not count: it closes only when the hub's probe
+        comes back, at a time nobody knows, and a request waiting for it would
+        only wait for a 503 (see next_probe_in)."""
         now = self._clock()
         soonest: float | None = None
         for key in self._keys.values():
             if key.spec.label in tried:
                 continue
             self._expire(key, now)
-            if key.usable:
+            state = key.state
+            if state is _H:
                 return 0.0
-            if key.until is not None:
+            if state is _C:
+                assert key.until is not None
                 wait = key.until - now
-            elif key.state is KeyState.HALF_OPEN:
-                wait = key.pause
-            else:
-                continue
-            if soonest is None or wait < soonest:
-                soonest = wait
+                if soonest is None or wait < soonest:
+                    soonest = wait
         return soonest
+
+    def next_probe_in(self, *, pending: bool = False) -> float | None:
+        """Seconds until the hub's prober has a key to probe: 0.0 if one is
+        due (see take_probes), else the end of the soonest open period; None
+        if no circuit is open. `pending` counts a probe that is out as 0.0
+        too: a hint for clients on when to come back."""
+        now = self._clock()
+        soonest: float | None = None
+        for key in self._keys.values():
+            self._expire(key, now)
+            state = key.state
+            if state is _HO or state is _PR:
+                if pending or _probe_due(key):
+                    return 0.0
+            elif state is _O:
+                assert key.until is not None
+                wait = key.until - now
+                if soonest is None or wait < soonest:
+                    soonest = wait
+        return soonest
+
+    def take_probes(self) -> list[Lease]:
+        """A probe lease on each key whose open period is over (HALF_OPEN,
+        then PROBING until the lease is released with the probe's outcome)."""
+        now = self._clock()
+        leases = []
+        for key in self._keys.values():
+            self._expire(key, now)
+            if _probe_due(key):
+                self._transition(key, _E.PROBE, now, None)
+                lease = key.probe = Lease(key, probe=True)
+                key.in_flight += 1
+                key.requests += 1
+                leases.append(lease)
+        return leases
 
     def rate_limited(self) -> bool:
         """Whether some key is resting after a 429 (COOLING): the hub's own
@@ -740,25 +849,39 @@ class KeyRing:
         """Wait until a key not in `tried` may be usable; False after `timeout` seconds.
 
         Woken by any release or operator change, or by a timer at the moment
-        the earliest rest or pause ends; never polls.
+        the earliest rest ends; never polls.
         """
+        return await self._wait(lambda: self.next_available_in(tried), self._waiters, timeout)
+
+    async def wait_probe_due(self) -> None:
+        """Wait until a key's open period is over (see take_probes): woken
+        when a circuit opens or a probe gave no verdict, or by a timer at the
+        end of the earliest open period; never polls."""
+        await self._wait(self.next_probe_in, self._probe_waiters, None)
+
+    async def _wait(
+        self, delay_of: Callable[[], float | None], waiters: set[asyncio.Future[None]], timeout: float | None
+    ) -> bool:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
-            delay = self.next_available_in(tried)
+            delay = delay_of()
             if delay == 0.0:
                 return True
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                delay = remaining if delay is None else min(delay, remaining)
             waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.add(waiter)
-            timer = loop.call_later(remaining if delay is None else min(delay, remaining), _wake, waiter)
+            waiters.add(waiter)
+            timer = None if delay is None else loop.call_later(delay, _wake, waiter)
             try:
                 await waiter
             finally:
-                timer.cancel()
-                self._waiters.discard(waiter)
+                if timer is not None:
+                    timer.cancel()
+                waiters.discard(waiter)
 
     def _notify(self) -> None:
         for waiter in self._waiters:
@@ -797,7 +920,7 @@ class KeyRing:
                 key.spec = spec
                 self._transition(key, _E.RELOADED, now, None)
             else:
-                key = _Key(spec, self.policy)
+                key = _Key(spec)
             keys[spec.label] = key
         for key in keys.values():
             # Weights may have changed: restart the round-robin from even.
@@ -814,7 +937,8 @@ class KeyRing:
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Each key's state and counters for stats; never the secret. `until` is
-        unix time; `errors` counts every failure but 429s (`rate_limited`) and
+        unix time; `requests` counts the hub's probes with the users'
+        attempts; `errors` counts every failure but 429s (`rate_limited`) and
         client aborts."""
         now = self._clock()
         wall = self._wall_clock()
@@ -860,6 +984,12 @@ def _prefer(candidates: list[_Key], before: _Key, away_from_org: bool) -> list[_
         if same:
             candidates = same
     return candidates
+
+
+def _probe_due(key: _Key) -> bool:
+    # HALF_OPEN, and not still waiting for a probe from before the circuit
+    # last opened (one that outlived its PROBING period): one probe at a time.
+    return key.state is _HO and key.probe is None
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

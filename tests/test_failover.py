@@ -21,7 +21,7 @@ import openai
 import orjson
 import pytest
 
-from tests.fakevendor import Behaviour, FakeVendor, expected_text
+from tests.fakevendor import Behaviour, FakeVendor, RecordedRequest, expected_text
 from tests.hubharness import HubThread, make_config, mint
 
 MODEL = "claude-sonnet-4-6"
@@ -213,7 +213,16 @@ def test_every_key_refused_by_the_vendor_is_the_operators_503_not_a_401(tmp_path
         assert row["outcome"] == "upstream_error" and row["error_type"] == "vendor_key_refused"
 
 
-def test_circuit_opens_half_opens_and_a_good_probe_closes_it(tmp_path: Path, clients: ClientFactory) -> None:
+def user_requests(vendor: FakeVendor, label: str) -> list[RecordedRequest]:
+    return [r for r in vendor.requests if r.key == label and r.method == "POST"]
+
+
+def probes(vendor: FakeVendor, label: str) -> list[RecordedRequest]:
+    """The hub's own probes of a key: GET /v1/models with it."""
+    return [r for r in vendor.requests if r.key == label and r.method == "GET" and r.path == "/v1/models"]
+
+
+def test_circuit_opens_and_only_the_hubs_probe_closes_it(tmp_path: Path, clients: ClientFactory) -> None:
     keys: dict[str, Behaviour] = {"k-flaky": 500, "k-ok": "ok"}
     with FakeVendor(keys) as vendor, running_hub(
         tmp_path, vendor.url, [key(k) for k in keys], circuit_threshold=3, circuit_pause=0.4
@@ -222,49 +231,179 @@ def test_circuit_opens_half_opens_and_a_good_probe_closes_it(tmp_path: Path, cli
         requests = 0
 
         def ask_until_hits(count: int) -> tuple[float, float]:
-            """Ask until k-flaky has `count` hits; the bounds of when the last one happened."""
+            """Ask until k-flaky has `count` user requests; the bounds of when the last one happened."""
             nonlocal requests
             for _ in range(20):
                 started = time.monotonic()
                 assert ask(client).content[0].text == expected_text()
                 requests += 1
-                if vendor.hits["k-flaky"] == count:
+                if len(user_requests(vendor, "k-flaky")) == count:
                     return started, time.monotonic()
             raise AssertionError(f"k-flaky not tried {count} times: {vendor.hits}")
 
-        opened_after, opened_before = ask_until_hits(3)
+        def ask_until_probes(count: int, timeout: float) -> tuple[float, float]:
+            """Ask until k-flaky has had `count` probes: the last time it had
+            fewer, and the first time it was seen to have them."""
+            nonlocal requests
+            fewer: float | None = None
+            deadline = time.monotonic() + timeout
+            while True:
+                checked = time.monotonic()
+                if len(probes(vendor, "k-flaky")) >= count:
+                    assert fewer is not None, f"probe {count} came before it was looked for"
+                    return fewer, checked
+                fewer = checked
+                assert checked < deadline, f"no probe {count} of k-flaky: {vendor.hits}"
+                ask(client)
+                requests += 1
+                time.sleep(0.01)
+
+        opened_after, _ = ask_until_hits(3)
         assert key_states(hub)["k-flaky"]["state"] == "open"
-        while time.monotonic() < opened_after + 0.2:
-            ask(client)
-            requests += 1
-            if time.monotonic() < opened_after + 0.4:
-                assert vendor.hits["k-flaky"] == 3
-
-        # After the pause one probe goes out; it fails: open again, pause doubled.
-        time.sleep(max(0.0, opened_before + 0.45 - time.monotonic()))
-        assert key_states(hub)["k-flaky"]["state"] == "half_open"
-        reopened_after, reopened_before = ask_until_hits(4)
-        state = key_states(hub)["k-flaky"]
-        assert state["state"] == "open" and state["consecutive_failures"] == 4
-        time.sleep(max(0.0, reopened_after + 0.6 - time.monotonic()))
-        if time.monotonic() < reopened_after + 0.8:
-            assert key_states(hub)["k-flaky"]["state"] == "open"
-
+        # The pause over, the hub probes the key itself; users never do.
+        first_probe_after, first_probe_seen = ask_until_probes(1, timeout=5)
+        assert first_probe_seen >= opened_after + 0.4
+        # It fails: open again, the pause doubled.
+        wait_for(lambda: key_states(hub)["k-flaky"]["state"] == "open")
+        assert key_states(hub)["k-flaky"]["consecutive_failures"] == 4
         # The vendor recovers; the next probe succeeds and closes the circuit.
         vendor.set_key_behaviour("k-flaky", "ok")
-        time.sleep(max(0.0, reopened_before + 0.85 - time.monotonic()))
-        assert key_states(hub)["k-flaky"]["state"] == "half_open"
-        ask_until_hits(5)
-        state = key_states(hub)["k-flaky"]
-        assert state["state"] == "healthy" and state["consecutive_failures"] == 0
-        # Closed means used again in turn.
+        _, second_probe_seen = ask_until_probes(2, timeout=5)
+        assert second_probe_seen >= first_probe_after + 0.8
+        wait_for(lambda: key_states(hub)["k-flaky"]["state"] == "healthy")
+        # Only a probe's word: one failure short of the threshold until a user's request succeeds.
+        assert key_states(hub)["k-flaky"]["consecutive_failures"] == 2
+        assert len(user_requests(vendor, "k-flaky")) == 3
         for _ in range(4):
             ask(client)
             requests += 1
-        assert vendor.hits["k-flaky"] >= 6
+        assert len(user_requests(vendor, "k-flaky")) >= 4
+        state = key_states(hub)["k-flaky"]
+        assert state["state"] == "healthy" and state["consecutive_failures"] == 0
+        assert [r.status for r in probes(vendor, "k-flaky")] == [500, 200]
         rows = check_rows(hub, requests, set(keys))
         assert all(r["outcome"] == "ok" for r in rows)
-        assert sum(r["attempts"] for r in rows) == len(vendor.requests) == requests + 4
+        assert sum(r["attempts"] for r in rows) == len([r for r in vendor.requests if r.method == "POST"])
+
+
+@pytest.mark.parametrize("outage", ["refused", "503"])
+def test_an_outage_fails_fast_and_the_first_success_follows_the_vendors_return_within_a_second(
+    tmp_path: Path, outage: str, clients: ClientFactory
+) -> None:
+    keys: dict[str, Behaviour] = {"k-1": "ok", "k-2": "ok"}
+    # Connection failures are judged on the default (short) probe pauses; a
+    # vendor answering 5xx on the circuit_pause ones, shortened here.
+    policy: dict[str, Any] = {"circuit_threshold": 2, "queue_timeout": 10.0}
+    if outage == "503":
+        policy.update(circuit_pause=0.3, circuit_pause_max=0.6)
+    vendor = FakeVendor(keys).start()
+    port = vendor.port
+    try:
+        with running_hub(tmp_path, vendor.url, [key(k) for k in keys], **policy) as (hub, token):
+            client = clients(hub, token)
+            assert ask(client).content[0].text == expected_text()
+            if outage == "refused":
+                vendor.stop()
+            else:
+                for label in keys:
+                    vendor.set_key_behaviour(label, 503)
+            # Both circuits open within the first request's attempts.
+            with pytest.raises(anthropic.APIStatusError):
+                ask(client)
+            wait_for(lambda: {s["state"] for s in key_states(hub).values()} <= {"open", "half_open", "probing"})
+            tripped = len(vendor.requests)
+            slowest = 0.0
+            for _ in range(10):
+                started = time.monotonic()
+                with pytest.raises(anthropic.APIStatusError) as info:
+                    ask(client)
+                slowest = max(slowest, time.monotonic() - started)
+                # The hub's own 503, at once: no wait for the queue time, and
+                # no user request is the one that finds out.
+                assert info.value.status_code == 503
+                assert info.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+                assert "no usable anthropic key" in info.value.message
+                assert info.value.response.headers["retry-after"] == "1"
+                time.sleep(0.1)
+            assert slowest < 2.0, slowest
+
+            if outage == "refused":
+                vendor = FakeVendor(keys, port=port).start()
+                tripped = 0
+            else:
+                for label in keys:
+                    vendor.set_key_behaviour(label, "ok")
+            back = time.monotonic()
+            while True:
+                started = time.monotonic()
+                try:
+                    message = ask(client)
+                    break
+                except anthropic.APIStatusError as e:
+                    assert e.status_code == 503 and time.monotonic() - started < 2.0
+                assert time.monotonic() - back < 10, key_states(hub)
+                time.sleep(0.02)
+            recovered = time.monotonic() - back
+            print(f"{outage}: first success {recovered:.3f} s after the vendor's return, slowest 503 {slowest:.3f} s")
+            assert message.content[0].text == expected_text()
+            assert recovered < 2.0, recovered
+            # Every key a user's request went to was probed (and answered) first.
+            since = vendor.requests[tripped:]
+            for label in keys:
+                mine = [r for r in since if r.key == label]
+                first_user = next((i for i, r in enumerate(mine) if r.method == "POST"), None)
+                if first_user is not None:
+                    before = mine[:first_user]
+                    assert before and before[-1].path == "/v1/models" and before[-1].status == 200, [
+                        (r.method, r.path, r.status) for r in mine
+                    ]
+    finally:
+        vendor.stop()
+
+
+@pytest.mark.parametrize("mode", ["reset", "error-event"])
+def test_a_key_that_failed_mid_stream_serves_users_again_only_after_the_hubs_probe(
+    tmp_path: Path, mode: str, clients: ClientFactory
+) -> None:
+    keys: dict[str, Behaviour] = {"k-1": "ok", "k-2": "ok"}
+    with FakeVendor(keys) as vendor, running_hub(
+        tmp_path, vendor.url, [key(k) for k in keys], circuit_threshold=1, circuit_pause=0.5
+    ) as (hub, token):
+        client = clients(hub, token)
+        with pytest.raises(anthropic.APIStatusError):
+            with client.messages.stream(
+                model=MODEL, max_tokens=32, messages=MESSAGES,
+                extra_headers={"x-fake-fail-after": "5", "x-fake-fail-mode": mode},
+            ) as stream:
+                for _ in stream.text_stream:
+                    pass
+        failed = vendor.requests[0]
+        broken = str(failed.key)
+        (healthy,) = set(keys) - {broken}
+        wait_for(lambda: key_states(hub)[broken]["state"] != "healthy")
+        # Users go to the healthy key while the broken one waits for its probe...
+        served = 0
+        deadline = time.monotonic() + 5
+        while not probes(vendor, broken):
+            assert time.monotonic() < deadline, "the hub never probed the key"
+            with client.messages.stream(model=MODEL, max_tokens=32, messages=MESSAGES) as stream:
+                assert "".join(stream.text_stream) == expected_text()
+            served += 1
+        assert served >= 1
+        assert user_requests(vendor, broken) == [failed]
+        # ...and after the probe's 200 the key is theirs again.
+        wait_for(lambda: key_states(hub)[broken]["state"] == "healthy")
+        for _ in range(10):
+            ask(client)
+            if len(user_requests(vendor, broken)) > 1:
+                break
+        mine = [r for r in vendor.requests if r.key == broken]
+        assert [(r.method, r.path, r.status) for r in mine[:3]] == [
+            ("POST", "/v1/messages", 200), ("GET", "/v1/models", 200), ("POST", "/v1/messages", 200),
+        ]
+        probe = mine[1]
+        assert probe.header("x-api-key") == broken and probe.header("anthropic-version")
+        assert len(user_requests(vendor, healthy)) >= served
 
 
 # -- affinity ------------------------------------------------------------------

@@ -36,6 +36,7 @@ TIMEOUT = Failure(FailureKind.TIMEOUT)
 AUTH_FAILED = Failure(FailureKind.AUTH_FAILED, 401)
 CLIENT_ABORTED = Failure(FailureKind.CLIENT_ABORTED)
 CONFLICT = Failure(FailureKind.TRANSIENT, 409)
+STREAM_BROKEN = Failure(FailureKind.STREAM_BROKEN)
 
 
 def rate_limited(cooldown: float | None = None) -> Failure:
@@ -79,6 +80,14 @@ def use(ring: KeyRing, session: str | None = None, failure: Failure | None = Non
     """Acquire and release at once; the label used."""
     lease = ring.acquire(session, **kw)
     assert lease is not None
+    ring.release(lease, failure)
+    return lease.label
+
+
+def probe(ring: KeyRing, failure: Failure | None = None) -> str:
+    """The hub's probe of the one key due for it, released with `failure`; its label."""
+    (lease,) = ring.take_probes()
+    assert lease.probe and states(ring)[lease.label] == "probing"
     ring.release(lease, failure)
     return lease.label
 
@@ -333,6 +342,7 @@ def test_org_wide_cooling_lengthens_rests_and_holds_back_probes() -> None:
     assert ring.acquire(tried=frozenset({"b1"})) is None
     clock.advance(1 / 1024)
     assert states(ring) == {"a1": "healthy", "a2": "healthy", "a3": "half_open", "b1": "healthy"}
+    assert probe(ring) == "a3"
     assert {use(ring, tried=frozenset({"b1"}) | org_x - {label}) for label in org_x} == org_x
 
 
@@ -351,8 +361,8 @@ def test_circuit_opens_after_n_consecutive_failures() -> None:
     a = row(ring, "a")
     assert a["state"] == "open" and a["consecutive_failures"] == 3 and a["errors"] == 5
     assert a["last_error"] == "500 server error"
-    assert ring.acquire() is None
-    assert ring.next_available_in() == pytest.approx(2.0)
+    assert ring.acquire() is None and ring.take_probes() == []
+    assert ring.next_probe_in() == pytest.approx(2.0)
 
 
 def test_neutral_outcomes_do_not_count_towards_the_circuit() -> None:
@@ -366,74 +376,133 @@ def test_neutral_outcomes_do_not_count_towards_the_circuit() -> None:
     assert states(ring) == {"a": "healthy"}
 
 
-def test_half_open_allows_exactly_one_probe() -> None:
+def test_only_the_hubs_probe_closes_a_circuit_and_users_never_probe() -> None:
     ring, clock = make_ring([spec("a")], circuit_threshold=1, circuit_pause=2.0)
     use(ring, failure=SERVER_ERROR)
     clock.advance(1.75)
-    assert ring.acquire() is None
+    assert ring.take_probes() == [] and ring.acquire() is None
     clock.advance(0.25)
-    assert states(ring) == {"a": "half_open"}
-    probe = ring.acquire("s1")
-    assert probe is not None and probe.probe
+    assert states(ring) == {"a": "half_open"} and ring.next_probe_in() == 0.0
+    # Due for the hub's probe, the key still serves no user.
     assert ring.acquire() is None and ring.acquire("s1") is None
-    # An aborted probe proves nothing: the next request probes again.
-    ring.release(probe, CLIENT_ABORTED)
+    (lease,) = ring.take_probes()
+    assert lease.probe and states(ring) == {"a": "probing"}
+    assert row(ring, "a")["in_flight"] == 1 and row(ring, "a")["requests"] == 2
+    # Exactly one probe; meanwhile nothing for users, nor for the prober.
+    assert ring.take_probes() == [] and ring.acquire() is None
+    assert ring.next_probe_in() is None and ring.next_probe_in(pending=True) == 0.0
+    # A probe that gave no verdict (cancelled) leaves it due.
+    ring.release(lease, CLIENT_ABORTED)
     assert states(ring) == {"a": "half_open"}
-    probe = ring.acquire()
-    assert probe is not None and probe.probe
-    ring.release(probe)
-    assert states(ring) == {"a": "healthy"}
+    assert probe(ring) == "a"
+    assert states(ring) == {"a": "healthy"} and row(ring, "a")["in_flight"] == 0
     lease = ring.acquire()
     assert lease is not None and not lease.probe
 
 
-def test_failed_probes_double_the_pause_up_to_the_cap_and_success_resets_it() -> None:
+def test_failed_probes_double_the_pause_up_to_the_cap() -> None:
     ring, clock = make_ring([spec("a")], circuit_threshold=2, circuit_pause=1.0, circuit_pause_max=3.0)
-    use(ring, failure=TIMEOUT)
-    use(ring, failure=TIMEOUT)
+    use(ring, failure=SERVER_ERROR)
+    use(ring, failure=OVERLOADED)
     for pause in (1.0, 2.0, 3.0, 3.0):
-        assert ring.next_available_in() == pytest.approx(pause)
+        assert ring.next_probe_in() == pytest.approx(pause)
         clock.advance(pause)
-        probe = ring.acquire()
-        assert probe is not None and probe.probe
-        ring.release(probe, OVERLOADED)
+        assert probe(ring, OVERLOADED) == "a"
         assert states(ring) == {"a": "open"}
+    assert row(ring, "a")["consecutive_failures"] == 6
+
+
+def test_a_key_the_probe_closed_is_on_probation_until_a_user_succeeds() -> None:
+    ring, clock = make_ring([spec("a"), spec("b")], circuit_threshold=3, circuit_pause=1.0)
+    fail_until_open(ring, "a", 3)
+    clock.advance(1.0)
+    probe(ring)
+    # A list of models came back, which proves less than a message would:
+    # one more failure reopens the circuit, for twice as long.
+    assert states(ring)["a"] == "healthy" and row(ring, "a")["consecutive_failures"] == 2
+    use(ring, tried=frozenset({"b"}), failure=SERVER_ERROR)
+    assert states(ring)["a"] == "open" and ring.next_probe_in() == pytest.approx(2.0)
+    clock.advance(2.0)
+    probe(ring)
+    # A user's success ends the probation and forgets the backoff.
+    use(ring, tried=frozenset({"b"}))
+    assert row(ring, "a")["consecutive_failures"] == 0
+    use(ring, tried=frozenset({"b"}), failure=SERVER_ERROR)
+    assert states(ring)["a"] == "healthy"
+    fail_until_open(ring, "a", 2)
+    assert ring.next_probe_in() == pytest.approx(1.0)
+
+
+def test_an_unreachable_vendor_is_probed_soon_and_an_erring_one_later() -> None:
+    ring, clock = make_ring(
+        [spec("a")], circuit_threshold=1, circuit_pause=5.0, circuit_pause_max=60.0,
+        circuit_probe_pause=0.25, circuit_probe_pause_max=1.0,
+    )
+    use(ring, failure=CONNECT_FAILED)
+    pause = 0.25
+    for failure, then in ((TIMEOUT, 0.5), (CONNECT_FAILED, 1.0), (TIMEOUT, 1.0)):
+        assert ring.next_probe_in() == pytest.approx(pause)
+        clock.advance(pause)
+        probe(ring, failure)
+        pause = then
+    # The vendor answers again, with errors: the long pauses from here on.
+    for failure, then in ((SERVER_ERROR, 5.0), (OVERLOADED, 10.0), (CONNECT_FAILED, 1.0)):
+        assert ring.next_probe_in() == pytest.approx(pause)
+        clock.advance(pause)
+        probe(ring, failure)
+        pause = then
+    assert ring.next_probe_in() == pytest.approx(1.0)
+    # A stream that broke in front of a user is a vendor erring: the long pause.
+    ring, clock = make_ring([spec("a")], circuit_threshold=1, circuit_pause=5.0, circuit_probe_pause=0.25)
+    use(ring, failure=STREAM_BROKEN)
+    assert row(ring, "a")["last_error"] == "stream broken"
+    assert ring.next_probe_in() == pytest.approx(5.0)
+
+
+def test_open_circuits_are_not_waited_for_resting_keys_are() -> None:
+    ring, clock = make_ring([spec("a"), spec("b"), spec("c")], circuit_threshold=1, circuit_pause=1.0)
+    use(ring, tried=frozenset({"b", "c"}), failure=rate_limited(3))
+    use(ring, tried=frozenset({"a", "c"}), failure=SERVER_ERROR)
+    use(ring, tried=frozenset({"a", "b"}), failure=AUTH_FAILED)
+    assert ring.acquire() is None
+    # The open circuit's pause ends sooner, but only its probe can close it.
+    assert ring.next_available_in() == pytest.approx(3.0)
+    assert ring.next_probe_in() == pytest.approx(1.0)
+    assert ring.next_available_in(tried=frozenset({"a"})) is None
     clock.advance(3.0)
-    use(ring)
-    assert states(ring) == {"a": "healthy"} and row(ring, "a")["consecutive_failures"] == 0
-    use(ring, failure=TIMEOUT)
-    use(ring, failure=TIMEOUT)
-    assert ring.next_available_in() == pytest.approx(1.0)
+    assert ring.next_available_in() == 0.0
+    assert states(ring) == {"a": "healthy", "b": "half_open", "c": "dead"}
 
 
 def test_answers_from_before_the_circuit_opened_do_not_close_it() -> None:
     ring, clock = make_ring([spec("a")], circuit_threshold=1, circuit_pause=2.0)
-    early = ring.acquire()
-    use(ring, failure=CONNECT_FAILED)
-    assert early is not None
+    early, later = ring.acquire(), ring.acquire()
+    use(ring, failure=SERVER_ERROR)
+    assert early is not None and later is not None
     ring.release(early)  # a success, but sent before the failure
     assert states(ring) == {"a": "open"}
     clock.advance(2.0)
-    probe = ring.acquire()
-    assert probe is not None and probe.probe
-    assert states(ring) == {"a": "half_open"}
+    (lease,) = ring.take_probes()
+    ring.release(later, SERVER_ERROR)  # as stale while the probe is out
+    assert states(ring) == {"a": "probing"} and row(ring, "a")["consecutive_failures"] == 1
+    ring.release(lease)
+    assert states(ring) == {"a": "healthy"}
 
 
-def test_a_probe_outliving_its_half_open_period_frees_its_slot() -> None:
+def test_a_probe_outliving_its_probing_period_frees_its_slot() -> None:
     ring, clock = make_ring([spec("a")], circuit_threshold=1, circuit_pause=1.0)
     early = ring.acquire()
     use(ring, failure=SERVER_ERROR)
     clock.advance(1.0)
-    probe = ring.acquire()
-    assert early is not None and probe is not None and probe.probe
+    (lease,) = ring.take_probes()
+    assert early is not None
     ring.release(early, rate_limited(1))  # the vendor answers: closed, resting
     assert states(ring) == {"a": "cooling"}
-    ring.release(probe)
+    ring.release(lease)
     clock.advance(1.0)
     use(ring, failure=SERVER_ERROR)
     clock.advance(1.0)
-    probe = ring.acquire()
-    assert probe is not None and probe.probe
+    assert probe(ring) == "a"
 
 
 def test_a_429_while_open_pushes_the_probe_back() -> None:
@@ -443,17 +512,25 @@ def test_a_429_while_open_pushes_the_probe_back() -> None:
     assert early is not None
     ring.release(early, rate_limited(9))
     assert states(ring) == {"a": "open"}
-    assert ring.next_available_in() == pytest.approx(9)
+    assert ring.next_probe_in() == pytest.approx(9) and ring.next_available_in() is None
 
 
 def test_probe_answered_with_429_closes_the_circuit_and_rests() -> None:
     ring, clock = make_ring([spec("a")], circuit_threshold=1, circuit_pause=1.0)
     use(ring, failure=SERVER_ERROR)
     clock.advance(1.0)
-    use(ring, failure=rate_limited(5))
-    assert states(ring) == {"a": "cooling"}
+    probe(ring, rate_limited(5))
+    assert states(ring) == {"a": "cooling"} and row(ring, "a")["consecutive_failures"] == 0
     clock.advance(5)
     assert states(ring) == {"a": "healthy"}
+
+
+def test_a_probe_the_vendor_refuses_kills_the_key() -> None:
+    ring, clock = make_ring([spec("a")], circuit_threshold=1, circuit_pause=1.0)
+    use(ring, failure=TIMEOUT)
+    clock.advance(1.0)
+    probe(ring, AUTH_FAILED)
+    assert states(ring) == {"a": "dead"} and ring.next_probe_in() is None
 
 
 # -- dead, disabled, reload -----------------------------------------------------------------
@@ -569,6 +646,10 @@ def test_policy_rejects_nonsense_by_field_name() -> None:
         KeyPolicy(cooldown_default=math.nan)
     with pytest.raises(ValueError, match="circuit_pause_max"):
         KeyPolicy(circuit_pause=10.0, circuit_pause_max=5.0)
+    with pytest.raises(ValueError, match="circuit_probe_pause:"):
+        KeyPolicy(circuit_probe_pause=-0.5)
+    with pytest.raises(ValueError, match="circuit_probe_pause_max"):
+        KeyPolicy(circuit_probe_pause=2.0, circuit_probe_pause_max=1.0)
 
 
 # -- affinity ------------------------------------------------------------------------------------
@@ -663,9 +744,8 @@ def test_a_session_returns_to_the_best_tier() -> None:
     use(ring, "s", failure=SERVER_ERROR)
     assert use(ring, "s") == "backup"
     clock.advance(5)
-    probe = ring.acquire("s")
-    assert probe is not None and probe.label == "main" and probe.probe
-    ring.release(probe)
+    assert use(ring, "s") == "backup"  # due for a probe, not yet back
+    assert probe(ring) == "main"
     assert {use(ring, "s") for _ in range(5)} == {"main"}
 
 
@@ -738,11 +818,33 @@ async def test_wait_available_wakes_when_the_probe_comes_back() -> None:
     ring = KeyRing("a", [spec("a")], KeyPolicy(circuit_threshold=1, circuit_pause=0.01))
     use(ring, failure=SERVER_ERROR)
     await asyncio.sleep(0.02)
-    probe = ring.acquire()
-    assert probe is not None and probe.probe
-    asyncio.get_running_loop().call_later(0.01, ring.release, probe, None)
+    (lease,) = ring.take_probes()
+    asyncio.get_running_loop().call_later(0.01, ring.release, lease, None)
     assert await ring.wait_available(timeout=30.0)
     assert ring.snapshot()[0]["state"] == "healthy"
+
+
+async def test_wait_probe_due_wakes_when_a_circuit_opens_and_when_its_pause_ends() -> None:
+    loop = asyncio.get_running_loop()
+    ring = KeyRing("a", [spec("a"), spec("b")], KeyPolicy(circuit_threshold=1, circuit_pause=0.05))
+    waiting = asyncio.ensure_future(ring.wait_probe_due())
+    for _ in range(3):
+        use(ring)  # users' answers do not wake the prober
+        await asyncio.sleep(0.01)
+    assert not waiting.done()
+    opened = loop.time()
+    use(ring, tried=frozenset({"b"}), failure=SERVER_ERROR)
+    await asyncio.wait_for(waiting, 5.0)
+    assert loop.time() - opened >= 0.04
+    (lease,) = ring.take_probes()
+    assert lease.label == "a"
+    # A probe with no verdict is due again at once.
+    waiting = asyncio.ensure_future(ring.wait_probe_due())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    ring.release(lease, CLIENT_ABORTED)
+    await asyncio.wait_for(waiting, 1.0)
+    assert not ring._probe_waiters
 
 
 async def test_cancelled_wait_leaves_no_waiter_behind() -> None:
@@ -763,6 +865,8 @@ MACHINE_POLICY = KeyPolicy(
     circuit_threshold=2,
     circuit_pause=1.0,
     circuit_pause_max=4.0,
+    circuit_probe_pause=0.5,
+    circuit_probe_pause_max=1.0,
     affinity_ttl=5.0,
     affinity_max_sessions=2,
     cool_whole_org=True,
@@ -785,12 +889,13 @@ OUTCOMES = [
     AUTH_FAILED,
     CONFLICT,
     CLIENT_ABORTED,
+    STREAM_BROKEN,
 ]
 
 
 class KeyRingMachine(RuleBasedStateMachine):
-    """Random acquire / release / time / operator / reload sequences against a
-    model of what must never happen."""
+    """Random acquire / probe / release / time / operator / reload sequences
+    against a model of what must never happen."""
 
     @initialize()
     def start(self) -> None:
@@ -824,23 +929,33 @@ class KeyRingMachine(RuleBasedStateMachine):
         lease = self.ring.acquire(session, tried, reason, previous)
         if lease is None:
             assert self.ring.next_available_in(tried) != 0.0
-            assert not any(
-                state == "healthy" or (state == "half_open" and self.open_probes(label) == 0)
-                for label, state in before.items()
-                if label not in tried
-            )
+            assert not any(state == "healthy" for label, state in before.items() if label not in tried)
             return
         label = lease.label
         assert label not in self.dead and label not in self.disabled
         assert self.clock.now >= self.not_before[label]
-        usable = [
-            k for k, state in before.items()
-            if k not in tried and (state == "healthy" or (state == "half_open" and self.open_probes(k) == 0))
-        ]
+        # Users get healthy keys only: an open circuit is the hub's to probe.
+        usable = [k for k, state in before.items() if k not in tried and state == "healthy"]
         assert label in usable
         assert MACHINE_KEYS[label].get("priority", 0) == min(MACHINE_KEYS[k].get("priority", 0) for k in usable)
-        assert lease.probe == (before[label] == "half_open")
+        assert not lease.probe
         self.leases.append((lease, self.generation[label]))
+
+    @rule()
+    def take_probes(self) -> None:
+        before = states(self.ring)
+        due = self.ring.next_probe_in() == 0.0
+        leases = self.ring.take_probes()
+        # Exactly the keys whose pause is over, unless a probe is still out.
+        assert {lease.label for lease in leases} == {
+            k for k, state in before.items() if state == "half_open" and self.open_probes(k) == 0
+        }
+        assert due == bool(leases)
+        after = states(self.ring)
+        for lease in leases:
+            assert lease.probe and after[lease.label] == "probing"
+            self.leases.append((lease, self.generation[lease.label]))
+        assert self.ring.take_probes() == [] and self.ring.next_probe_in() != 0.0
 
     @precondition(lambda self: bool(self.leases))
     @rule(data=st.data(), outcome=st.sampled_from(OUTCOMES))
@@ -912,6 +1027,8 @@ class KeyRingMachine(RuleBasedStateMachine):
         for r in snap:
             assert r["in_flight"] == expected[r["label"]] >= 0
             assert self.open_probes(r["label"]) <= 1
+            if r["state"] == "probing":
+                assert self.open_probes(r["label"]) == 1
             assert (r["state"] == "dead") == (r["label"] in self.dead)
             assert (r["state"] == "disabled") == (r["label"] in self.disabled)
             if r["state"] in ("cooling", "open"):
