@@ -159,6 +159,8 @@ HUB_CONFIG = """\
 listen = "127.0.0.1:{port}"
 database = "{dir}/hubcore.db"
 ops_socket = "{dir}/ops.sock"
+# Every load client comes from 127.0.0.1: up to 1,000 streams at once.
+max_connections_per_address = 0
 
 [[upstream]]
 name = "anthropic"
