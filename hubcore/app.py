@@ -66,7 +66,7 @@ class App:
         self.limiter = Limiter(config.server.budget_timezone)
         self.recorder.add_listener(self.limiter.on_usage)
         self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter)
-        self.server = Server(config.server, self.hub.handle, loop, self.metrics)
+        self.server = Server(config.server, self.hub.handle, loop, self.metrics, gate=self.hub.gate)
         if logging.getLevelName(config.server.log_level.upper()) <= logging.INFO:
             self.hub.access = AccessLog(sys.stderr, loop, json=config.server.log_format == "json")
         self.ops: OpsServer | None = None
@@ -106,6 +106,8 @@ class App:
         except OSError as e:
             raise StartFailed(f"cannot listen on {cfg.listen}: {e.strerror or e}") from e
         self._reloader = self.loop.create_task(self._watch_tokens())
+        for upstream in self.hub.upstreams.values():
+            upstream.start()  # the hub's probes of keys whose circuits are open
         self.metrics.start()
         if self.ops is not None:
             try:

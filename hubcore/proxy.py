@@ -21,6 +21,7 @@ from hubcore.config import Config, UpstreamConfig
 from hubcore.deadlines import sweep_interval
 from hubcore.errors import ANTHROPIC, OPENAI, HubError, MeterError, error_body
 from hubcore.keys import Failure, FailureKind, KeyRing, Lease, classify, retryable
+from hubcore.probe import Prober, failure_for
 from hubcore.server import HttpProtocol, Request, flavour_for_path, status_line
 from hubcore.tokens import Principal, TokenTable
 from hubcore.upstream import (
@@ -33,7 +34,7 @@ from hubcore.upstream import (
     client_ssl_context,
 )
 from hubcore.usage import UsageEvent
-from hubcore.wire import render_head
+from hubcore.wire import HeaderCollector, render_head
 
 log = logging.getLogger("hubcore.proxy")
 access_log = logging.getLogger("hubcore.access")
@@ -56,6 +57,10 @@ ROUTES: dict[bytes, Route] = {
     b"/v1/chat/completions": Route("openai", "/v1/chat/completions", sse.FMT_OPENAI_CHAT, (b"POST",), OPENAI),
 }
 MODELS_PREFIX = b"/v1/models/"
+# A model id as the vendors spell them ("claude-sonnet-4-5-20250929",
+# "gpt-5.1", "claude-3@20240229"): no slash, no percent-encoding, no dot
+# segment, nothing that could make the vendor see another path.
+MODEL_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}")
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones the hub sets itself.
 REQUEST_DROP = frozenset(
@@ -81,7 +86,8 @@ ERROR_BODY_LIMIT = 1024 * 1024
 
 
 class UpstreamRuntime:
-    """One configured upstream: its connection pool and its key ring."""
+    """One configured upstream: its connection pool, its key ring, and the
+    prober that brings keys with open circuits back (started by the app)."""
 
     def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
@@ -94,9 +100,12 @@ class UpstreamRuntime:
             connect_timeout=config.connect_timeout,
             max_idle=config.pool_max_idle,
             idle_timeout=config.pool_idle_timeout,
-            sweep_every=sweep_interval(config.first_byte_timeout, config.stream_idle_timeout, config.pool_idle_timeout),
+            sweep_every=sweep_interval(
+                config.first_byte_timeout, config.stream_idle_timeout, config.pool_idle_timeout, config.probe_timeout,
+            ),
         )
         self.ring = KeyRing(config.name, list(config.keys), config.policy)
+        self.prober = Prober(self, loop)
         default_port = 443 if config.scheme == "https" else 80
         host = config.host if config.port == default_port else f"{config.host}:{config.port}"
         self.host_header = b"host: " + host.encode() + b"\r\n"
@@ -113,7 +122,11 @@ class UpstreamRuntime:
             line = self._auth_lines[secret] = name + secret.encode() + b"\r\n"
         return line
 
+    def start(self) -> None:
+        self.prober.start()
+
     def close(self) -> None:
+        self.prober.close()
         self.pool.close()
 
 
@@ -139,6 +152,21 @@ class Hub:
     def request_id(self) -> str:
         self._id_counter += 1
         return "%s%010x" % (self._id_prefix, self._id_counter)
+
+    def gate(self, protocol: HttpProtocol, method: bytes, target: bytes, head: HeaderCollector) -> Principal | HubError | None:
+        """Judge a request head before its body is read (server.Gate): a
+        HubError for a target with no route or a missing, unknown or revoked
+        token, which is answered without reading the body; else the caller's
+        Principal (None for the hub's own root)."""
+        path = target.partition(b"?")[0]
+        if path == b"/":
+            return None
+        if route_for(path) is None:
+            return HubError(404, f"no route for {_printable(path)}")
+        principal = authenticate(self.tokens, head.index)
+        if isinstance(principal, Principal):
+            protocol.trust()
+        return principal
 
     def handle(self, request: Request, protocol: HttpProtocol) -> Coroutine[Any, Any, None] | None:
         """Take a request: what needs no waiting, up to its first write
@@ -212,6 +240,8 @@ class Exchange:
     sse_body = False
     done: asyncio.Future[None] | None = None
     gone = False
+    # The body bytes of the vendor's latest read, as written to the client.
+    last_data = b""
     # set by begin(): the refusal to answer with, the first attempt's head
     # future, or an unexpected exception (a bug), for run() to take up
     refusal: HubError | None = None
@@ -291,6 +321,9 @@ class Exchange:
                 # The drain timeout ran out at shutdown: the hub cut this request.
                 self.outcome = "upstream_aborted" if self.committed else "upstream_error"
                 self.error_type = "hub_shutdown"
+                if self.committed:
+                    self._release_conn_closed()
+                    self._end_with_error_event("hubcore is shutting down and its drain timeout ran out")
             raise
         finally:
             self._end()
@@ -325,11 +358,22 @@ class Exchange:
                 raise HubError(405, "method not allowed")
             self.respond(200, [(b"content-type", b"text/plain")], ROOT_BODY, head_only=request.method == b"HEAD")
             return None
-        self.route = route = self._route(request.path)
+        self.route = route = route_for(request.path)
         self.flavour = route.flavour if route else flavour_for_path(request.path)
+        context = request.context
+        if isinstance(context, HubError):
+            if context.status == 404:
+                self.route = None  # the row and metrics say "other", as for any unrouted path
+            raise context  # refused at its head: the body was never read
         if route is None:
-            raise HubError(404, f"no route for {request.path.decode('latin-1')!r}")
-        self.principal = self._authenticate()
+            raise HubError(404, f"no route for {_printable(request.path)}")
+        if isinstance(context, Principal):
+            self.principal = context
+        else:
+            principal = authenticate(self.hub.tokens, request.index)
+            if isinstance(principal, HubError):
+                raise principal
+            self.principal = principal
         if request.method not in route.methods:
             raise HubError(405, f"{request.method.decode()} is not allowed on {route.endpoint}")
         limiter = self.hub.limiter
@@ -367,29 +411,6 @@ class Exchange:
             metrics.observe_hub_added((self.sent_at - self.t0) + max(0.0, self.ttfb - self.head_at))
         if self.outcome == "refused":
             metrics.refuse(self.error_type or str(self.status))
-
-    def _route(self, path: bytes) -> Route | None:
-        route = ROUTES.get(path)
-        if route is None and path.startswith(MODELS_PREFIX):
-            route = ROUTES[b"/v1/models"]
-        return route
-
-    def _authenticate(self) -> Principal:
-        token = self.request.header(b"x-api-key")
-        if token is None:
-            auth = self.request.header(b"authorization")
-            if auth is not None and auth[:7].lower() == b"bearer ":
-                token = auth[7:].strip()
-        if not token:
-            raise HubError(401, "missing hub token: send it as x-api-key or Authorization: Bearer")
-        principal = self.hub.tokens.lookup(token)
-        if principal is None:
-            revoked_at = self.hub.tokens.revoked_at(token)
-            if revoked_at is not None:
-                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(revoked_at))
-                raise HubError(403, f"hub token revoked at {when}", error_type="permission_error", code="token_revoked")
-            raise HubError(401, "invalid hub token")
-        return principal
 
     def _check_body(self) -> None:
         request = self.request
@@ -469,7 +490,7 @@ class Exchange:
             try:
                 head = await self._send(upstream, lease)
             except UpstreamError as e:
-                reason = _failure_for(e)
+                reason = failure_for(e)
                 ring.release(lease, reason)
                 self.lease = None
                 last_exc, last_error = e, None
@@ -495,7 +516,7 @@ class Exchange:
             try:
                 await self._stream(head)
             except _RetryBeforeFirstByte as e:
-                reason = _failure_for(e.error)
+                reason = failure_for(e.error)
                 ring.release(lease, reason)
                 self.lease = None
                 last_exc, last_error = e.error, None
@@ -538,9 +559,10 @@ class Exchange:
         """No untried key is usable: whether to go round the keys again.
 
         At once when a key already tried is usable again (max_attempts and the
-        deadline bound that); after a wait when keys rest and one frees up
-        within the queue time; not at all when none would (waiting then only
-        delays the same answer).
+        deadline bound that); after a wait when keys rest after 429s and one
+        frees up within the queue time; not at all when none would, nor for
+        open circuits, which come back only when the hub's probe does (waiting
+        then only delays the same answer, by up to the queue time).
         """
         wait = ring.next_available_in()
         now = self.loop.time()
@@ -738,6 +760,7 @@ class Exchange:
         else:
             out = []
         if data:
+            self.last_data = data
             if self.chunked:
                 out += (b"%x\r\n" % len(data), data, b"\r\n")
             else:
@@ -775,12 +798,22 @@ class Exchange:
         self.error_type = "upstream_aborted"
         self._release_conn()
         if self.lease is not None and self.upstream is not None:
-            self.upstream.ring.release(self.lease, _failure_for(exc))
+            self.upstream.ring.release(self.lease, STREAM_BROKEN)
             self.lease = None
+        self._end_with_error_event(f"upstream stream failed: {exc}")
+
+    def _end_with_error_event(self, message: str) -> None:
+        """End a response the client is receiving so that its SDK raises: an
+        SSE stream gets an `error` event and its last chunk, whole; any other
+        body can only be cut."""
         if self.gone:
             return
         if self.sse_body and self.chunked:
-            event = _sse_error_event(self.flavour, str(exc))
+            event = _sse_error_event(self.flavour, message)
+            if not self.last_data.endswith(b"\n\n"):
+                # The vendor's last read ended inside an event: end that
+                # line and event first, or the error would be read as part of it.
+                event = b"\n\n" + event
             self.protocol.writelines((b"%x\r\n" % len(event), event, b"\r\n", b"0\r\n\r\n"))
             # The stream is framed correctly, but the client cannot reuse
             # what it thinks is a failed connection reliably; close it.
@@ -792,6 +825,13 @@ class Exchange:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.release()
+
+    def _release_conn_closed(self) -> None:
+        """Close the upstream connection mid-answer: nothing more of it may
+        reach the client, and it cannot go back to the pool."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
 
     # -- answers the hub makes itself ------------------------------------------
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, head_only: bool = False) -> None:
@@ -852,7 +892,9 @@ class Exchange:
             self.respond(status, [JSON, (b"x-should-retry", b"false")], error_body(self.flavour, status, message))
             return
         self.error_type = "overloaded_error"
-        wait = upstream.ring.next_available_in()
+        # When the next probe is due: a client that comes back then finds the
+        # key back if the vendor is. Dead and disabled keys need the operator.
+        wait = upstream.ring.next_probe_in(pending=True)
         retry_after = b"%d" % (30 if wait is None else max(1, math.ceil(wait)))
         self.respond(503, [JSON, (b"retry-after", retry_after)], error_body(self.flavour, 503, f"no usable {upstream.config.name} key: all are disabled, dead or their circuits are open"))
 
@@ -963,19 +1005,53 @@ class Exchange:
         )
 
 
+def route_for(path: bytes) -> Route | None:
+    """The route of a request path, or None. Only the exact paths, and
+    `/v1/models/{id}` with a plain model id: the target goes to the vendor
+    as the client sent it, with the hub's key, so nothing else (dot segments,
+    encoded slashes or dots, other vendor endpoints) may pass."""
+    route = ROUTES.get(path)
+    if route is None and path.startswith(MODELS_PREFIX) and MODEL_ID.fullmatch(path, len(MODELS_PREFIX)):
+        route = ROUTES[b"/v1/models"]
+    return route
+
+
+def authenticate(tokens: TokenTable, index: dict[bytes, bytes]) -> Principal | HubError:
+    """The principal of the hub token in a request head (`x-api-key`, else
+    `Authorization: Bearer`), or the refusal to answer with."""
+    token = index.get(b"x-api-key")
+    if token is None:
+        auth = index.get(b"authorization")
+        if auth is not None and auth[:7].lower() == b"bearer ":
+            token = auth[7:].strip()
+    if not token:
+        return HubError(401, "missing hub token: send it as x-api-key or Authorization: Bearer")
+    principal = tokens.lookup(token)
+    if principal is None:
+        revoked_at = tokens.revoked_at(token)
+        if revoked_at is not None:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(revoked_at))
+            return HubError(403, f"hub token revoked at {when}", error_type="permission_error", code="token_revoked")
+        return HubError(401, "invalid hub token")
+    return principal
+
+
+def _printable(path: bytes) -> str:
+    """A request path for an error message: bounded, control bytes escaped."""
+    text = repr(path[:200].decode("latin-1"))
+    return text if len(path) <= 200 else text + "..."
+
+
 class _RetryBeforeFirstByte(Exception):
     def __init__(self, error: UpstreamError) -> None:
         super().__init__(str(error))
         self.error = error
 
 
-def _failure_for(exc: UpstreamError) -> Failure:
-    if isinstance(exc, UpstreamTimeout):
-        return Failure(FailureKind.TIMEOUT)
-    return Failure(FailureKind.CONNECT_FAILED)
-
-
 CLIENT_ABORTED = Failure(FailureKind.CLIENT_ABORTED)
+# The vendor failed after the client got bytes: counted like a 5xx (the long
+# pauses), as it is the one failure no retry hides from the user.
+STREAM_BROKEN = Failure(FailureKind.STREAM_BROKEN)
 
 
 def _decode(value: bytes | None) -> str | None:
@@ -986,7 +1062,7 @@ def _sse_error_event(flavour: str, message: str) -> bytes:
     if flavour == OPENAI:
         import orjson
 
-        data = orjson.dumps({"type": "error", "code": "upstream_aborted", "message": f"hubcore: upstream stream failed: {message}", "param": None})
+        data = orjson.dumps({"type": "error", "code": "upstream_aborted", "message": f"hubcore: {message}", "param": None})
         return b"event: error\ndata: " + data + b"\n\n"
-    data = error_body(ANTHROPIC, 529, f"hubcore: upstream stream failed: {message}", "overloaded_error")
+    data = error_body(ANTHROPIC, 529, f"hubcore: {message}", "overloaded_error")
     return b"event: error\ndata: " + data + b"\n\n"
