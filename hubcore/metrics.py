@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from hubcore.keys import KeyState
+
 # Upper bounds in seconds. A model's first token takes from a few hundred ms
 # to tens of seconds (long prompts, extended thinking); a whole stream can run
 # for minutes, so the tail reaches the longest upstream timeouts.
@@ -33,9 +35,8 @@ LOOP_LAG_INTERVAL = 0.5          # seconds between event-loop lag samples
 RATE_WINDOW = 60.0               # seconds over which /stats reports req/s
 
 # Key states rendered one-hot (like kube-state-metrics), so a dashboard can
-# count keys per state even when none is in it. A key in a state missing from
-# this list is still rendered, with its own series.
-KEY_STATES: tuple[str, ...] = ("healthy", "cooling", "open", "half_open", "dead", "disabled")
+# count keys per state even when none is in it: every state of the key ring.
+KEY_STATES: tuple[str, ...] = tuple(state.value for state in KeyState)
 
 # What a key-ring snapshot may carry into /stats and /metrics. Anything else a
 # provider puts in the dict is dropped, so a secret can never leak this way.
