@@ -14,6 +14,7 @@ import orjson
 from hubcore._meter_errors import MeterError
 
 __all__ = [
+    "CHARS_PER_TOKEN",
     "FMT_ANTHROPIC",
     "FMT_OPENAI_CHAT",
     "FMT_OPENAI_RESPONSES",
@@ -21,6 +22,7 @@ __all__ = [
     "MAX_EVENT_SIZE",
     "Meter",
     "MeterError",
+    "estimated_tokens",
     "scan_request",
     "session_from_user_id",
 ]
@@ -37,6 +39,14 @@ MAX_EVENT_SIZE = 16 * 1024 * 1024
 # Bytes. A non-streaming response body is buffered up to this and decoded at
 # close(); a larger one is dropped and counted in `malformed`.
 MAX_BODY_SIZE = 64 * 1024 * 1024
+# Characters (decoded, not bytes) per output token, for the estimate of a
+# stream cut before its final usage: the vendors' own rule of thumb of about
+# four characters per token of English text or code. Rounded up, since any
+# text at all took a token. It errs low, the safe side for a bill: on the two
+# longest recorded Anthropic streams in tests/fixtures (284 and 1,312
+# characters of tool input and text) the vendor counted 2.3 and 2.4 characters
+# per token, and scripts such as CJK take a token or more per character.
+CHARS_PER_TOKEN = 4
 
 # What an event is, from its `event:` name or its data's "type".
 _SNIFF = 0  # no name (or "message"): read the type from the data
@@ -50,6 +60,8 @@ _R_CREATED = 7  # response.created / response.in_progress: the model, early
 _R_COMPLETED = 8
 _R_INCOMPLETE = 9
 _R_FAILED = 10
+_A_TEXT = 11  # content_block_delta: generated text, counted for a cut stream
+_R_TEXT = 12  # response.<...>.delta: the same for Responses
 
 _KINDS: dict[int, dict[bytes, int]] = {
     FMT_ANTHROPIC: {
@@ -57,6 +69,7 @@ _KINDS: dict[int, dict[bytes, int]] = {
         b"message_delta": _A_DELTA,
         b"message_stop": _A_STOP,
         b"content_block_start": _A_BLOCK,
+        b"content_block_delta": _A_TEXT,
         b"error": _ERROR,
     },
     FMT_OPENAI_RESPONSES: {
@@ -70,6 +83,13 @@ _KINDS: dict[int, dict[bytes, int]] = {
     FMT_OPENAI_CHAT: {},
 }
 _TERMINAL_STATUS = {_R_COMPLETED: "completed", _R_INCOMPLETE: "incomplete", _R_FAILED: "failed"}
+# The generated text in a delta: Anthropic's `delta` members (text_delta,
+# thinking_delta, input_json_delta; a signature is not generated text) and
+# Chat's `choices[].delta` members (plus tool_calls[].function.arguments).
+_ANTHROPIC_TEXT_KEYS = ("text", "thinking", "partial_json")
+_CHAT_TEXT_KEYS = ("content", "reasoning_content", "refusal")
+# base64 audio, not text
+_RESPONSES_AUDIO_DELTA = b"response.audio.delta"
 
 _WS = rb"[ \t\n\r]*"
 _EOL = re.compile(rb"[\r\n]")
@@ -83,6 +103,69 @@ _CHAT_WANTED = re.compile(
     rb'(?<!\\)"(?:usage"' + _WS + rb":" + _WS + rb"\{|finish_reason\"" + _WS + rb":" + _WS + rb'")'
 )
 _ERROR_FIRST = re.compile(_WS + rb"\{" + _WS + rb'"error"' + _WS + rb":")
+
+
+def _kind(fmt: int, kinds: dict[bytes, int], name: bytes) -> int:
+    """What a named event is to the meter; every Responses `response.<...>.delta` carries text."""
+    kind = kinds.get(name, _SKIP)
+    if (
+        kind == _SKIP
+        and fmt == FMT_OPENAI_RESPONSES
+        and len(name) >= 15
+        and name.startswith(b"response.")
+        and name.endswith(b".delta")
+        and name != _RESPONSES_AUDIO_DELTA
+    ):
+        return _R_TEXT
+    return kind
+
+
+def estimated_tokens(chars: int) -> int:
+    """Output tokens estimated from characters of generated text: ceil(chars / CHARS_PER_TOKEN)."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+# The characters of generated text in one decoded delta event. The compiled
+# twin counts them in place, and calls these for the events it decodes.
+
+
+def _anthropic_text(obj: dict[str, Any]) -> int:
+    delta = obj.get("delta")
+    n = 0
+    if type(delta) is dict:
+        for key in _ANTHROPIC_TEXT_KEYS:
+            v = delta.get(key)
+            if type(v) is str:
+                n += len(v)
+    return n
+
+
+def _responses_text(obj: dict[str, Any]) -> int:
+    v = obj.get("delta")
+    return len(v) if type(v) is str else 0
+
+
+def _chat_text(obj: dict[str, Any]) -> int:
+    choices = obj.get("choices")
+    n = 0
+    if type(choices) is not list:
+        return 0
+    for choice in choices:
+        delta = choice.get("delta") if type(choice) is dict else None
+        if type(delta) is not dict:
+            continue
+        for key in _CHAT_TEXT_KEYS:
+            v = delta.get(key)
+            if type(v) is str:
+                n += len(v)
+        calls = delta.get("tool_calls")
+        if type(calls) is list:
+            for call in calls:
+                fn = call.get("function") if type(call) is dict else None
+                args = fn.get("arguments") if type(fn) is dict else None
+                if type(args) is str:
+                    n += len(args)
+    return n
 
 
 def _count(v: object) -> int | None:
@@ -119,7 +202,6 @@ class Meter:
         # results
         self.model: str | None = None
         self.input_tokens = 0
-        self.output_tokens = 0
         self.cache_write_5m = 0
         self.cache_write_1h = 0
         self.cache_read = 0
@@ -130,6 +212,11 @@ class Meter:
         self.completed = False
         self.events = 0
         self.malformed = 0
+        self.delta_chars = 0
+        # the vendor's own output count, and whether it is final (a cut
+        # stream's output is at least the estimate from its deltas)
+        self._output_reported = 0
+        self._final_usage = False
         # OpenAI reports input including cached tokens; keep both raw totals
         self._oa_input = 0
         self._oa_cached = 0
@@ -149,6 +236,18 @@ class Meter:
         self._max_body = max_body_size
         self._body = bytearray()
         self._overflow = False
+
+    @property
+    def output_tokens(self) -> int:
+        """The vendor's count; before its final usage, at least the estimate from the deltas."""
+        if self._final_usage:
+            return self._output_reported
+        return max(self._output_reported, estimated_tokens(self.delta_chars))
+
+    @property
+    def output_estimated(self) -> bool:
+        """Whether `output_tokens` is the estimate (the stream was cut before its final usage)."""
+        return not self._final_usage and estimated_tokens(self.delta_chars) > self._output_reported
 
     # -- input -------------------------------------------------------------
 
@@ -300,15 +399,15 @@ class Meter:
                 if type(obj) is dict:
                     t = obj.get("type")
                     if type(t) is str:
-                        self._apply(self._kinds.get(t.encode(), _SKIP), obj)
+                        self._apply(_kind(self.fmt, self._kinds, t.encode()), obj)
                 return
-            kind = self._kinds.get(m.group(1), _SKIP)
+            kind = _kind(self.fmt, self._kinds, m.group(1))
         else:
-            kind = self._kinds.get(name, _SKIP)
+            kind = _kind(self.fmt, self._kinds, name)
         if kind == _SKIP:
             return
         if kind == _A_STOP:
-            self.completed = True
+            self.completed = self._final_usage = True
             return
         if kind == _A_BLOCK and _FALLBACK_BLOCK.search(data) is None:
             return
@@ -321,17 +420,21 @@ class Meter:
             self._error("error")
 
     def _chat_event(self, data: bytes) -> None:
+        # [DONE] completes the stream but is no usage: a stream without
+        # stream_options.include_usage keeps its estimate
         if data == b"[DONE]":
             self.completed = True
             return
-        if (
-            self.model is not None
-            and _CHAT_WANTED.search(data) is None
-            and _ERROR_FIRST.match(data) is None
-        ):
-            return
+        # every chunk is decoded for its text; only a few carry anything else
         obj = self._loads(data)
-        if type(obj) is dict:
+        if type(obj) is not dict:
+            return
+        self.delta_chars += _chat_text(obj)
+        if (
+            self.model is None
+            or _CHAT_WANTED.search(data) is not None
+            or _ERROR_FIRST.match(data) is not None
+        ):
             self._chat_obj(obj)
 
     def _loads(self, data: bytes | bytearray) -> Any:
@@ -360,9 +463,15 @@ class Meter:
                 sr = delta.get("stop_reason")
                 if type(sr) is str:
                     self.stop_reason = sr
-            self._anthropic_usage(obj.get("usage"))
+            # message_delta follows the last content block: its output count is final
+            if self._anthropic_usage(obj.get("usage")):
+                self._final_usage = True
+        elif kind == _A_TEXT:
+            self.delta_chars += _anthropic_text(obj)
+        elif kind == _R_TEXT:
+            self.delta_chars += _responses_text(obj)
         elif kind == _A_STOP:
-            self.completed = True
+            self.completed = self._final_usage = True
         elif kind == _A_BLOCK:
             block = obj.get("content_block")
             if type(block) is dict and block.get("type") == "fallback":
@@ -392,7 +501,7 @@ class Meter:
             elif kind == _R_FAILED:
                 self._error("error")
             if kind != _R_FAILED:
-                self.completed = True
+                self.completed = self._final_usage = True
 
     def _anthropic_message(self, msg: dict[str, Any]) -> None:
         m = msg.get("model")
@@ -403,16 +512,17 @@ class Meter:
             self.stop_reason = sr
         self._anthropic_usage(msg.get("usage"))
 
-    def _anthropic_usage(self, usage: object) -> None:
+    def _anthropic_usage(self, usage: object) -> bool:
+        """Take a usage object; whether it carried an output count."""
         # overwrite, never add: message_delta numbers are running totals
         if type(usage) is not dict:
-            return
+            return False
         v = _count(usage.get("input_tokens"))
         if v is not None:
             self.input_tokens = v
-        v = _count(usage.get("output_tokens"))
-        if v is not None:
-            self.output_tokens = v
+        output = _count(usage.get("output_tokens"))
+        if output is not None:
+            self._output_reported = output
         v = _count(usage.get("cache_read_input_tokens"))
         if v is not None:
             self.cache_read = v
@@ -440,6 +550,7 @@ class Meter:
                 if c is not None and key.endswith("_requests"):
                     total += c
             self.server_tool_requests = total
+        return output is not None
 
     def _cache_write_total(self, total: int) -> None:
         """Make the 5m/1h split add up to a new total.
@@ -478,7 +589,9 @@ class Meter:
         self.input_tokens = max(self._oa_input - self._oa_cached, 0)
         v = _count(usage.get(out))
         if v is not None:
-            self.output_tokens = v
+            # OpenAI sends usage once, at the end: it is final
+            self._output_reported = v
+            self._final_usage = True
         details = usage.get(out_details)
         if type(details) is dict:
             v = _count(details.get("reasoning_tokens"))

@@ -8,6 +8,23 @@ Conventions (the same columns mean the same thing for every vendor):
   ``input_tokens`` and ``cache_write_*`` are 0.
 - ``output_tokens`` includes reasoning/thinking tokens (both vendors do);
   ``reasoning_tokens`` repeats that share for reporting.
+- A stream cut before the vendor's final usage was billed for what the
+  vendor generated, but the usage seen so far holds a placeholder (Anthropic
+  ``message_start``'s 1) or nothing. Its ``output_tokens`` is therefore
+  ``max(reported, ceil(delta_chars / 4))``, and ``output_estimated`` says
+  that the estimate won. Four characters per token (``CHARS_PER_TOKEN``,
+  ``estimated_tokens``) is the vendors' own rule of thumb for English and
+  code. The final usage is Anthropic's ``message_delta`` with
+  ``output_tokens`` (or ``message_stop``), Responses' ``response.completed``
+  or ``response.incomplete`` or a terminal event with usage, and Chat's usage
+  chunk (so a Chat stream without ``stream_options.include_usage`` keeps its
+  estimate after ``[DONE]``); once it is in, the vendor's number stands alone.
+- ``delta_chars`` counts the characters (decoded: an escape or a UTF-8
+  sequence is one) of generated text in the deltas: Anthropic
+  ``content_block_delta`` ``delta.text`` / ``thinking`` / ``partial_json``
+  (not signatures); the ``delta`` of every Responses ``response.<...>.delta``
+  but ``response.audio.delta``; Chat ``choices[].delta`` ``content`` /
+  ``reasoning_content`` / ``refusal`` and ``tool_calls[].function.arguments``.
 - Anthropic ``message_delta`` usage is cumulative: each field it carries
   (non-null) overwrites the value from ``message_start``; nothing is added.
   Cache writes are split 5m/1h from ``usage.cache_creation``; without it, all
@@ -25,9 +42,10 @@ Conventions (the same columns mean the same thing for every vendor):
 - ``error_type``: the first in-stream error (Anthropic ``error.type``, OpenAI
   ``code`` then ``type``); ``"error"`` when the error names none.
 - ``events`` counts dispatched SSE events; ``malformed`` counts events (or a
-  body) that needed decoding but were not JSON, and lines or bodies over the
-  size caps. Malformed input never raises: one odd event must not stop the
-  metering of the rest. ``MeterError`` is raised only for misuse.
+  body) that needed decoding but were not JSON (text deltas included, since
+  their text is counted), and lines or bodies over the size caps. Malformed
+  input never raises: one odd event must not stop the metering of the rest.
+  ``MeterError`` is raised only for misuse.
 - A body that ends without a final blank line still has its last event
   counted (the SDKs drop it, but its numbers are real).
 
@@ -40,11 +58,11 @@ import platform
 from typing import TYPE_CHECKING
 
 from hubcore._meter_errors import MeterError
-from hubcore._sse_py import session_from_user_id
+from hubcore._sse_py import CHARS_PER_TOKEN, estimated_tokens, session_from_user_id
 
 __all__ = [
-    "COMPILED", "FMT_ANTHROPIC", "FMT_OPENAI_CHAT", "FMT_OPENAI_RESPONSES", "MAX_BODY_SIZE",
-    "MAX_EVENT_SIZE", "Meter", "MeterError", "scan_request", "session_from_user_id",
+    "CHARS_PER_TOKEN", "COMPILED", "FMT_ANTHROPIC", "FMT_OPENAI_CHAT", "FMT_OPENAI_RESPONSES", "MAX_BODY_SIZE",
+    "MAX_EVENT_SIZE", "Meter", "MeterError", "estimated_tokens", "scan_request", "session_from_user_id",
 ]
 
 COMPILED = False

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import os
 import platform
 import subprocess
@@ -31,6 +33,7 @@ NO_EXTENSIONS = bool(os.environ.get("HUBCORE_NO_EXTENSIONS"))
 FIELDS = (
     "model", "input_tokens", "output_tokens", "cache_write_5m", "cache_write_1h", "cache_read",
     "reasoning_tokens", "server_tool_requests", "stop_reason", "error_type", "completed", "events", "malformed",
+    "delta_chars", "output_estimated",
 )
 
 # OpenAI Responses as Codex receives it (gpt-5-codex, reasoning, then text).
@@ -82,6 +85,7 @@ RESPONSES_EXPECTED = {
     "model": "gpt-5-codex", "input_tokens": 12450 - 11264, "output_tokens": 318, "cache_write_5m": 0,
     "cache_write_1h": 0, "cache_read": 11264, "reasoning_tokens": 192, "server_tool_requests": 0,
     "stop_reason": "completed", "error_type": None, "completed": True, "events": 10, "malformed": 0,
+    "delta_chars": 38 + 15, "output_estimated": False,
 }
 
 RESPONSES_INCOMPLETE = (
@@ -142,6 +146,7 @@ CHAT_EXPECTED = {
     "model": "gpt-4o-2024-08-06", "input_tokens": 86, "output_tokens": 300, "cache_write_5m": 0,
     "cache_write_1h": 0, "cache_read": 1920, "reasoning_tokens": 0, "server_tool_requests": 0,
     "stop_reason": "stop", "error_type": None, "completed": True, "events": 5, "malformed": 0,
+    "delta_chars": 57, "output_estimated": False,
 }
 
 ANTHROPIC_BODY = (
@@ -320,6 +325,7 @@ def test_fixture_matches_anthropic_sdk(twin: ModuleType, vendor: tuple[str, type
     assert got["reasoning_tokens"] == ((details.thinking_tokens or 0) if details else 0)
     assert got["server_tool_requests"] == sum(v for k, v in tools.items() if k.endswith("_requests") and v)
     assert got["completed"] is True
+    assert got["output_estimated"] is False
     assert got["error_type"] is None
 
 
@@ -331,6 +337,7 @@ def test_message_delta_fields_by_hand(twin: ModuleType) -> None:
         "model": "claude-sonnet-4-5", "input_tokens": 40, "output_tokens": 8, "cache_write_5m": 12,
         "cache_write_1h": 0, "cache_read": 7, "reasoning_tokens": 3, "server_tool_requests": 1,
         "stop_reason": "end_turn", "error_type": None, "completed": True, "events": 6, "malformed": 0,
+        "delta_chars": len("Hello there!"), "output_estimated": False,
     }
 
 
@@ -340,6 +347,7 @@ def test_usage_omitted_from_message_start(twin: ModuleType) -> None:
         "model": "claude-test", "input_tokens": 12, "output_tokens": 6, "cache_write_5m": 4,
         "cache_write_1h": 0, "cache_read": 3, "reasoning_tokens": 2, "server_tool_requests": 1,
         "stop_reason": "end_turn", "error_type": None, "completed": True, "events": 6, "malformed": 0,
+        "delta_chars": len("Hello"), "output_estimated": False,
     }
 
 
@@ -351,14 +359,20 @@ def test_fallback_block_relabels_model(twin: ModuleType) -> None:
 def test_truncated_stream_keeps_partial_numbers(twin: ModuleType) -> None:
     data = (FIXTURES_DIR / "message_delta_fields_response.txt").read_bytes()
     start_end = data.index(b"}}}\n", data.index(b"message_start")) + 3
+    text_end = data.index(b"}}\n", data.index(b"event: content_block_delta")) + 2
     delta_end = data.index(b"}}}\n", data.index(b"event: message_delta")) + 3
     stop_data = data.index(b"data", data.index(b"event: message_stop")) + len(b"data")
     after_start = {"input_tokens": 25, "output_tokens": 1, "cache_write_5m": 10, "cache_read": 5, "reasoning_tokens": 0}
-    after_delta = {"input_tokens": 40, "output_tokens": 8, "cache_write_5m": 12, "cache_read": 7, "reasoning_tokens": 3}
+    # "Hello there!" passed, message_start's placeholder 1 did not bill it
+    after_text = {**after_start, "output_tokens": 3, "delta_chars": 12, "output_estimated": True}
+    after_delta = {"input_tokens": 40, "output_tokens": 8, "cache_write_5m": 12, "cache_read": 7, "reasoning_tokens": 3,
+                   "delta_chars": 12, "output_estimated": False}
     nothing = dict.fromkeys(after_start, 0)
     for t in range(len(data) + 1):
         got = run(twin, data[:t])
-        want = nothing if t < start_end else after_start if t < delta_end else after_delta
+        want = (
+            nothing if t < start_end else after_start if t < text_end else after_text if t < delta_end else after_delta
+        )
         assert {k: got[k] for k in want} == want, t
         assert got["model"] == (None if t < start_end else "claude-sonnet-4-5"), t
         assert got["completed"] is (t >= stop_data), t
@@ -416,24 +430,31 @@ def test_error_event_that_is_not_json(twin: ModuleType) -> None:
     assert (got["error_type"], got["malformed"], got["events"]) == ("error", 1, 1)
 
 
-def test_escaped_usage_in_text_is_never_decoded(twin: ModuleType) -> None:
-    """Deltas are skipped unread: even a broken one that mentions usage costs nothing."""
-    broken = (
+def test_escaped_usage_in_text_is_only_text(twin: ModuleType) -> None:
+    """Text that mentions usage counts as characters, never as usage; a broken delta counts as malformed."""
+    text = '"usage":{"output_tokens":999}, "type":"message_delta"'
+    delta = (
         b'event: content_block_delta\n'
         b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta",'
-        b'"text":"\\"usage\\":{\\"output_tokens\\":999}, \\"type\\":\\"message_delta\\""}\n\n'
+        b'"text":"\\"usage\\":{\\"output_tokens\\":999}, \\"type\\":\\"message_delta\\""}}\n\n'
     )
-    stream = ANTHROPIC_ERROR_MID_STREAM.replace(b"event: error", broken + b"event: error")
-    got = run(twin, stream)
-    assert (got["output_tokens"], got["malformed"]) == (1, 0)
-    chat_broken = (
-        b'data: {"id":"c","model":"gpt-4o","choices":[{"delta":{"content":"\\"usage\\": {\\"prompt_tokens\\": 1}"}}]\n\n'
-    )
+    broken = delta.replace(b'"}}\n', b'"}\n')
+    got = run(twin, ANTHROPIC_ERROR_MID_STREAM.replace(b"event: error", broken + b"event: error"))
+    assert (got["output_tokens"], got["malformed"], got["delta_chars"]) == (1, 1, len("Hel"))
+    got = run(twin, ANTHROPIC_ERROR_MID_STREAM.replace(b"event: error", delta + b"event: error"))
+    chars = len("Hel") + len(text)
+    assert (got["output_tokens"], got["malformed"], got["delta_chars"]) == (math.ceil(chars / 4), 0, chars)
+    chat_text = b'"choices":[{"delta":{"content":"\\"usage\\": {\\"prompt_tokens\\": 1}"}}]'
+    chat_broken = b'data: {"id":"c","model":"gpt-4o",' + chat_text + b"\n\n"
     # a key that ends in an escaped quote and "usage" is text too
     chat_broken += b'data: {"id":"c","model":"gpt-4o","choices":[{"delta":{"say \\"usage": {"n": 1}\n\n'
     chat = CHAT_STREAM.replace(b"data: [DONE]", chat_broken + b"data: [DONE]")
     got = run(twin, chat, FMT_OPENAI_CHAT)
-    assert got == {**CHAT_EXPECTED, "events": 7}
+    assert got == {**CHAT_EXPECTED, "events": 7, "malformed": 2}
+    chat = CHAT_STREAM.replace(b"data: [DONE]", b'data: {"id":"c","model":"gpt-4o",' + chat_text + b"}\n\ndata: [DONE]")
+    got = run(twin, chat, FMT_OPENAI_CHAT)
+    chars = 57 + len('"usage": {"prompt_tokens": 1}')
+    assert got == {**CHAT_EXPECTED, "events": 6, "delta_chars": chars}
     # a content block that is not a model fallback is skipped unread as well
     block = b'event: content_block_start\ndata: {"type":"content_block_start","content_block":{"type":"text"\n\n'
     got = run(twin, ANTHROPIC_ERROR_MID_STREAM.replace(b"event: error", block + b"event: error"))
@@ -537,16 +558,19 @@ def test_chat_stream_matches_openai_sdk(twin: ModuleType, vendor: tuple[str, typ
             "model": "gpt-5-mini", "input_tokens": 40, "output_tokens": 16, "cache_write_5m": 0,
             "cache_write_1h": 0, "cache_read": 0, "reasoning_tokens": 0, "server_tool_requests": 0,
             "stop_reason": "max_output_tokens", "error_type": None, "completed": True, "events": 3, "malformed": 0,
+            "delta_chars": len("Once upon"), "output_estimated": False,
         }),
         (RESPONSES_FAILED, FMT_OPENAI_RESPONSES, {
             "model": "gpt-5-codex", "input_tokens": 900, "output_tokens": 0, "cache_write_5m": 0,
             "cache_write_1h": 0, "cache_read": 0, "reasoning_tokens": 0, "server_tool_requests": 0,
             "stop_reason": "failed", "error_type": "server_error", "completed": False, "events": 2, "malformed": 0,
+            "delta_chars": 0, "output_estimated": False,
         }),
         (RESPONSES_ERROR, FMT_OPENAI_RESPONSES, {
             "model": "gpt-5-codex", "input_tokens": 0, "output_tokens": 0, "cache_write_5m": 0,
             "cache_write_1h": 0, "cache_read": 0, "reasoning_tokens": 0, "server_tool_requests": 0,
             "stop_reason": None, "error_type": "rate_limit_exceeded", "completed": False, "events": 2, "malformed": 0,
+            "delta_chars": 0, "output_estimated": False,
         }),
     ],
     ids=["responses", "chat", "responses-incomplete", "responses-failed", "responses-error"],
@@ -579,16 +603,19 @@ def test_chat_error_chunk(twin: ModuleType) -> None:
             "model": "claude-opus-4-6", "input_tokens": 3, "output_tokens": 12, "cache_write_5m": 0,
             "cache_write_1h": 2000, "cache_read": 48000, "reasoning_tokens": 0, "server_tool_requests": 0,
             "stop_reason": "end_turn", "error_type": None, "completed": True, "events": 0, "malformed": 0,
+            "delta_chars": 0, "output_estimated": False,
         }),
         (RESPONSES_BODY, FMT_OPENAI_RESPONSES, {
             "model": "gpt-5-mini-2025-08-07", "input_tokens": 372, "output_tokens": 70, "cache_write_5m": 0,
             "cache_write_1h": 0, "cache_read": 128, "reasoning_tokens": 64, "server_tool_requests": 0,
             "stop_reason": "completed", "error_type": None, "completed": True, "events": 0, "malformed": 0,
+            "delta_chars": 0, "output_estimated": False,
         }),
         (CHAT_BODY, FMT_OPENAI_CHAT, {
             "model": "gpt-4o-mini-2024-07-18", "input_tokens": 19, "output_tokens": 10, "cache_write_5m": 0,
             "cache_write_1h": 0, "cache_read": 0, "reasoning_tokens": 0, "server_tool_requests": 0,
             "stop_reason": "length", "error_type": None, "completed": True, "events": 0, "malformed": 0,
+            "delta_chars": 0, "output_estimated": False,
         }),
     ],
     ids=["anthropic", "responses", "chat"],
@@ -615,6 +642,243 @@ def test_non_streaming_bodies(twin: ModuleType, body: bytes, fmt: int, want: dic
 def test_error_bodies(twin: ModuleType, body: bytes, fmt: int, error_type: str) -> None:
     got = run(twin, body, fmt, sse_=False)
     assert (got["error_type"], got["completed"], got["stop_reason"]) == (error_type, False, None)
+
+
+# -- cut streams: the output estimate ---------------------------------------------------
+
+
+def sse_events(stream: bytes) -> list[tuple[str | None, bytes]]:
+    """(event name, data) of each complete event of a stream with LF line ends."""
+    out = []
+    for block in stream.split(b"\n\n")[:-1]:
+        name, data = None, []
+        for line in block.split(b"\n"):
+            if line.startswith(b"event: "):
+                name = line[7:].decode()
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+        if data:
+            out.append((name, b"\n".join(data)))
+    return out
+
+
+def oracle_text(fmt: int, name: str | None, obj: Any) -> int:
+    """Characters of generated text in one decoded event, written apart from both twins."""
+    def strings(d: Any, keys: tuple[str, ...]) -> int:
+        return sum(len(v) for k in keys if isinstance(d, dict) and isinstance(v := d.get(k), str))
+
+    if not isinstance(obj, dict):
+        return 0
+    if fmt == FMT_ANTHROPIC:
+        return strings(obj.get("delta"), ("text", "thinking", "partial_json")) if name == "content_block_delta" else 0
+    if fmt == FMT_OPENAI_RESPONSES:
+        assert name is not None
+        if not (name.startswith("response.") and name.endswith(".delta") and name != "response.audio.delta"):
+            return 0
+        return strings(obj, ("delta",))
+    n = 0
+    choices = obj.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        n += strings(delta, ("content", "reasoning_content", "refusal"))
+        calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+        for call in calls if isinstance(calls, list) else []:
+            n += strings(call.get("function") if isinstance(call, dict) else None, ("arguments",))
+    return n
+
+
+def oracle_chars(stream: bytes, fmt: int) -> int:
+    """The stdlib's JSON decoder's count of the text in a stream's complete events."""
+    return sum(oracle_text(fmt, name, json.loads(data)) for name, data in sse_events(stream) if data != b"[DONE]")
+
+
+def anthropic_oracle(stream: bytes) -> tuple[int, bool]:
+    """(reported output, whether it is final) after a stream's complete events."""
+    reported, final = 0, False
+    for name, data in sse_events(stream):
+        obj = json.loads(data)
+        if name == "message_start":
+            reported = obj["message"].get("usage", {}).get("output_tokens", reported)
+        elif name == "message_delta" and isinstance(obj["usage"].get("output_tokens"), int):
+            reported, final = obj["usage"]["output_tokens"], True
+        elif name == "message_stop":
+            final = True
+    return reported, final
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
+def test_anthropic_stream_cut_after_any_event(twin: ModuleType, path: Path) -> None:
+    """Cut anywhere before its final usage, a stream's output is at least ceil(characters / 4)."""
+    data = path.read_bytes()
+    if not data.endswith(b"\n\n"):
+        data = data.rstrip(b"\n") + b"\n\n"
+    ends = [i + 2 for i in range(len(data)) if data.startswith(b"\n\n", i)]
+    for end in ends:
+        cut = data[:end]
+        chars = oracle_chars(cut, FMT_ANTHROPIC)
+        reported, final = anthropic_oracle(cut)
+        estimate = math.ceil(chars / 4)
+        want = {
+            "delta_chars": chars,
+            "output_tokens": reported if final else max(reported, estimate),
+            "output_estimated": not final and estimate > reported,
+        }
+        for pieces in ([cut], [cut[: end // 2], cut[end // 2 :]]):
+            got = result(meter_over(twin, pieces))
+            assert {k: got[k] for k in want} == want, end
+
+
+@pytest.mark.parametrize(
+    ("stream", "fmt", "final", "chars", "vendor_output"),
+    [
+        ((FIXTURES_DIR / "tool_use_response.txt").read_bytes(), FMT_ANTHROPIC, b"event: message_delta", 69, 65),
+        (RESPONSES_STREAM, FMT_OPENAI_RESPONSES, b"event: response.completed", 38 + 15, 318),
+        (CHAT_STREAM, FMT_OPENAI_CHAT, b'"choices":[],"usage":{', 57, 300),
+    ],
+    ids=["anthropic", "responses", "chat"],
+)
+def test_cut_stream_output_is_estimated(
+    twin: ModuleType, stream: bytes, fmt: int, final: bytes, chars: int, vendor_output: int
+) -> None:
+    """Cut just before the event with the final usage; then whole."""
+    cut = stream[: stream.rindex(b"\n\n", 0, stream.index(final)) + 2]
+    assert oracle_chars(cut, fmt) == chars
+    got = run(twin, cut, fmt)
+    assert (got["delta_chars"], got["output_tokens"], got["output_estimated"]) == (chars, math.ceil(chars / 4), True)
+    assert got["completed"] is False
+    # the whole stream: the vendor's number, exactly, whatever the estimate says
+    got = run(twin, stream, fmt)
+    assert (got["delta_chars"], got["output_tokens"], got["output_estimated"]) == (chars, vendor_output, False)
+
+
+def anthropic_delta(delta: bytes) -> bytes:
+    return b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":' + delta + b"}\n\n"
+
+
+def responses_delta(name: bytes, delta: bytes) -> bytes:
+    return b"event: " + name + b'\ndata: {"type":"' + name + b'","sequence_number":1,"delta":' + delta + b"}\n\n"
+
+
+def chat_delta(delta: bytes) -> bytes:
+    return b'data: {"id":"c","model":"gpt-4o","choices":[{"index":0,"delta":' + delta + b"}]}\n\n"
+
+
+# 16 characters in 25 bytes of UTF-8.
+UNICODE_TEXT = "naïve café — ✓ 😀"
+UNICODE_JSON = json.dumps(UNICODE_TEXT, ensure_ascii=False).encode()
+# Each escape is one character: \n \" \\ \/ \t \u00e9 \u00E9 \ud83d\ude00 (one astral character) \u0000.
+ESCAPES_JSON = b'"\\n\\"\\\\\\/\\t\\u00e9\\u00E9\\ud83d\\ude00\\u0000"'
+
+
+@pytest.mark.parametrize(
+    ("stream", "fmt", "chars"),
+    [
+        (anthropic_delta(b'{"type":"text_delta","text":' + UNICODE_JSON + b"}"), FMT_ANTHROPIC, 16),
+        (anthropic_delta(b'{"type":"thinking_delta","thinking":' + ESCAPES_JSON + b"}"), FMT_ANTHROPIC, 9),
+        (anthropic_delta(b'{"type":"input_json_delta","partial_json":"{\\"path\\": \\"/tmp/\\u00e9\\"}"}'),
+         FMT_ANTHROPIC, len('{"path": "/tmp/é"}')),
+        (responses_delta(b"response.output_text.delta", UNICODE_JSON), FMT_OPENAI_RESPONSES, 16),
+        (responses_delta(b"response.reasoning_summary_text.delta", ESCAPES_JSON), FMT_OPENAI_RESPONSES, 9),
+        (responses_delta(b"response.reasoning_text.delta", b'"abc"'), FMT_OPENAI_RESPONSES, 3),
+        (responses_delta(b"response.function_call_arguments.delta", b'"{\\"a\\":1}"'), FMT_OPENAI_RESPONSES, 7),
+        (chat_delta(b'{"content":' + UNICODE_JSON + b"}"), FMT_OPENAI_CHAT, 16),
+        (chat_delta(b'{"reasoning_content":' + ESCAPES_JSON + b',"refusal":"no"}'), FMT_OPENAI_CHAT, 11),
+        (chat_delta(b'{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"run",'
+                    b'"arguments":"{\\"cmd\\""}},{"function":{"arguments":": \\"ls\\"}"}}]}'), FMT_OPENAI_CHAT, 13),
+    ],
+    ids=[
+        "anthropic-unicode", "anthropic-escapes", "anthropic-partial-json", "responses-unicode", "responses-escapes",
+        "responses-reasoning", "responses-arguments", "chat-unicode", "chat-escapes", "chat-tool-calls",
+    ],
+)
+def test_delta_characters_not_bytes(twin: ModuleType, stream: bytes, fmt: int, chars: int) -> None:
+    assert (len(UNICODE_TEXT), len(UNICODE_TEXT.encode())) == (16, 25)
+    assert oracle_chars(stream, fmt) == chars
+    # a chat stream's first chunk is decoded for its model; the second is only walked
+    data = stream * 2 if fmt == FMT_OPENAI_CHAT else stream
+    got = run(twin, data, fmt)
+    assert (got["delta_chars"], got["malformed"]) == (chars * (data.count(b"\n\n")), 0)
+    assert (got["output_tokens"], got["output_estimated"]) == (math.ceil(got["delta_chars"] / 4), True)
+
+
+@pytest.mark.parametrize(
+    ("stream", "fmt"),
+    [
+        (anthropic_delta(b'{"type":"signature_delta","signature":"EqQBCgIYAhIM' + b"A" * 60 + b'"}'), FMT_ANTHROPIC),
+        (anthropic_delta(b'{"type":"citations_delta","citation":{"type":"char_location","cited_text":"abc"}}'),
+         FMT_ANTHROPIC),
+        ((FIXTURES_DIR / "compaction_response.txt").read_bytes().split(b"event: content_block_stop")[0],
+         FMT_ANTHROPIC),
+        (b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+         b'"content_block":{"type":"text","text":"not a delta"}}\n\n', FMT_ANTHROPIC),
+        (responses_delta(b"response.audio.delta", b'"UklGRiQAAABXQVZFZm10IBAAAAABAAEA"'), FMT_OPENAI_RESPONSES),
+        (b'event: response.output_text.done\ndata: {"type":"response.output_text.done","text":"whole text"}\n\n',
+         FMT_OPENAI_RESPONSES),
+        (chat_delta(b'{"role":"assistant","content":null,"tool_calls":[{"function":{"name":"run"}}]}'),
+         FMT_OPENAI_CHAT),
+    ],
+    ids=["signature", "citation", "compaction", "block-start", "audio", "text-done", "chat-role-and-name"],
+)
+def test_what_is_not_generated_text(twin: ModuleType, stream: bytes, fmt: int) -> None:
+    got = run(twin, stream, fmt)
+    assert (got["delta_chars"], got["output_estimated"], got["malformed"]) == (0, False, 0)
+
+
+def test_chat_stream_without_usage_is_estimated(twin: ModuleType) -> None:
+    """Without stream_options.include_usage a chat stream ends with [DONE] and no usage at all."""
+    stream = b"".join(chunk + b"\n\n" for chunk in CHAT_STREAM.split(b"\n\n") if chunk and b'"choices":[]' not in chunk)
+    assert b'"usage":{' not in stream
+    got = run(twin, stream, FMT_OPENAI_CHAT)
+    assert (got["completed"], got["delta_chars"], got["output_tokens"], got["output_estimated"]) == (True, 57, 15, True)
+
+
+def test_responses_failure_with_usage_is_final(twin: ModuleType) -> None:
+    """A terminal event that carries usage is the vendor's count, even of a failed response."""
+    text = responses_delta(b"response.output_text.delta", b'"' + b"x" * 40 + b'"')
+    stream = RESPONSES_FAILED.replace(b"event: response.failed", text + b"event: response.failed")
+    got = run(twin, stream, FMT_OPENAI_RESPONSES)
+    assert (got["delta_chars"], got["output_tokens"], got["output_estimated"]) == (40, 0, False)
+    got = run(twin, stream[: stream.index(b"event: response.failed")], FMT_OPENAI_RESPONSES)
+    assert (got["delta_chars"], got["output_tokens"], got["output_estimated"]) == (40, 10, True)
+
+
+@pytest.mark.parametrize(
+    ("stream", "fmt", "chars", "malformed"),
+    [
+        # JSON the compiled twin's walk leaves to orjson: both twins still agree with the stdlib
+        (anthropic_delta(b'{"type":"text_delta","text":"ab","text":"abcdef"}'), FMT_ANTHROPIC, 6, 0),
+        (b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"z"},'
+         b'"d\\u0065lta":{"t\\u0065xt":"abc"}}\n\n', FMT_ANTHROPIC, 3, 0),
+        (anthropic_delta(b'{"type":"text_delta","n":[1e5,-2.5E-3,123456789012345678901234567890],"text":"abcd"}'),
+         FMT_ANTHROPIC, 4, 0),
+        (anthropic_delta(b'{"type":"text_delta","deep":' + b"[" * 100 + b"]" * 100 + b',"text":"abcd"}'),
+         FMT_ANTHROPIC, 4, 0),
+        (responses_delta(b"response.output_text.delta", b' \t "spaced\\/out" \t'), FMT_OPENAI_RESPONSES, 10, 0),
+        # data lines are joined with a line feed: JSON whitespace
+        (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",\ndata:"delta":\n'
+         b'data:  "ab"}\n\n', FMT_OPENAI_RESPONSES, 2, 0),
+        (chat_delta(b'{"content":"a"},"x":{"delta":{"content":"bcd"}}'), FMT_OPENAI_CHAT, 1, 0),
+        (b'data: {"id":"c","model":"gpt-4o","choices":[{"delta":{"content":"a"}}],'
+         b'"choices":[{"delta":{"content":"bcd"}}]}\n\n', FMT_OPENAI_CHAT, 3, 0),
+        # not JSON: malformed, and no text counted
+        (anthropic_delta(b'{"type":"text_delta","text":"lone \\ud800 half"}'), FMT_ANTHROPIC, 0, 1),
+        (anthropic_delta(b'{"type":"text_delta","text":"bad \xc3\x28 utf-8"}'), FMT_ANTHROPIC, 0, 1),
+        (anthropic_delta(b'{"type":"text_delta","text":"raw \t tab"}'), FMT_ANTHROPIC, 0, 1),
+        (anthropic_delta(b'{"type":"text_delta","text":"trailing comma",}'), FMT_ANTHROPIC, 0, 1),
+        (anthropic_delta(b'{"type":"text_delta","n":01,"text":"leading zero"}'), FMT_ANTHROPIC, 0, 1),
+        (responses_delta(b"response.output_text.delta", b'"surrogate in UTF-8 \xed\xa0\x80"'), FMT_OPENAI_RESPONSES,
+         0, 1),
+        (chat_delta(b'{"content":"unclosed}'), FMT_OPENAI_CHAT, 0, 1),
+    ],
+)
+def test_unusual_deltas_agree_with_the_stdlib(twin: ModuleType, stream: bytes, fmt: int, chars: int,
+                                              malformed: int) -> None:
+    if not malformed:
+        assert oracle_chars(stream, fmt) == chars
+    # a model first, so that the chat chunk under test is only walked
+    data = (chat_delta(b"{}") + stream) if fmt == FMT_OPENAI_CHAT else stream
+    got = run(twin, data, fmt)
+    assert (got["delta_chars"], got["malformed"]) == (chars, malformed)
 
 
 # -- cache write split ------------------------------------------------------------------
@@ -675,6 +939,10 @@ _TOKENS = [
     b"response.completed", b"response.created", b"response.failed", b"response.incomplete", b"[DONE]",
     b'{"type":"', b'{ "type" : "', b'"', b"{", b"}", b"\\", b'"usage":{', b'"usage": {"prompt_tokens":5}',
     b'"finish_reason":"stop"', b'\\"usage\\":{', b'"type":"fallback"', b'{"error":', b"\xff", b"\xe2\x80",
+    # the text of deltas, counted by the compiled twin without a decoder
+    b"content_block_delta", b"response.output_text.delta", b"response.audio.delta", b'"delta":{"text":"',
+    b'"delta":"', b'"choices":[{"delta":{"content":"', b'"tool_calls":[{"function":{"arguments":"', b'"}}', b'"}]}',
+    b"\\u00e9", b"\\ud83d\\ude00", b"\\ud800", b"\\n", b"\xc3\xa9", b"\xf0\x9f\x98\x80", b"\xed\xa0\x80", b"1e5", b"01",
 ]
 _STREAMS = st.lists(
     st.sampled_from(_SAMPLE_LINES).map(lambda line: line + b"\n") | st.sampled_from(_TOKENS) | st.binary(max_size=6),
@@ -696,7 +964,7 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     cap=st.sampled_from([8, 64, 1 << 20]),
 )
 def test_twins_agree_on_any_bytes_split_anywhere(data: bytes, cuts: list[int], fmt: int, sse_: bool, cap: int) -> None:
-    """Nothing but MeterError may escape (and nothing does), and both twins count alike."""
+    """Nothing but MeterError may escape (and nothing does), and both twins count alike (the estimate too)."""
     pieces = _split(data, cuts)
     kw = {"max_event_size": cap, "max_body_size": cap * 4}
     whole = result(meter_over(_sse_py, [data], fmt, sse_, **kw))
@@ -705,3 +973,115 @@ def test_twins_agree_on_any_bytes_split_anywhere(data: bytes, cuts: list[int], f
         c = import_c()
         assert result(meter_over(c, pieces, fmt, sse_, **kw)) == whole
         assert result(meter_over(c, [data], fmt, sse_, **kw)) == whole
+
+
+class _Obj(list):  # type: ignore[type-arg]
+    """A JSON object as its (key, value) members, so that a key may repeat."""
+
+
+_KEYS = st.sampled_from([
+    "type", "index", "delta", "text", "thinking", "partial_json", "signature", "choices", "content",
+    "reasoning_content", "refusal", "tool_calls", "function", "arguments", "usage", "x", "é",
+])
+_JSON_TEXT = st.text(max_size=24)  # every code point but lone surrogates
+# Numbers mostly as vendors write them; an exponent or a very long one sends
+# the compiled twin to orjson.
+_JSON_NUMBERS = st.one_of(
+    st.integers(-(10**6), 10**9), st.sampled_from([0, -1, 0.5, -1.25, 3.0, 1e-7, 2**70, -(10**19)]),
+    st.integers(-(10**6), 10**9), st.floats(allow_nan=False, allow_infinity=False),
+)
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | _JSON_NUMBERS | _JSON_TEXT,
+    lambda kids: st.lists(kids, max_size=3) | st.lists(st.tuples(_KEYS, kids), max_size=3).map(_Obj),
+    max_leaves=8,
+)
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "/": "\\/", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+@st.composite
+def _json_string(draw: st.DrawFn, s: str, key: bool = False) -> str:
+    """`s` as a JSON string, each character raw, short-escaped or \\u-escaped (astral ones as a pair).
+
+    A key is mostly spelled plainly, as vendors do (an escaped one sends the
+    compiled twin to orjson).
+    """
+    escaping = not key or draw(st.sampled_from([False] * 19 + [True]))
+    out = ['"']
+    for ch in s:
+        how = draw(st.integers(0, 9)) if escaping else 0
+        if how <= 5 and ch not in '"\\' and ord(ch) >= 0x20:
+            out.append(ch)
+        elif how <= 7 and ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
+        else:
+            units = [ord(ch)] if ord(ch) < 0x10000 else [0xD7C0 + (ord(ch) >> 10), 0xDC00 + (ord(ch) & 0x3FF)]
+            hexes = [f"{u:04x}" for u in units]
+            out.extend("\\u" + (h.upper() if draw(st.booleans()) else h) for h in hexes)
+    out.append('"')
+    return "".join(out)
+
+
+@st.composite
+def _json_text(draw: st.DrawFn, value: Any) -> str:
+    """Any JSON value, with JSON whitespace (a line feed too: data lines are joined by one) sprinkled in."""
+    def ws() -> str:
+        return draw(st.sampled_from(["", "", "", " ", "\t", "\n ", "  "]))
+
+    if isinstance(value, _Obj):
+        members = [
+            ws() + draw(_json_string(k, key=True)) + ws() + ":" + ws() + draw(_json_text(v)) + ws() for k, v in value
+        ]
+        return "{" + (",".join(members) or ws()) + "}"
+    if isinstance(value, list):
+        return "[" + (",".join(ws() + draw(_json_text(v)) + ws() for v in value) or ws()) + "]"
+    if isinstance(value, str):
+        return draw(_json_string(value))
+    return json.dumps(value)
+
+
+@st.composite
+def _delta_events(draw: st.DrawFn) -> tuple[int, str, bytes]:
+    """(format, event name, data) of a well-formed delta event with random text, members and spelling."""
+    fmt = draw(st.sampled_from([FMT_ANTHROPIC, FMT_OPENAI_RESPONSES, FMT_OPENAI_CHAT]))
+    # members around the text, mostly not ones the meter wants (a repeated wanted one goes to orjson)
+    extra_key = st.sampled_from(["id", "index", "x", "é", "logprobs"]) | _KEYS
+    extra = st.lists(st.tuples(extra_key, _JSON_VALUES), max_size=3)
+    text_member = st.tuples(_KEYS, _JSON_TEXT | _JSON_VALUES)
+    if fmt == FMT_ANTHROPIC:
+        name = "content_block_delta"
+        delta = _Obj(draw(st.permutations([*draw(extra), *draw(st.lists(text_member, min_size=1, max_size=3))])))
+        root = [("type", name), ("index", 0), ("delta", delta)]
+    elif fmt == FMT_OPENAI_RESPONSES:
+        name = draw(st.sampled_from([
+            "response.output_text.delta", "response.function_call_arguments.delta",
+            "response.reasoning_summary_text.delta", "response.audio.delta",
+        ]))
+        root = [("type", name), ("delta", draw(_JSON_TEXT | _JSON_VALUES))]
+    else:
+        name = "chunk"
+        functions = draw(st.lists(st.lists(text_member, max_size=2), max_size=2))
+        calls = [_Obj([("function", _Obj(members))]) for members in functions]
+        delta = _Obj([*draw(st.lists(text_member, max_size=3)), ("tool_calls", calls), *draw(extra)])
+        root = [("id", "c"), ("choices", [_Obj([("index", 0), ("delta", delta)])])]
+    obj = _Obj(draw(st.permutations([*root, *draw(extra)])))
+    return fmt, name, draw(_json_text(obj)).encode()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event=_delta_events(), cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=6))
+def test_delta_text_counts_as_the_stdlib_decodes_it(event: tuple[int, str, bytes], cuts: list[int]) -> None:
+    """Both twins count a delta's characters as json.loads sees them, however the JSON is spelled."""
+    fmt, name, data = event
+    want = oracle_text(fmt, name, json.loads(data))
+    lines = b"".join(b"data: " + line + b"\n" for line in data.split(b"\n"))
+    if fmt == FMT_OPENAI_CHAT:
+        # a first chunk names the model, so the one under test is only walked for its text
+        stream = b'data: {"model":"m","choices":[]}\n\n' + lines + b"\n"
+    else:
+        stream = b"event: " + name.encode() + b"\n" + lines + b"\n"
+    twins = [_sse_py] if NO_EXTENSIONS else [_sse_py, import_c()]
+    for twin in twins:
+        for pieces in ([stream], _split(stream, cuts)):
+            got = result(meter_over(twin, pieces, fmt))
+            assert (got["delta_chars"], got["malformed"]) == (want, 0), twin.__name__
+            assert got["output_tokens"] == math.ceil(want / 4)
