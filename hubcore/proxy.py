@@ -924,12 +924,16 @@ class Exchange:
             input_tokens = output_tokens = cache_write_5m = cache_write_1h = cache_read = 0
             reasoning_tokens = server_tool_requests = 0
             stop_reason = None
+            output_estimated = False
         else:
             model = meter.model or model
             input_tokens, output_tokens = meter.input_tokens, meter.output_tokens
             cache_write_5m, cache_write_1h, cache_read = meter.cache_write_5m, meter.cache_write_1h, meter.cache_read
             reasoning_tokens, server_tool_requests = meter.reasoning_tokens, meter.server_tool_requests
             stop_reason = meter.stop_reason
+            # A stream cut before its final usage: output estimated from the
+            # deltas that passed (hubcore.sse), and the row says so.
+            output_estimated = meter.output_estimated
             if meter.error_type and error_type is None:
                 error_type = meter.error_type
             if outcome == "ok" and self.sse_body and not meter.completed:
@@ -970,6 +974,7 @@ class Exchange:
             self.attempts,
             self.session_id,
             _decode(self.request.header(b"user-agent")),
+            output_estimated,
         )
         self.hub.recorder.record(event)
         self._log(now, event)
