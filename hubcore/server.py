@@ -526,6 +526,10 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.message_phase = Phase.IDLE
         self.continue_due = False
         self.head_bytes = 0
+        self._dispatch(request)
+
+    # -- running requests --------------------------------------------------
+    def _dispatch(self, request: Request) -> None:
         if not self.busy:
             self._start(request)
         else:
@@ -533,7 +537,6 @@ class HttpProtocol(asyncio.BufferedProtocol):
             self.pipeline.append(request)
             self._pause_reading()
 
-    # -- running requests --------------------------------------------------
     def _start(self, request: Request) -> None:
         self._set_phase(Phase.BUSY)
         self.busy = True
@@ -696,11 +699,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.parsing_stopped = True
         self.message_phase = Phase.IDLE
         self.head_bytes = 0
-        if not self.busy:
-            self._start(request)
-        else:
-            self.pipeline.append(request)
-            self._pause_reading()
+        self._dispatch(request)
 
     def _release_partial_body(self) -> None:
         if self.reserved:
