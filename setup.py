@@ -1,7 +1,7 @@
 """Build hubcore, with the compiled SSE meter and HTTP head handling unless
 HUBCORE_NO_EXTENSIONS=1.
 
-The pure-Python twins (hubcore/_sse_py.py, hubcore/_wire_py.py) are always installed, so a build
+The pure-Python twins (hubcore/accounting/_meter_py.py, hubcore/http/_wire_py.py) are always installed, so a build
 without a compiler, or with the variable set, still gives a working hub.
 """
 import os
@@ -15,8 +15,8 @@ if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
 
     ext_modules = cythonize(
         [
-            Extension("hubcore._sse", ["hubcore/_sse.pyx"], extra_compile_args=["-O3"]),
-            Extension("hubcore._wire", ["hubcore/_wire.pyx"], extra_compile_args=["-O3"]),
+            Extension("hubcore.accounting._meter", ["hubcore/accounting/_meter.pyx"], extra_compile_args=["-O3"]),
+            Extension("hubcore.http._wire", ["hubcore/http/_wire.pyx"], extra_compile_args=["-O3"]),
         ],
         compiler_directives={"language_level": "3"},
     )

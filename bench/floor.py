@@ -29,9 +29,9 @@ from typing import Any
 import httptools
 import uvloop
 
-from hubcore import proxy
-from hubcore.server import status_line
-from hubcore.wire import render_head
+from hubcore.gateway import exchange as proxy
+from hubcore.http.server import status_line
+from hubcore.http.wire import render_head
 
 # hubcore's own lists of what a proxy must not pass on, and its head
 # rendering and status lines; the answer's

@@ -130,10 +130,11 @@ def request_bytes(token: str, body: bytes) -> list[bytes]:
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from hubcore import config as config_mod, store, tokens as tokens_mod
+    from hubcore import config as config_mod, store
+    from hubcore.governance import tokens as tokens_mod
     from hubcore.app import App
-    from hubcore.server import HttpProtocol
-    from hubcore.upstream import ConnState, UpstreamConnection
+    from hubcore.http.server import HttpProtocol
+    from hubcore.http.client import ConnState, UpstreamConnection
 
     loop = asyncio.get_running_loop()
     # The latency-tax run's hub configuration; its upstream is never dialled
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hubcore-hotpath-") as d:
         result = uvloop.run(run(args, Path(d)))
-    from hubcore import sse
+    from hubcore.accounting import meter as sse
 
     print(f"hub request path, {args.body} body, 20-event stream; meter {sse.Meter.__module__}")
     print(f"  per request: {min(result['cpu_batches']):.1f} µs CPU on the event loop's thread in the least "

@@ -435,7 +435,9 @@ class Bench:
 
 
 def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
-    from hubcore import __version__, sse, wire
+    from hubcore import __version__
+    from hubcore.accounting import meter as sse
+    from hubcore.http import wire
 
     def run(cmd: list[str]) -> str:
         try:

@@ -13,8 +13,8 @@ import random
 import time
 from collections.abc import Callable
 
-from hubcore.limits import Limiter, Limits, Refused, ScopeLimits
-from hubcore.tokens import Principal
+from hubcore.governance.limits import Limiter, Limits, Refused, ScopeLimits
+from hubcore.governance.tokens import Principal
 
 SEED = 20260301
 TOKENS = 10_000

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import orjson
 
-from hubcore import _sse_py
+from hubcore.accounting import _meter_py as _sse_py
 
 SEED = 20260301
 # Bytes per read as a proxy sees them from a TLS upstream: a record is up to
@@ -175,7 +175,7 @@ def main() -> None:
     compiled: ModuleType | None = None
     if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
         try:
-            compiled = importlib.import_module("hubcore._sse")
+            compiled = importlib.import_module("hubcore.accounting._meter")
         except ImportError:
             compiled = None
 

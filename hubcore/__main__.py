@@ -1,3 +1,3 @@
-from hubcore.cli import main
+from hubcore.cli.main import main
 
 raise SystemExit(main())

@@ -19,18 +19,20 @@ from typing import Any
 
 import orjson
 
-from hubcore import __version__, config as config_mod, sdnotify, store
-from hubcore.accesslog import AccessLog
+from hubcore import __version__, config as config_mod, store
+
+from hubcore.ops import sdnotify
+from hubcore.ops.accesslog import AccessLog
 from hubcore.config import Config
 from hubcore.errors import ConfigError
-from hubcore.limits import Limiter, load_scope_limits
-from hubcore.metrics import HubMetrics
-from hubcore.ops import OpsServer
-from hubcore.pricing import PriceTable
-from hubcore.proxy import Hub
-from hubcore.server import Server
-from hubcore.tokens import TokenTable
-from hubcore.usage import UsageRecorder
+from hubcore.governance.limits import Limiter, load_scope_limits
+from hubcore.ops.metrics import HubMetrics
+from hubcore.ops.server import OpsServer
+from hubcore.accounting.pricing import PriceTable
+from hubcore.gateway.exchange import Hub
+from hubcore.http.server import Server
+from hubcore.governance.tokens import TokenTable
+from hubcore.accounting.usage import UsageRecorder
 
 log = logging.getLogger("hubcore")
 
@@ -375,7 +377,7 @@ def first_token(config: Config) -> tuple[str, Path] | None:
     stdout: under systemd both end in the journal, which the groups adm and
     systemd-journal read. Only its path is logged.
     """
-    from hubcore import tokens
+    from hubcore.governance import tokens
 
     path = Path(os.path.abspath(config.server.database)).parent / FIRST_TOKEN_FILE
     conn = store.connect(config.server.database)

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hubcore.errors import ConfigError
-from hubcore.keys import KeyPolicy, KeySpec
+from hubcore.routing.keys import KeyPolicy, KeySpec
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -216,7 +216,7 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         raise ConfigError(f"{source}: server.log_level: must be debug, info, warning or error")
     _parse_listen(server.listen, source)
     try:
-        from hubcore.limits import zone
+        from hubcore.governance.limits import zone
 
         zone(server.budget_timezone)
     except ValueError:

@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from hubcore import config as config_mod, store, tokens
+from hubcore import config as config_mod, store
+
+from hubcore.governance import tokens
 from hubcore.app import App
 from hubcore.config import Config
 

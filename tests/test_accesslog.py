@@ -13,8 +13,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hubcore.accesslog import AccessLog, RefusalLog
-from hubcore.usage import UsageEvent
+from hubcore.ops.accesslog import AccessLog, RefusalLog
+from hubcore.accounting.usage import UsageEvent
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor
 from tests.hubharness import HubThread, make_config

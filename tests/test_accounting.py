@@ -19,7 +19,7 @@ import openai
 import orjson
 import pytest
 
-from hubcore.pricing import PriceTable
+from hubcore.accounting.pricing import PriceTable
 from tests.conftest import upstreams_for
 from tests.fakevendor import (
     FakeVendor,

@@ -12,9 +12,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hubcore import admin, store, tokens
-from hubcore.limits import Limiter, Limits, Refused, load_scope_limits, read_limits, write_limits
-from hubcore.usage import FIELDS, INSERT_SQL, UsageEvent
+from hubcore import store
+
+from hubcore.cli import admin
+
+from hubcore.governance import tokens
+from hubcore.governance.limits import Limiter, Limits, Refused, load_scope_limits, read_limits, write_limits
+from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
 
 USD = 1_000_000
 NOW = datetime(2026, 3, 4, 10, 0, tzinfo=timezone.utc).timestamp()

@@ -19,7 +19,7 @@ from typing import Any
 import anthropic
 import pytest
 
-from hubcore.server import HttpProtocol
+from hubcore.http.server import HttpProtocol
 from tests.fakevendor import Behaviour, FakeVendor, expected_text
 from tests.hubharness import HubThread, make_config, mint
 
@@ -283,7 +283,7 @@ def test_shutdown_cuts_a_stream_sent_in_callbacks_at_the_drain_timeout(tmp_path:
 def test_a_failure_in_the_bookkeeping_closes_only_its_connection(
     tmp_path: Path, vendor: FakeVendor, tasks: TaskCount, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from hubcore import proxy
+    from hubcore.gateway import exchange as proxy
 
     with warm_hub(tmp_path, vendor) as (hub, client):
         fail_once(monkeypatch, proxy.Exchange, "_record")
@@ -305,7 +305,7 @@ def test_a_failure_while_the_answer_begins_does_not_leave_the_client_waiting(
     # A bug where the answer's head is taken up fails the upstream
     # connection after the head, before any sink reads the body: the
     # request, run in callbacks, must still end (in its task), not hang.
-    from hubcore import proxy
+    from hubcore.gateway import exchange as proxy
 
     with warm_hub(tmp_path, vendor) as (hub, client):
         fail_once(monkeypatch, proxy.Exchange, "_begin_stream")

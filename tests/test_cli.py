@@ -26,8 +26,8 @@ import orjson
 import pytest
 
 from hubcore import store
-from hubcore.pricing import PriceTable
-from hubcore.tokens import TokenTable
+from hubcore.accounting.pricing import PriceTable
+from hubcore.governance.tokens import TokenTable
 from tests.hubharness import REPO, HubThread, free_port, hubcore_cmd, wait_listening
 
 TOKEN_LINE = re.compile(r"hc-[A-Za-z0-9_-]{40,}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hubcore.deadlines import MAX_INTERVAL, MIN_INTERVAL, Sweeper, sweep_interval
+from hubcore.http.deadlines import MAX_INTERVAL, MIN_INTERVAL, Sweeper, sweep_interval
 
 
 class Member:

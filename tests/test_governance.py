@@ -13,8 +13,10 @@ import anthropic
 import orjson
 import pytest
 
-from hubcore import store, tokens
-from hubcore.limits import Limits, format_usd, write_limits
+from hubcore import store
+
+from hubcore.governance import tokens
+from hubcore.governance.limits import Limits, format_usd, write_limits
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor
 from tests.hubharness import HubThread, make_config, run_cli

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import orjson
 
-from hubcore import proxy, server, upstream
+from hubcore.gateway import exchange as proxy
+
+from hubcore.http import server
+
+from hubcore.http import client as upstream
 from hubcore.app import NEVER, CycleCollector
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from hubcore.keys import (
+from hubcore.routing.keys import (
     Failure,
     FailureKind,
     KeyPolicy,

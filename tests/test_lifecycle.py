@@ -23,7 +23,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hubcore import opsclient
+from hubcore.ops import client as opsclient
 from tests.fakevendor import OPENAI_KEY, FakeVendor
 from tests.hubharness import REPO, free_port, hubcore_cmd, mint, usage_rows, wait_listening
 

@@ -14,9 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hubcore import store, tokens
+from hubcore import store
+
+from hubcore.governance import tokens
 from hubcore.errors import ANTHROPIC, OPENAI, HubError
-from hubcore.limits import (
+from hubcore.governance.limits import (
     Admission,
     Limiter,
     Limits,
@@ -26,8 +28,8 @@ from hubcore.limits import (
     format_usd,
     parse_column,
 )
-from hubcore.tokens import Principal
-from hubcore.usage import FIELDS, INSERT_SQL, UsageEvent
+from hubcore.governance.tokens import Principal
+from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
 
 USD = 1_000_000
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from hubcore.metrics import KEY_STATES, RATE_WINDOW, Histogram, HubMetrics
+from hubcore.ops.metrics import KEY_STATES, RATE_WINDOW, Histogram, HubMetrics
 
 WEIRD_LABEL = 'team "a"\\prod\nline2'
 

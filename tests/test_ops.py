@@ -18,9 +18,9 @@ from typing import Any
 import orjson
 import pytest
 
-from hubcore import opsclient
-from hubcore.metrics import HubMetrics
-from hubcore.ops import MAX_REQUEST_BODY, MAX_REQUEST_HEAD, OpsServer
+from hubcore.ops import client as opsclient
+from hubcore.ops.metrics import HubMetrics
+from hubcore.ops.server import MAX_REQUEST_BODY, MAX_REQUEST_HEAD, OpsServer
 
 GET_STATS = b"GET /stats HTTP/1.1\r\nhost: x\r\n\r\n"
 GET_STATS_CLOSE = b"GET /stats HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
@@ -449,7 +449,7 @@ async def test_permission_denied_is_a_clear_error(server: OpsServer) -> None:
         assert info.value.exit_code == opsclient.EXIT_NOPERM
         return
     # root connects anywhere: a child drops to nobody once Python and hubcore are loaded
-    code = ("import argparse, os, sys; from hubcore import opsclient; "
+    code = ("import argparse, os, sys; from hubcore.ops import client as opsclient; "
             "os.setgroups([]); os.setgid(65534); os.setuid(65534); "
             "sys.exit(opsclient.run_stats(argparse.Namespace(socket=sys.argv[1], json=False, watch=None)))")
     proc = await asyncio.to_thread(

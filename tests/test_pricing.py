@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hubcore.pricing import Price, PricesError, PriceTable, parse_prices
+from hubcore.accounting.pricing import Price, PricesError, PriceTable, parse_prices
 
 MTOK = 1_000_000
 
@@ -182,7 +182,7 @@ def test_unknown_top_level_key_and_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_lookup_memo_is_bounded(table: PriceTable) -> None:
-    from hubcore import pricing
+    from hubcore.accounting import pricing
 
     for i in range(pricing.LOOKUP_MEMO_MAX * 2 + 3):
         table.price_for(f"made-up-model-{i}")

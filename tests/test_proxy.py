@@ -12,7 +12,9 @@ import openai
 import orjson
 import pytest
 
-from hubcore import proxy, sse
+from hubcore.gateway import exchange as proxy
+
+from hubcore.accounting import meter as sse
 from tests.conftest import upstreams_for
 from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor
 from tests.hubharness import HubThread, free_port, make_config, mint

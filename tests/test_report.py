@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from hubcore import store
-from hubcore.report import parse_time, render
-from hubcore.usage import FIELDS, INSERT_SQL, UsageEvent
+from hubcore.accounting.report import parse_time, render
+from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
 
 
 def utc(text: str) -> float:

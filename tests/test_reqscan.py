@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hubcore import _sse_py
-from hubcore.sse import session_from_user_id
+from hubcore.accounting import _meter_py as _sse_py
+from hubcore.accounting.meter import session_from_user_id
 
 SESSION = "4f8c2a6e-9b1d-4e37-a5c0-7d2e8f1b3a96"
 DEVICE = "a3" * 32
@@ -50,7 +50,7 @@ CODEX_REQUEST = (
 def twin(request: pytest.FixtureRequest) -> ModuleType:
     if request.param == "c" and os.environ.get("HUBCORE_NO_EXTENSIONS"):
         pytest.skip("HUBCORE_NO_EXTENSIONS is set")
-    return importlib.import_module("hubcore._sse" if request.param == "c" else "hubcore._sse_py")
+    return importlib.import_module("hubcore.accounting._meter" if request.param == "c" else "hubcore.accounting._meter_py")
 
 
 def expected(doc: bytes) -> tuple[Any, bool, Any, Any]:
@@ -185,7 +185,7 @@ def test_agrees_with_orjson_on_generated_documents(doc: Obj, data: st.DataObject
     assert _sse_py.scan_request(text) == want
     assert _sse_py._walk(text) == want  # the walk the pure twin keeps for invalid bodies
     if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
-        assert importlib.import_module("hubcore._sse").scan_request(text) == want
+        assert importlib.import_module("hubcore.accounting._meter").scan_request(text) == want
 
 
 JSONISH = st.lists(
@@ -205,7 +205,7 @@ def test_twins_agree_on_any_bytes(body: bytes) -> None:
     except orjson.JSONDecodeError:
         assert py == _sse_py._walk(body)
     if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
-        assert importlib.import_module("hubcore._sse").scan_request(body) == py
+        assert importlib.import_module("hubcore.accounting._meter").scan_request(body) == py
 
 
 # -- session ids -----------------------------------------------------------------

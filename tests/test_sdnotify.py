@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hubcore import sdnotify
+from hubcore.ops import sdnotify
 
 
 @pytest.fixture

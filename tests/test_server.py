@@ -356,7 +356,7 @@ def test_a_bug_in_a_request_closes_its_connection_and_the_hub_serves_on(
 ) -> None:
     # The first steps of a request run in the read that completed it, before
     # its task exists; an exception there must end as one in the task would.
-    from hubcore.proxy import Exchange
+    from hubcore.gateway.exchange import Exchange
 
     def broken(self: Exchange) -> None:
         raise RuntimeError("a bug in admission")

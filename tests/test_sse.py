@@ -23,8 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hubcore import _sse_py, sse
-from hubcore.sse import FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MeterError
+from hubcore.accounting import _meter_py as _sse_py
+
+from hubcore.accounting import meter as sse
+from hubcore.accounting.meter import FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MeterError
 
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
 FIXTURES = sorted([*FIXTURES_DIR.glob("*.txt"), *FIXTURES_DIR.glob("*.sse")])
@@ -201,7 +203,7 @@ def run(twin: ModuleType, data: bytes, fmt: int = FMT_ANTHROPIC, sse_: bool = Tr
 
 
 def import_c() -> ModuleType:
-    return importlib.import_module("hubcore._sse")
+    return importlib.import_module("hubcore.accounting._meter")
 
 
 @pytest.fixture(scope="module", params=["c", "py"])
@@ -220,17 +222,17 @@ def test_compiled_twin_loaded() -> None:
     """Fails where the build should have produced the compiled meter but it did not load."""
     want = not NO_EXTENSIONS and platform.python_implementation() == "CPython"
     assert sse.COMPILED is want
-    assert sse.Meter.__module__ == ("hubcore._sse" if want else "hubcore._sse_py")
+    assert sse.Meter.__module__ == ("hubcore.accounting._meter" if want else "hubcore.accounting._meter_py")
     assert sse.scan_request.__module__ == sse.Meter.__module__
 
 
 def test_no_extensions_selects_pure_twin() -> None:
     out = subprocess.run(
-        [sys.executable, "-c", "import hubcore.sse as s; print(s.COMPILED, s.Meter.__module__)"],
+        [sys.executable, "-c", "import hubcore.accounting.meter as s; print(s.COMPILED, s.Meter.__module__)"],
         cwd=Path(__file__).parents[1], env={**os.environ, "HUBCORE_NO_EXTENSIONS": "1"},
         capture_output=True, text=True, timeout=60, check=True,
     )
-    assert out.stdout.split() == ["False", "hubcore._sse_py"]
+    assert out.stdout.split() == ["False", "hubcore.accounting._meter_py"]
 
 
 def test_misuse_raises_meter_error(twin: ModuleType) -> None:

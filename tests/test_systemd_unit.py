@@ -204,7 +204,7 @@ MDWE_WORKLOAD = textwrap.dedent("""
         raise AssertionError("a W+X mapping was allowed: the check proves nothing")
 
     import asyncio, h11, httptools, orjson, aiosqlite, uvloop
-    for mod in ("hubcore.metrics", "hubcore.ops", "hubcore.opsclient", "hubcore.sdnotify"):
+    for mod in ("hubcore.ops.metrics", "hubcore.ops.server", "hubcore.ops.client", "hubcore.ops.sdnotify"):
         importlib.import_module(mod)
     here = os.path.dirname(importlib.import_module("hubcore").__file__)
     for so in glob.glob(os.path.join(here, "*.so")):

@@ -13,7 +13,9 @@ from types import ModuleType
 import pytest
 from hypothesis import given, strategies as st
 
-from hubcore import _wire_py, wire
+from hubcore.http import _wire_py
+
+from hubcore.http import wire
 
 NO_EXTENSIONS = bool(os.environ.get("HUBCORE_NO_EXTENSIONS"))
 
@@ -23,7 +25,7 @@ def twin(request: pytest.FixtureRequest) -> ModuleType:
     if request.param == "c":
         if NO_EXTENSIONS:
             pytest.skip("HUBCORE_NO_EXTENSIONS is set")
-        return importlib.import_module("hubcore._wire")
+        return importlib.import_module("hubcore.http._wire")
     return _wire_py
 
 
@@ -38,16 +40,16 @@ def test_compiled_twin_loaded() -> None:
     """Fails where the build should have produced the compiled twin but it did not load."""
     want = not NO_EXTENSIONS and platform.python_implementation() == "CPython"
     assert wire.COMPILED is want
-    assert wire.HeaderCollector.__module__ == ("hubcore._wire" if want else "hubcore._wire_py")
+    assert wire.HeaderCollector.__module__ == ("hubcore.http._wire" if want else "hubcore.http._wire_py")
 
 
 def test_no_extensions_selects_pure_twin() -> None:
     out = subprocess.run(
-        [sys.executable, "-c", "import hubcore.wire as w; print(w.COMPILED, w.HeaderCollector.__module__)"],
+        [sys.executable, "-c", "import hubcore.http.wire as w; print(w.COMPILED, w.HeaderCollector.__module__)"],
         cwd=Path(__file__).parents[1], env={**os.environ, "HUBCORE_NO_EXTENSIONS": "1"},
         capture_output=True, text=True, timeout=60, check=True,
     )
-    assert out.stdout.split() == ["False", "hubcore._wire_py"]
+    assert out.stdout.split() == ["False", "hubcore.http._wire_py"]
 
 
 def test_names_lower_cased_order_and_duplicates_kept(twin: ModuleType) -> None:
@@ -108,7 +110,7 @@ header_list = st.lists(st.tuples(header_name, st.binary(max_size=40)), max_size=
 
 @given(headers=header_list, drop=st.sets(header_name, max_size=5))
 def test_twins_agree(headers: list[tuple[bytes, bytes]], drop: set[bytes]) -> None:
-    twins = [_wire_py] + ([] if NO_EXTENSIONS else [importlib.import_module("hubcore._wire")])
+    twins = [_wire_py] + ([] if NO_EXTENSIONS else [importlib.import_module("hubcore.http._wire")])
     expected_render = b"S" + b"".join(n + b": " + v + b"\r\n" for n, v in headers if n not in drop) + b"T"
     for t in twins:
         assert t.render_head(b"S", headers, frozenset(drop), b"T") == expected_render

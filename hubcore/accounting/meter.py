@@ -58,7 +58,7 @@ import platform
 from typing import TYPE_CHECKING
 
 from hubcore._meter_errors import MeterError
-from hubcore._sse_py import CHARS_PER_TOKEN, estimated_tokens, session_from_user_id
+from hubcore.accounting._meter_py import CHARS_PER_TOKEN, estimated_tokens, session_from_user_id
 
 __all__ = [
     "CHARS_PER_TOKEN", "COMPILED", "FMT_ANTHROPIC", "FMT_OPENAI_CHAT", "FMT_OPENAI_RESPONSES", "MAX_BODY_SIZE",
@@ -67,13 +67,13 @@ __all__ = [
 
 COMPILED = False
 if TYPE_CHECKING:
-    from hubcore._sse_py import (
+    from hubcore.accounting._meter_py import (
         FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Meter, scan_request,
     )
 else:
     if not os.environ.get("HUBCORE_NO_EXTENSIONS") and platform.python_implementation() == "CPython":
         try:
-            from hubcore._sse import (
+            from hubcore.accounting._meter import (
                 FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Meter,
                 scan_request,
             )
@@ -82,6 +82,6 @@ else:
         except ImportError:
             pass
     if not COMPILED:
-        from hubcore._sse_py import (
+        from hubcore.accounting._meter_py import (
             FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Meter, scan_request,
         )

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from hubcore.limits import Limits, parse_column
+from hubcore.governance.limits import Limits, parse_column
 
 TOKEN_PREFIX = "hc-"
 # 32 random bytes: the token is as hard to guess as a vendor key.

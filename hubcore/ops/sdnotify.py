@@ -11,7 +11,7 @@ import os
 import socket
 import time
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hubcore.sdnotify")
 
 
 def notify(message: str) -> bool:

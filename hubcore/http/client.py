@@ -3,7 +3,7 @@ parsing with httptools, timeouts and flow control.
 
 Theory of operation: one `UpstreamConnection` (an asyncio Protocol) carries
 one request at a time. Header callbacks go to a compiled `HeaderCollector`
-(hubcore.wire). The Exchange awaits the response head (status and headers)
+(hubcore.http.wire). The Exchange awaits the response head (status and headers)
 as a future, because retry decisions are made on it; it is also called with
 the head as it is parsed (`on_head`), so that a response it will not retry
 gets its sink attached in the read that brought the head. The body then flows
@@ -34,8 +34,8 @@ from typing import cast, Protocol
 
 import httptools
 
-from hubcore.deadlines import Sweeper, sweep_interval
-from hubcore.wire import NO_CALLBACKS, HeaderCollector
+from hubcore.http.deadlines import Sweeper, sweep_interval
+from hubcore.http.wire import NO_CALLBACKS, HeaderCollector
 
 log = logging.getLogger("hubcore.upstream")
 

@@ -24,7 +24,7 @@ import orjson
 
 from hubcore import store
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hubcore.usage")
 
 OUTCOMES = ("ok", "client_aborted", "upstream_error", "upstream_aborted", "refused")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 PRICE_FIELDS = ("input", "cache_write_5m", "cache_write_1h", "cache_read", "output")
-BUILTIN_SOURCE = "hubcore/prices.toml (built-in)"
+BUILTIN_SOURCE = "hubcore/accounting/prices.toml (built-in)"
 
 MICROS_PER_USD = 1_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per million tokens
@@ -80,7 +80,7 @@ class PriceTable:
     @classmethod
     def load(cls, operator_file: Path | None = None) -> PriceTable:
         """The built-in prices, then the operator's file overriding and extending them."""
-        builtin = importlib.resources.files("hubcore").joinpath("prices.toml").read_text("utf-8")
+        builtin = importlib.resources.files("hubcore.accounting").joinpath("prices.toml").read_text("utf-8")
         entries = parse_prices(builtin, BUILTIN_SOURCE)
         if operator_file is not None:
             try:

@@ -1,7 +1,7 @@
-"""Pure-Python twin of the streaming meter (`_sse.pyx`): same names, same numbers.
+"""Pure-Python twin of the streaming meter (`_meter.pyx`): same names, same numbers.
 
 It owns the reference semantics; the compiled twin mirrors it method for method.
-Conventions are documented in `hubcore/sse.py`.
+Conventions are documented in `hubcore/accounting/meter.py`.
 """
 
 from __future__ import annotations

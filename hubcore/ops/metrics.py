@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from hubcore.keys import KeyState
+from hubcore.routing.keys import KeyState
 
 # Upper bounds in seconds. A model's first token takes from a few hundred ms
 # to tens of seconds (long prompts, extended thinking); a whole stream can run

@@ -22,9 +22,9 @@ from typing import Any
 
 import orjson
 
-from hubcore import limits as limits_mod
-from hubcore import tokens
-from hubcore.limits import WINDOWS, BudgetLine, Limits, format_time, format_usd
+from hubcore.governance import limits as limits_mod
+from hubcore.governance import tokens
+from hubcore.governance.limits import WINDOWS, BudgetLine, Limits, format_time, format_usd
 
 
 class _Clear:

@@ -15,16 +15,16 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from hubcore import sse
-from hubcore.accesslog import AccessLog
+from hubcore.accounting import meter as sse
+from hubcore.ops.accesslog import AccessLog
 from hubcore.config import Config, UpstreamConfig
-from hubcore.deadlines import sweep_interval
+from hubcore.http.deadlines import sweep_interval
 from hubcore.errors import ANTHROPIC, OPENAI, HubError, MeterError, error_body
-from hubcore.keys import Failure, FailureKind, KeyRing, Lease, classify, retryable
-from hubcore.probe import Prober, failure_for
-from hubcore.server import HttpProtocol, Request, flavour_for_path, status_line
-from hubcore.tokens import Principal, TokenTable
-from hubcore.upstream import (
+from hubcore.routing.keys import Failure, FailureKind, KeyRing, Lease, classify, retryable
+from hubcore.gateway.probe import Prober, failure_for
+from hubcore.http.server import HttpProtocol, Request, flavour_for_path, status_line
+from hubcore.governance.tokens import Principal, TokenTable
+from hubcore.http.client import (
     ConnectFailed,
     Pool,
     ResponseHead,
@@ -33,8 +33,8 @@ from hubcore.upstream import (
     UpstreamTimeout,
     client_ssl_context,
 )
-from hubcore.usage import UsageEvent
-from hubcore.wire import HeaderCollector, render_head
+from hubcore.accounting.usage import UsageEvent
+from hubcore.http.wire import HeaderCollector, render_head
 
 log = logging.getLogger("hubcore.proxy")
 access_log = logging.getLogger("hubcore.access")
@@ -932,7 +932,7 @@ class Exchange:
             reasoning_tokens, server_tool_requests = meter.reasoning_tokens, meter.server_tool_requests
             stop_reason = meter.stop_reason
             # A stream cut before its final usage: output estimated from the
-            # deltas that passed (hubcore.sse), and the row says so.
+            # deltas that passed (hubcore.accounting.meter), and the row says so.
             output_estimated = meter.output_estimated
             if meter.error_type and error_type is None:
                 error_type = meter.error_type

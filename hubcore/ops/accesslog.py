@@ -19,7 +19,7 @@ from typing import TextIO
 
 import orjson
 
-from hubcore.usage import UsageEvent
+from hubcore.accounting.usage import UsageEvent
 
 # Seconds a line may wait in the buffer; short enough for `journalctl -f`.
 FLUSH_INTERVAL = 0.2

@@ -12,8 +12,8 @@ import logging
 from typing import Protocol
 
 from hubcore.config import UpstreamConfig
-from hubcore.keys import Failure, FailureKind, KeyRing, Lease, classify
-from hubcore.upstream import Pool, UpstreamError, UpstreamTimeout
+from hubcore.routing.keys import Failure, FailureKind, KeyRing, Lease, classify
+from hubcore.http.client import Pool, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("hubcore.probe")
 

@@ -23,7 +23,7 @@ import orjson
 from hubcore._meter_errors import MeterError
 # What is not per byte lives once, in the pure twin: the estimate, and the
 # text of the few deltas the walk below leaves to orjson.
-from hubcore._sse_py import _anthropic_text, _chat_text, _responses_text, estimated_tokens
+from hubcore.accounting._meter_py import _anthropic_text, _chat_text, _responses_text, estimated_tokens
 
 FMT_ANTHROPIC = 1  # Anthropic Messages (/v1/messages)
 FMT_OPENAI_RESPONSES = 2  # OpenAI Responses (/v1/responses)

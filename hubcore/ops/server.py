@@ -22,9 +22,9 @@ from urllib.parse import unquote
 import h11
 import orjson
 
-from hubcore.metrics import PROMETHEUS_CONTENT_TYPE
+from hubcore.ops.metrics import PROMETHEUS_CONTENT_TYPE
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hubcore.ops")
 
 # The ops API has no request bodies worth the name and a handful of short
 # paths: a few KiB of head is generous, and anything larger is an error.

@@ -45,7 +45,8 @@ def _with_db(args: argparse.Namespace, run: Any, tz: bool = False) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hubcore import admin, opsclient
+    from hubcore.cli import admin
+    from hubcore.ops import client as opsclient
 
     parser = argparse.ArgumentParser(prog="hubcore", description="A gateway between AI coding clients and vendor APIs.")
     parser.add_argument("--version", action="version", version=f"hubcore {__version__}")
@@ -183,7 +184,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from hubcore import admin
+    from hubcore.cli import admin
 
     conn = _open_db(args)
     try:
@@ -202,7 +203,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def cmd_token_list(args: argparse.Namespace) -> int:
     import time
 
-    from hubcore import tokens
+    from hubcore.governance import tokens
 
     conn = _open_db(args)
     try:
@@ -227,7 +228,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from hubcore import tokens
+    from hubcore.governance import tokens
 
     conn = _open_db(args)
     try:
@@ -242,7 +243,8 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from hubcore import admin, report
+    from hubcore.cli import admin
+    from hubcore.accounting import report
 
     if args.budgets:
         return _with_db(args, admin.run_budgets, tz=True)

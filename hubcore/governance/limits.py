@@ -43,10 +43,10 @@ import orjson
 from hubcore.errors import HubError
 
 if TYPE_CHECKING:
-    from hubcore.tokens import Principal
-    from hubcore.usage import UsageEvent
+    from hubcore.governance.tokens import Principal
+    from hubcore.accounting.usage import UsageEvent
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hubcore.limits")
 
 WINDOWS = ("5h", "day", "week", "month", "total")
 SCOPE_KINDS = ("token", "user", "project")

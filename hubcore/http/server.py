@@ -32,9 +32,9 @@ from typing import cast, Any, Protocol
 import httptools
 
 from hubcore.config import ServerConfig
-from hubcore.deadlines import Sweeper, sweep_interval
+from hubcore.http.deadlines import Sweeper, sweep_interval
 from hubcore.errors import ANTHROPIC, OPENAI, error_body
-from hubcore.wire import NO_CALLBACKS, HeaderCollector
+from hubcore.http.wire import NO_CALLBACKS, HeaderCollector
 
 log = logging.getLogger("hubcore.server")
 
@@ -277,7 +277,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         # The request being answered, whose body budget is released when done.
         self.current: Request | None = None
         # httptools calls on_header for every header: that callback is
-        # compiled (hubcore.wire), the per-message ones stay here.
+        # compiled (hubcore.http.wire), the per-message ones stay here.
         self.collector = HeaderCollector()
         self.parser = httptools.HttpRequestParser(
             SimpleNamespace(

@@ -1,0 +1,5 @@
+"""The hubcore command line."""
+
+from hubcore.cli.main import main
+
+__all__ = ["main"]

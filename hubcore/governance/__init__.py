@@ -1,0 +1,1 @@
+"""Who may do what: hub tokens, limits and budgets."""

@@ -1,0 +1,1 @@
+"""Operating the hub: the ops socket and its client, metrics, the access log, systemd notification."""

@@ -1,0 +1,1 @@
+"""Sans-IO choice of key and upstream: the key ring and its failure rules."""
