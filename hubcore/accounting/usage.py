@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import functools
 import logging
 import os
@@ -26,7 +27,17 @@ from hubcore import store
 
 log = logging.getLogger("hubcore.usage")
 
-OUTCOMES = ("ok", "client_aborted", "upstream_error", "upstream_aborted", "refused")
+class Outcome(enum.StrEnum):
+    """How a request ended, as its usage row says (a str: stored as is)."""
+
+    OK = "ok"
+    CLIENT_ABORTED = "client_aborted"      # the client left before the answer was complete
+    UPSTREAM_ERROR = "upstream_error"      # no answer from the vendor, or its error, before any byte
+    UPSTREAM_ABORTED = "upstream_aborted"  # the answer broke off after bytes reached the client
+    REFUSED = "refused"                    # the hub refused it (token, limits, route)
+
+
+OUTCOMES = tuple(Outcome)
 
 
 @dataclass(slots=True)
@@ -37,7 +48,7 @@ class UsageEvent:
     request_id: str                # also sent to the client as x-hubcore-request-id
     endpoint: str                  # route path without query, e.g. "/v1/messages"
     status: int                    # HTTP status the client received
-    outcome: str                   # one of OUTCOMES
+    outcome: str                   # an Outcome
     total_ms: float
     token_id: int | None = None
     user: str | None = None
