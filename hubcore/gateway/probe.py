@@ -12,8 +12,9 @@ import logging
 from typing import Protocol
 
 from hubcore.config import UpstreamConfig
-from hubcore.routing.keys import Failure, FailureKind, KeyRing, Lease, classify
-from hubcore.http.client import Pool, UpstreamError, UpstreamTimeout
+from hubcore.http.client import Pool, UpstreamError
+from hubcore.routing.failures import CLIENT_ABORTED, CONNECT_FAILED, Failure, classify, transport_failure
+from hubcore.routing.keys import KeyRing, Lease
 
 log = logging.getLogger("hubcore.probe")
 
@@ -21,12 +22,12 @@ log = logging.getLogger("hubcore.probe")
 BODY_LIMIT = 64 * 1024
 # The API version the probe asks for (any version lists the models).
 ANTHROPIC_VERSION = b"2023-06-01"
-NO_VERDICT = Failure(FailureKind.CLIENT_ABORTED)
-PROBE_BROKE = Failure(FailureKind.CONNECT_FAILED)
+NO_VERDICT = CLIENT_ABORTED
+PROBE_BROKE = CONNECT_FAILED
 
 
 class Upstream(Protocol):
-    """What a probe needs of an upstream (proxy.UpstreamRuntime)."""
+    """What a probe needs of an upstream (gateway.upstreams.UpstreamRuntime)."""
 
     config: UpstreamConfig
     pool: Pool
@@ -54,13 +55,13 @@ async def probe(upstream: Upstream, secret: str) -> Failure | None:
     try:
         conn = await upstream.pool.connect()
     except UpstreamError as e:
-        return failure_for(e)
+        return transport_failure(e)
     try:
         head = await conn.send(probe_head(upstream, secret), [], timeout, timeout)
         await conn.read_body(BODY_LIMIT)
     except UpstreamError as e:
         conn.close()
-        return failure_for(e)
+        return transport_failure(e)
     except BaseException:
         conn.close()
         raise
@@ -68,11 +69,9 @@ async def probe(upstream: Upstream, secret: str) -> Failure | None:
     return classify(head.status, head.headers)
 
 
-def failure_for(exc: UpstreamError) -> Failure:
-    """What a failed exchange with the vendor, before any response byte
-    reached a client, says against the key (the proxy's attempts and the
-    probes alike)."""
-    return Failure(FailureKind.TIMEOUT if isinstance(exc, UpstreamTimeout) else FailureKind.CONNECT_FAILED)
+# The Exchange's name for routing.failures.transport_failure, until it
+# imports that itself.
+failure_for = transport_failure
 
 
 class Prober:

@@ -1,22 +1,32 @@
 """The vendor key ring: which key a request goes out on, and what each key's
 answers say about its health (cooling after 429s, circuit breaker, dead keys),
 with session affinity so prompt caches survive. Sans-IO except the two waits;
-the hub's probes of open circuits are sent by hubcore.probe.
+what an answer says is classified by hubcore.routing.failures, and the hub's
+probes of open circuits are sent by hubcore.gateway.probe.
 """
 from __future__ import annotations
 
 import asyncio
-import calendar
-import email.utils
 import enum
 import math
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
+
+# Failure and its classifiers are re-exported here until every caller imports
+# them from hubcore.routing.failures.
+from hubcore.routing.failures import (
+    CIRCUIT_KINDS,
+    UNREACHED_KINDS,
+    Failure,
+    FailureKind,
+    classify,
+    parse_rfc3339,
+    retryable,
+)
 
 __all__ = [
     "Failure",
@@ -104,196 +114,6 @@ class KeyState(enum.Enum):
     DISABLED = "disabled"  # by an operator
 
 
-class FailureKind(enum.Enum):
-    RATE_LIMITED = "rate_limited"  # 429
-    SERVER_ERROR = "server_error"  # 5xx other than 529
-    OVERLOADED = "overloaded"  # 529
-    CONNECT_FAILED = "connect_failed"
-    TIMEOUT = "timeout"
-    AUTH_FAILED = "auth_failed"  # 401/403: the key, not the request, is refused
-    # 408, 409, or a 4xx the vendor marks `x-should-retry: true`: worth another
-    # try, but says nothing against the key.
-    TRANSIENT = "transient"
-    CLIENT_ABORTED = "client_aborted"  # the client left; no verdict on the key
-    # The upstream connection broke or stalled after the client got bytes:
-    # the one failure a retry cannot hide from the user.
-    STREAM_BROKEN = "stream_broken"
-
-
-# Failures that count towards a key's circuit breaker.
-_CIRCUIT_KINDS = frozenset(
-    {
-        FailureKind.SERVER_ERROR,
-        FailureKind.OVERLOADED,
-        FailureKind.CONNECT_FAILED,
-        FailureKind.TIMEOUT,
-        FailureKind.STREAM_BROKEN,
-    }
-)
-# Circuit failures that say the vendor could not be reached at all, which the
-# hub's probe tests as well as a user's request would: the short pauses.
-_UNREACHED_KINDS = frozenset({FailureKind.CONNECT_FAILED, FailureKind.TIMEOUT})
-_RETRYABLE_KINDS = _CIRCUIT_KINDS | {FailureKind.RATE_LIMITED, FailureKind.AUTH_FAILED, FailureKind.TRANSIENT}
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """What went wrong with one attempt on one key."""
-
-    kind: FailureKind
-    status: int | None = None
-    # RATE_LIMITED: seconds the key should rest, from the response headers;
-    # None means the policy's cooldown_default.
-    cooldown: float | None = None
-    # The vendor's `x-should-retry`, when it sent one.
-    should_retry: bool | None = None
-
-    def describe(self) -> str:
-        """Short text for stats (never holds a secret or a response body)."""
-        text = self.kind.value.replace("_", " ")
-        return text if self.status is None else f"{self.status} {text}"
-
-
-def retryable(failure: Failure) -> bool:
-    """Whether the request may go out again on another key.
-
-    The vendor's `x-should-retry` decides first, except for 401/403: those
-    speak of the credential, and the next attempt carries another one (a
-    client holding a valid hub token must not see a vendor 401 while other
-    keys work). Otherwise what the SDKs retry (408, 409, 429, >= 500,
-    connection errors) is retried; CLIENT_ABORTED never is.
-    """
-    if failure.kind is FailureKind.AUTH_FAILED:
-        return True
-    if failure.should_retry is not None:
-        return failure.should_retry
-    return failure.kind in _RETRYABLE_KINDS
-
-
-def classify(status: int, headers: Iterable[tuple[bytes, bytes]], wall_now: float | None = None) -> Failure | None:
-    """Turn an upstream response head into a Failure, or None when it says
-    nothing against the key and should reach the client as it is (2xx, 3xx,
-    and 4xx about the request itself). `wall_now` (unix time) is the clock
-    that RFC 3339 reset times are measured against; default: now.
-    """
-    if status < 400:
-        return None
-    should_retry: bool | None = None
-    wanted: dict[str, str] = {}
-    for raw_name, raw_value in headers:
-        name = raw_name.lower()
-        if name == b"x-should-retry":
-            value = raw_value.strip().lower()
-            should_retry = True if value == b"true" else False if value == b"false" else None
-        elif status == 429 and (
-            name in (b"retry-after", b"retry-after-ms")
-            or name.startswith(b"anthropic-ratelimit-")
-            or name.startswith(b"x-ratelimit-")
-        ):
-            wanted[name.decode("latin-1")] = raw_value.decode("latin-1").strip()
-    if status == 429:
-        cooldown = _rate_limit_cooldown(wanted, time.time() if wall_now is None else wall_now)
-        return Failure(FailureKind.RATE_LIMITED, status, cooldown, should_retry)
-    if status in (401, 403):
-        return Failure(FailureKind.AUTH_FAILED, status, should_retry=should_retry)
-    if status == 529:
-        return Failure(FailureKind.OVERLOADED, status, should_retry=should_retry)
-    if status >= 500:
-        return Failure(FailureKind.SERVER_ERROR, status, should_retry=should_retry)
-    if status in (408, 409) or should_retry:
-        return Failure(FailureKind.TRANSIENT, status, should_retry=should_retry)
-    return None
-
-
-def _rate_limit_cooldown(headers: dict[str, str], wall_now: float) -> float | None:
-    """Seconds to rest after a 429: `retry-after-ms`, else `retry-after`, else
-    the earliest reset among the exhausted limits (remaining == 0), else None.
-
-    Earliest, not latest: the vendors' limits are token buckets and `reset` is
-    when a bucket is full again; capacity trickles back long before, so the
-    latest full refill would rest the key far longer than needed.
-    """
-    seconds = _number(headers.get("retry-after-ms"))
-    if seconds is not None:
-        return seconds / 1000.0
-    retry_after = headers.get("retry-after")
-    if retry_after is not None:
-        seconds = _number(retry_after)
-        if seconds is not None:
-            return seconds
-        when = _http_date(retry_after)
-        if when is not None:
-            return max(0.0, when - wall_now)
-    earliest: float | None = None
-    for name, value in headers.items():
-        delay: float | None = None
-        if name.startswith("anthropic-ratelimit-") and name.endswith("-remaining") and value == "0":
-            reset = headers.get(name[: -len("remaining")] + "reset")
-            when = parse_rfc3339(reset) if reset is not None else None
-            delay = None if when is None else max(0.0, when - wall_now)
-        elif name.startswith("x-ratelimit-remaining-") and value == "0":
-            # OpenAI: x-ratelimit-reset-<limit> is a duration such as "6m0s".
-            reset = headers.get("x-ratelimit-reset-" + name[len("x-ratelimit-remaining-") :])
-            delay = _duration(reset) if reset is not None else None
-        if delay is not None and (earliest is None or delay < earliest):
-            earliest = delay
-    return earliest
-
-
-def _number(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
-
-
-def _http_date(text: str) -> float | None:
-    try:
-        return email.utils.parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
-)
-
-
-def parse_rfc3339(text: str) -> float | None:
-    """Unix time of an RFC 3339 timestamp (any number of fractional digits,
-    `Z` or a numeric offset); None when it is not one."""
-    m = _RFC3339.fullmatch(text.strip())
-    if m is None:
-        return None
-    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
-    if not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]):
-        return None
-    # Second 60 is a leap second: RFC 3339 allows it, timegm counts it as :00 of the next minute.
-    if hour > 23 or minute > 59 or second > 60:
-        return None
-    value = float(calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)))
-    if m.group(7):
-        value += float("0." + m.group(7))
-    if m.group(9):
-        offset = int(m.group(10)) * 3600 + int(m.group(11)) * 60
-        value -= offset if m.group(9) == "+" else -offset
-    return value
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
-_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
-
-def _duration(text: str) -> float | None:
-    if not _DURATION.fullmatch(text):
-        return None
-    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
-
-
 # ---------------------------------------------------------------------------
 # Theory of operation: one key's state machine.
 #
@@ -308,9 +128,9 @@ def _duration(text: str) -> float | None:
 #     and the probe lease's release decides, as above;
 #   - the operator and reloads: DISABLE / ENABLE / RELOADED.
 # Users' requests go to HEALTHY keys only. An open circuit closes only on the
-# answer of the hub's own probe (a cheap request, see hubcore.probe): a user's
-# request that probed a broken key failed in front of that user, mid-stream
-# where no retry could hide it. While the circuit is OPEN, HALF_OPEN or
+# answer of the hub's own probe (a cheap request, see hubcore.gateway.probe):
+# a user's request that probed a broken key failed in front of that user,
+# mid-stream where no retry could hide it. While the circuit is OPEN, HALF_OPEN or
 # PROBING, answers to requests that were sent before it opened are STALE: they
 # change counters, not the state. Rate-limit news and a refused key are never
 # stale.
@@ -418,12 +238,8 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
 }
 
 _OUTCOME_EVENTS = {
+    **{kind: _E.FAULT for kind in CIRCUIT_KINDS},
     FailureKind.RATE_LIMITED: _E.LIMITED,
-    FailureKind.SERVER_ERROR: _E.FAULT,
-    FailureKind.OVERLOADED: _E.FAULT,
-    FailureKind.CONNECT_FAILED: _E.FAULT,
-    FailureKind.TIMEOUT: _E.FAULT,
-    FailureKind.STREAM_BROKEN: _E.FAULT,
     FailureKind.AUTH_FAILED: _E.REJECTED,
     FailureKind.TRANSIENT: _E.ANSWERED,
     FailureKind.CLIENT_ABORTED: _E.ABORTED,
@@ -767,7 +583,7 @@ class KeyRing:
         user's success): the policy's first pause for the kind of failure,
         else twice the last, within that kind's bounds."""
         policy = self.policy
-        if failure is not None and failure.kind in _UNREACHED_KINDS:
+        if failure is not None and failure.kind in UNREACHED_KINDS:
             first, most = policy.circuit_probe_pause, policy.circuit_probe_pause_max
         else:
             first, most = policy.circuit_pause, policy.circuit_pause_max
