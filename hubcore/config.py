@@ -154,12 +154,6 @@ class Config:
     def spool_path(self) -> str:
         return self.server.spool or self.server.database + ".spool"
 
-    def upstream_for(self, kind: str) -> UpstreamConfig | None:
-        for upstream in self.upstreams:
-            if upstream.kind == kind:
-                return upstream
-        return None
-
 
 def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
     """The config from `path`, else $HUBCORE_CONFIG, else the built-in defaults."""

@@ -301,9 +301,6 @@ class UsageRecorder:
         """Call `listener(event)` synchronously in every `record()`; keep it cheap."""
         self._listeners.append(listener)
 
-    def remove_listener(self, listener: Listener) -> None:
-        self._listeners.remove(listener)
-
     async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Write or spool everything queued, stop the writer, close the database.
 

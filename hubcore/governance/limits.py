@@ -24,7 +24,6 @@ token reload interval.
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import logging
 import math
@@ -118,15 +117,6 @@ class Limits:
     def budget(self, window: str) -> int | None:
         value: int | None = getattr(self, "budget_" + window)
         return value
-
-    def with_budget(self, window: str, micros: int | None) -> Limits:
-        if window not in WINDOWS:
-            raise ValueError(f"unknown budget window {window!r}; choose one of {', '.join(WINDOWS)}")
-        changes: dict[str, Any] = {"budget_" + window: micros}
-        return dataclasses.replace(self, **changes)
-
-    def allows_model(self, model: str) -> bool:
-        return self.model_re is None or self.model_re.match(model) is not None
 
     @property
     def empty(self) -> bool:

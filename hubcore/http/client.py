@@ -427,8 +427,6 @@ class Pool:
             loop, sweep_every if sweep_every is not None else sweep_interval(idle_timeout),
             lambda: itertools.chain(self.idle, self.active),
         )
-        self.connects = 0
-        self.reuses = 0
 
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection that is still usable, or None."""
@@ -438,7 +436,6 @@ class Pool:
             if conn.state is ConnState.IDLE and conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 self.active.add(conn)
-                self.reuses += 1
                 return conn
         return None
 
@@ -463,7 +460,6 @@ class Pool:
             conn.close()
             raise ConnectFailed(f"connect to {self.host}:{self.port} failed: {e.strerror or e}") from e
         conn.state = ConnState.DONE
-        self.connects += 1
         self.active.add(conn)
         self.sweeper.start()
         return conn

@@ -368,16 +368,6 @@ def set_key_enabled(socket_path: str, label: str, enabled: bool, *, as_json: boo
     return EXIT_OK
 
 
-def run_key_enable(args: argparse.Namespace, *, default_socket: str | None = None) -> int:
-    return set_key_enabled(resolve_socket(args.socket, default_socket), args.label, True,
-                           as_json=getattr(args, "json", False))
-
-
-def run_key_disable(args: argparse.Namespace, *, default_socket: str | None = None) -> int:
-    return set_key_enabled(resolve_socket(args.socket, default_socket), args.label, False,
-                           as_json=getattr(args, "json", False))
-
-
 def run_reload(args: argparse.Namespace, *, default_socket: str | None = None) -> int:
     """`hubcore reload`: the same as SIGHUP, but answers whether it worked."""
     path = resolve_socket(args.socket, default_socket)
