@@ -230,6 +230,7 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         raise ConfigError(f"{source}: upstream: must be an array of tables ([[upstream]])")
     upstreams = []
     names = set()
+    by_kind: dict[str, str] = {}
     for i, raw in enumerate(raw_upstreams):
         where = f"upstream[{i}]"
         if not isinstance(raw, dict):
@@ -238,6 +239,14 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         if upstream.name in names:
             raise ConfigError(f"{source}: {where}.name: duplicate upstream name {upstream.name!r}")
         names.add(upstream.name)
+        # The hub routes a request by its kind to one upstream; a second one
+        # would never be used, so it is refused rather than ignored.
+        first = by_kind.setdefault(upstream.kind, upstream.name)
+        if first != upstream.name:
+            raise ConfigError(
+                f"{source}: {where} ({upstream.name!r}): a second upstream of kind {upstream.kind!r} "
+                f"after {first!r}; several upstreams of one kind are not supported yet"
+            )
         upstreams.append(upstream)
     return Config(server=server, upstreams=tuple(upstreams), source=source)
 
