@@ -7,6 +7,7 @@ is raised before anything listens.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -14,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from hubcore.errors import ConfigError
-from hubcore.routing.keys import KeyPolicy, KeySpec
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -94,6 +95,68 @@ class ServerConfig:
     # pause the hub (tens of ms with 1,000 streams open); 0 leaves them to
     # CPython, which runs them as the heap grows (see app.CycleCollector).
     gc_full_interval: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """One vendor key as configured. The secret never appears in a repr."""
+
+    secret: str = field(repr=False)
+    label: str
+    weight: int = 1
+    # Lower is better: keys of tier 1 are used only while no key of tier 0 is.
+    priority: int = 0
+    # Prompt caches live per workspace; rate limits per organisation.
+    workspace: str | None = None
+    org: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """How the ring reacts to failures and how long sessions stay sticky."""
+
+    # Seconds a key rests after a 429 that says nothing of when to come back.
+    cooldown_default: float = 10.0
+    # Consecutive failures (5xx, 529, connect failure, timeout, a stream that
+    # broke or carried an error event) that open the circuit.
+    circuit_threshold: int = 5
+    # Seconds the circuit stays open after the vendor answered with failures
+    # (5xx, 529, broken streams) before the hub probes the key; doubled after
+    # each failed probe and each relapse, up to circuit_pause_max.
+    circuit_pause: float = 5.0
+    circuit_pause_max: float = 60.0
+    # The same after failures to reach the vendor at all (connect failures,
+    # timeouts): the probe is as good a test of those as a user's request, so
+    # it goes out soon. 1 s at most: recovery from an outage within about a
+    # second of the vendor's return (it took 16.8 s when every key waited
+    # circuit_pause for a user's request to probe it).
+    circuit_probe_pause: float = 0.5
+    circuit_probe_pause_max: float = 1.0
+    # A session keeps its key this long after its last request (seconds); the
+    # table holds at most this many sessions, least recently used dropped first.
+    affinity_ttl: float = 3600.0
+    affinity_max_sessions: int = 100_000
+    # A 429 on one key of an organisation also cools the org's other keys: they
+    # share its rate limit. Off by default because workspaces may carry their
+    # own, lower limits, and then a sibling key still has capacity.
+    cool_whole_org: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "cooldown_default", "circuit_pause", "circuit_pause_max",
+            "circuit_probe_pause", "circuit_probe_pause_max", "affinity_ttl",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+        if self.circuit_threshold < 1:
+            raise ValueError(f"circuit_threshold: must be at least 1, got {self.circuit_threshold!r}")
+        if self.circuit_pause_max < self.circuit_pause:
+            raise ValueError("circuit_pause_max: must not be less than circuit_pause")
+        if self.circuit_probe_pause_max < self.circuit_probe_pause:
+            raise ValueError("circuit_probe_pause_max: must not be less than circuit_probe_pause")
+        if self.affinity_max_sessions < 0:
+            raise ValueError(f"affinity_max_sessions: must be >= 0, got {self.affinity_max_sessions!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,8 +273,6 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         raise ConfigError(f"{source}: server.log_level: must be debug, info, warning or error")
     _parse_listen(server.listen, source)
     try:
-        from hubcore.governance.limits import zone
-
         zone(server.budget_timezone)
     except ValueError:
         raise ConfigError(f"{source}: server.budget_timezone: unknown time zone {server.budget_timezone!r}") from None
@@ -249,6 +310,14 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
             )
         upstreams.append(upstream)
     return Config(server=server, upstreams=tuple(upstreams), source=source)
+
+
+def zone(tz: str) -> ZoneInfo:
+    """The IANA time zone `tz`; ValueError naming it when it does not exist."""
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError(f"unknown timezone {tz!r} (use an IANA name such as 'UTC' or 'Europe/Berlin')") from e
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

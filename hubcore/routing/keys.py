@@ -13,8 +13,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
 from typing import Any
+
+# The key settings are configuration values; re-exported for the ring's callers.
+from hubcore.config import KeyPolicy, KeySpec
 
 # Failure and its classifiers are re-exported here until every caller imports
 # them from hubcore.routing.failures.
@@ -40,68 +42,6 @@ __all__ = [
     "parse_rfc3339",
     "retryable",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class KeySpec:
-    """One vendor key as configured. The secret never appears in a repr."""
-
-    secret: str = field(repr=False)
-    label: str
-    weight: int = 1
-    # Lower is better: keys of tier 1 are used only while no key of tier 0 is.
-    priority: int = 0
-    # Prompt caches live per workspace; rate limits per organisation.
-    workspace: str | None = None
-    org: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPolicy:
-    """How the ring reacts to failures and how long sessions stay sticky."""
-
-    # Seconds a key rests after a 429 that says nothing of when to come back.
-    cooldown_default: float = 10.0
-    # Consecutive failures (5xx, 529, connect failure, timeout, a stream that
-    # broke or carried an error event) that open the circuit.
-    circuit_threshold: int = 5
-    # Seconds the circuit stays open after the vendor answered with failures
-    # (5xx, 529, broken streams) before the hub probes the key; doubled after
-    # each failed probe and each relapse, up to circuit_pause_max.
-    circuit_pause: float = 5.0
-    circuit_pause_max: float = 60.0
-    # The same after failures to reach the vendor at all (connect failures,
-    # timeouts): the probe is as good a test of those as a user's request, so
-    # it goes out soon. 1 s at most: recovery from an outage within about a
-    # second of the vendor's return (it took 16.8 s when every key waited
-    # circuit_pause for a user's request to probe it).
-    circuit_probe_pause: float = 0.5
-    circuit_probe_pause_max: float = 1.0
-    # A session keeps its key this long after its last request (seconds); the
-    # table holds at most this many sessions, least recently used dropped first.
-    affinity_ttl: float = 3600.0
-    affinity_max_sessions: int = 100_000
-    # A 429 on one key of an organisation also cools the org's other keys: they
-    # share its rate limit. Off by default because workspaces may carry their
-    # own, lower limits, and then a sibling key still has capacity.
-    cool_whole_org: bool = False
-
-    def __post_init__(self) -> None:
-        for name in (
-            "cooldown_default", "circuit_pause", "circuit_pause_max",
-            "circuit_probe_pause", "circuit_probe_pause_max", "affinity_ttl",
-        ):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
-        if self.circuit_threshold < 1:
-            raise ValueError(f"circuit_threshold: must be at least 1, got {self.circuit_threshold!r}")
-        if self.circuit_pause_max < self.circuit_pause:
-            raise ValueError("circuit_pause_max: must not be less than circuit_pause")
-        if self.circuit_probe_pause_max < self.circuit_probe_pause:
-            raise ValueError("circuit_probe_pause_max: must not be less than circuit_probe_pause")
-        if self.affinity_max_sessions < 0:
-            raise ValueError(f"affinity_max_sessions: must be >= 0, got {self.affinity_max_sessions!r}")
 
 
 class KeyState(enum.Enum):
