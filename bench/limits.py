@@ -13,7 +13,9 @@ import random
 import time
 from collections.abc import Callable
 
-from hubcore.governance.limits import Limiter, Limits, Refused, ScopeLimits
+from hubcore.governance.limiter import Limiter, Refused
+from hubcore.governance.limits import Limits
+from hubcore.governance.storage import ScopeLimits
 from hubcore.governance.tokens import Principal
 
 SEED = 20260301

@@ -25,7 +25,8 @@ from hubcore.ops import sdnotify
 from hubcore.ops.accesslog import AccessLog
 from hubcore.config import Config
 from hubcore.errors import ConfigError
-from hubcore.governance.limits import Limiter, load_scope_limits
+from hubcore.governance.limiter import Limiter
+from hubcore.governance.storage import load_scope_limits
 from hubcore.ops.metrics import HubMetrics
 from hubcore.ops.server import OpsServer
 from hubcore.accounting.pricing import PriceTable

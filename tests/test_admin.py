@@ -17,7 +17,9 @@ from hubcore import store
 from hubcore.cli import admin
 
 from hubcore.governance import tokens
-from hubcore.governance.limits import Limiter, Limits, Refused, load_scope_limits, read_limits, write_limits
+from hubcore.governance.limiter import Limiter, Refused
+from hubcore.governance.limits import Limits
+from hubcore.governance.storage import load_scope_limits, read_limits, write_limits
 from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
 
 USD = 1_000_000

@@ -16,7 +16,8 @@ import pytest
 from hubcore import store
 
 from hubcore.governance import tokens
-from hubcore.governance.limits import Limits, format_usd, write_limits
+from hubcore.governance.limits import Limits, format_usd
+from hubcore.governance.storage import write_limits
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor
 from tests.hubharness import HubThread, make_config, run_cli

@@ -18,16 +18,9 @@ from hubcore import store
 
 from hubcore.governance import tokens
 from hubcore.errors import ANTHROPIC, OPENAI, HubError
-from hubcore.governance.limits import (
-    Admission,
-    Limiter,
-    Limits,
-    Refused,
-    ScopeLimits,
-    calendar_periods,
-    format_usd,
-    parse_column,
-)
+from hubcore.governance.limiter import Admission, Limiter, Refused
+from hubcore.governance.limits import Limits, calendar_periods, format_usd, parse_column
+from hubcore.governance.storage import ScopeLimits
 from hubcore.governance.tokens import Principal
 from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
 

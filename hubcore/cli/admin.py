@@ -22,9 +22,11 @@ from typing import Any
 
 import orjson
 
+from hubcore.config import zone as time_zone
 from hubcore.governance import limits as limits_mod
-from hubcore.governance import tokens
-from hubcore.governance.limits import WINDOWS, BudgetLine, Limits, format_time, format_usd
+from hubcore.governance import storage, tokens
+from hubcore.governance.limiter import BudgetLine, budget_report
+from hubcore.governance.limits import WINDOWS, Limits, format_time, format_usd
 
 
 class _Clear:
@@ -206,7 +208,7 @@ def run_token_create_limits(args: argparse.Namespace, conn: sqlite3.Connection, 
     if not has_limit_flags(args):
         return
     limits = apply_limit_flags(None, args)
-    if not limits_mod.write_limits(conn, "token", token_id, limits):
+    if not storage.write_limits(conn, "token", token_id, limits):
         raise LookupError(f"no active token with id {token_id}")
 
 
@@ -237,7 +239,7 @@ def run_token_update(args: argparse.Namespace, conn: sqlite3.Connection) -> int:
             print(f"hubcore: token {args.id} {state}", file=sys.stderr)
             return 1
         new = apply_limit_flags(limits_mod.parse_column(row[0], f"token {args.id}"), args)
-        limits_mod.write_limits(conn, "token", args.id, new)
+        storage.write_limits(conn, "token", args.id, new)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -264,11 +266,11 @@ def _run_scope(args: argparse.Namespace, conn: sqlite3.Connection, kind: str, tz
         conn.execute("BEGIN IMMEDIATE")
         try:
             try:
-                current = limits_mod.read_limits(conn, kind, args.name)
+                current = storage.read_limits(conn, kind, args.name)
             except KeyError:
                 current = None
             new = apply_limit_flags(current, args)
-            limits_mod.write_limits(conn, kind, args.name, new, note=args.note)
+            storage.write_limits(conn, kind, args.name, new, note=args.note)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -288,7 +290,7 @@ def _run_scope(args: argparse.Namespace, conn: sqlite3.Connection, kind: str, tz
                 {"name": n, "limits": lim.to_dict() if lim else {}, "note": note} for n, lim, note in entries
             ]).decode())
         else:
-            zone = limits_mod.zone(tz)
+            zone = time_zone(tz)
             for name, lim, note in entries:
                 text = lim.describe(zone) if lim else "no limits"
                 print(f"{name}: {text}" + (f"  ({note})" if note else ""))
@@ -303,14 +305,14 @@ def _show_scope(args: argparse.Namespace, conn: sqlite3.Connection, kind: str, t
         f"SELECT id FROM tokens WHERE {column} = ? AND revoked_at IS NULL ORDER BY id", (args.name,)
     )]
     try:
-        limits = limits_mod.read_limits(conn, kind, args.name)
+        limits = storage.read_limits(conn, kind, args.name)
     except KeyError:
         if not token_ids:
             print(f"hubcore: no {kind} {args.name!r} (no limits and no active tokens)", file=sys.stderr)
             return 1
         limits = None
-    lines = limits_mod.budget_report(conn, tz, now, (kind, args.name))
-    zone = limits_mod.zone(tz)
+    lines = budget_report(conn, tz, now, (kind, args.name))
+    zone = time_zone(tz)
     if getattr(args, "json", False):
         print(orjson.dumps({
             "kind": kind, "name": args.name, "limits": limits.to_dict() if limits else {},
@@ -336,13 +338,13 @@ def run_budgets(args: argparse.Namespace, conn: sqlite3.Connection, tz: str = "U
             print(f"hubcore: {e}", file=sys.stderr)
             return 2
     try:
-        zone = limits_mod.zone(tz)
+        zone = time_zone(tz)
     except ValueError as e:
         print(f"hubcore: {e}", file=sys.stderr)
         return 2
     if now is None:
         now = time.time()
-    lines = limits_mod.budget_report(conn, tz, now, scope)
+    lines = budget_report(conn, tz, now, scope)
     fmt = getattr(args, "format", "table")
     if fmt == "json":
         print(orjson.dumps({"timezone": tz, "now": now, "budgets": [line.to_dict() for line in lines]}).decode())

@@ -1,0 +1,642 @@
+"""The in-memory Limiter: admits or refuses each request in O(1) from the
+counters of its token, user and project, and charges each request's cost to
+them as its usage event is recorded.
+
+Overshoot. A budget is checked when a request is admitted and charged when its
+usage event is recorded; a request in flight is never cut off. So a scope can
+overshoot a budget by at most (requests in flight when it ran out) x (the most
+one request costs): set `concurrency` to bound it.
+"""
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from hubcore.config import zone
+from hubcore.errors import HubError
+from hubcore.governance.limits import SCOPE_KINDS, WINDOWS, Limits, calendar_periods, format_time, format_usd
+from hubcore.governance.storage import ScopeLimits, load_scope_limits
+from hubcore.governance.tokens import Principal
+
+# Requests per minute are counted over a sliding 60-second window.
+RPM_WINDOW = 60.0
+BUCKET_SECONDS = 60
+ROLLING_BUCKETS = 5 * 3600 // BUCKET_SECONDS
+# Nothing says when an in-flight request will end; one second keeps clients
+# retrying briskly without hammering (the header's smallest unit).
+CONCURRENCY_RETRY_AFTER = 1.0
+
+_WINDOW_NAMES = {
+    "5h": "5-hour rolling",
+    "day": "daily",
+    "week": "weekly",
+    "month": "monthly",
+    "total": "total",
+}
+
+
+class Spend(Protocol):
+    """What the Limiter reads of a usage event (accounting's UsageEvent): who
+    spent how much, for a request that arrived when."""
+
+    @property
+    def token_id(self) -> int | None: ...
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def project(self) -> str | None: ...
+    @property
+    def cost_micros(self) -> int | None: ...
+    @property
+    def ts(self) -> float: ...
+
+
+def _format_wait(seconds: float) -> str:
+    seconds = max(0, math.ceil(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 120:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+# -- refusals -------------------------------------------------------------------
+
+class Refused(HubError):
+    """A request a limit refuses: 429 for rate and concurrency, 403 otherwise.
+
+    `limit` names the rule ("rpm", "concurrency", "budget_day", "models",
+    "expires_at", "unreadable"), `scope` whose rule it is ("token 12",
+    "user alice"), `resets_at` when it lifts (unix seconds; None: not by
+    itself). `code` is the OpenAI-style finer reason.
+    """
+
+    def __init__(
+        self, status: int, code: str, message: str, *, limit: str, scope: str,
+        resets_at: float | None = None, retry_after: float | None = None,
+    ) -> None:
+        error_type = "rate_limit_error" if status == 429 else "permission_error"
+        super().__init__(status, message, error_type=error_type, code=code, retry_after=retry_after)
+        self.limit = limit
+        self.scope = scope
+        self.resets_at = resets_at
+
+
+# -- counters ---------------------------------------------------------------------
+
+class _Scope:
+    """Counters of one token, user or project. Spend is in micro-dollars."""
+
+    __slots__ = (
+        "label", "in_flight", "hits", "total", "day_start", "day_base", "week_start", "week_base",
+        "month_start", "month_base", "periods", "buckets", "rolling",
+    )
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.in_flight = 0
+        self.hits: deque[float] | None = None     # admit times in the last minute, while rpm is set
+        self.clear_spend()
+
+    def clear_spend(self) -> None:
+        self.total = 0
+        # Spend in the period starting at *_start is total - *_base: a charge
+        # in the current day then only adds to total. Read against another
+        # period a window counts as zero (it resets lazily).
+        self.day_start = self.week_start = self.month_start = -math.inf
+        self.day_base = self.week_base = self.month_base = 0
+        # The Limiter's current periods object once *_start are all current.
+        self.periods: object = None
+        self.buckets: deque[list[int]] | None = None   # [minute, micros], oldest first
+        self.rolling = 0
+
+
+class Admission:
+    """An admitted request's hold on the in-flight counters; release() once it ends."""
+
+    __slots__ = ("_scopes",)
+
+    def __init__(self, scopes: tuple[_Scope, ...]) -> None:
+        self._scopes: tuple[_Scope, ...] | None = scopes
+
+    def release(self) -> None:
+        """Idempotent: a second call does nothing."""
+        scopes, self._scopes = self._scopes, None
+        if scopes is not None:
+            for scope in scopes:
+                scope.in_flight -= 1
+
+    @property
+    def released(self) -> bool:
+        return self._scopes is None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLine:
+    """One budget and its spend, for `hubcore usage --budgets` and ops."""
+
+    kind: str
+    name: str
+    window: str
+    limit_micros: int
+    spent_micros: int
+    resets_at: float | None   # None: `total`, or a zero budget
+
+    @property
+    def remaining_micros(self) -> int:
+        return max(0, self.limit_micros - self.spent_micros)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "name": self.name, "window": self.window,
+            "limit_micros": self.limit_micros, "spent_micros": self.spent_micros,
+            "remaining_micros": self.remaining_micros, "resets_at": self.resets_at,
+        }
+
+
+class Limiter:
+    """In-memory counters for every scope and the checks against them.
+
+    Theory of operation. Each token, user and project has a `_Scope` of
+    counters, created on first use and kept across `update()`, which only
+    swaps the limit definitions. `admit()` runs every check before it changes
+    anything (a refused request consumes no rate), in a fixed order: expiry,
+    model, budget, rpm, concurrency, each over the token, user and project.
+    Costs come from `charge()`; every scope keeps its total, its current
+    day/week/month (reset lazily when a period boundary passes; the current
+    periods are computed once per boundary, not per request) and per-minute
+    buckets of the last 5 hours with their running sum. rpm keeps the admit
+    times of the last minute in a deque bounded by the limit, which makes
+    "the (N+1)th request within 60 s" exact. Everything runs on the event
+    loop thread; nothing here locks.
+    """
+
+    def __init__(self, tz: str = "UTC", clock: Callable[[], float] = time.time) -> None:
+        self.tz = zone(tz)
+        self._clock = clock
+        self._tokens: dict[int, _Scope] = {}
+        self._users: dict[str, _Scope] = {}
+        self._projects: dict[str, _Scope] = {}
+        self._limits = ScopeLimits()
+        self._set_periods(clock())
+
+    # -- configuration -------------------------------------------------------
+
+    def update(self, limits: ScopeLimits) -> None:
+        """Apply newly loaded limit definitions; counters are kept."""
+        self._limits = limits
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        self.update(load_scope_limits(conn))
+
+    # -- the request path --------------------------------------------------------
+
+    def admit(
+        self, principal: Principal, model: str | None = None, now: float | None = None,
+        *, model_required: bool = False,
+    ) -> Admission:
+        """Admit a request or raise Refused. `model` None (no model in the
+        request, e.g. GET /v1/models) passes the model allow-lists unless
+        `model_required` (a request body the hub could not read a model from
+        must not slip past an allow-list)."""
+        if now is None:
+            now = self._clock()
+        if now >= self._boundary:
+            self._advance(now)
+        token = self._tokens.get(principal.token_id)
+        if token is None:
+            token = self._tokens[principal.token_id] = _Scope(f"token {principal.token_id}")
+        user = self._users.get(principal.user)
+        if user is None:
+            user = self._users[principal.user] = _Scope(f"user {principal.user}")
+        defined = self._limits
+        token_limits = principal.limits
+        user_limits = defined.users.get(principal.user)
+        project_limits = None
+        if principal.project is None:
+            scopes: tuple[_Scope, ...] = (token, user)
+        else:
+            project = self._projects.get(principal.project)
+            if project is None:
+                project = self._projects[principal.project] = _Scope(f"project {principal.project}")
+            scopes = (token, user, project)
+            project_limits = defined.projects.get(principal.project)
+        if token_limits is not None or user_limits is not None or project_limits is not None:
+            checks = []
+            if token_limits is not None:
+                checks.append((token_limits, token))
+            if user_limits is not None:
+                checks.append((user_limits, user))
+            if project_limits is not None:
+                checks.append((project_limits, scopes[2]))
+            self._check(checks, model, now, model_required)
+        for scope in scopes:
+            scope.in_flight += 1
+        return Admission(scopes)
+
+    def needs_model(self, principal: Principal) -> bool:
+        """Whether admitting `principal` depends on the request's model: a
+        model allow-list applies to its token, user or project. When none
+        does, the hub need not read the model before the request goes out."""
+        defined = self._limits
+        for limits in (
+            principal.limits,
+            defined.users.get(principal.user),
+            defined.projects.get(principal.project) if principal.project is not None else None,
+        ):
+            if limits is not None and limits.model_re is not None:
+                return True
+        return False
+
+    def _check(self, checks: list[tuple[Limits, _Scope]], model: str | None, now: float, model_required: bool) -> None:
+        for limits, scope in checks:
+            if limits.error is not None:
+                raise Refused(
+                    403, "limits_unreadable",
+                    f"the limits of {scope.label} cannot be read ({limits.error}); an administrator must set them again",
+                    limit="unreadable", scope=scope.label,
+                )
+            if limits.expires_at is not None and now >= limits.expires_at:
+                raise Refused(
+                    403, "token_expired" if scope.label.startswith("token") else "expired",
+                    f"{scope.label} expired at {format_time(limits.expires_at, self.tz)}",
+                    limit="expires_at", scope=scope.label,
+                )
+        if model is not None:
+            for limits, scope in checks:
+                if limits.model_re is not None and limits.model_re.match(model) is None:
+                    raise Refused(
+                        403, "model_not_allowed",
+                        f"model {model!r} is not allowed for {scope.label} (allowed: {', '.join(limits.models)})",
+                        limit="models", scope=scope.label,
+                    )
+        elif model_required:
+            for limits, scope in checks:
+                if limits.model_re is not None:
+                    raise Refused(
+                        403, "model_not_allowed",
+                        f"{scope.label} may only use some models (allowed: {', '.join(limits.models)}), "
+                        "and this request names none the hub could read",
+                        limit="models", scope=scope.label,
+                    )
+        oldest_kept = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
+        day, week, month = self._day[0], self._week[0], self._month[0]
+        for limits, scope in checks:
+            if limits.budgets:
+                # Inlined: this runs on every request of a budgeted scope.
+                buckets = scope.buckets
+                if buckets and buckets[0][0] < oldest_kept:
+                    self._expire(scope, oldest_kept)
+                if (
+                    ((b := limits.budget_5h) is not None and scope.rolling >= b)
+                    or ((b := limits.budget_day) is not None
+                        and (scope.total - scope.day_base if scope.day_start == day else 0) >= b)
+                    or ((b := limits.budget_week) is not None
+                        and (scope.total - scope.week_base if scope.week_start == week else 0) >= b)
+                    or ((b := limits.budget_month) is not None
+                        and (scope.total - scope.month_base if scope.month_start == month else 0) >= b)
+                    or ((b := limits.budget_total) is not None and scope.total >= b)
+                ):
+                    self._refuse_budget(limits, scope, now)
+        for limits, scope in checks:
+            rpm = limits.rpm
+            if rpm is not None:
+                hits = scope.hits
+                if hits is None:
+                    hits = scope.hits = deque()
+                horizon = now - RPM_WINDOW
+                while hits and hits[0] <= horizon:
+                    hits.popleft()
+                if len(hits) >= rpm:
+                    # After a lowered limit more than rpm hits may be held:
+                    # the oldest len - rpm + 1 of them must age out first.
+                    frees_at = hits[len(hits) - rpm] + RPM_WINDOW
+                    # Whole seconds, rounded up: a client that waits exactly
+                    # retry-after must find the slot free.
+                    wait = float(max(1, math.ceil(frees_at - now)))
+                    raise Refused(
+                        429, "rate_limit_exceeded",
+                        f"rate limit of {scope.label} reached: {rpm} requests per minute; "
+                        f"retry in {_format_wait(wait)} (at {format_time(frees_at, self.tz)})",
+                        limit="rpm", scope=scope.label, resets_at=frees_at, retry_after=wait,
+                    )
+        for limits, scope in checks:
+            concurrency = limits.concurrency
+            if concurrency is not None and scope.in_flight >= concurrency:
+                raise Refused(
+                    429, "concurrency_limit_exceeded",
+                    f"concurrency limit of {scope.label} reached: {concurrency} requests in flight; "
+                    f"retry when one of them ends",
+                    limit="concurrency", scope=scope.label, retry_after=CONCURRENCY_RETRY_AFTER,
+                )
+        # Every check passed: only now does this request count against rpm.
+        for limits, scope in checks:
+            if limits.rpm is not None and scope.hits is not None:
+                scope.hits.append(now)
+
+    def _refuse_budget(self, limits: Limits, scope: _Scope, now: float) -> None:
+        for window, limit in limits.budgets:
+            spent = self._spent(scope, window)
+            if spent >= limit:
+                resets_at = self._resets_at(scope, window, limit)
+                if resets_at is None:
+                    when = "it does not reset by itself; an administrator can raise it"
+                else:
+                    when = f"it resets at {format_time(resets_at, self.tz)} (in {_format_wait(resets_at - now)})"
+                raise Refused(
+                    403, "budget_exceeded",
+                    f"{_WINDOW_NAMES[window]} budget of {scope.label} is spent: "
+                    f"{format_usd(spent)} of {format_usd(limit)}; {when}",
+                    limit="budget_" + window, scope=scope.label, resets_at=resets_at,
+                )
+
+    # -- spend ---------------------------------------------------------------
+
+    def on_usage(self, event: Spend) -> None:
+        """A UsageRecorder listener: charge each event as it is recorded."""
+        self.charge(event.token_id, event.user, event.project, event.cost_micros, event.ts)
+
+    def charge(
+        self, token_id: int | None, user: str | None, project: str | None,
+        cost_micros: int | None, ts: float,
+    ) -> None:
+        """Add a request's cost to its token's, user's and project's windows."""
+        if not cost_micros or cost_micros < 0:
+            return
+        if ts >= self._boundary:
+            self._advance(ts)
+        minute = int(ts // BUCKET_SECONDS)
+        add = self._add
+        if token_id is not None:
+            scope = self._tokens.get(token_id)
+            if scope is None:
+                scope = self._tokens[token_id] = _Scope(f"token {token_id}")
+            add(scope, cost_micros, ts, minute)
+        if user is not None:
+            scope = self._users.get(user)
+            if scope is None:
+                scope = self._users[user] = _Scope(f"user {user}")
+            add(scope, cost_micros, ts, minute)
+        if project is not None:
+            scope = self._projects.get(project)
+            if scope is None:
+                scope = self._projects[project] = _Scope(f"project {project}")
+            add(scope, cost_micros, ts, minute)
+
+    def rebuild(self, conn: sqlite3.Connection, now: float | None = None) -> None:
+        """Recompute all spend from the usage table, e.g. at start, so a
+        restart never resets a budget. In-flight and rpm counters are kept.
+        Call it before the server takes requests (charges of events not yet
+        in the table would be lost)."""
+        if now is None:
+            now = self._clock()
+        for table in (self._tokens, self._users, self._projects):
+            for scope in table.values():
+                scope.clear_spend()
+        self._set_periods(now)
+        day, week, month = self._day[0], self._week[0], self._month[0]
+        # A token's user and project never change, so spend is summed per
+        # token (over the covering index usage_token_ts_cost, without a sort)
+        # and credited to the token's user and project from the tokens table.
+        owners: dict[int, tuple[str | None, str | None]] = {
+            token_id: (user, project) for token_id, user, project in conn.execute("SELECT id, user, project FROM tokens")
+        }
+
+        def owner(token_id: int) -> tuple[str | None, str | None]:
+            found = owners.get(token_id)
+            if found is None:
+                # Not in the tokens table (a database assembled by hand):
+                # the usage rows themselves say whose it was.
+                row = conn.execute("SELECT user, project FROM usage WHERE token_id = ? LIMIT 1", (token_id,)).fetchone()
+                found = owners[token_id] = (row[0], row[1]) if row else (None, None)
+            return found
+
+        rows = conn.execute(
+            "SELECT token_id, SUM(cost_micros),"
+            " SUM(CASE WHEN ts >= ? THEN cost_micros ELSE 0 END),"
+            " SUM(CASE WHEN ts >= ? THEN cost_micros ELSE 0 END),"
+            " SUM(CASE WHEN ts >= ? THEN cost_micros ELSE 0 END)"
+            " FROM usage WHERE token_id IS NOT NULL AND cost_micros > 0 GROUP BY token_id",
+            (day, week, month),
+        )
+        for token_id, total, in_day, in_week, in_month in rows.fetchall():
+            user, project = owner(token_id)
+            for scope in self._scopes_for(token_id, user, project):
+                self._credit(scope, total, in_day, in_week, in_month)
+        first_minute = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
+        rows = conn.execute(
+            "SELECT token_id, CAST(ts / ? AS INTEGER) AS minute, SUM(cost_micros)"
+            " FROM usage WHERE ts >= ? AND token_id IS NOT NULL AND cost_micros > 0"
+            " GROUP BY token_id, minute ORDER BY minute",
+            (BUCKET_SECONDS, first_minute * BUCKET_SECONDS),
+        )
+        for token_id, minute, spent in rows.fetchall():
+            user, project = owner(token_id)
+            for scope in self._scopes_for(token_id, user, project):
+                self._add_bucket(scope, int(minute), spent)
+
+    def _scopes_for(self, token_id: int | None, user: str | None, project: str | None) -> list[_Scope]:
+        scopes = []
+        if token_id is not None:
+            scope = self._tokens.get(token_id)
+            if scope is None:
+                scope = self._tokens[token_id] = _Scope(f"token {token_id}")
+            scopes.append(scope)
+        if user is not None:
+            scope = self._users.get(user)
+            if scope is None:
+                scope = self._users[user] = _Scope(f"user {user}")
+            scopes.append(scope)
+        if project is not None:
+            scope = self._projects.get(project)
+            if scope is None:
+                scope = self._projects[project] = _Scope(f"project {project}")
+            scopes.append(scope)
+        return scopes
+
+    def _add(self, scope: _Scope, cost: int, ts: float, minute: int) -> None:
+        # The day starts no earlier than its week and month: a charge in the
+        # current day of a scope already in the current periods is in all
+        # three windows, and total - *_base moves with total alone.
+        if scope.periods is self._periods and ts >= self._day_start:
+            scope.total += cost
+        else:
+            # A cost from before a period's start (a request that arrived
+            # yesterday and ended today) belongs to a period already over.
+            self._credit(
+                scope, cost,
+                cost if ts >= self._day_start else 0,
+                cost if ts >= self._week[0] else 0,
+                cost if ts >= self._month[0] else 0,
+            )
+        buckets = scope.buckets
+        if buckets and buckets[-1][0] == minute:
+            buckets[-1][1] += cost
+            scope.rolling += cost
+        else:
+            self._add_bucket(scope, minute, cost)
+
+    def _credit(self, scope: _Scope, amount: int, in_day: int, in_week: int, in_month: int) -> None:
+        """Add `amount` to the total, of which `in_*` fell in the current periods."""
+        total = scope.total
+        start = self._day_start
+        if scope.day_start != start:
+            scope.day_start, scope.day_base = start, total
+        scope.day_base += amount - in_day
+        start = self._week[0]
+        if scope.week_start != start:
+            scope.week_start, scope.week_base = start, total
+        scope.week_base += amount - in_week
+        start = self._month[0]
+        if scope.month_start != start:
+            scope.month_start, scope.month_base = start, total
+        scope.month_base += amount - in_month
+        scope.total = total + amount
+        scope.periods = self._periods
+
+    @staticmethod
+    def _add_bucket(scope: _Scope, minute: int, cost: int) -> None:
+        buckets = scope.buckets
+        if buckets is None:
+            buckets = scope.buckets = deque()
+        if not buckets or buckets[-1][0] < minute:
+            buckets.append([minute, cost])
+        elif buckets[-1][0] == minute:
+            buckets[-1][1] += cost
+        else:
+            if minute <= buckets[-1][0] - ROLLING_BUCKETS:
+                return  # older than the whole window
+            # A late charge (long request): usually a few buckets from the end.
+            i = len(buckets) - 1
+            while i >= 0 and buckets[i][0] > minute:
+                i -= 1
+            if i >= 0 and buckets[i][0] == minute:
+                buckets[i][1] += cost
+            else:
+                buckets.insert(i + 1, [minute, cost])
+        scope.rolling += cost
+
+    @staticmethod
+    def _expire(scope: _Scope, oldest_kept: int) -> None:
+        """Drop the 5h buckets before minute `oldest_kept`."""
+        buckets = scope.buckets
+        while buckets and buckets[0][0] < oldest_kept:
+            scope.rolling -= buckets.popleft()[1]
+
+    def _spent(self, scope: _Scope, window: str) -> int:
+        if window == "day":
+            return scope.total - scope.day_base if scope.day_start == self._day_start else 0
+        if window == "week":
+            return scope.total - scope.week_base if scope.week_start == self._week[0] else 0
+        if window == "month":
+            return scope.total - scope.month_base if scope.month_start == self._month[0] else 0
+        if window == "5h":
+            return scope.rolling
+        return scope.total
+
+    def _resets_at(self, scope: _Scope, window: str, limit: int) -> float | None:
+        """When spend falls below `limit` again without new charges."""
+        if limit <= 0 or window == "total":
+            return None
+        if window == "day":
+            return self._day[1]
+        if window == "week":
+            return self._week[1]
+        if window == "month":
+            return self._month[1]
+        # 5h: the time enough of the oldest buckets have aged out.
+        excess = scope.rolling - limit + 1
+        for minute, cost in scope.buckets or ():
+            excess -= cost
+            if excess <= 0:
+                return float((minute + ROLLING_BUCKETS) * BUCKET_SECONDS)
+        return None
+
+    # -- calendar periods ----------------------------------------------------------
+
+    def _set_periods(self, now: float) -> None:
+        self._periods = periods = calendar_periods(now, self.tz)
+        self._day, self._week, self._month = periods
+        self._day_start = self._day[0]
+        self._boundary = min(self._day[1], self._week[1], self._month[1])
+
+    def _advance(self, now: float) -> None:
+        # Periods only move forward: a charge dated in an older period does
+        # not drag the limiter back.
+        if now >= self._boundary:
+            self._set_periods(now)
+
+    # -- reading ---------------------------------------------------------------
+
+    def _scope(self, kind: str, name: str | int) -> _Scope | None:
+        if kind == "token":
+            return self._tokens.get(int(name))
+        if kind == "user":
+            return self._users.get(str(name))
+        if kind == "project":
+            return self._projects.get(str(name))
+        raise ValueError(f"unknown scope kind {kind!r}; choose one of {', '.join(SCOPE_KINDS)}")
+
+    def in_flight(self, kind: str, name: str | int) -> int:
+        scope = self._scope(kind, name)
+        return scope.in_flight if scope is not None else 0
+
+    def spent(self, kind: str, name: str | int, window: str, now: float | None = None) -> int:
+        """Micro-dollars spent by a scope in a window, as of `now`."""
+        if window not in WINDOWS:
+            raise ValueError(f"unknown budget window {window!r}; choose one of {', '.join(WINDOWS)}")
+        if now is None:
+            now = self._clock()
+        self._advance(now)
+        scope = self._scope(kind, name)
+        if scope is None:
+            return 0
+        self._expire(scope, int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1)
+        return self._spent(scope, window)
+
+    def spend_report(self, now: float | None = None, scope: tuple[str, str] | None = None) -> list[BudgetLine]:
+        """Spend against every budget defined (or those of one (kind, name))."""
+        if now is None:
+            now = self._clock()
+        self._advance(now)
+        defined = self._limits
+        entries: list[tuple[str, str, Limits]] = []
+        entries += [("token", str(i), lim) for i, lim in sorted(defined.tokens.items())]
+        entries += [("user", n, lim) for n, lim in sorted(defined.users.items())]
+        entries += [("project", n, lim) for n, lim in sorted(defined.projects.items())]
+        lines = []
+        for kind, name, limits in entries:
+            if scope is not None and (kind, name) != scope:
+                continue
+            state = self._scope(kind, name) or _Scope(f"{kind} {name}")
+            self._expire(state, int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1)
+            for window, limit in limits.budgets:
+                spent = self._spent(state, window)
+                if window == "5h" and spent < limit:
+                    resets_at = None if not state.buckets else float(
+                        (state.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS
+                    )
+                else:
+                    resets_at = self._resets_at(state, window, limit)
+                lines.append(BudgetLine(kind, name, window, limit, spent, resets_at))
+        return lines
+
+
+def budget_report(
+    conn: sqlite3.Connection, tz: str = "UTC", now: float | None = None,
+    scope: tuple[str, str] | None = None,
+) -> list[BudgetLine]:
+    """Spend against budgets computed from the database alone (for the CLI)."""
+    limiter = Limiter(tz)
+    limiter.reload(conn)
+    limiter.rebuild(conn, now)
+    return limiter.spend_report(now, scope)
