@@ -1,3 +1,16 @@
-"""hubcore: a self-hosted gateway between AI coding clients and vendor APIs."""
+"""hubcore: a self-hosted gateway between AI coding clients and vendor APIs.
+
+The package is built in layers; a module imports only from its own layer or
+from those below it (tests/test_layers.py checks every import):
+
+    cli/, app.py, runtime.py        top: commands, wiring, process set-up
+    gateway/   ops/                 the request path; the ops socket (not each other)
+    governance/   accounting/       who may do what; what it cost
+    routing/   http/                sans-IO key and upstream choice; HTTP/1.1
+    errors, config, store           foundations (with _meter_errors)
+
+Within a row the packages are strangers: governance imports no accounting,
+http no routing.
+"""
 
 __version__ = "0.1.0"
