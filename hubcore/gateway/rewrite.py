@@ -1,0 +1,110 @@
+"""How heads change on their way through the hub: the request head the
+vendor gets (hop-by-hop headers out, the hub's key in) and the response head
+the client gets (the framing the hub writes the body with). Pure functions
+of plain values, returning the head's bytes.
+"""
+from __future__ import annotations
+
+import enum
+
+from hubcore.http.server import status_line
+from hubcore.http.wire import render_head
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and the ones the hub sets itself.
+REQUEST_DROP = frozenset(
+    {
+        b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+        b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect",
+        b"proxy-authorization", b"x-api-key", b"authorization", b"accept-encoding",
+    }
+)
+RESPONSE_DROP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+        b"te", b"trailer", b"upgrade", b"content-length",
+    }
+)
+# The hub reads what it meters: a compressed body would have to be inflated.
+ACCEPT_IDENTITY = b"accept-encoding: identity\r\n"
+
+
+def request_head(
+    method: bytes,
+    target: bytes,
+    base_path: bytes,
+    host_line: bytes,
+    auth_line: bytes,
+    headers: list[tuple[bytes, bytes]],
+    control: list[tuple[bytes, bytes]] | None,
+    body_size: int,
+) -> bytes:
+    """The head of a request as the vendor gets it: the client's target under
+    the upstream's base path, the client's headers (lower-cased, in order)
+    less the hop-by-hop ones and those named in Connection, then the
+    upstream's Host and key lines, and the length of the body as the hub
+    sends it (whole, never chunked). `control` holds the request's
+    Transfer-Encoding, Expect and Connection headers (see wire.HeaderCollector)."""
+    start = b"%s %s%s HTTP/1.1\r\n%s" % (method, base_path, target, host_line)
+    drop: frozenset[bytes] | set[bytes] = REQUEST_DROP
+    for name, value in control or ():
+        if name == b"connection":
+            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+            named = {t.strip().lower() for t in value.split(b",")}
+            if not named <= drop:
+                drop = drop | named
+    tail = auth_line + ACCEPT_IDENTITY
+    if body_size or method == b"POST":
+        tail += b"content-length: %d\r\n" % body_size
+    return render_head(start, headers, drop, tail + b"\r\n")
+
+
+class Framing(enum.Enum):
+    """How the hub delimits a response body it passes on."""
+
+    LENGTH = "length"            # the vendor's Content-Length, passed on
+    CHUNKED = "chunked"          # chunked again, for an HTTP/1.1 client
+    BODILESS = "bodiless"        # 204 and 304 end at their head
+    UNTIL_CLOSE = "until-close"  # an HTTP/1.0 client: the body ends with the connection
+
+
+def response_framing(status: int, content_length: int | None, client_http11: bool) -> Framing:
+    """The framing of a response body with the vendor's `status` and
+    `content_length` (None: chunked or close-delimited upstream)."""
+    if content_length is not None:
+        return Framing.LENGTH
+    if status == 204 or status == 304:
+        # They end at their head (RFC 9112 6.3): framing a body for them
+        # would put bytes on the wire the client reads as the start of the
+        # next response.
+        return Framing.BODILESS
+    if client_http11:
+        return Framing.CHUNKED
+    return Framing.UNTIL_CLOSE
+
+
+def keeps_alive(framing: Framing, client_keep_alive: bool) -> bool:
+    """Whether the client's connection can carry another request after this
+    response (`client_keep_alive`: the client and the hub would keep it)."""
+    return client_keep_alive and framing is not Framing.UNTIL_CLOSE
+
+
+def response_head(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    framing: Framing,
+    content_length: int | None,
+    keep_alive: bool,
+    request_id: str,
+) -> bytes:
+    """The head of the vendor's response as the client gets it: the vendor's
+    headers less the hop-by-hop ones, then the hub's request id, the body's
+    framing and, unless `keep_alive`, `connection: close`."""
+    tail = b"x-hubcore-request-id: " + request_id.encode() + b"\r\n"
+    if framing is Framing.LENGTH:
+        assert content_length is not None
+        tail += b"content-length: %d\r\n" % content_length
+    elif framing is Framing.CHUNKED:
+        tail += b"transfer-encoding: chunked\r\n"
+    if not keep_alive:
+        tail += b"connection: close\r\n"
+    return render_head(status_line(status), headers, RESPONSE_DROP, tail + b"\r\n")
