@@ -4,8 +4,6 @@ order (stop accepting, drain, flush usage)."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import gc
 import logging
 import os
 import signal
@@ -13,11 +11,8 @@ import sqlite3
 import ssl
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from hubcore import __version__, config as config_mod, store
 
@@ -29,6 +24,7 @@ from hubcore.governance.limiter import Limiter
 from hubcore.governance.storage import load_scope_limits
 from hubcore.ops.metrics import HubMetrics
 from hubcore.ops.server import OpsServer
+from hubcore.runtime import CycleCollector
 from hubcore.accounting.pricing import PriceTable
 from hubcore.gateway.exchange import Hub
 from hubcore.http.server import Server
@@ -37,8 +33,6 @@ from hubcore.accounting.usage import UsageRecorder
 
 log = logging.getLogger("hubcore")
 
-# A generation-2 threshold no count of younger collections reaches.
-NEVER = 1 << 30
 # Where `serve` leaves the token it mints on an empty database: in the
 # database's directory, the service's state directory under systemd.
 FIRST_TOKEN_FILE = "first-token"
@@ -229,132 +223,6 @@ def _path_or_none(path: str) -> Any:
     from pathlib import Path
 
     return Path(path) if path else None
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return orjson.dumps(
-            {
-                "ts": record.created,
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        ).decode()
-
-
-# glibc's mallopt() parameters and the hub's values for them (bytes).
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-MALLOC_TUNING = ((M_TRIM_THRESHOLD, 8 * 1024 * 1024), (M_MMAP_THRESHOLD, 1024 * 1024))
-MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
-
-
-def tune_malloc(environ: Mapping[str, str] = os.environ) -> bool:
-    """Keep freed request buffers for reuse instead of returning them to the
-    system at once; True if applied.
-
-    Each request passes some 200 KB through buffers of 26 to 256 KB (socket
-    reads, the body). glibc gives the top of its heap back to the system
-    whenever more than 128 KB is free there, so at 16 concurrent requests the
-    heap shrank and grew back all the time: about 11 page faults per request,
-    a third of the hub's system time. Up to 8 MB free is now kept, and blocks
-    under 1 MB come from the heap (glibc would raise both limits itself only
-    after freeing blocks it had mmap()ed, which these are not). A no-op off
-    glibc, or when the operator sets glibc's MALLOC_* variables.
-    """
-    if any(name in environ for name in MALLOC_ENV):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in MALLOC_TUNING)
-
-
-class CycleCollector:
-    """When CPython's cyclic collector runs its full collections: every
-    `interval` seconds, on a timer, rather than when its heuristics fire.
-
-    A full collection walks every object the collector tracks, and the event
-    loop waits for it: with 1,000 streams open one took 15 to 40 ms, and
-    every request that arrived meanwhile waited that long for its first
-    byte. CPython runs them as the heap grows, that is, exactly while many
-    streams open at once. The hub's request path makes no reference cycles,
-    so its garbage goes by reference counting and young collections; full
-    collections only catch the rare long-lived cycle (an exception kept by a
-    long stream), and once every ten minutes (the default) is often enough
-    for that. `start` also freezes what startup made (modules,
-    configuration, tables): no collection walks those again. An interval
-    of 0 leaves the collector as CPython has it.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        self.loop = loop
-        self.interval = interval
-        self.started = False
-        self.full_collections = 0
-        self.collected = 0
-        self.last_pause_ms: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._thresholds: tuple[int, int, int] | None = None
-
-    def start(self) -> None:
-        if self.interval <= 0 or self.started:
-            return
-        gc.collect()
-        gc.freeze()
-        self._thresholds = gc.get_threshold()
-        young, middle, _ = self._thresholds
-        gc.set_threshold(young, middle, NEVER)
-        self.started = True
-        self._timer = self.loop.call_later(self.interval, self._collect)
-
-    def _collect(self) -> None:
-        started = time.perf_counter()
-        self.collected += gc.collect(2)
-        self.last_pause_ms = (time.perf_counter() - started) * 1000.0
-        self.full_collections += 1
-        self._timer = self.loop.call_later(self.interval, self._collect)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._thresholds is not None:
-            gc.set_threshold(*self._thresholds)
-            self._thresholds = None
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "scheduled": self.started,
-            "frozen_objects": gc.get_freeze_count(),
-            "full_collections": self.full_collections,
-            "collected": self.collected,
-            "last_full_collection_ms": self.last_pause_ms,
-            "collections_by_generation": [g["collections"] for g in gc.get_stats()],
-        }
-
-
-def setup_logging(config: Config) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if config.server.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # One access line per request: skip the record fields no format here
-    # prints (the caller's file and line, process and thread names).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    root = logging.getLogger("hubcore")
-    root.handlers[:] = [handler]
-    root.setLevel(config.server.log_level.upper())
-    root.propagate = False
 
 
 def state_path_problem(config: Config) -> str | None:

@@ -93,7 +93,7 @@ class ServerConfig:
     budget_timezone: str = "UTC"
     # Seconds between the cyclic garbage collector's full collections, which
     # pause the hub (tens of ms with 1,000 streams open); 0 leaves them to
-    # CPython, which runs them as the heap grows (see app.CycleCollector).
+    # CPython, which runs them as the heap grows (see runtime.CycleCollector).
     gc_full_interval: float = 600.0
 
 

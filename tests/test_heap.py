@@ -16,7 +16,7 @@ from hubcore.gateway import exchange as proxy
 from hubcore.http import server
 
 from hubcore.http import client as upstream
-from hubcore.app import NEVER, CycleCollector
+from hubcore.runtime import NEVER, CycleCollector
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor
 from tests.hubharness import HubThread, make_config

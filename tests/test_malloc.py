@@ -1,4 +1,4 @@
-"""hubcore keeps freed request buffers for reuse (app.tune_malloc): measured
+"""hubcore keeps freed request buffers for reuse (runtime.tune_malloc): measured
 in fresh processes as the page faults of allocating and freeing 2 MB of
 64 KB blocks, as requests do, fifty times over."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from hubcore.app import tune_malloc
+from hubcore.runtime import tune_malloc
 
 CHURN = """
 import resource, sys
-from hubcore.app import tune_malloc
+from hubcore.runtime import tune_malloc
 applied = tune_malloc({}) if sys.argv[1] == "tuned" else False
 
 def churn():

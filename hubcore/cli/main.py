@@ -151,15 +151,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from hubcore import app
+    from hubcore import app, runtime
 
     cfg = _load_config(args)
     problem = app.state_path_problem(cfg)
     if problem is not None:
         print(f"hubcore: cannot start: {problem}", file=sys.stderr)
         return 1
-    app.setup_logging(cfg)
-    app.tune_malloc()
+    runtime.setup_logging(cfg)
+    runtime.tune_malloc()
     try:
         made = app.first_token(cfg)
     except OSError as e:
