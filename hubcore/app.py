@@ -163,27 +163,42 @@ class App:
             log.warning("could not reload tokens (keeping the current table): %s", e)
 
     async def reload(self) -> tuple[bool, str]:
-        """SIGHUP: reload config keys, tokens and prices; a broken config is
-        rejected with a logged error and the old one stays."""
+        """SIGHUP: reload upstreams (origin, pool settings, keys, policy),
+        tokens and prices; a broken config is rejected with a logged error
+        and the old one stays, whole. The answer says what changed."""
         sdnotify.reloading()
         try:
             new = config_mod.load(self.config_path)
             prices = PriceTable.load(_path_or_none(new.server.prices))
+            # Everything that can fail is built before anything is applied.
+            reconfigs = []
+            for upstream in new.upstreams:
+                runtime = self.hub.upstreams.get(upstream.kind)
+                if runtime is not None and runtime.config.name == upstream.name:
+                    reconfigs.append((runtime, runtime.prepare(upstream)))
         except (ConfigError, OSError, ValueError) as e:
             log.error("reload rejected, keeping the running configuration: %s", e)
             sdnotify.ready("reload rejected; running the previous configuration")
             return False, str(e)
         self.prices = prices
         self.hub.prices = prices
-        for upstream in new.upstreams:
-            runtime = self.hub.upstreams.get(upstream.kind)
-            if runtime is not None and runtime.config.name == upstream.name:
-                runtime.ring.replace_specs(list(upstream.keys), upstream.policy)
-                runtime.config = upstream
+        changes = []
+        for runtime, reconfig in reconfigs:
+            changes += [f"upstream {runtime.config.name}: {change}" for change in runtime.apply(reconfig)]
+        for change in changes:
+            log.info("reload: %s", change)
+        # Upstreams come and go only with a restart: say so rather than
+        # report a reload that left them out as a success without a word.
+        names = {upstream.name for upstream in new.upstreams}
+        kept = {runtime.config.name for runtime in self.hub.upstreams.values()}
+        ignored = [f"upstream {name}: new; not started until a restart" for name in sorted(names - kept)]
+        ignored += [f"upstream {name}: gone from the file; serving until a restart" for name in sorted(kept - names)]
+        for change in ignored:
+            log.warning("reload: %s", change)
         await self.refresh_tokens(force=True)
         log.info("configuration reloaded from %s", new.source)
         sdnotify.ready("configuration reloaded")
-        return True, "reloaded"
+        return True, "; ".join(["reloaded", *changes, *ignored])
 
     async def stop(self) -> None:
         """SIGTERM: stop accepting, drain in-flight requests, flush usage."""

@@ -18,20 +18,18 @@ from typing import Any
 from hubcore.accounting import meter as sse
 from hubcore.ops.accesslog import AccessLog
 from hubcore.config import Config, UpstreamConfig
-from hubcore.http.deadlines import sweep_interval
 from hubcore.errors import ANTHROPIC, OPENAI, HubError, MeterError, error_body
 from hubcore.routing.keys import Failure, FailureKind, KeyRing, Lease, classify, retryable
-from hubcore.gateway.probe import Prober, failure_for
+from hubcore.gateway.probe import failure_for
+from hubcore.gateway.upstreams import UpstreamRuntime
 from hubcore.http.server import HttpProtocol, Request, flavour_for_path, status_line
 from hubcore.governance.tokens import Principal, TokenTable
 from hubcore.http.client import (
     ConnectFailed,
-    Pool,
     ResponseHead,
     UpstreamConnection,
     UpstreamError,
     UpstreamTimeout,
-    client_ssl_context,
 )
 from hubcore.accounting.usage import UsageEvent
 from hubcore.http.wire import HeaderCollector, render_head
@@ -83,51 +81,6 @@ JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
 SESSION_HEADERS = (b"x-claude-code-session-id", b"session_id", b"session-id")
 # Bytes of an error body the hub reads before deciding to retry.
 ERROR_BODY_LIMIT = 1024 * 1024
-
-
-class UpstreamRuntime:
-    """One configured upstream: its connection pool, its key ring, and the
-    prober that brings keys with open circuits back (started by the app)."""
-
-    def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
-        self.config = config
-        ssl_context = client_ssl_context(config.ca_file) if config.scheme == "https" else None
-        self.pool = Pool(
-            loop,
-            config.host,
-            config.port,
-            ssl_context,
-            connect_timeout=config.connect_timeout,
-            max_idle=config.pool_max_idle,
-            idle_timeout=config.pool_idle_timeout,
-            sweep_every=sweep_interval(
-                config.first_byte_timeout, config.stream_idle_timeout, config.pool_idle_timeout, config.probe_timeout,
-            ),
-        )
-        self.ring = KeyRing(config.name, list(config.keys), config.policy)
-        self.prober = Prober(self, loop)
-        default_port = 443 if config.scheme == "https" else 80
-        host = config.host if config.port == default_port else f"{config.host}:{config.port}"
-        self.host_header = b"host: " + host.encode() + b"\r\n"
-        self.base_path = config.base_path.encode()
-        self.auth_anthropic = config.kind == "anthropic"
-        self._auth_lines: dict[str, bytes] = {}
-
-    def auth_header(self, secret: str) -> bytes:
-        line = self._auth_lines.get(secret)
-        if line is None:
-            if len(self._auth_lines) >= 1024:  # keys rotated by many reloads
-                self._auth_lines.clear()
-            name = b"x-api-key: " if self.auth_anthropic else b"authorization: Bearer "
-            line = self._auth_lines[secret] = name + secret.encode() + b"\r\n"
-        return line
-
-    def start(self) -> None:
-        self.prober.start()
-
-    def close(self) -> None:
-        self.prober.close()
-        self.pool.close()
 
 
 class Hub:

@@ -427,6 +427,8 @@ class Pool:
             loop, sweep_every if sweep_every is not None else sweep_interval(idle_timeout),
             lambda: itertools.chain(self.idle, self.active),
         )
+        # Set by retire(): connections still busy close when they are done.
+        self.retired = False
 
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection that is still usable, or None."""
@@ -466,7 +468,7 @@ class Pool:
 
     def put_idle(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)
-        if len(self.idle) >= self.max_idle or self.idle_timeout <= 0:
+        if self.retired or len(self.idle) >= self.max_idle or self.idle_timeout <= 0:
             conn.close()
             return
         self.idle.append(conn)
@@ -479,6 +481,16 @@ class Pool:
             self.idle.remove(conn)
         except ValueError:
             pass
+
+    def retire(self) -> int:
+        """Keep no connection for reuse from now on (a new pool replaced this
+        one): the idle ones close now, each busy one when its response is
+        done. The sweeper keeps watching the busy ones' timeouts, and stops
+        by itself once none is left. The busy count."""
+        self.retired = True
+        for conn in list(self.idle):
+            conn.close()
+        return len(self.active)
 
     def close(self) -> None:
         self.sweeper.stop()

@@ -1,0 +1,214 @@
+"""One configured upstream as the hub runs it: its connection pool, its key
+ring, the prober of its open circuits, and the head lines every request to it
+carries. A reload hands it a new config, which it applies whole.
+
+Theory of operation: applying a reload. `prepare` builds what a new config
+needs and can fail to build (a pool whose TLS context loads `ca_file`) and
+changes nothing, so the app can prepare every upstream before it applies any:
+a config that fails for one applies to none. `apply` then swaps it all in at
+once, between two callbacks of the loop. A request reads `pool`,
+`host_header`, `base_path` and `auth_header` afresh for every attempt, so its
+next attempt goes to the new origin; an attempt already sent finishes on its
+connection of the old pool, which the old pool then closes instead of
+keeping it for reuse (Pool.retire). What a request read of `config` when it
+started (its attempts and deadline) stays as it read it.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from hubcore.config import UpstreamConfig
+from hubcore.errors import ConfigError
+from hubcore.gateway.probe import Prober
+from hubcore.http.client import Pool, client_ssl_context
+from hubcore.http.deadlines import sweep_interval
+from hubcore.routing.keys import KeyPolicy, KeyRing, KeySpec
+
+# Most auth lines kept for reuse: keys rotated by many reloads would grow it.
+AUTH_LINES_MAX = 1024
+
+
+def pool_settings(config: UpstreamConfig) -> tuple[Any, ...]:
+    """What a pool is built from: the origin, TLS, connect and idle settings.
+    A reload that changes any of them gets a new pool."""
+    ca_file = config.ca_file if config.scheme == "https" else ""
+    return (
+        config.scheme, config.host, config.port, ca_file,
+        config.connect_timeout, config.pool_max_idle, config.pool_idle_timeout,
+    )
+
+
+def sweep_every(config: UpstreamConfig) -> float:
+    """How often the pool looks at its connections' deadlines: often enough
+    for the shortest timeout that requests and probes on it use."""
+    return sweep_interval(
+        config.first_byte_timeout, config.stream_idle_timeout, config.pool_idle_timeout, config.probe_timeout,
+    )
+
+
+def new_pool(config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> Pool:
+    """A pool for `config`'s origin (OSError, ssl.SSLError among them, when
+    its `ca_file` cannot be loaded)."""
+    ssl_context = client_ssl_context(config.ca_file) if config.scheme == "https" else None
+    return Pool(
+        loop,
+        config.host,
+        config.port,
+        ssl_context,
+        connect_timeout=config.connect_timeout,
+        max_idle=config.pool_max_idle,
+        idle_timeout=config.pool_idle_timeout,
+        sweep_every=sweep_every(config),
+    )
+
+
+def config_changes(old: UpstreamConfig, new: UpstreamConfig) -> list[str]:
+    """What differs between two configs of one upstream, a phrase per field
+    or key, for the reload's log and answer. Keys are named by their label;
+    no secret, and no credentials a base_url may carry, is ever shown."""
+    changes = []
+    for f in dataclasses.fields(UpstreamConfig):
+        if f.name in ("keys", "policy"):
+            continue
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if before != after:
+            if f.name == "base_url":
+                before, after = _without_userinfo(before), _without_userinfo(after)
+            changes.append(f"{f.name} {_show(before)} -> {_show(after)}")
+    for f in dataclasses.fields(KeyPolicy):
+        before, after = getattr(old.policy, f.name), getattr(new.policy, f.name)
+        if before != after:
+            changes.append(f"{f.name} {_show(before)} -> {_show(after)}")
+    changes.extend(_key_changes(old.keys, new.keys))
+    return changes
+
+
+def _key_changes(old: tuple[KeySpec, ...], new: tuple[KeySpec, ...]) -> list[str]:
+    before = {spec.label: spec for spec in old}
+    after = {spec.label: spec for spec in new}
+    changes = [f"key {label} added" for label in after if label not in before]
+    changes += [f"key {label} removed" for label in before if label not in after]
+    for label, spec in after.items():
+        was = before.get(label)
+        if was is None:
+            continue
+        if was.secret != spec.secret:
+            changes.append(f"key {label}: new secret")
+        for f in dataclasses.fields(KeySpec):
+            if f.name != "secret" and getattr(was, f.name) != getattr(spec, f.name):
+                changes.append(f"key {label}: {f.name} {_show(getattr(was, f.name))} -> {_show(getattr(spec, f.name))}")
+    return changes
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _show(value: object) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:g}"
+    return repr(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Reconfig:
+    """A new config for one upstream, ready to apply (UpstreamRuntime.prepare)."""
+
+    config: UpstreamConfig
+    # The pool for the new origin or settings; None: the current one stays.
+    pool: Pool | None
+    changes: list[str]
+
+
+class UpstreamRuntime:
+    """One configured upstream: its connection pool, its key ring, and the
+    prober that brings keys with open circuits back (started by the app)."""
+
+    def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.config = config
+        self.pool = new_pool(config, loop)
+        # Pools a reload replaced whose connections were busy: closed at
+        # shutdown if still so.
+        self.retired: list[Pool] = []
+        self.ring = KeyRing(config.name, list(config.keys), config.policy)
+        self.prober = Prober(self, loop)
+        self.host_header = b""
+        self.base_path = b""
+        self.auth_anthropic = False
+        self._auth_lines: dict[str, bytes] = {}
+        self._address(config)
+
+    def _address(self, config: UpstreamConfig) -> None:
+        """The head lines of requests to `config`'s origin."""
+        default_port = 443 if config.scheme == "https" else 80
+        host = config.host if config.port == default_port else f"{config.host}:{config.port}"
+        self.host_header = b"host: " + host.encode() + b"\r\n"
+        self.base_path = config.base_path.encode()
+        self.auth_anthropic = config.kind == "anthropic"
+        self._auth_lines = {}
+
+    def auth_header(self, secret: str) -> bytes:
+        line = self._auth_lines.get(secret)
+        if line is None:
+            if len(self._auth_lines) >= AUTH_LINES_MAX:
+                self._auth_lines.clear()
+            name = b"x-api-key: " if self.auth_anthropic else b"authorization: Bearer "
+            line = self._auth_lines[secret] = name + secret.encode() + b"\r\n"
+        return line
+
+    # -- reload ------------------------------------------------------------------
+
+    def prepare(self, config: UpstreamConfig) -> Reconfig:
+        """Everything `config` needs that can fail, built without changing
+        anything: a new pool if the origin, TLS, connect or idle settings
+        change (ConfigError if its `ca_file` cannot be loaded)."""
+        if (config.name, config.kind) != (self.config.name, self.config.kind):
+            raise ValueError(f"upstream {self.config.name!r} cannot become {config.name!r} ({config.kind})")
+        pool = None
+        if pool_settings(config) != pool_settings(self.config):
+            try:
+                pool = new_pool(config, self.loop)
+            except OSError as e:  # ssl.SSLError is one
+                raise ConfigError(
+                    f"upstream {config.name!r}: ca_file {config.ca_file!r}: cannot load: {e.strerror or e}"
+                ) from e
+        return Reconfig(config, pool, config_changes(self.config, config))
+
+    def apply(self, reconfig: Reconfig) -> list[str]:
+        """Switch to a prepared config (see the module's theory of operation);
+        what changed, a phrase each. The keys are always replaced: keys the
+        vendor refused are tried again (KeyRing.replace_specs)."""
+        config = reconfig.config
+        changes = list(reconfig.changes)
+        if reconfig.pool is not None:
+            old, self.pool = self.pool, reconfig.pool
+            busy = old.retire()
+            self.retired = [pool for pool in self.retired if pool.active]
+            if busy:
+                self.retired.append(old)
+            changes.append(f"new connection pool ({busy} requests in flight finish on the old one)")
+        else:
+            self.pool.sweeper.interval = sweep_every(config)
+        self.ring.replace_specs(list(config.keys), config.policy)
+        self._address(config)
+        self.config = config
+        return changes
+
+    # -- lifetime ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.prober.start()
+
+    def close(self) -> None:
+        self.prober.close()
+        self.pool.close()
+        for pool in self.retired:
+            pool.close()
+        self.retired = []
