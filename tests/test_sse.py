@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hubcore.accounting import _meter_interpret as _interpret
 from hubcore.accounting import _meter_py as _sse_py
 
 from hubcore.accounting import meter as sse
@@ -245,6 +246,16 @@ def test_misuse_raises_meter_error(twin: ModuleType) -> None:
     with pytest.raises(MeterError):
         m.feed(b"data: x\n\n")
     assert issubclass(MeterError, ValueError)
+
+
+def test_counters_come_from_the_shared_reading(twin: ModuleType) -> None:
+    """Both twins expose the shared Reading's counters (the compiled one forwards them), and nothing else."""
+    m = twin.Meter(FMT_ANTHROPIC, True)
+    fresh = _interpret.Reading(FMT_ANTHROPIC)
+    assert _interpret.COUNTERS <= set(FIELDS)
+    assert {f: getattr(m, f) for f in _interpret.COUNTERS} == {f: getattr(fresh, f) for f in _interpret.COUNTERS}
+    with pytest.raises(AttributeError):
+        m.no_such_counter  # noqa: B018
 
 
 # -- recorded Anthropic streams --------------------------------------------------------

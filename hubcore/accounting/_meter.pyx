@@ -9,8 +9,9 @@
 # cython: cdivision=True
 """Compiled twin of the streaming meter: the SSE framing, event sorting and delta text counting in C.
 
-Mirrors `_sse_py.py` method for method (same names, same numbers); the few
-events that carry usage are decoded with orjson exactly as there.
+Mirrors `_meter_py.py` method for method (same names, same numbers); the few
+events that carry usage are decoded with orjson exactly as there, and what
+they mean is read by the same code, `_meter_interpret.Reading`.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -21,49 +22,42 @@ from libc.string cimport memchr, memcmp, memcpy
 import orjson
 
 from hubcore._meter_errors import MeterError
-# What is not per byte lives once, in the pure twin: the estimate, and the
-# text of the few deltas the walk below leaves to orjson.
-from hubcore.accounting._meter_py import _anthropic_text, _chat_text, _responses_text, estimated_tokens
-
-FMT_ANTHROPIC = 1  # Anthropic Messages (/v1/messages)
-FMT_OPENAI_RESPONSES = 2  # OpenAI Responses (/v1/responses)
-FMT_OPENAI_CHAT = 3  # OpenAI Chat Completions (/v1/chat/completions)
-
-# Bytes; see _sse_py.py for why these sizes.
-MAX_EVENT_SIZE = 16 * 1024 * 1024
-MAX_BODY_SIZE = 64 * 1024 * 1024
+# What is not per byte lives once, for both twins: the formats, the caps, and
+# what each decoded object means (usage, model, stop reason, errors, the text
+# of the deltas the walk below leaves to orjson).
+from hubcore.accounting import _meter_interpret as _interpret
+from hubcore.accounting._meter_interpret import (
+    COUNTERS, FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Reading,
+)
 
 cdef enum:
     # Bytes. A buffer that grew past this for one big event is freed after
     # it, so a long stream does not keep its largest event's memory.
     _KEEP_CAPACITY = 64 * 1024
 
-cdef enum:
-    _FMT_ANTHROPIC = 1
-    _FMT_RESPONSES = 2
-    _FMT_CHAT = 3
-
-# What an event is, from its `event:` name or its data's "type".
-cdef enum:
-    _SNIFF = 0  # no name (or "message"): read the type from the data
-    _SKIP = 1
-    _A_START = 2
-    _A_DELTA = 3
-    _A_STOP = 4
-    _A_BLOCK = 5  # content_block_start: may name the model a fallback switched to
-    _ERROR = 6
-    _R_CREATED = 7  # response.created / response.in_progress: the model, early
-    _R_COMPLETED = 8
-    _R_INCOMPLETE = 9
-    _R_FAILED = 10
-    _A_TEXT = 11  # content_block_delta: generated text, counted for a cut stream
-    _R_TEXT = 12  # response.<...>.delta: the same for Responses
+# The formats and what an event is (from its `event:` name or its data's
+# "type"), numbered once, in the shared module; as C ints here.
+cdef int _FMT_ANTHROPIC = FMT_ANTHROPIC
+cdef int _FMT_RESPONSES = FMT_OPENAI_RESPONSES
+cdef int _FMT_CHAT = FMT_OPENAI_CHAT
+cdef int _SNIFF = _interpret.SNIFF
+cdef int _SKIP = _interpret.SKIP
+cdef int _A_START = _interpret.A_START
+cdef int _A_DELTA = _interpret.A_DELTA
+cdef int _A_STOP = _interpret.A_STOP
+cdef int _A_BLOCK = _interpret.A_BLOCK
+cdef int _ERROR = _interpret.ERROR
+cdef int _R_CREATED = _interpret.R_CREATED
+cdef int _R_COMPLETED = _interpret.R_COMPLETED
+cdef int _R_INCOMPLETE = _interpret.R_INCOMPLETE
+cdef int _R_FAILED = _interpret.R_FAILED
+cdef int _A_TEXT = _interpret.A_TEXT
+cdef int _R_TEXT = _interpret.R_TEXT
 
 cdef object _loads = orjson.loads
 cdef object _JSONDecodeError = orjson.JSONDecodeError
 cdef const unsigned char* _EMPTY = <const unsigned char*>b""
 
-_TERMINAL_STATUS = {_R_COMPLETED: "completed", _R_INCOMPLETE: "incomplete", _R_FAILED: "failed"}
 _NOTHING = (None, False, None, None)
 _WANTED_KEYS = {b'"model"': 1, b'"stream"': 2, b'"metadata"': 3, b'"prompt_cache_key"': 4}
 _USER_ID_KEY = {b'"user_id"': 1}
@@ -610,21 +604,6 @@ cdef Py_ssize_t _delta_chars(const unsigned char* p, Py_ssize_t n, int root) noe
     return chars
 
 
-cdef object _count(object v):
-    """A token count as the vendor sent it, or None for null, bools, negatives, floats."""
-    return v if type(v) is int and v >= 0 else None
-
-
-cdef str _openai_error(object err):
-    cdef object v
-    if type(err) is dict:
-        for key in ("code", "type"):
-            v = err.get(key)
-            if type(v) is str and v:
-                return v
-    return "error"
-
-
 cdef object _as_bytes(object data):
     if type(data) is bytes or type(data) is bytearray:
         return data
@@ -649,27 +628,12 @@ cdef class Meter:
 
     cdef readonly int fmt
     cdef readonly bint sse
-    # results
-    cdef readonly object model
-    cdef readonly object input_tokens
-    cdef readonly object cache_write_5m
-    cdef readonly object cache_write_1h
-    cdef readonly object cache_read
-    cdef readonly object reasoning_tokens
-    cdef readonly object server_tool_requests
-    cdef readonly object stop_reason
-    cdef readonly object error_type
-    cdef readonly bint completed
+    # the counters (model, tokens, stop reason, error...), read from the
+    # decoded objects by the shared code and forwarded by __getattr__
+    cdef object _reading
     cdef readonly Py_ssize_t events
     cdef readonly Py_ssize_t malformed
     cdef readonly Py_ssize_t delta_chars
-    # the vendor's own output count, and whether it is final (a cut stream's
-    # output is at least the estimate from its deltas)
-    cdef object _output_reported
-    cdef bint _final_usage
-    # OpenAI reports input including cached tokens; keep both raw totals
-    cdef object _oa_input
-    cdef object _oa_cached
     cdef bint _closed
     # SSE framing
     cdef Py_ssize_t _max_event
@@ -693,29 +657,14 @@ cdef class Meter:
 
     def __init__(self, fmt, sse, *, Py_ssize_t max_event_size=MAX_EVENT_SIZE,
                  Py_ssize_t max_body_size=MAX_BODY_SIZE):
-        if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt not in (_FMT_ANTHROPIC, _FMT_RESPONSES, _FMT_CHAT):
-            raise MeterError(f"unknown meter format {fmt!r}")
+        self._reading = Reading(fmt)  # raises MeterError for an unknown format
         if max_event_size < 1 or max_body_size < 0:
             raise MeterError("size caps must be positive")
         self.fmt = fmt
         self.sse = bool(sse)
-        self.model = None
-        self.input_tokens = 0
-        self.cache_write_5m = 0
-        self.cache_write_1h = 0
-        self.cache_read = 0
-        self.reasoning_tokens = 0
-        self.server_tool_requests = 0
-        self.stop_reason = None
-        self.error_type = None
-        self.completed = False
         self.events = 0
         self.malformed = 0
         self.delta_chars = 0
-        self._output_reported = 0
-        self._final_usage = False
-        self._oa_input = 0
-        self._oa_cached = 0
         self._closed = False
         self._max_event = max_event_size
         self._discarding = False
@@ -733,17 +682,20 @@ cdef class Meter:
         _buf_free(&self._tail)
         _buf_free(&self._acc)
 
+    def __getattr__(self, name):
+        if name in COUNTERS:
+            return getattr(self._reading, name)
+        raise AttributeError(f"'Meter' object has no attribute {name!r}")
+
     @property
     def output_tokens(self):
         """The vendor's count; before its final usage, at least the estimate from the deltas."""
-        if self._final_usage:
-            return self._output_reported
-        return max(self._output_reported, estimated_tokens(self.delta_chars))
+        return self._reading._output_tokens(self.delta_chars)
 
     @property
     def output_estimated(self):
         """Whether `output_tokens` is the estimate (the stream was cut before its final usage)."""
-        return not self._final_usage and estimated_tokens(self.delta_chars) > self._output_reported
+        return self._reading._output_estimated(self.delta_chars)
 
     # -- input ----------------------------------------------------------------
 
@@ -932,23 +884,17 @@ cdef class Meter:
 
     cdef int _event(self, int kind, const unsigned char* d, Py_ssize_t dn) except -1:
         cdef Py_ssize_t ts = 0, te = 0, chars
-        cdef bytes tb
         if self.fmt == _FMT_CHAT:
             return self._chat_event(d, dn)
         if kind == _SNIFF:
             if not _sniff_type(d, dn, &ts, &te):
-                obj = self._loads(d, dn)
-                if type(obj) is dict:
-                    t = obj.get("type")
-                    if type(t) is str:
-                        tb = (<str>t).encode()
-                        self._apply(_lookup(self.fmt, tb, len(tb)), obj)
+                self.delta_chars += self._reading._untyped(self._loads(d, dn))
                 return 0
             kind = _lookup(self.fmt, d + ts, te - ts)
         if kind == _SKIP:
             return 0
         if kind == _A_STOP:
-            self.completed = self._final_usage = True
+            self._reading._stop()
             return 0
         if kind == _A_TEXT or kind == _R_TEXT:
             chars = _delta_chars(d, dn, _N_A_ROOT if kind == _A_TEXT else _N_R_ROOT)
@@ -957,40 +903,28 @@ cdef class Meter:
                 return 0
         elif kind == _A_BLOCK and not _has_member(d, dn, b'"type"', 6, b'"fallback"', 10, NULL, 0, NULL, 0):
             return 0
-        if kind == _R_CREATED and self.model is not None:
+        if kind == _R_CREATED and self._reading.model is not None:
             return 0
-        obj = self._loads(d, dn)
-        if type(obj) is dict:
-            self._apply(kind, obj)
-        elif kind == _ERROR or kind == _R_FAILED:
-            self._error("error")
+        self.delta_chars += self._reading._event(kind, self._loads(d, dn))
         return 0
 
     cdef int _chat_event(self, const unsigned char* d, Py_ssize_t dn) except -1:
         cdef Py_ssize_t chars
-        # [DONE] completes the stream but is no usage: a stream without
-        # stream_options.include_usage keeps its estimate
+        cdef bint whole
         if _eq(d, dn, b"[DONE]", 6):
-            self.completed = True
+            self._reading._done()
             return 0
-        if (
-            self.model is not None
-            and not _has_member(d, dn, b'"usage"', 7, b"{", 1, b'"finish_reason"', 15, b'"', 1)
-            and not _error_first(d, dn)
-        ):
+        whole = (
+            _has_member(d, dn, b'"usage"', 7, b"{", 1, b'"finish_reason"', 15, b'"', 1)
+            or _error_first(d, dn)
+        )
+        if not whole and self._reading.model is not None:
             # a plain text chunk: only its text counts
             chars = _delta_chars(d, dn, _N_C_ROOT)
             if chars >= 0:
                 self.delta_chars += chars
                 return 0
-            obj = self._loads(d, dn)
-            if type(obj) is dict:
-                self.delta_chars += _chat_text(obj)
-            return 0
-        obj = self._loads(d, dn)
-        if type(obj) is dict:
-            self.delta_chars += _chat_text(obj)
-            self._chat_obj(obj)
+        self.delta_chars += self._reading._chunk(self._loads(d, dn), whole)
         return 0
 
     cdef object _loads(self, const unsigned char* d, Py_ssize_t dn):
@@ -1000,197 +934,6 @@ cdef class Meter:
         except _JSONDecodeError:
             self.malformed += 1
             return None
-
-    # -- interpretation of the few decoded objects (as in _sse_py.py) ----------
-
-    cdef _error(self, str kind):
-        # the first error is the cause; later ones are its echoes
-        if self.error_type is None:
-            self.error_type = kind
-
-    cdef _apply(self, int kind, dict obj):
-        if kind == _A_START:
-            msg = obj.get("message")
-            if type(msg) is dict:
-                self._anthropic_message(msg)
-        elif kind == _A_DELTA:
-            delta = obj.get("delta")
-            if type(delta) is dict:
-                sr = delta.get("stop_reason")
-                if type(sr) is str:
-                    self.stop_reason = sr
-            # message_delta follows the last content block: its output count is final
-            if self._anthropic_usage(obj.get("usage")):
-                self._final_usage = True
-        elif kind == _A_TEXT:
-            self.delta_chars += _anthropic_text(obj)
-        elif kind == _R_TEXT:
-            self.delta_chars += _responses_text(obj)
-        elif kind == _A_STOP:
-            self.completed = self._final_usage = True
-        elif kind == _A_BLOCK:
-            block = obj.get("content_block")
-            if type(block) is dict and block.get("type") == "fallback":
-                to = block.get("to")
-                if type(to) is dict:
-                    m = to.get("model")
-                    if type(m) is str:
-                        self.model = m
-        elif kind == _ERROR:
-            if self.fmt == _FMT_ANTHROPIC:
-                err = obj.get("error")
-                et = err.get("type") if type(err) is dict else None
-                self._error(et if type(et) is str and et else "error")
-            else:
-                code = obj.get("code")
-                self._error(code if type(code) is str and code else _openai_error(obj.get("error")))
-        elif kind == _R_CREATED:
-            resp = obj.get("response")
-            if type(resp) is dict:
-                m = resp.get("model")
-                if type(m) is str:
-                    self.model = m
-        elif kind == _R_COMPLETED or kind == _R_INCOMPLETE or kind == _R_FAILED:
-            resp = obj.get("response")
-            if type(resp) is dict:
-                self._responses_obj(resp, _TERMINAL_STATUS[kind])
-            elif kind == _R_FAILED:
-                self._error("error")
-            if kind != _R_FAILED:
-                self.completed = self._final_usage = True
-
-    cdef _anthropic_message(self, dict msg):
-        m = msg.get("model")
-        if type(m) is str:
-            self.model = m
-        sr = msg.get("stop_reason")
-        if type(sr) is str:
-            self.stop_reason = sr
-        self._anthropic_usage(msg.get("usage"))
-
-    cdef bint _anthropic_usage(self, usage) except -1:
-        """Take a usage object; whether it carried an output count."""
-        # overwrite, never add: message_delta numbers are running totals
-        if type(usage) is not dict:
-            return False
-        v = _count(usage.get("input_tokens"))
-        if v is not None:
-            self.input_tokens = v
-        output = _count(usage.get("output_tokens"))
-        if output is not None:
-            self._output_reported = output
-        v = _count(usage.get("cache_read_input_tokens"))
-        if v is not None:
-            self.cache_read = v
-        split = usage.get("cache_creation")
-        if type(split) is dict:
-            v = _count(split.get("ephemeral_5m_input_tokens"))
-            if v is not None:
-                self.cache_write_5m = v
-            v = _count(split.get("ephemeral_1h_input_tokens"))
-            if v is not None:
-                self.cache_write_1h = v
-        v = _count(usage.get("cache_creation_input_tokens"))
-        if v is not None:
-            self._cache_write_total(v)
-        details = usage.get("output_tokens_details")
-        if type(details) is dict:
-            v = _count(details.get("thinking_tokens"))
-            if v is not None:
-                self.reasoning_tokens = v
-        tools = usage.get("server_tool_use")
-        if type(tools) is dict:
-            total = 0
-            for key, n in tools.items():
-                c = _count(n)
-                if c is not None and key.endswith("_requests"):
-                    total += c
-            self.server_tool_requests = total
-        return output is not None
-
-    cdef _cache_write_total(self, total):
-        """Make the 5m/1h split add up to a new total (see _sse_py.py)."""
-        w5 = self.cache_write_5m
-        w1h = self.cache_write_1h
-        diff = total - (w5 + w1h)
-        if diff == 0:
-            return
-        if w5 == 0 and w1h > 0:
-            w1h += diff
-        else:
-            w5 += diff
-        if w5 < 0:
-            w1h += w5
-            w5 = 0
-        if w1h < 0:
-            w5 += w1h
-            w1h = 0
-        self.cache_write_5m = w5
-        self.cache_write_1h = w1h
-
-    cdef _openai_usage(self, usage, str inp, str out, str inp_details, str out_details):
-        if type(usage) is not dict:
-            return
-        v = _count(usage.get(inp))
-        if v is not None:
-            self._oa_input = v
-        details = usage.get(inp_details)
-        if type(details) is dict:
-            v = _count(details.get("cached_tokens"))
-            if v is not None:
-                self._oa_cached = v
-        self.cache_read = self._oa_cached
-        self.input_tokens = max(self._oa_input - self._oa_cached, 0)
-        v = _count(usage.get(out))
-        if v is not None:
-            # OpenAI sends usage once, at the end: it is final
-            self._output_reported = v
-            self._final_usage = True
-        details = usage.get(out_details)
-        if type(details) is dict:
-            v = _count(details.get("reasoning_tokens"))
-            if v is not None:
-                self.reasoning_tokens = v
-
-    cdef _responses_obj(self, dict resp, status_default):
-        m = resp.get("model")
-        if type(m) is str:
-            self.model = m
-        self._openai_usage(
-            resp.get("usage"), "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"
-        )
-        status = resp.get("status")
-        if type(status) is not str:
-            status = status_default
-        details = resp.get("incomplete_details")
-        reason = details.get("reason") if type(details) is dict else None
-        if type(reason) is str:
-            self.stop_reason = reason
-        elif status is not None:
-            self.stop_reason = status
-        err = resp.get("error")
-        if err is not None:
-            self._error(_openai_error(err))
-        elif status == "failed":
-            self._error("error")
-
-    cdef _chat_obj(self, dict obj):
-        m = obj.get("model")
-        if type(m) is str:
-            self.model = m
-        choices = obj.get("choices")
-        if type(choices) is list:
-            for choice in choices:
-                if type(choice) is dict:
-                    fr = choice.get("finish_reason")
-                    if type(fr) is str:
-                        self.stop_reason = fr
-        self._openai_usage(
-            obj.get("usage"), "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
-        )
-        err = obj.get("error")
-        if err is not None:
-            self._error(_openai_error(err))
 
     cdef _close_body(self):
         cdef bytearray body
@@ -1203,22 +946,8 @@ cdef class Meter:
             obj = _loads(body)
         except _JSONDecodeError:
             self.malformed += 1
-            return
-        if type(obj) is not dict:
-            return
-        if self.fmt == _FMT_ANTHROPIC:
-            if obj.get("type") == "error":
-                err = obj.get("error")
-                et = err.get("type") if type(err) is dict else None
-                self._error(et if type(et) is str and et else "error")
-            else:
-                self._anthropic_message(obj)
-        elif self.fmt == _FMT_RESPONSES:
-            self._responses_obj(obj, None)
-        else:
-            self._chat_obj(obj)
-        if self.error_type is None and type(obj.get("usage")) is dict:
-            self.completed = True
+            obj = None
+        self._reading._unstreamed(obj)
 
 
 # -- request scanning -----------------------------------------------------------

@@ -58,7 +58,8 @@ import platform
 from typing import TYPE_CHECKING
 
 from hubcore._meter_errors import MeterError
-from hubcore.accounting._meter_py import CHARS_PER_TOKEN, estimated_tokens, session_from_user_id
+from hubcore.accounting._meter_interpret import CHARS_PER_TOKEN, estimated_tokens
+from hubcore.accounting._meter_py import session_from_user_id
 
 __all__ = [
     "CHARS_PER_TOKEN", "COMPILED", "FMT_ANTHROPIC", "FMT_OPENAI_CHAT", "FMT_OPENAI_RESPONSES", "MAX_BODY_SIZE",
