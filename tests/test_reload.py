@@ -15,9 +15,8 @@ import anthropic
 import pytest
 
 from hubcore import config as config_mod
-from hubcore.config import UpstreamConfig
+from hubcore.config import KeySpec, UpstreamConfig
 from hubcore.gateway.upstreams import UpstreamRuntime, config_changes
-from hubcore.routing.keys import KeySpec
 from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor, expected_text
 from tests.hubharness import HubThread
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from hubcore.config import UpstreamConfig
+from hubcore.config import KeyPolicy, KeySpec, UpstreamConfig
 from hubcore.errors import ConfigError
 from hubcore.gateway.probe import Prober
 from hubcore.http.client import Pool, client_ssl_context
 from hubcore.http.deadlines import sweep_interval
-from hubcore.routing.keys import KeyPolicy, KeyRing, KeySpec
+from hubcore.routing.keys import KeyRing
 
 # Most auth lines kept for reuse: keys rotated by many reloads would grow it.
 AUTH_LINES_MAX = 1024
