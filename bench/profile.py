@@ -34,7 +34,7 @@ FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
 # clock (so time spent preempted is not charged); stats dumped at SIGTERM.
 CPROFILE_LAUNCHER = """\
 import cProfile, sys, time
-from hubcore.cli import main as cli
+from hubcore import cli
 out = sys.argv[1]
 profiler = cProfile.Profile(time.thread_time)
 profiler.enable()

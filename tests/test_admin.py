@@ -14,7 +14,9 @@ import pytest
 
 from hubcore import store
 
-from hubcore.cli import admin
+from hubcore.cli import common, scopes, usage
+from hubcore.cli import tokens as token_commands
+from hubcore.cli.main import build_parser
 
 from hubcore.governance import tokens
 from hubcore.governance.limiter import Limiter, Refused
@@ -24,29 +26,6 @@ from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
 
 USD = 1_000_000
 NOW = datetime(2026, 3, 4, 10, 0, tzinfo=timezone.utc).timestamp()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The subcommands as hubcore/cli.py wires them."""
-    parser = argparse.ArgumentParser(prog="hubcore")
-    sub = parser.add_subparsers(dest="command")
-    token = sub.add_parser("token").add_subparsers(dest="token_action")
-    p = token.add_parser("create")
-    p.add_argument("--config")
-    p.add_argument("--user", required=True)
-    p.add_argument("--project")
-    p.add_argument("--note")
-    admin.add_token_limit_arguments(p)
-    p = token.add_parser("update")
-    p.add_argument("--config")
-    admin.add_token_update_arguments(p)
-    admin.add_user_arguments(sub.add_parser("user"))
-    admin.add_project_arguments(sub.add_parser("project"))
-    p = sub.add_parser("usage")
-    p.add_argument("--config")
-    p.add_argument("--format", default="table", choices=["table", "json", "csv"])
-    admin.add_budget_arguments(p)
-    return parser
 
 
 @pytest.fixture
@@ -64,24 +43,32 @@ def conn(db_path: Path) -> Iterator[sqlite3.Connection]:
 Run = Callable[..., tuple[int, str, str]]
 
 
+# The bodies of the commands the real parser picks, run here on the test's
+# database, clock and time zone.
+BODIES: dict[common.Command, Callable[[argparse.Namespace, common.Context], int]] = {
+    token_commands.run_update: token_commands.update,
+    scopes.run_missing_action: scopes.missing_action,
+    scopes.run_set: scopes.set_limits,
+    scopes.run_show: scopes.show,
+    scopes.run_list: scopes.list_scopes,
+    usage.run_usage: usage.usage,
+}
+
+
 @pytest.fixture
 def run(conn: sqlite3.Connection, capsys: pytest.CaptureFixture[str]) -> Run:
     parser = build_parser()
 
     def go(*argv: str) -> tuple[int, str, str]:
         args = parser.parse_args(argv)
-        if args.command == "token" and args.token_action == "create":
-            token_id, _ = admin.create_token(args, conn)
+        if args.run is token_commands.run_create:
+            token_id, _ = token_commands.create_token(args, conn)
             code = 0
             print(token_id)
-        elif args.command == "token":
-            code = admin.run_token_update(args, conn)
-        elif args.command == "user":
-            code = admin.run_user(args, conn, tz="Europe/Berlin", now=NOW)
-        elif args.command == "project":
-            code = admin.run_project(args, conn, tz="UTC", now=NOW)
         else:
-            code = admin.run_budgets(args, conn, tz="UTC", now=NOW)
+            # Users' budgets in Berlin's calendar, everything else in UTC's.
+            ctx = common.Context(conn, tz="Europe/Berlin" if argv[0] == "user" else "UTC", now=NOW)
+            code = common.call(lambda a: BODIES[args.run](a, ctx), args)
         out = capsys.readouterr()
         return code, out.out, out.err
 

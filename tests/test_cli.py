@@ -1,9 +1,12 @@
 """The `hubcore` command as users run it: tokens, config errors, serving with
-no config at all, and usage reports, each as a real subprocess."""
+no config at all, and usage reports, each as a real subprocess; and, in
+process, the conventions every command follows (--config, one-line errors)."""
 from __future__ import annotations
 
+import argparse
 import csv
 import http.client
+import importlib.metadata
 import io
 import os
 import pty
@@ -27,6 +30,8 @@ import pytest
 
 from hubcore import store
 from hubcore.accounting.pricing import PriceTable
+from hubcore.cli import main as cli_main
+from hubcore.cli.main import build_parser
 from hubcore.governance.tokens import TokenTable
 from tests.hubharness import REPO, HubThread, free_port, hubcore_cmd, wait_listening
 
@@ -444,3 +449,78 @@ def test_an_ops_socket_that_cannot_be_bound_is_named_not_the_listen_address(tmp_
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and errors[0].endswith(f"cannot open the ops socket {in_the_way}: exists and is not a socket; not replacing it")
     assert "Traceback" not in done.stderr and in_the_way.read_text() == "keep me"
+
+
+# -- one convention for every command ---------------------------------------------------------
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every parser below `parser`, groups of commands and commands, with its words."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_command_takes_config_and_runs_one_function() -> None:
+    commands = list(_parsers(build_parser()))
+    assert {words for words, _ in commands} >= {
+        ("serve",), ("check-config",), ("token", "create"), ("token", "update"), ("token", "list"),
+        ("token", "revoke"), ("stats",), ("keys",), ("reload",), ("user", "set"), ("user", "show"),
+        ("user", "list"), ("project", "set"), ("project", "show"), ("project", "list"), ("usage",),
+    }
+    for words, parser in commands:
+        assert "--config" in parser._option_string_actions, words
+        leaf = not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+        assert not leaf or callable(parser.get_default("run")), words
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "{c}", "token", "list", "--json"],
+        ["token", "--config", "{c}", "list", "--json"],
+        ["token", "list", "--json", "--config", "{c}"],
+        ["--config", "{c}.missing", "token", "list", "--json", "--config", "{c}"],
+    ],
+    ids=["before", "between", "after", "after-wins"],
+)
+def test_config_before_or_after_the_subcommand(
+    config: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert cli_main(["token", "create", "--user", "u", "--json", "--config", str(config)]) == 0
+    made = orjson.loads(capsys.readouterr().out)
+    assert cli_main([a.format(c=config) for a in argv]) == 0
+    assert [row["id"] for row in orjson.loads(capsys.readouterr().out)] == [made["id"]]
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "line"),
+    [
+        (["token", "revoke", "99"], 1, "hubcore: no active token with id 99"),
+        (["token", "update", "1"], 2, "hubcore: nothing to update: give --rpm, --concurrency, --budget, --models or --expires"),
+        (["user"], 2, "hubcore: usage: hubcore user set|show|list ..."),
+        (["usage", "--since", "soon"], 2, "hubcore: cannot read time 'soon'"),
+        (["usage", "--budgets", "team:x"], 2, "hubcore: expected token:ID, user:NAME or project:NAME, not 'team:x'"),
+    ],
+)
+def test_a_failing_command_says_why_in_one_line(
+    config: Path, capsys: pytest.CaptureFixture[str], argv: list[str], status: int, line: str
+) -> None:
+    assert cli_main([*argv, "--config", str(config)]) == status
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and out.err.startswith(line), out.err
+
+
+def test_a_config_error_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server]\nlisten_on = 1\n")
+    for argv in (["check-config"], ["token", "list"], ["stats"], ["usage", "--budgets"]):
+        assert cli_main([*argv, "--config", str(broken)]) == 2, argv
+        err = capsys.readouterr().err
+        assert err == f"hubcore: config error: {broken}: server.listen_on: unknown field\n", argv
+
+
+def test_the_console_script_is_the_same_main() -> None:
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "hubcore"]
+    assert script.value == "hubcore.cli:main" and script.load() is cli_main

@@ -23,6 +23,7 @@ from hubcore.governance.limits import Limits, calendar_periods, format_usd, pars
 from hubcore.governance.storage import ScopeLimits
 from hubcore.governance.tokens import Principal
 from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
+from hubcore.cli.render import limits_text
 
 USD = 1_000_000
 
@@ -424,10 +425,21 @@ def test_limits_json_round_trip_and_validation() -> None:
     for bad in ('{"rpm": 0}', '{"rpm": 1.5}', '{"budget_micros": {"year": 1}}', '{"speed": 1}', '{"models": "x"}', "[1]", "nope"):
         with pytest.raises(ValueError):
             Limits.from_json(bad)
-    assert limits.describe(ZoneInfo("UTC")) == (
+    assert limits_text(limits, ZoneInfo("UTC")) == (
         "rpm 60, concurrency 4, day $5.00, total $0.00, models claude-sonnet-*, expires 2026-03-04T10:00:00+00:00"
     )
     assert format_usd(10_000) == "$0.01" and format_usd(1_234_567) == "$1.234567" and format_usd(12_345 * USD) == "$12,345.00"
+
+
+def test_one_money_formatter_for_refusals_tables_and_csv() -> None:
+    # Exact to the micro-dollar at any size, rounding half up where places are fixed.
+    assert format_usd(123_456_789_012_345_678) == "$123,456,789,012.345678"
+    assert format_usd(1_734_567, 4, symbol="") == "1.7346" and format_usd(1_734_550, 4, symbol="") == "1.7346"
+    assert format_usd(1_734_549, 4, symbol="") == "1.7345" and format_usd(2_500_000, 0) == "$3"
+    assert format_usd(1_234_567_890, 6, symbol="", grouping=False) == "1234.567890"
+    assert format_usd(-10_000) == "$-0.01" and format_usd(-5, 6, symbol="") == "-0.000005"
+    with pytest.raises(ValueError):
+        format_usd(1, 7)
 
 
 def test_unknown_timezone_is_a_clear_error() -> None:

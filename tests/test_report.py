@@ -13,8 +13,10 @@ import orjson
 import pytest
 
 from hubcore import store
-from hubcore.accounting.report import parse_time, render
+from hubcore.accounting.report import parse_time
 from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
+from hubcore.cli.render import table
+from hubcore.cli.usage import render_usage
 
 
 def utc(text: str) -> float:
@@ -63,7 +65,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
 
 
 def test_table_by_user(conn: sqlite3.Connection) -> None:
-    text = render(conn, by="user")
+    text = render_usage(conn, by="user")
     lines = text.splitlines()
     assert lines[0] == "usage by user, beginning to now (UTC)"
     rows = table_rows(text)
@@ -78,21 +80,26 @@ def test_table_by_user(conn: sqlite3.Connection) -> None:
     assert len({len(line) for line in lines[2:]}) == 1
 
 
+def test_table_pads_aligns_and_rules() -> None:
+    assert table([("a", "bb"), None, ("ccc", "d")], right=(1,)) == ["a    bb", "---  --", "ccc   d"]
+    assert table([("ID", "USER"), ("1", "ann")]) == ["ID  USER", "1   ann"]
+
+
 def test_day_groups_by_utc_date_in_order(conn: sqlite3.Connection) -> None:
-    rows = table_rows(render(conn, by="day"))
+    rows = table_rows(render_usage(conn, by="day"))
     assert list(rows) == ["day", "2026-01-01", "2026-01-02", "2026-01-03", "total"]
     assert [rows[d][0] for d in ("2026-01-01", "2026-01-02", "2026-01-03")] == ["1", "3", "1"]
 
 
 def test_key_groups_name_the_upstream(conn: sqlite3.Connection) -> None:
-    document = orjson.loads(render(conn, by="key", fmt="json"))
+    document = orjson.loads(render_usage(conn, by="key", fmt="json"))
     assert [(g["group"], g["requests"]) for g in document["groups"]] == [
         ("anthropic/key-a", 1), ("anthropic/key-b", 1), ("openai/key-x", 2), (None, 1),
     ]
 
 
 def test_json_groups_and_total(conn: sqlite3.Connection) -> None:
-    document = orjson.loads(render(conn, by="model", fmt="json"))
+    document = orjson.loads(render_usage(conn, by="model", fmt="json"))
     assert document["by"] == "model"
     assert document["since"] is None and document["until"] is None
     groups = {g["group"]: g for g in document["groups"]}
@@ -111,7 +118,7 @@ def test_json_groups_and_total(conn: sqlite3.Connection) -> None:
 
 
 def test_csv_parses_with_the_csv_module(conn: sqlite3.Connection) -> None:
-    reader = csv.DictReader(io.StringIO(render(conn, by="project", fmt="csv")))
+    reader = csv.DictReader(io.StringIO(render_usage(conn, by="project", fmt="csv")))
     rows = {r["group"]: r for r in reader}
     assert list(rows) == ["p1", "p2", "", "TOTAL"]
     assert rows["p1"]["cost_usd"] == "1.734567"
@@ -126,12 +133,12 @@ def test_csv_parses_with_the_csv_module(conn: sqlite3.Connection) -> None:
 def test_since_is_inclusive_until_exclusive(conn: sqlite3.Connection) -> None:
     since = parse_time("2026-01-02T00:00:01Z")
     until = parse_time("2026-01-02T13:00:00Z")
-    document = orjson.loads(render(conn, by="model", since=since, until=until, fmt="json"))
+    document = orjson.loads(render_usage(conn, by="model", since=since, until=until, fmt="json"))
     assert {g["group"]: g["requests"] for g in document["groups"]} == {
         "claude-sonnet-4-5": 1, "gpt-5": 1,
     }
     assert document["since"] == "2026-01-02T00:00:01+00:00"
-    assert "2026-01-02T00:00:01+00:00 to 2026-01-02T13:00:00+00:00" in render(
+    assert "2026-01-02T00:00:01+00:00 to 2026-01-02T13:00:00+00:00" in render_usage(
         conn, since=since, until=until
     )
 
@@ -139,19 +146,19 @@ def test_since_is_inclusive_until_exclusive(conn: sqlite3.Connection) -> None:
 def test_empty_database(tmp_path: Path) -> None:
     connection = store.connect(tmp_path / "empty.db")
     try:
-        rows = table_rows(render(connection, by="upstream"))
+        rows = table_rows(render_usage(connection, by="upstream"))
         assert list(rows) == ["upstream", "total"]
         assert rows["total"] == ["0", "0", "0", "0", "0", "0", "0", "0.0000", "0", "-", "0"]
-        assert list(csv.reader(io.StringIO(render(connection, fmt="csv"))))[1][0] == "TOTAL"
+        assert list(csv.reader(io.StringIO(render_usage(connection, fmt="csv"))))[1][0] == "TOTAL"
     finally:
         connection.close()
 
 
 def test_unknown_grouping_or_format(conn: sqlite3.Connection) -> None:
     with pytest.raises(ValueError, match="cannot group usage by 'team'"):
-        render(conn, by="team")
+        render_usage(conn, by="team")
     with pytest.raises(ValueError, match="unknown report format 'xml'"):
-        render(conn, fmt="xml")
+        render_usage(conn, fmt="xml")
 
 
 NOW = 1_780_000_000.0

@@ -1,20 +1,15 @@
 """Usage reports over the usage table (`hubcore usage`): totals grouped by
-user, project, model, key, upstream or UTC day, as a table, JSON or CSV, and
-the --since/--until time syntax.
+user, project, model, key, upstream or UTC day, and the --since/--until time
+syntax. The numbers only: hubcore.cli.render writes them as a table, JSON or
+CSV.
 """
 from __future__ import annotations
 
-import csv
-import io
 import re
 import sqlite3
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
-
-import orjson
 
 # Group expressions are fixed SQL chosen by name, never text from the caller.
 GROUPS: dict[str, str] = {
@@ -28,7 +23,6 @@ GROUPS: dict[str, str] = {
     # Days are UTC calendar dates, so a report reads the same on every host.
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
 }
-FORMATS = ("table", "json", "csv")
 
 COUNT_FIELDS = (
     "requests", "input", "output", "cache_write_5m", "cache_write_1h",
@@ -108,21 +102,6 @@ def query(
     return rows, total
 
 
-def render(
-    conn: sqlite3.Connection, by: str = "user",
-    since: float | None = None, until: float | None = None, fmt: str = "table",
-) -> str:
-    """The usage report as text; `day` groups by UTC date."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    rows, total = query(conn, by, since, until)
-    if fmt == "json":
-        return _json(rows, total, by, since, until)
-    if fmt == "csv":
-        return _csv(rows, total)
-    return _table(rows, total, by, since, until)
-
-
 def parse_time(text: str, now: float | None = None) -> float:
     """A unix time from `now`, a span back from now (`90s`, `30m`, `24h`, `7d`,
     `2w`) or an ISO 8601 date or time; a time without an offset is UTC."""
@@ -143,110 +122,3 @@ def parse_time(text: str, now: float | None = None) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
-
-
-# -- formats ------------------------------------------------------------------
-
-def _usd(micros: int, places: int) -> str:
-    """Micro-dollars as dollars with `places` decimals, rounding half up, exactly."""
-    scale = 10 ** (6 - places)
-    sign = "-" if micros < 0 else ""
-    units = (abs(micros) + scale // 2) // scale
-    whole, frac = divmod(units, 10 ** places)
-    return f"{sign}{whole:,}.{frac:0{places}d}" if places else f"{sign}{whole:,}"
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
-def _as_dict(row: Row) -> dict[str, Any]:
-    return {
-        "group": row.group,
-        "requests": row.requests,
-        "input": row.input,
-        "output": row.output,
-        "cache_write_5m": row.cache_write_5m,
-        "cache_write_1h": row.cache_write_1h,
-        "cache_read": row.cache_read,
-        "reasoning": row.reasoning,
-        "cost_micros": row.cost_micros,
-        "cost_usd": row.cost_micros / 1_000_000,
-        "unpriced": row.unpriced,
-        "cache_hit_ratio": row.cache_hit,
-        "errors": row.errors,
-    }
-
-
-def _json(
-    rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None
-) -> str:
-    total_dict = _as_dict(total)
-    del total_dict["group"]
-    document = {
-        "by": by,
-        "since": _iso(since),
-        "until": _iso(until),
-        "groups": [_as_dict(r) for r in rows],
-        "total": total_dict,
-    }
-    return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
-
-
-CSV_HEADER = (
-    "group", "requests", "input", "output", "cache_write_5m", "cache_write_1h",
-    "cache_read", "reasoning", "cost_usd", "unpriced", "cache_hit_ratio", "errors",
-)
-
-
-def _csv(rows: Sequence[Row], total: Row) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    for row in [*rows, total]:
-        hit = row.cache_hit
-        writer.writerow([
-            "TOTAL" if row is total else (row.group or ""),
-            row.requests, row.input, row.output, row.cache_write_5m,
-            row.cache_write_1h, row.cache_read, row.reasoning,
-            # Six decimals: the exact cost, no float rounding.
-            _usd(row.cost_micros, 6).replace(",", ""),
-            row.unpriced,
-            "" if hit is None else f"{hit:.4f}",
-            row.errors,
-        ])
-    return out.getvalue()
-
-
-def _table(
-    rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None
-) -> str:
-    header = [by, "requests", "input", "output", "cache w 5m", "cache w 1h",
-              "cache read", "reasoning", "cost $", "unpriced", "cache hit", "errors"]
-
-    def cells(row: Row, label: str) -> list[str]:
-        hit = row.cache_hit
-        return [
-            label, f"{row.requests:,}", f"{row.input:,}", f"{row.output:,}",
-            f"{row.cache_write_5m:,}", f"{row.cache_write_1h:,}", f"{row.cache_read:,}",
-            f"{row.reasoning:,}", _usd(row.cost_micros, 4), f"{row.unpriced:,}",
-            "-" if hit is None else f"{hit:.1%}", f"{row.errors:,}",
-        ]
-
-    body = [cells(r, r.group if r.group is not None else "(none)") for r in rows]
-    foot = cells(total, "total")
-    widths = [max(len(line[i]) for line in [header, *body, foot]) for i in range(len(header))]
-
-    def line(values: Sequence[str]) -> str:
-        first = values[0].ljust(widths[0])
-        rest = (v.rjust(w) for v, w in zip(values[1:], widths[1:]))
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    title = (
-        f"usage by {by}, {_iso(since) or 'beginning'} to {_iso(until) or 'now'} (UTC)"
-    )
-    lines = [title, "", line(header), rule, *(line(b) for b in body), rule, line(foot)]
-    return "\n".join(lines) + "\n"

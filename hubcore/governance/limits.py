@@ -142,23 +142,6 @@ class Limits:
         limits = cls.from_dict(data)
         return None if limits.empty else limits
 
-    def describe(self, tz: ZoneInfo | None = None) -> str:
-        """One line for people: `rpm 60, concurrency 4, day $5.00, models claude-sonnet-*`."""
-        if self.error is not None:
-            return f"unreadable ({self.error})"
-        parts = []
-        if self.rpm is not None:
-            parts.append(f"rpm {self.rpm}")
-        if self.concurrency is not None:
-            parts.append(f"concurrency {self.concurrency}")
-        for window, micros in self.budgets:
-            parts.append(f"{window} {format_usd(micros)}")
-        if self.models:
-            parts.append("models " + ",".join(self.models))
-        if self.expires_at is not None:
-            parts.append("expires " + format_time(self.expires_at, tz))
-        return ", ".join(parts) or "no limits"
-
 
 def parse_column(text: str | bytes | None, label: str) -> Limits | None:
     """A stored `limits` value, failing closed: unreadable limits refuse everything."""
@@ -169,13 +152,34 @@ def parse_column(text: str | bytes | None, label: str) -> Limits | None:
         return Limits(error=str(e))
 
 
-def format_usd(micros: int) -> str:
-    if micros % 10_000 == 0:
-        return f"${micros / MICROS_PER_USD:,.2f}"
-    return "$" + f"{micros / MICROS_PER_USD:,.6f}".rstrip("0")
+# -- how amounts and moments read ---------------------------------------------------
+# The one money and time formatting of the package: refusals use them here,
+# the CLI through hubcore.cli.render.
+
+def format_usd(micros: int, places: int | None = None, *, symbol: str = "$", grouping: bool = True) -> str:
+    """Micro-dollars as dollars, exactly (integer arithmetic, no float).
+
+    `places` None: cents, or every digit when the amount is not whole cents
+    ("$5.00", "$1.234567"); 0 to 6: that many places, rounded half up.
+    `symbol` goes before the sign ("$-0.01"); `grouping` separates thousands
+    with commas ("$12,345.00")."""
+    strip = places is None and micros % 10_000 != 0
+    if places is None:
+        places = 6 if strip else 2
+    if not 0 <= places <= 6:
+        raise ValueError(f"places must be 0 to 6, not {places!r}")
+    sign = "-" if micros < 0 else ""
+    scale = 10 ** (6 - places)
+    whole, fraction = divmod((abs(micros) + scale // 2) // scale, 10 ** places)
+    text = f"{symbol}{sign}{whole:,}" if grouping else f"{symbol}{sign}{whole}"
+    if not places:
+        return text
+    digits = f"{fraction:0{places}d}"
+    return f"{text}.{digits.rstrip('0') if strip else digits}"
 
 
 def format_time(ts: float, tz: ZoneInfo | None = None) -> str:
+    """Unix seconds as ISO 8601 to the second, in `tz` (default UTC)."""
     return datetime.fromtimestamp(ts, tz or ZoneInfo("UTC")).isoformat(timespec="seconds")
 
 

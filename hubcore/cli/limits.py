@@ -1,0 +1,138 @@
+"""The limit flags of `token create|update` and `user|project set`, and how
+they change a scope's limits.
+
+Flags change only what they name; the value `none` clears a limit:
+`--rpm none`, `--concurrency none`, `--budget day=none`, `--models none`,
+`--expires none`. A budget of 0 (`--budget day=0`) refuses every request.
+Errors in their values surface as argparse usage errors, before any write.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from datetime import datetime, timezone
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any
+
+from hubcore.governance.limits import MICROS_PER_USD, WINDOWS, Limits
+
+
+class _Clear:
+    """The value of a flag given as `none`: remove that limit."""
+
+    def __repr__(self) -> str:
+        return "CLEAR"
+
+
+CLEAR = _Clear()
+_NONE_WORDS = frozenset({"none", "off", "unlimited"})
+
+
+# -- argument types ------------------------------------------------------------------
+
+def _positive_or_none(text: str) -> int | _Clear:
+    if text.strip().lower() in _NONE_WORDS:
+        return CLEAR
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'none', not {text!r} "
+            "(to block a token, revoke it or set --budget total=0)"
+        )
+    return value
+
+
+def parse_usd(text: str) -> int:
+    """'5', '$0.01', '1,000.50' -> micro-dollars (rounded to the micro-dollar)."""
+    cleaned = text.strip().removeprefix("$").replace(",", "").replace("_", "")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        raise ValueError(f"not an amount in USD: {text!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"a budget must be a non-negative amount in USD, not {text!r}")
+    return int((value * MICROS_PER_USD).to_integral_value(ROUND_HALF_UP))
+
+
+def _budget(text: str) -> tuple[str, int | _Clear]:
+    window, sep, amount = text.partition("=")
+    window = window.strip().lower()
+    if not sep or window not in WINDOWS:
+        raise argparse.ArgumentTypeError(
+            f"expected WINDOW=USD with WINDOW one of {', '.join(WINDOWS)}, not {text!r}"
+        )
+    if amount.strip().lower() in _NONE_WORDS:
+        return window, CLEAR
+    try:
+        return window, parse_usd(amount)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _models(text: str) -> tuple[str, ...] | _Clear:
+    if text.strip().lower() in _NONE_WORDS:
+        return CLEAR
+    patterns = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not patterns:
+        raise argparse.ArgumentTypeError("expected PATTERN[,PATTERN...] or 'none'")
+    return patterns
+
+
+def parse_expires(text: str) -> float:
+    """ISO 8601 time or date -> unix seconds; without an offset it is UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 time: {text!r} (e.g. 2026-07-01 or 2026-07-01T18:00:00+02:00)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _expires(text: str) -> float | _Clear:
+    if text.strip().lower() in _NONE_WORDS:
+        return CLEAR
+    try:
+        return parse_expires(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# -- the flags -----------------------------------------------------------------------
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The limit flags shared by `token create|update`, `user set`, `project set`."""
+    group = parser.add_argument_group("limits (give 'none' to clear one)")
+    group.add_argument("--rpm", type=_positive_or_none, metavar="N", help="requests per minute (sliding 60 s)")
+    group.add_argument("--concurrency", type=_positive_or_none, metavar="N", help="requests in flight at once")
+    group.add_argument(
+        "--budget", type=_budget, action="append", metavar="WINDOW=USD",
+        help=f"spending limit in USD; WINDOW is one of {', '.join(WINDOWS)} (repeatable)",
+    )
+    group.add_argument("--models", type=_models, metavar="PATTERN[,PATTERN...]",
+                       help="allowed models, shell-style globs such as 'claude-sonnet-*'")
+    group.add_argument("--expires", type=_expires, metavar="TIME",
+                       help="ISO 8601 time or date after which requests are refused (UTC unless an offset is given)")
+
+
+def has_limit_flags(args: argparse.Namespace) -> bool:
+    return any(getattr(args, name, None) is not None for name in ("rpm", "concurrency", "budget", "models", "expires"))
+
+
+def apply_limit_flags(current: Limits | None, args: argparse.Namespace) -> Limits | None:
+    """`current` with the flags in `args` applied; None when nothing is left."""
+    base = current if current is not None and current.error is None else Limits()
+    changes: dict[str, Any] = {}
+    for name, attr in (("rpm", "rpm"), ("concurrency", "concurrency"), ("models", "models"), ("expires", "expires_at")):
+        value = getattr(args, name, None)
+        if value is CLEAR:
+            changes[attr] = () if attr == "models" else None
+        elif value is not None:
+            changes[attr] = value
+    for window, amount in getattr(args, "budget", None) or ():
+        changes["budget_" + window] = None if amount is CLEAR else amount
+    result = dataclasses.replace(base, **changes)
+    return None if result.empty else result

@@ -1,0 +1,235 @@
+"""What the CLI prints for people and scripts: tables, money, times, limits,
+and the usage and budget reports as a table, JSON or CSV.
+
+Money and moments read as in the hub's refusals: format_usd and format_time
+are the package's one formatting of each, and live in governance, which
+refuses requests with them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Container, Mapping, Sequence
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from hubcore.accounting.report import Row
+from hubcore.governance.limiter import BudgetLine
+from hubcore.governance.limits import MICROS_PER_USD, Limits, format_time, format_usd
+
+__all__ = [
+    "FORMATS",
+    "budget_csv",
+    "budget_json",
+    "budget_table",
+    "check_format",
+    "format_time",
+    "format_usd",
+    "limits_text",
+    "table",
+    "token_table",
+    "usage_report",
+    "utc_minute",
+]
+
+FORMATS = ("table", "json", "csv")
+
+
+# -- the pieces ------------------------------------------------------------------
+
+def table(rows: Sequence[Sequence[str] | None], right: Container[int] = ()) -> list[str]:
+    """Rows, the header first, as lines: each cell padded to its column's
+    widest, two spaces apart, right-aligned in the columns `right`, trailing
+    blanks trimmed. A None row is a rule of dashes under every column."""
+    cells = [row for row in rows if row is not None]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = []
+    for row in rows:
+        if row is None:
+            lines.append("  ".join("-" * width for width in widths))
+        else:
+            lines.append("  ".join(
+                cell.rjust(width) if i in right else cell.ljust(width)
+                for i, (cell, width) in enumerate(zip(row, widths))
+            ).rstrip())
+    return lines
+
+
+def utc_minute(ts: float) -> str:
+    """Unix seconds as `2026-03-04 10:00`, in UTC: a listing's column."""
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
+
+
+def limits_text(limits: Limits | None, tz: ZoneInfo | None = None) -> str:
+    """One line: `rpm 60, concurrency 4, day $5.00, models claude-sonnet-*`."""
+    if limits is None:
+        return "no limits"
+    if limits.error is not None:
+        return f"unreadable ({limits.error})"
+    parts = []
+    if limits.rpm is not None:
+        parts.append(f"rpm {limits.rpm}")
+    if limits.concurrency is not None:
+        parts.append(f"concurrency {limits.concurrency}")
+    for window, micros in limits.budgets:
+        parts.append(f"{window} {format_usd(micros)}")
+    if limits.models:
+        parts.append("models " + ",".join(limits.models))
+    if limits.expires_at is not None:
+        parts.append("expires " + format_time(limits.expires_at, tz))
+    return ", ".join(parts) or "no limits"
+
+
+def _lines(lines: Sequence[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+# -- tokens ----------------------------------------------------------------------
+
+def token_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """`hubcore token list`: prefixes, never tokens."""
+    body: list[Sequence[str] | None] = [("ID", "PREFIX", "USER", "PROJECT", "CREATED", "REVOKED")]
+    for r in rows:
+        revoked = r["revoked_at"]
+        body.append((
+            str(r["id"]), f"{r['prefix']}…", str(r["user"]), str(r["project"] or "-"),
+            utc_minute(float(str(r["created_at"]))),
+            "-" if revoked is None else utc_minute(float(str(revoked))),
+        ))
+    return _lines(table(body))
+
+
+# -- budgets ---------------------------------------------------------------------
+
+def budget_table(lines: Sequence[BudgetLine], zone: ZoneInfo) -> str:
+    rows: list[Sequence[str] | None] = [("SCOPE", "WINDOW", "LIMIT", "SPENT", "REMAINING", "USED", "RESETS")]
+    for line in lines:
+        used = f"{100 * line.spent_micros / line.limit_micros:.0f}%" if line.limit_micros else "-"
+        resets = "never" if line.resets_at is None else format_time(line.resets_at, zone)
+        rows.append((
+            f"{line.kind}:{line.name}", line.window, format_usd(line.limit_micros),
+            format_usd(line.spent_micros), format_usd(line.remaining_micros), used, resets,
+        ))
+    return _lines(table(rows))
+
+
+def budget_csv(lines: Sequence[BudgetLine], zone: ZoneInfo) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["kind", "name", "window", "limit_usd", "spent_usd", "remaining_usd", "resets_at"])
+    for line in lines:
+        writer.writerow([
+            line.kind, line.name, line.window, _plain_usd(line.limit_micros),
+            _plain_usd(line.spent_micros), _plain_usd(line.remaining_micros),
+            "" if line.resets_at is None else format_time(line.resets_at, zone),
+        ])
+    return out.getvalue()
+
+
+def budget_json(lines: Sequence[BudgetLine], tz: str, now: float) -> str:
+    return orjson.dumps({"timezone": tz, "now": now, "budgets": [line.to_dict() for line in lines]}).decode() + "\n"
+
+
+def _plain_usd(micros: int) -> str:
+    """Six places, no symbol or separators: the exact amount, for scripts."""
+    return format_usd(micros, 6, symbol="", grouping=False)
+
+
+# -- usage -----------------------------------------------------------------------
+
+CSV_HEADER = (
+    "group", "requests", "input", "output", "cache_write_5m", "cache_write_1h",
+    "cache_read", "reasoning", "cost_usd", "unpriced", "cache_hit_ratio", "errors",
+)
+
+
+def usage_report(
+    rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None, fmt: str = "table",
+) -> str:
+    """The usage report in `fmt` (one of FORMATS); `day` groups by UTC date."""
+    check_format(fmt)
+    if fmt == "json":
+        return _usage_json(rows, total, by, since, until)
+    if fmt == "csv":
+        return _usage_csv(rows, total)
+    return _usage_table(rows, total, by, since, until)
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else format_time(ts)
+
+
+def _as_dict(row: Row) -> dict[str, object]:
+    return {
+        "group": row.group,
+        "requests": row.requests,
+        "input": row.input,
+        "output": row.output,
+        "cache_write_5m": row.cache_write_5m,
+        "cache_write_1h": row.cache_write_1h,
+        "cache_read": row.cache_read,
+        "reasoning": row.reasoning,
+        "cost_micros": row.cost_micros,
+        "cost_usd": row.cost_micros / MICROS_PER_USD,
+        "unpriced": row.unpriced,
+        "cache_hit_ratio": row.cache_hit,
+        "errors": row.errors,
+    }
+
+
+def _usage_json(rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None) -> str:
+    total_dict = _as_dict(total)
+    del total_dict["group"]
+    document = {
+        "by": by,
+        "since": _iso(since),
+        "until": _iso(until),
+        "groups": [_as_dict(r) for r in rows],
+        "total": total_dict,
+    }
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
+
+
+def _usage_csv(rows: Sequence[Row], total: Row) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    for row in [*rows, total]:
+        hit = row.cache_hit
+        writer.writerow([
+            "TOTAL" if row is total else (row.group or ""),
+            row.requests, row.input, row.output, row.cache_write_5m,
+            row.cache_write_1h, row.cache_read, row.reasoning,
+            # Six decimals: the exact cost, no float rounding.
+            _plain_usd(row.cost_micros),
+            row.unpriced,
+            "" if hit is None else f"{hit:.4f}",
+            row.errors,
+        ])
+    return out.getvalue()
+
+
+def _usage_table(rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None) -> str:
+    header = [by, "requests", "input", "output", "cache w 5m", "cache w 1h",
+              "cache read", "reasoning", "cost $", "unpriced", "cache hit", "errors"]
+
+    def cells(row: Row, label: str) -> list[str]:
+        hit = row.cache_hit
+        return [
+            label, f"{row.requests:,}", f"{row.input:,}", f"{row.output:,}",
+            f"{row.cache_write_5m:,}", f"{row.cache_write_1h:,}", f"{row.cache_read:,}",
+            f"{row.reasoning:,}", format_usd(row.cost_micros, 4, symbol=""), f"{row.unpriced:,}",
+            "-" if hit is None else f"{hit:.1%}", f"{row.errors:,}",
+        ]
+
+    body = [cells(r, r.group if r.group is not None else "(none)") for r in rows]
+    title = f"usage by {by}, {_iso(since) or 'beginning'} to {_iso(until) or 'now'} (UTC)"
+    lines = table([header, None, *body, None, cells(total, "total")], right=range(1, len(header)))
+    return "\n".join([title, "", *lines]) + "\n"
