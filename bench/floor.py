@@ -29,7 +29,7 @@ from typing import Any
 import httptools
 import uvloop
 
-from hubcore.gateway import exchange as proxy
+from hubcore.gateway import rewrite as proxy
 from hubcore.http.server import status_line
 from hubcore.http.wire import render_head
 

@@ -63,7 +63,7 @@ class App:
         self.limiter = Limiter(config.server.budget_timezone)
         self.recorder.add_listener(self.limiter.on_usage)
         self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter)
-        self.server = Server(config.server, self.hub.handle, loop, self.metrics, gate=self.hub.gate)
+        self.server = Server(config.server, self.hub.handle, loop, self.metrics, gate=self.hub.gate, render_error=self.hub.render_error)
         if logging.getLevelName(config.server.log_level.upper()) <= logging.INFO:
             self.hub.access = AccessLog(sys.stderr, loop, json=config.server.log_format == "json")
         self.ops: OpsServer | None = None

@@ -1,13 +1,18 @@
 """The gateway's pure decisions, each called with plain values: routes and
 tokens (routes.py), head rewriting (rewrite.py), the hub's own answers
-(answers.py), the usage event and the exchange's phase table (exchange.py)."""
+(answers.py) and the usage event (exchange.py)."""
 from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
 
 import orjson
 import pytest
 
+from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.errors import ANTHROPIC, OPENAI, HubError
 from hubcore.gateway import answers, rewrite, routes
+from hubcore.gateway.exchange import usage_event
 from hubcore.gateway.rewrite import Framing
 from hubcore.governance.tokens import Principal
 from hubcore.http.client import ConnectFailed, ConnectionClosed, UpstreamTimeout
@@ -393,4 +398,86 @@ def test_render_http_error_speaks_the_clients_vendor(target: bytes, openai: bool
         assert parsed["error"]["message"] == "too large" and parsed["error"]["type"] == "invalid_request_error"
     else:
         assert parsed == {"type": "error", "error": {"type": "request_too_large", "message": "too large"}}
+
+
+
+def test_the_server_renders_plain_text_without_a_renderer() -> None:
+    from hubcore.http.server import plain_error
+
+    headers, body = plain_error(400, "malformed HTTP request", b"/v1/messages")
+    assert list(headers) == [(b"content-type", b"text/plain; charset=utf-8")]
+    assert body == b"malformed HTTP request\n"
+
+
+
+# -- the usage event -------------------------------------------------------------
+
+def metered(**numbers: object) -> SimpleNamespace:
+    """What usage_event reads of a meter."""
+    values: dict[str, object] = {
+        "model": "claude-sonnet-4-6", "input_tokens": 10, "output_tokens": 20, "cache_write_5m": 1,
+        "cache_write_1h": 2, "cache_read": 3, "reasoning_tokens": 4, "server_tool_requests": 5,
+        "stop_reason": "end_turn", "output_estimated": False, "error_type": None, "completed": True,
+    }
+    values.update(numbers)
+    return SimpleNamespace(**values)
+
+
+class Prices:
+    def __init__(self) -> None:
+        self.asked: list[tuple[object, ...]] = []
+
+    def cost_micros(self, *args: object) -> int | None:
+        self.asked.append(args)
+        return 1234 if args[0] == "claude-sonnet-4-6" else None
+
+
+def event(
+    outcome: Outcome = Outcome.OK, model: str | None = "claude-from-body", error_type: str | None = None,
+    sse_body: bool = True, meter: object = None, prices: object = None, ttfb_ms: float | None = 12.5,
+) -> UsageEvent:
+    return usage_event(
+        1700000000.0, "hc_1", "/v1/messages", 200, outcome, 40.0, ALICE, "anthropic", "k-1", model,
+        error_type, ttfb_ms, 2, "session-1", "claude-cli/2.0", sse_body, meter, prices,  # type: ignore[arg-type]
+    )
+
+
+def test_usage_event_fields_in_their_places() -> None:
+    prices = Prices()
+    row = event(meter=metered(), prices=prices)
+    assert dataclasses.asdict(row) == {
+        "ts": 1700000000.0, "request_id": "hc_1", "endpoint": "/v1/messages", "status": 200, "outcome": "ok",
+        "total_ms": 40.0, "token_id": 7, "user": "alice", "project": "web", "upstream": "anthropic",
+        "key_label": "k-1", "model": "claude-sonnet-4-6", "input_tokens": 10, "output_tokens": 20,
+        "cache_write_5m": 1, "cache_write_1h": 2, "cache_read": 3, "reasoning_tokens": 4,
+        "server_tool_requests": 5, "stop_reason": "end_turn", "error_type": None, "cost_micros": 1234,
+        "ttfb_ms": 12.5, "attempts": 2, "session_id": "session-1", "user_agent": "claude-cli/2.0",
+        "output_estimated": False,
+    }
+    assert prices.asked == [("claude-sonnet-4-6", 10, 20, 1, 2, 3)]
+
+
+def test_usage_event_without_a_meter_is_priced_at_zero_tokens() -> None:
+    prices = Prices()
+    row = event(outcome=Outcome.REFUSED, error_type="rate_limit_error", prices=prices, ttfb_ms=None)
+    assert (row.outcome, row.model, row.input_tokens, row.output_tokens, row.stop_reason) == (
+        Outcome.REFUSED, "claude-from-body", 0, 0, None)
+    assert (row.error_type, row.cost_micros, row.ttfb_ms, row.output_estimated) == ("rate_limit_error", None, None, False)
+    assert prices.asked == [("claude-from-body", 0, 0, 0, 0, 0)]
+    assert event(prices=None).cost_micros is None
+
+
+def test_usage_event_a_stream_the_meter_did_not_see_complete_was_cut() -> None:
+    cut = metered(completed=False, output_estimated=True)
+    row = event(meter=cut)
+    assert (row.outcome, row.output_estimated) == (Outcome.UPSTREAM_ABORTED, True)
+    # Not an event stream (a JSON answer), or an outcome already decided: as it was.
+    assert event(meter=cut, sse_body=False).outcome is Outcome.OK
+    assert event(meter=cut, outcome=Outcome.CLIENT_ABORTED).outcome is Outcome.CLIENT_ABORTED
+
+
+def test_usage_event_takes_the_meters_model_and_error_only_where_it_has_them() -> None:
+    assert event(meter=metered(model=None)).model == "claude-from-body"
+    assert event(meter=metered(error_type="overloaded_error")).error_type == "overloaded_error"
+    assert event(meter=metered(error_type="overloaded_error"), error_type="hub_shutdown").error_type == "hub_shutdown"
 

@@ -2,94 +2,118 @@
 
 auth → route → key → send (retrying on another key while nothing has
 reached the client) → stream the response through the meter → record.
+
+The Exchange orchestrates; what it decides is in pure functions beside it:
+routes.py (route, token, session), rewrite.py (the heads on their way
+through), answers.py (the hub's own answers) and `usage_event` below.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import re
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from hubcore.accounting import meter as sse
-from hubcore.ops.accesslog import AccessLog
+from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.config import Config, UpstreamConfig
-from hubcore.errors import ANTHROPIC, OPENAI, HubError, MeterError, error_body
+from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.routing.keys import Failure, FailureKind, KeyRing, Lease, classify, retryable
+from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS, give_up, refusal_headers, render_http_error, sse_error_event
 from hubcore.gateway.probe import failure_for
+from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head
+from hubcore.gateway.routes import Route, authenticate, flavour_for_path, printable_path, route_for, session_from_headers
 from hubcore.gateway.upstreams import UpstreamRuntime
-from hubcore.http.server import HttpProtocol, Request, flavour_for_path, status_line
+from hubcore.http.server import HttpProtocol, Request
 from hubcore.governance.tokens import Principal, TokenTable
-from hubcore.http.client import (
-    ConnectFailed,
-    ResponseHead,
-    UpstreamConnection,
-    UpstreamError,
-    UpstreamTimeout,
-)
-from hubcore.accounting.usage import UsageEvent
-from hubcore.http.wire import HeaderCollector, render_head
+from hubcore.http.client import ResponseHead, UpstreamConnection, UpstreamError, UpstreamTimeout
+from hubcore.http.wire import HeaderCollector
 
 log = logging.getLogger("hubcore.proxy")
 access_log = logging.getLogger("hubcore.access")
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    kind: str            # upstream kind: "anthropic" or "openai"
-    endpoint: str        # the path, for usage rows
-    fmt: int             # meter format
-    methods: tuple[bytes, ...]
-    flavour: str         # error shape
-
-
-ROUTES: dict[bytes, Route] = {
-    b"/v1/messages": Route("anthropic", "/v1/messages", sse.FMT_ANTHROPIC, (b"POST",), ANTHROPIC),
-    b"/v1/messages/count_tokens": Route("anthropic", "/v1/messages/count_tokens", 0, (b"POST",), ANTHROPIC),
-    b"/v1/models": Route("anthropic", "/v1/models", 0, (b"GET",), ANTHROPIC),
-    b"/v1/responses": Route("openai", "/v1/responses", sse.FMT_OPENAI_RESPONSES, (b"POST",), OPENAI),
-    b"/v1/chat/completions": Route("openai", "/v1/chat/completions", sse.FMT_OPENAI_CHAT, (b"POST",), OPENAI),
-}
-MODELS_PREFIX = b"/v1/models/"
-# A model id as the vendors spell them ("claude-sonnet-4-5-20250929",
-# "gpt-5.1", "claude-3@20240229"): no slash, no percent-encoding, no dot
-# segment, nothing that could make the vendor see another path.
-MODEL_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}")
-
-# Hop-by-hop headers (RFC 9110 7.6.1) and the ones the hub sets itself.
-REQUEST_DROP = frozenset(
-    {
-        b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-        b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect",
-        b"proxy-authorization", b"x-api-key", b"authorization", b"accept-encoding",
-    }
-)
-RESPONSE_DROP = frozenset(
-    {
-        b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-        b"te", b"trailer", b"upgrade", b"content-length",
-    }
-)
-JSON = (b"content-type", b"application/json")
-ROOT_BODY = b"hubcore\n"
 # A JSON object after optional whitespace; matched in place, never copied.
 JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
-SESSION_HEADERS = (b"x-claude-code-session-id", b"session_id", b"session-id")
 # Bytes of an error body the hub reads before deciding to retry.
 ERROR_BODY_LIMIT = 1024 * 1024
+
+
+# -- the Hub's collaborators, as the gateway calls them ------------------------
+
+class Recorder(Protocol):
+    """Takes the usage event of every request with a principal
+    (accounting.usage.UsageRecorder: off the request path)."""
+
+    def record(self, event: UsageEvent) -> None: ...
+
+
+class Pricer(Protocol):
+    """Prices a request's tokens (accounting.pricing.PriceTable); None for
+    a model without a price."""
+
+    def cost_micros(
+        self, model: str | None, input_tokens: int, output_tokens: int,
+        cache_write_5m: int = 0, cache_write_1h: int = 0, cache_read: int = 0,
+    ) -> int | None: ...
+
+
+class Admission(Protocol):
+    """An admitted request's hold on the limiter's in-flight counts."""
+
+    def release(self) -> None: ...
+
+
+class Admitter(Protocol):
+    """Limits and budgets (governance.limiter.Limiter): `admit` raises a
+    HubError to refuse."""
+
+    def needs_model(self, principal: Principal) -> bool: ...
+    def admit(self, principal: Principal, model: str | None, now: float, *, model_required: bool) -> Admission: ...
+
+
+class Metrics(Protocol):
+    """What the gateway counts (ops.metrics.HubMetrics)."""
+
+    def request_started(self) -> None: ...
+    def request_finished(self, route: str, status: int, outcome: str, total_s: float, ttfb_s: float | None = None) -> None: ...
+    def observe_hub_added(self, seconds: float) -> None: ...
+    def upstream_attempt(self, upstream: str, *, retry: bool = False) -> None: ...
+    def refuse(self, reason: str) -> None: ...
+
+
+class RefusalCounter(Protocol):
+    def admit(self, address: str, status: int, now: float) -> bool:
+        """True if this refusal is to be logged in full; False if counted."""
+        ...
+
+
+class AccessSink(Protocol):
+    """The access log (ops.accesslog.AccessLog): one line per request with a
+    principal, from its usage event; refusals of the others, summarised."""
+
+    @property
+    def refusals(self) -> RefusalCounter: ...
+    def record(self, event: UsageEvent) -> None: ...
+    def close(self) -> None: ...  # by the app, at shutdown
 
 
 class Hub:
     """Everything the Exchange needs, shared by all connections."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, tokens: TokenTable, recorder: Any, prices: Any, metrics: Any = None, limiter: Any = None) -> None:
+    # How the HTTP layer words its own refusals (server.ErrorRenderer).
+    render_error = staticmethod(render_http_error)
+
+    def __init__(
+        self, config: Config, loop: asyncio.AbstractEventLoop, tokens: TokenTable, recorder: Recorder,
+        prices: Pricer | None, metrics: Metrics | None = None, limiter: Admitter | None = None,
+    ) -> None:
         self.config = config
         self.limiter = limiter
-        self.access: AccessLog | None = None
+        self.access: AccessSink | None = None
         self.loop = loop
         self.tokens = tokens
         self.recorder = recorder
@@ -115,7 +139,7 @@ class Hub:
         if path == b"/":
             return None
         if route_for(path) is None:
-            return HubError(404, f"no route for {_printable(path)}")
+            return HubError(404, f"no route for {printable_path(path)}")
         principal = authenticate(self.tokens, head.index)
         if isinstance(principal, Principal):
             protocol.trust()
@@ -172,14 +196,14 @@ class Exchange:
     session_id: str | None = None
     upstream: UpstreamRuntime | None = None
     lease: Lease | None = None
-    admission: Any = None
+    admission: Admission | None = None
     key_label: str | None = None
     keep_alive = True
     attempts = 0
     status = 0
-    outcome = "ok"
+    outcome = Outcome.OK
     error_type: str | None = None
-    meter: Any = None
+    meter: sse.Meter | None = None
     # streaming state
     conn: UpstreamConnection | None = None
     head: ResponseHead | None = None
@@ -265,14 +289,14 @@ class Exchange:
         except HubError as e:
             self.refuse(e)
         except ClientGone:
-            self.outcome = "client_aborted"
+            self.outcome = Outcome.CLIENT_ABORTED
         except asyncio.CancelledError:
             if self.gone:
                 # The client left while the vendor had not answered yet.
-                self.outcome = "client_aborted"
+                self.outcome = Outcome.CLIENT_ABORTED
             else:
                 # The drain timeout ran out at shutdown: the hub cut this request.
-                self.outcome = "upstream_aborted" if self.committed else "upstream_error"
+                self.outcome = Outcome.UPSTREAM_ABORTED if self.committed else Outcome.UPSTREAM_ERROR
                 self.error_type = "hub_shutdown"
                 if self.committed:
                     self._release_conn_closed()
@@ -309,7 +333,7 @@ class Exchange:
         if request.path == b"/":
             if request.method not in (b"GET", b"HEAD"):
                 raise HubError(405, "method not allowed")
-            self.respond(200, [(b"content-type", b"text/plain")], ROOT_BODY, head_only=request.method == b"HEAD")
+            self.respond(200, ROOT_HEADERS, ROOT_BODY, head_only=request.method == b"HEAD")
             return None
         self.route = route = route_for(request.path)
         self.flavour = route.flavour if route else flavour_for_path(request.path)
@@ -319,7 +343,7 @@ class Exchange:
                 self.route = None  # the row and metrics say "other", as for any unrouted path
             raise context  # refused at its head: the body was never read
         if route is None:
-            raise HubError(404, f"no route for {_printable(request.path)}")
+            raise HubError(404, f"no route for {printable_path(request.path)}")
         if isinstance(context, Principal):
             self.principal = context
         else:
@@ -332,7 +356,7 @@ class Exchange:
         limiter = self.hub.limiter
         if request.method == b"POST":
             self._check_body()
-            self.session_id = self._session_header()
+            self.session_id = session_from_headers(request.index)
             # The body is read for the model and session before the send
             # only when the request cannot go out without them (a model
             # allow-list, or a session to keep on its key); otherwise only
@@ -362,7 +386,7 @@ class Exchange:
             # The hub's own share: before the request went upstream, and
             # between the vendor's first byte and the client's.
             metrics.observe_hub_added((self.sent_at - self.t0) + max(0.0, self.ttfb - self.head_at))
-        if self.outcome == "refused":
+        if self.outcome is Outcome.REFUSED:
             metrics.refuse(self.error_type or str(self.status))
 
     def _check_body(self) -> None:
@@ -370,13 +394,6 @@ class Exchange:
         first = request.parts[0][:1] if request.parts else b""
         if first != b"{" and JSON_OBJECT_START.match(request.body) is None:
             raise HubError(400, "request body must be a JSON object")
-
-    def _session_header(self) -> str | None:
-        for name in SESSION_HEADERS:
-            value = self.request.header(name)
-            if value:
-                return value.decode("latin-1")
-        return None
 
     def _scan_unless_named(self) -> None:
         """The usage row's model comes from the vendor's answer, which names
@@ -591,18 +608,10 @@ class Exchange:
 
     def _request_head(self, upstream: UpstreamRuntime, secret: str) -> bytes:
         request = self.request
-        start = b"%s %s%s HTTP/1.1\r\n%s" % (request.method, upstream.base_path, request.target, upstream.host_header)
-        drop: frozenset[bytes] | set[bytes] = REQUEST_DROP
-        for name, value in request.control or ():
-            if name == b"connection":
-                # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-                named = {t.strip().lower() for t in value.split(b",")}
-                if not named <= drop:
-                    drop = drop | named
-        tail = upstream.auth_header(secret) + b"accept-encoding: identity\r\n"
-        if request.body_size or request.method == b"POST":
-            tail += b"content-length: %d\r\n" % request.body_size
-        return render_head(start, request.headers, drop, tail + b"\r\n")
+        return request_head(
+            request.method, request.target, upstream.base_path, upstream.host_header, upstream.auth_header(secret),
+            request.headers, request.control, request.body_size,
+        )
 
     def _on_head(self, head: ResponseHead) -> None:
         """The response head, as the connection reads it: a response that will
@@ -620,30 +629,18 @@ class Exchange:
         assert conn is not None
         self.head = head
         self.head_at = conn.head_at
-        self.status = head.status
+        status = self.status = head.status
         content_type = head.header(b"content-type") or b""
         self.sse_body = content_type.startswith(b"text/event-stream")
         route = self.route
-        if route is not None and route.fmt and 200 <= head.status < 300:
+        if route is not None and route.fmt and 200 <= status < 300:
             self.meter = sse.Meter(route.fmt, self.sse_body)
-        client_http11 = self.request.http_version == "1.1"
-        keep_alive = self.request.keep_alive and not self.hub_draining()
-        # 204 and 304 answers end at their head (RFC 9112 6.3): framing a
-        # body for them would put bytes on the wire the client reads as the
-        # start of the next response.
-        bodiless = head.status in (204, 304)
-        self.chunked = head.content_length is None and client_http11 and not bodiless
-        tail = b"x-hubcore-request-id: " + self.request_id.encode() + b"\r\n"
-        if head.content_length is not None:
-            tail += b"content-length: %d\r\n" % head.content_length
-        elif self.chunked:
-            tail += b"transfer-encoding: chunked\r\n"
-        elif not bodiless:
-            keep_alive = False
-        if not keep_alive:
-            tail += b"connection: close\r\n"
-        self.pending_head = [render_head(status_line(head.status), head.headers, RESPONSE_DROP, tail + b"\r\n")]
-        self.keep_alive = keep_alive
+        request = self.request
+        content_length = head.content_length
+        framing = response_framing(status, content_length, request.http_version == "1.1")
+        self.chunked = framing is Framing.CHUNKED
+        keep_alive = self.keep_alive = keeps_alive(framing, request.keep_alive and not self.hub_draining())
+        self.pending_head = [response_head(status, head.headers, framing, content_length, keep_alive, self.request_id)]
         if not self.in_callbacks:
             self.done = self.loop.create_future()
         if self.protocol.write_paused:
@@ -747,7 +744,7 @@ class Exchange:
     def _abort_midstream(self, exc: UpstreamError) -> None:
         """The vendor failed after the client got bytes: end the stream the
         protocol's way so the client's SDK raises instead of hanging."""
-        self.outcome = "upstream_aborted"
+        self.outcome = Outcome.UPSTREAM_ABORTED
         self.error_type = "upstream_aborted"
         self._release_conn()
         if self.lease is not None and self.upstream is not None:
@@ -762,7 +759,7 @@ class Exchange:
         if self.gone:
             return
         if self.sse_body and self.chunked:
-            event = _sse_error_event(self.flavour, message)
+            event = sse_error_event(self.flavour, message)
             if not self.last_data.endswith(b"\n\n"):
                 # The vendor's last read ended inside an event: end that
                 # line and event first, or the error would be read as part of it.
@@ -795,61 +792,24 @@ class Exchange:
 
     def refuse(self, error: HubError) -> None:
         # The hub's own answers are refusals, except when it has no upstream to offer.
-        self.outcome = "upstream_error" if error.status >= 500 else "refused"
+        self.outcome = Outcome.UPSTREAM_ERROR if error.status >= 500 else Outcome.REFUSED
         self.error_type = error.code or error.error_type or str(error.status)
-        headers = [JSON]
-        if error.retry_after is not None:
-            headers.append((b"retry-after", b"%d" % max(1, round(error.retry_after))))
-        if error.status >= 500 or error.status == 429:
-            headers.append((b"x-should-retry", b"false" if error.status != 429 else b"true"))
-        self.respond(error.status, headers, error.body(self.flavour))
+        self.respond(error.status, refusal_headers(error), error.body(self.flavour))
 
     def _give_up(self, upstream: UpstreamRuntime, last_error: tuple[ResponseHead, bytes] | None, last_exc: UpstreamError | None, rate_limited_for: float | None) -> None:
-        """No attempt succeeded and none more will be made.
-
-        `rate_limited_for` (seconds until a resting key frees up) is given
-        when keys rest after 429s and none frees up within the queue time:
-        the hub's own 429 then tells honestly when to come back. Otherwise
-        the last vendor error, unchanged, marked so that clients do not
-        multiply the load by retrying it themselves; a gateway error when the
-        last attempt got no answer; 503 when no key could be tried at all.
-        """
-        self.outcome = "upstream_error"
-        if rate_limited_for is not None:
-            self.error_type = "rate_limit_error"
-            retry_after = b"%d" % max(1, math.ceil(rate_limited_for))
-            self.respond(429, [JSON, (b"retry-after", retry_after)], error_body(self.flavour, 429, f"every {upstream.config.name} key is rate limited; retry after {retry_after.decode()} s"))
-            return
-        if last_error is not None and last_error[0].status in (401, 403):
-            # The vendor refused the hub's own keys. Passing that 401/403 on
-            # would tell the developer to log in again, though their hub
-            # token is fine: this is the operator's problem, say so.
-            self.error_type = "vendor_key_refused"
-            self.respond(503, [JSON, (b"retry-after", b"30"), (b"x-should-retry", b"false")], error_body(
-                self.flavour, 503, f"every {upstream.config.name} key was refused by the vendor "
-                f"({last_error[0].status}); the hub operator must replace them"))
-            return
-        if last_error is not None:
-            head, body = last_error
-            self.error_type = f"http_{head.status}"
-            headers = [(n, v) for n, v in head.headers if n.lower() not in RESPONSE_DROP]
-            if self.attempts > 1:
-                headers = [(n, v) for n, v in headers if n.lower() != b"x-should-retry"]
-                headers.append((b"x-should-retry", b"false"))
-            self.respond(head.status, headers, body)
-            return
-        if last_exc is not None:
-            self.error_type = last_exc.kind
-            status = 504 if isinstance(last_exc, UpstreamTimeout) else 502
-            message = f"upstream {upstream.config.name}: {last_exc}"
-            self.respond(status, [JSON, (b"x-should-retry", b"false")], error_body(self.flavour, status, message))
-            return
-        self.error_type = "overloaded_error"
-        # When the next probe is due: a client that comes back then finds the
-        # key back if the vendor is. Dead and disabled keys need the operator.
-        wait = upstream.ring.next_probe_in(pending=True)
-        retry_after = b"%d" % (30 if wait is None else max(1, math.ceil(wait)))
-        self.respond(503, [JSON, (b"retry-after", retry_after)], error_body(self.flavour, 503, f"no usable {upstream.config.name} key: all are disabled, dead or their circuits are open"))
+        """No attempt succeeded and none more will be made: answer as
+        answers.give_up says."""
+        probe_in = None
+        if rate_limited_for is None and last_error is None and last_exc is None:
+            # Asked only when no key could be tried: the ring expires the
+            # rests that are over as it looks.
+            probe_in = upstream.ring.next_probe_in(pending=True)
+        vendor_error = None if last_error is None else (last_error[0].status, last_error[0].headers, last_error[1])
+        status, headers, body, self.error_type = give_up(
+            self.flavour, upstream.config.name, self.attempts, rate_limited_for, vendor_error, last_exc, probe_in,
+        )
+        self.outcome = Outcome.UPSTREAM_ERROR
+        self.respond(status, headers, body)
 
     # -- the usage row -----------------------------------------------------------
     def _record(self) -> None:
@@ -859,10 +819,10 @@ class Exchange:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-        if self.gone and self.outcome == "ok":
-            self.outcome = "client_aborted"
-        elif self.outcome == "ok" and self.status >= 400:
-            self.outcome = "upstream_error"
+        if self.gone and self.outcome is Outcome.OK:
+            self.outcome = Outcome.CLIENT_ABORTED
+        elif self.outcome is Outcome.OK and self.status >= 400:
+            self.outcome = Outcome.UPSTREAM_ERROR
         principal = self.principal
         route = self.route
         now = self.loop.time()
@@ -871,63 +831,12 @@ class Exchange:
             return  # unauthenticated: no row (a flood of them must not fill the database)
         self._close_meter()
         self._scan_unless_named()  # refused, or failed before a byte: the body is still here
-        meter = self.meter
-        model, outcome, error_type = self.model, self.outcome, self.error_type
-        if meter is None:
-            input_tokens = output_tokens = cache_write_5m = cache_write_1h = cache_read = 0
-            reasoning_tokens = server_tool_requests = 0
-            stop_reason = None
-            output_estimated = False
-        else:
-            model = meter.model or model
-            input_tokens, output_tokens = meter.input_tokens, meter.output_tokens
-            cache_write_5m, cache_write_1h, cache_read = meter.cache_write_5m, meter.cache_write_1h, meter.cache_read
-            reasoning_tokens, server_tool_requests = meter.reasoning_tokens, meter.server_tool_requests
-            stop_reason = meter.stop_reason
-            # A stream cut before its final usage: output estimated from the
-            # deltas that passed (hubcore.accounting.meter), and the row says so.
-            output_estimated = meter.output_estimated
-            if meter.error_type and error_type is None:
-                error_type = meter.error_type
-            if outcome == "ok" and self.sse_body and not meter.completed:
-                outcome = "upstream_aborted"
-        # Priced even without a meter (errors, count_tokens): a known model
-        # that used no tokens cost 0, and only an unknown model is NULL (and
-        # counted as unpriced).
-        prices = self.hub.prices
-        cost_micros = None if prices is None else prices.cost_micros(
-            model, input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read,
-        )
-        # Positional, in UsageEvent's field order: a call by keyword costs
-        # more than twice as much, on every request.
-        event = UsageEvent(
-            self.ts,
-            self.request_id,
-            route.endpoint,
-            self.status,
-            outcome,
-            (now - self.t0) * 1000.0,  # total_ms
-            principal.token_id,
-            principal.user,
-            principal.project,
-            self.upstream.config.name if self.upstream else None,
-            self.key_label,
-            model,
-            input_tokens,
-            output_tokens,
-            cache_write_5m,
-            cache_write_1h,
-            cache_read,
-            reasoning_tokens,
-            server_tool_requests,
-            stop_reason,
-            error_type,
-            cost_micros,
-            (self.ttfb - self.t0) * 1000.0 if self.ttfb is not None else None,  # ttfb_ms
-            self.attempts,
-            self.session_id,
-            _decode(self.request.header(b"user-agent")),
-            output_estimated,
+        upstream, ttfb = self.upstream, self.ttfb
+        event = usage_event(
+            self.ts, self.request_id, route.endpoint, self.status, self.outcome, (now - self.t0) * 1000.0,
+            principal, upstream.config.name if upstream is not None else None, self.key_label, self.model,
+            self.error_type, (ttfb - self.t0) * 1000.0 if ttfb is not None else None, self.attempts,
+            self.session_id, _decode(self.request.header(b"user-agent")), self.sse_body, self.meter, self.hub.prices,
         )
         self.hub.recorder.record(event)
         self._log(now, event)
@@ -963,41 +872,85 @@ class Exchange:
         )
 
 
-def route_for(path: bytes) -> Route | None:
-    """The route of a request path, or None. Only the exact paths, and
-    `/v1/models/{id}` with a plain model id: the target goes to the vendor
-    as the client sent it, with the hub's key, so nothing else (dot segments,
-    encoded slashes or dots, other vendor endpoints) may pass."""
-    route = ROUTES.get(path)
-    if route is None and path.startswith(MODELS_PREFIX) and MODEL_ID.fullmatch(path, len(MODELS_PREFIX)):
-        route = ROUTES[b"/v1/models"]
-    return route
-
-
-def authenticate(tokens: TokenTable, index: dict[bytes, bytes]) -> Principal | HubError:
-    """The principal of the hub token in a request head (`x-api-key`, else
-    `Authorization: Bearer`), or the refusal to answer with."""
-    token = index.get(b"x-api-key")
-    if token is None:
-        auth = index.get(b"authorization")
-        if auth is not None and auth[:7].lower() == b"bearer ":
-            token = auth[7:].strip()
-    if not token:
-        return HubError(401, "missing hub token: send it as x-api-key or Authorization: Bearer")
-    principal = tokens.lookup(token)
-    if principal is None:
-        revoked_at = tokens.revoked_at(token)
-        if revoked_at is not None:
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(revoked_at))
-            return HubError(403, f"hub token revoked at {when}", error_type="permission_error", code="token_revoked")
-        return HubError(401, "invalid hub token")
-    return principal
-
-
-def _printable(path: bytes) -> str:
-    """A request path for an error message: bounded, control bytes escaped."""
-    text = repr(path[:200].decode("latin-1"))
-    return text if len(path) <= 200 else text + "..."
+def usage_event(
+    ts: float,
+    request_id: str,
+    endpoint: str,
+    status: int,
+    outcome: Outcome,
+    total_ms: float,
+    principal: Principal,
+    upstream: str | None,
+    key_label: str | None,
+    model: str | None,
+    error_type: str | None,
+    ttfb_ms: float | None,
+    attempts: int,
+    session_id: str | None,
+    user_agent: str | None,
+    sse_body: bool,
+    meter: sse.Meter | None,
+    prices: Pricer | None,
+) -> UsageEvent:
+    """The usage row of a request that has ended, from the exchange's final
+    values and its meter's numbers (None: nothing was metered). The meter's
+    word goes on the model and, when the exchange has none, the error type;
+    an event stream the meter did not see complete was cut."""
+    if meter is None:
+        input_tokens = output_tokens = cache_write_5m = cache_write_1h = cache_read = 0
+        reasoning_tokens = server_tool_requests = 0
+        stop_reason = None
+        output_estimated = False
+    else:
+        model = meter.model or model
+        input_tokens, output_tokens = meter.input_tokens, meter.output_tokens
+        cache_write_5m, cache_write_1h, cache_read = meter.cache_write_5m, meter.cache_write_1h, meter.cache_read
+        reasoning_tokens, server_tool_requests = meter.reasoning_tokens, meter.server_tool_requests
+        stop_reason = meter.stop_reason
+        # A stream cut before its final usage: output estimated from the
+        # deltas that passed (hubcore.accounting.meter), and the row says so.
+        output_estimated = meter.output_estimated
+        if meter.error_type and error_type is None:
+            error_type = meter.error_type
+        if outcome is Outcome.OK and sse_body and not meter.completed:
+            outcome = Outcome.UPSTREAM_ABORTED
+    # Priced even without a meter (errors, count_tokens): a known model
+    # that used no tokens cost 0, and only an unknown model is NULL (and
+    # counted as unpriced).
+    cost_micros = None if prices is None else prices.cost_micros(
+        model, input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read,
+    )
+    # Positional, in UsageEvent's field order: a call by keyword costs
+    # more than twice as much, on every request.
+    return UsageEvent(
+        ts,
+        request_id,
+        endpoint,
+        status,
+        outcome,
+        total_ms,
+        principal.token_id,
+        principal.user,
+        principal.project,
+        upstream,
+        key_label,
+        model,
+        input_tokens,
+        output_tokens,
+        cache_write_5m,
+        cache_write_1h,
+        cache_read,
+        reasoning_tokens,
+        server_tool_requests,
+        stop_reason,
+        error_type,
+        cost_micros,
+        ttfb_ms,
+        attempts,
+        session_id,
+        user_agent,
+        output_estimated,
+    )
 
 
 class _RetryBeforeFirstByte(Exception):
@@ -1014,13 +967,3 @@ STREAM_BROKEN = Failure(FailureKind.STREAM_BROKEN)
 
 def _decode(value: bytes | None) -> str | None:
     return value.decode("latin-1") if value is not None else None
-
-
-def _sse_error_event(flavour: str, message: str) -> bytes:
-    if flavour == OPENAI:
-        import orjson
-
-        data = orjson.dumps({"type": "error", "code": "upstream_aborted", "message": f"hubcore: {message}", "param": None})
-        return b"event: error\ndata: " + data + b"\n\n"
-    data = error_body(ANTHROPIC, 529, f"hubcore: {message}", "overloaded_error")
-    return b"event: error\ndata: " + data + b"\n\n"

@@ -16,6 +16,9 @@ Before a body is read, the application's gate judges the head (see `Gate`):
 a refused request is handed over at once with no body, answered, and the
 connection closed without reading the body, so that a client without a token
 never makes the hub hold its body.
+
+The protocol knows no application: what it refuses itself (framing, limits,
+timeouts) is worded by the application's `ErrorRenderer`, plain text without one.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import ctypes
 import enum
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from http import HTTPStatus
 from types import SimpleNamespace
 from typing import cast, Any, Protocol
@@ -33,7 +36,6 @@ import httptools
 
 from hubcore.config import ServerConfig
 from hubcore.http.deadlines import Sweeper, sweep_interval
-from hubcore.errors import ANTHROPIC, OPENAI, error_body
 from hubcore.http.wire import NO_CALLBACKS, HeaderCollector
 
 log = logging.getLogger("hubcore.server")
@@ -75,16 +77,9 @@ def status_line(status: int) -> bytes:
     return line if line is not None else _status_line(status)
 
 
-def flavour_for_path(path: bytes) -> str:
-    """Which vendor's error shape a client on `path` understands."""
-    if path.startswith((b"/v1/responses", b"/v1/chat/")):
-        return OPENAI
-    return ANTHROPIC
-
-
 class Request:
     __slots__ = (
-        "method", "path", "query", "target", "headers", "index", "control", "parts", "body_size",
+        "method", "path", "target", "headers", "index", "control", "parts", "body_size",
         "_body", "keep_alive", "http_version", "context", "reserved", "budget",
     )
 
@@ -99,9 +94,7 @@ class Request:
     ) -> None:
         self.method = method
         self.target = target
-        path, _, query = target.partition(b"?")
-        self.path = path
-        self.query = query
+        self.path = target.partition(b"?")[0]
         self.headers: list[tuple[bytes, bytes]] = head.headers  # names lower-cased, in order received
         self.index: dict[bytes, bytes] = head.index  # each name's first value
         # Transfer-Encoding, Expect and Connection, in order (None: none came).
@@ -159,6 +152,27 @@ class Handler(Protocol):
 # task, or None when the request goes on in callbacks: its handler (set on
 # the protocol) then calls `request_done()` once the answer is complete.
 App = Callable[[Request, "HttpProtocol"], Coroutine[Any, Any, None] | None]
+
+# Words the answer to a request the protocol refuses itself: (status,
+# message, request target, empty before a request came) -> (headers, body).
+# The application knows which error shape the client on that target parses.
+ErrorRenderer = Callable[[int, str, bytes], tuple[Sequence[tuple[bytes, bytes]], bytes]]
+
+PLAIN_TEXT = ((b"content-type", b"text/plain; charset=utf-8"),)
+
+
+def plain_error(status: int, message: str, target: bytes) -> tuple[Sequence[tuple[bytes, bytes]], bytes]:
+    """The ErrorRenderer of a Server given none: the message as plain text."""
+    return PLAIN_TEXT, message.encode() + b"\n"
+
+
+class ServerMetrics(Protocol):
+    """What the server counts, when it is given metrics."""
+
+    def connection_opened(self) -> None: ...
+    def connection_closed(self) -> None: ...
+    def refuse(self, reason: str) -> None: ...
+
 
 # Called with each request head (method, target, headers) before its body is
 # read. Its result becomes `Request.context`; an exception instance means the
@@ -628,10 +642,6 @@ class HttpProtocol(asyncio.BufferedProtocol):
             if self.linger_left < 0:
                 self.close()
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
     def writelines(self, data: list[bytes] | tuple[bytes, ...]) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(data)
@@ -682,13 +692,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
             self._pause_reading()
             self.pending_reject = _Reject(status, message, headers)
             return
-        flavour = flavour_for_path(self.url)
-        self.send_response(
-            status,
-            [(b"content-type", b"application/json"), *headers],
-            error_body(flavour, status, message),
-            keep_alive=False,
-        )
+        rendered, body = self.server.render_error(status, message, self.url)
+        self.send_response(status, [*rendered, *headers], body, keep_alive=False)
         if self.server.metrics is not None:
             self.server.metrics.refuse(f"http_{status}")
 
@@ -708,12 +713,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.body_parts = []
 
     def _refuse_connection(self, reason: str) -> None:
-        self.send_response(
-            503,
-            [(b"content-type", b"application/json"), (b"retry-after", b"1")],
-            error_body(ANTHROPIC, 503, f"hubcore is at its {reason}; retry shortly"),
-            keep_alive=False,
-        )
+        rendered, body = self.server.render_error(503, f"hubcore is at its {reason}; retry shortly", b"")
+        self.send_response(503, [*rendered, (b"retry-after", b"1")], body, keep_alive=False)
         if self.server.metrics is not None:
             self.server.metrics.refuse(reason.replace(" ", "_"))
 
@@ -782,11 +783,13 @@ class Server:
     hold, graceful shutdown."""
 
     def __init__(
-        self, config: ServerConfig, app: App, loop: asyncio.AbstractEventLoop, metrics: Any = None, gate: Gate | None = None,
+        self, config: ServerConfig, app: App, loop: asyncio.AbstractEventLoop, metrics: ServerMetrics | None = None,
+        gate: Gate | None = None, render_error: ErrorRenderer = plain_error,
     ) -> None:
         self.config = config
         self.app = app
         self.gate = gate
+        self.render_error = render_error
         self.loop = loop
         self.metrics = metrics
         self.connections: set[HttpProtocol] = set()

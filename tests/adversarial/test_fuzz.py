@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hubcore.gateway.exchange import route_for
+from hubcore.gateway.routes import route_for
 from tests.adversarial.conftest import PLAIN_BODY, assert_alive, request
 from tests.fakevendor import FakeVendor
 from tests.hubharness import HubThread
