@@ -1,9 +1,10 @@
 """The gateway's pure decisions, each called with plain values: routes and
 tokens (routes.py), head rewriting (rewrite.py), the hub's own answers
-(answers.py) and the usage event (exchange.py)."""
+(answers.py), the usage event and the exchange's phase table (exchange.py)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from types import SimpleNamespace
 
 import orjson
@@ -12,7 +13,7 @@ import pytest
 from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.errors import ANTHROPIC, OPENAI, HubError
 from hubcore.gateway import answers, rewrite, routes
-from hubcore.gateway.exchange import usage_event
+from hubcore.gateway.exchange import _MOVES, Exchange, Phase, usage_event
 from hubcore.gateway.rewrite import Framing
 from hubcore.governance.tokens import Principal
 from hubcore.http.client import ConnectFailed, ConnectionClosed, UpstreamTimeout
@@ -481,3 +482,55 @@ def test_usage_event_takes_the_meters_model_and_error_only_where_it_has_them() -
     assert event(meter=metered(error_type="overloaded_error")).error_type == "overloaded_error"
     assert event(meter=metered(error_type="overloaded_error"), error_type="hub_shutdown").error_type == "hub_shutdown"
 
+
+# -- the exchange's phases -----------------------------------------------------------
+
+def bare_exchange(phase: Phase) -> Exchange:
+    """An Exchange with only what _enter reads."""
+    exchange = Exchange.__new__(Exchange)
+    exchange.request_id = "hc_test"
+    exchange.phase = phase
+    return exchange
+
+
+@pytest.mark.parametrize(("old", "new"), list(itertools.product(Phase, Phase)), ids=lambda p: p.name)
+def test_enter_makes_exactly_the_moves_of_the_table(old: Phase, new: Phase) -> None:
+    exchange = bare_exchange(old)
+    if new in _MOVES[old]:
+        exchange._enter(new)
+        assert exchange.phase is new
+    else:
+        with pytest.raises(RuntimeError, match=f"hc_test: no move from {old.name} to {new.name}"):
+            exchange._enter(new)
+        assert exchange.phase is old
+
+
+def walk(*phases: Phase) -> None:
+    exchange = bare_exchange(phases[0])
+    for phase in phases[1:]:
+        exchange._enter(phase)
+
+
+def test_the_lifecycles_the_exchange_goes_through() -> None:
+    A, S, W, H, T, F, D = Phase
+    walk(A, S, W, H, T, F, D)                  # sent, streamed, recorded
+    walk(A, F, D)                              # refused, or the hub's own `/`
+    walk(A, S, W, S, W, H, S, W, H, T, F, D)   # a retryable head, then a failure before the first byte
+    walk(A, S, F, D)                           # no key, or every attempt failed: the hub's answer
+    walk(A, S, W, H, F, D)                     # the client left before any byte; the answer completed
+    for phase in Phase:
+        if phase is not D:
+            walk(phase, D)                     # the client left, shutdown, or a bug
+
+
+def test_no_retry_once_bytes_reached_the_client_and_nothing_after_done() -> None:
+    for phase in (Phase.STREAMING, Phase.FINISHING, Phase.DONE):
+        assert Phase.SENDING not in _MOVES[phase]
+    assert _MOVES[Phase.DONE] == frozenset()
+    assert set(_MOVES) == set(Phase)
+    # Every phase but DONE can end.
+    assert all(Phase.DONE in _MOVES[p] for p in Phase if p is not Phase.DONE)
+
+
+def test_an_exchange_starts_admitting() -> None:
+    assert Exchange.phase is Phase.ADMITTING
