@@ -882,6 +882,19 @@ def test_responses_failure_with_usage_is_final(twin: ModuleType) -> None:
         (responses_delta(b"response.output_text.delta", b'"surrogate in UTF-8 \xed\xa0\x80"'), FMT_OPENAI_RESPONSES,
          0, 1),
         (chat_delta(b'{"content":"unclosed}'), FMT_OPENAI_CHAT, 0, 1),
+        # Anthropic's own spelling, which the compiled twin reads without walking the keys, and near misses
+        (anthropic_delta(b'{"type":"text_delta","text":"a\\"b\\\\"}'), FMT_ANTHROPIC, 4, 0),
+        (anthropic_delta(b'{"type":"text_delta","text":"abc"}').replace(b'"index":0', b'"index":-12.5'),
+         FMT_ANTHROPIC, 3, 0),
+        (anthropic_delta(b'{"type":"text_delta","text":"abc"}').replace(b"}}\n", b"}} \t\n"), FMT_ANTHROPIC, 3, 0),
+        (anthropic_delta(b'{"type":"text_delta","thinking":"abc"}'), FMT_ANTHROPIC, 3, 0),
+        (anthropic_delta(b'{"type":"thinking_delta","thinking":"abc","signature":"xyz"}'), FMT_ANTHROPIC, 3, 0),
+        (anthropic_delta(b'{"type":"text_delta","text":"abc"},"x":1'), FMT_ANTHROPIC, 3, 0),
+        (anthropic_delta(b'{"type":"text_delta","text":"abc"}}'), FMT_ANTHROPIC, 0, 1),
+        (anthropic_delta(b'{"type":"text_delta","text":"abc"}').replace(b"}}\n", b"}\n"), FMT_ANTHROPIC, 0, 1),
+        (anthropic_delta(b'{"type":"text_delta","text":"abc"}').replace(b'"index":0', b'"index":01'),
+         FMT_ANTHROPIC, 0, 1),
+        (anthropic_delta(b'{"type":"text_delta","text":"abc}'), FMT_ANTHROPIC, 0, 1),
     ],
 )
 def test_unusual_deltas_agree_with_the_stdlib(twin: ModuleType, stream: bytes, fmt: int, chars: int,
@@ -892,6 +905,38 @@ def test_unusual_deltas_agree_with_the_stdlib(twin: ModuleType, stream: bytes, f
     data = (chat_delta(b"{}") + stream) if fmt == FMT_OPENAI_CHAT else stream
     got = run(twin, data, fmt)
     assert (got["delta_chars"], got["malformed"]) == (chars, malformed)
+
+
+_ANTHROPIC_DELTA_KINDS = [("text_delta", "text"), ("thinking_delta", "thinking"), ("input_json_delta", "partial_json")]
+
+
+@st.composite
+def _anthropic_deltas_as_sent(draw: st.DrawFn) -> tuple[bytes, int | None]:
+    """(data, characters or None) of a content_block_delta spelled as Anthropic sends it, at times one byte off."""
+    kind, key = draw(st.sampled_from(_ANTHROPIC_DELTA_KINDS))
+    text = draw(_JSON_TEXT)
+    index = draw(st.integers(0, 10**20))
+    data = (
+        f'{{"type":"content_block_delta","index":{index},"delta":{{"type":"{kind}","{key}":'
+        f"{draw(_json_string(text))}}}}}"
+    ).encode()
+    if not draw(st.booleans()):
+        return data, len(text)
+    at = draw(st.integers(0, len(data) - 1))
+    return data[:at] + draw(st.binary(max_size=2)) + data[at + 1 :], None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event=_anthropic_deltas_as_sent(), cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=6))
+def test_anthropic_deltas_as_sent_agree(event: tuple[bytes, int | None], cuts: list[int]) -> None:
+    """The compiled twin's shortcut for Anthropic's spelling counts as the pure twin does, broken or not."""
+    data, chars = event
+    stream = b"event: content_block_delta\ndata: " + data + b"\n\n"
+    want = result(meter_over(_sse_py, [stream]))
+    if chars is not None:
+        assert (want["delta_chars"], want["malformed"]) == (chars, 0)
+    if not NO_EXTENSIONS:
+        assert result(meter_over(import_c(), _split(stream, cuts))) == want
 
 
 # -- cache write split ------------------------------------------------------------------
