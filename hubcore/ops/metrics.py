@@ -312,7 +312,7 @@ class HubMetrics:
         gc: Mapping[str, Any] | None = None,
     ) -> str:
         """Everything for ``GET /metrics`` in the Prometheus text format 0.0.4;
-        ``gc`` is the hub's garbage-collector stats (app.CycleCollector.stats)."""
+        ``gc`` is the hub's garbage-collector stats (runtime.CycleCollector.stats)."""
         out = _Exposition()
         out.family("hubcore_build_info", "gauge", "Version of the running hub; always 1.")
         out.sample("hubcore_build_info", 1, version=version)
