@@ -67,25 +67,30 @@ class Framing(enum.Enum):
     UNTIL_CLOSE = "until-close"  # an HTTP/1.0 client: the body ends with the connection
 
 
+# As module globals: an Enum class's attributes are looked up through
+# EnumType.__getattr__'s slow hook (see exchange.py), on every response here.
+_LENGTH, _CHUNKED, _BODILESS, _UNTIL_CLOSE = Framing.LENGTH, Framing.CHUNKED, Framing.BODILESS, Framing.UNTIL_CLOSE
+
+
 def response_framing(status: int, content_length: int | None, client_http11: bool) -> Framing:
     """The framing of a response body with the vendor's `status` and
     `content_length` (None: chunked or close-delimited upstream)."""
     if content_length is not None:
-        return Framing.LENGTH
+        return _LENGTH
     if status == 204 or status == 304:
         # They end at their head (RFC 9112 6.3): framing a body for them
         # would put bytes on the wire the client reads as the start of the
         # next response.
-        return Framing.BODILESS
+        return _BODILESS
     if client_http11:
-        return Framing.CHUNKED
-    return Framing.UNTIL_CLOSE
+        return _CHUNKED
+    return _UNTIL_CLOSE
 
 
 def keeps_alive(framing: Framing, client_keep_alive: bool) -> bool:
     """Whether the client's connection can carry another request after this
     response (`client_keep_alive`: the client and the hub would keep it)."""
-    return client_keep_alive and framing is not Framing.UNTIL_CLOSE
+    return client_keep_alive and framing is not _UNTIL_CLOSE
 
 
 def response_head(
@@ -100,10 +105,10 @@ def response_head(
     headers less the hop-by-hop ones, then the hub's request id, the body's
     framing and, unless `keep_alive`, `connection: close`."""
     tail = b"x-hubcore-request-id: " + request_id.encode() + b"\r\n"
-    if framing is Framing.LENGTH:
+    if framing is _LENGTH:
         assert content_length is not None
         tail += b"content-length: %d\r\n" % content_length
-    elif framing is Framing.CHUNKED:
+    elif framing is _CHUNKED:
         tail += b"transfer-encoding: chunked\r\n"
     if not keep_alive:
         tail += b"connection: close\r\n"
