@@ -43,7 +43,7 @@ OUTCOMES = tuple(Outcome)
 @dataclass(slots=True)
 class UsageEvent:
     # The field order is the usage table's column order (FIELDS) and that of
-    # the positional call in proxy.Exchange._record: change all three together.
+    # the positional call in gateway.exchange.usage_event: change all three together.
     ts: float                      # unix time the request arrived
     request_id: str                # also sent to the client as x-hubcore-request-id
     endpoint: str                  # route path without query, e.g. "/v1/messages"

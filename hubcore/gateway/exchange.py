@@ -22,9 +22,11 @@ from hubcore.accounting import meter as sse
 from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.config import Config, UpstreamConfig
 from hubcore.errors import ANTHROPIC, HubError, MeterError
-from hubcore.routing.keys import Failure, FailureKind, KeyRing, Lease, classify, retryable
+from hubcore.routing.failures import (
+    CLIENT_ABORTED, STREAM_BROKEN, Failure, classify, in_stream_failure, retryable, transport_failure,
+)
+from hubcore.routing.keys import KeyRing, Lease
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS, give_up, refusal_headers, render_http_error, sse_error_event
-from hubcore.gateway.probe import failure_for
 from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head
 from hubcore.gateway.routes import Route, authenticate, flavour_for_path, printable_path, route_for, session_from_headers
 from hubcore.gateway.upstreams import UpstreamRuntime
@@ -544,7 +546,7 @@ class Exchange:
             try:
                 head = await self._send(upstream, lease)
             except UpstreamError as e:
-                reason = failure_for(e)
+                reason = transport_failure(e)
                 ring.release(lease, reason)
                 self.lease = None
                 last_exc, last_error = e, None
@@ -571,7 +573,7 @@ class Exchange:
             try:
                 await self._stream(head)
             except _RetryBeforeFirstByte as e:
-                reason = failure_for(e.error)
+                reason = transport_failure(e.error)
                 ring.release(lease, reason)
                 self.lease = None
                 last_exc, last_error = e.error, None
@@ -594,21 +596,9 @@ class Exchange:
         """The answer streamed to its end: its key goes back with what the
         head said against it, or what an error event in the stream did."""
         if lease is not None and self.upstream is not None:
-            self.upstream.ring.release(lease, failure or self._in_stream_failure())
+            meter = self.meter
+            self.upstream.ring.release(lease, failure or in_stream_failure(meter.error_type if meter is not None else None))
             self.lease = None
-
-    def _in_stream_failure(self) -> Failure | None:
-        """An `error` event inside a 200 stream (the vendor overloaded or
-        failing mid-answer) counts against the key like the same status would."""
-        meter = self.meter
-        error = meter.error_type if meter is not None else None
-        if error is None:
-            return None
-        if error == "overloaded_error":
-            return Failure(FailureKind.OVERLOADED, 529)
-        if error in ("api_error", "server_error"):
-            return Failure(FailureKind.SERVER_ERROR, 500)
-        return None
 
     async def _wait_for_key(self, ring: KeyRing, deadline: float, queue_deadline: float) -> bool:
         """No untried key is usable: whether to go round the keys again.
@@ -1049,12 +1039,6 @@ class _RetryBeforeFirstByte(Exception):
     def __init__(self, error: UpstreamError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-CLIENT_ABORTED = Failure(FailureKind.CLIENT_ABORTED)
-# The vendor failed after the client got bytes: counted like a 5xx (the long
-# pauses), as it is the one failure no retry hides from the user.
-STREAM_BROKEN = Failure(FailureKind.STREAM_BROKEN)
 
 
 def _decode(value: bytes | None) -> str | None:

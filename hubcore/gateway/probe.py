@@ -69,10 +69,6 @@ async def probe(upstream: Upstream, secret: str) -> Failure | None:
     return classify(head.status, head.headers)
 
 
-# The Exchange's name for routing.failures.transport_failure, until it
-# imports that itself.
-failure_for = transport_failure
-
 
 class Prober:
     """Sends the probes of one upstream's ring as they fall due: one task that
