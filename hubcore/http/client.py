@@ -35,7 +35,8 @@ from typing import cast, Protocol
 import httptools
 
 from hubcore.http.deadlines import Sweeper, sweep_interval
-from hubcore.http.wire import NO_CALLBACKS, HeaderCollector
+from hubcore.http.flow import ReadFlow, detached
+from hubcore.http.wire import HeaderCollector
 
 log = logging.getLogger("hubcore.upstream")
 
@@ -100,7 +101,7 @@ class ResponseHead:
         return self.index.get(name)
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(ReadFlow, asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         # per-connection
         self.pool = pool
@@ -165,8 +166,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
         self.state = ConnState.CLOSED
-        # Break the cycle through the parser's bound callbacks (wire.NO_CALLBACKS).
-        self.parser = httptools.HttpResponseParser(NO_CALLBACKS)
+        self.parser = detached(httptools.HttpResponseParser)
         self.deadline = 0.0
         self.pool.forget(self)
         if previous in (ConnState.SENDING, ConnState.RECEIVING) and not self.complete:
@@ -281,16 +281,6 @@ class UpstreamConnection(asyncio.Protocol):
         collector = _Collector(self.loop, limit)
         self.attach(collector)
         return await collector.future
-
-    def pause_reading(self) -> None:
-        if not self.reading_paused and self.transport is not None:
-            self.reading_paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None:
-            self.reading_paused = False
-            self.transport.resume_reading()
 
     def release(self) -> None:
         """Give the connection back: pooled if the response completed cleanly."""

@@ -36,7 +36,8 @@ import httptools
 
 from hubcore.config import ServerConfig
 from hubcore.http.deadlines import Sweeper, sweep_interval
-from hubcore.http.wire import NO_CALLBACKS, HeaderCollector
+from hubcore.http.flow import ReadFlow, detached
+from hubcore.http.wire import HeaderCollector
 
 log = logging.getLogger("hubcore.server")
 
@@ -259,7 +260,7 @@ class _RefusedAtHead(Exception):
         self.request = request
 
 
-class HttpProtocol(asyncio.BufferedProtocol):
+class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
     """One client connection. The transport reads straight into the server's
     shared read buffer (`get_buffer`), which the parser consumes at once:
     no bytes object per read, and a 90 KB request body is copied once (into
@@ -405,8 +406,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
-        # Break the cycle through the parser's bound callbacks (wire.NO_CALLBACKS).
-        self.parser = httptools.HttpRequestParser(NO_CALLBACKS)
+        self.parser = detached(httptools.HttpRequestParser)
         self.server.forget(self)
         if self.server.metrics is not None:
             self.server.metrics.connection_closed()
@@ -549,7 +549,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         else:
             # A pipelined request: answer in order, stop reading meanwhile.
             self.pipeline.append(request)
-            self._pause_reading()
+            self.pause_reading()
 
     def _start(self, request: Request) -> None:
         self._set_phase(Phase.BUSY)
@@ -596,7 +596,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
             reject, self.pending_reject = self.pending_reject, None
             self._reject(reject.status, reject.message, reject.headers)
             return
-        self._resume_reading()
+        self.resume_reading()
         if self.server.draining:
             self.close()
             return
@@ -632,7 +632,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         for request in self.pipeline:
             request.drop_body()
         self.pipeline.clear()
-        self._resume_reading()
+        self.resume_reading()
 
     def _linger_drop(self, size: int) -> None:
         # Before LINGER (a refusal still being answered) reading is paused,
@@ -689,7 +689,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
             # A response is in progress for an earlier request: its client
             # gets it (and those of requests pipelined before the bad bytes);
             # the refusal follows once they are done (request_done).
-            self._pause_reading()
+            self.pause_reading()
             self.pending_reject = _Reject(status, message, headers)
             return
         rendered, body = self.server.render_error(status, message, self.url)
@@ -767,15 +767,6 @@ class HttpProtocol(asyncio.BufferedProtocol):
             return
         self.close()
 
-    def _pause_reading(self) -> None:
-        if not self.reading_paused and self.transport is not None:
-            self.reading_paused = True
-            self.transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None and not self.transport.is_closing():
-            self.reading_paused = False
-            self.transport.resume_reading()
 
 
 class Server:
