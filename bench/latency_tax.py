@@ -35,7 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CLIENT_CREDENTIAL = "client-credential-nginx-swaps-it"
 MB = 1024 * 1024
 
-# The issue's targets (issue 7), checked against this run's figures.
+# The latency targets hubcore holds itself to, checked against this run's figures.
 TARGET_ADDED_RATIO = 2.0          # c=1 headline: hubcore-added p50 <= 2x nginx-added p50
 TARGET_ADDED_P99 = 0.001          # s: c=1 headline: hubcore-added p99
 TARGET_RPS_SHARE = 0.5            # c=16: hubcore req/s >= 50% of nginx's
@@ -472,7 +472,7 @@ def _cpu_model() -> str:
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets against this run's figures (None: not measured)."""
+    """The latency targets against this run's figures (None: not measured)."""
     out = []
     head = report["latency"].get(HEADLINE.key, {}).get("paths", {})
     hub = head.get("hubcore", {})
@@ -637,7 +637,7 @@ def render(report: dict[str, Any]) -> str:
                 )
     acct = report["accounting"]
     lines += ["", f"Accounting: {acct['usage_rows']} usage rows for {acct['hub_requests']} requests through the hub."]
-    lines += ["", "### Targets (issue 7)", "", "| target | this run | met |", "|---|---|---|"]
+    lines += ["", "### Targets", "", "| target | this run | met |", "|---|---|---|"]
     for t in report["targets"]:
         met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
         note = f" ({t['note']})" if t.get("note") else ""
