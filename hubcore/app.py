@@ -29,7 +29,7 @@ from hubcore.accounting.pricing import PriceTable
 from hubcore.gateway.exchange import Hub
 from hubcore.http.server import Server
 from hubcore.governance.tokens import TokenTable
-from hubcore.accounting.usage import UsageRecorder
+from hubcore.accounting.recorder import UsageRecorder
 
 log = logging.getLogger("hubcore")
 

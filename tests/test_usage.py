@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from hubcore import store
-from hubcore.accounting.usage import FIELDS, ROWS_PER_INSERT, UsageEvent, UsageRecorder
+from hubcore.accounting.recorder import UsageRecorder
+from hubcore.accounting.usage import FIELDS, ROWS_PER_INSERT, UsageEvent
 
 BASE_TS = 1_760_000_000.0
 
