@@ -16,6 +16,7 @@ import pytest
 from hubcore import store
 from hubcore.accounting.recorder import UsageRecorder
 from hubcore.accounting.usage import FIELDS, ROWS_PER_INSERT, UsageEvent
+from tests.test_spool import LINE_WITHOUT_NEW_FIELDS, OLD_LINE
 
 BASE_TS = 1_760_000_000.0
 
@@ -541,3 +542,15 @@ async def test_a_database_from_before_output_estimated_is_migrated_on_open(
     finally:
         conn.close()
     assert stored == {"old-row": 0, "req-000001": 1}
+
+
+async def test_a_spool_left_by_the_hubcore_before_the_spool_class_replays(
+    recorder_factory: Callable[..., UsageRecorder], db: Path, spool: Path
+) -> None:
+    spool.write_bytes(OLD_LINE + LINE_WITHOUT_NEW_FIELDS)
+    recorder = recorder_factory()
+    await recorder.start()
+    assert db_request_ids(db) == ["req-old", "req-older"]
+    stats = recorder.stats()
+    assert (stats["replayed"], stats["spool_bad_lines"], stats["spool_pending"]) == (2, 0, 0)
+    assert spool.stat().st_size == 0
