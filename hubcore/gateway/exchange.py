@@ -49,7 +49,7 @@ ERROR_BODY_LIMIT = 1024 * 1024
 
 class Recorder(Protocol):
     """Takes the usage event of every request with a principal
-    (accounting.usage.UsageRecorder: off the request path)."""
+    (accounting.recorder.UsageRecorder: off the request path)."""
 
     def record(self, event: UsageEvent) -> None: ...
 
