@@ -14,7 +14,7 @@ import pytest
 
 from tests.fakevendor import COMPLETED, OPENAI_KEY, FakeVendor
 from tests.hubharness import mint
-from tests.test_lifecycle import KEY_ONE, DatabaseLock, Serve, eventually, request
+from tests.functional.test_lifecycle import KEY_ONE, DatabaseLock, Serve, eventually, request
 
 REQUESTS = 100
 PACE_S = 0.02  # 100 requests over about two seconds, as steady traffic would come

@@ -21,7 +21,7 @@ import pytest
 
 from tests.fakevendor import OPENAI_KEY, FakeVendor
 from tests.hubharness import mint
-from tests.test_lifecycle import KEY_ONE, Serve
+from tests.functional.test_lifecycle import KEY_ONE, Serve
 
 MIB = 1024 * 1024
 

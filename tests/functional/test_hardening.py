@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakevendor import FakeVendor
-from tests.test_server import (  # noqa: F401  (close_wires, no_handler_failures: autouse fixtures)
+from tests.functional.test_server import (  # noqa: F401  (close_wires, no_handler_failures: autouse fixtures)
     GET_ROOT,
     PLAIN_BODY,
     STREAM_BODY,

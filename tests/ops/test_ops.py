@@ -27,7 +27,7 @@ GET_STATS_CLOSE = b"GET /stats HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
 GET_METRICS_CLOSE = b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
 MALFORMED = b"GARBAGE\x00 NOT HTTP\r\n\r\n"
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeHub:

@@ -47,7 +47,7 @@ from tests.fakevendor import (
     running_vendor,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "hello"}]
 FULL_USAGE = {
     "input_tokens": 120,

@@ -320,7 +320,7 @@ def test_a_failure_while_the_answer_begins_does_not_leave_the_client_waiting(
 
 
 def test_pipelined_requests_sent_in_callbacks_are_answered_in_order(tmp_path: Path, vendor: FakeVendor, tasks: TaskCount) -> None:
-    from tests.test_server import PLAIN_BODY, STREAM_BODY, Wire, messages_request
+    from tests.functional.test_server import PLAIN_BODY, STREAM_BODY, Wire, messages_request
 
     with warm_hub(tmp_path, vendor) as (hub, client):
         token = client.api_key

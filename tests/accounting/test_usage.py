@@ -16,7 +16,7 @@ import pytest
 from hubcore import store
 from hubcore.accounting.recorder import UsageRecorder
 from hubcore.accounting.usage import FIELDS, ROWS_PER_INSERT, UsageEvent
-from tests.test_spool import LINE_WITHOUT_NEW_FIELDS, OLD_LINE
+from tests.accounting.test_spool import LINE_WITHOUT_NEW_FIELDS, OLD_LINE
 
 BASE_TS = 1_760_000_000.0
 

@@ -46,7 +46,7 @@ def test_compiled_twin_loaded() -> None:
 def test_no_extensions_selects_pure_twin() -> None:
     out = subprocess.run(
         [sys.executable, "-c", "import hubcore.http.wire as w; print(w.COMPILED, w.HeaderCollector.__module__)"],
-        cwd=Path(__file__).parents[1], env={**os.environ, "HUBCORE_NO_EXTENSIONS": "1"},
+        cwd=Path(__file__).parents[2], env={**os.environ, "HUBCORE_NO_EXTENSIONS": "1"},
         capture_output=True, text=True, timeout=60, check=True,
     )
     assert out.stdout.split() == ["False", "hubcore.http._wire_py"]

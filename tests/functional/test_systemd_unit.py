@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "hubcore.service"
 EXAMPLE = REPO / "deploy" / "hubcore.example.toml"
 INSTALLED_EXEC = "/usr/local/bin/hubcore"

@@ -29,7 +29,7 @@ from hubcore.accounting import _meter_py as _sse_py
 from hubcore.accounting import meter as sse
 from hubcore.accounting.meter import FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MeterError
 
-FIXTURES_DIR = Path(__file__).parent / "fixtures"
+FIXTURES_DIR = Path(__file__).parents[1] / "fixtures"
 FIXTURES = sorted([*FIXTURES_DIR.glob("*.txt"), *FIXTURES_DIR.glob("*.sse")])
 NO_EXTENSIONS = bool(os.environ.get("HUBCORE_NO_EXTENSIONS"))
 
@@ -230,7 +230,7 @@ def test_compiled_twin_loaded() -> None:
 def test_no_extensions_selects_pure_twin() -> None:
     out = subprocess.run(
         [sys.executable, "-c", "import hubcore.accounting.meter as s; print(s.COMPILED, s.Meter.__module__)"],
-        cwd=Path(__file__).parents[1], env={**os.environ, "HUBCORE_NO_EXTENSIONS": "1"},
+        cwd=Path(__file__).parents[2], env={**os.environ, "HUBCORE_NO_EXTENSIONS": "1"},
         capture_output=True, text=True, timeout=60, check=True,
     )
     assert out.stdout.split() == ["False", "hubcore.accounting._meter_py"]

@@ -1,0 +1,1 @@
+"""Unit tests of hubcore.gateway's decisions."""
