@@ -3,7 +3,7 @@
 httptools calls `on_header` once per header of every request and response:
 about 45 calls per proxied request. `HeaderCollector` is that callback, and
 `render_head` writes a head back out; the compiled twin does both without a
-Python frame per header. The two twins behave the same (tests/test_wire.py
+Python frame per header. The two twins behave the same (tests/http/test_wire.py
 runs both); `hubcore.http.wire` picks one.
 """
 from __future__ import annotations
