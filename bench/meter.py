@@ -189,16 +189,16 @@ def main() -> None:
 
     rows: list[tuple[str, str, int, float]] = []
     if compiled is not None:
-        rows.append(("meter", "compiled `_sse`", len(stream), best_time(meter_run(compiled, pieces), repeat, 4 * scale)))
-    rows.append(("meter", "pure `_sse_py`", len(stream), best_time(meter_run(_sse_py, pieces), repeat, scale)))
+        rows.append(("meter", "compiled `_meter`", len(stream), best_time(meter_run(compiled, pieces), repeat, 4 * scale)))
+    rows.append(("meter", "pure `_meter_py`", len(stream), best_time(meter_run(_sse_py, pieces), repeat, scale)))
     rows.append(("meter", "naive: orjson.loads every data line", len(stream),
                  best_time(lambda: naive_meter(pieces), repeat, scale)))
     if compiled is not None:
-        rows.append(("scan_request", "compiled `_sse`", len(request),
+        rows.append(("scan_request", "compiled `_meter`", len(request),
                      best_time(lambda: compiled.scan_request(request), repeat, 40 * scale)))
-    rows.append(("scan_request", "pure `_sse_py` (orjson, then fields)", len(request),
+    rows.append(("scan_request", "pure `_meter_py` (orjson, then fields)", len(request),
                  best_time(lambda: _sse_py.scan_request(request), repeat, 10 * scale)))
-    rows.append(("scan_request", "pure walker `_sse_py._walk`", len(request),
+    rows.append(("scan_request", "pure walker `_meter_py._walk`", len(request),
                  best_time(lambda: _sse_py._walk(request), repeat, scale)))
     rows.append(("scan_request", "orjson.loads (full parse)", len(request),
                  best_time(lambda: orjson.loads(request), repeat, 10 * scale)))

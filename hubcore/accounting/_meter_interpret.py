@@ -1,3 +1,5 @@
+# cython: language_level=3, annotation_typing=False
+# (Compiled by setup.py when extensions are built; annotations are for mypy only.)
 """What the streaming meter's decoded objects mean, written once for both twins.
 
 The twins (`_meter.pyx`, `_meter_py.py`) each frame the bytes, sort the events
