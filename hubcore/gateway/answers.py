@@ -19,9 +19,6 @@ Headers = list[tuple[bytes, bytes]]
 JSON = (b"content-type", b"application/json")
 ROOT_HEADERS: Headers = [(b"content-type", b"text/plain")]
 ROOT_BODY = b"hubcore\n"
-# Seconds a client is told to wait when only the operator can help (keys
-# refused by the vendor), or when no probe says when a key may be back.
-OPERATOR_RETRY_AFTER = 30
 
 
 def render_http_error(status: int, message: str, target: bytes) -> tuple[tuple[tuple[bytes, bytes], ...], bytes]:
@@ -30,15 +27,21 @@ def render_http_error(status: int, message: str, target: bytes) -> tuple[tuple[t
     return (JSON,), error_body(flavour_for_path(target), status, message)
 
 
+RETRY = (b"x-should-retry", b"true")
+NO_RETRY = (b"x-should-retry", b"false")
+
+
 def refusal_headers(error: HubError) -> Headers:
     """The headers of a refusal: when to come back, and whether the SDKs'
-    own retries may (a 429 passes, the hub's other refusals would only repeat)."""
-    headers = [JSON]
-    if error.retry_after is not None:
-        headers.append((b"retry-after", b"%d" % max(1, round(error.retry_after))))
-    if error.status >= 500 or error.status == 429:
-        headers.append((b"x-should-retry", b"false" if error.status != 429 else b"true"))
-    return headers
+    own retries may. A 429 (rate or concurrency) passes, with when. Every
+    other refusal of the hub's (a bad, revoked or expired token, a budget
+    spent, a model not allowed, no key configured) would only repeat: it
+    says so and names no time, so that Claude Code and the SDKs fail at once
+    with the hub's message instead of retrying silently for a minute."""
+    if error.status == 429:
+        retry_after = b"%d" % max(1, round(error.retry_after if error.retry_after is not None else 1))
+        return [JSON, (b"retry-after", retry_after), RETRY]
+    return [JSON, NO_RETRY]
 
 
 def give_up(
@@ -76,8 +79,7 @@ def give_up(
             body = error_body(
                 flavour, 503, f"every {upstream} key was refused by the vendor "
                 f"({status}); the hub operator must replace them")
-            headers = [JSON, (b"retry-after", b"%d" % OPERATOR_RETRY_AFTER), (b"x-should-retry", b"false")]
-            return 503, headers, body, "vendor_key_refused"
+            return 503, [JSON, NO_RETRY], body, "vendor_key_refused"
         headers = [(n, v) for n, v in headers if n.lower() not in RESPONSE_DROP]
         if attempts > 1:
             headers = [(n, v) for n, v in headers if n.lower() != b"x-should-retry"]
@@ -87,10 +89,16 @@ def give_up(
         status = 504 if isinstance(last_exc, UpstreamTimeout) else 502
         body = error_body(flavour, status, f"upstream {upstream}: {last_exc}")
         return status, [JSON, (b"x-should-retry", b"false")], body, last_exc.kind
+    if probe_in is None:
+        # Every key is dead or disabled: only the operator can help.
+        body = error_body(flavour, 503, f"no usable {upstream} key: every one is disabled or was refused by the "
+                          "vendor; the hub operator must replace or enable them")
+        return 503, [JSON, NO_RETRY], body, "overloaded_error"
     # When the next probe is due: a client that comes back then finds the
-    # key back if the vendor is. Dead and disabled keys need the operator.
-    retry_after = b"%d" % (OPERATOR_RETRY_AFTER if probe_in is None else max(1, math.ceil(probe_in)))
-    body = error_body(flavour, 503, f"no usable {upstream} key: all are disabled, dead or their circuits are open")
+    # key back if the vendor is.
+    retry_after = b"%d" % max(1, math.ceil(probe_in))
+    body = error_body(flavour, 503, f"no usable {upstream} key: their circuits are open after failures; "
+                      f"the hub probes them again in {retry_after.decode()} s")
     return 503, [JSON, (b"retry-after", retry_after)], body, "overloaded_error"
 
 

@@ -451,7 +451,7 @@ class Exchange:
                 self._scan_body()
         upstream = self.hub.upstreams.get(route.kind)
         if upstream is None or not upstream.config.keys:
-            raise HubError(503, f"no {route.kind} upstream key is configured", retry_after=30)
+            raise HubError(503, f"no {route.kind} upstream key is configured; the hub operator must add one")
         if limiter is not None:
             self.admission = limiter.admit(
                 self.principal, self.model, self.ts,

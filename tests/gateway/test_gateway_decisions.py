@@ -323,7 +323,8 @@ def test_give_up_when_the_vendor_refused_the_hubs_keys(vendor_status: int) -> No
     last = (vendor_status, [(b"content-type", b"application/json")], b'{"vendor":"body"}')
     status, headers, body, error_type = answers.give_up(ANTHROPIC, "claude", 2, None, last, None, None)
     assert (status, error_type) == (503, "vendor_key_refused")
-    assert headers == [answers.JSON, (b"retry-after", b"30"), (b"x-should-retry", b"false")]
+    # Only the operator can help: no time to come back, no retry.
+    assert headers == [answers.JSON, (b"x-should-retry", b"false")]
     message = error_of(body)["message"]
     assert isinstance(message, str) and f"({vendor_status})" in message and "operator" in message
 
@@ -356,22 +357,31 @@ def test_give_up_after_a_transport_error(exc: Exception, status: int, error_type
     assert orjson.loads(body)["error"]["message"] == f"upstream openai: {exc}"
 
 
-@pytest.mark.parametrize(("probe_in", "retry_after"), [(None, b"30"), (0.0, b"1"), (7.5, b"8")])
-def test_give_up_when_no_key_could_be_tried(probe_in: float | None, retry_after: bytes) -> None:
+@pytest.mark.parametrize(("probe_in", "retry_after"), [(0.0, b"1"), (7.5, b"8")])
+def test_give_up_when_every_circuit_is_open_says_when_the_next_probe_is(probe_in: float, retry_after: bytes) -> None:
     status, headers, body, error_type = answers.give_up(ANTHROPIC, "claude", 0, None, None, None, probe_in)
     assert (status, error_type) == (503, "overloaded_error")
     assert headers == [answers.JSON, (b"retry-after", retry_after)]
     assert error_of(body)["type"] == "overloaded_error"
 
 
+def test_give_up_when_every_key_is_dead_or_disabled_says_not_to_retry() -> None:
+    status, headers, body, error_type = answers.give_up(ANTHROPIC, "claude", 0, None, None, None, None)
+    assert (status, error_type) == (503, "overloaded_error")
+    assert headers == [answers.JSON, (b"x-should-retry", b"false")]
+    assert "operator" in str(error_of(body)["message"])
+
+
 @pytest.mark.parametrize(
     ("error", "headers"),
     [
-        (HubError(401, "invalid hub token"), [answers.JSON]),
-        (HubError(403, "budget", retry_after=3600.4), [answers.JSON, (b"retry-after", b"3600")]),
-        (HubError(429, "rate", retry_after=0.2), [answers.JSON, (b"retry-after", b"1"), (b"x-should-retry", b"true")]),
-        (HubError(503, "no key", retry_after=30), [answers.JSON, (b"retry-after", b"30"), (b"x-should-retry", b"false")]),
+        # Retrying cannot fix these: say so, and name no time to come back.
+        (HubError(401, "invalid hub token"), [answers.JSON, (b"x-should-retry", b"false")]),
+        (HubError(403, "budget", retry_after=3600.4), [answers.JSON, (b"x-should-retry", b"false")]),
+        (HubError(503, "no key", retry_after=30), [answers.JSON, (b"x-should-retry", b"false")]),
         (HubError(500, "bug"), [answers.JSON, (b"x-should-retry", b"false")]),
+        (HubError(429, "rate", retry_after=0.2), [answers.JSON, (b"retry-after", b"1"), (b"x-should-retry", b"true")]),
+        (HubError(429, "concurrency"), [answers.JSON, (b"retry-after", b"1"), (b"x-should-retry", b"true")]),
     ],
 )
 def test_refusal_headers(error: HubError, headers: list[tuple[bytes, bytes]]) -> None:

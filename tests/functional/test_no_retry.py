@@ -1,0 +1,115 @@
+"""Refusals that retrying cannot fix reach the client as final: both SDKs,
+with their default retries on, send each request once and raise at once with
+the hub's message. (Claude Code reads the same `x-should-retry: false`.)"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from hubcore import store
+from hubcore.governance.limits import Limits
+from hubcore.governance.storage import write_limits
+from hubcore.governance.tokens import revoke
+from tests.conftest import upstreams_for
+from tests.fakevendor import FakeVendor
+from tests.hubharness import HubThread, make_config
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def hub(vendor: FakeVendor, tmp_path: Path) -> Iterator[HubThread]:
+    with HubThread(make_config(tmp_path, upstreams_for(vendor))) as h:
+        yield h
+
+
+def requests_seen(hub: HubThread) -> int:
+    assert hub.app is not None
+    return hub.app.metrics.requests_total
+
+
+def limited_token(hub: HubThread, user: str, limits: Limits) -> str:
+    token = hub.mint(user)
+    conn = store.connect(hub.config.server.database)
+    try:
+        write_limits(conn, "user", user, limits)
+        conn.commit()
+    finally:
+        conn.close()
+    hub.mint(user + "-reload")  # reloads tokens and limits
+    return token
+
+
+def revoked_token(hub: HubThread) -> str:
+    token = hub.mint("gone")
+    conn = store.connect(hub.config.server.database)
+    try:
+        (token_id,) = conn.execute("SELECT id FROM tokens WHERE user = 'gone'").fetchone()
+        revoke(conn, token_id)
+        conn.commit()
+    finally:
+        conn.close()
+    hub.mint("after-revoke")
+    return token
+
+
+CASES: dict[str, Callable[[HubThread], str]] = {
+    "unknown token": lambda hub: "hc-not-a-token",
+    "revoked token": revoked_token,
+    "budget spent": lambda hub: limited_token(hub, "spent", Limits(budget_day=0)),
+    "model not allowed": lambda hub: limited_token(hub, "narrow", Limits(models=("gpt-nothing-*",))),
+}
+
+
+def timed(call: Callable[[], Any]) -> tuple[BaseException, float]:
+    started = time.monotonic()
+    with pytest.raises(Exception) as info:
+        call()
+    return info.value, time.monotonic() - started
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_anthropic_sdk_does_not_retry_a_final_refusal(hub: HubThread, case: str) -> None:
+    token = CASES[case](hub)
+    client = anthropic.Anthropic(base_url=hub.url, api_key=token, timeout=10)  # default max_retries=2
+    before = requests_seen(hub)
+    error, took = timed(lambda: client.messages.create(model="claude-sonnet-4-6", max_tokens=8, messages=MESSAGES))
+    assert isinstance(error, anthropic.APIStatusError) and error.status_code in (401, 403)
+    assert error.response.headers["x-should-retry"] == "false" and "retry-after" not in error.response.headers
+    assert requests_seen(hub) - before == 1, "the SDK retried"
+    assert took < 2
+    client.close()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_openai_sdk_does_not_retry_a_final_refusal(hub: HubThread, case: str) -> None:
+    token = CASES[case](hub)
+    client = openai.OpenAI(base_url=hub.url + "/v1", api_key=token, timeout=10)
+    before = requests_seen(hub)
+    error, took = timed(lambda: client.responses.create(model="gpt-5", input="hi"))
+    assert isinstance(error, openai.APIStatusError) and error.status_code in (401, 403)
+    assert requests_seen(hub) - before == 1, "the SDK retried"
+    assert took < 2
+    client.close()
+
+
+def test_no_key_configured_fails_at_once(vendor: FakeVendor, tmp_path: Path) -> None:
+    upstreams = upstreams_for(vendor)
+    upstreams[0]["keys"] = []
+    with HubThread(make_config(tmp_path, upstreams)) as hub:
+        client = anthropic.Anthropic(base_url=hub.url, api_key=hub.mint(), timeout=10)
+        before = requests_seen(hub)
+        error, took = timed(lambda: client.messages.create(model="claude-sonnet-4-6", max_tokens=8, messages=MESSAGES))
+        assert isinstance(error, anthropic.APIStatusError) and error.status_code == 503
+        assert "no anthropic upstream key is configured" in str(error)
+        assert error.response.headers["x-should-retry"] == "false" and "retry-after" not in error.response.headers
+        assert requests_seen(hub) - before == 1
+        assert took < 2
+        client.close()
+
