@@ -430,7 +430,7 @@ cdef Py_ssize_t _jstring(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, Py_
             if i + 1 >= n:
                 return -1
             c = p[i + 1]
-            if c == 117:  # \uXXXX
+            if c == 117:  # a \u escape: four hex digits follow
                 cp = _hex4(p, i + 2, n)
                 if cp < 0:
                     return -1

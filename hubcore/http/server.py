@@ -285,10 +285,6 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         self.parsing_stopped = False
         # Bytes the LINGER phase may still drop before closing.
         self.linger_left = 0
-        # What the gate said of the head being parsed, for its Request; when
-        # it is a refusal, the (small) body is read and dropped.
-        self.context: Any = None
-        self.discarding = False
         # The request being answered, whose body budget is released when done.
         self.current: Request | None = None
         # httptools calls on_header for every header: that callback is
@@ -320,6 +316,13 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         self.closing = False
         # per-request (the one being parsed)
         self.url = b""
+        self.method = b""
+        self.version = ""
+        # What the gate said of the head, for its Request; when it is a
+        # refusal, the (small) body is read and dropped.
+        self.context: Any = None
+        self.discarding = False
+        self.chunked = False  # Transfer-Encoding: chunked
         self.head_bytes = 0
         self.body_parts: list[bytes] = []
         self.body_size = 0
@@ -436,6 +439,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         self.body_size = 0
         self.reserved = 0
         self.discarding = False
+        self.chunked = False
         self.expect_continue = False
         self.continue_due = False
         self.message_phase = Phase.HEAD
@@ -449,8 +453,10 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         config = self.config
         if len(self.url) + head.size > config.max_header_bytes:
             raise _Reject(431, f"request head larger than {config.max_header_bytes} bytes")
-        method = self.parser.get_method()
-        version = self.parser.get_http_version()
+        # Read once here, where the head's checks need them, and again by
+        # on_message_complete from these attributes, not from the parser.
+        method = self.method = self.parser.get_method()
+        version = self.version = self.parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _Reject(505, f"HTTP/{version} is not supported; hubcore speaks HTTP/1.1")
         if method == b"CONNECT":
@@ -469,17 +475,13 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         self.context = context
         if isinstance(context, BaseException):
             # A client waiting for 100 Continue gets the refusal instead.
-            if self.expect_continue or length > REFUSED_BODY_DISCARD_BYTES or (
-                    length < 0 and head.control is not None and any(n == b"transfer-encoding" for n, _ in head.control)):
-                request = Request(method, self.url, head, [], False, self.parser.get_http_version())
+            if self.expect_continue or self.chunked or length > REFUSED_BODY_DISCARD_BYTES:
+                request = Request(method, self.url, head, [], False, version)
                 request.context = context
                 raise _RefusedAtHead(request)
             self.discarding = True
         elif length > 0:
-            if not self.server.body_budget.reserve(length):
-                raise _Reject(503, "hubcore holds as many request bodies as it may; retry shortly",
-                              ((b"retry-after", b"1"),))
-            self.reserved = length
+            self._reserve(length)
         self.message_phase = Phase.BODY
         if not self.busy:
             # While an earlier request is answered the client is waiting for
@@ -499,10 +501,21 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
                 if value.lower() != b"100-continue":
                     raise _Reject(417, "unsupported Expect header")
                 self.expect_continue = True
-            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
-                # Only plain chunked framing is understood end to end; anything
-                # else is a classic smuggling vector.
-                raise _Reject(400, "unsupported Transfer-Encoding")
+            elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # Only plain chunked framing is understood end to end;
+                    # anything else is a classic smuggling vector.
+                    raise _Reject(400, "unsupported Transfer-Encoding")
+                self.chunked = True
+
+    def _reserve(self, size: int) -> None:
+        """Hold `size` (the body's length, or the bytes of a chunked one so
+        far) against the server's body budget, or refuse the request."""
+        extra = size - self.reserved
+        if not self.server.body_budget.reserve(extra):
+            raise _Reject(503, "hubcore holds as many request bodies as it may; retry shortly",
+                          ((b"retry-after", b"1"),))
+        self.reserved = size
 
     def on_body(self, body: bytes) -> None:
         size = self.body_size = self.body_size + len(body)
@@ -513,22 +526,19 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         if size > self.reserved:
             # A chunked body (or one longer than announced, which llhttp
             # does not let through): reserved as it comes.
-            if not self.server.body_budget.reserve(size - self.reserved):
-                raise _Reject(503, "hubcore holds as many request bodies as it may; retry shortly",
-                              ((b"retry-after", b"1"),))
-            self.reserved = size
+            self._reserve(size)
         self.body_parts.append(body)
 
     def on_message_complete(self) -> None:
         if self.collector.size > self.config.max_header_bytes:
             raise _Reject(431, f"request head and trailers larger than {self.config.max_header_bytes} bytes")
         request = Request(
-            self.parser.get_method(),
+            self.method,
             self.url,
             self.collector,
             self.body_parts,
             self.parser.should_keep_alive(),
-            self.parser.get_http_version(),
+            self.version,
         )
         request.context = self.context
         self.context = None
