@@ -428,15 +428,10 @@ class Exchange:
             if context.status == 404:
                 self.route = None  # the row and metrics say "other", as for any unrouted path
             raise context  # refused at its head: the body was never read
-        if route is None:
-            raise HubError(404, f"no route for {printable_path(request.path)}")
-        if isinstance(context, Principal):
-            self.principal = context
-        else:
-            principal = authenticate(self.hub.tokens, request.index)
-            if isinstance(principal, HubError):
-                raise principal
-            self.principal = principal
+        # Hub.gate routed and authenticated the head: anything else came
+        # with a Principal.
+        assert route is not None and isinstance(context, Principal), "a request the gate did not judge"
+        self.principal = context
         if request.method not in route.methods:
             raise HubError(405, f"{request.method.decode()} is not allowed on {route.endpoint}")
         limiter = self.hub.limiter
