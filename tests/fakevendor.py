@@ -93,6 +93,7 @@ MODELS: Final = (
     ("claude-sonnet-4-6", "Claude Sonnet 4.6", "2026-02-17T00:00:00Z"),
     ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z"),
 )
+OPENAI_MODELS: Final = ("gpt-5.1", "gpt-5.1-codex", "gpt-5-mini")
 
 # Outcomes of a recorded request.
 PENDING: Final = "pending"
@@ -701,6 +702,9 @@ class _Cycle:
             "/v1/responses": "POST",
             "/v1/chat/completions": "POST",
         }
+        model_id = path[len("/v1/models/"):] if path.startswith("/v1/models/") else None
+        if model_id:
+            path = "/v1/models"
         if path not in allowed:
             await self.send_error(404, f"Not found: {method} {path}")
             return
@@ -711,7 +715,7 @@ class _Cycle:
             await self.send_error(400, "anthropic-version: header is required")
             return
         if path == "/v1/models":
-            await self.models()
+            await self.models(model_id)
             return
         try:
             body = orjson.loads(request.body)
@@ -745,11 +749,26 @@ class _Cycle:
         assert self.scenario is not None
         return _wire_usage(self.request.vendor, self.scenario, self.request.body, _text_length(self.scenario))
 
-    async def models(self) -> None:
-        data = [
-            {"type": "model", "id": model_id, "display_name": name, "created_at": created}
-            for model_id, name, created in MODELS
-        ]
+    async def models(self, model_id: str | None = None) -> None:
+        """The models listing, or one model of it (`GET /v1/models/{id}`)."""
+        if self.request.vendor == "openai":
+            listing = [{"id": name, "object": "model", "created": 1767225600, "owned_by": "openai"} for name in OPENAI_MODELS]
+        else:
+            listing = [
+                {"type": "model", "id": name, "display_name": display, "created_at": created}
+                for name, display, created in MODELS
+            ]
+        if model_id is not None:
+            found = [entry for entry in listing if entry["id"] == model_id]
+            if not found:
+                await self.send_error(404, f"model: {model_id}")
+                return
+            await self.send_json(200, orjson.dumps(found[0]), Usage())
+            return
+        if self.request.vendor == "openai":
+            await self.send_json(200, orjson.dumps({"object": "list", "data": listing}), Usage())
+            return
+        data = listing
         body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
         await self.send_json(200, orjson.dumps(body), Usage())
 
@@ -1387,7 +1406,10 @@ class FakeVendor:
         headers = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in event.headers]
         target = event.target.decode("latin-1")
         path = target.split("?", 1)[0]
-        vendor: Vendor = "openai" if path in _OPENAI_PATHS else "anthropic"
+        # GET /v1/models is both vendors' path: Anthropic's clients always send
+        # anthropic-version, OpenAI's never do.
+        openai_models = (path == "/v1/models" or path.startswith("/v1/models/")) and not any(name == "anthropic-version" for name, _ in headers)
+        vendor: Vendor = "openai" if path in _OPENAI_PATHS or openai_models else "anthropic"
         # Anthropic takes x-api-key, and also a Bearer token (what anthropic 2.x SDKs
         # send for api_key); x-api-key wins if both came.  OpenAI: Bearer only.
         key: str | None = None

@@ -421,7 +421,7 @@ class Exchange:
                 raise HubError(405, "method not allowed")
             self.respond(200, ROOT_HEADERS, ROOT_BODY, head_only=request.method == b"HEAD")
             return None
-        self.route = route = route_for(request.path)
+        self.route = route = route_for(request.path, request.index)
         self.flavour = route.flavour if route else flavour_for_path(request.path)
         context = request.context
         if isinstance(context, HubError):

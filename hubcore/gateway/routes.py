@@ -29,6 +29,9 @@ ROUTES: dict[bytes, Route] = {
     b"/v1/responses": Route("openai", "/v1/responses", sse.FMT_OPENAI_RESPONSES, (b"POST",), OPENAI),
     b"/v1/chat/completions": Route("openai", "/v1/chat/completions", sse.FMT_OPENAI_CHAT, (b"POST",), OPENAI),
 }
+# GET /v1/models is both vendors' path. Anthropic's clients always send
+# anthropic-version (the API refuses requests without it); OpenAI's never do.
+OPENAI_MODELS = Route("openai", "/v1/models", 0, (b"GET",), OPENAI)
 MODELS_PREFIX = b"/v1/models/"
 # A model id as the vendors spell them ("claude-sonnet-4-5-20250929",
 # "gpt-5.1", "claude-3@20240229"): no slash, no percent-encoding, no dot
@@ -38,14 +41,18 @@ MODEL_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}")
 SESSION_HEADERS = (b"x-claude-code-session-id", b"session_id", b"session-id")
 
 
-def route_for(path: bytes) -> Route | None:
+def route_for(path: bytes, index: dict[bytes, bytes] | None = None) -> Route | None:
     """The route of a request path, or None. Only the exact paths, and
     `/v1/models/{id}` with a plain model id: the target goes to the vendor
     as the client sent it, with the hub's key, so nothing else (dot segments,
-    encoded slashes or dots, other vendor endpoints) may pass."""
+    encoded slashes or dots, other vendor endpoints) may pass. Given the
+    head's `index`, a models listing without anthropic-version goes to the
+    OpenAI upstream."""
     route = ROUTES.get(path)
     if route is None and path.startswith(MODELS_PREFIX) and MODEL_ID.fullmatch(path, len(MODELS_PREFIX)):
         route = ROUTES[b"/v1/models"]
+    if route is not None and route.endpoint == "/v1/models" and index is not None and b"anthropic-version" not in index:
+        return OPENAI_MODELS
     return route
 
 

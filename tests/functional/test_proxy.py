@@ -16,7 +16,7 @@ from hubcore.gateway import exchange as proxy
 
 from hubcore.accounting import meter as sse
 from tests.conftest import upstreams_for
-from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor
+from tests.fakevendor import ANTHROPIC_KEY, MODELS, OPENAI_KEY, OPENAI_MODELS, FakeVendor
 from tests.hubharness import HubThread, free_port, make_config, mint
 
 MESSAGES_BODY = {
@@ -202,6 +202,34 @@ def test_bearer_token_and_count_tokens_and_models(hub: HubThread, vendor: FakeVe
     assert {r.path for r in vendor.requests} == {"/v1/messages/count_tokens", "/v1/models"}
     assert all(r.key_header == "x-api-key" and r.header("authorization") is None for r in vendor.requests)
     assert_vendor_saw_only_vendor_key(vendor, token)
+
+
+def test_models_listing_goes_to_the_upstream_of_the_client_that_asks(tmp_path: Path) -> None:
+    """GET /v1/models is both vendors' path: the OpenAI SDK (no
+    anthropic-version) must reach the openai upstream and get OpenAI's
+    listing and error shape; the Anthropic SDK keeps reaching Anthropic."""
+    with FakeVendor() as anthropic_vendor, FakeVendor() as openai_vendor:
+        upstreams = [upstreams_for(anthropic_vendor)[0], upstreams_for(openai_vendor)[1]]
+        with HubThread(make_config(tmp_path, upstreams)) as hub:
+            token = hub.mint("alice")
+            listing = openai_client(hub, token).models.list()
+            assert [m.id for m in listing.data] == list(OPENAI_MODELS)
+            retrieved = openai_client(hub, token).models.retrieve("gpt-5.1")
+            assert retrieved.id == "gpt-5.1"
+            assert [(r.method, r.path, r.key) for r in openai_vendor.requests] == [
+                ("GET", "/v1/models", OPENAI_KEY), ("GET", "/v1/models/gpt-5.1", OPENAI_KEY),
+            ]
+            assert anthropic_vendor.requests == []
+
+            claude = anthropic_client(hub, token).models.list()
+            assert [m.id for m in claude.data] == [m[0] for m in MODELS]
+            assert [(r.path, r.key) for r in anthropic_vendor.requests] == [("/v1/models", ANTHROPIC_KEY)]
+
+            with pytest.raises(openai.AuthenticationError) as refused:
+                openai_client(hub, "not-a-hub-token").models.list()
+            # OpenAI's shape: the SDK finds the message under "error".
+            assert isinstance(refused.value.body, dict) and refused.value.body["message"] == "invalid hub token"
+            assert len(openai_vendor.requests) == 2
 
 
 def test_openai_responses_streaming(hub: HubThread, vendor: FakeVendor, token: str) -> None:
