@@ -87,7 +87,9 @@ class HubError(Exception):
         self.retry_after = retry_after
 
     def body(self, flavour: str) -> bytes:
-        return error_body(flavour, self.status, self.message, self.error_type, self.code)
+        # Only a 429 (rate or concurrency) passes with time; every other
+        # refusal of the hub's is final (see answers.refusal_headers).
+        return error_body(flavour, self.status, self.message, self.error_type, self.code, final=self.status != 429)
 
 
 def error_body(
@@ -96,8 +98,16 @@ def error_body(
     message: str,
     error_type: str | None = None,
     code: str | None = None,
+    *,
+    final: bool = False,
 ) -> bytes:
-    """The JSON error body a client of `flavour` ("anthropic"/"openai") expects."""
+    """The JSON error body a client of `flavour` ("anthropic"/"openai") expects.
+
+    `final`: retrying cannot help (the response says `x-should-retry:
+    false`). A final 503 is an Anthropic `api_error`, never an
+    `overloaded_error`: Claude Code retries any error whose body names
+    overload, whatever the headers say, and would wait out a hub that has
+    no key to give it."""
     if flavour == OPENAI:
         return orjson.dumps(
             {
@@ -113,7 +123,7 @@ def error_body(
         {
             "type": "error",
             "error": {
-                "type": error_type or _ANTHROPIC_TYPES.get(status, "api_error"),
+                "type": error_type or ("api_error" if final else _ANTHROPIC_TYPES.get(status, "api_error")),
                 "message": message,
             },
         }

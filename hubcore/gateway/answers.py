@@ -78,7 +78,7 @@ def give_up(
             # token is fine: this is the operator's problem, say so.
             body = error_body(
                 flavour, 503, f"every {upstream} key was refused by the vendor "
-                f"({status}); the hub operator must replace them")
+                f"({status}); the hub operator must replace them", final=True)
             return 503, [JSON, NO_RETRY], body, "vendor_key_refused"
         headers = [(n, v) for n, v in headers if n.lower() not in RESPONSE_DROP]
         if attempts > 1:
@@ -92,7 +92,7 @@ def give_up(
     if probe_in is None:
         # Every key is dead or disabled: only the operator can help.
         body = error_body(flavour, 503, f"no usable {upstream} key: every one is disabled or was refused by the "
-                          "vendor; the hub operator must replace or enable them")
+                          "vendor; the hub operator must replace or enable them", final=True)
         return 503, [JSON, NO_RETRY], body, "overloaded_error"
     # When the next probe is due: a client that comes back then finds the
     # key back if the vendor is.

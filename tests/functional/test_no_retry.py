@@ -17,7 +17,7 @@ from hubcore.governance.limits import Limits
 from hubcore.governance.storage import write_limits
 from hubcore.governance.tokens import revoke
 from tests.conftest import upstreams_for
-from tests.fakevendor import FakeVendor
+from tests.fakevendor import ANTHROPIC_KEY, FakeVendor
 from tests.hubharness import HubThread, make_config
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -109,7 +109,26 @@ def test_no_key_configured_fails_at_once(vendor: FakeVendor, tmp_path: Path) -> 
         assert isinstance(error, anthropic.APIStatusError) and error.status_code == 503
         assert "no anthropic upstream key is configured" in str(error)
         assert error.response.headers["x-should-retry"] == "false" and "retry-after" not in error.response.headers
+        # Not "overloaded_error": Claude Code retries those whatever the headers say.
+        assert error.body["error"]["type"] == "api_error"  # type: ignore[index]
         assert requests_seen(hub) - before == 1
         assert took < 2
+        client.close()
+
+
+def test_every_key_refused_by_the_vendor_fails_at_once(vendor: FakeVendor, tmp_path: Path) -> None:
+    vendor.set_key_behaviour(ANTHROPIC_KEY, 401)
+    with HubThread(make_config(tmp_path, upstreams_for(vendor))) as hub:
+        client = anthropic.Anthropic(base_url=hub.url, api_key=hub.mint(), timeout=10)
+        for expected in ("every anthropic key was refused by the vendor (401)", "no usable anthropic key"):
+            before = requests_seen(hub)
+            error, took = timed(lambda: client.messages.create(model="claude-sonnet-4-6", max_tokens=8, messages=MESSAGES))
+            assert isinstance(error, anthropic.APIStatusError) and error.status_code == 503
+            assert expected in error.message
+            assert error.response.headers["x-should-retry"] == "false" and "retry-after" not in error.response.headers
+            assert error.body["error"]["type"] == "api_error"  # type: ignore[index]
+            assert requests_seen(hub) - before == 1
+            assert took < 2
+        assert len(vendor.requests) == 1, "a dead key was tried again"
         client.close()
 
