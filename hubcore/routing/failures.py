@@ -29,6 +29,8 @@ __all__ = [
     "TransportError",
     "classify",
     "in_stream_failure",
+    "nonnegative_number",
+    "parse_duration",
     "parse_rfc3339",
     "retryable",
     "transport_failure",
@@ -144,12 +146,12 @@ def _rate_limit_cooldown(headers: dict[str, str], wall_now: float) -> float | No
     when a bucket is full again; capacity trickles back long before, so the
     latest full refill would rest the key far longer than needed.
     """
-    seconds = _number(headers.get("retry-after-ms"))
+    seconds = nonnegative_number(headers.get("retry-after-ms"))
     if seconds is not None:
         return seconds / 1000.0
     retry_after = headers.get("retry-after")
     if retry_after is not None:
-        seconds = _number(retry_after)
+        seconds = nonnegative_number(retry_after)
         if seconds is not None:
             return seconds
         when = _http_date(retry_after)
@@ -165,13 +167,14 @@ def _rate_limit_cooldown(headers: dict[str, str], wall_now: float) -> float | No
         elif name.startswith("x-ratelimit-remaining-") and value == "0":
             # OpenAI: x-ratelimit-reset-<limit> is a duration such as "6m0s".
             reset = headers.get("x-ratelimit-reset-" + name[len("x-ratelimit-remaining-") :])
-            delay = _duration(reset) if reset is not None else None
+            delay = parse_duration(reset) if reset is not None else None
         if delay is not None and (earliest is None or delay < earliest):
             earliest = delay
     return earliest
 
 
-def _number(text: str | None) -> float | None:
+def nonnegative_number(text: str | None) -> float | None:
+    """A header's value as a finite number >= 0; None when it is not one."""
     if text is None:
         return None
     try:
@@ -219,7 +222,9 @@ _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
-def _duration(text: str) -> float | None:
+def parse_duration(text: str) -> float | None:
+    """Seconds of a Go-style duration as OpenAI writes its rate-limit resets
+    ("6m0s", "1.5s", "120ms"); None when it is not one."""
     if not _DURATION.fullmatch(text):
         return None
     return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
