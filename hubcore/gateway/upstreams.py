@@ -124,7 +124,7 @@ def _show(value: object) -> str:
 
 
 def load_disabled_keys(db: sqlite3.Connection) -> dict[str, set[str]]:
-    """The labels the operator disabled, per upstream name (store migration 4)."""
+    """The labels the operator disabled, per upstream name (the key_switches table)."""
     disabled: dict[str, set[str]] = {}
     for upstream, label in db.execute("SELECT upstream, label FROM key_switches WHERE enabled = 0"):
         disabled.setdefault(upstream, set()).add(label)

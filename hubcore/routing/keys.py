@@ -687,17 +687,17 @@ class KeyRing:
 
     # -- operator --------------------------------------------------------------
 
-    def disable(self, label: str, reason: str = "operator disable") -> KeyState | None:
+    def disable(self, label: str) -> KeyState | None:
         """Take the key out of service until enable(); its state after (None:
         no key has that label). The label stays disabled over reloads."""
         key = self._keys.get(label)
         if key is None:
             return None
         self._disabled.add(label)
-        self._transition(key, _E.DISABLE, self._clock(), None, cause=reason)
+        self._transition(key, _E.DISABLE, self._clock(), None, cause="operator disable")
         return key.state
 
-    def enable(self, label: str, reason: str = "operator enable") -> KeyState | None:
+    def enable(self, label: str) -> KeyState | None:
         """Put the key back in service, HEALTHY whatever the ring thought of
         it (dead, resting, circuit open); its state after (None: no key has
         that label)."""
@@ -705,7 +705,7 @@ class KeyRing:
         if key is None:
             return None
         self._disabled.discard(label)
-        self._transition(key, _E.ENABLE, self._clock(), None, cause=reason)
+        self._transition(key, _E.ENABLE, self._clock(), None, cause="operator enable")
         self._notify()
         return key.state
 
@@ -803,15 +803,17 @@ def _prefer(candidates: list[_Key], before: _Key, away_from_org: bool) -> list[_
     return candidates
 
 
+_CIRCUIT_STATES = frozenset({_O, _HO, _PR})
+
+
 def _log_level(old: KeyState, new: KeyState) -> int:
+    """A key leaving service is a warning, the probe cycle of an open
+    circuit (once a second per key in an outage) is debug, the rest info."""
     if old in _CIRCUIT_STATES and new in _CIRCUIT_STATES:
-        return logging.DEBUG  # the probe cycle
+        return logging.DEBUG
     if new is _D or new is _X or new is _O:
         return logging.WARNING
     return logging.INFO
-
-
-_CIRCUIT_STATES = frozenset({_O, _HO, _PR})
 
 
 def _reason(
@@ -854,6 +856,7 @@ def _reason(
         return "probe sent"
     if event is _E.RELOADED:
         return "reload"
+    # DISABLE and ENABLE: the operator, now or before a restart or reload.
     return cause or event.name.lower()
 
 
