@@ -23,10 +23,11 @@ from hubcore.errors import ConfigError
 from hubcore.governance.limiter import Limiter
 from hubcore.governance.storage import load_scope_limits
 from hubcore.ops.metrics import HubMetrics
-from hubcore.ops.server import OpsServer
+from hubcore.ops.server import KeySwitched, OpsServer
 from hubcore.runtime import CycleCollector
 from hubcore.accounting.pricing import PriceTable
 from hubcore.gateway.exchange import Hub
+from hubcore.gateway.upstreams import restore_key_switches, store_key_switches
 from hubcore.http.server import Server
 from hubcore.governance.tokens import TokenTable
 from hubcore.accounting.recorder import UsageRecorder
@@ -36,6 +37,11 @@ log = logging.getLogger("hubcore")
 # Where `serve` leaves the token it mints on an empty database: in the
 # database's directory, the service's state directory under systemd.
 FIRST_TOKEN_FILE = "first-token"
+
+# Seconds storing an operator's key switch waits for a locked database (at
+# most server.db_busy_timeout): well inside the 5 s the CLI waits for the
+# answer, which then says that the switch holds until a restart only.
+KEY_SWITCH_BUSY_TIMEOUT = 2.0
 
 
 class StartFailed(OSError):
@@ -80,6 +86,8 @@ class App:
         self.started = time.time()
         self.stopped = asyncio.Event()
         self._reloader: asyncio.Task[None] | None = None
+        # Key switches are stored one at a time, in the order they were made.
+        self._key_switch_lock = asyncio.Lock()
         # Started by serve() only: the collector is the whole process's.
         self.cycles = CycleCollector(loop, config.server.gc_full_interval)
 
@@ -88,6 +96,8 @@ class App:
         # check_same_thread=False: refreshes run in a worker thread, one at a time.
         self.db = store.connect(cfg.database, check_same_thread=False)
         self.tokens.refresh(self.db, force=True)
+        # Before any request: a key the operator disabled stays out of service.
+        restore_key_switches(self.db, self.hub.upstreams.values())
         await self.recorder.start()
         # After the spool replay, before any request: a restart never resets a budget.
         self.limiter.reload(self.db)
@@ -131,13 +141,32 @@ class App:
             self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__, gc=self.cycles.stats(),
         )
 
-    def set_key_enabled(self, label: str, enabled: bool) -> bool:
-        found = False
+    async def set_key_enabled(self, label: str, enabled: bool) -> KeySwitched | None:
+        """`hubcore keys enable|disable LABEL`: at once in every upstream with
+        such a key (the ring logs each change), then stored for restarts, off
+        the loop. None when no upstream has the label."""
+        states = {}
         for upstream in self.hub.upstreams.values():
-            found = (upstream.ring.enable(label) if enabled else upstream.ring.disable(label)) or found
-        if found:
-            log.warning("key %s %s by the operator", label, "enabled" if enabled else "disabled")
-        return found
+            ring = upstream.ring
+            state = ring.enable(label) if enabled else ring.disable(label)
+            if state is not None:
+                states[upstream.config.name] = state.value
+        if not states:
+            return None
+        switches = [(name, label, enabled) for name in states]
+        busy_timeout = min(self.config.server.db_busy_timeout, KEY_SWITCH_BUSY_TIMEOUT)
+        # Asked for before anything here awaits, and handed out in order: the
+        # writes keep the order of the switches.
+        async with self._key_switch_lock:
+            try:
+                await asyncio.to_thread(
+                    store_key_switches, self.config.server.database, switches, time.time(), busy_timeout
+                )
+            except (sqlite3.Error, store.SchemaTooNew) as e:
+                log.warning("key %s %s but not stored, a restart forgets it: %s",
+                            label, "enabled" if enabled else "disabled", e)
+                return KeySwitched(states, not_stored=str(e))
+        return KeySwitched(states)
 
     async def _watch_tokens(self) -> None:
         """Pick up created and revoked tokens without a restart."""

@@ -122,6 +122,19 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE usage ADD COLUMN output_estimated INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: the operator's `hubcore keys enable|disable`, one row per upstream
+    # name and key label, applied at start. What the vendor said of a key
+    # (dead after a 401) is not stored: a restart tries the key again. A row
+    # whose key left the config does nothing unless the label comes back.
+    """
+    CREATE TABLE key_switches (
+        upstream    TEXT NOT NULL,
+        label       TEXT NOT NULL,
+        enabled     INTEGER NOT NULL,
+        changed_at  REAL NOT NULL,
+        PRIMARY KEY (upstream, label)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -113,8 +113,5 @@ class Prober:
             log.exception("upstream %s: the probe of key %s failed", ring.name, lease.label)
             failure = PROBE_BROKE
         finally:
+            # The ring logs what the answer does to the key (hubcore.keys).
             ring.release(lease, failure)
-        if failure is None:
-            log.info("upstream %s: key %s answered the hub's probe; back in service", ring.name, lease.label)
-        else:
-            log.debug("upstream %s: key %s failed the hub's probe: %s", ring.name, lease.label, failure.describe())

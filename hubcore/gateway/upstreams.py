@@ -18,10 +18,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hubcore import store
 from hubcore.config import KeyPolicy, KeySpec, UpstreamConfig
 from hubcore.errors import ConfigError
 from hubcore.gateway.probe import Prober
@@ -114,6 +118,45 @@ def _show(value: object) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:g}"
     return repr(value)
+
+
+# -- the operator's key switches (the key_switches table) ------------------------------
+
+
+def load_disabled_keys(db: sqlite3.Connection) -> dict[str, set[str]]:
+    """The labels the operator disabled, per upstream name (the key_switches table)."""
+    disabled: dict[str, set[str]] = {}
+    for upstream, label in db.execute("SELECT upstream, label FROM key_switches WHERE enabled = 0"):
+        disabled.setdefault(upstream, set()).add(label)
+    return disabled
+
+
+def restore_key_switches(db: sqlite3.Connection, upstreams: Iterable[UpstreamRuntime]) -> None:
+    """At start: the keys the operator disabled are disabled again (a reload
+    keeps them so: KeyRing.replace_specs)."""
+    disabled = load_disabled_keys(db)
+    for upstream in upstreams:
+        upstream.ring.restore_disabled(disabled.get(upstream.config.name, ()))
+
+
+def store_key_switches(
+    database: str | Path, switches: Iterable[tuple[str, str, bool]], now: float, busy_timeout: float
+) -> None:
+    """Store (upstream, label, enabled) switches in one transaction, on a
+    connection of their own: blocking, for a worker thread. sqlite3.Error
+    when the database cannot take them within `busy_timeout` seconds."""
+    conn = store.connect(database)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO key_switches (upstream, label, enabled, changed_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (upstream, label) DO UPDATE SET enabled = excluded.enabled, changed_at = excluded.changed_at",
+                [(upstream, label, int(enabled), now) for upstream, label, enabled in switches],
+            )
+    finally:
+        conn.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -362,10 +362,26 @@ def set_key_enabled(socket_path: str, label: str, enabled: bool, *, as_json: boo
     except OpsClientError as exc:
         return _fail(exc)
     if status != 200:
-        print(f"hubcore: {action} {label}: {_error_text(data)}", file=sys.stderr)
+        print(f"hubcore: {action} {printable(label)}: {_error_text(data)}", file=sys.stderr)
         return EXIT_FAILED
-    print(_dumps(data) if as_json else f"key {label} {action}d")
+    if as_json:
+        print(_dumps(data))
+    else:
+        print(format_key_switch(label, action, data))
+    if isinstance(data, dict) and data.get("warning"):
+        print(f"hubcore: warning: key {printable(label)} {action}d but {printable(str(data['warning']))}",
+              file=sys.stderr)
     return EXIT_OK
+
+
+def format_key_switch(label: str, action: str, reply: Any) -> str:
+    """`key b enabled: anthropic healthy`: the key's state after the switch
+    in each upstream that has it, as the hub reported it."""
+    states = reply.get("states") if isinstance(reply, dict) else None
+    text = f"key {printable(label)} {action}d"
+    if not isinstance(states, dict):
+        return text  # a hub from before the answer carried the states
+    return text + ": " + ", ".join(f"{printable(str(up))} {printable(str(st))}" for up, st in states.items())
 
 
 def run_reload(args: argparse.Namespace, *, default_socket: str | None = None) -> int:

@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import unquote
@@ -54,6 +55,16 @@ _BUSY = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class KeySwitched:
+    """What `keys enable|disable LABEL` did: the state of the key with that
+    label in each upstream that has one, after the change."""
+
+    states: dict[str, str]  # upstream name -> state
+    # Why the switch could not be stored (it holds until a restart), or None.
+    not_stored: str | None = None
+
+
 class OpsHandler(Protocol):
     """What the ops endpoint asks of the running hub."""
 
@@ -63,7 +74,9 @@ class OpsHandler(Protocol):
 
     def reload(self) -> tuple[bool, str] | Awaitable[tuple[bool, str]]: ...
 
-    def set_key_enabled(self, label: str, enabled: bool) -> bool: ...
+    def set_key_enabled(
+        self, label: str, enabled: bool
+    ) -> KeySwitched | None | Awaitable[KeySwitched | None]: ...  # None: no such key
 
 
 class _Reply:
@@ -400,15 +413,26 @@ class OpsServer:
             if len(segments) == 3 and segments[0] == "keys" and segments[2] in ("enable", "disable"):
                 if method != "POST":
                     return _error(405, "use POST", [("allow", "POST")])
-                label = unquote(segments[1])
-                enabled = segments[2] == "enable"
-                if not self.handler.set_key_enabled(label, enabled):
-                    return _error(404, f"no key labelled {label!r}")
-                return _json(200, {"label": label, "enabled": enabled})
+                return await self._set_key_enabled(unquote(segments[1]), segments[2] == "enable")
         except Exception as exc:
             log.exception("ops %s %s failed", method, raw_path)
             return _error(500, f"{type(exc).__name__}: {exc}")
         return _error(404, f"no such ops route: {method} {raw_path}")
+
+    async def _set_key_enabled(self, label: str, enabled: bool) -> _Reply:
+        result = self.handler.set_key_enabled(label, enabled)
+        if inspect.isawaitable(result):
+            result = await result
+        if result is None:
+            return _error(404, f"no key labelled {label!r}")
+        # The states after the change: what the operator is told is what the
+        # ring now does with the key.
+        reply: dict[str, Any] = {
+            "label": label, "enabled": enabled, "states": result.states, "stored": result.not_stored is None,
+        }
+        if result.not_stored is not None:
+            reply["warning"] = f"not stored ({result.not_stored}): a restart forgets this change"
+        return _json(200, reply)
 
     async def _reload(self) -> _Reply:
         result = self.handler.reload()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -44,14 +45,18 @@ __all__ = [
 ]
 
 
+# Every change of a key's state is one line here (see KeyRing._transition).
+log = logging.getLogger("hubcore.keys")
+
+
 class KeyState(enum.Enum):
     HEALTHY = "healthy"
     COOLING = "cooling"  # rate limited until `until`
     OPEN = "open"  # circuit open until `until`
     HALF_OPEN = "half_open"  # the pause is over: the hub's probe is due
     PROBING = "probing"  # the hub's probe is out; its answer decides
-    DEAD = "dead"  # the vendor refused the key (401/403); a reload revives it
-    DISABLED = "disabled"  # by an operator
+    DEAD = "dead"  # the vendor refused the key (401/403); a reload or the operator revives it
+    DISABLED = "disabled"  # by an operator, until the operator enables it
 
 
 # ---------------------------------------------------------------------------
@@ -66,7 +71,11 @@ class KeyState(enum.Enum):
 #     whenever the ring looks at it (no timers run for keys);
 #   - the hub's prober: take_probes() moves a HALF_OPEN key to PROBING (PROBE),
 #     and the probe lease's release decides, as above;
-#   - the operator and reloads: DISABLE / ENABLE / RELOADED.
+#   - the operator and reloads: DISABLE / ENABLE / RELOADED. The operator's
+#     word overrides what the ring learned: ENABLE makes any key HEALTHY (a
+#     dead key revived, a rest or an open circuit ended), and a DISABLE
+#     sticks to the label, over reloads that rotate its secret or drop and
+#     re-add it, as the stored switch does over restarts (restore_disabled).
 # Users' requests go to HEALTHY keys only. An open circuit closes only on the
 # answer of the hub's own probe (a cheap request, see hubcore.gateway.probe):
 # a user's request that probed a broken key failed in front of that user,
@@ -79,6 +88,11 @@ class KeyState(enum.Enum):
 # while messages fail), so a key it closes is on probation: its failure count
 # stands one short of the threshold, and the pause of the circuit a relapse
 # opens again is doubled; a user's success ends the probation (see `pause`).
+#
+# Each change of state is logged once, with its reason; an event that leaves
+# the state as it was (the 429s of a key already cooling) says nothing. The
+# probe cycle of an open circuit (open, half-open, probing, open again) is
+# at DEBUG: during an outage it turns once a second per key.
 # ---------------------------------------------------------------------------
 
 
@@ -131,7 +145,7 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
     (_C, _E.ABORTED): _C,
     (_C, _E.EXPIRED): _H,
     (_C, _E.DISABLE): _X,
-    (_C, _E.ENABLE): _C,
+    (_C, _E.ENABLE): _H,
     (_C, _E.RELOADED): _C,
     # No lease is handed out while OPEN: every answer is stale, except that a
     # 429 pushes the end of the pause out to the end of the rest.
@@ -141,7 +155,7 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
     (_O, _E.REJECTED): _D,
     (_O, _E.EXPIRED): _HO,
     (_O, _E.DISABLE): _X,
-    (_O, _E.ENABLE): _O,
+    (_O, _E.ENABLE): _H,
     (_O, _E.RELOADED): _O,
     # Waiting for the prober. A (stale) 429 proves the vendor answers, so the
     # circuit closes and the key rests.
@@ -152,7 +166,7 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
     (_HO, _E.ORG_LIMITED): _O,
     (_HO, _E.REJECTED): _D,
     (_HO, _E.DISABLE): _X,
-    (_HO, _E.ENABLE): _HO,
+    (_HO, _E.ENABLE): _H,
     (_HO, _E.RELOADED): _HO,
     # The probe's answer decides (the rest are stale, as while OPEN); one that
     # gave no verdict leaves the probe due.
@@ -164,15 +178,14 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
     (_PR, _E.ORG_LIMITED): _O,
     (_PR, _E.REJECTED): _D,
     (_PR, _E.DISABLE): _X,
-    (_PR, _E.ENABLE): _PR,
+    (_PR, _E.ENABLE): _H,
     (_PR, _E.RELOADED): _PR,
     **{(_D, event): _D for event in _OUTCOMES},
     (_D, _E.DISABLE): _X,
-    (_D, _E.ENABLE): _D,
+    (_D, _E.ENABLE): _H,
     (_D, _E.RELOADED): _H,
     **{(_X, event): _X for event in _OUTCOMES},
     (_X, _E.DISABLE): _X,
-    # The operator's word overrides what the ring learned: a fresh start.
     (_X, _E.ENABLE): _H,
     (_X, _E.RELOADED): _X,
 }
@@ -284,6 +297,9 @@ class KeyRing:
         # The prober's: woken only when a circuit opens or its pause ends, not
         # by every release as users' waiters are.
         self._probe_waiters: set[asyncio.Future[None]] = set()
+        # Labels the operator disabled, kept while no key has the label (a
+        # reload may bring it back; see restore_disabled).
+        self._disabled: set[str] = set()
         self.replace_specs(specs)
 
     # -- selection ---------------------------------------------------------
@@ -462,12 +478,12 @@ class KeyRing:
             assert failure is not None
             cooldown = self.policy.cooldown_default if failure.cooldown is None else failure.cooldown
             rest_until = now + cooldown
-        self._transition(key, event, now, rest_until, failure)
+        self._transition(key, event, now, rest_until, failure, probe=is_probe)
         if rest_until is not None and self.policy.cool_whole_org and key.spec.org is not None:
             for other in self._keys.values():
                 if other is not key and other.spec.org == key.spec.org:
                     self._expire(other, now)
-                    self._transition(other, _E.ORG_LIMITED, now, rest_until)
+                    self._transition(other, _E.ORG_LIMITED, now, rest_until, cause=key.spec.label)
         self._notify()
 
     def _expire(self, key: _Key, now: float) -> None:
@@ -475,10 +491,20 @@ class KeyRing:
             self._transition(key, _E.EXPIRED, now, None)
 
     def _transition(
-        self, key: _Key, event: _Event, now: float, rest_until: float | None, failure: Failure | None = None
+        self,
+        key: _Key,
+        event: _Event,
+        now: float,
+        rest_until: float | None,
+        failure: Failure | None = None,
+        *,
+        probe: bool = False,
+        cause: str | None = None,
     ) -> None:
         """The one place a key changes state (see _TRANSITIONS). `failure`
-        (TRIP, FAULT) chooses the pause of the circuit it opens."""
+        (TRIP, FAULT) chooses the pause of the circuit it opens; it, `probe`
+        (the hub's probe answered) and `cause` (the other key of an
+        ORG_LIMITED, the operator's reason) only word the log line."""
         old = key.state
         try:
             new = _TRANSITIONS[(old, event)]
@@ -495,7 +521,7 @@ class KeyRing:
                 key.pause = 0.0
         elif event in (_E.FAULT, _E.TRIP):
             key.consecutive_failures += 1
-        elif (event is _E.ENABLE and old is _X) or (event is _E.RELOADED and old is _D):
+        elif (event is _E.ENABLE and old is not _H) or (event is _E.RELOADED and old is _D):
             key.consecutive_failures = 0
             key.pause = 0.0
 
@@ -517,6 +543,22 @@ class KeyRing:
             # may be set for later than that, or not at all.
             for waiter in self._probe_waiters:
                 _wake(waiter)
+        if new is not old:
+            level = _log_level(old, new)
+            if log.isEnabledFor(level):
+                reason = _reason(key, event, old, now, rest_until, failure, probe, cause, self.policy)
+                log.log(
+                    level,
+                    "upstream %s key %s: %s -> %s (%s)",
+                    self.name, key.spec.label, old.value, new.value, reason,
+                    extra={
+                        "upstream": self.name,
+                        "label": key.spec.label,
+                        "old_state": old.value,
+                        "new_state": new.value,
+                        "reason": reason,
+                    },
+                )
 
     def _next_pause(self, pause: float, failure: Failure | None) -> float:
         """The pause of a circuit that opens after `pause` (0.0: none since a
@@ -645,25 +687,42 @@ class KeyRing:
 
     # -- operator --------------------------------------------------------------
 
-    def disable(self, label: str) -> bool:
+    def disable(self, label: str) -> KeyState | None:
+        """Take the key out of service until enable(); its state after (None:
+        no key has that label). The label stays disabled over reloads."""
         key = self._keys.get(label)
         if key is None:
-            return False
-        self._transition(key, _E.DISABLE, self._clock(), None)
-        return True
+            return None
+        self._disabled.add(label)
+        self._transition(key, _E.DISABLE, self._clock(), None, cause="operator disable")
+        return key.state
 
-    def enable(self, label: str) -> bool:
+    def enable(self, label: str) -> KeyState | None:
+        """Put the key back in service, HEALTHY whatever the ring thought of
+        it (dead, resting, circuit open); its state after (None: no key has
+        that label)."""
         key = self._keys.get(label)
         if key is None:
-            return False
-        self._transition(key, _E.ENABLE, self._clock(), None)
+            return None
+        self._disabled.discard(label)
+        self._transition(key, _E.ENABLE, self._clock(), None, cause="operator enable")
         self._notify()
-        return True
+        return key.state
+
+    def restore_disabled(self, labels: Iterable[str]) -> None:
+        """The labels the operator disabled before a restart (stored): those
+        configured are disabled now, the others when a reload adds them."""
+        for label in labels:
+            self._disabled.add(label)
+            key = self._keys.get(label)
+            if key is not None:
+                self._transition(key, _E.DISABLE, self._clock(), None, cause="operator disable, stored")
 
     def replace_specs(self, specs: Iterable[KeySpec], policy: KeyPolicy | None = None) -> None:
         """Reload: keys whose label and secret stay keep their state and counters
-        (DEAD ones revive); a changed secret starts afresh; removed keys go, and
-        their outstanding leases release harmlessly."""
+        (DEAD ones revive); a changed secret starts afresh, except that a label
+        the operator disabled stays disabled; removed keys go, and their
+        outstanding leases release harmlessly."""
         if policy is not None:
             self.policy = policy
         keys: dict[str, _Key] = {}
@@ -677,6 +736,8 @@ class KeyRing:
                 self._transition(key, _E.RELOADED, now, None)
             else:
                 key = _Key(spec)
+                if spec.label in self._disabled:
+                    self._transition(key, _E.DISABLE, now, None, cause="operator disable, kept over the reload")
             keys[spec.label] = key
         for key in keys.values():
             # Weights may have changed: restart the round-robin from even.
@@ -740,6 +801,63 @@ def _prefer(candidates: list[_Key], before: _Key, away_from_org: bool) -> list[_
         if same:
             candidates = same
     return candidates
+
+
+_CIRCUIT_STATES = frozenset({_O, _HO, _PR})
+
+
+def _log_level(old: KeyState, new: KeyState) -> int:
+    """A key leaving service is a warning, the probe cycle of an open
+    circuit (once a second per key in an outage) is debug, the rest info."""
+    if old in _CIRCUIT_STATES and new in _CIRCUIT_STATES:
+        return logging.DEBUG
+    if new is _D or new is _X or new is _O:
+        return logging.WARNING
+    return logging.INFO
+
+
+def _reason(
+    key: _Key,
+    event: _Event,
+    old: KeyState,
+    now: float,
+    rest_until: float | None,
+    failure: Failure | None,
+    probe: bool,
+    cause: str | None,
+    policy: KeyPolicy,
+) -> str:
+    """Why a key changed state, for the log: the vendor's answer, the
+    operator, time or a reload; never a secret."""
+    if event is _E.LIMITED:
+        assert failure is not None
+        said = "vendor 429 to the probe" if probe else "vendor 429"
+        if failure.cooldown is None:
+            return f"{said}, no retry-after: {policy.cooldown_default:g}s rest"
+        return f"{said}, retry-after {failure.cooldown:g}s"
+    if event is _E.ORG_LIMITED:
+        rest = 0.0 if rest_until is None else rest_until - now
+        return f"vendor 429 on key {cause} of the same org, {rest:g}s rest"
+    if event is _E.REJECTED:
+        status = failure.status if failure is not None else None
+        return f"vendor {status} to the probe" if probe else f"vendor {status}"
+    if event is _E.TRIP:
+        last = failure.describe() if failure is not None else "unknown"
+        return f"{key.consecutive_failures} failures in a row, last {last}"
+    if event is _E.FAULT:
+        return f"probe failed: {failure.describe() if failure is not None else 'unknown'}"
+    if event is _E.ANSWERED:
+        return "probe ok"
+    if event is _E.ABORTED:
+        return "probe gave no verdict"
+    if event is _E.EXPIRED:
+        return "rest over" if old is _C else "pause over, probe due"
+    if event is _E.PROBE:
+        return "probe sent"
+    if event is _E.RELOADED:
+        return "reload"
+    # DISABLE and ENABLE: the operator, now or before a restart or reload.
+    return cause or event.name.lower()
 
 
 def _probe_due(key: _Key) -> bool:

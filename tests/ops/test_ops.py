@@ -20,7 +20,7 @@ import pytest
 
 from hubcore.ops import client as opsclient
 from hubcore.ops.metrics import HubMetrics
-from hubcore.ops.server import MAX_REQUEST_BODY, MAX_REQUEST_HEAD, OpsServer
+from hubcore.ops.server import MAX_REQUEST_BODY, MAX_REQUEST_HEAD, KeySwitched, OpsServer
 
 GET_STATS = b"GET /stats HTTP/1.1\r\nhost: x\r\n\r\n"
 GET_STATS_CLOSE = b"GET /stats HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
@@ -44,6 +44,8 @@ class FakeHub:
         self.reload_async = False
         self.reloads = 0
         self.fail_stats = False
+        # Why the next key switch cannot be stored, or None.
+        self.not_stored: str | None = None
 
     def _keys(self) -> dict[str, list[dict[str, Any]]]:
         return {"anthropic": [
@@ -70,11 +72,11 @@ class FakeHub:
             return later()
         return self.reload_result
 
-    def set_key_enabled(self, label: str, enabled: bool) -> bool:
+    def set_key_enabled(self, label: str, enabled: bool) -> KeySwitched | None:
         if label not in self.enabled:
-            return False
+            return None
         self.enabled[label] = enabled
-        return True
+        return KeySwitched({"anthropic": "healthy" if enabled else "disabled"}, self.not_stored)
 
 
 @pytest.fixture
@@ -153,7 +155,8 @@ async def test_reload(server: OpsServer, hub: FakeHub, is_async: bool) -> None:
 
 async def test_enable_disable_keys(server: OpsServer, hub: FakeHub) -> None:
     status, body = await fetch("/keys/a/disable", server.path, "POST")
-    assert (status, orjson.loads(body)) == (200, {"label": "a", "enabled": False})
+    assert (status, orjson.loads(body)) == (
+        200, {"label": "a", "enabled": False, "states": {"anthropic": "disabled"}, "stored": True})
     assert hub.enabled["a"] is False
     status, _ = await fetch("/keys/team%2Fb/disable", server.path, "POST")
     assert status == 200 and hub.enabled["team/b"] is False
@@ -161,6 +164,20 @@ async def test_enable_disable_keys(server: OpsServer, hub: FakeHub) -> None:
     assert status == 200 and hub.enabled["a"] is True
     status, body = await fetch("/keys/nope/enable", server.path, "POST")
     assert status == 404 and "nope" in orjson.loads(body)["error"]
+
+
+async def test_a_key_switch_the_hub_could_not_store_says_so(server: OpsServer, hub: FakeHub,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    hub.not_stored = "database is locked"
+    status, body = await fetch("/keys/a/disable", server.path, "POST")
+    reply = orjson.loads(body)
+    assert status == 200 and reply["stored"] is False and reply["states"] == {"anthropic": "disabled"}
+    assert reply["warning"] == "not stored (database is locked): a restart forgets this change"
+    assert await asyncio.to_thread(opsclient.run_keys, keys_args(server.path, "enable", "a")) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "key a enabled: anthropic healthy"
+    assert err.strip() == ("hubcore: warning: key a enabled but not stored (database is locked): "
+                           "a restart forgets this change")
 
 
 @pytest.mark.parametrize("method, path, expected", [
@@ -399,7 +416,7 @@ async def test_run_keys_lists_and_toggles(server: OpsServer, hub: FakeHub,
     assert [(r["upstream"], r["label"]) for r in rows] == [("anthropic", "a"), ("anthropic", "team/b")]
 
     assert await asyncio.to_thread(opsclient.run_keys, keys_args(server.path, "disable", "team/b")) == 0
-    assert capsys.readouterr().out.strip() == "key team/b disabled"
+    assert capsys.readouterr().out.strip() == "key team/b disabled: anthropic disabled"
     assert hub.enabled["team/b"] is False
     assert await asyncio.to_thread(opsclient.run_keys, keys_args(server.path, "enable", "zzz")) == 1
     assert "zzz" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from hubcore.routing.failures import Failure, FailureKind, classify
-from hubcore.routing.keys import KeyPolicy, KeyRing, KeySpec, Lease
+from hubcore.routing.keys import KeyPolicy, KeyRing, KeySpec, KeyState, Lease
 
 WALL_START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -425,7 +425,7 @@ def test_401_kills_the_key_until_reload() -> None:
     assert row(ring, "a")["state"] == "dead" and row(ring, "a")["last_error"] == "401 auth failed"
     clock.advance(1e6)
     assert {use(ring) for _ in range(10)} == {"b"}
-    assert ring.enable("a") and states(ring)["a"] == "dead"
+    # (or until the operator enables it: test_key_state_log.py)
     ring.replace_specs([spec("a"), spec("b")])
     a = row(ring, "a")
     assert a["state"] == "healthy" and a["requests"] == 1 and a["errors"] == 1
@@ -863,16 +863,21 @@ class KeyRingMachine(RuleBasedStateMachine):
 
     @rule(label=st.sampled_from(sorted(MACHINE_KEYS)))
     def disable(self, label: str) -> None:
-        assert self.ring.disable(label) == (label in self.secrets)
+        state = self.ring.disable(label)
+        assert (state is not None) == (label in self.secrets)
         if label in self.secrets:
+            assert state is KeyState.DISABLED
             self.disabled.add(label)
             self.dead.discard(label)
             self.not_before[label] = -math.inf
 
     @rule(label=st.sampled_from(sorted(MACHINE_KEYS)))
     def enable(self, label: str) -> None:
-        assert self.ring.enable(label) == (label in self.secrets)
-        if label in self.disabled:
+        state = self.ring.enable(label)
+        assert (state is not None) == (label in self.secrets)
+        if label in self.secrets:
+            # The operator's word: healthy, whatever the ring had learned.
+            assert state is KeyState.HEALTHY
             self.disabled.discard(label)
             self.dead.discard(label)
             self.not_before[label] = -math.inf
@@ -890,8 +895,8 @@ class KeyRingMachine(RuleBasedStateMachine):
                 self.secrets[label] = f"sk-{label}-{self.generation[label] + 1}"
             fresh = True
         if fresh:
+            # A new key; disabled still if the operator disabled its label.
             self.generation[label] += 1
-            self.disabled.discard(label)
             self.not_before[label] = -math.inf
         # Order as configured, whatever was toggled.
         self.secrets = {k: self.secrets[k] for k in MACHINE_KEYS if k in self.secrets}
