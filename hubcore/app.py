@@ -25,7 +25,7 @@ from hubcore.governance.storage import load_scope_limits
 from hubcore.ops.metrics import HubMetrics
 from hubcore.ops.server import KeySwitched, OpsServer
 from hubcore.runtime import CycleCollector
-from hubcore.accounting.pricing import PriceTable
+from hubcore.accounting.pricing import Pricing
 from hubcore.gateway.exchange import Hub
 from hubcore.gateway.upstreams import restore_key_switches, store_key_switches
 from hubcore.http.server import Server
@@ -62,7 +62,7 @@ class App:
             flush_interval=config.server.usage_flush_interval,
             busy_timeout_ms=int(config.server.db_busy_timeout * 1000),
         )
-        self.prices = PriceTable.load(_path_or_none(config.server.prices))
+        self.prices = Pricing.load(_path_or_none(config.server.prices), config.pricing.unpriced)
         self.metrics = HubMetrics()
         # Budgets are charged from each usage event as it is recorded, not
         # after the database write.
@@ -198,7 +198,7 @@ class App:
         sdnotify.reloading()
         try:
             new = config_mod.load(self.config_path)
-            prices = PriceTable.load(_path_or_none(new.server.prices))
+            prices = Pricing.load(_path_or_none(new.server.prices), new.pricing.unpriced, previous=self.prices)
             # Everything that can fail is built before anything is applied.
             reconfigs = []
             for upstream in new.upstreams:

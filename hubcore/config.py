@@ -207,10 +207,24 @@ class UpstreamConfig:
         return urlsplit(self.base_url).path.rstrip("/")
 
 
+# What a request for a model without a price costs ([pricing] unpriced):
+# "estimate": the price of the vendor's most expensive model; "free": 0;
+# "refuse": a 400 before it is sent (see accounting.pricing.Pricing).
+UNPRICED_RULES = ("estimate", "free", "refuse")
+
+
+@dataclass(frozen=True, slots=True)
+class PricingConfig:
+    """The [pricing] table. The price file itself is server.prices."""
+
+    unpriced: str = "estimate"
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    pricing: PricingConfig = field(default_factory=PricingConfig)
     source: str = "<built-in defaults>"
 
     @property
@@ -265,7 +279,7 @@ def defaults(env: dict[str, str]) -> Config:
 
 
 def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
-    _reject_unknown(data, {"server", "upstream"}, source, "")
+    _reject_unknown(data, {"server", "upstream", "pricing"}, source, "")
     server = _build(ServerConfig, data.get("server", {}), source, "server")
     if server.log_format not in ("text", "json"):
         raise ConfigError(f'{source}: server.log_format: must be "text" or "json"')
@@ -309,7 +323,16 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
                 f"after {first!r}; several upstreams of one kind are not supported yet"
             )
         upstreams.append(upstream)
-    return Config(server=server, upstreams=tuple(upstreams), source=source)
+    pricing = _parse_pricing(data.get("pricing", {}), source)
+    return Config(server=server, upstreams=tuple(upstreams), pricing=pricing, source=source)
+
+
+def _parse_pricing(raw: Any, source: str) -> PricingConfig:
+    pricing: PricingConfig = _build(PricingConfig, raw, source, "pricing")
+    if pricing.unpriced not in UNPRICED_RULES:
+        choices = ", ".join(f'"{rule}"' for rule in UNPRICED_RULES[:-1]) + f' or "{UNPRICED_RULES[-1]}"'
+        raise ConfigError(f"{source}: pricing.unpriced: must be {choices}, got {pricing.unpriced!r}")
+    return pricing
 
 
 def zone(tz: str) -> ZoneInfo:

@@ -135,6 +135,13 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (upstream, label)
     );
     """,
+    # 5: how a row's cost was set when its model has no price: "estimate",
+    # "free", "refused" or "unknown" (accounting.pricing.BASIS_*); NULL: the
+    # model's own price. Earlier rows with a model and no cost had no price.
+    """
+    ALTER TABLE usage ADD COLUMN cost_basis TEXT;
+    UPDATE usage SET cost_basis = 'unknown' WHERE cost_micros IS NULL AND model IS NOT NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,16 +1,23 @@
 """Model prices and request cost: the built-in prices.toml, the operator's
-overrides, the most-specific-pattern lookup, and cost in integer micro-dollars.
+overrides, the most-specific-pattern lookup, cost in integer micro-dollars,
+and (Pricing) what a model without a price costs under [pricing] unpriced.
 """
 from __future__ import annotations
 
 import fnmatch
 import importlib.resources
+import logging
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+from hubcore.config import UNPRICED_RULES
+
+log = logging.getLogger("hubcore.pricing")
 
 PRICE_FIELDS = ("input", "cache_write_5m", "cache_write_1h", "cache_read", "output")
 BUILTIN_SOURCE = "hubcore/accounting/prices.toml (built-in)"
@@ -39,6 +46,22 @@ class Price:
     cache_read: int
     output: int
     source: str = BUILTIN_SOURCE
+
+    def cost_micros(
+        self, input_tokens: int, output_tokens: int,
+        cache_write_5m: int = 0, cache_write_1h: int = 0, cache_read: int = 0,
+    ) -> int:
+        """Exact: the sum over token classes of tokens x micro-dollars per
+        million tokens is an integer; it is divided by a million once, on
+        the total, rounding half up (so no class's rounding adds up)."""
+        total = (
+            input_tokens * self.input
+            + cache_write_5m * self.cache_write_5m
+            + cache_write_1h * self.cache_write_1h
+            + cache_read * self.cache_read
+            + output_tokens * self.output
+        )
+        return (total + TOKENS_PER_PRICE_UNIT // 2) // TOKENS_PER_PRICE_UNIT
 
 
 def _specificity(pattern: str) -> tuple[int, int, int]:
@@ -122,23 +145,159 @@ class PriceTable:
         cache_write_1h: int = 0,
         cache_read: int = 0,
     ) -> int | None:
-        """Cost in micro-dollars, or None when the model has no price.
-
-        Exact: the sum over token classes of tokens x micro-dollars per
-        million tokens is an integer; it is divided by a million once, on
-        the total, rounding half up (so no class's rounding adds up).
-        """
+        """Cost in micro-dollars (Price.cost_micros), or None when the model has no price."""
         price = self.price_for(model)
         if price is None:
             return None
-        total = (
-            input_tokens * price.input
-            + cache_write_5m * price.cache_write_5m
-            + cache_write_1h * price.cache_write_1h
-            + cache_read * price.cache_read
-            + output_tokens * price.output
-        )
-        return (total + TOKENS_PER_PRICE_UNIT // 2) // TOKENS_PER_PRICE_UNIT
+        return price.cost_micros(input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read)
+
+
+# -- models without a price ---------------------------------------------------
+
+ESTIMATE, FREE, REFUSE = UNPRICED_RULES
+
+# A usage row's cost_basis when its model has no price (NULL: the model's own
+# price, or no model to price).
+BASIS_ESTIMATE = "estimate"  # charged at the vendor's most expensive model's price
+BASIS_FREE = "free"          # charged 0, as [pricing] unpriced = "free" says
+BASIS_REFUSED = "refused"    # refused before it was sent: no tokens, cost 0
+BASIS_UNKNOWN = "unknown"    # no cost at all (NULL): nothing to estimate from, or a row from before
+
+# Model ids come from client request bodies: past this many, models without a
+# price are no longer logged one by one (a client cycling through made-up
+# names must not flood the log, nor grow the set without bound).
+UNPRICED_LOG_MAX = 256
+
+# Whose model a price entry is, from its pattern's name: Anthropic's models are
+# all "claude-*"; OpenAI's are "gpt-*", "chatgpt-*", "codex-*" and the
+# o-series ("o1", "o3-mini", "o4-mini"). Any other pattern belongs to no
+# vendor and is never an estimate's reference.
+_VENDOR_PATTERNS = (
+    ("anthropic", re.compile(r"claude")),
+    ("openai", re.compile(r"gpt|chatgpt|codex|o[0-9]")),
+)
+
+
+def vendor_of(pattern: str) -> str | None:
+    """The vendor whose model a price pattern names, or None."""
+    for vendor, prefix in _VENDOR_PATTERNS:
+        if prefix.match(pattern):
+            return vendor
+    return None
+
+
+def _cost_rank(price: Price) -> tuple[int, ...]:
+    # Output tokens are the dearest class of every model, so they decide;
+    # then input, then the cache classes. Equal sheets: any is the same price.
+    return (price.output, price.input, price.cache_write_1h, price.cache_write_5m, price.cache_read)
+
+
+def reference_price(table: PriceTable, vendor: str | None) -> Price | None:
+    """The vendor's most expensive model in `table`: the highest output price
+    per token, then the highest input price, then the cache classes; among
+    equal sheets the pattern first in sorting order. None: no such model."""
+    candidates = [p for p in table.entries if vendor is not None and vendor_of(p.pattern) == vendor]
+    if not candidates:
+        return None
+    top = max(_cost_rank(p) for p in candidates)
+    return min((p for p in candidates if _cost_rank(p) == top), key=lambda p: p.pattern)
+
+
+class Pricing:
+    """The price table and the rule for the models it lacks ([pricing] unpriced).
+
+    A model without a price is never silent: its row says how its cost was
+    set (cost_basis), the first request for it logs a warning naming the
+    model, the vendor and the rule, and the recorder counts it per model.
+
+    - "estimate": the whole price sheet (cache classes included) of the
+      vendor's most expensive model (`reference_price`), so a budget is
+      charged no less than any known model would cost;
+    - "free": 0;
+    - "refuse": the gateway refuses the request before it is sent
+      (`refuses`). A row whose model still has no price (the vendor's answer
+      named a model the request did not) is estimated.
+    """
+
+    def __init__(self, table: PriceTable, unpriced: str = ESTIMATE, *, previous: Pricing | None = None) -> None:
+        if unpriced not in UNPRICED_RULES:
+            raise ValueError(f"unpriced: must be one of {', '.join(UNPRICED_RULES)}, got {unpriced!r}")
+        self.table = table
+        self.unpriced = unpriced
+        self._references = {vendor: reference_price(table, vendor) for vendor, _ in _VENDOR_PATTERNS}
+        # (model, basis) pairs already logged. Shared with the Pricing this one
+        # replaces at a reload: once per model and process, and again only
+        # when a new rule treats the model differently.
+        self._warned: set[tuple[str, str]] = previous._warned if previous is not None else set()
+
+    @classmethod
+    def load(cls, operator_file: Path | None = None, unpriced: str = ESTIMATE, *,
+             previous: Pricing | None = None) -> Pricing:
+        """PriceTable.load(operator_file) under the rule `unpriced`."""
+        return cls(PriceTable.load(operator_file), unpriced, previous=previous)
+
+    def refuses(self, vendor: str | None, model: str | None) -> bool:
+        """Whether a request to `vendor` for `model` is to be refused before it is sent."""
+        if self.unpriced != REFUSE or model is None or self.table.price_for(model) is not None:
+            return False
+        self._warn(model, vendor, BASIS_REFUSED, None)
+        return True
+
+    def cost(
+        self, vendor: str | None, model: str | None, input_tokens: int, output_tokens: int,
+        cache_write_5m: int = 0, cache_write_1h: int = 0, cache_read: int = 0, *, forwarded: bool = True,
+    ) -> tuple[int | None, str | None]:
+        """(cost in micro-dollars, cost_basis) of a request to `vendor` (the
+        upstream kind) for `model`; `forwarded`: whether it was sent at all.
+        The basis is None for a model with a price (and for no model, whose
+        cost is None)."""
+        price = self.table.price_for(model)
+        if price is not None:
+            return price.cost_micros(input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read), None
+        if model is None:
+            return None, None
+        reference = None
+        if self.unpriced == FREE:
+            cost, basis = 0, BASIS_FREE
+        elif self.unpriced == REFUSE and not forwarded:
+            cost, basis = 0, BASIS_REFUSED
+        else:
+            reference = self._references.get(vendor) if vendor is not None else None
+            if reference is None:
+                cost, basis = None, BASIS_UNKNOWN
+            else:
+                cost = reference.cost_micros(input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read)
+                basis = BASIS_ESTIMATE
+        self._warn(model, vendor, basis, reference)
+        return cost, basis
+
+    def _warn(self, model: str, vendor: str | None, basis: str, reference: Price | None) -> None:
+        warned = self._warned
+        if (model, basis) in warned or len(warned) > UNPRICED_LOG_MAX:
+            return
+        warned.add((model, basis))
+        if len(warned) > UNPRICED_LOG_MAX:
+            log.warning(
+                "more than %d models without a price; no longer logged one by one "
+                "(see hubcore_unpriced_requests_total and the cost_basis of usage rows)", UNPRICED_LOG_MAX,
+            )
+            return
+        rule = f'[pricing] unpriced = "{self.unpriced}"'
+        whose = f"{model!r} ({vendor or 'unknown vendor'})"
+        if basis == BASIS_REFUSED:
+            log.warning("model %s has no price: its requests are refused before they are sent, as %s says",
+                        whose, rule)
+        elif basis == BASIS_FREE:
+            log.warning("model %s has no price: its requests cost 0, as %s says; rows are marked cost_basis=free",
+                        whose, rule)
+        elif reference is not None:
+            log.warning(
+                "model %s has no price: its requests are charged at the prices of %s, the vendor's most "
+                "expensive model, as %s says; rows are marked cost_basis=estimate", whose, reference.pattern, rule,
+            )
+        else:
+            log.warning("model %s has no price and no model of its vendor has one to estimate from (%s): "
+                        "its cost is unknown and charged to no budget", whose, rule)
 
 
 def parse_prices(text: str, source: str) -> list[Price]:

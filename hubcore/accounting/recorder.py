@@ -29,6 +29,12 @@ _DB_ERRORS = (sqlite3.Error, ValueError)
 
 DEFAULT_CLOSE_TIMEOUT = 30.0  # seconds close() keeps trying when both DB and spool fail
 
+# Models counted one by one among requests for models without a price; the
+# rest are counted under OTHER_MODELS. Model ids come from client request
+# bodies: the count, and the /metrics series made of it, must stay bounded.
+UNPRICED_MODELS_MAX = 100
+OTHER_MODELS = "_other"
+
 Listener = Callable[[UsageEvent], None]
 
 
@@ -126,6 +132,7 @@ class UsageRecorder:
         self._replayed = 0
         self._ignored = 0
         self._unpriced = 0
+        self._unpriced_models: dict[str, int] = {}
         self._last_error: str | None = None
         self._logged_error: str | None = None  # reset on recovery, so a relapse logs again
 
@@ -167,8 +174,9 @@ class UsageRecorder:
         Call it from the event loop's thread (the queue and the spool are not
         locked), like every other method here.
         """
-        if event.cost_micros is None and event.model is not None:
-            self._unpriced += 1
+        model = event.model
+        if model is not None and (event.cost_basis is not None or event.cost_micros is None):
+            self._count_unpriced(model)
         for listener in self._listeners:
             try:
                 listener(event)
@@ -182,6 +190,13 @@ class UsageRecorder:
         n = len(queue)
         if n == 1 or n >= self._batch_max:
             self._wake.set()
+
+    def _count_unpriced(self, model: str) -> None:
+        self._unpriced += 1
+        counts = self._unpriced_models
+        if model not in counts and len(counts) >= UNPRICED_MODELS_MAX:
+            model = OTHER_MODELS
+        counts[model] = counts.get(model, 0) + 1
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(event)` synchronously in every `record()`; keep it cheap."""
@@ -230,6 +245,7 @@ class UsageRecorder:
             "spool_pending": self._spool.pending,
             "last_error": self._last_error,
             "unpriced": self._unpriced,
+            "unpriced_models": dict(self._unpriced_models),
             "ignored": self._ignored,
             "spool_bad_lines": self._spool.bad_lines,
             "db_healthy": self._db_healthy,

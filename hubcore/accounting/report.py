@@ -26,7 +26,7 @@ GROUPS: dict[str, str] = {
 
 COUNT_FIELDS = (
     "requests", "input", "output", "cache_write_5m", "cache_write_1h",
-    "cache_read", "reasoning", "cost_micros", "unpriced", "errors",
+    "cache_read", "reasoning", "cost_micros", "unpriced", "errors", "estimated",
 )
 
 _QUERY = """
@@ -39,8 +39,9 @@ SELECT {group} AS grp,
        SUM(cache_read),
        SUM(reasoning_tokens),
        COALESCE(SUM(cost_micros), 0),
-       SUM(cost_micros IS NULL AND model IS NOT NULL),
-       SUM(outcome != 'ok')
+       SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL)),
+       SUM(outcome != 'ok'),
+       SUM(cost_basis = 'estimate')
 FROM usage
 WHERE {where}
 GROUP BY grp
@@ -61,8 +62,9 @@ class Row:
     cache_read: int = 0
     reasoning: int = 0
     cost_micros: int = 0
-    unpriced: int = 0         # requests for a model with no price (cost unknown)
+    unpriced: int = 0         # requests for a model with no price (see cost_basis)
     errors: int = 0           # requests whose outcome is not "ok"
+    estimated: int = 0        # of the unpriced: cost estimated, so cost_micros holds an estimate
 
     @property
     def cache_hit(self) -> float | None:

@@ -58,6 +58,10 @@ class UsageEvent:
     session_id: str | None = None
     user_agent: str | None = None
     output_estimated: bool = False  # output_tokens is hubcore's estimate, not the vendor's count
+    # None: cost_micros is the model's own price. Else the model has no
+    # price and this says how the cost was set (accounting.pricing.BASIS_*):
+    # "estimate", "free", "refused" or "unknown" (cost_micros None).
+    cost_basis: str | None = None
 
 
 # The usage table's columns carry the same names as UsageEvent's fields.

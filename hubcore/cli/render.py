@@ -141,7 +141,7 @@ def _plain_usd(micros: int) -> str:
 
 CSV_HEADER = (
     "group", "requests", "input", "output", "cache_write_5m", "cache_write_1h",
-    "cache_read", "reasoning", "cost_usd", "unpriced", "cache_hit_ratio", "errors",
+    "cache_read", "reasoning", "cost_usd", "unpriced", "cache_hit_ratio", "errors", "estimated",
 )
 
 
@@ -181,6 +181,7 @@ def _as_dict(row: Row) -> dict[str, object]:
         "unpriced": row.unpriced,
         "cache_hit_ratio": row.cache_hit,
         "errors": row.errors,
+        "estimated": row.estimated,
     }
 
 
@@ -212,6 +213,7 @@ def _usage_csv(rows: Sequence[Row], total: Row) -> str:
             row.unpriced,
             "" if hit is None else f"{hit:.4f}",
             row.errors,
+            row.estimated,
         ])
     return out.getvalue()
 
@@ -225,11 +227,15 @@ def _usage_table(rows: Sequence[Row], total: Row, by: str, since: float | None, 
         return [
             label, f"{row.requests:,}", f"{row.input:,}", f"{row.output:,}",
             f"{row.cache_write_5m:,}", f"{row.cache_write_1h:,}", f"{row.cache_read:,}",
-            f"{row.reasoning:,}", format_usd(row.cost_micros, 4, symbol=""), f"{row.unpriced:,}",
+            f"{row.reasoning:,}", ("~" if row.estimated else "") + format_usd(row.cost_micros, 4, symbol=""),
+            f"{row.unpriced:,}",
             "-" if hit is None else f"{hit:.1%}", f"{row.errors:,}",
         ]
 
     body = [cells(r, r.group if r.group is not None else "(none)") for r in rows]
     title = f"usage by {by}, {_iso(since) or 'beginning'} to {_iso(until) or 'now'} (UTC)"
     lines = table([header, None, *body, None, cells(total, "total")], right=range(1, len(header)))
+    if total.estimated:
+        lines += ["", f"~ includes estimated cost: {total.estimated:,} requests for models without a price, "
+                  "charged at the prices of their vendor's most expensive model"]
     return "\n".join([title, "", *lines]) + "\n"

@@ -55,13 +55,16 @@ class Recorder(Protocol):
 
 
 class Pricer(Protocol):
-    """Prices a request's tokens (accounting.pricing.PriceTable); None for
-    a model without a price."""
+    """Prices a request's tokens (accounting.pricing.Pricing), and says what a
+    model without a price costs: `unpriced` is the [pricing] rule."""
 
-    def cost_micros(
-        self, model: str | None, input_tokens: int, output_tokens: int,
-        cache_write_5m: int = 0, cache_write_1h: int = 0, cache_read: int = 0,
-    ) -> int | None: ...
+    @property
+    def unpriced(self) -> str: ...
+    def refuses(self, vendor: str | None, model: str | None) -> bool: ...
+    def cost(
+        self, vendor: str | None, model: str | None, input_tokens: int, output_tokens: int,
+        cache_write_5m: int = 0, cache_write_1h: int = 0, cache_read: int = 0, *, forwarded: bool = True,
+    ) -> tuple[int | None, str | None]: ...
 
 
 class Admission(Protocol):
@@ -252,6 +255,8 @@ _OK, _CLIENT_ABORTED, _UPSTREAM_ERROR, _UPSTREAM_ABORTED, _REFUSED = (
     Outcome.OK, Outcome.CLIENT_ABORTED, Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_ABORTED, Outcome.REFUSED,
 )
 _CHUNKED = Framing.CHUNKED
+# The [pricing] unpriced rule under which a model without a price is refused.
+_REFUSE_UNPRICED = "refuse"
 
 
 class Exchange:
@@ -435,18 +440,29 @@ class Exchange:
         if request.method not in route.methods:
             raise HubError(405, f"{request.method.decode()} is not allowed on {route.endpoint}")
         limiter = self.hub.limiter
+        prices = self.hub.prices
+        refusing_unpriced = prices is not None and prices.unpriced == _REFUSE_UNPRICED
         if request.method == b"POST":
             self._check_body()
             self.session_id = session_from_headers(request.index)
             # The body is read for the model and session before the send
             # only when the request cannot go out without them (a model
-            # allow-list, or a session to keep on its key); otherwise only
-            # if the vendor's answer does not name the model (see _write).
-            if self.session_id is None or (limiter is not None and limiter.needs_model(self.principal)):
+            # allow-list, a session to keep on its key, a model without a
+            # price to refuse); otherwise only if the vendor's answer does
+            # not name the model (see _write).
+            if (self.session_id is None or refusing_unpriced
+                    or (limiter is not None and limiter.needs_model(self.principal))):
                 self._scan_body()
         upstream = self.hub.upstreams.get(route.kind)
         if upstream is None or not upstream.config.keys:
             raise HubError(503, f"no {route.kind} upstream key is configured; the hub operator must add one")
+        if refusing_unpriced and prices is not None and prices.refuses(route.kind, self.model):
+            raise HubError(
+                400, f"model {self.model!r} has no price on this hub, and its setting "
+                f'[pricing] unpriced = "refuse" refuses requests for models without one; '
+                "ask the hub operator to add its price",
+                code="model_not_priced",
+            )
         if limiter is not None:
             self.admission = limiter.admit(
                 self.principal, self.model, self.ts,
@@ -913,7 +929,8 @@ class Exchange:
             self.ts, self.request_id, route.endpoint, self.status, self.outcome, (now - self.t0) * 1000.0,
             principal, upstream.config.name if upstream is not None else None, self.key_label, self.model,
             self.error_type, (ttfb - self.t0) * 1000.0 if ttfb is not None else None, self.attempts,
-            self.session_id, _decode(self.request.header(b"user-agent")), self.sse_body, self.meter, self.hub.prices,
+            self.session_id, _decode(self.request.header(b"user-agent")), self.sse_body, self.meter, route.kind,
+            self.hub.prices,
         )
         self.hub.recorder.record(event)
         self._log(now, event)
@@ -967,12 +984,15 @@ def usage_event(
     user_agent: str | None,
     sse_body: bool,
     meter: sse.Meter | None,
+    vendor: str,
     prices: Pricer | None,
 ) -> UsageEvent:
     """The usage row of a request that has ended, from the exchange's final
     values and its meter's numbers (None: nothing was metered). The meter's
     word goes on the model and, when the exchange has none, the error type;
-    an event stream the meter did not see complete was cut."""
+    an event stream the meter did not see complete was cut. `vendor` (the
+    route's upstream kind) is whose most expensive model prices a model
+    without a price, when the [pricing] rule says to estimate."""
     if meter is None:
         input_tokens = output_tokens = cache_write_5m = cache_write_1h = cache_read = 0
         reasoning_tokens = server_tool_requests = 0
@@ -992,11 +1012,15 @@ def usage_event(
         if outcome is _OK and sse_body and not meter.completed:
             outcome = _UPSTREAM_ABORTED
     # Priced even without a meter (errors, count_tokens): a known model
-    # that used no tokens cost 0, and only an unknown model is NULL (and
-    # counted as unpriced).
-    cost_micros = None if prices is None else prices.cost_micros(
-        model, input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read,
-    )
+    # that used no tokens cost 0. A model without a price is charged as the
+    # [pricing] rule says, and cost_basis says how.
+    if prices is None:
+        cost_micros = cost_basis = None
+    else:
+        cost_micros, cost_basis = prices.cost(
+            vendor, model, input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read,
+            forwarded=attempts > 0,
+        )
     # Positional, in UsageEvent's field order: a call by keyword costs
     # more than twice as much, on every request.
     return UsageEvent(
@@ -1027,6 +1051,7 @@ def usage_event(
         session_id,
         user_agent,
         output_estimated,
+        cost_basis,
     )
 
 

@@ -405,6 +405,12 @@ class HubMetrics:
             name = f"hubcore_usage_{field}" + ("_total" if kind == "counter" else "")
             out.family(name, kind, help_text)
             out.sample(name, value)
+        unpriced_models = writer.get("unpriced_models")
+        if unpriced_models is not None:
+            out.family("hubcore_unpriced_requests_total", "counter",
+                       "Requests for a model without a price, by model (charged as [pricing] unpriced says).")
+            for model, count in sorted(unpriced_models.items()):
+                out.sample("hubcore_unpriced_requests_total", count, model=str(model))
         out.family("hubcore_usage_writer_failing", "gauge",
                    "1 while the usage writer's latest attempt failed.")
         out.sample("hubcore_usage_writer_failing", 1 if writer.get("last_error") else 0)

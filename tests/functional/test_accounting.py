@@ -19,7 +19,7 @@ import openai
 import orjson
 import pytest
 
-from hubcore.accounting.pricing import PriceTable
+from hubcore.accounting.pricing import PriceTable, reference_price
 from tests.conftest import upstreams_for
 from tests.fakevendor import (
     FakeVendor,
@@ -446,12 +446,19 @@ def test_database_totals_equal_what_the_vendor_sent(
         assert row["status"] == call.status
         assert row["model"] == call.model
         assert row["user"] == "acct" and row["project"] == "ledger"
-        expected_cost = prices.cost_micros(
-            row["model"], row["input_tokens"], row["output_tokens"],
+        # A model without a price is charged at its vendor's most expensive
+        # model ([pricing] unpriced = "estimate", the default), and says so.
+        unpriced = call.model in (UNPRICED_CLAUDE, UNPRICED_GPT)
+        assert (prices.price_for(row["model"]) is None) == unpriced
+        vendor_kind = "anthropic" if call.model.startswith("claude") else "openai"
+        price = reference_price(prices, vendor_kind) if unpriced else prices.price_for(row["model"])
+        assert price is not None
+        expected_cost = price.cost_micros(
+            row["input_tokens"], row["output_tokens"],
             row["cache_write_5m"], row["cache_write_1h"], row["cache_read"],
         )
         assert row["cost_micros"] == expected_cost, (call, row)
-        assert (expected_cost is None) == (call.model in (UNPRICED_CLAUDE, UNPRICED_GPT))
+        assert row["cost_basis"] == ("estimate" if unpriced else None), (call, row)
 
     # Exact numbers are not enough if getting them crashed request handlers.
     crashes = [r for r in caplog.records if r.name.startswith("hubcore") and r.levelno >= logging.ERROR]

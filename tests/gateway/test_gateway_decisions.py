@@ -435,21 +435,25 @@ def metered(**numbers: object) -> SimpleNamespace:
 
 
 class Prices:
+    unpriced = "estimate"
+
     def __init__(self) -> None:
         self.asked: list[tuple[object, ...]] = []
 
-    def cost_micros(self, *args: object) -> int | None:
-        self.asked.append(args)
-        return 1234 if args[0] == "claude-sonnet-4-6" else None
+    def cost(self, *args: object, forwarded: bool) -> tuple[int | None, str | None]:
+        self.asked.append((*args, forwarded))
+        return (1234, None) if args[1] == "claude-sonnet-4-6" else (0, "free")
 
 
 def event(
     outcome: Outcome = Outcome.OK, model: str | None = "claude-from-body", error_type: str | None = None,
     sse_body: bool = True, meter: object = None, prices: object = None, ttfb_ms: float | None = 12.5,
+    attempts: int = 2,
 ) -> UsageEvent:
     return usage_event(
         1700000000.0, "hc_1", "/v1/messages", 200, outcome, 40.0, ALICE, "anthropic", "k-1", model,
-        error_type, ttfb_ms, 2, "session-1", "claude-cli/2.0", sse_body, meter, prices,  # type: ignore[arg-type]
+        error_type, ttfb_ms, attempts, "session-1", "claude-cli/2.0", sse_body, meter, "anthropic",
+        prices,  # type: ignore[arg-type]
     )
 
 
@@ -463,19 +467,21 @@ def test_usage_event_fields_in_their_places() -> None:
         "cache_write_5m": 1, "cache_write_1h": 2, "cache_read": 3, "reasoning_tokens": 4,
         "server_tool_requests": 5, "stop_reason": "end_turn", "error_type": None, "cost_micros": 1234,
         "ttfb_ms": 12.5, "attempts": 2, "session_id": "session-1", "user_agent": "claude-cli/2.0",
-        "output_estimated": False,
+        "output_estimated": False, "cost_basis": None,
     }
-    assert prices.asked == [("claude-sonnet-4-6", 10, 20, 1, 2, 3)]
+    assert prices.asked == [("anthropic", "claude-sonnet-4-6", 10, 20, 1, 2, 3, True)]
 
 
 def test_usage_event_without_a_meter_is_priced_at_zero_tokens() -> None:
     prices = Prices()
-    row = event(outcome=Outcome.REFUSED, error_type="rate_limit_error", prices=prices, ttfb_ms=None)
+    row = event(outcome=Outcome.REFUSED, error_type="rate_limit_error", prices=prices, ttfb_ms=None, attempts=0)
     assert (row.outcome, row.model, row.input_tokens, row.output_tokens, row.stop_reason) == (
         Outcome.REFUSED, "claude-from-body", 0, 0, None)
-    assert (row.error_type, row.cost_micros, row.ttfb_ms, row.output_estimated) == ("rate_limit_error", None, None, False)
-    assert prices.asked == [("claude-from-body", 0, 0, 0, 0, 0)]
-    assert event(prices=None).cost_micros is None
+    assert (row.error_type, row.cost_micros, row.ttfb_ms, row.output_estimated) == ("rate_limit_error", 0, None, False)
+    # The pricer says how a model without a price was charged; not sent: not forwarded.
+    assert row.cost_basis == "free"
+    assert prices.asked == [("anthropic", "claude-from-body", 0, 0, 0, 0, 0, False)]
+    assert (event(prices=None).cost_micros, event(prices=None).cost_basis) == (None, None)
 
 
 def test_usage_event_a_stream_the_meter_did_not_see_complete_was_cut() -> None:
