@@ -60,6 +60,11 @@ _OPENAI_TYPES = {
 }
 
 
+def _anthropic_type(status: int, final: bool) -> str:
+    error_type = _ANTHROPIC_TYPES.get(status, "api_error")
+    return "api_error" if final and error_type == "overloaded_error" else error_type
+
+
 class ConfigError(Exception):
     """A configuration problem; the message names the file and the field."""
 
@@ -123,7 +128,7 @@ def error_body(
         {
             "type": "error",
             "error": {
-                "type": error_type or ("api_error" if final else _ANTHROPIC_TYPES.get(status, "api_error")),
+                "type": error_type or _anthropic_type(status, final),
                 "message": message,
             },
         }
