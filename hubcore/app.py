@@ -80,6 +80,10 @@ class App:
         self.started = time.time()
         self.stopped = asyncio.Event()
         self._reloader: asyncio.Task[None] | None = None
+        # The poll, SIGHUP and the ops socket all refresh the token table:
+        # one at a time, so an older read never lands after a newer one and
+        # the worker threads never share the connection at once.
+        self._refresh_lock = asyncio.Lock()
         # Started by serve() only: the collector is the whole process's.
         self.cycles = CycleCollector(loop, config.server.gc_full_interval)
 
@@ -139,6 +143,11 @@ class App:
             log.warning("key %s %s by the operator", label, "enabled" if enabled else "disabled")
         return found
 
+    async def refresh_tokens_now(self) -> int:
+        """POST /tokens/refresh: the CLI changed tokens or limits."""
+        await self.refresh_tokens(force=True)
+        return self.tokens.generation
+
     async def _watch_tokens(self) -> None:
         """Pick up created and revoked tokens without a restart."""
         interval = self.config.server.token_reload_interval
@@ -155,10 +164,11 @@ class App:
             return load_scope_limits(db) if self.tokens.refresh(db, force) else None
 
         try:
-            limits = await asyncio.to_thread(refresh)
-            if limits is not None:
-                self.limiter.update(limits)
-                log.info("tokens and limits reloaded: %d active tokens", len(self.tokens))
+            async with self._refresh_lock:
+                limits = await asyncio.to_thread(refresh)
+                if limits is not None:
+                    self.limiter.update(limits)
+                    log.info("tokens and limits reloaded: %d active tokens", len(self.tokens))
         except sqlite3.Error as e:
             log.warning("could not reload tokens (keeping the current table): %s", e)
 

@@ -11,6 +11,7 @@ import csv
 import io
 import time
 from collections.abc import Container, Mapping, Sequence
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -18,6 +19,7 @@ import orjson
 from hubcore.accounting.report import Row
 from hubcore.governance.limiter import BudgetLine
 from hubcore.governance.limits import MICROS_PER_USD, Limits, format_time, format_usd
+from hubcore.governance.tokens import TokenInfo
 
 __all__ = [
     "FORMATS",
@@ -29,6 +31,7 @@ __all__ = [
     "format_usd",
     "limits_text",
     "table",
+    "token_detail",
     "token_table",
     "usage_report",
     "utc_minute",
@@ -88,17 +91,59 @@ def _lines(lines: Sequence[str]) -> str:
 
 # -- tokens ----------------------------------------------------------------------
 
-def token_table(rows: Sequence[Mapping[str, object]]) -> str:
+def token_table(rows: Sequence[TokenInfo]) -> str:
     """`hubcore token list`: prefixes, never tokens."""
-    body: list[Sequence[str] | None] = [("ID", "PREFIX", "USER", "PROJECT", "CREATED", "REVOKED")]
+    body: list[Sequence[str] | None] = [
+        ("ID", "PREFIX", "USER", "PROJECT", "CREATED", "REVOKED", "LAST USED", "LIMITS"),
+    ]
     for r in rows:
-        revoked = r["revoked_at"]
         body.append((
-            str(r["id"]), f"{r['prefix']}…", str(r["user"]), str(r["project"] or "-"),
-            utc_minute(float(str(r["created_at"]))),
-            "-" if revoked is None else utc_minute(float(str(revoked))),
+            str(r.id), f"{r.prefix}…", r.user, r.project or "-", utc_minute(r.created_at),
+            "-" if r.revoked_at is None else utc_minute(r.revoked_at),
+            "never" if r.last_used_at is None else utc_minute(r.last_used_at),
+            "-" if r.limits is None else limits_text(r.limits),
         ))
     return _lines(table(body))
+
+
+def token_detail(info: TokenInfo, status: str, spend: Sequence[Mapping[str, Any]], zone: ZoneInfo) -> str:
+    """`hubcore token show`: the token's facts, then its spend per budget
+    window (`spend` as hubcore.cli.tokens.token_spend gives it); times in
+    `zone`, the budget time zone."""
+
+    def moment(ts: float | None, absent: str) -> str:
+        return absent if ts is None else format_time(ts, zone)
+
+    if status == "revoked":
+        state = f"revoked at {moment(info.revoked_at, '-')}"
+    elif status == "expired":
+        assert info.limits is not None and info.limits.expires_at is not None
+        state = f"expired at {moment(info.limits.expires_at, '-')}"
+    else:
+        state = status
+    facts = [
+        ("token", f"{info.id} ({info.prefix}…)"),
+        ("user", info.user),
+        ("project", info.project or "-"),
+        ("note", info.note or "-"),
+        ("created", moment(info.created_at, "-")),
+        ("last used", moment(info.last_used_at, "never")),
+        ("status", state),
+        ("limits", limits_text(info.limits, zone)),
+    ]
+    width = max(len(name) for name, _ in facts) + 2
+    lines = [(name + ":").ljust(width) + value for name, value in facts]
+    rows: list[Sequence[str] | None] = [("WINDOW", "SPENT", "BUDGET", "REMAINING", "RESETS")]
+    for w in spend:
+        limited = w["limit_micros"] is not None
+        rows.append((
+            str(w["window"]), format_usd(int(w["spent_micros"])),
+            format_usd(int(w["limit_micros"])) if limited else "-",
+            format_usd(int(w["remaining_micros"])) if limited else "-",
+            moment(w["resets_at"], "never" if limited else "-"),
+        ))
+    lines += ["", f"spend (day, week and month in {zone.key}):", *table(rows, right=(1, 2, 3))]
+    return _lines(lines)
 
 
 # -- budgets ---------------------------------------------------------------------
