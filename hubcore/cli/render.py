@@ -198,7 +198,7 @@ def usage_report(
     if fmt == "json":
         return _usage_json(rows, total, by, since, until)
     if fmt == "csv":
-        return _usage_csv(rows, total)
+        return _usage_csv(rows, total, by)
     return _usage_table(rows, total, by, since, until)
 
 
@@ -211,8 +211,12 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else format_time(ts)
 
 
-def _as_dict(row: Row) -> dict[str, object]:
+def _as_dict(row: Row, by: str) -> dict[str, object]:
+    named: dict[str, object] = {}
+    if by == "token" and row.group is not None:
+        named = {"token_id": int(row.group), "user": row.user, "note": row.note}
     return {
+        **named,
         "group": row.group,
         "requests": row.requests,
         "input": row.input,
@@ -230,24 +234,27 @@ def _as_dict(row: Row) -> dict[str, object]:
 
 
 def _usage_json(rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None) -> str:
-    total_dict = _as_dict(total)
+    total_dict = _as_dict(total, "total")
     del total_dict["group"]
     document = {
         "by": by,
         "since": _iso(since),
         "until": _iso(until),
-        "groups": [_as_dict(r) for r in rows],
+        "groups": [_as_dict(r, by) for r in rows],
         "total": total_dict,
     }
     return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
 
 
-def _usage_csv(rows: Sequence[Row], total: Row) -> str:
+def _usage_csv(rows: Sequence[Row], total: Row, by: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
+    # By token, the token's user and note follow as two more columns.
+    named = by == "token"
+    writer.writerow([*CSV_HEADER, *(("user", "note") if named else ())])
     for row in [*rows, total]:
         hit = row.cache_hit
+        names = (row.user or "", row.note or "") if named else ()
         writer.writerow([
             "TOTAL" if row is total else (row.group or ""),
             row.requests, row.input, row.output, row.cache_write_5m,
@@ -257,8 +264,17 @@ def _usage_csv(rows: Sequence[Row], total: Row) -> str:
             row.unpriced,
             "" if hit is None else f"{hit:.4f}",
             row.errors,
+            *names,
         ])
     return out.getvalue()
+
+
+def _group_label(row: Row) -> str:
+    """A group as a table names it: by token, `12 alice (ci bot)`."""
+    if row.group is None:
+        return "(none)"
+    label = row.group if row.user is None else f"{row.group} {row.user}"
+    return label if row.note is None else f"{label} ({row.note})"
 
 
 def _usage_table(rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None) -> str:
@@ -274,7 +290,7 @@ def _usage_table(rows: Sequence[Row], total: Row, by: str, since: float | None, 
             "-" if hit is None else f"{hit:.1%}", f"{row.errors:,}",
         ]
 
-    body = [cells(r, r.group if r.group is not None else "(none)") for r in rows]
+    body = [cells(r, _group_label(r)) for r in rows]
     title = f"usage by {by}, {_iso(since) or 'beginning'} to {_iso(until) or 'now'} (UTC)"
     lines = table([header, None, *body, None, cells(total, "total")], right=range(1, len(header)))
     return "\n".join([title, "", *lines]) + "\n"

@@ -138,7 +138,8 @@ def update(args: argparse.Namespace, ctx: Context) -> int:
     if getattr(args, "json", False):
         print(orjson.dumps({"id": args.id, "note": note, "limits": tokens.limits_dict(new)}).decode())
     else:
-        print(f"updated token {args.id}: {render.limits_text(new)}" + (f"; note {note!r}" if args.note is not None else ""))
+        said = "" if args.note is None else f"; note {note!r}" if note else "; note cleared"
+        print(f"updated token {args.id}: {render.limits_text(new)}{said}")
     return 0
 
 
