@@ -10,8 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Container, Mapping, Sequence
-from typing import Any
+from collections.abc import Container, Sequence
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -106,9 +105,11 @@ def token_table(rows: Sequence[TokenInfo]) -> str:
     return _lines(table(body))
 
 
-def token_detail(info: TokenInfo, status: str, spend: Sequence[Mapping[str, Any]], zone: ZoneInfo) -> str:
+def token_detail(
+    info: TokenInfo, status: str, spend: Sequence[tuple[str, int, BudgetLine | None]], zone: ZoneInfo,
+) -> str:
     """`hubcore token show`: the token's facts, then its spend per budget
-    window (`spend` as hubcore.cli.tokens.token_spend gives it); times in
+    window, (window, micro-dollars, its budget line or None) each; times in
     `zone`, the budget time zone."""
 
     def moment(ts: float | None, absent: str) -> str:
@@ -134,14 +135,14 @@ def token_detail(info: TokenInfo, status: str, spend: Sequence[Mapping[str, Any]
     width = max(len(name) for name, _ in facts) + 2
     lines = [(name + ":").ljust(width) + value for name, value in facts]
     rows: list[Sequence[str] | None] = [("WINDOW", "SPENT", "BUDGET", "REMAINING", "RESETS")]
-    for w in spend:
-        limited = w["limit_micros"] is not None
-        rows.append((
-            str(w["window"]), format_usd(int(w["spent_micros"])),
-            format_usd(int(w["limit_micros"])) if limited else "-",
-            format_usd(int(w["remaining_micros"])) if limited else "-",
-            moment(w["resets_at"], "never" if limited else "-"),
-        ))
+    for window, spent, line in spend:
+        if line is None:
+            rows.append((window, format_usd(spent), "-", "-", "-"))
+        else:
+            rows.append((
+                window, format_usd(spent), format_usd(line.limit_micros),
+                format_usd(line.remaining_micros), moment(line.resets_at, "never"),
+            ))
     lines += ["", f"spend (day, week and month in {zone.key}):", *table(rows, right=(1, 2, 3))]
     return _lines(lines)
 

@@ -20,7 +20,7 @@ from hubcore.cli.limits import add_limit_arguments, apply_limit_flags, has_limit
 from hubcore.cli.notify import tell_hub
 from hubcore.config import zone
 from hubcore.governance import storage, tokens
-from hubcore.governance.limiter import Limiter
+from hubcore.governance.limiter import BudgetLine, Limiter
 from hubcore.governance.limits import WINDOWS, parse_column
 
 
@@ -121,7 +121,7 @@ def update(args: argparse.Namespace, ctx: Context) -> int:
     try:
         row = conn.execute("SELECT limits, revoked_at, note FROM tokens WHERE id = ?", (args.id,)).fetchone()
         if row is None or row[1] is not None:
-            raise CommandError(f"token {args.id} {'is revoked' if row is not None else 'does not exist'}")
+            raise CommandError(_not_active(conn, args.id))
         new = parse_column(row[0], f"token {args.id}")
         if limits_given:
             new = apply_limit_flags(new, args)
@@ -148,24 +148,27 @@ def _not_active(conn: sqlite3.Connection, token_id: int) -> str:
     return f"token {token_id} {'is revoked' if row is not None else 'does not exist'}"
 
 
-def token_spend(conn: sqlite3.Connection, token_id: int, tz: str, now: float) -> list[dict[str, Any]]:
-    """A token's spend in every budget window (day, week and month in `tz`),
-    with its budget where it has one: the numbers the hub refuses by."""
+def token_spend(conn: sqlite3.Connection, token_id: int, tz: str, now: float) -> list[tuple[str, int, BudgetLine | None]]:
+    """A token's spend in every budget window (day, week and month in `tz`)
+    and its budget there if it has one: (window, micro-dollars, budget line),
+    the numbers the hub refuses by."""
     limiter = Limiter(tz)
     limiter.reload(conn)
     limiter.rebuild(conn, now)
     budgets = {line.window: line for line in limiter.spend_report(now, ("token", str(token_id)))}
-    windows = []
-    for window in WINDOWS:
-        line = budgets.get(window)
-        windows.append({
-            "window": window,
-            "spent_micros": limiter.spent("token", token_id, window, now),
+    return [(window, limiter.spent("token", token_id, window, now), budgets.get(window)) for window in WINDOWS]
+
+
+def spend_json(spend: list[tuple[str, int, BudgetLine | None]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "window": window, "spent_micros": spent,
             "limit_micros": None if line is None else line.limit_micros,
             "remaining_micros": None if line is None else line.remaining_micros,
             "resets_at": None if line is None else line.resets_at,
-        })
-    return windows
+        }
+        for window, spent, line in spend
+    ]
 
 
 def status(info: tokens.TokenInfo, now: float) -> str:
@@ -191,7 +194,7 @@ def show(args: argparse.Namespace, ctx: Context) -> int:
     state = status(info, ctx.now)
     if args.json:
         print(orjson.dumps({
-            **info.to_dict(), "status": state, "timezone": ctx.tz, "spend": spend,
+            **info.to_dict(), "status": state, "timezone": ctx.tz, "spend": spend_json(spend),
         }).decode())
         return 0
     sys.stdout.write(render.token_detail(info, state, spend, tz))

@@ -1,9 +1,10 @@
-"""Hub tokens: minting, hashing, the in-memory table the proxy checks, reloads.
+"""Hub tokens: minting, rotating, hashing, listing, the in-memory table the
+proxy checks, reloads.
 
 The database stores only a token's SHA-256 and a short display prefix; the
-token itself is shown once, when it is created. The server keeps every live
-token in a dict keyed by hash and swaps in a new dict whenever the tokens
-table's generation counter moves (bumped by triggers on every change).
+token itself is shown once, when it is created or rotated. The server keeps
+every live token in a dict keyed by hash and swaps in a new dict whenever the
+tokens table's generation counter moves (bumped by triggers on every change).
 """
 from __future__ import annotations
 

@@ -23,8 +23,9 @@ import pytest
 
 from hubcore import config as config_mod, store
 from hubcore.governance import tokens
+from hubcore.ops import client as opsclient
 from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor
-from tests.hubharness import REPO, HubThread, hubcore_cmd
+from tests.hubharness import REPO, HubThread, hubcore_cmd, mint
 
 # Far longer than any test: a change the hub sees came over the ops socket.
 POLL_NEVER = 3600
@@ -176,3 +177,21 @@ def test_a_hub_on_another_database_gets_a_warning(tmp_path: Path, config: Path, 
     done = cli(other, "token", "create", "--user", "ci")
     assert done.returncode == 0, done.stderr
     assert "hubcore: warning:" in done.stderr and "another database" in done.stderr, done.stderr
+
+
+def test_the_ops_route_reloads_now_and_answers_the_generation(config: Path, hub: HubThread) -> None:
+    assert hub.app is not None and hub.app.ops is not None
+    path = hub.app.ops.path
+    token = mint(hub.config.server.database, "quiet")
+    with pytest.raises(anthropic.AuthenticationError):
+        ask(hub, token)     # written behind the hub's back, an hour before its poll
+    conn = store.connect(hub.config.server.database)
+    try:
+        written = tokens.generation(conn)
+    finally:
+        conn.close()
+    assert opsclient.refresh_tokens(path) == written
+    assert ask(hub, token).content
+    status, body = opsclient.request_json(path, "/tokens/refresh", "GET")
+    assert status == 405 and body == {"error": "use POST"}
+
