@@ -88,6 +88,10 @@ class App:
         self._reloader: asyncio.Task[None] | None = None
         # Key switches are stored one at a time, in the order they were made.
         self._key_switch_lock = asyncio.Lock()
+        # The poll, SIGHUP and the ops socket all refresh the token table:
+        # one at a time, so an older read never lands after a newer one and
+        # the worker threads never share the connection at once.
+        self._refresh_lock = asyncio.Lock()
         # Started by serve() only: the collector is the whole process's.
         self.cycles = CycleCollector(loop, config.server.gc_full_interval)
 
@@ -168,6 +172,11 @@ class App:
                 return KeySwitched(states, not_stored=str(e))
         return KeySwitched(states)
 
+    async def refresh_tokens_now(self) -> int:
+        """POST /tokens/refresh: the CLI changed tokens or limits."""
+        await self.refresh_tokens(force=True)
+        return self.tokens.generation
+
     async def _watch_tokens(self) -> None:
         """Pick up created and revoked tokens without a restart."""
         interval = self.config.server.token_reload_interval
@@ -184,10 +193,11 @@ class App:
             return load_scope_limits(db) if self.tokens.refresh(db, force) else None
 
         try:
-            limits = await asyncio.to_thread(refresh)
-            if limits is not None:
-                self.limiter.update(limits)
-                log.info("tokens and limits reloaded: %d active tokens", len(self.tokens))
+            async with self._refresh_lock:
+                limits = await asyncio.to_thread(refresh)
+                if limits is not None:
+                    self.limiter.update(limits)
+                    log.info("tokens and limits reloaded: %d active tokens", len(self.tokens))
         except sqlite3.Error as e:
             log.warning("could not reload tokens (keeping the current table): %s", e)
 

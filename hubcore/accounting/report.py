@@ -1,6 +1,6 @@
 """Usage reports over the usage table (`hubcore usage`): totals grouped by
-user, project, model, key, upstream or UTC day, and the --since/--until time
-syntax. The numbers only: hubcore.cli.render writes them as a table, JSON or
+user, project, token, model, key, upstream or UTC day, and the --since/--until
+time syntax. The numbers only: hubcore.cli.render writes them as a table, JSON or
 CSV.
 """
 from __future__ import annotations
@@ -8,13 +8,15 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 # Group expressions are fixed SQL chosen by name, never text from the caller.
 GROUPS: dict[str, str] = {
     "user": "user",
     "project": "project",
+    # An id as text, like every other group; query() adds the token's user and note.
+    "token": "CAST(token_id AS TEXT)",
     "model": "model",
     # Key labels are only unique within an upstream, so the group names both.
     "key": "CASE WHEN key_label IS NULL THEN NULL "
@@ -65,6 +67,9 @@ class Row:
     unpriced: int = 0         # requests for a model with no price (see cost_basis)
     errors: int = 0           # requests whose outcome is not "ok"
     estimated: int = 0        # of the unpriced: cost estimated, so cost_micros holds an estimate
+    # Grouped by token: whose it is and its note, which say more than an id.
+    user: str | None = field(default=None, kw_only=True)
+    note: str | None = field(default=None, kw_only=True)
 
     @property
     def cache_hit(self) -> float | None:
@@ -93,6 +98,8 @@ def query(
         params.append(until)
     sql = _QUERY.format(group=GROUPS[by], where=" AND ".join(where))
     rows = [Row(r[0], *(int(v or 0) for v in r[1:])) for r in conn.execute(sql, params)]
+    if by == "token":
+        _name_tokens(conn, rows)
     if by == "day":
         rows.sort(key=lambda r: r.group or "")
     else:
@@ -102,6 +109,13 @@ def query(
     for row in rows:
         total.add(row)
     return rows, total
+
+
+def _name_tokens(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    owners = {str(i): (user, note) for i, user, note in conn.execute("SELECT id, user, note FROM tokens")}
+    for row in rows:
+        if row.group is not None and row.group in owners:
+            row.user, row.note = owners[row.group]
 
 
 def parse_time(text: str, now: float | None = None) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Sequence
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -18,6 +18,7 @@ import orjson
 from hubcore.accounting.report import Row
 from hubcore.governance.limiter import BudgetLine
 from hubcore.governance.limits import MICROS_PER_USD, Limits, format_time, format_usd
+from hubcore.governance.tokens import TokenInfo
 
 __all__ = [
     "FORMATS",
@@ -29,6 +30,7 @@ __all__ = [
     "format_usd",
     "limits_text",
     "table",
+    "token_detail",
     "token_table",
     "usage_report",
     "utc_minute",
@@ -88,17 +90,61 @@ def _lines(lines: Sequence[str]) -> str:
 
 # -- tokens ----------------------------------------------------------------------
 
-def token_table(rows: Sequence[Mapping[str, object]]) -> str:
+def token_table(rows: Sequence[TokenInfo]) -> str:
     """`hubcore token list`: prefixes, never tokens."""
-    body: list[Sequence[str] | None] = [("ID", "PREFIX", "USER", "PROJECT", "CREATED", "REVOKED")]
+    body: list[Sequence[str] | None] = [
+        ("ID", "PREFIX", "USER", "PROJECT", "CREATED", "REVOKED", "LAST USED", "LIMITS"),
+    ]
     for r in rows:
-        revoked = r["revoked_at"]
         body.append((
-            str(r["id"]), f"{r['prefix']}…", str(r["user"]), str(r["project"] or "-"),
-            utc_minute(float(str(r["created_at"]))),
-            "-" if revoked is None else utc_minute(float(str(revoked))),
+            str(r.id), f"{r.prefix}…", r.user, r.project or "-", utc_minute(r.created_at),
+            "-" if r.revoked_at is None else utc_minute(r.revoked_at),
+            "never" if r.last_used_at is None else utc_minute(r.last_used_at),
+            "-" if r.limits is None else limits_text(r.limits),
         ))
     return _lines(table(body))
+
+
+def token_detail(
+    info: TokenInfo, status: str, spend: Sequence[tuple[str, int, BudgetLine | None]], zone: ZoneInfo,
+) -> str:
+    """`hubcore token show`: the token's facts, then its spend per budget
+    window, (window, micro-dollars, its budget line or None) each; times in
+    `zone`, the budget time zone."""
+
+    def moment(ts: float | None, absent: str) -> str:
+        return absent if ts is None else format_time(ts, zone)
+
+    if status == "revoked":
+        state = f"revoked at {moment(info.revoked_at, '-')}"
+    elif status == "expired":
+        assert info.limits is not None and info.limits.expires_at is not None
+        state = f"expired at {moment(info.limits.expires_at, '-')}"
+    else:
+        state = status
+    facts = [
+        ("token", f"{info.id} ({info.prefix}…)"),
+        ("user", info.user),
+        ("project", info.project or "-"),
+        ("note", info.note or "-"),
+        ("created", moment(info.created_at, "-")),
+        ("last used", moment(info.last_used_at, "never")),
+        ("status", state),
+        ("limits", limits_text(info.limits, zone)),
+    ]
+    width = max(len(name) for name, _ in facts) + 2
+    lines = [(name + ":").ljust(width) + value for name, value in facts]
+    rows: list[Sequence[str] | None] = [("WINDOW", "SPENT", "BUDGET", "REMAINING", "RESETS")]
+    for window, spent, line in spend:
+        if line is None:
+            rows.append((window, format_usd(spent), "-", "-", "-"))
+        else:
+            rows.append((
+                window, format_usd(spent), format_usd(line.limit_micros),
+                format_usd(line.remaining_micros), moment(line.resets_at, "never"),
+            ))
+    lines += ["", f"spend (day, week and month in {zone.key}):", *table(rows, right=(1, 2, 3))]
+    return _lines(lines)
 
 
 # -- budgets ---------------------------------------------------------------------
@@ -153,7 +199,7 @@ def usage_report(
     if fmt == "json":
         return _usage_json(rows, total, by, since, until)
     if fmt == "csv":
-        return _usage_csv(rows, total)
+        return _usage_csv(rows, total, by)
     return _usage_table(rows, total, by, since, until)
 
 
@@ -166,8 +212,12 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else format_time(ts)
 
 
-def _as_dict(row: Row) -> dict[str, object]:
+def _as_dict(row: Row, by: str) -> dict[str, object]:
+    named: dict[str, object] = {}
+    if by == "token" and row.group is not None:
+        named = {"token_id": int(row.group), "user": row.user, "note": row.note}
     return {
+        **named,
         "group": row.group,
         "requests": row.requests,
         "input": row.input,
@@ -186,24 +236,27 @@ def _as_dict(row: Row) -> dict[str, object]:
 
 
 def _usage_json(rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None) -> str:
-    total_dict = _as_dict(total)
+    total_dict = _as_dict(total, "total")
     del total_dict["group"]
     document = {
         "by": by,
         "since": _iso(since),
         "until": _iso(until),
-        "groups": [_as_dict(r) for r in rows],
+        "groups": [_as_dict(r, by) for r in rows],
         "total": total_dict,
     }
     return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
 
 
-def _usage_csv(rows: Sequence[Row], total: Row) -> str:
+def _usage_csv(rows: Sequence[Row], total: Row, by: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
+    # By token, the token's user and note follow as two more columns.
+    named = by == "token"
+    writer.writerow([*CSV_HEADER, *(("user", "note") if named else ())])
     for row in [*rows, total]:
         hit = row.cache_hit
+        names = (row.user or "", row.note or "") if named else ()
         writer.writerow([
             "TOTAL" if row is total else (row.group or ""),
             row.requests, row.input, row.output, row.cache_write_5m,
@@ -214,8 +267,17 @@ def _usage_csv(rows: Sequence[Row], total: Row) -> str:
             "" if hit is None else f"{hit:.4f}",
             row.errors,
             row.estimated,
+            *names,
         ])
     return out.getvalue()
+
+
+def _group_label(row: Row) -> str:
+    """A group as a table names it: by token, `12 alice (ci bot)`."""
+    if row.group is None:
+        return "(none)"
+    label = row.group if row.user is None else f"{row.group} {row.user}"
+    return label if row.note is None else f"{label} ({row.note})"
 
 
 def _usage_table(rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None) -> str:
@@ -232,7 +294,7 @@ def _usage_table(rows: Sequence[Row], total: Row, by: str, since: float | None, 
             "-" if hit is None else f"{hit:.1%}", f"{row.errors:,}",
         ]
 
-    body = [cells(r, r.group if r.group is not None else "(none)") for r in rows]
+    body = [cells(r, _group_label(r)) for r in rows]
     title = f"usage by {by}, {_iso(since) or 'beginning'} to {_iso(until) or 'now'} (UTC)"
     lines = table([header, None, *body, None, cells(total, "total")], right=range(1, len(header)))
     if total.estimated:

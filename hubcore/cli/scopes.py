@@ -10,6 +10,7 @@ import orjson
 from hubcore.cli import render
 from hubcore.cli.common import USAGE, CommandError, Context, Subcommands, add_command, on_database
 from hubcore.cli.limits import add_limit_arguments, apply_limit_flags
+from hubcore.cli.notify import tell_hub
 from hubcore.config import zone
 from hubcore.governance import storage
 from hubcore.governance.limiter import budget_report
@@ -53,6 +54,8 @@ def set_limits(args: argparse.Namespace, ctx: Context) -> int:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    # Users' and projects' limits ride the tokens generation (store, migration 2).
+    tell_hub(args, conn)
     print(f"{kind} {args.name}: {render.limits_text(new)}")
     return 0
 

@@ -1,21 +1,31 @@
-"""`hubcore token create|update|list|revoke`: hub tokens and their limits."""
+"""`hubcore token create|update|rotate|show|list|revoke`: hub tokens and
+their limits.
+
+A token is printed once, by the command that makes it (`create`, `rotate`);
+nothing else prints one. Every change is told to the running hub before the
+command returns (hubcore.cli.notify).
+"""
 from __future__ import annotations
 
 import argparse
 import sqlite3
 import sys
+from typing import Any
 
 import orjson
 
 from hubcore.cli import render
 from hubcore.cli.common import USAGE, CommandError, Context, Subcommands, add_command, on_database
 from hubcore.cli.limits import add_limit_arguments, apply_limit_flags, has_limit_flags
+from hubcore.cli.notify import tell_hub
+from hubcore.config import zone
 from hubcore.governance import storage, tokens
-from hubcore.governance.limits import parse_column
+from hubcore.governance.limiter import BudgetLine, Limiter
+from hubcore.governance.limits import WINDOWS, parse_column
 
 
 def add_commands(sub: Subcommands) -> None:
-    group = add_command(sub, "token", "create, list and revoke hub tokens")
+    group = add_command(sub, "token", "create, show, list, rotate and revoke hub tokens")
     actions = group.add_subparsers(metavar="ACTION")
     p = add_command(actions, "create", "mint a token (printed once, on the last line)", run_create)
     p.add_argument("--user", required=True)
@@ -23,13 +33,24 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--note")
     p.add_argument("--json", action="store_true", help="print a JSON object instead")
     add_limit_arguments(p)
-    p = add_command(actions, "update", "change a token's limits", run_update)
+    p = add_command(actions, "update", "change a token's note or limits", run_update)
     p.add_argument("id", type=int, help="token id (see hubcore token list)")
+    p.add_argument("--note", help="replace the note ('' clears it)")
     add_limit_arguments(p)
-    p.add_argument("--json", action="store_true", help="print the new limits as JSON")
+    p.add_argument("--json", action="store_true", help="print the token's note and limits as JSON")
+    p = add_command(actions, "show", "show a token: owner, limits, last use, spend per budget window", run_show)
+    p.add_argument("id", type=int, help="token id (see hubcore token list)")
+    p.add_argument("--json", action="store_true")
     p = add_command(actions, "list", "list tokens (never the tokens themselves)", run_list)
     p.add_argument("--all", action="store_true", help="include revoked tokens")
     p.add_argument("--json", action="store_true")
+    p = add_command(
+        actions, "rotate",
+        "give a token a new secret, printed once; the old one stops working, limits and history stay",
+        run_rotate,
+    )
+    p.add_argument("id", type=int, help="token id (see hubcore token list)")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead")
     p = add_command(actions, "revoke", "revoke a token by id", run_revoke)
     p.add_argument("id", type=int)
 
@@ -49,38 +70,134 @@ def create_token(args: argparse.Namespace, conn: sqlite3.Connection) -> tuple[in
     return token_id, token
 
 
+def print_secret(
+    what: str, token_id: int, user: str, project: str | None, token: str, *, as_json: bool,
+) -> None:
+    """The one place a token is printed: alone on the last line (or in the
+    `--json` object), with a reminder on stderr that it is shown only once."""
+    if as_json:
+        print(orjson.dumps({"id": token_id, "user": user, "project": project, "token": token}).decode())
+        return
+    print(f"{what} token {token_id} for user {user}" + (f", project {project}" if project else ""))
+    print("store it now: it is shown only once", file=sys.stderr)
+    print(token)
+
+
 def create(args: argparse.Namespace, ctx: Context) -> int:
-    """`hubcore token create --user U [--project P] [limit flags]`."""
+    """`hubcore token create --user U [--project P] [--note N] [limit flags]`."""
     token_id, token = create_token(args, ctx.conn)
-    if args.json:
-        print(orjson.dumps({"id": token_id, "user": args.user, "project": args.project, "token": token}).decode())
-    else:
-        print(f"created token {token_id} for user {args.user}" + (f", project {args.project}" if args.project else ""))
-        print("store it now: it is shown only once", file=sys.stderr)
-        print(token)
+    tell_hub(args, ctx.conn)
+    print_secret("created", token_id, args.user, args.project, token, as_json=args.json)
     return 0
 
 
-def update(args: argparse.Namespace, ctx: Context) -> int:
-    """`hubcore token update ID ...`: change the flags given, keep the rest."""
-    if not has_limit_flags(args):
-        raise CommandError("nothing to update: give --rpm, --concurrency, --budget, --models or --expires", USAGE)
+def rotate(args: argparse.Namespace, ctx: Context) -> int:
+    """`hubcore token rotate ID`: same token, new secret."""
     conn = ctx.conn
     conn.execute("BEGIN IMMEDIATE")
     try:
-        row = conn.execute("SELECT limits, revoked_at FROM tokens WHERE id = ?", (args.id,)).fetchone()
-        if row is None or row[1] is not None:
-            raise CommandError(f"token {args.id} {'is revoked' if row is not None else 'does not exist'}")
-        new = apply_limit_flags(parse_column(row[0], f"token {args.id}"), args)
-        storage.write_limits(conn, "token", args.id, new)
+        token = tokens.rotate(conn, args.id)
+        if token is None:
+            raise CommandError(_not_active(conn, args.id))
+        user, project = conn.execute("SELECT user, project FROM tokens WHERE id = ?", (args.id,)).fetchone()
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    tell_hub(args, conn)
+    print_secret("rotated", args.id, user, project, token, as_json=args.json)
+    return 0
+
+
+def update(args: argparse.Namespace, ctx: Context) -> int:
+    """`hubcore token update ID [--note N] [limit flags]`: change what is given, keep the rest."""
+    limits_given = has_limit_flags(args)
+    if not limits_given and args.note is None:
+        raise CommandError(
+            "nothing to update: give --note, --rpm, --concurrency, --budget, --models or --expires", USAGE
+        )
+    conn = ctx.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT limits, revoked_at, note FROM tokens WHERE id = ?", (args.id,)).fetchone()
+        if row is None or row[1] is not None:
+            raise CommandError(_not_active(conn, args.id))
+        new = parse_column(row[0], f"token {args.id}")
+        if limits_given:
+            new = apply_limit_flags(new, args)
+            storage.write_limits(conn, "token", args.id, new)
+        note = row[2]
+        if args.note is not None:
+            note = args.note or None
+            tokens.set_note(conn, args.id, note)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    tell_hub(args, conn)
     if getattr(args, "json", False):
-        print(orjson.dumps({"id": args.id, "limits": new.to_dict() if new else {}}).decode())
+        print(orjson.dumps({"id": args.id, "note": note, "limits": tokens.limits_dict(new)}).decode())
     else:
-        print(f"updated token {args.id}: {render.limits_text(new)}")
+        said = "" if args.note is None else f"; note {note!r}" if note else "; note cleared"
+        print(f"updated token {args.id}: {render.limits_text(new)}{said}")
+    return 0
+
+
+def _not_active(conn: sqlite3.Connection, token_id: int) -> str:
+    row = conn.execute("SELECT revoked_at FROM tokens WHERE id = ?", (token_id,)).fetchone()
+    return f"token {token_id} {'is revoked' if row is not None else 'does not exist'}"
+
+
+def token_spend(conn: sqlite3.Connection, token_id: int, tz: str, now: float) -> list[tuple[str, int, BudgetLine | None]]:
+    """A token's spend in every budget window (day, week and month in `tz`)
+    and its budget there if it has one: (window, micro-dollars, budget line),
+    the numbers the hub refuses by."""
+    limiter = Limiter(tz)
+    limiter.reload(conn)
+    limiter.rebuild(conn, now)
+    budgets = {line.window: line for line in limiter.spend_report(now, ("token", str(token_id)))}
+    return [(window, limiter.spent("token", token_id, window, now), budgets.get(window)) for window in WINDOWS]
+
+
+def spend_json(spend: list[tuple[str, int, BudgetLine | None]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "window": window, "spent_micros": spent,
+            "limit_micros": None if line is None else line.limit_micros,
+            "remaining_micros": None if line is None else line.remaining_micros,
+            "resets_at": None if line is None else line.resets_at,
+        }
+        for window, spent, line in spend
+    ]
+
+
+def status(info: tokens.TokenInfo, now: float) -> str:
+    """active, revoked or expired."""
+    if info.revoked_at is not None:
+        return "revoked"
+    limits = info.limits
+    if limits is not None and limits.expires_at is not None and limits.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def show(args: argparse.Namespace, ctx: Context) -> int:
+    """`hubcore token show ID [--json]`."""
+    info = tokens.get(ctx.conn, args.id)
+    if info is None:
+        raise CommandError(f"token {args.id} does not exist")
+    try:
+        tz = zone(ctx.tz)
+    except ValueError as e:
+        raise CommandError(str(e), USAGE) from None
+    spend = token_spend(ctx.conn, info.id, ctx.tz, ctx.now)
+    state = status(info, ctx.now)
+    if args.json:
+        print(orjson.dumps({
+            **info.to_dict(), "status": state, "timezone": ctx.tz, "spend": spend_json(spend),
+        }).decode())
+        return 0
+    sys.stdout.write(render.token_detail(info, state, spend, tz))
     return 0
 
 
@@ -88,7 +205,7 @@ def list_tokens(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore token list [--all] [--json]`."""
     rows = tokens.list_tokens(ctx.conn, include_revoked=args.all)
     if args.json:
-        print(orjson.dumps(rows).decode())
+        print(orjson.dumps([row.to_dict() for row in rows]).decode())
     else:
         sys.stdout.write(render.token_table(rows))
     return 0
@@ -98,11 +215,14 @@ def revoke(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore token revoke ID`."""
     if not tokens.revoke(ctx.conn, args.id):
         raise CommandError(f"no active token with id {args.id}")
+    tell_hub(args, ctx.conn)
     print(f"revoked token {args.id}")
     return 0
 
 
 run_create = on_database(create)
 run_update = on_database(update)
+run_rotate = on_database(rotate)
+run_show = on_database(show)
 run_list = on_database(list_tokens)
 run_revoke = on_database(revoke)

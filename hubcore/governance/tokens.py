@@ -1,9 +1,10 @@
-"""Hub tokens: minting, hashing, the in-memory table the proxy checks, reloads.
+"""Hub tokens: minting, rotating, hashing, listing, the in-memory table the
+proxy checks, reloads.
 
 The database stores only a token's SHA-256 and a short display prefix; the
-token itself is shown once, when it is created. The server keeps every live
-token in a dict keyed by hash and swaps in a new dict whenever the tokens
-table's generation counter moves (bumped by triggers on every change).
+token itself is shown once, when it is created or rotated. The server keeps
+every live token in a dict keyed by hash and swaps in a new dict whenever the
+tokens table's generation counter moves (bumped by triggers on every change).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from hubcore.governance.limits import Limits, parse_column
 
@@ -39,11 +41,15 @@ def hash_token(token: str | bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
 
+def _mint() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+
+
 def create(conn: sqlite3.Connection, user: str, project: str | None = None, note: str | None = None) -> tuple[int, str]:
     """Mint a token for `user`; return (id, token). The token is not stored."""
     if not user:
         raise ValueError("user must not be empty")
-    token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+    token = _mint()
     now = time.time()
     cur = conn.execute(
         "INSERT INTO tokens (prefix, hash, user, project, note, created_at, updated_at)"
@@ -63,13 +69,87 @@ def revoke(conn: sqlite3.Connection, token_id: int) -> bool:
     return cur.rowcount == 1
 
 
-def list_tokens(conn: sqlite3.Connection, include_revoked: bool = False) -> list[dict[str, object]]:
-    sql = "SELECT id, prefix, user, project, note, created_at, revoked_at FROM tokens"
+def rotate(conn: sqlite3.Connection, token_id: int) -> str | None:
+    """Give an active token a new secret; the old one stops matching. Its id,
+    and with it its limits and usage history, stay. None: no active token."""
+    token = _mint()
+    cur = conn.execute(
+        "UPDATE tokens SET prefix = ?, hash = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL",
+        (token[:DISPLAY_PREFIX_LEN], hash_token(token), time.time(), token_id),
+    )
+    return token if cur.rowcount == 1 else None
+
+
+def set_note(conn: sqlite3.Connection, token_id: int, note: str | None) -> bool:
+    """Replace an active token's note (None clears it); False: no active token."""
+    cur = conn.execute(
+        "UPDATE tokens SET note = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL",
+        (note, time.time(), token_id),
+    )
+    return cur.rowcount == 1
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """What the database knows of one token, for listing and showing it."""
+
+    id: int
+    prefix: str
+    user: str
+    project: str | None
+    note: str | None
+    created_at: float
+    revoked_at: float | None
+    limits: Limits | None
+    last_used_at: float | None      # its newest usage row; None: never used
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of `token list --json` and `token show --json`."""
+        return {
+            "id": self.id, "prefix": self.prefix, "user": self.user, "project": self.project,
+            "note": self.note, "created_at": self.created_at, "revoked_at": self.revoked_at,
+            "limits": limits_dict(self.limits), "last_used_at": self.last_used_at,
+        }
+
+
+def limits_dict(limits: Limits | None) -> dict[str, Any]:
+    """Limits as stored ({} for none); unreadable ones as {"error": why}."""
+    if limits is None:
+        return {}
+    if limits.error is not None:
+        return {"error": limits.error}
+    return limits.to_dict()
+
+
+# A token's last use is its newest usage row: one seek per token into the
+# usage_token_ts_cost index (token_id, ts, ...), so nothing on the request
+# path has to keep a column of the tokens table current.
+_SELECT_INFO = (
+    "SELECT id, prefix, user, project, note, created_at, revoked_at, limits,"
+    " (SELECT MAX(ts) FROM usage WHERE usage.token_id = tokens.id) FROM tokens"
+)
+
+
+def _info(row: tuple[Any, ...]) -> TokenInfo:
+    token_id, prefix, user, project, note, created_at, revoked_at, limits, last_used_at = row
+    return TokenInfo(
+        token_id, prefix, user, project, note, created_at, revoked_at,
+        parse_column(limits, f"token {token_id}"), last_used_at,
+    )
+
+
+def list_tokens(conn: sqlite3.Connection, include_revoked: bool = False) -> list[TokenInfo]:
+    """The active tokens (every token with `include_revoked`), by id."""
+    sql = _SELECT_INFO
     if not include_revoked:
         sql += " WHERE revoked_at IS NULL"
-    rows = conn.execute(sql + " ORDER BY id").fetchall()
-    keys = ("id", "prefix", "user", "project", "note", "created_at", "revoked_at")
-    return [dict(zip(keys, row)) for row in rows]
+    return [_info(row) for row in conn.execute(sql + " ORDER BY id")]
+
+
+def get(conn: sqlite3.Connection, token_id: int) -> TokenInfo | None:
+    """One token, revoked or not; None if there is none with that id."""
+    row = conn.execute(_SELECT_INFO + " WHERE id = ?", (token_id,)).fetchone()
+    return None if row is None else _info(row)
 
 
 def generation(conn: sqlite3.Connection) -> int:
@@ -114,6 +194,11 @@ class TokenTable:
 
     def __len__(self) -> int:
         return len(self._by_hash)
+
+    @property
+    def generation(self) -> int:
+        """The tokens generation the table was loaded at (-1: never loaded)."""
+        return self._generation
 
     def lookup(self, token: bytes) -> Principal | None:
         principal = self._seen.get(token)

@@ -46,6 +46,10 @@ class OpsClientError(Exception):
         self.exit_code = exit_code
 
 
+class HubNotRunning(OpsClientError):
+    """No socket file, or nobody listening on it: no hub to ask."""
+
+
 # -- transport --------------------------------------------------------------------
 
 def resolve_socket(explicit: str | None, configured: str | None = None) -> str:
@@ -80,7 +84,7 @@ def _connect(sock: socket.socket, socket_path: str) -> None:
     try:
         sock.connect(socket_path)
     except FileNotFoundError:
-        raise OpsClientError(
+        raise HubNotRunning(
             f"no ops socket at {socket_path}: is hubcore running, and is that its "
             f"server.ops_socket? (choose another with --socket or ${OPS_SOCKET_ENV})") from None
     except PermissionError:
@@ -88,7 +92,7 @@ def _connect(sock: socket.socket, socket_path: str) -> None:
             f"permission denied on {socket_path}: run as the hub's user, or join the group "
             "the socket belongs to (server.ops_socket_group)", EXIT_NOPERM) from None
     except ConnectionRefusedError:
-        raise OpsClientError(
+        raise HubNotRunning(
             f"nothing is listening on {socket_path} (a socket left by a stopped hub?)") from None
 
 
@@ -125,6 +129,16 @@ def get_stats(socket_path: str, *, timeout: float = FETCH_TIMEOUT) -> dict[str, 
     if status != 200 or not isinstance(data, dict):
         raise OpsClientError(f"/stats answered {status}: {_error_text(data)}", EXIT_FAILED)
     return data
+
+
+def refresh_tokens(socket_path: str, *, timeout: float = FETCH_TIMEOUT) -> int:
+    """Have the hub reload its tokens and limits now; the tokens generation
+    it then holds. HubNotRunning when there is no hub to ask."""
+    status, data = request_json(socket_path, "/tokens/refresh", "POST", timeout=timeout)
+    generation = data.get("generation") if isinstance(data, dict) else None
+    if status != 200 or not isinstance(generation, int):
+        raise OpsClientError(f"/tokens/refresh answered {status}: {_error_text(data)}", EXIT_FAILED)
+    return generation
 
 
 def _error_text(data: Any) -> str:

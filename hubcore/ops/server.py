@@ -1,8 +1,9 @@
 """The ops endpoint: HTTP/1.1 over a Unix socket (never TCP), served with h11.
 
 Owns the socket file (stale-socket cleanup, mode, group), the small route
-table (/stats, /metrics, /reload, /keys/{label}/enable|disable) and the
-per-connection limits that keep a misbehaving client from costing the proxy.
+table (/stats, /metrics, /reload, /tokens/refresh, /keys/{label}/enable|disable)
+and the per-connection limits that keep a misbehaving client from costing the
+proxy.
 """
 from __future__ import annotations
 
@@ -77,6 +78,11 @@ class OpsHandler(Protocol):
     def set_key_enabled(
         self, label: str, enabled: bool
     ) -> KeySwitched | None | Awaitable[KeySwitched | None]: ...  # None: no such key
+
+    def refresh_tokens_now(self) -> Awaitable[int]:
+        """Reload the token table (and the limits riding its generation) from
+        the database now; the tokens generation the hub then holds."""
+        ...
 
 
 class _Reply:
@@ -410,6 +416,12 @@ class OpsServer:
                 if method != "POST":
                     return _error(405, "use POST", [("allow", "POST")])
                 return await self._reload()
+            if segments == ["tokens", "refresh"]:
+                # The CLI's word after it changed a token or a limit, so the
+                # change is live when the command returns, not a poll later.
+                if method != "POST":
+                    return _error(405, "use POST", [("allow", "POST")])
+                return _json(200, {"generation": await self.handler.refresh_tokens_now()})
             if len(segments) == 3 and segments[0] == "keys" and segments[2] in ("enable", "disable"):
                 if method != "POST":
                     return _error(405, "use POST", [("allow", "POST")])
