@@ -94,7 +94,9 @@ def test_quantile_edges() -> None:
     assert h.buckets == (0.1, 1.0)              # +Inf given explicitly is the implicit one
     assert h.quantile(0.5) is None
     h.observe(50.0)
-    assert h.quantile(0.99) == 1.0              # in +Inf: the highest finite bound
+    assert h.quantile(0.99) == math.inf         # in +Inf: beyond the last bound, not the bound
+    summary = h.summary()
+    assert summary["p99"] is None and summary["last_bound"] == 1.0 and summary["above_last_bound"] == 1
     with pytest.raises(ValueError):
         h.quantile(1.5)
     with pytest.raises(ValueError):
@@ -117,7 +119,7 @@ def test_quantile_estimate_lies_in_the_true_quantiles_bucket(values: list[float]
     estimate = h.quantile(q)
     assert estimate is not None
     if true > bounds[-1]:
-        assert estimate == bounds[-1]
+        assert estimate == math.inf
     else:
         i = next(i for i, b in enumerate(bounds) if true <= b)
         lower = bounds[i - 1] if i else 0.0
@@ -259,6 +261,7 @@ def test_prometheus_shows_the_garbage_collector() -> None:
     ("hubcore_ttfb_seconds", "ttfb"),
     ("hubcore_request_duration_seconds", "total"),
     ("hubcore_hub_added_seconds", "hub_added"),
+    ("hubcore_queue_wait_seconds", "queue_wait"),
 ])
 def test_prometheus_histograms_are_cumulative_with_inf(family: str, attr: str) -> None:
     m = busy_metrics()
