@@ -50,9 +50,7 @@ class Recorder(Protocol):
     """Takes the usage event of every request with a principal
     (accounting.recorder.UsageRecorder: off the request path)."""
 
-    def record(self, event: UsageEvent, client: str | None = None) -> None: ...
-    def refused(self, ts: float, request_id: str, path: bytes, status: int, outcome: str,
-                total_ms: float, client: str | None) -> None: ...
+    def record(self, event: UsageEvent) -> None: ...
 
 
 class Pricer(Protocol):

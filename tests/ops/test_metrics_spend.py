@@ -110,3 +110,12 @@ def test_label_sets_beyond_the_cap_are_counted_under_other(tmp_path: Path, ops_d
     assert sum(got_cost.values()) == pytest.approx(sum(r["cost_micros"] for r in rows) / 1e6, rel=1e-12)
     assert series(families, "hubcore_usage_tokens") == tokens
     assert series(families, "hubcore_usage_folded") == {(): 2.0}  # bob's two requests
+
+
+def test_a_negative_cap_is_a_config_error() -> None:
+    from hubcore import config
+    from hubcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"server\.metrics_max_series: must not be negative"):
+        config.parse({"server": {"metrics_max_series": -1}}, source="hub.toml", env={})
+    assert config.parse({"server": {}}, source="hub.toml", env={}).server.metrics_max_series == 2000

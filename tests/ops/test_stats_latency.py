@@ -6,10 +6,9 @@ from __future__ import annotations
 import io
 import math
 import shutil
-import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 import anthropic
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hubcore.ops import client as opsclient
-from hubcore.ops.metrics import LATENCY_BUCKETS
+from hubcore.ops.metrics import LATENCY_BUCKETS, HubMetrics
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor
 from tests.hubharness import HubThread, make_config, run_cli
@@ -76,7 +76,7 @@ def stats_after(hub: HubThread, requests: int) -> dict[str, Any]:
     return stats
 
 
-def poll(probe: Any, timeout: float = 10.0) -> None:
+def poll(probe: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not probe():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -93,6 +93,20 @@ def assert_within_resolution(estimate: float | None, true: float, what: str) -> 
     assert true / RESOLUTION <= estimate <= true * RESOLUTION, (
         f"{what}: stats says {estimate * 1e3:.3f} ms, the access log {true * 1e3:.3f} ms "
         f"(resolution x{RESOLUTION:g})")
+
+
+def assert_histograms_valid(text: str, count: int) -> None:
+    """The latency histograms as Prometheus reads them: `le` increasing and
+    ending in +Inf, counts cumulative, +Inf equal to _count."""
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("hubcore_ttfb_seconds", "hubcore_request_duration_seconds", "hubcore_hub_added_seconds"):
+        family = families[name]
+        assert family.type == "histogram"
+        buckets = [(float(s.labels["le"]), s.value) for s in family.samples if s.name == name + "_bucket"]
+        bounds, counts = zip(*buckets)
+        assert list(bounds) == sorted(set(bounds)) and bounds[-1] == math.inf
+        assert list(counts) == sorted(counts) and counts[-1] == count
+        assert [s.value for s in family.samples if s.name == name + "_count"] == [count]
 
 
 def test_buckets_resolve_tens_of_microseconds_to_minutes() -> None:
@@ -116,12 +130,15 @@ def test_stats_p50_agrees_with_the_access_log(
             list(pool.map(ask, range(count)))
         stats = stats_after(hub, count)
         lines = access_lines(hub, out)
+        status, metrics = opsclient.fetch(hub.config.server.ops_socket, "/metrics")
+    assert status == 200
+    assert_histograms_valid(metrics.decode(), count)
     assert len(lines) == count and {line["status"] for line in lines} == {200}
     latency = stats["latency_s"]
     assert latency["ttfb"]["count"] == count and latency["total"]["count"] == count
-    assert_within_resolution(latency["ttfb"]["p50"], median_rank([l["ttfb_ms"] / 1e3 for l in lines]), "ttfb")
-    assert_within_resolution(latency["total"]["p50"], median_rank([l["total_ms"] / 1e3 for l in lines]), "total")
-    assert median_rank([l["ttfb_ms"] for l in lines]) >= delay_ms
+    assert_within_resolution(latency["ttfb"]["p50"], median_rank([line["ttfb_ms"] / 1e3 for line in lines]), "ttfb")
+    assert_within_resolution(latency["total"]["p50"], median_rank([line["total_ms"] / 1e3 for line in lines]), "total")
+    assert median_rank([line["ttfb_ms"] for line in lines]) >= delay_ms
 
 
 def test_a_wait_for_a_key_shows_as_that_wait(tmp_path: Path, ops_dir: Path) -> None:
@@ -139,6 +156,7 @@ def test_a_wait_for_a_key_shows_as_that_wait(tmp_path: Path, ops_dir: Path) -> N
         stats = stats_after(hub, 2)
         lines = access_lines(hub, out)
         text = run_cli("stats", "--socket", hub.config.server.ops_socket)
+    assert text.returncode == 0, text.stderr
     waited = next(line for line in lines if line["status"] == 200)
     assert waited["ttfb_ms"] > 2000.0, waited
     latency = stats["latency_s"]
@@ -150,10 +168,8 @@ def test_a_wait_for_a_key_shows_as_that_wait(tmp_path: Path, ops_dir: Path) -> N
     assert row.split()[2].endswith("s") and 2.0 <= float(row.split()[2][:-1]) <= 3.0 * RESOLUTION, row
 
 
-def test_a_quantile_beyond_the_last_bound_says_so(tmp_path: Path) -> None:
+def test_a_quantile_beyond_the_last_bound_says_so() -> None:
     """Not the bound itself: an hour-long stream is not a 10-minute one."""
-    from hubcore.ops.metrics import HubMetrics
-
     metrics = HubMetrics()
     for _ in range(3):
         metrics.request_started()
