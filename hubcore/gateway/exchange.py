@@ -267,6 +267,7 @@ class Exchange:
     sent_at: float | None = None
     head_at: float | None = None
     queued = 0.0  # seconds spent waiting for a resting key (_wait_for_key)
+    ended: float | None = None  # when the usage row was made: the metrics' end too
     route: Route | None = None
     flavour = ANTHROPIC
     principal: Principal | None = None
@@ -468,7 +469,8 @@ class Exchange:
         metrics = self.hub.metrics
         if metrics is None:
             return
-        now = time.monotonic()
+        # The end the access log has, so that its figures and the stats agree.
+        now = self.ended if self.ended is not None else time.monotonic()
         route = self.route.endpoint if self.route is not None else ("/" if self.request.path == b"/" else "other")
         ttfb = self.ttfb - self.t0 if self.ttfb is not None else None
         metrics.request_finished(route, self.status, self.outcome, now - self.t0, ttfb)
@@ -916,7 +918,7 @@ class Exchange:
             self.outcome = _UPSTREAM_ERROR
         principal = self.principal
         route = self.route
-        now = time.monotonic()
+        now = self.ended = time.monotonic()
         if principal is None or route is None:
             self._log(now)
             return  # unauthenticated: no row (a flood of them must not fill the database)
