@@ -1,4 +1,5 @@
-"""The hub's own instruments: counters, gauges and fixed-bucket latency histograms.
+"""The hub's own instruments: counters (spend and tokens per user, project and
+model among them), gauges and fixed-bucket latency histograms.
 
 Recording is a few integer operations on the request path; turning them into
 ``/stats`` JSON or Prometheus text happens only when the ops socket asks.
