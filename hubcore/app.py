@@ -63,11 +63,13 @@ class App:
             busy_timeout_ms=int(config.server.db_busy_timeout * 1000),
         )
         self.prices = Pricing.load(_path_or_none(config.server.prices), config.pricing.unpriced)
-        self.metrics = HubMetrics()
+        self.metrics = HubMetrics(max_series=config.server.metrics_max_series)
         # Budgets are charged from each usage event as it is recorded, not
         # after the database write.
         self.limiter = Limiter(config.server.budget_timezone)
         self.recorder.add_listener(self.limiter.on_usage)
+        # Spend and tokens per user, project and model for /metrics, from the same events.
+        self.recorder.add_listener(self.metrics.on_usage)
         self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter)
         self.server = Server(config.server, self.hub.handle, loop, self.metrics, gate=self.hub.gate, render_error=self.hub.render_error)
         if logging.getLevelName(config.server.log_level.upper()) <= logging.INFO:

@@ -95,6 +95,10 @@ class ServerConfig:
     # pause the hub (tens of ms with 1,000 streams open); 0 leaves them to
     # CPython, which runs them as the heap grows (see runtime.CycleCollector).
     gc_full_interval: float = 600.0
+    # Label sets (user, project, model) of the spend and token counters on
+    # /metrics; past it new ones are counted under "_other" (0: all are).
+    # Each set is six series; 2,000 is some 100 users times 20 models.
+    metrics_max_series: int = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +300,8 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
                  "max_unauthenticated_connections", "max_body_bytes_in_flight"):
         if getattr(server, name) <= 0:
             raise ConfigError(f"{source}: server.{name}: must be positive")
-    for name in ("max_connections_per_address", "min_body_rate", "linger_bytes", "linger_timeout"):
+    for name in ("max_connections_per_address", "min_body_rate", "linger_bytes", "linger_timeout",
+                 "metrics_max_series"):
         if getattr(server, name) < 0:
             raise ConfigError(f"{source}: server.{name}: must not be negative")
 

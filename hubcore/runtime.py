@@ -1,6 +1,6 @@
 """What the hub sets up in its process rather than in its objects: logging
-to stderr, glibc's malloc thresholds, and when CPython's cyclic garbage
-collector runs its full collections."""
+to stderr (text, or one JSON object a line), glibc's malloc thresholds, and
+when CPython's cyclic garbage collector runs its full collections."""
 from __future__ import annotations
 
 import asyncio
@@ -9,9 +9,11 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from types import TracebackType
+from typing import Any, TextIO
 
 import orjson
 
@@ -20,35 +22,88 @@ from hubcore.config import Config
 
 # -- logging ----------------------------------------------------------------------
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: ts (unix seconds), level,
+    logger, msg, and a traceback in `exc` (never on lines of its own)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return orjson.dumps(
-            {
-                "ts": record.created,
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        ).decode()
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError) as e:
+            # A call whose arguments do not fit its format: say so on the
+            # line rather than let logging print its own complaint as text.
+            message = f"{record.msg!r} % {record.args!r} (unformattable: {e})"
+        data: dict[str, Any] = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": message,
+        }
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            data["exc"] = record.exc_text
+        if record.stack_info:
+            data["stack"] = self.formatStack(record.stack_info)
+        try:
+            return orjson.dumps(data).decode()
+        except TypeError:
+            # orjson refuses lone surrogates (a file name decoded with
+            # surrogateescape): escape them instead of losing the line.
+            return orjson.dumps({k: v.encode("utf-8", "backslashreplace").decode() if isinstance(v, str) else v
+                                 for k, v in data.items()}).decode()
 
 
-def setup_logging(config: Config) -> None:
-    """Send hubcore's log records to stderr, as text or JSON lines, at the configured level."""
-    handler = logging.StreamHandler(sys.stderr)
-    if config.server.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+def setup_logging(config: Config, stream: TextIO | None = None) -> None:
+    """Send every log record of the process to stderr, as text or, with
+    `log_format = "json"`, one JSON object a line.
+
+    The handler sits on the root logger, so records of asyncio and of any
+    library take the same shape as hubcore's; hubcore's own records are
+    kept at the configured level, the others from warning up. In JSON mode
+    warnings and uncaught exceptions (main thread or not) become records
+    too, so nothing the running hub writes is a line of plain text.
+    """
+    level = logging.getLevelName(config.server.log_level.upper())
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    json = config.server.log_format == "json"
+    handler.setFormatter(JsonFormatter() if json else logging.Formatter(TEXT_FORMAT))
     # One access line per request: skip the record fields no format here
     # prints (the caller's file and line, process and thread names).
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    root = logging.getLogger("hubcore")
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(config.server.log_level.upper())
-    root.propagate = False
+    root.setLevel(max(level, logging.WARNING))
+    hubcore = logging.getLogger("hubcore")
+    hubcore.handlers[:] = []
+    hubcore.setLevel(level)
+    hubcore.propagate = True
+    if json:
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("hubcore").critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None or issubclass(args.exc_type, SystemExit):
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("hubcore").critical(
+        "uncaught exception in thread %s", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
 
 
 # -- malloc -----------------------------------------------------------------------

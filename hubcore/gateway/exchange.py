@@ -36,7 +36,6 @@ from hubcore.http.client import ResponseHead, UpstreamConnection, UpstreamError,
 from hubcore.http.wire import HeaderCollector
 
 log = logging.getLogger("hubcore.proxy")
-access_log = logging.getLogger("hubcore.access")
 
 
 # A JSON object after optional whitespace; matched in place, never copied.
@@ -87,6 +86,7 @@ class Metrics(Protocol):
     def request_started(self) -> None: ...
     def request_finished(self, route: str, status: int, outcome: str, total_s: float, ttfb_s: float | None = None) -> None: ...
     def observe_hub_added(self, seconds: float) -> None: ...
+    def observe_queue_wait(self, seconds: float) -> None: ...
     def upstream_attempt(self, upstream: str, *, retry: bool = False) -> None: ...
     def refuse(self, reason: str) -> None: ...
 
@@ -103,7 +103,9 @@ class AccessSink(Protocol):
 
     @property
     def refusals(self) -> RefusalCounter: ...
-    def record(self, event: UsageEvent) -> None: ...
+    def record(self, event: UsageEvent, client: str | None = None) -> None: ...
+    def refused(self, ts: float, request_id: str, path: bytes, status: int, outcome: str,
+                total_ms: float, client: str | None) -> None: ...
     def close(self) -> None: ...  # by the app, at shutdown
 
 
@@ -269,6 +271,8 @@ class Exchange:
     ttfb: float | None = None
     sent_at: float | None = None
     head_at: float | None = None
+    queued = 0.0  # seconds spent waiting for a resting key (_wait_for_key)
+    ended: float | None = None  # when the usage row was made: the metrics' end too
     route: Route | None = None
     flavour = ANTHROPIC
     principal: Principal | None = None
@@ -314,7 +318,13 @@ class Exchange:
         self.protocol = protocol
         self.request_id = hub.request_id()
         self.ts = time.time()
-        self.t0 = self.loop.time()
+        # Latencies are measured with time.monotonic(), not loop.time():
+        # uvloop's loop clock counts whole milliseconds and stands still
+        # within a loop iteration, so the hub's own share (tens of
+        # microseconds) read as 0 or 1 ms. Both clocks are CLOCK_MONOTONIC,
+        # so deadlines set from t0 and checked against loop.time() agree to
+        # within that millisecond.
+        self.t0 = time.monotonic()
         # The response head, held until the first body bytes go with it.
         self.pending_head: list[bytes] = []
 
@@ -475,14 +485,18 @@ class Exchange:
         metrics = self.hub.metrics
         if metrics is None:
             return
-        now = self.loop.time()
+        # The end the access log has, so that its figures and the stats agree.
+        now = self.ended if self.ended is not None else time.monotonic()
         route = self.route.endpoint if self.route is not None else ("/" if self.request.path == b"/" else "other")
         ttfb = self.ttfb - self.t0 if self.ttfb is not None else None
         metrics.request_finished(route, self.status, self.outcome, now - self.t0, ttfb)
+        if self.queued:
+            metrics.observe_queue_wait(self.queued)
         if self.attempts == 1 and self.sent_at is not None and self.head_at is not None and self.ttfb is not None:
-            # The hub's own share: before the request went upstream, and
-            # between the vendor's first byte and the client's.
-            metrics.observe_hub_added((self.sent_at - self.t0) + max(0.0, self.ttfb - self.head_at))
+            # The hub's own share: before the request went upstream (less
+            # any wait for a resting key, counted on its own), and between
+            # the vendor's first byte and the client's.
+            metrics.observe_hub_added(max(0.0, self.sent_at - self.t0 - self.queued) + max(0.0, self.ttfb - self.head_at))
         if self.outcome is _REFUSED:
             metrics.refuse(self.error_type or str(self.status))
 
@@ -631,9 +645,11 @@ class Exchange:
         # Wait for a key, or for the client to leave (client_gone fails self.done).
         gone = self.done = self.loop.create_future()
         waiting = self.loop.create_task(ring.wait_available(queue_deadline - now))
+        started = time.monotonic()
         try:
             await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.queued += time.monotonic() - started
             self.done = None
             if not waiting.done():
                 waiting.cancel()
@@ -691,7 +707,7 @@ class Exchange:
         cfg = upstream.config
         future = conn.send(head, request.parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head, self.ensure_task)
         self._enter(_AWAITING_HEAD)
-        self.sent_at = self.loop.time()
+        self.sent_at = time.monotonic()
         return future
 
     def _request_head(self, upstream: UpstreamRuntime, secret: str) -> bytes:
@@ -797,7 +813,7 @@ class Exchange:
             out = self.pending_head
             self.pending_head = []
             self._enter(_STREAMING)
-            self.ttfb = self.loop.time()
+            self.ttfb = time.monotonic()
         else:
             out = []
         if data:
@@ -879,7 +895,7 @@ class Exchange:
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, head_only: bool = False) -> None:
         self._enter(_FINISHING)
         self.status = status
-        self.ttfb = self.loop.time()
+        self.ttfb = time.monotonic()
         headers = headers + [(b"x-hubcore-request-id", self.request_id.encode())]
         self.protocol.send_response(status, headers, body, keep_alive=self.request.keep_alive and not self.hub_draining(), head_only=head_only)
 
@@ -918,7 +934,7 @@ class Exchange:
             self.outcome = _UPSTREAM_ERROR
         principal = self.principal
         route = self.route
-        now = self.loop.time()
+        now = self.ended = time.monotonic()
         if principal is None or route is None:
             self._log(now)
             return  # unauthenticated: no row (a flood of them must not fill the database)
@@ -946,24 +962,19 @@ class Exchange:
 
     def _log(self, now: float, event: UsageEvent | None = None) -> None:
         access = self.hub.access
+        if access is None:
+            return
+        client = self.protocol.peer
         if event is not None:
-            if access is not None:
-                access.record(event)
+            access.record(event, client)
             return
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        transport = self.protocol.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        address = str(peer[0]) if isinstance(peer, tuple) else "-"
         # Refused without a valid token: a client looping on a wrong token
-        # gets one line per window, not one per try (see RefusalLog).
-        if access is not None and self.status >= 400 and not access.refusals.admit(address, self.status, now):
+        # gets one line per window, not one per try (see RefusalLog, which
+        # keeps the loop's time).
+        if self.status >= 400 and not access.refusals.admit(client or "-", self.status, self.loop.time()):
             return
-        access_log.info(
-            "%s %s %s %d %.1fms from %s",
-            self.request_id, self.request.method.decode(), self.request.path.decode("latin-1"),
-            self.status, (now - self.t0) * 1000.0, address,
-        )
+        access.refused(self.ts, self.request_id, self.request.path, self.status, self.outcome,
+                       (now - self.t0) * 1000.0, client)
 
 
 def usage_event(

@@ -27,6 +27,7 @@ import enum
 import itertools
 import logging
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -191,7 +192,9 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
             return
         head = ResponseHead(status, self.collector, self.parser.should_keep_alive())
         self.head = head
-        self.head_at = self.last_activity
+        # time.monotonic(), not the loop's clock: the gateway measures the
+        # hub's own share of a request against it (see Exchange.t0).
+        self.head_at = time.monotonic()
         self.state = ConnState.RECEIVING
         self.deadline = self.last_activity + self.idle_timeout if self.idle_timeout > 0 else 0.0
         fut = self.head_future

@@ -7,8 +7,10 @@ list, and written together at most `flush_interval` seconds later (and at
 shutdown). Never a token, key or body: only the usage row's fields.
 
 Requests refused before a token was accepted leave no usage row; their lines
-go through `logging`, at most one per client address and status every
-`REFUSAL_WINDOW` seconds, then one summary line (`RefusalLog`).
+have the same format, with `-` for what they lack, at most one per client
+address and status every `REFUSAL_WINDOW` seconds, then one summary line
+through `logging` (`RefusalLog`). With `log_format = "json"` each line is a
+JSON object with the fields every log record has (ts, level, logger, msg).
 """
 from __future__ import annotations
 
@@ -33,10 +35,13 @@ REFUSAL_WINDOW = 10.0  # seconds
 REFUSAL_WINDOWS_MAX = 10_000
 SUMMARY_LINE = "%d more requests from %s refused with %d in the last %.1f s"
 
+# One format for every access line, with or without a usage row: `-` where
+# a request had no such thing (a refused request has no user, model or key).
 TEXT_LINE = (
     "%s access %s user=%s project=%s model=%s key=%s status=%d outcome=%s in=%d out=%d "
-    "cw5m=%d cw1h=%d cr=%d cost_micros=%s ttfb_ms=%s total_ms=%.1f attempts=%d\n"
+    "cw5m=%d cw1h=%d cr=%d cost_micros=%s ttfb_ms=%s total_ms=%.3f attempts=%d endpoint=%s client=%s\n"
 )
+MAX_PATH_TEXT = 200  # bytes of a refused request's path shown; a path is the client's to choose
 
 
 class AccessLog:
@@ -51,18 +56,38 @@ class AccessLog:
         self._stamp = ""
         self.refusals = RefusalLog(loop, logging.getLogger("hubcore.access"))
 
-    def record(self, event: UsageEvent) -> None:
+    def record(self, event: UsageEvent, client: str | None = None) -> None:
+        """The line of a request that left a usage row."""
         if self.json:
-            line = orjson.dumps(
-                {"ts": event.ts, "logger": "hubcore.access", **{k: getattr(event, k) for k in _JSON_FIELDS}}
-            ).decode() + "\n"
+            line = _json_line(event.ts, {k: getattr(event, k) for k in _JSON_FIELDS}, client)
         else:
             line = TEXT_LINE % (
-                self._timestamp(event.ts), event.request_id, event.user, event.project, event.model,
-                event.key_label, event.status, event.outcome, event.input_tokens, event.output_tokens,
-                event.cache_write_5m, event.cache_write_1h, event.cache_read, event.cost_micros,
-                "-" if event.ttfb_ms is None else "%.1f" % event.ttfb_ms, event.total_ms, event.attempts,
+                self._timestamp(event.ts), event.request_id, event.user or "-", event.project or "-",
+                event.model or "-", event.key_label or "-", event.status, event.outcome, event.input_tokens,
+                event.output_tokens, event.cache_write_5m, event.cache_write_1h, event.cache_read,
+                "-" if event.cost_micros is None else event.cost_micros,
+                "-" if event.ttfb_ms is None else "%.3f" % event.ttfb_ms, event.total_ms, event.attempts,
+                event.endpoint, client or "-",
             )
+        self._append(line)
+
+    def refused(self, ts: float, request_id: str, path: bytes, status: int, outcome: str,
+                total_ms: float, client: str | None) -> None:
+        """The line of a request refused before a token was accepted (no
+        usage row): the same fields, empty where it had none."""
+        endpoint = printable_path(path)
+        if self.json:
+            fields = dict(_REFUSED_FIELDS, request_id=request_id, endpoint=endpoint, status=status,
+                          outcome=outcome, total_ms=total_ms)
+            line = _json_line(ts, fields, client)
+        else:
+            line = TEXT_LINE % (
+                self._timestamp(ts), request_id, "-", "-", "-", "-", status, outcome, 0, 0, 0, 0, 0, "-", "-",
+                total_ms, 0, endpoint, client or "-",
+            )
+        self._append(line)
+
+    def _append(self, line: str) -> None:
         self.lines.append(line)
         if self.timer is None:
             self.timer = self.loop.call_later(self.flush_interval, self.flush)
@@ -167,3 +192,24 @@ _JSON_FIELDS = (
     "input_tokens", "output_tokens", "cache_write_5m", "cache_write_1h", "cache_read",
     "reasoning_tokens", "cost_micros", "ttfb_ms", "total_ms", "attempts",
 )
+# A refused request's values of the fields it has no usage for.
+_REFUSED_FIELDS: dict[str, object] = {
+    **dict.fromkeys(_JSON_FIELDS, None),
+    **dict.fromkeys(("input_tokens", "output_tokens", "cache_write_5m", "cache_write_1h", "cache_read",
+                     "reasoning_tokens", "attempts"), 0),
+}
+
+
+def _json_line(ts: float, fields: dict[str, object], client: str | None) -> str:
+    """An access line as the JSON log formatter shapes every record
+    (runtime.JsonFormatter): ts, level, logger, msg, then the fields."""
+    return orjson.dumps(
+        {"ts": ts, "level": "info", "logger": "hubcore.access", "msg": "access", **fields, "client": client}
+    ).decode() + "\n"
+
+
+def printable_path(path: bytes) -> str:
+    """A request path as one token of a log line: bytes outside printable
+    ASCII (and spaces) percent-escaped, at most MAX_PATH_TEXT of them."""
+    text = "".join(chr(b) if 0x21 <= b <= 0x7E and b != 0x25 else "%%%02X" % b for b in path[:MAX_PATH_TEXT])
+    return text + "..." if len(path) > MAX_PATH_TEXT else text

@@ -165,6 +165,15 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f}m"
 
 
+def format_quantile(summary: Mapping[str, Any], name: str) -> str:
+    """One quantile of a /stats latency summary; beyond the histogram's last
+    bound all that is known is "more than that" (HubMetrics summary)."""
+    value = summary.get(name)
+    if value is None and summary.get("count") and summary.get("above_last_bound"):
+        return f"> {format_duration(summary.get('last_bound'))}"
+    return format_duration(value)
+
+
 def format_uptime(seconds: float) -> str:
     seconds = int(seconds)
     days, rest = divmod(seconds, 86400)
@@ -264,10 +273,10 @@ def format_stats(d: Mapping[str, Any], *, now: float | None = None) -> str:
     lines.append("")
     latency = d.get("latency_s") or {}
     lat_rows = []
-    for name, label in (("ttfb", "ttfb"), ("total", "total"), ("hub_added", "hub added")):
+    for name, label in (("ttfb", "ttfb"), ("total", "total"), ("hub_added", "hub added"),
+                        ("queue_wait", "queue wait")):
         h = latency.get(name) or {}
-        lat_rows.append((label, format_duration(h.get("p50")), format_duration(h.get("p90")),
-                         format_duration(h.get("p99")), h.get("count", 0)))
+        lat_rows.append((label, *(format_quantile(h, p) for p in ("p50", "p90", "p99")), h.get("count", 0)))
     lines.append(format_table(("LATENCY", "P50", "P90", "P99", "COUNT"), lat_rows,
                               right=(1, 2, 3, 4)))
 

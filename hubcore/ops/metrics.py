@@ -1,4 +1,5 @@
-"""The hub's own instruments: counters, gauges and fixed-bucket latency histograms.
+"""The hub's own instruments: counters (spend and tokens per user, project and
+model among them), gauges and fixed-bucket latency histograms.
 
 Recording is a few integer operations on the request path; turning them into
 ``/stats`` JSON or Prometheus text happens only when the ops socket asks.
@@ -14,22 +15,41 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from hubcore.accounting.usage import UsageEvent
 from hubcore.routing.keys import KeyState
 
-# Upper bounds in seconds. A model's first token takes from a few hundred ms
-# to tens of seconds (long prompts, extended thinking); a whole stream can run
-# for minutes, so the tail reaches the longest upstream timeouts.
-TTFB_BUCKETS: tuple[float, ...] = (
-    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0,
-)
-TOTAL_BUCKETS: tuple[float, ...] = (
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
-)
-# The hub's own overhead should sit well under a millisecond; the upper
-# buckets exist to catch a blocked event loop, not to describe normal traffic.
-HUB_ADDED_BUCKETS: tuple[float, ...] = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-)
+# Upper bounds in seconds, on a log scale with seven steps a decade (1, 1.5,
+# 2, 3, 4, 5, 7.5): no bound is more than 1.5 times the one below it, so a
+# quantile read from them is within that factor of the true one anywhere in
+# the range. The range is what the hub measures: its own share of a request
+# takes tens of microseconds, a first token from a millisecond (a cached
+# answer, a relay next door) to minutes (a long prompt with extended thinking,
+# the 600 s first_byte_timeout), and a whole stream can run for an hour.
+LATENCY_STEPS: tuple[str, ...] = ("1", "1.5", "2", "3", "4", "5", "7.5")
+
+
+def log_buckets(low: float, high: float, steps: Sequence[str] = LATENCY_STEPS) -> tuple[float, ...]:
+    """Every ``step * 10**n`` within [low, high], then ``high`` itself.
+
+    Built from decimal strings, so the bounds (and the ``le`` labels) are the
+    short numbers they look like: 7.5e-05, not 7.500000000000001e-05.
+    """
+    bounds = sorted(
+        value
+        for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        for step in steps
+        if low <= (value := float(f"{step}e{exponent}")) <= high
+    )
+    if bounds[-1] != high:
+        bounds.append(float(high))
+    return tuple(bounds)
+
+
+# 50 us to 10 minutes: time to first byte, the hub's own share, a wait for a key.
+LATENCY_BUCKETS: tuple[float, ...] = log_buckets(50e-6, 600.0)
+TTFB_BUCKETS = HUB_ADDED_BUCKETS = QUEUE_WAIT_BUCKETS = LATENCY_BUCKETS
+# A whole request: the same, on to an hour.
+TOTAL_BUCKETS: tuple[float, ...] = LATENCY_BUCKETS + (900.0, 1200.0, 1800.0, 2700.0, 3600.0)
 
 LOOP_LAG_INTERVAL = 0.5          # seconds between event-loop lag samples
 RATE_WINDOW = 60.0               # seconds over which /stats reports req/s
@@ -47,6 +67,14 @@ KEY_FIELDS: tuple[str, ...] = (
 WRITER_FIELDS: tuple[str, ...] = (
     "queue_depth", "written", "spooled", "replayed", "spool_pending", "unpriced", "last_error",
 )
+
+# Label sets of the per-user, project and model counters (server.metrics_max_series):
+# a few thousand is what a team's users times models comes to, and each set is
+# six series. Past the cap, new sets are counted under OTHER_SERIES.
+DEFAULT_MAX_SERIES = 2000
+OTHER_SERIES = ("_other", "_other", "_other")
+# The order of the token counters after cost in HubMetrics.usage rows.
+TOKEN_CLASSES: tuple[str, ...] = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -86,9 +114,11 @@ class Histogram:
     def quantile(self, q: float) -> float | None:
         """Estimate the q-quantile by linear interpolation inside its bucket.
 
-        Same rule as Prometheus's ``histogram_quantile``: observations are
-        assumed spread evenly inside a bucket; the first bucket starts at 0;
-        a rank in the +Inf bucket answers the highest finite bound.
+        Prometheus's ``histogram_quantile`` rule (observations spread evenly
+        inside a bucket; the first bucket starts at 0), except above the last
+        finite bound: nothing is known there but "more than that bound", so
+        the answer is ``math.inf`` rather than the bound (which would pass an
+        hour-long wait off as ten minutes). None without observations.
         """
         if not 0.0 <= q <= 1.0:
             raise ValueError("quantile must be within [0, 1]")
@@ -100,22 +130,25 @@ class Histogram:
         for i, n in enumerate(self.counts):
             if n and running + n >= rank:
                 if i == len(self.buckets):
-                    return self.buckets[-1]
+                    return math.inf
                 upper = self.buckets[i]
                 return lower + (upper - lower) * ((rank - running) / n)
             running += n
             if i < len(self.buckets):
                 lower = self.buckets[i]
-        return self.buckets[-1]
+        raise AssertionError("unreachable: rank <= count")
 
     def summary(self) -> dict[str, float | int | None]:
-        return {
-            "count": self.count,
-            "sum": self.sum,
-            "p50": self.quantile(0.5),
-            "p90": self.quantile(0.9),
-            "p99": self.quantile(0.99),
-        }
+        """For /stats: a quantile above ``last_bound`` is null there, and
+        ``above_last_bound`` counts the observations that lie beyond it (JSON
+        has no infinity; a reader must not take the bound for the value)."""
+        out: dict[str, float | int | None] = {"count": self.count, "sum": self.sum}
+        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+            value = self.quantile(q)
+            out[name] = None if value is None or math.isinf(value) else value
+        out["last_bound"] = self.buckets[-1]
+        out["above_last_bound"] = self.counts[-1]
+        return out
 
 
 class HubMetrics:
@@ -127,6 +160,8 @@ class HubMetrics:
         ttfb_buckets: Sequence[float] = TTFB_BUCKETS,
         total_buckets: Sequence[float] = TOTAL_BUCKETS,
         hub_added_buckets: Sequence[float] = HUB_ADDED_BUCKETS,
+        queue_wait_buckets: Sequence[float] = QUEUE_WAIT_BUCKETS,
+        max_series: int = DEFAULT_MAX_SERIES,
         lag_interval: float = LOOP_LAG_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -144,6 +179,11 @@ class HubMetrics:
         self.ttfb = Histogram(ttfb_buckets)
         self.total = Histogram(total_buckets)
         self.hub_added = Histogram(hub_added_buckets)
+        self.queue_wait = Histogram(queue_wait_buckets)
+        # spend and tokens per (user, project, model); see on_usage
+        self.usage: dict[tuple[str, str, str], list[int]] = {}
+        self.max_series = max_series
+        self.usage_folded = 0
         # upstream
         self.upstream_attempts: dict[str, int] = {}            # upstream name
         self.upstream_retries: dict[str, int] = {}
@@ -180,6 +220,40 @@ class HubMetrics:
 
     def observe_hub_added(self, seconds: float) -> None:
         self.hub_added.observe(seconds)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        """A request waited this long for a vendor key to come back from a rest."""
+        self.queue_wait.observe(seconds)
+
+    def on_usage(self, event: UsageEvent) -> None:
+        """A usage recorder listener: add an event's cost and tokens to its
+        (user, project, model) counters.
+
+        An event with neither cost nor tokens adds nothing and makes no series:
+        the model of a refused request is whatever its body said. Past
+        ``max_series`` label sets, a new one is counted under OTHER, so the
+        exposition stays bounded and the sums stay whole.
+        """
+        cost = event.cost_micros or 0
+        if not (cost or event.input_tokens or event.output_tokens or event.cache_read
+                or event.cache_write_5m or event.cache_write_1h):
+            return
+        usage = self.usage
+        key = (event.user or "", event.project or "", event.model or "")
+        row = usage.get(key)
+        if row is None:
+            if len(usage) >= self.max_series and key != OTHER_SERIES:
+                self.usage_folded += 1
+                key = OTHER_SERIES
+                row = usage.get(key)
+            if row is None:
+                row = usage[key] = [0] * (1 + len(TOKEN_CLASSES))
+        row[0] += cost
+        row[1] += event.input_tokens
+        row[2] += event.output_tokens
+        row[3] += event.cache_read
+        row[4] += event.cache_write_5m
+        row[5] += event.cache_write_1h
 
     def upstream_attempt(self, upstream: str, *, retry: bool = False) -> None:
         self.upstream_attempts[upstream] = self.upstream_attempts.get(upstream, 0) + 1
@@ -283,6 +357,7 @@ class HubMetrics:
                 "ttfb": self.ttfb.summary(),
                 "total": self.total.summary(),
                 "hub_added": self.hub_added.summary(),
+                "queue_wait": self.queue_wait.summary(),
             },
             "upstream": {
                 name: {
@@ -342,7 +417,11 @@ class HubMetrics:
                       "Time from request received to the last response byte sent.")
         out.histogram("hubcore_hub_added_seconds", self.hub_added,
                       "Latency the hub itself added: request complete to upstream send, "
-                      "plus upstream first byte to client first byte.")
+                      "plus upstream first byte to client first byte; waits for a key excluded.")
+        out.histogram("hubcore_queue_wait_seconds", self.queue_wait,
+                      "Time a request waited for a vendor key to come back from a rest after 429s "
+                      "(only requests that waited).")
+        self._render_usage(out)
 
         out.family("hubcore_upstream_attempts_total", "counter",
                    "Requests sent to an upstream, retries included.")
@@ -367,6 +446,25 @@ class HubMetrics:
         self._render_gc(out, gc or {})
         self._render_keys(out, keys or {}, key_states)
         return out.text()
+
+    def _render_usage(self, out: _Exposition) -> None:
+        rows = sorted(self.usage.items())
+        out.family("hubcore_usage_cost_usd_total", "counter",
+                   "Cost of the requests recorded, in US dollars, by user, project and model "
+                   "(at most server.metrics_max_series label sets; the rest under \"_other\").")
+        for (user, project, model), row in rows:
+            out.sample("hubcore_usage_cost_usd_total", row[0] / 1e6, user=user, project=project, model=model)
+        out.family("hubcore_usage_tokens_total", "counter",
+                   "Tokens of the requests recorded, by user, project, model and class "
+                   "(output includes reasoning).")
+        for (user, project, model), row in rows:
+            for i, token_class in enumerate(TOKEN_CLASSES, 1):
+                out.sample("hubcore_usage_tokens_total", row[i],
+                           user=user, project=project, model=model, **{"class": token_class})
+        out.family("hubcore_usage_folded_total", "counter",
+                   "Usage events counted under user, project and model \"_other\" because "
+                   "server.metrics_max_series label sets were already in use.")
+        out.sample("hubcore_usage_folded_total", self.usage_folded)
 
     @staticmethod
     def _render_gc(out: _Exposition, gc: Mapping[str, Any]) -> None:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import orjson
 import pytest
 
@@ -39,7 +40,7 @@ async def test_lines_are_buffered_then_written_together() -> None:
     lines = out.getvalue().splitlines()
     assert len(lines) == 3
     assert " access hc_0 user=alice project=web model=claude-sonnet-4-6 key=a status=200 outcome=ok " in lines[0]
-    assert "cr=100 cost_micros=123 ttfb_ms=3.2" in lines[0] and lines[0].endswith("attempts=1")
+    assert "cr=100 cost_micros=123 ttfb_ms=3.250 total_ms=12.500 attempts=1 endpoint=/v1/messages" in lines[0]
     log.record(event(3))
     log.close()  # shutdown writes what is left at once
     assert len(out.getvalue().splitlines()) == 4
@@ -53,6 +54,34 @@ async def test_json_lines_parse() -> None:
     (line,) = out.getvalue().splitlines()
     data = orjson.loads(line)
     assert data["request_id"] == "hc_7" and data["cache_read"] == 100 and data["logger"] == "hubcore.access"
+    assert data["level"] == "info" and data["msg"] == "access" and data["ts"] == event(7).ts
+
+
+# One regular expression for every access line in text mode, with or without a usage row.
+ACCESS_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d access (?P<id>\S+) user=(?P<user>\S+) project=\S+ model=\S+ key=\S+ "
+    r"status=(?P<status>\d+) outcome=\S+ in=\d+ out=\d+ cw5m=\d+ cw1h=\d+ cr=\d+ cost_micros=(\d+|-) "
+    r"ttfb_ms=(\d+\.\d{3}|-) total_ms=\d+\.\d{3} attempts=\d+ endpoint=(?P<endpoint>\S+) client=(?P<client>\S+)"
+)
+
+
+async def test_a_refused_line_has_the_format_of_a_usage_line() -> None:
+    loop = asyncio.get_running_loop()
+    out, out_json = io.StringIO(), io.StringIO()
+    for log in (AccessLog(out, loop), AccessLog(out_json, loop, json=True)):
+        log.record(event(1), "192.0.2.7")
+        # A path is the client's: escaped into one token, and bounded.
+        log.refused(1_800_000_000.5, "hc_2", b"/v1/\x1b[2J x%" + b"a" * 300, 401, "refused", 0.25, None)
+        log.close()
+    usage, refused = out.getvalue().splitlines()
+    assert (m := ACCESS_LINE.fullmatch(usage)) and m["client"] == "192.0.2.7" and m["endpoint"] == "/v1/messages"
+    assert (m := ACCESS_LINE.fullmatch(refused)), refused
+    assert m["user"] == "-" and m["status"] == "401" and m["client"] == "-"
+    assert m["endpoint"].startswith("/v1/%1B[2J%20x%25aaa") and m["endpoint"].endswith("a...")
+    usage_json, refused_json = (orjson.loads(line) for line in out_json.getvalue().splitlines())
+    assert usage_json.keys() == refused_json.keys()
+    assert refused_json["level"] == "info" and refused_json["status"] == 401 and refused_json["user"] is None
+    assert usage_json["client"] == "192.0.2.7" and refused_json["total_ms"] == 0.25
 
 
 # -- refused requests: one line per address and status per window ------------------------
@@ -158,14 +187,40 @@ def bad_token_requests(hub: HubThread, count: int, source: str) -> list[int]:
 def test_a_wrong_token_flood_writes_a_few_lines_that_count_it(
     vendor: FakeVendor, tmp_path: Path, access_lines: Lines,
 ) -> None:
+    out = io.StringIO()
     with HubThread(make_config(tmp_path, upstreams_for(vendor))) as hub:
+        assert hub.app is not None and hub.app.hub.access is not None
+        hub.app.hub.access.stream = out
         # 127.0.0.2 is loopback too: a second client address.
         statuses = bad_token_requests(hub, 400, "127.0.0.1") + bad_token_requests(hub, 100, "127.0.0.2")
         assert statuses == [401] * 500
-        full = [line for line in access_lines.lines if " GET /v1/models 401 " in line]
-        assert [line.rsplit(" from ", 1)[1] for line in full] == ["127.0.0.1", "127.0.0.2"]
         assert summaries(access_lines.lines) == []  # the 10 s windows are still open
-    # Stopping the hub summarises them.
-    assert len(access_lines.lines) == 4, access_lines.lines
+    # Stopping the hub writes the buffered lines and summarises the windows.
+    full = [m for line in out.getvalue().splitlines() if (m := ACCESS_LINE.fullmatch(line))]
+    assert [(m["status"], m["endpoint"], m["client"]) for m in full] == [
+        ("401", "/v1/models", "127.0.0.1"), ("401", "/v1/models", "127.0.0.2")]
+    assert len(access_lines.lines) == 2, access_lines.lines
     assert sorted(summaries(access_lines.lines)) == [(99, "127.0.0.2", 401), (399, "127.0.0.1", 401)]
-    assert all("hc-wrong-token" not in line for line in access_lines.lines)
+    assert all("hc-wrong-token" not in line for line in access_lines.lines + [out.getvalue()])
+
+
+def test_a_hub_writes_one_line_format_for_served_and_refused_requests(
+    vendor: FakeVendor, tmp_path: Path, access_lines: Lines,
+) -> None:
+    out = io.StringIO()
+    with HubThread(make_config(tmp_path, upstreams_for(vendor))) as hub:
+        assert hub.app is not None and hub.app.hub.access is not None
+        hub.app.hub.access.stream = out
+        with anthropic.Anthropic(base_url=hub.url, api_key=hub.mint("alice", "web"), max_retries=0) as client:
+            reply = client.messages.with_raw_response.create(
+                model="claude-sonnet-4-6", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+        assert bad_token_requests(hub, 1, "127.0.0.1") == [401]
+    lines = out.getvalue().splitlines()
+    matches = [ACCESS_LINE.fullmatch(line) for line in lines]
+    assert len(lines) == 2 and all(matches), lines
+    served, refused = matches
+    assert served is not None and refused is not None
+    assert served["id"] == reply.headers["x-hubcore-request-id"] and served["user"] == "alice"
+    assert (served["status"], served["client"]) == ("200", "127.0.0.1")
+    assert (refused["status"], refused["user"], refused["client"]) == ("401", "-", "127.0.0.1")
+    assert access_lines.lines == []  # nothing else on the access logger

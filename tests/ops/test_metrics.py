@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from hubcore.accounting.usage import UsageEvent
 from hubcore.ops.metrics import KEY_STATES, RATE_WINDOW, Histogram, HubMetrics
 
 WEIRD_LABEL = 'team "a"\\prod\nline2'
@@ -94,7 +95,9 @@ def test_quantile_edges() -> None:
     assert h.buckets == (0.1, 1.0)              # +Inf given explicitly is the implicit one
     assert h.quantile(0.5) is None
     h.observe(50.0)
-    assert h.quantile(0.99) == 1.0              # in +Inf: the highest finite bound
+    assert h.quantile(0.99) == math.inf         # in +Inf: beyond the last bound, not the bound
+    summary = h.summary()
+    assert summary["p99"] is None and summary["last_bound"] == 1.0 and summary["above_last_bound"] == 1
     with pytest.raises(ValueError):
         h.quantile(1.5)
     with pytest.raises(ValueError):
@@ -117,7 +120,7 @@ def test_quantile_estimate_lies_in_the_true_quantiles_bucket(values: list[float]
     estimate = h.quantile(q)
     assert estimate is not None
     if true > bounds[-1]:
-        assert estimate == bounds[-1]
+        assert estimate == math.inf
     else:
         i = next(i for i, b in enumerate(bounds) if true <= b)
         lower = bounds[i - 1] if i else 0.0
@@ -259,6 +262,7 @@ def test_prometheus_shows_the_garbage_collector() -> None:
     ("hubcore_ttfb_seconds", "ttfb"),
     ("hubcore_request_duration_seconds", "total"),
     ("hubcore_hub_added_seconds", "hub_added"),
+    ("hubcore_queue_wait_seconds", "queue_wait"),
 ])
 def test_prometheus_histograms_are_cumulative_with_inf(family: str, attr: str) -> None:
     m = busy_metrics()
@@ -308,3 +312,35 @@ def test_prometheus_empty_hub_still_parses() -> None:
     assert samples(families, "hubcore_requests", "hubcore_requests_total") == []
     assert samples(families, "hubcore_usage_writer_failing") == [({}, 0.0)]
     assert samples(families, "hubcore_ttfb_seconds", "hubcore_ttfb_seconds_count") == [({}, 0.0)]
+
+
+# -- spend and tokens per user, project and model ---------------------------------------------
+
+def usage(user: str | None, project: str | None, model: str | None, cost: int | None, **tokens: int) -> UsageEvent:
+    return UsageEvent(ts=1.0, request_id="hc_1", endpoint="/v1/messages", status=200, outcome="ok",
+                      total_ms=1.0, user=user, project=project, model=model, cost_micros=cost, **tokens)
+
+
+def test_usage_counters_add_up_and_skip_events_that_used_nothing() -> None:
+    m = HubMetrics()
+    m.on_usage(usage(WEIRD_LABEL, None, "claude-sonnet-4-6", 1_500_000, input_tokens=10, cache_read=7))
+    m.on_usage(usage(WEIRD_LABEL, None, "claude-sonnet-4-6", 250_000, output_tokens=3))
+    m.on_usage(usage("bob", "p", "unknown-model", None, input_tokens=5))   # unpriced: tokens only
+    m.on_usage(usage("bob", "p", "whatever-the-body-said", 0))            # refused: no series
+    families = parse(m.render_prometheus())
+    cost = {(lb["user"], lb["project"], lb["model"]): v
+            for lb, v in samples(families, "hubcore_usage_cost_usd", "hubcore_usage_cost_usd_total")}
+    assert cost == {(WEIRD_LABEL, "", "claude-sonnet-4-6"): 1.75, ("bob", "p", "unknown-model"): 0.0}
+    tokens = {(lb["user"], lb["class"]): v
+              for lb, v in samples(families, "hubcore_usage_tokens", "hubcore_usage_tokens_total")}
+    assert tokens[(WEIRD_LABEL, "input")] == 10 and tokens[(WEIRD_LABEL, "output")] == 3
+    assert tokens[(WEIRD_LABEL, "cache_read")] == 7 and tokens[("bob", "input")] == 5
+    assert len(tokens) == 2 * 5
+
+
+def test_a_cap_of_zero_counts_everything_under_other() -> None:
+    m = HubMetrics(max_series=0)
+    m.on_usage(usage("alice", "web", "claude-sonnet-4-6", 100, input_tokens=1))
+    m.on_usage(usage("bob", None, "gpt-5", 200, output_tokens=2))
+    assert m.usage == {("_other", "_other", "_other"): [300, 1, 2, 0, 0, 0]}
+    assert m.usage_folded == 2
