@@ -112,7 +112,9 @@ class App:
         if self.ops is not None:
             try:
                 await self.ops.start()
-            except (OSError, LookupError) as e:  # LookupError: an unknown ops_socket_group
+            except LookupError as e:  # an ops_socket_group gone since start_problem() looked
+                raise StartFailed(f"cannot open the ops socket {self.ops.path}: {e}") from e
+            except OSError as e:
                 why = store.directory_problem(self.ops.path) or e.strerror or str(e)
                 raise StartFailed(f"cannot open the ops socket {self.ops.path}: {why}") from e
         self.watchdog.start()

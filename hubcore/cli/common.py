@@ -117,6 +117,10 @@ class Context:
     now: float = field(default_factory=time.time)
 
 
+# What on_database made: add_command gives these `--init`.
+_DATABASE_COMMANDS: set[Command] = set()
+
+
 @contextmanager
 def database(args: argparse.Namespace) -> Iterator[Context]:
     """The configured database, open for the length of a command. It reads
@@ -157,9 +161,6 @@ def on_database(body: Callable[[argparse.Namespace, Context], int]) -> Command:
     run.__doc__ = body.__doc__
     _DATABASE_COMMANDS.add(run)
     return run
-
-
-_DATABASE_COMMANDS: set[Command] = set()
 
 
 def uses_database(run: Command) -> bool:

@@ -8,6 +8,7 @@ import sys
 
 from hubcore import config, store
 from hubcore.cli.common import USAGE, CommandError, Subcommands, add_command, config_path, say
+from hubcore.errors import ConfigError
 
 log = logging.getLogger("hubcore")
 
@@ -33,7 +34,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.listen is not None:
         try:
             cfg = config.with_listen(cfg, args.listen)
-        except config.ConfigError as e:
+        except ConfigError as e:
             raise CommandError(str(e), USAGE) from None
     problem = app.start_problem(cfg)
     if problem is not None:
