@@ -408,7 +408,10 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
         # StartFailed names its step; anything else (a TLS file, the spool) names its file.
         log.error("%s", e if isinstance(e, StartFailed) else f"cannot start: {e}")
         if made is not None:
-            withdraw_first_token(config, made[0])
+            try:
+                withdraw_first_token(config, made[0])
+            except (OSError, sqlite3.Error) as withdrawn:
+                log.error("could not take back the first hub token (id %d): %s; revoke it", made[0], withdrawn)
         await app.recorder.close()
         return 1
     if made is not None:
