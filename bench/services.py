@@ -189,6 +189,10 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
     config.write_text(HUB_CONFIG.format(port=port, dir=d, upstream=upstream, pool=pool))
     env = _env(source)
     env["BENCH_ANTHROPIC_KEY_A"] = VENDOR_KEYS[0]
+    # `token create` makes no database unless given --init, which trees from
+    # before it do not know (--compare runs them): an empty file is a new
+    # SQLite database to both.
+    (d / "hubcore.db").touch()
     made = subprocess.run([*_python(), "-m", "hubcore", "token", "create", "--config", str(config),
                            "--user", "bench", "--project", "latency-tax"],
                           capture_output=True, text=True, env=env, cwd=d, timeout=60)

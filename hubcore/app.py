@@ -4,6 +4,7 @@ order (stop accepting, drain, flush usage)."""
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
 import signal
@@ -12,6 +13,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from hubcore import __version__, config as config_mod, store
@@ -28,6 +30,7 @@ from hubcore.runtime import CycleCollector
 from hubcore.accounting.pricing import Pricing
 from hubcore.gateway.exchange import Hub
 from hubcore.gateway.upstreams import restore_key_switches, store_key_switches
+from hubcore.http.client import client_ssl_context
 from hubcore.http.server import Server
 from hubcore.governance.tokens import TokenTable
 from hubcore.accounting.recorder import UsageRecorder
@@ -125,6 +128,8 @@ class App:
         if self.ops is not None:
             try:
                 await self.ops.start()
+            except LookupError as e:  # an ops_socket_group gone since start_problem() looked
+                raise StartFailed(f"cannot open the ops socket {self.ops.path}: {e}") from e
             except OSError as e:
                 why = store.directory_problem(self.ops.path) or e.strerror or str(e)
                 raise StartFailed(f"cannot open the ops socket {self.ops.path}: {why}") from e
@@ -281,30 +286,93 @@ def _path_or_none(path: str) -> Any:
     return Path(path) if path else None
 
 
-def state_path_problem(config: Config) -> str | None:
-    """The first of the database, spool and ops socket whose directory the hub
-    cannot create files in, as one line naming the field and the path; None
-    when all look usable. Checked before anything starts, so that the spool,
-    which is first written only when the database fails, fails now."""
+def start_problem(config: Config, *, missing_directories: bool = False) -> str | None:
+    """The first thing found that would stop the hub from starting, as one
+    line naming the field and the path or name; None when nothing is. Run by
+    `serve` before anything starts and by `check-config`, which passes over
+    state directories that do not exist yet (`missing_directories`)."""
+    return (
+        state_path_problem(config, missing_directories=missing_directories)
+        or ops_group_problem(config)
+        or tls_file_problem(config)
+    )
+
+
+def state_paths(config: Config) -> list[tuple[str, str]]:
+    """(field, path) of each file the hub creates in a state directory."""
     server = config.server
-    for field, path in (("database", server.database), ("spool", config.spool_path), ("ops_socket", server.ops_socket)):
-        problem = store.directory_problem(path) if path else None
+    return [
+        (name, path)
+        for name, path in (("database", server.database), ("spool", config.spool_path), ("ops_socket", server.ops_socket))
+        if path
+    ]
+
+
+def state_path_problem(config: Config, *, missing_directories: bool = False) -> str | None:
+    """The first of the database, spool and ops socket whose directory the hub
+    cannot create files in (or, for the database, an existing file it cannot
+    write), as one line naming the field and the path; None when all look
+    usable. Checked before anything starts, so that the spool, which is
+    first written only when the database fails, fails now."""
+    for name, path in state_paths(config):
+        if missing_directories and not os.path.exists(os.path.dirname(os.path.abspath(path))):
+            continue
+        problem = store.path_problem(path) if name == "database" else store.directory_problem(path)
         if problem is not None:
-            return f"{field} {path}: {problem}"
+            return f"{name} {path}: {problem}"
     return None
 
 
-def first_token(config: Config) -> tuple[str, Path] | None:
+def ops_group_problem(config: Config) -> str | None:
+    """An ops_socket_group that names no group on this machine."""
+    group = config.server.ops_socket_group
+    if not config.server.ops_socket or not group or group.isdigit():
+        return None
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        return f"ops_socket_group: no group named {group!r}"
+    return None
+
+
+def tls_file_problem(config: Config) -> str | None:
+    """A CA bundle of an upstream, or the hub's own certificate and key,
+    that will not load; the words are those of a reload that meets it."""
+    for upstream in config.upstreams:
+        if upstream.ca_file and upstream.scheme == "https":
+            try:
+                client_ssl_context(upstream.ca_file)
+            except OSError as e:  # ssl.SSLError is one
+                return f"upstream {upstream.name!r}: ca_file {upstream.ca_file!r}: cannot load: {_ssl_reason(e)}"
+    server = config.server
+    if server.tls_cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(server.tls_cert, server.tls_key)
+        except OSError as e:
+            return f"tls_cert {server.tls_cert!r} / tls_key {server.tls_key!r}: cannot load: {_ssl_reason(e)}"
+    return None
+
+
+def _ssl_reason(error: OSError) -> str:
+    # "[X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found (_ssl.c:4154)"
+    # says no more than its reason code.
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return str(error.reason).replace("_", " ").lower()
+    return error.strerror or str(error)
+
+
+def first_token(config: Config) -> tuple[int, str, Path] | None:
     """On a database without tokens, mint one for user "admin" so the hub is
-    usable at once; return it and the file it was written to.
+    usable at once; return its id, the token and the file it was written to.
 
     The token goes to a file only the hub's user can read, not to the log or
     stdout: under systemd both end in the journal, which the groups adm and
-    systemd-journal read. Only its path is logged.
+    systemd-journal read. serve() logs only its path, once the hub listens;
+    a start that fails takes it back (withdraw_first_token).
     """
     from hubcore.governance import tokens
 
-    path = Path(os.path.abspath(config.server.database)).parent / FIRST_TOKEN_FILE
+    path = first_token_path(config)
     conn = store.connect(config.server.database)
     written = False
     try:
@@ -313,7 +381,7 @@ def first_token(config: Config) -> tuple[str, Path] | None:
         if conn.execute("SELECT count(*) FROM tokens").fetchone()[0]:
             conn.execute("ROLLBACK")
             return None
-        _, token = tokens.create(conn, "admin", note="first token, made by hubcore serve")
+        token_id, token = tokens.create(conn, "admin", note="first token, made by hubcore serve")
         _write_private(path, token + "\n")
         written = True
         conn.execute("COMMIT")
@@ -325,11 +393,23 @@ def first_token(config: Config) -> tuple[str, Path] | None:
         raise
     finally:
         conn.close()
-    log.warning(
-        "no hub tokens yet: created one for user 'admin' in %s (readable by this user only); "
-        "use it as ANTHROPIC_AUTH_TOKEN / OPENAI_API_KEY, then delete the file", path,
-    )
-    return token, path
+    return token_id, token, path
+
+
+def first_token_path(config: Config) -> Path:
+    return Path(os.path.abspath(config.server.database)).parent / FIRST_TOKEN_FILE
+
+
+def withdraw_first_token(config: Config, token_id: int) -> None:
+    """Take back the token first_token minted for a start that then failed:
+    the next start, which may be on another port or with a fixed config,
+    mints and announces its own."""
+    first_token_path(config).unlink(missing_ok=True)
+    conn = store.connect(config.server.database)
+    try:
+        conn.execute("DELETE FROM tokens WHERE id = ?", (token_id,))
+    finally:
+        conn.close()
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -346,16 +426,43 @@ def _write_private(path: Path, text: str) -> None:
         os.fsync(fd)
 
 
-async def serve(config: Config, config_path: str | None) -> int:
+async def serve(config: Config, config_path: str | None, show_token: Callable[[str], None] | None = None) -> int:
+    """Run the hub until it is stopped; 1 when it cannot start. On a
+    database without tokens the first token is minted before the listener
+    opens (so that its file exists once clients can connect), taken back if
+    the start fails, and handed to `show_token` once the hub listens."""
     loop = asyncio.get_running_loop()
-    app = App(config, loop, config_path)
+    try:
+        app = App(config, loop, config_path)
+    except OSError as e:  # start_problem() finds the known ones first, with their field
+        log.error("cannot start: %s", e)
+        return 1
+    try:
+        made = first_token(config)
+    except (OSError, sqlite3.Error) as e:
+        log.error("cannot write the first hub token: %s", e)
+        await app.recorder.close()
+        return 1
     try:
         addresses = await app.start()
     except OSError as e:
         # StartFailed names its step; anything else (a TLS file, the spool) names its file.
         log.error("%s", e if isinstance(e, StartFailed) else f"cannot start: {e}")
+        if made is not None:
+            try:
+                withdraw_first_token(config, made[0])
+            except (OSError, sqlite3.Error) as withdrawn:
+                log.error("could not take back the first hub token (id %d): %s; revoke it", made[0], withdrawn)
         await app.recorder.close()
         return 1
+    if made is not None:
+        _, token, path = made
+        log.warning(
+            "no hub tokens yet: created one for user 'admin' in %s (readable by this user only); "
+            "use it as ANTHROPIC_AUTH_TOKEN / OPENAI_API_KEY, then delete the file", path,
+        )
+        if show_token is not None:
+            show_token(token)
     app.install_signals()
     app.cycles.start()
     for host, port in addresses:

@@ -7,6 +7,7 @@ is raised before anything listens.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -23,6 +24,11 @@ KIB = 1024
 MIB = 1024 * 1024
 
 UPSTREAM_KINDS = ("anthropic", "openai")
+
+# Where the systemd install puts the config (deploy/systemd/hubcore.service,
+# README "systemd"): read by every command, `serve` and the management
+# commands alike, when neither --config nor $HUBCORE_CONFIG names a file.
+SYSTEM_CONFIG = "/etc/hubcore/hubcore.toml"
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,23 +242,40 @@ class Config:
         return self.server.spool or self.server.database + ".spool"
 
 
-def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
-    """The config from `path`, else $HUBCORE_CONFIG, else the built-in defaults."""
+def locate(path: str | None, env: dict[str, str], system: str = SYSTEM_CONFIG) -> str | None:
+    """The config file a command reads: `path` (--config), else
+    $HUBCORE_CONFIG, else `system` when it exists; None: the built-in
+    defaults. One function for `serve` and every other command, so that a
+    management command finds the database the running hub uses."""
+    if path:
+        return path
+    if env.get("HUBCORE_CONFIG"):
+        return env["HUBCORE_CONFIG"]
+    # exists(), not readable: a config the user may not read is an error
+    # that names it, never a silent fall-back to the defaults.
+    return system if os.path.exists(system) else None
+
+
+def load(path: str | None = None, env: dict[str, str] | None = None, *, system: str = SYSTEM_CONFIG) -> Config:
+    """The config from the file `locate` finds, else the built-in defaults."""
     env = dict(os.environ) if env is None else env
-    path = path or env.get("HUBCORE_CONFIG") or None
-    if path is None:
+    found = locate(path, env, system)
+    if found is None:
         return defaults(env)
-    return parse(_read(path), source=str(path), env=env)
+    return parse(_read(found), source=found, env=env)
 
 
-def load_server(path: str | None = None, env: dict[str, str] | None = None) -> ServerConfig:
-    """Only the [server] table: for commands that must not resolve vendor keys."""
+def load_server(path: str | None = None, env: dict[str, str] | None = None, *, system: str = SYSTEM_CONFIG) -> ServerConfig:
+    """Only the [server] table, checked as `load` checks it: for commands
+    that must not resolve vendor keys (under systemd they live in a
+    credentials directory only the service can see)."""
     env = dict(os.environ) if env is None else env
-    path = path or env.get("HUBCORE_CONFIG") or None
-    if path is None:
+    found = locate(path, env, system)
+    if found is None:
         return ServerConfig()
-    data = _read(path)
-    return _build(ServerConfig, data.get("server", {}), str(path), "server")
+    data = _read(found)
+    _reject_unknown(data, TOP_LEVEL, found, "")
+    return parse_server(data.get("server", {}), found)
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -282,29 +305,12 @@ def defaults(env: dict[str, str]) -> Config:
     return Config(upstreams=tuple(upstreams))
 
 
-def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
-    _reject_unknown(data, {"server", "upstream", "pricing"}, source, "")
-    server = _build(ServerConfig, data.get("server", {}), source, "server")
-    if server.log_format not in ("text", "json"):
-        raise ConfigError(f'{source}: server.log_format: must be "text" or "json"')
-    if server.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"{source}: server.log_level: must be debug, info, warning or error")
-    _parse_listen(server.listen, source)
-    try:
-        zone(server.budget_timezone)
-    except ValueError:
-        raise ConfigError(f"{source}: server.budget_timezone: unknown time zone {server.budget_timezone!r}") from None
-    if bool(server.tls_cert) != bool(server.tls_key):
-        raise ConfigError(f"{source}: server.tls_cert / server.tls_key: set both or neither")
-    for name in ("max_header_bytes", "max_body_bytes", "max_connections", "usage_queue_max",
-                 "max_unauthenticated_connections", "max_body_bytes_in_flight"):
-        if getattr(server, name) <= 0:
-            raise ConfigError(f"{source}: server.{name}: must be positive")
-    for name in ("max_connections_per_address", "min_body_rate", "linger_bytes", "linger_timeout",
-                 "metrics_max_series"):
-        if getattr(server, name) < 0:
-            raise ConfigError(f"{source}: server.{name}: must not be negative")
+TOP_LEVEL = {"server", "upstream", "pricing"}
 
+
+def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
+    _reject_unknown(data, TOP_LEVEL, source, "")
+    server = parse_server(data.get("server", {}), source)
     raw_upstreams = data.get("upstream", [])
     if not isinstance(raw_upstreams, list):
         raise ConfigError(f"{source}: upstream: must be an array of tables ([[upstream]])")
@@ -340,6 +346,52 @@ def _parse_pricing(raw: Any, source: str) -> PricingConfig:
     return pricing
 
 
+def parse_server(raw: Any, source: str) -> ServerConfig:
+    """The [server] table, every field checked."""
+    if isinstance(raw, dict) and "ops_socket_mode" in raw:
+        raw = {**raw, "ops_socket_mode": file_mode(raw["ops_socket_mode"], f"{source}: server.ops_socket_mode")}
+    server: ServerConfig = _build(ServerConfig, raw, source, "server")
+    if server.log_format not in ("text", "json"):
+        raise ConfigError(f'{source}: server.log_format: must be "text" or "json"')
+    if server.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{source}: server.log_level: must be debug, info, warning or error")
+    _parse_listen(server.listen, f"{source}: server.listen")
+    try:
+        zone(server.budget_timezone)
+    except ValueError:
+        raise ConfigError(f"{source}: server.budget_timezone: unknown time zone {server.budget_timezone!r}") from None
+    if bool(server.tls_cert) != bool(server.tls_key):
+        raise ConfigError(f"{source}: server.tls_cert / server.tls_key: set both or neither")
+    for name in ("max_header_bytes", "max_body_bytes", "max_connections", "usage_queue_max",
+                 "max_unauthenticated_connections", "max_body_bytes_in_flight"):
+        if getattr(server, name) <= 0:
+            raise ConfigError(f"{source}: server.{name}: must be positive")
+    for name in ("max_connections_per_address", "min_body_rate", "linger_bytes", "linger_timeout",
+                 "metrics_max_series"):
+        if getattr(server, name) < 0:
+            raise ConfigError(f"{source}: server.{name}: must not be negative")
+    return server
+
+
+def file_mode(value: Any, where: str) -> int:
+    """A permission mode written as an octal string ("0660") or a TOML octal
+    integer (0o660). A TOML integer is decimal, so `660` means 0o1224: one
+    above 0o777 is refused with the spelling that was meant."""
+    fix = 'write an octal mode such as 0o660 or "0660"'
+    if isinstance(value, str):
+        digits = value.strip().lower().removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{1,4}", digits) or int(digits, 8) > 0o777:
+            raise ConfigError(f"{where}: {value!r} is not a file mode; {fix}")
+        return int(digits, 8)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an octal mode, got {type(value).__name__}; {fix}")
+    if 0 <= value <= 0o777:
+        return value
+    if re.fullmatch(r"[0-7]{3}", str(value)):
+        fix = f'write 0o{value} or "0{value}"'
+    raise ConfigError(f"{where}: {value} is not a file mode (a TOML integer is decimal: {value} is {value:#o}); {fix}")
+
+
 def zone(tz: str) -> ZoneInfo:
     """The IANA time zone `tz`; ValueError naming it when it does not exist."""
     try:
@@ -353,17 +405,30 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _parse_listen(listen: str, source: str) -> None:
+def _parse_listen(listen: str, where: str) -> None:
     try:
         host, port = parse_listen(listen)
     except ValueError:
-        raise ConfigError(f'{source}: server.listen: expected "HOST:PORT", got {listen!r}') from None
+        raise ConfigError(f'{where}: expected "HOST:PORT", got {listen!r}') from None
     if not 0 <= port <= 65535:
-        raise ConfigError(f"{source}: server.listen: port {port} out of range")
+        raise ConfigError(f"{where}: port {port} out of range")
+
+
+def with_listen(config: Config, listen: str, where: str = "--listen") -> Config:
+    """`config` listening on `listen` instead (`serve --listen`)."""
+    _parse_listen(listen, where)
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, listen=listen))
+
+
+_POLICY_FIELDS = {f.name for f in dataclasses.fields(KeyPolicy)}
+_UPSTREAM_FIELDS = {f.name for f in dataclasses.fields(UpstreamConfig)} - {"policy"} | _POLICY_FIELDS
 
 
 def _parse_upstream(raw: dict[str, Any], source: str, where: str, env: dict[str, str]) -> UpstreamConfig:
     raw = dict(raw)
+    # Before the required fields: `base_ur` is a typo of base_url, not a
+    # missing base_url.
+    _reject_unknown(raw, _UPSTREAM_FIELDS, source, where + ".")
     for required in ("name", "kind", "base_url"):
         if required not in raw:
             raise ConfigError(f"{source}: {where}.{required}: required")
@@ -373,11 +438,19 @@ def _parse_upstream(raw: dict[str, Any], source: str, where: str, env: dict[str,
     parts = urlsplit(str(raw["base_url"]))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{source}: {where}.base_url: expected http(s)://host[:port], got {raw['base_url']!r}")
+    if parts.path.rstrip("/").endswith("/v1"):
+        # Refused rather than stripped: the SDKs' base URLs end in /v1, the
+        # hub's upstream origins do not, and every call would otherwise go
+        # to /v1/v1/... and come back 404.
+        fixed = raw["base_url"].rstrip("/").removesuffix("/v1")
+        raise ConfigError(
+            f"{source}: {where}.base_url: {raw['base_url']!r} ends in /v1, which the hub adds itself "
+            f"(clients' paths start with /v1); write {fixed!r}"
+        )
     raw_keys = raw.pop("keys", [])
     if not isinstance(raw_keys, list):
         raise ConfigError(f"{source}: {where}.keys: must be an array")
-    policy_fields = {f.name for f in dataclasses.fields(KeyPolicy)}
-    policy_raw = {k: raw.pop(k) for k in list(raw) if k in policy_fields}
+    policy_raw = {k: raw.pop(k) for k in list(raw) if k in _POLICY_FIELDS}
     try:
         policy = _build(KeyPolicy, policy_raw, source, where)
     except ValueError as e:
@@ -450,7 +523,12 @@ def resolve_secret(ref: Any, env: dict[str, str], where: str) -> str:
         def expand(m: re.Match[str]) -> str:
             name = m.group(1) or m.group(2)
             if name not in env:
-                raise ConfigError(f"{where}: ${name} is not set (in {ref!r})")
+                hint = ""
+                if name == "CREDENTIALS_DIRECTORY":
+                    # systemd sets it for the service alone (LoadCredential=).
+                    hint = ("; systemd sets it for the service only: outside it, name the directory that holds "
+                            "the credential files, e.g. CREDENTIALS_DIRECTORY=/etc/hubcore/keys")
+                raise ConfigError(f"{where}: ${name} is not set (in {ref!r}){hint}")
             return env[name]
 
         path = _VAR.sub(expand, ref[5:])
@@ -467,7 +545,9 @@ def resolve_secret(ref: Any, env: dict[str, str], where: str) -> str:
 def _reject_unknown(raw: dict[str, Any], known: set[str], source: str, prefix: str) -> None:
     for name in raw:
         if name not in known:
-            raise ConfigError(f"{source}: {prefix}{name}: unknown field")
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            guess = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{source}: {prefix}{name}: unknown field{guess}")
 
 
 def _build(cls: Any, raw: Any, source: str, where: str, exclude: frozenset[str] | set[str] = frozenset()) -> Any:

@@ -180,8 +180,8 @@ def connect(path: str | Path, *, check_same_thread: bool = True) -> sqlite3.Conn
 
 
 def _cannot_open(path: str | Path, error: sqlite3.Error) -> CannotOpen:
-    # SQLite says only "unable to open database file"; the directory says why.
-    return CannotOpen(f"cannot open the database {path}: {directory_problem(path) or error}")
+    # SQLite says only "unable to open database file"; the path says why.
+    return CannotOpen(f"cannot open the database {path}: {path_problem(path) or error}")
 
 
 def directory_problem(path: str | Path) -> str | None:
@@ -196,6 +196,53 @@ def directory_problem(path: str | Path) -> str | None:
     # read-only mount fails this even for root.
     if not os.access(directory, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
         return f"directory {directory} is not writable"
+    return None
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why the database (or spool) `path` cannot be opened for writing by
+    this process, or None when it looks usable. Beyond directory_problem:
+    an existing file this user may not write, and a directory that refuses
+    new files although its mode allows them (sysfs, procfs)."""
+    problem = directory_problem(path)
+    if problem is not None:
+        return problem
+    if os.path.lexists(path):
+        if os.path.isdir(path):
+            return f"{path} is a directory"
+        if not os.access(path, os.R_OK | os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+            # The usual case: an operator's own user on the service's
+            # database (SQLite needs write access even to read a WAL database).
+            return f"{path} is not readable and writable by this user; run the command as the hub's user"
+        return None
+    # A probe file, not `path` itself: a hub may create the database meanwhile.
+    probe = f"{os.path.abspath(path)}.probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        return f"cannot create files in directory {os.path.dirname(probe)}: {e.strerror}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def database_problem(path: str | Path) -> str | None:
+    """Why `path` would not serve as the hub's database (path_problem, a
+    file that is not SQLite, a schema newer than this hubcore), read without
+    creating, changing or migrating anything; None when it would."""
+    problem = path_problem(path)
+    if problem is not None or not os.path.exists(path):
+        return problem
+    try:
+        conn = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        return str(e)
+    if found > SCHEMA_VERSION:
+        return f"schema version {found} is newer than this hubcore's {SCHEMA_VERSION}; upgrade hubcore"
     return None
 
 

@@ -1,10 +1,12 @@
 """What every command shares: how a command is declared (`--config` comes
-with it), how it reads the config and the database, and the one way it fails:
-CommandError, a one-line `hubcore: ...` on stderr and a non-zero exit status.
+with it, `--init` with those on the database), how it finds the config and
+the database, and the one way it fails: CommandError, a one-line
+`hubcore: ...` on stderr and a non-zero exit status.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 import time
@@ -23,7 +25,10 @@ if TYPE_CHECKING:
 else:
     Subcommands = argparse._SubParsersAction
 
-CONFIG_HELP = "TOML config file (default: $HUBCORE_CONFIG, else built-in defaults)"
+CONFIG_HELP = f"TOML config file (default: $HUBCORE_CONFIG, else {config.SYSTEM_CONFIG} if it exists, else built-in defaults)"
+INIT_HELP = "create the database if there is none (`hubcore serve` creates it on its first start)"
+# How the stderr lines name the config when no file was found.
+DEFAULTS = "built-in defaults"
 # Exit statuses: 1 the command failed, 2 it was given something it cannot
 # use (as argparse exits on a usage error), 130 interrupted (128 + SIGINT).
 FAILED = 1
@@ -71,24 +76,35 @@ def add_config_option(parser: argparse.ArgumentParser, *, top: bool = False) -> 
 
 
 def add_command(sub: Subcommands, name: str, help: str, run: Command | None = None) -> argparse.ArgumentParser:
-    """A subcommand (or a group of them: no `run`) taking `--config`."""
+    """A subcommand (or a group of them: no `run`) taking `--config`, and
+    `--init` when it runs on the database."""
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
     add_config_option(parser)
     if run is not None:
         parser.set_defaults(run=run)
+        if uses_database(run):
+            # SUPPRESS, as for --config: a subcommand's default would
+            # overwrite the value given to its group.
+            parser.add_argument("--init", action="store_true", default=argparse.SUPPRESS, help=INIT_HELP)
     return parser
 
 
 # -- what commands read ------------------------------------------------------------
 
+def config_path(args: argparse.Namespace) -> str | None:
+    """The config file this command reads (config.locate: the same search as
+    `serve`'s), or None for the built-in defaults."""
+    return config.locate(getattr(args, "config", None), dict(os.environ))
+
+
 def load_config(args: argparse.Namespace) -> config.Config:
-    return config.load(getattr(args, "config", None))
+    return config.load(config_path(args))
 
 
 def load_server(args: argparse.Namespace) -> config.ServerConfig:
     """Only the [server] table: for commands that must not resolve vendor keys
     (they may live in a credentials directory only the service can see)."""
-    return config.load_server(getattr(args, "config", None))
+    return config.load_server(config_path(args))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,15 +117,38 @@ class Context:
     now: float = field(default_factory=time.time)
 
 
+# What on_database made: add_command gives these `--init`.
+_DATABASE_COMMANDS: set[Command] = set()
+
+
 @contextmanager
 def database(args: argparse.Namespace) -> Iterator[Context]:
-    """The configured database, open for the length of a command."""
-    cfg = load_config(args)
-    conn = store.connect(cfg.server.database)
+    """The configured database, open for the length of a command. It reads
+    only [server] (never a vendor key), creates no database unless `--init`
+    asks, and once the command is done names on stderr the database and the
+    config it used: a command run with the wrong config shows it there,
+    while stdout stays what scripts parse."""
+    found = config_path(args)
+    server = config.load_server(found)
+    path = server.database
+    source = found or DEFAULTS
+    if not os.path.exists(path):
+        problem = store.path_problem(path)
+        if problem is not None:
+            raise CommandError(f"cannot open the database {path}: {problem}")
+        if not getattr(args, "init", False):
+            # A token minted into a new database opens nothing on the hub
+            # that serves another one.
+            raise CommandError(
+                f"no database at {os.path.abspath(path)} (config: {source}); "
+                "run `hubcore serve` once, or pass --init to create it"
+            )
+    conn = store.connect(path)
     try:
-        yield Context(conn, cfg.server.budget_timezone)
+        yield Context(conn, server.budget_timezone)
     finally:
         conn.close()
+    say(f"database {os.path.abspath(path)} (config {source})")
 
 
 def on_database(body: Callable[[argparse.Namespace, Context], int]) -> Command:
@@ -120,4 +159,10 @@ def on_database(body: Callable[[argparse.Namespace, Context], int]) -> Command:
             return body(args, ctx)
 
     run.__doc__ = body.__doc__
+    _DATABASE_COMMANDS.add(run)
     return run
+
+
+def uses_database(run: Command) -> bool:
+    """Whether `run` was made by on_database."""
+    return run in _DATABASE_COMMANDS

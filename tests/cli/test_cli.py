@@ -52,8 +52,11 @@ def hubcore(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Compl
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
+    """The config of a hub that has run once: its database exists (the
+    commands create none without --init)."""
     path = tmp_path / "hubcore.toml"
     path.write_text(f'[server]\ndatabase = "{tmp_path / "hub.db"}"\n')
+    store.connect(tmp_path / "hub.db").close()
     return path
 
 
@@ -518,7 +521,7 @@ def test_a_config_error_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.
     for argv in (["check-config"], ["token", "list"], ["stats"], ["usage", "--budgets"]):
         assert cli_main([*argv, "--config", str(broken)]) == 2, argv
         err = capsys.readouterr().err
-        assert err == f"hubcore: config error: {broken}: server.listen_on: unknown field\n", argv
+        assert err == f"hubcore: config error: {broken}: server.listen_on: unknown field; did you mean listen?\n", argv
 
 
 def test_the_console_script_is_the_same_main() -> None:

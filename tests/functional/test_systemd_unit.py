@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "hubcore.service"
 EXAMPLE = REPO / "deploy" / "hubcore.example.toml"
-INSTALLED_EXEC = "/usr/local/bin/hubcore"
+INSTALLED_EXEC = "/opt/hubcore/bin/hubcore"
 MAX_EXPOSURE = 2.0
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
