@@ -278,7 +278,7 @@ def test_cli_usage_budgets_shows_spend(vendor: FakeVendor, tmp_path: Path) -> No
         f'[server]\ndatabase = "{config.server.database}"\n\n'
         f'[[upstream]]\nname = "anthropic"\nkind = "anthropic"\nbase_url = "{vendor.url}"\nkeys = ["sk-ant-good"]\n'
     )
-    created = run_cli("token", "create", "--user", "dave", "--budget", "day=0.01", "--config", str(toml))
+    created = run_cli("token", "create", "--init", "--user", "dave", "--budget", "day=0.01", "--config", str(toml))
     assert created.returncode == 0, created.stderr
     value = next(w for w in created.stdout.split() if len(w) > 20)
     with HubThread(config) as hub:
