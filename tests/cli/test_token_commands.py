@@ -36,6 +36,8 @@ def config(tmp_path: Path) -> Path:
         f'[server]\ndatabase = "{tmp_path / "hub.db"}"\nops_socket = "{tmp_path / "ops.sock"}"\n'
         f'budget_timezone = "{TZ}"\n'
     )
+    # The database of a hub that has run once (commands create none unasked).
+    store.connect(tmp_path / "hub.db").close()
     return path
 
 
