@@ -219,8 +219,8 @@ class App:
             # Everything that can fail is built before anything is applied.
             reconfigs = []
             for upstream in new.upstreams:
-                runtime = self.hub.upstreams.get(upstream.kind)
-                if runtime is not None and runtime.config.name == upstream.name:
+                runtime = self.hub.upstreams.get(upstream.name)
+                if runtime is not None:
                     reconfigs.append((runtime, runtime.prepare(upstream)))
         except (ConfigError, OSError, ValueError) as e:
             log.error("reload rejected, keeping the running configuration: %s", e)
@@ -231,6 +231,8 @@ class App:
         changes = []
         for runtime, reconfig in reconfigs:
             changes += [f"upstream {runtime.config.name}: {change}" for change in runtime.apply(reconfig)]
+        for router in self.hub.routers.values():
+            router.reconfigured()
         for change in changes:
             log.info("reload: %s", change)
         # Upstreams come and go only with a restart: say so rather than

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import math
 import os
 import re
@@ -197,7 +198,42 @@ class UpstreamConfig:
     # /v1/models) may wait for its first byte, and then between bytes; the
     # vendors answer it in well under a second.
     probe_timeout: float = 10.0
+    # -- several upstreams of one kind (hubcore.routing.router) --
+    # Lower is preferred: an upstream of priority 1 serves only while no
+    # upstream of priority 0 that serves the request has a usable key.
+    priority: int = 0
+    # Share of the traffic within its priority.
+    weight: int = 1
+    # Globs of the client model ids it serves; empty: every model.
+    models: tuple[str, ...] = ()
+    # Client model id (exact, else the first glob that matches, in file
+    # order) -> the id this upstream expects; only the body's top-level
+    # "model" is rewritten.
+    model_map: tuple[tuple[str, str], ...] = ()
+    # The cost recorded is the list price of the client's model times this
+    # (a relay that bills 0.5x list price: 0.5).
+    cost_multiplier: float = 1.0
+    # Tokens, users and projects may be restricted to some groups.
+    group: str = "default"
+    # While none of its keys is usable (circuits open), probe it this often
+    # (seconds) so it comes back without a user's request; 0: off.
+    health_check_interval: float = 0.0
+    # "sticky": a session that moved to a worse priority stays there (its
+    # prompt cache does) until its affinity lapses; "immediate": it comes
+    # back as soon as this upstream is usable again.
+    failback: str = "sticky"
     policy: KeyPolicy = field(default_factory=KeyPolicy)
+
+    def mapped_model(self, model: str) -> str | None:
+        """The id this upstream expects for the client's `model`, when its
+        model_map names it (exactly, else by the first glob that matches)."""
+        for pattern, target in self.model_map:
+            if pattern == model:
+                return target
+        for pattern, target in self.model_map:
+            if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(model, pattern):
+                return target
+        return None
 
     @property
     def scheme(self) -> str:
@@ -316,7 +352,6 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         raise ConfigError(f"{source}: upstream: must be an array of tables ([[upstream]])")
     upstreams = []
     names = set()
-    by_kind: dict[str, str] = {}
     for i, raw in enumerate(raw_upstreams):
         where = f"upstream[{i}]"
         if not isinstance(raw, dict):
@@ -325,14 +360,6 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         if upstream.name in names:
             raise ConfigError(f"{source}: {where}.name: duplicate upstream name {upstream.name!r}")
         names.add(upstream.name)
-        # The hub routes a request by its kind to one upstream; a second one
-        # would never be used, so it is refused rather than ignored.
-        first = by_kind.setdefault(upstream.kind, upstream.name)
-        if first != upstream.name:
-            raise ConfigError(
-                f"{source}: {where} ({upstream.name!r}): a second upstream of kind {upstream.kind!r} "
-                f"after {first!r}; several upstreams of one kind are not supported yet"
-            )
         upstreams.append(upstream)
     pricing = _parse_pricing(data.get("pricing", {}), source)
     return Config(server=server, upstreams=tuple(upstreams), pricing=pricing, source=source)
@@ -450,12 +477,14 @@ def _parse_upstream(raw: dict[str, Any], source: str, where: str, env: dict[str,
     raw_keys = raw.pop("keys", [])
     if not isinstance(raw_keys, list):
         raise ConfigError(f"{source}: {where}.keys: must be an array")
+    models = _parse_models(raw.pop("models", []), source, where)
+    model_map = _parse_model_map(raw.pop("model_map", {}), source, where)
     policy_raw = {k: raw.pop(k) for k in list(raw) if k in _POLICY_FIELDS}
     try:
         policy = _build(KeyPolicy, policy_raw, source, where)
     except ValueError as e:
         raise ConfigError(f"{source}: {where}: {e}") from None
-    upstream = _build(UpstreamConfig, raw, source, where, exclude={"keys", "policy"})
+    upstream = _build(UpstreamConfig, raw, source, where, exclude={"keys", "policy", "models", "model_map"})
     keys = []
     labels = set()
     for j, raw_key in enumerate(raw_keys):
@@ -470,7 +499,39 @@ def _parse_upstream(raw: dict[str, Any], source: str, where: str, env: dict[str,
         # 0 would mean no timeout: a probe the vendor never answers would
         # keep its key out of service for good.
         raise ConfigError(f"{source}: {where}.probe_timeout: must be positive")
-    return dataclasses.replace(upstream, keys=tuple(keys), policy=policy)
+    if upstream.weight < 1:
+        raise ConfigError(f"{source}: {where}.weight: must be at least 1")
+    if not math.isfinite(upstream.cost_multiplier):
+        raise ConfigError(f"{source}: {where}.cost_multiplier: must be a finite number >= 0")
+    if not GROUP_NAME.fullmatch(upstream.group):
+        raise ConfigError(f"{source}: {where}.group: {upstream.group!r} is not a group name ({GROUP_NAME.pattern})")
+    if upstream.failback not in FAILBACKS:
+        raise ConfigError(f"{source}: {where}.failback: must be {' or '.join(map(repr, FAILBACKS))}")
+    return dataclasses.replace(upstream, keys=tuple(keys), policy=policy, models=models, model_map=model_map)
+
+
+# Group names, as tokens, users and projects name them too.
+GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+FAILBACKS = ("sticky", "immediate")
+
+
+def _parse_models(raw: Any, source: str, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(m, str) and m for m in raw):
+        raise ConfigError(f'{source}: {where}.models: must be an array of model ids or globs, e.g. ["claude-sonnet-*"]')
+    return tuple(raw)
+
+
+def _parse_model_map(raw: Any, source: str, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{source}: {where}.model_map: must be a table, e.g. {{ "claude-sonnet-4-6" = "relay-sonnet" }}')
+    pairs = []
+    for model, target in raw.items():
+        if not model:
+            raise ConfigError(f"{source}: {where}.model_map: a client model id must not be empty")
+        if not isinstance(target, str) or not target.strip():
+            raise ConfigError(f"{source}: {where}.model_map.{model}: the upstream's model id must be a non-empty string")
+        pairs.append((model, target))
+    return tuple(pairs)
 
 
 _KEY_FIELDS = {"key", "label", "weight", "priority", "workspace", "org"}

@@ -23,11 +23,12 @@ from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.config import Config, UpstreamConfig
 from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.routing.failures import (
-    CLIENT_ABORTED, STREAM_BROKEN, Failure, classify, in_stream_failure, retryable, transport_failure,
+    CIRCUIT_KINDS, CLIENT_ABORTED, STREAM_BROKEN, Failure, classify, in_stream_failure, retryable, transport_failure,
 )
 from hubcore.routing.keys import KeyRing, Lease
+from hubcore.routing.router import Router
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS, give_up, refusal_headers, render_http_error, sse_error_event
-from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head
+from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head, with_model
 from hubcore.gateway.routes import Route, authenticate, flavour_for_path, printable_path, route_for, session_from_headers
 from hubcore.gateway.upstreams import UpstreamRuntime
 from hubcore.http.server import HttpProtocol, Request
@@ -127,10 +128,20 @@ class Hub:
         self.recorder = recorder
         self.prices = prices
         self.metrics = metrics
-        self.upstreams: dict[str, UpstreamRuntime] = {}
-        for upstream in config.upstreams:
-            if upstream.kind not in self.upstreams:
-                self.upstreams[upstream.kind] = UpstreamRuntime(upstream, loop)
+        # By name; and a router per kind (the routes' upstream kinds), which
+        # chooses among that kind's upstreams for each attempt.
+        self.upstreams: dict[str, UpstreamRuntime] = {
+            upstream.name: UpstreamRuntime(upstream, loop) for upstream in config.upstreams
+        }
+        self.routers: dict[str, Router] = {}
+        for runtime in self.upstreams.values():
+            kind = runtime.config.kind
+            if kind not in self.routers:
+                policy = runtime.config.policy
+                self.routers[kind] = Router(
+                    [u for u in self.upstreams.values() if u.config.kind == kind],
+                    affinity_ttl=policy.affinity_ttl, affinity_max_sessions=policy.affinity_max_sessions,
+                )
         self._id_prefix = "hc_" + os.urandom(4).hex()
         self._id_counter = 0
 
@@ -280,6 +291,9 @@ class Exchange:
     scanned = False  # model and session read from the body
     session_id: str | None = None
     upstream: UpstreamRuntime | None = None
+    # (model id, body) of the latest attempt when its upstream's model_map
+    # rewrote the body's model; None: the client's body went as it is.
+    mapped: tuple[str, list[bytes]] | None = None
     lease: Lease | None = None
     admission: Admission | None = None
     key_label: str | None = None
@@ -463,8 +477,11 @@ class Exchange:
             if (self.session_id is None or refusing_unpriced
                     or (limiter is not None and limiter.needs_model(self.principal))):
                 self._scan_body()
-        upstream = self.hub.upstreams.get(route.kind)
-        if upstream is None or not upstream.config.keys:
+        router = self.hub.routers.get(route.kind)
+        upstream = router.single if router is not None else None
+        if upstream is None:
+            upstream = self._route(route.kind, router)
+        if not upstream.config.keys:
             raise HubError(503, f"no {route.kind} upstream key is configured; the hub operator must add one")
         if refusing_unpriced and prices is not None and prices.refuses(route.kind, self.model):
             raise HubError(
@@ -479,6 +496,48 @@ class Exchange:
                 model_required=self.scanned,
             )
         return upstream
+
+    def _route(self, kind: str, router: Router | None) -> UpstreamRuntime:
+        """The first attempt's upstream among several of `kind` (or one that
+        serves only some models or groups): see routing.router. A request
+        none of them may serve is refused; one whose candidates have no
+        usable key now goes to the best of them, whose key ring gives the
+        honest answer (a rest to wait out, or the 503 of open circuits)."""
+        if router is None:
+            raise HubError(503, f"no {kind} upstream key is configured; the hub operator must add one")
+        if not self.scanned and self.request.method == b"POST":
+            self._scan_body()
+        groups = self._groups()
+        chosen = router.choose(self.model, groups, self.session_id)
+        if chosen is not None:
+            return chosen
+        candidates = [u for u in router.candidates(self.model, groups) if u.config.keys]
+        if candidates:
+            return min(candidates, key=lambda u: u.priority)
+        if router.candidates(self.model, groups):
+            raise HubError(503, f"no {kind} upstream key is configured; the hub operator must add one")
+        model = "a request without a model" if self.model is None else f"model {self.model!r}"
+        if groups is not None:
+            raise HubError(
+                403, f"no {kind} upstream of your groups ({', '.join(sorted(groups))}) serves {model}",
+                error_type="permission_error", code="group_not_allowed",
+            )
+        raise HubError(400, f"no {kind} upstream of this hub serves {model}", code="model_not_served")
+
+    def _groups(self) -> frozenset[str] | None:
+        """The upstream groups the principal may use; None: every one."""
+        return None
+
+    def _next_upstream(self, upstream: UpstreamRuntime, tried: set[str]) -> UpstreamRuntime | None:
+        """Another upstream of the route's kind with a usable key, for the
+        next attempt after `upstream` failed or has no key left; None when
+        every candidate is spent. `tried` collects the upstreams given up."""
+        route = self.route
+        router = self.hub.routers.get(route.kind) if route is not None else None
+        if router is None or router.single is not None:
+            return None
+        tried.add(upstream.config.name)
+        return router.choose(self.model, self._groups(), self.session_id, tried)
 
     def report(self) -> None:
         """The request has ended: count it in the hub's metrics, if kept."""
@@ -533,12 +592,16 @@ class Exchange:
 
     # -- talking to the vendor ---------------------------------------------
     async def _proxy(self, upstream: UpstreamRuntime) -> None:
+        # The first upstream's attempts and deadline hold for the whole
+        # request, whichever upstreams its attempts go to.
         cfg = upstream.config
+        max_attempts = cfg.max_attempts
         deadline = self.t0 + cfg.retry_deadline
         # Time queued for a resting key counts against the retry deadline too.
         queue_deadline = min(self.t0 + cfg.queue_timeout, deadline)
         ring = upstream.ring
-        tried: set[str] = set()
+        tried: set[str] = set()  # key labels, on the current upstream
+        spent: set[str] = set()  # upstreams this request moved away from
         reason: Failure | None = None
         previous: Lease | None = None
         last_error: tuple[ResponseHead, bytes] | None = None
@@ -557,6 +620,14 @@ class Exchange:
             else:
                 lease = ring.acquire(self.session_id, tried, reason, previous)
                 if lease is None:
+                    # Another upstream with a usable key now beats waiting
+                    # for a rest here.
+                    moved = self._next_upstream(upstream, spent)
+                    if moved is not None:
+                        upstream = self.upstream = moved
+                        ring = moved.ring
+                        tried, previous, reason = set(), None, None
+                        continue
                     if await self._wait_for_key(ring, deadline, queue_deadline):
                         tried.clear()
                         continue
@@ -565,9 +636,9 @@ class Exchange:
                     return
             self.lease = previous = lease
             if not counted:
-                self._count_attempt(cfg, lease)
+                self._count_attempt(upstream.config, lease)
             tried.add(lease.label)
-            final = self.attempts >= cfg.max_attempts or self.loop.time() >= deadline
+            final = self.attempts >= max_attempts or self.loop.time() >= deadline
             try:
                 head = await self._send(upstream, lease)
             except UpstreamError as e:
@@ -578,38 +649,47 @@ class Exchange:
                 if final:
                     self._give_up(upstream, None, e, None)
                     return
-                continue
-            failure = self.head_failure  # judged by _on_head, before the future woke this task
-            if failure is not None and retryable(failure):
-                try:
-                    body = await self.conn.read_body(ERROR_BODY_LIMIT) if self.conn else b""
-                except UpstreamError:
-                    body = b""
-                self._release_conn()
-                self._enter(_SENDING)
-                ring.release(lease, failure)
-                self.lease = None
-                last_error, last_exc = (head, body), None
-                reason = failure
-                if final:
-                    self._give_up(upstream, last_error, None, None)
-                    return
-                continue
-            try:
-                await self._stream(head)
-            except _RetryBeforeFirstByte as e:
-                reason = transport_failure(e.error)
-                ring.release(lease, reason)
-                self.lease = None
-                last_exc, last_error = e.error, None
-                if final:
-                    self._give_up(upstream, None, e.error, None)
-                    return
-                continue
-            # A mid-stream abort has already given the lease back, with its failure.
-            if self.lease is lease:
-                self._release_lease(lease, failure)
-            return
+            else:
+                failure = self.head_failure  # judged by _on_head, before the future woke this task
+                if failure is not None and retryable(failure):
+                    try:
+                        body = await self.conn.read_body(ERROR_BODY_LIMIT) if self.conn else b""
+                    except UpstreamError:
+                        body = b""
+                    self._release_conn()
+                    self._enter(_SENDING)
+                    ring.release(lease, failure)
+                    self.lease = None
+                    last_error, last_exc = (head, body), None
+                    reason = failure
+                    if final:
+                        self._give_up(upstream, last_error, None, None)
+                        return
+                else:
+                    try:
+                        await self._stream(head)
+                    except _RetryBeforeFirstByte as e:
+                        reason = transport_failure(e.error)
+                        ring.release(lease, reason)
+                        self.lease = None
+                        last_exc, last_error = e.error, None
+                        if final:
+                            self._give_up(upstream, None, e.error, None)
+                            return
+                    else:
+                        # A mid-stream abort has already given the lease back, with its failure.
+                        if self.lease is lease:
+                            self._release_lease(lease, failure)
+                        return
+            if reason is not None and reason.kind in CIRCUIT_KINDS:
+                # The upstream itself failed (unreachable, 5xx, 529, timed
+                # out): the next attempt goes to another upstream if one can
+                # take it, else to another key of this one.
+                moved = self._next_upstream(upstream, spent)
+                if moved is not None:
+                    upstream = self.upstream = moved
+                    ring = moved.ring
+                    tried, previous, reason = set(), None, None
 
     def _count_attempt(self, cfg: UpstreamConfig, lease: Lease) -> None:
         self.key_label = lease.label
@@ -703,19 +783,40 @@ class Exchange:
         raise AssertionError("unreachable")
 
     def _write_request(self, upstream: UpstreamRuntime, conn: UpstreamConnection, head: bytes) -> asyncio.Future[ResponseHead]:
-        request = self.request
         cfg = upstream.config
-        future = conn.send(head, request.parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head, self.ensure_task)
+        parts = self.request.parts if self.mapped is None else self.mapped[1]
+        future = conn.send(head, parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head, self.ensure_task)
         self._enter(_AWAITING_HEAD)
         self.sent_at = time.monotonic()
         return future
 
     def _request_head(self, upstream: UpstreamRuntime, secret: str) -> bytes:
+        """The head of an attempt on `upstream`; sets the body it goes with
+        (the client's, or the one with the model its model_map names)."""
         request = self.request
+        body_size = request.body_size
+        self.mapped = None
+        if upstream.config.model_map and request.method == b"POST":
+            self.mapped = self._mapped_body(upstream.config)
+            if self.mapped is not None:
+                body_size = len(self.mapped[1][0])
         return request_head(
             request.method, request.target, upstream.base_path, upstream.host_header, upstream.auth_header(secret),
-            request.headers, request.control, request.body_size,
+            request.headers, request.control, body_size,
         )
+
+    def _mapped_body(self, config: UpstreamConfig) -> tuple[str, list[bytes]] | None:
+        """(the upstream's model id, the body carrying it) when `config`'s
+        model_map names one for the request's model; None: the body goes as
+        the client sent it (no map applies, or no top-level string model)."""
+        if not self.scanned:
+            self._scan_body()
+        model = self.model
+        target = config.mapped_model(model) if model is not None else None
+        if target is None or target == model:
+            return None
+        body = with_model(self.request.body, target)
+        return None if body is None else (target, [body])
 
     def _on_head(self, head: ResponseHead) -> None:
         """The response head, as the connection reads it: a response that will
@@ -946,7 +1047,7 @@ class Exchange:
             principal, upstream.config.name if upstream is not None else None, self.key_label, self.model,
             self.error_type, (ttfb - self.t0) * 1000.0 if ttfb is not None else None, self.attempts,
             self.session_id, _decode(self.request.header(b"user-agent")), self.sse_body, self.meter, route.kind,
-            self.hub.prices,
+            self.hub.prices, self.mapped[0] if self.mapped is not None else None,
         )
         self.hub.recorder.record(event)
         self._log(now, event)
@@ -997,20 +1098,25 @@ def usage_event(
     meter: sse.Meter | None,
     vendor: str,
     prices: Pricer | None,
+    served_model: str | None = None,
 ) -> UsageEvent:
     """The usage row of a request that has ended, from the exchange's final
     values and its meter's numbers (None: nothing was metered). The meter's
     word goes on the model and, when the exchange has none, the error type;
     an event stream the meter did not see complete was cut. `vendor` (the
     route's upstream kind) is whose most expensive model prices a model
-    without a price, when the [pricing] rule says to estimate."""
+    without a price, when the [pricing] rule says to estimate.
+    `served_model`: the id an upstream's model_map sent in place of the
+    client's; the row keeps the client's (prices are by it), since the
+    vendor's answer names the one it was asked for."""
     if meter is None:
         input_tokens = output_tokens = cache_write_5m = cache_write_1h = cache_read = 0
         reasoning_tokens = server_tool_requests = 0
         stop_reason = None
         output_estimated = False
     else:
-        model = meter.model or model
+        if served_model is None:
+            model = meter.model or model
         input_tokens, output_tokens = meter.input_tokens, meter.output_tokens
         cache_write_5m, cache_write_1h, cache_read = meter.cache_write_5m, meter.cache_write_1h, meter.cache_read
         reasoning_tokens, server_tool_requests = meter.reasoning_tokens, meter.server_tool_requests

@@ -6,6 +6,9 @@ of plain values, returning the head's bytes.
 from __future__ import annotations
 
 import enum
+import re
+
+import orjson
 
 from hubcore.http.server import status_line
 from hubcore.http.wire import render_head
@@ -56,6 +59,61 @@ def request_head(
     if body_size or method == b"POST":
         tail += b"content-length: %d\r\n" % body_size
     return render_head(start, headers, drop, tail + b"\r\n")
+
+
+# A JSON string (escapes included) or a bracket: everything between them is
+# whitespace, punctuation, numbers and literals, which cannot hide either.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]')
+_WHITESPACE = b" \t\r\n"
+
+
+def with_model(body: bytes, model: str) -> bytes | None:
+    """`body` with the value of its top-level "model" replaced by `model`,
+    every other byte as the client sent it; None when the body has no
+    top-level "model" whose value is a string (it then goes as it is, and
+    the vendor answers it). Every top-level "model" is replaced, should the
+    key be repeated: parsers differ on which one counts."""
+    spans: list[tuple[int, int]] = []
+    depth = 0
+    value_at = -1  # where the string value of a "model" key starts
+    for token in _JSON_TOKEN.finditer(body):
+        start = token.start()
+        first = body[start]
+        if first == 0x22:  # a string
+            if start == value_at:
+                spans.append((start, token.end()))
+            elif depth == 1:
+                after = _skip_whitespace(body, token.end())
+                if after < len(body) and body[after] == 0x3A and _is_model_key(token.group()):
+                    value_at = _skip_whitespace(body, after + 1)
+        elif first == 0x7B or first == 0x5B:  # { [
+            depth += 1
+        else:
+            depth -= 1
+    if not spans:
+        return None
+    replacement = orjson.dumps(model)
+    pieces = []
+    done = 0
+    for start, end in spans:
+        pieces += [body[done:start], replacement]
+        done = end
+    pieces.append(body[done:])
+    return b"".join(pieces)
+
+
+def _skip_whitespace(body: bytes, i: int) -> int:
+    n = len(body)
+    while i < n and body[i] in _WHITESPACE:
+        i += 1
+    return i
+
+
+def _is_model_key(token: bytes) -> bool:
+    if token == b'"model"':
+        return True
+    # The same key spelled with escapes ("mod\u0065l").
+    return b"\\" in token and orjson.loads(token) == "model"
 
 
 class Framing(enum.Enum):

@@ -55,6 +55,23 @@ def sweep_every(config: UpstreamConfig) -> float:
     )
 
 
+def ring_policy(config: UpstreamConfig) -> KeyPolicy:
+    """The key ring's policy: the configured one, with no circuit paused for
+    longer than `health_check_interval` when that is set, so the hub's probe
+    finds an upstream back within that interval of its return without a
+    user's request having to try it."""
+    policy, interval = config.policy, config.health_check_interval
+    if interval <= 0:
+        return policy
+    return dataclasses.replace(
+        policy,
+        circuit_pause=min(policy.circuit_pause, interval),
+        circuit_pause_max=min(policy.circuit_pause_max, interval),
+        circuit_probe_pause=min(policy.circuit_probe_pause, interval),
+        circuit_probe_pause_max=min(policy.circuit_probe_pause_max, interval),
+    )
+
+
 def new_pool(config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> Pool:
     """A pool for `config`'s origin (OSError, ssl.SSLError among them, when
     its `ca_file` cannot be loaded)."""
@@ -180,7 +197,7 @@ class UpstreamRuntime:
         # Pools a reload replaced whose connections were busy: closed at
         # shutdown if still so.
         self.retired: list[Pool] = []
-        self.ring = KeyRing(config.name, list(config.keys), config.policy)
+        self.ring = KeyRing(config.name, list(config.keys), ring_policy(config))
         self.prober = Prober(self, loop)
         self.host_header = b""
         self.base_path = b""
@@ -205,6 +222,39 @@ class UpstreamRuntime:
             name = b"x-api-key: " if self.auth_anthropic else b"authorization: Bearer "
             line = self._auth_lines[secret] = name + secret.encode() + b"\r\n"
         return line
+
+    # -- as the router sees it (routing.router.Candidate) -------------------------
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def priority(self) -> int:
+        return self.config.priority
+
+    @property
+    def weight(self) -> int:
+        return self.config.weight
+
+    @property
+    def group(self) -> str:
+        return self.config.group
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.config.models
+
+    @property
+    def failback(self) -> str:
+        return self.config.failback
+
+    @property
+    def in_flight(self) -> int:
+        return self.ring.in_flight
+
+    def usable(self) -> bool:
+        return self.ring.next_available_in() == 0.0
 
     # -- reload ------------------------------------------------------------------
 
@@ -239,7 +289,7 @@ class UpstreamRuntime:
             changes.append(f"new connection pool ({busy} requests in flight finish on the old one)")
         else:
             self.pool.sweeper.interval = sweep_every(config)
-        self.ring.replace_specs(list(config.keys), config.policy)
+        self.ring.replace_specs(list(config.keys), ring_policy(config))
         self._address(config)
         self.config = config
         return changes

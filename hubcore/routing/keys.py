@@ -752,6 +752,11 @@ class KeyRing:
     def labels(self) -> tuple[str, ...]:
         return tuple(self._keys)
 
+    @property
+    def in_flight(self) -> int:
+        """Attempts out on the ring's keys now (the hub's probes included)."""
+        return sum(key.in_flight for key in self._keys.values())
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Each key's state and counters for stats; never the secret. `until` is
         unix time; `requests` counts the hub's probes with the users'

@@ -103,6 +103,12 @@ class Router:
                 return only
         return None
 
+    def reconfigured(self) -> None:
+        """The upstreams' settings changed (a reload): forget what was
+        worked out from the old ones. Sessions stay where they are."""
+        self._serves.clear()
+        self._turns = {u.name: _Turn() for u in self.upstreams}
+
     def candidates(self, model: str | None, groups: AbstractSet[str] | None) -> list[Candidate]:
         """The upstreams that may serve `model` for a principal of `groups`
         (None: unrestricted), in configuration order."""
