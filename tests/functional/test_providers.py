@@ -1,0 +1,228 @@
+"""Several upstreams of one kind, end to end: two fake vendors behind one hub,
+the official SDK and raw requests as clients. The preferred upstream serves
+while it is healthy; in its outage every request succeeds through the
+backup, which gets the mapped model and otherwise the client's exact body;
+once it is back, new requests return to it within its health-check interval
+plus a second; with every candidate down the client gets one clean error."""
+from __future__ import annotations
+
+import http.client
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import orjson
+import pytest
+
+from tests.fakevendor import FakeVendor, RecordedRequest, expected_text
+from tests.hubharness import HubThread, make_config
+
+PRIMARY_KEY, BACKUP_KEY = "sk-ant-primary", "sk-ant-backup"
+HEALTH_CHECK = 0.5
+# The client's body, spaced as no serialiser would: the backup must get
+# these bytes with only the model's value changed.
+BODY = b'{ "model" :  "claude-sonnet-4-6", "max_tokens": 16,\n "messages": [{"role": "user", "content": "model: claude-sonnet-4-6"}],\n "metadata": {"model": "claude-sonnet-4-6"} }'
+MAPPED = BODY.replace(b'"model" :  "claude-sonnet-4-6"', b'"model" :  "relay-sonnet"', 1)
+
+
+def upstream(name: str, vendor_url: str, key: str, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "kind": "anthropic", "base_url": vendor_url, "keys": [{"key": key, "label": name}], **fields}
+
+
+@contextmanager
+def two_vendor_hub(tmp_path: Path, primary: FakeVendor, backup: FakeVendor, **backup_fields: Any) -> Iterator[tuple[HubThread, str]]:
+    config = make_config(tmp_path, [
+        upstream("primary", primary.url, PRIMARY_KEY, health_check_interval=HEALTH_CHECK),
+        upstream("backup", backup.url, BACKUP_KEY, priority=1,
+                 model_map={"claude-sonnet-4-6": "relay-sonnet"}, **backup_fields),
+    ])
+    with HubThread(config) as hub:
+        yield hub, hub.mint("dev")
+
+
+def post(hub: HubThread, token: str, body: bytes = BODY, session: str | None = None) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=30)
+    headers = {"x-api-key": token, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    if session is not None:
+        headers["x-claude-code-session-id"] = session
+    try:
+        conn.request("POST", "/v1/messages", body=body, headers=headers)
+        answer = conn.getresponse()
+        return answer.status, orjson.loads(answer.read())
+    finally:
+        conn.close()
+
+
+def posts(vendor: FakeVendor) -> list[RecordedRequest]:
+    return [r for r in vendor.requests if r.method == "POST"]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, "timed out"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_primary_while_healthy_backup_in_its_outage_and_back_after_it(tmp_path: Path) -> None:
+    primary = FakeVendor({PRIMARY_KEY: "ok"}).start()
+    port = primary.port
+    try:
+        with FakeVendor({BACKUP_KEY: "ok"}) as backup, two_vendor_hub(tmp_path, primary, backup) as (hub, token):
+            for _ in range(5):
+                status, answer = post(hub, token)
+                assert status == 200 and answer["content"][0]["text"] == expected_text()
+            assert len(posts(primary)) == 5 and posts(backup) == []
+            # The preferred upstream got the client's body untouched.
+            assert all(r.body == BODY for r in posts(primary))
+
+            primary.stop()  # connections refused from now on
+            for _ in range(20):
+                status, answer = post(hub, token)
+                assert status == 200, answer
+                assert answer["content"][0]["text"] == expected_text()
+            assert len(posts(backup)) == 20
+            for request in posts(backup):
+                assert request.body == MAPPED
+                assert request.key == BACKUP_KEY
+            rows = hub.wait_rows(25)
+            assert [r["upstream"] for r in rows[5:]] == ["backup"] * 20
+            # The row keeps the client's model: prices are looked up by it.
+            assert {r["model"] for r in rows} == {"claude-sonnet-4-6"}
+
+            primary = FakeVendor({PRIMARY_KEY: "ok"}, port=port).start()
+            back = time.monotonic()
+
+            def served_by_primary() -> bool:
+                status, _ = post(hub, token)
+                assert status == 200
+                return bool(posts(primary))
+
+            took = wait_until(served_by_primary, HEALTH_CHECK + 1.0)
+            print(f"first request on the primary {took:.3f} s after its return")
+            assert time.monotonic() - back < HEALTH_CHECK + 1.0
+            # And it stays there: new requests without a session all go back.
+            before = len(posts(backup))
+            for _ in range(5):
+                assert post(hub, token)[0] == 200
+            assert len(posts(backup)) == before
+    finally:
+        primary.stop()
+
+
+def test_every_candidate_down_is_one_clean_error_without_a_hang(tmp_path: Path) -> None:
+    primary = FakeVendor({PRIMARY_KEY: "ok"}).start()
+    backup = FakeVendor({BACKUP_KEY: "ok"}).start()
+    try:
+        with two_vendor_hub(tmp_path, primary, backup) as (hub, token):
+            primary.stop()
+            backup.stop()
+            client = anthropic.Anthropic(base_url=hub.url, api_key=token, max_retries=0, timeout=30)
+            for _ in range(8):
+                started = time.monotonic()
+                with pytest.raises(anthropic.APIStatusError) as info:
+                    client.messages.create(model="claude-sonnet-4-6", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+                assert time.monotonic() - started < 2.0
+                error = info.value
+                assert error.status_code in (502, 503)
+                assert isinstance(error.body, dict) and error.body["type"] == "error"
+                assert "x-should-retry" in error.response.headers or "retry-after" in error.response.headers
+            client.close()
+    finally:
+        primary.stop()
+        backup.stop()
+
+
+def test_a_5xx_moves_the_attempt_to_the_backup(tmp_path: Path) -> None:
+    with FakeVendor({PRIMARY_KEY: 529}) as primary, FakeVendor({BACKUP_KEY: "ok"}) as backup, \
+            two_vendor_hub(tmp_path, primary, backup) as (hub, token):
+        status, answer = post(hub, token)
+        assert status == 200 and answer["content"][0]["text"] == expected_text()
+        assert [r.status for r in posts(primary)] == [529]
+        assert [r.body for r in posts(backup)] == [MAPPED]
+        (row,) = hub.wait_rows(1)
+        assert (row["upstream"], row["attempts"]) == ("backup", 2)
+
+
+def test_a_session_keeps_its_fallback_and_new_sessions_return(tmp_path: Path) -> None:
+    primary = FakeVendor({PRIMARY_KEY: "ok"}).start()
+    port = primary.port
+    try:
+        with FakeVendor({BACKUP_KEY: "ok"}) as backup, two_vendor_hub(tmp_path, primary, backup) as (hub, token):
+            primary.stop()
+            assert post(hub, token, session="moved")[0] == 200
+            assert len(posts(backup)) == 1
+            primary = FakeVendor({PRIMARY_KEY: "ok"}, port=port).start()
+            wait_until(lambda: post(hub, token)[0] == 200 and bool(posts(primary)), HEALTH_CHECK + 1.0)
+            on_primary = len(posts(primary))
+            # Its prompt cache lives on the backup: it stays there.
+            for _ in range(3):
+                assert post(hub, token, session="moved")[0] == 200
+            assert len(posts(backup)) == 4 and len(posts(primary)) == on_primary
+            assert post(hub, token, session="new")[0] == 200
+            assert len(posts(primary)) == on_primary + 1
+    finally:
+        primary.stop()
+
+
+def test_failback_immediate_brings_a_moved_session_back(tmp_path: Path) -> None:
+    primary = FakeVendor({PRIMARY_KEY: "ok"}).start()
+    port = primary.port
+    try:
+        with FakeVendor({BACKUP_KEY: "ok"}) as backup:
+            config = make_config(tmp_path, [
+                upstream("primary", primary.url, PRIMARY_KEY, health_check_interval=HEALTH_CHECK, failback="immediate"),
+                upstream("backup", backup.url, BACKUP_KEY, priority=1),
+            ])
+            with HubThread(config) as hub:
+                token = hub.mint("dev")
+                primary.stop()
+                assert post(hub, token, session="s")[0] == 200 and len(posts(backup)) == 1
+                primary = FakeVendor({PRIMARY_KEY: "ok"}, port=port).start()
+                wait_until(lambda: post(hub, token, session="s")[0] == 200 and bool(posts(primary)), HEALTH_CHECK + 1.0)
+    finally:
+        primary.stop()
+
+
+def test_weights_split_a_tier_and_models_narrow_the_candidates(tmp_path: Path) -> None:
+    with FakeVendor({PRIMARY_KEY: "ok"}) as a, FakeVendor({BACKUP_KEY: "ok"}) as b, \
+            FakeVendor({"sk-ant-haiku": "ok"}) as haiku:
+        config = make_config(tmp_path, [
+            upstream("a", a.url, PRIMARY_KEY, weight=3),
+            upstream("b", b.url, BACKUP_KEY, weight=1),
+            upstream("haiku-relay", haiku.url, "sk-ant-haiku", models=["claude-haiku-*"], priority=-1),
+        ])
+        with HubThread(config) as hub:
+            token = hub.mint("dev")
+            for _ in range(40):
+                assert post(hub, token)[0] == 200
+            assert (len(posts(a)), len(posts(b)), len(posts(haiku))) == (30, 10, 0)
+            haiku_body = BODY.replace(b"claude-sonnet-4-6", b"claude-haiku-4-5")
+            for _ in range(3):
+                assert post(hub, token, haiku_body)[0] == 200
+            assert [r.body for r in posts(haiku)] == [haiku_body] * 3
+
+
+def test_a_body_without_a_string_model_goes_to_the_default_candidates_unchanged(tmp_path: Path) -> None:
+    with FakeVendor({PRIMARY_KEY: "ok"}) as primary, FakeVendor({BACKUP_KEY: "ok"}) as backup, \
+            two_vendor_hub(tmp_path, primary, backup) as (hub, token):
+        primary.set_key_behaviour(PRIMARY_KEY, 529)
+        body = b'{"model": 7, "max_tokens": 16, "messages": []}'
+        status, answer = post(hub, token, body)
+        # The vendor answers it (its 400), and the backup got it byte for byte.
+        assert status == 400 and answer["type"] == "error"
+        assert [r.body for r in posts(backup)] == [body]
+
+
+def test_no_upstream_serves_the_model(tmp_path: Path) -> None:
+    with FakeVendor({PRIMARY_KEY: "ok"}) as only:
+        config = make_config(tmp_path, [upstream("relay", only.url, PRIMARY_KEY, models=["claude-haiku-*"])])
+        with HubThread(config) as hub:
+            status, answer = post(hub, hub.mint("dev"))
+            assert status == 400
+            assert answer["error"]["message"] == "no anthropic upstream of this hub serves model 'claude-sonnet-4-6'"
+            assert only.requests == []
