@@ -83,6 +83,15 @@ TOKEN_CLASSES: tuple[str, ...] = ("input", "output", "cache_read", "cache_write_
 # final answer) counts as 2xx, anything past 599 as 5xx.
 UPSTREAM_STATUS_CLASSES: tuple[str, ...] = ("2xx", "3xx", "4xx", "5xx", "none")
 _STATUS_CLASS_OF: tuple[str, ...] = ("2xx", "2xx", "2xx", "3xx", "4xx", "5xx")  # by status // 100, up to 5
+NO_ANSWER = 0  # the status an attempt without an answer is counted under
+
+
+def status_class(status: int) -> str:
+    """The status_class label of an upstream's answer (NO_ANSWER: "none")."""
+    if status == NO_ANSWER:
+        return "none"
+    return _STATUS_CLASS_OF[min(max(status // 100, 0), 5)]
+
 
 # The kind label of hubcore_upstream_errors_total: routing.failures'
 # vocabulary, less the client leaving (no verdict on the upstream); a kind
@@ -208,7 +217,9 @@ class HubMetrics:
         self.upstream_retries: dict[str, int] = {}
         # Keyed by upstream names, which come from the config, times the
         # fixed label sets above: bounded without a cap.
-        self.upstream_requests: dict[tuple[str, str], int] = {}   # (upstream, status class)
+        # (upstream, status; NO_ANSWER when none): classed when read, which
+        # keeps the count a tuple and a dict update. HTTP statuses are three digits.
+        self.upstream_statuses: dict[tuple[str, int], int] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}     # (upstream, error kind)
         self.upstream_failovers: dict[tuple[str, str], int] = {}  # (from upstream, to upstream)
         # event loop
@@ -287,15 +298,16 @@ class HubMetrics:
     def upstream_answered(self, upstream: str, status: int) -> None:
         """An attempt on `upstream` got a response head with `status`. Each
         attempt is either answered or unanswered, once."""
-        status_class = _STATUS_CLASS_OF[min(max(status // 100, 0), 5)]
-        key = (upstream, status_class)
-        self.upstream_requests[key] = self.upstream_requests.get(key, 0) + 1
+        key = (upstream, status)
+        statuses = self.upstream_statuses
+        statuses[key] = statuses.get(key, 0) + 1
 
     def upstream_unanswered(self, upstream: str, kind: FailureKind | str) -> None:
         """An attempt on `upstream` ended with no response head: counted in
         status class "none" and as an error of `kind` (connect_failed, timeout)."""
-        key = (upstream, "none")
-        self.upstream_requests[key] = self.upstream_requests.get(key, 0) + 1
+        key = (upstream, NO_ANSWER)
+        statuses = self.upstream_statuses
+        statuses[key] = statuses.get(key, 0) + 1
         self.upstream_failed(upstream, kind)
 
     def upstream_failed(self, upstream: str, kind: FailureKind | str) -> None:
@@ -306,6 +318,15 @@ class HubMetrics:
             return
         key = (upstream, name)
         self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+
+    @property
+    def upstream_requests(self) -> dict[tuple[str, str], int]:
+        """Attempts by (upstream, status class), UPSTREAM_STATUS_CLASSES."""
+        out: dict[tuple[str, str], int] = {}
+        for (upstream, status), n in self.upstream_statuses.items():
+            key = (upstream, status_class(status))
+            out[key] = out.get(key, 0) + n
+        return out
 
     def failover(self, from_upstream: str, to_upstream: str) -> None:
         """A request moved from one upstream to another before its first byte."""
@@ -439,8 +460,8 @@ class HubMetrics:
 
         for name in self.upstream_attempts.keys() | self.upstream_retries.keys():
             block(name)
-        for (name, status_class), n in sorted(self.upstream_requests.items()):
-            block(name)["requests"][status_class] = n
+        for (name, category), n in sorted(self.upstream_requests.items()):
+            block(name)["requests"][category] = n
         for (name, kind), n in sorted(self.upstream_errors.items()):
             block(name)["errors"][kind] = n
         for (source, target), n in sorted(self.upstream_failovers.items()):
@@ -506,8 +527,8 @@ class HubMetrics:
         out.family("hubcore_upstream_requests_total", "counter",
                    "Attempts sent to an upstream, by the class of the status it answered with "
                    "(2xx, 3xx, 4xx, 5xx; none: no answer).")
-        for (name, status_class), n in sorted(self.upstream_requests.items()):
-            out.sample("hubcore_upstream_requests_total", n, upstream=name, status_class=status_class)
+        for (name, category), n in sorted(self.upstream_requests.items()):
+            out.sample("hubcore_upstream_requests_total", n, upstream=name, status_class=category)
         out.family("hubcore_upstream_errors_total", "counter",
                    "Failed attempts on an upstream, by kind (connect_failed, timeout, server_error, "
                    "overloaded, rate_limited, auth_failed, transient, stream_broken).")
