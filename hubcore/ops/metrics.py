@@ -215,11 +215,11 @@ class HubMetrics:
         # upstream
         self.upstream_attempts: dict[str, int] = {}            # upstream name
         self.upstream_retries: dict[str, int] = {}
-        # Keyed by upstream names, which come from the config, times the
-        # fixed label sets above: bounded without a cap.
-        # (upstream, status; NO_ANSWER when none): classed when read, which
-        # keeps the count a tuple and a dict update. HTTP statuses are three digits.
-        self.upstream_statuses: dict[tuple[str, int], int] = {}
+        # Keyed by upstream names, which come from the config, times small
+        # fixed sets: bounded without a cap. Statuses (three digits; NO_ANSWER
+        # for none) are put in classes when read, so that counting one is a
+        # tuple and a dict update on the request path.
+        self.upstream_statuses: dict[tuple[str, int], int] = {}   # (upstream, status)
         self.upstream_errors: dict[tuple[str, str], int] = {}     # (upstream, error kind)
         self.upstream_failovers: dict[tuple[str, str], int] = {}  # (from upstream, to upstream)
         # event loop
