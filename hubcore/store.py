@@ -142,6 +142,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE usage ADD COLUMN cost_basis TEXT;
     UPDATE usage SET cost_basis = 'unknown' WHERE cost_micros IS NULL AND model IS NOT NULL;
     """,
+    # 6: with several upstreams per kind, which model the upstream was asked
+    # for (NULL: the client's own id went as it was) and the attempts a
+    # request took ("primary/a:529,backup/c:200"; NULL: the hub answered).
+    """
+    ALTER TABLE usage ADD COLUMN served_model TEXT;
+    ALTER TABLE usage ADD COLUMN route TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,5 +1,5 @@
 """Usage reports over the usage table (`hubcore usage`): totals grouped by
-user, project, token, model, key, upstream or UTC day, and the --since/--until
+user, project, token, model, served model, key, upstream or UTC day, and the --since/--until
 time syntax. The numbers only: hubcore.cli.render writes them as a table, JSON or
 CSV.
 """
@@ -17,7 +17,10 @@ GROUPS: dict[str, str] = {
     "project": "project",
     # An id as text, like every other group; query() adds the token's user and note.
     "token": "CAST(token_id AS TEXT)",
+    # The client's model id: prices go by it.
     "model": "model",
+    # The id the upstream was asked for: the model_map's, else the client's own.
+    "served_model": "COALESCE(served_model, model)",
     # Key labels are only unique within an upstream, so the group names both.
     "key": "CASE WHEN key_label IS NULL THEN NULL "
            "ELSE COALESCE(upstream || '/', '') || key_label END",

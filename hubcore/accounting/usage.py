@@ -62,6 +62,12 @@ class UsageEvent:
     # price and this says how the cost was set (accounting.pricing.BASIS_*):
     # "estimate", "free", "refused" or "unknown" (cost_micros None).
     cost_basis: str | None = None
+    # The model id sent upstream when the upstream's model_map rewrote the
+    # client's; None when the client's id went as it was (see `model`).
+    served_model: str | None = None
+    # Every attempt, in order, as routing.attempts.AttemptChain renders it:
+    # "primary/a:529,backup/c:200". None: the hub answered by itself.
+    route: str | None = None
 
 
 # The usage table's columns carry the same names as UsageEvent's fields.

@@ -1,5 +1,5 @@
 """`hubcore usage`: usage and cost grouped by user, project, token, model,
-key, upstream or day, or (`--budgets`) spend against every budget."""
+served model, key, upstream or day, or (`--budgets`) spend against every budget."""
 from __future__ import annotations
 
 import argparse
@@ -16,8 +16,9 @@ from hubcore.governance.limits import SCOPE_KINDS
 
 def add_commands(sub: Subcommands) -> None:
     p = add_command(sub, "usage", "report usage and cost", run_usage)
-    p.add_argument("--by", default="user", choices=["user", "project", "token", "model", "key", "day", "upstream"],
-                   help="what to group by (default user); token also names each token's user and note")
+    p.add_argument("--by", default="user", choices=list(report.GROUPS),
+                   help="what to group by (default user); token also names each token's user and note; "
+                        "model is the client's model id, served_model the id the upstream was asked for")
     p.add_argument("--since", help="ISO 8601 time or date, or relative: 24h, 7d")
     p.add_argument("--until", help="ISO 8601 time or date, or relative: 24h, 7d")
     p.add_argument("--format", default="table", choices=list(render.FORMATS))

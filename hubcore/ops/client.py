@@ -245,6 +245,23 @@ def _counts(d: Mapping[str, Any]) -> str:
                                sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))))
 
 
+def format_upstreams(upstreams: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per upstream: attempts, then (from hubs that count them)
+    attempts by status class, errors by kind, and failovers to others."""
+    lines: list[str] = []
+    for name, u in sorted(upstreams.items()):
+        parts = [f"{u.get('attempts', 0)} attempts, {u.get('retries', 0)} retries"]
+        for field in ("requests", "errors"):
+            counts = u.get(field) or {}
+            if counts:
+                parts.append(", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        failovers = u.get("failovers") or {}
+        if failovers:
+            parts.append(", ".join(f"failed over to {to} {n}" for to, n in sorted(failovers.items())))
+        lines.append(("upstream    " if not lines else " " * 12) + printable(f"{name}: " + "; ".join(parts)))
+    return lines
+
+
 def format_stats(d: Mapping[str, Any], *, now: float | None = None) -> str:
     """The `hubcore stats` summary: one screen, the numbers an operator looks at first."""
     req = d.get("requests") or {}
@@ -264,11 +281,7 @@ def format_stats(d: Mapping[str, Any], *, now: float | None = None) -> str:
     refused = d.get("refused") or {}
     if refused:
         lines.append(f"refused     {_counts(refused)}")
-    upstream = d.get("upstream") or {}
-    if upstream:
-        lines.append("upstream    " + "  ".join(
-            f"{name} {u.get('attempts', 0)} attempts, {u.get('retries', 0)} retries"
-            for name, u in sorted(upstream.items())))
+    lines += format_upstreams(d.get("upstream") or {})
 
     lines.append("")
     latency = d.get("latency_s") or {}

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from hubcore.accounting.usage import UsageEvent
+from hubcore.routing.failures import FailureKind
 from hubcore.routing.keys import KeyState
 
 # Upper bounds in seconds, on a log scale with seven steps a decade (1, 1.5,
@@ -75,6 +76,33 @@ DEFAULT_MAX_SERIES = 2000
 OTHER_SERIES = ("_other", "_other", "_other")
 # The order of the token counters after cost in HubMetrics.usage rows.
 TOKEN_CLASSES: tuple[str, ...] = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+
+# The status_class label of hubcore_upstream_requests_total: what an attempt
+# was answered with, or "none" (no answer: refused, reset, timed out). A
+# fixed set, so a vendor's odd status cannot make new series: 1xx (never a
+# final answer) counts as 2xx, anything past 599 as 5xx.
+UPSTREAM_STATUS_CLASSES: tuple[str, ...] = ("2xx", "3xx", "4xx", "5xx", "none")
+_STATUS_CLASS_OF: tuple[str, ...] = ("2xx", "2xx", "2xx", "3xx", "4xx", "5xx")  # by status // 100, up to 5
+NO_ANSWER = 0  # the status an attempt without an answer is counted under
+
+
+def status_class(status: int) -> str:
+    """The status_class label of an upstream's answer (NO_ANSWER: "none")."""
+    if status == NO_ANSWER:
+        return "none"
+    return _STATUS_CLASS_OF[min(max(status // 100, 0), 5)]
+
+
+# The kind label of hubcore_upstream_errors_total: routing.failures'
+# vocabulary, less the client leaving (no verdict on the upstream); a kind
+# from elsewhere is counted as "other".
+UPSTREAM_ERROR_KINDS: tuple[str, ...] = (
+    *(kind.value for kind in FailureKind if kind is not FailureKind.CLIENT_ABORTED), "other",
+)
+_ERROR_KIND_OF: dict[object, str] = {
+    **{kind: kind.value for kind in FailureKind}, **{kind.value: kind.value for kind in FailureKind},
+}
+_NOT_AN_UPSTREAM_ERROR = FailureKind.CLIENT_ABORTED.value
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -187,6 +215,13 @@ class HubMetrics:
         # upstream
         self.upstream_attempts: dict[str, int] = {}            # upstream name
         self.upstream_retries: dict[str, int] = {}
+        # Keyed by upstream names, which come from the config, times small
+        # fixed sets: bounded without a cap. Statuses (three digits; NO_ANSWER
+        # for none) are put in classes when read, so that counting one is a
+        # tuple and a dict update on the request path.
+        self.upstream_statuses: dict[tuple[str, int], int] = {}   # (upstream, status)
+        self.upstream_errors: dict[tuple[str, str], int] = {}     # (upstream, error kind)
+        self.upstream_failovers: dict[tuple[str, str], int] = {}  # (from upstream, to upstream)
         # event loop
         self.loop_lag = 0.0
         self.loop_lag_max = 0.0
@@ -259,6 +294,44 @@ class HubMetrics:
         self.upstream_attempts[upstream] = self.upstream_attempts.get(upstream, 0) + 1
         if retry:
             self.upstream_retries[upstream] = self.upstream_retries.get(upstream, 0) + 1
+
+    def upstream_answered(self, upstream: str, status: int) -> None:
+        """An attempt on `upstream` got a response head with `status`. Each
+        attempt is either answered or unanswered, once."""
+        key = (upstream, status)
+        statuses = self.upstream_statuses
+        statuses[key] = statuses.get(key, 0) + 1
+
+    def upstream_unanswered(self, upstream: str, kind: FailureKind | str) -> None:
+        """An attempt on `upstream` ended with no response head: counted in
+        status class "none" and as an error of `kind` (connect_failed, timeout)."""
+        key = (upstream, NO_ANSWER)
+        statuses = self.upstream_statuses
+        statuses[key] = statuses.get(key, 0) + 1
+        self.upstream_failed(upstream, kind)
+
+    def upstream_failed(self, upstream: str, kind: FailureKind | str) -> None:
+        """An answered attempt on `upstream` failed (5xx, 529, 429, 401, or
+        the stream broke): one error of `kind`, a FailureKind or its value."""
+        name = _ERROR_KIND_OF.get(kind, "other")
+        if name == _NOT_AN_UPSTREAM_ERROR:
+            return
+        key = (upstream, name)
+        self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+
+    @property
+    def upstream_requests(self) -> dict[tuple[str, str], int]:
+        """Attempts by (upstream, status class), UPSTREAM_STATUS_CLASSES."""
+        out: dict[tuple[str, str], int] = {}
+        for (upstream, status), n in self.upstream_statuses.items():
+            key = (upstream, status_class(status))
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def failover(self, from_upstream: str, to_upstream: str) -> None:
+        """A request moved from one upstream to another before its first byte."""
+        key = (from_upstream, to_upstream)
+        self.upstream_failovers[key] = self.upstream_failovers.get(key, 0) + 1
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -359,13 +432,7 @@ class HubMetrics:
                 "hub_added": self.hub_added.summary(),
                 "queue_wait": self.queue_wait.summary(),
             },
-            "upstream": {
-                name: {
-                    "attempts": self.upstream_attempts.get(name, 0),
-                    "retries": self.upstream_retries.get(name, 0),
-                }
-                for name in sorted(self.upstream_attempts.keys() | self.upstream_retries.keys())
-            },
+            "upstream": self._upstream_snapshot(),
             "refused": dict(sorted(self.refused.items())),
             "loop_lag_s": {"last": self.loop_lag, "max": self.loop_lag_max},
             "tokens_loaded": tokens_loaded,
@@ -375,6 +442,32 @@ class HubMetrics:
                 for upstream, ring in (keys or {}).items()
             },
         }
+
+    def _upstream_snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per upstream: attempts, retries, attempts by status class, errors
+        by kind, and failovers from it by the upstream they went to."""
+        out: dict[str, dict[str, Any]] = {}
+
+        def block(name: str) -> dict[str, Any]:
+            entry = out.get(name)
+            if entry is None:
+                entry = out[name] = {
+                    "attempts": self.upstream_attempts.get(name, 0),
+                    "retries": self.upstream_retries.get(name, 0),
+                    "requests": {}, "errors": {}, "failovers": {},
+                }
+            return entry
+
+        for name in self.upstream_attempts.keys() | self.upstream_retries.keys():
+            block(name)
+        for (name, category), n in sorted(self.upstream_requests.items()):
+            block(name)["requests"][category] = n
+        for (name, kind), n in sorted(self.upstream_errors.items()):
+            block(name)["errors"][kind] = n
+        for (source, target), n in sorted(self.upstream_failovers.items()):
+            block(source)["failovers"][target] = n
+            block(target)
+        return dict(sorted(out.items()))
 
     def render_prometheus(
         self,
@@ -431,6 +524,20 @@ class HubMetrics:
                    "Attempts that retried a failed attempt on another key.")
         for name, n in sorted(self.upstream_retries.items()):
             out.sample("hubcore_upstream_retries_total", n, upstream=name)
+        out.family("hubcore_upstream_requests_total", "counter",
+                   "Attempts sent to an upstream, by the class of the status it answered with "
+                   "(2xx, 3xx, 4xx, 5xx; none: no answer).")
+        for (name, category), n in sorted(self.upstream_requests.items()):
+            out.sample("hubcore_upstream_requests_total", n, upstream=name, status_class=category)
+        out.family("hubcore_upstream_errors_total", "counter",
+                   "Failed attempts on an upstream, by kind (connect_failed, timeout, server_error, "
+                   "overloaded, rate_limited, auth_failed, transient, stream_broken).")
+        for (name, kind), n in sorted(self.upstream_errors.items()):
+            out.sample("hubcore_upstream_errors_total", n, upstream=name, kind=kind)
+        out.family("hubcore_upstream_failovers_total", "counter",
+                   "Requests that moved from one upstream to another before their first byte.")
+        for (source, target), n in sorted(self.upstream_failovers.items()):
+            out.sample("hubcore_upstream_failovers_total", n, **{"from": source, "to": target})
 
         out.family("hubcore_event_loop_lag_seconds", "gauge",
                    "Delay of the latest event-loop lag probe.")

@@ -80,7 +80,7 @@ def test_append_fsync_and_reopen_counts_the_lines(path: Path) -> None:
 def test_encoding_is_the_old_format_byte_for_byte_new_fields_last() -> None:
     event = decode_line(OLD_LINE)
     assert event is not None and event.cost_basis is None
-    assert encode_line(event) == OLD_LINE[:-2] + b',"cost_basis":null}\n'
+    assert encode_line(event) == OLD_LINE[:-2] + b',"cost_basis":null,"served_model":null,"route":null}\n'
     event.cost_basis = "estimate"
     again = decode_line(encode_line(event))
     assert again is not None and again.cost_basis == "estimate"

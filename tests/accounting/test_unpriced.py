@@ -227,8 +227,10 @@ def event(i: int, model: str | None, cost_micros: int | None, cost_basis: str | 
     )
 
 
-def test_cost_basis_is_the_last_column() -> None:
-    assert FIELDS[-1] == "cost_basis"
+def test_cost_basis_was_appended_after_the_columns_before_it() -> None:
+    # Fields are only ever appended: later ones (served_model, route) follow it.
+    assert FIELDS[FIELDS.index("cost_basis") - 1] == "output_estimated"
+    assert FIELDS.index("cost_basis") < FIELDS.index("served_model")
 
 
 async def test_the_recorder_counts_unpriced_requests_per_model_with_bounded_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,10 +257,13 @@ async def test_the_recorder_counts_unpriced_requests_per_model_with_bounded_labe
 
 def test_the_migration_marks_old_rows_without_a_cost(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
+    # The schema just before the migration that adds cost_basis (found by
+    # its text: later migrations follow it).
+    before = next(i for i, script in enumerate(store.MIGRATIONS) if "ADD COLUMN cost_basis" in script)
     conn = sqlite3.connect(path)
-    for script in store.MIGRATIONS[:-1]:
+    for script in store.MIGRATIONS[:before]:
         conn.executescript(script)
-    conn.execute(f"PRAGMA user_version = {store.SCHEMA_VERSION - 1}")
+    conn.execute(f"PRAGMA user_version = {before}")
     columns = "ts, request_id, endpoint, status, outcome, total_ms, model, cost_micros"
     conn.execute(f"INSERT INTO usage ({columns}) VALUES (1, 'r1', '/v1/messages', 200, 'ok', 1, 'mystery', NULL)")
     conn.execute(f"INSERT INTO usage ({columns}) VALUES (2, 'r2', '/v1/messages', 200, 'ok', 1, 'claude-sonnet-4-6', 5)")

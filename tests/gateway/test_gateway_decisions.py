@@ -467,7 +467,7 @@ def test_usage_event_fields_in_their_places() -> None:
         "cache_write_5m": 1, "cache_write_1h": 2, "cache_read": 3, "reasoning_tokens": 4,
         "server_tool_requests": 5, "stop_reason": "end_turn", "error_type": None, "cost_micros": 1234,
         "ttfb_ms": 12.5, "attempts": 2, "session_id": "session-1", "user_agent": "claude-cli/2.0",
-        "output_estimated": False, "cost_basis": None,
+        "output_estimated": False, "cost_basis": None, "served_model": None, "route": None,
     }
     assert prices.asked == [("anthropic", "claude-sonnet-4-6", 10, 20, 1, 2, 3, True)]
 

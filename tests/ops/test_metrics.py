@@ -193,8 +193,10 @@ def test_snapshot_is_json_ready_and_drops_unknown_key_fields() -> None:
         decoded["requests"]["by_route"]
     assert decoded["latency_s"]["total"]["count"] == 4
     assert decoded["latency_s"]["hub_added"]["p50"] == pytest.approx(m.hub_added.quantile(0.5))
-    assert decoded["upstream"] == {"anthropic": {"attempts": 2, "retries": 1},
-                                   "openai": {"attempts": 1, "retries": 0}}
+    assert decoded["upstream"] == {
+        "anthropic": {"attempts": 2, "retries": 1, "requests": {}, "errors": {}, "failovers": {}},
+        "openai": {"attempts": 1, "retries": 0, "requests": {}, "errors": {}, "failovers": {}},
+    }
     assert decoded["refused"] == {"budget": 1, "rate_limit": 2}
     assert decoded["writer"] == WRITER
     assert decoded["loop_lag_s"] == {"last": 0.0005, "max": 0.002}
