@@ -4,7 +4,10 @@ proxy checks, reloads.
 The database stores only a token's SHA-256 and a short display prefix; the
 token itself is shown once, when it is created or rotated. The server keeps
 every live token in a dict keyed by hash and swaps in a new dict whenever the
-tokens table's generation counter moves (bumped by triggers on every change).
+tokens table's generation counter moves (bumped by triggers on every change
+to tokens, users and projects). Each entry carries the upstream groups its
+requests may use, computed then from its token's, user's and project's
+limits, so that the request path reads them as one attribute.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hubcore.governance.limits import Limits, parse_column
+from hubcore.governance.limits import Limits, effective_groups, parse_column
 
 TOKEN_PREFIX = "hc-"
 # 32 random bytes: the token is as hard to guess as a vendor key.
@@ -33,6 +36,13 @@ class Principal:
     prefix: str
     # The token's own limits (the user's and project's live in the Limiter).
     limits: Limits | None = None
+    # The upstream groups its requests may use: the intersection of the groups
+    # restrictions of its token, user and project (limits.effective_groups).
+    # None: every group; empty: none at all (the Limiter refuses it).
+    groups: frozenset[str] | None = None
+    # (scope, the groups it allows) of each restriction, e.g. ("user alice",
+    # ("cheap",)), for the refusal's text; () as groups: unreadable limits.
+    group_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def hash_token(token: str | bytes) -> bytes:
@@ -157,17 +167,49 @@ def generation(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+# Each live token with its user's and project's limits, for its groups.
+_SELECT_LIVE = (
+    "SELECT t.id, t.hash, t.user, t.project, t.prefix, t.limits, u.limits, p.limits FROM tokens AS t"
+    " LEFT JOIN users AS u ON u.name = t.user LEFT JOIN projects AS p ON p.name = t.project"
+    " WHERE t.revoked_at IS NULL"
+)
+
+
 def load_table(conn: sqlite3.Connection) -> dict[bytes, Principal]:
-    rows = conn.execute(
-        "SELECT id, hash, user, project, prefix, limits FROM tokens WHERE revoked_at IS NULL"
-    ).fetchall()
-    return {
-        bytes(h): Principal(
-            token_id=i, user=u, project=p, prefix=pre,
-            limits=None if lim is None else parse_column(lim, f"token {i}"),
+    # A user's or project's limits are parsed once, however many tokens it has.
+    parsed: dict[tuple[str, str], Limits | None] = {}
+
+    def scope_limits(kind: str, name: str | None, text: str | None) -> Limits | None:
+        if name is None or text is None:
+            return None
+        key = (kind, name)
+        if key not in parsed:
+            parsed[key] = parse_column(text, f"{kind} {name}")
+        return parsed[key]
+
+    table: dict[bytes, Principal] = {}
+    for i, h, u, p, pre, lim, user_text, project_text in conn.execute(_SELECT_LIVE).fetchall():
+        scopes = (
+            (f"token {i}", None if lim is None else parse_column(lim, f"token {i}")),
+            (f"user {u}", scope_limits("user", u, user_text)),
+            (f"project {p}", scope_limits("project", p, project_text)),
         )
-        for i, h, u, p, pre, lim in rows
-    }
+        table[bytes(h)] = Principal(
+            token_id=i, user=u, project=p, prefix=pre, limits=scopes[0][1],
+            groups=effective_groups(*(limits for _, limits in scopes)),
+            group_rules=group_rules(scopes),
+        )
+    return table
+
+
+def group_rules(scopes: tuple[tuple[str, Limits | None], ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(scope, groups it allows) of each scope that restricts the groups;
+    () as groups for one whose limits cannot be read."""
+    return tuple(
+        (label, () if limits.error is not None else limits.groups)
+        for label, limits in scopes
+        if limits is not None and (limits.groups or limits.error is not None)
+    )
 
 
 def load_revoked(conn: sqlite3.Connection) -> dict[bytes, float]:
