@@ -118,7 +118,8 @@ class TokenInfo:
         return {
             "id": self.id, "prefix": self.prefix, "user": self.user, "project": self.project,
             "note": self.note, "created_at": self.created_at, "revoked_at": self.revoked_at,
-            "limits": limits_dict(self.limits), "last_used_at": self.last_used_at,
+            "limits": limits_dict(self.limits), "groups": groups_list(self.limits),
+            "last_used_at": self.last_used_at,
         }
 
 
@@ -129,6 +130,16 @@ def limits_dict(limits: Limits | None) -> dict[str, Any]:
     if limits.error is not None:
         return {"error": limits.error}
     return limits.to_dict()
+
+
+def groups_list(limits: Limits | None) -> list[str] | None:
+    """The `groups` of a scope's JSON: the upstream groups it is restricted
+    to, None when it is not; [] when its limits cannot be read (it may use none)."""
+    if limits is None:
+        return None
+    if limits.error is not None:
+        return []
+    return list(limits.groups) if limits.groups else None
 
 
 # A token's last use is its newest usage row: one seek per token into the
@@ -167,17 +178,29 @@ def generation(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-# Each live token with its user's and project's limits, for its groups.
-_SELECT_LIVE = (
+# A token with its user's and project's limits, for its groups.
+_SELECT_PRINCIPAL = (
     "SELECT t.id, t.hash, t.user, t.project, t.prefix, t.limits, u.limits, p.limits FROM tokens AS t"
     " LEFT JOIN users AS u ON u.name = t.user LEFT JOIN projects AS p ON p.name = t.project"
-    " WHERE t.revoked_at IS NULL"
 )
 
 
 def load_table(conn: sqlite3.Connection) -> dict[bytes, Principal]:
+    rows = conn.execute(_SELECT_PRINCIPAL + " WHERE t.revoked_at IS NULL").fetchall()
     # A user's or project's limits are parsed once, however many tokens it has.
     parsed: dict[tuple[str, str], Limits | None] = {}
+    return {bytes(row[1]): _principal(row, parsed) for row in rows}
+
+
+def principal(conn: sqlite3.Connection, token_id: int) -> Principal | None:
+    """The Principal of one token, revoked or not, as the hub would load it
+    (for `hubcore token show`); None if there is no token with that id."""
+    row = conn.execute(_SELECT_PRINCIPAL + " WHERE t.id = ?", (token_id,)).fetchone()
+    return None if row is None else _principal(row, {})
+
+
+def _principal(row: tuple[Any, ...], parsed: dict[tuple[str, str], Limits | None]) -> Principal:
+    token_id, _, user, project, prefix, token_text, user_text, project_text = row
 
     def scope_limits(kind: str, name: str | None, text: str | None) -> Limits | None:
         if name is None or text is None:
@@ -187,19 +210,16 @@ def load_table(conn: sqlite3.Connection) -> dict[bytes, Principal]:
             parsed[key] = parse_column(text, f"{kind} {name}")
         return parsed[key]
 
-    table: dict[bytes, Principal] = {}
-    for i, h, u, p, pre, lim, user_text, project_text in conn.execute(_SELECT_LIVE).fetchall():
-        scopes = (
-            (f"token {i}", None if lim is None else parse_column(lim, f"token {i}")),
-            (f"user {u}", scope_limits("user", u, user_text)),
-            (f"project {p}", scope_limits("project", p, project_text)),
-        )
-        table[bytes(h)] = Principal(
-            token_id=i, user=u, project=p, prefix=pre, limits=scopes[0][1],
-            groups=effective_groups(*(limits for _, limits in scopes)),
-            group_rules=group_rules(scopes),
-        )
-    return table
+    scopes = (
+        (f"token {token_id}", None if token_text is None else parse_column(token_text, f"token {token_id}")),
+        (f"user {user}", scope_limits("user", user, user_text)),
+        (f"project {project}", scope_limits("project", project, project_text)),
+    )
+    return Principal(
+        token_id=token_id, user=user, project=project, prefix=prefix, limits=scopes[0][1],
+        groups=effective_groups(*(limits for _, limits in scopes)),
+        group_rules=group_rules(scopes),
+    )
 
 
 def group_rules(scopes: tuple[tuple[str, Limits | None], ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
