@@ -13,9 +13,9 @@ from hubcore.cli.limits import add_limit_arguments, apply_limit_flags
 from hubcore.cli.notify import tell_hub
 from hubcore.config import zone
 from hubcore.governance import storage
-from hubcore.governance.tokens import groups_list
 from hubcore.governance.limiter import budget_report
 from hubcore.governance.limits import parse_column
+from hubcore.governance.tokens import groups_list
 
 _TABLES = {"user": "users", "project": "projects"}
 

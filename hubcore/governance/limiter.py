@@ -93,7 +93,8 @@ class Refused(HubError):
 
 def groups_refusal(principal: Principal) -> Refused:
     """The 403 for a principal whose token, user and project restrict it to
-    upstream groups with none in common (`principal.groups` empty)."""
+    upstream groups with none in common (`principal.groups` empty), naming
+    each restriction."""
     label = f"token {principal.token_id}"
     said = "; ".join(
         f"{scope} allows {','.join(groups)}" if groups else f"{scope} has limits that cannot be read"
@@ -101,7 +102,8 @@ def groups_refusal(principal: Principal) -> Refused:
     )
     return Refused(
         403, "no_upstream_group",
-        f"{label} may use no upstream group: {said or 'no group is allowed'}; no group is allowed by all of them",
+        f"{label} may use no upstream group: {said}; no group is allowed by all of them" if said
+        else f"{label} may use no upstream group",
         limit="groups", scope=label,
     )
 

@@ -1,8 +1,8 @@
 """The limits set on tokens, users and projects, as values: requests per
 minute, in-flight requests, USD budgets, model allow-lists, expiry, the
 upstream groups they may use; the budget windows, and how amounts and
-moments read. governance.storage keeps
-them in the database; governance.limiter enforces them.
+moments read. governance.storage keeps them in the database;
+governance.limiter enforces them.
 
 Windows. `5h` is rolling: spend in the current minute and the 299 before it
 (per-minute buckets). `day`, `week` (Monday 00:00) and `month` (the 1st, 00:00)
