@@ -3,8 +3,10 @@ they change a scope's limits.
 
 Flags change only what they name; the value `none` clears a limit:
 `--rpm none`, `--concurrency none`, `--budget day=none`, `--models none`,
-`--expires none`. A budget of 0 (`--budget day=0`) refuses every request.
-Errors in their values surface as argparse usage errors, before any write.
+`--expires none`, `--groups none`. A budget of 0 (`--budget day=0`) refuses
+every request. Errors in their values surface as argparse usage errors,
+before any write; those of `--groups` as a one-line CommandError (status 2)
+from apply_limit_flags, which runs before any write too.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
-from hubcore.governance.limits import MICROS_PER_USD, WINDOWS, Limits
+from hubcore.cli.common import USAGE, CommandError
+from hubcore.governance.limits import MICROS_PER_USD, WINDOWS, Limits, check_group_name
 
 
 class _Clear:
@@ -101,6 +104,27 @@ def _expires(text: str) -> float | _Clear:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def parse_groups(text: str) -> tuple[str, ...] | _Clear:
+    """`--groups cheap,fast` -> ("cheap", "fast"); `none` alone -> CLEAR.
+    ValueError names what is wrong. Only `none` clears: every other word is a
+    possible group name."""
+    if text.strip().lower() == "none":
+        return CLEAR
+    if not text.strip():
+        raise ValueError("--groups needs at least one group name, or 'none' to lift the restriction")
+    names = tuple(name.strip() for name in text.split(","))
+    if "" in names:
+        raise ValueError(f"--groups has an empty name in {text!r}")
+    for name in names:
+        if name.lower() == "none":
+            raise ValueError("'none' lifts the restriction and cannot be one of several groups")
+        check_group_name(name)
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"--groups names {name} twice")
+    return names
+
+
 # -- the flags -----------------------------------------------------------------------
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,16 +140,29 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                        help="allowed models, shell-style globs such as 'claude-sonnet-*'")
     group.add_argument("--expires", type=_expires, metavar="TIME",
                        help="ISO 8601 time or date after which requests are refused (UTC unless an offset is given)")
+    # Checked by apply_limit_flags, so that a bad name is one line, not argparse's usage.
+    group.add_argument("--groups", metavar="GROUP[,GROUP...]",
+                       help="the upstream groups (each [[upstream]]'s `group`) it may use; 'none': every group")
 
 
 def has_limit_flags(args: argparse.Namespace) -> bool:
-    return any(getattr(args, name, None) is not None for name in ("rpm", "concurrency", "budget", "models", "expires"))
+    return any(
+        getattr(args, name, None) is not None for name in ("rpm", "concurrency", "budget", "models", "expires", "groups")
+    )
 
 
 def apply_limit_flags(current: Limits | None, args: argparse.Namespace) -> Limits | None:
-    """`current` with the flags in `args` applied; None when nothing is left."""
+    """`current` with the flags in `args` applied; None when nothing is left.
+    CommandError (status 2) for a bad `--groups`."""
     base = current if current is not None and current.error is None else Limits()
     changes: dict[str, Any] = {}
+    groups_text = getattr(args, "groups", None)
+    if groups_text is not None:
+        try:
+            groups = parse_groups(groups_text)
+        except ValueError as e:
+            raise CommandError(str(e), USAGE) from None
+        changes["groups"] = () if groups is CLEAR else groups
     for name, attr in (("rpm", "rpm"), ("concurrency", "concurrency"), ("models", "models"), ("expires", "expires_at")):
         value = getattr(args, name, None)
         if value is CLEAR:

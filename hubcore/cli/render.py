@@ -18,7 +18,7 @@ import orjson
 from hubcore.accounting.report import Row
 from hubcore.governance.limiter import BudgetLine
 from hubcore.governance.limits import MICROS_PER_USD, Limits, format_time, format_usd
-from hubcore.governance.tokens import TokenInfo
+from hubcore.governance.tokens import Principal, TokenInfo
 
 __all__ = [
     "FORMATS",
@@ -28,6 +28,7 @@ __all__ = [
     "check_format",
     "format_time",
     "format_usd",
+    "groups_text",
     "limits_text",
     "table",
     "token_detail",
@@ -81,7 +82,26 @@ def limits_text(limits: Limits | None, tz: ZoneInfo | None = None) -> str:
         parts.append("models " + ",".join(limits.models))
     if limits.expires_at is not None:
         parts.append("expires " + format_time(limits.expires_at, tz))
+    if limits.groups:
+        parts.append("groups " + ",".join(limits.groups))
     return ", ".join(parts) or "no limits"
+
+
+def groups_text(principal: Principal) -> str:
+    """The upstream groups a token's requests may use: `any`, `cheap,fast`,
+    or with the restrictions they come from when its user or project has
+    some: `fast (token 7: cheap,fast; user alice: fast,slow)`, `none (...)`."""
+    groups = principal.groups
+    if groups is None:
+        return "any"
+    allowed = ",".join(sorted(groups)) or "none"
+    own = f"token {principal.token_id}"
+    if all(scope == own and rule for scope, rule in principal.group_rules):
+        return allowed
+    said = "; ".join(
+        f"{scope}: {','.join(rule) if rule else 'unreadable limits'}" for scope, rule in principal.group_rules
+    )
+    return f"{allowed} ({said})"
 
 
 def _lines(lines: Sequence[str]) -> str:
@@ -107,10 +127,12 @@ def token_table(rows: Sequence[TokenInfo]) -> str:
 
 def token_detail(
     info: TokenInfo, status: str, spend: Sequence[tuple[str, int, BudgetLine | None]], zone: ZoneInfo,
+    principal: Principal | None = None,
 ) -> str:
     """`hubcore token show`: the token's facts, then its spend per budget
     window, (window, micro-dollars, its budget line or None) each; times in
-    `zone`, the budget time zone."""
+    `zone`, the budget time zone. `principal`, the token as the hub loads it,
+    adds the upstream groups its requests may use when they are restricted."""
 
     def moment(ts: float | None, absent: str) -> str:
         return absent if ts is None else format_time(ts, zone)
@@ -132,6 +154,8 @@ def token_detail(
         ("status", state),
         ("limits", limits_text(info.limits, zone)),
     ]
+    if principal is not None and principal.groups is not None:
+        facts.append(("upstream groups", groups_text(principal)))
     width = max(len(name) for name, _ in facts) + 2
     lines = [(name + ":").ljust(width) + value for name, value in facts]
     rows: list[Sequence[str] | None] = [("WINDOW", "SPENT", "BUDGET", "REMAINING", "RESETS")]

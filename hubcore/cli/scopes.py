@@ -15,6 +15,7 @@ from hubcore.config import zone
 from hubcore.governance import storage
 from hubcore.governance.limiter import budget_report
 from hubcore.governance.limits import parse_column
+from hubcore.governance.tokens import groups_list
 
 _TABLES = {"user": "users", "project": "projects"}
 
@@ -77,7 +78,7 @@ def show(args: argparse.Namespace, ctx: Context) -> int:
     if getattr(args, "json", False):
         print(orjson.dumps({
             "kind": kind, "name": args.name, "limits": limits.to_dict() if limits else {},
-            "tokens": token_ids, "budgets": [line.to_dict() for line in lines],
+            "groups": groups_list(limits), "tokens": token_ids, "budgets": [line.to_dict() for line in lines],
         }).decode())
         return 0
     tz = zone(ctx.tz)
@@ -95,7 +96,8 @@ def list_scopes(args: argparse.Namespace, ctx: Context) -> int:
     entries = [(name, parse_column(text, f"{kind} {name}"), note) for name, text, note in rows]
     if getattr(args, "json", False):
         print(orjson.dumps([
-            {"name": n, "limits": lim.to_dict() if lim else {}, "note": note} for n, lim, note in entries
+            {"name": n, "limits": lim.to_dict() if lim else {}, "note": note, "groups": groups_list(lim)}
+            for n, lim, note in entries
         ]).decode())
         return 0
     tz = zone(ctx.tz)

@@ -58,10 +58,12 @@ def add_commands(sub: Subcommands) -> None:
 def create_token(args: argparse.Namespace, conn: sqlite3.Connection) -> tuple[int, str]:
     """tokens.create and its limit flags in one transaction, so that no reload
     can see the token without its limits: (id, token)."""
+    # Read before anything is written: a bad --groups stops the command here.
+    limits = apply_limit_flags(None, args) if has_limit_flags(args) else None
     conn.execute("BEGIN IMMEDIATE")
     try:
         token_id, token = tokens.create(conn, args.user, getattr(args, "project", None), getattr(args, "note", None))
-        if has_limit_flags(args) and not storage.write_limits(conn, "token", token_id, apply_limit_flags(None, args)):
+        if limits is not None and not storage.write_limits(conn, "token", token_id, limits):
             raise LookupError(f"no active token with id {token_id}")
         conn.execute("COMMIT")
     except BaseException:
@@ -114,7 +116,7 @@ def update(args: argparse.Namespace, ctx: Context) -> int:
     limits_given = has_limit_flags(args)
     if not limits_given and args.note is None:
         raise CommandError(
-            "nothing to update: give --note, --rpm, --concurrency, --budget, --models or --expires", USAGE
+            "nothing to update: give --note, --rpm, --concurrency, --budget, --models, --expires or --groups", USAGE
         )
     conn = ctx.conn
     conn.execute("BEGIN IMMEDIATE")
@@ -136,7 +138,9 @@ def update(args: argparse.Namespace, ctx: Context) -> int:
         raise
     tell_hub(args, conn)
     if getattr(args, "json", False):
-        print(orjson.dumps({"id": args.id, "note": note, "limits": tokens.limits_dict(new)}).decode())
+        print(orjson.dumps({
+            "id": args.id, "note": note, "limits": tokens.limits_dict(new), "groups": tokens.groups_list(new),
+        }).decode())
     else:
         said = "" if args.note is None else f"; note {note!r}" if note else "; note cleared"
         print(f"updated token {args.id}: {render.limits_text(new)}{said}")
@@ -192,12 +196,17 @@ def show(args: argparse.Namespace, ctx: Context) -> int:
         raise CommandError(str(e), USAGE) from None
     spend = token_spend(ctx.conn, info.id, ctx.tz, ctx.now)
     state = status(info, ctx.now)
+    # The token as the hub loads it: its groups with its user's and project's.
+    principal = tokens.principal(ctx.conn, info.id)
+    assert principal is not None  # the same token, read in the same command
     if args.json:
+        effective = principal.groups
         print(orjson.dumps({
-            **info.to_dict(), "status": state, "timezone": ctx.tz, "spend": spend_json(spend),
+            **info.to_dict(), "effective_groups": None if effective is None else sorted(effective),
+            "status": state, "timezone": ctx.tz, "spend": spend_json(spend),
         }).decode())
         return 0
-    sys.stdout.write(render.token_detail(info, state, spend, tz))
+    sys.stdout.write(render.token_detail(info, state, spend, tz, principal))
     return 0
 
 

@@ -75,7 +75,7 @@ class Refused(HubError):
     """A request a limit refuses: 429 for rate and concurrency, 403 otherwise.
 
     `limit` names the rule ("rpm", "concurrency", "budget_day", "models",
-    "expires_at", "unreadable"), `scope` whose rule it is ("token 12",
+    "expires_at", "unreadable", "groups"), `scope` whose rule it is ("token 12",
     "user alice"), `resets_at` when it lifts (unix seconds; None: not by
     itself). `code` is the OpenAI-style finer reason.
     """
@@ -89,6 +89,23 @@ class Refused(HubError):
         self.limit = limit
         self.scope = scope
         self.resets_at = resets_at
+
+
+def groups_refusal(principal: Principal) -> Refused:
+    """The 403 for a principal whose token, user and project restrict it to
+    upstream groups with none in common (`principal.groups` empty), naming
+    each restriction."""
+    label = f"token {principal.token_id}"
+    said = "; ".join(
+        f"{scope} allows {','.join(groups)}" if groups else f"{scope} has limits that cannot be read"
+        for scope, groups in principal.group_rules
+    )
+    return Refused(
+        403, "no_upstream_group",
+        f"{label} may use no upstream group: {said}; no group is allowed by all of them" if said
+        else f"{label} may use no upstream group",
+        limit="groups", scope=label,
+    )
 
 
 # -- counters ---------------------------------------------------------------------
@@ -170,7 +187,8 @@ class Limiter:
     counters, created on first use and kept across `update()`, which only
     swaps the limit definitions. `admit()` runs every check before it changes
     anything (a refused request consumes no rate), in a fixed order: expiry,
-    model, budget, rpm, concurrency, each over the token, user and project.
+    upstream groups, model, budget, rpm, concurrency, each over the token,
+    user and project.
     Costs come from `charge()`; every scope keeps its total, its current
     day/week/month (reset lazily when a period boundary passes; the current
     periods are computed once per boundary, not per request) and per-minute
@@ -230,7 +248,10 @@ class Limiter:
                 project = self._projects[principal.project] = _Scope(f"project {principal.project}")
             scopes = (token, user, project)
             project_limits = defined.projects.get(principal.project)
-        if token_limits is not None or user_limits is not None or project_limits is not None:
+        # principal.groups: a user's or project's groups restriction reaches
+        # the token table before update() brings its limits here.
+        if (token_limits is not None or user_limits is not None or project_limits is not None
+                or principal.groups is not None):
             checks = []
             if token_limits is not None:
                 checks.append((token_limits, token))
@@ -238,7 +259,7 @@ class Limiter:
                 checks.append((user_limits, user))
             if project_limits is not None:
                 checks.append((project_limits, scopes[2]))
-            self._check(checks, model, now, model_required)
+            self._check(checks, model, now, model_required, principal)
         for scope in scopes:
             scope.in_flight += 1
         return Admission(scopes)
@@ -257,7 +278,10 @@ class Limiter:
                 return True
         return False
 
-    def _check(self, checks: list[tuple[Limits, _Scope]], model: str | None, now: float, model_required: bool) -> None:
+    def _check(
+        self, checks: list[tuple[Limits, _Scope]], model: str | None, now: float, model_required: bool,
+        principal: Principal,
+    ) -> None:
         for limits, scope in checks:
             if limits.error is not None:
                 raise Refused(
@@ -271,6 +295,9 @@ class Limiter:
                     f"{scope.label} expired at {format_time(limits.expires_at, self.tz)}",
                     limit="expires_at", scope=scope.label,
                 )
+        groups = principal.groups
+        if groups is not None and not groups:
+            raise groups_refusal(principal)
         if model is not None:
             for limits, scope in checks:
                 if limits.model_re is not None and limits.model_re.match(model) is None:

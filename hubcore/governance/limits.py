@@ -1,7 +1,8 @@
 """The limits set on tokens, users and projects, as values: requests per
-minute, in-flight requests, USD budgets, model allow-lists, expiry; the
-budget windows, and how amounts and moments read. governance.storage keeps
-them in the database; governance.limiter enforces them.
+minute, in-flight requests, USD budgets, model allow-lists, expiry, the
+upstream groups they may use; the budget windows, and how amounts and
+moments read. governance.storage keeps them in the database;
+governance.limiter enforces them.
 
 Windows. `5h` is rolling: spend in the current minute and the 299 before it
 (per-minute buckets). `day`, `week` (Monday 00:00) and `month` (the 1st, 00:00)
@@ -10,6 +11,11 @@ are calendar windows in the Limiter's timezone (`tz`, an IANA name such as
 `total` never resets. A spend is placed in a window by the usage event's `ts`
 (when the request arrived), exactly as `Limiter.rebuild()` places rows from
 the table.
+
+Groups. Each `[[upstream]]` belongs to one `group`; a token, user or project
+may be restricted to some groups. A request may use the groups every
+restriction set on its token, user and project allows (their intersection;
+`effective_groups`), every group when none is set.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ log = logging.getLogger("hubcore.limits")
 WINDOWS = ("5h", "day", "week", "month", "total")
 SCOPE_KINDS = ("token", "user", "project")
 MICROS_PER_USD = 1_000_000
+# An upstream group's name, as the config's `group` takes it.
+GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 # -- the limits ---------------------------------------------------------------
@@ -46,6 +54,7 @@ class Limits:
     budget_total: int | None = None
     models: tuple[str, ...] = ()       # shell-style globs; empty: any model
     expires_at: float | None = None    # unix seconds
+    groups: tuple[str, ...] = ()       # upstream groups it may use; empty: every group
     # Set when stored limits could not be read: every request is refused
     # (fail closed) with this text until an operator rewrites them.
     error: str | None = None
@@ -77,6 +86,12 @@ class Limits:
             or not math.isfinite(self.expires_at)
         ):
             raise ValueError(f"expires_at must be unix seconds, not {self.expires_at!r}")
+        if not isinstance(self.groups, tuple):
+            raise ValueError(f"groups must be a tuple of group names, not {self.groups!r}")
+        for name in self.groups:
+            check_group_name(name)
+        if len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"groups name a group twice: {', '.join(self.groups)}")
 
     def budget(self, window: str) -> int | None:
         value: int | None = getattr(self, "budget_" + window)
@@ -99,6 +114,8 @@ class Limits:
             out["models"] = list(self.models)
         if self.expires_at is not None:
             out["expires_at"] = float(self.expires_at)
+        if self.groups:
+            out["groups"] = list(self.groups)
         return out
 
     def to_json(self) -> str | None:
@@ -110,7 +127,9 @@ class Limits:
     def from_dict(cls, data: dict[str, Any]) -> Limits:
         if not isinstance(data, dict):
             raise ValueError("limits must be a JSON object")
-        unknown = set(data) - {"rpm", "concurrency", "budget_micros", "models", "expires_at"}
+        # An unknown field makes the limits unreadable, which refuses the
+        # scope's requests: a hub older than a field fails closed on it.
+        unknown = set(data) - {"rpm", "concurrency", "budget_micros", "models", "expires_at", "groups"}
         if unknown:
             raise ValueError(f"unknown limit fields: {', '.join(sorted(unknown))}")
         budgets = data.get("budget_micros") or {}
@@ -122,11 +141,15 @@ class Limits:
         models = data.get("models") or []
         if not isinstance(models, list):
             raise ValueError("models must be a list of patterns")
+        groups = data.get("groups", [])
+        if not isinstance(groups, list):
+            raise ValueError("groups must be a list of group names")
         return cls(
             rpm=data.get("rpm"),
             concurrency=data.get("concurrency"),
             models=tuple(models),
             expires_at=data.get("expires_at"),
+            groups=tuple(groups),
             **{"budget_" + w: v for w, v in budgets.items()},
         )
 
@@ -141,6 +164,31 @@ class Limits:
             raise ValueError(f"limits are not JSON: {e}") from e
         limits = cls.from_dict(data)
         return None if limits.empty else limits
+
+
+def check_group_name(name: object) -> str:
+    """`name` if it is a group name; else ValueError saying what one is."""
+    if not isinstance(name, str) or GROUP_NAME.fullmatch(name) is None:
+        raise ValueError(
+            f"{name!r} is not a group name: 1 to 64 of the letters A-Z and a-z, the digits, '_', '.' and '-'"
+        )
+    return name
+
+
+def effective_groups(*scopes: Limits | None) -> frozenset[str] | None:
+    """The upstream groups a request may use, given the limits of its token,
+    user and project: the intersection of the groups restrictions among them,
+    None (every group) when none restricts. An empty set: no group at all.
+    Unreadable limits allow no group (fail closed, as everywhere else)."""
+    allowed: frozenset[str] | None = None
+    for limits in scopes:
+        if limits is None:
+            continue
+        if limits.error is not None:
+            return frozenset()
+        if limits.groups:
+            allowed = frozenset(limits.groups) if allowed is None else allowed.intersection(limits.groups)
+    return allowed
 
 
 def parse_column(text: str | bytes | None, label: str) -> Limits | None:

@@ -1,8 +1,10 @@
 """Where limits live: one JSON object in a `limits` column of `tokens`,
 `users` and `projects` (migration 2; NULL: no limits), e.g.
 `{"rpm": 60, "concurrency": 4, "budget_micros": {"day": 5000000},
-"models": ["claude-sonnet-*"], "expires_at": 1767225600.0}`. Budgets are
-integer micro-dollars, `expires_at` unix seconds. Triggers on all three tables
+"models": ["claude-sonnet-*"], "expires_at": 1767225600.0, "groups": ["cheap"]}`.
+Budgets are integer micro-dollars, `expires_at` unix seconds, `groups` the
+upstream groups the scope may use (no migration: a hub older than the field
+finds the limits unreadable and refuses the scope's requests, fail closed). Triggers on all three tables
 bump the tokens generation counter, so a running server reloads within its
 token reload interval.
 """

@@ -4,7 +4,10 @@ proxy checks, reloads.
 The database stores only a token's SHA-256 and a short display prefix; the
 token itself is shown once, when it is created or rotated. The server keeps
 every live token in a dict keyed by hash and swaps in a new dict whenever the
-tokens table's generation counter moves (bumped by triggers on every change).
+tokens table's generation counter moves (bumped by triggers on every change
+to tokens, users and projects). Each entry carries the upstream groups its
+requests may use, computed then from its token's, user's and project's
+limits, so that the request path reads them as one attribute.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hubcore.governance.limits import Limits, parse_column
+from hubcore.governance.limits import Limits, effective_groups, parse_column
 
 TOKEN_PREFIX = "hc-"
 # 32 random bytes: the token is as hard to guess as a vendor key.
@@ -33,6 +36,13 @@ class Principal:
     prefix: str
     # The token's own limits (the user's and project's live in the Limiter).
     limits: Limits | None = None
+    # The upstream groups its requests may use: the intersection of the groups
+    # restrictions of its token, user and project (limits.effective_groups).
+    # None: every group; empty: none at all (the Limiter refuses it).
+    groups: frozenset[str] | None = None
+    # (scope, the groups it allows) of each restriction, e.g. ("user alice",
+    # ("cheap",)), for the refusal's text; () as groups: unreadable limits.
+    group_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def hash_token(token: str | bytes) -> bytes:
@@ -108,7 +118,8 @@ class TokenInfo:
         return {
             "id": self.id, "prefix": self.prefix, "user": self.user, "project": self.project,
             "note": self.note, "created_at": self.created_at, "revoked_at": self.revoked_at,
-            "limits": limits_dict(self.limits), "last_used_at": self.last_used_at,
+            "limits": limits_dict(self.limits), "groups": groups_list(self.limits),
+            "last_used_at": self.last_used_at,
         }
 
 
@@ -119,6 +130,16 @@ def limits_dict(limits: Limits | None) -> dict[str, Any]:
     if limits.error is not None:
         return {"error": limits.error}
     return limits.to_dict()
+
+
+def groups_list(limits: Limits | None) -> list[str] | None:
+    """The `groups` of a scope's JSON: the upstream groups it is restricted
+    to, None when it is not; [] when its limits cannot be read (it may use none)."""
+    if limits is None:
+        return None
+    if limits.error is not None:
+        return []
+    return list(limits.groups) if limits.groups else None
 
 
 # A token's last use is its newest usage row: one seek per token into the
@@ -157,17 +178,58 @@ def generation(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+# A token with its user's and project's limits, for its groups.
+_SELECT_PRINCIPAL = (
+    "SELECT t.id, t.hash, t.user, t.project, t.prefix, t.limits, u.limits, p.limits FROM tokens AS t"
+    " LEFT JOIN users AS u ON u.name = t.user LEFT JOIN projects AS p ON p.name = t.project"
+)
+
+
 def load_table(conn: sqlite3.Connection) -> dict[bytes, Principal]:
-    rows = conn.execute(
-        "SELECT id, hash, user, project, prefix, limits FROM tokens WHERE revoked_at IS NULL"
-    ).fetchall()
-    return {
-        bytes(h): Principal(
-            token_id=i, user=u, project=p, prefix=pre,
-            limits=None if lim is None else parse_column(lim, f"token {i}"),
-        )
-        for i, h, u, p, pre, lim in rows
-    }
+    rows = conn.execute(_SELECT_PRINCIPAL + " WHERE t.revoked_at IS NULL").fetchall()
+    # A user's or project's limits are parsed once, however many tokens it has.
+    parsed: dict[tuple[str, str], Limits | None] = {}
+    return {bytes(row[1]): _principal(row, parsed) for row in rows}
+
+
+def principal(conn: sqlite3.Connection, token_id: int) -> Principal | None:
+    """The Principal of one token, revoked or not, as the hub would load it
+    (for `hubcore token show`); None if there is no token with that id."""
+    row = conn.execute(_SELECT_PRINCIPAL + " WHERE t.id = ?", (token_id,)).fetchone()
+    return None if row is None else _principal(row, {})
+
+
+def _principal(row: tuple[Any, ...], parsed: dict[tuple[str, str], Limits | None]) -> Principal:
+    token_id, _, user, project, prefix, token_text, user_text, project_text = row
+
+    def scope_limits(kind: str, name: str | None, text: str | None) -> Limits | None:
+        if name is None or text is None:
+            return None
+        key = (kind, name)
+        if key not in parsed:
+            parsed[key] = parse_column(text, f"{kind} {name}")
+        return parsed[key]
+
+    scopes = (
+        (f"token {token_id}", None if token_text is None else parse_column(token_text, f"token {token_id}")),
+        (f"user {user}", scope_limits("user", user, user_text)),
+        (f"project {project}", scope_limits("project", project, project_text)),
+    )
+    return Principal(
+        token_id=token_id, user=user, project=project, prefix=prefix, limits=scopes[0][1],
+        groups=effective_groups(*(limits for _, limits in scopes)),
+        group_rules=group_rules(scopes),
+    )
+
+
+def group_rules(scopes: tuple[tuple[str, Limits | None], ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(scope, groups it allows) of each scope that restricts the groups;
+    () as groups for one whose limits cannot be read."""
+    return tuple(
+        (label, () if limits.error is not None else limits.groups)
+        for label, limits in scopes
+        if limits is not None and (limits.groups or limits.error is not None)
+    )
 
 
 def load_revoked(conn: sqlite3.Connection) -> dict[bytes, float]:

@@ -157,7 +157,7 @@ def test_list_adds_limits_and_last_use_and_keeps_its_keys(config: Path, db: sqli
     insert_usage(db, used["id"], "alice", [(time.time() - 7200, USD), (time.time() - 60, USD)])
     listed = orjson.loads(ok(config, "token", "list", "--json"))
     assert [set(row) for row in listed] == [{
-        "id", "prefix", "user", "project", "note", "created_at", "revoked_at", "limits", "last_used_at",
+        "id", "prefix", "user", "project", "note", "created_at", "revoked_at", "limits", "groups", "last_used_at",
     }] * 2
     assert listed[0]["limits"] == {"rpm": 10, "budget_micros": {"day": 5 * USD}}
     assert listed[0]["last_used_at"] == pytest.approx(time.time() - 60, abs=30)
@@ -182,7 +182,7 @@ def test_update_note_alone_or_with_limits(config: Path) -> None:
     assert shown["note"] == "ci runner" and shown["limits"] == {"rpm": 10}
 
     out = orjson.loads(ok(config, "token", "update", str(made["id"]), "--note", "", "--concurrency", "3", "--json"))
-    assert out == {"id": made["id"], "note": None, "limits": {"rpm": 10, "concurrency": 3}}
+    assert out == {"id": made["id"], "note": None, "limits": {"rpm": 10, "concurrency": 3}, "groups": None}
 
     ok(config, "token", "revoke", str(made["id"]))
     refused = hubcore(config, "token", "update", str(made["id"]), "--note", "x")
