@@ -503,8 +503,11 @@ def _parse_upstream(raw: dict[str, Any], source: str, where: str, env: dict[str,
         raise ConfigError(f"{source}: {where}.weight: must be at least 1")
     if not math.isfinite(upstream.cost_multiplier):
         raise ConfigError(f"{source}: {where}.cost_multiplier: must be a finite number >= 0")
-    if not GROUP_NAME.fullmatch(upstream.group):
-        raise ConfigError(f"{source}: {where}.group: {upstream.group!r} is not a group name ({GROUP_NAME.pattern})")
+    if not GROUP_NAME.fullmatch(upstream.group) or upstream.group.lower() == "none":
+        # "none" is what `--groups none` clears a restriction with: no
+        # token could name such a group.
+        raise ConfigError(f"{source}: {where}.group: {upstream.group!r} is not a group name "
+                          f"({GROUP_NAME.pattern}, and not \"none\")")
     if upstream.failback not in FAILBACKS:
         raise ConfigError(f"{source}: {where}.failback: must be {' or '.join(map(repr, FAILBACKS))}")
     return dataclasses.replace(upstream, keys=tuple(keys), policy=policy, models=models, model_map=model_map)

@@ -22,8 +22,9 @@ from hubcore.accounting import meter as sse
 from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.config import Config, UpstreamConfig
 from hubcore.errors import ANTHROPIC, HubError, MeterError
+from hubcore.routing.attempts import AttemptChain
 from hubcore.routing.failures import (
-    CIRCUIT_KINDS, CLIENT_ABORTED, STREAM_BROKEN, Failure, classify, in_stream_failure, retryable, transport_failure,
+    CIRCUIT_KINDS, CLIENT_ABORTED, STREAM_BROKEN, Failure, FailureKind, classify, in_stream_failure, retryable, transport_failure,
 )
 from hubcore.routing.keys import KeyRing, Lease
 from hubcore.routing.router import Router
@@ -32,6 +33,7 @@ from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response
 from hubcore.gateway.routes import Route, authenticate, flavour_for_path, printable_path, route_for, session_from_headers
 from hubcore.gateway.upstreams import UpstreamRuntime
 from hubcore.http.server import HttpProtocol, Request
+from hubcore.governance.limiter import groups_refusal
 from hubcore.governance.tokens import Principal, TokenTable
 from hubcore.http.client import ResponseHead, UpstreamConnection, UpstreamError, UpstreamTimeout
 from hubcore.http.wire import HeaderCollector
@@ -89,6 +91,10 @@ class Metrics(Protocol):
     def observe_hub_added(self, seconds: float) -> None: ...
     def observe_queue_wait(self, seconds: float) -> None: ...
     def upstream_attempt(self, upstream: str, *, retry: bool = False) -> None: ...
+    def upstream_answered(self, upstream: str, status: int) -> None: ...
+    def upstream_unanswered(self, upstream: str, kind: FailureKind) -> None: ...
+    def upstream_failed(self, upstream: str, kind: FailureKind) -> None: ...
+    def failover(self, from_upstream: str, to_upstream: str) -> None: ...
     def refuse(self, reason: str) -> None: ...
 
 
@@ -294,6 +300,11 @@ class Exchange:
     # (model id, body) of the latest attempt when its upstream's model_map
     # rewrote the body's model; None: the client's body went as it is.
     mapped: tuple[str, list[bytes]] | None = None
+    # The attempts so far, as the usage row's route; the latest one is open
+    # (its outcome not added yet) from _count_attempt to _end_attempt.
+    chain: AttemptChain | None = None
+    attempt_upstream = ""
+    attempt_open = False
     lease: Lease | None = None
     admission: Admission | None = None
     key_label: str | None = None
@@ -478,7 +489,7 @@ class Exchange:
                     or (limiter is not None and limiter.needs_model(self.principal))):
                 self._scan_body()
         router = self.hub.routers.get(route.kind)
-        upstream = router.single if router is not None else None
+        upstream = router.single if router is not None and self.principal.groups is None else None
         if upstream is None:
             upstream = self._route(route.kind, router)
         if not upstream.config.keys:
@@ -505,9 +516,13 @@ class Exchange:
         honest answer (a rest to wait out, or the 503 of open circuits)."""
         if router is None:
             raise HubError(503, f"no {kind} upstream key is configured; the hub operator must add one")
+        groups = self._groups()
+        if groups is not None and not groups and self.principal is not None:
+            # Token, user and project allow no group in common (the limiter
+            # refuses it too, but routing comes first).
+            raise groups_refusal(self.principal)
         if not self.scanned and self.request.method == b"POST":
             self._scan_body()
-        groups = self._groups()
         chosen = router.choose(self.model, groups, self.session_id)
         if chosen is not None:
             return chosen
@@ -526,7 +541,8 @@ class Exchange:
 
     def _groups(self) -> frozenset[str] | None:
         """The upstream groups the principal may use; None: every one."""
-        return None
+        principal = self.principal
+        return principal.groups if principal is not None else None
 
     def _next_upstream(self, upstream: UpstreamRuntime, tried: set[str]) -> UpstreamRuntime | None:
         """Another upstream of the route's kind with a usable key, for the
@@ -538,6 +554,10 @@ class Exchange:
             return None
         tried.add(upstream.config.name)
         return router.choose(self.model, self._groups(), self.session_id, tried)
+
+    def _failover(self, away: UpstreamRuntime, to: UpstreamRuntime) -> None:
+        if self.hub.metrics is not None:
+            self.hub.metrics.failover(away.config.name, to.config.name)
 
     def report(self) -> None:
         """The request has ended: count it in the hub's metrics, if kept."""
@@ -624,6 +644,7 @@ class Exchange:
                     # for a rest here.
                     moved = self._next_upstream(upstream, spent)
                     if moved is not None:
+                        self._failover(upstream, moved)
                         upstream = self.upstream = moved
                         ring = moved.ring
                         tried, previous, reason = set(), None, None
@@ -645,6 +666,9 @@ class Exchange:
                 reason = transport_failure(e)
                 ring.release(lease, reason)
                 self.lease = None
+                self._end_attempt(e.kind)
+                if self.hub.metrics is not None:
+                    self.hub.metrics.upstream_unanswered(upstream.config.name, reason.kind)
                 last_exc, last_error = e, None
                 if final:
                     self._give_up(upstream, None, e, None)
@@ -660,6 +684,9 @@ class Exchange:
                     self._enter(_SENDING)
                     ring.release(lease, failure)
                     self.lease = None
+                    self._end_attempt(head.status)
+                    if self.hub.metrics is not None:
+                        self.hub.metrics.upstream_failed(upstream.config.name, failure.kind)
                     last_error, last_exc = (head, body), None
                     reason = failure
                     if final:
@@ -672,6 +699,11 @@ class Exchange:
                         reason = transport_failure(e.error)
                         ring.release(lease, reason)
                         self.lease = None
+                        # Answered, then cut before a byte reached the client:
+                        # its status would read as a success.
+                        self._end_attempt(e.error.kind)
+                        if self.hub.metrics is not None:
+                            self.hub.metrics.upstream_failed(upstream.config.name, reason.kind)
                         last_exc, last_error = e.error, None
                         if final:
                             self._give_up(upstream, None, e.error, None)
@@ -687,6 +719,7 @@ class Exchange:
                 # take it, else to another key of this one.
                 moved = self._next_upstream(upstream, spent)
                 if moved is not None:
+                    self._failover(upstream, moved)
                     upstream = self.upstream = moved
                     ring = moved.ring
                     tried, previous, reason = set(), None, None
@@ -694,8 +727,19 @@ class Exchange:
     def _count_attempt(self, cfg: UpstreamConfig, lease: Lease) -> None:
         self.key_label = lease.label
         self.attempts += 1
+        self.attempt_upstream = cfg.name
+        self.attempt_open = True
+        if self.chain is None:
+            self.chain = AttemptChain()
         if self.hub.metrics is not None:
             self.hub.metrics.upstream_attempt(cfg.name, retry=self.attempts > 1)
+
+    def _end_attempt(self, outcome: int | str) -> None:
+        """The latest attempt ended with `outcome` (its HTTP status, or the
+        HTTP client's word for no usable answer): one link of the route."""
+        if self.attempt_open and self.chain is not None:
+            self.attempt_open = False
+            self.chain.add(self.attempt_upstream, self.key_label or "-", outcome)
 
     def _release_lease(self, lease: Lease | None, failure: Failure | None) -> None:
         """The answer streamed to its end: its key goes back with what the
@@ -824,6 +868,8 @@ class Exchange:
         read go out at once rather than after this request's task wakes up.
         The task then finds it streaming (see _stream)."""
         failure = self.head_failure = classify(head.status, head.headers)
+        if self.hub.metrics is not None:
+            self.hub.metrics.upstream_answered(self.attempt_upstream, head.status)
         if failure is None or not retryable(failure):
             self._begin_stream(head)
         else:
@@ -959,6 +1005,8 @@ class Exchange:
         if self.lease is not None and self.upstream is not None:
             self.upstream.ring.release(self.lease, STREAM_BROKEN)
             self.lease = None
+            if self.hub.metrics is not None:
+                self.hub.metrics.upstream_failed(self.upstream.config.name, FailureKind.STREAM_BROKEN)
         self._end_with_error_event(f"upstream stream failed: {exc}")
 
     def _end_with_error_event(self, message: str) -> None:
@@ -1041,6 +1089,9 @@ class Exchange:
             return  # unauthenticated: no row (a flood of them must not fill the database)
         self._close_meter()
         self._scan_unless_named()  # refused, or failed before a byte: the body is still here
+        if self.attempt_open:
+            head = self.head
+            self._end_attempt(head.status if head is not None else "client_gone" if self.gone else "none")
         upstream, ttfb = self.upstream, self.ttfb
         event = usage_event(
             self.ts, self.request_id, route.endpoint, self.status, self.outcome, (now - self.t0) * 1000.0,
@@ -1048,6 +1099,7 @@ class Exchange:
             self.error_type, (ttfb - self.t0) * 1000.0 if ttfb is not None else None, self.attempts,
             self.session_id, _decode(self.request.header(b"user-agent")), self.sse_body, self.meter, route.kind,
             self.hub.prices, self.mapped[0] if self.mapped is not None else None,
+            self.chain.render() if self.chain is not None else None,
         )
         self.hub.recorder.record(event)
         self._log(now, event)
@@ -1099,6 +1151,7 @@ def usage_event(
     vendor: str,
     prices: Pricer | None,
     served_model: str | None = None,
+    route: str | None = None,
 ) -> UsageEvent:
     """The usage row of a request that has ended, from the exchange's final
     values and its meter's numbers (None: nothing was metered). The meter's
@@ -1169,6 +1222,8 @@ def usage_event(
         user_agent,
         output_estimated,
         cost_basis,
+        served_model,
+        route,
     )
 
 

@@ -30,13 +30,14 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+# An upstream group's name: the config's `group` and `--groups` take the same.
+from hubcore.config import GROUP_NAME
+
 log = logging.getLogger("hubcore.limits")
 
 WINDOWS = ("5h", "day", "week", "month", "total")
 SCOPE_KINDS = ("token", "user", "project")
 MICROS_PER_USD = 1_000_000
-# An upstream group's name, as the config's `group` takes it.
-GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 # -- the limits ---------------------------------------------------------------
