@@ -1,6 +1,8 @@
 """Price table: the built-in file, operator overrides, matching, exact cost."""
 from __future__ import annotations
 
+import json
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hubcore.accounting.pricing import Price, PricesError, PriceTable, parse_prices
+from hubcore.accounting.pricing import Price, PricesError, PriceTable, Pricing, parse_prices
 
 MTOK = 1_000_000
 
@@ -41,7 +43,8 @@ def table() -> PriceTable:
 def test_builtin_prices_for_real_model_ids(
     table: PriceTable, model: str, input_usd: float, output_usd: float
 ) -> None:
-    assert table.cost_micros(model, MTOK, 0) == round(input_usd * 1_000_000)
+    # 100k input tokens: below every long-context threshold.
+    assert table.cost_micros(model, MTOK // 10, 0) * 10 == round(input_usd * 1_000_000)
     assert table.cost_micros(model, 0, MTOK) == round(output_usd * 1_000_000)
 
 
@@ -63,6 +66,12 @@ def test_anthropic_multipliers_hold_for_every_builtin_claude_entry(table: PriceT
         assert price.cache_write_5m * 4 == price.input * 5, price.pattern
         assert price.cache_write_1h == 2 * price.input, price.pattern
         assert price.cache_read * 10 == price.input, price.pattern
+        if price.long_context_above is not None:  # the same rule on the long-context prices
+            assert price.long_context_above == 200_000, price.pattern
+            assert price.input_long is not None, price.pattern
+            assert price.cache_write_5m_long is not None and price.cache_write_5m_long * 4 == price.input_long * 5
+            assert price.cache_write_1h_long == 2 * price.input_long, price.pattern
+            assert price.cache_read_long is not None and price.cache_read_long * 10 == price.input_long
 
 
 def test_unknown_and_missing_models_have_no_price(table: PriceTable) -> None:
@@ -221,16 +230,14 @@ EXCERPT = Path(__file__).resolve().parents[1] / "fixtures" / "prices" / "litellm
     ],
 )
 def test_models_the_old_table_left_unpriced(table: PriceTable, model: str, input_usd: float, output_usd: float) -> None:
-    assert table.cost_micros(model, MTOK, 0) == round(input_usd * 1_000_000)
+    # 100k input tokens: below every long-context threshold.
+    assert table.cost_micros(model, MTOK // 10, 0) * 10 == round(input_usd * 1_000_000)
     assert table.cost_micros(model, 0, MTOK) == round(output_usd * 1_000_000)
 
 
 def test_the_builtin_table_agrees_with_the_price_map_excerpt(table: PriceTable) -> None:
     # Every Anthropic and OpenAI entry of the map's excerpt, class by class,
     # USD per token x 10^12 = micro-dollars per million tokens.
-    import json
-    from decimal import Decimal
-
     document = json.loads(EXCERPT.read_text(), parse_float=Decimal)
     checked = 0
     for model, entry in document.items():
@@ -351,8 +358,6 @@ def test_a_multiplier_scales_the_exact_total_before_the_one_rounding(inp: int, o
 
 
 def test_pricing_cost_takes_the_multiplier_for_priced_and_estimated_models() -> None:
-    from hubcore.accounting.pricing import Pricing
-
     pricing = Pricing(PriceTable([Price("claude-x", 3_000_000, 3_750_000, 6_000_000, 300_000, 15_000_000)]))
     full, basis = pricing.cost("anthropic", "claude-x", 1, 0, cache_read=5)
     assert (full, basis) == (5, None)  # 3 + 1.5 = 4.5 -> 5
