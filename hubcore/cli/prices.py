@@ -204,8 +204,7 @@ def _number(value: Any) -> str:
     """Decimal notation, never an exponent: 6.25, 0.005, 10."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    text = format(Decimal(value).normalize(), "f")
-    return text
+    return format(Decimal(value).normalize(), "f")
 
 
 def _toml_key(key: str) -> str:
@@ -260,7 +259,9 @@ def run_import(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"{source}: cannot read: {exc.strerror}") from None
     try:
-        imported = read_map(raw.decode("utf-8", errors="replace"), str(source), vendors)
+        imported = read_map(raw.decode("utf-8"), str(source), vendors)
+    except UnicodeDecodeError:
+        raise CommandError(f"{source}: not JSON: not UTF-8 text") from None
     except PriceMapError as exc:
         raise CommandError(str(exc)) from None
 
@@ -286,7 +287,8 @@ def run_import(args: argparse.Namespace) -> int:
         out.append(f"dry run: nothing written to {path}")
     else:
         write_atomically(path, text)
-        out.append(f"wrote {path}")
+        # Absolute: a relative [server] prices is relative to where the hub runs.
+        out.append(f"wrote {os.path.abspath(path)}")
         when = "" if not args.output else " if its config's [server] prices names this file"
         out.append(f"the running hub takes the new prices on `hubcore reload` (or SIGHUP){when}")
     print("\n".join(out))

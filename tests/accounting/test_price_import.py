@@ -45,6 +45,9 @@ SYNTHETIC = """{
                  "output_cost_per_token": 1e-06},
   "gpt-tiny-9": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 1.5e-13,
                  "output_cost_per_token": 1e-06},
+  "gpt-twotier-9": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 1e-06,
+                    "output_cost_per_token": 1e-06, "input_cost_per_token_above_128k_tokens": 2e-06,
+                    "input_cost_per_token_above_272k_tokens": 3e-06},
   "sample_spec": {"litellm_provider": "one of https://docs.litellm.ai/docs/providers",
                   "mode": "one of: chat, embedding, completion"}
 }"""
@@ -68,7 +71,7 @@ def synthetic_map(tmp_path: Path) -> Path:
     assert excerpt.endswith("}") and SYNTHETIC.startswith("{")
     path = tmp_path / "model_prices_and_context_window.json"
     path.write_text(excerpt[:-1].rstrip() + ",\n" + SYNTHETIC[1:])
-    assert len(json.loads(path.read_text())) == 14 + 9
+    assert len(json.loads(path.read_text())) == 14 + 10
     return path
 
 
@@ -127,10 +130,10 @@ def test_long_context_prices_and_what_is_skipped_and_why(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     assert "imported 16 models" in done.stdout
     skipped = done.stdout.split("skipped ", 1)[1].splitlines()[0]
-    assert skipped.startswith("7: ")
+    assert skipped.startswith("8: ")
     for reason in ("2 another vendor", "1 not a chat or responses model", "1 provider-prefixed key",
                    "1 no input or output price", "1 glob character in the key",
-                   "1 finer than a micro-dollar per million tokens"):
+                   "1 finer than a micro-dollar per million tokens", "1 more than one long-context threshold"):
         assert reason in skipped, skipped
 
     got = entries(out)
@@ -241,5 +244,10 @@ def test_a_broken_operator_file_or_map_path_stops_the_import(tmp_path: Path) -> 
     assert out.read_text() == "[prices]\nx = { input = 1 }\n"
     missing = prices_import(tmp_path / "nope.json", "--output", out)
     assert missing.returncode == 1 and "nope.json: cannot read" in missing.stderr
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"caf\xe9": {}}')
+    undecodable = prices_import(latin, "--output", out)
+    assert undecodable.returncode == 1
+    assert undecodable.stderr.strip().splitlines() == [f"hubcore: {latin}: not JSON: not UTF-8 text"]
     bad_vendor = prices_import(EXCERPT, "--output", out, "--vendor", ",")
     assert bad_vendor.returncode == 2 and "--vendor" in bad_vendor.stderr
