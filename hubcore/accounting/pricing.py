@@ -1,6 +1,7 @@
 """Model prices and request cost: the built-in prices.toml, the operator's
-overrides, the most-specific-pattern lookup, cost in integer micro-dollars,
-and (Pricing) what a model without a price costs under [pricing] unpriced.
+overrides, the most-specific-pattern lookup, cost in integer micro-dollars
+(long-context prices and an upstream's cost multiplier included), and
+(Pricing) what a model without a price costs under [pricing] unpriced.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from hubcore.accounting.pricing import LONG_CONTEXT_FIELD, PRICE_FIELDS, PricesError, parse_prices
+from hubcore.accounting.pricing import LONG_CONTEXT_FIELD, MICROS_PER_USD, PRICE_FIELDS, PricesError, parse_prices
 from hubcore.cli.common import USAGE, CommandError, Subcommands, add_command, load_server
 
 DEFAULT_VENDORS = ("anthropic", "openai")
@@ -43,7 +43,6 @@ _LONG_FIELD = re.compile(
 _CLASS_OF = {source: name for name, source in _BASE_FIELDS.items()}
 
 USD_PER_TOKEN_TO_PER_MILLION = Decimal(1_000_000)
-MICROS_PER_USD = Decimal(1_000_000)
 _GLOB_CHARACTERS = "*?["
 
 # Why an entry was not imported (the summary counts each).
@@ -155,7 +154,8 @@ def _prices(entry: Mapping[str, Any], where: str) -> tuple[dict[str, Decimal] | 
     per_token.setdefault("cache_write_5m", per_token["input"])
     per_token.setdefault("cache_write_1h", per_token["cache_write_5m"])
     per_million = {name: value * USD_PER_TOKEN_TO_PER_MILLION for name, value in per_token.items()}
-    if any(v * MICROS_PER_USD != (v * MICROS_PER_USD).to_integral_value() for v in per_million.values()):
+    # The price file holds whole micro-dollars per million tokens.
+    if any((v * MICROS_PER_USD) % 1 for v in per_million.values()):
         return None, TOO_FINE
     return per_million, None
 
