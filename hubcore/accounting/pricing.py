@@ -1,12 +1,14 @@
 """Model prices and request cost: the built-in prices.toml, the operator's
-overrides, the most-specific-pattern lookup, cost in integer micro-dollars,
-and (Pricing) what a model without a price costs under [pricing] unpriced.
+overrides, the most-specific-pattern lookup, cost in integer micro-dollars
+(long-context prices and an upstream's cost multiplier included), and
+(Pricing) what a model without a price costs under [pricing] unpriced.
 """
 from __future__ import annotations
 
 import fnmatch
 import importlib.resources
 import logging
+import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -20,10 +22,14 @@ from hubcore.config import UNPRICED_RULES
 log = logging.getLogger("hubcore.pricing")
 
 PRICE_FIELDS = ("input", "cache_write_5m", "cache_write_1h", "cache_read", "output")
+# Long-context prices: "<class>_above_<N>k" charges every token class of a
+# request whose input exceeds N thousand tokens (see Price).
+LONG_CONTEXT_FIELD = re.compile(r"(input|cache_write_5m|cache_write_1h|cache_read|output)_above_([1-9][0-9]*)k")
 BUILTIN_SOURCE = "hubcore/accounting/prices.toml (built-in)"
 
 MICROS_PER_USD = 1_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per million tokens
+_HALF_UNIT = TOKENS_PER_PRICE_UNIT // 2
 # Model ids come from client request bodies, so the memo must not grow
 # without bound; real deployments see a few dozen distinct ids.
 LOOKUP_MEMO_MAX = 4096
@@ -37,7 +43,14 @@ class PricesError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """One entry: micro-dollars per million tokens for each token class."""
+    """One entry: micro-dollars per million tokens for each token class.
+
+    Long context: when a request's input (uncached input + cache writes +
+    cache reads) exceeds `long_context_above` tokens, every token class of
+    that request is charged at its `*_long` price, as the vendors bill it
+    (Anthropic above 200k, OpenAI's gpt-5.4 and later above 272k); a class
+    whose long-context price is None keeps its base price.
+    """
 
     pattern: str
     input: int
@@ -46,22 +59,64 @@ class Price:
     cache_read: int
     output: int
     source: str = BUILTIN_SOURCE
+    long_context_above: int | None = None  # tokens of input; None: no long-context prices
+    input_long: int | None = None
+    cache_write_5m_long: int | None = None
+    cache_write_1h_long: int | None = None
+    cache_read_long: int | None = None
+    output_long: int | None = None
 
     def cost_micros(
         self, input_tokens: int, output_tokens: int,
         cache_write_5m: int = 0, cache_write_1h: int = 0, cache_read: int = 0,
+        multiplier: float = 1.0,
     ) -> int:
         """Exact: the sum over token classes of tokens x micro-dollars per
-        million tokens is an integer; it is divided by a million once, on
-        the total, rounding half up (so no class's rounding adds up)."""
-        total = (
-            input_tokens * self.input
-            + cache_write_5m * self.cache_write_5m
-            + cache_write_1h * self.cache_write_1h
-            + cache_read * self.cache_read
-            + output_tokens * self.output
+        million tokens is an integer; it is scaled by `multiplier` (an
+        upstream billing a fraction of the list price) and divided by a
+        million once, on the total, rounding half up (so no class's rounding
+        adds up, and half of a price is half of its exact total)."""
+        above = self.long_context_above
+        if above is not None and input_tokens + cache_write_5m + cache_write_1h + cache_read > above:
+            total = self._long_context_total(input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read)
+        else:
+            total = (
+                input_tokens * self.input
+                + cache_write_5m * self.cache_write_5m
+                + cache_write_1h * self.cache_write_1h
+                + cache_read * self.cache_read
+                + output_tokens * self.output
+            )
+        if multiplier == 1:
+            return (total + _HALF_UNIT) // TOKENS_PER_PRICE_UNIT
+        return _scaled_micros(total, multiplier)
+
+    def _long_context_total(
+        self, input_tokens: int, output_tokens: int, cache_write_5m: int, cache_write_1h: int, cache_read: int,
+    ) -> int:
+        def long(price: int | None, base: int) -> int:
+            return base if price is None else price
+
+        return (
+            input_tokens * long(self.input_long, self.input)
+            + cache_write_5m * long(self.cache_write_5m_long, self.cache_write_5m)
+            + cache_write_1h * long(self.cache_write_1h_long, self.cache_write_1h)
+            + cache_read * long(self.cache_read_long, self.cache_read)
+            + output_tokens * long(self.output_long, self.output)
         )
-        return (total + TOKENS_PER_PRICE_UNIT // 2) // TOKENS_PER_PRICE_UNIT
+
+
+def _scaled_micros(total: int, multiplier: float) -> int:
+    """`total` (micro-dollars x a million) times `multiplier`, in micro-dollars,
+    rounded half up once. The multiplier is taken as the decimal it is
+    written as (0.1 is 1/10, not the binary float nearest it)."""
+    factor = Decimal(str(multiplier))
+    if not factor.is_finite() or factor < 0:
+        raise ValueError(f"cost multiplier must be a finite, non-negative number, got {multiplier!r}")
+    numerator, denominator = factor.as_integer_ratio()
+    unit = denominator * TOKENS_PER_PRICE_UNIT
+    # floor(total x n / unit + 1/2), in integers.
+    return (2 * total * numerator + unit) // (2 * unit)
 
 
 def _specificity(pattern: str) -> tuple[int, int, int]:
@@ -246,14 +301,22 @@ class Pricing:
     def cost(
         self, vendor: str | None, model: str | None, input_tokens: int, output_tokens: int,
         cache_write_5m: int = 0, cache_write_1h: int = 0, cache_read: int = 0, *, forwarded: bool = True,
+        multiplier: float = 1.0,
     ) -> tuple[int | None, str | None]:
         """(cost in micro-dollars, cost_basis) of a request to `vendor` (the
         upstream kind) for `model`; `forwarded`: whether it was sent at all.
         The basis is None for a model with a price (and for no model, whose
-        cost is None)."""
+        cost is None). `multiplier` scales the cost of an upstream that bills
+        a fraction (or a multiple) of the list price: the tokens are priced
+        by the client's model id, then scaled exactly (Price.cost_micros);
+        an estimate is scaled the same way. ValueError: a negative one."""
+        if multiplier != 1 and not 0 <= multiplier < math.inf:
+            raise ValueError(f"cost multiplier must be a finite, non-negative number, got {multiplier!r}")
         price = self.table.price_for(model)
         if price is not None:
-            return price.cost_micros(input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read), None
+            return price.cost_micros(
+                input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, multiplier,
+            ), None
         if model is None:
             return None, None
         reference = None
@@ -266,7 +329,9 @@ class Pricing:
             if reference is None:
                 cost, basis = None, BASIS_UNKNOWN
             else:
-                cost = reference.cost_micros(input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read)
+                cost = reference.cost_micros(
+                    input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, multiplier,
+                )
                 basis = BASIS_ESTIMATE
         self._warn(model, vendor, basis, reference)
         return cost, basis
@@ -320,17 +385,30 @@ def parse_prices(text: str, source: str) -> list[Price]:
             raise PricesError(f"{where}: the model pattern must not be empty")
         if not isinstance(fields, Mapping):
             raise PricesError(f"{where}: expected a table with {', '.join(PRICE_FIELDS)}")
-        extra = sorted(set(fields) - set(PRICE_FIELDS))
-        if extra:
-            raise PricesError(
-                f"{where}.{extra[0]}: unknown field (expected {', '.join(PRICE_FIELDS)})"
-            )
-        micros = {}
+        micros: dict[str, Any] = {}
         for name in PRICE_FIELDS:
             if name not in fields:
                 raise PricesError(f"{where}.{name}: missing (USD per million tokens)")
             micros[name] = _to_micros(fields[name], f"{where}.{name}")
-        entries.append(Price(pattern=pattern, source=source, **micros))
+        above = None
+        for name in fields:
+            if name in PRICE_FIELDS:
+                continue
+            match = LONG_CONTEXT_FIELD.fullmatch(name)
+            if match is None:
+                raise PricesError(
+                    f"{where}.{name}: unknown field (expected {', '.join(PRICE_FIELDS)}, "
+                    "or one of them + _above_<N>k for input above N thousand tokens)"
+                )
+            token_class, thousands = match.group(1), int(match.group(2))
+            if above is not None and above != thousands * 1000:
+                raise PricesError(
+                    f"{where}.{name}: one long-context threshold per entry "
+                    f"(this entry also has prices above {above // 1000}k)"
+                )
+            above = thousands * 1000
+            micros[token_class + "_long"] = _to_micros(fields[name], f"{where}.{name}")
+        entries.append(Price(pattern=pattern, source=source, long_context_above=above, **micros))
     return entries
 
 
