@@ -66,6 +66,7 @@ class Pricer(Protocol):
     def cost(
         self, vendor: str | None, model: str | None, input_tokens: int, output_tokens: int,
         cache_write_5m: int = 0, cache_write_1h: int = 0, cache_read: int = 0, *, forwarded: bool = True,
+        multiplier: float = 1.0,
     ) -> tuple[int | None, str | None]: ...
 
 
@@ -1100,6 +1101,7 @@ class Exchange:
             self.session_id, _decode(self.request.header(b"user-agent")), self.sse_body, self.meter, route.kind,
             self.hub.prices, self.mapped[0] if self.mapped is not None else None,
             self.chain.render() if self.chain is not None else None,
+            upstream.config.cost_multiplier if upstream is not None else 1.0,
         )
         self.hub.recorder.record(event)
         self._log(now, event)
@@ -1152,6 +1154,7 @@ def usage_event(
     prices: Pricer | None,
     served_model: str | None = None,
     route: str | None = None,
+    cost_multiplier: float = 1.0,
 ) -> UsageEvent:
     """The usage row of a request that has ended, from the exchange's final
     values and its meter's numbers (None: nothing was metered). The meter's
@@ -1161,7 +1164,8 @@ def usage_event(
     without a price, when the [pricing] rule says to estimate.
     `served_model`: the id an upstream's model_map sent in place of the
     client's; the row keeps the client's (prices are by it), since the
-    vendor's answer names the one it was asked for."""
+    vendor's answer names the one it was asked for. `cost_multiplier`: the
+    serving upstream's, applied to the list price of the client's model."""
     if meter is None:
         input_tokens = output_tokens = cache_write_5m = cache_write_1h = cache_read = 0
         reasoning_tokens = server_tool_requests = 0
@@ -1189,7 +1193,7 @@ def usage_event(
     else:
         cost_micros, cost_basis = prices.cost(
             vendor, model, input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read,
-            forwarded=attempts > 0,
+            forwarded=attempts > 0, multiplier=cost_multiplier,
         )
     # Positional, in UsageEvent's field order: a call by keyword costs
     # more than twice as much, on every request.

@@ -17,6 +17,10 @@ import anthropic
 import orjson
 import pytest
 
+from hubcore import store
+from hubcore.accounting.pricing import PriceTable
+from hubcore.governance.limits import Limits
+from hubcore.governance.storage import write_limits
 from tests.fakevendor import FakeVendor, RecordedRequest, expected_text
 from tests.hubharness import HubThread, make_config
 
@@ -226,3 +230,87 @@ def test_no_upstream_serves_the_model(tmp_path: Path) -> None:
             assert status == 400
             assert answer["error"]["message"] == "no anthropic upstream of this hub serves model 'claude-sonnet-4-6'"
             assert only.requests == []
+
+
+def restrict(hub: HubThread, user: str, groups: tuple[str, ...]) -> str:
+    """A token of `user`, restricted to `groups`, already seen by the hub."""
+    token = hub.mint(user)
+    conn = store.connect(hub.config.server.database)
+    try:
+        (token_id,) = conn.execute("SELECT id FROM tokens WHERE user = ?", (user,)).fetchone()
+        assert write_limits(conn, "token", token_id, Limits(groups=groups))
+        conn.commit()
+    finally:
+        conn.close()
+    hub.mint(user + "-reload")  # waits until the hub has reloaded tokens and limits
+    return token
+
+
+def test_a_token_restricted_to_a_group_never_reaches_another_groups_upstream(tmp_path: Path) -> None:
+    with FakeVendor({PRIMARY_KEY: "ok"}) as team, FakeVendor({BACKUP_KEY: "ok"}) as cheap:
+        config = make_config(tmp_path, [
+            upstream("team", team.url, PRIMARY_KEY),
+            upstream("cheap", cheap.url, BACKUP_KEY, group="cheap", priority=1),
+        ])
+        with HubThread(config) as hub:
+            restricted = restrict(hub, "intern", ("cheap",))
+            anyone = hub.mint("dev")
+            for _ in range(5):
+                assert post(hub, restricted)[0] == 200
+                assert post(hub, anyone)[0] == 200
+            assert len(posts(cheap)) == 5 and len(posts(team)) == 5
+            # Its group down: an error, never the other group's upstream.
+            cheap.set_key_behaviour(BACKUP_KEY, 529)
+            status, _ = post(hub, restricted)
+            assert status == 529
+            assert len(posts(team)) == 5
+            # Restricted to a group no upstream has: a 403 naming it.
+            nowhere = restrict(hub, "lost", ("research",))
+            status, answer = post(hub, nowhere)
+            assert status == 403 and answer["error"]["type"] == "permission_error"
+            assert "research" in answer["error"]["message"]
+            assert len(posts(team)) == 5
+
+
+def test_a_half_price_upstream_records_half_the_list_price_and_the_route(tmp_path: Path) -> None:
+    with FakeVendor({PRIMARY_KEY: 529}) as primary, FakeVendor({BACKUP_KEY: "ok"}) as backup:
+        config = make_config(tmp_path, [
+            upstream("primary", primary.url, PRIMARY_KEY),
+            upstream("backup", backup.url, BACKUP_KEY, priority=1, cost_multiplier=0.5,
+                     model_map={"claude-sonnet-4-6": "relay-sonnet"}),
+        ])
+        with HubThread(config) as hub:
+            token = hub.mint("dev")
+            assert post(hub, token)[0] == 200
+            primary.set_key_behaviour(PRIMARY_KEY, "ok")
+            # Wait out the circuit the 529 left? One 529 is below the
+            # threshold: the primary serves the next request at once.
+            assert post(hub, token)[0] == 200
+            via_backup, via_primary = hub.wait_rows(2)
+            assert (via_backup["upstream"], via_primary["upstream"]) == ("backup", "primary")
+            assert via_backup["route"] == "primary/primary:529,backup/backup:200"
+            assert via_primary["route"] == "primary/primary:200"
+            assert (via_backup["served_model"], via_primary["served_model"]) == ("relay-sonnet", None)
+            assert via_backup["model"] == via_primary["model"] == "claude-sonnet-4-6"
+            prices = PriceTable.load()
+
+            def list_price(row: dict[str, Any]) -> int:
+                cost = prices.cost_micros(row["model"], row["input_tokens"], row["output_tokens"],
+                                          row["cache_write_5m"], row["cache_write_1h"], row["cache_read"])
+                assert cost is not None and cost > 0
+                return cost
+
+            assert via_primary["cost_micros"] == list_price(via_primary)
+            # Half the list price of the client's model to the micro-dollar:
+            # the exact sum of tokens x micro-dollars per million, halved,
+            # divided by a million once, rounded half up.
+            price = prices.price_for("claude-sonnet-4-6")
+            assert price is not None
+            exact = (via_backup["input_tokens"] * price.input + via_backup["output_tokens"] * price.output
+                     + via_backup["cache_write_5m"] * price.cache_write_5m
+                     + via_backup["cache_write_1h"] * price.cache_write_1h + via_backup["cache_read"] * price.cache_read)
+            assert via_backup["cost_micros"] == (exact + 1_000_000) // 2_000_000
+            assert abs(via_backup["cost_micros"] * 2 - list_price(via_backup)) <= 1
+            assert hub.app is not None
+            metrics = hub.app.metrics_text()
+            assert 'hubcore_upstream_failovers_total{from="primary",to="backup"} 1' in metrics
