@@ -23,7 +23,9 @@ from hubcore.ops.accesslog import AccessLog
 from hubcore.config import Config
 from hubcore.errors import ConfigError
 from hubcore.governance.limiter import Limiter
-from hubcore.governance.storage import load_scope_limits
+from hubcore.governance import tokens as tokens_mod
+from hubcore.governance.limits import effective_groups
+from hubcore.governance.storage import load_scope_limits, read_limits
 from hubcore.ops.metrics import HubMetrics
 from hubcore.ops.server import KeySwitched, OpsServer
 from hubcore.runtime import CycleCollector
@@ -151,6 +153,41 @@ class App:
         return self.metrics.render_prometheus(
             self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__, gc=self.cycles.stats(),
         )
+
+    async def explain_route(
+        self, model: str | None, kind: str | None = None, token_id: int | None = None, user: str | None = None,
+    ) -> dict[str, Any]:
+        """`hubcore route explain`: for each route kind (or `kind`), every
+        upstream in the order the router considers them, why it is left out
+        or its chance of taking a request for `model` without a session, and
+        the state and chance of each of its keys. The principal's groups come
+        from the token `token_id` (its token, user and project) or the user
+        `user`; neither: unrestricted."""
+        who, groups = "anyone (no group restriction)", None
+        if token_id is not None or user is not None:
+            db = self.db
+            if db is None:
+                raise LookupError("the hub has no database open")
+            async with self._refresh_lock:
+                who, groups = await asyncio.to_thread(_principal_groups, db, token_id, user)
+        kinds = [kind] if kind is not None else list(self.hub.routers)
+        routes = []
+        for name in kinds:
+            router = self.hub.routers.get(name)
+            if router is None:
+                raise LookupError(f"no upstream of kind {name!r}")
+            upstreams = []
+            for row in router.explain(model, groups):
+                runtime = self.hub.upstreams[row.name]
+                upstreams.append({
+                    "name": row.name, "priority": row.priority, "weight": row.weight, "group": runtime.group,
+                    "excluded": row.excluded, "probability": row.probability,
+                    "sends_model": runtime.config.mapped_model(model) if model is not None else None,
+                    "cost_multiplier": runtime.config.cost_multiplier,
+                    "keys": key_chances(runtime.ring.snapshot()),
+                })
+            routes.append({"kind": name, "upstreams": upstreams})
+        return {"model": model, "principal": who, "groups": None if groups is None else sorted(groups), "routes": routes}
 
     async def set_key_enabled(self, label: str, enabled: bool) -> KeySwitched | None:
         """`hubcore keys enable|disable LABEL`: at once in every upstream with
@@ -280,6 +317,37 @@ class App:
 
     def _on_hup(self) -> None:
         self.loop.create_task(self.reload())
+
+
+def _principal_groups(db: sqlite3.Connection, token_id: int | None, user: str | None) -> tuple[str, frozenset[str] | None]:
+    """Who `route explain` asks for, and the upstream groups it may use."""
+    if token_id is not None:
+        found = tokens_mod.principal(db, token_id)
+        if found is None:
+            raise LookupError(f"no token with id {token_id}")
+        return f"token {token_id} (user {found.user}, project {found.project or '-'})", found.groups
+    assert user is not None
+    return f"user {user}", effective_groups(read_limits(db, "user", user))
+
+
+def key_chances(snapshot: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each key of a ring's snapshot with its chance of taking a request
+    without a session: the healthy keys of the best priority share it by
+    weight; every other key says why not."""
+    healthy = [k for k in snapshot if k["state"] == "healthy"]
+    tier = min((k["priority"] for k in healthy), default=None)
+    total = sum(k["weight"] for k in healthy if k["priority"] == tier)
+    rows = []
+    for k in snapshot:
+        if k["state"] != "healthy":
+            why: str | None = k["state"]
+        elif k["priority"] != tier:
+            why = f"priority {k['priority']}: keys of priority {tier} are healthy"
+        else:
+            why = None
+        chance = k["weight"] / total if why is None and total else 0.0
+        rows.append({"label": k["label"], "state": k["state"], "until": k["until"], "excluded": why, "probability": chance})
+    return rows
 
 
 def _path_or_none(path: str) -> Any:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import h11
 import orjson
@@ -78,6 +78,10 @@ class OpsHandler(Protocol):
     def set_key_enabled(
         self, label: str, enabled: bool
     ) -> KeySwitched | None | Awaitable[KeySwitched | None]: ...  # None: no such key
+
+    def explain_route(
+        self, model: str | None, kind: str | None = None, token_id: int | None = None, user: str | None = None,
+    ) -> Awaitable[dict[str, Any]]: ...  # LookupError: no such kind, token or database
 
     def refresh_tokens_now(self) -> Awaitable[int]:
         """Reload the token table (and the limits riding its generation) from
@@ -422,6 +426,10 @@ class OpsServer:
                 if method != "POST":
                     return _error(405, "use POST", [("allow", "POST")])
                 return _json(200, {"generation": await self.handler.refresh_tokens_now()})
+            if segments == ["route", "explain"]:
+                if method != "GET":
+                    return _error(405, "use GET", [("allow", "GET")])
+                return await self._explain_route(head.target)
             if len(segments) == 3 and segments[0] == "keys" and segments[2] in ("enable", "disable"):
                 if method != "POST":
                     return _error(405, "use POST", [("allow", "POST")])
@@ -445,6 +453,24 @@ class OpsServer:
         if result.not_stored is not None:
             reply["warning"] = f"not stored ({result.not_stored}): a restart forgets this change"
         return _json(200, reply)
+
+    async def _explain_route(self, target: bytes) -> _Reply:
+        query = parse_qs(target.partition(b"?")[2].decode("ascii", "replace"))
+
+        def one(name: str) -> str | None:
+            values = query.get(name)
+            return values[-1] if values else None
+
+        token_id = one("token_id")
+        if token_id is not None and not token_id.isdigit():
+            return _error(400, f"token_id: not a token id: {token_id!r}")
+        try:
+            answer = await self.handler.explain_route(
+                one("model"), one("kind"), int(token_id) if token_id is not None else None, one("user"),
+            )
+        except LookupError as e:
+            return _error(404, str(e.args[0]) if e.args else "not found")
+        return _json(200, answer)
 
     async def _reload(self) -> _Reply:
         result = self.handler.reload()

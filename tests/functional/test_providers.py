@@ -22,7 +22,7 @@ from hubcore.accounting.pricing import PriceTable
 from hubcore.governance.limits import Limits
 from hubcore.governance.storage import write_limits
 from tests.fakevendor import FakeVendor, RecordedRequest, expected_text
-from tests.hubharness import HubThread, make_config
+from tests.hubharness import HubThread, make_config, run_cli
 
 PRIMARY_KEY, BACKUP_KEY = "sk-ant-primary", "sk-ant-backup"
 HEALTH_CHECK = 0.5
@@ -314,3 +314,45 @@ def test_a_half_price_upstream_records_half_the_list_price_and_the_route(tmp_pat
             assert hub.app is not None
             metrics = hub.app.metrics_text()
             assert 'hubcore_upstream_failovers_total{from="primary",to="backup"} 1' in metrics
+
+
+def test_route_explain_names_the_choice_and_why_not_the_others(tmp_path: Path) -> None:
+    with FakeVendor({PRIMARY_KEY: "ok", "sk-ant-primary-2": "ok"}) as primary, \
+            FakeVendor({BACKUP_KEY: "ok"}) as backup, FakeVendor({"sk-ant-x": "ok"}) as research:
+        config = make_config(tmp_path, [
+            {**upstream("primary", primary.url, PRIMARY_KEY, weight=3),
+             "keys": [{"key": PRIMARY_KEY, "label": "p1", "weight": 3}, {"key": "sk-ant-primary-2", "label": "p2"}]},
+            upstream("backup", backup.url, BACKUP_KEY, priority=1, model_map={"claude-sonnet-4-6": "relay-sonnet"}),
+            upstream("research", research.url, "sk-ant-x", group="research", models=["claude-opus-*"]),
+        ])
+        toml = tmp_path / "hubcore.toml"
+        toml.write_text(f'[server]\ndatabase = "{config.server.database}"\nops_socket = "{config.server.ops_socket}"\n')
+        with HubThread(config) as hub:
+            restrict(hub, "intern", ("default",))
+            explained = run_cli("route", "explain", "--model", "claude-sonnet-4-6", "--kind", "anthropic",
+                                "--json", "--config", str(toml))
+            assert explained.returncode == 0, explained.stderr
+            answer = orjson.loads(explained.stdout)
+            (route,) = answer["routes"]
+            rows = {u["name"]: u for u in route["upstreams"]}
+            assert [u["name"] for u in route["upstreams"]] == ["primary", "research", "backup"]
+            assert rows["primary"]["probability"] == 1.0 and rows["primary"]["excluded"] is None
+            assert [(k["label"], k["probability"]) for k in rows["primary"]["keys"]] == [("p1", 0.75), ("p2", 0.25)]
+            assert "does not serve 'claude-sonnet-4-6'" in rows["research"]["excluded"]
+            assert rows["backup"]["excluded"] == "priority 1: tier 0 has a usable upstream"
+            assert rows["backup"]["sends_model"] == "relay-sonnet"
+
+            # As the token restricted to the default group (the first minted: id 1) sees an opus request.
+            opus = run_cli("route", "explain", "--model", "claude-opus-4-6", "--token-id", "1", "--config", str(toml))
+            assert opus.returncode == 0, opus.stderr
+            assert "groups default" in opus.stdout
+            assert "group 'research' is not one of the principal's (default)" in opus.stdout
+            # The primary's keys down: the backup's turn, and the text says so.
+            primary.set_key_behaviour(PRIMARY_KEY, 401)
+            primary.set_key_behaviour("sk-ant-primary-2", 401)
+            for _ in range(2):
+                post(hub, hub.mint("dev"))
+            text = run_cli("route", "explain", "--model", "claude-sonnet-4-6", "--config", str(toml)).stdout
+            assert "no usable key" in text and "backup" in text
+            missing = run_cli("route", "explain", "--model", "m", "--token-id", "999", "--config", str(toml))
+            assert missing.returncode != 0 and "no token with id 999" in missing.stderr
