@@ -193,6 +193,8 @@ def hub_config(config: Path, vendor: FakeVendor) -> Path:
         f.write(
             f'\n[[upstream]]\nname = "anthropic"\nkind = "anthropic"\nbase_url = "{vendor.url}"\n'
             f'keys = ["{ANTHROPIC_KEY}"]\n'
+            # The group every restriction below keeps, until one rules it out.
+            'group = "fast"\n'
         )
     return config
 

@@ -440,20 +440,20 @@ class Prices:
     def __init__(self) -> None:
         self.asked: list[tuple[object, ...]] = []
 
-    def cost(self, *args: object, forwarded: bool) -> tuple[int | None, str | None]:
-        self.asked.append((*args, forwarded))
+    def cost(self, *args: object, forwarded: bool, multiplier: float = 1.0) -> tuple[int | None, str | None]:
+        self.asked.append((*args, forwarded, multiplier))
         return (1234, None) if args[1] == "claude-sonnet-4-6" else (0, "free")
 
 
 def event(
     outcome: Outcome = Outcome.OK, model: str | None = "claude-from-body", error_type: str | None = None,
     sse_body: bool = True, meter: object = None, prices: object = None, ttfb_ms: float | None = 12.5,
-    attempts: int = 2,
+    attempts: int = 2, served_model: str | None = None, route: str | None = None, cost_multiplier: float = 1.0,
 ) -> UsageEvent:
     return usage_event(
         1700000000.0, "hc_1", "/v1/messages", 200, outcome, 40.0, ALICE, "anthropic", "k-1", model,
         error_type, ttfb_ms, attempts, "session-1", "claude-cli/2.0", sse_body, meter, "anthropic",
-        prices,  # type: ignore[arg-type]
+        prices, served_model, route, cost_multiplier,  # type: ignore[arg-type]
     )
 
 
@@ -469,7 +469,16 @@ def test_usage_event_fields_in_their_places() -> None:
         "ttfb_ms": 12.5, "attempts": 2, "session_id": "session-1", "user_agent": "claude-cli/2.0",
         "output_estimated": False, "cost_basis": None, "served_model": None, "route": None,
     }
-    assert prices.asked == [("anthropic", "claude-sonnet-4-6", 10, 20, 1, 2, 3, True)]
+    assert prices.asked == [("anthropic", "claude-sonnet-4-6", 10, 20, 1, 2, 3, True, 1.0)]
+
+
+def test_usage_event_of_a_mapped_request_keeps_the_clients_model_and_prices_it_with_the_multiplier() -> None:
+    prices = Prices()
+    # The vendor's answer names the id it was asked for (the meter's model).
+    row = event(meter=metered(model="relay-sonnet"), prices=prices, model="claude-sonnet-4-6",
+                served_model="relay-sonnet", route="primary/a:529,relay/r:200", cost_multiplier=0.5)
+    assert (row.model, row.served_model, row.route) == ("claude-sonnet-4-6", "relay-sonnet", "primary/a:529,relay/r:200")
+    assert prices.asked == [("anthropic", "claude-sonnet-4-6", 10, 20, 1, 2, 3, True, 0.5)]
 
 
 def test_usage_event_without_a_meter_is_priced_at_zero_tokens() -> None:
@@ -480,7 +489,7 @@ def test_usage_event_without_a_meter_is_priced_at_zero_tokens() -> None:
     assert (row.error_type, row.cost_micros, row.ttfb_ms, row.output_estimated) == ("rate_limit_error", 0, None, False)
     # The pricer says how a model without a price was charged; not sent: not forwarded.
     assert row.cost_basis == "free"
-    assert prices.asked == [("anthropic", "claude-from-body", 0, 0, 0, 0, 0, False)]
+    assert prices.asked == [("anthropic", "claude-from-body", 0, 0, 0, 0, 0, False, 1.0)]
     assert (event(prices=None).cost_micros, event(prices=None).cost_basis) == (None, None)
 
 
