@@ -1,6 +1,8 @@
 """Price table: the built-in file, operator overrides, matching, exact cost."""
 from __future__ import annotations
 
+import re
+
 import json
 from decimal import Decimal
 from fractions import Fraction
@@ -59,8 +61,24 @@ def test_protocol_example_cache_read_against_cache_write(table: PriceTable) -> N
     assert one_hour == 2 * uncached == 1_000_000
 
 
+_FIFTH = re.compile(r"claude-(opus|sonnet|haiku|fable|mythos)-(5|preview)")
+
+
+def test_the_fifth_claude_generation_is_priced_as_the_map_prices_it(table: PriceTable) -> None:
+    # USD per million tokens, from LiteLLM's map (1.110.2).
+    assert table.cost_micros("claude-opus-5", MTOK, MTOK) == 30_000_000
+    assert table.cost_micros("claude-opus-5-5-20261101", MTOK, MTOK) == 24_000_000
+    assert table.cost_micros("claude-sonnet-5-5", MTOK, 0, cache_read=MTOK) == 2_100_000
+    assert table.cost_micros("claude-mythos-preview", 0, MTOK) == 50_000_000
+    # Haiku 5.5 above 100k input tokens: every class at its long-context price.
+    assert table.cost_micros("claude-haiku-5-5", 100_000, 0) == 10_000
+    assert table.cost_micros("claude-haiku-5-5", 100_001, 0) == 50_001  # 100,001 x $0.50 / M, rounded half up
+
+
 def test_anthropic_multipliers_hold_for_every_builtin_claude_entry(table: PriceTable) -> None:
-    claude = [p for p in table.entries if p.pattern.startswith("claude-")]
+    # Claude 3 and 4: the 5 generation's caches are cheaper to read (the map
+    # gives 0.05x and 0.025x), and Haiku 5.5's long context starts at 100k.
+    claude = [p for p in table.entries if p.pattern.startswith("claude-") and not _FIFTH.match(p.pattern)]
     assert claude
     for price in claude:
         assert price.cache_write_5m * 4 == price.input * 5, price.pattern
