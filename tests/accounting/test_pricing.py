@@ -1,9 +1,8 @@
 """Price table: the built-in file, operator overrides, matching, exact cost."""
 from __future__ import annotations
 
-import re
-
 import json
+import re
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
