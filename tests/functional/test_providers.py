@@ -17,7 +17,7 @@ import anthropic
 import orjson
 import pytest
 
-from hubcore import store
+from hubcore import config as config_mod, store
 from hubcore.accounting.pricing import PriceTable
 from hubcore.governance.limits import Limits
 from hubcore.governance.storage import write_limits
@@ -356,3 +356,36 @@ def test_route_explain_names_the_choice_and_why_not_the_others(tmp_path: Path) -
             assert "no usable key" in text and "backup" in text
             missing = run_cli("route", "explain", "--model", "m", "--token-id", "999", "--config", str(toml))
             assert missing.returncode != 0 and "no token with id 999" in missing.stderr
+
+
+def test_a_reload_applies_new_priorities_and_refuses_a_bad_provider_setting(tmp_path: Path) -> None:
+    with FakeVendor({PRIMARY_KEY: "ok"}) as primary, FakeVendor({BACKUP_KEY: "ok"}) as backup:
+        path = tmp_path / "hubcore.toml"
+
+        def write(backup_fields: str) -> None:
+            path.write_text(
+                f'[server]\nlisten = "127.0.0.1:0"\ndatabase = "{tmp_path / "hub.db"}"\nops_socket = ""\n'
+                "token_reload_interval = 0.1\nusage_flush_interval = 0.05\n\n"
+                f'[[upstream]]\nname = "primary"\nkind = "anthropic"\nbase_url = "{primary.url}"\nkeys = ["{PRIMARY_KEY}"]\n\n'
+                f'[[upstream]]\nname = "backup"\nkind = "anthropic"\nbase_url = "{backup.url}"\nkeys = ["{BACKUP_KEY}"]\n'
+                + backup_fields
+            )
+
+        write("priority = 1\n")
+        with HubThread(config_mod.load(str(path), env={})) as hub:
+            assert hub.app is not None
+            hub.app.config_path = str(path)
+            token = hub.mint("dev")
+            assert post(hub, token)[0] == 200 and len(posts(primary)) == 1
+            write("priority = -1\nmodel_map = { \"claude-sonnet-4-6\" = \"relay-sonnet\" }\n")
+            ok, message = hub.call(hub.app.reload())
+            assert ok and "upstream backup: priority 1 -> -1" in message, message
+            assert post(hub, token)[0] == 200
+            assert [r.body for r in posts(backup)] == [MAPPED]
+            for bad in ("weight = -2\n", 'model_map = { "claude-sonnet-4-6" = "" }\n', "cost_multiplier = -1\n"):
+                write("priority = 1\n" + bad)
+                ok, message = hub.call(hub.app.reload())
+                assert not ok and message.startswith(f"{path}: upstream[1]."), message
+                # The running configuration stays, whole: the backup still leads.
+                assert post(hub, token)[0] == 200
+            assert len(posts(backup)) == 4 and len(posts(primary)) == 1
