@@ -516,7 +516,7 @@ def test_the_secret_is_never_shown() -> None:
     assert not any(secret in text for text in shown)
     assert set(ring.snapshot()[0]) == {
         "label", "state", "until", "consecutive_failures", "in_flight", "requests",
-        "rate_limited", "errors", "last_error", "priority", "weight", "workspace", "org",
+        "rate_limited", "errors", "last_error", "priority", "weight", "workspace", "org", "headroom", "rests",
     }
 
 
