@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from hubcore.routing.failures import parse_duration, parse_rfc3339
 
-__all__ = ["Headroom", "Reading", "model_class", "read", "read_index"]
+__all__ = ["MAX_CLASSES", "Headroom", "Reading", "model_class", "read", "read_index"]
 
 _ANTHROPIC = "anthropic-ratelimit-"
 _OPENAI = "x-ratelimit-"
@@ -177,6 +177,12 @@ def _duration(value: bytes | None) -> float | None:
         return parsed
 
 
+# Classes a key keeps readings for. Anthropic has three, OpenAI a class per
+# model (a few dozen); the class comes from the model a client named, so a
+# client naming models at random must not grow a key's readings without end.
+MAX_CLASSES = 32
+
+
 class Headroom:
     """A key's latest reading per model class. A class with no reading, or
     whose reading's limit has reset since, has all its room (1.0)."""
@@ -187,7 +193,11 @@ class Headroom:
         self._by_class: dict[str, Reading] = {}
 
     def update(self, model_class: str, reading: Reading) -> None:
-        self._by_class[model_class] = reading
+        by_class = self._by_class
+        if model_class not in by_class and len(by_class) >= MAX_CLASSES:
+            # Full: the reading that resets first goes (the first to be stale).
+            del by_class[min(by_class, key=lambda cls: by_class[cls].until)]
+        by_class[model_class] = reading
 
     def latest(self, model_class: str) -> Reading | None:
         """The class's latest reading, even one whose limit has reset since."""

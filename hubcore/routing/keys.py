@@ -32,7 +32,7 @@ from hubcore.routing.failures import (
     parse_rfc3339,
     retryable,
 )
-from hubcore.routing.headroom import Headroom, read_index
+from hubcore.routing.headroom import MAX_CLASSES, Headroom, read_index
 
 __all__ = [
     "Failure",
@@ -550,7 +550,9 @@ class KeyRing:
             cooldown = self.policy.cooldown_default if failure.cooldown is None else failure.cooldown
             rest_until = now + cooldown
             model_class = lease.model_class
-            if model_class and not is_probe:
+            # A class of its own only for a class the key knows or has room
+            # for (MAX_CLASSES, as for readings); else the whole key rests.
+            if model_class and not is_probe and (model_class in key.rests or len(key.rests) < MAX_CLASSES):
                 self._rest_class(key, model_class, now, rest_until, failure)
                 if key.state is _H or key.state is _C:
                     # The vendor answered, as for a whole-key 429: no failure

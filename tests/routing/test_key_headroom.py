@@ -15,6 +15,7 @@ import pytest
 
 from hubcore import config as config_mod
 from hubcore.config import ConfigError
+from hubcore.routing.headroom import MAX_CLASSES
 from hubcore.routing.keys import KeyPolicy, KeyRing, KeySpec, Lease
 from tests.routing.test_keys import (
     SERVER_ERROR,
@@ -425,3 +426,14 @@ def test_the_floor_is_an_upstream_setting() -> None:
     assert parsed.upstreams[0].policy.headroom_floor == 0.2
     with pytest.raises(ConfigError, match=r"upstream\[0\].*headroom_floor"):
         config_mod.parse({"upstream": [{**upstream, "headroom_floor": 1}]}, source="<t>", env={})
+
+
+def test_a_client_naming_models_at_random_cannot_grow_a_keys_rests() -> None:
+    ring, clock = make_ring([spec("a")])
+    leases = [ring.acquire(model_class=f"model-{i}") for i in range(MAX_CLASSES + 1)]
+    for lease in leases:
+        assert lease is not None
+        ring.release(lease, rate_limited(30))
+    a = row(ring, "a")
+    # The class past the bound rested the whole key instead.
+    assert len(a["rests"]) == MAX_CLASSES and a["state"] == "cooling"
