@@ -28,15 +28,16 @@ __all__ = ["MAX_CLASSES", "Headroom", "Reading", "model_class", "read", "read_in
 
 _ANTHROPIC = "anthropic-ratelimit-"
 _OPENAI = "x-ratelimit-"
-# Each limit's name and the full names of its remaining, limit and reset headers.
-_ANTHROPIC_LIMITS = tuple(
-    (limit, *(f"{_ANTHROPIC}{limit}-{part}".encode() for part in ("remaining", "limit", "reset")))
+# Each limit's name, the full names of its remaining, limit and reset
+# headers, and whether its reset is a duration (OpenAI) or a time (RFC 3339).
+_LIMITS = tuple(
+    (limit, *(f"{_ANTHROPIC}{limit}-{part}".encode() for part in ("remaining", "limit", "reset")), False)
     for limit in ("requests", "tokens", "input-tokens", "output-tokens")
-)
-_OPENAI_LIMITS = tuple(
-    (limit, *(f"{_OPENAI}{part}-{limit}".encode() for part in ("remaining", "limit", "reset")))
+) + tuple(
+    (limit, *(f"{_OPENAI}{part}-{limit}".encode() for part in ("remaining", "limit", "reset")), True)
     for limit in ("requests", "tokens")
 )
+_INF = math.inf
 _UNIFIED = f"{_ANTHROPIC}unified-".encode()
 _UTILIZATION = b"-utilization"
 # Sent with every unified claim: the sign to look for the claims.
@@ -86,17 +87,33 @@ def read_index(index: Mapping[bytes, bytes], wall_now: float) -> Reading | None:
     The key ring reads every answer's head, so this looks up the few names
     it knows instead of going through the head, keeps values as bytes, and
     parses each reset value once (Anthropic's are to the second, the same
-    for every answer within it). Measured: 2 us for an Anthropic head with
-    four limits, 0.4 us for a head with none (see the key ring's observe)."""
+    for every answer within it); see KeyRing.observe for what it costs."""
     # The tightest so far: fraction, reset (unix time), which limit. The
     # first of equal fractions wins, in the order Anthropic's limits,
-    # unified claims, unified rejection, OpenAI's limits.
+    # OpenAI's, unified claims, unified rejection.
     best: tuple[float, float, str] | None = None
-    for limit, remaining, whole, reset in _ANTHROPIC_LIMITS:
-        fraction = _fraction(index.get(remaining), index.get(whole))
-        if fraction is None or (best is not None and fraction >= best[0]):
+    for limit, remaining, whole, reset, relative in _LIMITS:
+        left = index.get(remaining)
+        if left is None:
             continue
-        until = _reset_time(index.get(reset))
+        total = index.get(whole)
+        if total is None:
+            continue
+        # _fraction, inline: six of these per answer.
+        try:
+            left_n, total_n = float(left), float(total)
+        except ValueError:
+            continue
+        if not (0.0 <= left_n < _INF and 0.0 < total_n < _INF):  # NaN fails both
+            continue
+        fraction = left_n / total_n if left_n < total_n else 1.0
+        if best is not None and fraction >= best[0]:
+            continue
+        if relative:
+            delay = _duration(index.get(reset))
+            until = None if delay is None else wall_now + delay
+        else:
+            until = _reset_time(index.get(reset))
         if until is not None:
             best = (fraction, until, limit)
     status = index.get(_UNIFIED_STATUS)
@@ -115,13 +132,6 @@ def read_index(index: Mapping[bytes, bytes], wall_now: float) -> Reading | None:
             until = _number(index.get(_UNIFIED_RESET))
             if until is not None and (best is None or best[0] > 0.0):
                 best = (0.0, until, "unified")
-    for limit, remaining, whole, reset in _OPENAI_LIMITS:
-        fraction = _fraction(index.get(remaining), index.get(whole))
-        if fraction is None or (best is not None and fraction >= best[0]):
-            continue
-        delay = _duration(index.get(reset))
-        if delay is not None:
-            best = (fraction, wall_now + delay, limit)
     return None if best is None else Reading(*best)
 
 
@@ -134,13 +144,6 @@ def _number(value: bytes | None) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) and number >= 0 else None
-
-
-def _fraction(remaining: bytes | None, limit: bytes | None) -> float | None:
-    left, whole = _number(remaining), _number(limit)
-    if left is None or whole is None or whole <= 0:
-        return None
-    return min(left / whole, 1.0)
 
 
 # Reset values seen lately and what they parsed to (None: not a time). A
