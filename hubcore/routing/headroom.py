@@ -30,12 +30,19 @@ _ANTHROPIC = "anthropic-ratelimit-"
 _OPENAI = "x-ratelimit-"
 # Each limit's name, the full names of its remaining, limit and reset
 # headers, and whether its reset is a duration (OpenAI) or a time (RFC 3339).
-_LIMITS = tuple(
-    (limit, *(f"{_ANTHROPIC}{limit}-{part}".encode() for part in ("remaining", "limit", "reset")), False)
-    for limit in ("requests", "tokens", "input-tokens", "output-tokens")
+_Limit = tuple[str, bytes, bytes, bytes, bool]
+
+
+def _limit(limit: str, remaining: str, whole: str, reset: str, relative: bool) -> _Limit:
+    return (limit, remaining.encode(), whole.encode(), reset.encode(), relative)
+
+
+_LIMITS: tuple[_Limit, ...] = tuple(
+    _limit(name, f"{_ANTHROPIC}{name}-remaining", f"{_ANTHROPIC}{name}-limit", f"{_ANTHROPIC}{name}-reset", False)
+    for name in ("requests", "tokens", "input-tokens", "output-tokens")
 ) + tuple(
-    (limit, *(f"{_OPENAI}{part}-{limit}".encode() for part in ("remaining", "limit", "reset")), True)
-    for limit in ("requests", "tokens")
+    _limit(name, f"{_OPENAI}remaining-{name}", f"{_OPENAI}limit-{name}", f"{_OPENAI}reset-{name}", True)
+    for name in ("requests", "tokens")
 )
 _INF = math.inf
 _UNIFIED = f"{_ANTHROPIC}unified-".encode()

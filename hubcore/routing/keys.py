@@ -247,8 +247,8 @@ class _Key:
         # The hub's probe lease, from take_probes() until it is released
         # (whatever the state is by then).
         self.probe: Lease | None = None
-        # Smooth weighted round-robin accumulator.
-        self.current = 0
+        # Smooth weighted round-robin accumulator (of shares: weight x room).
+        self.current = 0.0
         self.in_flight = 0
         self.requests = 0
         self.rate_limited = 0
