@@ -438,13 +438,14 @@ class KeyRing:
 
     def _low(self, key: _Key, model_class: str) -> bool:
         """Whether the key's latest reading for the class, still in force,
-        is under the floor (one dict lookup when it is not)."""
+        is under the floor or at nothing (as _above_floor judges; one dict
+        lookup when there is no reading)."""
         if len(self._keys) == 1:
             return False  # the one key is used whatever its room
         reading = key.room.latest(model_class)
         return (
             reading is not None
-            and reading.fraction < self.policy.headroom_floor
+            and (reading.fraction < self.policy.headroom_floor or reading.fraction == 0.0)
             and reading.until > self._wall_clock()
         )
 

@@ -437,3 +437,11 @@ def test_a_client_naming_models_at_random_cannot_grow_a_keys_rests() -> None:
     a = row(ring, "a")
     # The class past the bound rested the whole key instead.
     assert len(a["rests"]) == MAX_CLASSES and a["state"] == "cooling"
+
+
+def test_with_the_floor_off_a_session_still_leaves_a_key_with_nothing_left() -> None:
+    ring, clock = make_ring([spec("a"), spec("b")], headroom_floor=0.0)
+    lease = ring.acquire("s", tried=frozenset({"b"}), model_class=SONNET)
+    assert lease is not None
+    answer(ring, lease, anthropic_limits(clock, 0.0))
+    assert run(ring, clock, {"a": 0.0, "b": 0.5}, n=3, session="s") == {"b": 3}
