@@ -151,6 +151,11 @@ class KeyPolicy:
     # share its rate limit. Off by default because workspaces may carry their
     # own, lower limits, and then a sibling key still has capacity.
     cool_whole_org: bool = False
+    # A key whose remaining fraction of a rate limit (the vendor's
+    # rate-limit headers, per model class) is under this is used only when
+    # no other usable key has more: it is about to answer 429. 5% of a
+    # per-minute limit is the last 3 seconds of an evenly spent minute.
+    headroom_floor: float = 0.05
 
     def __post_init__(self) -> None:
         for name in (
@@ -168,6 +173,8 @@ class KeyPolicy:
             raise ValueError("circuit_probe_pause_max: must not be less than circuit_probe_pause")
         if self.affinity_max_sessions < 0:
             raise ValueError(f"affinity_max_sessions: must be >= 0, got {self.affinity_max_sessions!r}")
+        if not 0.0 <= self.headroom_floor < 1.0:
+            raise ValueError(f"headroom_floor: must be a fraction from 0 up to (not including) 1, got {self.headroom_floor!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -839,7 +839,7 @@ class _Cycle:
         else:
             headers.append((b"x-request-id", self.request_id.encode()))
             headers.append((b"openai-processing-ms", b"1"))
-        return headers
+        return headers + self.vendor._headers_for(self.request.key)
 
     async def send_error(self, status: int, message: str | None = None) -> None:
         request = self.request
@@ -1181,9 +1181,14 @@ class FakeVendor:
         accept_any_key: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
+        key_headers: dict[str, list[tuple[str, str]]] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._keys: dict[str, Behaviour] = dict(DEFAULT_KEYS if keys is None else keys)
+        # Extra response headers per presented key (say, its rate-limit headroom).
+        self._key_headers: dict[str, list[tuple[bytes, bytes]]] = {}
+        for key, headers in (key_headers or {}).items():
+            self.set_key_headers(key, headers)
         for behaviour in self._keys.values():
             _check_behaviour(behaviour)
         self._tls_ca = tls
@@ -1297,6 +1302,13 @@ class FakeVendor:
         with self._lock:
             self._keys[key] = behaviour
 
+    def set_key_headers(self, key: str, headers: list[tuple[str, str]]) -> None:
+        """Headers added to every answer, success or error, to a request that
+        presented `key` (after the fake's own; an empty list removes them)."""
+        encoded = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        with self._lock:
+            self._key_headers[key] = encoded
+
     def remove_key(self, key: str) -> None:
         with self._lock:
             self._keys.pop(key, None)
@@ -1392,6 +1404,12 @@ class FakeVendor:
     def _connection_closed(self, connection: _Connection) -> None:
         with self._lock:
             self._connections.discard(connection)
+
+    def _headers_for(self, key: str | None) -> list[tuple[bytes, bytes]]:
+        if key is None:
+            return []
+        with self._lock:
+            return self._key_headers.get(key, [])
 
     def _behaviour_for(self, key: str | None) -> Behaviour | None:
         if key is None:

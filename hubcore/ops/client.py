@@ -218,24 +218,50 @@ def flatten_keys(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def format_keys(rows: Sequence[Mapping[str, Any]], *, now: float | None = None) -> str:
-    """The key table: one line per vendor key."""
+    """The key tables: one per upstream, in the order the upstreams first
+    come, one line per vendor key."""
     if not rows:
         return "no vendor keys loaded"
     now = time.time() if now is None else now
-    headers = ("UPSTREAM", "KEY", "STATE", "FOR", "PRIO", "WEIGHT", "WORKSPACE", "ORG",
-               "INFLIGHT", "REQUESTS", "429S", "ERRORS", "FAILS", "LAST ERROR")
-    table = []
+    groups: dict[str, list[Mapping[str, Any]]] = {}
     for k in rows:
-        until = k.get("until")
-        remaining = f"{max(0.0, float(until) - now):.0f}s" if until is not None else None
-        last_error = k.get("last_error")
-        if last_error and len(str(last_error)) > 60:
-            last_error = str(last_error)[:57] + "..."
-        table.append((k.get("upstream"), k.get("label"), k.get("state"), remaining,
-                      k.get("priority"), k.get("weight"), k.get("workspace"), k.get("org"),
-                      k.get("in_flight"), k.get("requests"), k.get("rate_limited"),
-                      k.get("errors"), k.get("consecutive_failures"), last_error))
-    return format_table(headers, table, right=(3, 4, 5, 8, 9, 10, 11, 12))
+        groups.setdefault(str(k.get("upstream") or "-"), []).append(k)
+    headers = ("KEY", "STATE", "FOR", "PRIO", "WEIGHT", "WORKSPACE", "ORG",
+               "INFLIGHT", "REQUESTS", "429S", "ERRORS", "FAILS", "HEADROOM", "LAST ERROR")
+    blocks = []
+    for upstream, keys in groups.items():
+        table = []
+        for k in keys:
+            until = k.get("until")
+            remaining = f"{max(0.0, float(until) - now):.0f}s" if until is not None else None
+            last_error = k.get("last_error")
+            if last_error and len(str(last_error)) > 60:
+                last_error = str(last_error)[:57] + "..."
+            table.append((k.get("label"), k.get("state"), remaining,
+                          k.get("priority"), k.get("weight"), k.get("workspace"), k.get("org"),
+                          k.get("in_flight"), k.get("requests"), k.get("rate_limited"),
+                          k.get("errors"), k.get("consecutive_failures"), format_headroom(k, now), last_error))
+        lines = format_table(headers, table, right=(2, 3, 4, 7, 8, 9, 10, 11)).splitlines()
+        count = f"{len(keys)} key" if len(keys) == 1 else f"{len(keys)} keys"
+        blocks.append("\n".join([f"upstream {printable(upstream)}: {count}", *("  " + line for line in lines)]))
+    return "\n\n".join(blocks)
+
+
+def format_headroom(key: Mapping[str, Any], now: float) -> str:
+    """A key's room per model class, as the vendor last reported it, and the
+    classes resting after a 429: `sonnet 62% (tokens, resets 12:00:30);
+    opus resting 25s`. Times are local; a reset a day or more away has its date."""
+    parts = []
+    for model_class, reading in sorted((key.get("headroom") or {}).items()):
+        remaining = float(reading.get("remaining", 1.0))
+        percent = f"{remaining * 100:.1f}%" if 0 < remaining < 0.01 else f"{remaining * 100:.0f}%"
+        resets = float(reading.get("resets", now))
+        shape = "%Y-%m-%d %H:%M" if resets - now >= 86400 else "%H:%M:%S"
+        parts.append(f"{model_class or 'any model'} {percent} "
+                     f"({reading.get('limit', '?')}, resets {time.strftime(shape, time.localtime(resets))})")
+    for model_class, until in sorted((key.get("rests") or {}).items()):
+        parts.append(f"{model_class} resting {max(0.0, float(until) - now):.0f}s")
+    return "; ".join(parts)
 
 
 def _counts(d: Mapping[str, Any]) -> str:

@@ -64,6 +64,7 @@ KEY_STATES: tuple[str, ...] = tuple(state.value for state in KeyState)
 KEY_FIELDS: tuple[str, ...] = (
     "label", "state", "until", "consecutive_failures", "in_flight", "requests",
     "rate_limited", "errors", "last_error", "priority", "weight", "workspace", "org",
+    "headroom", "rests",
 )
 WRITER_FIELDS: tuple[str, ...] = (
     "queue_depth", "written", "spooled", "replayed", "spool_pending", "unpriced", "last_error",
@@ -402,8 +403,9 @@ class HubMetrics:
         """Everything for ``GET /stats``: JSON-ready (string keys, plain values).
 
         ``keys`` maps an upstream name to its key ring's per-key dicts (fields
-        in KEY_FIELDS, ``until`` as unix time or None); ``writer`` is the usage
-        writer's stats (WRITER_FIELDS).
+        in KEY_FIELDS, ``until`` as unix time or None, ``headroom`` and
+        ``rests`` per model class as KeyRing.snapshot gives them); ``writer``
+        is the usage writer's stats (WRITER_FIELDS).
         """
         by_status: dict[str, int] = {}
         by_outcome: dict[str, int] = {}
@@ -646,6 +648,13 @@ class HubMetrics:
             remaining = max(0.0, float(until) - now) if until is not None else 0.0
             out.sample("hubcore_key_unavailable_seconds", remaining,
                        upstream=upstream, key=str(k.get("label", "")))
+        out.family("hubcore_key_headroom_ratio", "gauge",
+                   "Fraction left of the vendor's tightest rate limit on this key for a model class, "
+                   "from its latest answer's rate-limit headers; no series once that limit has reset.")
+        for upstream, k in rows:
+            for model_class, reading in sorted((k.get("headroom") or {}).items()):
+                out.sample("hubcore_key_headroom_ratio", float(reading.get("remaining", 1.0)),
+                           upstream=upstream, key=str(k.get("label", "")), **{"class": str(model_class)})
         for field, name, kind, help_text in (
             ("in_flight", "hubcore_key_in_flight_requests", "gauge", "Requests on this key now."),
             ("consecutive_failures", "hubcore_key_consecutive_failures", "gauge",

@@ -17,20 +17,39 @@ holder; the key ring decides what a reading does to the choice of key.
 """
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from hubcore.routing.failures import nonnegative_number, parse_duration, parse_rfc3339
+from hubcore.routing.failures import parse_duration, parse_rfc3339
 
-__all__ = ["Headroom", "Reading", "model_class", "read"]
+__all__ = ["MAX_CLASSES", "Headroom", "Reading", "model_class", "read", "read_index"]
 
-_ANTHROPIC = b"anthropic-ratelimit-"
-_OPENAI = b"x-ratelimit-"
-_ANTHROPIC_LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
-_OPENAI_LIMITS = ("requests", "tokens")
-_UNIFIED = "unified-"
-_UTILIZATION = "-utilization"
+_ANTHROPIC = "anthropic-ratelimit-"
+_OPENAI = "x-ratelimit-"
+# Each limit's name, the full names of its remaining, limit and reset
+# headers, and whether its reset is a duration (OpenAI) or a time (RFC 3339).
+_Limit = tuple[str, bytes, bytes, bytes, bool]
+
+
+def _limit(limit: str, remaining: str, whole: str, reset: str, relative: bool) -> _Limit:
+    return (limit, remaining.encode(), whole.encode(), reset.encode(), relative)
+
+
+_LIMITS: tuple[_Limit, ...] = tuple(
+    _limit(name, f"{_ANTHROPIC}{name}-remaining", f"{_ANTHROPIC}{name}-limit", f"{_ANTHROPIC}{name}-reset", False)
+    for name in ("requests", "tokens", "input-tokens", "output-tokens")
+) + tuple(
+    _limit(name, f"{_OPENAI}remaining-{name}", f"{_OPENAI}limit-{name}", f"{_OPENAI}reset-{name}", True)
+    for name in ("requests", "tokens")
+)
+_INF = math.inf
+_UNIFIED = f"{_ANTHROPIC}unified-".encode()
+_UTILIZATION = b"-utilization"
+# Sent with every unified claim: the sign to look for the claims.
+_UNIFIED_STATUS = _UNIFIED + b"status"
+_UNIFIED_RESET = _UNIFIED + b"reset"
 
 # Anthropic's classes share one limit across the versions of a family.
 _FAMILIES = ("opus", "sonnet", "haiku")
@@ -62,53 +81,116 @@ class Reading:
 def read(headers: Iterable[tuple[bytes, bytes]], wall_now: float) -> Reading | None:
     """The tightest limit an answer's headers report, or None when they
     report none (a relay that strips them, a probe of the models list)."""
-    values: dict[str, str] = {}
-    for raw_name, raw_value in headers:
-        name = raw_name.lower()
-        if name.startswith(_ANTHROPIC):
-            values[name[len(_ANTHROPIC):].decode("latin-1")] = raw_value.decode("latin-1").strip()
-        elif name.startswith(_OPENAI):
-            values["openai:" + name[len(_OPENAI):].decode("latin-1")] = raw_value.decode("latin-1").strip()
-    if not values:
-        return None
-    tightest: Reading | None = None
-    for reading in _readings(values, wall_now):
-        if tightest is None or reading.fraction < tightest.fraction:
-            tightest = reading
-    return tightest
+    index: dict[bytes, bytes] = {}
+    for name, value in headers:
+        index.setdefault(name.lower(), value)
+    return read_index(index, wall_now)
 
 
-def _readings(values: dict[str, str], wall_now: float) -> Iterable[Reading]:
-    for limit in _ANTHROPIC_LIMITS:
-        fraction = _fraction(values.get(limit + "-remaining"), values.get(limit + "-limit"))
-        reset = values.get(limit + "-reset")
-        until = parse_rfc3339(reset) if reset is not None else None
-        if fraction is not None and until is not None:
-            yield Reading(fraction, until, limit)
-    for name, used in values.items():
-        if name.startswith(_UNIFIED) and name.endswith(_UTILIZATION):
-            claim = name[len(_UNIFIED):-len(_UTILIZATION)]
-            utilization = nonnegative_number(used)
-            until = nonnegative_number(values.get(f"{_UNIFIED}{claim}-reset"))
-            if utilization is not None and until is not None:
-                yield Reading(max(0.0, 1.0 - min(utilization, 1.0)), until, _UNIFIED + claim)
-    if values.get("unified-status") == "rejected":
-        until = nonnegative_number(values.get("unified-reset"))
+def read_index(index: Mapping[bytes, bytes], wall_now: float) -> Reading | None:
+    """read() of headers indexed by lower-case name, first value each
+    (hubcore.http.client.ResponseHead.index).
+
+    The key ring reads every answer's head, so this looks up the few names
+    it knows instead of going through the head, keeps values as bytes, and
+    parses each reset value once (Anthropic's are to the second, the same
+    for every answer within it); see KeyRing.observe for what it costs."""
+    # The tightest so far: fraction, reset (unix time), which limit. The
+    # first of equal fractions wins, in the order Anthropic's limits,
+    # OpenAI's, unified claims, unified rejection.
+    best: tuple[float, float, str] | None = None
+    for limit, remaining, whole, reset, relative in _LIMITS:
+        left = index.get(remaining)
+        if left is None:
+            continue
+        total = index.get(whole)
+        if total is None:
+            continue
+        # _fraction, inline: six of these per answer.
+        try:
+            left_n, total_n = float(left), float(total)
+        except ValueError:
+            continue
+        if not (0.0 <= left_n < _INF and 0.0 < total_n < _INF):  # NaN fails both
+            continue
+        fraction = left_n / total_n if left_n < total_n else 1.0
+        if best is not None and fraction >= best[0]:
+            continue
+        if relative:
+            delay = _duration(index.get(reset))
+            until = None if delay is None else wall_now + delay
+        else:
+            until = _reset_time(index.get(reset))
         if until is not None:
-            yield Reading(0.0, until, "unified")
-    for limit in _OPENAI_LIMITS:
-        fraction = _fraction(values.get(f"openai:remaining-{limit}"), values.get(f"openai:limit-{limit}"))
-        reset = values.get(f"openai:reset-{limit}")
-        delay = parse_duration(reset) if reset is not None else None
-        if fraction is not None and delay is not None:
-            yield Reading(fraction, wall_now + delay, limit)
+            best = (fraction, until, limit)
+    status = index.get(_UNIFIED_STATUS)
+    if status is not None:
+        for name, used in index.items():
+            if name.startswith(_UNIFIED) and name.endswith(_UTILIZATION):
+                claim = name[len(_UNIFIED):-len(_UTILIZATION)]
+                utilization = _number(used)
+                until = _number(index.get(_UNIFIED + claim + b"-reset"))
+                if utilization is None or until is None:
+                    continue
+                fraction = max(0.0, 1.0 - min(utilization, 1.0))
+                if best is None or fraction < best[0]:
+                    best = (fraction, until, "unified-" + claim.decode("latin-1"))
+        if status.strip().lower() == b"rejected":
+            until = _number(index.get(_UNIFIED_RESET))
+            if until is not None and (best is None or best[0] > 0.0):
+                best = (0.0, until, "unified")
+    return None if best is None else Reading(*best)
 
 
-def _fraction(remaining: str | None, limit: str | None) -> float | None:
-    left, whole = nonnegative_number(remaining), nonnegative_number(limit)
-    if left is None or whole is None or whole <= 0:
+def _number(value: bytes | None) -> float | None:
+    """A header's value as a finite number >= 0 (nonnegative_number, on bytes)."""
+    if value is None:
         return None
-    return min(left / whole, 1.0)
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+# Reset values seen lately and what they parsed to (None: not a time). A
+# few distinct values a second come by; the table is emptied when full
+# rather than kept in order, since a value is stale a second later anyway.
+_PARSED_MAX = 64
+_reset_times: dict[bytes, float | None] = {}
+_durations: dict[bytes, float | None] = {}
+
+
+def _reset_time(value: bytes | None) -> float | None:
+    """Unix time of an RFC 3339 reset value."""
+    if value is None:
+        return None
+    try:
+        return _reset_times[value]
+    except KeyError:
+        if len(_reset_times) >= _PARSED_MAX:
+            _reset_times.clear()
+        parsed = _reset_times[value] = parse_rfc3339(value.decode("latin-1"))
+        return parsed
+
+
+def _duration(value: bytes | None) -> float | None:
+    """Seconds of an OpenAI reset value ("6m0s")."""
+    if value is None:
+        return None
+    try:
+        return _durations[value]
+    except KeyError:
+        if len(_durations) >= _PARSED_MAX:
+            _durations.clear()
+        parsed = _durations[value] = parse_duration(value.decode("latin-1").strip())
+        return parsed
+
+
+# Classes a key keeps readings for. Anthropic has three, OpenAI a class per
+# model (a few dozen); the class comes from the model a client named, so a
+# client naming models at random must not grow a key's readings without end.
+MAX_CLASSES = 32
 
 
 class Headroom:
@@ -121,7 +203,15 @@ class Headroom:
         self._by_class: dict[str, Reading] = {}
 
     def update(self, model_class: str, reading: Reading) -> None:
-        self._by_class[model_class] = reading
+        by_class = self._by_class
+        if model_class not in by_class and len(by_class) >= MAX_CLASSES:
+            # Full: the reading that resets first goes (the first to be stale).
+            del by_class[min(by_class, key=lambda cls: by_class[cls].until)]
+        by_class[model_class] = reading
+
+    def latest(self, model_class: str) -> Reading | None:
+        """The class's latest reading, even one whose limit has reset since."""
+        return self._by_class.get(model_class)
 
     def fraction(self, model_class: str, wall_now: float) -> float:
         reading = self._by_class.get(model_class)

@@ -1,8 +1,10 @@
 """The vendor key ring: which key a request goes out on, and what each key's
-answers say about its health (cooling after 429s, circuit breaker, dead keys),
-with session affinity so prompt caches survive. Sans-IO except the two waits;
-what an answer says is classified by hubcore.routing.failures, and the hub's
-probes of open circuits are sent by hubcore.gateway.probe.
+answers say about its health (cooling after 429s, circuit breaker, dead keys)
+and its room (the vendors' rate-limit headers, per model class), with session
+affinity so prompt caches survive. Sans-IO except the two waits; what an
+answer says is classified by hubcore.routing.failures and read by
+hubcore.routing.headroom, and the hub's probes of open circuits are sent by
+hubcore.gateway.probe.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -30,6 +32,7 @@ from hubcore.routing.failures import (
     parse_rfc3339,
     retryable,
 )
+from hubcore.routing.headroom import MAX_CLASSES, Headroom, read_index
 
 __all__ = [
     "Failure",
@@ -89,10 +92,23 @@ class KeyState(enum.Enum):
 # stands one short of the threshold, and the pause of the circuit a relapse
 # opens again is doubled; a user's success ends the probation (see `pause`).
 #
+# Beside the state, per model class: the vendors' limits are per class (a
+# 429 on an Opus model says nothing of Sonnet), so a 429 to a request whose
+# lease names a class rests the key for that class only (_Key.rests, with the
+# org's other keys under cool_whole_org), and leaves its state alone: no
+# request of that class gets the key until the rest ends, the others do. A
+# 429 without a class (a model the hub could not name, the hub's probe) cools
+# the whole key, as above. And each answer's rate-limit headers (observe)
+# give the key's room per class, which weighs the choice among usable keys
+# (see acquire); a rest and a reading are the vendor's word, so a reload that
+# keeps the key keeps them, and only the operator's ENABLE ends a rest.
+#
 # Each change of state is logged once, with its reason; an event that leaves
 # the state as it was (the 429s of a key already cooling) says nothing. The
 # probe cycle of an open circuit (open, half-open, probing, open again) is
-# at DEBUG: during an outage it turns once a second per key.
+# at DEBUG: during an outage it turns once a second per key. A class's rest
+# is logged as that class's change, healthy -> cooling when it starts and
+# back when it is over, with the class.
 # ---------------------------------------------------------------------------
 
 
@@ -215,6 +231,8 @@ class _Key:
         "errors",
         "consecutive_failures",
         "last_error",
+        "room",
+        "rests",
     )
 
     def __init__(self, spec: KeySpec) -> None:
@@ -229,26 +247,34 @@ class _Key:
         # The hub's probe lease, from take_probes() until it is released
         # (whatever the state is by then).
         self.probe: Lease | None = None
-        # Smooth weighted round-robin accumulator.
-        self.current = 0
+        # Smooth weighted round-robin accumulator (of shares: weight x room).
+        self.current = 0.0
         self.in_flight = 0
         self.requests = 0
         self.rate_limited = 0
         self.errors = 0
         self.consecutive_failures = 0
         self.last_error: str | None = None
+        # What the vendor's rate-limit headers said of the key's room, per model class.
+        self.room = Headroom()
+        # Model class -> monotonic time its rest after a 429 ends, in any
+        # state (a class never named here has no rest of its own).
+        self.rests: dict[str, float] = {}
 
 
 class Lease:
     """One attempt's hold on a key; give it back with KeyRing.release, once."""
 
-    __slots__ = ("_key", "probe", "released")
+    __slots__ = ("_key", "probe", "released", "model_class")
 
-    def __init__(self, key: _Key, probe: bool) -> None:
+    def __init__(self, key: _Key, probe: bool, model_class: str = "") -> None:
         self._key = key
         # True for the hub's own probe of an open circuit (take_probes).
         self.probe = probe
         self.released = False
+        # The rate-limit class of the request's model (headroom.model_class):
+        # its answers' readings and 429s are that class's; "" for unknown.
+        self.model_class = model_class
 
     @property
     def label(self) -> str:
@@ -310,15 +336,22 @@ class KeyRing:
         tried: AbstractSet[str] = frozenset(),
         reason: Failure | None = None,
         previous: Lease | None = None,
+        model_class: str = "",
     ) -> Lease | None:
-        """A lease on the best HEALTHY key not in `tried`, or None if there is none.
+        """A lease on the best HEALTHY key not in `tried` and not resting for
+        `model_class` (headroom.model_class of the request's model; "" when
+        unknown), or None if there is none.
 
-        Best: the lowest priority tier; the session's key if it is in that
-        tier; else, when failing over (`reason`), a key of another org after a
-        429 and of the same workspace after other failures, relative to
-        `previous` (the failed lease; default: the session's key, or the one
-        key in `tried`); then the least in-flight per weight, ties by smooth
-        weighted round-robin. The chosen key becomes the session's key.
+        Best: the lowest priority tier; there, keys with at least the
+        policy's headroom_floor of their room left for the class (the
+        vendor's latest reading), or if none has, those with the most room;
+        the session's key if it is among them (or every key is under the
+        floor); else, when failing over (`reason`), a key of another org
+        after a 429 and of the same workspace after other failures, relative
+        to `previous` (the failed lease; default: the session's key, or the
+        one key in `tried`); then the least loaded per weight x room, ties by
+        smooth weighted round-robin (see _pick). The chosen key becomes the
+        session's key.
         """
         now = self._clock()
         if session_id is not None:
@@ -326,32 +359,52 @@ class KeyRing:
             if entry is not None:
                 key = entry[0]
                 # The common case, decided without looking at the other keys:
-                # the session's key is healthy, untried, still in the ring, and
-                # in its best tier whatever state the others are in.
+                # the session's key is healthy, untried, still in the ring, in
+                # its best tier whatever state the others are in, not resting
+                # for the class, and its latest reading is not under the floor.
                 if (
                     entry[1] > now
                     and key.state is KeyState.HEALTHY
                     and key.until is None
                     and key.spec.priority == self._best_priority
                     and key.spec.label not in tried
+                    and model_class not in key.rests
                     and self._keys.get(key.spec.label) is key
+                    and not self._low(key, model_class)
                 ):
                     key.in_flight += 1
                     key.requests += 1
                     self._remember(session_id, key, now)
-                    return Lease(key, probe=False)
-        usable: list[_Key] = []
+                    return Lease(key, probe=False, model_class=model_class)
+        # The usable keys of the best tier, in one pass (loops, not
+        # comprehensions: this runs for every request of a ring of several keys).
+        best: list[_Key] = []
+        tier = 0
         for key in self._keys.values():
             self._expire(key, now)
-            if key.state is _H and key.spec.label not in tried:
-                usable.append(key)
-        if not usable:
+            if key.state is not _H or key.spec.label in tried or model_class in key.rests:
+                continue
+            priority = key.spec.priority
+            if not best or priority < tier:
+                best = [key]
+                tier = priority
+            elif priority == tier:
+                best.append(key)
+        if not best:
             return None
-        tier = min(key.spec.priority for key in usable)
-        best = [key for key in usable if key.spec.priority == tier]
+        rooms: dict[_Key, float] | None = None
+        roomy, all_low = best, False
+        if len(best) > 1:
+            wall = self._wall_clock()
+            rooms = {}
+            for key in best:
+                rooms[key] = key.room.fraction(model_class, wall)
+            roomy, all_low = _above_floor(best, rooms, self.policy.headroom_floor)
 
         sticky = self._session_key(session_id, now) if session_id is not None else None
-        if sticky is not None and any(key is sticky for key in best):
+        # A session keeps its key under the floor only when every key is:
+        # its prompt cache is worth more than a few points of room.
+        if sticky is not None and (sticky in roomy or (all_low and sticky in best)):
             chosen = sticky
         else:
             before = self._previous_key(previous, sticky, tried)
@@ -360,12 +413,13 @@ class KeyRing:
                     away_from_org = reason.kind is FailureKind.RATE_LIMITED
                 else:
                     # The session moves without a fresh failure: its key is
-                    # resting, broken, gone, or in a worse tier than now usable.
-                    away_from_org = before.state is KeyState.COOLING
-                best = _prefer(best, before, away_from_org)
-            chosen = self._pick(best)
+                    # resting (for the class), broken, gone, short of room, or
+                    # in a worse tier than now usable.
+                    away_from_org = before.state is KeyState.COOLING or model_class in before.rests
+                roomy = _prefer(roomy, before, away_from_org)
+            chosen = self._pick(roomy, rooms)
 
-        lease = Lease(chosen, probe=False)
+        lease = Lease(chosen, probe=False, model_class=model_class)
         chosen.in_flight += 1
         chosen.requests += 1
         if session_id is not None:
@@ -382,29 +436,49 @@ class KeyRing:
             return self._keys.get(label)
         return None
 
+    def _low(self, key: _Key, model_class: str) -> bool:
+        """Whether the key's latest reading for the class, still in force,
+        is under the floor or at nothing (as _above_floor judges; one dict
+        lookup when there is no reading)."""
+        if len(self._keys) == 1:
+            return False  # the one key is used whatever its room
+        reading = key.room.latest(model_class)
+        return (
+            reading is not None
+            and (reading.fraction < self.policy.headroom_floor or reading.fraction == 0.0)
+            and reading.until > self._wall_clock()
+        )
+
     @staticmethod
-    def _pick(candidates: list[_Key]) -> _Key:
-        # nginx's least_conn: fewest in-flight requests per unit of weight
-        # (compared exactly, by cross-multiplying), ties by smooth weighted
-        # round-robin among the tied keys. Sequential traffic is all ties, so
-        # it splits exactly by weight; concurrent traffic spreads by load.
-        tied = [candidates[0]]
-        for key in candidates[1:]:
-            lhs = key.in_flight * tied[0].spec.weight
-            rhs = tied[0].in_flight * key.spec.weight
-            if lhs < rhs:
-                tied = [key]
-            elif lhs == rhs:
-                tied.append(key)
-        if len(tied) == 1:
-            return tied[0]
-        total = 0
-        chosen = tied[0]
-        for key in tied:
-            key.current += key.spec.weight
-            total += key.spec.weight
-            if key.current > chosen.current:
-                chosen = key
+    def _pick(candidates: list[_Key], rooms: Mapping[_Key, float] | None) -> _Key:
+        # Each key's share is its weight times its room (1.0 where no reading
+        # is in force). The least loaded by that share, where a key is less
+        # loaded than another only if it stays so with this request on it
+        # (in_flight + 1); the rest are tied and smooth weighted round-robin
+        # picks among them. Sequential traffic is all ties, so it splits
+        # exactly by share; concurrent traffic spreads by load. (nginx's
+        # least_conn compares in_flight alone: a key with 5% of the room
+        # would take every request that finds the roomy one busy, half the
+        # traffic at two requests in flight.)
+        if len(candidates) == 1:
+            return candidates[0]
+        shares = []
+        lightest = math.inf
+        for key in candidates:
+            share = _share(key, rooms)
+            shares.append(share)
+            after = (key.in_flight + 1) / share
+            if after < lightest:
+                lightest = after
+        total = 0.0
+        chosen: _Key | None = None
+        for key, share in zip(candidates, shares):
+            if key.in_flight / share < lightest:
+                key.current += share
+                total += share
+                if chosen is None or key.current > chosen.current:
+                    chosen = key
+        assert chosen is not None  # the lightest key is always below its own after-load
         chosen.current -= total
         return chosen
 
@@ -436,6 +510,20 @@ class KeyRing:
         return len(self._sessions)
 
     # -- outcomes ------------------------------------------------------------
+
+    def observe(self, lease: Lease, headers: Mapping[bytes, bytes], model_class: str | None = None) -> None:
+        """Keep what an answer's rate-limit headers say of the lease's key's
+        room, for the lease's model class (or `model_class`, when the caller
+        learnt it after acquiring). `headers`: by lower-case name, first
+        value each (ResponseHead.index). Call it once per answer head, error
+        or not, before release; a head without limits changes nothing.
+        Measured on the 2-core test machine, where an acquire and release
+        take 2 us: 0.5 us for a head without limits, 3 us for an Anthropic
+        head with four; cheap enough to run on every answer, a ring of one
+        key's included (stats show its room, though it chooses nothing)."""
+        reading = read_index(headers, self._wall_clock())
+        if reading is not None:
+            lease._key.room.update(lease.model_class if model_class is None else model_class, reading)
 
     def release(self, lease: Lease, failure: Failure | None = None) -> None:
         """Give a lease back with its outcome: None for success (any answer
@@ -478,6 +566,22 @@ class KeyRing:
             assert failure is not None
             cooldown = self.policy.cooldown_default if failure.cooldown is None else failure.cooldown
             rest_until = now + cooldown
+            model_class = lease.model_class
+            # A class of its own only for a class the key knows or has room
+            # for (MAX_CLASSES, as for readings); else the whole key rests.
+            if model_class and not is_probe and (model_class in key.rests or len(key.rests) < MAX_CLASSES):
+                self._rest_class(key, model_class, now, rest_until, failure)
+                if key.state is _H or key.state is _C:
+                    # The vendor answered, as for a whole-key 429: no failure
+                    # in a row, and a user's answer ends the probation.
+                    key.consecutive_failures = 0
+                    key.pause = 0.0
+                if self.policy.cool_whole_org and key.spec.org is not None:
+                    for other in self._keys.values():
+                        if other is not key and other.spec.org == key.spec.org:
+                            self._rest_class(other, model_class, now, rest_until, failure, cause=key.spec.label)
+                self._notify()
+                return
         self._transition(key, event, now, rest_until, failure, probe=is_probe)
         if rest_until is not None and self.policy.cool_whole_org and key.spec.org is not None:
             for other in self._keys.values():
@@ -489,6 +593,41 @@ class KeyRing:
     def _expire(self, key: _Key, now: float) -> None:
         if key.until is not None and key.until <= now:
             self._transition(key, _E.EXPIRED, now, None)
+        if key.rests:
+            for model_class, until in list(key.rests.items()):
+                if until <= now:
+                    del key.rests[model_class]
+                    self._log_class(key, model_class, _C, _H, "rest over")
+
+    def _rest_class(
+        self, key: _Key, model_class: str, now: float, rest_until: float, failure: Failure, cause: str | None = None
+    ) -> None:
+        """Rest the key for one model class until `rest_until` (a rest only
+        lengthens); `cause` is the label of the org's key that got the 429."""
+        self._expire(key, now)
+        earlier = key.rests.get(model_class)
+        if earlier is not None and earlier >= rest_until:
+            return
+        key.rests[model_class] = rest_until
+        if earlier is None:
+            event = _E.LIMITED if cause is None else _E.ORG_LIMITED
+            self._log_class(key, model_class, _H, _C, _reason(key, event, _H, now, rest_until, failure, False, cause, self.policy))
+
+    def _log_class(self, key: _Key, model_class: str, old: KeyState, new: KeyState, reason: str) -> None:
+        """A class's rest began or ended: that class's change of state."""
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "upstream %s key %s (%s): %s -> %s (%s)",
+                self.name, key.spec.label, model_class, old.value, new.value, reason,
+                extra={
+                    "upstream": self.name,
+                    "label": key.spec.label,
+                    "model_class": model_class,
+                    "old_state": old.value,
+                    "new_state": new.value,
+                    "reason": reason,
+                },
+            )
 
     def _transition(
         self,
@@ -524,6 +663,9 @@ class KeyRing:
         elif (event is _E.ENABLE and old is not _H) or (event is _E.RELOADED and old is _D):
             key.consecutive_failures = 0
             key.pause = 0.0
+        if event is _E.ENABLE:
+            # The operator's word: every class's rest ends too.
+            key.rests.clear()
 
         # Rests and pauses only ever lengthen, except that a failed probe sets
         # the doubled pause from now.
@@ -575,9 +717,10 @@ class KeyRing:
 
     # -- waiting ---------------------------------------------------------------
 
-    def next_available_in(self, tried: AbstractSet[str] = frozenset()) -> float | None:
-        """Seconds until some key not in `tried` may be usable: 0.0 if one is
-        now, the end of the soonest rest after a 429 (COOLING), else None.
+    def next_available_in(self, tried: AbstractSet[str] = frozenset(), model_class: str = "") -> float | None:
+        """Seconds until some key not in `tried` may be usable for a request
+        of `model_class`: 0.0 if one is now, the end of the soonest rest
+        after a 429 (COOLING, or resting for that class), else None.
 
         An open circuit does not count: it closes only when the hub's probe
         comes back, at a time nobody knows, and a request waiting for it would
@@ -589,13 +732,18 @@ class KeyRing:
                 continue
             self._expire(key, now)
             state = key.state
-            if state is _H:
+            if state is not _H and state is not _C:
+                continue
+            class_rest = key.rests.get(model_class)
+            if state is _H and class_rest is None:
                 return 0.0
+            ends = class_rest if class_rest is not None else -math.inf
             if state is _C:
                 assert key.until is not None
-                wait = key.until - now
-                if soonest is None or wait < soonest:
-                    soonest = wait
+                ends = max(ends, key.until)
+            wait = ends - now
+            if soonest is None or wait < soonest:
+                soonest = wait
         return soonest
 
     def next_probe_in(self, *, pending: bool = False) -> float | None:
@@ -633,23 +781,27 @@ class KeyRing:
                 leases.append(lease)
         return leases
 
-    def rate_limited(self) -> bool:
-        """Whether some key is resting after a 429 (COOLING): the hub's own
-        answer is then a 429, not the 503 of keys that are broken or gone."""
+    def rate_limited(self, model_class: str = "") -> bool:
+        """Whether some key is resting after a 429 (COOLING, or healthy but
+        resting for `model_class`): the hub's own answer is then a 429, not
+        the 503 of keys that are broken or gone."""
         now = self._clock()
         for key in self._keys.values():
             self._expire(key, now)
-            if key.state is KeyState.COOLING:
+            if key.state is KeyState.COOLING or (key.state is _H and model_class in key.rests):
                 return True
         return False
 
-    async def wait_available(self, timeout: float, tried: AbstractSet[str] = frozenset()) -> bool:
-        """Wait until a key not in `tried` may be usable; False after `timeout` seconds.
+    async def wait_available(
+        self, timeout: float, tried: AbstractSet[str] = frozenset(), model_class: str = ""
+    ) -> bool:
+        """Wait until a key not in `tried` may be usable for a request of
+        `model_class`; False after `timeout` seconds.
 
         Woken by any release or operator change, or by a timer at the moment
         the earliest rest ends; never polls.
         """
-        return await self._wait(lambda: self.next_available_in(tried), self._waiters, timeout)
+        return await self._wait(lambda: self.next_available_in(tried, model_class), self._waiters, timeout)
 
     async def wait_probe_due(self) -> None:
         """Wait until a key's open period is over (see take_probes): woken
@@ -761,7 +913,10 @@ class KeyRing:
         """Each key's state and counters for stats; never the secret. `until` is
         unix time; `requests` counts the hub's probes with the users'
         attempts; `errors` counts every failure but 429s (`rate_limited`) and
-        client aborts."""
+        client aborts. `headroom` maps a model class to the vendor's latest
+        reading still in force (`remaining` fraction, which `limit`, unix
+        time it `resets`); `rests` a model class resting after a 429 to the
+        unix time its rest ends."""
         now = self._clock()
         wall = self._wall_clock()
         rows = []
@@ -783,6 +938,8 @@ class KeyRing:
                     "weight": spec.weight,
                     "workspace": spec.workspace,
                     "org": spec.org,
+                    "headroom": key.room.snapshot(wall),
+                    "rests": {cls: wall + (until - now) for cls, until in key.rests.items()},
                 }
             )
         return rows
@@ -806,6 +963,32 @@ def _prefer(candidates: list[_Key], before: _Key, away_from_org: bool) -> list[_
         if same:
             candidates = same
     return candidates
+
+
+def _above_floor(candidates: list[_Key], rooms: Mapping[_Key, float], floor: float) -> tuple[list[_Key], bool]:
+    """The candidates with at least `floor` of their room left (and some):
+    a key under it is about to answer 429, so it is chosen only when no
+    other key has more; when every key is under it, those with the most,
+    and True (every key is low)."""
+    roomy = []
+    most = -1.0
+    for key in candidates:
+        room = rooms[key]
+        if room >= floor and room > 0.0:
+            roomy.append(key)
+        elif room > most:
+            most = room
+    if roomy:
+        return roomy, False
+    return [key for key in candidates if rooms[key] == most], True
+
+
+def _share(key: _Key, rooms: Mapping[_Key, float] | None) -> float:
+    """A key's share of the traffic: its weight times its room. Keys with no
+    room at all are candidates together only when none has any (see
+    _above_floor): then by weight."""
+    room = 1.0 if rooms is None else rooms[key]
+    return key.spec.weight * room if room > 0.0 else float(key.spec.weight)
 
 
 _CIRCUIT_STATES = frozenset({_O, _HO, _PR})

@@ -346,3 +346,25 @@ def test_a_cap_of_zero_counts_everything_under_other() -> None:
     m.on_usage(usage("bob", None, "gpt-5", 200, output_tokens=2))
     assert m.usage == {("_other", "_other", "_other"): [300, 1, 2, 0, 0, 0]}
     assert m.usage_folded == 2
+
+
+def test_key_headroom_per_class_reaches_stats_and_metrics() -> None:
+    resets = time.time() + 60.0
+    keys = {
+        "anthropic": [
+            {"label": "a", "state": "healthy", "until": None,
+             "headroom": {"sonnet": {"remaining": 0.62, "limit": "tokens", "resets": resets},
+                          "opus": {"remaining": 0.0, "limit": "requests", "resets": resets}},
+             "rests": {"opus": resets}},
+            {"label": WEIRD_LABEL, "state": "healthy", "until": None, "headroom": {}, "rests": {}},
+        ],
+    }
+    stats = HubMetrics().snapshot(keys)
+    assert stats["keys"]["anthropic"][0]["headroom"] == keys["anthropic"][0]["headroom"]
+    assert stats["keys"]["anthropic"][0]["rests"] == {"opus": resets}
+    families = parse(HubMetrics().render_prometheus(keys))
+    assert families["hubcore_key_headroom_ratio"].type == "gauge"  # type: ignore[attr-defined]
+    assert sorted((lb["upstream"], lb["key"], lb["class"], v) for lb, v in
+                  samples(families, "hubcore_key_headroom_ratio")) == [
+        ("anthropic", "a", "opus", 0.0), ("anthropic", "a", "sonnet", 0.62),
+    ]

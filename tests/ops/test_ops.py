@@ -424,9 +424,10 @@ async def test_run_keys_lists_and_toggles(server: OpsServer, hub: FakeHub,
 
     assert await asyncio.to_thread(opsclient.run_keys, keys_args(server.path)) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("UPSTREAM")
-    state_col = table[0].index("STATE")
-    assert [line[state_col:].split()[0] for line in table[1:]] == ["healthy", "disabled"]
+    assert table[0] == "upstream anthropic: 2 keys"
+    assert table[1].startswith("  KEY ")
+    state_col = table[1].index("STATE")
+    assert [line[state_col:].split()[0] for line in table[2:]] == ["healthy", "disabled"]
 
 
 async def test_run_reload_reports_failure(server: OpsServer, hub: FakeHub,
@@ -536,13 +537,40 @@ def test_format_helpers() -> None:
         {"upstream": "anthropic", "label": "a", "state": "cooling", "until": now + 12.2,
          "requests": 12345, "last_error": "x" * 100},
         {"upstream": "openai", "label": "long-label-here", "state": "healthy", "requests": 7},
+        {"upstream": "anthropic", "label": "b", "state": "healthy", "requests": 7},
     ], now=now).splitlines()
-    assert len({len(line.rstrip()) for line in table[1:2]}) == 1
-    assert " 12s " in table[1]
-    assert table[1].endswith("x" * 57 + "...")
-    requests_end = table[0].index("REQUESTS") + len("REQUESTS")
-    assert table[1][:requests_end].endswith("12345") and table[2][:requests_end].endswith("7")
+    # Grouped under their upstream, in the order the upstreams first come.
+    assert table[0] == "upstream anthropic: 2 keys"
+    assert table[4] == "" and table[5] == "upstream openai: 1 key"
+    header, a, b = table[1:4]
+    assert " 12s " in a
+    assert a.endswith("x" * 57 + "...")
+    requests_end = header.index("REQUESTS") + len("REQUESTS")
+    assert a[:requests_end].endswith("12345") and b[:requests_end].endswith("7")
+    assert table[7][:table[6].index("REQUESTS") + len("REQUESTS")].endswith("7")
     assert opsclient.format_keys([]) == "no vendor keys loaded"
+
+
+def test_the_key_table_shows_headroom_and_rests_per_model_class() -> None:
+    now = 1_800_000_000.0
+    resets = now + 30
+    clock = time.strftime("%H:%M:%S", time.localtime(resets))
+    week = now + 5 * 86400
+    table = opsclient.format_keys([
+        {"upstream": "anthropic", "label": "a", "state": "healthy",
+         "headroom": {"sonnet": {"remaining": 0.62, "limit": "tokens", "resets": resets},
+                      "opus": {"remaining": 0.004, "limit": "requests", "resets": resets},
+                      "": {"remaining": 0.5, "limit": "unified-7d", "resets": week}},
+         "rests": {"opus": now + 25.4}},
+        {"upstream": "anthropic", "label": "b", "state": "healthy", "headroom": {}, "rests": {}},
+    ], now=now).splitlines()
+    room = table[1].index("HEADROOM")
+    a, b = table[2][room:], table[3][room:]
+    assert a.split("  ")[0] == (
+        f"any model 50% (unified-7d, resets {time.strftime('%Y-%m-%d %H:%M', time.localtime(week))}); "
+        f"opus 0.4% (requests, resets {clock}); sonnet 62% (tokens, resets {clock}); opus resting 25s"
+    )
+    assert b.split()[0] == "-"
 
 
 def test_tables_escape_control_characters() -> None:
@@ -551,6 +579,11 @@ def test_tables_escape_control_characters() -> None:
          "last_error": "\x1b[2Jvendor said no"},
     ])
     lines = table.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert "\x1b" not in table
-    assert "evil\\nlabel" in lines[1] and "\\x1b[2Jvendor said no" in lines[1]
+    assert "evil\\nlabel" in lines[2] and "\\x1b[2Jvendor said no" in lines[2]
+    headroom = opsclient.format_keys([
+        {"upstream": "up\x1b[2J", "label": "a", "state": "healthy",
+         "headroom": {"\x1b[2Jm": {"remaining": 0.5, "limit": "tokens\n", "resets": time.time() + 5}}},
+    ])
+    assert "\x1b" not in headroom and len(headroom.splitlines()) == 3

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hubcore.routing.failures import parse_rfc3339
-from hubcore.routing.headroom import Headroom, Reading, model_class, read
+from hubcore.routing.headroom import MAX_CLASSES, Headroom, Reading, model_class, read
 
 NOW = parse_rfc3339("2026-12-05T12:00:00Z")
 assert NOW is not None
@@ -95,3 +95,15 @@ def test_headroom_forgets_a_reading_once_its_limit_resets() -> None:
 ])
 def test_model_class(model: str | None, cls: str) -> None:
     assert model_class(model) == cls
+
+
+def test_headroom_keeps_a_bounded_number_of_classes() -> None:
+    room = Headroom()
+    for i in range(MAX_CLASSES):
+        room.update(f"model-{i}", Reading(0.5, NOW + 100 + i, "tokens"))
+    room.update("model-0", Reading(0.4, NOW + 100, "tokens"))
+    assert len(room.snapshot(NOW)) == MAX_CLASSES
+    # A new class pushes out the reading that resets first.
+    room.update("new", Reading(0.5, NOW + 1000, "tokens"))
+    snapshot = room.snapshot(NOW)
+    assert len(snapshot) == MAX_CLASSES and "new" in snapshot and "model-0" not in snapshot

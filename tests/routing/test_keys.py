@@ -516,7 +516,7 @@ def test_the_secret_is_never_shown() -> None:
     assert not any(secret in text for text in shown)
     assert set(ring.snapshot()[0]) == {
         "label", "state", "until", "consecutive_failures", "in_flight", "requests",
-        "rate_limited", "errors", "last_error", "priority", "weight", "workspace", "org",
+        "rate_limited", "errors", "last_error", "priority", "weight", "workspace", "org", "headroom", "rests",
     }
 
 
@@ -774,9 +774,18 @@ OUTCOMES = [
 ]
 
 
+MACHINE_CLASSES = ["", "opus"]
+ROOMS = [1.0, 0.04, 0.0]
+
+
+def room_of(snapshot_row: dict[str, Any], model_class: str) -> float:
+    reading = snapshot_row["headroom"].get(model_class)
+    return 1.0 if reading is None else float(reading["remaining"])
+
+
 class KeyRingMachine(RuleBasedStateMachine):
-    """Random acquire / probe / release / time / operator / reload sequences
-    against a model of what must never happen."""
+    """Random acquire / probe / observe / release / time / operator / reload
+    sequences against a model of what must never happen."""
 
     @initialize()
     def start(self) -> None:
@@ -788,6 +797,8 @@ class KeyRingMachine(RuleBasedStateMachine):
         self.dead: set[str] = set()
         self.disabled: set[str] = set()
         self.not_before = {label: -math.inf for label in MACHINE_KEYS}
+        # A model class's rest on a key: (label, class) -> not before.
+        self.class_not_before: dict[tuple[str, str], float] = {}
 
     def specs(self) -> list[KeySpec]:
         return [KeySpec(secret, label, **MACHINE_KEYS[label]) for label, secret in self.secrets.items()]
@@ -803,24 +814,50 @@ class KeyRingMachine(RuleBasedStateMachine):
         tried=st.frozensets(st.sampled_from(sorted(MACHINE_KEYS)), max_size=3),
         reason=st.sampled_from(OUTCOMES[1:9]) | st.none(),
         with_previous=st.booleans(),
+        model_class=st.sampled_from(MACHINE_CLASSES),
     )
-    def acquire(self, session: str | None, tried: frozenset[str], reason: Failure | None, with_previous: bool) -> None:
-        before = states(self.ring)
+    def acquire(
+        self, session: str | None, tried: frozenset[str], reason: Failure | None, with_previous: bool, model_class: str
+    ) -> None:
+        before = {r["label"]: r for r in self.ring.snapshot()}
         previous = self.leases[-1][0] if with_previous and self.leases else None
-        lease = self.ring.acquire(session, tried, reason, previous)
+        lease = self.ring.acquire(session, tried, reason, previous, model_class=model_class)
+        # Users get healthy keys only (an open circuit is the hub's to
+        # probe), and none resting for the request's class.
+        usable = [
+            k for k, r in before.items() if k not in tried and r["state"] == "healthy" and model_class not in r["rests"]
+        ]
         if lease is None:
-            assert self.ring.next_available_in(tried) != 0.0
-            assert not any(state == "healthy" for label, state in before.items() if label not in tried)
+            assert self.ring.next_available_in(tried, model_class) != 0.0
+            assert not usable
             return
         label = lease.label
         assert label not in self.dead and label not in self.disabled
         assert self.clock.now >= self.not_before[label]
-        # Users get healthy keys only: an open circuit is the hub's to probe.
-        usable = [k for k, state in before.items() if k not in tried and state == "healthy"]
+        assert self.clock.now >= self.class_not_before.get((label, model_class), -math.inf)
         assert label in usable
-        assert MACHINE_KEYS[label].get("priority", 0) == min(MACHINE_KEYS[k].get("priority", 0) for k in usable)
-        assert not lease.probe
+        tier = min(MACHINE_KEYS[k].get("priority", 0) for k in usable)
+        assert MACHINE_KEYS[label].get("priority", 0) == tier
+        # Under the floor (or out of room) only when no other key of the tier has more.
+        floor = MACHINE_POLICY.headroom_floor
+        room = room_of(before[label], model_class)
+        if room < floor or room == 0.0:
+            assert not any(
+                room_of(before[k], model_class) >= max(floor, room) and room_of(before[k], model_class) > 0.0
+                for k in usable if MACHINE_KEYS[k].get("priority", 0) == tier
+            )
+        assert not lease.probe and lease.model_class == model_class
         self.leases.append((lease, self.generation[label]))
+
+    @precondition(lambda self: bool(self.leases))
+    @rule(data=st.data(), room=st.sampled_from(ROOMS), reset=st.sampled_from(["1s", "5s"]))
+    def observe(self, data: st.DataObject, room: float, reset: str) -> None:
+        lease, _ = self.leases[data.draw(st.integers(0, len(self.leases) - 1))]
+        self.ring.observe(lease, {
+            b"x-ratelimit-limit-tokens": b"100",
+            b"x-ratelimit-remaining-tokens": b"%d" % round(room * 100),
+            b"x-ratelimit-reset-tokens": reset.encode(),
+        })
 
     @rule()
     def take_probes(self) -> None:
@@ -852,9 +889,16 @@ class KeyRingMachine(RuleBasedStateMachine):
             cooldown = MACHINE_POLICY.cooldown_default if outcome.cooldown is None else outcome.cooldown
             rest = self.clock.now + cooldown
             org = MACHINE_KEYS[label]["org"]
+            model_class = "" if lease.probe else lease.model_class
             for other in self.secrets:
                 # A lease of a replaced key still speaks for its org, this label included.
-                if MACHINE_KEYS[other]["org"] == org and other not in self.dead and other not in self.disabled:
+                if MACHINE_KEYS[other]["org"] != org:
+                    continue
+                if model_class:
+                    # The class's rest, whatever the key's state.
+                    slot = (other, model_class)
+                    self.class_not_before[slot] = max(self.class_not_before.get(slot, -math.inf), rest)
+                elif other not in self.dead and other not in self.disabled:
                     self.not_before[other] = max(self.not_before[other], rest)
 
     @rule(seconds=st.sampled_from([0.1, 0.5, 1.0, 2.0, 5.0]))
@@ -881,6 +925,7 @@ class KeyRingMachine(RuleBasedStateMachine):
             self.disabled.discard(label)
             self.dead.discard(label)
             self.not_before[label] = -math.inf
+            self.forget_class_rests(label)
 
     @rule(label=st.sampled_from(sorted(MACHINE_KEYS)), change=st.sampled_from(["same", "rotate", "toggle"]))
     def reload(self, label: str, change: str) -> None:
@@ -898,10 +943,15 @@ class KeyRingMachine(RuleBasedStateMachine):
             # A new key; disabled still if the operator disabled its label.
             self.generation[label] += 1
             self.not_before[label] = -math.inf
+            self.forget_class_rests(label)
         # Order as configured, whatever was toggled.
         self.secrets = {k: self.secrets[k] for k in MACHINE_KEYS if k in self.secrets}
         self.ring.replace_specs(self.specs())
         self.dead.clear()
+
+    def forget_class_rests(self, label: str) -> None:
+        for slot in [slot for slot in self.class_not_before if slot[0] == label]:
+            del self.class_not_before[slot]
 
     @invariant()
     def in_flight_matches_open_leases(self) -> None:
@@ -923,6 +973,10 @@ class KeyRingMachine(RuleBasedStateMachine):
                 assert r["until"] is not None and r["until"] >= self.clock.wall()
             else:
                 assert r["until"] is None
+            for model_class, until in r["rests"].items():
+                assert model_class and until >= self.clock.wall()
+            for reading in r["headroom"].values():
+                assert 0.0 <= reading["remaining"] <= 1.0 and reading["resets"] > self.clock.wall()
 
 
 KeyRingMachine.TestCase.settings = settings(
