@@ -26,6 +26,7 @@ from hubcore.routing.attempts import AttemptChain
 from hubcore.routing.failures import (
     CIRCUIT_KINDS, CLIENT_ABORTED, STREAM_BROKEN, Failure, FailureKind, classify, in_stream_failure, retryable, transport_failure,
 )
+from hubcore.routing.headroom import model_class
 from hubcore.routing.keys import KeyRing, Lease
 from hubcore.routing.router import Router
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS, give_up, refusal_headers, render_http_error, sse_error_event
@@ -621,6 +622,9 @@ class Exchange:
         # Time queued for a resting key counts against the retry deadline too.
         queue_deadline = min(self.t0 + cfg.queue_timeout, deadline)
         ring = upstream.ring
+        # The vendors' rate limits are per model class: a key resting after a
+        # 429 for one class serves the others ("" when the model is unknown).
+        rate_class = model_class(self.model)
         tried: set[str] = set()  # key labels, on the current upstream
         spent: set[str] = set()  # upstreams this request moved away from
         reason: Failure | None = None
@@ -639,7 +643,7 @@ class Exchange:
                 lease, first = first, None
                 counted = self.attempts > 0  # sent by _first_attempt
             else:
-                lease = ring.acquire(self.session_id, tried, reason, previous)
+                lease = ring.acquire(self.session_id, tried, reason, previous, model_class=rate_class)
                 if lease is None:
                     # Another upstream with a usable key now beats waiting
                     # for a rest here.
@@ -650,10 +654,12 @@ class Exchange:
                         ring = moved.ring
                         tried, previous, reason = set(), None, None
                         continue
-                    if await self._wait_for_key(ring, deadline, queue_deadline):
+                    if await self._wait_for_key(ring, deadline, queue_deadline, rate_class):
                         tried.clear()
                         continue
-                    rate_limited_for = ring.next_available_in() if ring.rate_limited() else None
+                    rate_limited_for = (
+                        ring.next_available_in(model_class=rate_class) if ring.rate_limited(rate_class) else None
+                    )
                     self._give_up(upstream, last_error, last_exc, rate_limited_for)
                     return
             self.lease = previous = lease
@@ -750,7 +756,7 @@ class Exchange:
             self.upstream.ring.release(lease, failure or in_stream_failure(meter.error_type if meter is not None else None))
             self.lease = None
 
-    async def _wait_for_key(self, ring: KeyRing, deadline: float, queue_deadline: float) -> bool:
+    async def _wait_for_key(self, ring: KeyRing, deadline: float, queue_deadline: float, rate_class: str) -> bool:
         """No untried key is usable: whether to go round the keys again.
 
         At once when a key already tried is usable again (max_attempts and the
@@ -759,7 +765,7 @@ class Exchange:
         open circuits, which come back only when the hub's probe does (waiting
         then only delays the same answer, by up to the queue time).
         """
-        wait = ring.next_available_in()
+        wait = ring.next_available_in(model_class=rate_class)
         now = self.loop.time()
         if wait is None:
             return False
@@ -769,7 +775,7 @@ class Exchange:
             return False
         # Wait for a key, or for the client to leave (client_gone fails self.done).
         gone = self.done = self.loop.create_future()
-        waiting = self.loop.create_task(ring.wait_available(queue_deadline - now))
+        waiting = self.loop.create_task(ring.wait_available(queue_deadline - now, model_class=rate_class))
         started = time.monotonic()
         try:
             await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -786,7 +792,7 @@ class Exchange:
         """Take the first attempt's key and, on a pooled connection, send the
         request; `_proxy` goes on from there, and does what is left undone
         here (a key to wait for, a connection to open)."""
-        lease = upstream.ring.acquire(self.session_id)
+        lease = upstream.ring.acquire(self.session_id, model_class=model_class(self.model))
         if lease is None:
             return
         self.lease = lease
@@ -869,6 +875,10 @@ class Exchange:
         read go out at once rather than after this request's task wakes up.
         The task then finds it streaming (see _stream)."""
         failure = self.head_failure = classify(head.status, head.headers)
+        lease = self.lease
+        if lease is not None and self.upstream is not None:
+            # The rate-limit headers of every answer: the room the key has left.
+            self.upstream.ring.observe(lease, head.index)
         if self.hub.metrics is not None:
             self.hub.metrics.upstream_answered(self.attempt_upstream, head.status)
         if failure is None or not retryable(failure):

@@ -58,7 +58,6 @@ def test_the_fake_vendor_reports_each_keys_own_headers(vendor: FakeVendor) -> No
     assert "anthropic-ratelimit-tokens-remaining" not in bare.headers
 
 
-@pytest.mark.xfail(strict=True, reason="needs the exchange to call KeyRing.observe (lead)")
 def test_traffic_follows_the_vendors_headroom_before_any_429(vendor: FakeVendor, tmp_path: Path) -> None:
     keys = [{"key": ROOMY, "label": "roomy"}, {"key": TIGHT, "label": "tight"}]
     config = make_config(tmp_path, [{"name": "anthropic", "kind": "anthropic", "base_url": vendor.url, "keys": keys}])
