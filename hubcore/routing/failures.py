@@ -173,8 +173,9 @@ def _rate_limit_cooldown(headers: dict[str, str], wall_now: float) -> float | No
     return earliest
 
 
-def nonnegative_number(text: str | None) -> float | None:
-    """A header's value as a finite number >= 0; None when it is not one."""
+def nonnegative_number(text: str | bytes | None) -> float | None:
+    """A header's value (as text or as its bytes) as a finite number >= 0;
+    None when it is not one."""
     if text is None:
         return None
     try:

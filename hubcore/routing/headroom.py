@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from hubcore.routing.failures import parse_duration, parse_rfc3339
+from hubcore.routing.failures import nonnegative_number, parse_duration, parse_rfc3339
 
 __all__ = ["MAX_CLASSES", "Headroom", "Reading", "model_class", "read", "read_index"]
 
@@ -128,29 +128,18 @@ def read_index(index: Mapping[bytes, bytes], wall_now: float) -> Reading | None:
         for name, used in index.items():
             if name.startswith(_UNIFIED) and name.endswith(_UTILIZATION):
                 claim = name[len(_UNIFIED):-len(_UTILIZATION)]
-                utilization = _number(used)
-                until = _number(index.get(_UNIFIED + claim + b"-reset"))
+                utilization = nonnegative_number(used)
+                until = nonnegative_number(index.get(_UNIFIED + claim + b"-reset"))
                 if utilization is None or until is None:
                     continue
                 fraction = max(0.0, 1.0 - min(utilization, 1.0))
                 if best is None or fraction < best[0]:
                     best = (fraction, until, "unified-" + claim.decode("latin-1"))
         if status.strip().lower() == b"rejected":
-            until = _number(index.get(_UNIFIED_RESET))
+            until = nonnegative_number(index.get(_UNIFIED_RESET))
             if until is not None and (best is None or best[0] > 0.0):
                 best = (0.0, until, "unified")
     return None if best is None else Reading(*best)
-
-
-def _number(value: bytes | None) -> float | None:
-    """A header's value as a finite number >= 0 (nonnegative_number, on bytes)."""
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
 
 
 # Reset values seen lately and what they parsed to (None: not a time). A

@@ -13,13 +13,14 @@ import enum
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
 # The key settings are configuration values; re-exported for the ring's callers.
 from hubcore.config import KeyPolicy, KeySpec
+from hubcore.routing.affinity import Affinity
+from hubcore.routing.balance import least_loaded
 
 # Failure and its classifiers are re-exported here until every caller imports
 # them from hubcore.routing.failures.
@@ -316,9 +317,8 @@ class KeyRing:
         self._clock = clock
         self._wall_clock = wall_clock
         self._keys: dict[str, _Key] = {}
-        # session id -> (key, monotonic expiry). Every touch moves the entry to
-        # the end with the same TTL, so the order is also the expiry order.
-        self._sessions: OrderedDict[str, tuple[_Key, float]] = OrderedDict()
+        # Session id -> its key, by monotonic time.
+        self._sessions: Affinity[_Key] = Affinity(self.policy.affinity_ttl, self.policy.affinity_max_sessions)
         self._waiters: set[asyncio.Future[None]] = set()
         # The prober's: woken only when a circuit opens or its pause ends, not
         # by every release as users' waiters are.
@@ -355,7 +355,7 @@ class KeyRing:
         """
         now = self._clock()
         if session_id is not None:
-            entry = self._sessions.get(session_id)
+            entry = self._sessions.entries.get(session_id)
             if entry is not None:
                 key = entry[0]
                 # The common case, decided without looking at the other keys:
@@ -374,7 +374,7 @@ class KeyRing:
                 ):
                     key.in_flight += 1
                     key.requests += 1
-                    self._remember(session_id, key, now)
+                    self._sessions.remember(session_id, key, now)
                     return Lease(key, probe=False, model_class=model_class)
         # The usable keys of the best tier, in one pass (loops, not
         # comprehensions: this runs for every request of a ring of several keys).
@@ -401,7 +401,7 @@ class KeyRing:
                 rooms[key] = key.room.fraction(model_class, wall)
             roomy, all_low = _above_floor(best, rooms, self.policy.headroom_floor)
 
-        sticky = self._session_key(session_id, now) if session_id is not None else None
+        sticky = self._sessions.get(session_id, now) if session_id is not None else None
         # A session keeps its key under the floor only when every key is:
         # its prompt cache is worth more than a few points of room.
         if sticky is not None and (sticky in roomy or (all_low and sticky in best)):
@@ -423,7 +423,7 @@ class KeyRing:
         chosen.in_flight += 1
         chosen.requests += 1
         if session_id is not None:
-            self._remember(session_id, chosen, now)
+            self._sessions.remember(session_id, chosen, now)
         return lease
 
     def _previous_key(self, previous: Lease | None, sticky: _Key | None, tried: AbstractSet[str]) -> _Key | None:
@@ -452,58 +452,12 @@ class KeyRing:
     @staticmethod
     def _pick(candidates: list[_Key], rooms: Mapping[_Key, float] | None) -> _Key:
         # Each key's share is its weight times its room (1.0 where no reading
-        # is in force). The least loaded by that share, where a key is less
-        # loaded than another only if it stays so with this request on it
-        # (in_flight + 1); the rest are tied and smooth weighted round-robin
-        # picks among them. Sequential traffic is all ties, so it splits
-        # exactly by share; concurrent traffic spreads by load. (nginx's
-        # least_conn compares in_flight alone: a key with 5% of the room
-        # would take every request that finds the roomy one busy, half the
-        # traffic at two requests in flight.)
+        # is in force); routing.balance spreads by it.
         if len(candidates) == 1:
             return candidates[0]
-        shares = []
-        lightest = math.inf
-        for key in candidates:
-            share = _share(key, rooms)
-            shares.append(share)
-            after = (key.in_flight + 1) / share
-            if after < lightest:
-                lightest = after
-        total = 0.0
-        chosen: _Key | None = None
-        for key, share in zip(candidates, shares):
-            if key.in_flight / share < lightest:
-                key.current += share
-                total += share
-                if chosen is None or key.current > chosen.current:
-                    chosen = key
-        assert chosen is not None  # the lightest key is always below its own after-load
-        chosen.current -= total
-        return chosen
+        return least_loaded(candidates, [_share(key, rooms) for key in candidates])
 
     # -- affinity ------------------------------------------------------------
-
-    def _session_key(self, session_id: str, now: float) -> _Key | None:
-        sessions = self._sessions
-        while sessions:
-            oldest = next(iter(sessions.values()))
-            if oldest[1] > now:
-                break
-            sessions.popitem(last=False)
-        entry = sessions.get(session_id)
-        if entry is None or entry[1] <= now:
-            return None
-        return entry[0]
-
-    def _remember(self, session_id: str, key: _Key, now: float) -> None:
-        limit = self.policy.affinity_max_sessions
-        if limit == 0:
-            return
-        self._sessions[session_id] = (key, now + self.policy.affinity_ttl)
-        self._sessions.move_to_end(session_id)
-        while len(self._sessions) > limit:
-            self._sessions.popitem(last=False)
 
     def session_count(self) -> int:
         """Sessions in the affinity table (expired ones may linger until looked at)."""
@@ -877,6 +831,7 @@ class KeyRing:
         outstanding leases release harmlessly."""
         if policy is not None:
             self.policy = policy
+            self._sessions.ttl, self._sessions.limit = policy.affinity_ttl, policy.affinity_max_sessions
         keys: dict[str, _Key] = {}
         now = self._clock()
         for spec in specs:

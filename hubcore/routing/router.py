@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
+
+from hubcore.routing.affinity import Affinity
+from hubcore.routing.balance import least_loaded
 
 __all__ = ["Candidate", "Considered", "Router"]
 
@@ -73,28 +75,40 @@ class Considered:
     probability: float = 0.0  # of being chosen for a request without a session
 
 
-@dataclass(slots=True)
-class _Turn:
-    current: int = 0  # smooth weighted round-robin accumulator
+C = TypeVar("C", bound=Candidate)
 
 
 @dataclass(slots=True)
-class Router:
+class _Turn(Generic[C]):
+    """An upstream as routing.balance weighs it."""
+
+    upstream: C
+    current: float = 0.0  # smooth weighted round-robin accumulator
+
+    @property
+    def in_flight(self) -> int:
+        return self.upstream.in_flight
+
+
+@dataclass(slots=True)
+class Router(Generic[C]):
     """The upstreams of one kind, in configuration order."""
 
-    upstreams: Sequence[Candidate]
+    upstreams: Sequence[C]
     affinity_ttl: float = 3600.0
     affinity_max_sessions: int = 100_000
     clock: Callable[[], float] = time.monotonic
-    _turns: dict[str, _Turn] = field(default_factory=dict)
-    _sessions: OrderedDict[str, tuple[str, float]] = field(default_factory=OrderedDict)
+    _turns: dict[str, _Turn[C]] = field(default_factory=dict)
+    _sessions: Affinity[str] = field(init=False)
     _serves: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._turns = {u.name: _Turn() for u in self.upstreams}
+        self._turns = {u.name: _Turn(u) for u in self.upstreams}
+        # Session id -> the name of its upstream.
+        self._sessions = Affinity(self.affinity_ttl, self.affinity_max_sessions)
 
     @property
-    def single(self) -> Candidate | None:
+    def single(self) -> C | None:
         """The one upstream when there is nothing to choose (no model or
         group restriction to check): the common case costs a lookup."""
         if len(self.upstreams) == 1:
@@ -107,9 +121,9 @@ class Router:
         """The upstreams' settings changed (a reload): forget what was
         worked out from the old ones. Sessions stay where they are."""
         self._serves.clear()
-        self._turns = {u.name: _Turn() for u in self.upstreams}
+        self._turns = {u.name: _Turn(u) for u in self.upstreams}
 
-    def candidates(self, model: str | None, groups: AbstractSet[str] | None) -> list[Candidate]:
+    def candidates(self, model: str | None, groups: AbstractSet[str] | None) -> list[C]:
         """The upstreams that may serve `model` for a principal of `groups`
         (None: unrestricted), in configuration order."""
         return [u for u in self.upstreams if self._exclusion(u, model, groups) is None]
@@ -120,7 +134,7 @@ class Router:
         groups: AbstractSet[str] | None = None,
         session_id: str | None = None,
         tried: AbstractSet[str] = frozenset(),
-    ) -> Candidate | None:
+    ) -> C | None:
         """The upstream for the next attempt, or None when every candidate
         is spent (tried, or without a usable key)."""
         usable = [u for u in self.candidates(model, groups) if u.name not in tried and u.usable()]
@@ -180,55 +194,26 @@ class Router:
             self._serves[memo_key] = found
         return found
 
-    def _pick(self, tier: list[Candidate]) -> Candidate:
-        # The key ring's rule (KeyRing._pick): least in flight per weight,
-        # compared by cross-multiplying, ties by smooth weighted round-robin.
-        tied = [tier[0]]
-        for u in tier[1:]:
-            lhs = u.in_flight * tied[0].weight
-            rhs = tied[0].in_flight * u.weight
-            if lhs < rhs:
-                tied = [u]
-            elif lhs == rhs:
-                tied.append(u)
-        if len(tied) == 1:
-            return tied[0]
-        total = 0
-        chosen = tied[0]
-        for u in tied:
-            turn = self._turns.setdefault(u.name, _Turn())
-            turn.current += u.weight
-            total += u.weight
-            if turn.current > self._turns[chosen.name].current:
-                chosen = u
-        self._turns[chosen.name].current -= total
-        return chosen
+    def _pick(self, tier: list[C]) -> C:
+        # The key ring's rule (routing.balance), by weight.
+        if len(tier) == 1:
+            return tier[0]
+        turns = [self._turns[u.name] for u in tier]
+        return least_loaded(turns, [u.weight for u in tier]).upstream
 
     # -- sessions -----------------------------------------------------------------
 
-    def _session_upstream(self, session_id: str, usable: Iterable[Candidate]) -> Candidate | None:
-        now = self.clock()
-        sessions = self._sessions
-        while sessions:
-            oldest = next(iter(sessions.values()))
-            if oldest[1] > now:
-                break
-            sessions.popitem(last=False)
-        entry = sessions.get(session_id)
-        if entry is None:
+    def _session_upstream(self, session_id: str, usable: Iterable[C]) -> C | None:
+        name = self._sessions.get(session_id, self.clock())
+        if name is None:
             return None
         for u in usable:
-            if u.name == entry[0]:
+            if u.name == name:
                 return u
         return None
 
     def _remember(self, session_id: str, upstream: Candidate) -> None:
-        if self.affinity_max_sessions == 0:
-            return
-        self._sessions[session_id] = (upstream.name, self.clock() + self.affinity_ttl)
-        self._sessions.move_to_end(session_id)
-        while len(self._sessions) > self.affinity_max_sessions:
-            self._sessions.popitem(last=False)
+        self._sessions.remember(session_id, upstream.name, self.clock())
 
     def session_count(self) -> int:
         return len(self._sessions)
