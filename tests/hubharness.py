@@ -19,6 +19,8 @@ import uvloop
 from hubcore import config as config_mod, store
 
 from hubcore.governance import tokens
+from hubcore.governance.limits import Limits
+from hubcore.governance.storage import write_limits
 from hubcore.app import App
 from hubcore.config import Config
 
@@ -107,6 +109,37 @@ class HubThread:
         assert self.app is not None
         self.call(self.app.refresh_tokens(force=True))
         return value
+
+    def set_limits(self, kind: str, name: str | int, limits: Limits) -> None:
+        """Store a token's, user's or project's limits; the hub has them on return."""
+        conn = store.connect(self.config.server.database)
+        try:
+            assert write_limits(conn, kind, name, limits) or kind != "token", f"no active token {name}"
+            conn.commit()
+        finally:
+            conn.close()
+        assert self.app is not None
+        self.call(self.app.refresh_tokens(force=True))
+
+    def mint_limited(self, user: str, limits: Limits) -> str:
+        """A new token of `user`, whose user limits are `limits`."""
+        token = self.mint(user)
+        self.set_limits("user", user, limits)
+        return token
+
+    def mint_revoked(self, user: str = "gone") -> str:
+        """A token the hub knows as revoked."""
+        token = self.mint(user)
+        conn = store.connect(self.config.server.database)
+        try:
+            (token_id,) = conn.execute("SELECT id FROM tokens WHERE hash = ?", (tokens.hash_token(token),)).fetchone()
+            tokens.revoke(conn, token_id)
+            conn.commit()
+        finally:
+            conn.close()
+        assert self.app is not None
+        self.call(self.app.refresh_tokens(force=True))
+        return token
 
     def usage_rows(self) -> list[dict[str, Any]]:
         return usage_rows(self.config.server.database)

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from hubcore import store
 from hubcore.governance.limits import Limits
-from hubcore.governance.storage import write_limits
-from hubcore.governance.tokens import revoke
 from tests.conftest import upstreams_for
 from tests.fakevendor import ANTHROPIC_KEY, FakeVendor, expected_text
-from tests.hubharness import HubThread, make_config, usage_rows
+from tests.hubharness import HubThread, make_config
 
 # What the issue promises: Claude Code with a bad token exits within 5 s.
 FAILS_WITHIN = 5.0
@@ -59,31 +56,6 @@ def run_claude(hub: HubThread, token: str, home: Path, timeout: float = 60) -> t
     return result, time.monotonic() - started
 
 
-def with_limits(hub: HubThread, user: str, limits: Limits) -> str:
-    token = hub.mint(user)
-    conn = store.connect(hub.config.server.database)
-    try:
-        write_limits(conn, "user", user, limits)
-        conn.commit()
-    finally:
-        conn.close()
-    hub.mint(user + "-reload")  # waits until the hub has reloaded tokens and limits
-    return token
-
-
-def revoked(hub: HubThread) -> str:
-    token = hub.mint("gone")
-    conn = store.connect(hub.config.server.database)
-    try:
-        (token_id,) = conn.execute("SELECT id FROM tokens WHERE user = 'gone'").fetchone()
-        revoke(conn, token_id)
-        conn.commit()
-    finally:
-        conn.close()
-    hub.mint("after-revoke")
-    return token
-
-
 def test_claude_code_works_through_the_hub(vendor: FakeVendor, tmp_path: Path) -> None:
     claude_binary()
     with HubThread(make_config(tmp_path, upstreams_for(vendor))) as hub:
@@ -97,9 +69,9 @@ def test_claude_code_works_through_the_hub(vendor: FakeVendor, tmp_path: Path) -
 
 REFUSALS: dict[str, tuple[Callable[[HubThread], str], str]] = {
     "unknown token": (lambda hub: "hc-not-a-token", "invalid hub token"),
-    "revoked token": (revoked, "hub token revoked"),
-    "budget spent": (lambda hub: with_limits(hub, "spent", Limits(budget_day=0)), "budget"),
-    "model not allowed": (lambda hub: with_limits(hub, "narrow", Limits(models=("gpt-nothing-*",))), "not allowed"),
+    "revoked token": (lambda hub: hub.mint_revoked(), "hub token revoked"),
+    "budget spent": (lambda hub: hub.mint_limited("spent", Limits(budget_day=0)), "budget"),
+    "model not allowed": (lambda hub: hub.mint_limited("narrow", Limits(models=("gpt-nothing-*",))), "not allowed"),
 }
 
 

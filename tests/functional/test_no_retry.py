@@ -12,10 +12,7 @@ import anthropic
 import openai
 import pytest
 
-from hubcore import store
 from hubcore.governance.limits import Limits
-from hubcore.governance.storage import write_limits
-from hubcore.governance.tokens import revoke
 from tests.conftest import upstreams_for
 from tests.fakevendor import ANTHROPIC_KEY, FakeVendor
 from tests.hubharness import HubThread, make_config
@@ -34,36 +31,11 @@ def requests_seen(hub: HubThread) -> int:
     return hub.app.metrics.requests_total
 
 
-def limited_token(hub: HubThread, user: str, limits: Limits) -> str:
-    token = hub.mint(user)
-    conn = store.connect(hub.config.server.database)
-    try:
-        write_limits(conn, "user", user, limits)
-        conn.commit()
-    finally:
-        conn.close()
-    hub.mint(user + "-reload")  # reloads tokens and limits
-    return token
-
-
-def revoked_token(hub: HubThread) -> str:
-    token = hub.mint("gone")
-    conn = store.connect(hub.config.server.database)
-    try:
-        (token_id,) = conn.execute("SELECT id FROM tokens WHERE user = 'gone'").fetchone()
-        revoke(conn, token_id)
-        conn.commit()
-    finally:
-        conn.close()
-    hub.mint("after-revoke")
-    return token
-
-
 CASES: dict[str, Callable[[HubThread], str]] = {
     "unknown token": lambda hub: "hc-not-a-token",
-    "revoked token": revoked_token,
-    "budget spent": lambda hub: limited_token(hub, "spent", Limits(budget_day=0)),
-    "model not allowed": lambda hub: limited_token(hub, "narrow", Limits(models=("gpt-nothing-*",))),
+    "revoked token": lambda hub: hub.mint_revoked(),
+    "budget spent": lambda hub: hub.mint_limited("spent", Limits(budget_day=0)),
+    "model not allowed": lambda hub: hub.mint_limited("narrow", Limits(models=("gpt-nothing-*",))),
 }
 
 

@@ -20,7 +20,6 @@ import pytest
 from hubcore import config as config_mod, store
 from hubcore.accounting.pricing import PriceTable
 from hubcore.governance.limits import Limits
-from hubcore.governance.storage import write_limits
 from tests.fakevendor import FakeVendor, RecordedRequest, expected_text
 from tests.hubharness import HubThread, make_config, run_cli
 
@@ -235,15 +234,17 @@ def test_no_upstream_serves_the_model(tmp_path: Path) -> None:
 def restrict(hub: HubThread, user: str, groups: tuple[str, ...]) -> str:
     """A token of `user`, restricted to `groups`, already seen by the hub."""
     token = hub.mint(user)
+    (token_id,) = [r["id"] for r in hub_tokens(hub) if r["user"] == user]
+    hub.set_limits("token", token_id, Limits(groups=groups))
+    return token
+
+
+def hub_tokens(hub: HubThread) -> list[dict[str, Any]]:
     conn = store.connect(hub.config.server.database)
     try:
-        (token_id,) = conn.execute("SELECT id FROM tokens WHERE user = ?", (user,)).fetchone()
-        assert write_limits(conn, "token", token_id, Limits(groups=groups))
-        conn.commit()
+        return [{"id": i, "user": u} for i, u in conn.execute("SELECT id, user FROM tokens")]
     finally:
         conn.close()
-    hub.mint(user + "-reload")  # waits until the hub has reloaded tokens and limits
-    return token
 
 
 def test_a_token_restricted_to_a_group_never_reaches_another_groups_upstream(tmp_path: Path) -> None:

@@ -17,11 +17,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hubcore import store
 from hubcore.accounting.pricing import PriceTable, reference_price
 from hubcore.config import PricingConfig
 from hubcore.governance.limits import Limits
-from hubcore.governance.storage import write_limits
 from hubcore.ops import client as opsclient
 from tests.conftest import upstreams_for
 from tests.fakevendor import ANTHROPIC_KEY, OPENAI_KEY, FakeVendor
@@ -87,16 +85,6 @@ def fake_usage(usage: dict[str, int]) -> dict[str, str]:
     return {"x-fake-usage": orjson.dumps(usage).decode()}
 
 
-def set_limits(hub: HubThread, user: str, limits: Limits) -> None:
-    conn = store.connect(hub.config.server.database)
-    try:
-        write_limits(conn, "user", user, limits)
-        conn.commit()
-    finally:
-        conn.close()
-    hub.mint(user + "-reload")  # reloads tokens and limits
-
-
 def unpriced_warnings(caplog: pytest.LogCaptureFixture, model: str) -> list[str]:
     return [r.getMessage() for r in caplog.records
             if r.name == "hubcore.pricing" and r.levelno == logging.WARNING and repr(model) in r.getMessage()]
@@ -121,7 +109,7 @@ def test_estimate_charges_the_vendors_most_expensive_price_and_the_budget_bites(
     # The budget holds less than one such request: the first goes through (a
     # budget is checked at admission), its estimated cost spends it, the next
     # is refused.
-    set_limits(hub, "est", Limits(budget_day=expected - 1))
+    hub.set_limits("user", "est", Limits(budget_day=expected - 1))
     client = claude(hub, token)
     with caplog.at_level(logging.WARNING, logger="hubcore.pricing"):
         answer = client.messages.create(model=UNPRICED_CLAUDE, max_tokens=8, messages=MESSAGES,
