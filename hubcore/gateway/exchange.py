@@ -31,7 +31,9 @@ from hubcore.routing.keys import KeyRing, Lease
 from hubcore.routing.router import Router
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS, give_up, refusal_headers, render_http_error, sse_error_event
 from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head, with_model
-from hubcore.gateway.routes import Route, authenticate, flavour_for_path, printable_path, route_for, session_from_headers
+from hubcore.gateway.routes import (
+    Route, authenticate, flavour_for_path, leading_model, printable_path, route_for, session_from_headers,
+)
 from hubcore.gateway.upstreams import UpstreamRuntime
 from hubcore.http.server import HttpProtocol, Request
 from hubcore.governance.limiter import groups_refusal
@@ -490,6 +492,10 @@ class Exchange:
             if (self.session_id is None or refusing_unpriced
                     or (limiter is not None and limiter.needs_model(self.principal))):
                 self._scan_body()
+            else:
+                # The model picks the key's rate-limit class; Claude Code
+                # writes it first, where it is read without a scan.
+                self.model = leading_model(request.parts[0]) if request.parts else None
         router = self.hub.routers.get(route.kind)
         upstream = router.single if router is not None and self.principal.groups is None else None
         if upstream is None:

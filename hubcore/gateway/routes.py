@@ -84,6 +84,18 @@ def authenticate(tokens: TokenTable, index: dict[bytes, bytes]) -> Principal | H
     return principal
 
 
+# A body that names its model first, as Claude Code's does: `{"model":"...`.
+# Only plain ids (no escapes); anything else is left to the body's scan.
+_LEADING_MODEL = re.compile(rb'\{\s*"model"\s*:\s*"([A-Za-z0-9._:@+/-]{1,256})"')
+
+
+def leading_model(body_start: bytes) -> str | None:
+    """The model a request body names as its first member, read from the
+    body's first bytes at a constant cost; None when it does not start so."""
+    match = _LEADING_MODEL.match(body_start)
+    return match.group(1).decode("ascii") if match is not None else None
+
+
 def session_from_headers(index: dict[bytes, bytes]) -> str | None:
     """The session a request head names, if any (the body may name one too:
     see meter.scan_request)."""

@@ -3,6 +3,7 @@ vendor whose answers report each key's rate-limit room. Traffic follows the
 room before any key answers 429, and `hubcore keys` and /metrics show it."""
 from __future__ import annotations
 
+import http.client
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,3 +86,37 @@ def test_traffic_follows_the_vendors_headroom_before_any_429(vendor: FakeVendor,
         metrics = body.decode()
         assert 'hubcore_key_headroom_ratio{upstream="anthropic",key="roomy",class="sonnet"} 0.9' in metrics
         assert 'hubcore_key_headroom_ratio{upstream="anthropic",key="tight",class="sonnet"} 0.05' in metrics
+
+
+def test_an_opus_429_rests_the_key_for_opus_only_in_claude_codes_requests(tmp_path: Path) -> None:
+    """Claude Code sends a session header, so the hub does not scan its body;
+    it reads the model it writes first, and the rest is for that class."""
+    with FakeVendor({ROOMY: "ok"}, retry_after=30) as vendor:
+        upstream = {"name": "anthropic", "kind": "anthropic", "base_url": vendor.url, "keys": [ROOMY], "queue_timeout": 0.2}
+        with HubThread(make_config(tmp_path, [upstream])) as hub:
+            token = hub.mint("dev")
+
+            def post(model: str, *extra: tuple[str, str]) -> int:
+                body = b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"max_tokens":8}' % model.encode()
+                conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=30)
+                try:
+                    conn.request("POST", "/v1/messages", body=body, headers={
+                        "x-api-key": token, "anthropic-version": "2023-06-01", "content-type": "application/json",
+                        "x-claude-code-session-id": "session-1", **dict(extra)})
+                    answer = conn.getresponse()
+                    answer.read()
+                    return answer.status
+                finally:
+                    conn.close()
+
+            assert post("claude-opus-4-6", ("x-fake-status", "429")) == 429
+            sent = len(vendor.requests)
+            # Sonnet and Haiku still go out on the key; Opus waits out its rest.
+            assert post("claude-sonnet-4-6") == 200
+            assert post("claude-haiku-4-5") == 200
+            assert len(vendor.requests) == sent + 2
+            assert post("claude-opus-4-6") == 429
+            assert len(vendor.requests) == sent + 2, "an Opus request reached a key resting for Opus"
+            assert hub.app is not None
+            (key,) = hub.app.stats()["keys"]["anthropic"]
+            assert set(key["rests"]) == {"opus"} and key["state"] == "healthy"
