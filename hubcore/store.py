@@ -149,6 +149,38 @@ MIGRATIONS: list[str] = [
     ALTER TABLE usage ADD COLUMN served_model TEXT;
     ALTER TABLE usage ADD COLUMN route TEXT;
     """,
+    # 7: operators of the dashboard (password: a self-describing scrypt hash,
+    # hubcore.governance.admins), their API tokens (SHA-256 only, like hub
+    # tokens; an operator's removal takes them along) and the audit trail of
+    # administrative changes (before/after: JSON, never a secret).
+    """
+    CREATE TABLE admins (
+        name             TEXT PRIMARY KEY,
+        password         TEXT NOT NULL,
+        created_at       REAL NOT NULL,
+        updated_at       REAL NOT NULL,
+        last_sign_in_at  REAL
+    );
+    CREATE TABLE admin_tokens (
+        id          INTEGER PRIMARY KEY,
+        admin       TEXT NOT NULL REFERENCES admins (name) ON DELETE CASCADE,
+        prefix      TEXT NOT NULL,
+        hash        BLOB NOT NULL UNIQUE,
+        created_at  REAL NOT NULL
+    );
+    CREATE INDEX admin_tokens_admin ON admin_tokens (admin);
+    CREATE TABLE audit (
+        id      INTEGER PRIMARY KEY,
+        ts      REAL NOT NULL,
+        actor   TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        target  TEXT,
+        before  TEXT,
+        after   TEXT,
+        origin  TEXT NOT NULL
+    );
+    CREATE INDEX audit_ts ON audit (ts);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
