@@ -23,7 +23,7 @@ from hubcore.ops.accesslog import AccessLog
 from hubcore.config import Config
 from hubcore.errors import ConfigError
 from hubcore.governance.limiter import Limiter
-from hubcore.governance import tokens as tokens_mod
+from hubcore.governance import audit, tokens as tokens_mod
 from hubcore.governance.limits import effective_groups
 from hubcore.governance.storage import load_scope_limits, read_limits
 from hubcore.ops.metrics import HubMetrics
@@ -189,13 +189,21 @@ class App:
             routes.append({"kind": name, "upstreams": upstreams})
         return {"model": model, "principal": who, "groups": None if groups is None else sorted(groups), "routes": routes}
 
-    async def set_key_enabled(self, label: str, enabled: bool) -> KeySwitched | None:
-        """`hubcore keys enable|disable LABEL`: at once in every upstream with
-        such a key (the ring logs each change), then stored for restarts, off
-        the loop. None when no upstream has the label."""
-        states = {}
+    async def set_key_enabled(
+        self, label: str, enabled: bool, *, actor: str = "cli", origin: str = "cli",
+    ) -> KeySwitched | None:
+        """`hubcore keys enable|disable LABEL` (or the dashboard's, which
+        names its own actor and origin): at once in every upstream with such
+        a key (the ring logs each change), then stored for restarts with its
+        audit row, off the loop. None when no upstream has the label."""
+        before, states = {}, {}
         for upstream in self.hub.upstreams.values():
             ring = upstream.ring
+            if label not in ring.labels:
+                continue
+            before[upstream.config.name] = next(
+                (row["state"] for row in ring.snapshot() if row["label"] == label), None
+            )
             state = ring.enable(label) if enabled else ring.disable(label)
             if state is not None:
                 states[upstream.config.name] = state.value
@@ -203,12 +211,19 @@ class App:
             return None
         switches = [(name, label, enabled) for name in states]
         busy_timeout = min(self.config.server.db_busy_timeout, KEY_SWITCH_BUSY_TIMEOUT)
+
+        def audit_row(conn: sqlite3.Connection) -> None:
+            # Here, not in the CLI: every caller of the hub's switch leaves a row.
+            audit.record(conn, actor, "key.enable" if enabled else "key.disable", f"key {label}",
+                         before, dict(states), origin)
+
         # Asked for before anything here awaits, and handed out in order: the
         # writes keep the order of the switches.
         async with self._key_switch_lock:
             try:
                 await asyncio.to_thread(
-                    store_key_switches, self.config.server.database, switches, time.time(), busy_timeout
+                    store_key_switches, self.config.server.database, switches, time.time(), busy_timeout,
+                    audit_row,
                 )
             except (sqlite3.Error, store.SchemaTooNew) as e:
                 log.warning("key %s %s but not stored, a restart forgets it: %s",

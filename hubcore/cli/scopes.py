@@ -8,6 +8,7 @@ import sys
 import orjson
 
 from hubcore.cli import render
+from hubcore.cli.audit import record
 from hubcore.cli.common import USAGE, CommandError, Context, Subcommands, add_command, on_database
 from hubcore.cli.limits import add_limit_arguments, apply_limit_flags
 from hubcore.cli.notify import tell_hub
@@ -15,7 +16,7 @@ from hubcore.config import zone
 from hubcore.governance import storage
 from hubcore.governance.limiter import budget_report
 from hubcore.governance.limits import parse_column
-from hubcore.governance.tokens import groups_list
+from hubcore.governance.tokens import groups_list, limits_dict
 
 _TABLES = {"user": "users", "project": "projects"}
 
@@ -45,12 +46,17 @@ def set_limits(args: argparse.Namespace, ctx: Context) -> int:
     kind, conn = args.kind, ctx.conn
     conn.execute("BEGIN IMMEDIATE")
     try:
-        try:
-            current = storage.read_limits(conn, kind, args.name)
-        except KeyError:
-            current = None
+        row = conn.execute(f"SELECT limits, note FROM {_TABLES[kind]} WHERE name = ?", (args.name,)).fetchone()
+        current = None if row is None else parse_column(row[0], f"{kind} {args.name}")
         new = apply_limit_flags(current, args)
         storage.write_limits(conn, kind, args.name, new, note=args.note)
+        # The note as stored now (write_limits keeps the old one unless given).
+        after = conn.execute(f"SELECT note FROM {_TABLES[kind]} WHERE name = ?", (args.name,)).fetchone()
+        record(
+            conn, f"{kind}.set", f"{kind} {args.name}",
+            None if row is None else {"note": row[1], "limits": limits_dict(current)},
+            {"note": None if after is None else after[0], "limits": limits_dict(new)},
+        )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from hubcore.cli import render
+from hubcore.cli.audit import record
 from hubcore.cli.common import USAGE, CommandError, Context, Subcommands, add_command, on_database
 from hubcore.cli.limits import add_limit_arguments, apply_limit_flags, has_limit_flags
 from hubcore.cli.notify import tell_hub
@@ -65,6 +66,10 @@ def create_token(args: argparse.Namespace, conn: sqlite3.Connection) -> tuple[in
         token_id, token = tokens.create(conn, args.user, getattr(args, "project", None), getattr(args, "note", None))
         if limits is not None and not storage.write_limits(conn, "token", token_id, limits):
             raise LookupError(f"no active token with id {token_id}")
+        record(conn, "token.create", f"token {token_id}", None, {
+            "user": args.user, "project": getattr(args, "project", None), "note": getattr(args, "note", None),
+            "limits": tokens.limits_dict(limits), "state": "active",
+        })
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -102,6 +107,8 @@ def rotate(args: argparse.Namespace, ctx: Context) -> int:
         if token is None:
             raise CommandError(_not_active(conn, args.id))
         user, project = conn.execute("SELECT user, project FROM tokens WHERE id = ?", (args.id,)).fetchone()
+        # Only that it happened: the secrets, old and new, stay out of the trail.
+        record(conn, "token.rotate", f"token {args.id}", None, {"user": user, "project": project})
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -124,7 +131,7 @@ def update(args: argparse.Namespace, ctx: Context) -> int:
         row = conn.execute("SELECT limits, revoked_at, note FROM tokens WHERE id = ?", (args.id,)).fetchone()
         if row is None or row[1] is not None:
             raise CommandError(_not_active(conn, args.id))
-        new = parse_column(row[0], f"token {args.id}")
+        old = new = parse_column(row[0], f"token {args.id}")
         if limits_given:
             new = apply_limit_flags(new, args)
             storage.write_limits(conn, "token", args.id, new)
@@ -132,6 +139,8 @@ def update(args: argparse.Namespace, ctx: Context) -> int:
         if args.note is not None:
             note = args.note or None
             tokens.set_note(conn, args.id, note)
+        record(conn, "token.update", f"token {args.id}",
+               {"note": row[2], "limits": tokens.limits_dict(old)}, {"note": note, "limits": tokens.limits_dict(new)})
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -222,9 +231,17 @@ def list_tokens(args: argparse.Namespace, ctx: Context) -> int:
 
 def revoke(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore token revoke ID`."""
-    if not tokens.revoke(ctx.conn, args.id):
-        raise CommandError(f"no active token with id {args.id}")
-    tell_hub(args, ctx.conn)
+    conn = ctx.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if not tokens.revoke(conn, args.id):
+            raise CommandError(f"no active token with id {args.id}")
+        record(conn, "token.revoke", f"token {args.id}", {"state": "active"}, {"state": "revoked"})
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    tell_hub(args, conn)
     print(f"revoked token {args.id}")
     return 0
 

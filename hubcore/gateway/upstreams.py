@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import math
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,11 +157,13 @@ def restore_key_switches(db: sqlite3.Connection, upstreams: Iterable[UpstreamRun
 
 
 def store_key_switches(
-    database: str | Path, switches: Iterable[tuple[str, str, bool]], now: float, busy_timeout: float
+    database: str | Path, switches: Iterable[tuple[str, str, bool]], now: float, busy_timeout: float,
+    also: Callable[[sqlite3.Connection], object] | None = None,
 ) -> None:
     """Store (upstream, label, enabled) switches in one transaction, on a
     connection of their own: blocking, for a worker thread. sqlite3.Error
-    when the database cannot take them within `busy_timeout` seconds."""
+    when the database cannot take them within `busy_timeout` seconds.
+    `also` runs in the same transaction (the change's audit row)."""
     conn = store.connect(database)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -172,6 +174,8 @@ def store_key_switches(
                 " ON CONFLICT (upstream, label) DO UPDATE SET enabled = excluded.enabled, changed_at = excluded.changed_at",
                 [(upstream, label, int(enabled), now) for upstream, label, enabled in switches],
             )
+            if also is not None:
+                also(conn)
     finally:
         conn.close()
 
