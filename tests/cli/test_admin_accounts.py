@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import getpass
 import os
+import pty
 import re
+import select
 import shutil
 import sqlite3
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -292,3 +295,53 @@ def test_key_switches_are_audited_by_the_hub(tmp_path: Path, sock_dir: Path, ven
         ("cli", "key.disable", "key a1", "cli"), ("cli", "key.enable", "key a1", "cli")]
     assert (rows[0].before, rows[0].after) == ({"anthropic": "healthy"}, {"anthropic": "disabled"})
     assert (rows[1].before, rows[1].after) == ({"anthropic": "disabled"}, {"anthropic": "healthy"})
+
+
+# -- the password asked on a terminal ------------------------------------------------
+
+def on_terminal(config: Path, args: tuple[str, ...], answers: list[str], timeout: float = 30) -> tuple[int, str]:
+    """Run `hubcore ARGS` with a pseudo-terminal as its controlling terminal,
+    typing each answer once its prompt shows; (exit status, all it wrote)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HUBCORE_", "ANTHROPIC_", "OPENAI_"))}
+    env["PYTHONPATH"] = str(REPO)
+    argv = hubcore_cmd(*args, "--config", str(config))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its terminal
+        os.execvpe(argv[0], argv, env)
+    deadline = time.monotonic() + timeout
+    output = b""
+    pending = list(answers)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no answer in time: {output!r}"
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+            # getpass flushes pending input when it turns echo off: answer
+            # only once the prompt is out.
+            prompts = output.count(b"password: ") + output.count(b"again: ")
+            if pending and prompts > len(answers) - len(pending) and output.endswith((b"password: ", b"again: ")):
+                os.write(fd, pending.pop(0).encode() + b"\n")
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+def test_the_password_is_asked_twice_on_the_terminal(config: Path, db: sqlite3.Connection) -> None:
+    status, output = on_terminal(config, ("admin", "add", "alice"), [PASSWORD, PASSWORD])
+    assert status == 0, output
+    assert PASSWORD not in output  # not echoed
+    assert admins.verify_password(db, "alice", PASSWORD)
+
+    status, output = on_terminal(config, ("admin", "passwd", "alice"), [NEW_PASSWORD, NEW_PASSWORD + "x"])
+    assert status == 2 and "hubcore: the passwords differ; nothing changed" in output
+    assert admins.verify_password(db, "alice", PASSWORD)
