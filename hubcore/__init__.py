@@ -4,7 +4,8 @@ The package is built in layers; a module imports only from its own layer or
 from those below it (tests/test_layers.py checks every import):
 
     cli/, app.py, runtime.py        top: commands, wiring, process set-up
-    gateway/   ops/                 the request path; the ops socket (not each other)
+    gateway/   ops/   dashboard/    the request path; the ops socket; the web dashboard
+                                    (strangers to each other)
     governance/   accounting/       who may do what; what it cost
     routing/   http/                sans-IO key and upstream choice; HTTP/1.1
     errors, config, store           foundations (with _meter_errors)

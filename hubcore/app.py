@@ -21,6 +21,7 @@ from hubcore import __version__, config as config_mod, store
 from hubcore.ops import sdnotify
 from hubcore.ops.accesslog import AccessLog
 from hubcore.config import Config
+from hubcore.dashboard.server import DashboardServer
 from hubcore.errors import ConfigError
 from hubcore.governance.limiter import Limiter
 from hubcore.governance import audit, tokens as tokens_mod
@@ -87,9 +88,16 @@ class App:
                 mode=config.server.ops_socket_mode,
                 group=config.server.ops_socket_group or None,
             )
+        self.dashboard: DashboardServer | None = None
+        if config.dashboard.listen:
+            self.dashboard = DashboardServer(
+                config.dashboard, database=config.server.database, timezone=config.server.budget_timezone,
+                tokens=self.tokens, limiter=self.limiter,
+            )
         self.watchdog = sdnotify.Watchdog()
         self.db: sqlite3.Connection | None = None
         self.addresses: list[tuple[str, int]] = []
+        self.dashboard_addresses: list[tuple[str, int]] = []
         self.started = time.time()
         self.stopped = asyncio.Event()
         self._reloader: asyncio.Task[None] | None = None
@@ -123,6 +131,8 @@ class App:
             self.addresses = await self.server.start(host, port, ssl=ssl_context, sock=sock)
         except OSError as e:
             raise StartFailed(f"cannot listen on {cfg.listen}: {e.strerror or e}") from e
+        if self.dashboard is not None:
+            self.dashboard_addresses = await self._start_dashboard()
         self._reloader = self.loop.create_task(self._watch_tokens())
         for upstream in self.hub.upstreams.values():
             upstream.start()  # the hub's probes of keys whose circuits are open
@@ -138,6 +148,24 @@ class App:
         self.watchdog.start()
         sdnotify.ready(f"listening on {cfg.listen}")
         return self.addresses
+
+    async def _start_dashboard(self) -> list[tuple[str, int]]:
+        """The dashboard's own listener, after the proxy's; never the proxy's port."""
+        assert self.dashboard is not None
+        cfg = self.config.dashboard
+        dashboard_ssl = None
+        if cfg.tls_cert:
+            dashboard_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            dashboard_ssl.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            dashboard_ssl.set_alpn_protocols(["http/1.1"])
+        host, port = config_mod.parse_listen(cfg.listen)
+        try:
+            addresses = await self.dashboard.start(host, port, ssl=dashboard_ssl)
+        except OSError as e:
+            raise StartFailed(f"cannot listen on {cfg.listen} (dashboard): {e.strerror or e}") from e
+        for bound_host, bound_port in addresses:
+            log.info("dashboard listening on %s://%s:%d", "https" if cfg.tls_cert else "http", bound_host, bound_port)
+        return addresses
 
     # -- the ops socket's handler --------------------------------------------
     def _key_snapshots(self) -> dict[str, list[dict[str, Any]]]:
@@ -305,6 +333,8 @@ class App:
         log.info("shutting down: draining up to %g s", self.config.server.drain_timeout)
         sdnotify.stopping()
         await self.server.shutdown(self.config.server.drain_timeout)
+        if self.dashboard is not None:
+            await self.dashboard.close()
         if self._reloader is not None:
             self._reloader.cancel()
         self.cycles.stop()

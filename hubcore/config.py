@@ -274,10 +274,25 @@ class PricingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DashboardConfig:
+    """The [dashboard] table: the web dashboard's own listener, never the
+    proxy's port."""
+
+    # "HOST:PORT"; "" turns the dashboard off.
+    listen: str = "127.0.0.1:8788"
+    # Its own certificate and key (both or neither); without them, plain HTTP.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Seconds a sign-in lasts, from the moment it was made.
+    session_ttl: float = 8 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     pricing: PricingConfig = field(default_factory=PricingConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source: str = "<built-in defaults>"
 
     @property
@@ -348,7 +363,7 @@ def defaults(env: dict[str, str]) -> Config:
     return Config(upstreams=tuple(upstreams))
 
 
-TOP_LEVEL = {"server", "upstream", "pricing"}
+TOP_LEVEL = {"server", "upstream", "pricing", "dashboard"}
 
 
 def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
@@ -369,7 +384,8 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         names.add(upstream.name)
         upstreams.append(upstream)
     pricing = _parse_pricing(data.get("pricing", {}), source)
-    return Config(server=server, upstreams=tuple(upstreams), pricing=pricing, source=source)
+    dashboard = _parse_dashboard(data.get("dashboard", {}), source)
+    return Config(server=server, upstreams=tuple(upstreams), pricing=pricing, dashboard=dashboard, source=source)
 
 
 def _parse_pricing(raw: Any, source: str) -> PricingConfig:
@@ -378,6 +394,17 @@ def _parse_pricing(raw: Any, source: str) -> PricingConfig:
         choices = ", ".join(f'"{rule}"' for rule in UNPRICED_RULES[:-1]) + f' or "{UNPRICED_RULES[-1]}"'
         raise ConfigError(f"{source}: pricing.unpriced: must be {choices}, got {pricing.unpriced!r}")
     return pricing
+
+
+def _parse_dashboard(raw: Any, source: str) -> DashboardConfig:
+    dashboard: DashboardConfig = _build(DashboardConfig, raw, source, "dashboard")
+    if dashboard.listen:
+        _parse_listen(dashboard.listen, f"{source}: dashboard.listen")
+    if bool(dashboard.tls_cert) != bool(dashboard.tls_key):
+        raise ConfigError(f"{source}: dashboard.tls_cert / dashboard.tls_key: set both or neither")
+    if dashboard.session_ttl <= 0:
+        raise ConfigError(f"{source}: dashboard.session_ttl: must be positive")
+    return dashboard
 
 
 def parse_server(raw: Any, source: str) -> ServerConfig:

@@ -28,7 +28,8 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_config(tmp: Path, upstreams: list[dict[str, Any]], **server: Any) -> Config:
+def make_config(tmp: Path, upstreams: list[dict[str, Any]], dashboard: dict[str, Any] | None = None,
+                **server: Any) -> Config:
     data = {
         "server": {
             "listen": "127.0.0.1:0",
@@ -39,6 +40,8 @@ def make_config(tmp: Path, upstreams: list[dict[str, Any]], **server: Any) -> Co
             **server,
         },
         "upstream": upstreams,
+        # Off unless asked for: its default port 8788 would be shared by every test hub.
+        "dashboard": {"listen": ""} if dashboard is None else dashboard,
     }
     return config_mod.parse(data, source="<test>", env=dict(os.environ))
 
@@ -73,6 +76,7 @@ class HubThread:
         self.app: App | None = None
         self.url = ""
         self.port = 0
+        self.dashboard_url = ""
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
@@ -91,6 +95,9 @@ class HubThread:
         self.port = addresses[0][1]
         scheme = "https" if self.config.server.tls_cert else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
+        if app.dashboard_addresses:
+            dashboard_scheme = "https" if self.config.dashboard.tls_cert else "http"
+            self.dashboard_url = f"{dashboard_scheme}://127.0.0.1:{app.dashboard_addresses[0][1]}"
         return app
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:

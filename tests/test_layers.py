@@ -26,6 +26,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "accounting": FOUNDATIONS | {"accounting"},
     "gateway": BELOW_GATEWAY | {"gateway"},
     "ops": BELOW_GATEWAY | {"ops"},
+    "dashboard": BELOW_GATEWAY | {"dashboard"},
     "cli": EVERYTHING,
     "app": EVERYTHING,
     "runtime": EVERYTHING,
