@@ -85,7 +85,19 @@ def sign_in(browser: Any, hub: HubThread, token: str) -> None:
     browser.delete_all_cookies()
     browser.get(hub.dashboard_url + "/login")
     browser.find_element(By.ID, "token").send_keys(token)
-    browser.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
+    submit(browser, browser.find_element(By.CSS_SELECTOR, "form[action='/login'] button"))
+
+
+def submit(browser: Any, button: Any) -> None:
+    """Click a form's button and wait until the page it loads replaced this
+    one (a click returns before the navigation it starts)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    page = browser.find_element(By.TAG_NAME, "html")
+    button.click()
+    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(page))
 
 
 def cli_usage(tmp_path: Path, hub: HubThread, since: float, until: float) -> dict[str, Any]:
@@ -151,7 +163,7 @@ def test_a_developer_signs_in_and_sees_their_own_figures_as_the_cli_reports_them
     assert bob_figures["today"] != figures["today"] and bob_figures["today"] > 0
 
     # Signing out ends the session: /me sends back to the sign-in page.
-    browser.find_element(By.CSS_SELECTOR, "form[action='/logout'] button").click()
+    submit(browser, browser.find_element(By.CSS_SELECTOR, "form[action='/logout'] button"))
     assert browser.current_url == hub.dashboard_url + "/login"
     browser.get(hub.dashboard_url + "/me")
     assert browser.current_url == hub.dashboard_url + "/login"
@@ -170,7 +182,7 @@ def test_a_revoked_or_unknown_token_gets_the_form_again_with_401(hub: HubThread,
     browser.get(hub.dashboard_url + "/login")
     browser.find_element(By.ID, "name").send_keys("root")
     browser.find_element(By.ID, "password").send_keys("hunter2")
-    browser.find_elements(By.CSS_SELECTOR, "form[action='/login'] button")[1].click()
+    submit(browser, browser.find_elements(By.CSS_SELECTOR, "form[action='/login'] button")[1])
     assert "operator sign-in is not available yet" in browser.find_element(By.CSS_SELECTOR, ".error").text
 
 
