@@ -59,9 +59,23 @@ _DATED = re.compile(r"-\d{4}-?\d{2}-?\d{2}$")
 def model_class(model: str | None) -> str:
     """The rate-limit class of a model id: "opus", "sonnet", "haiku" for
     Claude models, else the id without a date suffix ("gpt-5.1-2025-11-13" is
-    "gpt-5.1"); "" when the request named none."""
+    "gpt-5.1"); "" when the request named none. Memoised: every request asks."""
     if not model:
         return ""
+    found = _classes.get(model)
+    if found is None:
+        if len(_classes) >= _CLASSES_MEMO_MAX:
+            _classes.clear()
+        found = _classes[model] = _class_of(model)
+    return found
+
+
+# Model ids come from request bodies: the memo is bounded.
+_CLASSES_MEMO_MAX = 4096
+_classes: dict[str, str] = {}
+
+
+def _class_of(model: str) -> str:
     lowered = model.lower()
     for family in _FAMILIES:
         if family in lowered:

@@ -101,16 +101,17 @@ class Router(Generic[C]):
     _turns: dict[str, _Turn[C]] = field(default_factory=dict)
     _sessions: Affinity[str] = field(init=False)
     _serves: dict[tuple[str, str], bool] = field(default_factory=dict)
+    single: C | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._turns = {u.name: _Turn(u) for u in self.upstreams}
         # Session id -> the name of its upstream.
         self._sessions = Affinity(self.affinity_ttl, self.affinity_max_sessions)
+        # The one upstream when there is nothing to choose (no model or group
+        # restriction to check): the common case costs an attribute read.
+        self.single = self._single()
 
-    @property
-    def single(self) -> C | None:
-        """The one upstream when there is nothing to choose (no model or
-        group restriction to check): the common case costs a lookup."""
+    def _single(self) -> C | None:
         if len(self.upstreams) == 1:
             only = self.upstreams[0]
             if not only.models and only.group == "default":
@@ -122,6 +123,7 @@ class Router(Generic[C]):
         worked out from the old ones. Sessions stay where they are."""
         self._serves.clear()
         self._turns = {u.name: _Turn(u) for u in self.upstreams}
+        self.single = self._single()
 
     def candidates(self, model: str | None, groups: AbstractSet[str] | None) -> list[C]:
         """The upstreams that may serve `model` for a principal of `groups`

@@ -209,19 +209,19 @@ def test_answers_without_limits_change_nothing_and_openai_durations_count() -> N
 
 
 def test_an_explicit_class_on_observe_overrides_the_leases() -> None:
-    ring, clock = make_ring([spec("a")])
-    lease = ring.acquire()
+    ring, clock = make_ring([spec("a"), spec("b")])
+    lease = ring.acquire(tried=frozenset({"b"}))
     assert lease is not None
     ring.observe(lease, dict(anthropic_limits(clock, 0.3)), model_class=OPUS)
     ring.release(lease)
     assert set(row(ring, "a")["headroom"]) == {OPUS}
 
 
-def test_a_single_key_ring_reads_too() -> None:
+def test_a_single_key_ring_reads_nothing_and_uses_its_key_whatever_its_room() -> None:
     ring, clock = make_ring([spec("a")])
     rooms = {"a": 0.01}
     assert run(ring, clock, rooms, n=3) == {"a": 3}
-    assert row(ring, "a")["headroom"][SONNET]["remaining"] == 0.01
+    assert row(ring, "a")["headroom"] == {}
 
 
 # -- sessions ---------------------------------------------------------------------------------------
