@@ -156,11 +156,15 @@ class KeyPolicy:
     # no other usable key has more: it is about to answer 429. 5% of a
     # per-minute limit is the last 3 seconds of an evenly spent minute.
     headroom_floor: float = 0.05
+    # Seconds a key's reading stands before an answer's rate-limit headers
+    # are read again (the vendors' limits are per minute; reading every
+    # answer costs microseconds each on the request path). 0: every answer.
+    headroom_read_interval: float = 0.05
 
     def __post_init__(self) -> None:
         for name in (
             "cooldown_default", "circuit_pause", "circuit_pause_max",
-            "circuit_probe_pause", "circuit_probe_pause_max", "affinity_ttl",
+            "circuit_probe_pause", "circuit_probe_pause_max", "affinity_ttl", "headroom_read_interval",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

@@ -233,6 +233,7 @@ class _Key:
         "consecutive_failures",
         "last_error",
         "room",
+        "read_due",
         "rests",
     )
 
@@ -258,6 +259,9 @@ class _Key:
         self.last_error: str | None = None
         # What the vendor's rate-limit headers said of the key's room, per model class.
         self.room = Headroom()
+        # Monotonic time before which an answer's headers are not read again
+        # for a class the key has a reading of (KeyPolicy.headroom_read_interval).
+        self.read_due = 0.0
         # Model class -> monotonic time its rest after a 429 ends, in any
         # state (a class never named here has no rest of its own).
         self.rests: dict[str, float] = {}
@@ -473,16 +477,23 @@ class KeyRing:
         room, for the lease's model class (or `model_class`, when the caller
         learnt it after acquiring). `headers`: by lower-case name, first
         value each (ResponseHead.index). Call it once per answer head, error
-        or not, before release; a head without limits changes nothing. A
-        ring of one key reads nothing: there is no choice for the room to
-        weigh, and the common setup should not pay for it (an Anthropic head
-        with four limits costs some 20k instructions to read)."""
+        or not, before release; a head without limits changes nothing.
+        Reading an Anthropic head with four limits costs some 20k
+        instructions, so a ring of one key reads nothing (there is no choice
+        for the room to weigh), and a key whose class has a reading reads
+        again only once `headroom_read_interval` has passed."""
         if len(self._keys) == 1:
             # Nothing to choose between: the reading would only be shown.
             return
+        key = lease._key
+        cls = lease.model_class if model_class is None else model_class
+        now = self._clock()
+        if now < key.read_due and key.room.latest(cls) is not None:
+            return
         reading = read_index(headers, self._wall_clock())
         if reading is not None:
-            lease._key.room.update(lease.model_class if model_class is None else model_class, reading)
+            key.room.update(cls, reading)
+            key.read_due = now + self.policy.headroom_read_interval
 
     def release(self, lease: Lease, failure: Failure | None = None) -> None:
         """Give a lease back with its outcome: None for success (any answer

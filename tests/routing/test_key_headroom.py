@@ -217,6 +217,25 @@ def test_an_explicit_class_on_observe_overrides_the_leases() -> None:
     assert set(row(ring, "a")["headroom"]) == {OPUS}
 
 
+def test_a_reading_stands_for_the_read_interval_then_the_next_answer_is_read() -> None:
+    ring, clock = make_ring([spec("a"), spec("b")], headroom_read_interval=0.05)
+    for room in (0.9, 0.2):
+        lease = ring.acquire(tried=frozenset({"b"}), model_class=SONNET)
+        assert lease is not None
+        answer(ring, lease, anthropic_limits(clock, room))
+    assert row(ring, "a")["headroom"][SONNET]["remaining"] == 0.9  # the second answer came too soon
+    clock.advance(0.05)
+    lease = ring.acquire(tried=frozenset({"b"}), model_class=SONNET)
+    assert lease is not None
+    answer(ring, lease, anthropic_limits(clock, 0.2))
+    assert row(ring, "a")["headroom"][SONNET]["remaining"] == 0.2
+    # A class without a reading is read at once.
+    lease = ring.acquire(tried=frozenset({"b"}), model_class=OPUS)
+    assert lease is not None
+    answer(ring, lease, anthropic_limits(clock, 0.4))
+    assert row(ring, "a")["headroom"][OPUS]["remaining"] == 0.4
+
+
 def test_a_single_key_ring_reads_nothing_and_uses_its_key_whatever_its_room() -> None:
     ring, clock = make_ring([spec("a")])
     rooms = {"a": 0.01}

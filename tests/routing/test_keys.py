@@ -55,6 +55,8 @@ def spec(label: str, **kw: Any) -> KeySpec:
 
 def make_ring(specs: Iterable[KeySpec], clock: FakeClock | None = None, **policy: Any) -> tuple[KeyRing, FakeClock]:
     clock = clock or FakeClock()
+    # Every answer read, unless a test says otherwise: their clock stands still.
+    policy.setdefault("headroom_read_interval", 0.0)
     ring = KeyRing("anthropic", list(specs), KeyPolicy(**policy), clock=clock, wall_clock=clock.wall)
     return ring, clock
 
