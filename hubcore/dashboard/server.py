@@ -1,6 +1,5 @@
-"""The dashboard's listener: HTTP/1.1 with h11 on asyncio streams, one
-response per request, bounded heads and bodies, timeouts, and the security
-headers on every answer.
+"""The dashboard's listener (its connections are hubcore.http.h11server's,
+as the ops socket's are), with the security headers on every answer.
 
 Routes: GET /login, POST /login (a developer's hub token), POST /logout,
 GET /me, GET /static/<file>. Only the session lookup and the in-memory
@@ -14,7 +13,6 @@ import asyncio
 import logging
 import secrets
 import time
-from http import HTTPStatus
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
@@ -27,16 +25,14 @@ from hubcore.dashboard.mine import read_mine
 from hubcore.dashboard.sessions import Sessions, same_secret
 from hubcore.governance.limiter import Limiter
 from hubcore.governance.tokens import TokenTable
+from hubcore.http.h11server import H11Server, Limits, Reply, busy_answer
 
 log = logging.getLogger("hubcore.dashboard")
 
-MAX_REQUEST_HEAD = 8 * 1024      # bytes
-MAX_REQUEST_BODY = 16 * 1024     # bytes: a sign-in form
-READ_CHUNK = 16 * 1024
-IDLE_TIMEOUT = 30.0              # s a kept-alive connection may wait for its next request
-REQUEST_TIMEOUT = 10.0           # s from a request's first byte to its last
-WRITE_TIMEOUT = 10.0             # s for a client to take a response
-MAX_CONNECTIONS = 64
+LIMITS = Limits(
+    max_head=8 * 1024, max_body=16 * 1024,   # bytes: a sign-in form
+    idle_timeout=30.0, request_timeout=10.0, write_timeout=10.0, max_connections=64,
+)
 SESSION_COOKIE = "hubcore_session"
 # The sign-in form's CSRF token rides in this cookie as well as in the form
 # (double submit): there is no session yet to hold it.
@@ -50,30 +46,11 @@ SECURITY_HEADERS = [
     ("referrer-policy", "same-origin"),
     ("x-content-type-options", "nosniff"),
 ]
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
-
-
-class Reply:
-    __slots__ = ("status", "content_type", "body", "headers", "cache")
-
-    def __init__(self, status: int, content_type: str, body: bytes | str,
-                 headers: list[tuple[str, str]] | None = None, cache: str = "no-store") -> None:
-        self.status = status
-        self.content_type = content_type
-        self.body = body.encode() if isinstance(body, str) else body
-        self.headers = headers or []
-        self.cache = cache
 
 
 def _redirect(location: str, headers: list[tuple[str, str]] | None = None) -> Reply:
     return Reply(303, TEXT, f"see {location}\n", [("location", location), *(headers or [])])
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _static_files() -> dict[str, tuple[str, bytes]]:
@@ -86,9 +63,13 @@ def _static_files() -> dict[str, tuple[str, bytes]]:
     return found
 
 
-class DashboardServer:
+class DashboardServer(H11Server):
+    name = "dashboard"
+    busy = busy_answer(TEXT, b"too many dashboard connections\n")
+
     def __init__(self, config: DashboardConfig, *, database: str, timezone: str,
                  tokens: TokenTable, limiter: Limiter) -> None:
+        super().__init__(LIMITS)
         self.config = config
         self.database = database
         self.tz = zone(timezone)
@@ -98,125 +79,23 @@ class DashboardServer:
         self.secure = bool(config.tls_cert)
         self.static = _static_files()
         self._server: asyncio.AbstractServer | None = None
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def start(self, host: str, port: int, ssl: Any = None) -> list[tuple[str, int]]:
-        self._server = await asyncio.start_server(self._accept, host, port, ssl=ssl)
+        self._server = await asyncio.start_server(self.accept, host, port, ssl=ssl)
         return [sock.getsockname()[:2] for sock in self._server.sockets]
 
     async def close(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        for writer in self._connections.values():
-            writer.close()
-        if self._connections:
-            _, pending = await asyncio.wait(list(self._connections), timeout=1.0)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        await self.close_connections()
         if server is not None:
             await server.wait_closed()
 
-    # -- connections ------------------------------------------------------------
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= MAX_CONNECTIONS:
-            writer.close()
-            return
-        task = asyncio.get_running_loop().create_task(self._serve(reader, writer), name="hubcore-dashboard")
-        self._connections[task] = writer
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._connections.pop(task, None)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("dashboard connection failed", exc_info=task.exception())
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-        try:
-            while True:
-                try:
-                    request = await self._read(conn, reader)
-                except h11.RemoteProtocolError as e:
-                    await self._send(conn, writer, Reply(e.error_status_hint, TEXT, f"{e}\n"))
-                    return
-                except _BadRequest as e:
-                    await self._send(conn, writer, Reply(e.status, TEXT, f"{e}\n"))
-                    return
-                if request is None:
-                    return
-                head, body = request
-                try:
-                    reply = await self.dispatch(head, body)
-                except Exception:
-                    log.exception("dashboard %s %s failed", head.method.decode(), head.target.decode("ascii", "replace"))
-                    reply = Reply(500, TEXT, "internal error\n")
-                await self._send(conn, writer, reply)
-                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    return
-                conn.start_next_cycle()
-        except (ConnectionError, TimeoutError, h11.LocalProtocolError) as e:
-            log.debug("dashboard connection dropped: %r", e)
-        finally:
-            writer.close()
-
-    async def _read(self, conn: h11.Connection, reader: asyncio.StreamReader) -> tuple[h11.Request, bytes] | None:
-        loop = asyncio.get_running_loop()
-        head: h11.Request | None = None
-        body = bytearray()
-        started = bool(conn.trailing_data[0])
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT if started else IDLE_TIMEOUT) as deadline:
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await reader.read(READ_CHUNK)
-                        if data and not started:
-                            started = True  # the whole request must now come within REQUEST_TIMEOUT
-                            deadline.reschedule(loop.time() + REQUEST_TIMEOUT)
-                        conn.receive_data(data)
-                    elif isinstance(event, h11.Request):
-                        size = len(event.method) + len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-                        if size > MAX_REQUEST_HEAD:
-                            raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
-                        head, started = event, True
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                        if len(body) > MAX_REQUEST_BODY:
-                            raise _BadRequest(413, "request body too large")
-                    elif isinstance(event, h11.EndOfMessage):
-                        assert head is not None
-                        return head, bytes(body)
-                    elif isinstance(event, h11.ConnectionClosed):
-                        return None
-                    else:
-                        raise h11.RemoteProtocolError(f"unexpected {event!r}", error_status_hint=400)
-        except TimeoutError:
-            if started:
-                raise _BadRequest(408, "request not received in time") from None
-            return None
-
-    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply) -> None:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        headers = [
-            ("content-type", reply.content_type),
-            ("content-length", str(len(reply.body))),
-            ("cache-control", reply.cache),
-            *SECURITY_HEADERS,
-            *reply.headers,
-        ]
-        if conn.their_state is not h11.DONE:
-            headers.append(("connection", "close"))
-        writer.write(conn.send(h11.Response(status_code=reply.status, headers=headers,
-                                            reason=_REASONS.get(reply.status, b""))))
-        writer.write(conn.send(h11.Data(data=reply.body)))
-        writer.write(conn.send(h11.EndOfMessage()))
-        async with asyncio.timeout(WRITE_TIMEOUT):
-            await writer.drain()
+    def response_headers(self, reply: Reply) -> list[tuple[str, str]]:
+        # Pages are never cached; a static file says otherwise in its own headers.
+        cached = any(name == "cache-control" for name, _ in reply.headers)
+        return [*SECURITY_HEADERS, *(() if cached else [("cache-control", "no-store")])]
 
     # -- routes -----------------------------------------------------------------
 
@@ -228,7 +107,7 @@ class DashboardServer:
             if found is None or method not in ("GET", "HEAD"):
                 return Reply(404, TEXT, "no such file\n")
             # The file's bytes change only with a new hubcore: a day is long enough.
-            return Reply(200, found[0], found[1], cache="public, max-age=86400")
+            return Reply(200, found[0], found[1], [("cache-control", "public, max-age=86400")])
         routes = {("GET", "/"): self._root, ("GET", "/login"): self._login_form, ("POST", "/login"): self._login,
                   ("POST", "/logout"): self._logout, ("GET", "/me"): self._me}
         handler = routes.get((method, path))

@@ -17,13 +17,13 @@ import socket
 import stat
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote
 
 import h11
 import orjson
 
+from hubcore.http.h11server import H11Server, Limits, Reply, busy_answer
 from hubcore.ops.metrics import PROMETHEUS_CONTENT_TYPE
 
 log = logging.getLogger("hubcore.ops")
@@ -32,28 +32,11 @@ log = logging.getLogger("hubcore.ops")
 # paths: a few KiB of head is generous, and anything larger is an error.
 MAX_REQUEST_HEAD = 8 * 1024          # bytes (h11's default is 16 KiB)
 MAX_REQUEST_BODY = 4 * 1024          # bytes
-READ_CHUNK = 16 * 1024               # bytes per read()
 IDLE_TIMEOUT = 30.0                  # s a kept-alive connection may wait for its next request
 REQUEST_TIMEOUT = 5.0                # s from a request's first byte to its last
 WRITE_TIMEOUT = 10.0                 # s for a client to take a response (a large /metrics)
 MAX_CONNECTIONS = 32                 # concurrent ops clients; `stats --watch` uses one each
-# After an error answer, unread input is read and dropped for a moment before
-# closing (nginx's lingering close): closing with unread bytes sends a reset
-# that can destroy the answer before the client has read it.
-LINGER_TIMEOUT = 1.0                 # s
-LINGER_MAX = 64 * 1024               # bytes
-CLOSE_GRACE = 1.0                    # s close() lets a running handler finish its answer
-
 JSON = "application/json"
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-
-# Answered without h11 when the connection limit is reached; precomputed
-# because it is needed exactly when the hub is under pressure.
-_BUSY_BODY = b'{"error":"too many ops connections"}'
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-    b"content-length: " + str(len(_BUSY_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _BUSY_BODY
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,35 +72,19 @@ class OpsHandler(Protocol):
         ...
 
 
-class _Reply:
-    __slots__ = ("status", "content_type", "body", "headers")
-
-    def __init__(self, status: int, content_type: str, body: bytes,
-                 headers: list[tuple[str, str]] | None = None) -> None:
-        self.status = status
-        self.content_type = content_type
-        self.body = body
-        self.headers = headers or []
+def _json(status: int, obj: Any, headers: list[tuple[str, str]] | None = None) -> Reply:
+    return Reply(status, JSON, orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS), headers)
 
 
-def _json(status: int, obj: Any, headers: list[tuple[str, str]] | None = None) -> _Reply:
-    return _Reply(status, JSON, orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS), headers)
-
-
-def _error(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> _Reply:
+def _error(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Reply:
     return _json(status, {"error": message}, headers)
 
 
-class _RequestTooLarge(Exception):
-    pass
-
-
-class _RequestTimeout(Exception):
-    pass
-
-
-class OpsServer:
+class OpsServer(H11Server):
     """Serves an OpsHandler on a Unix socket at ``path``."""
+
+    name = "ops"
+    busy = busy_answer(JSON, b'{"error":"too many ops connections"}')
 
     def __init__(
         self,
@@ -131,18 +98,16 @@ class OpsServer:
         write_timeout: float = WRITE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        super().__init__(Limits(
+            max_head=MAX_REQUEST_HEAD, max_body=MAX_REQUEST_BODY, idle_timeout=idle_timeout,
+            request_timeout=request_timeout, write_timeout=write_timeout, max_connections=max_connections,
+        ))
         self.path = path
         self.handler = handler
         self.mode = mode
         self.group = group or None        # "" (the config default) means no group
-        self.idle_timeout = idle_timeout
-        self.request_timeout = request_timeout
-        self.write_timeout = write_timeout
-        self.max_connections = max_connections
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None      # (st_dev, st_ino) of our socket file
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-        self._closing = False
 
     # -- socket file lifecycle ------------------------------------------------
 
@@ -161,7 +126,7 @@ class OpsServer:
             if self.group is not None:
                 self._chown_group()
             self._closing = False
-            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+            self._server = await asyncio.start_unix_server(self.accept, sock=sock)
         except BaseException:
             sock.close()
             self._unlink_own()
@@ -171,20 +136,10 @@ class OpsServer:
 
     async def close(self) -> None:
         """Stop listening, drop open ops connections and remove the socket file."""
-        self._closing = True
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        # Closing the transports ends idle connections at once; one whose
-        # handler is running (a reload) gets a moment to finish, then is cancelled.
-        for writer in self._connections.values():
-            writer.close()
-        if self._connections:
-            _, pending = await asyncio.wait(list(self._connections), timeout=CLOSE_GRACE)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        await self.close_connections()
         if server is not None:
             await server.wait_closed()
         self._unlink_own()
@@ -251,159 +206,12 @@ class OpsServer:
             pass
         self._inode = None
 
-    # -- one connection ----------------------------------------------------------
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback that starts and tracks its own task: asyncio.streams
-        # on 3.11 logs a spurious error when a task it started is cancelled.
-        if self._closing or len(self._connections) >= self.max_connections:
-            coro = self._refuse(reader, writer)
-        else:
-            coro = self._serve(reader, writer)
-        task = asyncio.get_running_loop().create_task(coro, name="hubcore-ops-connection")
-        self._connections[task] = writer
-        task.add_done_callback(self._connection_done)
-
-    def _connection_done(self, task: asyncio.Task[None]) -> None:
-        self._connections.pop(task, None)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("ops connection failed", exc_info=task.exception())
-
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(_BUSY)
-            await self._linger(reader, writer)
-        except ConnectionError:
-            pass        # the client is gone: nobody left to tell
-        finally:
-            writer.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-        try:
-            while True:
-                try:
-                    request = await self._read_request(conn, reader)
-                except h11.RemoteProtocolError as exc:
-                    await self._reply_error(conn, reader, writer, exc.error_status_hint, str(exc))
-                    return
-                except _RequestTooLarge:
-                    await self._reply_error(conn, reader, writer, 413, "request body too large")
-                    return
-                except _RequestTimeout:
-                    await self._reply_error(conn, reader, writer, 408, "request not received in time")
-                    return
-                if request is None:
-                    return
-                head, body = request
-                reply = await self._dispatch(head, body)
-                await self._send(conn, writer, reply)
-                if (self._closing or conn.our_state is not h11.DONE
-                        or conn.their_state is not h11.DONE):
-                    return
-                conn.start_next_cycle()
-        except (ConnectionError, TimeoutError) as exc:
-            log.debug("ops connection dropped: %r", exc)
-        finally:
-            writer.close()
-
-    async def _read_request(
-        self, conn: h11.Connection, reader: asyncio.StreamReader,
-    ) -> tuple[h11.Request, bytes] | None:
-        loop = asyncio.get_running_loop()
-        head: h11.Request | None = None
-        body = bytearray()
-        # Bytes of a pipelined next request may already sit in h11's buffer.
-        started = bool(conn.trailing_data[0])
-        try:
-            first_wait = self.request_timeout if started else self.idle_timeout
-            async with asyncio.timeout(first_wait) as deadline:
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await reader.read(READ_CHUNK)
-                        if data and not started:
-                            # The idle wait is over; the whole request must now
-                            # arrive within request_timeout (slow-loris guard).
-                            started = True
-                            deadline.reschedule(loop.time() + self.request_timeout)
-                        conn.receive_data(data)
-                    elif isinstance(event, h11.Request):
-                        # h11 bounds only a head still incomplete in its buffer; one
-                        # that arrived whole in a single read is measured here.
-                        if _head_size(event) > MAX_REQUEST_HEAD:
-                            raise h11.RemoteProtocolError("request head too large",
-                                                          error_status_hint=431)
-                        head = event
-                        started = True
-                        length = _content_length(event)
-                        if length is not None and length > MAX_REQUEST_BODY:
-                            raise _RequestTooLarge
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                        if len(body) > MAX_REQUEST_BODY:
-                            raise _RequestTooLarge
-                    elif isinstance(event, h11.EndOfMessage):
-                        assert head is not None
-                        return head, bytes(body)
-                    elif isinstance(event, h11.ConnectionClosed):
-                        return None
-                    else:   # PAUSED cannot happen: a new cycle starts only when both sides are DONE
-                        raise h11.RemoteProtocolError(f"unexpected {event!r}", error_status_hint=400)
-        except TimeoutError:
-            if started:
-                raise _RequestTimeout from None
-            return None             # an idle keep-alive connection: close it quietly
-
-    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, reply: _Reply) -> None:
-        headers = [
-            ("content-type", reply.content_type),
-            ("content-length", str(len(reply.body))),
-            ("cache-control", "no-store"),
-            *reply.headers,
-        ]
-        if conn.their_state is not h11.DONE:
-            # An error before the request was read to its end: the connection
-            # cannot be reused, so say so.
-            headers.append(("connection", "close"))
-        reason = _REASONS.get(reply.status, b"")
-        writer.write(conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason)))
-        writer.write(conn.send(h11.Data(data=reply.body)))
-        writer.write(conn.send(h11.EndOfMessage()))
-        async with asyncio.timeout(self.write_timeout):
-            await writer.drain()
-
-    async def _reply_error(self, conn: h11.Connection, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter, status: int, message: str) -> None:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        log.debug("ops request refused with %d: %s", status, message)
-        try:
-            await self._send(conn, writer, _error(status, message))
-        except h11.LocalProtocolError:
-            return      # h11 will not frame a response in this state; closing says enough
-        await self._linger(reader, writer)
-
-    @staticmethod
-    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Half-close, then drop what the client still sends, briefly and boundedly."""
-        try:
-            async with asyncio.timeout(LINGER_TIMEOUT):
-                await writer.drain()
-                if writer.can_write_eof():
-                    writer.write_eof()
-                dropped = 0
-                while dropped < LINGER_MAX:
-                    chunk = await reader.read(READ_CHUNK)
-                    if not chunk:
-                        break
-                    dropped += len(chunk)
-        except TimeoutError:
-            pass        # the client keeps the connection open; the close follows anyway
+    def error_reply(self, status: int, message: str) -> Reply:
+        return _error(status, message)
 
     # -- routes ---------------------------------------------------------------------
 
-    async def _dispatch(self, head: h11.Request, body: bytes) -> _Reply:
+    async def dispatch(self, head: h11.Request, body: bytes) -> Reply:
         method = head.method.decode("ascii", "replace")
         raw_path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
         segments = raw_path.split("/")[1:] if raw_path.startswith("/") else []
@@ -415,7 +223,7 @@ class OpsServer:
             if segments == ["metrics"]:
                 if method != "GET":
                     return _error(405, "use GET", [("allow", "GET")])
-                return _Reply(200, PROMETHEUS_CONTENT_TYPE, self.handler.metrics_text().encode("utf-8"))
+                return Reply(200, PROMETHEUS_CONTENT_TYPE, self.handler.metrics_text().encode("utf-8"))
             if segments == ["reload"]:
                 if method != "POST":
                     return _error(405, "use POST", [("allow", "POST")])
@@ -439,7 +247,7 @@ class OpsServer:
             return _error(500, f"{type(exc).__name__}: {exc}")
         return _error(404, f"no such ops route: {method} {raw_path}")
 
-    async def _set_key_enabled(self, label: str, enabled: bool) -> _Reply:
+    async def _set_key_enabled(self, label: str, enabled: bool) -> Reply:
         result = self.handler.set_key_enabled(label, enabled)
         if inspect.isawaitable(result):
             result = await result
@@ -454,7 +262,7 @@ class OpsServer:
             reply["warning"] = f"not stored ({result.not_stored}): a restart forgets this change"
         return _json(200, reply)
 
-    async def _explain_route(self, target: bytes) -> _Reply:
+    async def _explain_route(self, target: bytes) -> Reply:
         query = parse_qs(target.partition(b"?")[2].decode("ascii", "replace"))
 
         def one(name: str) -> str | None:
@@ -472,7 +280,7 @@ class OpsServer:
             return _error(404, str(e.args[0]) if e.args else "not found")
         return _json(200, answer)
 
-    async def _reload(self) -> _Reply:
+    async def _reload(self) -> Reply:
         result = self.handler.reload()
         if inspect.isawaitable(result):
             result = await result
@@ -480,15 +288,3 @@ class OpsServer:
         if ok:
             return _json(200, {"ok": True, "message": message})
         return _json(500, {"ok": False, "error": message})
-
-
-def _head_size(request: h11.Request) -> int:
-    return len(request.method) + len(request.target) + sum(
-        len(name) + len(value) + 4 for name, value in request.headers)
-
-
-def _content_length(request: h11.Request) -> int | None:
-    for name, value in request.headers:
-        if name == b"content-length":
-            return int(value)       # h11 has validated it already
-    return None
