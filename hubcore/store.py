@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Each entry upgrades the schema from version i to i + 1 (PRAGMA user_version).
@@ -292,6 +294,21 @@ def configure(conn: sqlite3.Connection) -> None:
     # can lose the last transactions, which the spool cannot help with either.
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction that takes the database's write lock at once
+    (BEGIN IMMEDIATE: a read inside it never has to be upgraded, which can
+    fail under another writer), committed at the end of the block, rolled
+    back if it raises. For connections made by connect() (autocommit)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def migrate(conn: sqlite3.Connection) -> int:

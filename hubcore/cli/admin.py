@@ -14,6 +14,7 @@ import sys
 
 import orjson
 
+from hubcore import store
 from hubcore.cli import render
 from hubcore.cli.audit import record
 from hubcore.cli.common import USAGE, CommandError, Context, Subcommands, add_command, on_database
@@ -77,17 +78,12 @@ def add(args: argparse.Namespace, ctx: Context) -> int:
     _check_name(args.name)
     password = read_password(args)
     conn = ctx.conn
-    conn.execute("BEGIN IMMEDIATE")
     try:
-        admins.add(conn, args.name, password, ctx.now)
-        record(conn, "admin.add", f"admin {args.name}", None, {"name": args.name})
-        conn.execute("COMMIT")
+        with store.immediate(conn):
+            admins.add(conn, args.name, password, ctx.now)
+            record(conn, "admin.add", f"admin {args.name}", None, {"name": args.name})
     except admins.AdminExists as e:
-        conn.execute("ROLLBACK")
         raise CommandError(str(e)) from None
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     print(f"added operator {args.name}")
     return 0
 
@@ -119,15 +115,10 @@ def _current(ctx: Context, name: str) -> admins.AdminInfo:
 def remove(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore admin remove NAME`."""
     conn = ctx.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.immediate(conn):
         before = _current(ctx, args.name)
         admins.remove(conn, args.name)
         record(conn, "admin.remove", f"admin {args.name}", before.to_dict(), None)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     print(f"removed operator {args.name}")
     return 0
 
@@ -139,16 +130,11 @@ def passwd(args: argparse.Namespace, ctx: Context) -> int:
         # Before asking: no password typed twice for a name that has none.
         raise CommandError(f"no operator {args.name}")
     password = read_password(args)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.immediate(conn):
         if not admins.set_password(conn, args.name, password, ctx.now):
             raise CommandError(f"no operator {args.name}")
         # What changed is a secret: the row says only that it did.
         record(conn, "admin.passwd", f"admin {args.name}", None, None)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     print(f"changed the password of operator {args.name}")
     return 0
 
@@ -156,17 +142,12 @@ def passwd(args: argparse.Namespace, ctx: Context) -> int:
 def token(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore admin token NAME [--json]`."""
     conn = ctx.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.immediate(conn):
         try:
             token_id, secret = admins.create_token(conn, args.name, ctx.now)
         except LookupError as e:
             raise CommandError(str(e)) from None
         record(conn, "admin.token", f"admin {args.name}", None, {"token_id": token_id})
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     if args.json:
         print(orjson.dumps({"id": token_id, "admin": args.name, "token": secret}).decode())
         return 0

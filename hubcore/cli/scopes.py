@@ -7,6 +7,7 @@ import sys
 
 import orjson
 
+from hubcore import store
 from hubcore.cli import render
 from hubcore.cli.audit import record
 from hubcore.cli.common import USAGE, CommandError, Context, Subcommands, add_command, on_database
@@ -44,8 +45,7 @@ def missing_action(args: argparse.Namespace, ctx: Context) -> int:
 def set_limits(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore user|project set NAME [--note N] [limit flags]`."""
     kind, conn = args.kind, ctx.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.immediate(conn):
         row = conn.execute(f"SELECT limits, note FROM {_TABLES[kind]} WHERE name = ?", (args.name,)).fetchone()
         current = None if row is None else parse_column(row[0], f"{kind} {args.name}")
         new = apply_limit_flags(current, args)
@@ -57,10 +57,6 @@ def set_limits(args: argparse.Namespace, ctx: Context) -> int:
             None if row is None else {"note": row[1], "limits": limits_dict(current)},
             {"note": None if after is None else after[0], "limits": limits_dict(new)},
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     # Users' and projects' limits ride the tokens generation (store, migration 2).
     tell_hub(args, conn)
     print(f"{kind} {args.name}: {render.limits_text(new)}")

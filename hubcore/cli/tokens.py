@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from hubcore import store
 from hubcore.cli import render
 from hubcore.cli.audit import record
 from hubcore.cli.common import USAGE, CommandError, Context, Subcommands, add_command, on_database
@@ -61,8 +62,7 @@ def create_token(args: argparse.Namespace, conn: sqlite3.Connection) -> tuple[in
     can see the token without its limits: (id, token)."""
     # Read before anything is written: a bad --groups stops the command here.
     limits = apply_limit_flags(None, args) if has_limit_flags(args) else None
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.immediate(conn):
         token_id, token = tokens.create(conn, args.user, getattr(args, "project", None), getattr(args, "note", None))
         if limits is not None and not storage.write_limits(conn, "token", token_id, limits):
             raise LookupError(f"no active token with id {token_id}")
@@ -70,10 +70,6 @@ def create_token(args: argparse.Namespace, conn: sqlite3.Connection) -> tuple[in
             "user": args.user, "project": getattr(args, "project", None), "note": getattr(args, "note", None),
             "limits": tokens.limits_dict(limits), "state": "active",
         })
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return token_id, token
 
 
@@ -101,18 +97,13 @@ def create(args: argparse.Namespace, ctx: Context) -> int:
 def rotate(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore token rotate ID`: same token, new secret."""
     conn = ctx.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.immediate(conn):
         token = tokens.rotate(conn, args.id)
         if token is None:
             raise CommandError(_not_active(conn, args.id))
         user, project = conn.execute("SELECT user, project FROM tokens WHERE id = ?", (args.id,)).fetchone()
         # Only that it happened: the secrets, old and new, stay out of the trail.
         record(conn, "token.rotate", f"token {args.id}", None, {"user": user, "project": project})
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     tell_hub(args, conn)
     print_secret("rotated", args.id, user, project, token, as_json=args.json)
     return 0
@@ -126,8 +117,7 @@ def update(args: argparse.Namespace, ctx: Context) -> int:
             "nothing to update: give --note, --rpm, --concurrency, --budget, --models, --expires or --groups", USAGE
         )
     conn = ctx.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.immediate(conn):
         row = conn.execute("SELECT limits, revoked_at, note FROM tokens WHERE id = ?", (args.id,)).fetchone()
         if row is None or row[1] is not None:
             raise CommandError(_not_active(conn, args.id))
@@ -141,10 +131,6 @@ def update(args: argparse.Namespace, ctx: Context) -> int:
             tokens.set_note(conn, args.id, note)
         record(conn, "token.update", f"token {args.id}",
                {"note": row[2], "limits": tokens.limits_dict(old)}, {"note": note, "limits": tokens.limits_dict(new)})
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     tell_hub(args, conn)
     if getattr(args, "json", False):
         print(orjson.dumps({
@@ -232,15 +218,10 @@ def list_tokens(args: argparse.Namespace, ctx: Context) -> int:
 def revoke(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore token revoke ID`."""
     conn = ctx.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.immediate(conn):
         if not tokens.revoke(conn, args.id):
             raise CommandError(f"no active token with id {args.id}")
         record(conn, "token.revoke", f"token {args.id}", {"state": "active"}, {"state": "revoked"})
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     tell_hub(args, conn)
     print(f"revoked token {args.id}")
     return 0
