@@ -552,20 +552,22 @@ class Exchange:
         principal = self.principal
         return principal.groups if principal is not None else None
 
-    def _next_upstream(self, upstream: UpstreamRuntime, tried: set[str]) -> UpstreamRuntime | None:
+    def _move_on(self, upstream: UpstreamRuntime, spent: set[str]) -> UpstreamRuntime | None:
         """Another upstream of the route's kind with a usable key, for the
-        next attempt after `upstream` failed or has no key left; None when
-        every candidate is spent. `tried` collects the upstreams given up."""
+        next attempt after `upstream` failed or has no key left (it becomes
+        the request's upstream, and the move is counted); None when every
+        candidate is spent. `spent` collects the upstreams given up."""
         route = self.route
         router = self.hub.routers.get(route.kind) if route is not None else None
         if router is None or router.single is not None:
             return None
-        tried.add(upstream.config.name)
-        return router.choose(self.model, self._groups(), self.session_id, tried)
-
-    def _failover(self, away: UpstreamRuntime, to: UpstreamRuntime) -> None:
-        if self.hub.metrics is not None:
-            self.hub.metrics.failover(away.config.name, to.config.name)
+        spent.add(upstream.config.name)
+        moved = router.choose(self.model, self._groups(), self.session_id, spent)
+        if moved is not None:
+            self.upstream = moved
+            if self.hub.metrics is not None:
+                self.hub.metrics.failover(upstream.config.name, moved.config.name)
+        return moved
 
     def report(self) -> None:
         """The request has ended: count it in the hub's metrics, if kept."""
@@ -653,11 +655,9 @@ class Exchange:
                 if lease is None:
                     # Another upstream with a usable key now beats waiting
                     # for a rest here.
-                    moved = self._next_upstream(upstream, spent)
+                    moved = self._move_on(upstream, spent)
                     if moved is not None:
-                        self._failover(upstream, moved)
-                        upstream = self.upstream = moved
-                        ring = moved.ring
+                        upstream, ring = moved, moved.ring
                         tried, previous, reason = set(), None, None
                         continue
                     if await self._wait_for_key(ring, deadline, queue_deadline, rate_class):
@@ -730,11 +730,9 @@ class Exchange:
                 # The upstream itself failed (unreachable, 5xx, 529, timed
                 # out): the next attempt goes to another upstream if one can
                 # take it, else to another key of this one.
-                moved = self._next_upstream(upstream, spent)
+                moved = self._move_on(upstream, spent)
                 if moved is not None:
-                    self._failover(upstream, moved)
-                    upstream = self.upstream = moved
-                    ring = moved.ring
+                    upstream, ring = moved, moved.ring
                     tried, previous, reason = set(), None, None
 
     def _count_attempt(self, cfg: UpstreamConfig, lease: Lease) -> None:
