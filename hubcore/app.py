@@ -34,7 +34,7 @@ from hubcore.accounting.pricing import Pricing
 from hubcore.gateway.exchange import Hub
 from hubcore.gateway.upstreams import restore_key_switches, store_key_switches
 from hubcore.http.client import client_ssl_context
-from hubcore.http.server import Server
+from hubcore.http.server import Server, server_ssl_context
 from hubcore.governance.tokens import TokenTable
 from hubcore.accounting.recorder import UsageRecorder
 
@@ -121,11 +121,7 @@ class App:
         # After the spool replay, before any request: a restart never resets a budget.
         self.limiter.reload(self.db)
         self.limiter.rebuild(self.db)
-        ssl_context = None
-        if cfg.tls_cert:
-            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-            ssl_context.set_alpn_protocols(["http/1.1"])
+        ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         host, port = config_mod.parse_listen(cfg.listen)
         try:
             self.addresses = await self.server.start(host, port, ssl=ssl_context, sock=sock)
@@ -153,11 +149,7 @@ class App:
         """The dashboard's own listener, after the proxy's; never the proxy's port."""
         assert self.dashboard is not None
         cfg = self.config.dashboard
-        dashboard_ssl = None
-        if cfg.tls_cert:
-            dashboard_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            dashboard_ssl.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-            dashboard_ssl.set_alpn_protocols(["http/1.1"])
+        dashboard_ssl = server_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         host, port = config_mod.parse_listen(cfg.listen)
         try:
             addresses = await self.dashboard.start(host, port, ssl=dashboard_ssl)
@@ -459,12 +451,13 @@ def tls_file_problem(config: Config) -> str | None:
                 client_ssl_context(upstream.ca_file)
             except OSError as e:  # ssl.SSLError is one
                 return f"upstream {upstream.name!r}: ca_file {upstream.ca_file!r}: cannot load: {_ssl_reason(e)}"
-    server = config.server
-    if server.tls_cert:
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(server.tls_cert, server.tls_key)
-        except OSError as e:
-            return f"tls_cert {server.tls_cert!r} / tls_key {server.tls_key!r}: cannot load: {_ssl_reason(e)}"
+    for table, tls in (("server", config.server), ("dashboard", config.dashboard)):
+        if tls.tls_cert and (table == "server" or config.dashboard.listen):
+            try:
+                server_ssl_context(tls.tls_cert, tls.tls_key)
+            except OSError as e:
+                where = "" if table == "server" else "dashboard."
+                return f"{where}tls_cert {tls.tls_cert!r} / {where}tls_key {tls.tls_key!r}: cannot load: {_ssl_reason(e)}"
     return None
 
 

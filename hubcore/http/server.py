@@ -23,6 +23,7 @@ timeouts) is worded by the application's `ErrorRenderer`, plain text without one
 from __future__ import annotations
 
 import asyncio
+import ssl
 import ctypes
 import enum
 import logging
@@ -891,3 +892,12 @@ class Server:
         self.body_budget.close()
         for server in self.servers:
             await server.wait_closed()
+
+
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """TLS for a listener of the hub's (OSError, ssl.SSLError among them,
+    when the files will not load); HTTP/1.1 only."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert_file, key_file)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
