@@ -529,7 +529,9 @@ class Exchange:
             # Token, user and project allow no group in common (the limiter
             # refuses it too, but routing comes first).
             raise groups_refusal(self.principal)
-        if not self.scanned and self.request.method == b"POST":
+        if self.model is None and not self.scanned and self.request.method == b"POST":
+            # The model a body writes first (leading_model, in _admit) is
+            # enough to route by: a 90 KB body is not parsed for it.
             self._scan_body()
         chosen = router.choose(self.model, groups, self.session_id)
         if chosen is not None:
@@ -864,7 +866,7 @@ class Exchange:
         """(the upstream's model id, the body carrying it) when `config`'s
         model_map names one for the request's model; None: the body goes as
         the client sent it (no map applies, or no top-level string model)."""
-        if not self.scanned:
+        if self.model is None and not self.scanned:
             self._scan_body()
         model = self.model
         target = config.mapped_model(model) if model is not None else None

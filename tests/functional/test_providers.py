@@ -390,3 +390,27 @@ def test_a_reload_applies_new_priorities_and_refuses_a_bad_provider_setting(tmp_
                 # The running configuration stays, whole: the backup still leads.
                 assert post(hub, token)[0] == 200
             assert len(posts(backup)) == 4 and len(posts(primary)) == 1
+
+
+def test_a_body_that_names_its_model_first_is_routed_without_being_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claude Code writes the model first and sends a session header: routing
+    among several upstreams reads the model from the body's first bytes, and
+    the body (90 KB and more) is never parsed on the request path."""
+    from hubcore.accounting import meter
+
+    parsed: list[int] = []
+    real = meter.scan_request
+    monkeypatch.setattr(meter, "scan_request", lambda body: parsed.append(len(body)) or real(body))
+    with FakeVendor({PRIMARY_KEY: "ok"}) as sonnet, FakeVendor({BACKUP_KEY: "ok"}) as other:
+        config = make_config(tmp_path, [
+            upstream("sonnet", sonnet.url, PRIMARY_KEY, models=["claude-sonnet-*"]),
+            upstream("other", other.url, BACKUP_KEY),
+        ])
+        with HubThread(config) as hub:
+            token = hub.mint("dev")
+            body = b'{"model":"claude-sonnet-4-6","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
+            assert post(hub, token, body, session="s1")[0] == 200
+            assert len(posts(sonnet)) == 1 and posts(other) == []
+            assert parsed == []
