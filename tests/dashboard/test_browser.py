@@ -91,13 +91,23 @@ def sign_in(browser: Any, hub: HubThread, token: str) -> None:
 def submit(browser: Any, button: Any) -> None:
     """Click a form's button and wait until the page it loads replaced this
     one (a click returns before the navigation it starts)."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
     page = browser.find_element(By.TAG_NAME, "html")
+
+    def replaced(_: Any) -> bool:
+        # Chromium says so as a stale element, or, caught mid-navigation, as
+        # a node that "does not belong to the document".
+        try:
+            page.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
     button.click()
-    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(page))
+    WebDriverWait(browser, 10).until(replaced)
 
 
 def cli_usage(tmp_path: Path, hub: HubThread, since: float, until: float) -> dict[str, Any]:
