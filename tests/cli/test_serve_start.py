@@ -21,6 +21,8 @@ def write_config(tmp_path: Path, port: int, extra: str = "", upstreams: str = ""
     path.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path / "hub.db"}"\n'
         f'ops_socket = "{tmp_path / "ops.sock"}"\n{extra}\n{upstreams}'
+        # Not the dashboard's default port, which every hub would share.
+        '\n[dashboard]\nlisten = ""\n'
     )
     return path
 

@@ -79,6 +79,8 @@ class Serve:
             f'[server]\nlisten = "127.0.0.1:{self.port}"\ndatabase = "{self.db}"\nops_socket = "{self.ops}"\n{server}{extra}\n'
             f'[[upstream]]\nname = "anthropic"\nkind = "anthropic"\nbase_url = "{self.vendor.url}"\nkeys = [{anthropic_keys}]\n\n'
             f'[[upstream]]\nname = "openai"\nkind = "openai"\nbase_url = "{self.vendor.url}"\nkeys = [{{ key = "{OPENAI_KEY}", label = "o1" }}]\n'
+            # Not the dashboard's default port, which every hub would share.
+            '\n[dashboard]\nlisten = ""\n'
         )
 
     @staticmethod
