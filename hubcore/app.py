@@ -92,7 +92,7 @@ class App:
         if config.dashboard.listen:
             self.dashboard = DashboardServer(
                 config.dashboard, database=config.server.database, timezone=config.server.budget_timezone,
-                tokens=self.tokens, limiter=self.limiter,
+                tokens=self.tokens, limiter=self.limiter, hub=self,
             )
         self.watchdog = sdnotify.Watchdog()
         self.db: sqlite3.Connection | None = None

@@ -170,8 +170,10 @@ def hubcore_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "hubcore", *args]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(hubcore_cmd(*args), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60,
+            input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(hubcore_cmd(*args), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
+                          input=input_text)
 
 
 def wait_listening(port: int, proc: subprocess.Popen[Any] | None = None, timeout: float = 20.0) -> None:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from pathlib import Path
-from urllib.request import pathname2url
 from zoneinfo import ZoneInfo
 
 from hubcore.accounting import report
+from hubcore.dashboard.web import connect_read_only
 from hubcore.governance.limits import Limits, calendar_periods
 from hubcore.governance.storage import read_limits
 
@@ -20,7 +19,6 @@ CHART_DAYS = 30
 # here: every time zone's offset is a whole number of quarter hours, so no
 # bucket straddles a local midnight.
 QUARTER_HOUR = 900
-READ_TIMEOUT = 5.0  # s a read waits for a lock held by a writer
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +37,6 @@ class Mine:
     periods: tuple[Period, ...]
     days: tuple[tuple[date, int], ...]   # (local date, cost in micro-dollars), oldest first
     user_limits: Limits | None
-
-
-def connect_read_only(database: str) -> sqlite3.Connection:
-    """A connection that cannot write, migrate or create the file."""
-    uri = f"file:{pathname2url(str(Path(database).resolve()))}?mode=ro"
-    return sqlite3.connect(uri, uri=True, timeout=READ_TIMEOUT, check_same_thread=False)
 
 
 def read_mine(database: str, user: str, tz: ZoneInfo, now: float) -> Mine:

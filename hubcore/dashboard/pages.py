@@ -12,7 +12,6 @@ from hubcore.dashboard.mine import Mine
 from hubcore.governance.limiter import BudgetLine
 from hubcore.governance.limits import Limits, format_time, format_usd
 
-OPERATOR_SIGN_IN_UNAVAILABLE = "operator sign-in is not available yet; sign in with your hub token"
 _PERIOD_TITLES = {"today": "Today", "week": "This week", "month": "This month"}
 _WINDOW_TITLES = {"5h": "5 hours (rolling)", "day": "day", "week": "week", "month": "month", "total": "total"}
 
@@ -24,17 +23,50 @@ def zone_label(tz: ZoneInfo, now: float) -> str:
     return f"{tz.key} (UTC{offset})"
 
 
-def _layout(title: str, body: str) -> str:
+def _layout(title: str, body: str, header: str = "") -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{escape(title)} · hubcore</title>"
         "<link rel=\"stylesheet\" href=\"/static/dashboard.css\"></head>"
-        f"<body><header><span class=\"brand\">hubcore</span></header><main>{body}</main></body></html>\n"
+        f"<body><header><span class=\"brand\">hubcore</span>{header}</header><main>{body}</main></body></html>\n"
     )
 
 
-def login_page(csrf: str, token_error: str | None = None, operator_error: str | None = None) -> str:
+# The operator's pages, in the order of the navigation bar: (path, title).
+OPERATOR_NAV = (
+    ("/", "Overview"), ("/usage", "Usage"), ("/requests", "Requests"), ("/live", "Live"),
+    ("/tokens", "Tokens"), ("/audit", "Audit"),
+)
+
+
+def operator_page(*, title: str, active: str, operator: str, csrf: str, tz: ZoneInfo, now: float, body: str,
+                  scripts: Sequence[str] = ()) -> str:
+    """A whole operator page: the navigation bar (`active` is the current
+    path), who is signed in, the reporting zone, sign-out, then `body`.
+    `scripts`: files under /static/ the page loads (no inline script: the
+    CSP forbids it)."""
+    current = ' aria-current="page"'
+    links = "".join(
+        f"<a href=\"{path}\"{current if path == active else ''}>{escape(name)}</a>"
+        for path, name in OPERATOR_NAV
+    )
+    header = (
+        f"<nav>{links}</nav><span class=\"who\">{escape(operator)} · "
+        f"<span id=\"zone\">{escape(zone_label(tz, now))}</span></span>"
+        f"<form class=\"signout\" method=\"post\" action=\"/logout\">{csrf_field(csrf)}"
+        "<button type=\"submit\">Sign out</button></form>"
+    )
+    tail = "".join(f"<script src=\"/static/{escape(name)}\" defer></script>" for name in scripts)
+    return _layout(title, body + tail, header)
+
+
+def csrf_field(csrf: str) -> str:
+    """The hidden field every form of a signed-in page carries."""
+    return f"<input type=\"hidden\" name=\"csrf\" value=\"{escape(csrf)}\">"
+
+
+def login_page(csrf: str, token_error: str | None = None, operator_error: str | None = None, name: str = "") -> str:
     def error(text: str | None) -> str:
         return f"<p class=\"error\" role=\"alert\">{escape(text)}</p>" if text else ""
 
@@ -50,7 +82,7 @@ def login_page(csrf: str, token_error: str | None = None, operator_error: str | 
         "<section><h2>Operators</h2>"
         f"{error(operator_error)}"
         f"<form method=\"post\" action=\"/login\">{hidden}"
-        "<label for=\"name\">Name</label><input id=\"name\" name=\"name\" autocomplete=\"username\">"
+        f"<label for=\"name\">Name</label><input id=\"name\" name=\"name\" autocomplete=\"username\" value=\"{escape(name)}\">"
         "<label for=\"password\">Password</label>"
         "<input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\">"
         "<button type=\"submit\">Sign in</button></form></section>"

@@ -20,10 +20,13 @@ class Session:
     id: str
     csrf: str
     expires_at: float
-    # The hub token it was opened with, in memory only: every request looks it
-    # up again, so revoking the token ends the session at once.
-    token: bytes
-    user: str
+    # A developer's: the hub token it was opened with, in memory only (every
+    # request looks it up again, so revoking the token ends the session at
+    # once) and its user. An operator's: the operator's name.
+    token: bytes = b""
+    user: str = ""
+    operator: str | None = None
+    account_version: float = 0.0   # the operator's, at sign-in (admins.account_version)
 
 
 class Sessions:
@@ -35,7 +38,9 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def open(self, token: bytes, user: str) -> Session:
+    def open(self, token: bytes = b"", user: str = "", *, operator: str | None = None,
+             account_version: float = 0.0) -> Session:
+        """A developer's session (token, user) or an operator's (operator)."""
         now = self._clock()
         self._sweep(now)
         while len(self._by_id) >= MAX_SESSIONS:
@@ -46,6 +51,8 @@ class Sessions:
             expires_at=now + self.ttl,
             token=token,
             user=user,
+            operator=operator,
+            account_version=account_version,
         )
         self._by_id[session.id] = session
         return session
@@ -63,6 +70,14 @@ class Sessions:
 
     def close(self, session_id: str) -> None:
         self._by_id.pop(session_id, None)
+
+    def close_operator(self, name: str) -> int:
+        """End every session of operator `name` (removed, or its password
+        changed); how many there were."""
+        ended = [sid for sid, s in self._by_id.items() if s.operator == name]
+        for sid in ended:
+            del self._by_id[sid]
+        return len(ended)
 
     def _sweep(self, now: float) -> None:
         expired = [sid for sid, s in self._by_id.items() if now >= s.expires_at]

@@ -203,3 +203,11 @@ def verify_api_token(conn: sqlite3.Connection, token: str) -> str | None:
         return None
     row = conn.execute("SELECT admin FROM admin_tokens WHERE hash = ?", (hash_token(token),)).fetchone()
     return None if row is None else str(row[0])
+
+
+def account_version(conn: sqlite3.Connection, name: str) -> float | None:
+    """When operator `name`'s account last changed (added, password set);
+    None: no such operator. A dashboard session remembers it from the
+    sign-in, so removing the operator or changing the password ends it."""
+    row = conn.execute("SELECT updated_at FROM admins WHERE name = ?", (name,)).fetchone()
+    return None if row is None else float(row[0])

@@ -57,19 +57,30 @@ def record(
 
 def read(
     conn: sqlite3.Connection, since: float | None = None, limit: int = DEFAULT_LIMIT, before_id: int | None = None,
+    *, actor: str | None = None, action: str | None = None,
 ) -> list[AuditEntry]:
     """Up to `limit` rows, newest first, from `since` (unix seconds, inclusive)
-    on. The next page: `before_id` = the last row's id (keyset pagination:
-    rows written meanwhile neither shift nor repeat a page)."""
+    on, of one `actor` and of actions starting with `action` ("token" finds
+    token.create, token.revoke, ...) when given. The next page: `before_id`
+    = the last row's id (keyset pagination: rows written meanwhile neither
+    shift nor repeat a page)."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")
-    clauses, params = [], []
+    clauses: list[str] = []
+    params: list[Any] = []
     if since is not None:
         clauses.append("ts >= ?")
         params.append(since)
     if before_id is not None:
         clauses.append("id < ?")
         params.append(before_id)
+    if actor:
+        clauses.append("actor = ?")
+        params.append(actor)
+    if action:
+        # A prefix match that LIKE's wildcards in the text cannot widen.
+        clauses.append("substr(action, 1, ?) = ?")
+        params.extend((len(action), action))
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = conn.execute(
         "SELECT id, ts, actor, action, target, before, after, origin FROM audit"

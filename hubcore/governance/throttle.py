@@ -88,9 +88,11 @@ class SignInThrottle:
                 wait = max(wait, record.locked_until - at)
         return wait or None
 
-    def failed(self, address: str, name: str, now: float | None = None) -> None:
-        """An attempt from `address` for `name` failed."""
+    def failed(self, address: str, name: str, now: float | None = None) -> bool:
+        """An attempt from `address` for `name` failed; True when this
+        failure locked the address or the name (worth an audit row)."""
         at = self.clock() if now is None else now
+        locked = False
         for record in (self._addresses.touch_or_add(address), self._names.touch_or_add(name)):
             failures = record.failures
             while failures and failures[0] <= at - self.window:
@@ -99,6 +101,8 @@ class SignInThrottle:
             if len(failures) >= self.max_failures:
                 record.locked_until = at + self.lockout
                 failures.clear()
+                locked = True
+        return locked
 
     def succeeded(self, address: str, name: str) -> None:
         """An attempt from `address` for `name` succeeded: the name's failures

@@ -83,7 +83,8 @@ class H11Server:
 
     # -- what a server gives ----------------------------------------------------
 
-    async def dispatch(self, head: h11.Request, body: bytes) -> Reply:
+    async def dispatch(self, head: h11.Request, body: bytes, peer: str) -> Reply:
+        """`peer`: the client's address ("" on a Unix socket)."""
         raise NotImplementedError
 
     def error_reply(self, status: int, message: str) -> Reply:
@@ -136,6 +137,8 @@ class H11Server:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+        peername = writer.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) and peername else ""
         try:
             while True:
                 try:
@@ -153,7 +156,7 @@ class H11Server:
                     return
                 head, body = request
                 try:
-                    reply = await self.dispatch(head, body)
+                    reply = await self.dispatch(head, body, peer)
                 except Exception:
                     # Logged whole; the client learns nothing of the hub's insides.
                     log.exception("%s %s %s failed", self.name, head.method.decode("ascii", "replace"),

@@ -211,7 +211,7 @@ class OpsServer(H11Server):
 
     # -- routes ---------------------------------------------------------------------
 
-    async def dispatch(self, head: h11.Request, body: bytes) -> Reply:
+    async def dispatch(self, head: h11.Request, body: bytes, peer: str) -> Reply:
         method = head.method.decode("ascii", "replace")
         raw_path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
         segments = raw_path.split("/")[1:] if raw_path.startswith("/") else []

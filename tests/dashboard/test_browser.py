@@ -5,8 +5,6 @@ developer never seeing another's figures, CSRF, headers, and the proxy
 port serving none of it."""
 from __future__ import annotations
 
-import os
-import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,46 +20,12 @@ import pytest
 from hubcore.governance.limits import Limits, calendar_periods
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor
+from tests.dashboard.support import sign_in, submit
 from tests.hubharness import HubThread, make_config, run_cli
 
 ZONE = "Asia/Kolkata"  # an offset that is not whole hours, shown on the page
 EVIL = "<script>alert(1)</script>"
 USAGE = {"x-fake-usage": orjson.dumps({"input_tokens": 12000, "output_tokens": 3000}).decode()}
-
-
-def _browser_paths() -> tuple[str, str]:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    missing = [name for name, path in (("chromium", chromium), ("chromedriver (chromium-driver)", driver)) if not path]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("the selenium package")
-    if missing:
-        reason = f"no {', '.join(missing)}: apt-get install chromium chromium-driver; pip install selenium"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the browser tests: {reason}")
-        pytest.skip(reason)
-    assert chromium and driver
-    return chromium, driver
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    chromium, driver = _browser_paths()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,1400"):
-        options.add_argument(flag)
-    drv = webdriver.Chrome(service=Service(driver), options=options)
-    drv.set_page_load_timeout(30)
-    try:
-        yield drv
-    finally:
-        drv.quit()
 
 
 @pytest.fixture
@@ -77,37 +41,6 @@ def spend(hub: HubThread, token: str, times: int) -> None:
         for _ in range(times):
             client.messages.create(model="claude-sonnet-4-6", max_tokens=64,
                                    messages=[{"role": "user", "content": "hi"}], extra_headers=USAGE)
-
-
-def sign_in(browser: Any, hub: HubThread, token: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    browser.delete_all_cookies()
-    browser.get(hub.dashboard_url + "/login")
-    browser.find_element(By.ID, "token").send_keys(token)
-    submit(browser, browser.find_element(By.CSS_SELECTOR, "form[action='/login'] button"))
-
-
-def submit(browser: Any, button: Any) -> None:
-    """Click a form's button and wait until the page it loads replaced this
-    one (a click returns before the navigation it starts)."""
-    from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.wait import WebDriverWait
-
-    page = browser.find_element(By.TAG_NAME, "html")
-
-    def replaced(_: Any) -> bool:
-        # Chromium says so as a stale element, or, caught mid-navigation, as
-        # a node that "does not belong to the document".
-        try:
-            page.is_enabled()
-        except WebDriverException:
-            return True
-        return False
-
-    button.click()
-    WebDriverWait(browser, 10).until(replaced)
 
 
 def cli_usage(tmp_path: Path, hub: HubThread, since: float, until: float) -> dict[str, Any]:
@@ -188,12 +121,13 @@ def test_a_revoked_or_unknown_token_gets_the_form_again_with_401(hub: HubThread,
         assert browser.current_url == hub.dashboard_url + "/login"
         assert "unknown or revoked" in browser.find_element(By.CSS_SELECTOR, ".error").text
     browser.save_screenshot(str(tmp_path / "login-refused.png"))
-    # The operator form says plainly that it cannot sign in yet.
+    # An unknown operator gets the operator form's own error, the name kept.
     browser.get(hub.dashboard_url + "/login")
     browser.find_element(By.ID, "name").send_keys("root")
     browser.find_element(By.ID, "password").send_keys("hunter2")
     submit(browser, browser.find_elements(By.CSS_SELECTOR, "form[action='/login'] button")[1])
-    assert "operator sign-in is not available yet" in browser.find_element(By.CSS_SELECTOR, ".error").text
+    assert browser.find_element(By.CSS_SELECTOR, ".error").text == "wrong name or password"
+    assert browser.find_element(By.ID, "name").get_attribute("value") == "root"
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
