@@ -67,6 +67,7 @@ class App:
             queue_max=config.server.usage_queue_max,
             flush_interval=config.server.usage_flush_interval,
             busy_timeout_ms=int(config.server.db_busy_timeout * 1000),
+            timezone=config.server.budget_timezone,
         )
         self.prices = Pricing.load(_path_or_none(config.server.prices), config.pricing.unpriced)
         self.metrics = HubMetrics(max_series=config.server.metrics_max_series)

@@ -12,12 +12,15 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiosqlite
 
 from hubcore import store
+from hubcore.accounting import rollup
 from hubcore.accounting.spool import SPOOL_ERRORS, Spool, encode_line
 from hubcore.accounting.usage import ROWS_PER_INSERT, UsageEvent, insert_sql, insert_values
+from hubcore.config import zone
 
 # Named explicitly, not after this module: operators filter on it.
 log = logging.getLogger("hubcore.usage")
@@ -94,6 +97,7 @@ class UsageRecorder:
         batch_max: int = 2000,
         busy_timeout_ms: int = store.BUSY_TIMEOUT_MS,
         retry_max: float = 5.0,
+        timezone: str = "UTC",
     ) -> None:
         if queue_max < 1 or batch_max < 1 or flush_interval <= 0:
             raise ValueError("queue_max and batch_max must be >= 1, flush_interval > 0")
@@ -103,6 +107,8 @@ class UsageRecorder:
         self._batch_max = batch_max
         self._busy_timeout_ms = busy_timeout_ms
         self._retry_max = max(retry_max, flush_interval)
+        # The reporting zone, whose local hours the rollup's buckets are.
+        self._zone = zone(timezone)
         self._listeners: list[Listener] = []
 
         # queue and writer
@@ -139,10 +145,11 @@ class UsageRecorder:
     # -- public API -----------------------------------------------------------
 
     async def start(self) -> None:
-        """Migrate and open the database, replay a leftover spool, start the writer."""
+        """Migrate and open the database, align the rollup to the reporting
+        zone, replay a leftover spool, start the writer."""
         if self._task is not None:
             raise RuntimeError("UsageRecorder already started")
-        await asyncio.to_thread(_migrate, self._db_path)
+        await asyncio.to_thread(_migrate, self._db_path, self._zone)
         self._db = await aiosqlite.connect(
             self._db_path, isolation_level=None, factory=_ConfiguredConnection
         )
@@ -505,9 +512,13 @@ class UsageRecorder:
         self._last_error = text
 
 
-def _migrate(path: Path) -> None:
+def _migrate(path: Path, tz: ZoneInfo) -> None:
     conn = store.connect(path)
-    conn.close()
+    try:
+        if rollup.prepare(conn, tz):
+            log.info("rebuilt the hourly usage rollup for the local hours of %s", tz.key)
+    finally:
+        conn.close()
 
 
 def _log_lost(events: Iterable[UsageEvent]) -> None:

@@ -1,0 +1,425 @@
+"""The rollups of usage: sums per local hour and per local day of the
+reporting zone x user x project x model x served model x upstream x key
+label x token, and a histogram of time to first byte per local hour. A
+trigger on the usage table keeps them (store.py, migration 8); this module
+aligns them to the reporting zone at start and sums them over a time range.
+
+Buckets are LOCAL hours of the reporting zone (server.budget_timezone), not
+UTC hours and not quarter hours: a UTC hour straddles local midnight where
+the offset is not whole hours (Asia/Kolkata, +05:30), and quarter-hour
+buckets, right for every zone, hold up to four times the rows where traffic
+is dense, and the rollup's size is the dashboard's speed. A local hour
+starts where the zone's offset modulo an hour, its *phase*, says: 0 for
+every whole-hour zone (Europe/Berlin in summer and winter alike), 1800 for
+Asia/Kolkata. So a DST change moves no bucket; a zone change rebuilds the
+hours (from raw rows) only when the phase changes, and the days (from the
+hours) when any offset does; see `prepare`. The days make long ranges cheap:
+a month of days holds about a thirtieth of a month of hours' rows.
+
+Theory of operation of `sums`: a range [since, until) is cut into the whole
+local days it covers (read from usage_daily), the whole hours left at its
+ends (usage_hourly) and what is left of a partial hour at either end (raw
+usage rows: at most an hour each side, and none when the range starts and
+ends on hour boundaries). Every row is counted by exactly one of the three:
+its day lies within the days, or else its hour within the hours, or else it
+is read raw.
+"""
+from __future__ import annotations
+
+import sqlite3
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from hubcore import store
+
+HOUR = 3600
+DAY = 86400
+# Offsets are probed once a day over these years: every zone's rules since
+# 1970 and as far as tzdata projects them change far less often than that.
+FIRST_YEAR, LAST_YEAR = 1970, 2100
+EARLIEST = -(2 ** 63)      # the first offset's start: it holds for every earlier time
+EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+DIMENSIONS = ("user", "project", "model", "served_model", "upstream", "key_label", "token_id")
+# Besides the dimensions a sum can be grouped by its bucket's start ("hour",
+# unix seconds) or its local date ("day").
+GROUPS = (*DIMENSIONS, "hour", "day")
+# Each rollup counter as an aggregate of raw usage rows (the trigger's sums).
+COUNTERS: dict[str, str] = {
+    "requests": "COUNT(*)",
+    "errors": "SUM(outcome != 'ok')",
+    "input": "SUM(input_tokens)",
+    "output": "SUM(output_tokens)",
+    "cache_write_5m": "SUM(cache_write_5m)",
+    "cache_write_1h": "SUM(cache_write_1h)",
+    "cache_read": "SUM(cache_read)",
+    "reasoning": "SUM(reasoning_tokens)",
+    "cost_micros": "IFNULL(SUM(cost_micros), 0)",
+    "unpriced": "SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL))",
+    "estimated": "IFNULL(SUM(cost_basis = 'estimate'), 0)",
+    "ttfb_count": "COUNT(ttfb_ms)",
+    "ttfb_ms": "IFNULL(SUM(ttfb_ms), 0)",
+}
+# A dimension that is NULL in the usage table is X'' in the rollups (see
+# store.py); sums() gives it back as None.
+ABSENT = b""
+
+Key = tuple[Any, ...]
+
+
+def _offset_sql(ts: str) -> str:
+    return f"IFNULL((SELECT offset FROM usage_rollup_zone WHERE start <= {ts} ORDER BY start DESC LIMIT 1), 0)"
+
+
+def bucket_sql(ts: str) -> str:
+    """SQL: the start of the local hour holding unix time `ts`, as the trigger computes it."""
+    return f"CAST({ts} AS INTEGER) - (CAST({ts} AS INTEGER) + {_offset_sql(ts)}) % {HOUR}"
+
+
+def day_sql(ts: str) -> str:
+    """SQL: the local day (days since 1970-01-01) holding unix time `ts`, as the trigger computes it."""
+    return f"(CAST({ts} AS INTEGER) + {_offset_sql(ts)}) / {DAY}"
+
+
+_TTFB_BIN = "IFNULL((SELECT bin FROM usage_ttfb_bins WHERE lower_ms <= ttfb_ms ORDER BY lower_ms DESC LIMIT 1), 0)"
+_DIMS = ", ".join(DIMENSIONS)
+_ADD = ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS)
+
+_REBUILD_HOURS = f"""
+INSERT INTO usage_hourly
+SELECT {bucket_sql("ts")}, {", ".join(f"IFNULL({d}, X'')" for d in DIMENSIONS)}, {", ".join(COUNTERS.values())}
+FROM usage WHERE ts >= ? GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+ON CONFLICT (hour, {_DIMS}) DO UPDATE SET {_ADD}
+"""
+_REBUILD_TTFB = f"""
+INSERT INTO usage_ttfb_hourly (hour, bin, requests)
+SELECT {bucket_sql("ts")}, {_TTFB_BIN}, COUNT(*)
+FROM usage WHERE ts >= ? AND ttfb_ms IS NOT NULL GROUP BY 1, 2
+ON CONFLICT (hour, bin) DO UPDATE SET requests = requests + excluded.requests
+"""
+# A local hour lies within one local day: the days are sums of the hours.
+_REBUILD_DAYS = f"""
+INSERT INTO usage_daily
+SELECT {day_sql("hour")}, {_DIMS}, {", ".join(f"SUM({c})" for c in COUNTERS)}
+FROM usage_hourly GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+"""
+
+
+# -- the reporting zone -------------------------------------------------------------
+
+
+def _offset_at(tz: ZoneInfo, ts: int) -> int:
+    offset = datetime.fromtimestamp(ts, tz).utcoffset()
+    return int(offset.total_seconds()) if offset is not None else 0
+
+
+@lru_cache(maxsize=8)
+def offsets(tz: ZoneInfo) -> tuple[tuple[int, int], ...]:
+    """(start, UTC offset in seconds) from each change of the zone's offset
+    on, the first from EARLIEST: usage_rollup_zone's rows."""
+    first = int(datetime(FIRST_YEAR, 1, 1, tzinfo=timezone.utc).timestamp())
+    last = int(datetime(LAST_YEAR, 1, 1, tzinfo=timezone.utc).timestamp())
+    found = [(EARLIEST, _offset_at(tz, first))]
+    before = first
+    for probe in range(first + DAY, last, DAY):
+        offset = _offset_at(tz, probe)
+        if offset != found[-1][1]:
+            # The change lies in (before, probe]: find its second.
+            low, high = before, probe
+            while high - low > 1:
+                mid = (low + high) // 2
+                if _offset_at(tz, mid) == offset:
+                    high = mid
+                else:
+                    low = mid
+            found.append((high, offset))
+        before = probe
+    return tuple(found)
+
+
+def _phases(zone_offsets: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where the offset modulo an hour changes: what the hours depend on."""
+    found: list[tuple[int, int]] = []
+    for start, offset in zone_offsets:
+        if not found or found[-1][1] != offset % HOUR:
+            found.append((start, offset % HOUR))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Zone:
+    """The reporting zone as the rollups cut time: local hours and days."""
+
+    tz: ZoneInfo
+
+    def offset(self, ts: float) -> int:
+        table = offsets(self.tz)
+        return table[bisect_right(table, (int(ts), 2 ** 63)) - 1][1]
+
+    def bucket(self, ts: float) -> int:
+        """The start of the local hour holding `ts` (what bucket_sql says)."""
+        whole = int(ts)
+        return whole - (whole + self.offset(whole)) % HOUR
+
+    def day(self, ts: float) -> int:
+        """The local day holding `ts`, as days since 1970-01-01 (what day_sql says)."""
+        whole = int(ts)
+        return (whole + self.offset(whole)) // DAY
+
+    def day_start(self, day: int) -> float:
+        """Local midnight of `day` (its first moment, where DST skips midnight)."""
+        d = date.fromordinal(day + EPOCH_ORDINAL)
+        return datetime(d.year, d.month, d.day, tzinfo=self.tz).timestamp()
+
+    @staticmethod
+    def date(day: int) -> date:
+        return date.fromordinal(day + EPOCH_ORDINAL)
+
+
+def prepare(conn: sqlite3.Connection, tz: ZoneInfo) -> str | None:
+    """Align the rollups to `tz` at start, before rows are written: None
+    when they were already, else what was rebuilt ("days" or "hours").
+
+    When the phase changes, the hours are rebuilt from the raw rows as far
+    back as those go: a retention that deleted older raw rows leaves the
+    older hours as they were (aligned to the previous zone), so totals stay
+    right and only their split into the new zone's days can be off. The
+    days are then summed again from the hours.
+    """
+    wanted = list(offsets(tz))
+    if _stored_offsets(conn) == wanted:
+        return None  # without the write lock: a start beside a busy writer goes on
+    with store.immediate(conn):
+        stored = _stored_offsets(conn)
+        if stored == wanted:
+            return None
+        rebuilt = "days"
+        keep_before = None
+        if _phases(stored) != _phases(wanted):
+            rebuilt = "hours"
+            oldest = conn.execute("SELECT MIN(ts) FROM usage").fetchone()[0]
+            if oldest is not None:
+                # The old hour of the oldest raw row and every earlier one
+                # stay (their raw rows may be gone); the rest is rebuilt.
+                keep_before = conn.execute(f"SELECT {bucket_sql('?')} + {HOUR}", (oldest,)).fetchone()[0]
+                conn.execute("DELETE FROM usage_hourly WHERE hour >= ?", (keep_before,))
+                conn.execute("DELETE FROM usage_ttfb_hourly WHERE hour >= ?", (keep_before,))
+        conn.execute("DELETE FROM usage_rollup_zone")
+        conn.executemany("INSERT INTO usage_rollup_zone (start, offset) VALUES (?, ?)", wanted)
+        if keep_before is not None:
+            conn.execute(_REBUILD_HOURS, (keep_before,))
+            conn.execute(_REBUILD_TTFB, (keep_before,))
+        conn.execute("DELETE FROM usage_daily")
+        conn.execute(_REBUILD_DAYS)
+    return rebuilt
+
+
+def _stored_offsets(conn: sqlite3.Connection) -> list[tuple[int, int]]:
+    return [(int(s), int(o)) for s, o in conn.execute("SELECT start, offset FROM usage_rollup_zone ORDER BY start")]
+
+
+# -- sums over a range ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    days: tuple[int | None, int | None] | None     # [first, end) of whole days; None: no days
+    spans: tuple[tuple[float | None, float | None], ...]   # the rest, from the hours and raw rows
+
+
+def _plan(zone: Zone, since: float | None, until: float | None, use_days: bool) -> _Plan:
+    if since is not None and until is not None and since >= until:
+        return _Plan(None, ())
+    if not use_days:
+        return _Plan(None, ((since, until),))
+    first = None
+    if since is not None:
+        first = zone.day(since)
+        if zone.day_start(first) < since:
+            first += 1
+    end = None if until is None else zone.day(until)
+    if first is not None and end is not None and first >= end:
+        return _Plan(None, ((since, until),))
+    spans = []
+    if first is not None and since is not None and zone.day_start(first) > since:
+        spans.append((since, zone.day_start(first)))
+    if end is not None and until is not None and until > zone.day_start(end):
+        spans.append((zone.day_start(end), until))
+    return _Plan((first, end), tuple(spans))
+
+
+def _hour_at(zone: Zone, ts: float) -> bool:
+    """Whether a local hour starts at `ts` and the hour after it has one
+    phase: every row of that hour then belongs to it."""
+    return ts == int(ts) and zone.bucket(ts) == ts and zone.bucket(ts + HOUR - 1) == ts
+
+
+def _raw_windows(zone: Zone, since: float | None, until: float | None) -> list[tuple[float, float]]:
+    """Where rows of [since, until) that no whole hour of it holds can be:
+    within an hour of either end, unless that end is an hour boundary."""
+    windows: list[tuple[float, float]] = []
+    if since is not None and not _hour_at(zone, since):
+        windows.append((since, since + HOUR if until is None else min(since + HOUR, until)))
+    if until is not None and not _hour_at(zone, until - HOUR):
+        low = until - HOUR if since is None else max(until - HOUR, since)
+        if windows and low <= windows[0][1]:
+            windows[0] = (windows[0][0], until)
+        else:
+            windows.append((low, until))
+    return windows
+
+
+def _whole_hours(low: float | None, high: float | None) -> tuple[str, list[Any]]:
+    """The hours that start at or after `low` and end by `high`."""
+    where, params = [], []
+    if low is not None:
+        where.append("hour >= ?")
+        params.append(low)
+    if high is not None:
+        where.append("hour <= ?")
+        params.append(high - HOUR)
+    return " AND ".join(where) or "1", params
+
+
+def _outside(low: float | None, high: float | None) -> tuple[str, list[Any]]:
+    """Raw rows whose hour is not one of _whole_hours(low, high)."""
+    bucket = bucket_sql("ts")
+    outside, params = [], []
+    if low is not None:
+        outside.append(f"{bucket} < ?")
+        params.append(low)
+    if high is not None:
+        outside.append(f"{bucket} > ?")
+        params.append(high - HOUR)
+    return " OR ".join(outside) or "0", params
+
+
+def _select(columns: Sequence[str], source: str) -> str:
+    """The SELECT list of `columns` from a rollup (`source` "daily" or
+    "hourly") or raw rows ("raw"); "day" from an hourly or raw source is its
+    hour, turned into a day in Python."""
+    picked = []
+    for column in columns:
+        if column == "day":
+            picked.append({"daily": "day", "hourly": "hour", "raw": bucket_sql("ts")}[source])
+        elif column == "hour":
+            picked.append(bucket_sql("ts") if source == "raw" else "hour")
+        else:
+            picked.append(column)
+    return ", ".join(picked)
+
+
+def sums(
+    conn: sqlite3.Connection, zone: Zone, by: Sequence[str],
+    since: float | None = None, until: float | None = None, counters: Sequence[str] = tuple(COUNTERS),
+) -> dict[Key, list[int | float]]:
+    """The rollup's `counters` (by default all, in COUNTERS' order) over
+    [since, until), grouped by the columns `by` (of GROUPS): {(values of
+    by...): counters}. An absent dimension is None, a day a datetime.date,
+    an hour its start. Ask only for the counters needed: each costs a sum
+    over every row of the range."""
+    unknown = [column for column in by if column not in GROUPS] + [c for c in counters if c not in COUNTERS]
+    if unknown:
+        raise ValueError(f"cannot sum the rollup by or of {', '.join(unknown)}")
+    plan = _plan(zone, since, until, use_days="hour" not in by)
+    width = len(by)
+    group = f" GROUP BY {', '.join(str(i + 1) for i in range(width))}" if width else ""
+    select = {source: (_select(by, source) + ", ") if width else "" for source in ("daily", "hourly", "raw")}
+    # requests first, whether asked for or not: a range with no rows at all
+    # still answers one row to an aggregate without GROUP BY, of 0 requests.
+    summed = ", ".join(f"SUM({c})" for c in ("requests", *counters))
+    raw = ", ".join(COUNTERS[c] for c in ("requests", *counters))
+    queries: list[tuple[str, str, list[Any]]] = []
+    if plan.days is not None:
+        first, end = plan.days
+        where, params = [], []
+        if first is not None:
+            where.append("day >= ?")
+            params.append(first)
+        if end is not None:
+            where.append("day < ?")
+            params.append(end)
+        queries.append(("daily", f"SELECT {select['daily']}{summed} FROM usage_daily "
+                                 f"WHERE {' AND '.join(where) or '1'}{group}", params))
+    for low, high in plan.spans:
+        where_hours, params = _whole_hours(low, high)
+        queries.append(("hourly", f"SELECT {select['hourly']}{summed} FROM usage_hourly WHERE {where_hours}{group}",
+                        params))
+        outside, outside_params = _outside(low, high)
+        for start, stop in _raw_windows(zone, low, high):
+            queries.append(("raw", f"SELECT {select['raw']}{raw} FROM usage "
+                                   f"WHERE ts >= ? AND ts < ? AND ({outside}){group}", [start, stop, *outside_params]))
+    found: dict[Key, list[int | float]] = {}
+    day_at = by.index("day") if "day" in by else None
+    for source, sql, params in queries:
+        for row in conn.execute(sql, params):
+            if not row[width]:
+                continue  # no rows at all: an aggregate without GROUP BY still answers
+            key: Key = tuple(None if value == ABSENT else value for value in row[:width])
+            if day_at is not None:
+                stored: int = key[day_at]
+                day = stored if source == "daily" else zone.day(stored)
+                key = (*key[:day_at], zone.date(day), *key[day_at + 1:])
+            values = row[width + 1:]
+            known = found.get(key)
+            if known is None:
+                found[key] = [value or 0 for value in values]
+            else:
+                for i, value in enumerate(values):
+                    known[i] += value or 0
+    return found
+
+
+# -- time to first byte ---------------------------------------------------------------
+
+
+def ttfb_bins(conn: sqlite3.Connection) -> list[float]:
+    """The histogram's lower bounds in ms, bin by bin (bin 0 from 0)."""
+    return [lower for lower, in conn.execute("SELECT lower_ms FROM usage_ttfb_bins ORDER BY bin")]
+
+
+def ttfb_histogram(
+    conn: sqlite3.Connection, zone: Zone, since: float | None = None, until: float | None = None,
+) -> dict[int, int]:
+    """Requests per time-to-first-byte bin over [since, until): the whole
+    hours from the rollup, the partial hours at its ends from raw rows."""
+    if since is not None and until is not None and since >= until:
+        return {}
+    where, params = _whole_hours(since, until)
+    queries = [(f"SELECT bin, SUM(requests) FROM usage_ttfb_hourly WHERE {where} GROUP BY bin", params)]
+    outside, outside_params = _outside(since, until)
+    for start, stop in _raw_windows(zone, since, until):
+        queries.append((f"SELECT {_TTFB_BIN}, COUNT(*) FROM usage WHERE ts >= ? AND ts < ? "
+                        f"AND ttfb_ms IS NOT NULL AND ({outside}) GROUP BY 1", [start, stop, *outside_params]))
+    counts: dict[int, int] = {}
+    for sql, query_params in queries:
+        for bin_, n in conn.execute(sql, query_params):
+            counts[bin_] = counts.get(bin_, 0) + n
+    return counts
+
+
+def percentile(histogram: dict[int, int], bins: Sequence[float], q: float) -> float | None:
+    """The q-quantile (0 < q <= 1) of a ttfb histogram in ms, interpolated
+    geometrically within its bin (a bin spans 9 %: so does the error at
+    worst); None for an empty histogram."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    for bin_ in sorted(histogram):
+        n = histogram[bin_]
+        if seen + n >= rank:
+            lower = bins[bin_] if bin_ < len(bins) else bins[-1]
+            upper = bins[bin_ + 1] if bin_ + 1 < len(bins) else lower * (bins[-1] / bins[-2])
+            share = (rank - seen) / n
+            if bin_ == 0:       # 0 to 1 ms: linear
+                return upper * share
+            return float(lower * (upper / lower) ** share)
+        seen += n
+    return bins[-1]
