@@ -206,7 +206,7 @@ def prepare(conn: sqlite3.Connection, tz: ZoneInfo) -> str | None:
             if oldest is not None:
                 # The old hour of the oldest raw row and every earlier one
                 # stay (their raw rows may be gone); the rest is rebuilt.
-                keep_before = conn.execute(f"SELECT {bucket_sql('?')} + {HOUR}", (oldest,)).fetchone()[0]
+                keep_before = conn.execute(f"SELECT {bucket_sql(':ts')} + {HOUR}", {"ts": oldest}).fetchone()[0]
                 conn.execute("DELETE FROM usage_hourly WHERE hour >= ?", (keep_before,))
                 conn.execute("DELETE FROM usage_ttfb_hourly WHERE hour >= ?", (keep_before,))
         conn.execute("DELETE FROM usage_rollup_zone")

@@ -1,0 +1,434 @@
+"""The usage rollups against the raw rows they sum, on real SQLite: every
+row counted once whatever is replayed, nothing lost when raw rows are
+deleted, local hours and days in zones with DST and with half-hour
+offsets, a zone change at start, the migration's backfill, and reports
+that give `hubcore usage`'s numbers for any range."""
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Iterator, Sequence
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hubcore import store
+from hubcore.accounting import report, rollup
+from hubcore.accounting.recorder import UsageRecorder
+from hubcore.accounting.rollup import Zone
+from hubcore.accounting.spool import Spool
+from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
+from hubcore.dashboard import reports
+
+BERLIN, KOLKATA, LORD_HOWE = ZoneInfo("Europe/Berlin"), ZoneInfo("Asia/Kolkata"), ZoneInfo("Australia/Lord_Howe")
+UTC = ZoneInfo("UTC")
+ZONES = (UTC, BERLIN, KOLKATA, LORD_HOWE, ZoneInfo("America/St_Johns"))
+# Both of Berlin's 2026 changes, Lord Howe's half-hour one, Kolkata's midnight at 18:30 UTC.
+WINDOW_START = datetime(2026, 3, 27, tzinfo=timezone.utc).timestamp()
+SPRING, AUTUMN = datetime(2026, 3, 29, 1, tzinfo=timezone.utc).timestamp(), datetime(2026, 10, 25, 1, tzinfo=timezone.utc).timestamp()
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def event(ts: float, request_id: str, **fields: Any) -> UsageEvent:
+    base: dict[str, Any] = dict(ts=ts, request_id=request_id, endpoint="/v1/messages", status=200, outcome="ok",
+                                total_ms=10.0)
+    base.update(fields)
+    return UsageEvent(**base)
+
+
+def insert(conn: sqlite3.Connection, events: Sequence[UsageEvent]) -> None:
+    """As the recorder writes: INSERT OR IGNORE, a replayed request_id skipped."""
+    with store.immediate(conn):
+        conn.executemany(INSERT_SQL, [tuple(getattr(e, f) for f in FIELDS) for e in events])
+
+
+def open_db(path: str | Path = ":memory:", tz: ZoneInfo = UTC) -> sqlite3.Connection:
+    conn = store.connect(path)
+    rollup.prepare(conn, tz)
+    return conn
+
+
+@pytest.fixture
+def conn() -> Iterator[sqlite3.Connection]:
+    connection = open_db()
+    yield connection
+    connection.close()
+
+
+# -- what the rollups must hold, computed from the raw rows in Python ---------------------
+
+RAW = ("ts", "user", "project", "model", "served_model", "upstream", "key_label", "token_id", "outcome",
+       "input_tokens", "output_tokens", "cache_write_5m", "cache_write_1h", "cache_read", "reasoning_tokens",
+       "cost_micros", "cost_basis", "ttfb_ms")
+
+
+def raw_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    return [dict(zip(RAW, row)) for row in conn.execute(f"SELECT {', '.join(RAW)} FROM usage")]
+
+
+def counters_of(row: dict[str, Any]) -> list[float]:
+    return [
+        1, row["outcome"] != "ok", row["input_tokens"], row["output_tokens"], row["cache_write_5m"],
+        row["cache_write_1h"], row["cache_read"], row["reasoning_tokens"], row["cost_micros"] or 0,
+        row["cost_basis"] is not None or (row["cost_micros"] is None and row["model"] is not None),
+        row["cost_basis"] == "estimate", row["ttfb_ms"] is not None, row["ttfb_ms"] or 0.0,
+    ]
+
+
+def expected(conn: sqlite3.Connection, key_of: Any) -> dict[tuple[Any, ...], list[float]]:
+    found: dict[tuple[Any, ...], list[float]] = {}
+    for row in raw_rows(conn):
+        key = (key_of(row["ts"]), *(b"" if row[d] is None else row[d] for d in rollup.DIMENSIONS))
+        total = found.setdefault(key, [0] * len(rollup.COUNTERS))
+        for i, value in enumerate(counters_of(row)):
+            total[i] += value
+    return found
+
+
+def stored(conn: sqlite3.Connection, table: str) -> dict[tuple[Any, ...], list[float]]:
+    width = 1 + len(rollup.DIMENSIONS)
+    return {tuple(row[:width]): list(row[width:]) for row in conn.execute(f"SELECT * FROM {table}")}
+
+
+def assert_same(got: dict[tuple[Any, ...], list[float]], want: dict[tuple[Any, ...], list[float]]) -> None:
+    assert got.keys() == want.keys()
+    for key, values in want.items():
+        assert got[key][:-1] == values[:-1], key
+        assert math.isclose(got[key][-1], values[-1], rel_tol=1e-9, abs_tol=1e-6), key  # ttfb: a float sum
+
+
+def assert_rollups_match(conn: sqlite3.Connection, tz: ZoneInfo) -> None:
+    zone = Zone(tz)
+    assert_same(stored(conn, "usage_hourly"), expected(conn, zone.bucket))
+    assert_same(stored(conn, "usage_daily"), expected(conn, zone.day))
+    histogram: dict[tuple[int, int], int] = {}
+    bins = rollup.ttfb_bins(conn)
+    for row in raw_rows(conn):
+        if row["ttfb_ms"] is not None:
+            bin_ = max(i for i, lower in enumerate(bins) if lower <= row["ttfb_ms"]) if row["ttfb_ms"] >= 0 else 0
+            key = (zone.bucket(row["ts"]), bin_)
+            histogram[key] = histogram.get(key, 0) + 1
+    assert dict(((h, b), n) for h, b, n in conn.execute("SELECT hour, bin, requests FROM usage_ttfb_hourly")) == histogram
+
+
+# -- random usage -------------------------------------------------------------------------
+
+names = st.sampled_from(["alice", "bob", "<b>x</b>", None])
+events = st.builds(
+    event,
+    ts=st.floats(WINDOW_START, WINDOW_START + 4 * 86400),
+    request_id=st.integers(0, 60).map(lambda n: f"req-{n}"),   # a small pool: duplicates come up
+    user=names,
+    project=st.sampled_from(["p1", "p2", None]),
+    model=st.sampled_from(["claude-sonnet-4-6", "gpt-5", None]),
+    served_model=st.sampled_from([None, "claude-sonnet-4-6-20260101"]),
+    upstream=st.sampled_from(["anthropic", "backup", None]),
+    key_label=st.sampled_from(["key-a", "key-b", None]),
+    token_id=st.sampled_from([1, 2, 3, None]),
+    outcome=st.sampled_from(["ok", "ok", "upstream_error", "refused", "client_aborted"]),
+    input_tokens=st.integers(0, 5000),
+    output_tokens=st.integers(0, 5000),
+    cache_write_5m=st.integers(0, 100),
+    cache_write_1h=st.integers(0, 100),
+    cache_read=st.integers(0, 10_000),
+    reasoning_tokens=st.integers(0, 50),
+    cost_micros=st.one_of(st.none(), st.integers(0, 10_000_000)),
+    cost_basis=st.sampled_from([None, None, "estimate", "free", "unknown"]),
+    ttfb_ms=st.one_of(st.none(), st.floats(0, 600_000), st.floats(-5, 0)),
+)
+batches = st.lists(st.lists(events, max_size=30), min_size=1, max_size=4)
+
+
+@SETTINGS
+@given(batches=batches, tz=st.sampled_from(ZONES))
+def test_the_rollups_equal_a_group_by_over_the_raw_rows_whatever_is_inserted_twice(
+    batches: list[list[UsageEvent]], tz: ZoneInfo,
+) -> None:
+    conn = open_db(tz=tz)
+    try:
+        for batch in batches:
+            insert(conn, batch)
+            insert(conn, batch)  # a replay: nothing more
+        assert_rollups_match(conn, tz)
+    finally:
+        conn.close()
+
+
+def test_the_triggers_buckets_are_the_zones_local_hours_and_days() -> None:
+    # Every phase and offset change of these zones over decades, as SQLite
+    # computes them in the trigger and Python in Zone.
+    for tz in ZONES:
+        conn = open_db(tz=tz)
+        zone = Zone(tz)
+        moments = [1e9 + i * 7919.37 for i in range(0, 120_000, 7)]
+        for ts in moments[::50]:
+            local = datetime.fromtimestamp(ts, tz)
+            assert zone.day(ts) == local.date().toordinal() - rollup.EPOCH_ORDINAL
+            start = datetime.fromtimestamp(zone.bucket(ts), tz)
+            assert start.date() == local.date() and start.minute == 0 and start.second == 0
+            assert 0 <= ts - zone.bucket(ts) < 3600
+        found = conn.execute(
+            f"SELECT {rollup.bucket_sql(':ts')}, {rollup.day_sql(':ts')}", {"ts": moments[3]}).fetchone()
+        assert found == (zone.bucket(moments[3]), zone.day(moments[3]))
+        insert(conn, [event(ts, f"r{i}") for i, ts in enumerate(moments[::40])])
+        assert_rollups_match(conn, tz)
+        conn.close()
+
+
+def test_a_zones_offsets_are_the_ones_zoneinfo_gives() -> None:
+    for tz in ZONES:
+        zone = Zone(tz)
+        for ts in range(0, 4_100_000_000, 3_333_331):
+            assert zone.offset(ts) == datetime.fromtimestamp(ts, tz).utcoffset().total_seconds()  # type: ignore[union-attr]
+    assert rollup.offsets(UTC) == ((rollup.EARLIEST, 0),)
+    assert len({offset % 3600 for _, offset in rollup.offsets(BERLIN)}) == 1  # DST moves no hour
+
+
+# -- the write path -----------------------------------------------------------------------
+
+
+async def test_a_spool_replayed_over_rows_already_written_counts_each_once(tmp_path: Path) -> None:
+    db, spool_path = tmp_path / "hub.db", tmp_path / "usage.spool"
+    written = [event(WINDOW_START + i * 600, f"req-{i}", user="alice", cost_micros=1000 + i, ttfb_ms=120.0 + i)
+               for i in range(40)]
+    first = UsageRecorder(db, spool_path, flush_interval=0.01, timezone="Asia/Kolkata")
+    await first.start()
+    for e in written:
+        first.record(e)
+    await first.close()
+    # A crash after the database took the batch but before the spool
+    # forgot it: the next start replays every line again.
+    spool = Spool(spool_path)
+    spool.append([*written, event(WINDOW_START + 99, "req-new", user="bob", cost_micros=7)], sync=True)
+    spool.close()
+    second = UsageRecorder(db, spool_path, flush_interval=0.01, timezone="Asia/Kolkata")
+    await second.start()
+    stats = second.stats()
+    await second.close()
+    assert stats["ignored"] == 40 and stats["replayed"] == 1
+    conn = open_db(db, KOLKATA)
+    try:
+        assert_rollups_match(conn, KOLKATA)
+        (requests, cost), = conn.execute("SELECT SUM(requests), SUM(cost_micros) FROM usage_daily").fetchall()
+        assert (requests, cost) == (41, sum(1000 + i for i in range(40)) + 7)
+    finally:
+        conn.close()
+
+
+def test_deleting_raw_rows_leaves_the_rollups_and_the_reports(conn: sqlite3.Connection) -> None:
+    insert(conn, [event(WINDOW_START + i * 997.3, f"req-{i}", user=("alice", "bob")[i % 2], cost_micros=i)
+                  for i in range(300)])
+    zone = Zone(UTC)
+    before = {t: stored(conn, t) for t in ("usage_hourly", "usage_daily", "usage_ttfb_hourly")}
+    report_before = reports.usage(conn, zone, "user")
+    # What `usage_retention_days` does: delete old raw rows, nothing else.
+    with store.immediate(conn):
+        conn.execute("DELETE FROM usage WHERE ts < ?", (WINDOW_START + 2 * 86400,))
+    assert conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0] < 300
+    assert {t: stored(conn, t) for t in before} == before
+    assert reports.usage(conn, zone, "user") == report_before
+    assert report_before[1].requests == 300 and report_before[1].cost_micros == sum(range(300))
+
+
+def test_the_migration_backfills_the_rows_it_finds(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    for version, script in enumerate(store.MIGRATIONS[:7]):
+        for statement in store._split(script):
+            old.execute(statement)
+        old.execute(f"PRAGMA user_version = {version + 1}")
+    rows = [event(WINDOW_START + i * 1234.5, f"req-{i}", user=("a", None)[i % 2], model="m", cost_micros=i or None,
+                  ttfb_ms=float(i)) for i in range(200)]
+    old.executemany(INSERT_SQL, [tuple(getattr(e, f) for f in FIELDS) for e in rows])
+    old.close()
+    conn = store.connect(path)
+    try:
+        assert_rollups_match(conn, UTC)
+        assert conn.execute("SELECT SUM(requests) FROM usage_hourly").fetchone()[0] == 200
+    finally:
+        conn.close()
+
+
+# -- a change of the reporting zone ----------------------------------------------------------
+
+
+def test_a_zone_with_another_phase_rebuilds_the_hours_and_keeps_those_without_raw_rows(tmp_path: Path) -> None:
+    conn = open_db(tmp_path / "hub.db", UTC)
+    try:
+        insert(conn, [event(WINDOW_START + i * 731.1, f"req-{i}", user="alice", cost_micros=10 + i, ttfb_ms=float(i))
+                      for i in range(800)])
+        total_before = reports.usage(conn, Zone(UTC), "user")[1]
+        cut = WINDOW_START + 2 * 86400 + 1000
+        with store.immediate(conn):
+            conn.execute("DELETE FROM usage WHERE ts < ?", (cut,))   # retention ran
+        assert rollup.prepare(conn, KOLKATA) == "hours"
+        assert rollup.prepare(conn, KOLKATA) is None                  # the next start finds it done
+        zone = Zone(KOLKATA)
+        # Nothing lost, nothing counted twice.
+        assert reports.usage(conn, zone, "user")[1] == total_before
+        # The UTC hour of the oldest raw row and those before stay; the rest are Kolkata's.
+        oldest = int(conn.execute("SELECT MIN(ts) FROM usage").fetchone()[0])
+        keep = oldest - oldest % 3600 + 3600
+        phases = dict(conn.execute("SELECT hour % 3600, MAX(hour) FROM usage_hourly GROUP BY 1"))
+        assert phases[0] < keep
+        assert conn.execute("SELECT MIN(hour) FROM usage_hourly WHERE hour % 3600 = 1800").fetchone()[0] >= keep - 1800
+        recent = [row for row in raw_rows(conn) if row["ts"] >= keep]
+        hours = dict(conn.execute("SELECT hour, SUM(requests) FROM usage_hourly WHERE hour % 3600 = 1800 GROUP BY hour"))
+        want: dict[int, int] = {}
+        for row in recent:
+            want[zone.bucket(row["ts"])] = want.get(zone.bucket(row["ts"]), 0) + 1
+        assert hours == want
+        first_whole_day = zone.day(keep) + 1
+        days = reports.usage(conn, zone, "day", since=zone.day_start(first_whole_day))[0]
+        per_day: dict[str, int] = {}
+        for row in recent:
+            if zone.day(row["ts"]) >= first_whole_day:
+                key = datetime.fromtimestamp(row["ts"], KOLKATA).date().isoformat()
+                per_day[key] = per_day.get(key, 0) + 1
+        assert {r.group: r.requests for r in days} == per_day and len(per_day) >= 3
+        assert conn.execute("SELECT SUM(requests) FROM usage_ttfb_hourly").fetchone()[0] == 800
+    finally:
+        conn.close()
+
+
+def test_a_zone_with_the_same_phase_keeps_the_hours_and_sums_its_days_again(conn: sqlite3.Connection) -> None:
+    insert(conn, [event(WINDOW_START + i * 1801.7, f"req-{i}", cost_micros=i) for i in range(400)])
+    hours = stored(conn, "usage_hourly")
+    assert rollup.prepare(conn, BERLIN) == "days"
+    assert stored(conn, "usage_hourly") == hours
+    assert_rollups_match(conn, BERLIN)
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+
+def row_dicts(rows: list[report.Row], total: report.Row) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def as_dict(row: report.Row) -> dict[str, Any]:
+        return {name: getattr(row, name) for name in ("group", *report.COUNT_FIELDS, "user", "note")}
+    return [as_dict(r) for r in rows], as_dict(total)
+
+
+moments = st.one_of(
+    st.none(),
+    st.floats(WINDOW_START - 86400, WINDOW_START + 5 * 86400),
+    st.integers(-1, 5 * 24).map(lambda h: WINDOW_START + h * 3600),
+    st.integers(-1, 5 * 48).map(lambda h: WINDOW_START + h * 1800),
+)
+
+
+@SETTINGS
+@given(batch=st.lists(events, max_size=60), since=moments, until=moments, tz=st.sampled_from(ZONES))
+def test_reports_give_the_numbers_of_hubcore_usage_for_any_range(
+    batch: list[UsageEvent], since: float | None, until: float | None, tz: ZoneInfo,
+) -> None:
+    conn = open_db(tz=tz)
+    try:
+        insert(conn, batch)
+        zone = Zone(tz)
+        for by in report.GROUPS:
+            got = row_dicts(*reports.usage(conn, zone, by, since, until))
+            if by == "day":
+                # Local dates here, UTC dates in the CLI: compare with the raw rows per local date.
+                per_day: dict[str, int] = {}
+                for row in raw_rows(conn):
+                    if (since is None or row["ts"] >= since) and (until is None or row["ts"] < until):
+                        key = datetime.fromtimestamp(row["ts"], tz).date().isoformat()
+                        per_day[key] = per_day.get(key, 0) + 1
+                assert {g["group"]: g["requests"] for g in got[0]} == per_day
+                assert [g["group"] for g in got[0]] == sorted(per_day)
+                if tz is not UTC:
+                    continue
+            assert got == row_dicts(*report.query(conn, by, since, until)), by
+    finally:
+        conn.close()
+
+
+def test_a_range_is_read_from_days_hours_and_raw_rows_only_where_needed(conn: sqlite3.Connection) -> None:
+    zone = Zone(KOLKATA)
+    rollup.prepare(conn, KOLKATA)
+    day = zone.day(WINDOW_START) + 1
+    midnight = zone.day_start(day)
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    rollup.sums(conn, zone, ("user",), midnight, zone.day_start(day + 3))
+    assert [s.split(" FROM ")[1].split()[0] for s in statements] == ["usage_daily"]
+    statements.clear()
+    rollup.sums(conn, zone, ("user",), midnight + 3600, midnight + 5 * 3600)
+    assert [s.split(" FROM ")[1].split()[0] for s in statements] == ["usage_hourly"]
+    statements.clear()
+    rollup.sums(conn, zone, ("user",), midnight - 1800, midnight + 86400 + 60)
+    tables = [s.split(" FROM ")[1].split()[0] for s in statements]
+    assert tables.count("usage_daily") == 1 and tables.count("usage") == 2
+    conn.set_trace_callback(None)
+    with pytest.raises(ValueError, match="hours"):
+        rollup.sums(conn, zone, ("hours",))
+
+
+# -- local days across DST and half-hour offsets -----------------------------------------------
+
+
+def test_berlins_23_and_25_hour_days_are_summed_whole_and_once(conn: sqlite3.Connection) -> None:
+    rollup.prepare(conn, BERLIN)
+    zone = Zone(BERLIN)
+    rows = []
+    for around in (SPRING, AUTUMN):
+        start = around - 2 * 86400
+        rows += [event(start + i * 600 + 7, f"req-{around}-{i}", user="alice", cost_micros=1) for i in range(4 * 144)]
+    insert(conn, rows)
+    for first in (date(2026, 3, 28), date(2026, 10, 24)):
+        since = datetime(first.year, first.month, first.day, tzinfo=BERLIN).timestamp()
+        until = datetime.combine(first + timedelta(days=2), datetime.min.time(), BERLIN).timestamp()
+        got = {r.group: r.requests for r in reports.usage(conn, zone, "day", since, until)[0]}
+        short_or_long = (first + timedelta(days=1)).isoformat()
+        want = {first.isoformat(): 144, short_or_long: 6 * (23 if first.month == 3 else 25)}
+        assert got == want
+    # Hour by hour: every local hour holds its six rows, the doubled 02:00 of October twice over.
+    hours = rollup.sums(conn, zone, ("hour",), AUTUMN - 3 * 3600, AUTUMN + 3 * 3600, counters=("requests",))
+    assert sorted(hours) == [(AUTUMN + h * 3600,) for h in range(-3, 3)]
+    assert {n for (n,) in hours.values()} == {6}
+
+
+def test_kolkatas_midnight_at_18_30_utc_splits_the_day_and_the_hours() -> None:
+    conn = open_db(tz=KOLKATA)
+    try:
+        midnight = datetime(2026, 3, 30, tzinfo=KOLKATA).timestamp()
+        assert datetime.fromtimestamp(midnight, timezone.utc).strftime("%H:%M") == "18:30"
+        insert(conn, [event(midnight - 1, "before", cost_micros=5), event(midnight, "at", cost_micros=7)])
+        days = {r.group: r.cost_micros for r in reports.usage(conn, Zone(KOLKATA), "day")[0]}
+        assert days == {"2026-03-29": 5, "2026-03-30": 7}
+        assert [h for h, in conn.execute("SELECT hour FROM usage_hourly ORDER BY hour")] == [
+            int(midnight) - 3600, int(midnight)]
+    finally:
+        conn.close()
+
+
+# -- time to first byte ----------------------------------------------------------------------
+
+
+@SETTINGS
+@given(values=st.lists(st.floats(0.01, 900_000), min_size=1, max_size=400), q=st.sampled_from([0.5, 0.9, 0.99]))
+def test_ttfb_percentiles_are_within_a_bin_of_the_exact_ones(values: list[float], q: float) -> None:
+    conn = open_db()
+    try:
+        insert(conn, [event(WINDOW_START + i, f"req-{i}", ttfb_ms=v) for i, v in enumerate(values)])
+        bins = rollup.ttfb_bins(conn)
+        estimate = rollup.percentile(rollup.ttfb_histogram(conn, Zone(UTC)), bins, q)
+        ordered = sorted(values)
+        exact_low = ordered[max(math.ceil(q * len(values)) - 1, 0)]
+        assert estimate is not None
+        # Within the bin of the exact rank: 2^(1/8) wide, or below 1 ms.
+        step = 2 ** (1 / 8)
+        assert exact_low / step - 1 <= estimate <= exact_low * step + 1
+    finally:
+        conn.close()
+
+
+def test_an_empty_histogram_has_no_percentile(conn: sqlite3.Connection) -> None:
+    assert rollup.percentile(rollup.ttfb_histogram(conn, Zone(UTC)), rollup.ttfb_bins(conn), 0.5) is None
+    assert len(rollup.ttfb_bins(conn)) == 161 and rollup.ttfb_bins(conn)[-1] == pytest.approx(2 ** (159 / 8))
