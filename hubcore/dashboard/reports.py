@@ -176,7 +176,7 @@ def usage_csv(rows: Sequence[Row], total: Row, by: str) -> str:
 
 # (name, title, local days back to the first one, today included)
 PERIODS = (("today", "Today", 1), ("7d", "7 days", 7), ("30d", "30 days", 30))
-CHART_BUCKETS = {"hour": 48, "day": 30}     # bars of each bucket size
+CHART_BUCKETS = {"day": 30, "hour": 48}     # bars of each bucket size
 CHART_BY = ("user", "project", "model")
 TOP_SERIES = 8                              # stacked series before the rest is "other"
 TOP_RANKED = 10

@@ -58,12 +58,13 @@ def _periods(view: reports.Overview, tz: Any) -> str:
         f"<td class=\"num\" data-field=\"ttfb_p99\" data-value=\"{'' if p.ttfb_p99_ms is None else f'{p.ttfb_p99_ms:.1f}'}\">"
         f"{escape(millis(p.ttfb_p99_ms))}</td>"
         f"<td class=\"num\" data-field=\"cache_hit\">{escape(percent(p.cache_hit))}</td>"
-        f"<td>{escape(format_time(p.since, tz))}</td></tr>"
+        f"<td><time datetime=\"{escape(format_time(p.since, tz))}\">{escape(format_time(p.since, tz)[:10])}</time></td></tr>"
         for p in view.periods
     )
     return (
-        "<section id=\"figures\"><h2>Spend and traffic</h2><table id=\"periods\"><thead><tr><th></th><th>Spend</th>"
-        "<th>Requests</th><th>Error rate</th><th>TTFB p50</th><th>TTFB p99</th><th>Cache hit</th><th>Since</th>"
+        "<section id=\"figures\"><h2>Spend and traffic</h2><table id=\"periods\"><thead><tr><th></th>"
+        "<th class=\"num\">Spend</th><th class=\"num\">Requests</th><th class=\"num\">Error rate</th>"
+        "<th class=\"num\">TTFB p50</th><th class=\"num\">TTFB p99</th><th class=\"num\">Cache hit</th><th>Since</th>"
         f"</tr></thead><tbody>{rows}</tbody></table></section>"
     )
 
@@ -105,8 +106,8 @@ def _ranked(title: str, table_id: str, rows: tuple[reports.Ranked, ...]) -> str:
         for r in rows
     )
     return (
-        f"<div><h3>{escape(title)}</h3><table id=\"{table_id}\"><thead><tr><th>Name</th><th>Spend</th>"
-        f"<th>Requests</th></tr></thead><tbody>{body}</tbody></table></div>"
+        f"<div><h3>{escape(title)}</h3><table id=\"{table_id}\"><thead><tr><th>Name</th><th class=\"num\">Spend</th>"
+        f"<th class=\"num\">Requests</th></tr></thead><tbody>{body}</tbody></table></div>"
     )
 
 
@@ -125,8 +126,8 @@ def _budget_rows(lines: list[BudgetLine], tz: Any) -> str:
         for line in lines
     )
     return (
-        "<table id=\"budgets-closest\"><thead><tr><th>Scope</th><th>Window</th><th>Used</th><th>Spent</th>"
-        f"<th>Limit</th><th>Resets</th></tr></thead><tbody>{rows}</tbody></table>"
+        "<table id=\"budgets-closest\"><thead><tr><th>Scope</th><th>Window</th><th>Used</th><th class=\"num\">Spent</th>"
+        f"<th class=\"num\">Limit</th><th>Resets</th></tr></thead><tbody>{rows}</tbody></table>"
     )
 
 

@@ -173,10 +173,10 @@ def render_page(zone: Zone, operator: str, csrf: str, shown: dict[str, str], by:
         f"<tr data-group=\"{escape(row.group or '')}\"><th scope=\"row\">{escape(_group_label(row))}</th>{_cells(row)}</tr>"
         for row in rows
     )
-    header = "".join(
-        f"<th>{name}</th>" for name in (
-            escape(_GROUP_TITLES.get(by, by)).capitalize(), "Requests", "Errors", "Input", "Output",
-            "Cache write 5m", "Cache write 1h", "Cache read", "Reasoning", "Cost", "Cache hit",
+    header = f"<th>{escape(_GROUP_TITLES.get(by, by).capitalize())}</th>" + "".join(
+        f"<th class=\"num\">{name}</th>" for name in (
+            "Requests", "Errors", "Input", "Output", "Cache write 5m", "Cache write 1h", "Cache read", "Reasoning",
+            "Cost", "Cache hit",
         )
     )
     table = (
