@@ -14,10 +14,11 @@ every whole-hour zone (Europe/Berlin in summer and winter alike), 1800 for
 Asia/Kolkata. So a DST change moves no bucket; a zone change rebuilds the
 hours (from raw rows) only when the phase changes, and the days (from the
 hours) when any offset does; see `prepare`. The days make long ranges cheap:
-a month of days holds about a thirtieth of a month of hours' rows.
+a month of days holds a fraction of a month of hours' rows, the more so as
+the days keep users and models apart from keys (DAY_TABLES).
 
 Theory of operation of `sums`: a range [since, until) is cut into the whole
-local days it covers (read from usage_daily), the whole hours left at its
+local days it covers (read from a daily rollup), the whole hours left at its
 ends (usage_hourly) and what is left of a partial hour at either end (raw
 usage rows: at most an hour each side, and none when the range starts and
 ends on hour boundaries). Every row is counted by exactly one of the three:
@@ -46,6 +47,13 @@ EARLIEST = -(2 ** 63)      # the first offset's start: it holds for every earlie
 EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 DIMENSIONS = ("user", "project", "model", "served_model", "upstream", "key_label", "token_id")
+# The daily rollups and their dimensions: who and what apart from which
+# key, as the product of the two makes most of the hourly rollup's rows. A
+# sum over whole days reads the one that has every dimension it groups by.
+DAY_TABLES: dict[str, tuple[str, ...]] = {
+    "usage_daily": ("user", "project", "model", "served_model", "token_id"),
+    "usage_daily_keys": ("upstream", "key_label"),
+}
 # Besides the dimensions a sum can be grouped by its bucket's start ("hour",
 # unix seconds) or its local date ("day").
 GROUPS = (*DIMENSIONS, "hour", "day")
@@ -103,11 +111,14 @@ FROM usage WHERE ts >= ? AND ttfb_ms IS NOT NULL GROUP BY 1, 2
 ON CONFLICT (hour, bin) DO UPDATE SET requests = requests + excluded.requests
 """
 # A local hour lies within one local day: the days are sums of the hours.
-_REBUILD_DAYS = f"""
-INSERT INTO usage_daily
-SELECT {day_sql("hour")}, {_DIMS}, {", ".join(f"SUM({c})" for c in COUNTERS)}
-FROM usage_hourly GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+_REBUILD_DAYS = [
+    f"""
+INSERT INTO {table}
+SELECT {day_sql("hour")}, {", ".join(dims)}, {", ".join(f"SUM({c})" for c in COUNTERS)}
+FROM usage_hourly GROUP BY {", ".join(str(i + 1) for i in range(len(dims) + 1))}
 """
+    for table, dims in DAY_TABLES.items()
+]
 
 
 # -- the reporting zone -------------------------------------------------------------
@@ -214,8 +225,9 @@ def prepare(conn: sqlite3.Connection, tz: ZoneInfo) -> str | None:
         if keep_before is not None:
             conn.execute(_REBUILD_HOURS, (keep_before,))
             conn.execute(_REBUILD_TTFB, (keep_before,))
-        conn.execute("DELETE FROM usage_daily")
-        conn.execute(_REBUILD_DAYS)
+        for table, rebuild in zip(DAY_TABLES, _REBUILD_DAYS):
+            conn.execute(f"DELETE FROM {table}")
+            conn.execute(rebuild)
     return rebuilt
 
 
@@ -326,7 +338,9 @@ def sums(
     unknown = [column for column in by if column not in GROUPS] + [c for c in counters if c not in COUNTERS]
     if unknown:
         raise ValueError(f"cannot sum the rollup by or of {', '.join(unknown)}")
-    plan = _plan(zone, since, until, use_days="hour" not in by)
+    wanted = set(by) - {"day"}
+    day_table = next((t for t, dims in DAY_TABLES.items() if wanted <= set(dims)), None) if "hour" not in by else None
+    plan = _plan(zone, since, until, use_days=day_table is not None)
     width = len(by)
     group = f" GROUP BY {', '.join(str(i + 1) for i in range(width))}" if width else ""
     select = {source: (_select(by, source) + ", ") if width else "" for source in ("daily", "hourly", "raw")}
@@ -344,7 +358,7 @@ def sums(
         if end is not None:
             where.append("day < ?")
             params.append(end)
-        queries.append(("daily", f"SELECT {select['daily']}{summed} FROM usage_daily "
+        queries.append(("daily", f"SELECT {select['daily']}{summed} FROM {day_table} "
                                  f"WHERE {' AND '.join(where) or '1'}{group}", params))
     for low, high in plan.spans:
         where_hours, params = _whole_hours(low, high)

@@ -81,10 +81,10 @@ def counters_of(row: dict[str, Any]) -> list[float]:
     ]
 
 
-def expected(conn: sqlite3.Connection, key_of: Any) -> dict[tuple[Any, ...], list[float]]:
+def expected(conn: sqlite3.Connection, key_of: Any, dims: Sequence[str] = rollup.DIMENSIONS) -> dict[tuple[Any, ...], list[float]]:
     found: dict[tuple[Any, ...], list[float]] = {}
     for row in raw_rows(conn):
-        key = (key_of(row["ts"]), *(b"" if row[d] is None else row[d] for d in rollup.DIMENSIONS))
+        key = (key_of(row["ts"]), *(b"" if row[d] is None else row[d] for d in dims))
         total = found.setdefault(key, [0] * len(rollup.COUNTERS))
         for i, value in enumerate(counters_of(row)):
             total[i] += value
@@ -92,7 +92,7 @@ def expected(conn: sqlite3.Connection, key_of: Any) -> dict[tuple[Any, ...], lis
 
 
 def stored(conn: sqlite3.Connection, table: str) -> dict[tuple[Any, ...], list[float]]:
-    width = 1 + len(rollup.DIMENSIONS)
+    width = 1 + len(rollup.DAY_TABLES.get(table, rollup.DIMENSIONS))
     return {tuple(row[:width]): list(row[width:]) for row in conn.execute(f"SELECT * FROM {table}")}
 
 
@@ -106,7 +106,8 @@ def assert_same(got: dict[tuple[Any, ...], list[float]], want: dict[tuple[Any, .
 def assert_rollups_match(conn: sqlite3.Connection, tz: ZoneInfo) -> None:
     zone = Zone(tz)
     assert_same(stored(conn, "usage_hourly"), expected(conn, zone.bucket))
-    assert_same(stored(conn, "usage_daily"), expected(conn, zone.day))
+    for table, dims in rollup.DAY_TABLES.items():
+        assert_same(stored(conn, table), expected(conn, zone.day, dims))
     histogram: dict[tuple[int, int], int] = {}
     bins = rollup.ttfb_bins(conn)
     for row in raw_rows(conn):
@@ -225,7 +226,7 @@ def test_deleting_raw_rows_leaves_the_rollups_and_the_reports(conn: sqlite3.Conn
     insert(conn, [event(WINDOW_START + i * 997.3, f"req-{i}", user=("alice", "bob")[i % 2], cost_micros=i)
                   for i in range(300)])
     zone = Zone(UTC)
-    before = {t: stored(conn, t) for t in ("usage_hourly", "usage_daily", "usage_ttfb_hourly")}
+    before = {t: stored(conn, t) for t in ("usage_hourly", *rollup.DAY_TABLES, "usage_ttfb_hourly")}
     report_before = reports.usage(conn, zone, "user")
     # What `usage_retention_days` does: delete old raw rows, nothing else.
     with store.immediate(conn):
@@ -365,6 +366,11 @@ def test_a_range_is_read_from_days_hours_and_raw_rows_only_where_needed(conn: sq
     rollup.sums(conn, zone, ("user",), midnight - 1800, midnight + 86400 + 60)
     tables = [s.split(" FROM ")[1].split()[0] for s in statements]
     assert tables.count("usage_daily") == 1 and tables.count("usage") == 2
+    # Keys apart from users; both together only hour by hour.
+    statements.clear()
+    rollup.sums(conn, zone, ("upstream", "key_label"), midnight, zone.day_start(day + 3))
+    rollup.sums(conn, zone, ("user", "key_label"), midnight, zone.day_start(day + 3))
+    assert [s.split(" FROM ")[1].split()[0] for s in statements] == ["usage_daily_keys", "usage_hourly"]
     conn.set_trace_callback(None)
     with pytest.raises(ValueError, match="hours"):
         rollup.sums(conn, zone, ("hours",))
