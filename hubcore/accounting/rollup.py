@@ -188,7 +188,8 @@ class Zone:
         return datetime(d.year, d.month, d.day, tzinfo=self.tz).timestamp()
 
     @staticmethod
-    def date(day: int) -> date:
+    def local_date(day: int) -> date:
+        """The date of local day `day` (days since 1970-01-01)."""
         return date.fromordinal(day + EPOCH_ORDINAL)
 
 
@@ -378,7 +379,7 @@ def sums(
             if day_at is not None:
                 stored: int = key[day_at]
                 day = stored if source == "daily" else zone.day(stored)
-                key = (*key[:day_at], zone.date(day), *key[day_at + 1:])
+                key = (*key[:day_at], zone.local_date(day), *key[day_at + 1:])
             values = row[width + 1:]
             known = found.get(key)
             if known is None:

@@ -34,15 +34,13 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     "upstream": ("upstream",),
     "day": ("day",),
 }
-assert set(_COLUMNS) == set(report.GROUPS), "every group of `hubcore usage` reads from the rollup"
 GROUPS = tuple(report.GROUPS)
 
-# report.Row's counters, by their names in the rollup.
+# report.Row's counters in the order it takes them, by their rollup names.
 _ROW_COUNTERS = (
     "requests", "input", "output", "cache_write_5m", "cache_write_1h", "cache_read",
     "reasoning", "cost_micros", "unpriced", "errors", "estimated",
 )
-_AT = {name: i for i, name in enumerate(rollup.COUNTERS)}
 _COST = ("cost_micros",)
 
 
@@ -65,7 +63,8 @@ def _label(by: str, key: tuple[Any, ...]) -> str | None:
 
 
 def _row(group: str | None, counters: Sequence[int | float]) -> Row:
-    return Row(group, *(int(counters[_AT[name]]) for name in _ROW_COUNTERS))
+    """A report row of the counters summed in _ROW_COUNTERS' order."""
+    return Row(group, *(int(value) for value in counters))
 
 
 def usage(
@@ -78,7 +77,7 @@ def usage(
     if by not in _COLUMNS:
         raise ValueError(f"cannot group usage by {by!r}; choose one of {', '.join(GROUPS)}")
     merged: dict[str | None, Row] = {}
-    for key, counters in rollup.sums(conn, zone, _COLUMNS[by], since, until).items():
+    for key, counters in rollup.sums(conn, zone, _COLUMNS[by], since, until, counters=_ROW_COUNTERS).items():
         group = _label(by, key)
         row = _row(group, counters)
         if group in merged:
@@ -261,7 +260,7 @@ def overview(conn: sqlite3.Connection, zone: Zone, now: float, chart_by: str = "
     first_day = _day_back(zone, now, longest)
     since = zone.day_start(first_day)
     found = rollup.sums(conn, zone, ("day", "user", "project"), since, counters=_OVERVIEW_COUNTERS)
-    period_starts = [Zone.date(_day_back(zone, now, days)) for _, _, days in PERIODS]
+    period_starts = [Zone.local_date(_day_back(zone, now, days)) for _, _, days in PERIODS]
     totals = [[0] * len(_OVERVIEW_COUNTERS) for _ in PERIODS]
     users: dict[str | None, list[int]] = {}
     projects: dict[str | None, list[int]] = {}
@@ -324,7 +323,7 @@ def _chart(conn: sqlite3.Connection, zone: Zone, now: float, by: str, bucket: st
 def _day_chart(zone: Zone, now: float, by: str, spent: dict[tuple[date, str | None], int]) -> Chart:
     count = CHART_BUCKETS["day"]
     first_day = _day_back(zone, now, count)
-    days = [Zone.date(first_day + i) for i in range(count)]
+    days = [Zone.local_date(first_day + i) for i in range(count)]
     slot = {d: i for i, d in enumerate(days)}
     at_slot: dict[tuple[int, str | None], int] = {}
     for (day, name), cost in spent.items():

@@ -20,7 +20,9 @@ import orjson
 import pytest
 
 from hubcore import store
+from hubcore.accounting import report
 from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
+from hubcore.dashboard.views import usage as usage_view
 from hubcore.governance.limits import Limits
 from tests.conftest import upstreams_for
 from tests.dashboard.support import Client, add_operator, admin_api_token, operator_sign_in, submit
@@ -209,7 +211,9 @@ def test_the_usage_page_shows_every_group_escaped_with_its_total(hub: HubThread,
     total = page.text.split('<tr id="usage-total">', 1)[1]
     assert f'data-field="requests" data-value="{api["total"]["requests"]}"' in total
     assert f'data-field="cost" data-micros="{api["total"]["cost_micros"]}"' in total
-    for by in ("project", "model", "key", "upstream", "day", "token", "served_model"):
+    # Every group of `hubcore usage`, served_model last.
+    assert set(usage_view.PAGE_GROUPS) == set(report.GROUPS) and usage_view.PAGE_GROUPS[-1] == "served_model"
+    for by in usage_view.PAGE_GROUPS:
         answer = operator.get(f"/usage?by={by}")
         assert answer.status == 200 and f'<option value="{by}" selected>' in answer.text, by
     assert 'id="download-csv" href="/usage.csv?by=served_model&amp;from=' in answer.text

@@ -26,7 +26,6 @@ DEFAULT_DAYS = 7
 # The page's choices first; token and served model as `hubcore usage` has them.
 PAGE_GROUPS = ("user", "project", "model", "key", "upstream", "day", "token", "served_model")
 _GROUP_TITLES = {"key": "key (upstream/label)", "served_model": "served model"}
-assert set(PAGE_GROUPS) == set(reports.GROUPS)
 
 
 def _page_range(request: Request, zone: Zone, now: float) -> tuple[float, float]:
@@ -61,8 +60,15 @@ def _when(request: Request, name: str, now: float) -> float:
     return moment
 
 
+def _dates(zone: Zone, since: float, until: float) -> tuple[date, date]:
+    """The first and the last local date the range [since, until) touches."""
+    end = zone.day(until)
+    last = end - 1 if zone.day_start(end) >= until else end
+    return Zone.local_date(zone.day(since)), Zone.local_date(max(last, zone.day(since)))
+
+
 def _filename(by: str, since: float, until: float, zone: Zone, suffix: str) -> str:
-    first, last = Zone.date(zone.day(since)), Zone.date(zone.day(until - 1e-6))
+    first, last = _dates(zone, since, until)
     return f"usage-by-{by}-{first.isoformat()}-{last.isoformat()}.{suffix}"
 
 
@@ -120,7 +126,7 @@ async def usage_api(request: Request) -> Reply:
 
 def _shown(request: Request, zone: Zone, by: str, since: float, until: float) -> dict[str, str]:
     """The form's fields as asked, else the dates of the range shown."""
-    first, last = Zone.date(zone.day(since)), Zone.date(zone.day(until - 1e-6))
+    first, last = _dates(zone, since, until)
     return {"by": by, "from": request.query.get("from", "").strip() or first.isoformat(),
             "until": request.query.get("until", "").strip() or last.isoformat()}
 
