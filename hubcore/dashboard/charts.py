@@ -53,11 +53,12 @@ def stacked_bars(
     for i in range(GRID_LINES + 1):
         y = TOP + plot_h - plot_h * i / GRID_LINES
         amount = top * i // GRID_LINES
-        parts.append(
-            f"<line class=\"{'axis' if i == 0 else 'grid'}\" x1=\"{LEFT}\" y1=\"{y:.1f}\" x2=\"{WIDTH - RIGHT}\" y2=\"{y:.1f}\"/>"
-            f"<text class=\"y\" x=\"{LEFT - 6}\" y=\"{y + 4:.1f}\" text-anchor=\"end\">{escape(format_usd(amount))}</text>"
-            if top or i == 0 else ""
-        )
+        if top or i == 0:
+            parts.append(
+                f"<line class=\"{'axis' if i == 0 else 'grid'}\" x1=\"{LEFT}\" y1=\"{y:.1f}\" "
+                f"x2=\"{WIDTH - RIGHT}\" y2=\"{y:.1f}\"/><text class=\"y\" x=\"{LEFT - 6}\" y=\"{y + 4:.1f}\" "
+                f"text-anchor=\"end\">{escape(format_usd(amount))}</text>"
+            )
     every = max(1, -(-len(labels) // MAX_LABELS))
     for i, (label, bar) in enumerate(zip(labels, values)):
         x = LEFT + i * slot
@@ -102,7 +103,8 @@ def legend(chart_id: str, series: Sequence[str], values: Sequence[Sequence[int]]
         total = sum(bar[index] for bar in values)
         items.append(
             f"<li data-series=\"{escape(name)}\" data-micros=\"{total}\"><svg class=\"swatch\" viewBox=\"0 0 10 10\" "
-            f"aria-hidden=\"true\"><rect class=\"{series_class(index, len(series), rest)}\" width=\"10\" height=\"10\"/></svg>"
+            f"aria-hidden=\"true\"><rect class=\"{series_class(index, len(series), rest)}\" width=\"10\" "
+            "height=\"10\"/></svg>"
             f"<span class=\"name\">{escape(name)}</span> <span class=\"num\">{escape(format_usd(total))}</span></li>"
         )
     return f"<ul class=\"legend\" id=\"{escape(chart_id)}-legend\">{''.join(items)}</ul>"

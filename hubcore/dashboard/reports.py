@@ -135,7 +135,9 @@ def _as_dict(row: Row, by: str) -> dict[str, Any]:
     }
 
 
-def usage_document(rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None) -> dict[str, Any]:
+def usage_document(
+    rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None,
+) -> dict[str, Any]:
     """The object `hubcore usage --format json` prints, key for key."""
     total_dict = _as_dict(total, "total")
     del total_dict["group"]

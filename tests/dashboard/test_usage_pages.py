@@ -22,6 +22,7 @@ import pytest
 from hubcore import store
 from hubcore.accounting import report
 from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
+from hubcore.dashboard import charts
 from hubcore.dashboard.views import usage as usage_view
 from hubcore.governance.limits import Limits
 from tests.conftest import upstreams_for
@@ -318,6 +319,27 @@ def test_the_overview_page_renders_every_part_without_script(hub: HubThread, ope
     by_project = operator.get("/?by=project&bucket=hour")
     assert '<option value="project" selected>' in by_project.text and '<option value="hour" selected>' in by_project.text
     assert 'data-series="apollo"' in by_project.text
+
+
+def test_the_chart_carries_its_figures_escaped_on_a_round_scale() -> None:
+    svg = charts.stacked_bars(chart_id="c", labels=["2026-03-01", "2026-03-02"], ticks=["03-01", "03-02"],
+                              series=[EVIL, "other"], values=[[1500, 0], [250, 750]], rest=True, caption=EVIL)
+    assert "<script" not in svg and svg.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 4
+    assert 'data-top-micros="2000"' in svg
+    assert '<g class="bar" data-bucket="2026-03-01" data-total-micros="1500">' in svg
+    assert 'class="seg s-other"' in svg and 'data-series="other" data-micros="750"' in svg
+    assert "<title>2026-03-02 · other: $0.00075</title>" in svg
+    assert '<li data-series="other" data-micros="750">' in svg  # the legend
+    assert [charts.nice_ceiling(v) for v in (0, 1, 3, 1500, 2600, 10 ** 6, 10 ** 6 + 1)] == [
+        0, 1, 5, 2000, 5000, 10 ** 6, 2 * 10 ** 6]
+    empty = charts.stacked_bars(chart_id="e", labels=["a"], ticks=["a"], series=[], values=[[]])
+    assert "no spend in this range" in empty and "<ul" not in empty
+
+
+def test_the_openapi_description_has_both_routes(operator: Client) -> None:
+    paths = operator.get("/api/v1/openapi.json").json()["paths"]
+    assert [p["name"] for p in paths["/api/v1/usage"]["get"]["parameters"]] == ["by", "since", "until"]
+    assert [p["name"] for p in paths["/api/v1/overview"]["get"]["parameters"]] == ["by", "bucket"]
 
 
 # -- in a real browser ----------------------------------------------------------------------------

@@ -47,25 +47,38 @@ def millis(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f} ms"
 
 
+def money_cell(field: str, micros: int) -> str:
+    """A cell of dollars that carries its exact micro-dollars."""
+    return f"<td class=\"num\" data-field=\"{field}\" data-micros=\"{micros}\">{escape(format_usd(micros))}</td>"
+
+
+def _ttfb_cell(field: str, ms: float | None) -> str:
+    value = "" if ms is None else f"{ms:.1f}"
+    return f"<td class=\"num\" data-field=\"{field}\" data-value=\"{value}\">{escape(millis(ms))}</td>"
+
+
+def _head(*names: str) -> str:
+    """A header row: the first column's names left, numbers (after "|") right."""
+    return "".join(f"<th class=\"num\">{name[1:]}</th>" if name.startswith("|") else f"<th>{name}</th>"
+                   for name in names)
+
+
 def _periods(view: reports.Overview, tz: Any) -> str:
     rows = "".join(
         f"<tr id=\"period-{p.name}\"><th scope=\"row\">{escape(p.title)}</th>"
-        f"<td class=\"num\" data-field=\"cost\" data-micros=\"{p.cost_micros}\">{escape(format_usd(p.cost_micros))}</td>"
-        f"<td class=\"num\" data-field=\"requests\" data-value=\"{p.requests}\">{p.requests:,}</td>"
+        + money_cell("cost", p.cost_micros)
+        + f"<td class=\"num\" data-field=\"requests\" data-value=\"{p.requests}\">{p.requests:,}</td>"
         f"<td class=\"num\" data-field=\"errors\" data-value=\"{p.errors}\">{escape(percent(p.error_rate))}</td>"
-        f"<td class=\"num\" data-field=\"ttfb_p50\" data-value=\"{'' if p.ttfb_p50_ms is None else f'{p.ttfb_p50_ms:.1f}'}\">"
-        f"{escape(millis(p.ttfb_p50_ms))}</td>"
-        f"<td class=\"num\" data-field=\"ttfb_p99\" data-value=\"{'' if p.ttfb_p99_ms is None else f'{p.ttfb_p99_ms:.1f}'}\">"
-        f"{escape(millis(p.ttfb_p99_ms))}</td>"
-        f"<td class=\"num\" data-field=\"cache_hit\">{escape(percent(p.cache_hit))}</td>"
-        f"<td><time datetime=\"{escape(format_time(p.since, tz))}\">{escape(format_time(p.since, tz)[:10])}</time></td></tr>"
+        + _ttfb_cell("ttfb_p50", p.ttfb_p50_ms) + _ttfb_cell("ttfb_p99", p.ttfb_p99_ms)
+        + f"<td class=\"num\" data-field=\"cache_hit\">{escape(percent(p.cache_hit))}</td>"
+        f"<td><time datetime=\"{escape(format_time(p.since, tz))}\">{escape(format_time(p.since, tz)[:10])}</time>"
+        "</td></tr>"
         for p in view.periods
     )
+    head = _head("", "|Spend", "|Requests", "|Error rate", "|TTFB p50", "|TTFB p99", "|Cache hit", "Since")
     return (
-        "<section id=\"figures\"><h2>Spend and traffic</h2><table id=\"periods\"><thead><tr><th></th>"
-        "<th class=\"num\">Spend</th><th class=\"num\">Requests</th><th class=\"num\">Error rate</th>"
-        "<th class=\"num\">TTFB p50</th><th class=\"num\">TTFB p99</th><th class=\"num\">Cache hit</th><th>Since</th>"
-        f"</tr></thead><tbody>{rows}</tbody></table></section>"
+        "<section id=\"figures\"><h2>Spend and traffic</h2>"
+        f"<table id=\"periods\"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></section>"
     )
 
 
@@ -101,13 +114,24 @@ def _ranked(title: str, table_id: str, rows: tuple[reports.Ranked, ...]) -> str:
         return f"<div><h3>{escape(title)}</h3><p id=\"{table_id}\">No usage in the last 30 days.</p></div>"
     body = "".join(
         f"<tr data-name=\"{escape(r.name or '')}\"><td>{escape(r.name or reports.NONE_LABEL)}</td>"
-        f"<td class=\"num\" data-field=\"cost\" data-micros=\"{r.cost_micros}\">{escape(format_usd(r.cost_micros))}</td>"
-        f"<td class=\"num\" data-field=\"requests\">{r.requests:,}</td></tr>"
+        + money_cell("cost", r.cost_micros)
+        + f"<td class=\"num\" data-field=\"requests\">{r.requests:,}</td></tr>"
         for r in rows
     )
     return (
-        f"<div><h3>{escape(title)}</h3><table id=\"{table_id}\"><thead><tr><th>Name</th><th class=\"num\">Spend</th>"
-        f"<th class=\"num\">Requests</th></tr></thead><tbody>{body}</tbody></table></div>"
+        f"<div><h3>{escape(title)}</h3><table id=\"{table_id}\"><thead><tr>{_head('Name', '|Spend', '|Requests')}"
+        f"</tr></thead><tbody>{body}</tbody></table></div>"
+    )
+
+
+def _meter(line: BudgetLine) -> str:
+    """The share of a budget spent, as a bar that turns amber at 80 % and red at 95 %."""
+    top = max(line.limit_micros, 1)
+    used = percent(line.spent_micros / line.limit_micros if line.limit_micros else None)
+    return (
+        f"<meter min=\"0\" max=\"{top}\" low=\"{line.limit_micros * 8 // 10}\" "
+        f"high=\"{line.limit_micros * 95 // 100}\" optimum=\"0\" value=\"{min(line.spent_micros, top)}\"></meter> "
+        f"{escape(used)}"
     )
 
 
@@ -116,19 +140,13 @@ def _budget_rows(lines: list[BudgetLine], tz: Any) -> str:
         return "<p id=\"budgets-closest\">No budgets are set.</p>"
     rows = "".join(
         f"<tr><td>{escape(line.kind)} {escape(line.name)}</td>"
-        f"<td>{escape(_WINDOW_TITLES.get(line.window, line.window))}</td>"
-        f"<td><meter min=\"0\" max=\"{max(line.limit_micros, 1)}\" low=\"{line.limit_micros * 8 // 10}\" "
-        f"high=\"{line.limit_micros * 95 // 100}\" optimum=\"0\" value=\"{min(line.spent_micros, max(line.limit_micros, 1))}\">"
-        f"</meter> {escape(percent(line.spent_micros / line.limit_micros if line.limit_micros else None))}</td>"
-        f"<td class=\"num\" data-field=\"spent\" data-micros=\"{line.spent_micros}\">{escape(format_usd(line.spent_micros))}</td>"
-        f"<td class=\"num\" data-field=\"limit\" data-micros=\"{line.limit_micros}\">{escape(format_usd(line.limit_micros))}</td>"
-        f"<td>{escape(format_time(line.resets_at, tz)) if line.resets_at is not None else '-'}</td></tr>"
+        f"<td>{escape(_WINDOW_TITLES.get(line.window, line.window))}</td><td>{_meter(line)}</td>"
+        + money_cell("spent", line.spent_micros) + money_cell("limit", line.limit_micros)
+        + f"<td>{escape(format_time(line.resets_at, tz)) if line.resets_at is not None else '-'}</td></tr>"
         for line in lines
     )
-    return (
-        "<table id=\"budgets-closest\"><thead><tr><th>Scope</th><th>Window</th><th>Used</th><th class=\"num\">Spent</th>"
-        f"<th class=\"num\">Limit</th><th>Resets</th></tr></thead><tbody>{rows}</tbody></table>"
-    )
+    head = _head("Scope", "Window", "Used", "|Spent", "|Limit", "Resets")
+    return f"<table id=\"budgets-closest\"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
 def render_page(view: reports.Overview, budgets: list[BudgetLine], tz: Any, operator: str, csrf: str) -> str:

@@ -86,11 +86,10 @@ async def usage_page(request: Request, fmt: str | None = None) -> Reply:
     def answer(conn: sqlite3.Connection) -> Reply:
         # Queried and rendered in the worker thread: a long table never holds the loop.
         rows, total = reports.usage(conn, zone, by, since, until)
-        if fmt == "json":
-            attachment = [("content-disposition", f"attachment; filename=\"{_filename(by, since, until, zone, 'json')}\"")]
-            return web.json_reply(reports.usage_document(rows, total, by, since, until), headers=attachment)
-        if fmt == "csv":
-            attachment = [("content-disposition", f"attachment; filename=\"{_filename(by, since, until, zone, 'csv')}\"")]
+        if fmt in ("json", "csv"):
+            attachment = [("content-disposition", f"attachment; filename=\"{_filename(by, since, until, zone, fmt)}\"")]
+            if fmt == "json":
+                return web.json_reply(reports.usage_document(rows, total, by, since, until), headers=attachment)
             return Reply(200, CSV, reports.usage_csv(rows, total, by), attachment)
         return web.html(render_page(zone, operator, csrf, shown, by, since, until, rows, total, now))
 
@@ -163,7 +162,8 @@ def render_page(zone: Zone, operator: str, csrf: str, shown: dict[str, str], by:
     form = (
         "<form class=\"filters\" method=\"get\" action=\"/usage\">"
         f"<label>Group by <select id=\"by\" name=\"by\">{options}</select></label>"
-        f"<label>From <input id=\"from\" name=\"from\" value=\"{escape(shown['from'])}\" placeholder=\"2026-03-01\"></label>"
+        f"<label>From <input id=\"from\" name=\"from\" value=\"{escape(shown['from'])}\" "
+        "placeholder=\"2026-03-01\"></label>"
         f"<label>Until (included) <input id=\"until\" name=\"until\" value=\"{escape(shown['until'])}\" "
         "placeholder=\"2026-03-07\"></label>"
         "<button type=\"submit\">Show</button></form>"
@@ -176,7 +176,8 @@ def render_page(zone: Zone, operator: str, csrf: str, shown: dict[str, str], by:
         f"<a id=\"download-json\" href=\"/usage.json?{query}\">JSON</a></p>"
     )
     body_rows = "".join(
-        f"<tr data-group=\"{escape(row.group or '')}\"><th scope=\"row\">{escape(_group_label(row))}</th>{_cells(row)}</tr>"
+        f"<tr data-group=\"{escape(row.group or '')}\"><th scope=\"row\">{escape(_group_label(row))}</th>"
+        f"{_cells(row)}</tr>"
         for row in rows
     )
     header = f"<th>{escape(_GROUP_TITLES.get(by, by).capitalize())}</th>" + "".join(
