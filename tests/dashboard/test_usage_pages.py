@@ -265,7 +265,8 @@ def test_the_overview_api_gives_the_figures_of_hubcore_usage(hub: HubThread, ope
     # Traffic today, yesterday, 10 and 40 days ago; twelve users so the chart needs "other".
     rows = []
     for back, count in ((0, 30), (1, 20), (10, 10), (40, 5)):
-        start = max(local_midnight(today - timedelta(days=back), BERLIN).timestamp(), now - 86400 * back - 3000)
+        midnight = local_midnight(today - timedelta(days=back), BERLIN).timestamp()
+        start = max(midnight, now - 3000) if back == 0 else midnight + 3600
         for i in range(count):
             rows.append(event(min(start + i * 60, now - 1), f"o-{back}-{i}", user=f"user{i % 12:02d}",
                               project=("apollo", "zeta")[i % 2], model="claude-sonnet-4-6",
