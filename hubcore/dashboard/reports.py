@@ -409,9 +409,3 @@ def default_range(zone: Zone, now: float, days: int = 7) -> tuple[float, float]:
     days, today included, to the end of today."""
     first = _day_back(zone, now, days)
     return zone.day_start(first), zone.day_start(zone.day(now) + 1)
-
-
-def day_after(zone: Zone, ts: float) -> float:
-    """Local midnight after the local day holding `ts`."""
-    return zone.day_start(zone.day(ts) + 1)
-
