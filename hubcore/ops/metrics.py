@@ -244,8 +244,13 @@ class HubMetrics:
 
     def request_finished(
         self, route: str, status: int, outcome: str, total_s: float, ttfb_s: float | None = None,
+        hub_added_s: float | None = None, answered_by: str | None = None,
     ) -> None:
-        """One request left the hub; pairs with ``request_started``."""
+        """One request left the hub; pairs with ``request_started``.
+        `hub_added_s`: the hub's own share of its time (observe_hub_added);
+        `answered_by`: the upstream whose answer, with `status`, went to the
+        client (upstream_answered). Both ride on this one call because it is
+        made for every request."""
         self.in_flight -= 1
         self.requests_total += 1
         key = (route, status, outcome)
@@ -253,6 +258,12 @@ class HubMetrics:
         self.total.observe(total_s)
         if ttfb_s is not None:
             self.ttfb.observe(ttfb_s)
+        if hub_added_s is not None:
+            self.hub_added.observe(hub_added_s)
+        if answered_by is not None:
+            answer = (answered_by, status)
+            statuses = self.upstream_statuses
+            statuses[answer] = statuses.get(answer, 0) + 1
 
     def observe_hub_added(self, seconds: float) -> None:
         self.hub_added.observe(seconds)

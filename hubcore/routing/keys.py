@@ -374,7 +374,13 @@ class KeyRing:
                     and key.spec.label not in tried
                     and model_class not in key.rests
                     and self._keys.get(key.spec.label) is key
-                    and (len(self._keys) == 1 or not self._low(key, model_class))
+                    # Its room, as _above_floor judges it: the one key of a
+                    # ring is used whatever its room; another needs no
+                    # reading in force under the floor (or at nothing).
+                    and (len(self._keys) == 1
+                         or (reading := key.room.by_class.get(model_class)) is None
+                         or (reading.fraction >= self.policy.headroom_floor and reading.fraction > 0.0)
+                         or reading.until <= self._wall_clock())
                 ):
                     key.in_flight += 1
                     key.requests += 1
@@ -443,19 +449,6 @@ class KeyRing:
             return self._keys.get(label)
         return None
 
-    def _low(self, key: _Key, model_class: str) -> bool:
-        """Whether the key's latest reading for the class, still in force,
-        is under the floor or at nothing (as _above_floor judges; one dict
-        lookup when there is no reading)."""
-        if len(self._keys) == 1:
-            return False  # the one key is used whatever its room
-        reading = key.room.latest(model_class)
-        return (
-            reading is not None
-            and (reading.fraction < self.policy.headroom_floor or reading.fraction == 0.0)
-            and reading.until > self._wall_clock()
-        )
-
     @staticmethod
     def _pick(candidates: list[_Key], rooms: Mapping[_Key, float] | None) -> _Key:
         # Each key's share is its weight times its room (1.0 where no reading
@@ -488,7 +481,7 @@ class KeyRing:
         key = lease._key
         cls = lease.model_class if model_class is None else model_class
         now = self._clock()
-        if now < key.read_due and key.room.latest(cls) is not None:
+        if now < key.read_due and cls in key.room.by_class:
             return
         reading = read_index(headers, self._wall_clock())
         if reading is not None:
