@@ -551,6 +551,12 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
         log.error("cannot write the first hub token: %s", e)
         await app.recorder.close()
         return 1
+    # The proxy listens before the dashboard and the ops socket open: a
+    # signal in between (a supervisor's stop right after the port answers)
+    # waits for the start to finish, instead of killing the process.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, early.append, sig)
     try:
         addresses = await app.start()
     except OSError as e:
@@ -576,5 +582,9 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
     for host, port in addresses:
         scheme = "https" if config.server.tls_cert else "http"
         log.info("hubcore %s listening on %s://%s:%d", __version__, scheme, host, port)
+    if signal.SIGTERM in early or signal.SIGINT in early:
+        app._on_stop_signal()
+    elif signal.SIGHUP in early:
+        app._on_hup()
     await app.stopped.wait()
     return 0
