@@ -53,7 +53,9 @@ class LiveHub(Protocol):
 
     def live(self) -> dict[str, Any]: ...
     def keys(self) -> list[dict[str, Any]]: ...
-    async def set_key_enabled(self, label: str, enabled: bool, *, actor: str = ..., origin: str = ...) -> Switched | None: ...
+    async def set_key_enabled(
+        self, label: str, enabled: bool, *, actor: str = ..., origin: str = ...,
+    ) -> Switched | None: ...
     async def reset_key(self, label: str, *, actor: str = ..., origin: str = ...) -> Reset | None: ...
 
 
@@ -114,7 +116,6 @@ def _key_action(action: str, *, api: bool) -> web.Handler:
             query["warning"] = "stored" if action != "reset" else "audited"
         return web.redirect("/live?" + urlencode(query))
 
-    handler.__name__ = f"key_{action}_{'api' if api else 'page'}"
     return handler
 
 
@@ -336,7 +337,8 @@ def _headroom(key: dict[str, Any], tz: ZoneInfo, now: float) -> str:
             f"<div class=\"room\" data-class=\"{escape(model_class)}\" data-remaining=\"{remaining:.4f}\">"
             f"<meter min=\"0\" max=\"1\" low=\"0.1\" high=\"0.5\" optimum=\"1\" value=\"{remaining:.4f}\">"
             f"{escape(percent)}</meter> {escape(model_class or 'any model')} {escape(percent)} of "
-            f"{escape(str(reading.get('limit', '?')))}, resets {escape(_clock(float(reading['resets']), tz, now))}</div>"
+            f"{escape(str(reading.get('limit', '?')))}, "
+            f"resets {escape(_clock(float(reading['resets']), tz, now))}</div>"
         )
     return "".join(parts)
 
@@ -371,7 +373,8 @@ _PHASES = {
 
 def _requests(requests: list[dict[str, Any]], not_shown: int) -> str:
     if not requests:
-        return "<section id=\"live-requests\"><h2>Requests in flight</h2><p id=\"requests-none\">No requests in flight.</p></section>"
+        return ("<section id=\"live-requests\"><h2>Requests in flight</h2>"
+                "<p id=\"requests-none\">No requests in flight.</p></section>")
     rows = "".join(
         f"<tr data-row=\"request {escape(r['id'])}\" data-phase=\"{escape(r['phase'])}\" "
         f"data-stream=\"{'1' if r['stream'] else '0'}\">"
