@@ -27,11 +27,11 @@ from hubcore.governance.limiter import Limiter
 from hubcore.governance import audit, tokens as tokens_mod
 from hubcore.governance.limits import effective_groups
 from hubcore.governance.storage import load_scope_limits, read_limits
-from hubcore.ops.metrics import HubMetrics
-from hubcore.ops.server import KeySwitched, OpsServer
+from hubcore.ops.metrics import KEY_FIELDS, HubMetrics
+from hubcore.ops.server import KeyReset, KeySwitched, OpsServer
 from hubcore.runtime import CycleCollector
 from hubcore.accounting.pricing import Pricing
-from hubcore.gateway.exchange import Hub
+from hubcore.gateway.exchange import Exchange, Hub, Phase
 from hubcore.gateway.upstreams import restore_key_switches, store_key_switches
 from hubcore.http.client import client_ssl_context
 from hubcore.http.server import Server, server_ssl_context
@@ -48,6 +48,9 @@ FIRST_TOKEN_FILE = "first-token"
 # most server.db_busy_timeout): well inside the 5 s the CLI waits for the
 # answer, which then says that the switch holds until a restart only.
 KEY_SWITCH_BUSY_TIMEOUT = 2.0
+
+# The in-flight requests the live view lists, oldest first; the rest are counted.
+LIVE_REQUESTS_SHOWN = 50
 
 
 class StartFailed(OSError):
@@ -169,6 +172,62 @@ class App:
         snapshot["gc"] = self.cycles.stats()
         return snapshot
 
+    def keys(self) -> list[dict[str, Any]]:
+        """Every vendor key's state and counters, one row per upstream and
+        label with `upstream` set: what `hubcore keys --json` prints."""
+        return [
+            {"upstream": name, **{f: row[f] for f in KEY_FIELDS if f in row}}
+            for name, rows in self._key_snapshots().items()
+            for row in rows
+        ]
+
+    def live(self) -> dict[str, Any]:
+        """The dashboard's live view, from memory on the loop: traffic now
+        (in flight, open streams, requests per second over the last 10 s and
+        minute), the requests in flight, and each upstream's health with its
+        keys'. It walks the open client connections, not the requests as they
+        come: the proxy's path counts nothing more for it."""
+        metrics = self.metrics
+        now, mono = time.time(), time.monotonic()
+        running = [
+            handler for conn in self.server.connections
+            if isinstance(handler := conn.handler, Exchange) and handler.phase is not Phase.DONE
+        ]
+        running.sort(key=lambda exchange: exchange.t0)
+        statuses = metrics.upstream_requests
+        upstreams = []
+        for runtime in self.hub.upstreams.values():
+            name = runtime.config.name
+            keys = [{f: row[f] for f in KEY_FIELDS if f in row} for row in runtime.ring.snapshot()]
+            usable = sum(1 for k in keys if k["state"] == "healthy")
+            upstreams.append({
+                "name": name, "kind": runtime.config.kind, "priority": runtime.config.priority,
+                "health": _health(keys, usable), "keys_usable": usable,
+                "next_available_s": runtime.ring.next_available_in(),
+                "in_flight": runtime.ring.in_flight,
+                "attempts": metrics.upstream_attempts.get(name, 0),
+                "retries": metrics.upstream_retries.get(name, 0),
+                "answers": {cls: n for (up, cls), n in sorted(statuses.items()) if up == name},
+                "errors": {kind: n for (up, kind), n in sorted(metrics.upstream_errors.items()) if up == name},
+                "connections": {"busy": len(runtime.pool.active), "idle": len(runtime.pool.idle)},
+                "keys": keys,
+            })
+        return {
+            "now": now,
+            "uptime_s": metrics.uptime,
+            "draining": self.server.draining,
+            "connections_open": metrics.connections_open,
+            "in_flight": metrics.in_flight,
+            "streams": sum(1 for e in running if e.phase is Phase.STREAMING and e.sse_body),
+            "requests_total": metrics.requests_total,
+            "rate_10s": metrics.request_rate(10.0),
+            "rate_60s": metrics.request_rate(60.0),
+            "loop_lag_s": metrics.loop_lag,
+            "requests": [_in_flight_row(e, mono) for e in running[:LIVE_REQUESTS_SHOWN]],
+            "requests_not_shown": max(0, len(running) - LIVE_REQUESTS_SHOWN),
+            "upstreams": upstreams,
+        }
+
     def metrics_text(self) -> str:
         return self.metrics.render_prometheus(
             self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__, gc=self.cycles.stats(),
@@ -250,6 +309,40 @@ class App:
                             label, "enabled" if enabled else "disabled", e)
                 return KeySwitched(states, not_stored=str(e))
         return KeySwitched(states)
+
+    async def reset_key(self, label: str, *, actor: str = "cli", origin: str = "cli") -> KeyReset | None:
+        """`hubcore keys reset LABEL` (or the dashboard's): end the rests
+        after 429s and close the circuit of the key with that label in every
+        upstream that has one, at once (the ring logs each change; a dead or
+        disabled key stays so), then write its audit row off the loop. None
+        when no upstream has the label."""
+        before: dict[str, Any] = {}
+        states: dict[str, str] = {}
+        for upstream in self.hub.upstreams.values():
+            ring = upstream.ring
+            if label not in ring.labels:
+                continue
+            row = next((row for row in ring.snapshot() if row["label"] == label), None)
+            state = ring.reset(label)
+            if row is None or state is None:
+                continue
+            before[upstream.config.name] = {"state": row["state"], "until": row["until"], "rests": row["rests"]}
+            states[upstream.config.name] = state.value
+        if not states:
+            return None
+        busy_timeout = min(self.config.server.db_busy_timeout, KEY_SWITCH_BUSY_TIMEOUT)
+
+        def audit_row(conn: sqlite3.Connection) -> None:
+            audit.record(conn, actor, "key.reset", f"key {label}", before, dict(states), origin)
+
+        # In the order of the operator's key actions, as the switches are.
+        async with self._key_switch_lock:
+            try:
+                await asyncio.to_thread(_write_audit_row, self.config.server.database, busy_timeout, audit_row)
+            except (sqlite3.Error, store.SchemaTooNew) as e:
+                log.warning("key %s reset but its audit row could not be written: %s", label, e)
+                return KeyReset(states, not_audited=str(e))
+        return KeyReset(states)
 
     async def refresh_tokens_now(self) -> int:
         """POST /tokens/refresh: the CLI changed tokens or limits."""
@@ -365,6 +458,51 @@ def _principal_groups(db: sqlite3.Connection, token_id: int | None, user: str | 
         return f"token {token_id} (user {found.user}, project {found.project or '-'})", found.groups
     assert user is not None
     return f"user {user}", effective_groups(read_limits(db, "user", user))
+
+
+def _write_audit_row(database: str, busy_timeout: float, row: Callable[[sqlite3.Connection], object]) -> None:
+    """Write an audit row on a connection of its own: blocking, for a worker thread."""
+    conn = store.connect(database)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        with store.immediate(conn):
+            row(conn)
+    finally:
+        conn.close()
+
+
+def _health(keys: list[dict[str, Any]], usable: int) -> str:
+    """An upstream's health from its keys: "ok" when every key is in service
+    with no rest, "degraded" when some are out or resting, "down" when none
+    takes a request now ("no keys" without any)."""
+    if not keys:
+        return "no keys"
+    if not usable:
+        return "down"
+    if usable < len(keys) or any(k["rests"] for k in keys):
+        return "degraded"
+    return "ok"
+
+
+def _in_flight_row(exchange: Exchange, mono: float) -> dict[str, Any]:
+    """What the live view shows of one request in flight: who, what, where
+    it went, how far it got; never its body or a secret."""
+    principal = exchange.principal
+    meter = exchange.meter
+    upstream = exchange.upstream
+    return {
+        "id": exchange.request_id,
+        "started": exchange.ts,
+        "age_s": mono - exchange.t0,
+        "user": principal.user if principal is not None else None,
+        "project": principal.project if principal is not None else None,
+        "model": exchange.model or (meter.model if meter is not None else None),
+        "upstream": upstream.config.name if upstream is not None else None,
+        "key": exchange.key_label,
+        "phase": exchange.phase.name.lower(),
+        "stream": exchange.sse_body,
+        "attempts": exchange.attempts,
+    }
 
 
 def key_chances(snapshot: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -393,14 +393,19 @@ class HubMetrics:
     def uptime(self) -> float:
         return self._clock() - self._started_mono
 
-    def request_rate(self) -> float:
-        """Requests per second over the last minute (since start before that)."""
+    def request_rate(self, window: float = RATE_WINDOW) -> float:
+        """Requests per second over the last `window` seconds (at most
+        RATE_WINDOW; since start before that), from the samples the lag
+        sampler takes every LOOP_LAG_INTERVAL: the window is that much longer
+        at most, and reading it costs the request path nothing."""
         samples = self._rate_samples
         now = self._clock()
-        if samples:
-            t0, n0 = samples[0]
-        else:
-            t0, n0 = self._started_mono, 0
+        t0, n0 = samples[0] if samples else (self._started_mono, 0)
+        # Newest first: the latest sample at least `window` old starts it.
+        for t, n in reversed(samples):
+            if now - t >= window:
+                t0, n0 = t, n
+                break
         elapsed = now - t0
         return (self.requests_total - n0) / elapsed if elapsed > 0 else 0.0
 
