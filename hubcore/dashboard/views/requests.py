@@ -285,9 +285,9 @@ def _list_html(request: Request, query: RequestQuery, rows: list[dict[str, Any]]
         for row in rows
     )
     table = (
-        "<table id=\"requests\"><thead><tr><th>Time</th><th>User</th><th>Project</th><th>Model</th>"
+        "<div class=\"scroll\"><table id=\"requests\"><thead><tr><th>Time</th><th>User</th><th>Project</th><th>Model</th>"
         "<th>Upstream/key</th><th>Status</th><th>Outcome</th><th>Input</th><th>Output</th><th>Cache read</th>"
-        f"<th>Cost</th><th>TTFB</th><th>Total</th></tr></thead><tbody>{body_rows}</tbody></table>"
+        f"<th>Cost</th><th>TTFB</th><th>Total</th></tr></thead><tbody>{body_rows}</tbody></table></div>"
         if rows else "<p id=\"requests-empty\">No requests match these filters.</p>"
     )
     links = []
@@ -298,7 +298,7 @@ def _list_html(request: Request, query: RequestQuery, rows: list[dict[str, Any]]
     nav = f"<p class=\"pager\">{' · '.join(links)}</p>" if links else ""
     note = "<p class=\"hint\">* cost not at the model's list price: see the request.</p>" if any(
         row["cost_basis"] is not None for row in rows) else ""
-    return f"<h1>Requests</h1>{form}{table}{note}{nav}"
+    return f"<div class=\"requests-view\"><h1>Requests</h1>{form}{table}{note}{nav}</div>"
 
 
 async def requests_page(request: Request) -> Reply:
@@ -372,10 +372,10 @@ def _detail_html(row: dict[str, Any], tz: ZoneInfo) -> str:
         line("user_agent", "User agent", _text(row["user_agent"])),
     ])
     return (
-        f"<p><a href=\"/requests\">← Requests</a></p><h1>Request {row['id']}</h1>"
+        f"<div class=\"request-view\"><p><a href=\"/requests\">← Requests</a></p><h1>Request {row['id']}</h1>"
         f"<section><h2>Request</h2><table id=\"request\"><tbody>{fields}</tbody></table></section>"
         f"<section><h2>Tokens</h2>{tokens}</section>"
-        f"<section><h2>Attempts</h2>{route}</section>"
+        f"<section><h2>Attempts</h2>{route}</section></div>"
     )
 
 
