@@ -11,8 +11,8 @@ dashboard's route table (DashboardServer.routes: every page and API route
 for operators or developers; a route with a path parameter gets a real id or
 name from the database), plus the filtered variants in QUERIES, `--rounds`
 times each, in rotating order. It prints p50 / p95 per route and flags any
-p95 at or above TARGET_MS. A slow route never fails the run; an answer other
-than 200 does (exit status 1).
+p95 at or above TARGET_MS. A slow route never fails the run; an error
+answer (400 and above) does (exit status 1; a redirect is an answer).
 
     python -m bench.dashboard                 # 2,000,000 rows, 20 rounds
     python -m bench.dashboard --quick         # 50,000 rows, 3 rounds (CI smoke)
@@ -110,16 +110,6 @@ def _hour_weights() -> list[float]:
             0.25, 0.2, 0.15, 0.1, 0.07]
 
 
-@dataclass
-class Population:
-    """Who sends the requests: users with Zipf-like activity, each in one
-    project with one to three tokens."""
-
-    users: list[str]
-    user_weights: list[float]
-    tokens: dict[str, list[tuple[int, str]]] = field(default_factory=dict)   # user -> [(token id, project)]
-
-
 def _population(rng: random.Random) -> tuple[list[str], list[float], dict[str, str], dict[str, int]]:
     projects = [f"proj-{name}" for name in (
         "atlas", "borealis", "cobalt", "delta", "ember", "fjord", "granite", "harbor", "iris", "juniper", "kestrel",
@@ -191,6 +181,8 @@ def _usage_rows(rng: random.Random, rows: int, now: float, users: list[str], wei
                 upstream, key = UPSTREAMS[kind][0][0], UPSTREAMS[kind][0][2][0]
         unknown_token = refused and status == 401
         answered = outcome in ("ok", "client_aborted", "upstream_aborted")
+        cost: int | None
+        ttfb: float | None
         if answered:
             cache_read = int(rng.lognormvariate(10.0, 1.0)) if random_() < 0.85 else 0
             cache_5m = int(rng.lognormvariate(7.5, 1.2)) if random_() < 0.5 else 0
@@ -271,3 +263,374 @@ def build_database(path: Path, rows: int, *, seed: int = 19, now: float | None =
         conn.close()
     if not quiet:
         print(f"built {path} in {time.monotonic() - began:.0f} s", file=sys.stderr, flush=True)
+
+
+def _bench_database_problem(path: Path) -> str | None:
+    """Why `path` must not be reused or replaced: it is not a database this
+    benchmark built (every token of its was made here)."""
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            (foreign,) = conn.execute("SELECT count(*) FROM tokens WHERE note IS NULL OR note NOT LIKE 'bench%'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        return f"{path} is not a database this benchmark built ({e}); name another with --database"
+    if foreign:
+        return f"{path} holds tokens this benchmark did not make: not touching it; name another with --database"
+    return None
+
+
+def usage_count(path: Path) -> int:
+    from hubcore import store
+
+    conn = store.connect(path)  # migrates a database built by an older hubcore
+    try:
+        return int(conn.execute("SELECT count(*) FROM usage").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def ensure_database(path: Path, rows: int) -> None:
+    """Reuse `path` when it is this benchmark's and holds `rows` rows; else build it."""
+    if path.exists():
+        problem = _bench_database_problem(path)
+        if problem is not None:
+            raise SystemExit(problem)
+        found = usage_count(path)
+        if found == rows:
+            print(f"reusing {path} ({rows:,} usage rows)", file=sys.stderr)
+            return
+        print(f"{path} has {found:,} usage rows, not {rows:,}: building it again", file=sys.stderr)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build_database(path, rows)
+
+
+# -- who signs in, and what gets asked ----------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """Values from the database for path parameters and filtered queries."""
+
+    request_id: int          # the newest usage row
+    old_request_id: int      # one from the middle of the table
+    token_id: int
+    user: str                # the busiest user
+    project: str             # the busiest project
+    other_project: str       # a project the busiest user never used
+    model: str
+    upstream: str
+    key_label: str
+    developer_token: str
+
+
+def prepare(path: Path) -> tuple[Samples, str]:
+    """The operator account (its password reset), a fresh admin API token,
+    a developer's token for the busiest user; the samples and the admin token."""
+    from hubcore import store
+    from hubcore.governance import admins, tokens
+
+    conn = store.connect(path)
+    try:
+        with store.immediate(conn):
+            now = time.time()
+            if admins.exists(conn, OPERATOR):
+                admins.set_password(conn, OPERATOR, PASSWORD, now)
+            else:
+                admins.add(conn, OPERATOR, PASSWORD, now)
+            conn.execute("DELETE FROM admin_tokens WHERE admin = ?", (OPERATOR,))
+            _, admin_token = admins.create_token(conn, OPERATOR, now)
+            newest, oldest = conn.execute("SELECT max(id), min(id) FROM usage").fetchone()
+            # The busiest over the last 50,000 rows: a sample, not a scan of all.
+            recent = f"FROM usage WHERE id > {int(newest or 0) - 50_000}"
+            user = conn.execute(f"SELECT user {recent} AND user IS NOT NULL GROUP BY user ORDER BY count(*) DESC LIMIT 1").fetchone()
+            project = conn.execute(f"SELECT project {recent} AND project IS NOT NULL GROUP BY project ORDER BY count(*) DESC LIMIT 1").fetchone()
+            model = conn.execute(f"SELECT model {recent} AND model IS NOT NULL GROUP BY model ORDER BY count(*) ASC LIMIT 1").fetchone()
+            key = conn.execute(f"SELECT upstream, key_label {recent} AND key_label IS NOT NULL LIMIT 1").fetchone()
+            if user is None or project is None or model is None or key is None:
+                raise SystemExit(f"{path} has no usage rows to time the dashboard with")
+            others = [p for (p,) in conn.execute("SELECT DISTINCT project FROM tokens WHERE user != ? AND project IS NOT NULL "
+                                                 "AND project NOT IN (SELECT project FROM tokens WHERE user = ? AND project IS NOT NULL)",
+                                                 (user[0], user[0]))]
+            token_id = conn.execute("SELECT id FROM tokens WHERE user = ? ORDER BY id LIMIT 1", (user[0],)).fetchone()[0]
+            conn.execute("DELETE FROM tokens WHERE note = 'bench developer'")
+            project_of = conn.execute("SELECT project FROM tokens WHERE id = ?", (token_id,)).fetchone()[0]
+            _, developer = tokens.create(conn, user[0], project_of, note="bench developer")
+    finally:
+        conn.close()
+    samples = Samples(
+        request_id=int(newest), old_request_id=(int(newest) + int(oldest)) // 2, token_id=int(token_id),
+        user=user[0], project=project[0], other_project=others[0] if others else "no-such-project",
+        model=model[0], upstream=key[0], key_label=key[1], developer_token=developer,
+    )
+    return samples, admin_token
+
+
+# Extra, filtered asks of a route beside its bare path ({...}: a Samples
+# field). A view's author adds the filters that matter for its speed.
+QUERIES: dict[str, tuple[str, ...]] = {
+    "/requests": (
+        "user={user}", "project={project}", "model={model}", "outcome=upstream_aborted", "status=529",
+        "from=30d&until=29d", "before={old_request_id}", "user=nobody",
+        "user={user}&model={model}&outcome=ok", "user={user}&project={other_project}",
+    ),
+    "/api/v1/requests": (
+        "user={user}&from=60d&until=59d", "model={model}&status=200", "outcome=refused&limit=500",
+        "status=418", "user={user}&project={other_project}",
+    ),
+}
+
+# A path parameter's value, by the segment before it: /requests/{id} is a usage row's id.
+PARAMETERS = {
+    "requests": "request_id", "tokens": "token_id", "users": "user", "user": "user", "projects": "project",
+    "project": "project", "models": "model", "upstreams": "upstream", "keys": "key_label",
+}
+
+
+@dataclass
+class Target:
+    label: str               # what the table shows
+    path: str                # what is asked
+    who: str                 # "operator" (session), "api" (admin API token), "developer" (session)
+
+
+def targets(routes: list[Any], samples: Samples) -> tuple[list[Target], list[str]]:
+    """Every GET route for operators and developers, with its parameters
+    filled, and the QUERIES; and the routes left out, with why."""
+    from hubcore.dashboard.web import API_PREFIX, Access
+
+    chosen, skipped = [], []
+    values = {name: str(value) for name, value in vars(samples).items()}
+    for route in routes:
+        if route.method != "GET" or route.access not in (Access.OPERATOR, Access.DEVELOPER):
+            continue
+        segments = route.path.split("/")
+        filled = []
+        for i, segment in enumerate(segments):
+            if segment.startswith("{") and segment.endswith("}"):
+                field_name = PARAMETERS.get(segments[i - 1]) if i else None
+                if field_name is None:
+                    break
+                filled.append(values[field_name])
+            else:
+                filled.append(segment)
+        else:
+            who = "developer" if route.access is Access.DEVELOPER else (
+                "api" if route.path.startswith(API_PREFIX) else "operator")
+            path = "/".join(filled)
+            chosen.append(Target(route.path, path, who))
+            for query in QUERIES.get(route.path, ()):
+                asked = query.format(**values)
+                chosen.append(Target(f"{route.path}?{asked}", f"{path}?{_encode(asked)}", who))
+            continue
+        skipped.append(f"{route.path}: no sample value for its parameter (add one to PARAMETERS)")
+    return chosen, skipped
+
+
+def _encode(query: str) -> str:
+    return urlencode([(name, value) for name, _, value in (pair.partition("=") for pair in query.split("&"))])
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+
+
+class Browser:
+    """One signed-in client: its cookies or bearer token, and a kept-alive connection."""
+
+    def __init__(self, port: int, headers: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.headers = dict(headers or {})
+        self.cookies: dict[str, str] = {}
+        self._conn: http.client.HTTPConnection | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+                ) -> tuple[int, bytes]:
+        sent = {**self.headers, **(headers or {})}
+        if self.cookies:
+            sent["cookie"] = "; ".join(f"{name}={value}" for name, value in self.cookies.items())
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            try:
+                self._conn.request(method, path, body=body or None, headers=sent)
+                response = self._conn.getresponse()
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+                # A kept-alive connection the server closed while idle: once more on a new one.
+                self.close()
+                if attempt == 2:
+                    raise
+                continue
+            for name, value in response.getheaders():
+                if name.lower() == "set-cookie":
+                    key, _, rest = value.partition("=")
+                    if "Max-Age=0" in value:
+                        self.cookies.pop(key, None)
+                    else:
+                        self.cookies[key] = rest.split(";", 1)[0]
+            if (response.getheader("content-type") or "").startswith("text/event-stream"):
+                # A stream that never ends: its first byte is the answer.
+                response.read1(1)
+                self.close()
+                return response.status, b""
+            data = response.read()
+            if (response.getheader("connection") or "").lower() == "close":
+                self.close()
+            return response.status, data
+        raise AssertionError("unreachable")
+
+    def sign_in(self, form: dict[str, str]) -> None:
+        self.request("GET", "/login")
+        body = urlencode({**form, "csrf": self.cookies.get("hubcore_login", "")}).encode()
+        status, data = self.request("POST", "/login", body, {"content-type": "application/x-www-form-urlencoded"})
+        if status != 303 or "hubcore_session" not in self.cookies:
+            raise RuntimeError(f"sign-in failed: {status} {data[:200]!r}")
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def hub(database: Path, workdir: Path) -> Iterator[tuple[int, subprocess.Popen[Any]]]:
+    """`hubcore serve` on the database, as a user runs it: (dashboard port, process)."""
+    port, dashboard_port = free_port(), free_port()
+    config = workdir / "hubcore.toml"
+    config.write_text(HUB_CONFIG.format(port=port, dashboard_port=dashboard_port, database=database, dir=workdir,
+                                        tz=TIMEZONE))
+    log = open(workdir / "hub.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "hubcore", "serve", "--config", str(config)], stdout=log,
+                            stderr=subprocess.STDOUT, env=_env(), cwd=workdir, preexec_fn=_die_with_parent)
+    try:
+        try:
+            # The start rebuilds every budget from the usage rows first.
+            wait_http(port, proc, "hubcore", timeout=300)
+        except (RuntimeError, TimeoutError) as e:
+            raise SystemExit(f"{e}; its log: {workdir / 'hub.log'}") from None
+        yield dashboard_port, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        log.close()
+
+
+def percentile(values: list[float], share: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+@dataclass
+class Timing:
+    target: Target
+    ms: list[float] = field(default_factory=list)
+    statuses: set[int] = field(default_factory=set)
+    size: int = 0
+
+
+def measure(chosen: list[Target], clients: dict[str, Browser], rounds: int) -> list[Timing]:
+    timings = [Timing(t) for t in chosen]
+    for t in timings:  # warm-up: caches, first connections
+        status, _ = clients[t.target.who].request("GET", t.target.path)
+        t.statuses.add(status)
+    for r in range(rounds):
+        # Rotated each round, so that no route always follows the same one.
+        shift = r % len(timings)
+        for t in timings[shift:] + timings[:shift]:
+            started = time.perf_counter()
+            status, data = clients[t.target.who].request("GET", t.target.path)
+            t.ms.append((time.perf_counter() - started) * 1000)
+            t.statuses.add(status)
+            t.size = len(data)
+    return timings
+
+
+def failed(timing: Timing) -> bool:
+    """An error answer; a redirect is an answer (a route may send on to another page)."""
+    return any(status >= 400 for status in timing.statuses)
+
+
+def render(timings: list[Timing], rows: int, rounds: int, skipped: list[str]) -> str:
+    lines = [f"### Dashboard with {rows:,} usage rows: {rounds} rounds per route (target: p95 < {TARGET_MS:.0f} ms)",
+             "", "| route | as | p50 ms | p95 ms | max ms | KiB | |", "|---|---|--:|--:|--:|--:|---|"]
+    for t in timings:
+        p50, p95 = percentile(t.ms, 0.5), percentile(t.ms, 0.95)
+        flags = []
+        if p95 >= TARGET_MS:
+            flags.append(f"SLOW (p95 >= {TARGET_MS:.0f} ms)")
+        if t.statuses != {200}:
+            flags.append("status " + ",".join(map(str, sorted(t.statuses))) + (" FAILED" if failed(t) else ""))
+        lines.append(f"| `{t.target.label}` | {t.target.who} | {p50:.1f} | {p95:.1f} | {max(t.ms):.1f} | "
+                     f"{t.size / 1024:.1f} | {' '.join(flags)} |")
+    slow = [t for t in timings if percentile(t.ms, 0.95) >= TARGET_MS]
+    lines += ["", f"routes timed: {len(timings)}; p95 at or above {TARGET_MS:.0f} ms: {len(slow)}"
+              + (f" ({', '.join(t.target.label for t in slow)})" if slow else "")]
+    lines += [f"not timed: {reason}" for reason in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.dashboard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, help=f"usage rows (default {DEFAULT_ROWS:,}; --quick: {QUICK_ROWS:,})")
+    parser.add_argument("--rounds", type=int, help=f"timed requests per route (default {DEFAULT_ROUNDS}; --quick: {QUICK_ROUNDS})")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few rows, few rounds (CI)")
+    parser.add_argument("--database", help="the SQLite file to build or reuse (default: bench/results/dashboard-ROWS.db)")
+    parser.add_argument("--json", help="also write every timing to this file")
+    args = parser.parse_args(argv)
+    rows = args.rows or (QUICK_ROWS if args.quick else DEFAULT_ROWS)
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    if rows < 1 or rounds < 1:
+        parser.error("--rows and --rounds must be at least 1")
+    database = Path(args.database) if args.database else REPO / "bench" / "results" / f"dashboard-{rows}.db"
+    database = database.resolve()
+    ensure_database(database, rows)
+    samples, admin_token = prepare(database)
+
+    from hubcore.config import DashboardConfig
+    from hubcore.dashboard.server import DashboardServer
+    from hubcore.governance.limiter import Limiter
+    from hubcore.governance.tokens import TokenTable
+
+    # The route table as the hub builds it; this instance never listens.
+    table = DashboardServer(DashboardConfig(), database=str(database), timezone=TIMEZONE, tokens=TokenTable(),
+                            limiter=Limiter(TIMEZONE)).routes
+    chosen, skipped = targets(table, samples)
+    with tempfile.TemporaryDirectory(prefix="hubcore-bench-dashboard-") as tmp, hub(database, Path(tmp)) as (port, _):
+        clients = {"operator": Browser(port), "developer": Browser(port),
+                   "api": Browser(port, {"authorization": f"Bearer {admin_token}"})}
+        clients["operator"].sign_in({"name": OPERATOR, "password": PASSWORD})
+        clients["developer"].sign_in({"token": samples.developer_token})
+        try:
+            timings = measure(chosen, clients, rounds)
+        finally:
+            for client in clients.values():
+                client.close()
+    sys.stdout.write(render(timings, rows, rounds, skipped))
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps({
+            "rows": rows, "rounds": rounds, "target_ms": TARGET_MS,
+            "routes": [{"route": t.target.label, "path": t.target.path, "as": t.target.who, "ms": t.ms,
+                        "p50_ms": percentile(t.ms, 0.5), "p95_ms": percentile(t.ms, 0.95),
+                        "statuses": sorted(t.statuses)} for t in timings],
+        }, option=orjson.OPT_INDENT_2))
+    refused = [t for t in timings if failed(t)]
+    for t in refused:
+        print(f"{t.target.label}: answered {sorted(t.statuses)}", file=sys.stderr)
+    return 1 if refused else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
