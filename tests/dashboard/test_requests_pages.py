@@ -198,6 +198,15 @@ def test_the_detail_has_every_figure_of_the_row(hub: HubThread) -> None:
     assert "Request " + str(row["id"]) in page.text
 
 
+def test_a_route_reads_as_its_attempts_in_order() -> None:
+    assert requests_view.route_chain(None) == []
+    assert requests_view.route_chain("primary/a:529,primary/b:connect,backup/c:200,+3 more") == [
+        {"upstream": "primary", "key": "a", "status": 529}, {"upstream": "primary", "key": "b", "status": "connect"},
+        {"upstream": "backup", "key": "c", "status": 200}, {"more": 3}]
+    # A key label may hold a colon: the outcome is after the last one.
+    assert requests_view.route_chain("relay/k:1:timeout") == [{"upstream": "relay", "key": "k:1", "status": "timeout"}]
+
+
 def test_bad_ids_and_fields_are_clear_400s_and_absent_rows_404s(hub: HubThread) -> None:
     store_rows(hub, varied_events(3, time.time() - 3600))
     client = operator(hub)

@@ -20,6 +20,7 @@ combination no row matches whose smallest part is a tenth of the table).
 """
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -178,12 +179,20 @@ def suggestions(conn: sqlite3.Connection, column: str) -> list[str]:
 
 
 def route_chain(route: str | None) -> list[dict[str, Any]]:
-    """The attempts of a row's `route` ("primary/a:529,backup/c:200"), in order."""
+    """The attempts of a row's `route` ("primary/a:529,primary/b:connect,
+    backup/c:200"), in order: upstream, key and the HTTP status the attempt
+    got (an int) or, with no answer, what happened ("connect", "timeout",
+    "reset"). Attempts beyond those a route writes out ("+3 more") are one
+    last entry {"more": 3}."""
     chain: list[dict[str, Any]] = []
     for hop in (route or "").split(","):
-        if not hop:
+        more = re.fullmatch(r"\+(\d+) more", hop)
+        if more:
+            chain.append({"more": int(more.group(1))})
             continue
-        target, _, status = hop.rpartition(":")
+        target, sep, status = hop.rpartition(":")
+        if not sep:
+            continue
         upstream, _, key = target.partition("/")
         chain.append({"upstream": upstream, "key": key, "status": int(status) if status.isdigit() else status})
     return chain
@@ -342,6 +351,7 @@ def _detail_html(row: dict[str, Any], tz: ZoneInfo) -> str:
     )
     chain = route_chain(row["route"])
     attempts = "".join(
+        f"<li class=\"more\">and {hop['more']} more</li>" if "more" in hop else
         f"<li><span class=\"upstream\">{escape(hop['upstream'])}</span>/<span class=\"key\">{escape(hop['key'])}</span>"
         f" → <span class=\"status\">{escape(str(hop['status']))}</span></li>"
         for hop in chain
