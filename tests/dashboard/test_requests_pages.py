@@ -108,7 +108,8 @@ def api_pages(client: Client, query: dict[str, Any], headers: dict[str, str] | N
         after = body["next_before"]
         if after is None:
             return ids
-        assert len(body["rows"]) == int(query.get("limit", requests_view.PAGE_ROWS))
+        if body["searched_to"] is None:
+            assert len(body["rows"]) == int(query.get("limit", requests_view.PAGE_ROWS))
 
 
 def test_every_filter_and_the_keyset_pages_give_the_rows_newest_first(hub: HubThread) -> None:
@@ -234,8 +235,8 @@ def test_bad_ids_and_fields_are_clear_400s_and_absent_rows_404s(hub: HubThread) 
     page = client.get("/requests/999999")
     assert page.status == 404 and "No request 999999" in page.text and "Sign out" in page.text
     # A cursor whose row retention removed: nothing older is left.
-    assert client.get("/api/v1/requests?before=999999").json() == {"rows": [], "next_before": None,
-                                                                     "timezone": ZONE}
+    assert client.get("/api/v1/requests?before=999999").json() == {
+        "rows": [], "next_before": None, "searched_to": None, "timezone": ZONE}
     assert client.get("/requests").status == 200  # still serving
 
 
@@ -285,15 +286,42 @@ def test_a_filtered_page_reads_one_index_in_order(tmp_path: Path) -> None:
             requests_view.RequestQuery((("project", "p"), ("status", 200)), None, None, None, 50),
             requests_view.RequestQuery((("model", "m"), ("outcome", "ok")), 1.0, None, None, 50),
         ):
-            terms, params = requests_view._bounds(conn, query)  # type: ignore[misc]
-            index = requests_view._index_for(conn, query, terms, params)
-            where = [f"{c} = ?" for c, _ in query.filters] + terms
+            where = requests_view.bounds(conn, query)
+            assert where is not None
+            index, _ = requests_view.choose_index(conn, query, where)
+            terms = [f"{c} = ?" for c, _ in query.filters] + where.terms
             plan = " ".join(row[3] for row in conn.execute(
-                f"EXPLAIN QUERY PLAN SELECT * FROM usage INDEXED BY {index} WHERE {' AND '.join(where) or '1'} "
-                "ORDER BY ts DESC, id DESC LIMIT 51", [v for _, v in query.filters] + params))
+                f"EXPLAIN QUERY PLAN SELECT * FROM usage INDEXED BY {index} WHERE {' AND '.join(terms) or '1'} "
+                "ORDER BY ts DESC, id DESC LIMIT 51", [v for _, v in query.filters] + where.params))
             assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, (query, plan)
     finally:
         conn.close()
+
+
+def test_filters_with_few_rows_in_common_read_a_bounded_window_per_page(
+    hub: HubThread, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # alice has 40 rows in proj-0 and one in proj-1, the oldest; bob 30 in proj-1.
+    events = [UsageEvent(ts=1_700_000_000.0 + i, request_id=f"r{i}", endpoint="/v1/messages", status=200,
+                         outcome="ok", total_ms=1.0, user=user, project=project)
+              for i, (user, project) in enumerate([("alice", "proj-1")] + [("alice", "proj-0")] * 40
+                                                   + [("bob", "proj-1")] * 30)]
+    rows = store_rows(hub, events)
+    monkeypatch.setattr(requests_view, "SCAN_BUDGET", 20)
+    monkeypatch.setattr(requests_view, "SCAN_STEP", 5)
+    client = operator(hub)
+    # Both filters have 20 rows or more: each page reads 20 of alice's
+    # rows (her index has the fewest) and says how far back it searched.
+    first = client.get("/api/v1/requests?user=alice&project=proj-1").json()
+    assert first["rows"] == [] and first["next_before"] == rows[21]["id"]
+    assert first["searched_to"] == format_time(rows[21]["ts"], ZoneInfo(ZONE))
+    assert api_pages(client, {"user": "alice", "project": "proj-1"}) == [rows[0]["id"]]
+    page = client.get("/requests?user=alice&project=proj-1")
+    assert "No requests match these filters so far." in page.text
+    assert 'id="searched"' in page.text and f"before={rows[21]['id']}" in page.text
+    # Filters with many rows in common fill their pages as before.
+    assert api_pages(client, {"user": "alice", "project": "proj-0", "limit": 7}) == newest_first(rows[1:41])
+    assert api_pages(client, {"user": "bob", "outcome": "ok", "limit": 50}) == newest_first(rows[41:])
 
 
 # -- in a real browser ---------------------------------------------------------------------

@@ -8,15 +8,19 @@ Theory of operation. Rows are listed by arrival time (ts), newest first, id
 breaking ties, so that a page is one read of an index in its own order: a
 (filter, ts) index for an equality filter (migration 8 of hubcore.store;
 usage_user_ts serves user), usage_ts without one, the time range and the
-cursor as bounds on ts. The cursor is the id of the last row shown; the next
-page starts below that row's (ts, id). With two or more filters SQLite cannot
-intersect indexes, and its choice without statistics is blind: the page reads
-the index of the filter with the fewest rows in the range, found by counting
-each one's index entries up to CHOICE_CAP (index only, about a millisecond
-per filter), and checks the others on the rows it reads. A page's cost is
-then bounded by the rows of its most selective filter, with 2 million rows
-a few milliseconds for most filters, about 250 ms at worst (a filter
-combination no row matches whose smallest part is a tenth of the table).
+cursor as bounds on ts. The cursor is the id of a row; the next page starts
+below that row's (ts, id). With one filter or none every index entry read
+is a row shown, so a page costs its 50 rows. With several, SQLite cannot
+intersect indexes and chooses blind without statistics: the page reads the
+index of the filter with the fewest rows in range (each filter's entries
+counted on its index alone, index only, up to the fewest so far) and checks
+the others on each row it reads. When even the fewest are SCAN_BUDGET or
+more and the filters have few rows in common (a user and a project they
+never worked in), the page reads that index a window of SCAN_STEP entries
+at a time and stops after SCAN_BUDGET: it shows what it found, says how far
+back it searched, and its cursor (the last entry read, a row that need not
+match) lets the next page search on. No page reads more than SCAN_BUDGET
+rows, whatever the filters: with 2 million rows, tens of milliseconds.
 """
 from __future__ import annotations
 
@@ -37,9 +41,12 @@ from hubcore.http.h11server import Reply
 
 PAGE_ROWS = 50
 MAX_ROWS = 500
-# Index entries counted per filter to choose the index a page reads (see the
-# module's docstring): enough to tell a rare value from a common one.
-CHOICE_CAP = 20_000
+# Index entries a page with several filters reads at most (see the module's
+# docstring), a window of SCAN_STEP at a time: with 2 million rows a table
+# row costs 1 to 3 us to read and check, so 50,000 of them stay well under
+# the 300 ms a page may take on a busy machine.
+SCAN_BUDGET = 50_000
+SCAN_STEP = 10_000
 # Filter values offered in the form's suggestions, per field.
 SUGGESTIONS_MAX = 500
 
@@ -52,6 +59,7 @@ _FILTER_INDEXES = {
     "outcome": "usage_outcome_ts",
     "status": "usage_status_ts",
 }
+_FILTER_ORDER = ("outcome", "status", "user", "project", "model")
 _COLUMNS = ("id", *FIELDS)
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM usage"
 _BASIS_TITLES = {
@@ -99,64 +107,126 @@ def read_query(request: Request, now: float) -> RequestQuery:
     return RequestQuery(tuple(filters), since, until, before, limit)
 
 
-def _bounds(conn: sqlite3.Connection, query: RequestQuery) -> tuple[list[str], list[Any]] | None:
-    """The WHERE terms on ts (and id) of the range and the cursor; None when
-    the cursor's row is gone (retention removed it, and with it every older
-    row: nothing is left to show)."""
-    terms: list[str] = []
-    params: list[Any] = []
-    if query.since is not None:
-        terms.append("ts >= ?")
-        params.append(query.since)
+@dataclass(slots=True)
+class Bounds:
+    """The WHERE terms on ts (and id) of a page: the lower bound (from) and
+    the upper one (until, or the cursor), kept apart because a windowed
+    scan moves the upper one."""
+
+    lower: list[str]
+    lower_params: list[Any]
+    upper: list[str]
+    upper_params: list[Any]
+
+    @property
+    def terms(self) -> list[str]:
+        return self.lower + self.upper
+
+    @property
+    def params(self) -> list[Any]:
+        return self.lower_params + self.upper_params
+
+    def below(self, ts: float, row_id: int) -> Bounds:
+        """These bounds, the upper one moved to below the row (ts, row_id)."""
+        # `ts <= ?` is the term an index range can use.
+        return Bounds(self.lower, self.lower_params, ["ts <= ? AND (ts < ? OR id < ?)"], [ts, ts, row_id])
+
+
+def bounds(conn: sqlite3.Connection, query: RequestQuery) -> Bounds | None:
+    """The page's bounds; None when the cursor's row is gone (retention
+    removed it, and with it every older row: nothing is left to show)."""
+    lower, lower_params = (["ts >= ?"], [query.since]) if query.since is not None else ([], [])
+    found = Bounds(lower, lower_params, [], [])
     if query.before is not None:
-        found = conn.execute("SELECT ts FROM usage WHERE id = ?", (query.before,)).fetchone()
-        if found is None:
+        row = conn.execute("SELECT ts FROM usage WHERE id = ?", (query.before,)).fetchone()
+        if row is None:
             return None
-        after = found[0]
-        if query.until is None or after < query.until:
-            # Below the cursor's row in (ts, id) order; `ts <= ?` is the bound
-            # an index range can use.
-            terms.append("ts <= ? AND (ts < ? OR id < ?)")
-            params += [after, after, query.before]
-            return terms, params
+        if query.until is None or row[0] < query.until:
+            return found.below(row[0], query.before)
     if query.until is not None:
-        terms.append("ts < ?")
-        params.append(query.until)
-    return terms, params
+        found.upper, found.upper_params = ["ts < ?"], [query.until]
+    return found
 
 
-def _index_for(conn: sqlite3.Connection, query: RequestQuery, terms: list[str], params: list[Any]) -> str:
+def choose_index(conn: sqlite3.Connection, query: RequestQuery, where: Bounds) -> tuple[str, int]:
+    """The index a page reads, and the number of its entries within the
+    bounds (counted up to SCAN_BUDGET; 0 when nothing had to be counted).
+    With several filters: the one whose filter has the fewest rows, each
+    counted on its index alone, up to the fewest found so far."""
     if not query.filters:
-        return "usage_ts"
+        return "usage_ts", 0
     if len(query.filters) == 1:
-        return _FILTER_INDEXES[query.filters[0][0]]
-    sizes = []
-    for order, (column, value) in enumerate(query.filters):
+        return _FILTER_INDEXES[query.filters[0][0]], 0
+    # Likely the fewest first, so that the later counts stop sooner: a
+    # failure's outcome or status, then a user, a project, a model; "ok"
+    # and 200 are most rows.
+    likely = sorted(query.filters, key=lambda f: (f[1] in ("ok", 200), _FILTER_ORDER.index(f[0])))
+    best, chosen = SCAN_BUDGET, _FILTER_INDEXES[likely[0][0]]
+    for column, value in likely:
         index = _FILTER_INDEXES[column]
-        where = " AND ".join([f"{column} = ?", *terms])
         (count,) = conn.execute(
-            f"SELECT count(*) FROM (SELECT 1 FROM usage INDEXED BY {index} WHERE {where} LIMIT {CHOICE_CAP})",
-            [value, *params],
+            f"SELECT count(*) FROM (SELECT 1 FROM usage INDEXED BY {index} "
+            f"WHERE {' AND '.join([f'{column} = ?', *where.terms])} LIMIT {best})",
+            [value, *where.params],
         ).fetchone()
-        sizes.append((count, order, index))
-    return min(sizes)[2]
+        if count < best:
+            best, chosen = count, index
+    return chosen, best
 
 
-def list_rows(conn: sqlite3.Connection, query: RequestQuery) -> tuple[list[dict[str, Any]], int | None]:
-    """A page of rows, newest first, and the cursor of the next (None: this is the last)."""
-    bounds = _bounds(conn, query)
-    if bounds is None:
-        return [], None
-    terms, params = bounds
-    index = _index_for(conn, query, terms, params)
-    where = [f"{column} = ?" for column, _ in query.filters] + terms
-    sql = (f"{_SELECT} INDEXED BY {index} WHERE {' AND '.join(where) or '1'} "
-           f"ORDER BY ts DESC, id DESC LIMIT {query.limit + 1}")
-    cursor = conn.execute(sql, [value for _, value in query.filters] + params)
-    rows = [dict(zip(_COLUMNS, values)) for values in cursor]
-    more = len(rows) > query.limit
-    rows = rows[:query.limit]
-    return rows, rows[-1]["id"] if more else None
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[dict[str, Any]]
+    next_before: int | None      # the cursor of the next page; None: nothing older
+    # When the page stopped at SCAN_BUDGET before it was full: the arrival
+    # time it searched back to (the next page goes on from there).
+    searched_to: float | None = None
+
+
+def _select(conn: sqlite3.Connection, index: str, query: RequestQuery, where: Bounds, limit: int) -> list[dict[str, Any]]:
+    terms = [f"{column} = ?" for column, _ in query.filters] + where.terms
+    cursor = conn.execute(
+        f"{_SELECT} INDEXED BY {index} WHERE {' AND '.join(terms) or '1'} ORDER BY ts DESC, id DESC LIMIT {limit}",
+        [value for _, value in query.filters] + where.params,
+    )
+    return [dict(zip(_COLUMNS, values)) for values in cursor]
+
+
+def list_rows(conn: sqlite3.Connection, query: RequestQuery) -> Page:
+    """A page of rows, newest first, and where the next one starts."""
+    where = bounds(conn, query)
+    if where is None:
+        return Page([], None)
+    index, entries = choose_index(conn, query, where)
+    if entries < SCAN_BUDGET:
+        # Every entry the index has in range matches, or there are few.
+        rows = _select(conn, index, query, where, query.limit + 1)
+        more = len(rows) > query.limit
+        rows = rows[:query.limit]
+        return Page(rows, rows[-1]["id"] if more else None)
+    # Several filters, each with many rows, possibly few in common: read the
+    # index a window of SCAN_STEP entries at a time, up to SCAN_BUDGET.
+    column, value = next((c, v) for c, v in query.filters if _FILTER_INDEXES[c] == index)
+    rows = []
+    for _ in range(SCAN_BUDGET // SCAN_STEP):
+        edge = conn.execute(
+            f"SELECT ts, id FROM usage INDEXED BY {index} WHERE {' AND '.join([f'{column} = ?', *where.terms])} "
+            f"ORDER BY ts DESC, id DESC LIMIT 1 OFFSET {SCAN_STEP - 1}", [value, *where.params],
+        ).fetchone()
+        window = where if edge is None else Bounds(
+            where.lower + ["ts >= ? AND (ts > ? OR id >= ?)"], where.lower_params + [edge[0], edge[0], edge[1]],
+            where.upper, where.upper_params)
+        rows += _select(conn, index, query, window, query.limit + 1 - len(rows))
+        if len(rows) > query.limit:
+            rows = rows[:query.limit]
+            return Page(rows, rows[-1]["id"])
+        if edge is None:
+            return Page(rows, None)
+        where = where.below(edge[0], edge[1])
+    # The budget is spent: the next page goes on below the last entry read,
+    # a row that need not match the filters (the cursor only says where).
+    assert edge is not None
+    return Page(rows, edge[1], None if len(rows) == query.limit else edge[0])
 
 
 def one_row(conn: sqlite3.Connection, row_id: int) -> dict[str, Any] | None:
@@ -213,9 +283,11 @@ async def requests_api(request: Request) -> Reply:
     except BadParameter as e:
         return web.bad_parameter(request, e)
     tz = request.server.tz
-    rows, after = await web.read(request.server.database, lambda conn: list_rows(conn, query))
-    return web.json_reply({"rows": [to_json(row, tz) for row in rows], "next_before": after,
-                           "timezone": tz.key})
+    page = await web.read(request.server.database, lambda conn: list_rows(conn, query))
+    return web.json_reply({
+        "rows": [to_json(row, tz) for row in page.rows], "next_before": page.next_before,
+        "searched_to": None if page.searched_to is None else format_time(page.searched_to, tz), "timezone": tz.key,
+    })
 
 
 def _row_id(request: Request) -> int:
@@ -254,8 +326,8 @@ def _cost(row: dict[str, Any]) -> str:
     return f"{escape(shown)}{mark}"
 
 
-def _list_html(request: Request, query: RequestQuery, rows: list[dict[str, Any]], after: int | None,
-               known: dict[str, list[str]], tz: ZoneInfo) -> str:
+def _list_html(request: Request, query: RequestQuery, page: Page, known: dict[str, list[str]], tz: ZoneInfo) -> str:
+    rows, after = page.rows, page.next_before
     kept = {k: request.query[k].strip() for k in ("user", "project", "model", "outcome", "status", "from", "until",
                                                     "limit") if request.query.get(k, "").strip()}
 
@@ -297,8 +369,12 @@ def _list_html(request: Request, query: RequestQuery, rows: list[dict[str, Any]]
         "<div class=\"scroll\"><table id=\"requests\"><thead><tr><th>Time</th><th>User</th><th>Project</th><th>Model</th>"
         "<th>Upstream/key</th><th>Status</th><th>Outcome</th><th>Input</th><th>Output</th><th>Cache read</th>"
         f"<th>Cost</th><th>TTFB</th><th>Total</th></tr></thead><tbody>{body_rows}</tbody></table></div>"
-        if rows else "<p id=\"requests-empty\">No requests match these filters.</p>"
+        if rows else "<p id=\"requests-empty\">No requests match these filters"
+        f"{'' if page.searched_to is None else ' so far'}.</p>"
     )
+    if page.searched_to is not None:
+        table += (f"<p id=\"searched\" class=\"hint\">Searched back to {escape(format_time(page.searched_to, tz))} "
+                  "(these filters have few requests in common); Older searches on.</p>")
     links = []
     if query.before is not None:
         links.append(f"<a id=\"newest\" href=\"/requests?{escape(urlencode(kept))}\">Newest</a>")
@@ -322,9 +398,9 @@ async def requests_page(request: Request) -> Reply:
 
     def render(conn: sqlite3.Connection) -> str:
         # In the worker thread, the rendering too: the loop only sends it.
-        rows, after = list_rows(conn, query)
+        page = list_rows(conn, query)
         known = {name: suggestions(conn, name) for name in ("user", "project", "model")}
-        body = _list_html(request, query, rows, after, known, tz)
+        body = _list_html(request, query, page, known, tz)
         return pages.operator_page(title="Requests", active="/requests", operator=operator, csrf=csrf, tz=tz,
                                    now=now, body=body)
 
@@ -438,10 +514,14 @@ ROUTES = [
         "tags": ["requests"],
         "parameters": _FILTER_PARAMETERS,
         "responses": {"200": {"description": "rows, newest first; next_before: the cursor of the next page, "
-                                             "null on the last", "content": {web.JSON: {"schema": {
+                                             "null on the last. A page may hold fewer rows than limit and "
+                                             "still have a next one: with several filters that have few rows "
+                                             "in common it stops after reading 50,000, and searched_to says "
+                                             "how far back it got", "content": {web.JSON: {"schema": {
                                                  "type": "object", "properties": {
                                                      "rows": {"type": "array", "items": _ROW_SCHEMA},
                                                      "next_before": {"type": ["integer", "null"]},
+                                                     "searched_to": {"type": ["string", "null"]},
                                                      "timezone": {"type": "string"}}}}}},
                       "400": {"$ref": "#/components/responses/Error"}},
     }),
