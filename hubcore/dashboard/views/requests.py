@@ -78,7 +78,7 @@ class RequestQuery:
     filters: tuple[tuple[str, str | int], ...]   # (column, value) of each equality filter given
     since: float | None                          # inclusive, unix seconds
     until: float | None                          # exclusive
-    before: int | None                           # the id of the previous page's last row
+    before: int | None                           # the cursor: the previous page's next_before
     limit: int
 
 
@@ -292,7 +292,7 @@ async def requests_api(request: Request) -> Reply:
 
 def _row_id(request: Request) -> int:
     text = request.path_params["id"]
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise BadParameter(f"id: expected a request's number, got {text!r}")
     return int(text)
 
