@@ -348,15 +348,18 @@ def prepare(path: Path) -> tuple[Samples, str]:
             newest, oldest = conn.execute("SELECT max(id), min(id) FROM usage").fetchone()
             # The busiest over the last 50,000 rows: a sample, not a scan of all.
             recent = f"FROM usage WHERE id > {int(newest or 0) - 50_000}"
-            user = conn.execute(f"SELECT user {recent} AND user IS NOT NULL GROUP BY user ORDER BY count(*) DESC LIMIT 1").fetchone()
-            project = conn.execute(f"SELECT project {recent} AND project IS NOT NULL GROUP BY project ORDER BY count(*) DESC LIMIT 1").fetchone()
-            model = conn.execute(f"SELECT model {recent} AND model IS NOT NULL GROUP BY model ORDER BY count(*) ASC LIMIT 1").fetchone()
+
+            def most(column: str, order: str = "DESC") -> Any:
+                return conn.execute(f"SELECT {column} {recent} AND {column} IS NOT NULL "
+                                    f"GROUP BY {column} ORDER BY count(*) {order} LIMIT 1").fetchone()
+
+            user, project, model = most("user"), most("project"), most("model", "ASC")
             key = conn.execute(f"SELECT upstream, key_label {recent} AND key_label IS NOT NULL LIMIT 1").fetchone()
             if user is None or project is None or model is None or key is None:
                 raise SystemExit(f"{path} has no usage rows to time the dashboard with")
-            others = [p for (p,) in conn.execute("SELECT DISTINCT project FROM tokens WHERE user != ? AND project IS NOT NULL "
-                                                 "AND project NOT IN (SELECT project FROM tokens WHERE user = ? AND project IS NOT NULL)",
-                                                 (user[0], user[0]))]
+            others = [p for (p,) in conn.execute(
+                "SELECT DISTINCT project FROM tokens WHERE user != ? AND project IS NOT NULL AND project NOT IN "
+                "(SELECT project FROM tokens WHERE user = ? AND project IS NOT NULL)", (user[0], user[0]))]
             token_id = conn.execute("SELECT id FROM tokens WHERE user = ? ORDER BY id LIMIT 1", (user[0],)).fetchone()[0]
             conn.execute("DELETE FROM tokens WHERE note = 'bench developer'")
             project_of = conn.execute("SELECT project FROM tokens WHERE id = ?", (token_id,)).fetchone()[0]
@@ -585,7 +588,8 @@ def render(timings: list[Timing], rows: int, rounds: int, skipped: list[str]) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dashboard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, help=f"usage rows (default {DEFAULT_ROWS:,}; --quick: {QUICK_ROWS:,})")
-    parser.add_argument("--rounds", type=int, help=f"timed requests per route (default {DEFAULT_ROUNDS}; --quick: {QUICK_ROUNDS})")
+    parser.add_argument("--rounds", type=int,
+                        help=f"timed requests per route (default {DEFAULT_ROUNDS}; --quick: {QUICK_ROUNDS})")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few rows, few rounds (CI)")
     parser.add_argument("--database", help="the SQLite file to build or reuse (default: bench/results/dashboard-ROWS.db)")
     parser.add_argument("--json", help="also write every timing to this file")

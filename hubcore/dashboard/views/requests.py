@@ -413,7 +413,8 @@ def _detail_html(row: dict[str, Any], tz: ZoneInfo) -> str:
         return f"<tr id=\"field-{key}\"><th scope=\"row\">{label}</th><td>{value}</td></tr>"
 
     def count(key: str, label: str) -> str:
-        return f"<tr id=\"tokens-{key}\"><th scope=\"row\">{label}</th><td class=\"num\" data-value=\"{row[key]}\">{row[key]:,}</td></tr>"
+        return (f"<tr id=\"tokens-{key}\"><th scope=\"row\">{label}</th>"
+                f"<td class=\"num\" data-value=\"{row[key]}\">{row[key]:,}</td></tr>")
 
     micros = row["cost_micros"]
     cost = "-" if micros is None else format_usd(micros)
@@ -433,7 +434,8 @@ def _detail_html(row: dict[str, Any], tz: ZoneInfo) -> str:
         f" → <span class=\"status\">{escape(str(hop['status']))}</span></li>"
         for hop in chain
     )
-    route = f"<ol id=\"route\">{attempts}</ol>" if chain else "<p id=\"route\">The hub answered by itself: no attempt upstream.</p>"
+    route = (f"<ol id=\"route\">{attempts}</ol>" if chain
+             else "<p id=\"route\">The hub answered by itself: no attempt upstream.</p>")
     basis = _BASIS_TITLES.get(row["cost_basis"], str(row["cost_basis"]))
     fields = "".join([
         line("time", "Time", escape(format_time(row["ts"], tz))),
