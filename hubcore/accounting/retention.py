@@ -160,6 +160,8 @@ class Retention:
             except (sqlite3.Error, store.SchemaTooNew) as e:
                 # A locked or unwritable database: the rows wait for the next pass.
                 log.warning("usage retention: pass failed, retrying in %g s: %s", self.interval, e)
+            except Exception:  # noqa: BLE001 - a bug here must not take the hub's stop down with it
+                log.exception("usage retention: pass failed, retrying in %g s", self.interval)
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             except TimeoutError:
