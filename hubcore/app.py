@@ -25,7 +25,7 @@ from hubcore.dashboard.server import DashboardServer
 from hubcore.errors import ConfigError
 from hubcore.governance.limiter import Limiter
 from hubcore.governance import audit, tokens as tokens_mod
-from hubcore.governance.limits import effective_groups
+from hubcore.governance.limits import calendar_periods, effective_groups
 from hubcore.governance.storage import load_scope_limits, read_limits
 from hubcore.ops.metrics import KEY_FIELDS, HubMetrics
 from hubcore.ops.server import KeyReset, KeySwitched, OpsServer
@@ -37,6 +37,7 @@ from hubcore.http.client import client_ssl_context
 from hubcore.http.server import Server, server_ssl_context
 from hubcore.governance.tokens import TokenTable
 from hubcore.accounting.recorder import UsageRecorder
+from hubcore.accounting.retention import Retention
 
 log = logging.getLogger("hubcore")
 
@@ -97,6 +98,16 @@ class App:
                 config.dashboard, database=config.server.database, timezone=config.server.budget_timezone,
                 tokens=self.tokens, limiter=self.limiter, hub=self,
             )
+        self.retention: Retention | None = None
+        if config.server.usage_retention_days:
+            budget_zone = self.limiter.tz
+            self.retention = Retention(
+                config.server.database, config.server.usage_retention_days,
+                # No row of a budget period still current goes (a week can
+                # start in the previous month).
+                keep_since=lambda now: min(start for start, _ in calendar_periods(now, budget_zone)),
+                busy_timeout_ms=int(config.server.db_busy_timeout * 1000),
+            )
         self.watchdog = sdnotify.Watchdog()
         self.db: sqlite3.Connection | None = None
         self.addresses: list[tuple[str, int]] = []
@@ -144,6 +155,9 @@ class App:
             except OSError as e:
                 why = store.directory_problem(self.ops.path) or e.strerror or str(e)
                 raise StartFailed(f"cannot open the ops socket {self.ops.path}: {why}") from e
+        if self.retention is not None:
+            # After the budgets' rebuild, which must see the rows as they were.
+            self.retention.start()
         self.watchdog.start()
         sdnotify.ready(f"listening on {cfg.listen}")
         return self.addresses
@@ -420,6 +434,8 @@ class App:
         await self.server.shutdown(self.config.server.drain_timeout)
         if self.dashboard is not None:
             await self.dashboard.close()
+        if self.retention is not None:
+            await self.retention.stop()  # after the batch under way
         if self._reloader is not None:
             self._reloader.cancel()
         self.cycles.stop()

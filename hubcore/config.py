@@ -31,6 +31,10 @@ UPSTREAM_KINDS = ("anthropic", "openai")
 # commands alike, when neither --config nor $HUBCORE_CONFIG names a file.
 SYSTEM_CONFIG = "/etc/hubcore/hubcore.toml"
 
+# The shortest usage retention: the longest calendar budget window, a month,
+# is rebuilt at start from its usage rows.
+USAGE_RETENTION_MIN_DAYS = 31
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -98,6 +102,11 @@ class ServerConfig:
     # IANA zone in which the day, week (from Monday) and month budget
     # windows start; the 5-hour window is rolling and zone-free.
     budget_timezone: str = "UTC"
+    # Days raw usage rows are kept; older ones are deleted hourly, in small
+    # batches (hubcore.accounting.retention). 0: kept for ever. At least
+    # USAGE_RETENTION_MIN_DAYS otherwise: monthly budgets are rebuilt at
+    # start from the current month's rows.
+    usage_retention_days: float = 0.0
     # Seconds between the cyclic garbage collector's full collections, which
     # pause the hub (tens of ms with 1,000 streams open); 0 leaves them to
     # CPython, which runs them as the heap grows (see runtime.CycleCollector).
@@ -435,6 +444,14 @@ def parse_server(raw: Any, source: str) -> ServerConfig:
                  "metrics_max_series"):
         if getattr(server, name) < 0:
             raise ConfigError(f"{source}: server.{name}: must not be negative")
+    retention = server.usage_retention_days
+    if not math.isfinite(retention):
+        raise ConfigError(f"{source}: server.usage_retention_days: must be a number of days (0: keep every row)")
+    if 0 < retention < USAGE_RETENTION_MIN_DAYS:
+        raise ConfigError(
+            f"{source}: server.usage_retention_days: {retention:g} is too short: monthly budgets are rebuilt at "
+            f"start from the month's usage rows, so keep at least {USAGE_RETENTION_MIN_DAYS} days (0: keep every row)"
+        )
     return server
 
 

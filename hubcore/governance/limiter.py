@@ -426,6 +426,19 @@ class Limiter:
         in the table would be lost)."""
         if now is None:
             now = self._clock()
+        # One read transaction: usage retention (accounting.retention) moves
+        # spend from usage rows to usage_carried in one commit, and the sums
+        # must see it on one side only.
+        own_transaction = not conn.in_transaction
+        if own_transaction:
+            conn.execute("BEGIN")
+        try:
+            self._rebuild(conn, now)
+        finally:
+            if own_transaction:
+                conn.execute("COMMIT")
+
+    def _rebuild(self, conn: sqlite3.Connection, now: float) -> None:
         for table in (self._tokens, self._users, self._projects):
             for scope in table.values():
                 scope.clear_spend()
@@ -444,6 +457,8 @@ class Limiter:
                 # Not in the tokens table (a database assembled by hand):
                 # the usage rows themselves say whose it was.
                 row = conn.execute("SELECT user, project FROM usage WHERE token_id = ? LIMIT 1", (token_id,)).fetchone()
+                if row is None:
+                    row = conn.execute("SELECT user, project FROM usage_carried WHERE token_id = ?", (token_id,)).fetchone()
                 found = owners[token_id] = (row[0], row[1]) if row else (None, None)
             return found
 
@@ -459,6 +474,13 @@ class Limiter:
             user, project = owner(token_id)
             for scope in self._scopes_for(token_id, user, project):
                 self._credit(scope, total, in_day, in_week, in_month)
+        # The spend of rows usage retention removed, which arrived before
+        # every current period: it counts in `total` alone.
+        rows = conn.execute("SELECT token_id, cost_micros FROM usage_carried WHERE cost_micros > 0")
+        for token_id, total in rows.fetchall():
+            user, project = owner(token_id)
+            for scope in self._scopes_for(token_id, user, project):
+                self._credit(scope, total, 0, 0, 0)
         first_minute = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
         rows = conn.execute(
             "SELECT token_id, CAST(ts / ? AS INTEGER) AS minute, SUM(cost_micros)"
