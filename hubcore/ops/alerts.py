@@ -532,7 +532,9 @@ class Alerts:
         depth = int(stats.get("queue_depth", 0))
         error = stats.get("last_error")
         found = {
-            "spool": spooled > spooled_before,
+            # Rows went to the spool since the last look; the condition lasts
+            # until the spool is replayed (pending 0), not one look.
+            "spool": spooled > spooled_before or ("spool" in active and bool(stats.get("spool_pending"))),
             "queue": depth >= USAGE_QUEUE_ALERT * queue_max,
             "database": stats.get("db_healthy") is False,
         }
