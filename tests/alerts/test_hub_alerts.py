@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,3 +257,55 @@ def test_alert_test_prints_each_targets_answer_and_never_a_url(tmp_path: Path, r
     # Every target answering: exit 0.
     path.write_text(f'[[alert]]\nurl = "{receiver.url}"\n')
     assert run_cli("alert", "test", "--config", str(path)).returncode == 0
+
+
+def test_failover_to_the_spare_upstream_and_the_return_to_the_preferred_one(tmp_path: Path, receiver: WebhookReceiver) -> None:
+    with FakeVendor({ANTHROPIC_KEY: "ok", "sk-ant-revoked": 401}) as vendor:
+        upstreams = [
+            {"name": "main", "kind": "anthropic", "base_url": vendor.url, "priority": 0,
+             "keys": [{"key": "sk-ant-revoked", "label": "main-1"}]},
+            {"name": "spare", "kind": "anthropic", "base_url": vendor.url, "priority": 1,
+             "keys": [{"key": ANTHROPIC_KEY, "label": "spare-1"}]},
+        ]
+        config = dataclasses.replace(
+            make_config(tmp_path, upstreams),
+            alerts=config_mod.parse_alerts([{"url": receiver.url, "events": ["upstream", "key.dead"]}], "<test>", {}),
+        )
+        with HubThread(config) as hub:
+            assert hub.app is not None
+            sdk = client(hub, hub.mint())
+            assert ask(sdk) == expected_text()  # main's key refused, the spare answered
+            assert ask(sdk) == expected_text()
+            bodies = receiver.settle()
+            assert sorted(b["event"] for b in bodies) == ["key.dead", "upstream.failover", "upstream.unavailable"]
+            failover = next(b for b in bodies if b["event"] == "upstream.failover")
+            assert failover["details"] == {"from": "main", "to": "spare", "from_priority": 0, "to_priority": 1}
+            # The operator brings the key back: the preferred upstream is usable, and says so.
+            hub.call(hub.app.set_key_enabled("main-1", True))
+            back = receiver.wait_for(4)[3:]
+            assert [(b["event"], b["details"]["upstream"]) for b in back] == [("upstream.recovered", "main")]
+
+
+def test_the_usage_writer_spooling_raises_one_degraded_alert(
+    vendor: FakeVendor, tmp_path: Path, receiver: WebhookReceiver,
+) -> None:
+    config = make_config(tmp_path, upstreams_for(vendor), db_busy_timeout=0.1)
+    config = dataclasses.replace(
+        config, alerts=config_mod.parse_alerts([{"url": receiver.url, "events": ["usage"]}], "<test>", {}),
+    )
+    with HubThread(config) as hub:
+        sdk = client(hub, hub.mint())
+        # Another process holds the database: the writer waits its busy
+        # timeout, then the rows go to the spool.
+        blocker = sqlite3.connect(config.server.database, timeout=5)
+        try:
+            blocker.execute("BEGIN EXCLUSIVE")
+            for _ in range(3):
+                assert ask(sdk) == expected_text()
+            bodies = receiver.wait_for(1, timeout=5)
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert bodies and {b["event"] for b in bodies} == {"usage.degraded"}
+        assert "spool" in {b["details"]["condition"] for b in bodies}
+        hub.wait_rows(3)
