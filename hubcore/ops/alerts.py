@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -106,7 +107,7 @@ def render_body(alert: Alert, fmt: str, hub: str) -> bytes:
     })
 
 
-def budget_alert(crossing: BudgetCrossing, tz: Any = None) -> Alert:
+def budget_alert(crossing: BudgetCrossing, tz: ZoneInfo | None = None) -> Alert:
     """A budget threshold passed (Limiter.on_crossing)."""
     c = crossing
     spent, limit = format_usd(c.spent_micros), format_usd(c.limit_micros)
@@ -330,8 +331,12 @@ class Target:
 
     def _ensure_task(self) -> None:
         if self.task is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # not started yet: the queue waits for the next offer on the loop
             self._wake = asyncio.Event()
-            self.task = asyncio.get_running_loop().create_task(self._run(), name=f"hubcore-alert-{self.label}")
+            self.task = loop.create_task(self._run(), name=f"hubcore-alert-{self.label}")
 
     def _drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -407,7 +412,7 @@ class Alerts:
     them. Everything runs on the event loop thread."""
 
     def __init__(
-        self, configs: Iterable[AlertConfig], *, timezone: Any = None, hub: str | None = None,
+        self, configs: Iterable[AlertConfig], *, timezone: ZoneInfo | None = None, hub: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hub = hub or socket.gethostname()
