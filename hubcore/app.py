@@ -311,10 +311,10 @@ class App:
             return False, str(e)
         self.prices = prices
         self.hub.prices = prices
-        changes = []
+        # The new targets first: keys a reload revives are news for them.
+        changes = self.alerts.configure(new.alerts)
         for runtime, reconfig in reconfigs:
             changes += [f"upstream {runtime.config.name}: {change}" for change in runtime.apply(reconfig)]
-        changes += self.alerts.configure(new.alerts)
         for router in self.hub.routers.values():
             router.reconfigured()
         for change in changes:
