@@ -27,6 +27,7 @@ from hubcore.governance.limiter import Limiter
 from hubcore.governance import audit, tokens as tokens_mod
 from hubcore.governance.limits import calendar_periods, effective_groups
 from hubcore.governance.storage import load_scope_limits, read_limits
+from hubcore.ops.alerts import Alerts
 from hubcore.ops.metrics import KEY_FIELDS, HubMetrics
 from hubcore.ops.server import KeyReset, KeySwitched, OpsServer
 from hubcore.runtime import CycleCollector
@@ -81,6 +82,13 @@ class App:
         # Spend and tokens per user, project and model for /metrics, from the same events.
         self.recorder.add_listener(self.metrics.on_usage)
         self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter)
+        # Alerts hear of budget thresholds, key states and failovers through
+        # hooks off the request path's common case (hubcore.ops.alerts).
+        self.alerts = Alerts(config.alerts, timezone=self.limiter.tz)
+        self.limiter.on_crossing = self.alerts.on_crossing
+        self.hub.on_failover = self.alerts.on_failover
+        for upstream in self.hub.upstreams.values():
+            self.alerts.watch(upstream.ring)
         self.server = Server(config.server, self.hub.handle, loop, self.metrics, gate=self.hub.gate, render_error=self.hub.render_error)
         if logging.getLevelName(config.server.log_level.upper()) <= logging.INFO:
             self.hub.access = AccessLog(sys.stderr, loop, json=config.server.log_format == "json")
@@ -147,6 +155,7 @@ class App:
         for upstream in self.hub.upstreams.values():
             upstream.start()  # the hub's probes of keys whose circuits are open
         self.metrics.start()
+        self.alerts.watch_usage(self.recorder.stats, cfg.usage_queue_max)
         if self.ops is not None:
             try:
                 await self.ops.start()
@@ -184,6 +193,7 @@ class App:
         snapshot = self.metrics.snapshot(self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__)
         snapshot["draining"] = self.server.draining
         snapshot["gc"] = self.cycles.stats()
+        snapshot["alerts"] = self.alerts.stats()
         return snapshot
 
     def keys(self) -> list[dict[str, Any]]:
@@ -245,6 +255,7 @@ class App:
     def metrics_text(self) -> str:
         return self.metrics.render_prometheus(
             self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__, gc=self.cycles.stats(),
+            alerts=self.alerts.stats(),
         )
 
     async def explain_route(
@@ -407,7 +418,8 @@ class App:
             return False, str(e)
         self.prices = prices
         self.hub.prices = prices
-        changes = []
+        # The new targets first: keys a reload revives are news for them.
+        changes = self.alerts.configure(new.alerts)
         for runtime, reconfig in reconfigs:
             changes += [f"upstream {runtime.config.name}: {change}" for change in runtime.apply(reconfig)]
         for router in self.hub.routers.values():
@@ -439,6 +451,7 @@ class App:
         if self._reloader is not None:
             self._reloader.cancel()
         self.cycles.stop()
+        await self.alerts.close()
         self.hub.close()
         if self.hub.access is not None:
             self.hub.access.close()

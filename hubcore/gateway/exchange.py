@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from hubcore.accounting import meter as sse
@@ -155,6 +155,9 @@ class Hub:
                 )
         self._id_prefix = "hc_" + os.urandom(4).hex()
         self._id_counter = 0
+        # Told of each failover, (from, to), after it is counted (the alerts:
+        # hubcore.ops.alerts); only failing attempts come this way.
+        self.on_failover: Callable[[UpstreamConfig, UpstreamConfig], None] | None = None
 
     def request_id(self) -> str:
         self._id_counter += 1
@@ -571,6 +574,8 @@ class Exchange:
             self.upstream = moved
             if self.hub.metrics is not None:
                 self.hub.metrics.failover(upstream.config.name, moved.config.name)
+            if self.hub.on_failover is not None:
+                self.hub.on_failover(upstream.config, moved.config)
         return moved
 
     def report(self) -> None:

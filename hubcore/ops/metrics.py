@@ -496,9 +496,11 @@ class HubMetrics:
         *,
         key_states: Sequence[str] = KEY_STATES,
         gc: Mapping[str, Any] | None = None,
+        alerts: Mapping[str, Any] | None = None,
     ) -> str:
         """Everything for ``GET /metrics`` in the Prometheus text format 0.0.4;
-        ``gc`` is the hub's garbage-collector stats (runtime.CycleCollector.stats)."""
+        ``gc`` is the hub's garbage-collector stats (runtime.CycleCollector.stats),
+        ``alerts`` its alert targets' counters (ops.alerts.Alerts.stats)."""
         out = _Exposition()
         out.family("hubcore_build_info", "gauge", "Version of the running hub; always 1.")
         out.sample("hubcore_build_info", 1, version=version)
@@ -569,8 +571,25 @@ class HubMetrics:
 
         self._render_writer(out, writer or {})
         self._render_gc(out, gc or {})
+        if alerts is not None:
+            self._render_alerts(out, alerts)
         self._render_keys(out, keys or {}, key_states)
         return out.text()
+
+    @staticmethod
+    def _render_alerts(out: _Exposition, alerts: Mapping[str, Any]) -> None:
+        out.family("hubcore_alerts_sent_total", "counter", "Alerts a webhook accepted (2xx).")
+        out.sample("hubcore_alerts_sent_total", alerts.get("sent", 0))
+        out.family("hubcore_alerts_dropped_total", "counter",
+                   "Alerts given up, by reason: queue_full, timeout, unreachable, rejected (an answer "
+                   "not 2xx, or retries used up), reload, shutdown.")
+        for reason, n in sorted(alerts.get("dropped", {}).items()):
+            out.sample("hubcore_alerts_dropped_total", n, reason=reason)
+        out.family("hubcore_alerts_deduplicated_total", "counter",
+                   "Alerts not sent because the same alert went out within its min_interval.")
+        out.sample("hubcore_alerts_deduplicated_total", alerts.get("deduplicated", 0))
+        out.family("hubcore_alerts_queued", "gauge", "Alerts waiting for delivery, all targets.")
+        out.sample("hubcore_alerts_queued", alerts.get("queued", 0))
 
     def _render_usage(self, out: _Exposition) -> None:
         rows = sorted(self.usage.items())

@@ -52,6 +52,11 @@ __all__ = [
 # Every change of a key's state is one line here (see KeyRing._transition).
 log = logging.getLogger("hubcore.keys")
 
+# Told of every change of a key's state, where it is logged: (ring, label,
+# old state, new state, reason). Called inside the ring's own calls: it must
+# not call back into the ring, except to read `states()`.
+StateListener = Callable[["KeyRing", str, "KeyState", "KeyState", str], None]
+
 
 class KeyState(enum.Enum):
     HEALTHY = "healthy"
@@ -343,6 +348,8 @@ class KeyRing:
         # Labels the operator disabled, kept while no key has the label (a
         # reload may bring it back; see restore_disabled).
         self._disabled: set[str] = set()
+        # The alerts' hook (hubcore.ops.alerts); None: nobody listens.
+        self.listener: StateListener | None = None
         self.replace_specs(specs)
 
     # -- selection ---------------------------------------------------------
@@ -663,20 +670,25 @@ class KeyRing:
                 _wake(waiter)
         if new is not old:
             level = _log_level(old, new)
-            if log.isEnabledFor(level):
+            listener = self.listener
+            logged = log.isEnabledFor(level)
+            if logged or listener is not None:
                 reason = _reason(key, event, old, now, rest_until, failure, probe, cause, self.policy)
-                log.log(
-                    level,
-                    "upstream %s key %s: %s -> %s (%s)",
-                    self.name, key.spec.label, old.value, new.value, reason,
-                    extra={
-                        "upstream": self.name,
-                        "label": key.spec.label,
-                        "old_state": old.value,
-                        "new_state": new.value,
-                        "reason": reason,
-                    },
-                )
+                if logged:
+                    log.log(
+                        level,
+                        "upstream %s key %s: %s -> %s (%s)",
+                        self.name, key.spec.label, old.value, new.value, reason,
+                        extra={
+                            "upstream": self.name,
+                            "label": key.spec.label,
+                            "old_state": old.value,
+                            "new_state": new.value,
+                            "reason": reason,
+                        },
+                    )
+                if listener is not None:
+                    listener(self, key.spec.label, old, new, reason)
 
     def _next_pause(self, pause: float, failure: Failure | None) -> float:
         """The pause of a circuit that opens after `pause` (0.0: none since a
@@ -897,6 +909,12 @@ class KeyRing:
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self._keys)
+
+    def states(self) -> dict[str, KeyState]:
+        """Each key's state as it stands, without looking at the clock (a
+        rest that is over reads as COOLING until the ring next looks): safe
+        to call from a StateListener."""
+        return {label: key.state for label, key in self._keys.items()}
 
     @property
     def in_flight(self) -> int:
