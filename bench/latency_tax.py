@@ -204,8 +204,10 @@ def add_deltas(rows: dict[str, dict[str, Any]]) -> None:
 # -- the run ------------------------------------------------------------------------
 class Bench:
     def __init__(self, plan: Plan, workdir: Path, clients: int, use_nginx: bool, use_wrk: bool,
-                 hub_source: str | None = None, alt_source: str | None = None) -> None:
+                 hub_source: str | None = None, alt_source: str | None = None, alert_blackhole: bool = False) -> None:
         self.plan = plan
+        # --alert-blackhole: the measured hub has an [[alert]] target that never answers.
+        self.alert_blackhole = alert_blackhole
         self.hub_source = hub_source
         self.alt_source = alt_source
         self.workdir = workdir
@@ -238,8 +240,14 @@ class Bench:
     def start(self) -> None:
         self.vendor = self._own(services.start_vendor(self.workdir))
         pool = max(1024, self.plan.streams + 64)
+        alert_url = None
+        if self.alert_blackhole:
+            alert_url = self._own(services.Blackhole()).url
+            self.notes.append("--alert-blackhole: hubcore has an [[alert]] target that never answers, and a soft "
+                              "budget its first request passes; an alert delivery hangs on it while requests are "
+                              "measured (the --compare hub and the saturation hubs have none).")
         self.hub = self._own(services.start_hub(self.workdir, "hub", f"http://127.0.0.1:{self.vendor.port}", pool,
-                                                     self.hub_source))
+                                                     self.hub_source, alert_url=alert_url))
         if self.alt_source:
             self.alt = self._own(services.start_hub(self.workdir, "hub-alt", f"http://127.0.0.1:{self.vendor.port}", pool,
                                                     self.alt_source))
@@ -673,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="put configs, databases and logs here (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     parser.add_argument("--hubcore-path", help="run the hub from this source tree (its hubcore/ package) instead of this checkout")
+    parser.add_argument("--alert-blackhole", action="store_true",
+                        help="give the hub an [[alert]] webhook that never answers, with an alert hanging on it "
+                             "from the first request: its latency must not move (compare with a run without)")
     parser.add_argument("--compare", metavar="TREE",
                         help=f"also measure a hub run from this source tree, as path {ALT!r}, interleaved with the others (A/B a change)")
     args = parser.parse_args(argv)
@@ -682,13 +693,16 @@ def main(argv: list[str] | None = None) -> int:
     plan = quick_plan() if args.quick else full_plan()
     started = time.monotonic()
     with workdir(args.workdir, args.keep) as wd:
-        bench = Bench(plan, wd, max(1, args.clients), not args.no_nginx, not args.no_wrk, args.hubcore_path, args.compare)
+        bench = Bench(plan, wd, max(1, args.clients), not args.no_nginx, not args.no_wrk, args.hubcore_path, args.compare,
+                      args.alert_blackhole)
         try:
             bench.start()
             print(f"bench: services up in {wd}; measuring {', '.join(bench.paths)}…", file=sys.stderr)
             report: dict[str, Any] = {
                 "quick": args.quick,
-                "environment": environment(bench.nginx_bin, bench.wrk_bin) | {"hubcore_path": args.hubcore_path, "compare": args.compare},
+                "environment": environment(bench.nginx_bin, bench.wrk_bin) | {
+                    "hubcore_path": args.hubcore_path, "compare": args.compare, "alert_blackhole": args.alert_blackhole,
+                },
                 "notes": bench.notes,
                 "plan": plan,
                 "hub_idle_rss": bench.idle_rss,

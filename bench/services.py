@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,17 +177,67 @@ pool_max_idle = {pool}
 """
 
 
+# --alert-blackhole: an [[alert]] target that never answers, and a soft
+# budget of one micro-dollar on the bench token, which the first request
+# passes: from then on a delivery hangs on the target (retried, each attempt
+# waiting its whole timeout) while the requests are measured.
+ALERT_CONFIG = """
+[[alert]]
+name = "blackhole"
+url = "{url}"
+timeout = 30.0
+retries = 10
+"""
+ALERT_BUDGET = ["--budget", "total=0.000001", "--soft"]
+
+
+class Blackhole:
+    """A webhook target that accepts connections and never answers (nor
+    reads): a thread of the benchmark's own, stopped with it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, name="blackhole", daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/never-answers"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # stopped
+            self.held.append(conn)
+
+    def stop(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
 def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | None = None,
-              launcher: list[str] | None = None) -> Hub:
+              launcher: list[str] | None = None, alert_url: str | None = None) -> Hub:
     """`hubcore token create` then `hubcore serve --config`, as a user would
     (hubcore imported from `source` when given: to compare two trees;
-    `launcher` replaces `python -m hubcore`, e.g. to run it under a profiler)."""
+    `launcher` replaces `python -m hubcore`, e.g. to run it under a profiler;
+    `alert_url`: an [[alert]] target, with a soft budget that the first
+    request passes, see ALERT_CONFIG)."""
     d = workdir / name
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
     (d / "key-b").write_text(VENDOR_KEYS[1] + "\n")
     config = d / "hubcore.toml"
-    config.write_text(HUB_CONFIG.format(port=port, dir=d, upstream=upstream, pool=pool))
+    text = HUB_CONFIG.format(port=port, dir=d, upstream=upstream, pool=pool)
+    if alert_url is not None:
+        text += ALERT_CONFIG.format(url=alert_url)
+    config.write_text(text)
     env = _env(source)
     env["BENCH_ANTHROPIC_KEY_A"] = VENDOR_KEYS[0]
     # `token create` makes no database unless given --init, which trees from
@@ -194,7 +245,8 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
     # SQLite database to both.
     (d / "hubcore.db").touch()
     made = subprocess.run([*_python(), "-m", "hubcore", "token", "create", "--config", str(config),
-                           "--user", "bench", "--project", "latency-tax"],
+                           "--user", "bench", "--project", "latency-tax",
+                           *(ALERT_BUDGET if alert_url is not None else [])],
                           capture_output=True, text=True, env=env, cwd=d, timeout=60)
     if made.returncode != 0:
         raise RuntimeError(f"hubcore token create failed: {made.stderr.strip()}")

@@ -25,18 +25,20 @@ from hubcore.dashboard.server import DashboardServer
 from hubcore.errors import ConfigError
 from hubcore.governance.limiter import Limiter
 from hubcore.governance import audit, tokens as tokens_mod
-from hubcore.governance.limits import effective_groups
+from hubcore.governance.limits import calendar_periods, effective_groups
 from hubcore.governance.storage import load_scope_limits, read_limits
-from hubcore.ops.metrics import HubMetrics
-from hubcore.ops.server import KeySwitched, OpsServer
+from hubcore.ops.alerts import Alerts
+from hubcore.ops.metrics import KEY_FIELDS, HubMetrics
+from hubcore.ops.server import KeyReset, KeySwitched, OpsServer
 from hubcore.runtime import CycleCollector
 from hubcore.accounting.pricing import Pricing
-from hubcore.gateway.exchange import Hub
+from hubcore.gateway.exchange import Exchange, Hub, Phase
 from hubcore.gateway.upstreams import restore_key_switches, store_key_switches
 from hubcore.http.client import client_ssl_context
 from hubcore.http.server import Server, server_ssl_context
 from hubcore.governance.tokens import TokenTable
 from hubcore.accounting.recorder import UsageRecorder
+from hubcore.accounting.retention import Retention
 
 log = logging.getLogger("hubcore")
 
@@ -48,6 +50,9 @@ FIRST_TOKEN_FILE = "first-token"
 # most server.db_busy_timeout): well inside the 5 s the CLI waits for the
 # answer, which then says that the switch holds until a restart only.
 KEY_SWITCH_BUSY_TIMEOUT = 2.0
+
+# The in-flight requests the live view lists, oldest first; the rest are counted.
+LIVE_REQUESTS_SHOWN = 50
 
 
 class StartFailed(OSError):
@@ -78,6 +83,13 @@ class App:
         # Spend and tokens per user, project and model for /metrics, from the same events.
         self.recorder.add_listener(self.metrics.on_usage)
         self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter)
+        # Alerts hear of budget thresholds, key states and failovers through
+        # hooks off the request path's common case (hubcore.ops.alerts).
+        self.alerts = Alerts(config.alerts, timezone=self.limiter.tz)
+        self.limiter.on_crossing = self.alerts.on_crossing
+        self.hub.on_failover = self.alerts.on_failover
+        for upstream in self.hub.upstreams.values():
+            self.alerts.watch(upstream.ring)
         self.server = Server(config.server, self.hub.handle, loop, self.metrics, gate=self.hub.gate, render_error=self.hub.render_error)
         if logging.getLevelName(config.server.log_level.upper()) <= logging.INFO:
             self.hub.access = AccessLog(sys.stderr, loop, json=config.server.log_format == "json")
@@ -94,6 +106,16 @@ class App:
             self.dashboard = DashboardServer(
                 config.dashboard, database=config.server.database, timezone=config.server.budget_timezone,
                 tokens=self.tokens, limiter=self.limiter, hub=self,
+            )
+        self.retention: Retention | None = None
+        if config.server.usage_retention_days:
+            budget_zone = self.limiter.tz
+            self.retention = Retention(
+                config.server.database, config.server.usage_retention_days,
+                # No row of a budget period still current goes (a week can
+                # start in the previous month).
+                keep_since=lambda now: min(start for start, _ in calendar_periods(now, budget_zone)),
+                busy_timeout_ms=int(config.server.db_busy_timeout * 1000),
             )
         self.watchdog = sdnotify.Watchdog()
         self.db: sqlite3.Connection | None = None
@@ -134,6 +156,7 @@ class App:
         for upstream in self.hub.upstreams.values():
             upstream.start()  # the hub's probes of keys whose circuits are open
         self.metrics.start()
+        self.alerts.watch_usage(self.recorder.stats, cfg.usage_queue_max)
         if self.ops is not None:
             try:
                 await self.ops.start()
@@ -142,6 +165,9 @@ class App:
             except OSError as e:
                 why = store.directory_problem(self.ops.path) or e.strerror or str(e)
                 raise StartFailed(f"cannot open the ops socket {self.ops.path}: {why}") from e
+        if self.retention is not None:
+            # After the budgets' rebuild, which must see the rows as they were.
+            self.retention.start()
         self.watchdog.start()
         sdnotify.ready(f"listening on {cfg.listen}")
         return self.addresses
@@ -168,11 +194,69 @@ class App:
         snapshot = self.metrics.snapshot(self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__)
         snapshot["draining"] = self.server.draining
         snapshot["gc"] = self.cycles.stats()
+        snapshot["alerts"] = self.alerts.stats()
         return snapshot
+
+    def keys(self) -> list[dict[str, Any]]:
+        """Every vendor key's state and counters, one row per upstream and
+        label with `upstream` set: what `hubcore keys --json` prints."""
+        return [
+            {"upstream": name, **{f: row[f] for f in KEY_FIELDS if f in row}}
+            for name, rows in self._key_snapshots().items()
+            for row in rows
+        ]
+
+    def live(self) -> dict[str, Any]:
+        """The dashboard's live view, from memory on the loop: traffic now
+        (in flight, open streams, requests per second over the last 10 s and
+        minute), the requests in flight, and each upstream's health with its
+        keys'. It walks the open client connections, not the requests as they
+        come: the proxy's path counts nothing more for it."""
+        metrics = self.metrics
+        now, mono = time.time(), time.monotonic()
+        running = [
+            handler for conn in self.server.connections
+            if isinstance(handler := conn.handler, Exchange) and handler.phase is not Phase.DONE
+        ]
+        running.sort(key=lambda exchange: exchange.t0)
+        statuses = metrics.upstream_requests
+        upstreams = []
+        for runtime in self.hub.upstreams.values():
+            name = runtime.config.name
+            keys = [{f: row[f] for f in KEY_FIELDS if f in row} for row in runtime.ring.snapshot()]
+            usable = sum(1 for k in keys if k["state"] == "healthy")
+            upstreams.append({
+                "name": name, "kind": runtime.config.kind, "priority": runtime.config.priority,
+                "health": _health(keys, usable), "keys_usable": usable,
+                "next_available_s": runtime.ring.next_available_in(),
+                "in_flight": runtime.ring.in_flight,
+                "attempts": metrics.upstream_attempts.get(name, 0),
+                "retries": metrics.upstream_retries.get(name, 0),
+                "answers": {cls: n for (up, cls), n in sorted(statuses.items()) if up == name},
+                "errors": {kind: n for (up, kind), n in sorted(metrics.upstream_errors.items()) if up == name},
+                "connections": {"busy": len(runtime.pool.active), "idle": len(runtime.pool.idle)},
+                "keys": keys,
+            })
+        return {
+            "now": now,
+            "uptime_s": metrics.uptime,
+            "draining": self.server.draining,
+            "connections_open": metrics.connections_open,
+            "in_flight": metrics.in_flight,
+            "streams": sum(1 for e in running if e.phase is Phase.STREAMING and e.sse_body),
+            "requests_total": metrics.requests_total,
+            "rate_10s": metrics.request_rate(10.0),
+            "rate_60s": metrics.request_rate(60.0),
+            "loop_lag_s": metrics.loop_lag,
+            "requests": [_in_flight_row(e, mono) for e in running[:LIVE_REQUESTS_SHOWN]],
+            "requests_not_shown": max(0, len(running) - LIVE_REQUESTS_SHOWN),
+            "upstreams": upstreams,
+        }
 
     def metrics_text(self) -> str:
         return self.metrics.render_prometheus(
             self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__, gc=self.cycles.stats(),
+            alerts=self.alerts.stats(),
         )
 
     async def explain_route(
@@ -252,6 +336,40 @@ class App:
                 return KeySwitched(states, not_stored=str(e))
         return KeySwitched(states)
 
+    async def reset_key(self, label: str, *, actor: str = "cli", origin: str = "cli") -> KeyReset | None:
+        """`hubcore keys reset LABEL` (or the dashboard's): end the rests
+        after 429s and close the circuit of the key with that label in every
+        upstream that has one, at once (the ring logs each change; a dead or
+        disabled key stays so), then write its audit row off the loop. None
+        when no upstream has the label."""
+        before: dict[str, Any] = {}
+        states: dict[str, str] = {}
+        for upstream in self.hub.upstreams.values():
+            ring = upstream.ring
+            if label not in ring.labels:
+                continue
+            row = next((row for row in ring.snapshot() if row["label"] == label), None)
+            state = ring.reset(label)
+            if row is None or state is None:
+                continue
+            before[upstream.config.name] = {"state": row["state"], "until": row["until"], "rests": row["rests"]}
+            states[upstream.config.name] = state.value
+        if not states:
+            return None
+        busy_timeout = min(self.config.server.db_busy_timeout, KEY_SWITCH_BUSY_TIMEOUT)
+
+        def audit_row(conn: sqlite3.Connection) -> None:
+            audit.record(conn, actor, "key.reset", f"key {label}", before, dict(states), origin)
+
+        # In the order of the operator's key actions, as the switches are.
+        async with self._key_switch_lock:
+            try:
+                await asyncio.to_thread(_write_audit_row, self.config.server.database, busy_timeout, audit_row)
+            except (sqlite3.Error, store.SchemaTooNew) as e:
+                log.warning("key %s reset but its audit row could not be written: %s", label, e)
+                return KeyReset(states, not_audited=str(e))
+        return KeyReset(states)
+
     async def refresh_tokens_now(self) -> int:
         """POST /tokens/refresh: the CLI changed tokens or limits."""
         await self.refresh_tokens(force=True)
@@ -301,7 +419,8 @@ class App:
             return False, str(e)
         self.prices = prices
         self.hub.prices = prices
-        changes = []
+        # The new targets first: keys a reload revives are news for them.
+        changes = self.alerts.configure(new.alerts)
         for runtime, reconfig in reconfigs:
             changes += [f"upstream {runtime.config.name}: {change}" for change in runtime.apply(reconfig)]
         for router in self.hub.routers.values():
@@ -328,9 +447,12 @@ class App:
         await self.server.shutdown(self.config.server.drain_timeout)
         if self.dashboard is not None:
             await self.dashboard.close()
+        if self.retention is not None:
+            await self.retention.stop()  # after the batch under way
         if self._reloader is not None:
             self._reloader.cancel()
         self.cycles.stop()
+        await self.alerts.close()
         self.hub.close()
         if self.hub.access is not None:
             self.hub.access.close()
@@ -366,6 +488,51 @@ def _principal_groups(db: sqlite3.Connection, token_id: int | None, user: str | 
         return f"token {token_id} (user {found.user}, project {found.project or '-'})", found.groups
     assert user is not None
     return f"user {user}", effective_groups(read_limits(db, "user", user))
+
+
+def _write_audit_row(database: str, busy_timeout: float, row: Callable[[sqlite3.Connection], object]) -> None:
+    """Write an audit row on a connection of its own: blocking, for a worker thread."""
+    conn = store.connect(database)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        with store.immediate(conn):
+            row(conn)
+    finally:
+        conn.close()
+
+
+def _health(keys: list[dict[str, Any]], usable: int) -> str:
+    """An upstream's health from its keys: "ok" when every key is in service
+    with no rest, "degraded" when some are out or resting, "down" when none
+    takes a request now ("no keys" without any)."""
+    if not keys:
+        return "no keys"
+    if not usable:
+        return "down"
+    if usable < len(keys) or any(k["rests"] for k in keys):
+        return "degraded"
+    return "ok"
+
+
+def _in_flight_row(exchange: Exchange, mono: float) -> dict[str, Any]:
+    """What the live view shows of one request in flight: who, what, where
+    it went, how far it got; never its body or a secret."""
+    principal = exchange.principal
+    meter = exchange.meter
+    upstream = exchange.upstream
+    return {
+        "id": exchange.request_id,
+        "started": exchange.ts,
+        "age_s": mono - exchange.t0,
+        "user": principal.user if principal is not None else None,
+        "project": principal.project if principal is not None else None,
+        "model": exchange.model or (meter.model if meter is not None else None),
+        "upstream": upstream.config.name if upstream is not None else None,
+        "key": exchange.key_label,
+        "phase": exchange.phase.name.lower(),
+        "stream": exchange.sse_body,
+        "attempts": exchange.attempts,
+    }
 
 
 def key_chances(snapshot: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -552,6 +719,12 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
         log.error("cannot write the first hub token: %s", e)
         await app.recorder.close()
         return 1
+    # The proxy listens before the dashboard and the ops socket open: a
+    # signal in between (a supervisor's stop right after the port answers)
+    # waits for the start to finish, instead of killing the process.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, early.append, sig)
     try:
         addresses = await app.start()
     except OSError as e:
@@ -577,5 +750,9 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
     for host, port in addresses:
         scheme = "https" if config.server.tls_cert else "http"
         log.info("hubcore %s listening on %s://%s:%d", __version__, scheme, host, port)
+    if signal.SIGTERM in early or signal.SIGINT in early:
+        app._on_stop_signal()
+    elif signal.SIGHUP in early:
+        app._on_hup()
     await app.stopped.wait()
     return 0

@@ -31,6 +31,10 @@ UPSTREAM_KINDS = ("anthropic", "openai")
 # commands alike, when neither --config nor $HUBCORE_CONFIG names a file.
 SYSTEM_CONFIG = "/etc/hubcore/hubcore.toml"
 
+# The shortest usage retention: the longest calendar budget window, a month,
+# is rebuilt at start from its usage rows.
+USAGE_RETENTION_MIN_DAYS = 31
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -98,6 +102,11 @@ class ServerConfig:
     # IANA zone in which the day, week (from Monday) and month budget
     # windows start; the 5-hour window is rolling and zone-free.
     budget_timezone: str = "UTC"
+    # Days raw usage rows are kept; older ones are deleted hourly, in small
+    # batches (hubcore.accounting.retention). 0: kept for ever. At least
+    # USAGE_RETENTION_MIN_DAYS otherwise: monthly budgets are rebuilt at
+    # start from the current month's rows.
+    usage_retention_days: float = 0.0
     # Seconds between the cyclic garbage collector's full collections, which
     # pause the hub (tens of ms with 1,000 streams open); 0 leaves them to
     # CPython, which runs them as the heap grows (see runtime.CycleCollector).
@@ -291,6 +300,44 @@ class DashboardConfig:
     session_ttl: float = 8 * 3600.0
 
 
+# What an [[alert]] may ask to hear of (its `events`; hubcore.ops.alerts
+# raises them). A group name ("budget", "key", "upstream", "usage") stands
+# for every kind in it.
+ALERT_EVENTS = (
+    "budget.threshold",      # a budget's spend passed one of its thresholds
+    "key.dead",              # the vendor refused a key (401/403)
+    "key.circuit_open",      # a key's circuit opened after failures in a row
+    "upstream.unavailable",  # every key of an upstream cooling, open, dead or disabled
+    "upstream.failover",     # a request moved to an upstream of lower priority
+    "upstream.recovered",    # an upstream failed over from, or unavailable, has a usable key again
+    "usage.degraded",        # usage rows going to the spool, the queue above 80%, database errors
+)
+ALERT_FORMATS = ("json", "slack")
+
+
+@dataclass(frozen=True, slots=True)
+class AlertConfig:
+    """One [[alert]]: where alerts go and which. The URL is a secret (a
+    Slack webhook's path is its key): never in a repr, a log or an error;
+    the alert is named by `label`."""
+
+    url: str = field(repr=False)
+    # How logs, metrics and `hubcore alert test` name it: `name`, else "alert[N]".
+    label: str = ""
+    name: str = ""
+    format: str = "json"
+    events: tuple[str, ...] = ALERT_EVENTS
+    # Seconds during which a second alert with the same key (the same
+    # budget threshold, the same key's state) is not sent again.
+    min_interval: float = 600.0
+    # Seconds one delivery may take, connect to last byte of the answer.
+    timeout: float = 5.0
+    # Deliveries after the first that failed (no answer, 5xx, 408, 429);
+    # the n-th waits retry_backoff x 2^(n-1) seconds first.
+    retries: int = 2
+    retry_backoff: float = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -298,6 +345,7 @@ class Config:
     pricing: PricingConfig = field(default_factory=PricingConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source: str = "<built-in defaults>"
+    alerts: tuple[AlertConfig, ...] = ()
 
     @property
     def spool_path(self) -> str:
@@ -340,6 +388,18 @@ def load_server(path: str | None = None, env: dict[str, str] | None = None, *, s
     return parse_server(data.get("server", {}), found)
 
 
+def load_alerts(path: str | None = None, env: dict[str, str] | None = None, *, system: str = SYSTEM_CONFIG) -> tuple[AlertConfig, ...]:
+    """Only the [[alert]] entries, checked as `load` checks them: for
+    `hubcore alert test`, which must not resolve vendor keys."""
+    env = dict(os.environ) if env is None else env
+    found = locate(path, env, system)
+    if found is None:
+        return ()
+    data = _read(found)
+    _reject_unknown(data, TOP_LEVEL, found, "")
+    return parse_alerts(data.get("alert", []), found, env)
+
+
 def _read(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -367,7 +427,7 @@ def defaults(env: dict[str, str]) -> Config:
     return Config(upstreams=tuple(upstreams))
 
 
-TOP_LEVEL = {"server", "upstream", "pricing", "dashboard"}
+TOP_LEVEL = {"server", "upstream", "pricing", "dashboard", "alert"}
 
 
 def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
@@ -389,7 +449,78 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         upstreams.append(upstream)
     pricing = _parse_pricing(data.get("pricing", {}), source)
     dashboard = _parse_dashboard(data.get("dashboard", {}), source)
-    return Config(server=server, upstreams=tuple(upstreams), pricing=pricing, dashboard=dashboard, source=source)
+    alerts = parse_alerts(data.get("alert", []), source, env)
+    return Config(
+        server=server, upstreams=tuple(upstreams), pricing=pricing, dashboard=dashboard, source=source, alerts=alerts,
+    )
+
+
+_ALERT_GROUPS = {group: tuple(k for k in ALERT_EVENTS if k.startswith(group + ".")) for group in ("budget", "key", "upstream", "usage")}
+_ALERT_FIELDS = {f.name for f in dataclasses.fields(AlertConfig)} - {"label"}
+
+
+def parse_alerts(raw: Any, source: str, env: dict[str, str]) -> tuple[AlertConfig, ...]:
+    """The [[alert]] array, every entry checked; errors name the entry and
+    field, never the URL."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: alert: must be an array of tables ([[alert]])")
+    alerts = []
+    labels = set()
+    for i, entry in enumerate(raw):
+        alert = _parse_alert(entry, source, f"alert[{i}]", env)
+        if alert.label in labels:
+            raise ConfigError(f"{source}: alert[{i}].name: duplicate alert name {alert.label!r}")
+        labels.add(alert.label)
+        alerts.append(alert)
+    return tuple(alerts)
+
+
+def _parse_alert(raw: Any, source: str, where: str, env: dict[str, str]) -> AlertConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where}: must be a table")
+    raw = dict(raw)
+    _reject_unknown(raw, _ALERT_FIELDS, source, where + ".")
+    if "url" not in raw:
+        raise ConfigError(f"{source}: {where}.url: required")
+    url = resolve_secret(raw.pop("url"), env, f"{source}: {where}.url")
+    check_alert_url(url, f"{source}: {where}.url")
+    events = _parse_alert_events(raw.pop("events", list(ALERT_EVENTS)), source, where)
+    alert: AlertConfig = _build(AlertConfig, {"url": url, **raw}, source, where)
+    if alert.name and not GROUP_NAME.fullmatch(alert.name):
+        raise ConfigError(f"{source}: {where}.name: {alert.name!r} is not a name ({GROUP_NAME.pattern})")
+    if alert.format not in ALERT_FORMATS:
+        raise ConfigError(f"{source}: {where}.format: must be {' or '.join(map(repr, ALERT_FORMATS))}, got {alert.format!r}")
+    if alert.timeout <= 0:
+        raise ConfigError(f"{source}: {where}.timeout: must be positive")
+    if not 0 <= alert.retries <= 10:
+        raise ConfigError(f"{source}: {where}.retries: must be from 0 to 10, got {alert.retries}")
+    return dataclasses.replace(alert, events=events, label=alert.name or where)
+
+
+def _parse_alert_events(raw: Any, source: str, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(e, str) for e in raw):
+        raise ConfigError(f'{source}: {where}.events: must be a non-empty array of event kinds, e.g. ["budget", "key.dead"]')
+    wanted: set[str] = set()
+    for name in raw:
+        if name in ALERT_EVENTS:
+            wanted.add(name)
+        elif name in _ALERT_GROUPS:
+            wanted.update(_ALERT_GROUPS[name])
+        else:
+            known = ", ".join([*_ALERT_GROUPS, *ALERT_EVENTS])
+            raise ConfigError(f"{source}: {where}.events: unknown event kind {name!r}; known: {known}")
+    return tuple(kind for kind in ALERT_EVENTS if kind in wanted)
+
+
+def check_alert_url(url: str, where: str) -> None:
+    """An http(s) URL with a host; the error never repeats it (it is a secret)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{where}: not a URL (its port is not a number)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: expected an http:// or https:// URL with a host")
 
 
 def _parse_pricing(raw: Any, source: str) -> PricingConfig:
@@ -435,6 +566,14 @@ def parse_server(raw: Any, source: str) -> ServerConfig:
                  "metrics_max_series"):
         if getattr(server, name) < 0:
             raise ConfigError(f"{source}: server.{name}: must not be negative")
+    retention = server.usage_retention_days
+    if not math.isfinite(retention):
+        raise ConfigError(f"{source}: server.usage_retention_days: must be a number of days (0: keep every row)")
+    if 0 < retention < USAGE_RETENTION_MIN_DAYS:
+        raise ConfigError(
+            f"{source}: server.usage_retention_days: {retention:g} is too short: monthly budgets are rebuilt at "
+            f"start from the month's usage rows, so keep at least {USAGE_RETENTION_MIN_DAYS} days (0: keep every row)"
+        )
     return server
 
 

@@ -183,14 +183,36 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_ts ON audit (ts);
     """,
-    # 8: the rollups of usage (hubcore/accounting/rollup.py): sums per local
+    # 8: the dashboard's request list (hubcore.dashboard.views.requests)
+    # filters by user, project, model, outcome or status, newest first: one
+    # (filter, ts) index each (usage_user_ts serves user), so that a filter
+    # and a time range are one index range read in order, whichever value
+    # is asked for (with 2 million rows a filter without its index scans
+    # them all: about a second for a value no row has). And what usage
+    # retention (server.usage_retention_days) removed, summed per token, so
+    # that a `total` budget rebuilt at start still counts it.
+    """
+    CREATE INDEX usage_project_ts ON usage (project, ts);
+    CREATE INDEX usage_model_ts ON usage (model, ts);
+    CREATE INDEX usage_outcome_ts ON usage (outcome, ts);
+    CREATE INDEX usage_status_ts ON usage (status, ts);
+    CREATE TABLE usage_carried (
+        token_id     INTEGER PRIMARY KEY,
+        user         TEXT,
+        project      TEXT,
+        cost_micros  INTEGER NOT NULL,
+        requests     INTEGER NOT NULL,
+        through_ts   REAL NOT NULL
+    );
+    """,
+    # 9: the rollups of usage (hubcore/accounting/rollup.py): sums per local
     # hour of the reporting zone x user x project x model x served model x
     # upstream x key label x token; per local day x user x project x model x
     # served model x token, and per local day x upstream x key label (apart:
     # their product is what makes rollups big); a histogram of time to first
-    # byte per hour. A trigger keeps them on every usage row
-    # actually inserted (a duplicate request_id that INSERT OR IGNORE skips
-    # fires nothing); deletes never touch them, so reports outlive raw rows.
+    # byte per hour. A trigger keeps them on every usage row actually
+    # inserted (a duplicate request_id that INSERT OR IGNORE skips fires
+    # nothing); deletes never touch them, so reports outlive raw rows.
     # usage_rollup_zone: the reporting zone's UTC offset from each `start`
     # on (UTC here; set at each start of the hub). A NULL dimension is
     # stored as the empty blob X'', which equals no text and no number:

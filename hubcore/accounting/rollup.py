@@ -2,7 +2,7 @@
 project x model x served model x upstream x key label x token, the same per
 local day (in two tables, DAY_TABLES), and a histogram of time to first
 byte per local hour. A trigger on the usage table keeps them (store.py,
-migration 8); this module aligns them to the reporting zone at start and
+migration 9); this module aligns them to the reporting zone at start and
 sums them over a time range.
 
 Buckets are LOCAL hours of the reporting zone (server.budget_timezone), not

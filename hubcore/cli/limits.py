@@ -7,6 +7,12 @@ Flags change only what they name; the value `none` clears a limit:
 every request. Errors in their values surface as argparse usage errors,
 before any write; those of `--groups` as a one-line CommandError (status 2)
 from apply_limit_flags, which runs before any write too.
+
+`--soft` / `--hard` and `--warn-at` apply to the budgets the same command
+sets with `--budget`, or, without one, to every budget the scope has:
+`--budget month=500 --soft`, `--warn-at 50,80,100`, `--warn-at none` (back
+to the default: 80,100 for a soft budget, none for a hard one). A budget
+cleared with `--budget W=none` loses its softness and thresholds with it.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from hubcore.cli.common import USAGE, CommandError
-from hubcore.governance.limits import MICROS_PER_USD, WINDOWS, Limits, check_group_name
+from hubcore.governance.limits import MICROS_PER_USD, WARN_AT_MAX, WINDOWS, Limits, check_group_name
 
 
 class _Clear:
@@ -84,6 +90,33 @@ def _models(text: str) -> tuple[str, ...] | _Clear:
     return patterns
 
 
+def parse_warn_at(text: str) -> tuple[int, ...] | _Clear:
+    """`--warn-at 80,50,100` -> (50, 80, 100) (whole percentages, sorted,
+    each once; '%' allowed); `none` -> CLEAR."""
+    if text.strip().lower() in _NONE_WORDS:
+        return CLEAR
+    percents = set()
+    for word in text.split(","):
+        word = word.strip().removesuffix("%").strip()
+        try:
+            value = int(word)
+        except ValueError:
+            raise ValueError(
+                f"expected PERCENT[,PERCENT...] such as 50,80,100, or 'none', not {text!r}"
+            ) from None
+        if not 1 <= value <= WARN_AT_MAX:
+            raise ValueError(f"a threshold is a whole percentage from 1 to {WARN_AT_MAX}, not {value}")
+        percents.add(value)
+    return tuple(sorted(percents))
+
+
+def _warn_at(text: str) -> tuple[int, ...] | _Clear:
+    try:
+        return parse_warn_at(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_expires(text: str) -> float:
     """ISO 8601 time or date -> unix seconds; without an offset it is UTC."""
     try:
@@ -136,6 +169,21 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget", type=_budget, action="append", metavar="WINDOW=USD",
         help=f"spending limit in USD; WINDOW is one of {', '.join(WINDOWS)} (repeatable)",
     )
+    hardness = group.add_mutually_exclusive_group()
+    hardness.add_argument(
+        "--soft", action="store_const", const=True, dest="soft",
+        help="the budgets given with --budget (else every budget) never refuse; they warn at 80,100%% "
+             "unless --warn-at says otherwise",
+    )
+    hardness.add_argument(
+        "--hard", action="store_const", const=False, dest="soft",
+        help="the budgets given with --budget (else every budget) refuse once spent (the default)",
+    )
+    group.add_argument(
+        "--warn-at", type=_warn_at, metavar="PERCENT[,PERCENT...]",
+        help="alert when spend passes these percentages of the budgets given with --budget "
+             "(else of every budget); 'none': the default (80,100 soft, none hard)",
+    )
     group.add_argument("--models", type=_models, metavar="PATTERN[,PATTERN...]",
                        help="allowed models, shell-style globs such as 'claude-sonnet-*'")
     group.add_argument("--expires", type=_expires, metavar="TIME",
@@ -147,13 +195,15 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def has_limit_flags(args: argparse.Namespace) -> bool:
     return any(
-        getattr(args, name, None) is not None for name in ("rpm", "concurrency", "budget", "models", "expires", "groups")
+        getattr(args, name, None) is not None
+        for name in ("rpm", "concurrency", "budget", "models", "expires", "groups", "soft", "warn_at")
     )
 
 
 def apply_limit_flags(current: Limits | None, args: argparse.Namespace) -> Limits | None:
     """`current` with the flags in `args` applied; None when nothing is left.
-    CommandError (status 2) for a bad `--groups`."""
+    CommandError (status 2) for a bad `--groups`, and for `--soft`, `--hard`
+    or `--warn-at` on a scope without a budget."""
     base = current if current is not None and current.error is None else Limits()
     changes: dict[str, Any] = {}
     groups_text = getattr(args, "groups", None)
@@ -169,7 +219,30 @@ def apply_limit_flags(current: Limits | None, args: argparse.Namespace) -> Limit
             changes[attr] = () if attr == "models" else None
         elif value is not None:
             changes[attr] = value
+    named = []
     for window, amount in getattr(args, "budget", None) or ():
         changes["budget_" + window] = None if amount is CLEAR else amount
+        if amount is not CLEAR:
+            named.append(window)
+    budgeted = [w for w in WINDOWS if changes.get("budget_" + w, base.budget(w)) is not None]
+    soft = {w for w in base.soft if w in budgeted}
+    warn_at = {w: p for w, p in base.warn_at if w in budgeted}
+    hardness, percents = getattr(args, "soft", None), getattr(args, "warn_at", None)
+    if hardness is not None or percents is not None:
+        targets = named or budgeted
+        if not targets:
+            flag = "--warn-at" if hardness is None else "--soft" if hardness else "--hard"
+            raise CommandError(f"{flag} applies to budgets, and there is none: give --budget WINDOW=USD", USAGE)
+        for window in targets:
+            if hardness is True:
+                soft.add(window)
+            elif hardness is False:
+                soft.discard(window)
+            if percents is CLEAR:
+                warn_at.pop(window, None)
+            elif percents is not None:
+                warn_at[window] = percents
+    changes["soft"] = tuple(w for w in WINDOWS if w in soft)
+    changes["warn_at"] = tuple((w, warn_at[w]) for w in WINDOWS if w in warn_at)
     result = dataclasses.replace(base, **changes)
     return None if result.empty else result

@@ -11,7 +11,7 @@ from hubcore.ops import client as opsclient
 def add_commands(sub: Subcommands) -> None:
     p = add_command(sub, "stats", "show the running hub's state (over the ops socket)", run_stats)
     opsclient.add_stats_arguments(p)
-    p = add_command(sub, "keys", "show the vendor keys' health; enable or disable one", run_keys)
+    p = add_command(sub, "keys", "show the vendor keys' health; enable, disable or reset one", run_keys)
     opsclient.add_keys_arguments(p)
     p = add_command(sub, "reload", "reload config keys, tokens and prices (like SIGHUP)", run_reload)
     opsclient.add_reload_arguments(p)

@@ -24,6 +24,7 @@ __all__ = [
     "FORMATS",
     "budget_csv",
     "budget_json",
+    "budget_kind",
     "budget_table",
     "check_format",
     "format_time",
@@ -77,7 +78,7 @@ def limits_text(limits: Limits | None, tz: ZoneInfo | None = None) -> str:
     if limits.concurrency is not None:
         parts.append(f"concurrency {limits.concurrency}")
     for window, micros in limits.budgets:
-        parts.append(f"{window} {format_usd(micros)}")
+        parts.append(f"{window} {format_usd(micros)}{budget_kind(limits.is_soft(window), limits.warns_at(window))}")
     if limits.models:
         parts.append("models " + ",".join(limits.models))
     if limits.expires_at is not None:
@@ -85,6 +86,16 @@ def limits_text(limits: Limits | None, tz: ZoneInfo | None = None) -> str:
     if limits.groups:
         parts.append("groups " + ",".join(limits.groups))
     return ", ".join(parts) or "no limits"
+
+
+def budget_kind(soft: bool, warn_at: Sequence[int]) -> str:
+    """What a budget's amount is followed by: nothing for a hard budget
+    without thresholds (as before there were others), ` soft`,
+    ` (warn 50,80%)`, ` soft (warn 80,100%)`."""
+    text = " soft" if soft else ""
+    if warn_at:
+        text += f" (warn {','.join(map(str, warn_at))}%)"
+    return text
 
 
 def groups_text(principal: Principal) -> str:
@@ -164,7 +175,7 @@ def token_detail(
             rows.append((window, format_usd(spent), "-", "-", "-"))
         else:
             rows.append((
-                window, format_usd(spent), format_usd(line.limit_micros),
+                window + budget_kind(line.soft, line.warn_at), format_usd(spent), format_usd(line.limit_micros),
                 format_usd(line.remaining_micros), moment(line.resets_at, "never"),
             ))
     lines += ["", f"spend (day, week and month in {zone.key}):", *table(rows, right=(1, 2, 3))]
@@ -179,7 +190,7 @@ def budget_table(lines: Sequence[BudgetLine], zone: ZoneInfo) -> str:
         used = f"{100 * line.spent_micros / line.limit_micros:.0f}%" if line.limit_micros else "-"
         resets = "never" if line.resets_at is None else format_time(line.resets_at, zone)
         rows.append((
-            f"{line.kind}:{line.name}", line.window, format_usd(line.limit_micros),
+            f"{line.kind}:{line.name}", line.window + budget_kind(line.soft, line.warn_at), format_usd(line.limit_micros),
             format_usd(line.spent_micros), format_usd(line.remaining_micros), used, resets,
         ))
     return _lines(table(rows))

@@ -114,7 +114,8 @@ def update(args: argparse.Namespace, ctx: Context) -> int:
     limits_given = has_limit_flags(args)
     if not limits_given and args.note is None:
         raise CommandError(
-            "nothing to update: give --note, --rpm, --concurrency, --budget, --models, --expires or --groups", USAGE
+            "nothing to update: give --note, --rpm, --concurrency, --budget, --soft, --hard, --warn-at, --models, "
+            "--expires or --groups", USAGE
         )
     conn = ctx.conn
     with store.immediate(conn):

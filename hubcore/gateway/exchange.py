@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from hubcore.accounting import meter as sse
@@ -91,7 +91,8 @@ class Metrics(Protocol):
     """What the gateway counts (ops.metrics.HubMetrics)."""
 
     def request_started(self) -> None: ...
-    def request_finished(self, route: str, status: int, outcome: str, total_s: float, ttfb_s: float | None = None) -> None: ...
+    def request_finished(self, route: str, status: int, outcome: str, total_s: float, ttfb_s: float | None = None,
+                         hub_added_s: float | None = None, answered_by: str | None = None) -> None: ...
     def observe_hub_added(self, seconds: float) -> None: ...
     def observe_queue_wait(self, seconds: float) -> None: ...
     def upstream_attempt(self, upstream: str, *, retry: bool = False) -> None: ...
@@ -154,6 +155,9 @@ class Hub:
                 )
         self._id_prefix = "hc_" + os.urandom(4).hex()
         self._id_counter = 0
+        # Told of each failover, (from, to), after it is counted (the alerts:
+        # hubcore.ops.alerts); only failing attempts come this way.
+        self.on_failover: Callable[[UpstreamConfig, UpstreamConfig], None] | None = None
 
     def request_id(self) -> str:
         self._id_counter += 1
@@ -304,8 +308,9 @@ class Exchange:
     # (model id, body) of the latest attempt when its upstream's model_map
     # rewrote the body's model; None: the client's body went as it is.
     mapped: tuple[str, list[bytes]] | None = None
-    # The attempts so far, as the usage row's route; the latest one is open
-    # (its outcome not added yet) from _count_attempt to _end_attempt.
+    # The attempts before the latest, as the usage row's route (None while
+    # there was one); the latest is open (its outcome not known yet) from
+    # _count_attempt to _end_attempt or _route_text.
     chain: AttemptChain | None = None
     attempt_upstream = ""
     attempt_open = False
@@ -569,6 +574,8 @@ class Exchange:
             self.upstream = moved
             if self.hub.metrics is not None:
                 self.hub.metrics.failover(upstream.config.name, moved.config.name)
+            if self.hub.on_failover is not None:
+                self.hub.on_failover(upstream.config, moved.config)
         return moved
 
     def report(self) -> None:
@@ -580,14 +587,17 @@ class Exchange:
         now = self.ended if self.ended is not None else time.monotonic()
         route = self.route.endpoint if self.route is not None else ("/" if self.request.path == b"/" else "other")
         ttfb = self.ttfb - self.t0 if self.ttfb is not None else None
-        metrics.request_finished(route, self.status, self.outcome, now - self.t0, ttfb)
-        if self.queued:
-            metrics.observe_queue_wait(self.queued)
+        hub_added = None
         if self.attempts == 1 and self.sent_at is not None and self.head_at is not None and self.ttfb is not None:
             # The hub's own share: before the request went upstream (less
             # any wait for a resting key, counted on its own), and between
             # the vendor's first byte and the client's.
-            metrics.observe_hub_added(max(0.0, self.sent_at - self.t0 - self.queued) + max(0.0, self.ttfb - self.head_at))
+            hub_added = max(0.0, self.sent_at - self.t0 - self.queued) + max(0.0, self.ttfb - self.head_at)
+        # The answer that went to the client (one retried is counted by _on_head).
+        answered_by = self.attempt_upstream if self.head is not None else None
+        metrics.request_finished(route, self.status, self.outcome, now - self.t0, ttfb, hub_added, answered_by)
+        if self.queued:
+            metrics.observe_queue_wait(self.queued)
         if self.outcome is _REFUSED:
             metrics.refuse(self.error_type or str(self.status))
 
@@ -742,17 +752,20 @@ class Exchange:
         self.attempts += 1
         self.attempt_upstream = cfg.name
         self.attempt_open = True
-        if self.chain is None:
-            self.chain = AttemptChain()
         if self.hub.metrics is not None:
             self.hub.metrics.upstream_attempt(cfg.name, retry=self.attempts > 1)
 
     def _end_attempt(self, outcome: int | str) -> None:
-        """The latest attempt ended with `outcome` (its HTTP status, or the
-        HTTP client's word for no usable answer): one link of the route."""
-        if self.attempt_open and self.chain is not None:
+        """An attempt that will not be the request's last ended with
+        `outcome` (its HTTP status, or the HTTP client's word for no usable
+        answer): one link of the route. The last attempt is not added: see
+        _record."""
+        if self.attempt_open:
             self.attempt_open = False
-            self.chain.add(self.attempt_upstream, self.key_label or "-", outcome)
+            chain = self.chain
+            if chain is None:
+                chain = self.chain = AttemptChain()
+            chain.add(self.attempt_upstream, self.key_label or "-", outcome)
 
     def _release_lease(self, lease: Lease | None, failure: Failure | None) -> None:
         """The answer streamed to its end: its key goes back with what the
@@ -885,11 +898,11 @@ class Exchange:
         if lease is not None and self.upstream is not None:
             # The rate-limit headers of every answer: the room the key has left.
             self.upstream.ring.observe(lease, head.index)
-        if self.hub.metrics is not None:
-            self.hub.metrics.upstream_answered(self.attempt_upstream, head.status)
         if failure is None or not retryable(failure):
-            self._begin_stream(head)
+            self._begin_stream(head)  # its answer is counted with the request (see report)
         else:
+            if self.hub.metrics is not None:
+                self.hub.metrics.upstream_answered(self.attempt_upstream, head.status)
             self.ensure_task()  # the retry
 
     def _begin_stream(self, head: ResponseHead) -> None:
@@ -1106,9 +1119,20 @@ class Exchange:
             return  # unauthenticated: no row (a flood of them must not fill the database)
         self._close_meter()
         self._scan_unless_named()  # refused, or failed before a byte: the body is still here
+        # The route: almost every request takes one attempt, written with one
+        # f-string and no AttemptChain made.
+        chain = self.chain
         if self.attempt_open:
             head = self.head
-            self._end_attempt(head.status if head is not None else "client_gone" if self.gone else "none")
+            outcome = head.status if head is not None else "client_gone" if self.gone else "none"
+            if chain is None:
+                self.attempt_open = False
+                route_text: str | None = f"{self.attempt_upstream}/{self.key_label or '-'}:{outcome}"
+            else:
+                self._end_attempt(outcome)
+                route_text = chain.render()
+        else:
+            route_text = chain.render() if chain is not None else None
         upstream, ttfb = self.upstream, self.ttfb
         event = usage_event(
             self.ts, self.request_id, route.endpoint, self.status, self.outcome, (now - self.t0) * 1000.0,
@@ -1116,7 +1140,7 @@ class Exchange:
             self.error_type, (ttfb - self.t0) * 1000.0 if ttfb is not None else None, self.attempts,
             self.session_id, _decode(self.request.header(b"user-agent")), self.sse_body, self.meter, route.kind,
             self.hub.prices, self.mapped[0] if self.mapped is not None else None,
-            self.chain.render() if self.chain is not None else None,
+            route_text,
             upstream.config.cost_multiplier if upstream is not None else 1.0,
         )
         self.hub.recorder.record(event)

@@ -6,6 +6,11 @@ Overshoot. A budget is checked when a request is admitted and charged when its
 usage event is recorded; a request in flight is never cut off. So a scope can
 overshoot a budget by at most (requests in flight when it ran out) x (the most
 one request costs): set `concurrency` to bound it.
+
+Thresholds. A soft budget is never checked at admission; a budget with
+thresholds (limits.Limits.thresholds) is watched in `charge()`, which raises a
+BudgetCrossing through `on_crossing` when one charge takes the spend of a
+window from below a threshold to at or above it.
 """
 from __future__ import annotations
 
@@ -108,6 +113,46 @@ def groups_refusal(principal: Principal) -> Refused:
     )
 
 
+# -- threshold crossings -----------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class BudgetCrossing:
+    """A charge took a scope's spend in a window past a threshold of its
+    budget: `threshold` percent of `limit_micros`."""
+
+    kind: str                 # token, user or project
+    name: str
+    window: str
+    threshold: int            # percent
+    spent_micros: int
+    limit_micros: int
+    soft: bool
+    resets_at: float | None   # None: `total`, or nothing to age out
+    ts: float                 # the charge's request time
+
+    @property
+    def scope(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+CrossingListener = Callable[[BudgetCrossing], None]
+
+
+def crossed(before: int, after: int, limit: int, percents: tuple[int, ...]) -> int | None:
+    """The highest of `percents` (ascending) of `limit` that spend going from
+    `before` to `after` reached (before < its amount <= after), or None. One
+    charge that passes several reports the highest: the others say less."""
+    found = None
+    for percent in percents:
+        # The amount, rounded up: 80% of 1 micro-dollar is reached at 1.
+        amount = -(-limit * percent // 100)
+        if amount > after:
+            break
+        if before < amount:
+            found = percent
+    return found
+
+
 # -- counters ---------------------------------------------------------------------
 
 class _Scope:
@@ -167,17 +212,25 @@ class BudgetLine:
     limit_micros: int
     spent_micros: int
     resets_at: float | None   # None: `total`, or a zero budget
+    soft: bool = False        # never refuses
+    warn_at: tuple[int, ...] = ()  # thresholds in percent, soft defaults applied
 
     @property
     def remaining_micros(self) -> int:
         return max(0, self.limit_micros - self.spent_micros)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind, "name": self.name, "window": self.window,
             "limit_micros": self.limit_micros, "spent_micros": self.spent_micros,
             "remaining_micros": self.remaining_micros, "resets_at": self.resets_at,
         }
+        # Only when set: a hard budget without thresholds reads as before.
+        if self.soft:
+            out["soft"] = True
+        if self.warn_at:
+            out["warn_at"] = list(self.warn_at)
+        return out
 
 
 class Limiter:
@@ -205,6 +258,13 @@ class Limiter:
         self._users: dict[str, _Scope] = {}
         self._projects: dict[str, _Scope] = {}
         self._limits = ScopeLimits()
+        # The scopes whose budgets have thresholds, by kind: charge() looks
+        # only at these (empty dicts: one truth test per charge).
+        self._warn_tokens: dict[int, Limits] = {}
+        self._warn_users: dict[str, Limits] = {}
+        self._warn_projects: dict[str, Limits] = {}
+        # Told of every threshold crossed (the alerts); called on the loop, in charge().
+        self.on_crossing: CrossingListener | None = None
         self._set_periods(clock())
 
     # -- configuration -------------------------------------------------------
@@ -212,6 +272,9 @@ class Limiter:
     def update(self, limits: ScopeLimits) -> None:
         """Apply newly loaded limit definitions; counters are kept."""
         self._limits = limits
+        self._warn_tokens = {k: v for k, v in limits.tokens.items() if v.thresholds}
+        self._warn_users = {k: v for k, v in limits.users.items() if v.thresholds}
+        self._warn_projects = {k: v for k, v in limits.projects.items() if v.thresholds}
 
     def reload(self, conn: sqlite3.Connection) -> None:
         self.update(load_scope_limits(conn))
@@ -318,20 +381,21 @@ class Limiter:
         oldest_kept = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
         day, week, month = self._day[0], self._week[0], self._month[0]
         for limits, scope in checks:
-            if limits.budgets:
+            if limits.hard_budgets:
                 # Inlined: this runs on every request of a budgeted scope.
+                # Soft budgets have no cap: they never refuse.
                 buckets = scope.buckets
                 if buckets and buckets[0][0] < oldest_kept:
                     self._expire(scope, oldest_kept)
                 if (
-                    ((b := limits.budget_5h) is not None and scope.rolling >= b)
-                    or ((b := limits.budget_day) is not None
+                    ((b := limits.cap_5h) is not None and scope.rolling >= b)
+                    or ((b := limits.cap_day) is not None
                         and (scope.total - scope.day_base if scope.day_start == day else 0) >= b)
-                    or ((b := limits.budget_week) is not None
+                    or ((b := limits.cap_week) is not None
                         and (scope.total - scope.week_base if scope.week_start == week else 0) >= b)
-                    or ((b := limits.budget_month) is not None
+                    or ((b := limits.cap_month) is not None
                         and (scope.total - scope.month_base if scope.month_start == month else 0) >= b)
-                    or ((b := limits.budget_total) is not None and scope.total >= b)
+                    or ((b := limits.cap_total) is not None and scope.total >= b)
                 ):
                     self._refuse_budget(limits, scope, now)
         for limits, scope in checks:
@@ -371,7 +435,7 @@ class Limiter:
                 scope.hits.append(now)
 
     def _refuse_budget(self, limits: Limits, scope: _Scope, now: float) -> None:
-        for window, limit in limits.budgets:
+        for window, limit in limits.hard_budgets:
             spent = self._spent(scope, window)
             if spent >= limit:
                 resets_at = self._resets_at(scope, window, limit)
@@ -407,17 +471,56 @@ class Limiter:
             scope = self._tokens.get(token_id)
             if scope is None:
                 scope = self._tokens[token_id] = _Scope(f"token {token_id}")
-            add(scope, cost_micros, ts, minute)
+            if self._warn_tokens and (watched := self._warn_tokens.get(token_id)) is not None:
+                self._add_watched(scope, watched, "token", str(token_id), cost_micros, ts, minute)
+            else:
+                add(scope, cost_micros, ts, minute)
         if user is not None:
             scope = self._users.get(user)
             if scope is None:
                 scope = self._users[user] = _Scope(f"user {user}")
-            add(scope, cost_micros, ts, minute)
+            if self._warn_users and (watched := self._warn_users.get(user)) is not None:
+                self._add_watched(scope, watched, "user", user, cost_micros, ts, minute)
+            else:
+                add(scope, cost_micros, ts, minute)
         if project is not None:
             scope = self._projects.get(project)
             if scope is None:
                 scope = self._projects[project] = _Scope(f"project {project}")
-            add(scope, cost_micros, ts, minute)
+            if self._warn_projects and (watched := self._warn_projects.get(project)) is not None:
+                self._add_watched(scope, watched, "project", project, cost_micros, ts, minute)
+            else:
+                add(scope, cost_micros, ts, minute)
+
+    def _add_watched(
+        self, scope: _Scope, limits: Limits, kind: str, name: str, cost: int, ts: float, minute: int,
+    ) -> None:
+        """_add for a scope with thresholds: its spend in each warned window
+        before and after, and a BudgetCrossing for each window where a
+        threshold lies in between.
+
+        Why nothing is remembered of thresholds sent: spend in a calendar
+        window only grows within its period, so a threshold is passed once
+        per period; and rebuild() at start sets the spend without a charge,
+        so thresholds already passed before a restart are not passed again.
+        The 5-hour window falls as its minutes age out and may pass a
+        threshold again later: that is news, and the alerts' min_interval
+        keeps it from repeating within minutes."""
+        self._expire(scope, minute - ROLLING_BUCKETS + 1)
+        spent = self._spent
+        before = [spent(scope, window) for window, _, _ in limits.thresholds]
+        self._add(scope, cost, ts, minute)
+        listener = self.on_crossing
+        if listener is None:
+            return
+        for (window, limit, percents), was in zip(limits.thresholds, before):
+            now_spent = spent(scope, window)
+            percent = crossed(was, now_spent, limit, percents)
+            if percent is not None:
+                listener(BudgetCrossing(
+                    kind, name, window, percent, now_spent, limit, limits.is_soft(window),
+                    self._line_resets(scope, window, limit, now_spent), ts,
+                ))
 
     def rebuild(self, conn: sqlite3.Connection, now: float | None = None) -> None:
         """Recompute all spend from the usage table, e.g. at start, so a
@@ -426,6 +529,19 @@ class Limiter:
         in the table would be lost)."""
         if now is None:
             now = self._clock()
+        # One read transaction: usage retention (accounting.retention) moves
+        # spend from usage rows to usage_carried in one commit, and the sums
+        # must see it on one side only.
+        own_transaction = not conn.in_transaction
+        if own_transaction:
+            conn.execute("BEGIN")
+        try:
+            self._rebuild(conn, now)
+        finally:
+            if own_transaction:
+                conn.execute("COMMIT")
+
+    def _rebuild(self, conn: sqlite3.Connection, now: float) -> None:
         for table in (self._tokens, self._users, self._projects):
             for scope in table.values():
                 scope.clear_spend()
@@ -444,6 +560,8 @@ class Limiter:
                 # Not in the tokens table (a database assembled by hand):
                 # the usage rows themselves say whose it was.
                 row = conn.execute("SELECT user, project FROM usage WHERE token_id = ? LIMIT 1", (token_id,)).fetchone()
+                if row is None:
+                    row = conn.execute("SELECT user, project FROM usage_carried WHERE token_id = ?", (token_id,)).fetchone()
                 found = owners[token_id] = (row[0], row[1]) if row else (None, None)
             return found
 
@@ -459,6 +577,13 @@ class Limiter:
             user, project = owner(token_id)
             for scope in self._scopes_for(token_id, user, project):
                 self._credit(scope, total, in_day, in_week, in_month)
+        # The spend of rows usage retention removed, which arrived before
+        # every current period: it counts in `total` alone.
+        rows = conn.execute("SELECT token_id, cost_micros FROM usage_carried WHERE cost_micros > 0")
+        for token_id, total in rows.fetchall():
+            user, project = owner(token_id)
+            for scope in self._scopes_for(token_id, user, project):
+                self._credit(scope, total, 0, 0, 0)
         first_minute = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
         rows = conn.execute(
             "SELECT token_id, CAST(ts / ? AS INTEGER) AS minute, SUM(cost_micros)"
@@ -648,14 +773,18 @@ class Limiter:
             self._expire(state, int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1)
             for window, limit in limits.budgets:
                 spent = self._spent(state, window)
-                if window == "5h" and spent < limit:
-                    resets_at = None if not state.buckets else float(
-                        (state.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS
-                    )
-                else:
-                    resets_at = self._resets_at(state, window, limit)
-                lines.append(BudgetLine(kind, name, window, limit, spent, resets_at))
+                resets_at = self._line_resets(state, window, limit, spent)
+                lines.append(BudgetLine(
+                    kind, name, window, limit, spent, resets_at, limits.is_soft(window), limits.warns_at(window),
+                ))
         return lines
+
+    def _line_resets(self, scope: _Scope, window: str, limit: int, spent: int) -> float | None:
+        """When a budget's line says it resets: for a 5h budget not yet
+        spent, when its oldest minute ages out; else see _resets_at."""
+        if window == "5h" and spent < limit:
+            return None if not scope.buckets else float((scope.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS)
+        return self._resets_at(scope, window, limit)
 
 
 def budget_report(

@@ -12,6 +12,12 @@ are calendar windows in the Limiter's timezone (`tz`, an IANA name such as
 (when the request arrived), exactly as `Limiter.rebuild()` places rows from
 the table.
 
+Soft budgets and thresholds. A budget is hard (it refuses requests once
+spent) unless its window is in `soft`: a soft budget never refuses. Any
+budget may carry warning thresholds in percent of its limit (`warn_at`); a
+soft budget without its own warns at SOFT_WARN_AT, a hard one at none. The
+Limiter raises a BudgetCrossing when a charge takes spend past one.
+
 Groups. Each `[[upstream]]` belongs to one `group`; a token, user or project
 may be restricted to some groups. A request may use the groups every
 restriction set on its token, user and project allows (their intersection;
@@ -38,6 +44,12 @@ log = logging.getLogger("hubcore.limits")
 WINDOWS = ("5h", "day", "week", "month", "total")
 SCOPE_KINDS = ("token", "user", "project")
 MICROS_PER_USD = 1_000_000
+# The thresholds (percent of the limit) of a soft budget that names none: a
+# manager hears of the project passing 80% of its month, and of the end.
+SOFT_WARN_AT = (80, 100)
+# A threshold is a whole percentage; past 1000% a soft budget means nothing.
+WARN_AT_MAX = 1000
+_FIELDS = frozenset({"rpm", "concurrency", "budget_micros", "models", "expires_at", "groups", "soft", "warn_at"})
 
 
 # -- the limits ---------------------------------------------------------------
@@ -56,12 +68,27 @@ class Limits:
     models: tuple[str, ...] = ()       # shell-style globs; empty: any model
     expires_at: float | None = None    # unix seconds
     groups: tuple[str, ...] = ()       # upstream groups it may use; empty: every group
+    soft: tuple[str, ...] = ()         # windows whose budget never refuses, in WINDOWS order
+    # (window, percents ascending) of the budgets with thresholds of their own
+    warn_at: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # Set when stored limits could not be read: every request is refused
     # (fail closed) with this text until an operator rewrites them.
     error: str | None = None
     # derived in __post_init__
     budgets: tuple[tuple[str, int], ...] = field(default=(), init=False, repr=False, compare=False)
     model_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    # The budgets that refuse: (window, micros), and each window's alone
+    # (None when it has none or it is soft), read by Limiter.admit's check.
+    hard_budgets: tuple[tuple[str, int], ...] = field(default=(), init=False, repr=False, compare=False)
+    cap_5h: int | None = field(default=None, init=False, repr=False, compare=False)
+    cap_day: int | None = field(default=None, init=False, repr=False, compare=False)
+    cap_week: int | None = field(default=None, init=False, repr=False, compare=False)
+    cap_month: int | None = field(default=None, init=False, repr=False, compare=False)
+    cap_total: int | None = field(default=None, init=False, repr=False, compare=False)
+    # (window, limit micros, percents) of every budget that warns, soft defaults applied.
+    thresholds: tuple[tuple[str, int, tuple[int, ...]], ...] = field(
+        default=(), init=False, repr=False, compare=False,
+    )
 
     def __post_init__(self) -> None:
         for name in ("rpm", "concurrency"):
@@ -77,6 +104,7 @@ class Limits:
                 raise ValueError(f"budget {window} must be a non-negative integer of micro-dollars, not {value!r}")
             budgets.append((window, value))
         object.__setattr__(self, "budgets", tuple(budgets))
+        self._check_soft_and_warn_at()
         if not isinstance(self.models, tuple) or not all(isinstance(m, str) and m for m in self.models):
             raise ValueError(f"models must be a tuple of non-empty patterns, not {self.models!r}")
         if self.models:
@@ -94,9 +122,53 @@ class Limits:
         if len(set(self.groups)) != len(self.groups):
             raise ValueError(f"groups name a group twice: {', '.join(self.groups)}")
 
+    def _check_soft_and_warn_at(self) -> None:
+        budgeted = {window for window, _ in self.budgets}
+        if not isinstance(self.soft, tuple) or not all(isinstance(w, str) for w in self.soft):
+            raise ValueError(f"soft must be a tuple of budget windows, not {self.soft!r}")
+        for window in self.soft:
+            if window not in budgeted:
+                raise ValueError(f"soft names the {window!r} window, which has no budget")
+        if list(self.soft) != sorted(set(self.soft), key=WINDOWS.index):
+            raise ValueError(f"soft must name each window once, in the order {', '.join(WINDOWS)}: {self.soft!r}")
+        if not isinstance(self.warn_at, tuple):
+            raise ValueError(f"warn_at must be a tuple of (window, percents), not {self.warn_at!r}")
+        own: dict[str, tuple[int, ...]] = {}
+        for entry in self.warn_at:
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                raise ValueError(f"warn_at entries are (window, percents), not {entry!r}")
+            window, percents = entry
+            if window not in budgeted:
+                raise ValueError(f"warn_at names the {window!r} window, which has no budget")
+            if window in own:
+                raise ValueError(f"warn_at names the {window!r} window twice")
+            own[window] = check_warn_at(percents)
+        if [w for w, _ in self.warn_at] != sorted(own, key=WINDOWS.index):
+            raise ValueError(f"warn_at must list its windows in the order {', '.join(WINDOWS)}")
+        hard = tuple((w, v) for w, v in self.budgets if w not in self.soft)
+        object.__setattr__(self, "hard_budgets", hard)
+        for window, value in hard:
+            object.__setattr__(self, "cap_" + window, value)
+        thresholds = []
+        for window, value in self.budgets:
+            percents = own.get(window, SOFT_WARN_AT if window in self.soft else ())
+            if percents:
+                thresholds.append((window, value, percents))
+        object.__setattr__(self, "thresholds", tuple(thresholds))
+
     def budget(self, window: str) -> int | None:
         value: int | None = getattr(self, "budget_" + window)
         return value
+
+    def is_soft(self, window: str) -> bool:
+        return window in self.soft
+
+    def warns_at(self, window: str) -> tuple[int, ...]:
+        """The thresholds of the budget of `window` in percent (soft defaults applied)."""
+        for w, _, percents in self.thresholds:
+            if w == window:
+                return percents
+        return ()
 
     @property
     def empty(self) -> bool:
@@ -117,6 +189,12 @@ class Limits:
             out["expires_at"] = float(self.expires_at)
         if self.groups:
             out["groups"] = list(self.groups)
+        # Left out when unset, so that a row without soft budgets or
+        # thresholds reads as before on a hub that predates them.
+        if self.soft:
+            out["soft"] = list(self.soft)
+        if self.warn_at:
+            out["warn_at"] = {window: list(percents) for window, percents in self.warn_at}
         return out
 
     def to_json(self) -> str | None:
@@ -130,7 +208,9 @@ class Limits:
             raise ValueError("limits must be a JSON object")
         # An unknown field makes the limits unreadable, which refuses the
         # scope's requests: a hub older than a field fails closed on it.
-        unknown = set(data) - {"rpm", "concurrency", "budget_micros", "models", "expires_at", "groups"}
+        # Rows without `soft` and `warn_at` (written before them) read as
+        # hard budgets without thresholds.
+        unknown = set(data) - _FIELDS
         if unknown:
             raise ValueError(f"unknown limit fields: {', '.join(sorted(unknown))}")
         budgets = data.get("budget_micros") or {}
@@ -145,12 +225,22 @@ class Limits:
         groups = data.get("groups", [])
         if not isinstance(groups, list):
             raise ValueError("groups must be a list of group names")
+        soft = data.get("soft", [])
+        if not isinstance(soft, list) or not all(isinstance(w, str) for w in soft):
+            raise ValueError("soft must be a list of budget windows")
+        warn_at = data.get("warn_at", {})
+        if not isinstance(warn_at, dict) or not all(isinstance(p, list) for p in warn_at.values()):
+            raise ValueError("warn_at must be an object of window: [percent, ...]")
         return cls(
             rpm=data.get("rpm"),
             concurrency=data.get("concurrency"),
             models=tuple(models),
             expires_at=data.get("expires_at"),
             groups=tuple(groups),
+            soft=tuple(w for w in WINDOWS if w in soft) if set(soft) <= set(WINDOWS) else tuple(soft),
+            warn_at=tuple(
+                (w, tuple(warn_at[w])) for w in sorted(warn_at, key=lambda w: WINDOWS.index(w) if w in WINDOWS else -1)
+            ),
             **{"budget_" + w: v for w, v in budgets.items()},
         )
 
@@ -165,6 +255,19 @@ class Limits:
             raise ValueError(f"limits are not JSON: {e}") from e
         limits = cls.from_dict(data)
         return None if limits.empty else limits
+
+
+def check_warn_at(percents: object) -> tuple[int, ...]:
+    """`percents` if they are thresholds: whole percentages from 1 to
+    WARN_AT_MAX, ascending, each once; else ValueError saying what they are."""
+    if not isinstance(percents, tuple) or not percents:
+        raise ValueError(f"warn_at needs at least one percentage, not {percents!r}")
+    for p in percents:
+        if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= WARN_AT_MAX:
+            raise ValueError(f"a threshold is a whole percentage from 1 to {WARN_AT_MAX}, not {p!r}")
+    if list(percents) != sorted(set(percents)):
+        raise ValueError(f"thresholds must be ascending and each given once: {', '.join(map(str, percents))}")
+    return percents
 
 
 def check_group_name(name: object) -> str:

@@ -402,12 +402,14 @@ def run_stats(args: argparse.Namespace, *, default_socket: str | None = None) ->
 
 
 def run_keys(args: argparse.Namespace, *, default_socket: str | None = None) -> int:
-    """`hubcore keys [list] [--json]` and `hubcore keys enable|disable LABEL`."""
+    """`hubcore keys [list] [--json]` and `hubcore keys enable|disable|reset LABEL`."""
     path = resolve_socket(args.socket, default_socket)
-    if args.action in ("enable", "disable"):
+    if args.action in ("enable", "disable", "reset"):
         if not args.label:
             print(f"hubcore: keys {args.action} needs a key LABEL", file=sys.stderr)
             return 2
+        if args.action == "reset":
+            return reset_key(path, args.label, as_json=args.json)
         return set_key_enabled(path, args.label, args.action == "enable", as_json=args.json)
     try:
         rows = flatten_keys(get_stats(path))
@@ -436,6 +438,34 @@ def set_key_enabled(socket_path: str, label: str, enabled: bool, *, as_json: boo
     return EXIT_OK
 
 
+def reset_key(socket_path: str, label: str, *, as_json: bool = False) -> int:
+    """`hubcore keys reset LABEL`: end the key's rests after 429s and close its circuit."""
+    try:
+        status, data = request_json(socket_path, f"/keys/{quote(label, safe='')}/reset", "POST")
+    except OpsClientError as exc:
+        return _fail(exc)
+    if status != 200:
+        print(f"hubcore: reset {printable(label)}: {_error_text(data)}", file=sys.stderr)
+        return EXIT_FAILED
+    print(_dumps(data) if as_json else format_key_reset(label, data))
+    if isinstance(data, dict) and data.get("warning"):
+        print(f"hubcore: warning: key {printable(label)} reset but {printable(str(data['warning']))}",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def format_key_reset(label: str, reply: Any) -> str:
+    """`key a reset: anthropic healthy`, and how to revive a key the reset
+    left dead or disabled."""
+    states = reply.get("states") if isinstance(reply, dict) else None
+    if not isinstance(states, dict):
+        return f"key {printable(label)} reset"
+    text = f"key {printable(label)} reset: {_upstream_states(states)}"
+    if any(state in ("dead", "disabled") for state in states.values()):
+        text += f"\n(a dead or disabled key comes back with `hubcore keys enable {printable(label)}`)"
+    return text
+
+
 def format_key_switch(label: str, action: str, reply: Any) -> str:
     """`key b enabled: anthropic healthy`: the key's state after the switch
     in each upstream that has it, as the hub reported it."""
@@ -443,7 +473,12 @@ def format_key_switch(label: str, action: str, reply: Any) -> str:
     text = f"key {printable(label)} {action}d"
     if not isinstance(states, dict):
         return text  # a hub from before the answer carried the states
-    return text + ": " + ", ".join(f"{printable(str(up))} {printable(str(st))}" for up, st in states.items())
+    return f"{text}: {_upstream_states(states)}"
+
+
+def _upstream_states(states: Mapping[Any, Any]) -> str:
+    """`anthropic healthy, bedrock disabled`."""
+    return ", ".join(f"{printable(str(up))} {printable(str(st))}" for up, st in states.items())
 
 
 def run_reload(args: argparse.Namespace, *, default_socket: str | None = None) -> int:
@@ -491,9 +526,10 @@ def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
 def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     add_socket_argument(parser)
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("action", nargs="?", choices=("list", "enable", "disable"), default="list",
-                        help="list the keys (default), or enable/disable one by label")
-    parser.add_argument("label", nargs="?", help="the key's label (for enable/disable)")
+    parser.add_argument("action", nargs="?", choices=("list", "enable", "disable", "reset"), default="list",
+                        help="list the keys (default); enable or disable one by label; reset one: end its "
+                             "rests after 429s and close its circuit")
+    parser.add_argument("label", nargs="?", help="the key's label (for enable, disable, reset)")
 
 
 def add_key_toggle_arguments(parser: argparse.ArgumentParser) -> None:

@@ -244,8 +244,13 @@ class HubMetrics:
 
     def request_finished(
         self, route: str, status: int, outcome: str, total_s: float, ttfb_s: float | None = None,
+        hub_added_s: float | None = None, answered_by: str | None = None,
     ) -> None:
-        """One request left the hub; pairs with ``request_started``."""
+        """One request left the hub; pairs with ``request_started``.
+        `hub_added_s`: the hub's own share of its time (observe_hub_added);
+        `answered_by`: the upstream whose answer, with `status`, went to the
+        client (upstream_answered). Both ride on this one call because it is
+        made for every request."""
         self.in_flight -= 1
         self.requests_total += 1
         key = (route, status, outcome)
@@ -253,6 +258,12 @@ class HubMetrics:
         self.total.observe(total_s)
         if ttfb_s is not None:
             self.ttfb.observe(ttfb_s)
+        if hub_added_s is not None:
+            self.hub_added.observe(hub_added_s)
+        if answered_by is not None:
+            answer = (answered_by, status)
+            statuses = self.upstream_statuses
+            statuses[answer] = statuses.get(answer, 0) + 1
 
     def observe_hub_added(self, seconds: float) -> None:
         self.hub_added.observe(seconds)
@@ -382,14 +393,19 @@ class HubMetrics:
     def uptime(self) -> float:
         return self._clock() - self._started_mono
 
-    def request_rate(self) -> float:
-        """Requests per second over the last minute (since start before that)."""
+    def request_rate(self, window: float = RATE_WINDOW) -> float:
+        """Requests per second over the last `window` seconds (at most
+        RATE_WINDOW; since start before that), from the samples the lag
+        sampler takes every LOOP_LAG_INTERVAL: the window is that much longer
+        at most, and reading it costs the request path nothing."""
         samples = self._rate_samples
         now = self._clock()
-        if samples:
-            t0, n0 = samples[0]
-        else:
-            t0, n0 = self._started_mono, 0
+        t0, n0 = samples[0] if samples else (self._started_mono, 0)
+        # Newest first: the latest sample at least `window` old starts it.
+        for t, n in reversed(samples):
+            if now - t >= window:
+                t0, n0 = t, n
+                break
         elapsed = now - t0
         return (self.requests_total - n0) / elapsed if elapsed > 0 else 0.0
 
@@ -480,9 +496,11 @@ class HubMetrics:
         *,
         key_states: Sequence[str] = KEY_STATES,
         gc: Mapping[str, Any] | None = None,
+        alerts: Mapping[str, Any] | None = None,
     ) -> str:
         """Everything for ``GET /metrics`` in the Prometheus text format 0.0.4;
-        ``gc`` is the hub's garbage-collector stats (runtime.CycleCollector.stats)."""
+        ``gc`` is the hub's garbage-collector stats (runtime.CycleCollector.stats),
+        ``alerts`` its alert targets' counters (ops.alerts.Alerts.stats)."""
         out = _Exposition()
         out.family("hubcore_build_info", "gauge", "Version of the running hub; always 1.")
         out.sample("hubcore_build_info", 1, version=version)
@@ -553,8 +571,25 @@ class HubMetrics:
 
         self._render_writer(out, writer or {})
         self._render_gc(out, gc or {})
+        if alerts is not None:
+            self._render_alerts(out, alerts)
         self._render_keys(out, keys or {}, key_states)
         return out.text()
+
+    @staticmethod
+    def _render_alerts(out: _Exposition, alerts: Mapping[str, Any]) -> None:
+        out.family("hubcore_alerts_sent_total", "counter", "Alerts a webhook accepted (2xx).")
+        out.sample("hubcore_alerts_sent_total", alerts.get("sent", 0))
+        out.family("hubcore_alerts_dropped_total", "counter",
+                   "Alerts given up, by reason: queue_full, timeout, unreachable, rejected (an answer "
+                   "not 2xx, or retries used up), reload, shutdown.")
+        for reason, n in sorted(alerts.get("dropped", {}).items()):
+            out.sample("hubcore_alerts_dropped_total", n, reason=reason)
+        out.family("hubcore_alerts_deduplicated_total", "counter",
+                   "Alerts not sent because the same alert went out within its min_interval.")
+        out.sample("hubcore_alerts_deduplicated_total", alerts.get("deduplicated", 0))
+        out.family("hubcore_alerts_queued", "gauge", "Alerts waiting for delivery, all targets.")
+        out.sample("hubcore_alerts_queued", alerts.get("queued", 0))
 
     def _render_usage(self, out: _Exposition) -> None:
         rows = sorted(self.usage.items())

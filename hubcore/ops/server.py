@@ -1,7 +1,8 @@
 """The ops endpoint: HTTP/1.1 over a Unix socket (never TCP), served with h11.
 
 Owns the socket file (stale-socket cleanup, mode, group), the small route
-table (/stats, /metrics, /reload, /tokens/refresh, /keys/{label}/enable|disable)
+table (/stats, /metrics, /reload, /tokens/refresh,
+/keys/{label}/enable|disable|reset)
 and the per-connection limits that keep a misbehaving client from costing the
 proxy.
 """
@@ -49,6 +50,17 @@ class KeySwitched:
     not_stored: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class KeyReset:
+    """What `keys reset LABEL` did: the state of the key with that label in
+    each upstream that has one, after its rests ended and its circuit closed
+    (a dead or disabled key stays so)."""
+
+    states: dict[str, str]  # upstream name -> state
+    # Why the reset's audit row could not be written (the reset holds), or None.
+    not_audited: str | None = None
+
+
 class OpsHandler(Protocol):
     """What the ops endpoint asks of the running hub."""
 
@@ -61,6 +73,8 @@ class OpsHandler(Protocol):
     def set_key_enabled(
         self, label: str, enabled: bool
     ) -> KeySwitched | None | Awaitable[KeySwitched | None]: ...  # None: no such key
+
+    def reset_key(self, label: str) -> Awaitable[KeyReset | None]: ...  # None: no such key
 
     def explain_route(
         self, model: str | None, kind: str | None = None, token_id: int | None = None, user: str | None = None,
@@ -242,6 +256,10 @@ class OpsServer(H11Server):
                 if method != "POST":
                     return _error(405, "use POST", [("allow", "POST")])
                 return await self._set_key_enabled(unquote(segments[1]), segments[2] == "enable")
+            if len(segments) == 3 and segments[0] == "keys" and segments[2] == "reset":
+                if method != "POST":
+                    return _error(405, "use POST", [("allow", "POST")])
+                return await self._reset_key(unquote(segments[1]))
         except Exception as exc:
             log.exception("ops %s %s failed", method, raw_path)
             return _error(500, f"{type(exc).__name__}: {exc}")
@@ -260,6 +278,15 @@ class OpsServer(H11Server):
         }
         if result.not_stored is not None:
             reply["warning"] = f"not stored ({result.not_stored}): a restart forgets this change"
+        return _json(200, reply)
+
+    async def _reset_key(self, label: str) -> Reply:
+        result = await self.handler.reset_key(label)
+        if result is None:
+            return _error(404, f"no key labelled {label!r}")
+        reply: dict[str, Any] = {"label": label, "states": result.states, "audited": result.not_audited is None}
+        if result.not_audited is not None:
+            reply["warning"] = f"not audited ({result.not_audited}): the audit trail misses this reset"
         return _json(200, reply)
 
     async def _explain_route(self, target: bytes) -> Reply:

@@ -200,13 +200,15 @@ class Headroom:
     """A key's latest reading per model class. A class with no reading, or
     whose reading's limit has reset since, has all its room (1.0)."""
 
-    __slots__ = ("_by_class",)
+    __slots__ = ("by_class",)
 
     def __init__(self) -> None:
-        self._by_class: dict[str, Reading] = {}
+        # Public for the key ring's per-request checks, which read it with
+        # one dict lookup rather than a method call.
+        self.by_class: dict[str, Reading] = {}
 
     def update(self, model_class: str, reading: Reading) -> None:
-        by_class = self._by_class
+        by_class = self.by_class
         if model_class not in by_class and len(by_class) >= MAX_CLASSES:
             # Full: the reading that resets first goes (the first to be stale).
             del by_class[min(by_class, key=lambda cls: by_class[cls].until)]
@@ -214,14 +216,14 @@ class Headroom:
 
     def latest(self, model_class: str) -> Reading | None:
         """The class's latest reading, even one whose limit has reset since."""
-        return self._by_class.get(model_class)
+        return self.by_class.get(model_class)
 
     def fraction(self, model_class: str, wall_now: float) -> float:
-        reading = self._by_class.get(model_class)
+        reading = self.by_class.get(model_class)
         if reading is None:
             return 1.0
         if reading.until <= wall_now:
-            del self._by_class[model_class]
+            del self.by_class[model_class]
             return 1.0
         return reading.fraction
 
@@ -229,6 +231,6 @@ class Headroom:
         """The readings still in force, per class, for stats."""
         return {
             cls: {"remaining": reading.fraction, "limit": reading.limit, "resets": reading.until}
-            for cls, reading in self._by_class.items()
+            for cls, reading in self.by_class.items()
             if reading.until > wall_now
         }

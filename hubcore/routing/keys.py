@@ -52,6 +52,11 @@ __all__ = [
 # Every change of a key's state is one line here (see KeyRing._transition).
 log = logging.getLogger("hubcore.keys")
 
+# Told of every change of a key's state, where it is logged: (ring, label,
+# old state, new state, reason). Called inside the ring's own calls: it must
+# not call back into the ring, except to read `states()`.
+StateListener = Callable[["KeyRing", str, "KeyState", "KeyState", str], None]
+
 
 class KeyState(enum.Enum):
     HEALTHY = "healthy"
@@ -75,11 +80,14 @@ class KeyState(enum.Enum):
 #     whenever the ring looks at it (no timers run for keys);
 #   - the hub's prober: take_probes() moves a HALF_OPEN key to PROBING (PROBE),
 #     and the probe lease's release decides, as above;
-#   - the operator and reloads: DISABLE / ENABLE / RELOADED. The operator's
-#     word overrides what the ring learned: ENABLE makes any key HEALTHY (a
-#     dead key revived, a rest or an open circuit ended), and a DISABLE
-#     sticks to the label, over reloads that rotate its secret or drop and
-#     re-add it, as the stored switch does over restarts (restore_disabled).
+#   - the operator and reloads: DISABLE / ENABLE / RESET / RELOADED. The
+#     operator's word overrides what the ring learned: ENABLE makes any key
+#     HEALTHY (a dead key revived, a rest or an open circuit ended), RESET
+#     ends the rests and closes the circuit of a key in service but leaves a
+#     dead or disabled key as it is (reviving one takes ENABLE), and a
+#     DISABLE sticks to the label, over reloads that rotate its secret or
+#     drop and re-add it, as the stored switch does over restarts
+#     (restore_disabled).
 # Users' requests go to HEALTHY keys only. An open circuit closes only on the
 # answer of the hub's own probe (a cheap request, see hubcore.gateway.probe):
 # a user's request that probed a broken key failed in front of that user,
@@ -102,7 +110,7 @@ class KeyState(enum.Enum):
 # the whole key, as above. And each answer's rate-limit headers (observe)
 # give the key's room per class, which weighs the choice among usable keys
 # (see acquire); a rest and a reading are the vendor's word, so a reload that
-# keeps the key keeps them, and only the operator's ENABLE ends a rest.
+# keeps the key keeps them, and only the operator's ENABLE or RESET ends a rest.
 #
 # Each change of state is logged once, with its reason; an event that leaves
 # the state as it was (the 429s of a key already cooling) says nothing. The
@@ -126,6 +134,7 @@ class _Event(enum.Enum):
     PROBE = enum.auto()  # the hub's prober sends its probe
     DISABLE = enum.auto()
     ENABLE = enum.auto()
+    RESET = enum.auto()  # the operator ends the rests and closes the circuit
     RELOADED = enum.auto()  # SIGHUP kept this key (same label, same secret)
 
 
@@ -151,6 +160,7 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
     (_H, _E.ABORTED): _H,
     (_H, _E.DISABLE): _X,
     (_H, _E.ENABLE): _H,
+    (_H, _E.RESET): _H,
     (_H, _E.RELOADED): _H,
     # A late success does not end a rest that a newer 429 started.
     (_C, _E.ANSWERED): _C,
@@ -163,6 +173,7 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
     (_C, _E.EXPIRED): _H,
     (_C, _E.DISABLE): _X,
     (_C, _E.ENABLE): _H,
+    (_C, _E.RESET): _H,
     (_C, _E.RELOADED): _C,
     # No lease is handed out while OPEN: every answer is stale, except that a
     # 429 pushes the end of the pause out to the end of the rest.
@@ -173,6 +184,7 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
     (_O, _E.EXPIRED): _HO,
     (_O, _E.DISABLE): _X,
     (_O, _E.ENABLE): _H,
+    (_O, _E.RESET): _H,
     (_O, _E.RELOADED): _O,
     # Waiting for the prober. A (stale) 429 proves the vendor answers, so the
     # circuit closes and the key rests.
@@ -184,6 +196,7 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
     (_HO, _E.REJECTED): _D,
     (_HO, _E.DISABLE): _X,
     (_HO, _E.ENABLE): _H,
+    (_HO, _E.RESET): _H,
     (_HO, _E.RELOADED): _HO,
     # The probe's answer decides (the rest are stale, as while OPEN); one that
     # gave no verdict leaves the probe due.
@@ -196,14 +209,19 @@ _TRANSITIONS: dict[tuple[KeyState, _Event], KeyState] = {
     (_PR, _E.REJECTED): _D,
     (_PR, _E.DISABLE): _X,
     (_PR, _E.ENABLE): _H,
+    # The probe still out answers a healthy key: as a user's request would.
+    (_PR, _E.RESET): _H,
     (_PR, _E.RELOADED): _PR,
     **{(_D, event): _D for event in _OUTCOMES},
     (_D, _E.DISABLE): _X,
     (_D, _E.ENABLE): _H,
+    # The vendor refused the key: a reset is no word that it takes it again.
+    (_D, _E.RESET): _D,
     (_D, _E.RELOADED): _H,
     **{(_X, event): _X for event in _OUTCOMES},
     (_X, _E.DISABLE): _X,
     (_X, _E.ENABLE): _H,
+    (_X, _E.RESET): _X,
     (_X, _E.RELOADED): _X,
 }
 
@@ -330,6 +348,8 @@ class KeyRing:
         # Labels the operator disabled, kept while no key has the label (a
         # reload may bring it back; see restore_disabled).
         self._disabled: set[str] = set()
+        # The alerts' hook (hubcore.ops.alerts); None: nobody listens.
+        self.listener: StateListener | None = None
         self.replace_specs(specs)
 
     # -- selection ---------------------------------------------------------
@@ -374,7 +394,13 @@ class KeyRing:
                     and key.spec.label not in tried
                     and model_class not in key.rests
                     and self._keys.get(key.spec.label) is key
-                    and (len(self._keys) == 1 or not self._low(key, model_class))
+                    # Its room, as _above_floor judges it: the one key of a
+                    # ring is used whatever its room; another needs no
+                    # reading in force under the floor (or at nothing).
+                    and (len(self._keys) == 1
+                         or (reading := key.room.by_class.get(model_class)) is None
+                         or (reading.fraction >= self.policy.headroom_floor and reading.fraction > 0.0)
+                         or reading.until <= self._wall_clock())
                 ):
                     key.in_flight += 1
                     key.requests += 1
@@ -443,19 +469,6 @@ class KeyRing:
             return self._keys.get(label)
         return None
 
-    def _low(self, key: _Key, model_class: str) -> bool:
-        """Whether the key's latest reading for the class, still in force,
-        is under the floor or at nothing (as _above_floor judges; one dict
-        lookup when there is no reading)."""
-        if len(self._keys) == 1:
-            return False  # the one key is used whatever its room
-        reading = key.room.latest(model_class)
-        return (
-            reading is not None
-            and (reading.fraction < self.policy.headroom_floor or reading.fraction == 0.0)
-            and reading.until > self._wall_clock()
-        )
-
     @staticmethod
     def _pick(candidates: list[_Key], rooms: Mapping[_Key, float] | None) -> _Key:
         # Each key's share is its weight times its room (1.0 where no reading
@@ -488,7 +501,7 @@ class KeyRing:
         key = lease._key
         cls = lease.model_class if model_class is None else model_class
         now = self._clock()
-        if now < key.read_due and key.room.latest(cls) is not None:
+        if now < key.read_due and cls in key.room.by_class:
             return
         reading = read_index(headers, self._wall_clock())
         if reading is not None:
@@ -630,10 +643,10 @@ class KeyRing:
                 key.pause = 0.0
         elif event in (_E.FAULT, _E.TRIP):
             key.consecutive_failures += 1
-        elif (event is _E.ENABLE and old is not _H) or (event is _E.RELOADED and old is _D):
+        elif (event is _E.ENABLE and old is not _H) or event is _E.RESET or (event is _E.RELOADED and old is _D):
             key.consecutive_failures = 0
             key.pause = 0.0
-        if event is _E.ENABLE:
+        if event is _E.ENABLE or event is _E.RESET:
             # The operator's word: every class's rest ends too.
             key.rests.clear()
 
@@ -657,20 +670,25 @@ class KeyRing:
                 _wake(waiter)
         if new is not old:
             level = _log_level(old, new)
-            if log.isEnabledFor(level):
+            listener = self.listener
+            logged = log.isEnabledFor(level)
+            if logged or listener is not None:
                 reason = _reason(key, event, old, now, rest_until, failure, probe, cause, self.policy)
-                log.log(
-                    level,
-                    "upstream %s key %s: %s -> %s (%s)",
-                    self.name, key.spec.label, old.value, new.value, reason,
-                    extra={
-                        "upstream": self.name,
-                        "label": key.spec.label,
-                        "old_state": old.value,
-                        "new_state": new.value,
-                        "reason": reason,
-                    },
-                )
+                if logged:
+                    log.log(
+                        level,
+                        "upstream %s key %s: %s -> %s (%s)",
+                        self.name, key.spec.label, old.value, new.value, reason,
+                        extra={
+                            "upstream": self.name,
+                            "label": key.spec.label,
+                            "old_state": old.value,
+                            "new_state": new.value,
+                            "reason": reason,
+                        },
+                    )
+                if listener is not None:
+                    listener(self, key.spec.label, old, new, reason)
 
     def _next_pause(self, pause: float, failure: Failure | None) -> float:
         """The pause of a circuit that opens after `pause` (0.0: none since a
@@ -831,6 +849,23 @@ class KeyRing:
         self._notify()
         return key.state
 
+    def reset(self, label: str) -> KeyState | None:
+        """End the key's rests after 429s (the whole key's and every model
+        class's) and close its circuit, with its failure count and pause
+        back to nothing: the operator says the vendor takes it again. A dead
+        or disabled key stays so (enable() revives it). Its state after
+        (None: no key has that label)."""
+        key = self._keys.get(label)
+        if key is None:
+            return None
+        now = self._clock()
+        self._expire(key, now)
+        for model_class in key.rests:
+            self._log_class(key, model_class, _C, _H, "operator reset")
+        self._transition(key, _E.RESET, now, None, cause="operator reset")
+        self._notify()
+        return key.state
+
     def restore_disabled(self, labels: Iterable[str]) -> None:
         """The labels the operator disabled before a restart (stored): those
         configured are disabled now, the others when a reload adds them."""
@@ -874,6 +909,12 @@ class KeyRing:
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self._keys)
+
+    def states(self) -> dict[str, KeyState]:
+        """Each key's state as it stands, without looking at the clock (a
+        rest that is over reads as COOLING until the ring next looks): safe
+        to call from a StateListener."""
+        return {label: key.state for label, key in self._keys.items()}
 
     @property
     def in_flight(self) -> int:
@@ -1015,7 +1056,7 @@ def _reason(
         return "probe sent"
     if event is _E.RELOADED:
         return "reload"
-    # DISABLE and ENABLE: the operator, now or before a restart or reload.
+    # DISABLE, ENABLE and RESET: the operator, now or before a restart or reload.
     return cause or event.name.lower()
 
 

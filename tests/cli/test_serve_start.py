@@ -16,13 +16,13 @@ from tests.cli.test_cli import cli_env, hubcore
 from tests.hubharness import free_port, hubcore_cmd, wait_listening
 
 
-def write_config(tmp_path: Path, port: int, extra: str = "", upstreams: str = "") -> Path:
+def write_config(tmp_path: Path, port: int, extra: str = "", upstreams: str = "", dashboard: str = "") -> Path:
     path = tmp_path / "hubcore.toml"
     path.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path / "hub.db"}"\n'
         f'ops_socket = "{tmp_path / "ops.sock"}"\n{extra}\n{upstreams}'
-        # Not the dashboard's default port, which every hub would share.
-        '\n[dashboard]\nlisten = ""\n'
+        # Off unless asked for: the default port would be shared by every hub.
+        f'\n[dashboard]\nlisten = "{dashboard}"\n'
     )
     return path
 
@@ -138,3 +138,21 @@ def test_start_up_lines_follow_the_json_log_format(tmp_path: Path) -> None:
     messages = [str(r.get("message", r.get("msg", ""))) for r in records]
     assert any("no vendor keys configured" in m for m in messages), err
     assert any("first-token" in m for m in messages), err
+
+
+def test_a_stop_signal_the_moment_the_port_answers_is_a_clean_stop(tmp_path: Path) -> None:
+    """The proxy listens before the dashboard and the ops socket open: a
+    supervisor's SIGTERM in between must wait for the start, then drain and
+    exit 0, not kill the process (-15)."""
+    port = free_port()
+    proc = serve(write_config(tmp_path, port, dashboard="127.0.0.1:0"))
+    try:
+        while proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                pass
+    finally:
+        err = stop(proc)
+    assert "stopped" in err

@@ -161,6 +161,29 @@ def test_request_rate_covers_the_last_minute() -> None:
     assert m.uptime == pytest.approx(300.0)
 
 
+def test_request_rate_over_a_shorter_window_sees_a_burst_the_minute_smooths() -> None:
+    now = [1000.0]
+    m = HubMetrics(clock=lambda: now[0])
+    # 1 request per second for a minute and a half, then 20 per second for 5 s.
+    for per_step, steps in ((lambda i: i % 2), 180), ((lambda i: 10), 10):
+        for i in range(steps):
+            now[0] += 0.5
+            for _ in range(per_step(i)):
+                m.request_started()
+                m.request_finished("/v1/messages", 200, "ok", 0.1)
+            m.sample_lag(0.0)
+    # The last 10 s: 5 s at 1/s and 5 s at 20/s.
+    assert m.request_rate(10.0) == pytest.approx(10.5, rel=0.06)
+    assert m.request_rate(60.0) == m.request_rate() == pytest.approx((55 + 100) / 60, rel=0.05)
+    # Younger than the window: since the start.
+    fresh = HubMetrics(clock=lambda: now[0])
+    fresh.sample_lag(0.0)
+    now[0] += 2.0
+    fresh.request_started()
+    fresh.request_finished("/v1/messages", 200, "ok", 0.1)
+    assert fresh.request_rate(10.0) == pytest.approx(0.5)
+
+
 async def test_loop_lag_sampler_sees_a_blocked_loop() -> None:
     m = HubMetrics(lag_interval=0.05)
     m.start()

@@ -929,6 +929,21 @@ class KeyRingMachine(RuleBasedStateMachine):
             self.not_before[label] = -math.inf
             self.forget_class_rests(label)
 
+    @rule(label=st.sampled_from(sorted(MACHINE_KEYS)))
+    def reset(self, label: str) -> None:
+        state = self.ring.reset(label)
+        assert (state is not None) == (label in self.secrets)
+        if label in self.secrets:
+            # Rests and circuit end; a dead or disabled key stays so.
+            expected = (
+                KeyState.DEAD if label in self.dead
+                else KeyState.DISABLED if label in self.disabled
+                else KeyState.HEALTHY
+            )
+            assert state is expected
+            self.not_before[label] = -math.inf
+            self.forget_class_rests(label)
+
     @rule(label=st.sampled_from(sorted(MACHINE_KEYS)), change=st.sampled_from(["same", "rotate", "toggle"]))
     def reload(self, label: str, change: str) -> None:
         fresh = False
