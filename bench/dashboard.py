@@ -386,6 +386,12 @@ QUERIES: dict[str, tuple[str, ...]] = {
         "user={user}&from=60d&until=59d", "model={model}&status=200", "outcome=refused&limit=500",
         "status=418", "user={user}&project={other_project}",
     ),
+    # The overview and usage read the rollups: every chart and grouping, and
+    # ranges that start and end mid-hour (partial hours come from raw rows).
+    "/": ("by=project", "by=model&bucket=hour"),
+    "/usage": ("by=key", "by=token", "by=day", "by=served_model&from=90d", "by=user&from=2000-01-01"),
+    "/api/v1/usage": ("by=key", "by=token&since=30d", "by=user&since=24h&until=1h", "by=day&since=90d"),
+    "/api/v1/overview": ("by=model&bucket=hour",),
 }
 
 # A path parameter's value, by the segment before it: /requests/{id} is a usage row's id.

@@ -207,10 +207,10 @@ MIGRATIONS: list[str] = [
     """,
     # 9: the rollups of usage (hubcore/accounting/rollup.py): sums per local
     # hour of the reporting zone x user x project x model x served model x
-    # upstream x key label x token; per local day x user x project x model x
-    # served model x token, and per local day x upstream x key label (apart:
-    # their product is what makes rollups big); a histogram of time to first
-    # byte per hour. A trigger keeps them on every usage row actually
+    # upstream x key label x token; per local day x user x project x token,
+    # per local day x model x served model and per local day x upstream x
+    # key label (apart: their product is what makes rollups big); a
+    # histogram of time to first byte per hour. A trigger keeps them on every usage row actually
     # inserted (a duplicate request_id that INSERT OR IGNORE skips fires
     # nothing); deletes never touch them, so reports outlive raw rows.
     # usage_rollup_zone: the reporting zone's UTC offset from each `start`
@@ -259,12 +259,10 @@ MIGRATIONS: list[str] = [
         ttfb_ms         REAL NOT NULL,
         PRIMARY KEY (hour, user, project, model, served_model, upstream, key_label, token_id)
     ) WITHOUT ROWID;
-    CREATE TABLE usage_daily (
+    CREATE TABLE usage_daily_principals (
         day             INTEGER NOT NULL,
         user            TEXT NOT NULL,
         project         TEXT NOT NULL,
-        model           TEXT NOT NULL,
-        served_model    TEXT NOT NULL,
         token_id        INTEGER NOT NULL,
         requests        INTEGER NOT NULL,
         errors          INTEGER NOT NULL,
@@ -279,7 +277,26 @@ MIGRATIONS: list[str] = [
         estimated       INTEGER NOT NULL,
         ttfb_count      INTEGER NOT NULL,
         ttfb_ms         REAL NOT NULL,
-        PRIMARY KEY (day, user, project, model, served_model, token_id)
+        PRIMARY KEY (day, user, project, token_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE usage_daily_models (
+        day             INTEGER NOT NULL,
+        model           TEXT NOT NULL,
+        served_model    TEXT NOT NULL,
+        requests        INTEGER NOT NULL,
+        errors          INTEGER NOT NULL,
+        input           INTEGER NOT NULL,
+        output          INTEGER NOT NULL,
+        cache_write_5m  INTEGER NOT NULL,
+        cache_write_1h  INTEGER NOT NULL,
+        cache_read      INTEGER NOT NULL,
+        reasoning       INTEGER NOT NULL,
+        cost_micros     INTEGER NOT NULL,
+        unpriced        INTEGER NOT NULL,
+        estimated       INTEGER NOT NULL,
+        ttfb_count      INTEGER NOT NULL,
+        ttfb_ms         REAL NOT NULL,
+        PRIMARY KEY (day, model, served_model)
     ) WITHOUT ROWID;
     CREATE TABLE usage_daily_keys (
         day             INTEGER NOT NULL,
@@ -327,18 +344,35 @@ MIGRATIONS: list[str] = [
             cost_micros = cost_micros + excluded.cost_micros, unpriced = unpriced + excluded.unpriced,
             estimated = estimated + excluded.estimated, ttfb_count = ttfb_count + excluded.ttfb_count,
             ttfb_ms = ttfb_ms + excluded.ttfb_ms;
-        INSERT INTO usage_daily VALUES (
+        INSERT INTO usage_daily_principals VALUES (
             (CAST(NEW.ts AS INTEGER) + IFNULL((
                 SELECT offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
             ), 0)) / 86400,
-            IFNULL(NEW.user, X''), IFNULL(NEW.project, X''), IFNULL(NEW.model, X''),
-            IFNULL(NEW.served_model, X''), IFNULL(NEW.token_id, X''),
+            IFNULL(NEW.user, X''), IFNULL(NEW.project, X''), IFNULL(NEW.token_id, X''),
             1, NEW.outcome != 'ok', NEW.input_tokens, NEW.output_tokens, NEW.cache_write_5m,
             NEW.cache_write_1h, NEW.cache_read, NEW.reasoning_tokens, IFNULL(NEW.cost_micros, 0),
             NEW.cost_basis IS NOT NULL OR (NEW.cost_micros IS NULL AND NEW.model IS NOT NULL),
             IFNULL(NEW.cost_basis = 'estimate', 0), NEW.ttfb_ms IS NOT NULL, IFNULL(NEW.ttfb_ms, 0)
         )
-        ON CONFLICT (day, user, project, model, served_model, token_id) DO UPDATE SET
+        ON CONFLICT (day, user, project, token_id) DO UPDATE SET
+            requests = requests + 1, errors = errors + excluded.errors, input = input + excluded.input,
+            output = output + excluded.output, cache_write_5m = cache_write_5m + excluded.cache_write_5m,
+            cache_write_1h = cache_write_1h + excluded.cache_write_1h,
+            cache_read = cache_read + excluded.cache_read, reasoning = reasoning + excluded.reasoning,
+            cost_micros = cost_micros + excluded.cost_micros, unpriced = unpriced + excluded.unpriced,
+            estimated = estimated + excluded.estimated, ttfb_count = ttfb_count + excluded.ttfb_count,
+            ttfb_ms = ttfb_ms + excluded.ttfb_ms;
+        INSERT INTO usage_daily_models VALUES (
+            (CAST(NEW.ts AS INTEGER) + IFNULL((
+                SELECT offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
+            ), 0)) / 86400,
+            IFNULL(NEW.model, X''), IFNULL(NEW.served_model, X''),
+            1, NEW.outcome != 'ok', NEW.input_tokens, NEW.output_tokens, NEW.cache_write_5m,
+            NEW.cache_write_1h, NEW.cache_read, NEW.reasoning_tokens, IFNULL(NEW.cost_micros, 0),
+            NEW.cost_basis IS NOT NULL OR (NEW.cost_micros IS NULL AND NEW.model IS NOT NULL),
+            IFNULL(NEW.cost_basis = 'estimate', 0), NEW.ttfb_ms IS NOT NULL, IFNULL(NEW.ttfb_ms, 0)
+        )
+        ON CONFLICT (day, model, served_model) DO UPDATE SET
             requests = requests + 1, errors = errors + excluded.errors, input = input + excluded.input,
             output = output + excluded.output, cache_write_5m = cache_write_5m + excluded.cache_write_5m,
             cache_write_1h = cache_write_1h + excluded.cache_write_1h,
@@ -383,16 +417,22 @@ MIGRATIONS: list[str] = [
            IFNULL(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), IFNULL(SUM(ttfb_ms), 0)
     FROM usage
     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
-    INSERT INTO usage_daily
-    SELECT CAST(ts AS INTEGER) / 86400,
-           IFNULL(user, X''), IFNULL(project, X''), IFNULL(model, X''), IFNULL(served_model, X''),
-           IFNULL(token_id, X''),
+    INSERT INTO usage_daily_principals
+    SELECT CAST(ts AS INTEGER) / 86400, IFNULL(user, X''), IFNULL(project, X''), IFNULL(token_id, X''),
            COUNT(*), SUM(outcome != 'ok'), SUM(input_tokens), SUM(output_tokens), SUM(cache_write_5m),
            SUM(cache_write_1h), SUM(cache_read), SUM(reasoning_tokens), IFNULL(SUM(cost_micros), 0),
            SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL)),
            IFNULL(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), IFNULL(SUM(ttfb_ms), 0)
     FROM usage
-    GROUP BY 1, 2, 3, 4, 5, 6;
+    GROUP BY 1, 2, 3, 4;
+    INSERT INTO usage_daily_models
+    SELECT CAST(ts AS INTEGER) / 86400, IFNULL(model, X''), IFNULL(served_model, X''),
+           COUNT(*), SUM(outcome != 'ok'), SUM(input_tokens), SUM(output_tokens), SUM(cache_write_5m),
+           SUM(cache_write_1h), SUM(cache_read), SUM(reasoning_tokens), IFNULL(SUM(cost_micros), 0),
+           SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL)),
+           IFNULL(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), IFNULL(SUM(ttfb_ms), 0)
+    FROM usage
+    GROUP BY 1, 2, 3;
     INSERT INTO usage_daily_keys
     SELECT CAST(ts AS INTEGER) / 86400, IFNULL(upstream, X''), IFNULL(key_label, X''),
            COUNT(*), SUM(outcome != 'ok'), SUM(input_tokens), SUM(output_tokens), SUM(cache_write_5m),

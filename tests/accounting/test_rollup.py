@@ -123,7 +123,8 @@ def assert_rollups_match(conn: sqlite3.Connection, tz: ZoneInfo) -> None:
 names = st.sampled_from(["alice", "bob", "<b>x</b>", None])
 events = st.builds(
     event,
-    ts=st.floats(WINDOW_START, WINDOW_START + 4 * 86400),
+    # To the millisecond, as SQLite's date functions (the CLI's days) read a time.
+    ts=st.integers(0, 4 * 86400 * 1000).map(lambda ms: WINDOW_START + ms / 1000),
     request_id=st.integers(0, 60).map(lambda n: f"req-{n}"),   # a small pool: duplicates come up
     user=names,
     project=st.sampled_from(["p1", "p2", None]),
@@ -216,7 +217,7 @@ async def test_a_spool_replayed_over_rows_already_written_counts_each_once(tmp_p
     conn = open_db(db, KOLKATA)
     try:
         assert_rollups_match(conn, KOLKATA)
-        (requests, cost), = conn.execute("SELECT SUM(requests), SUM(cost_micros) FROM usage_daily").fetchall()
+        (requests, cost), = conn.execute("SELECT SUM(requests), SUM(cost_micros) FROM usage_daily_models").fetchall()
         assert (requests, cost) == (41, sum(1000 + i for i in range(40)) + 7)
     finally:
         conn.close()
@@ -359,19 +360,22 @@ def test_a_range_is_read_from_days_hours_and_raw_rows_only_where_needed(conn: sq
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
     rollup.sums(conn, zone, ("user",), midnight, zone.day_start(day + 3))
-    assert [s.split(" FROM ")[1].split()[0] for s in statements] == ["usage_daily"]
+    assert [s.split(" FROM ")[1].split()[0] for s in statements] == ["usage_daily_principals"]
     statements.clear()
     rollup.sums(conn, zone, ("user",), midnight + 3600, midnight + 5 * 3600)
     assert [s.split(" FROM ")[1].split()[0] for s in statements] == ["usage_hourly"]
     statements.clear()
     rollup.sums(conn, zone, ("user",), midnight - 1800, midnight + 86400 + 60)
     tables = [s.split(" FROM ")[1].split()[0] for s in statements]
-    assert tables.count("usage_daily") == 1 and tables.count("usage") == 2
-    # Keys apart from users; both together only hour by hour.
+    assert tables.count("usage_daily_principals") == 1 and tables.count("usage") == 2
+    # Users, models and keys apart, the smallest for days alone; together only hour by hour.
     statements.clear()
     rollup.sums(conn, zone, ("upstream", "key_label"), midnight, zone.day_start(day + 3))
+    rollup.sums(conn, zone, ("served_model", "model"), midnight, zone.day_start(day + 3))
+    rollup.sums(conn, zone, ("day",), midnight, zone.day_start(day + 3))
     rollup.sums(conn, zone, ("user", "key_label"), midnight, zone.day_start(day + 3))
-    assert [s.split(" FROM ")[1].split()[0] for s in statements] == ["usage_daily_keys", "usage_hourly"]
+    assert [s.split(" FROM ")[1].split()[0] for s in statements] == [
+        "usage_daily_keys", "usage_daily_models", "usage_daily_models", "usage_hourly"]
     conn.set_trace_callback(None)
     with pytest.raises(ValueError, match="hours"):
         rollup.sums(conn, zone, ("hours",))
