@@ -18,7 +18,7 @@ from hubcore.config import zone
 from hubcore.governance import changes, storage
 from hubcore.governance.limiter import budget_report
 from hubcore.governance.limits import parse_column
-from hubcore.governance.tokens import groups_list, limits_dict
+from hubcore.governance.tokens import groups_list
 
 _TABLES = {"user": "users", "project": "projects"}
 

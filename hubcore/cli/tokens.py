@@ -24,7 +24,7 @@ from hubcore.cli.resets import add_reset_command
 from hubcore.config import zone
 from hubcore.governance import changes, tokens
 from hubcore.governance.limiter import BudgetLine, Limiter
-from hubcore.governance.limits import WINDOWS, parse_column
+from hubcore.governance.limits import WINDOWS
 
 
 def add_commands(sub: Subcommands) -> None:
@@ -161,16 +161,6 @@ def spend_json(spend: list[tuple[str, int, BudgetLine | None]]) -> list[dict[str
     ]
 
 
-def status(info: tokens.TokenInfo, now: float) -> str:
-    """active, revoked or expired."""
-    if info.revoked_at is not None:
-        return "revoked"
-    limits = info.limits
-    if limits is not None and limits.expires_at is not None and limits.expires_at <= now:
-        return "expired"
-    return "active"
-
-
 def show(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore token show ID [--json]`."""
     info = tokens.get(ctx.conn, args.id)
@@ -181,7 +171,7 @@ def show(args: argparse.Namespace, ctx: Context) -> int:
     except ValueError as e:
         raise CommandError(str(e), USAGE) from None
     spend = token_spend(ctx.conn, info.id, ctx.tz, ctx.now)
-    state = status(info, ctx.now)
+    state = info.status(ctx.now)
     # The token as the hub loads it: its groups with its user's and project's.
     principal = tokens.principal(ctx.conn, info.id)
     assert principal is not None  # the same token, read in the same command

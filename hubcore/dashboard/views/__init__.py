@@ -1,6 +1,6 @@
 """The dashboard's views: each module exports ROUTES (see dashboard.web)."""
 from __future__ import annotations
 
-from hubcore.dashboard.views import audit, me, overview
+from hubcore.dashboard.views import audit, me, overview, tokens
 
-VIEWS = (overview, me, audit)
+VIEWS = (overview, me, audit, tokens)
