@@ -64,11 +64,14 @@ def create_token(args: argparse.Namespace, conn: sqlite3.Connection) -> tuple[in
     can see the token without its limits: (id, token)."""
     # Read before anything is written: a bad --groups stops the command here.
     limits = apply_limit_flags(None, args) if has_limit_flags(args) else None
-    with store.immediate(conn):
-        return changes.create_token(
-            conn, args.user, getattr(args, "project", None), getattr(args, "note", None), limits,
-            actor=cli_actor(), origin=ORIGIN,
-        )
+    try:
+        with store.immediate(conn):
+            return changes.create_token(
+                conn, args.user, getattr(args, "project", None), getattr(args, "note", None), limits,
+                actor=cli_actor(), origin=ORIGIN,
+            )
+    except ValueError as e:
+        raise CommandError(f"--user: {e}" if not args.user.strip() else str(e), USAGE) from None
 
 
 def print_secret(
