@@ -135,7 +135,9 @@ def _limit_extras(limits: Limits | None) -> dict[str, Any]:
     }
 
 
-def token_json(info: TokenInfo, budgets: Sequence[BudgetLine], now: float, principal: Principal | None = None) -> dict[str, Any]:
+def token_json(
+    info: TokenInfo, budgets: Sequence[BudgetLine], now: float, principal: Principal | None = None,
+) -> dict[str, Any]:
     """`hubcore token list --json`'s object, with its status, expiry, models and budget bars."""
     out = {**info.to_dict(), "status": info.status(now), **_limit_extras(info.limits),
            "budgets": [line.to_dict() for line in budgets]}

@@ -147,6 +147,22 @@ def limit_fields(limits: Limits | None, tz: ZoneInfo, zone: str) -> str:
 # -- budget bars ----------------------------------------------------------------------
 
 
+# A bar turns to the meter's warning colour at 80% of its budget.
+HIGH_SHARE = 0.8
+
+
+def _meter(line: BudgetLine, label: str = "") -> str:
+    """Spent of limit as a <meter>, full when the budget is spent (a zero
+    budget is full at once)."""
+    top = max(line.limit_micros, 1)
+    value = top if line.spent_micros >= line.limit_micros else line.spent_micros
+    title = f" title=\"{escape(label)}\"" if label else ""
+    return (
+        f"<meter min=\"0\" max=\"{top}\" value=\"{value}\" high=\"{top * HIGH_SHARE:.0f}\""
+        f" optimum=\"0\"{title}>{escape(label)}</meter>"
+    )
+
+
 def budget_bars(lines: Sequence[BudgetLine], tz: ZoneInfo, *, reset_action: str | None = None, csrf: str = "") -> str:
     """A bar per budget: spent of limit, what remains, when it resets; with
     `reset_action`, each with its "reset this window's spend" button."""
@@ -167,8 +183,7 @@ def budget_bars(lines: Sequence[BudgetLine], tz: ZoneInfo, *, reset_action: str 
             f"<tr class=\"budget{over}\" data-window=\"{escape(line.window)}\" data-spent=\"{line.spent_micros}\""
             f" data-limit=\"{line.limit_micros}\">"
             f"<th scope=\"row\">{escape(WINDOW_TITLES.get(line.window, line.window))}</th>"
-            f"<td><meter min=\"0\" max=\"{max(line.limit_micros, 1)}\" value=\"{min(line.spent_micros, max(line.limit_micros, 1))}\""
-            f" high=\"{max(line.limit_micros, 1) * 0.8:.0f}\" optimum=\"0\" title=\"{escape(label)}\">{escape(label)}</meter></td>"
+            f"<td>{_meter(line, label)}</td>"
             f"<td class=\"num\">{escape(format_usd(line.spent_micros))}</td>"
             f"<td class=\"num\">{escape(format_usd(line.limit_micros))}</td>"
             f"<td class=\"num\">{escape(format_usd(line.remaining_micros))}</td>"
@@ -188,8 +203,7 @@ def _mini_bars(lines: Sequence[BudgetLine], limits: Limits | None) -> str:
         return _budget_summary(limits)
     return "".join(
         f"<span class=\"mini\" data-window=\"{escape(line.window)}\">{escape(line.window)} "
-        f"<meter min=\"0\" max=\"{max(line.limit_micros, 1)}\" value=\"{min(line.spent_micros, max(line.limit_micros, 1))}\""
-        f" high=\"{max(line.limit_micros, 1) * 0.8:.0f}\" optimum=\"0\"></meter> "
+        f"{_meter(line)} "
         f"{escape(format_usd(line.spent_micros))} / {escape(format_usd(line.limit_micros))}</span>"
         for line in lines
     )
