@@ -205,6 +205,29 @@ MIGRATIONS: list[str] = [
         through_ts   REAL NOT NULL
     );
     """,
+    # 9: spend resets ("reset this window's spend", from the dashboard or
+    # `hubcore user|project|token reset-spend`): per scope and budget window,
+    # the moment from which its spend counts again; the Limiter's rebuild at
+    # start honours it, so a reset outlives a restart. A change bumps the
+    # tokens generation, so running hubs reload it with the limits.
+    """
+    CREATE TABLE spend_resets (
+        kind           TEXT NOT NULL,
+        name           TEXT NOT NULL,
+        budget_window  TEXT NOT NULL,
+        reset_at       REAL NOT NULL,
+        PRIMARY KEY (kind, name, budget_window)
+    );
+    CREATE TRIGGER spend_resets_gen_insert AFTER INSERT ON spend_resets BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER spend_resets_gen_update AFTER UPDATE ON spend_resets BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER spend_resets_gen_delete AFTER DELETE ON spend_resets BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -11,6 +11,14 @@ Thresholds. A soft budget is never checked at admission; a budget with
 thresholds (limits.Limits.thresholds) is watched in `charge()`, which raises a
 BudgetCrossing through `on_crossing` when one charge takes the spend of a
 window from below a threshold to at or above it.
+
+Spend resets. An operator may start a scope's window afresh at a moment R
+(storage's spend_resets): from then on only requests that arrived at R or
+later count there, live and in every rebuild. The live counters learn of R
+when the hub reloads limits, a few milliseconds after it was stored; a
+request that arrived after R and ended in between is forgiven by the
+running hub but counted by the next rebuild, which never forgives more
+than what arrived before R.
 """
 from __future__ import annotations
 
@@ -35,6 +43,11 @@ ROLLING_BUCKETS = 5 * 3600 // BUCKET_SECONDS
 # Nothing says when an in-flight request will end; one second keeps clients
 # retrying briskly without hammering (the header's smallest unit).
 CONCURRENCY_RETRY_AFTER = 1.0
+
+_NEVER = -math.inf
+# Token ids per `IN (...)` of a rebuild's query (SQLite allows 32766 parameters).
+_IDS_PER_QUERY = 500
+_NO_RESETS: dict[str, float] = {}
 
 _WINDOW_NAMES = {
     "5h": "5-hour rolling",
@@ -159,8 +172,8 @@ class _Scope:
     """Counters of one token, user or project. Spend is in micro-dollars."""
 
     __slots__ = (
-        "label", "in_flight", "hits", "total", "day_start", "day_base", "week_start", "week_base",
-        "month_start", "month_base", "periods", "buckets", "rolling",
+        "label", "in_flight", "hits", "total", "total_base", "day_start", "day_base", "week_start", "week_base",
+        "month_start", "month_base", "periods", "counts_from", "resets", "buckets", "rolling",
     )
 
     def __init__(self, label: str) -> None:
@@ -173,11 +186,19 @@ class _Scope:
         self.total = 0
         # Spend in the period starting at *_start is total - *_base: a charge
         # in the current day then only adds to total. Read against another
-        # period a window counts as zero (it resets lazily).
+        # period a window counts as zero (it resets lazily). The `total`
+        # window is total - total_base: nonzero only after a spend reset.
+        self.total_base = 0
         self.day_start = self.week_start = self.month_start = -math.inf
         self.day_base = self.week_base = self.month_base = 0
         # The Limiter's current periods object once *_start are all current.
         self.periods: object = None
+        # While periods is current: a charge of a request that arrived at
+        # counts_from or later counts in every window (the start of the day,
+        # or a later spend reset); an earlier one takes the slow path.
+        self.counts_from = math.inf
+        # window -> the moment its spend counts from (spend resets); None: none.
+        self.resets: dict[str, float] | None = None
         self.buckets: deque[list[int]] | None = None   # [minute, micros], oldest first
         self.rolling = 0
 
@@ -270,11 +291,47 @@ class Limiter:
     # -- configuration -------------------------------------------------------
 
     def update(self, limits: ScopeLimits) -> None:
-        """Apply newly loaded limit definitions; counters are kept."""
+        """Apply newly loaded limit definitions; counters are kept, except
+        that a spend reset not applied yet starts its window afresh."""
         self._limits = limits
         self._warn_tokens = {k: v for k, v in limits.tokens.items() if v.thresholds}
         self._warn_users = {k: v for k, v in limits.users.items() if v.thresholds}
         self._warn_projects = {k: v for k, v in limits.projects.items() if v.thresholds}
+        for (kind, name), windows in limits.resets.items():
+            for window, at in windows.items():
+                self.reset_spend(kind, name, window, at)
+
+    def reset_spend(self, kind: str, name: str | int, window: str, at: float, now: float | None = None) -> None:
+        """Count `kind name`'s spend in `window` from `at` on (a stored spend
+        reset, see the module's docstring). Idempotent: a reset at or before
+        the one the scope holds for the window changes nothing."""
+        if window not in WINDOWS:
+            raise ValueError(f"unknown budget window {window!r}; choose one of {', '.join(WINDOWS)}")
+        self._advance(self._clock() if now is None else now)
+        scope = self._scope(kind, name)
+        if scope is None:
+            # Created now: a late charge from before `at` must find the reset.
+            scope = self._scopes_for(*_scope_key(kind, name))[0]
+        resets = scope.resets
+        if resets is None:
+            resets = scope.resets = {}
+        if resets.get(window, _NEVER) >= at:
+            return
+        resets[window] = at
+        if scope.periods is not self._periods:
+            self._credit(scope, 0, 0, 0, 0)   # into the current periods, spending nothing
+        if window == "5h":
+            # Whole minutes after `at` arrived after it; its own minute is
+            # forgiven with the ones before (see the module's docstring).
+            buckets, minute = scope.buckets, int(at // BUCKET_SECONDS)
+            while buckets and buckets[0][0] <= minute:
+                scope.rolling -= buckets.popleft()[1]
+        elif window == "total":
+            scope.total_base = scope.total
+        elif at >= self._starts()[window]:
+            # A reset before the window's current period changes nothing in it.
+            setattr(scope, f"{window}_base", scope.total)
+        scope.counts_from = max(self._day_start, *resets.values())
 
     def reload(self, conn: sqlite3.Connection) -> None:
         self.update(load_scope_limits(conn))
@@ -395,7 +452,7 @@ class Limiter:
                         and (scope.total - scope.week_base if scope.week_start == week else 0) >= b)
                     or ((b := limits.cap_month) is not None
                         and (scope.total - scope.month_base if scope.month_start == month else 0) >= b)
-                    or ((b := limits.cap_total) is not None and scope.total >= b)
+                    or ((b := limits.cap_total) is not None and scope.total - scope.total_base >= b)
                 ):
                     self._refuse_budget(limits, scope, now)
         for limits, scope in checks:
@@ -595,6 +652,72 @@ class Limiter:
             user, project = owner(token_id)
             for scope in self._scopes_for(token_id, user, project):
                 self._add_bucket(scope, int(minute), spent)
+        for (kind, name), windows in self._limits.resets.items():
+            if kind == "token":
+                token_ids = [int(name)]
+            else:
+                token_ids = [t for t, found in owners.items() if found[0 if kind == "user" else 1] == name]
+            self._forget_before(conn, kind, name, windows, token_ids, first_minute)
+
+    @staticmethod
+    def _carried(conn: sqlite3.Connection, token_ids: list[int]) -> int:
+        """What usage retention removed of these tokens' rows (usage_carried).
+        Retention keeps at least 31 days of rows, so this spend arrived
+        before a total reset of the last month: it is taken out with what
+        was spent before the reset. A total reset older than the kept rows
+        forgives with it what was spent between the reset and the oldest
+        kept row, which a rebuild can no longer tell apart."""
+        total = 0
+        for i in range(0, len(token_ids), _IDS_PER_QUERY):
+            chunk = token_ids[i:i + _IDS_PER_QUERY]
+            (found,) = conn.execute(
+                f"SELECT COALESCE(SUM(cost_micros), 0) FROM usage_carried WHERE token_id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchone()
+            total += int(found)
+        return total
+
+    def _forget_before(
+        self, conn: sqlite3.Connection, kind: str, name: str, windows: dict[str, float], token_ids: list[int],
+        first_minute: int,
+    ) -> None:
+        """After a rebuild: take out of `kind name`'s windows what its tokens
+        spent before each window's reset."""
+        scope = self._scopes_for(*_scope_key(kind, name))[0]
+        scope.resets = dict(windows)
+        self._credit(scope, 0, 0, 0, 0)   # into the current periods (and counts_from), spending nothing
+        starts = self._starts()
+
+        def spent(since: float, until: float) -> int:
+            total = 0
+            for i in range(0, len(token_ids), _IDS_PER_QUERY):
+                chunk = token_ids[i:i + _IDS_PER_QUERY]
+                (found,) = conn.execute(
+                    f"SELECT COALESCE(SUM(cost_micros), 0) FROM usage WHERE token_id IN ({','.join('?' * len(chunk))})"
+                    " AND ts >= ? AND ts < ? AND cost_micros > 0", (*chunk, since, until),
+                ).fetchone()
+                total += int(found)
+            return total
+
+        for window, at in windows.items():
+            if window == "total":
+                scope.total_base += spent(_NEVER, at) + self._carried(conn, token_ids)
+            elif window == "5h":
+                since = first_minute * BUCKET_SECONDS
+                if at > since and scope.buckets:
+                    for i in range(0, len(token_ids), _IDS_PER_QUERY):
+                        chunk = token_ids[i:i + _IDS_PER_QUERY]
+                        for minute, amount in conn.execute(
+                            f"SELECT CAST(ts / ? AS INTEGER), SUM(cost_micros) FROM usage WHERE token_id IN"
+                            f" ({','.join('?' * len(chunk))}) AND ts >= ? AND ts < ? AND cost_micros > 0 GROUP BY 1",
+                            (BUCKET_SECONDS, *chunk, since, at),
+                        ):
+                            self._add_bucket(scope, int(minute), -int(amount))
+                    # A minute wholly before the reset is gone, not a bucket of zero.
+                    scope.buckets = deque(bucket for bucket in scope.buckets if bucket[1])
+            elif at > starts[window]:
+                base = f"{window}_base"
+                setattr(scope, base, getattr(scope, base) + spent(starts[window], at))
 
     def _scopes_for(self, token_id: int | None, user: str | None, project: str | None) -> list[_Scope]:
         scopes = []
@@ -617,19 +740,25 @@ class Limiter:
 
     def _add(self, scope: _Scope, cost: int, ts: float, minute: int) -> None:
         # The day starts no earlier than its week and month: a charge in the
-        # current day of a scope already in the current periods is in all
-        # three windows, and total - *_base moves with total alone.
-        if scope.periods is self._periods and ts >= self._day_start:
+        # current day of a scope already in the current periods (and after
+        # its spend resets) is in every window, and total - *_base moves with
+        # total alone.
+        if scope.periods is self._periods and ts >= scope.counts_from:
             scope.total += cost
         else:
             # A cost from before a period's start (a request that arrived
-            # yesterday and ended today) belongs to a period already over.
+            # yesterday and ended today) belongs to a period already over;
+            # one from before a spend reset, to the spend it forgave.
+            resets = scope.resets or _NO_RESETS
             self._credit(
                 scope, cost,
-                cost if ts >= self._day_start else 0,
-                cost if ts >= self._week[0] else 0,
-                cost if ts >= self._month[0] else 0,
+                cost if ts >= self._day_start and ts >= resets.get("day", _NEVER) else 0,
+                cost if ts >= self._week[0] and ts >= resets.get("week", _NEVER) else 0,
+                cost if ts >= self._month[0] and ts >= resets.get("month", _NEVER) else 0,
+                cost if ts >= resets.get("total", _NEVER) else 0,
             )
+            if ts < resets.get("5h", _NEVER):
+                return
         buckets = scope.buckets
         if buckets and buckets[-1][0] == minute:
             buckets[-1][1] += cost
@@ -637,8 +766,14 @@ class Limiter:
         else:
             self._add_bucket(scope, minute, cost)
 
-    def _credit(self, scope: _Scope, amount: int, in_day: int, in_week: int, in_month: int) -> None:
-        """Add `amount` to the total, of which `in_*` fell in the current periods."""
+    def _credit(
+        self, scope: _Scope, amount: int, in_day: int, in_week: int, in_month: int, in_total: int | None = None,
+    ) -> None:
+        """Add `amount` to the total, of which `in_*` fell in the current
+        periods and `in_total` (default: all of it) after any reset of the
+        total."""
+        if in_total is not None:
+            scope.total_base += amount - in_total
         total = scope.total
         start = self._day_start
         if scope.day_start != start:
@@ -654,6 +789,8 @@ class Limiter:
         scope.month_base += amount - in_month
         scope.total = total + amount
         scope.periods = self._periods
+        resets = scope.resets
+        scope.counts_from = self._day_start if not resets else max(self._day_start, *resets.values())
 
     @staticmethod
     def _add_bucket(scope: _Scope, minute: int, cost: int) -> None:
@@ -693,7 +830,11 @@ class Limiter:
             return scope.total - scope.month_base if scope.month_start == self._month[0] else 0
         if window == "5h":
             return scope.rolling
-        return scope.total
+        return scope.total - scope.total_base
+
+    def _starts(self) -> dict[str, float]:
+        """The start of each calendar window's current period."""
+        return {"day": self._day_start, "week": self._week[0], "month": self._month[0]}
 
     def _resets_at(self, scope: _Scope, window: str, limit: int) -> float | None:
         """When spend falls below `limit` again without new charges."""
@@ -762,13 +903,21 @@ class Limiter:
         self._advance(now)
         defined = self._limits
         entries: list[tuple[str, str, Limits]] = []
-        entries += [("token", str(i), lim) for i, lim in sorted(defined.tokens.items())]
-        entries += [("user", n, lim) for n, lim in sorted(defined.users.items())]
-        entries += [("project", n, lim) for n, lim in sorted(defined.projects.items())]
+        if scope is not None:
+            # One scope (a dashboard page's): its limits alone, not a pass over all.
+            kind, name = scope
+            by_kind: dict[str, dict[Any, Limits]] = {
+                "token": defined.tokens, "user": defined.users, "project": defined.projects}
+            key: Any = int(name) if kind == "token" and name.isdigit() else name
+            found = by_kind.get(kind, {}).get(key)
+            if found is not None:
+                entries.append((kind, str(key), found))
+        else:
+            entries += [("token", str(i), lim) for i, lim in sorted(defined.tokens.items())]
+            entries += [("user", n, lim) for n, lim in sorted(defined.users.items())]
+            entries += [("project", n, lim) for n, lim in sorted(defined.projects.items())]
         lines = []
         for kind, name, limits in entries:
-            if scope is not None and (kind, name) != scope:
-                continue
             state = self._scope(kind, name) or _Scope(f"{kind} {name}")
             self._expire(state, int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1)
             for window, limit in limits.budgets:
@@ -785,6 +934,17 @@ class Limiter:
         if window == "5h" and spent < limit:
             return None if not scope.buckets else float((scope.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS)
         return self._resets_at(scope, window, limit)
+
+
+def _scope_key(kind: str, name: str | int) -> tuple[int | None, str | None, str | None]:
+    """(token id, user, project) naming one scope, for Limiter._scopes_for."""
+    if kind == "token":
+        return int(name), None, None
+    if kind == "user":
+        return None, str(name), None
+    if kind == "project":
+        return None, None, str(name)
+    raise ValueError(f"unknown scope kind {kind!r}; choose one of {', '.join(SCOPE_KINDS)}")
 
 
 def budget_report(

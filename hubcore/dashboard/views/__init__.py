@@ -1,6 +1,6 @@
 """The dashboard's views: each module exports ROUTES (see dashboard.web)."""
 from __future__ import annotations
 
-from hubcore.dashboard.views import audit, live, me, overview, requests
+from hubcore.dashboard.views import audit, live, me, overview, requests, tokens
 
-VIEWS = (overview, me, audit, live, requests)
+VIEWS = (overview, me, audit, live, requests, tokens)
