@@ -19,6 +19,7 @@ import pytest
 
 from hubcore import store
 from hubcore.governance import audit, tokens
+from hubcore.governance.storage import read_limits
 from tests.conftest import upstreams_for
 from tests.dashboard.support import (
     OPERATOR, Answer, Client, add_operator, admin_api_token, operator_sign_in, submit,
@@ -549,3 +550,31 @@ def test_in_a_browser_create_use_revoke_budget_and_reset(hub: HubThread, browser
         ("token.create", f"admin:{OPERATOR}"), ("token.revoke", f"admin:{OPERATOR}"),
         ("user.set", f"admin:{OPERATOR}"), ("user.reset_spend", f"admin:{OPERATOR}"),
     ]
+
+
+def test_the_api_makes_a_budget_soft_with_thresholds_as_the_cli_does(hub: HubThread) -> None:
+    """soft and warn_at ride the same edit as the CLI's --soft and --warn-at:
+    on the budgets the change sets, else on every budget; without a budget
+    they are refused and nothing changes."""
+    api = Client(hub.dashboard_url)
+    bearer = {"authorization": f"Bearer {admin_api_token(hub)}"}
+    refused = api.send_json("PATCH", "/api/v1/users/carol", {"soft": True}, csrf=False, headers=bearer)
+    assert refused.status == 400 and "budget" in refused.json()["error"]["message"]
+    answer = api.send_json("PATCH", "/api/v1/users/carol", {"budget_month": 500, "soft": True, "warn_at": [50, 90]},
+                           csrf=False, headers=bearer)
+    assert answer.status == 200, answer.text
+    conn = store.connect(hub.config.server.database)
+    try:
+        limits = read_limits(conn, "user", "carol")
+    finally:
+        conn.close()
+    assert limits.soft == ("month",) and limits.warn_at == (("month", (50, 90)),)
+    bad = api.send_json("PATCH", "/api/v1/users/carol", {"warn_at": [0]}, csrf=False, headers=bearer)
+    assert bad.status == 400 and bad.json()["error"]["message"].startswith("warn_at: ")
+    hard = api.send_json("PATCH", "/api/v1/users/carol", {"soft": False}, csrf=False, headers=bearer)
+    assert hard.status == 200
+    conn = store.connect(hub.config.server.database)
+    try:
+        assert read_limits(conn, "user", "carol").soft == ()
+    finally:
+        conn.close()

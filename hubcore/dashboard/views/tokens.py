@@ -443,6 +443,10 @@ _LIMIT_PROPERTIES: dict[str, Any] = {
     "concurrency": {"type": ["integer", "string", "null"], "description": "requests in flight at once"},
     **{f"budget_{w}": {"type": ["number", "string", "null"], "description": f"the {w} budget in USD"}
        for w in ("5h", "day", "week", "month", "total")},
+    "soft": {"type": ["boolean", "null"],
+             "description": "true: the budgets this change sets (else every budget) warn and never refuse; false: hard"},
+    "warn_at": {"type": ["array", "string", "null"], "items": {"type": "integer"},
+                "description": "alert thresholds in percent of those budgets; null: the default (80,100 soft)"},
     "models": {"type": ["array", "string", "null"], "items": {"type": "string"},
                "description": "allowed models, shell-style patterns"},
     "groups": {"type": ["array", "string", "null"], "items": {"type": "string"},

@@ -17,13 +17,14 @@ from urllib.parse import quote, unquote
 
 from hubcore.dashboard.web import BadParameter
 from hubcore.governance.limit_edits import (
-    CLEAR, Clear, LimitEdits, parse_amount, parse_expiry, parse_groups, parse_models, parse_positive, parse_window,
+    CLEAR, Clear, LimitEdits, parse_amount, parse_expiry, parse_groups, parse_models, parse_positive, parse_warn_at,
+    parse_window,
 )
 from hubcore.governance.limits import WINDOWS
 
 T = TypeVar("T")
 BUDGET_FIELDS = tuple(f"budget_{window}" for window in WINDOWS)
-LIMIT_FIELDS = ("rpm", "concurrency", *BUDGET_FIELDS, "models", "expires", "groups")
+LIMIT_FIELDS = ("rpm", "concurrency", *BUDGET_FIELDS, "soft", "warn_at", "models", "expires", "groups")
 # What a page's form carries besides its fields; never a field of the change.
 FORM_ONLY = frozenset({"csrf"})
 # A name of a user or project, or a note: a line of text, not a document.
@@ -86,15 +87,46 @@ def _blank(value: Any) -> bool:
     return value is None or value == [] or (isinstance(value, str) and not value.strip())
 
 
+def _soft(value: Any) -> bool:
+    """`soft`: true makes the budgets of the change (else every budget) soft,
+    false hard, as the CLI's --soft and --hard."""
+    if isinstance(value, bool):
+        return value
+    text = _text("soft", value).strip().lower()
+    if text in ("true", "soft", "on", "1"):
+        return True
+    if text in ("false", "hard", "off", "0"):
+        return False
+    raise BadParameter(f"soft: expected true or false, not {value!r}")
+
+
+def _warn_at(value: Any) -> tuple[int, ...] | Clear:
+    """`warn_at`: percentages as a list of numbers or "50,80,100", as --warn-at."""
+    if isinstance(value, list):
+        if not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            raise BadParameter("warn_at: expected a list of whole percentages")
+        value = ",".join(str(item) for item in value)
+    return _reading("warn_at", parse_warn_at, _text("warn_at", value))
+
+
 def limit_edits(fields: Mapping[str, Any], tz: tzinfo) -> LimitEdits:
     """The limit fields of a change. An expiry without an offset is in `tz`,
-    the reporting zone every time on the pages is shown in."""
+    the reporting zone every time on the pages is shown in. `soft` and
+    `warn_at` apply to the budgets the change sets, else to every budget the
+    scope has (as the CLI's --soft, --hard and --warn-at)."""
     values: dict[str, Any] = {}
     budgets = []
     for name in LIMIT_FIELDS:
         if name not in fields:
             continue
         value = fields[name]
+        if name == "soft":
+            if value is not None:
+                values["soft"] = _soft(value)
+            continue
+        if name == "warn_at":
+            values["warn_at"] = CLEAR if _blank(value) else _warn_at(value)
+            continue
         if _blank(value):
             parsed: Any = CLEAR
         elif name in ("rpm", "concurrency"):
