@@ -5,12 +5,16 @@
 --
 -- KEYS[1]  the upstream's key-state hash
 -- KEYS[2]  the session's key (read only when ARGV[3] ~= '0')
+-- KEYS[3 .. 2 + r]  slot sets of releases carried (see ARGV[5])
 -- then for each scope (token, user, project that has a counted limit):
 --          its rpm window (zset), its slots (zset), one key per budget
 -- ARGV[1]  this admission's member (unique: instance id and a counter)
 -- ARGV[2]  slot lease, ms
 -- ARGV[3]  session affinity TTL, ms; '0': no session
 -- ARGV[4]  number of scopes
+-- ARGV[5]  r: releases this call carries (slots of requests that ended on
+--          this instance since its last call), applied first
+-- ARGV[6 .. 5 + r]  the member released from each of those slot sets
 -- then for each scope: rpm (0: none), concurrency (0: none), budget count,
 --          and per budget its window ('5h', 'day', 'week', 'month', 'total') and limit
 --
@@ -31,10 +35,15 @@ local member = ARGV[1]
 local lease = tonumber(ARGV[2])
 local session_ttl = ARGV[3]
 local scopes = tonumber(ARGV[4])
+local carried = tonumber(ARGV[5])
 
--- Parse the layout once: per scope {rpm, concurrency, rpm_key, slot_key, budgets}.
+for j = 1, carried do
+  redis.call('ZREM', KEYS[2 + j], ARGV[5 + j])
+end
+
+-- Parse the layout once: per scope {rpm, slots, rpm_key, slot_key, budgets}.
 local parsed = {}
-local k, a = 3, 5
+local k, a = 3 + carried, 6 + carried
 for i = 1, scopes do
   local scope = {rpm = tonumber(ARGV[a]), slots = tonumber(ARGV[a + 1]),
                  rpm_key = KEYS[k], slot_key = KEYS[k + 1], budgets = {}}
@@ -49,35 +58,46 @@ for i = 1, scopes do
   parsed[i] = scope
 end
 
+-- When enough of a 5h spend's oldest buckets age out to fall under `limit`.
+local function rolling_frees(key, spent, limit)
+  local excess = spent - limit + 1
+  local buckets = {}
+  local raw = redis.call('HGETALL', key)
+  for j = 1, #raw, 2 do
+    local minute = tonumber(raw[j])
+    if minute then buckets[#buckets + 1] = {minute, tonumber(raw[j + 1])} end
+  end
+  table.sort(buckets, function(x, y) return x[1] < y[1] end)
+  for _, bucket in ipairs(buckets) do
+    excess = excess - bucket[2]
+    if excess <= 0 then return (bucket[1] + ROLLING_MINUTES) * 60000 - now end
+  end
+  return -1
+end
+
 for i = 1, scopes do
-  for _, budget in ipairs(parsed[i].budgets) do
-    local spent
-    if budget.window == '5h' then
-      spent = rolling_spend(budget.key)
-    else
-      spent = tonumber(redis.call('GET', budget.key)) or 0
+  local budgets = parsed[i].budgets
+  if #budgets > 0 then
+    -- One MGET for the scope's counters; the 5h hash on its own.
+    local counters = {}
+    for _, budget in ipairs(budgets) do
+      if budget.window ~= '5h' then counters[#counters + 1] = budget.key end
     end
-    if spent >= budget.limit then
-      local frees = -1
+    local values = #counters > 0 and redis.call('MGET', unpack(counters)) or {}
+    local next_value = 1
+    for _, budget in ipairs(budgets) do
+      local spent
       if budget.window == '5h' then
-        -- When enough of the oldest buckets age out to fall under the limit.
-        local excess = spent - budget.limit + 1
-        local buckets = {}
-        local raw = redis.call('HGETALL', budget.key)
-        for j = 1, #raw, 2 do
-          local minute = tonumber(raw[j])
-          if minute then buckets[#buckets + 1] = {minute, tonumber(raw[j + 1])} end
-        end
-        table.sort(buckets, function(x, y) return x[1] < y[1] end)
-        for _, bucket in ipairs(buckets) do
-          excess = excess - bucket[2]
-          if excess <= 0 then
-            frees = (bucket[1] + ROLLING_MINUTES) * 60000 - now
-            break
-          end
-        end
+        spent = rolling_spend(budget.key)
+      else
+        spent = tonumber(values[next_value]) or 0
+        next_value = next_value + 1
       end
-      return {0, i, 'budget_' .. budget.window, spent, frees}
+      if spent >= budget.limit then
+        local frees = -1
+        if budget.window == '5h' then frees = rolling_frees(budget.key, spent, budget.limit) end
+        return {0, i, 'budget_' .. budget.window, spent, frees}
+      end
     end
   end
 end

@@ -19,16 +19,15 @@ local oldest = now_minute - ROLLING_MINUTES + 1
 for k = 2, #KEYS, 5 do
   local rolling = KEYS[k]
   if minute >= oldest then
-    rolling_spend(rolling)  -- drops what aged out, so 'sum' holds the kept buckets only
-    if not redis.call('HGET', rolling, 'lo') then
-      redis.call('HSET', rolling, 'lo', oldest)
-    end
+    -- Drops what aged out first, so that 'sum' holds the kept buckets only.
+    local _, exists = rolling_spend(rolling)
+    if not exists then redis.call('HSET', rolling, 'lo', oldest) end
     redis.call('HINCRBY', rolling, tostring(minute), cost)
     redis.call('HINCRBY', rolling, 'sum', cost)
-    -- Kept until its newest bucket ages out: a late charge (a request that
-    -- ran long) must not shorten that.
-    local keep = (minute + ROLLING_MINUTES + 1) * 60000 - now
-    if redis.call('PTTL', rolling) < keep then redis.call('PEXPIRE', rolling, keep) end
+    -- Kept until its newest bucket ages out; counted from now, not from
+    -- the bucket's minute, so that a late charge (a request that ran long)
+    -- never shortens what a newer one set.
+    redis.call('PEXPIRE', rolling, (now_minute + ROLLING_MINUTES + 1) * 60000 - now)
   end
   for w = 1, 3 do
     local key = KEYS[k + w]

@@ -18,17 +18,18 @@ local now_minute = math.floor(now / 60000)
 -- lazily here, each minute once, so the sum costs O(1) amortised to read.
 local ROLLING_MINUTES = 300
 
+-- Returns the sum, and whether the hash still exists.
 local function rolling_spend(key)
   local kept = redis.call('HMGET', key, 'lo', 'sum')
   local lo = tonumber(kept[1])
-  if not lo then return 0 end
+  if not lo then return 0, false end
   local sum = tonumber(kept[2]) or 0
   local oldest = now_minute - ROLLING_MINUTES + 1
-  if lo >= oldest then return sum end
+  if lo >= oldest then return sum, true end
   if oldest - lo >= ROLLING_MINUTES then
     -- Every bucket is in [lo, lo + 299] (lo moved up at each visit): all gone.
     redis.call('DEL', key)
-    return 0
+    return 0, false
   end
   for minute = lo, oldest - 1 do
     local field = tostring(minute)
@@ -39,5 +40,5 @@ local function rolling_spend(key)
     end
   end
   redis.call('HSET', key, 'lo', oldest, 'sum', sum)
-  return sum
+  return sum, true
 end

@@ -21,9 +21,9 @@ for i = 1, #KEYS do
       raised = raised + 1
     end
   else
-    local held = rolling_spend(KEYS[i])
+    local held, exists = rolling_spend(KEYS[i])
     if amount > held then
-      if not redis.call('HGET', KEYS[i], 'lo') then
+      if not exists then
         redis.call('HSET', KEYS[i], 'lo', now_minute - ROLLING_MINUTES + 1)
       end
       redis.call('HINCRBY', KEYS[i], tostring(now_minute), amount - held)
