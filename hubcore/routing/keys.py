@@ -459,6 +459,14 @@ class KeyRing:
 
     # -- affinity ------------------------------------------------------------
 
+    def pin_session(self, session_id: str, label: str) -> None:
+        """The session sticks to key `label` from now on, as if chosen here
+        (another hub instance chose it: hubcore.shared). A label the ring
+        does not have is ignored; acquire still judges the key's health."""
+        key = self._keys.get(label)
+        if key is not None:
+            self._sessions.remember(session_id, key, self._clock())
+
     def session_count(self) -> int:
         """Sessions in the affinity table (expired ones may linger until looked at)."""
         return len(self._sessions)
