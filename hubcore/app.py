@@ -92,6 +92,9 @@ class App:
             )
             self.recorder.add_listener(self.shared.on_usage)
         self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter, self.shared)
+        if self.shared is not None:
+            for name, upstream in self.hub.upstreams.items():
+                upstream.ring.listener = self.shared.key_listener(name)
         self.server = Server(config.server, self.hub.handle, loop, self.metrics, gate=self.hub.gate, render_error=self.hub.render_error)
         if logging.getLevelName(config.server.log_level.upper()) <= logging.INFO:
             self.hub.access = AccessLog(sys.stderr, loop, json=config.server.log_format == "json")

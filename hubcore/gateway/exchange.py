@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
 from hubcore.accounting import meter as sse
@@ -27,7 +27,7 @@ from hubcore.routing.failures import (
     CIRCUIT_KINDS, CLIENT_ABORTED, STREAM_BROKEN, Failure, FailureKind, classify, in_stream_failure, retryable, transport_failure,
 )
 from hubcore.routing.headroom import model_class
-from hubcore.routing.keys import KeyRing, Lease
+from hubcore.routing.keys import KeyReport, KeyRing, Lease
 from hubcore.routing.router import Router
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS, give_up, refusal_headers, render_http_error, sse_error_event
 from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head, with_model
@@ -93,6 +93,8 @@ class SharedGrant(Protocol):
 
     @property
     def session_key(self) -> str | None: ...
+    @property
+    def keys(self) -> Mapping[str, KeyReport]: ...  # by label: what the instances know against a key
     def release(self) -> None: ...
 
 
@@ -560,6 +562,8 @@ class Exchange:
             principal, upstream.config.name, self.session_id, self.ts,
             session_ttl=upstream.config.policy.affinity_ttl,
         )
+        if grant.keys:
+            upstream.ring.hear(grant.keys)
         if grant.session_key is not None and self.session_id is not None:
             self.shared_session_key = grant.session_key
             upstream.ring.pin_session(self.session_id, grant.session_key)

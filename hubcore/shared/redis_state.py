@@ -567,6 +567,10 @@ class SharedState:
         """The session sticks to key `label` on `upstream` for `ttl` seconds."""
         self._enqueue(None, (), ("SET", self.space.session(upstream, session), label, "PX", max(1, int(ttl * 1000))))
 
+    def key_listener(self, upstream: str) -> UpstreamKeys:
+        """What `upstream`'s key ring learns, for every instance (KeyRing.listener)."""
+        return UpstreamKeys(self, upstream)
+
     def _key_state(self, upstream: str, field: str, value: str | int) -> None:
         self._enqueue("keystate", (self.space.key_states(upstream),), (field, value))
 
@@ -925,6 +929,32 @@ class SharedState:
             "held_slots": len(self._held),
             "degraded_seconds": self._degraded_seconds + degraded_for,
         }
+
+
+class UpstreamKeys:
+    """One upstream's routing.keys.KeyListener: what its ring learns from
+    the vendor goes to every instance (queued, off the request path)."""
+
+    __slots__ = ("_state", "upstream")
+
+    def __init__(self, state: SharedState, upstream: str) -> None:
+        self._state = state
+        self.upstream = upstream
+
+    def rested(self, label: str, model_class: str, seconds: float) -> None:
+        self._state.rested(self.upstream, label, model_class, seconds)
+
+    def circuit_opened(self, label: str, seconds: float) -> None:
+        self._state.circuit_opened(self.upstream, label, seconds)
+
+    def circuit_closed(self, label: str) -> None:
+        self._state.circuit_closed(self.upstream, label)
+
+    def refused(self, label: str, secret: str) -> None:
+        self._state.key_refused(self.upstream, label, secret)
+
+    def revived(self, label: str) -> None:
+        self._state.key_revived(self.upstream, label)
 
 
 def _client(config: SharedConfig) -> Redis:

@@ -144,3 +144,22 @@ def test_redis_killed_mid_traffic_costs_no_request(tmp_path: Path, vendor: FakeV
             time.sleep(0.02)
         assert post(a, token)[0] == 200
         assert a.app is not None and "hubcore_shared_degraded 0" in a.app.metrics_text().splitlines()
+
+
+def test_a_key_that_answered_429_through_one_hub_gets_nothing_from_the_other(
+    tmp_path: Path, redis_server: RedisServer,
+) -> None:
+    # Listed first, so that each hub's round robin would try it first.
+    keys = ["sk-ant-limited", "sk-ant-fine"]
+    with FakeVendor(keys={keys[0]: 429, keys[1]: "ok", OPENAI_KEY: "ok"}, retry_after=30.0) as vendor:
+        with two_hubs(tmp_path, vendor, redis_server, keys) as (a, b):
+            token = a.mint("erin")
+            refreshed(b)
+            assert post(a, token)[0] == 200  # 429 on the first key, then the other
+            assert [r.key for r in vendor.requests] == keys
+            for _ in range(6):
+                assert post(b, token)[0] == 200
+            assert [r.key for r in vendor.requests[2:]] == [keys[1]] * 6
+            assert b.app is not None
+            (limited,) = [k for k in b.app.hub.upstreams["anthropic"].ring.snapshot() if k["label"] == keys[0]]
+            assert limited["rests"].get("sonnet", 0) > time.time() + 20  # rests there for the rest of the 30 s
