@@ -32,18 +32,22 @@ NOSCRIPT: for the token, its user and its project it checks every budget,
 then rpm, then concurrency, and only if all pass takes a place in each rpm
 window and a slot in each concurrency set; it returns the upstream's key
 states and the session's key with it, so the caller admits and picks a key
-from one reply. Everything else is written off the request path: releases,
-charges, key states and sessions go to a bounded queue that one task sends
-in pipelined batches; the link task beats, renews the slots of running
+from one reply (the gateway hands them to the key ring: KeyRing.hear and
+pin_session). Everything else is written off the request path: a slot
+given back rides on this instance's next admit call (RELEASE_DELAY at
+most, else it is queued); charges, key states (KeyRing.listener, through
+UpstreamKeys) and sessions go to a bounded queue that one task sends in
+pipelined batches; the link task beats, renews the slots of running
 requests (every lease_ttl / 3) and reconnects.
 
 Bounds across N instances while Redis answers:
 - rpm is exact: no more than `rpm` admissions in any 60 s by Redis's clock,
   whatever N (the check and the take are one atomic script).
-- concurrency is exact at admission; a slot is freed when its release is
-  sent (milliseconds after the request ends, which may refuse a request
-  that comes in between, never admit one too many), or lease_ttl after its
-  instance last renewed it (an instance that died).
+- concurrency is exact at admission; a slot is freed when its release
+  lands (with this instance's next admission, or RELEASE_DELAY and a send
+  after the request ended, which may refuse a request that comes in
+  between on another instance, never admit one too many), or lease_ttl
+  after its instance last renewed it (an instance that died).
 - a budget overshoots by at most what the requests in flight on all
   instances cost, plus charges not yet sent (as on one instance: a budget
   is checked at admission and charged when the usage event is recorded).
