@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hubcore import __version__, config as config_mod, store
 
@@ -39,6 +39,9 @@ from hubcore.http.server import Server, server_ssl_context
 from hubcore.governance.tokens import TokenTable
 from hubcore.accounting.recorder import UsageRecorder
 from hubcore.accounting.retention import Retention
+
+if TYPE_CHECKING:
+    from hubcore.shared.redis_state import SharedState
 
 log = logging.getLogger("hubcore")
 
@@ -81,7 +84,22 @@ class App:
         self.recorder.add_listener(self.limiter.on_usage)
         # Spend and tokens per user, project and model for /metrics, from the same events.
         self.recorder.add_listener(self.metrics.on_usage)
-        self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter)
+        # Limits, key states and sessions shared with the hub's other
+        # instances, with a [shared] table only: without one, none of it
+        # is imported, and the request path is as it was.
+        self.shared: SharedState | None = None
+        if config.shared.redis:
+            from hubcore.shared.redis_state import SharedState
+
+            self.shared = SharedState(
+                config.shared, tz=config.server.budget_timezone, instances_hint=config.server.workers,
+                seed=self.limiter.spend_report,
+            )
+            self.recorder.add_listener(self.shared.on_usage)
+        self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter, self.shared)
+        if self.shared is not None:
+            for name, upstream in self.hub.upstreams.items():
+                upstream.ring.listener = self.shared.key_listener(name)
         # Alerts hear of budget thresholds, key states and failovers through
         # hooks off the request path's common case (hubcore.ops.alerts).
         self.alerts = Alerts(config.alerts, timezone=self.limiter.tz)
@@ -141,8 +159,14 @@ class App:
         restore_key_switches(self.db, self.hub.upstreams.values())
         await self.recorder.start()
         # After the spool replay, before any request: a restart never resets a budget.
-        self.limiter.reload(self.db)
+        limits = load_scope_limits(self.db)
+        self.limiter.update(limits)
         self.limiter.rebuild(self.db)
+        if self.shared is not None:
+            self.shared.update_limits(limits)
+            # Bounded by [shared] timeout: a Redis that is down starts the
+            # hub degraded, never stops it.
+            await self.shared.start()
         ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         host, port = config_mod.parse_listen(cfg.listen)
         try:
@@ -190,7 +214,10 @@ class App:
         return {u.config.name: u.ring.snapshot() for u in self.hub.upstreams.values()}
 
     def stats(self) -> dict[str, Any]:
-        snapshot = self.metrics.snapshot(self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__)
+        snapshot = self.metrics.snapshot(
+            self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__,
+            shared=self.shared.stats() if self.shared is not None else None,
+        )
         snapshot["draining"] = self.server.draining
         snapshot["gc"] = self.cycles.stats()
         snapshot["alerts"] = self.alerts.stats()
@@ -256,6 +283,7 @@ class App:
         return self.metrics.render_prometheus(
             self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__, gc=self.cycles.stats(),
             alerts=self.alerts.stats(),
+            shared=self.shared.stats() if self.shared is not None else None,
         )
 
     async def explain_route(
@@ -394,6 +422,8 @@ class App:
                 limits = await asyncio.to_thread(refresh)
                 if limits is not None:
                     self.limiter.update(limits)
+                    if self.shared is not None:
+                        self.shared.update_limits(limits)
                     log.info("tokens and limits reloaded: %d active tokens", len(self.tokens))
         except sqlite3.Error as e:
             log.warning("could not reload tokens (keeping the current table): %s", e)
@@ -456,6 +486,9 @@ class App:
         if self.hub.access is not None:
             self.hub.access.close()
         await self.recorder.close()
+        if self.shared is not None:
+            # After the recorder: the last charges are queued by then.
+            await self.shared.close()
         if self.ops is not None:
             await self.ops.close()
         await self.watchdog.stop()
@@ -735,6 +768,8 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
             except (OSError, sqlite3.Error) as withdrawn:
                 log.error("could not take back the first hub token (id %d): %s; revoke it", made[0], withdrawn)
         await app.recorder.close()
+        if app.shared is not None:
+            await app.shared.close()
         return 1
     if made is not None:
         _, token, path = made
@@ -744,6 +779,11 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
         )
         if show_token is not None:
             show_token(token)
+    if config.server.workers > 1:
+        # The supervisor that runs one process per worker is not built yet:
+        # say so rather than serve with fewer processes than asked for.
+        log.warning("server.workers = %d: this hub runs as one process; several workers are not supported yet",
+                    config.server.workers)
     app.install_signals()
     app.cycles.start()
     for host, port in addresses:

@@ -16,7 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from hubcore.errors import ConfigError
@@ -115,6 +115,9 @@ class ServerConfig:
     # /metrics; past it new ones are counted under "_other" (0: all are).
     # Each set is six series; 2,000 is some 100 users times 20 models.
     metrics_max_series: int = 2000
+    # Processes serving the one listening port; "auto" in the file: one per
+    # core this process may run on. More than one needs [shared] redis.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,12 +341,60 @@ class AlertConfig:
     retry_backoff: float = 1.0
 
 
+# What an instance does while Redis cannot be reached ([shared] on_failure):
+# "local": enforce each limit divided by the live-instance count from its own
+# counters; "closed": refuse requests with a 503 until Redis is back.
+ON_FAILURE = ("local", "closed")
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedConfig:
+    """The [shared] table: the Redis through which several hub instances
+    (machines, or the workers of one) share rate windows, concurrency slots,
+    budget spend, key states and session affinity (hubcore.shared). Without
+    `redis` nothing is shared and nothing of it runs."""
+
+    # "redis://[USER@]HOST[:PORT][/DB]", "rediss://" for TLS. Kept without
+    # its password, so that it may be printed; see redis_address().
+    redis: str = ""
+    # From the `password` field (literal, "env:NAME" or "file:/path") or
+    # the URL's own; never printed.
+    password: str = field(default="", repr=False)
+    # CA bundle for a rediss:// server's certificate; empty: the system store.
+    ca_file: str = ""
+    # Seconds any one call to Redis may take, connecting included, before the
+    # hub gives up on it and enforces locally (or refuses: on_failure). A
+    # round trip on a LAN takes well under a millisecond; 50 ms bounds what
+    # a stalled Redis (a fork, swap, a slow script) adds to a request.
+    timeout: float = 0.05
+    on_failure: str = "local"
+    # Seconds between an instance's announcements of itself; one not heard
+    # of for instance_ttl seconds no longer counts as alive.
+    heartbeat_interval: float = 1.0
+    instance_ttl: float = 5.0
+    # Seconds a concurrency slot outlives its instance's last renewal (one
+    # every lease_ttl / 3 while its request runs): an instance that dies
+    # holding slots gives them back after this long.
+    lease_ttl: float = 30.0
+    # Every Redis key the hub writes starts with this and a colon, so that
+    # several hubs (or other applications) may share one Redis.
+    prefix: str = "hubcore"
+    # Connections to Redis at most; a call that finds them all busy waits
+    # for one within `timeout`.
+    max_connections: int = 64
+    # Writes sent off the request path (releases, charges, key states,
+    # sessions) held while Redis is unreachable; past it the oldest go.
+    queue_max: int = 100_000
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     pricing: PricingConfig = field(default_factory=PricingConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    shared: SharedConfig = field(default_factory=SharedConfig)
     source: str = "<built-in defaults>"
     alerts: tuple[AlertConfig, ...] = ()
 
@@ -427,7 +478,7 @@ def defaults(env: dict[str, str]) -> Config:
     return Config(upstreams=tuple(upstreams))
 
 
-TOP_LEVEL = {"server", "upstream", "pricing", "dashboard", "alert"}
+TOP_LEVEL = {"server", "upstream", "pricing", "dashboard", "alert", "shared"}
 
 
 def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
@@ -449,9 +500,18 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         upstreams.append(upstream)
     pricing = _parse_pricing(data.get("pricing", {}), source)
     dashboard = _parse_dashboard(data.get("dashboard", {}), source)
+    shared = parse_shared(data.get("shared", {}), source, env)
+    if server.workers > 1 and not shared.redis:
+        raise ConfigError(
+            f"{source}: server.workers: {server.workers} workers need [shared] redis = \"redis://HOST:PORT/DB\": "
+            "each worker is a process with its own counters, so without a store they share, every token's "
+            "rpm, concurrency and budgets would be multiplied by the number of workers, and a key that "
+            "answered 429 through one worker would not rest in the others"
+        )
     alerts = parse_alerts(data.get("alert", []), source, env)
     return Config(
-        server=server, upstreams=tuple(upstreams), pricing=pricing, dashboard=dashboard, source=source, alerts=alerts,
+        server=server, upstreams=tuple(upstreams), pricing=pricing, dashboard=dashboard, shared=shared, source=source,
+        alerts=alerts,
     )
 
 
@@ -546,6 +606,8 @@ def parse_server(raw: Any, source: str) -> ServerConfig:
     """The [server] table, every field checked."""
     if isinstance(raw, dict) and "ops_socket_mode" in raw:
         raw = {**raw, "ops_socket_mode": file_mode(raw["ops_socket_mode"], f"{source}: server.ops_socket_mode")}
+    if isinstance(raw, dict) and "workers" in raw:
+        raw = {**raw, "workers": worker_count(raw["workers"], f"{source}: server.workers")}
     server: ServerConfig = _build(ServerConfig, raw, source, "server")
     if server.log_format not in ("text", "json"):
         raise ConfigError(f'{source}: server.log_format: must be "text" or "json"')
@@ -575,6 +637,120 @@ def parse_server(raw: Any, source: str) -> ServerConfig:
             f"start from the month's usage rows, so keep at least {USAGE_RETENTION_MIN_DAYS} days (0: keep every row)"
         )
     return server
+
+
+# More workers than this is a typo (a port number, a byte count).
+MAX_WORKERS = 1024
+
+
+def worker_count(value: Any, where: str) -> int:
+    """[server] workers: a whole number from 1, or "auto" for one per core
+    this process may run on (its CPU affinity, which a container's cpuset
+    narrows, not the machine's count)."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f'{where}: must be a whole number from 1 to {MAX_WORKERS} or "auto", got {value!r}')
+    return value
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password, if any, as "***": for every message that quotes it."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where [shared] redis points, as the client connects to it."""
+
+    tls: bool
+    host: str
+    port: int
+    db: int
+    username: str | None
+
+
+def redis_address(url: str, where: str = "shared.redis") -> RedisAddress:
+    """The parts of a redis:// or rediss:// URL; ConfigError naming `where`
+    (and the URL, its password masked) when it is not one."""
+    shown = mask_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError as e:
+        raise ConfigError(f"{where}: {shown!r} is not a URL: {e}") from None
+    if parts.scheme not in REDIS_SCHEMES or not parts.hostname:
+        raise ConfigError(f'{where}: expected "redis://HOST:PORT/DB" (or rediss:// for TLS), got {shown!r}')
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: {shown!r}: options after ? or # are not read; the other [shared] fields set them")
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise ConfigError(f"{where}: {shown!r}: the database after the host must be a number, e.g. /0")
+    return RedisAddress(
+        tls=parts.scheme == "rediss", host=parts.hostname, port=port, db=int(db_text),
+        username=unquote(parts.username) if parts.username else None,
+    )
+
+
+def parse_shared(raw: Any, source: str, env: dict[str, str]) -> SharedConfig:
+    """The [shared] table, every field checked; the password, from the URL
+    or the `password` field, is kept apart from the URL."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: shared: must be a table")
+    raw = dict(raw)
+    url = raw.pop("redis", "")
+    password_ref = raw.pop("password", None)
+    shared: SharedConfig = _build(SharedConfig, raw, source, "shared", exclude={"redis", "password"})
+    if not isinstance(url, str):
+        raise ConfigError(f"{source}: shared.redis: expected str, got {type(url).__name__}")
+    if not url:
+        if raw or password_ref is not None:
+            named = ", ".join(sorted([*raw, *(["password"] if password_ref is not None else [])]))
+            raise ConfigError(f"{source}: shared.redis: required: [shared] sets {named} but names no Redis to share through")
+        return shared
+    if url.startswith(("env:", "file:")):
+        # The whole URL may hold the password (REDIS_URL as hosts hand it out).
+        url = resolve_secret(url, env, f"{source}: shared.redis")
+    redis_address(url, f"{source}: shared.redis")
+    parts = urlsplit(url)
+    password = unquote(parts.password) if parts.password else ""
+    if password_ref is not None:
+        if password:
+            raise ConfigError(f"{source}: shared.password: the URL in shared.redis has a password too; set it in one place")
+        password = resolve_secret(password_ref, env, f"{source}: shared.password")
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        url = parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host).geturl()
+    where = f"{source}: shared"
+    for name in ("timeout", "heartbeat_interval", "instance_ttl", "lease_ttl"):
+        value = getattr(shared, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{where}.{name}: must be a positive number of seconds, got {value!r}")
+    if shared.instance_ttl <= shared.heartbeat_interval:
+        raise ConfigError(
+            f"{where}.instance_ttl: must be longer than heartbeat_interval ({shared.heartbeat_interval:g} s; "
+            "three times is usual), or a live instance drops out of the count between two beats"
+        )
+    if shared.lease_ttl < 10 * shared.timeout:
+        raise ConfigError(
+            f"{where}.lease_ttl: must be at least ten times timeout ({shared.timeout:g} s): slots are renewed "
+            "every lease_ttl / 3, and a renewal may take up to timeout"
+        )
+    if shared.on_failure not in ON_FAILURE:
+        raise ConfigError(f'{where}.on_failure: must be "local" or "closed", got {shared.on_failure!r}')
+    if not re.fullmatch(r"[A-Za-z0-9_.{}-]{1,64}", shared.prefix):
+        raise ConfigError(f"{where}.prefix: 1 to 64 of the letters, digits, '_', '.', '-', '{{' and '}}', got {shared.prefix!r}")
+    for name in ("max_connections", "queue_max"):
+        if getattr(shared, name) < 1:
+            raise ConfigError(f"{where}.{name}: must be at least 1")
+    if shared.ca_file and not url.startswith("rediss:"):
+        raise ConfigError(f"{where}.ca_file: only read for a rediss:// (TLS) URL")
+    return dataclasses.replace(shared, redis=url, password=password)
 
 
 def file_mode(value: Any, where: str) -> int:

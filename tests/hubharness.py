@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def make_config(tmp: Path, upstreams: list[dict[str, Any]], dashboard: dict[str, Any] | None = None,
-                **server: Any) -> Config:
-    data = {
+                shared: dict[str, Any] | None = None, **server: Any) -> Config:
+    data: dict[str, Any] = {
         "server": {
             "listen": "127.0.0.1:0",
             "database": str(tmp / "hub.db"),
@@ -43,6 +43,8 @@ def make_config(tmp: Path, upstreams: list[dict[str, Any]], dashboard: dict[str,
         # Off unless asked for: its default port 8788 would be shared by every test hub.
         "dashboard": {"listen": ""} if dashboard is None else dashboard,
     }
+    if shared is not None:
+        data["shared"] = shared
     return config_mod.parse(data, source="<test>", env=dict(os.environ))
 
 

@@ -24,7 +24,10 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "routing": FOUNDATIONS | {"routing"},
     "governance": FOUNDATIONS | {"governance"},
     "accounting": FOUNDATIONS | {"accounting"},
-    "gateway": BELOW_GATEWAY | {"gateway"},
+    # Above governance and routing, whose limits and key states it shares;
+    # below the request path that calls it.
+    "shared": FOUNDATIONS | {"governance", "routing", "shared"},
+    "gateway": BELOW_GATEWAY | {"gateway", "shared"},
     "ops": BELOW_GATEWAY | {"ops"},
     "dashboard": BELOW_GATEWAY | {"dashboard"},
     "cli": EVERYTHING,

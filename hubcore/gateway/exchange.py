@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from hubcore.accounting import meter as sse
@@ -27,7 +27,7 @@ from hubcore.routing.failures import (
     CIRCUIT_KINDS, CLIENT_ABORTED, STREAM_BROKEN, Failure, FailureKind, classify, in_stream_failure, retryable, transport_failure,
 )
 from hubcore.routing.headroom import model_class
-from hubcore.routing.keys import KeyRing, Lease
+from hubcore.routing.keys import KeyReport, KeyRing, Lease
 from hubcore.routing.router import Router
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS, give_up, refusal_headers, render_http_error, sse_error_event
 from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head, with_model
@@ -87,6 +87,30 @@ class Admitter(Protocol):
     def admit(self, principal: Principal, model: str | None, now: float, *, model_required: bool) -> Admission: ...
 
 
+class SharedGrant(Protocol):
+    """A request's hold on the limits the hub's instances count together
+    (shared.redis_state.Grant), with the key its session sticks to there."""
+
+    @property
+    def session_key(self) -> str | None: ...
+    @property
+    def keys(self) -> Mapping[str, KeyReport]: ...  # by label: what the instances know against a key
+    def release(self) -> None: ...
+
+
+class SharedAdmitter(Protocol):
+    """What the hub's instances count together ([shared] redis;
+    shared.redis_state.SharedState): rpm, concurrency and budgets of token,
+    user and project, and sessions' keys. One awaited call a request,
+    bounded by [shared] timeout; raises a HubError to refuse."""
+
+    async def admit(
+        self, principal: Principal, upstream: str | None = None, session: str | None = None,
+        now: float | None = None, *, session_ttl: float = ...,
+    ) -> SharedGrant: ...
+    def remember_session(self, upstream: str, session: str, label: str, ttl: float = ...) -> None: ...
+
+
 class Metrics(Protocol):
     """What the gateway counts (ops.metrics.HubMetrics)."""
 
@@ -130,9 +154,13 @@ class Hub:
     def __init__(
         self, config: Config, loop: asyncio.AbstractEventLoop, tokens: TokenTable, recorder: Recorder,
         prices: Pricer | None, metrics: Metrics | None = None, limiter: Admitter | None = None,
+        shared: SharedAdmitter | None = None,
     ) -> None:
         self.config = config
         self.limiter = limiter
+        # With [shared] redis only: then each request awaits its admission
+        # across instances in its task, and none is sent from begin().
+        self.shared = shared
         self.access: AccessSink | None = None
         self.loop = loop
         self.tokens = tokens
@@ -316,6 +344,8 @@ class Exchange:
     attempt_open = False
     lease: Lease | None = None
     admission: Admission | None = None
+    grant: SharedGrant | None = None
+    shared_session_key: str | None = None  # the session's key as the instances know it
     key_label: str | None = None
     keep_alive = True
     attempts = 0
@@ -405,7 +435,7 @@ class Exchange:
         task (see Hub.handle). `run` does everything else."""
         try:
             upstream = self.upstream = self._admit()
-            if upstream is not None:
+            if upstream is not None and self.hub.shared is None:
                 self._enter(_SENDING)
                 self._first_attempt(upstream)
         except HubError as e:
@@ -418,6 +448,8 @@ class Exchange:
             if self.refusal is not None:
                 raise self.refusal
             if self.upstream is not None:
+                if self.hub.shared is not None:
+                    await self._admit_shared(self.upstream)
                 await self._proxy(self.upstream)
         except HubError as e:
             self.refuse(e)
@@ -443,6 +475,8 @@ class Exchange:
         self._enter(_DONE)
         if self.admission is not None:
             self.admission.release()
+        if self.grant is not None:
+            self.grant.release()
         self._record()
 
     def _finish(self) -> None:
@@ -520,6 +554,32 @@ class Exchange:
                 model_required=self.scanned,
             )
         return upstream
+
+    async def _admit_shared(self, upstream: UpstreamRuntime) -> None:
+        """Admit on what every instance counts (one round trip, or this
+        instance's share while Redis is unreachable); the session keeps the
+        key any instance last chose for it."""
+        shared, principal = self.hub.shared, self.principal
+        assert shared is not None and principal is not None
+        grant = self.grant = await shared.admit(
+            principal, upstream.config.name, self.session_id, self.ts,
+            session_ttl=upstream.config.policy.affinity_ttl,
+        )
+        if grant.keys:
+            upstream.ring.hear(grant.keys)
+        if grant.session_key is not None and self.session_id is not None:
+            self.shared_session_key = grant.session_key
+            upstream.ring.pin_session(self.session_id, grant.session_key)
+        self._enter(_SENDING)
+
+    def _share_session_key(self, cfg: UpstreamConfig, label: str) -> None:
+        """The session goes out on key `label`, not the one the instances
+        knew (a new session, or one that moved): tell them, as the attempt
+        starts, long before its answer ends."""
+        shared, session_id = self.hub.shared, self.session_id
+        if shared is not None and session_id is not None:
+            self.shared_session_key = label
+            shared.remember_session(cfg.name, session_id, label, cfg.policy.affinity_ttl)
 
     def _route(self, kind: str, router: Router | None) -> UpstreamRuntime:
         """The first attempt's upstream among several of `kind` (or one that
@@ -749,6 +809,8 @@ class Exchange:
 
     def _count_attempt(self, cfg: UpstreamConfig, lease: Lease) -> None:
         self.key_label = lease.label
+        if self.grant is not None and self.session_id is not None and lease.label != self.shared_session_key:
+            self._share_session_key(cfg, lease.label)
         self.attempts += 1
         self.attempt_upstream = cfg.name
         self.attempt_open = True
