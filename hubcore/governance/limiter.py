@@ -77,8 +77,11 @@ class Refused(HubError):
     `limit` names the rule ("rpm", "concurrency", "budget_day", "models",
     "expires_at", "unreadable", "groups"), `scope` whose rule it is ("token 12",
     "user alice"), `resets_at` when it lifts (unix seconds; None: not by
-    itself). `code` is the OpenAI-style finer reason.
+    itself). `code` is the OpenAI-style finer reason. `budget`: the budgets
+    of the refused principal, when any applies (see BudgetView).
     """
+
+    budget: BudgetView | None = None
 
     def __init__(
         self, status: int, code: str, message: str, *, limit: str, scope: str,
@@ -142,6 +145,10 @@ class Admission:
 
     __slots__ = ("_scopes",)
 
+    # The budgets over the request (BudgetedAdmission); on the class, None,
+    # for a principal without any: the common case pays nothing for them.
+    budget: BudgetView | None = None
+
     def __init__(self, scopes: tuple[_Scope, ...]) -> None:
         self._scopes: tuple[_Scope, ...] | None = scopes
 
@@ -155,6 +162,16 @@ class Admission:
     @property
     def released(self) -> bool:
         return self._scopes is None
+
+
+class BudgetedAdmission(Admission):
+    """The Admission of a request that some budget of its token, user or project applies to."""
+
+    __slots__ = ("budget",)
+
+    def __init__(self, scopes: tuple[_Scope, ...], budget: BudgetView) -> None:
+        super().__init__(scopes)
+        self.budget = budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +195,45 @@ class BudgetLine:
             "limit_micros": self.limit_micros, "spent_micros": self.spent_micros,
             "remaining_micros": self.remaining_micros, "resets_at": self.resets_at,
         }
+
+
+class BudgetView:
+    """The budgets over one request's token, user and project, read when the
+    hub writes its answer's head (the gateway's x-hubcore-budget-* headers).
+    Made at admission, and only for a principal that some budget applies to."""
+
+    __slots__ = ("_limiter", "_budgeted")
+
+    def __init__(self, limiter: Limiter, budgeted: tuple[tuple[str, str, Limits, _Scope], ...]) -> None:
+        self._limiter = limiter
+        self._budgeted = budgeted  # (kind, name, limits, counters), each with a budget
+
+    def lines(self, now: float | None = None) -> list[BudgetLine]:
+        """Spend against each budget, as `hubcore usage --budgets` has it."""
+        limiter = self._limiter
+        if now is None:
+            now = limiter._clock()
+        limiter._advance(now)
+        lines: list[BudgetLine] = []
+        for kind, name, limits, state in self._budgeted:
+            lines += limiter._budget_lines(kind, name, state, limits, now)
+        return lines
+
+    def tightest(self, now: float | None = None) -> BudgetLine:
+        """The budget with the least left in USD; of several with as little
+        left, the one that binds longest (a budget that never resets last of all)."""
+        return min(self.lines(now), key=binding_order)
+
+
+def binding_order(line: BudgetLine) -> tuple[int, float]:
+    """Sorts budgets tightest first: least left in USD; of as little left,
+    the one that binds longest."""
+    resets_at = line.resets_at
+    if resets_at is None:
+        # A total or zero budget never lifts; a 5-hour one with nothing in
+        # its window has nothing to lift.
+        resets_at = math.inf if line.window == "total" or line.limit_micros == 0 else 0.0
+    return line.remaining_micros, -resets_at
 
 
 class Limiter:
@@ -259,10 +315,34 @@ class Limiter:
                 checks.append((user_limits, user))
             if project_limits is not None:
                 checks.append((project_limits, scopes[2]))
-            self._check(checks, model, now, model_required, principal)
+            try:
+                self._check(checks, model, now, model_required, principal)
+            except Refused as refused:
+                refused.budget = self._budget_view(principal, scopes, token_limits, user_limits, project_limits)
+                raise
+            budget = self._budget_view(principal, scopes, token_limits, user_limits, project_limits)
+            if budget is not None:
+                for scope in scopes:
+                    scope.in_flight += 1
+                return BudgetedAdmission(scopes, budget)
         for scope in scopes:
             scope.in_flight += 1
         return Admission(scopes)
+
+    def _budget_view(
+        self, principal: Principal, scopes: tuple[_Scope, ...],
+        token: Limits | None, user: Limits | None, project: Limits | None,
+    ) -> BudgetView | None:
+        """The budgets among the limits of a request's token, user and
+        project (`scopes` their counters, in that order); None when none has any."""
+        budgeted = []
+        if token is not None and token.budgets:
+            budgeted.append(("token", str(principal.token_id), token, scopes[0]))
+        if user is not None and user.budgets:
+            budgeted.append(("user", principal.user, user, scopes[1]))
+        if project is not None and project.budgets:
+            budgeted.append(("project", str(principal.project), project, scopes[2]))
+        return BudgetView(self, tuple(budgeted)) if budgeted else None
 
     def needs_model(self, principal: Principal) -> bool:
         """Whether admitting `principal` depends on the request's model: a
@@ -645,16 +725,50 @@ class Limiter:
             if scope is not None and (kind, name) != scope:
                 continue
             state = self._scope(kind, name) or _Scope(f"{kind} {name}")
-            self._expire(state, int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1)
-            for window, limit in limits.budgets:
-                spent = self._spent(state, window)
-                if window == "5h" and spent < limit:
-                    resets_at = None if not state.buckets else float(
-                        (state.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS
-                    )
-                else:
-                    resets_at = self._resets_at(state, window, limit)
-                lines.append(BudgetLine(kind, name, window, limit, spent, resets_at))
+            lines += self._budget_lines(kind, name, state, limits, now)
+        return lines
+
+    def scope_budgets(self, kind: str, name: str | int, now: float | None = None) -> list[BudgetLine]:
+        """Spend against the budgets of one scope, as spend_report has them,
+        without walking every other scope's."""
+        if now is None:
+            now = self._clock()
+        self._advance(now)
+        limits = self.scope_limits(kind, name)
+        if limits is None or not limits.budgets:
+            return []
+        state = self._scope(kind, name) or _Scope(f"{kind} {name}")
+        return self._budget_lines(kind, str(name), state, limits, now)
+
+    def scope_limits(self, kind: str, name: str | int) -> Limits | None:
+        """The limits set on a token, user or project, as last loaded (None: none)."""
+        defined = self._limits
+        if kind == "token":
+            return defined.tokens.get(int(name))
+        if kind == "user":
+            return defined.users.get(str(name))
+        if kind == "project":
+            return defined.projects.get(str(name))
+        raise ValueError(f"unknown scope kind {kind!r}; choose one of {', '.join(SCOPE_KINDS)}")
+
+    def periods(self, now: float | None = None) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+        """(start, end) of the current day, week and month in the limiter's timezone."""
+        self._advance(self._clock() if now is None else now)
+        return self._day, self._week, self._month
+
+    def _budget_lines(self, kind: str, name: str, state: _Scope, limits: Limits, now: float) -> list[BudgetLine]:
+        """Spend against each budget of one scope (periods already advanced to `now`)."""
+        self._expire(state, int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1)
+        lines = []
+        for window, limit in limits.budgets:
+            spent = self._spent(state, window)
+            if window == "5h" and spent < limit:
+                resets_at = None if not state.buckets else float(
+                    (state.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS
+                )
+            else:
+                resets_at = self._resets_at(state, window, limit)
+            lines.append(BudgetLine(kind, name, window, limit, spent, resets_at))
         return lines
 
 
