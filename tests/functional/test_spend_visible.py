@@ -203,6 +203,22 @@ def test_refusals_carry_the_budget_headers(hub: HubThread) -> None:
     assert not any(name in bare.value.response.headers for name in BUDGET_HEADERS)
 
 
+@pytest.mark.parametrize(("status", "error"), [(400, anthropic.BadRequestError), (500, anthropic.InternalServerError)],
+                         ids=["passed-on", "given-up-after-retries"])
+def test_vendor_errors_carry_the_budget_headers(hub: HubThread, status: int, error: type[Exception]) -> None:
+    """A vendor's error passed on as it came (400), or the hub's answer once
+    every attempt failed (500, retried): both name the budget."""
+    token = hub.mint("hank")
+    hub.set_limits("token", token_id(hub, token), Limits(budget_week=12 * USD))
+    with client(hub, token) as sdk, pytest.raises(error) as failed:
+        sdk.messages.create(model=MODEL, max_tokens=16, messages=MESSAGES,
+                            extra_headers={"x-fake-status": str(status)})
+    headers = failed.value.response.headers  # type: ignore[attr-defined]
+    assert failed.value.response.status_code == status  # type: ignore[attr-defined]
+    assert headers["x-hubcore-budget-remaining"] == "12.00"
+    assert headers["x-hubcore-budget-resets"] == utc(periods()[1][1])
+
+
 def test_a_spent_day_budget_refuses_with_its_reset(hub: HubThread) -> None:
     token = hub.mint("erin")
     with client(hub, token) as sdk:
