@@ -5,7 +5,8 @@ Code's `statusLine` setting and any shell prompt, e.g.
 
 It asks the hub's GET /hubcore/v1/me with the client's own settings
 (ANTHROPIC_BASE_URL, ANTHROPIC_AUTH_TOKEN or ANTHROPIC_API_KEY; or --url and
---token). A prompt waits for it, so it must never fail one: it prints the
+--token; a hub on HTTPS under a private CA is trusted through the
+NODE_EXTRA_CA_CERTS Claude Code reads too). A prompt waits for it, so it must never fail one: it prints the
 line within its deadline (--timeout, 200 ms) or nothing, and exits 0 whatever
 happens (no hub, a hub that never answers, a bad token, a bad answer).
 
@@ -94,10 +95,22 @@ def run(args: argparse.Namespace) -> int:
         line = status_line(url, token, bearer, deadline)
     drain_stdin()
     if line:
-        out = sys.stdout.buffer
+        write_line(line)
+    return 0
+
+
+def write_line(line: str) -> None:
+    out = sys.stdout.buffer
+    try:
         out.write(line.encode("utf-8") + b"\n")
         out.flush()
-    return 0
+    except OSError:
+        # The reader went away (a prompt redrawn, a closed pipe). Python's
+        # own flush at exit would fail again and exit 120: as the Python
+        # docs advise for SIGPIPE, point stdout at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def status_line(url: str, token: str, bearer: bool, deadline: float) -> str | None:
@@ -142,7 +155,7 @@ def fetch_me(url: str, token: str, bearer: bool, deadline: float) -> dict[str, A
         return None
     conn: http.client.HTTPConnection
     if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(host, port, timeout=remaining)
+        conn = http.client.HTTPSConnection(host, port, timeout=remaining, context=tls_context())
     else:
         conn = http.client.HTTPConnection(host, port, timeout=remaining)
     headers = {"accept": "application/json", "user-agent": "hubcore-statusline"}
@@ -162,6 +175,21 @@ def fetch_me(url: str, token: str, bearer: bool, deadline: float) -> dict[str, A
     finally:
         conn.close()
     return me if isinstance(me, dict) else None
+
+
+def tls_context() -> Any:
+    """The system's CAs (and $SSL_CERT_FILE), plus $NODE_EXTRA_CA_CERTS: the
+    CA file a Claude Code user with a hub on a private CA already set."""
+    import ssl
+
+    context = ssl.create_default_context()
+    extra = os.environ.get("NODE_EXTRA_CA_CERTS")
+    if extra:
+        try:
+            context.load_verify_locations(extra)
+        except (OSError, ssl.SSLError):
+            pass  # as Node does: a CA file it cannot read adds nothing
+    return context
 
 
 def render(me: dict[str, Any]) -> str:

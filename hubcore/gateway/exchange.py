@@ -621,7 +621,7 @@ class Exchange:
             route = self.route.endpoint
         else:
             path = self.request.path
-            route = "/" if path == b"/" else "/hubcore/v1/me" if path == ME_PATH else "other"
+            route = "/" if path == b"/" else ME_PATH.decode() if path == ME_PATH else "other"
         ttfb = self.ttfb - self.t0 if self.ttfb is not None else None
         hub_added = None
         if self.attempts == 1 and self.sent_at is not None and self.head_at is not None and self.ttfb is not None:

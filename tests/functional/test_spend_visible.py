@@ -37,6 +37,7 @@ BUDGET_HEADERS = ("x-hubcore-budget-remaining", "x-hubcore-budget-resets")
 # How far `hubcore statusline` may go past its 200 ms deadline on a shared,
 # busy test machine (thread start, scheduling) before the test calls it slow.
 DEADLINE_SLACK = 0.25
+SLOW_OK = ("--timeout", "3")
 
 
 @pytest.fixture
@@ -367,13 +368,15 @@ def test_statusline_prints_its_line_against_a_running_hub(hub: HubThread) -> Non
     today = spent(rows, periods()[0][0], user="alice")
     # Claude Code's way: the client's own settings, and the session JSON on stdin.
     session = orjson.dumps({"session_id": "abc", "model": {"id": MODEL}, "workspace": {"current_dir": "/tmp"}})
-    done, _ = statusline(stdin=session, ANTHROPIC_BASE_URL=hub.url, ANTHROPIC_AUTH_TOKEN=token)
+    # A generous deadline: a busy test machine must not blank the line
+    # (the 200 ms default is held to by the unanswering servers below).
+    done, _ = statusline(*SLOW_OK, stdin=session, ANTHROPIC_BASE_URL=hub.url, ANTHROPIC_AUTH_TOKEN=token)
     assert done.returncode == 0 and done.stderr == b""
     month_spend = spent(rows, periods()[2][0], user="alice")
     assert done.stdout.decode() == f"hub ${today / USD:,.2f} today · ${month_spend / USD:,.2f} this month\n"
 
     hub.set_limits("project", "web", Limits(budget_month=50 * USD))
-    done, _ = statusline("--url", hub.url, "--token", token)
+    done, _ = statusline(*SLOW_OK, "--url", hub.url, "--token", token)
     month_end = datetime.fromtimestamp(periods()[2][1], ZoneInfo(TZ))
     left = 50 * USD - spent(rows, periods()[2][0], project="web")
     assert done.returncode == 0
@@ -382,15 +385,37 @@ def test_statusline_prints_its_line_against_a_running_hub(hub: HubThread) -> Non
         f"(project web, resets {month_end:%b} {month_end.day})\n"
     )
     # ANTHROPIC_API_KEY (sent as x-api-key) serves as well.
-    done, _ = statusline(ANTHROPIC_BASE_URL=hub.url + "/", ANTHROPIC_API_KEY=token)
+    done, _ = statusline(*SLOW_OK, ANTHROPIC_BASE_URL=hub.url + "/", ANTHROPIC_API_KEY=token)
     assert done.stdout.decode().startswith(f"hub ${today / USD:,.2f} today · ")
+
+
+def test_statusline_trusts_the_ca_claude_code_is_given(vendor: FakeVendor, tmp_path: Path) -> None:
+    """A hub on HTTPS under a private CA: trusted through NODE_EXTRA_CA_CERTS
+    (as Claude Code is), and without it the line is simply absent."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file, ca_file = tmp_path / "hub.crt", tmp_path / "hub.key", tmp_path / "ca.pem"
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    config = make_config(tmp_path, upstreams_for(vendor), tls_cert=str(cert_file), tls_key=str(key_file))
+    with HubThread(config) as tls_hub:
+        assert tls_hub.url.startswith("https://")
+        token = tls_hub.mint("alice")
+        done, _ = statusline(*SLOW_OK, ANTHROPIC_BASE_URL=tls_hub.url, ANTHROPIC_AUTH_TOKEN=token,
+                             NODE_EXTRA_CA_CERTS=str(ca_file))
+        assert done.stdout == "hub $0.00 today · $0.00 this month\n".encode() and done.returncode == 0
+        done, _ = statusline(*SLOW_OK, ANTHROPIC_BASE_URL=tls_hub.url, ANTHROPIC_AUTH_TOKEN=token)
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
 
 
 def test_statusline_does_not_wait_for_an_open_stdin(hub: HubThread) -> None:
     """Claude Code may keep its end of stdin open: the line comes anyway."""
     token = hub.mint("alice")
     proc = subprocess.Popen(
-        hubcore_cmd("statusline"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        hubcore_cmd("statusline", *SLOW_OK), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=cli_env(ANTHROPIC_BASE_URL=hub.url, ANTHROPIC_AUTH_TOKEN=token),
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -522,3 +547,22 @@ def test_statusline_prints_nothing_for_a_bad_answer(response: bytes) -> None:
     finally:
         listener.close()
         thread.join(5)
+
+
+def test_statusline_exits_0_when_its_reader_has_gone() -> None:
+    """A prompt that stopped reading: writing the line fails, the exit status does not."""
+    body = b'{"now": 1772614800.0, "spend": {"today": {"user_micros": 1}, "month": {"user_micros": 2}}, "tightest": null}'
+    listener, thread = answering_server(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            hubcore_cmd("statusline", *SLOW_OK), stdout=write_end, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            env=cli_env(ANTHROPIC_BASE_URL=f"http://127.0.0.1:{listener.getsockname()[1]}", ANTHROPIC_AUTH_TOKEN="hc-x"),
+            timeout=30,
+        )
+    finally:
+        os.close(write_end)
+        listener.close()
+        thread.join(5)
+    assert (done.returncode, done.stderr) == (0, b"")
