@@ -221,19 +221,45 @@ class BudgetView:
 
     def tightest(self, now: float | None = None) -> BudgetLine:
         """The budget with the least left in USD; of several with as little
-        left, the one that binds longest (a budget that never resets last of all)."""
-        return min(self.lines(now), key=binding_order)
+        left, the one that binds longest (see binding_order). The same as
+        min(self.lines(now), key=binding_order), made without a line for
+        every budget: this runs on every answer to a budgeted principal."""
+        limiter = self._limiter
+        if now is None:
+            now = limiter._clock()
+        limiter._advance(now)
+        oldest_kept = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
+        best: tuple[str, str, str, int, int, float | None] | None = None
+        best_key = (math.inf, 0.0)
+        for kind, name, limits, state in self._budgeted:
+            buckets = state.buckets
+            if buckets and buckets[0][0] < oldest_kept:
+                limiter._expire(state, oldest_kept)
+            for window, limit in limits.budgets:
+                spent = limiter._spent(state, window)
+                remaining = limit - spent if spent < limit else 0
+                if remaining > best_key[0]:
+                    continue
+                resets_at = limiter._reset_of(state, window, limit, spent)
+                key = _binding_key(remaining, window, limit, resets_at)
+                if best is None or key < best_key:
+                    best, best_key = (kind, name, window, limit, spent, resets_at), key
+        assert best is not None, "a BudgetView holds at least one budget"
+        return BudgetLine(*best)
 
 
-def binding_order(line: BudgetLine) -> tuple[int, float]:
+def binding_order(line: BudgetLine) -> tuple[float, float]:
     """Sorts budgets tightest first: least left in USD; of as little left,
     the one that binds longest."""
-    resets_at = line.resets_at
+    return _binding_key(line.remaining_micros, line.window, line.limit_micros, line.resets_at)
+
+
+def _binding_key(remaining: int, window: str, limit: int, resets_at: float | None) -> tuple[float, float]:
     if resets_at is None:
         # A total or zero budget never lifts; a 5-hour one with nothing in
         # its window has nothing to lift.
-        resets_at = math.inf if line.window == "total" or line.limit_micros == 0 else 0.0
-    return line.remaining_micros, -resets_at
+        resets_at = math.inf if window == "total" or limit == 0 else 0.0
+    return remaining, -resets_at
 
 
 class Limiter:
@@ -762,14 +788,15 @@ class Limiter:
         lines = []
         for window, limit in limits.budgets:
             spent = self._spent(state, window)
-            if window == "5h" and spent < limit:
-                resets_at = None if not state.buckets else float(
-                    (state.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS
-                )
-            else:
-                resets_at = self._resets_at(state, window, limit)
-            lines.append(BudgetLine(kind, name, window, limit, spent, resets_at))
+            lines.append(BudgetLine(kind, name, window, limit, spent, self._reset_of(state, window, limit, spent)))
         return lines
+
+    def _reset_of(self, state: _Scope, window: str, limit: int, spent: int) -> float | None:
+        """The reset time a report shows: when spend falls below a spent
+        budget; for a 5-hour one not spent, when its oldest spend ages out."""
+        if window == "5h" and spent < limit:
+            return None if not state.buckets else float((state.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS)
+        return self._resets_at(state, window, limit)
 
 
 def budget_report(

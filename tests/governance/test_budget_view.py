@@ -8,6 +8,8 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hubcore.governance.limiter import Admission, BudgetedAdmission, BudgetLine, Limiter, Refused, binding_order
 from hubcore.governance.limits import Limits, calendar_periods
@@ -113,3 +115,44 @@ def test_one_scopes_budgets_are_what_the_report_shows_of_it() -> None:
     assert limiter.periods(T0) == calendar_periods(T0, ZoneInfo(TZ))
     with pytest.raises(ValueError, match="unknown scope kind 'team'"):
         limiter.scope_limits("team", "x")
+
+
+WINDOW_LIMITS = st.sampled_from([None, 0, 1, 500_000, 2 * USD, 3 * USD])
+
+
+@st.composite
+def scope_limits(draw: st.DrawFn) -> Limits | None:
+    values = {window: draw(WINDOW_LIMITS) for window in ("5h", "day", "week", "month", "total")}
+    if all(v is None for v in values.values()):
+        return None
+    return Limits(**{"budget_" + w: v for w, v in values.items()})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    token=scope_limits(), user=scope_limits(), project=scope_limits(),
+    charges=st.lists(st.tuples(st.sampled_from([1, 2]), st.integers(0, 2 * USD), st.floats(-40 * 86400, 0)), max_size=12),
+    later=st.floats(0, 10 * 86400),
+)
+def test_the_tightest_is_the_least_of_the_lines_in_binding_order(
+    token: Limits | None, user: Limits | None, project: Limits | None,
+    charges: list[tuple[int, int, float]], later: float,
+) -> None:
+    """tightest() takes a shortcut past the budget lines; it must name the
+    one min(lines, binding_order) names, whatever was spent when."""
+    limiter = limiter_with(token, user, project)
+    for token_id, cost, offset in sorted(charges, key=lambda c: c[2]):
+        limiter.charge(token_id, "alice", "web", cost, T0 + offset)
+    try:
+        admission = limiter.admit(who(token), None, T0)
+    except Refused as refused:
+        view = refused.budget
+    else:
+        view = admission.budget
+        admission.release()
+    if token is None and user is None and project is None:
+        assert view is None
+        return
+    assert view is not None
+    for now in (T0, T0 + later):
+        assert view.tightest(now) == min(view.lines(now), key=binding_order)
