@@ -95,8 +95,11 @@ class Refused(HubError):
     `limit` names the rule ("rpm", "concurrency", "budget_day", "models",
     "expires_at", "unreadable", "groups"), `scope` whose rule it is ("token 12",
     "user alice"), `resets_at` when it lifts (unix seconds; None: not by
-    itself). `code` is the OpenAI-style finer reason.
+    itself). `code` is the OpenAI-style finer reason. `budget`: the budgets
+    of the refused principal, when any applies (see BudgetView).
     """
+
+    budget: BudgetView | None = None
 
     def __init__(
         self, status: int, code: str, message: str, *, limit: str, scope: str,
@@ -208,6 +211,10 @@ class Admission:
 
     __slots__ = ("_scopes",)
 
+    # The budgets over the request (BudgetedAdmission); on the class, None,
+    # for a principal without any: the common case pays nothing for them.
+    budget: BudgetView | None = None
+
     def __init__(self, scopes: tuple[_Scope, ...]) -> None:
         self._scopes: tuple[_Scope, ...] | None = scopes
 
@@ -221,6 +228,16 @@ class Admission:
     @property
     def released(self) -> bool:
         return self._scopes is None
+
+
+class BudgetedAdmission(Admission):
+    """The Admission of a request that some budget of its token, user or project applies to."""
+
+    __slots__ = ("budget",)
+
+    def __init__(self, scopes: tuple[_Scope, ...], budget: BudgetView) -> None:
+        super().__init__(scopes)
+        self.budget = budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +269,71 @@ class BudgetLine:
         if self.warn_at:
             out["warn_at"] = list(self.warn_at)
         return out
+
+
+class BudgetView:
+    """The budgets over one request's token, user and project, read when the
+    hub writes its answer's head (the gateway's x-hubcore-budget-* headers).
+    Made at admission, and only for a principal that some budget applies to."""
+
+    __slots__ = ("_limiter", "_budgeted")
+
+    def __init__(self, limiter: Limiter, budgeted: tuple[tuple[str, str, Limits, _Scope], ...]) -> None:
+        self._limiter = limiter
+        self._budgeted = budgeted  # (kind, name, limits, counters), each with a budget
+
+    def lines(self, now: float | None = None) -> list[BudgetLine]:
+        """Spend against each budget, as `hubcore usage --budgets` has it."""
+        limiter = self._limiter
+        if now is None:
+            now = limiter._clock()
+        limiter._advance(now)
+        lines: list[BudgetLine] = []
+        for kind, name, limits, state in self._budgeted:
+            lines += limiter._budget_lines(kind, name, state, limits, now)
+        return lines
+
+    def tightest(self, now: float | None = None) -> BudgetLine:
+        """The budget with the least left in USD; of several with as little
+        left, the one that binds longest (see binding_order). The same as
+        min(self.lines(now), key=binding_order), made without a line for
+        every budget: this runs on every answer to a budgeted principal."""
+        limiter = self._limiter
+        if now is None:
+            now = limiter._clock()
+        limiter._advance(now)
+        oldest_kept = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
+        best: tuple[str, str, str, int, int, float | None] | None = None
+        best_key = (math.inf, 0.0)
+        for kind, name, limits, state in self._budgeted:
+            buckets = state.buckets
+            if buckets and buckets[0][0] < oldest_kept:
+                limiter._expire(state, oldest_kept)
+            for window, limit in limits.budgets:
+                spent = limiter._spent(state, window)
+                remaining = limit - spent if spent < limit else 0
+                if remaining > best_key[0]:
+                    continue
+                resets_at = limiter._reset_of(state, window, limit, spent)
+                key = _binding_key(remaining, window, limit, resets_at)
+                if best is None or key < best_key:
+                    best, best_key = (kind, name, window, limit, spent, resets_at), key
+        assert best is not None, "a BudgetView holds at least one budget"
+        return BudgetLine(*best)
+
+
+def binding_order(line: BudgetLine) -> tuple[float, float]:
+    """Sorts budgets tightest first: least left in USD; of as little left,
+    the one that binds longest."""
+    return _binding_key(line.remaining_micros, line.window, line.limit_micros, line.resets_at)
+
+
+def _binding_key(remaining: int, window: str, limit: int, resets_at: float | None) -> tuple[float, float]:
+    if resets_at is None:
+        # A total or zero budget never lifts; a 5-hour one with nothing in
+        # its window has nothing to lift.
+        resets_at = math.inf if window == "total" or limit == 0 else 0.0
+    return remaining, -resets_at
 
 
 class Limiter:
@@ -379,10 +461,34 @@ class Limiter:
                 checks.append((user_limits, user))
             if project_limits is not None:
                 checks.append((project_limits, scopes[2]))
-            self._check(checks, model, now, model_required, principal)
+            try:
+                self._check(checks, model, now, model_required, principal)
+            except Refused as refused:
+                refused.budget = self._budget_view(principal, scopes, token_limits, user_limits, project_limits)
+                raise
+            budget = self._budget_view(principal, scopes, token_limits, user_limits, project_limits)
+            if budget is not None:
+                for scope in scopes:
+                    scope.in_flight += 1
+                return BudgetedAdmission(scopes, budget)
         for scope in scopes:
             scope.in_flight += 1
         return Admission(scopes)
+
+    def _budget_view(
+        self, principal: Principal, scopes: tuple[_Scope, ...],
+        token: Limits | None, user: Limits | None, project: Limits | None,
+    ) -> BudgetView | None:
+        """The budgets among the limits of a request's token, user and
+        project (`scopes` their counters, in that order); None when none has any."""
+        budgeted = []
+        if token is not None and token.budgets:
+            budgeted.append(("token", str(principal.token_id), token, scopes[0]))
+        if user is not None and user.budgets:
+            budgeted.append(("user", principal.user, user, scopes[1]))
+        if project is not None and project.budgets:
+            budgeted.append(("project", str(principal.project), project, scopes[2]))
+        return BudgetView(self, tuple(budgeted)) if budgeted else None
 
     def needs_model(self, principal: Principal) -> bool:
         """Whether admitting `principal` depends on the request's model: a
@@ -576,7 +682,7 @@ class Limiter:
             if percent is not None:
                 listener(BudgetCrossing(
                     kind, name, window, percent, now_spent, limit, limits.is_soft(window),
-                    self._line_resets(scope, window, limit, now_spent), ts,
+                    self._reset_of(scope, window, limit, now_spent), ts,
                 ))
 
     def rebuild(self, conn: sqlite3.Connection, now: float | None = None) -> None:
@@ -919,21 +1025,55 @@ class Limiter:
         lines = []
         for kind, name, limits in entries:
             state = self._scope(kind, name) or _Scope(f"{kind} {name}")
-            self._expire(state, int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1)
-            for window, limit in limits.budgets:
-                spent = self._spent(state, window)
-                resets_at = self._line_resets(state, window, limit, spent)
-                lines.append(BudgetLine(
-                    kind, name, window, limit, spent, resets_at, limits.is_soft(window), limits.warns_at(window),
-                ))
+            lines += self._budget_lines(kind, name, state, limits, now)
         return lines
 
-    def _line_resets(self, scope: _Scope, window: str, limit: int, spent: int) -> float | None:
-        """When a budget's line says it resets: for a 5h budget not yet
-        spent, when its oldest minute ages out; else see _resets_at."""
+    def scope_budgets(self, kind: str, name: str | int, now: float | None = None) -> list[BudgetLine]:
+        """Spend against the budgets of one scope, as spend_report has them,
+        without walking every other scope's."""
+        if now is None:
+            now = self._clock()
+        self._advance(now)
+        limits = self.scope_limits(kind, name)
+        if limits is None or not limits.budgets:
+            return []
+        state = self._scope(kind, name) or _Scope(f"{kind} {name}")
+        return self._budget_lines(kind, str(name), state, limits, now)
+
+    def scope_limits(self, kind: str, name: str | int) -> Limits | None:
+        """The limits set on a token, user or project, as last loaded (None: none)."""
+        defined = self._limits
+        if kind == "token":
+            return defined.tokens.get(int(name))
+        if kind == "user":
+            return defined.users.get(str(name))
+        if kind == "project":
+            return defined.projects.get(str(name))
+        raise ValueError(f"unknown scope kind {kind!r}; choose one of {', '.join(SCOPE_KINDS)}")
+
+    def periods(self, now: float | None = None) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+        """(start, end) of the current day, week and month in the limiter's timezone."""
+        self._advance(self._clock() if now is None else now)
+        return self._day, self._week, self._month
+
+    def _budget_lines(self, kind: str, name: str, state: _Scope, limits: Limits, now: float) -> list[BudgetLine]:
+        """Spend against each budget of one scope (periods already advanced to `now`)."""
+        self._expire(state, int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1)
+        lines = []
+        for window, limit in limits.budgets:
+            spent = self._spent(state, window)
+            lines.append(BudgetLine(
+                kind, name, window, limit, spent, self._reset_of(state, window, limit, spent),
+                limits.is_soft(window), limits.warns_at(window),
+            ))
+        return lines
+
+    def _reset_of(self, state: _Scope, window: str, limit: int, spent: int) -> float | None:
+        """The reset time a report shows: when spend falls below a spent
+        budget; for a 5-hour one not spent, when its oldest spend ages out."""
         if window == "5h" and spent < limit:
-            return None if not scope.buckets else float((scope.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS)
-        return self._resets_at(scope, window, limit)
+            return None if not state.buckets else float((state.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS)
+        return self._resets_at(state, window, limit)
 
 
 def _scope_key(kind: str, name: str | int) -> tuple[int | None, str | None, str | None]:
