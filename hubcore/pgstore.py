@@ -511,8 +511,11 @@ class PgConnection:
     IMMEDIATE, COMMIT and ROLLBACK as statements). Safe to hand between
     threads; one call at a time."""
 
-    def __init__(self, target: PgTarget, *, busy_timeout_ms: int = store.BUSY_TIMEOUT_MS) -> None:
+    def __init__(self, target: PgTarget, *, busy_timeout_ms: int = store.BUSY_TIMEOUT_MS,
+                 read_only: bool = False) -> None:
         self.target = target
+        # Refuses writes before they are sent, as SQLite's mode=ro does.
+        self.read_only = read_only
         self.busy_timeout_ms = busy_timeout_ms
         self._runner = _Runner.get()
         self._conn: asyncpg.Connection | None = None
@@ -604,6 +607,8 @@ class PgConnection:
                     f"Incorrect number of bindings supplied. The current statement uses "
                     f"{statement.params}, and there are {len(parameters)} supplied."
                 )
+        if self.read_only and (statement.writes or statement.kind in ("status", "begin_immediate")):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
         with self._lock:
             if statement.kind == "busy_timeout":
                 self.busy_timeout_ms = statement.value
@@ -745,11 +750,13 @@ async def migrate_async(conn: asyncpg.Connection) -> int:
     return found
 
 
-def connect(database: str, *, migrate: bool = True) -> PgConnection:
+def connect(database: str, *, migrate: bool = True, read_only: bool = False) -> PgConnection:
     """Open the PostgreSQL database `database` (a PgTarget, or a URL whose
-    password comes from PGPASSWORD or ~/.pgpass), migrate it unless told not to."""
+    password comes from PGPASSWORD or ~/.pgpass), migrate it unless told not
+    to or read-only."""
     target = as_target(database)
-    conn = PgConnection(target)
+    conn = PgConnection(target, read_only=read_only)
+    migrate = migrate and not read_only
     try:
         conn.open()
         if migrate:
@@ -789,7 +796,11 @@ async def listen_tokens(
                     _listen_tasks.add(task)
                     task.add_done_callback(_listen_tasks.discard)
 
-            conn.add_termination_listener(lambda _conn: lost.done() or lost.set_result(None))
+            def terminated(_conn: object) -> None:
+                if not lost.done():
+                    lost.set_result(None)
+
+            conn.add_termination_listener(terminated)
             await conn.add_listener(TOKENS_CHANNEL, notified)
             if logged:
                 log.warning("listening for token changes again on %s", target.display)

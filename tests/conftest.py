@@ -34,3 +34,7 @@ def hub(vendor: FakeVendor, tmp_path: Path) -> Iterator[HubThread]:
 @pytest.fixture
 def token(hub: HubThread) -> str:
     return hub.mint("alice", "proj-a")
+
+
+# The PostgreSQL cluster of the run and a database per test (tests/pgserver.py).
+from tests.pgserver import pg_database, pg_server  # noqa: E402,F401

@@ -105,10 +105,10 @@ def query(
         where.append("ts < ?")
         params.append(until)
     sql = _QUERY.format(group=GROUPS[by], where=" AND ".join(where))
-    rows = [Row(r[0], *(int(v or 0) for v in r[1:])) for r in conn.execute(sql, params)]
     if by == "day":
-        for row in rows:
-            row.group = (_EPOCH + timedelta(days=int(row.group))).isoformat()
+        rows = [Row(_day(r[0]), *(int(v or 0) for v in r[1:])) for r in conn.execute(sql, params)]
+    else:
+        rows = [Row(r[0], *(int(v or 0) for v in r[1:])) for r in conn.execute(sql, params)]
     if by == "token":
         _name_tokens(conn, rows)
     if by == "day":
@@ -120,6 +120,11 @@ def query(
     for row in rows:
         total.add(row)
     return rows, total
+
+
+def _day(number: int) -> str:
+    """The UTC date of day `number` since the epoch, as 2026-01-31."""
+    return (_EPOCH + timedelta(days=int(number))).isoformat()
 
 
 def _name_tokens(conn: sqlite3.Connection, rows: list[Row]) -> None:
