@@ -396,6 +396,11 @@ _LOST = (OSError, asyncio.TimeoutError, asyncpg.exceptions.PostgresConnectionErr
          asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.CannotConnectNowError,
          asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError)
 
+# Everything the driver (or the socket under it) raises. InternalClientError:
+# asyncpg's protocol state machine out of step, seen after the server shut a
+# connection down in the middle of a statement; the connection is then dropped.
+DRIVER_ERRORS = (*_LOST, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)
+
 
 def sqlite_error(exc: BaseException, what: str = "") -> sqlite3.Error:
     """`exc` from asyncpg (or the socket under it) as the sqlite3 exception
@@ -404,6 +409,7 @@ def sqlite_error(exc: BaseException, what: str = "") -> sqlite3.Error:
     if isinstance(exc, asyncpg.exceptions.IntegrityConstraintViolationError):
         return sqlite3.IntegrityError(text)
     if isinstance(exc, (*_LOST, asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.InterfaceError,
+                        asyncpg.exceptions.InternalClientError,
                         asyncpg.exceptions.QueryCanceledError, asyncpg.exceptions.DeadlockDetectedError,
                         asyncpg.exceptions.SerializationError, asyncpg.exceptions.InsufficientPrivilegeError,
                         asyncpg.exceptions.ReadOnlySQLTransactionError)):
@@ -569,7 +575,7 @@ class PgConnection:
             if conn is not None and not conn.is_closed():
                 try:
                     self._runner.run(conn.close(timeout=CONNECT_TIMEOUT))
-                except (*_LOST, asyncpg.PostgresError, asyncpg.InterfaceError):
+                except DRIVER_ERRORS:
                     self._runner.run(_terminate(conn))
 
     # -- running statements -----------------------------------------------------------
@@ -592,7 +598,7 @@ class PgConnection:
             self._conn = None
             try:
                 conn = self._runner.run(open_async(self.target))
-            except (*_LOST, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except DRIVER_ERRORS as e:
                 raise sqlite_error(e, f"cannot connect to {self.target.display}: ") from e
             self._conn = conn
         return conn
@@ -626,13 +632,15 @@ class PgConnection:
                 rows, names, rowcount, lastrowid = self._runner.run(
                     self._execute(conn, statement, parameter_sets if many else parameter_sets[:1])
                 )
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, *_LOST, TypeError, ValueError) as e:
-                self._after_error(conn)
+            except (*DRIVER_ERRORS, TypeError, ValueError) as e:
+                self._after_error(conn, e)
                 raise sqlite_error(e) from e
             self._in_transaction = conn.is_in_transaction()
             cursor._set(statement.sql if statement.kind == "rows" else "", rows, names, rowcount, lastrowid)
 
-    def _after_error(self, conn: asyncpg.Connection) -> None:
+    def _after_error(self, conn: asyncpg.Connection, exc: BaseException | None = None) -> None:
+        if isinstance(exc, asyncpg.exceptions.InternalClientError):
+            conn.terminate()  # its protocol state cannot be trusted for another statement
         if conn.is_closed():
             self._conn = None
             if self._in_transaction:
@@ -688,7 +696,7 @@ class PgConnection:
 
             try:
                 return self._runner.run(describe())
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, *_LOST) as e:
+            except DRIVER_ERRORS as e:
                 self._after_error(conn)
                 raise sqlite_error(e) from e
 
@@ -715,7 +723,7 @@ class PgConnection:
             conn = self._connection()
             try:
                 self._runner.run(migrate_async(conn))
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, *_LOST) as e:
+            except DRIVER_ERRORS as e:
                 self._after_error(conn)
                 raise sqlite_error(e, "migrating the database failed: ") from e
         return found
@@ -811,7 +819,7 @@ async def listen_tokens(
             await lost
         except asyncio.CancelledError:
             raise
-        except (*_LOST, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        except DRIVER_ERRORS as e:
             if not logged:
                 log.warning("not listening for token changes (polling meanwhile): %s", mask(str(e) or repr(e)))
                 logged = True
