@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from hubcore import config as config_mod, store
+from hubcore.database import is_postgres
 
 from hubcore.governance import tokens
 from hubcore.governance.limits import Limits
@@ -57,7 +58,7 @@ def mint(database: str | Path, user: str = "alice", project: str | None = None) 
 def usage_rows(database: str | Path) -> list[dict[str, Any]]:
     """Every usage row of a hub's database, in insertion order, by column name
     (read only: no migration, no pragmas, safe beside a running hub)."""
-    conn = sqlite3.connect(str(database))
+    conn = store.connect(database) if is_postgres(database) else sqlite3.connect(str(database))
     try:
         cur = conn.execute("SELECT * FROM usage ORDER BY id")
         names = [d[0] for d in cur.description]

@@ -13,15 +13,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from hubcore import store
-from hubcore.accounting.pgwriter import PgUsageWriter
 from hubcore.accounting.spool import SPOOL_ERRORS, Spool, encode_line
 from hubcore.database import is_postgres, target as as_target
 from hubcore.accounting.usage import ROWS_PER_INSERT, UsageEvent, insert_sql, insert_values
+
+if TYPE_CHECKING:
+    from hubcore.accounting.pgwriter import PgUsageWriter
 
 # Named explicitly, not after this module: operators filter on it.
 log = logging.getLogger("hubcore.usage")
@@ -114,8 +116,13 @@ class UsageRecorder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._db: aiosqlite.Connection | None = None
-        # PostgreSQL: the backend that takes the batches instead of self._db.
-        self._pg = PgUsageWriter(as_target(db_path)) if isinstance(db_path, str) and is_postgres(db_path) else None
+        # PostgreSQL: the backend that takes the batches instead of self._db
+        # (imported only then: asyncpg takes a while to import).
+        self._pg: PgUsageWriter | None = None
+        if isinstance(db_path, str) and is_postgres(db_path):
+            from hubcore.accounting.pgwriter import PgUsageWriter
+
+            self._pg = PgUsageWriter(as_target(db_path))
         self._closing = False
         self._closed = False
         self._close_deadline = 0.0
