@@ -6,11 +6,11 @@ import argparse
 from collections.abc import Sequence
 
 from hubcore import __version__
-from hubcore.cli import admin, audit, ops, prices, route, scopes, serve, tokens, usage
+from hubcore.cli import admin, audit, db, ops, prices, route, scopes, serve, tokens, usage
 from hubcore.cli.common import USAGE, add_config_option, call
 
 # In the order `hubcore --help` lists them.
-GROUPS = (serve, tokens, ops, route, scopes, usage, prices, admin, audit)
+GROUPS = (serve, tokens, ops, route, scopes, usage, prices, admin, audit, db)
 
 
 def build_parser() -> argparse.ArgumentParser:
