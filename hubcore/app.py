@@ -566,6 +566,10 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
         return 1
     try:
         made = first_token(config)
+    except store.CannotOpen as e:  # a PostgreSQL server that cannot be reached, foremost
+        log.error("cannot start: %s", e)
+        await app.recorder.close()
+        return 1
     except (OSError, sqlite3.Error) as e:
         log.error("cannot write the first hub token: %s", e)
         await app.recorder.close()

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from datetime import date, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from hubcore import store
 from hubcore.accounting import report
+from hubcore.dashboard import web
+from hubcore.dashboard.mine import read_mine
 from hubcore.gateway.upstreams import load_disabled_keys, store_key_switches
 from hubcore.governance import admins, audit, tokens
 from hubcore.governance.limiter import Limiter, budget_report
@@ -251,3 +255,28 @@ def test_time_columns_keep_their_fractions(conn: sqlite3.Connection) -> None:
     now = time.time()
     audit.record(conn, "a", "x", None, None, None, "cli", now=now)
     assert audit.read(conn)[0].ts == now
+
+
+async def test_the_dashboards_reads_and_writes(database: str) -> None:
+    made, _ = await web.write(database, lambda c: tokens.create(c, "alice", "proj"))
+    assert [t.id for t in await web.read(database, tokens.list_tokens)] == [made]
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        await web.read(database, lambda c: tokens.create(c, "eve"))
+    with pytest.raises(KeyError):
+        await web.write(database, lambda c: (tokens.create(c, "gone"), {}["abort"]))
+    assert [t.user for t in await web.read(database, tokens.list_tokens)] == ["alice"]
+
+
+def test_a_developers_own_page_figures(conn: sqlite3.Connection, database: str) -> None:
+    tz = ZoneInfo("Europe/Berlin")
+    now = JAN1 + 10 * DAY + 12 * 3600
+    write_limits(conn, "user", "alice", Limits(budget_day=1_000_000))
+    # 23:59:30 Berlin time on the day before: a bucket rounded up would land on "today".
+    late = datetime(2026, 1, 10, 23, 59, 30, tzinfo=tz).timestamp()
+    add_usage(conn, event("m1", now - 60, user="alice", cost_micros=300),
+              event("m2", late, user="alice", cost_micros=70), event("m3", now - 30, user="bob", cost_micros=5))
+    mine = read_mine(database, "alice", tz, now)
+    assert [(p.name, p.requests, p.cost_micros) for p in mine.periods][0] == ("today", 1, 300)
+    days = dict(mine.days)
+    assert (days[date(2026, 1, 10)], days[date(2026, 1, 11)]) == (70, 300)
+    assert mine.user_limits == Limits(budget_day=1_000_000)

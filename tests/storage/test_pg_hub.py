@@ -6,6 +6,8 @@ poll set far longer), and loses no usage row while the server is stopped."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from hubcore import store
 from hubcore.governance import tokens
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor
-from tests.hubharness import REPO, HubThread, make_config, run_cli
+from tests.hubharness import REPO, HubThread, free_port, hubcore_cmd, make_config, run_cli, wait_listening
 from tests.pgserver import PASSWORD, PASSWORD_ENV, PgDatabase, PgServer, wait_until
 from tests.storage.conftest import add_usage, event, pg_server_database
 
@@ -157,3 +159,57 @@ def test_a_hub_loses_no_usage_row_while_postgresql_is_stopped(
     assert len(rows) == len(vendor.requests) == answered
     assert len({r["request_id"] for r in rows}) == len(rows), "no row twice"
     assert pg_hub.app.recorder.stats()["spooled"] > 0
+
+
+def test_the_listener_comes_back_after_losing_its_connection(pg_hub: HubThread, pg_database: PgDatabase) -> None:
+    conn = store.connect(pg_server_database(pg_database))
+    try:
+        killed = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = ? AND query LIKE 'LISTEN%' AND pid != pg_backend_pid()", (pg_database.name,),
+        ).fetchall()
+        assert killed == [(True,)], "one listening connection"
+        # Made while nobody listens: the refresh that follows the reconnect finds it.
+        _, value = tokens.create(conn, "erin")
+    finally:
+        conn.close()
+    assert pg_hub.app is not None
+    assert wait_until(lambda: pg_hub.app.tokens.lookup(value.encode()) is not None, timeout=3.0)
+
+
+def serve_config(tmp_path: Path, url: str, port: int) -> Path:
+    path = tmp_path / "hubcore.toml"
+    path.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\ndatabase = "{url}"\ndatabase_password = "env:{PASSWORD_ENV}"\n'
+        f'spool = "{tmp_path / "state" / "usage.spool"}"\nops_socket = "{tmp_path / "ops.sock"}"\n'
+        '\n[dashboard]\nlisten = ""\n'
+    )
+    (tmp_path / "state").mkdir()
+    return path
+
+
+def test_serve_on_an_empty_postgresql_database_mints_the_first_token_beside_the_spool(
+    tmp_path: Path, pg_database: PgDatabase,
+) -> None:
+    port = free_port()
+    config = serve_config(tmp_path, pg_database.url, port)
+    proc = subprocess.Popen(hubcore_cmd("serve", "--config", str(config)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=tmp_path)
+    try:
+        wait_listening(port, proc)
+        token = (tmp_path / "state" / "first-token").read_text().strip()
+        listed = orjson.loads(cli(config, "token", "list", "--json").stdout)
+        assert [(t["user"], token.startswith(t["prefix"])) for t in listed] == [("admin", True)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=40)
+    assert proc.returncode == 0, err
+    assert PASSWORD not in err
+
+
+def test_serve_with_postgresql_unreachable_is_one_line_naming_it(tmp_path: Path) -> None:
+    url = f"postgresql://hubcore@127.0.0.1:{free_port()}/hub"
+    config = serve_config(tmp_path, url, free_port())
+    done = run_cli("serve", "--config", str(config), env=cli_env(), timeout=60)
+    assert done.returncode == 1
+    assert f"cannot start: cannot open the database {url}" in done.stderr and "Traceback" not in done.stderr
