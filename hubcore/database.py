@@ -83,11 +83,12 @@ class PgTarget(str):
         return mask(str(self))
 
 
-def _rebuild(url: str, password_ref: str, statement_cache_size: int, pool_size: int) -> PgTarget:
+def _rebuild(url: str, password_ref: str, statement_cache_size: int, pool_size: int,
+             where: str = "server.database_password") -> PgTarget:
     from hubcore.config import resolve_secret
 
     return PgTarget(url, password_ref, statement_cache_size=statement_cache_size, pool_size=pool_size,
-                    resolve=lambda ref: resolve_secret(ref, _environ(), "server.database_password"))
+                    resolve=lambda ref: resolve_secret(ref, _environ(), where))
 
 
 def _environ() -> dict[str, str]:
@@ -116,14 +117,14 @@ def url_problem(url: str) -> str | None:
 
 
 def target(database: str, *, password_ref: str = "", statement_cache_size: int = DEFAULT_STATEMENT_CACHE_SIZE,
-           pool_size: int = DEFAULT_POOL_SIZE) -> PgTarget:
+           pool_size: int = DEFAULT_POOL_SIZE, where: str = "server.database_password") -> PgTarget:
     """`database` as a PgTarget: itself if it is one and no password is
     given, else a URL given without a config (a command's --to) whose
     password reference is resolved from the environment when used (none:
     PGPASSWORD or ~/.pgpass)."""
     if isinstance(database, PgTarget) and not password_ref:
         return database
-    return _rebuild(str(database), password_ref, statement_cache_size, pool_size)
+    return _rebuild(str(database), password_ref, statement_cache_size, pool_size, where)
 
 
 def describe(database: str | Path) -> str:

@@ -91,6 +91,7 @@ import asyncpg
 
 from hubcore import store
 from hubcore.database import PgTarget, mask, target as as_target
+from hubcore.errors import ConfigError
 
 log = logging.getLogger("hubcore.pg")
 
@@ -424,10 +425,23 @@ def sqlite_error(exc: BaseException, what: str = "") -> sqlite3.Error:
 # -- connections ----------------------------------------------------------------------
 
 
+class PasswordUnavailable(OSError):
+    """The password's env: variable or file: is gone. An OSError, as a
+    refused connection is: a running hub keeps what it has loaded and tries
+    again later rather than stop its token refresh or its usage writer."""
+
+
+def _password(target: PgTarget) -> str | None:
+    try:
+        return target.password()
+    except ConfigError as e:
+        raise PasswordUnavailable(str(e)) from e
+
+
 async def open_async(target: PgTarget, *, statement_cache_size: int | None = None) -> asyncpg.Connection:
     """An asyncpg connection on the running loop, with hubcore's settings."""
     conn = await asyncpg.connect(
-        dsn=str(target), password=target.password(), timeout=CONNECT_TIMEOUT,
+        dsn=str(target), password=_password(target), timeout=CONNECT_TIMEOUT,
         statement_cache_size=target.statement_cache_size if statement_cache_size is None else statement_cache_size,
         # application_name is the one startup parameter a PgBouncer passes
         # on without ignore_startup_parameters; the rest is set per
@@ -442,7 +456,7 @@ async def create_pool(target: PgTarget) -> asyncpg.Pool:
     """The usage writer's pool: connections made on demand (min_size 0), so
     that a pool made while the server is down fails per write, not here."""
     pool = asyncpg.create_pool(
-        dsn=str(target), password=target.password(), timeout=CONNECT_TIMEOUT, min_size=0,
+        dsn=str(target), password=_password(target), timeout=CONNECT_TIMEOUT, min_size=0,
         max_size=target.pool_size, statement_cache_size=target.statement_cache_size,
         server_settings={"application_name": APPLICATION_NAME},
     )
@@ -636,7 +650,9 @@ class PgConnection:
                 self._after_error(conn, e)
                 raise sqlite_error(e) from e
             self._in_transaction = conn.is_in_transaction()
-            cursor._set(statement.sql if statement.kind == "rows" else "", rows, names, rowcount, lastrowid)
+            # The text to ask for column names with: only a statement that returns rows has them.
+            described = statement.sql if statement.kind == "rows" and not statement.returns_id else ""
+            cursor._set(described, rows, names, rowcount, lastrowid)
 
     def _after_error(self, conn: asyncpg.Connection, exc: BaseException | None = None) -> None:
         if isinstance(exc, asyncpg.exceptions.InternalClientError):

@@ -91,7 +91,7 @@ def _target(args: argparse.Namespace) -> PgTarget:
         if problem is not None:
             raise CommandError(f"--to: {problem}", USAGE)
     if args.password:
-        return database_target(url, password_ref=args.password)
+        return database_target(url, password_ref=args.password, where="--password")
     if isinstance(server.database, PgTarget) and str(server.database) == url:
         return server.database
     return database_target(url)

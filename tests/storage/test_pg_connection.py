@@ -98,7 +98,7 @@ def test_the_target_carries_its_settings_but_shows_no_password() -> None:
 
 def test_a_missing_password_variable_names_the_field_when_connecting() -> None:
     target = parse_server(database="postgresql://bob@127.0.0.1/hub", database_password="env:NOT_SET_HERE").database
-    with pytest.raises(ConfigError, match="server.database_password: environment variable NOT_SET_HERE"):
+    with pytest.raises(store.CannotOpen, match="server.database_password: environment variable NOT_SET_HERE"):
         store.connect(target)
 
 
