@@ -36,5 +36,6 @@ def token(hub: HubThread) -> str:
     return hub.mint("alice", "proj-a")
 
 
-# The PostgreSQL cluster of the run and a database per test (tests/pgserver.py).
-from tests.pgserver import pg_database, pg_server  # noqa: E402,F401
+# The PostgreSQL cluster of the run, a database per test, and `database`,
+# which runs a storage test on SQLite and on PostgreSQL (tests/pgserver.py).
+from tests.pgserver import database, pg_database, pg_server  # noqa: E402,F401

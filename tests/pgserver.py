@@ -25,9 +25,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from hubcore import config
 from tests.hubharness import free_port
 
 SUPERUSER = "hubcore"
@@ -172,6 +174,13 @@ def start_pg_server() -> Iterator[PgServer]:
         server.destroy()
 
 
+def pg_server_database(pg: PgDatabase, **server: Any) -> str:
+    """The database of `pg` as a config hands it to hubcore (a PgTarget
+    whose password comes by env:, as an operator's would)."""
+    cfg = config.parse({"server": {**pg.server_config, **server}}, source="<test>", env=dict(os.environ))
+    return cfg.server.database
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     """One PostgreSQL cluster for the whole run (a test that stops it starts it again)."""
@@ -185,6 +194,15 @@ def pg_database(pg_server: PgServer) -> PgDatabase:
     if not pg_server.running():  # a test that stopped it failed before restarting it
         pg_server.start()
     return pg_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """[server] database of a fresh SQLite file, then of a fresh PostgreSQL
+    database: a storage test that takes it runs on both engines."""
+    if request.param == "sqlite":
+        return str(tmp_path / "hub.db")
+    return pg_server_database(request.getfixturevalue("pg_database"))
 
 
 def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.02) -> bool:

@@ -1,32 +1,20 @@
-"""The storage tests run on both engines: `database` is the [server]
-database string of a fresh SQLite file or of a fresh PostgreSQL database
-(a PgTarget whose password comes by env:, as an operator's would)."""
+"""The storage tests run on both engines: `database` (tests/pgserver.py) is
+the [server] database of a fresh SQLite file, then of a fresh PostgreSQL
+database; `conn` is a connection to it. Helpers that write usage rows the
+same way on both."""
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hubcore import config, store
+from hubcore import store
 from hubcore.accounting.usage import FIELDS, UsageEvent, insert_values
-from tests.pgserver import PgDatabase
+from tests.pgserver import pg_server_database
 
-
-def pg_server_database(pg: PgDatabase, **server: Any) -> str:
-    """The database of `pg` as a config gives it to hubcore."""
-    cfg = config.parse({"server": {**pg.server_config, **server}}, source="<test>", env=dict(os.environ))
-    return cfg.server.database
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "hub.db")
-    return pg_server_database(request.getfixturevalue("pg_database"))
+__all__ = ["add_usage", "event", "pg_server_database"]
 
 
 @pytest.fixture
