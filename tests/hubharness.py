@@ -31,15 +31,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 def make_config(tmp: Path, upstreams: list[dict[str, Any]], dashboard: dict[str, Any] | None = None,
                 **server: Any) -> Config:
+    from tests.pgserver import engine_database
+
+    settings = {
+        "listen": "127.0.0.1:0",
+        "database": str(tmp / "hub.db"),
+        "ops_socket": str(tmp / "ops.sock"),
+        "token_reload_interval": 0.1,
+        "usage_flush_interval": 0.05,
+        # HUBCORE_TEST_DATABASE=postgresql: on PostgreSQL instead.
+        **({} if "database" in server else engine_database()),
+        **server,
+    }
+    if is_postgres(settings["database"]):
+        # Not the default, in the working directory: the test's own.
+        settings.setdefault("spool", str(tmp / "usage.spool"))
     data = {
-        "server": {
-            "listen": "127.0.0.1:0",
-            "database": str(tmp / "hub.db"),
-            "ops_socket": str(tmp / "ops.sock"),
-            "token_reload_interval": 0.1,
-            "usage_flush_interval": 0.05,
-            **server,
-        },
+        "server": settings,
         "upstream": upstreams,
         # Off unless asked for: its default port 8788 would be shared by every test hub.
         "dashboard": {"listen": ""} if dashboard is None else dashboard,

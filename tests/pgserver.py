@@ -14,6 +14,7 @@ pytest's root-only tmp tree.
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import itertools
 import os
@@ -174,6 +175,45 @@ def start_pg_server() -> Iterator[PgServer]:
         server.destroy()
 
 
+_shared: PgServer | None = None
+
+
+def shared_server() -> PgServer:
+    """The run's cluster, started on first use and stopped at exit (or by
+    the pg_server fixture's end): the fixture and make_config share it."""
+    global _shared
+    if _shared is None:
+        os.environ[PASSWORD_ENV] = PASSWORD
+        server = PgServer(require_pg_bin())
+        atexit.register(server.destroy)
+        server.init()
+        server.start()
+        _shared = server
+    elif not _shared.running():  # a test that stopped it failed before restarting it
+        _shared.start()
+    return _shared
+
+
+# Set to "postgresql", the hubs of tests/hubharness.make_config run on a
+# database of their own on the shared cluster instead of a SQLite file, so
+# that any test suite can be run on PostgreSQL:
+#   HUBCORE_TEST_DATABASE=postgresql pytest tests/governance
+ENGINE_ENV = "HUBCORE_TEST_DATABASE"
+
+
+def engine_database() -> dict[str, str]:
+    """The [server] fields of the engine HUBCORE_TEST_DATABASE asks for ({}: SQLite)."""
+    engine = os.environ.get(ENGINE_ENV, "sqlite")
+    if engine == "sqlite":
+        return {}
+    if engine != "postgresql":
+        raise ValueError(f"{ENGINE_ENV}: sqlite or postgresql, not {engine!r}")
+    # For the commands a test runs on a config it wrote by hand with the
+    # database alone: libpq's variable, which asyncpg reads too.
+    os.environ["PGPASSWORD"] = PASSWORD
+    return shared_server().create_database().server_config
+
+
 def pg_server_database(pg: PgDatabase, **server: Any) -> str:
     """The database of `pg` as a config hands it to hubcore (a PgTarget
     whose password comes by env:, as an operator's would)."""
@@ -182,18 +222,15 @@ def pg_server_database(pg: PgDatabase, **server: Any) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+def pg_server() -> PgServer:
     """One PostgreSQL cluster for the whole run (a test that stops it starts it again)."""
-    os.environ[PASSWORD_ENV] = PASSWORD
-    yield from start_pg_server()
+    return shared_server()
 
 
 @pytest.fixture
 def pg_database(pg_server: PgServer) -> PgDatabase:
     """An empty database of this test's own on the session's cluster."""
-    if not pg_server.running():  # a test that stopped it failed before restarting it
-        pg_server.start()
-    return pg_server.create_database()
+    return shared_server().create_database()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
