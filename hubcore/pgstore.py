@@ -314,11 +314,15 @@ def translate(sql: str) -> Statement:
         if busy is None:
             raise sqlite3.NotSupportedError(f"{sql.strip()!r} has no PostgreSQL meaning")
         return Statement("", "busy_timeout", value=int(busy.group(1)))
-    if first in ("BEGIN", "COMMIT", "END", "ROLLBACK") and len(words) <= 2 and "TO" not in sql.upper():
+    # BEGIN [DEFERRED|IMMEDIATE|EXCLUSIVE|TRANSACTION], COMMIT, END, ROLLBACK
+    # (two words at most: ROLLBACK TO a savepoint goes to the server as it is).
+    if first in ("BEGIN", "COMMIT", "END", "ROLLBACK") and len(words) <= 2:
         mode = words[1].upper().rstrip(";") if len(words) > 1 else ""
         if first == "BEGIN":
             return Statement("BEGIN", "begin_immediate" if mode in ("IMMEDIATE", "EXCLUSIVE") else "begin")
-        return Statement("ROLLBACK" if first == "ROLLBACK" else "COMMIT", first.lower() if first != "END" else "commit")
+        if first == "ROLLBACK":
+            return Statement("ROLLBACK", "rollback")
+        return Statement("COMMIT", "commit")
     count = 0
     has_returning = False
 
