@@ -798,6 +798,25 @@ def connect(database: str, *, migrate: bool = True, read_only: bool = False) -> 
     return conn
 
 
+def database_problem(database: str) -> str | None:
+    """Why `database` would not serve as the hub's database (its password
+    cannot be had, the server cannot be reached or refuses, the schema is
+    newer than this hubcore), found without changing anything; None when it would."""
+    try:
+        conn = connect(database, migrate=False)
+    except store.CannotOpen as e:
+        return str(e).partition(": ")[2] or str(e)
+    try:
+        found = conn.schema_version()
+    except sqlite3.Error as e:
+        return str(e)
+    finally:
+        conn.close()
+    if found > SCHEMA_VERSION:
+        return f"schema version {found} is newer than this hubcore's {SCHEMA_VERSION}; upgrade hubcore"
+    return None
+
+
 # -- token changes, as they happen ------------------------------------------------------
 
 

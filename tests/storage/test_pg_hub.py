@@ -213,3 +213,12 @@ def test_serve_with_postgresql_unreachable_is_one_line_naming_it(tmp_path: Path)
     done = run_cli("serve", "--config", str(config), env=cli_env(), timeout=60)
     assert done.returncode == 1
     assert f"cannot start: cannot open the database {url}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_check_config_reaches_the_database(config_file: Path, pg_database: PgDatabase) -> None:
+    assert "ok" in cli(config_file, "check-config").stdout
+    wrong = {**cli_env(), PASSWORD_ENV: "not-the-password"}
+    done = run_cli("check-config", "--config", str(config_file), env=wrong)
+    assert done.returncode == 1
+    assert f"database {pg_database.url}: " in done.stderr and "password authentication failed" in done.stderr
+    assert "not-the-password" not in done.stderr
