@@ -4,6 +4,7 @@ usage report and the budgets rebuilt from usage rows. Each test runs once
 per engine (the `database` fixture) and expects the same answers."""
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from datetime import date, datetime
@@ -15,6 +16,7 @@ from hubcore import store
 from hubcore.accounting import report
 from hubcore.dashboard import web
 from hubcore.dashboard.mine import read_mine
+from hubcore.database import floor_of
 from hubcore.gateway.upstreams import load_disabled_keys, store_key_switches
 from hubcore.governance import admins, audit, tokens
 from hubcore.governance.limiter import Limiter, budget_report
@@ -280,3 +282,9 @@ def test_a_developers_own_page_figures(conn: sqlite3.Connection, database: str) 
     days = dict(mine.days)
     assert (days[date(2026, 1, 10)], days[date(2026, 1, 11)]) == (70, 300)
     assert mine.user_limits == Limits(budget_day=1_000_000)
+
+
+@pytest.mark.parametrize("x", [-1.5, -1.0, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 59.999, 1767225599.75 / 86400])
+def test_floor_of_is_the_floor_on_both_engines(conn: sqlite3.Connection, x: float) -> None:
+    (found,) = conn.execute(f"SELECT {floor_of(repr(x))}").fetchone()
+    assert (found, type(found)) == (math.floor(x), int)
