@@ -653,6 +653,9 @@ class PgConnection:
             except (*DRIVER_ERRORS, TypeError, ValueError) as e:
                 self._after_error(conn, e)
                 raise sqlite_error(e) from e
+            except sqlite3.Error:  # said by _execute itself
+                self._after_error(conn)
+                raise
             self._in_transaction = conn.is_in_transaction()
             # The text to ask for column names with: only a statement that returns rows has them.
             described = statement.sql if statement.kind == "rows" and not statement.returns_id else ""
@@ -686,7 +689,13 @@ class PgConnection:
                 raise
             return [], None, -1, None
         if kind in ("begin", "commit", "rollback"):
-            await conn.execute(statement.sql)
+            status = await conn.execute(statement.sql)
+            if kind == "commit" and status == "ROLLBACK":
+                # A statement of it failed: PostgreSQL has rolled the whole
+                # transaction back, where SQLite would commit the rest. Said
+                # out loud, never a COMMIT that silently stored nothing.
+                raise sqlite3.OperationalError(
+                    "the transaction was rolled back: a statement in it had failed")
             return [], None, -1, None
         rows: list[tuple[Any, ...]] = []
         names: tuple[str, ...] | None = None

@@ -19,8 +19,8 @@ import aiosqlite
 
 from hubcore import store
 from hubcore.accounting.spool import SPOOL_ERRORS, Spool, encode_line
-from hubcore.database import is_postgres, target as as_target
 from hubcore.accounting.usage import ROWS_PER_INSERT, UsageEvent, insert_sql, insert_values
+from hubcore.database import is_postgres, target as as_target
 
 if TYPE_CHECKING:
     from hubcore.accounting.pgwriter import PgUsageWriter

@@ -277,3 +277,15 @@ def test_environment_password_is_used_when_the_config_names_none(pg_database: Pg
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(os.environ, "PGPASSWORD", PASSWORD)
     store.connect(PgTarget(pg_database.url)).close()
+
+
+def test_a_commit_of_a_transaction_with_a_failed_statement_says_it_stored_nothing(
+    conn: pgstore.PgConnection,
+) -> None:
+    conn.execute("BEGIN")
+    tokens.create(conn, "lost")
+    with pytest.raises(sqlite3.OperationalError):
+        conn.execute("SELECT * FROM no_such_table")
+    with pytest.raises(sqlite3.OperationalError, match="rolled back"):
+        conn.commit()
+    assert not conn.in_transaction and tokens.list_tokens(conn) == []
