@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hubcore import __version__, config as config_mod, store
+from hubcore.database import is_postgres, target as database_target
 
 from hubcore.ops import sdnotify
 from hubcore.ops.accesslog import AccessLog
@@ -141,6 +142,8 @@ class App:
         self.started = time.time()
         self.stopped = asyncio.Event()
         self._reloader: asyncio.Task[None] | None = None
+        # PostgreSQL: the LISTEN for token changes made anywhere (pgstore.listen_tokens).
+        self._listener: asyncio.Task[None] | None = None
         # Key switches are stored one at a time, in the order they were made.
         self._key_switch_lock = asyncio.Lock()
         # The poll, SIGHUP and the ops socket all refresh the token table:
@@ -153,7 +156,10 @@ class App:
     async def start(self, sock: Any = None) -> list[tuple[str, int]]:
         cfg = self.config.server
         # check_same_thread=False: refreshes run in a worker thread, one at a time.
-        self.db = store.connect(cfg.database, check_same_thread=False)
+        try:
+            self.db = store.connect(cfg.database, check_same_thread=False)
+        except sqlite3.Error as e:  # a PostgreSQL server that cannot be reached, foremost
+            raise StartFailed(str(e)) from e
         self.tokens.refresh(self.db, force=True)
         # Before any request: a key the operator disabled stays out of service.
         restore_key_switches(self.db, self.hub.upstreams.values())
@@ -176,6 +182,14 @@ class App:
         if self.dashboard is not None:
             self.dashboard_addresses = await self._start_dashboard()
         self._reloader = self.loop.create_task(self._watch_tokens())
+        if is_postgres(cfg.database):
+            from hubcore import pgstore
+
+            # Changes made anywhere arrive within milliseconds; the poll
+            # above stays as the fallback while the listening connection is down.
+            self._listener = self.loop.create_task(
+                pgstore.listen_tokens(database_target(cfg.database), self.refresh_tokens)
+            )
         for upstream in self.hub.upstreams.values():
             upstream.start()  # the hub's probes of keys whose circuits are open
         self.metrics.start()
@@ -480,6 +494,8 @@ class App:
             await self.retention.stop()  # after the batch under way
         if self._reloader is not None:
             self._reloader.cancel()
+        if self._listener is not None:
+            self._listener.cancel()
         self.cycles.stop()
         await self.alerts.close()
         self.hub.close()
@@ -611,7 +627,7 @@ def state_paths(config: Config) -> list[tuple[str, str]]:
     return [
         (name, path)
         for name, path in (("database", server.database), ("spool", config.spool_path), ("ops_socket", server.ops_socket))
-        if path
+        if path and not is_postgres(path)
     ]
 
 
@@ -705,7 +721,10 @@ def first_token(config: Config) -> tuple[int, str, Path] | None:
 
 
 def first_token_path(config: Config) -> Path:
-    return Path(os.path.abspath(config.server.database)).parent / FIRST_TOKEN_FILE
+    # Beside the database, or beside the spool when the database is a
+    # PostgreSQL server's: the hub's state directory either way.
+    local = config.spool_path if is_postgres(config.server.database) else config.server.database
+    return Path(os.path.abspath(local)).parent / FIRST_TOKEN_FILE
 
 
 def withdraw_first_token(config: Config, token_id: int) -> None:
@@ -747,6 +766,10 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
         return 1
     try:
         made = first_token(config)
+    except store.CannotOpen as e:  # a PostgreSQL server that cannot be reached, foremost
+        log.error("cannot start: %s", e)
+        await app.recorder.close()
+        return 1
     except (OSError, sqlite3.Error) as e:
         log.error("cannot write the first hub token: %s", e)
         await app.recorder.close()

@@ -19,6 +19,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from hubcore.database import (
+    DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_CACHE_SIZE, PgTarget, is_postgres, url_problem,
+)
 from hubcore.errors import ConfigError
 
 KIB = 1024
@@ -39,7 +42,18 @@ USAGE_RETENTION_MIN_DAYS = 31
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "127.0.0.1:8787"
+    # A SQLite file, or postgresql://USER@HOST:PORT/DATABASE (hubcore.database).
     database: str = "hubcore.db"
+    # PostgreSQL only: the password, as env:NAME, file:PATH or literally;
+    # never in the URL, which logs and messages show. Empty: PGPASSWORD or
+    # ~/.pgpass, as libpq finds them.
+    database_password: str = field(default="", repr=False)
+    # PostgreSQL only: prepared statements asyncpg keeps per connection
+    # (asyncpg's default); 0 behind a PgBouncer in transaction mode, which
+    # cannot keep a connection's prepared statements between transactions.
+    pg_statement_cache_size: int = DEFAULT_STATEMENT_CACHE_SIZE
+    # PostgreSQL only: connections of the usage writer's pool.
+    pg_pool_size: int = DEFAULT_POOL_SIZE
     # Where usage rows go while the database cannot take them; replayed later.
     spool: str = ""  # default: database path + ".spool"
     ops_socket: str = "hubcore-ops.sock"
@@ -400,7 +414,16 @@ class Config:
 
     @property
     def spool_path(self) -> str:
-        return self.server.spool or self.server.database + ".spool"
+        if self.server.spool:
+            return self.server.spool
+        if is_postgres(self.server.database):
+            return PG_SPOOL
+        return self.server.database + ".spool"
+
+
+# The spool of a hub on PostgreSQL when server.spool names none: in the
+# working directory, as the SQLite default database is.
+PG_SPOOL = "hubcore-usage.spool"
 
 
 def locate(path: str | None, env: dict[str, str], system: str = SYSTEM_CONFIG) -> str | None:
@@ -436,7 +459,7 @@ def load_server(path: str | None = None, env: dict[str, str] | None = None, *, s
         return ServerConfig()
     data = _read(found)
     _reject_unknown(data, TOP_LEVEL, found, "")
-    return parse_server(data.get("server", {}), found)
+    return parse_server(data.get("server", {}), found, env)
 
 
 def load_alerts(path: str | None = None, env: dict[str, str] | None = None, *, system: str = SYSTEM_CONFIG) -> tuple[AlertConfig, ...]:
@@ -483,7 +506,7 @@ TOP_LEVEL = {"server", "upstream", "pricing", "dashboard", "alert", "shared"}
 
 def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
     _reject_unknown(data, TOP_LEVEL, source, "")
-    server = parse_server(data.get("server", {}), source)
+    server = parse_server(data.get("server", {}), source, env)
     raw_upstreams = data.get("upstream", [])
     if not isinstance(raw_upstreams, list):
         raise ConfigError(f"{source}: upstream: must be an array of tables ([[upstream]])")
@@ -602,8 +625,9 @@ def _parse_dashboard(raw: Any, source: str) -> DashboardConfig:
     return dashboard
 
 
-def parse_server(raw: Any, source: str) -> ServerConfig:
-    """The [server] table, every field checked."""
+def parse_server(raw: Any, source: str, env: dict[str, str] | None = None) -> ServerConfig:
+    """The [server] table, every field checked. `env` resolves the database
+    password when a connection is made (None: the environment then)."""
     if isinstance(raw, dict) and "ops_socket_mode" in raw:
         raw = {**raw, "ops_socket_mode": file_mode(raw["ops_socket_mode"], f"{source}: server.ops_socket_mode")}
     if isinstance(raw, dict) and "workers" in raw:
@@ -625,7 +649,7 @@ def parse_server(raw: Any, source: str) -> ServerConfig:
         if getattr(server, name) <= 0:
             raise ConfigError(f"{source}: server.{name}: must be positive")
     for name in ("max_connections_per_address", "min_body_rate", "linger_bytes", "linger_timeout",
-                 "metrics_max_series"):
+                 "metrics_max_series", "pg_statement_cache_size"):
         if getattr(server, name) < 0:
             raise ConfigError(f"{source}: server.{name}: must not be negative")
     retention = server.usage_retention_days
@@ -636,7 +660,37 @@ def parse_server(raw: Any, source: str) -> ServerConfig:
             f"{source}: server.usage_retention_days: {retention:g} is too short: monthly budgets are rebuilt at "
             f"start from the month's usage rows, so keep at least {USAGE_RETENTION_MIN_DAYS} days (0: keep every row)"
         )
-    return server
+    return _database_target(server, source, env)
+
+
+def _database_target(server: ServerConfig, source: str, env: dict[str, str] | None) -> ServerConfig:
+    """server.database as a PgTarget when it is a PostgreSQL URL, checked."""
+    if not server.database:
+        raise ConfigError(f"{source}: server.database: must not be empty")
+    if not is_postgres(server.database):
+        if server.database_password:
+            raise ConfigError(f"{source}: server.database_password: only a PostgreSQL database "
+                              "(server.database = \"postgresql://...\") takes a password")
+        return server
+    problem = url_problem(server.database)
+    if problem is not None:
+        # The URL itself is not repeated: it may hold the password it must not.
+        raise ConfigError(f"{source}: server.database: {problem}")
+    if server.pg_pool_size < 1:
+        raise ConfigError(f"{source}: server.pg_pool_size: must be at least 1")
+    where = f"{source}: server.database_password"
+    if server.database_password.startswith("file:") or server.database_password.startswith("env:"):
+        if server.database_password in ("file:", "env:"):
+            raise ConfigError(f"{where}: names no file or variable")
+
+    def resolve(ref: str) -> str:
+        return resolve_secret(ref, dict(os.environ) if env is None else env, where)
+
+    target = PgTarget(
+        server.database, server.database_password, statement_cache_size=server.pg_statement_cache_size,
+        pool_size=server.pg_pool_size, resolve=resolve,
+    )
+    return dataclasses.replace(server, database=target)
 
 
 # More workers than this is a typo (a port number, a byte count).

@@ -11,6 +11,9 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
+
+from hubcore.database import is_postgres
 
 # Each entry upgrades the schema from version i to i + 1 (PRAGMA user_version).
 # Append only: a released migration is never edited, so every database that
@@ -247,7 +250,14 @@ class CannotOpen(sqlite3.OperationalError):
 
 
 def connect(path: str | Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
-    """Open the database, set the pragmas every hubcore connection uses, migrate."""
+    """Open the database, set the pragmas every hubcore connection uses, migrate.
+
+    A PostgreSQL URL (a PgTarget from the config) opens a pgstore.PgConnection
+    instead, which offers the part of sqlite3.Connection that hubcore uses."""
+    if is_postgres(path):
+        from hubcore import pgstore
+
+        return cast(sqlite3.Connection, pgstore.connect(cast(str, path)))
     try:
         conn = sqlite3.connect(
             str(path), isolation_level=None, check_same_thread=check_same_thread

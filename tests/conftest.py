@@ -58,3 +58,8 @@ def silent_server() -> Iterator[SilentServer]:
         yield server
     finally:
         server.close()
+
+
+# The PostgreSQL cluster of the run, a database per test, and `database`,
+# which runs a storage test on SQLite and on PostgreSQL (tests/pgserver.py).
+from tests.pgserver import database, pg_database, pg_server  # noqa: E402,F401

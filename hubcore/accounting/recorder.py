@@ -1,6 +1,8 @@
 """UsageRecorder, which takes usage events off the request path and into
 SQLite: a bounded queue, one batch-writing task, and a Spool for whatever the
-database cannot take yet, so that no event is ever lost.
+database cannot take yet, so that no event is ever lost. On PostgreSQL the
+same recorder writes through accounting.pgwriter instead of its SQLite
+connection; everything else here is the same for both.
 """
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from hubcore import store
 from hubcore.accounting.spool import SPOOL_ERRORS, Spool, encode_line
 from hubcore.accounting.usage import ROWS_PER_INSERT, UsageEvent, insert_sql, insert_values
+from hubcore.database import is_postgres, target as as_target
+
+if TYPE_CHECKING:
+    from hubcore.accounting.pgwriter import PgUsageWriter
 
 # Named explicitly, not after this module: operators filter on it.
 log = logging.getLogger("hubcore.usage")
@@ -110,6 +116,13 @@ class UsageRecorder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._db: aiosqlite.Connection | None = None
+        # PostgreSQL: the backend that takes the batches instead of self._db
+        # (imported only then: asyncpg takes a while to import).
+        self._pg: PgUsageWriter | None = None
+        if isinstance(db_path, str) and is_postgres(db_path):
+            from hubcore.accounting.pgwriter import PgUsageWriter
+
+            self._pg = PgUsageWriter(as_target(db_path))
         self._closing = False
         self._closed = False
         self._close_deadline = 0.0
@@ -142,12 +155,15 @@ class UsageRecorder:
         """Migrate and open the database, replay a leftover spool, start the writer."""
         if self._task is not None:
             raise RuntimeError("UsageRecorder already started")
-        await asyncio.to_thread(_migrate, self._db_path)
-        self._db = await aiosqlite.connect(
-            self._db_path, isolation_level=None, factory=_ConfiguredConnection
-        )
-        if self._busy_timeout_ms != store.BUSY_TIMEOUT_MS:
-            await self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        if self._pg is not None:
+            await self._pg.open()
+        else:
+            await asyncio.to_thread(_migrate, self._db_path)
+            self._db = await aiosqlite.connect(
+                self._db_path, isolation_level=None, factory=_ConfiguredConnection
+            )
+            if self._busy_timeout_ms != store.BUSY_TIMEOUT_MS:
+                await self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         spool = self._spool
         if spool.path.exists():
             try:
@@ -229,6 +245,8 @@ class UsageRecorder:
         if self._spool.dirty:
             self._fsync_spool()
         self._close_spool()
+        if self._pg is not None:
+            await self._pg.close()
         if self._db is not None:
             try:
                 await self._db.close()
@@ -307,6 +325,10 @@ class UsageRecorder:
 
     async def _insert(self, events: Sequence[UsageEvent]) -> int:
         """Insert events in one transaction; return how many were new."""
+        if self._pg is not None:
+            inserted = await self._pg.insert(events)
+            self._ignored += len(events) - inserted
+            return inserted
         db = self._db
         if db is None:
             raise ValueError("usage database is not open")

@@ -17,9 +17,9 @@ from hubcore import __version__
 
 def command_groups() -> tuple[ModuleType, ...]:
     """Every command group, in the order `hubcore --help` lists them."""
-    from hubcore.cli import admin, alerts, audit, ops, prices, route, scopes, serve, statusline, tokens, usage
+    from hubcore.cli import admin, alerts, audit, db, ops, prices, route, scopes, serve, statusline, tokens, usage
 
-    return (serve, tokens, ops, route, scopes, usage, prices, admin, audit, alerts, statusline)
+    return (serve, tokens, ops, route, scopes, usage, prices, admin, audit, alerts, db, statusline)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hubcore.config import zone
+from hubcore.database import floor_of
 from hubcore.errors import HubError
 from hubcore.governance.limits import SCOPE_KINDS, WINDOWS, Limits, calendar_periods, format_time, format_usd
 from hubcore.governance.storage import ScopeLimits, load_scope_limits
@@ -749,10 +750,10 @@ class Limiter:
                 self._credit(scope, total, 0, 0, 0)
         first_minute = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
         rows = conn.execute(
-            "SELECT token_id, CAST(ts / ? AS INTEGER) AS minute, SUM(cost_micros)"
+            f"SELECT token_id, {floor_of(f'ts / {BUCKET_SECONDS}')} AS minute, SUM(cost_micros)"
             " FROM usage WHERE ts >= ? AND token_id IS NOT NULL AND cost_micros > 0"
             " GROUP BY token_id, minute ORDER BY minute",
-            (BUCKET_SECONDS, first_minute * BUCKET_SECONDS),
+            (first_minute * BUCKET_SECONDS,),
         )
         for token_id, minute, spent in rows.fetchall():
             user, project = owner(token_id)

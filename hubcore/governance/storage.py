@@ -110,10 +110,13 @@ def write_limits(
         return cur.rowcount == 1
     if not name:
         raise ValueError(f"{kind} name must not be empty")
+    table = _table(kind)
+    # The stored note named with its table: a bare `note` is ambiguous
+    # beside excluded.note on PostgreSQL.
     conn.execute(
-        f"INSERT INTO {_table(kind)} (name, limits, note, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
+        f"INSERT INTO {table} (name, limits, note, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
         " ON CONFLICT (name) DO UPDATE SET limits = excluded.limits,"
-        " note = COALESCE(excluded.note, note), updated_at = excluded.updated_at",
+        f" note = COALESCE(excluded.note, {table}.note), updated_at = excluded.updated_at",
         (str(name), text, note, now, now),
     )
     return True
