@@ -815,9 +815,9 @@ class Limiter:
                     for i in range(0, len(token_ids), _IDS_PER_QUERY):
                         chunk = token_ids[i:i + _IDS_PER_QUERY]
                         for minute, amount in conn.execute(
-                            f"SELECT CAST(ts / ? AS INTEGER), SUM(cost_micros) FROM usage WHERE token_id IN"
+                            f"SELECT {floor_of(f'ts / {BUCKET_SECONDS}')}, SUM(cost_micros) FROM usage WHERE token_id IN"
                             f" ({','.join('?' * len(chunk))}) AND ts >= ? AND ts < ? AND cost_micros > 0 GROUP BY 1",
-                            (BUCKET_SECONDS, *chunk, since, at),
+                            (*chunk, since, at),
                         ):
                             self._add_bucket(scope, int(minute), -int(amount))
                     # A minute wholly before the reset is gone, not a bucket of zero.
