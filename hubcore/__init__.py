@@ -6,6 +6,8 @@ from those below it (tests/test_layers.py checks every import):
     cli/, app.py, runtime.py        top: commands, wiring, process set-up
     gateway/   ops/   dashboard/    the request path; the ops socket; the web dashboard
                                     (strangers to each other)
+    shared/                         state shared between instances through Redis
+                                    (the gateway's, with a [shared] table)
     governance/   accounting/       who may do what; what it cost
     routing/   http/                sans-IO key and upstream choice; HTTP/1.1
     errors, config, store           foundations (with _meter_errors)

@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hubcore import __version__, config as config_mod, store
+from hubcore.database import is_postgres, target as database_target
 
 from hubcore.ops import sdnotify
 from hubcore.ops.accesslog import AccessLog
@@ -39,6 +40,9 @@ from hubcore.http.server import Server, server_ssl_context
 from hubcore.governance.tokens import TokenTable
 from hubcore.accounting.recorder import UsageRecorder
 from hubcore.accounting.retention import Retention
+
+if TYPE_CHECKING:
+    from hubcore.shared.redis_state import SharedState
 
 log = logging.getLogger("hubcore")
 
@@ -82,7 +86,22 @@ class App:
         self.recorder.add_listener(self.limiter.on_usage)
         # Spend and tokens per user, project and model for /metrics, from the same events.
         self.recorder.add_listener(self.metrics.on_usage)
-        self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter)
+        # Limits, key states and sessions shared with the hub's other
+        # instances, with a [shared] table only: without one, none of it
+        # is imported, and the request path is as it was.
+        self.shared: SharedState | None = None
+        if config.shared.redis:
+            from hubcore.shared.redis_state import SharedState
+
+            self.shared = SharedState(
+                config.shared, tz=config.server.budget_timezone, instances_hint=config.server.workers,
+                seed=self.limiter.spend_report,
+            )
+            self.recorder.add_listener(self.shared.on_usage)
+        self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter, self.shared)
+        if self.shared is not None:
+            for name, upstream in self.hub.upstreams.items():
+                upstream.ring.listener = self.shared.key_listener(name)
         # Alerts hear of budget thresholds, key states and failovers through
         # hooks off the request path's common case (hubcore.ops.alerts).
         self.alerts = Alerts(config.alerts, timezone=self.limiter.tz)
@@ -124,6 +143,8 @@ class App:
         self.started = time.time()
         self.stopped = asyncio.Event()
         self._reloader: asyncio.Task[None] | None = None
+        # PostgreSQL: the LISTEN for token changes made anywhere (pgstore.listen_tokens).
+        self._listener: asyncio.Task[None] | None = None
         # Key switches are stored one at a time, in the order they were made.
         self._key_switch_lock = asyncio.Lock()
         # The poll, SIGHUP and the ops socket all refresh the token table:
@@ -136,14 +157,23 @@ class App:
     async def start(self, sock: Any = None) -> list[tuple[str, int]]:
         cfg = self.config.server
         # check_same_thread=False: refreshes run in a worker thread, one at a time.
-        self.db = store.connect(cfg.database, check_same_thread=False)
+        try:
+            self.db = store.connect(cfg.database, check_same_thread=False)
+        except sqlite3.Error as e:  # a PostgreSQL server that cannot be reached, foremost
+            raise StartFailed(str(e)) from e
         self.tokens.refresh(self.db, force=True)
         # Before any request: a key the operator disabled stays out of service.
         restore_key_switches(self.db, self.hub.upstreams.values())
         await self.recorder.start()
         # After the spool replay, before any request: a restart never resets a budget.
-        self.limiter.reload(self.db)
+        limits = load_scope_limits(self.db)
+        self.limiter.update(limits)
         self.limiter.rebuild(self.db)
+        if self.shared is not None:
+            self.shared.update_limits(limits)
+            # Bounded by [shared] timeout: a Redis that is down starts the
+            # hub degraded, never stops it.
+            await self.shared.start()
         ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         host, port = config_mod.parse_listen(cfg.listen)
         try:
@@ -153,6 +183,14 @@ class App:
         if self.dashboard is not None:
             self.dashboard_addresses = await self._start_dashboard()
         self._reloader = self.loop.create_task(self._watch_tokens())
+        if is_postgres(cfg.database):
+            from hubcore import pgstore
+
+            # Changes made anywhere arrive within milliseconds; the poll
+            # above stays as the fallback while the listening connection is down.
+            self._listener = self.loop.create_task(
+                pgstore.listen_tokens(database_target(cfg.database), self.refresh_tokens)
+            )
         for upstream in self.hub.upstreams.values():
             upstream.start()  # the hub's probes of keys whose circuits are open
         self.metrics.start()
@@ -191,7 +229,10 @@ class App:
         return {u.config.name: u.ring.snapshot() for u in self.hub.upstreams.values()}
 
     def stats(self) -> dict[str, Any]:
-        snapshot = self.metrics.snapshot(self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__)
+        snapshot = self.metrics.snapshot(
+            self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__,
+            shared=self.shared.stats() if self.shared is not None else None,
+        )
         snapshot["draining"] = self.server.draining
         snapshot["gc"] = self.cycles.stats()
         snapshot["alerts"] = self.alerts.stats()
@@ -257,6 +298,7 @@ class App:
         return self.metrics.render_prometheus(
             self._key_snapshots(), self.recorder.stats(), len(self.tokens), __version__, gc=self.cycles.stats(),
             alerts=self.alerts.stats(),
+            shared=self.shared.stats() if self.shared is not None else None,
         )
 
     async def explain_route(
@@ -395,6 +437,8 @@ class App:
                 limits = await asyncio.to_thread(refresh)
                 if limits is not None:
                     self.limiter.update(limits)
+                    if self.shared is not None:
+                        self.shared.update_limits(limits)
                     log.info("tokens and limits reloaded: %d active tokens", len(self.tokens))
         except sqlite3.Error as e:
             log.warning("could not reload tokens (keeping the current table): %s", e)
@@ -451,12 +495,17 @@ class App:
             await self.retention.stop()  # after the batch under way
         if self._reloader is not None:
             self._reloader.cancel()
+        if self._listener is not None:
+            self._listener.cancel()
         self.cycles.stop()
         await self.alerts.close()
         self.hub.close()
         if self.hub.access is not None:
             self.hub.access.close()
         await self.recorder.close()
+        if self.shared is not None:
+            # After the recorder: the last charges are queued by then.
+            await self.shared.close()
         if self.ops is not None:
             await self.ops.close()
         await self.watchdog.stop()
@@ -579,7 +628,7 @@ def state_paths(config: Config) -> list[tuple[str, str]]:
     return [
         (name, path)
         for name, path in (("database", server.database), ("spool", config.spool_path), ("ops_socket", server.ops_socket))
-        if path
+        if path and not is_postgres(path)
     ]
 
 
@@ -673,7 +722,10 @@ def first_token(config: Config) -> tuple[int, str, Path] | None:
 
 
 def first_token_path(config: Config) -> Path:
-    return Path(os.path.abspath(config.server.database)).parent / FIRST_TOKEN_FILE
+    # Beside the database, or beside the spool when the database is a
+    # PostgreSQL server's: the hub's state directory either way.
+    local = config.spool_path if is_postgres(config.server.database) else config.server.database
+    return Path(os.path.abspath(local)).parent / FIRST_TOKEN_FILE
 
 
 def withdraw_first_token(config: Config, token_id: int) -> None:
@@ -715,6 +767,10 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
         return 1
     try:
         made = first_token(config)
+    except store.CannotOpen as e:  # a PostgreSQL server that cannot be reached, foremost
+        log.error("cannot start: %s", e)
+        await app.recorder.close()
+        return 1
     except (OSError, sqlite3.Error) as e:
         log.error("cannot write the first hub token: %s", e)
         await app.recorder.close()
@@ -736,6 +792,8 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
             except (OSError, sqlite3.Error) as withdrawn:
                 log.error("could not take back the first hub token (id %d): %s; revoke it", made[0], withdrawn)
         await app.recorder.close()
+        if app.shared is not None:
+            await app.shared.close()
         return 1
     if made is not None:
         _, token, path = made
@@ -745,6 +803,11 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
         )
         if show_token is not None:
             show_token(token)
+    if config.server.workers > 1:
+        # The supervisor that runs one process per worker is not built yet:
+        # say so rather than serve with fewer processes than asked for.
+        log.warning("server.workers = %d: this hub runs as one process; several workers are not supported yet",
+                    config.server.workers)
     app.install_signals()
     app.cycles.start()
     for host, port in addresses:

@@ -16,9 +16,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from hubcore.database import (
+    DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_CACHE_SIZE, PgTarget, is_postgres, url_problem,
+)
 from hubcore.errors import ConfigError
 
 KIB = 1024
@@ -39,7 +42,18 @@ USAGE_RETENTION_MIN_DAYS = 31
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "127.0.0.1:8787"
+    # A SQLite file, or postgresql://USER@HOST:PORT/DATABASE (hubcore.database).
     database: str = "hubcore.db"
+    # PostgreSQL only: the password, as env:NAME, file:PATH or literally;
+    # never in the URL, which logs and messages show. Empty: PGPASSWORD or
+    # ~/.pgpass, as libpq finds them.
+    database_password: str = field(default="", repr=False)
+    # PostgreSQL only: prepared statements asyncpg keeps per connection
+    # (asyncpg's default); 0 behind a PgBouncer in transaction mode, which
+    # cannot keep a connection's prepared statements between transactions.
+    pg_statement_cache_size: int = DEFAULT_STATEMENT_CACHE_SIZE
+    # PostgreSQL only: connections of the usage writer's pool.
+    pg_pool_size: int = DEFAULT_POOL_SIZE
     # Where usage rows go while the database cannot take them; replayed later.
     spool: str = ""  # default: database path + ".spool"
     ops_socket: str = "hubcore-ops.sock"
@@ -115,6 +129,9 @@ class ServerConfig:
     # /metrics; past it new ones are counted under "_other" (0: all are).
     # Each set is six series; 2,000 is some 100 users times 20 models.
     metrics_max_series: int = 2000
+    # Processes serving the one listening port; "auto" in the file: one per
+    # core this process may run on. More than one needs [shared] redis.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,18 +355,75 @@ class AlertConfig:
     retry_backoff: float = 1.0
 
 
+# What an instance does while Redis cannot be reached ([shared] on_failure):
+# "local": enforce each limit divided by the live-instance count from its own
+# counters; "closed": refuse requests with a 503 until Redis is back.
+ON_FAILURE = ("local", "closed")
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedConfig:
+    """The [shared] table: the Redis through which several hub instances
+    (machines, or the workers of one) share rate windows, concurrency slots,
+    budget spend, key states and session affinity (hubcore.shared). Without
+    `redis` nothing is shared and nothing of it runs."""
+
+    # "redis://[USER@]HOST[:PORT][/DB]", "rediss://" for TLS. Kept without
+    # its password, so that it may be printed; see redis_address().
+    redis: str = ""
+    # From the `password` field (literal, "env:NAME" or "file:/path") or
+    # the URL's own; never printed.
+    password: str = field(default="", repr=False)
+    # CA bundle for a rediss:// server's certificate; empty: the system store.
+    ca_file: str = ""
+    # Seconds any one call to Redis may take, connecting included, before the
+    # hub gives up on it and enforces locally (or refuses: on_failure). A
+    # round trip on a LAN takes well under a millisecond; 50 ms bounds what
+    # a stalled Redis (a fork, swap, a slow script) adds to a request.
+    timeout: float = 0.05
+    on_failure: str = "local"
+    # Seconds between an instance's announcements of itself; one not heard
+    # of for instance_ttl seconds no longer counts as alive.
+    heartbeat_interval: float = 1.0
+    instance_ttl: float = 5.0
+    # Seconds a concurrency slot outlives its instance's last renewal (one
+    # every lease_ttl / 3 while its request runs): an instance that dies
+    # holding slots gives them back after this long.
+    lease_ttl: float = 30.0
+    # Every Redis key the hub writes starts with this and a colon, so that
+    # several hubs (or other applications) may share one Redis.
+    prefix: str = "hubcore"
+    # Connections to Redis at most; a call that finds them all busy waits
+    # for one within `timeout`.
+    max_connections: int = 64
+    # Writes sent off the request path (releases, charges, key states,
+    # sessions) held while Redis is unreachable; past it the oldest go.
+    queue_max: int = 100_000
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     pricing: PricingConfig = field(default_factory=PricingConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    shared: SharedConfig = field(default_factory=SharedConfig)
     source: str = "<built-in defaults>"
     alerts: tuple[AlertConfig, ...] = ()
 
     @property
     def spool_path(self) -> str:
-        return self.server.spool or self.server.database + ".spool"
+        if self.server.spool:
+            return self.server.spool
+        if is_postgres(self.server.database):
+            return PG_SPOOL
+        return self.server.database + ".spool"
+
+
+# The spool of a hub on PostgreSQL when server.spool names none: in the
+# working directory, as the SQLite default database is.
+PG_SPOOL = "hubcore-usage.spool"
 
 
 def locate(path: str | None, env: dict[str, str], system: str = SYSTEM_CONFIG) -> str | None:
@@ -385,7 +459,7 @@ def load_server(path: str | None = None, env: dict[str, str] | None = None, *, s
         return ServerConfig()
     data = _read(found)
     _reject_unknown(data, TOP_LEVEL, found, "")
-    return parse_server(data.get("server", {}), found)
+    return parse_server(data.get("server", {}), found, env)
 
 
 def load_alerts(path: str | None = None, env: dict[str, str] | None = None, *, system: str = SYSTEM_CONFIG) -> tuple[AlertConfig, ...]:
@@ -427,12 +501,12 @@ def defaults(env: dict[str, str]) -> Config:
     return Config(upstreams=tuple(upstreams))
 
 
-TOP_LEVEL = {"server", "upstream", "pricing", "dashboard", "alert"}
+TOP_LEVEL = {"server", "upstream", "pricing", "dashboard", "alert", "shared"}
 
 
 def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
     _reject_unknown(data, TOP_LEVEL, source, "")
-    server = parse_server(data.get("server", {}), source)
+    server = parse_server(data.get("server", {}), source, env)
     raw_upstreams = data.get("upstream", [])
     if not isinstance(raw_upstreams, list):
         raise ConfigError(f"{source}: upstream: must be an array of tables ([[upstream]])")
@@ -449,9 +523,18 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
         upstreams.append(upstream)
     pricing = _parse_pricing(data.get("pricing", {}), source)
     dashboard = _parse_dashboard(data.get("dashboard", {}), source)
+    shared = parse_shared(data.get("shared", {}), source, env)
+    if server.workers > 1 and not shared.redis:
+        raise ConfigError(
+            f"{source}: server.workers: {server.workers} workers need [shared] redis = \"redis://HOST:PORT/DB\": "
+            "each worker is a process with its own counters, so without a store they share, every token's "
+            "rpm, concurrency and budgets would be multiplied by the number of workers, and a key that "
+            "answered 429 through one worker would not rest in the others"
+        )
     alerts = parse_alerts(data.get("alert", []), source, env)
     return Config(
-        server=server, upstreams=tuple(upstreams), pricing=pricing, dashboard=dashboard, source=source, alerts=alerts,
+        server=server, upstreams=tuple(upstreams), pricing=pricing, dashboard=dashboard, shared=shared, source=source,
+        alerts=alerts,
     )
 
 
@@ -542,10 +625,13 @@ def _parse_dashboard(raw: Any, source: str) -> DashboardConfig:
     return dashboard
 
 
-def parse_server(raw: Any, source: str) -> ServerConfig:
-    """The [server] table, every field checked."""
+def parse_server(raw: Any, source: str, env: dict[str, str] | None = None) -> ServerConfig:
+    """The [server] table, every field checked. `env` resolves the database
+    password when a connection is made (None: the environment then)."""
     if isinstance(raw, dict) and "ops_socket_mode" in raw:
         raw = {**raw, "ops_socket_mode": file_mode(raw["ops_socket_mode"], f"{source}: server.ops_socket_mode")}
+    if isinstance(raw, dict) and "workers" in raw:
+        raw = {**raw, "workers": worker_count(raw["workers"], f"{source}: server.workers")}
     server: ServerConfig = _build(ServerConfig, raw, source, "server")
     if server.log_format not in ("text", "json"):
         raise ConfigError(f'{source}: server.log_format: must be "text" or "json"')
@@ -563,7 +649,7 @@ def parse_server(raw: Any, source: str) -> ServerConfig:
         if getattr(server, name) <= 0:
             raise ConfigError(f"{source}: server.{name}: must be positive")
     for name in ("max_connections_per_address", "min_body_rate", "linger_bytes", "linger_timeout",
-                 "metrics_max_series"):
+                 "metrics_max_series", "pg_statement_cache_size"):
         if getattr(server, name) < 0:
             raise ConfigError(f"{source}: server.{name}: must not be negative")
     retention = server.usage_retention_days
@@ -574,7 +660,151 @@ def parse_server(raw: Any, source: str) -> ServerConfig:
             f"{source}: server.usage_retention_days: {retention:g} is too short: monthly budgets are rebuilt at "
             f"start from the month's usage rows, so keep at least {USAGE_RETENTION_MIN_DAYS} days (0: keep every row)"
         )
-    return server
+    return _database_target(server, source, env)
+
+
+def _database_target(server: ServerConfig, source: str, env: dict[str, str] | None) -> ServerConfig:
+    """server.database as a PgTarget when it is a PostgreSQL URL, checked."""
+    if not server.database:
+        raise ConfigError(f"{source}: server.database: must not be empty")
+    if not is_postgres(server.database):
+        if server.database_password:
+            raise ConfigError(f"{source}: server.database_password: only a PostgreSQL database "
+                              "(server.database = \"postgresql://...\") takes a password")
+        return server
+    problem = url_problem(server.database)
+    if problem is not None:
+        # The URL itself is not repeated: it may hold the password it must not.
+        raise ConfigError(f"{source}: server.database: {problem}")
+    if server.pg_pool_size < 1:
+        raise ConfigError(f"{source}: server.pg_pool_size: must be at least 1")
+    where = f"{source}: server.database_password"
+    if server.database_password.startswith("file:") or server.database_password.startswith("env:"):
+        if server.database_password in ("file:", "env:"):
+            raise ConfigError(f"{where}: names no file or variable")
+
+    def resolve(ref: str) -> str:
+        return resolve_secret(ref, dict(os.environ) if env is None else env, where)
+
+    target = PgTarget(
+        server.database, server.database_password, statement_cache_size=server.pg_statement_cache_size,
+        pool_size=server.pg_pool_size, resolve=resolve,
+    )
+    return dataclasses.replace(server, database=target)
+
+
+# More workers than this is a typo (a port number, a byte count).
+MAX_WORKERS = 1024
+
+
+def worker_count(value: Any, where: str) -> int:
+    """[server] workers: a whole number from 1, or "auto" for one per core
+    this process may run on (its CPU affinity, which a container's cpuset
+    narrows, not the machine's count)."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f'{where}: must be a whole number from 1 to {MAX_WORKERS} or "auto", got {value!r}')
+    return value
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password, if any, as "***": for every message that quotes it."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where [shared] redis points, as the client connects to it."""
+
+    tls: bool
+    host: str
+    port: int
+    db: int
+    username: str | None
+
+
+def redis_address(url: str, where: str = "shared.redis") -> RedisAddress:
+    """The parts of a redis:// or rediss:// URL; ConfigError naming `where`
+    (and the URL, its password masked) when it is not one."""
+    shown = mask_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError as e:
+        raise ConfigError(f"{where}: {shown!r} is not a URL: {e}") from None
+    if parts.scheme not in REDIS_SCHEMES or not parts.hostname:
+        raise ConfigError(f'{where}: expected "redis://HOST:PORT/DB" (or rediss:// for TLS), got {shown!r}')
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: {shown!r}: options after ? or # are not read; the other [shared] fields set them")
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise ConfigError(f"{where}: {shown!r}: the database after the host must be a number, e.g. /0")
+    return RedisAddress(
+        tls=parts.scheme == "rediss", host=parts.hostname, port=port, db=int(db_text),
+        username=unquote(parts.username) if parts.username else None,
+    )
+
+
+def parse_shared(raw: Any, source: str, env: dict[str, str]) -> SharedConfig:
+    """The [shared] table, every field checked; the password, from the URL
+    or the `password` field, is kept apart from the URL."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: shared: must be a table")
+    raw = dict(raw)
+    url = raw.pop("redis", "")
+    password_ref = raw.pop("password", None)
+    shared: SharedConfig = _build(SharedConfig, raw, source, "shared", exclude={"redis", "password"})
+    if not isinstance(url, str):
+        raise ConfigError(f"{source}: shared.redis: expected str, got {type(url).__name__}")
+    if not url:
+        if raw or password_ref is not None:
+            named = ", ".join(sorted([*raw, *(["password"] if password_ref is not None else [])]))
+            raise ConfigError(f"{source}: shared.redis: required: [shared] sets {named} but names no Redis to share through")
+        return shared
+    if url.startswith(("env:", "file:")):
+        # The whole URL may hold the password (REDIS_URL as hosts hand it out).
+        url = resolve_secret(url, env, f"{source}: shared.redis")
+    redis_address(url, f"{source}: shared.redis")
+    parts = urlsplit(url)
+    password = unquote(parts.password) if parts.password else ""
+    if password_ref is not None:
+        if password:
+            raise ConfigError(f"{source}: shared.password: the URL in shared.redis has a password too; set it in one place")
+        password = resolve_secret(password_ref, env, f"{source}: shared.password")
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        url = parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host).geturl()
+    where = f"{source}: shared"
+    for name in ("timeout", "heartbeat_interval", "instance_ttl", "lease_ttl"):
+        value = getattr(shared, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{where}.{name}: must be a positive number of seconds, got {value!r}")
+    if shared.instance_ttl <= shared.heartbeat_interval:
+        raise ConfigError(
+            f"{where}.instance_ttl: must be longer than heartbeat_interval ({shared.heartbeat_interval:g} s; "
+            "three times is usual), or a live instance drops out of the count between two beats"
+        )
+    if shared.lease_ttl < 10 * shared.timeout:
+        raise ConfigError(
+            f"{where}.lease_ttl: must be at least ten times timeout ({shared.timeout:g} s): slots are renewed "
+            "every lease_ttl / 3, and a renewal may take up to timeout"
+        )
+    if shared.on_failure not in ON_FAILURE:
+        raise ConfigError(f'{where}.on_failure: must be "local" or "closed", got {shared.on_failure!r}')
+    if not re.fullmatch(r"[A-Za-z0-9_.{}-]{1,64}", shared.prefix):
+        raise ConfigError(f"{where}.prefix: 1 to 64 of the letters, digits, '_', '.', '-', '{{' and '}}', got {shared.prefix!r}")
+    for name in ("max_connections", "queue_max"):
+        if getattr(shared, name) < 1:
+            raise ConfigError(f"{where}.{name}: must be at least 1")
+    if shared.ca_file and not url.startswith("rediss:"):
+        raise ConfigError(f"{where}.ca_file: only read for a rediss:// (TLS) URL")
+    return dataclasses.replace(shared, redis=url, password=password)
 
 
 def file_mode(value: Any, where: str) -> int:

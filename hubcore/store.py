@@ -11,6 +11,9 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
+
+from hubcore.database import is_postgres
 
 # Each entry upgrades the schema from version i to i + 1 (PRAGMA user_version).
 # Append only: a released migration is never edited, so every database that
@@ -205,26 +208,49 @@ MIGRATIONS: list[str] = [
         through_ts   REAL NOT NULL
     );
     """,
-    # 9: the rollups of usage (hubcore/accounting/rollup.py): sums per local
+    # 9: spend resets ("reset this window's spend", from the dashboard or
+    # `hubcore user|project|token reset-spend`): per scope and budget window,
+    # the moment from which its spend counts again; the Limiter's rebuild at
+    # start honours it, so a reset outlives a restart. A change bumps the
+    # tokens generation, so running hubs reload it with the limits.
+    """
+    CREATE TABLE spend_resets (
+        kind           TEXT NOT NULL,
+        name           TEXT NOT NULL,
+        budget_window  TEXT NOT NULL,
+        reset_at       REAL NOT NULL,
+        PRIMARY KEY (kind, name, budget_window)
+    );
+    CREATE TRIGGER spend_resets_gen_insert AFTER INSERT ON spend_resets BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER spend_resets_gen_update AFTER UPDATE ON spend_resets BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER spend_resets_gen_delete AFTER DELETE ON spend_resets BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    """,
+    # 10: the rollups of usage (hubcore/accounting/rollup.py): sums per local
     # hour of the reporting zone x user x project x model x served model x
-    # upstream x key label x token; per local day x user x project x token,
-    # per local day x model x served model and per local day x upstream x
-    # key label (apart: their product is what makes rollups big); a
-    # histogram of time to first byte per hour. A trigger keeps them on every usage row actually
-    # inserted (a duplicate request_id that INSERT OR IGNORE skips fires
-    # nothing); deletes never touch them, so reports outlive raw rows.
+    # upstream x key label x token; per local day x model x served model, x
+    # upstream x key label and x user x project x token (apart: their
+    # product is what makes rollups big); a histogram of time to first byte
+    # per hour. A trigger keeps them on every usage row actually inserted (a
+    # duplicate request_id that INSERT OR IGNORE skips fires nothing);
+    # deletes never touch them, so reports outlive raw rows.
     # usage_rollup_zone: the reporting zone's UTC offset from each `start`
-    # on (UTC here; set at each start of the hub). A NULL dimension is
-    # stored as the empty blob X'', which equals no text and no number:
-    # NULLs are never equal in a key. usage_ttfb_bins: the histogram's lower
-    # bounds, 8 to a doubling from 1 ms (bin 0: below 1 ms). Unix times are
-    # positive, so % and / on them round down.
+    # on (UTC here; set at each start of the hub). A dimension that is NULL
+    # is stored as '' (a token as 0): NULLs are never equal in a key.
+    # usage_ttfb_bins: the histogram's lower bounds, 8 to a doubling from
+    # 1 ms (bin 0: below 1 ms). Unix times are positive, so CAST, % and / on
+    # them round down.
     """
     CREATE TABLE usage_rollup_zone (
-        start   INTEGER PRIMARY KEY,
-        offset  INTEGER NOT NULL
+        start       INTEGER PRIMARY KEY,
+        utc_offset  INTEGER NOT NULL
     );
-    INSERT INTO usage_rollup_zone (start, offset) VALUES (-9223372036854775808, 0);
+    INSERT INTO usage_rollup_zone (start, utc_offset) VALUES (-9223372036854775808, 0);
     CREATE TABLE usage_ttfb_bins (
         lower_ms  REAL PRIMARY KEY,
         bin       INTEGER NOT NULL UNIQUE
@@ -258,26 +284,6 @@ MIGRATIONS: list[str] = [
         ttfb_count      INTEGER NOT NULL,
         ttfb_ms         REAL NOT NULL,
         PRIMARY KEY (hour, user, project, model, served_model, upstream, key_label, token_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE usage_daily_principals (
-        day             INTEGER NOT NULL,
-        user            TEXT NOT NULL,
-        project         TEXT NOT NULL,
-        token_id        INTEGER NOT NULL,
-        requests        INTEGER NOT NULL,
-        errors          INTEGER NOT NULL,
-        input           INTEGER NOT NULL,
-        output          INTEGER NOT NULL,
-        cache_write_5m  INTEGER NOT NULL,
-        cache_write_1h  INTEGER NOT NULL,
-        cache_read      INTEGER NOT NULL,
-        reasoning       INTEGER NOT NULL,
-        cost_micros     INTEGER NOT NULL,
-        unpriced        INTEGER NOT NULL,
-        estimated       INTEGER NOT NULL,
-        ttfb_count      INTEGER NOT NULL,
-        ttfb_ms         REAL NOT NULL,
-        PRIMARY KEY (day, user, project, token_id)
     ) WITHOUT ROWID;
     CREATE TABLE usage_daily_models (
         day             INTEGER NOT NULL,
@@ -317,6 +323,26 @@ MIGRATIONS: list[str] = [
         ttfb_ms         REAL NOT NULL,
         PRIMARY KEY (day, upstream, key_label)
     ) WITHOUT ROWID;
+    CREATE TABLE usage_daily_principals (
+        day             INTEGER NOT NULL,
+        user            TEXT NOT NULL,
+        project         TEXT NOT NULL,
+        token_id        INTEGER NOT NULL,
+        requests        INTEGER NOT NULL,
+        errors          INTEGER NOT NULL,
+        input           INTEGER NOT NULL,
+        output          INTEGER NOT NULL,
+        cache_write_5m  INTEGER NOT NULL,
+        cache_write_1h  INTEGER NOT NULL,
+        cache_read      INTEGER NOT NULL,
+        reasoning       INTEGER NOT NULL,
+        cost_micros     INTEGER NOT NULL,
+        unpriced        INTEGER NOT NULL,
+        estimated       INTEGER NOT NULL,
+        ttfb_count      INTEGER NOT NULL,
+        ttfb_ms         REAL NOT NULL,
+        PRIMARY KEY (day, user, project, token_id)
+    ) WITHOUT ROWID;
     CREATE TABLE usage_ttfb_hourly (
         hour      INTEGER NOT NULL,
         bin       INTEGER NOT NULL,
@@ -325,16 +351,16 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE TRIGGER usage_rollup AFTER INSERT ON usage BEGIN
         INSERT INTO usage_hourly VALUES (
-            CAST(NEW.ts AS INTEGER) - (CAST(NEW.ts AS INTEGER) + IFNULL((
-                SELECT offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
+            CAST(NEW.ts AS INTEGER) - (CAST(NEW.ts AS INTEGER) + COALESCE((
+                SELECT utc_offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
             ), 0)) % 3600,
-            IFNULL(NEW.user, X''), IFNULL(NEW.project, X''), IFNULL(NEW.model, X''),
-            IFNULL(NEW.served_model, X''), IFNULL(NEW.upstream, X''), IFNULL(NEW.key_label, X''),
-            IFNULL(NEW.token_id, X''),
+            COALESCE(NEW.user, ''), COALESCE(NEW.project, ''), COALESCE(NEW.model, ''),
+            COALESCE(NEW.served_model, ''), COALESCE(NEW.upstream, ''), COALESCE(NEW.key_label, ''),
+            COALESCE(NEW.token_id, 0),
             1, NEW.outcome != 'ok', NEW.input_tokens, NEW.output_tokens, NEW.cache_write_5m,
-            NEW.cache_write_1h, NEW.cache_read, NEW.reasoning_tokens, IFNULL(NEW.cost_micros, 0),
+            NEW.cache_write_1h, NEW.cache_read, NEW.reasoning_tokens, COALESCE(NEW.cost_micros, 0),
             NEW.cost_basis IS NOT NULL OR (NEW.cost_micros IS NULL AND NEW.model IS NOT NULL),
-            IFNULL(NEW.cost_basis = 'estimate', 0), NEW.ttfb_ms IS NOT NULL, IFNULL(NEW.ttfb_ms, 0)
+            COALESCE(NEW.cost_basis = 'estimate', 0), NEW.ttfb_ms IS NOT NULL, COALESCE(NEW.ttfb_ms, 0)
         )
         ON CONFLICT (hour, user, project, model, served_model, upstream, key_label, token_id) DO UPDATE SET
             requests = requests + 1, errors = errors + excluded.errors, input = input + excluded.input,
@@ -344,33 +370,15 @@ MIGRATIONS: list[str] = [
             cost_micros = cost_micros + excluded.cost_micros, unpriced = unpriced + excluded.unpriced,
             estimated = estimated + excluded.estimated, ttfb_count = ttfb_count + excluded.ttfb_count,
             ttfb_ms = ttfb_ms + excluded.ttfb_ms;
-        INSERT INTO usage_daily_principals VALUES (
-            (CAST(NEW.ts AS INTEGER) + IFNULL((
-                SELECT offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
-            ), 0)) / 86400,
-            IFNULL(NEW.user, X''), IFNULL(NEW.project, X''), IFNULL(NEW.token_id, X''),
-            1, NEW.outcome != 'ok', NEW.input_tokens, NEW.output_tokens, NEW.cache_write_5m,
-            NEW.cache_write_1h, NEW.cache_read, NEW.reasoning_tokens, IFNULL(NEW.cost_micros, 0),
-            NEW.cost_basis IS NOT NULL OR (NEW.cost_micros IS NULL AND NEW.model IS NOT NULL),
-            IFNULL(NEW.cost_basis = 'estimate', 0), NEW.ttfb_ms IS NOT NULL, IFNULL(NEW.ttfb_ms, 0)
-        )
-        ON CONFLICT (day, user, project, token_id) DO UPDATE SET
-            requests = requests + 1, errors = errors + excluded.errors, input = input + excluded.input,
-            output = output + excluded.output, cache_write_5m = cache_write_5m + excluded.cache_write_5m,
-            cache_write_1h = cache_write_1h + excluded.cache_write_1h,
-            cache_read = cache_read + excluded.cache_read, reasoning = reasoning + excluded.reasoning,
-            cost_micros = cost_micros + excluded.cost_micros, unpriced = unpriced + excluded.unpriced,
-            estimated = estimated + excluded.estimated, ttfb_count = ttfb_count + excluded.ttfb_count,
-            ttfb_ms = ttfb_ms + excluded.ttfb_ms;
         INSERT INTO usage_daily_models VALUES (
-            (CAST(NEW.ts AS INTEGER) + IFNULL((
-                SELECT offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
+            (CAST(NEW.ts AS INTEGER) + COALESCE((
+                SELECT utc_offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
             ), 0)) / 86400,
-            IFNULL(NEW.model, X''), IFNULL(NEW.served_model, X''),
+            COALESCE(NEW.model, ''), COALESCE(NEW.served_model, ''),
             1, NEW.outcome != 'ok', NEW.input_tokens, NEW.output_tokens, NEW.cache_write_5m,
-            NEW.cache_write_1h, NEW.cache_read, NEW.reasoning_tokens, IFNULL(NEW.cost_micros, 0),
+            NEW.cache_write_1h, NEW.cache_read, NEW.reasoning_tokens, COALESCE(NEW.cost_micros, 0),
             NEW.cost_basis IS NOT NULL OR (NEW.cost_micros IS NULL AND NEW.model IS NOT NULL),
-            IFNULL(NEW.cost_basis = 'estimate', 0), NEW.ttfb_ms IS NOT NULL, IFNULL(NEW.ttfb_ms, 0)
+            COALESCE(NEW.cost_basis = 'estimate', 0), NEW.ttfb_ms IS NOT NULL, COALESCE(NEW.ttfb_ms, 0)
         )
         ON CONFLICT (day, model, served_model) DO UPDATE SET
             requests = requests + 1, errors = errors + excluded.errors, input = input + excluded.input,
@@ -381,14 +389,14 @@ MIGRATIONS: list[str] = [
             estimated = estimated + excluded.estimated, ttfb_count = ttfb_count + excluded.ttfb_count,
             ttfb_ms = ttfb_ms + excluded.ttfb_ms;
         INSERT INTO usage_daily_keys VALUES (
-            (CAST(NEW.ts AS INTEGER) + IFNULL((
-                SELECT offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
+            (CAST(NEW.ts AS INTEGER) + COALESCE((
+                SELECT utc_offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
             ), 0)) / 86400,
-            IFNULL(NEW.upstream, X''), IFNULL(NEW.key_label, X''),
+            COALESCE(NEW.upstream, ''), COALESCE(NEW.key_label, ''),
             1, NEW.outcome != 'ok', NEW.input_tokens, NEW.output_tokens, NEW.cache_write_5m,
-            NEW.cache_write_1h, NEW.cache_read, NEW.reasoning_tokens, IFNULL(NEW.cost_micros, 0),
+            NEW.cache_write_1h, NEW.cache_read, NEW.reasoning_tokens, COALESCE(NEW.cost_micros, 0),
             NEW.cost_basis IS NOT NULL OR (NEW.cost_micros IS NULL AND NEW.model IS NOT NULL),
-            IFNULL(NEW.cost_basis = 'estimate', 0), NEW.ttfb_ms IS NOT NULL, IFNULL(NEW.ttfb_ms, 0)
+            COALESCE(NEW.cost_basis = 'estimate', 0), NEW.ttfb_ms IS NOT NULL, COALESCE(NEW.ttfb_ms, 0)
         )
         ON CONFLICT (day, upstream, key_label) DO UPDATE SET
             requests = requests + 1, errors = errors + excluded.errors, input = input + excluded.input,
@@ -398,52 +406,74 @@ MIGRATIONS: list[str] = [
             cost_micros = cost_micros + excluded.cost_micros, unpriced = unpriced + excluded.unpriced,
             estimated = estimated + excluded.estimated, ttfb_count = ttfb_count + excluded.ttfb_count,
             ttfb_ms = ttfb_ms + excluded.ttfb_ms;
+        INSERT INTO usage_daily_principals VALUES (
+            (CAST(NEW.ts AS INTEGER) + COALESCE((
+                SELECT utc_offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
+            ), 0)) / 86400,
+            COALESCE(NEW.user, ''), COALESCE(NEW.project, ''), COALESCE(NEW.token_id, 0),
+            1, NEW.outcome != 'ok', NEW.input_tokens, NEW.output_tokens, NEW.cache_write_5m,
+            NEW.cache_write_1h, NEW.cache_read, NEW.reasoning_tokens, COALESCE(NEW.cost_micros, 0),
+            NEW.cost_basis IS NOT NULL OR (NEW.cost_micros IS NULL AND NEW.model IS NOT NULL),
+            COALESCE(NEW.cost_basis = 'estimate', 0), NEW.ttfb_ms IS NOT NULL, COALESCE(NEW.ttfb_ms, 0)
+        )
+        ON CONFLICT (day, user, project, token_id) DO UPDATE SET
+            requests = requests + 1, errors = errors + excluded.errors, input = input + excluded.input,
+            output = output + excluded.output, cache_write_5m = cache_write_5m + excluded.cache_write_5m,
+            cache_write_1h = cache_write_1h + excluded.cache_write_1h,
+            cache_read = cache_read + excluded.cache_read, reasoning = reasoning + excluded.reasoning,
+            cost_micros = cost_micros + excluded.cost_micros, unpriced = unpriced + excluded.unpriced,
+            estimated = estimated + excluded.estimated, ttfb_count = ttfb_count + excluded.ttfb_count,
+            ttfb_ms = ttfb_ms + excluded.ttfb_ms;
         INSERT INTO usage_ttfb_hourly (hour, bin, requests)
-        SELECT CAST(NEW.ts AS INTEGER) - (CAST(NEW.ts AS INTEGER) + IFNULL((
-                   SELECT offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
+        SELECT CAST(NEW.ts AS INTEGER) - (CAST(NEW.ts AS INTEGER) + COALESCE((
+                   SELECT utc_offset FROM usage_rollup_zone WHERE start <= NEW.ts ORDER BY start DESC LIMIT 1
                ), 0)) % 3600,
-               IFNULL((SELECT bin FROM usage_ttfb_bins WHERE lower_ms <= NEW.ttfb_ms ORDER BY lower_ms DESC LIMIT 1), 0),
+               COALESCE((SELECT bin FROM usage_ttfb_bins WHERE lower_ms <= NEW.ttfb_ms ORDER BY lower_ms DESC LIMIT 1), 0),
                1
         WHERE NEW.ttfb_ms IS NOT NULL
         ON CONFLICT (hour, bin) DO UPDATE SET requests = requests + 1;
     END;
     INSERT INTO usage_hourly
     SELECT CAST(ts AS INTEGER) - CAST(ts AS INTEGER) % 3600,
-           IFNULL(user, X''), IFNULL(project, X''), IFNULL(model, X''), IFNULL(served_model, X''),
-           IFNULL(upstream, X''), IFNULL(key_label, X''), IFNULL(token_id, X''),
+           COALESCE(user, ''), COALESCE(project, ''), COALESCE(model, ''),
+           COALESCE(served_model, ''), COALESCE(upstream, ''), COALESCE(key_label, ''),
+           COALESCE(token_id, 0),
            COUNT(*), SUM(outcome != 'ok'), SUM(input_tokens), SUM(output_tokens), SUM(cache_write_5m),
-           SUM(cache_write_1h), SUM(cache_read), SUM(reasoning_tokens), IFNULL(SUM(cost_micros), 0),
+           SUM(cache_write_1h), SUM(cache_read), SUM(reasoning_tokens), COALESCE(SUM(cost_micros), 0),
            SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL)),
-           IFNULL(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), IFNULL(SUM(ttfb_ms), 0)
+           COALESCE(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), COALESCE(SUM(ttfb_ms), 0)
     FROM usage
     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
-    INSERT INTO usage_daily_principals
-    SELECT CAST(ts AS INTEGER) / 86400, IFNULL(user, X''), IFNULL(project, X''), IFNULL(token_id, X''),
-           COUNT(*), SUM(outcome != 'ok'), SUM(input_tokens), SUM(output_tokens), SUM(cache_write_5m),
-           SUM(cache_write_1h), SUM(cache_read), SUM(reasoning_tokens), IFNULL(SUM(cost_micros), 0),
-           SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL)),
-           IFNULL(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), IFNULL(SUM(ttfb_ms), 0)
-    FROM usage
-    GROUP BY 1, 2, 3, 4;
     INSERT INTO usage_daily_models
-    SELECT CAST(ts AS INTEGER) / 86400, IFNULL(model, X''), IFNULL(served_model, X''),
+    SELECT CAST(ts AS INTEGER) / 86400,
+           COALESCE(model, ''), COALESCE(served_model, ''),
            COUNT(*), SUM(outcome != 'ok'), SUM(input_tokens), SUM(output_tokens), SUM(cache_write_5m),
-           SUM(cache_write_1h), SUM(cache_read), SUM(reasoning_tokens), IFNULL(SUM(cost_micros), 0),
+           SUM(cache_write_1h), SUM(cache_read), SUM(reasoning_tokens), COALESCE(SUM(cost_micros), 0),
            SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL)),
-           IFNULL(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), IFNULL(SUM(ttfb_ms), 0)
+           COALESCE(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), COALESCE(SUM(ttfb_ms), 0)
     FROM usage
     GROUP BY 1, 2, 3;
     INSERT INTO usage_daily_keys
-    SELECT CAST(ts AS INTEGER) / 86400, IFNULL(upstream, X''), IFNULL(key_label, X''),
+    SELECT CAST(ts AS INTEGER) / 86400,
+           COALESCE(upstream, ''), COALESCE(key_label, ''),
            COUNT(*), SUM(outcome != 'ok'), SUM(input_tokens), SUM(output_tokens), SUM(cache_write_5m),
-           SUM(cache_write_1h), SUM(cache_read), SUM(reasoning_tokens), IFNULL(SUM(cost_micros), 0),
+           SUM(cache_write_1h), SUM(cache_read), SUM(reasoning_tokens), COALESCE(SUM(cost_micros), 0),
            SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL)),
-           IFNULL(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), IFNULL(SUM(ttfb_ms), 0)
+           COALESCE(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), COALESCE(SUM(ttfb_ms), 0)
     FROM usage
     GROUP BY 1, 2, 3;
+    INSERT INTO usage_daily_principals
+    SELECT CAST(ts AS INTEGER) / 86400,
+           COALESCE(user, ''), COALESCE(project, ''), COALESCE(token_id, 0),
+           COUNT(*), SUM(outcome != 'ok'), SUM(input_tokens), SUM(output_tokens), SUM(cache_write_5m),
+           SUM(cache_write_1h), SUM(cache_read), SUM(reasoning_tokens), COALESCE(SUM(cost_micros), 0),
+           SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL)),
+           COALESCE(SUM(cost_basis = 'estimate'), 0), COUNT(ttfb_ms), COALESCE(SUM(ttfb_ms), 0)
+    FROM usage
+    GROUP BY 1, 2, 3, 4;
     INSERT INTO usage_ttfb_hourly (hour, bin, requests)
     SELECT CAST(ts AS INTEGER) - CAST(ts AS INTEGER) % 3600,
-           IFNULL((SELECT bin FROM usage_ttfb_bins WHERE lower_ms <= ttfb_ms ORDER BY lower_ms DESC LIMIT 1), 0),
+           COALESCE((SELECT bin FROM usage_ttfb_bins WHERE lower_ms <= ttfb_ms ORDER BY lower_ms DESC LIMIT 1), 0),
            COUNT(*)
     FROM usage
     WHERE ttfb_ms IS NOT NULL
@@ -468,7 +498,14 @@ class CannotOpen(sqlite3.OperationalError):
 
 
 def connect(path: str | Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
-    """Open the database, set the pragmas every hubcore connection uses, migrate."""
+    """Open the database, set the pragmas every hubcore connection uses, migrate.
+
+    A PostgreSQL URL (a PgTarget from the config) opens a pgstore.PgConnection
+    instead, which offers the part of sqlite3.Connection that hubcore uses."""
+    if is_postgres(path):
+        from hubcore import pgstore
+
+        return cast(sqlite3.Connection, pgstore.connect(cast(str, path)))
     try:
         conn = sqlite3.connect(
             str(path), isolation_level=None, check_same_thread=check_same_thread

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from hubcore import config as config_mod, store
+from hubcore.database import is_postgres
 
 from hubcore.governance import tokens
 from hubcore.governance.limits import Limits
@@ -29,20 +30,30 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def make_config(tmp: Path, upstreams: list[dict[str, Any]], dashboard: dict[str, Any] | None = None,
-                **server: Any) -> Config:
-    data = {
-        "server": {
-            "listen": "127.0.0.1:0",
-            "database": str(tmp / "hub.db"),
-            "ops_socket": str(tmp / "ops.sock"),
-            "token_reload_interval": 0.1,
-            "usage_flush_interval": 0.05,
-            **server,
-        },
+                shared: dict[str, Any] | None = None, **server: Any) -> Config:
+    from tests.pgserver import engine_database
+
+    settings = {
+        "listen": "127.0.0.1:0",
+        "database": str(tmp / "hub.db"),
+        "ops_socket": str(tmp / "ops.sock"),
+        "token_reload_interval": 0.1,
+        "usage_flush_interval": 0.05,
+        # HUBCORE_TEST_DATABASE=postgresql: on PostgreSQL instead.
+        **({} if "database" in server else engine_database()),
+        **server,
+    }
+    if is_postgres(settings["database"]):
+        # Not the default, in the working directory: the test's own.
+        settings.setdefault("spool", str(tmp / "usage.spool"))
+    data: dict[str, Any] = {
+        "server": settings,
         "upstream": upstreams,
         # Off unless asked for: its default port 8788 would be shared by every test hub.
         "dashboard": {"listen": ""} if dashboard is None else dashboard,
     }
+    if shared is not None:
+        data["shared"] = shared
     return config_mod.parse(data, source="<test>", env=dict(os.environ))
 
 
@@ -57,7 +68,7 @@ def mint(database: str | Path, user: str = "alice", project: str | None = None) 
 def usage_rows(database: str | Path) -> list[dict[str, Any]]:
     """Every usage row of a hub's database, in insertion order, by column name
     (read only: no migration, no pragmas, safe beside a running hub)."""
-    conn = sqlite3.connect(str(database))
+    conn = store.connect(database) if is_postgres(database) else sqlite3.connect(str(database))
     try:
         cur = conn.execute("SELECT * FROM usage ORDER BY id")
         names = [d[0] for d in cur.description]

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hubcore"
 # What each part of hubcore may import. A part is a top-level module or
 # package of hubcore; "" is the package itself (`from hubcore import
 # __version__`).
-FOUNDATIONS = frozenset({"", "errors", "_meter_errors", "config", "store"})
+FOUNDATIONS = frozenset({"", "errors", "_meter_errors", "config", "store", "database", "pgstore"})
 BELOW_GATEWAY = FOUNDATIONS | {"http", "routing", "governance", "accounting"}
 EVERYTHING = None  # the top: commands and wiring
 ALLOWED: dict[str, frozenset[str] | None] = {
@@ -24,7 +24,10 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "routing": FOUNDATIONS | {"routing"},
     "governance": FOUNDATIONS | {"governance"},
     "accounting": FOUNDATIONS | {"accounting"},
-    "gateway": BELOW_GATEWAY | {"gateway"},
+    # Above governance and routing, whose limits and key states it shares;
+    # below the request path that calls it.
+    "shared": FOUNDATIONS | {"governance", "routing", "shared"},
+    "gateway": BELOW_GATEWAY | {"gateway", "shared"},
     "ops": BELOW_GATEWAY | {"ops"},
     "dashboard": BELOW_GATEWAY | {"dashboard"},
     "cli": EVERYTHING,
@@ -163,5 +166,5 @@ def test_the_checker_reads_cython_imports() -> None:
     source = "# cython: language_level=3\nfrom hubcore._meter_errors import MeterError\ncimport cython\nfrom hubcore.ops import metrics\n"
     assert violations("hubcore.accounting._meter", source, pyx=True) == [
         "hubcore.accounting._meter:4 imports hubcore.ops: accounting may import only "
-        "_meter_errors, accounting, config, errors, hubcore, store",
+        "_meter_errors, accounting, config, database, errors, hubcore, pgstore, store",
     ]

@@ -1,6 +1,8 @@
 """UsageRecorder, which takes usage events off the request path and into
 SQLite: a bounded queue, one batch-writing task, and a Spool for whatever the
-database cannot take yet, so that no event is ever lost.
+database cannot take yet, so that no event is ever lost. On PostgreSQL the
+same recorder writes through accounting.pgwriter instead of its SQLite
+connection; everything else here is the same for both.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import aiosqlite
@@ -21,6 +23,10 @@ from hubcore.accounting import rollup
 from hubcore.accounting.spool import SPOOL_ERRORS, Spool, encode_line
 from hubcore.accounting.usage import ROWS_PER_INSERT, UsageEvent, insert_sql, insert_values
 from hubcore.config import zone
+from hubcore.database import PgTarget, is_postgres, target as as_target
+
+if TYPE_CHECKING:
+    from hubcore.accounting.pgwriter import PgUsageWriter
 
 # Named explicitly, not after this module: operators filter on it.
 log = logging.getLogger("hubcore.usage")
@@ -107,7 +113,7 @@ class UsageRecorder:
         self._batch_max = batch_max
         self._busy_timeout_ms = busy_timeout_ms
         self._retry_max = max(retry_max, flush_interval)
-        # The reporting zone, whose local hours the rollup's buckets are.
+        # The reporting zone, whose local hours and days the rollups' are.
         self._zone = zone(timezone)
         self._listeners: list[Listener] = []
 
@@ -116,6 +122,13 @@ class UsageRecorder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._db: aiosqlite.Connection | None = None
+        # PostgreSQL: the backend that takes the batches instead of self._db
+        # (imported only then: asyncpg takes a while to import).
+        self._pg: PgUsageWriter | None = None
+        if isinstance(db_path, str) and is_postgres(db_path):
+            from hubcore.accounting.pgwriter import PgUsageWriter
+
+            self._pg = PgUsageWriter(as_target(db_path))
         self._closing = False
         self._closed = False
         self._close_deadline = 0.0
@@ -145,16 +158,20 @@ class UsageRecorder:
     # -- public API -----------------------------------------------------------
 
     async def start(self) -> None:
-        """Migrate and open the database, align the rollup to the reporting
+        """Migrate and open the database, align the rollups to the reporting
         zone, replay a leftover spool, start the writer."""
         if self._task is not None:
             raise RuntimeError("UsageRecorder already started")
-        await asyncio.to_thread(_migrate, self._db_path, self._zone)
-        self._db = await aiosqlite.connect(
-            self._db_path, isolation_level=None, factory=_ConfiguredConnection
-        )
-        if self._busy_timeout_ms != store.BUSY_TIMEOUT_MS:
-            await self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        if self._pg is not None:
+            await self._pg.open()
+            await asyncio.to_thread(_migrate, self._pg.target, self._zone)
+        else:
+            await asyncio.to_thread(_migrate, self._db_path, self._zone)
+            self._db = await aiosqlite.connect(
+                self._db_path, isolation_level=None, factory=_ConfiguredConnection
+            )
+            if self._busy_timeout_ms != store.BUSY_TIMEOUT_MS:
+                await self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         spool = self._spool
         if spool.path.exists():
             try:
@@ -236,6 +253,8 @@ class UsageRecorder:
         if self._spool.dirty:
             self._fsync_spool()
         self._close_spool()
+        if self._pg is not None:
+            await self._pg.close()
         if self._db is not None:
             try:
                 await self._db.close()
@@ -314,6 +333,10 @@ class UsageRecorder:
 
     async def _insert(self, events: Sequence[UsageEvent]) -> int:
         """Insert events in one transaction; return how many were new."""
+        if self._pg is not None:
+            inserted = await self._pg.insert(events)
+            self._ignored += len(events) - inserted
+            return inserted
         db = self._db
         if db is None:
             raise ValueError("usage database is not open")
@@ -512,11 +535,12 @@ class UsageRecorder:
         self._last_error = text
 
 
-def _migrate(path: Path, tz: ZoneInfo) -> None:
-    conn = store.connect(path)
+def _migrate(database: Path | PgTarget, tz: ZoneInfo) -> None:
+    conn = store.connect(database)
     try:
-        if rollup.prepare(conn, tz):
-            log.info("rebuilt the hourly usage rollup for the local hours of %s", tz.key)
+        rebuilt = rollup.prepare(conn, tz)
+        if rebuilt:
+            log.info("summed the usage rollups' %s again for the local time of %s", rebuilt, tz.key)
     finally:
         conn.close()
 

@@ -9,7 +9,9 @@ import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
+
+from hubcore.database import floor_of
 
 # Group expressions are fixed SQL chosen by name, never text from the caller.
 GROUPS: dict[str, str] = {
@@ -25,9 +27,12 @@ GROUPS: dict[str, str] = {
     "key": "CASE WHEN key_label IS NULL THEN NULL "
            "ELSE COALESCE(upstream || '/', '') || key_label END",
     "upstream": "upstream",
-    # Days are UTC calendar dates, so a report reads the same on every host.
-    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+    # Days are UTC calendar dates, so a report reads the same on every host:
+    # grouped by day number since the epoch, named by query() (no date
+    # function is spelled alike on SQLite and PostgreSQL).
+    "day": floor_of("ts / 86400"),
 }
+_EPOCH = date(1970, 1, 1)
 
 COUNT_FIELDS = (
     "requests", "input", "output", "cache_write_5m", "cache_write_1h",
@@ -44,9 +49,9 @@ SELECT {group} AS grp,
        SUM(cache_read),
        SUM(reasoning_tokens),
        COALESCE(SUM(cost_micros), 0),
-       SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL)),
-       SUM(outcome != 'ok'),
-       SUM(cost_basis = 'estimate')
+       SUM(CASE WHEN cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL) THEN 1 ELSE 0 END),
+       SUM(CASE WHEN outcome != 'ok' THEN 1 ELSE 0 END),
+       SUM(CASE WHEN cost_basis = 'estimate' THEN 1 ELSE 0 END)
 FROM usage
 WHERE {where}
 GROUP BY grp
@@ -92,7 +97,7 @@ def query(
     """Rows grouped by `by` (since inclusive, until exclusive) and their total."""
     if by not in GROUPS:
         raise ValueError(f"cannot group usage by {by!r}; choose one of {', '.join(GROUPS)}")
-    where, params = ["1"], []
+    where, params = ["1 = 1"], []
     if since is not None:
         where.append("ts >= ?")
         params.append(since)
@@ -100,7 +105,10 @@ def query(
         where.append("ts < ?")
         params.append(until)
     sql = _QUERY.format(group=GROUPS[by], where=" AND ".join(where))
-    rows = [Row(r[0], *(int(v or 0) for v in r[1:])) for r in conn.execute(sql, params)]
+    if by == "day":
+        rows = [Row(_day(r[0]), *(int(v or 0) for v in r[1:])) for r in conn.execute(sql, params)]
+    else:
+        rows = [Row(r[0], *(int(v or 0) for v in r[1:])) for r in conn.execute(sql, params)]
     if by == "token":
         _name_tokens(conn, rows)
     if by == "day":
@@ -112,6 +120,11 @@ def query(
     for row in rows:
         total.add(row)
     return rows, total
+
+
+def _day(number: int) -> str:
+    """The UTC date of day `number` since the epoch, as 2026-01-31."""
+    return (_EPOCH + timedelta(days=int(number))).isoformat()
 
 
 def _name_tokens(conn: sqlite3.Connection, rows: list[Row]) -> None:

@@ -2,7 +2,7 @@
 project x model x served model x upstream x key label x token, the same per
 local day (in three tables, DAY_TABLES), and a histogram of time to first
 byte per local hour. A trigger on the usage table keeps them (store.py,
-migration 9); this module aligns them to the reporting zone at start and
+migration 10); this module aligns them to the reporting zone at start and
 sums them over a time range.
 
 Buckets are LOCAL hours of the reporting zone (server.budget_timezone), not
@@ -31,6 +31,7 @@ ends mid-hour that long ago misses what its partial hours held.)
 """
 from __future__ import annotations
 
+import math
 import sqlite3
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
@@ -41,6 +42,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from hubcore import store
+from hubcore.database import floor_of
 
 HOUR = 3600
 DAY = 86400
@@ -68,47 +70,53 @@ GROUPS = (*DIMENSIONS, "hour", "day")
 # Each rollup counter as an aggregate of raw usage rows (the trigger's sums).
 COUNTERS: dict[str, str] = {
     "requests": "COUNT(*)",
-    "errors": "SUM(outcome != 'ok')",
+    "errors": "SUM(CASE WHEN outcome != 'ok' THEN 1 ELSE 0 END)",
     "input": "SUM(input_tokens)",
     "output": "SUM(output_tokens)",
     "cache_write_5m": "SUM(cache_write_5m)",
     "cache_write_1h": "SUM(cache_write_1h)",
     "cache_read": "SUM(cache_read)",
     "reasoning": "SUM(reasoning_tokens)",
-    "cost_micros": "IFNULL(SUM(cost_micros), 0)",
-    "unpriced": "SUM(cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL))",
-    "estimated": "IFNULL(SUM(cost_basis = 'estimate'), 0)",
+    "cost_micros": "COALESCE(SUM(cost_micros), 0)",
+    "unpriced": "SUM(CASE WHEN cost_basis IS NOT NULL OR (cost_micros IS NULL AND model IS NOT NULL) THEN 1 ELSE 0 END)",
+    "estimated": "SUM(CASE WHEN cost_basis = 'estimate' THEN 1 ELSE 0 END)",
     "ttfb_count": "COUNT(ttfb_ms)",
-    "ttfb_ms": "IFNULL(SUM(ttfb_ms), 0)",
+    "ttfb_ms": "COALESCE(SUM(ttfb_ms), 0)",
 }
-# A dimension that is NULL in the usage table is X'' in the rollups (see
-# store.py); sums() gives it back as None.
-ABSENT = b""
+# A dimension that is NULL in the usage table is '' in the rollups, a token
+# 0 (see store.py); sums() gives it back as None.
+ABSENT: dict[str, str | int] = {**dict.fromkeys(DIMENSIONS, ""), "token_id": 0}
 
 Key = tuple[Any, ...]
 
 
 def _offset_sql(ts: str) -> str:
-    return f"IFNULL((SELECT offset FROM usage_rollup_zone WHERE start <= {ts} ORDER BY start DESC LIMIT 1), 0)"
+    return f"COALESCE((SELECT utc_offset FROM usage_rollup_zone WHERE start <= {ts} ORDER BY start DESC LIMIT 1), 0)"
 
 
 def bucket_sql(ts: str) -> str:
     """SQL: the start of the local hour holding unix time `ts`, as the trigger computes it."""
-    return f"CAST({ts} AS INTEGER) - (CAST({ts} AS INTEGER) + {_offset_sql(ts)}) % {HOUR}"
+    whole = floor_of(ts)
+    return f"{whole} - ({whole} + {_offset_sql(ts)}) % {HOUR}"
 
 
 def day_sql(ts: str) -> str:
     """SQL: the local day (days since 1970-01-01) holding unix time `ts`, as the trigger computes it."""
-    return f"(CAST({ts} AS INTEGER) + {_offset_sql(ts)}) / {DAY}"
+    return f"({floor_of(ts)} + {_offset_sql(ts)}) / {DAY}"
 
 
-_TTFB_BIN = "IFNULL((SELECT bin FROM usage_ttfb_bins WHERE lower_ms <= ttfb_ms ORDER BY lower_ms DESC LIMIT 1), 0)"
+def _present(dimension: str) -> str:
+    """SQL: a raw row's `dimension` as the rollups store it."""
+    return f"COALESCE({dimension}, {ABSENT[dimension]!r})"
+
+
+_TTFB_BIN = "COALESCE((SELECT bin FROM usage_ttfb_bins WHERE lower_ms <= ttfb_ms ORDER BY lower_ms DESC LIMIT 1), 0)"
 _DIMS = ", ".join(DIMENSIONS)
-_ADD = ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS)
+_ADD = ", ".join(f"{c} = usage_hourly.{c} + excluded.{c}" for c in COUNTERS)
 
 _REBUILD_HOURS = f"""
 INSERT INTO usage_hourly
-SELECT {bucket_sql("ts")}, {", ".join(f"IFNULL({d}, X'')" for d in DIMENSIONS)}, {", ".join(COUNTERS.values())}
+SELECT {bucket_sql("ts")}, {", ".join(_present(d) for d in DIMENSIONS)}, {", ".join(COUNTERS.values())}
 FROM usage WHERE ts >= ? GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
 ON CONFLICT (hour, {_DIMS}) DO UPDATE SET {_ADD}
 """
@@ -116,7 +124,7 @@ _REBUILD_TTFB = f"""
 INSERT INTO usage_ttfb_hourly (hour, bin, requests)
 SELECT {bucket_sql("ts")}, {_TTFB_BIN}, COUNT(*)
 FROM usage WHERE ts >= ? AND ttfb_ms IS NOT NULL GROUP BY 1, 2
-ON CONFLICT (hour, bin) DO UPDATE SET requests = requests + excluded.requests
+ON CONFLICT (hour, bin) DO UPDATE SET requests = usage_ttfb_hourly.requests + excluded.requests
 """
 # A local hour lies within one local day: the days are sums of the hours.
 _REBUILD_DAYS = [
@@ -226,11 +234,11 @@ def prepare(conn: sqlite3.Connection, tz: ZoneInfo) -> str | None:
             if oldest is not None:
                 # The old hour of the oldest raw row and every earlier one
                 # stay (their raw rows may be gone); the rest is rebuilt.
-                keep_before = conn.execute(f"SELECT {bucket_sql(':ts')} + {HOUR}", {"ts": oldest}).fetchone()[0]
+                keep_before = _bucket(oldest, stored) + HOUR
                 conn.execute("DELETE FROM usage_hourly WHERE hour >= ?", (keep_before,))
                 conn.execute("DELETE FROM usage_ttfb_hourly WHERE hour >= ?", (keep_before,))
         conn.execute("DELETE FROM usage_rollup_zone")
-        conn.executemany("INSERT INTO usage_rollup_zone (start, offset) VALUES (?, ?)", wanted)
+        conn.executemany("INSERT INTO usage_rollup_zone (start, utc_offset) VALUES (?, ?)", wanted)
         if keep_before is not None:
             conn.execute(_REBUILD_HOURS, (keep_before,))
             conn.execute(_REBUILD_TTFB, (keep_before,))
@@ -240,8 +248,15 @@ def prepare(conn: sqlite3.Connection, tz: ZoneInfo) -> str | None:
     return rebuilt
 
 
+def _bucket(ts: float, zone_offsets: Sequence[tuple[int, int]]) -> int:
+    """The hour bucket of `ts` under `zone_offsets`: what bucket_sql says."""
+    whole = math.floor(ts)
+    offset = zone_offsets[bisect_right(zone_offsets, (whole, 2 ** 63)) - 1][1] if zone_offsets else 0
+    return whole - (whole + offset) % HOUR
+
+
 def _stored_offsets(conn: sqlite3.Connection) -> list[tuple[int, int]]:
-    return [(int(s), int(o)) for s, o in conn.execute("SELECT start, offset FROM usage_rollup_zone ORDER BY start")]
+    return [(int(s), int(o)) for s, o in conn.execute("SELECT start, utc_offset FROM usage_rollup_zone ORDER BY start")]
 
 
 # -- sums over a range ----------------------------------------------------------------
@@ -304,7 +319,7 @@ def _whole_hours(low: float | None, high: float | None) -> tuple[str, list[Any]]
     if high is not None:
         where.append("hour <= ?")
         params.append(high - HOUR)
-    return " AND ".join(where) or "1", params
+    return " AND ".join(where) or "1 = 1", params
 
 
 def _outside(low: float | None, high: float | None) -> tuple[str, list[Any]]:
@@ -317,7 +332,7 @@ def _outside(low: float | None, high: float | None) -> tuple[str, list[Any]]:
     if high is not None:
         outside.append(f"{bucket} > ?")
         params.append(high - HOUR)
-    return " OR ".join(outside) or "0", params
+    return " OR ".join(outside) or "1 = 0", params
 
 
 def _select(columns: Sequence[str], source: str) -> str:
@@ -368,7 +383,7 @@ def sums(
             where.append("day < ?")
             params.append(end)
         queries.append(("daily", f"SELECT {select['daily']}{summed} FROM {day_table} "
-                                 f"WHERE {' AND '.join(where) or '1'}{group}", params))
+                                 f"WHERE {' AND '.join(where) or '1 = 1'}{group}", params))
     for low, high in plan.spans:
         where_hours, params = _whole_hours(low, high)
         queries.append(("hourly", f"SELECT {select['hourly']}{summed} FROM usage_hourly WHERE {where_hours}{group}",
@@ -379,11 +394,14 @@ def sums(
                                    f"WHERE ts >= ? AND ts < ? AND ({outside}){group}", [start, stop, *outside_params]))
     found: dict[Key, list[int | float]] = {}
     day_at = by.index("day") if "day" in by else None
+    empty = [ABSENT.get(column) for column in by]
     for source, sql, params in queries:
         for row in conn.execute(sql, params):
             if not row[width]:
                 continue  # no rows at all: an aggregate without GROUP BY still answers
-            key: Key = tuple(None if value == ABSENT else value for value in row[:width])
+            key: Key = tuple(
+                None if absent is not None and value == absent else value for absent, value in zip(empty, row[:width])
+            )
             if day_at is not None:
                 stored: int = key[day_at]
                 day = stored if source == "daily" else zone.day(stored)

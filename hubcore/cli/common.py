@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from hubcore import config, store
+from hubcore.database import describe, is_postgres
 from hubcore.errors import ConfigError
 
 Command = Callable[[argparse.Namespace], int]
@@ -132,23 +133,52 @@ def database(args: argparse.Namespace) -> Iterator[Context]:
     server = config.load_server(found)
     path = server.database
     source = found or DEFAULTS
+    if is_postgres(path):
+        conn = _open_postgres(path, getattr(args, "init", False), source)
+    else:
+        conn = _open_sqlite(path, getattr(args, "init", False), source)
+    try:
+        yield Context(conn, server.budget_timezone)
+    finally:
+        conn.close()
+    say(f"database {describe(path)} (config {source})")
+
+
+def _open_sqlite(path: str, init: bool, source: str) -> sqlite3.Connection:
     if not os.path.exists(path):
         problem = store.path_problem(path)
         if problem is not None:
             raise CommandError(f"cannot open the database {path}: {problem}")
-        if not getattr(args, "init", False):
+        if not init:
             # A token minted into a new database opens nothing on the hub
             # that serves another one.
             raise CommandError(
                 f"no database at {os.path.abspath(path)} (config: {source}); "
                 "run `hubcore serve` once, or pass --init to create it"
             )
-    conn = store.connect(path)
+    return store.connect(path)
+
+
+def _open_postgres(path: str, init: bool, source: str) -> sqlite3.Connection:
+    """The PostgreSQL database, its schema made only with --init (as a
+    SQLite file is created only then)."""
+    from hubcore import pgstore
+
+    conn = pgstore.connect(path, migrate=False)
     try:
-        yield Context(conn, server.budget_timezone)
-    finally:
+        if not init and conn.schema_version() == 0:
+            raise CommandError(
+                f"no hubcore schema in {describe(path)} (config: {source}); "
+                "run `hubcore serve` once, or pass --init to create it"
+            )
+        conn.migrate()
+    except sqlite3.Error as e:
         conn.close()
-    say(f"database {os.path.abspath(path)} (config {source})")
+        raise CommandError(f"cannot open the database {describe(path)}: {e}") from e
+    except BaseException:
+        conn.close()
+        raise
+    return cast(sqlite3.Connection, conn)
 
 
 def on_database(body: Callable[[argparse.Namespace, Context], int]) -> Command:

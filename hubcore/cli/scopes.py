@@ -9,15 +9,17 @@ import orjson
 
 from hubcore import store
 from hubcore.cli import render
-from hubcore.cli.audit import record
+from hubcore.cli.audit import ORIGIN, cli_actor
 from hubcore.cli.common import USAGE, CommandError, Context, Subcommands, add_command, on_database
-from hubcore.cli.limits import add_limit_arguments, apply_limit_flags
+from hubcore.cli.limits import add_limit_arguments, budgetless, limit_edits_of
+from hubcore.governance.limit_edits import BudgetlessEdit
 from hubcore.cli.notify import tell_hub
+from hubcore.cli.resets import add_reset_command
 from hubcore.config import zone
-from hubcore.governance import storage
+from hubcore.governance import changes, storage
 from hubcore.governance.limiter import budget_report
 from hubcore.governance.limits import parse_column
-from hubcore.governance.tokens import groups_list, limits_dict
+from hubcore.governance.tokens import groups_list
 
 _TABLES = {"user": "users", "project": "projects"}
 
@@ -36,27 +38,25 @@ def add_commands(sub: Subcommands) -> None:
         p.add_argument("--json", action="store_true")
         p = add_command(actions, "list", f"list {kind}s that have limits", run_list)
         p.add_argument("--json", action="store_true")
+        add_reset_command(actions, kind)
 
 
 def missing_action(args: argparse.Namespace, ctx: Context) -> int:
-    raise CommandError(f"usage: hubcore {args.kind} set|show|list ...", USAGE)
+    raise CommandError(f"usage: hubcore {args.kind} set|show|list|reset-spend ...", USAGE)
 
 
 def set_limits(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore user|project set NAME [--note N] [limit flags]`."""
     kind, conn = args.kind, ctx.conn
-    with store.immediate(conn):
-        row = conn.execute(f"SELECT limits, note FROM {_TABLES[kind]} WHERE name = ?", (args.name,)).fetchone()
-        current = None if row is None else parse_column(row[0], f"{kind} {args.name}")
-        new = apply_limit_flags(current, args)
-        storage.write_limits(conn, kind, args.name, new, note=args.note)
-        # The note as stored now (write_limits keeps the old one unless given).
-        after = conn.execute(f"SELECT note FROM {_TABLES[kind]} WHERE name = ?", (args.name,)).fetchone()
-        record(
-            conn, f"{kind}.set", f"{kind} {args.name}",
-            None if row is None else {"note": row[1], "limits": limits_dict(current)},
-            {"note": None if after is None else after[0], "limits": limits_dict(new)},
-        )
+    # Read before anything is written: a bad --groups stops the command here.
+    edits = limit_edits_of(args)
+    try:
+        with store.immediate(conn):
+            new = changes.edit_scope(conn, kind, args.name, edits, args.note, actor=cli_actor(), origin=ORIGIN).after
+    except BudgetlessEdit:
+        raise budgetless(args) from None
+    except ValueError as e:
+        raise CommandError(str(e), USAGE) from None
     # Users' and projects' limits ride the tokens generation (store, migration 2).
     tell_hub(args, conn)
     print(f"{kind} {args.name}: {render.limits_text(new)}")

@@ -8,6 +8,7 @@ import sys
 
 from hubcore import config, store
 from hubcore.cli.common import USAGE, CommandError, Subcommands, add_command, config_path, say
+from hubcore.database import is_postgres
 from hubcore.errors import ConfigError
 
 log = logging.getLogger("hubcore")
@@ -72,7 +73,12 @@ def run_check_config(args: argparse.Namespace) -> int:
             say(f"warning: {name} {path}: directory {directory} does not exist; "
                 "`hubcore serve` needs it (systemd makes its own when the service starts)")
     problem = app.start_problem(cfg, missing_directories=True)
-    if problem is None and os.path.exists(cfg.server.database):
+    if problem is None and is_postgres(cfg.server.database):
+        from hubcore import pgstore
+
+        reason = pgstore.database_problem(cfg.server.database)
+        problem = f"database {cfg.server.database}: {reason}" if reason else None
+    elif problem is None and os.path.exists(cfg.server.database):
         reason = store.database_problem(cfg.server.database)
         problem = f"database {cfg.server.database}: {reason}" if reason else None
     if problem is not None:

@@ -16,18 +16,20 @@ import orjson
 
 from hubcore import store
 from hubcore.cli import render
-from hubcore.cli.audit import record
+from hubcore.cli.audit import ORIGIN, cli_actor, record
 from hubcore.cli.common import USAGE, CommandError, Context, Subcommands, add_command, on_database
-from hubcore.cli.limits import add_limit_arguments, apply_limit_flags, has_limit_flags
+from hubcore.cli.limits import add_limit_arguments, apply_limit_flags, budgetless, has_limit_flags, limit_edits_of
 from hubcore.cli.notify import tell_hub
+from hubcore.cli.resets import add_reset_command
 from hubcore.config import zone
-from hubcore.governance import storage, tokens
+from hubcore.governance import changes, tokens
 from hubcore.governance.limiter import BudgetLine, Limiter
-from hubcore.governance.limits import WINDOWS, parse_column
+from hubcore.governance.limit_edits import BudgetlessEdit
+from hubcore.governance.limits import WINDOWS
 
 
 def add_commands(sub: Subcommands) -> None:
-    group = add_command(sub, "token", "create, show, list, rotate and revoke hub tokens")
+    group = add_command(sub, "token", "create, show, list, rotate and revoke hub tokens, reset their spend")
     actions = group.add_subparsers(metavar="ACTION")
     p = add_command(actions, "create", "mint a token (printed once, on the last line)", run_create)
     p.add_argument("--user", required=True)
@@ -55,22 +57,22 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON object instead")
     p = add_command(actions, "revoke", "revoke a token by id", run_revoke)
     p.add_argument("id", type=int)
+    add_reset_command(actions, "token")
 
 
 def create_token(args: argparse.Namespace, conn: sqlite3.Connection) -> tuple[int, str]:
-    """tokens.create and its limit flags in one transaction, so that no reload
+    """The token and its limit flags in one transaction, so that no reload
     can see the token without its limits: (id, token)."""
     # Read before anything is written: a bad --groups stops the command here.
     limits = apply_limit_flags(None, args) if has_limit_flags(args) else None
-    with store.immediate(conn):
-        token_id, token = tokens.create(conn, args.user, getattr(args, "project", None), getattr(args, "note", None))
-        if limits is not None and not storage.write_limits(conn, "token", token_id, limits):
-            raise LookupError(f"no active token with id {token_id}")
-        record(conn, "token.create", f"token {token_id}", None, {
-            "user": args.user, "project": getattr(args, "project", None), "note": getattr(args, "note", None),
-            "limits": tokens.limits_dict(limits), "state": "active",
-        })
-    return token_id, token
+    try:
+        with store.immediate(conn):
+            return changes.create_token(
+                conn, args.user, getattr(args, "project", None), getattr(args, "note", None), limits,
+                actor=cli_actor(), origin=ORIGIN,
+            )
+    except ValueError as e:
+        raise CommandError(f"--user: {e}" if not args.user.strip() else str(e), USAGE) from None
 
 
 def print_secret(
@@ -117,21 +119,16 @@ def update(args: argparse.Namespace, ctx: Context) -> int:
             "nothing to update: give --note, --rpm, --concurrency, --budget, --soft, --hard, --warn-at, --models, "
             "--expires or --groups", USAGE
         )
+    edits = limit_edits_of(args)
     conn = ctx.conn
-    with store.immediate(conn):
-        row = conn.execute("SELECT limits, revoked_at, note FROM tokens WHERE id = ?", (args.id,)).fetchone()
-        if row is None or row[1] is not None:
-            raise CommandError(_not_active(conn, args.id))
-        old = new = parse_column(row[0], f"token {args.id}")
-        if limits_given:
-            new = apply_limit_flags(new, args)
-            storage.write_limits(conn, "token", args.id, new)
-        note = row[2]
-        if args.note is not None:
-            note = args.note or None
-            tokens.set_note(conn, args.id, note)
-        record(conn, "token.update", f"token {args.id}",
-               {"note": row[2], "limits": tokens.limits_dict(old)}, {"note": note, "limits": tokens.limits_dict(new)})
+    try:
+        with store.immediate(conn):
+            edited = changes.edit_token(conn, args.id, edits, args.note, actor=cli_actor(), origin=ORIGIN)
+    except LookupError as e:
+        raise CommandError(str(e)) from None
+    except BudgetlessEdit:
+        raise budgetless(args) from None
+    new, note = edited.after, edited.note
     tell_hub(args, conn)
     if getattr(args, "json", False):
         print(orjson.dumps({
@@ -171,16 +168,6 @@ def spend_json(spend: list[tuple[str, int, BudgetLine | None]]) -> list[dict[str
     ]
 
 
-def status(info: tokens.TokenInfo, now: float) -> str:
-    """active, revoked or expired."""
-    if info.revoked_at is not None:
-        return "revoked"
-    limits = info.limits
-    if limits is not None and limits.expires_at is not None and limits.expires_at <= now:
-        return "expired"
-    return "active"
-
-
 def show(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore token show ID [--json]`."""
     info = tokens.get(ctx.conn, args.id)
@@ -191,7 +178,7 @@ def show(args: argparse.Namespace, ctx: Context) -> int:
     except ValueError as e:
         raise CommandError(str(e), USAGE) from None
     spend = token_spend(ctx.conn, info.id, ctx.tz, ctx.now)
-    state = status(info, ctx.now)
+    state = info.status(ctx.now)
     # The token as the hub loads it: its groups with its user's and project's.
     principal = tokens.principal(ctx.conn, info.id)
     assert principal is not None  # the same token, read in the same command
@@ -219,10 +206,11 @@ def list_tokens(args: argparse.Namespace, ctx: Context) -> int:
 def revoke(args: argparse.Namespace, ctx: Context) -> int:
     """`hubcore token revoke ID`."""
     conn = ctx.conn
-    with store.immediate(conn):
-        if not tokens.revoke(conn, args.id):
-            raise CommandError(f"no active token with id {args.id}")
-        record(conn, "token.revoke", f"token {args.id}", {"state": "active"}, {"state": "revoked"})
+    try:
+        with store.immediate(conn):
+            changes.revoke_token(conn, args.id, actor=cli_actor(), origin=ORIGIN)
+    except LookupError:
+        raise CommandError(f"no active token with id {args.id}") from None
     tell_hub(args, conn)
     print(f"revoked token {args.id}")
     return 0

@@ -10,6 +10,7 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from hubcore.accounting import report
+from hubcore.database import floor_of
 from hubcore.dashboard.web import connect_read_only
 from hubcore.governance.limits import Limits, calendar_periods
 from hubcore.governance.storage import read_limits
@@ -65,9 +66,9 @@ def _daily(conn: sqlite3.Connection, user: str, tz: ZoneInfo, now: float) -> tup
     since = datetime(first.year, first.month, first.day, tzinfo=tz).timestamp()
     spent = dict.fromkeys(days, 0)
     rows = conn.execute(
-        "SELECT CAST(ts / ? AS INTEGER), COALESCE(SUM(cost_micros), 0) FROM usage "
+        f"SELECT {floor_of(f'ts / {QUARTER_HOUR}')}, COALESCE(SUM(cost_micros), 0) FROM usage "
         "WHERE user = ? AND ts >= ? GROUP BY 1",
-        (QUARTER_HOUR, user, since),
+        (user, since),
     )
     for bucket, micros in rows:
         day = datetime.fromtimestamp(bucket * QUARTER_HOUR, tz).date()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from urllib.parse import parse_qs
 from urllib.request import pathname2url
 from zoneinfo import ZoneInfo
@@ -28,6 +28,7 @@ import h11
 import orjson
 
 from hubcore import store
+from hubcore.database import is_postgres
 from hubcore.accounting import report
 from hubcore.http.h11server import Reply
 
@@ -200,6 +201,10 @@ def parse_query(target: bytes) -> dict[str, str]:
 
 def connect_read_only(database: str) -> sqlite3.Connection:
     """A connection that cannot write, migrate or create the file."""
+    if is_postgres(database):
+        from hubcore import pgstore
+
+        return cast(sqlite3.Connection, pgstore.connect(database, read_only=True))
     uri = f"file:{pathname2url(str(Path(database).resolve()))}?mode=ro"
     return sqlite3.connect(uri, uri=True, timeout=READ_TIMEOUT, check_same_thread=False)
 

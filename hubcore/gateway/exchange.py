@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from hubcore.accounting import meter as sse
@@ -27,16 +27,19 @@ from hubcore.routing.failures import (
     CIRCUIT_KINDS, CLIENT_ABORTED, STREAM_BROKEN, Failure, FailureKind, classify, in_stream_failure, retryable, transport_failure,
 )
 from hubcore.routing.headroom import model_class
-from hubcore.routing.keys import KeyRing, Lease
+from hubcore.routing.keys import KeyReport, KeyRing, Lease
 from hubcore.routing.router import Router
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS, give_up, refusal_headers, render_http_error, sse_error_event
-from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head, with_model
+from hubcore.gateway.me import ME_HEADERS, Ledger, me_body
+from hubcore.gateway.rewrite import (
+    Framing, budget_headers, keeps_alive, request_head, response_framing, response_head, with_model,
+)
 from hubcore.gateway.routes import (
-    Route, authenticate, flavour_for_path, leading_model, printable_path, route_for, session_from_headers,
+    ME_PATH, Route, authenticate, flavour_for_path, leading_model, printable_path, route_for, session_from_headers,
 )
 from hubcore.gateway.upstreams import UpstreamRuntime
 from hubcore.http.server import HttpProtocol, Request
-from hubcore.governance.limiter import groups_refusal
+from hubcore.governance.limiter import Refused, groups_refusal
 from hubcore.governance.tokens import Principal, TokenTable
 from hubcore.http.client import ResponseHead, UpstreamConnection, UpstreamError, UpstreamTimeout
 from hubcore.http.wire import HeaderCollector
@@ -73,18 +76,58 @@ class Pricer(Protocol):
     ) -> tuple[int | None, str | None]: ...
 
 
-class Admission(Protocol):
-    """An admitted request's hold on the limiter's in-flight counts."""
+class BudgetFigures(Protocol):
+    @property
+    def remaining_micros(self) -> int: ...
+    @property
+    def resets_at(self) -> float | None: ...
 
+
+class Budget(Protocol):
+    """The budgets over one request (governance.limiter.BudgetView)."""
+
+    def tightest(self, now: float | None = None) -> BudgetFigures: ...
+
+
+class Admission(Protocol):
+    """An admitted request's hold on the limiter's in-flight counts, and
+    its budgets (None: no budget applies to the principal)."""
+
+    @property
+    def budget(self) -> Budget | None: ...
     def release(self) -> None: ...
 
 
-class Admitter(Protocol):
+class Admitter(Ledger, Protocol):
     """Limits and budgets (governance.limiter.Limiter): `admit` raises a
-    HubError to refuse."""
+    HubError to refuse; the Ledger part answers /hubcore/v1/me."""
 
     def needs_model(self, principal: Principal) -> bool: ...
     def admit(self, principal: Principal, model: str | None, now: float, *, model_required: bool) -> Admission: ...
+
+
+class SharedGrant(Protocol):
+    """A request's hold on the limits the hub's instances count together
+    (shared.redis_state.Grant), with the key its session sticks to there."""
+
+    @property
+    def session_key(self) -> str | None: ...
+    @property
+    def keys(self) -> Mapping[str, KeyReport]: ...  # by label: what the instances know against a key
+    def release(self) -> None: ...
+
+
+class SharedAdmitter(Protocol):
+    """What the hub's instances count together ([shared] redis;
+    shared.redis_state.SharedState): rpm, concurrency and budgets of token,
+    user and project, and sessions' keys. One awaited call a request,
+    bounded by [shared] timeout; raises a HubError to refuse."""
+
+    async def admit(
+        self, principal: Principal, upstream: str | None = None, session: str | None = None,
+        now: float | None = None, *, session_ttl: float = ...,
+    ) -> SharedGrant: ...
+    def remember_session(self, upstream: str, session: str, label: str, ttl: float = ...) -> None: ...
 
 
 class Metrics(Protocol):
@@ -130,9 +173,13 @@ class Hub:
     def __init__(
         self, config: Config, loop: asyncio.AbstractEventLoop, tokens: TokenTable, recorder: Recorder,
         prices: Pricer | None, metrics: Metrics | None = None, limiter: Admitter | None = None,
+        shared: SharedAdmitter | None = None,
     ) -> None:
         self.config = config
         self.limiter = limiter
+        # With [shared] redis only: then each request awaits its admission
+        # across instances in its task, and none is sent from begin().
+        self.shared = shared
         self.access: AccessSink | None = None
         self.loop = loop
         self.tokens = tokens
@@ -171,7 +218,7 @@ class Hub:
         path = target.partition(b"?")[0]
         if path == b"/":
             return None
-        if route_for(path) is None:
+        if route_for(path) is None and path != ME_PATH:
             return HubError(404, f"no route for {printable_path(path)}")
         principal = authenticate(self.tokens, head.index)
         if isinstance(principal, Principal):
@@ -316,6 +363,8 @@ class Exchange:
     attempt_open = False
     lease: Lease | None = None
     admission: Admission | None = None
+    grant: SharedGrant | None = None
+    shared_session_key: str | None = None  # the session's key as the instances know it
     key_label: str | None = None
     keep_alive = True
     attempts = 0
@@ -405,7 +454,7 @@ class Exchange:
         task (see Hub.handle). `run` does everything else."""
         try:
             upstream = self.upstream = self._admit()
-            if upstream is not None:
+            if upstream is not None and self.hub.shared is None:
                 self._enter(_SENDING)
                 self._first_attempt(upstream)
         except HubError as e:
@@ -418,6 +467,8 @@ class Exchange:
             if self.refusal is not None:
                 raise self.refusal
             if self.upstream is not None:
+                if self.hub.shared is not None:
+                    await self._admit_shared(self.upstream)
                 await self._proxy(self.upstream)
         except HubError as e:
             self.refuse(e)
@@ -443,6 +494,8 @@ class Exchange:
         self._enter(_DONE)
         if self.admission is not None:
             self.admission.release()
+        if self.grant is not None:
+            self.grant.release()
         self._record()
 
     def _finish(self) -> None:
@@ -477,9 +530,14 @@ class Exchange:
             if context.status == 404:
                 self.route = None  # the row and metrics say "other", as for any unrouted path
             raise context  # refused at its head: the body was never read
+        if route is None:
+            # The one path Hub.gate passes without a route, authenticated:
+            # the caller's own spend.
+            self._answer_me(context)
+            return None
         # Hub.gate routed and authenticated the head: anything else came
         # with a Principal.
-        assert route is not None and isinstance(context, Principal), "a request the gate did not judge"
+        assert isinstance(context, Principal), "a request the gate did not judge"
         self.principal = context
         if request.method not in route.methods:
             raise HubError(405, f"{request.method.decode()} is not allowed on {route.endpoint}")
@@ -520,6 +578,45 @@ class Exchange:
                 model_required=self.scanned,
             )
         return upstream
+
+    async def _admit_shared(self, upstream: UpstreamRuntime) -> None:
+        """Admit on what every instance counts (one round trip, or this
+        instance's share while Redis is unreachable); the session keeps the
+        key any instance last chose for it."""
+        shared, principal = self.hub.shared, self.principal
+        assert shared is not None and principal is not None
+        grant = self.grant = await shared.admit(
+            principal, upstream.config.name, self.session_id, self.ts,
+            session_ttl=upstream.config.policy.affinity_ttl,
+        )
+        if grant.keys:
+            upstream.ring.hear(grant.keys)
+        if grant.session_key is not None and self.session_id is not None:
+            self.shared_session_key = grant.session_key
+            upstream.ring.pin_session(self.session_id, grant.session_key)
+        self._enter(_SENDING)
+
+    def _share_session_key(self, cfg: UpstreamConfig, label: str) -> None:
+        """The session goes out on key `label`, not the one the instances
+        knew (a new session, or one that moved): tell them, as the attempt
+        starts, long before its answer ends."""
+        shared, session_id = self.hub.shared, self.session_id
+        if shared is not None and session_id is not None:
+            self.shared_session_key = label
+            shared.remember_session(cfg.name, session_id, label, cfg.policy.affinity_ttl)
+
+    def _answer_me(self, principal: object) -> None:
+        """GET /hubcore/v1/me: the caller's spend, budgets and limits, from
+        the limiter's counters (see gateway.me). It is no request to a vendor:
+        it takes no rate or concurrency slot and leaves no usage row."""
+        request = self.request
+        assert isinstance(principal, Principal) and request.path == ME_PATH, "a request the gate did not judge"
+        if request.method != b"GET":
+            raise HubError(405, f"{request.method.decode('latin-1')} is not allowed on {ME_PATH.decode()}")
+        limiter = self.hub.limiter
+        if limiter is None:
+            raise HubError(503, "this hub keeps no spend counters")
+        self.respond(200, ME_HEADERS, me_body(limiter, principal, self.ts))
 
     def _route(self, kind: str, router: Router | None) -> UpstreamRuntime:
         """The first attempt's upstream among several of `kind` (or one that
@@ -585,7 +682,11 @@ class Exchange:
             return
         # The end the access log has, so that its figures and the stats agree.
         now = self.ended if self.ended is not None else time.monotonic()
-        route = self.route.endpoint if self.route is not None else ("/" if self.request.path == b"/" else "other")
+        if self.route is not None:
+            route = self.route.endpoint
+        else:
+            path = self.request.path
+            route = "/" if path == b"/" else ME_PATH.decode() if path == ME_PATH else "other"
         ttfb = self.ttfb - self.t0 if self.ttfb is not None else None
         hub_added = None
         if self.attempts == 1 and self.sent_at is not None and self.head_at is not None and self.ttfb is not None:
@@ -749,6 +850,8 @@ class Exchange:
 
     def _count_attempt(self, cfg: UpstreamConfig, lease: Lease) -> None:
         self.key_label = lease.label
+        if self.grant is not None and self.session_id is not None and lease.label != self.shared_session_key:
+            self._share_session_key(cfg, lease.label)
         self.attempts += 1
         self.attempt_upstream = cfg.name
         self.attempt_open = True
@@ -922,7 +1025,12 @@ class Exchange:
         framing = response_framing(status, content_length, request.http_version == "1.1")
         self.chunked = framing is _CHUNKED
         keep_alive = self.keep_alive = keeps_alive(framing, request.keep_alive and not self.hub_draining())
-        self.pending_head = [response_head(status, head.headers, framing, content_length, keep_alive, self.request_id)]
+        admission = self.admission
+        budget = admission.budget if admission is not None else None
+        self.pending_head = [response_head(
+            status, head.headers, framing, content_length, keep_alive, self.request_id,
+            None if budget is None else _budget_headers(budget),
+        )]
         if not self.in_callbacks:
             self.done = self.loop.create_future()
         if self.protocol.write_paused:
@@ -1071,18 +1179,29 @@ class Exchange:
             conn.close()
 
     # -- answers the hub makes itself ------------------------------------------
-    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, head_only: bool = False) -> None:
+    def respond(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, head_only: bool = False,
+        budget: Budget | None = None,
+    ) -> None:
+        """Answer from the hub; with the budget headers when a budget
+        applies (`budget`, else the admitted request's)."""
         self._enter(_FINISHING)
         self.status = status
         self.ttfb = time.monotonic()
         headers = headers + [(b"x-hubcore-request-id", self.request_id.encode())]
+        if budget is None and self.admission is not None:
+            budget = self.admission.budget
+        if budget is not None:
+            headers += _budget_headers(budget)
         self.protocol.send_response(status, headers, body, keep_alive=self.request.keep_alive and not self.hub_draining(), head_only=head_only)
 
     def refuse(self, error: HubError) -> None:
         # The hub's own answers are refusals, except when it has no upstream to offer.
         self.outcome = _UPSTREAM_ERROR if error.status >= 500 else _REFUSED
         self.error_type = error.code or error.error_type or str(error.status)
-        self.respond(error.status, refusal_headers(error), error.body(self.flavour))
+        # A limit's refusal still says what is left of the principal's budgets.
+        budget = error.budget if isinstance(error, Refused) else None
+        self.respond(error.status, refusal_headers(error), error.body(self.flavour), budget=budget)
 
     def _give_up(self, upstream: UpstreamRuntime, last_error: tuple[ResponseHead, bytes] | None, last_exc: UpstreamError | None, rate_limited_for: float | None) -> None:
         """No attempt succeeded and none more will be made: answer as
@@ -1275,6 +1394,11 @@ class _RetryBeforeFirstByte(Exception):
     def __init__(self, error: UpstreamError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _budget_headers(budget: Budget) -> list[tuple[bytes, bytes]]:
+    tightest = budget.tightest()
+    return budget_headers(tightest.remaining_micros, tightest.resets_at)
 
 
 def _decode(value: bytes | None) -> str | None:

@@ -6,10 +6,13 @@ of plain values, returning the head's bytes.
 from __future__ import annotations
 
 import enum
+import math
 import re
+import time
 
 import orjson
 
+from hubcore.governance.limits import format_usd
 from hubcore.http.server import status_line
 from hubcore.http.wire import render_head
 
@@ -158,11 +161,15 @@ def response_head(
     content_length: int | None,
     keep_alive: bool,
     request_id: str,
+    budget: list[tuple[bytes, bytes]] | None = None,
 ) -> bytes:
     """The head of the vendor's response as the client gets it: the vendor's
-    headers less the hop-by-hop ones, then the hub's request id, the body's
-    framing and, unless `keep_alive`, `connection: close`."""
+    headers less the hop-by-hop ones, then the hub's request id, the
+    principal's `budget` headers (see budget_headers) when one applies, the
+    body's framing and, unless `keep_alive`, `connection: close`."""
     tail = b"x-hubcore-request-id: " + request_id.encode() + b"\r\n"
+    if budget is not None:
+        tail += b"".join(b"%s: %s\r\n" % pair for pair in budget)
     if framing is _LENGTH:
         assert content_length is not None
         tail += b"content-length: %d\r\n" % content_length
@@ -171,3 +178,24 @@ def response_head(
     if not keep_alive:
         tail += b"connection: close\r\n"
     return render_head(status_line(status), headers, RESPONSE_DROP, tail + b"\r\n")
+
+
+def budget_headers(remaining_micros: int, resets_at: float | None) -> list[tuple[bytes, bytes]]:
+    """The headers that tell a client what is left of its tightest budget:
+    `x-hubcore-budget-remaining` in US dollars as a plain decimal, exact
+    (cents, or every digit down to the micro-dollar: "46.88", "0.004512"),
+    and `x-hubcore-budget-resets`, RFC 3339 in UTC, unless it never resets
+    by itself (a total budget)."""
+    headers = [(b"x-hubcore-budget-remaining", format_usd(remaining_micros, symbol="", grouping=False).encode())]
+    if resets_at is not None:
+        global _spelt_resets
+        if _spelt_resets[0] != resets_at:
+            _spelt_resets = (resets_at, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets_at)).encode())
+        headers.append((b"x-hubcore-budget-resets", _spelt_resets[1]))
+    return headers
+
+
+# The reset time last spelt: answers in a row mostly name the same one (the
+# end of a day, week or month), and spelling it costs more than the rest
+# of the two headers together (2 of 4 us).
+_spelt_resets: tuple[float, bytes] = (math.nan, b"")

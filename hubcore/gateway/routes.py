@@ -37,6 +37,8 @@ MODELS_PREFIX = b"/v1/models/"
 # "gpt-5.1", "claude-3@20240229"): no slash, no percent-encoding, no dot
 # segment, nothing that could make the vendor see another path.
 MODEL_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}")
+# The caller's own spend, budgets and limits (gateway.me): the hub answers it.
+ME_PATH = b"/hubcore/v1/me"
 # Claude Code's header first; Codex sends the other two.
 SESSION_HEADERS = (b"x-claude-code-session-id", b"session_id", b"session-id")
 

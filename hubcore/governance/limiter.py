@@ -11,6 +11,14 @@ Thresholds. A soft budget is never checked at admission; a budget with
 thresholds (limits.Limits.thresholds) is watched in `charge()`, which raises a
 BudgetCrossing through `on_crossing` when one charge takes the spend of a
 window from below a threshold to at or above it.
+
+Spend resets. An operator may start a scope's window afresh at a moment R
+(storage's spend_resets): from then on only requests that arrived at R or
+later count there, live and in every rebuild. The live counters learn of R
+when the hub reloads limits, a few milliseconds after it was stored; a
+request that arrived after R and ended in between is forgiven by the
+running hub but counted by the next rebuild, which never forgives more
+than what arrived before R.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hubcore.config import zone
+from hubcore.database import floor_of
 from hubcore.errors import HubError
 from hubcore.governance.limits import SCOPE_KINDS, WINDOWS, Limits, calendar_periods, format_time, format_usd
 from hubcore.governance.storage import ScopeLimits, load_scope_limits
@@ -35,6 +44,11 @@ ROLLING_BUCKETS = 5 * 3600 // BUCKET_SECONDS
 # Nothing says when an in-flight request will end; one second keeps clients
 # retrying briskly without hammering (the header's smallest unit).
 CONCURRENCY_RETRY_AFTER = 1.0
+
+_NEVER = -math.inf
+# Token ids per `IN (...)` of a rebuild's query (SQLite allows 32766 parameters).
+_IDS_PER_QUERY = 500
+_NO_RESETS: dict[str, float] = {}
 
 _WINDOW_NAMES = {
     "5h": "5-hour rolling",
@@ -82,8 +96,11 @@ class Refused(HubError):
     `limit` names the rule ("rpm", "concurrency", "budget_day", "models",
     "expires_at", "unreadable", "groups"), `scope` whose rule it is ("token 12",
     "user alice"), `resets_at` when it lifts (unix seconds; None: not by
-    itself). `code` is the OpenAI-style finer reason.
+    itself). `code` is the OpenAI-style finer reason. `budget`: the budgets
+    of the refused principal, when any applies (see BudgetView).
     """
+
+    budget: BudgetView | None = None
 
     def __init__(
         self, status: int, code: str, message: str, *, limit: str, scope: str,
@@ -159,8 +176,8 @@ class _Scope:
     """Counters of one token, user or project. Spend is in micro-dollars."""
 
     __slots__ = (
-        "label", "in_flight", "hits", "total", "day_start", "day_base", "week_start", "week_base",
-        "month_start", "month_base", "periods", "buckets", "rolling",
+        "label", "in_flight", "hits", "total", "total_base", "day_start", "day_base", "week_start", "week_base",
+        "month_start", "month_base", "periods", "counts_from", "resets", "buckets", "rolling",
     )
 
     def __init__(self, label: str) -> None:
@@ -173,11 +190,19 @@ class _Scope:
         self.total = 0
         # Spend in the period starting at *_start is total - *_base: a charge
         # in the current day then only adds to total. Read against another
-        # period a window counts as zero (it resets lazily).
+        # period a window counts as zero (it resets lazily). The `total`
+        # window is total - total_base: nonzero only after a spend reset.
+        self.total_base = 0
         self.day_start = self.week_start = self.month_start = -math.inf
         self.day_base = self.week_base = self.month_base = 0
         # The Limiter's current periods object once *_start are all current.
         self.periods: object = None
+        # While periods is current: a charge of a request that arrived at
+        # counts_from or later counts in every window (the start of the day,
+        # or a later spend reset); an earlier one takes the slow path.
+        self.counts_from = math.inf
+        # window -> the moment its spend counts from (spend resets); None: none.
+        self.resets: dict[str, float] | None = None
         self.buckets: deque[list[int]] | None = None   # [minute, micros], oldest first
         self.rolling = 0
 
@@ -186,6 +211,10 @@ class Admission:
     """An admitted request's hold on the in-flight counters; release() once it ends."""
 
     __slots__ = ("_scopes",)
+
+    # The budgets over the request (BudgetedAdmission); on the class, None,
+    # for a principal without any: the common case pays nothing for them.
+    budget: BudgetView | None = None
 
     def __init__(self, scopes: tuple[_Scope, ...]) -> None:
         self._scopes: tuple[_Scope, ...] | None = scopes
@@ -200,6 +229,16 @@ class Admission:
     @property
     def released(self) -> bool:
         return self._scopes is None
+
+
+class BudgetedAdmission(Admission):
+    """The Admission of a request that some budget of its token, user or project applies to."""
+
+    __slots__ = ("budget",)
+
+    def __init__(self, scopes: tuple[_Scope, ...], budget: BudgetView) -> None:
+        super().__init__(scopes)
+        self.budget = budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +270,71 @@ class BudgetLine:
         if self.warn_at:
             out["warn_at"] = list(self.warn_at)
         return out
+
+
+class BudgetView:
+    """The budgets over one request's token, user and project, read when the
+    hub writes its answer's head (the gateway's x-hubcore-budget-* headers).
+    Made at admission, and only for a principal that some budget applies to."""
+
+    __slots__ = ("_limiter", "_budgeted")
+
+    def __init__(self, limiter: Limiter, budgeted: tuple[tuple[str, str, Limits, _Scope], ...]) -> None:
+        self._limiter = limiter
+        self._budgeted = budgeted  # (kind, name, limits, counters), each with a budget
+
+    def lines(self, now: float | None = None) -> list[BudgetLine]:
+        """Spend against each budget, as `hubcore usage --budgets` has it."""
+        limiter = self._limiter
+        if now is None:
+            now = limiter._clock()
+        limiter._advance(now)
+        lines: list[BudgetLine] = []
+        for kind, name, limits, state in self._budgeted:
+            lines += limiter._budget_lines(kind, name, state, limits, now)
+        return lines
+
+    def tightest(self, now: float | None = None) -> BudgetLine:
+        """The budget with the least left in USD; of several with as little
+        left, the one that binds longest (see binding_order). The same as
+        min(self.lines(now), key=binding_order), made without a line for
+        every budget: this runs on every answer to a budgeted principal."""
+        limiter = self._limiter
+        if now is None:
+            now = limiter._clock()
+        limiter._advance(now)
+        oldest_kept = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
+        best: tuple[str, str, str, int, int, float | None] | None = None
+        best_key = (math.inf, 0.0)
+        for kind, name, limits, state in self._budgeted:
+            buckets = state.buckets
+            if buckets and buckets[0][0] < oldest_kept:
+                limiter._expire(state, oldest_kept)
+            for window, limit in limits.budgets:
+                spent = limiter._spent(state, window)
+                remaining = limit - spent if spent < limit else 0
+                if remaining > best_key[0]:
+                    continue
+                resets_at = limiter._reset_of(state, window, limit, spent)
+                key = _binding_key(remaining, window, limit, resets_at)
+                if best is None or key < best_key:
+                    best, best_key = (kind, name, window, limit, spent, resets_at), key
+        assert best is not None, "a BudgetView holds at least one budget"
+        return BudgetLine(*best)
+
+
+def binding_order(line: BudgetLine) -> tuple[float, float]:
+    """Sorts budgets tightest first: least left in USD; of as little left,
+    the one that binds longest."""
+    return _binding_key(line.remaining_micros, line.window, line.limit_micros, line.resets_at)
+
+
+def _binding_key(remaining: int, window: str, limit: int, resets_at: float | None) -> tuple[float, float]:
+    if resets_at is None:
+        # A total or zero budget never lifts; a 5-hour one with nothing in
+        # its window has nothing to lift.
+        resets_at = math.inf if window == "total" or limit == 0 else 0.0
+    return remaining, -resets_at
 
 
 class Limiter:
@@ -270,11 +374,47 @@ class Limiter:
     # -- configuration -------------------------------------------------------
 
     def update(self, limits: ScopeLimits) -> None:
-        """Apply newly loaded limit definitions; counters are kept."""
+        """Apply newly loaded limit definitions; counters are kept, except
+        that a spend reset not applied yet starts its window afresh."""
         self._limits = limits
         self._warn_tokens = {k: v for k, v in limits.tokens.items() if v.thresholds}
         self._warn_users = {k: v for k, v in limits.users.items() if v.thresholds}
         self._warn_projects = {k: v for k, v in limits.projects.items() if v.thresholds}
+        for (kind, name), windows in limits.resets.items():
+            for window, at in windows.items():
+                self.reset_spend(kind, name, window, at)
+
+    def reset_spend(self, kind: str, name: str | int, window: str, at: float, now: float | None = None) -> None:
+        """Count `kind name`'s spend in `window` from `at` on (a stored spend
+        reset, see the module's docstring). Idempotent: a reset at or before
+        the one the scope holds for the window changes nothing."""
+        if window not in WINDOWS:
+            raise ValueError(f"unknown budget window {window!r}; choose one of {', '.join(WINDOWS)}")
+        self._advance(self._clock() if now is None else now)
+        scope = self._scope(kind, name)
+        if scope is None:
+            # Created now: a late charge from before `at` must find the reset.
+            scope = self._scopes_for(*_scope_key(kind, name))[0]
+        resets = scope.resets
+        if resets is None:
+            resets = scope.resets = {}
+        if resets.get(window, _NEVER) >= at:
+            return
+        resets[window] = at
+        if scope.periods is not self._periods:
+            self._credit(scope, 0, 0, 0, 0)   # into the current periods, spending nothing
+        if window == "5h":
+            # Whole minutes after `at` arrived after it; its own minute is
+            # forgiven with the ones before (see the module's docstring).
+            buckets, minute = scope.buckets, int(at // BUCKET_SECONDS)
+            while buckets and buckets[0][0] <= minute:
+                scope.rolling -= buckets.popleft()[1]
+        elif window == "total":
+            scope.total_base = scope.total
+        elif at >= self._starts()[window]:
+            # A reset before the window's current period changes nothing in it.
+            setattr(scope, f"{window}_base", scope.total)
+        scope.counts_from = max(self._day_start, *resets.values())
 
     def reload(self, conn: sqlite3.Connection) -> None:
         self.update(load_scope_limits(conn))
@@ -322,10 +462,34 @@ class Limiter:
                 checks.append((user_limits, user))
             if project_limits is not None:
                 checks.append((project_limits, scopes[2]))
-            self._check(checks, model, now, model_required, principal)
+            try:
+                self._check(checks, model, now, model_required, principal)
+            except Refused as refused:
+                refused.budget = self._budget_view(principal, scopes, token_limits, user_limits, project_limits)
+                raise
+            budget = self._budget_view(principal, scopes, token_limits, user_limits, project_limits)
+            if budget is not None:
+                for scope in scopes:
+                    scope.in_flight += 1
+                return BudgetedAdmission(scopes, budget)
         for scope in scopes:
             scope.in_flight += 1
         return Admission(scopes)
+
+    def _budget_view(
+        self, principal: Principal, scopes: tuple[_Scope, ...],
+        token: Limits | None, user: Limits | None, project: Limits | None,
+    ) -> BudgetView | None:
+        """The budgets among the limits of a request's token, user and
+        project (`scopes` their counters, in that order); None when none has any."""
+        budgeted = []
+        if token is not None and token.budgets:
+            budgeted.append(("token", str(principal.token_id), token, scopes[0]))
+        if user is not None and user.budgets:
+            budgeted.append(("user", principal.user, user, scopes[1]))
+        if project is not None and project.budgets:
+            budgeted.append(("project", str(principal.project), project, scopes[2]))
+        return BudgetView(self, tuple(budgeted)) if budgeted else None
 
     def needs_model(self, principal: Principal) -> bool:
         """Whether admitting `principal` depends on the request's model: a
@@ -395,7 +559,7 @@ class Limiter:
                         and (scope.total - scope.week_base if scope.week_start == week else 0) >= b)
                     or ((b := limits.cap_month) is not None
                         and (scope.total - scope.month_base if scope.month_start == month else 0) >= b)
-                    or ((b := limits.cap_total) is not None and scope.total >= b)
+                    or ((b := limits.cap_total) is not None and scope.total - scope.total_base >= b)
                 ):
                     self._refuse_budget(limits, scope, now)
         for limits, scope in checks:
@@ -519,7 +683,7 @@ class Limiter:
             if percent is not None:
                 listener(BudgetCrossing(
                     kind, name, window, percent, now_spent, limit, limits.is_soft(window),
-                    self._line_resets(scope, window, limit, now_spent), ts,
+                    self._reset_of(scope, window, limit, now_spent), ts,
                 ))
 
     def rebuild(self, conn: sqlite3.Connection, now: float | None = None) -> None:
@@ -586,15 +750,81 @@ class Limiter:
                 self._credit(scope, total, 0, 0, 0)
         first_minute = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
         rows = conn.execute(
-            "SELECT token_id, CAST(ts / ? AS INTEGER) AS minute, SUM(cost_micros)"
+            f"SELECT token_id, {floor_of(f'ts / {BUCKET_SECONDS}')} AS minute, SUM(cost_micros)"
             " FROM usage WHERE ts >= ? AND token_id IS NOT NULL AND cost_micros > 0"
             " GROUP BY token_id, minute ORDER BY minute",
-            (BUCKET_SECONDS, first_minute * BUCKET_SECONDS),
+            (first_minute * BUCKET_SECONDS,),
         )
         for token_id, minute, spent in rows.fetchall():
             user, project = owner(token_id)
             for scope in self._scopes_for(token_id, user, project):
                 self._add_bucket(scope, int(minute), spent)
+        for (kind, name), windows in self._limits.resets.items():
+            if kind == "token":
+                token_ids = [int(name)]
+            else:
+                token_ids = [t for t, found in owners.items() if found[0 if kind == "user" else 1] == name]
+            self._forget_before(conn, kind, name, windows, token_ids, first_minute)
+
+    @staticmethod
+    def _carried(conn: sqlite3.Connection, token_ids: list[int]) -> int:
+        """What usage retention removed of these tokens' rows (usage_carried).
+        Retention keeps at least 31 days of rows, so this spend arrived
+        before a total reset of the last month: it is taken out with what
+        was spent before the reset. A total reset older than the kept rows
+        forgives with it what was spent between the reset and the oldest
+        kept row, which a rebuild can no longer tell apart."""
+        total = 0
+        for i in range(0, len(token_ids), _IDS_PER_QUERY):
+            chunk = token_ids[i:i + _IDS_PER_QUERY]
+            (found,) = conn.execute(
+                f"SELECT COALESCE(SUM(cost_micros), 0) FROM usage_carried WHERE token_id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchone()
+            total += int(found)
+        return total
+
+    def _forget_before(
+        self, conn: sqlite3.Connection, kind: str, name: str, windows: dict[str, float], token_ids: list[int],
+        first_minute: int,
+    ) -> None:
+        """After a rebuild: take out of `kind name`'s windows what its tokens
+        spent before each window's reset."""
+        scope = self._scopes_for(*_scope_key(kind, name))[0]
+        scope.resets = dict(windows)
+        self._credit(scope, 0, 0, 0, 0)   # into the current periods (and counts_from), spending nothing
+        starts = self._starts()
+
+        def spent(since: float, until: float) -> int:
+            total = 0
+            for i in range(0, len(token_ids), _IDS_PER_QUERY):
+                chunk = token_ids[i:i + _IDS_PER_QUERY]
+                (found,) = conn.execute(
+                    f"SELECT COALESCE(SUM(cost_micros), 0) FROM usage WHERE token_id IN ({','.join('?' * len(chunk))})"
+                    " AND ts >= ? AND ts < ? AND cost_micros > 0", (*chunk, since, until),
+                ).fetchone()
+                total += int(found)
+            return total
+
+        for window, at in windows.items():
+            if window == "total":
+                scope.total_base += spent(_NEVER, at) + self._carried(conn, token_ids)
+            elif window == "5h":
+                since = first_minute * BUCKET_SECONDS
+                if at > since and scope.buckets:
+                    for i in range(0, len(token_ids), _IDS_PER_QUERY):
+                        chunk = token_ids[i:i + _IDS_PER_QUERY]
+                        for minute, amount in conn.execute(
+                            f"SELECT {floor_of(f'ts / {BUCKET_SECONDS}')}, SUM(cost_micros) FROM usage WHERE token_id IN"
+                            f" ({','.join('?' * len(chunk))}) AND ts >= ? AND ts < ? AND cost_micros > 0 GROUP BY 1",
+                            (*chunk, since, at),
+                        ):
+                            self._add_bucket(scope, int(minute), -int(amount))
+                    # A minute wholly before the reset is gone, not a bucket of zero.
+                    scope.buckets = deque(bucket for bucket in scope.buckets if bucket[1])
+            elif at > starts[window]:
+                base = f"{window}_base"
+                setattr(scope, base, getattr(scope, base) + spent(starts[window], at))
 
     def _scopes_for(self, token_id: int | None, user: str | None, project: str | None) -> list[_Scope]:
         scopes = []
@@ -617,19 +847,25 @@ class Limiter:
 
     def _add(self, scope: _Scope, cost: int, ts: float, minute: int) -> None:
         # The day starts no earlier than its week and month: a charge in the
-        # current day of a scope already in the current periods is in all
-        # three windows, and total - *_base moves with total alone.
-        if scope.periods is self._periods and ts >= self._day_start:
+        # current day of a scope already in the current periods (and after
+        # its spend resets) is in every window, and total - *_base moves with
+        # total alone.
+        if scope.periods is self._periods and ts >= scope.counts_from:
             scope.total += cost
         else:
             # A cost from before a period's start (a request that arrived
-            # yesterday and ended today) belongs to a period already over.
+            # yesterday and ended today) belongs to a period already over;
+            # one from before a spend reset, to the spend it forgave.
+            resets = scope.resets or _NO_RESETS
             self._credit(
                 scope, cost,
-                cost if ts >= self._day_start else 0,
-                cost if ts >= self._week[0] else 0,
-                cost if ts >= self._month[0] else 0,
+                cost if ts >= self._day_start and ts >= resets.get("day", _NEVER) else 0,
+                cost if ts >= self._week[0] and ts >= resets.get("week", _NEVER) else 0,
+                cost if ts >= self._month[0] and ts >= resets.get("month", _NEVER) else 0,
+                cost if ts >= resets.get("total", _NEVER) else 0,
             )
+            if ts < resets.get("5h", _NEVER):
+                return
         buckets = scope.buckets
         if buckets and buckets[-1][0] == minute:
             buckets[-1][1] += cost
@@ -637,8 +873,14 @@ class Limiter:
         else:
             self._add_bucket(scope, minute, cost)
 
-    def _credit(self, scope: _Scope, amount: int, in_day: int, in_week: int, in_month: int) -> None:
-        """Add `amount` to the total, of which `in_*` fell in the current periods."""
+    def _credit(
+        self, scope: _Scope, amount: int, in_day: int, in_week: int, in_month: int, in_total: int | None = None,
+    ) -> None:
+        """Add `amount` to the total, of which `in_*` fell in the current
+        periods and `in_total` (default: all of it) after any reset of the
+        total."""
+        if in_total is not None:
+            scope.total_base += amount - in_total
         total = scope.total
         start = self._day_start
         if scope.day_start != start:
@@ -654,6 +896,8 @@ class Limiter:
         scope.month_base += amount - in_month
         scope.total = total + amount
         scope.periods = self._periods
+        resets = scope.resets
+        scope.counts_from = self._day_start if not resets else max(self._day_start, *resets.values())
 
     @staticmethod
     def _add_bucket(scope: _Scope, minute: int, cost: int) -> None:
@@ -693,7 +937,11 @@ class Limiter:
             return scope.total - scope.month_base if scope.month_start == self._month[0] else 0
         if window == "5h":
             return scope.rolling
-        return scope.total
+        return scope.total - scope.total_base
+
+    def _starts(self) -> dict[str, float]:
+        """The start of each calendar window's current period."""
+        return {"day": self._day_start, "week": self._week[0], "month": self._month[0]}
 
     def _resets_at(self, scope: _Scope, window: str, limit: int) -> float | None:
         """When spend falls below `limit` again without new charges."""
@@ -762,29 +1010,82 @@ class Limiter:
         self._advance(now)
         defined = self._limits
         entries: list[tuple[str, str, Limits]] = []
-        entries += [("token", str(i), lim) for i, lim in sorted(defined.tokens.items())]
-        entries += [("user", n, lim) for n, lim in sorted(defined.users.items())]
-        entries += [("project", n, lim) for n, lim in sorted(defined.projects.items())]
+        if scope is not None:
+            # One scope (a dashboard page's): its limits alone, not a pass over all.
+            kind, name = scope
+            by_kind: dict[str, dict[Any, Limits]] = {
+                "token": defined.tokens, "user": defined.users, "project": defined.projects}
+            key: Any = int(name) if kind == "token" and name.isdigit() else name
+            found = by_kind.get(kind, {}).get(key)
+            if found is not None:
+                entries.append((kind, str(key), found))
+        else:
+            entries += [("token", str(i), lim) for i, lim in sorted(defined.tokens.items())]
+            entries += [("user", n, lim) for n, lim in sorted(defined.users.items())]
+            entries += [("project", n, lim) for n, lim in sorted(defined.projects.items())]
         lines = []
         for kind, name, limits in entries:
-            if scope is not None and (kind, name) != scope:
-                continue
             state = self._scope(kind, name) or _Scope(f"{kind} {name}")
-            self._expire(state, int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1)
-            for window, limit in limits.budgets:
-                spent = self._spent(state, window)
-                resets_at = self._line_resets(state, window, limit, spent)
-                lines.append(BudgetLine(
-                    kind, name, window, limit, spent, resets_at, limits.is_soft(window), limits.warns_at(window),
-                ))
+            lines += self._budget_lines(kind, name, state, limits, now)
         return lines
 
-    def _line_resets(self, scope: _Scope, window: str, limit: int, spent: int) -> float | None:
-        """When a budget's line says it resets: for a 5h budget not yet
-        spent, when its oldest minute ages out; else see _resets_at."""
+    def scope_budgets(self, kind: str, name: str | int, now: float | None = None) -> list[BudgetLine]:
+        """Spend against the budgets of one scope, as spend_report has them,
+        without walking every other scope's."""
+        if now is None:
+            now = self._clock()
+        self._advance(now)
+        limits = self.scope_limits(kind, name)
+        if limits is None or not limits.budgets:
+            return []
+        state = self._scope(kind, name) or _Scope(f"{kind} {name}")
+        return self._budget_lines(kind, str(name), state, limits, now)
+
+    def scope_limits(self, kind: str, name: str | int) -> Limits | None:
+        """The limits set on a token, user or project, as last loaded (None: none)."""
+        defined = self._limits
+        if kind == "token":
+            return defined.tokens.get(int(name))
+        if kind == "user":
+            return defined.users.get(str(name))
+        if kind == "project":
+            return defined.projects.get(str(name))
+        raise ValueError(f"unknown scope kind {kind!r}; choose one of {', '.join(SCOPE_KINDS)}")
+
+    def periods(self, now: float | None = None) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+        """(start, end) of the current day, week and month in the limiter's timezone."""
+        self._advance(self._clock() if now is None else now)
+        return self._day, self._week, self._month
+
+    def _budget_lines(self, kind: str, name: str, state: _Scope, limits: Limits, now: float) -> list[BudgetLine]:
+        """Spend against each budget of one scope (periods already advanced to `now`)."""
+        self._expire(state, int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1)
+        lines = []
+        for window, limit in limits.budgets:
+            spent = self._spent(state, window)
+            lines.append(BudgetLine(
+                kind, name, window, limit, spent, self._reset_of(state, window, limit, spent),
+                limits.is_soft(window), limits.warns_at(window),
+            ))
+        return lines
+
+    def _reset_of(self, state: _Scope, window: str, limit: int, spent: int) -> float | None:
+        """The reset time a report shows: when spend falls below a spent
+        budget; for a 5-hour one not spent, when its oldest spend ages out."""
         if window == "5h" and spent < limit:
-            return None if not scope.buckets else float((scope.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS)
-        return self._resets_at(scope, window, limit)
+            return None if not state.buckets else float((state.buckets[0][0] + ROLLING_BUCKETS) * BUCKET_SECONDS)
+        return self._resets_at(state, window, limit)
+
+
+def _scope_key(kind: str, name: str | int) -> tuple[int | None, str | None, str | None]:
+    """(token id, user, project) naming one scope, for Limiter._scopes_for."""
+    if kind == "token":
+        return int(name), None, None
+    if kind == "user":
+        return None, str(name), None
+    if kind == "project":
+        return None, None, str(name)
+    raise ValueError(f"unknown scope kind {kind!r}; choose one of {', '.join(SCOPE_KINDS)}")
 
 
 def budget_report(

@@ -113,6 +113,15 @@ class TokenInfo:
     limits: Limits | None
     last_used_at: float | None      # its newest usage row; None: never used
 
+    def status(self, now: float) -> str:
+        """active, revoked or expired (at `now`)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        limits = self.limits
+        if limits is not None and limits.expires_at is not None and limits.expires_at <= now:
+            return "expired"
+        return "active"
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of `token list --json` and `token show --json`."""
         return {

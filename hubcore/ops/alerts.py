@@ -456,7 +456,7 @@ class Alerts:
     def watch(self, ring: KeyRing) -> None:
         """Hear of every change of state of the ring's keys."""
         self._rings[ring.name] = ring
-        ring.listener = self.on_key_state
+        ring.state_listener = self.on_key_state
 
     def on_key_state(self, ring: KeyRing, label: str, old: KeyState, new: KeyState, reason: str) -> None:
         """routing.keys.StateListener: runs inside the ring's own calls, so
@@ -628,8 +628,8 @@ class Alerts:
             self._usage_task.cancel()
             self._usage_task = None
         for ring in self._rings.values():
-            if ring.listener == self.on_key_state:
-                ring.listener = None
+            if ring.state_listener == self.on_key_state:
+                ring.state_listener = None
         for target in self.targets:
             target.close("shutdown")
 

@@ -69,6 +69,12 @@ KEY_FIELDS: tuple[str, ...] = (
 WRITER_FIELDS: tuple[str, ...] = (
     "queue_depth", "written", "spooled", "replayed", "spool_pending", "unpriced", "last_error",
 )
+# What the shared state's stats (shared.redis_state.SharedState.stats) carry
+# into /stats: the Redis URL is kept without its password there.
+SHARED_FIELDS: tuple[str, ...] = (
+    "redis", "state", "degraded", "on_failure", "instance_id", "instances", "errors", "last_error",
+    "queue_depth", "dropped", "held_slots", "degraded_seconds",
+)
 
 # Label sets of the per-user, project and model counters (server.metrics_max_series):
 # a few thousand is what a team's users times models comes to, and each set is
@@ -415,13 +421,15 @@ class HubMetrics:
         writer: Mapping[str, Any] | None = None,
         tokens_loaded: int = 0,
         version: str = "",
+        shared: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Everything for ``GET /stats``: JSON-ready (string keys, plain values).
 
         ``keys`` maps an upstream name to its key ring's per-key dicts (fields
         in KEY_FIELDS, ``until`` as unix time or None, ``headroom`` and
         ``rests`` per model class as KeyRing.snapshot gives them); ``writer``
-        is the usage writer's stats (WRITER_FIELDS).
+        is the usage writer's stats (WRITER_FIELDS); ``shared`` the shared
+        state's (SHARED_FIELDS), only with a [shared] table.
         """
         by_status: dict[str, int] = {}
         by_outcome: dict[str, int] = {}
@@ -459,6 +467,7 @@ class HubMetrics:
                 upstream: [_pick(k, KEY_FIELDS) for k in ring]
                 for upstream, ring in (keys or {}).items()
             },
+            **({"shared": _pick(shared, SHARED_FIELDS)} if shared is not None else {}),
         }
 
     def _upstream_snapshot(self) -> dict[str, dict[str, Any]]:
@@ -497,10 +506,12 @@ class HubMetrics:
         key_states: Sequence[str] = KEY_STATES,
         gc: Mapping[str, Any] | None = None,
         alerts: Mapping[str, Any] | None = None,
+        shared: Mapping[str, Any] | None = None,
     ) -> str:
         """Everything for ``GET /metrics`` in the Prometheus text format 0.0.4;
         ``gc`` is the hub's garbage-collector stats (runtime.CycleCollector.stats),
-        ``alerts`` its alert targets' counters (ops.alerts.Alerts.stats)."""
+        ``alerts`` its alert targets' counters (ops.alerts.Alerts.stats),
+        ``shared`` the shared state's (render_shared), only with a [shared] table."""
         out = _Exposition()
         out.family("hubcore_build_info", "gauge", "Version of the running hub; always 1.")
         out.sample("hubcore_build_info", 1, version=version)
@@ -573,6 +584,8 @@ class HubMetrics:
         self._render_gc(out, gc or {})
         if alerts is not None:
             self._render_alerts(out, alerts)
+        if shared is not None:
+            self.render_shared(out, shared)
         self._render_keys(out, keys or {}, key_states)
         return out.text()
 
@@ -630,6 +643,28 @@ class HubMetrics:
                 out.family("hubcore_gc_last_full_collection_seconds", "gauge",
                            "How long the latest scheduled full collection paused the hub.")
                 out.sample("hubcore_gc_last_full_collection_seconds", last / 1000.0)
+
+    @staticmethod
+    def render_shared(out: _Exposition, shared: Mapping[str, Any]) -> None:
+        """The link to the Redis that instances share state through."""
+        out.family("hubcore_shared_degraded", "gauge",
+                   "1 while this instance cannot share state through Redis and enforces limits "
+                   "on its own share (or refuses: [shared] on_failure).")
+        out.sample("hubcore_shared_degraded", 1 if shared.get("degraded") else 0)
+        out.family("hubcore_shared_instances", "gauge", "Live hub instances, as last counted in Redis.")
+        out.sample("hubcore_shared_instances", shared.get("instances", 0))
+        out.family("hubcore_shared_errors_total", "counter",
+                   "Failed calls to Redis, by kind (timeout, connection, error: Redis answered an error).")
+        for kind, n in sorted((shared.get("errors") or {}).items()):
+            out.sample("hubcore_shared_errors_total", n, kind=str(kind))
+        out.family("hubcore_shared_queue_depth", "gauge",
+                   "Writes to Redis (releases, charges, key states, sessions) waiting to be sent.")
+        out.sample("hubcore_shared_queue_depth", shared.get("queue_depth", 0))
+        out.family("hubcore_shared_writes_dropped_total", "counter",
+                   "Writes to Redis dropped because the queue was full ([shared] queue_max).")
+        out.sample("hubcore_shared_writes_dropped_total", shared.get("dropped", 0))
+        out.family("hubcore_shared_degraded_seconds_total", "counter", "Seconds spent degraded since start.")
+        out.sample("hubcore_shared_degraded_seconds_total", float(shared.get("degraded_seconds", 0.0)))
 
     @staticmethod
     def _render_writer(out: _Exposition, writer: Mapping[str, Any]) -> None:

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, Protocol
 
 # The key settings are configuration values; re-exported for the ring's callers.
 from hubcore.config import KeyPolicy, KeySpec
@@ -38,7 +38,9 @@ from hubcore.routing.headroom import MAX_CLASSES, Headroom, read_index
 __all__ = [
     "Failure",
     "FailureKind",
+    "KeyListener",
     "KeyPolicy",
+    "KeyReport",
     "KeyRing",
     "KeySpec",
     "KeyState",
@@ -119,6 +121,40 @@ class KeyState(enum.Enum):
 # is logged as that class's change, healthy -> cooling when it starts and
 # back when it is over, with the class.
 # ---------------------------------------------------------------------------
+
+
+# Several hub instances ([shared] redis, hubcore.shared) learn of the same
+# keys. What this ring learns from the vendor goes out through `listener`
+# (rests, circuits opening and closing, refused keys, the operator's
+# revival), from _transition and _rest_class; what the others learnt comes
+# in through hear(), outside the state machine: a rest for a model class is
+# a rest like one of this ring's own, and a rest of the whole key or an open
+# circuit elsewhere holds the key back (`held`) until it ends, without a
+# state of its own: this ring's probe never runs for another's circuit, and
+# a key the vendor refused elsewhere, with the same secret, is DEAD here too.
+# Nothing heard is told again.
+
+
+class KeyReport(Protocol):
+    """What the hub's other instances know against one key
+    (shared.keyspace.KeyNews); durations in seconds from now."""
+
+    @property
+    def rests(self) -> Mapping[str, float]: ...  # model class ("": the whole key) -> seconds
+    @property
+    def circuit(self) -> float | None: ...
+    def dead_for(self, secret: str) -> bool: ...
+
+
+class KeyListener(Protocol):
+    """Told what a ring learns of its keys from the vendor, for the hub's
+    other instances (shared.redis_state.UpstreamKeys). Never blocks."""
+
+    def rested(self, label: str, model_class: str, seconds: float) -> None: ...
+    def circuit_opened(self, label: str, seconds: float) -> None: ...
+    def circuit_closed(self, label: str) -> None: ...
+    def refused(self, label: str, secret: str) -> None: ...
+    def revived(self, label: str) -> None: ...
 
 
 class _Event(enum.Enum):
@@ -253,6 +289,8 @@ class _Key:
         "room",
         "read_due",
         "rests",
+        "held",
+        "held_rest",
     )
 
     def __init__(self, spec: KeySpec) -> None:
@@ -283,6 +321,12 @@ class _Key:
         # Model class -> monotonic time its rest after a 429 ends, in any
         # state (a class never named here has no rest of its own).
         self.rests: dict[str, float] = {}
+        # Monotonic time before which another hub instance holds the key
+        # back (a rest of the whole key, or its circuit open there: see
+        # hear); held_rest is the part that is a rest, which a request may
+        # wait out.
+        self.held = 0.0
+        self.held_rest = 0.0
 
 
 class Lease:
@@ -348,8 +392,10 @@ class KeyRing:
         # Labels the operator disabled, kept while no key has the label (a
         # reload may bring it back; see restore_disabled).
         self._disabled: set[str] = set()
-        # The alerts' hook (hubcore.ops.alerts); None: nobody listens.
-        self.listener: StateListener | None = None
+        # Told of every state change (hubcore.ops.alerts); None: nobody listens.
+        self.state_listener: StateListener | None = None
+        # Told what the ring learns, for the hub's other instances ([shared]).
+        self.listener: KeyListener | None = None
         self.replace_specs(specs)
 
     # -- selection ---------------------------------------------------------
@@ -393,6 +439,7 @@ class KeyRing:
                     and key.spec.priority == self._best_priority
                     and key.spec.label not in tried
                     and model_class not in key.rests
+                    and key.held <= now
                     and self._keys.get(key.spec.label) is key
                     # Its room, as _above_floor judges it: the one key of a
                     # ring is used whatever its room; another needs no
@@ -415,7 +462,7 @@ class KeyRing:
         tier = 0
         for key in self._keys.values():
             self._expire(key, now)
-            if key.state is not _H or key.spec.label in tried or model_class in key.rests:
+            if key.state is not _H or key.spec.label in tried or model_class in key.rests or key.held > now:
                 continue
             priority = key.spec.priority
             if not best or priority < tier:
@@ -478,6 +525,50 @@ class KeyRing:
         return least_loaded(candidates, [_share(key, rooms) for key in candidates])
 
     # -- affinity ------------------------------------------------------------
+
+    def pin_session(self, session_id: str, label: str) -> None:
+        """The session sticks to key `label` from now on, as if chosen here
+        (another hub instance chose it: hubcore.shared). A label the ring
+        does not have is ignored; acquire still judges the key's health."""
+        key = self._keys.get(label)
+        if key is not None:
+            self._sessions.remember(session_id, key, self._clock())
+
+    def hear(self, news: Mapping[str, KeyReport]) -> None:
+        """What the hub's other instances know against keys of this ring (by
+        label; see the theory above): rests and open circuits hold keys back
+        until they end, a refused secret is dead here too. Nothing heard is
+        told to the listener again."""
+        now = self._clock()
+        for label, report in news.items():
+            key = self._keys.get(label)
+            if key is None:
+                continue
+            if report.dead_for(key.spec.secret):
+                if key.state is not _D and key.state is not _X:
+                    self._transition(key, _E.REJECTED, now, None, cause="refused by the vendor through another hub instance")
+                continue
+            for model_class, seconds in report.rests.items():
+                ends = now + seconds
+                if model_class:
+                    earlier = key.rests.get(model_class)
+                    if earlier is None or earlier < ends:
+                        key.rests[model_class] = ends
+                        if earlier is None:
+                            self._log_class(key, model_class, _H, _C, f"{seconds:.3g}s rest after a 429 through another hub instance")
+                elif ends > key.held_rest:
+                    self._hold(key, now, ends, f"{seconds:.3g}s rest after a 429 through another hub instance")
+                    key.held_rest = ends
+            if report.circuit is not None:
+                ends = now + report.circuit
+                if ends > key.held:
+                    self._hold(key, now, ends, f"circuit open for {report.circuit:.3g}s on another hub instance")
+
+    def _hold(self, key: _Key, now: float, ends: float, reason: str) -> None:
+        if key.held <= now and log.isEnabledFor(logging.INFO):
+            log.info("upstream %s key %s: held back (%s)", self.name, key.spec.label, reason,
+                     extra={"upstream": self.name, "label": key.spec.label, "reason": reason})
+        key.held = max(key.held, ends)
 
     def session_count(self) -> int:
         """Sessions in the affinity table (expired ones may linger until looked at)."""
@@ -592,6 +683,8 @@ class KeyRing:
         if earlier is not None and earlier >= rest_until:
             return
         key.rests[model_class] = rest_until
+        if self.listener is not None:
+            self.listener.rested(key.spec.label, model_class, rest_until - now)
         if earlier is None:
             event = _E.LIMITED if cause is None else _E.ORG_LIMITED
             self._log_class(key, model_class, _H, _C, _reason(key, event, _H, now, rest_until, failure, False, cause, self.policy))
@@ -647,8 +740,10 @@ class KeyRing:
             key.consecutive_failures = 0
             key.pause = 0.0
         if event is _E.ENABLE or event is _E.RESET:
-            # The operator's word: every class's rest ends too.
+            # The operator's word: every class's rest ends too, and what
+            # other instances said against the key.
             key.rests.clear()
+            key.held = key.held_rest = 0.0
 
         # Rests and pauses only ever lengthen, except that a failed probe sets
         # the doubled pause from now.
@@ -668,11 +763,13 @@ class KeyRing:
             # may be set for later than that, or not at all.
             for waiter in self._probe_waiters:
                 _wake(waiter)
+        if self.listener is not None:
+            self._tell(self.listener, key, event, old, new, now, cause)
         if new is not old:
             level = _log_level(old, new)
-            listener = self.listener
+            state_listener = self.state_listener
             logged = log.isEnabledFor(level)
-            if logged or listener is not None:
+            if logged or state_listener is not None:
                 reason = _reason(key, event, old, now, rest_until, failure, probe, cause, self.policy)
                 if logged:
                     log.log(
@@ -687,8 +784,26 @@ class KeyRing:
                             "reason": reason,
                         },
                     )
-                if listener is not None:
-                    listener(self, key.spec.label, old, new, reason)
+                if state_listener is not None:
+                    state_listener(self, key.spec.label, old, new, reason)
+
+    @staticmethod
+    def _tell(
+        listener: KeyListener, key: _Key, event: _Event, old: KeyState, new: KeyState, now: float, cause: str | None,
+    ) -> None:
+        """What a move says for the hub's other instances (see hear)."""
+        label = key.spec.label
+        if (event is _E.LIMITED or event is _E.ORG_LIMITED) and new is _C and key.until is not None:
+            listener.rested(label, "", key.until - now)
+        if new is _O and (event is _E.TRIP or event is _E.FAULT) and key.until is not None:
+            listener.circuit_opened(label, key.until - now)
+        if old in _CIRCUIT_STATES and (new is _H or new is _C):
+            listener.circuit_closed(label)
+        # A refusal heard from another instance comes with its cause: not told again.
+        if event is _E.REJECTED and new is _D and old is not _D and cause is None:
+            listener.refused(label, key.spec.secret)
+        if event is _E.ENABLE or (event is _E.RELOADED and old is _D):
+            listener.revived(label)
 
     def _next_pause(self, pause: float, failure: Failure | None) -> float:
         """The pause of a circuit that opens after `pause` (0.0: none since a
@@ -722,13 +837,18 @@ class KeyRing:
             state = key.state
             if state is not _H and state is not _C:
                 continue
+            held = key.held > now
+            if held and key.held_rest < key.held:
+                continue  # a circuit open elsewhere: not waited for, as one open here
             class_rest = key.rests.get(model_class)
-            if state is _H and class_rest is None:
+            if state is _H and class_rest is None and not held:
                 return 0.0
             ends = class_rest if class_rest is not None else -math.inf
             if state is _C:
                 assert key.until is not None
                 ends = max(ends, key.until)
+            if held:
+                ends = max(ends, key.held_rest)
             wait = ends - now
             if soonest is None or wait < soonest:
                 soonest = wait
@@ -776,7 +896,9 @@ class KeyRing:
         now = self._clock()
         for key in self._keys.values():
             self._expire(key, now)
-            if key.state is KeyState.COOLING or (key.state is _H and model_class in key.rests):
+            if key.state is KeyState.COOLING or (
+                key.state is _H and (model_class in key.rests or key.held_rest > now)
+            ):
                 return True
         return False
 
@@ -1039,6 +1161,8 @@ def _reason(
         rest = 0.0 if rest_until is None else rest_until - now
         return f"vendor 429 on key {cause} of the same org, {rest:g}s rest"
     if event is _E.REJECTED:
+        if cause is not None:
+            return cause
         status = failure.status if failure is not None else None
         return f"vendor {status} to the probe" if probe else f"vendor {status}"
     if event is _E.TRIP:

@@ -1,4 +1,5 @@
-"""Usage reports over a real SQLite file: grouping, totals, the three formats."""
+"""Usage reports over a real database, SQLite and PostgreSQL: grouping,
+totals, the three formats."""
 from __future__ import annotations
 
 import csv
@@ -6,7 +7,6 @@ import io
 import sqlite3
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -14,9 +14,10 @@ import pytest
 
 from hubcore import store
 from hubcore.accounting.report import parse_time
-from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
+from hubcore.accounting.usage import UsageEvent
 from hubcore.cli.render import table
 from hubcore.cli.usage import render_usage
+from tests.storage.conftest import add_usage
 
 
 def utc(text: str) -> float:
@@ -52,9 +53,9 @@ EVENTS = [
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
-    connection = store.connect(tmp_path / "report.db")
-    connection.executemany(INSERT_SQL, [tuple(getattr(e, f) for f in FIELDS) for e in EVENTS])
+def conn(database: str) -> Iterator[sqlite3.Connection]:
+    connection = store.connect(database)
+    add_usage(connection, *EVENTS)
     yield connection
     connection.close()
 
@@ -143,8 +144,8 @@ def test_since_is_inclusive_until_exclusive(conn: sqlite3.Connection) -> None:
     )
 
 
-def test_empty_database(tmp_path: Path) -> None:
-    connection = store.connect(tmp_path / "empty.db")
+def test_empty_database(database: str) -> None:
+    connection = store.connect(database)
     try:
         rows = table_rows(render_usage(connection, by="upstream"))
         assert list(rows) == ["upstream", "total"]

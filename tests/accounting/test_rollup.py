@@ -24,6 +24,7 @@ from hubcore.accounting.rollup import Zone
 from hubcore.accounting.spool import Spool
 from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
 from hubcore.dashboard import reports
+from tests.storage.conftest import INSERT_USAGE as STORAGE_INSERT
 
 BERLIN, KOLKATA, LORD_HOWE = ZoneInfo("Europe/Berlin"), ZoneInfo("Asia/Kolkata"), ZoneInfo("Australia/Lord_Howe")
 UTC = ZoneInfo("UTC")
@@ -46,6 +47,13 @@ def insert(conn: sqlite3.Connection, events: Sequence[UsageEvent]) -> None:
     """As the recorder writes: INSERT OR IGNORE, a replayed request_id skipped."""
     with store.immediate(conn):
         conn.executemany(INSERT_SQL, [tuple(getattr(e, f) for f in FIELDS) for e in events])
+
+
+def storage_values(e: UsageEvent) -> list[Any]:
+    """An event's row for the portable INSERT (output_estimated as 0 or 1)."""
+    values = [getattr(e, f) for f in FIELDS]
+    values[FIELDS.index("output_estimated")] = int(e.output_estimated)
+    return values
 
 
 def open_db(path: str | Path = ":memory:", tz: ZoneInfo = UTC) -> sqlite3.Connection:
@@ -84,7 +92,7 @@ def counters_of(row: dict[str, Any]) -> list[float]:
 def expected(conn: sqlite3.Connection, key_of: Any, dims: Sequence[str] = rollup.DIMENSIONS) -> dict[tuple[Any, ...], list[float]]:
     found: dict[tuple[Any, ...], list[float]] = {}
     for row in raw_rows(conn):
-        key = (key_of(row["ts"]), *(b"" if row[d] is None else row[d] for d in dims))
+        key = (key_of(row["ts"]), *(rollup.ABSENT[d] if row[d] is None else row[d] for d in dims))
         total = found.setdefault(key, [0] * len(rollup.COUNTERS))
         for i, value in enumerate(counters_of(row)):
             total[i] += value
@@ -254,6 +262,44 @@ def test_the_migration_backfills_the_rows_it_finds(tmp_path: Path) -> None:
     try:
         assert_rollups_match(conn, UTC)
         assert conn.execute("SELECT SUM(requests) FROM usage_hourly").fetchone()[0] == 200
+    finally:
+        conn.close()
+
+
+def test_on_both_engines_the_trigger_reports_and_zone_changes_agree_with_the_raw_rows(database: str) -> None:
+    conn = store.connect(database)
+    try:
+        rollup.prepare(conn, UTC)
+        rows = [
+            event(WINDOW_START + i * 733.3, f"req-{i % 250}", user=("alice", "bob", None)[i % 3],
+                  project=("p1", None)[i % 2], model=("m1", "m2", None)[i % 3], upstream=("a", "b")[i % 2],
+                  key_label=("k1", "k2", None)[i % 3], token_id=(1, 2, None)[i % 3], served_model=(None, "s")[i % 5 == 0],
+                  outcome=("ok", "ok", "refused")[i % 3], input_tokens=i, output_tokens=2 * i, cache_read=3 * i,
+                  cost_micros=(None, i)[i % 4 != 0], cost_basis=(None, "estimate")[i % 7 == 0],
+                  ttfb_ms=(None, 10.0 + i)[i % 2])
+            for i in range(300)
+        ]
+        for part in (rows[:200], rows[100:]):   # rows 100 to 199 come twice; request ids repeat as well
+            with store.immediate(conn):
+                conn.executemany(STORAGE_INSERT, [storage_values(e) for e in part])
+        assert_rollups_match(conn, UTC)
+        for by in report.GROUPS:
+            for since, until in ((None, None), (WINDOW_START + 5000.5, WINDOW_START + 2 * 86400 + 77.7)):
+                assert row_dicts(*reports.usage(conn, Zone(UTC), by, since, until)) == \
+                    row_dicts(*report.query(conn, by, since, until)), by
+        total = reports.usage(conn, Zone(UTC), "user")[1]
+        assert rollup.prepare(conn, KOLKATA) == "hours"
+        # The first hour stays UTC's (its raw rows might have been deleted); the rest are Kolkata's.
+        phases = [h % 3600 for h, in conn.execute("SELECT DISTINCT hour FROM usage_hourly ORDER BY hour")]
+        assert phases[0] == 0 and set(phases[1:]) == {1800}
+        assert reports.usage(conn, Zone(KOLKATA), "user")[1] == total
+        with store.immediate(conn):
+            conn.execute("DELETE FROM usage WHERE ts < ?", (WINDOW_START + 86400,))
+        before = reports.usage(conn, Zone(KOLKATA), "user")[1]
+        assert before.requests == 250 and before == reports.usage(conn, Zone(KOLKATA), "user")[1]
+        histogram = rollup.ttfb_histogram(conn, Zone(KOLKATA))
+        assert sum(histogram.values()) == 125
+        assert rollup.percentile(histogram, rollup.ttfb_bins(conn), 0.5) == pytest.approx(10.0 + 125, rel=0.1)
     finally:
         conn.close()
 

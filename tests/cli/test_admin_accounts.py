@@ -72,7 +72,11 @@ def audit_rows(db: sqlite3.Connection) -> list[audit.AuditEntry]:
 
 def assert_nowhere(db: sqlite3.Connection, *secrets: str) -> None:
     """No column of any row of any table holds one of `secrets`."""
-    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    if isinstance(db, sqlite3.Connection):
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    else:  # PostgreSQL (HUBCORE_TEST_DATABASE=postgresql)
+        tables = [r[0] for r in db.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")]
     for table in tables:
         for row in db.execute(f"SELECT * FROM {table}"):
             for value in row:
@@ -285,7 +289,7 @@ def test_key_switches_are_audited_by_the_hub(tmp_path: Path, sock_dir: Path, ven
         ok(config, "keys", "disable", "a1")
         ok(config, "keys", "enable", "a1")
         assert hubcore(config, "keys", "disable", "nosuch").returncode == 1
-    conn = store.connect(tmp_path / "hub.db")
+    conn = store.connect(hub_config.server.database)
     try:
         rows = audit_rows(conn)
         assert_nowhere(conn, "sk-ant-audit-one", "sk-ant-audit-two")

@@ -503,7 +503,7 @@ def test_config_before_or_after_the_subcommand(
         (["token", "revoke", "99"], 1, "hubcore: no active token with id 99"),
         (["token", "update", "1"], 2, "hubcore: nothing to update: give --note, --rpm, --concurrency, --budget, --soft, --hard, --warn-at, "
          "--models, --expires or --groups"),
-        (["user"], 2, "hubcore: usage: hubcore user set|show|list ..."),
+        (["user"], 2, "hubcore: usage: hubcore user set|show|list|reset-spend ..."),
         (["usage", "--since", "soon"], 2, "hubcore: cannot read time 'soon'"),
         (["usage", "--budgets", "team:x"], 2, "hubcore: expected token:ID, user:NAME or project:NAME, not 'team:x'"),
     ],

@@ -21,7 +21,7 @@ import pytest
 
 from hubcore import store
 from hubcore.accounting import report
-from hubcore.accounting.usage import FIELDS, INSERT_SQL, UsageEvent
+from hubcore.accounting.usage import FIELDS, UsageEvent, insert_values
 from hubcore.dashboard import charts
 from hubcore.dashboard.views import usage as usage_view
 from hubcore.governance.limits import Limits
@@ -29,6 +29,7 @@ from tests.conftest import upstreams_for
 from tests.dashboard.support import Client, add_operator, admin_api_token, operator_sign_in, submit
 from tests.fakevendor import FakeVendor
 from tests.hubharness import HubThread, make_config, run_cli
+from tests.storage.conftest import INSERT_USAGE
 
 BERLIN = "Europe/Berlin"
 KOLKATA = "Asia/Kolkata"
@@ -68,13 +69,20 @@ def event(ts: float, request_id: str, **fields: Any) -> UsageEvent:
 
 
 def insert(hub: HubThread, events: Sequence[UsageEvent]) -> None:
-    """Rows as the hub's writer stores them (INSERT OR IGNORE: the rollups' trigger runs)."""
+    """Rows as the hub's writer stores them, on either engine (a request id
+    stored already is skipped, and the rollups' trigger runs for the rest)."""
     conn = store.connect(hub.config.server.database)
     try:
         with store.immediate(conn):
-            conn.executemany(INSERT_SQL, [tuple(getattr(e, f) for f in FIELDS) for e in events])
+            conn.executemany(INSERT_USAGE, [_values(e) for e in events])
     finally:
         conn.close()
+
+
+def _values(event: UsageEvent) -> list[Any]:
+    values = insert_values([event])
+    values[FIELDS.index("output_estimated")] = int(event.output_estimated)
+    return values
 
 
 def raw_per_local_day(hub: HubThread, zone: str) -> dict[str, list[int]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
-import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -160,7 +159,8 @@ def test_a_switch_the_locked_database_cannot_take_still_applies_and_says_so(
         config = hub_config(tmp_path, sock_dir, vendor, [("good", KEY_GOOD), ("other", KEY_REFUSED)])
         with HubThread(config) as hub:
             sdk = client(hub, hub.mint())
-            locker = sqlite3.connect(config.server.database, isolation_level=None)
+            # store.connect: on PostgreSQL too, BEGIN IMMEDIATE takes the write lock.
+            locker = store.connect(config.server.database)
             try:
                 locker.execute("BEGIN IMMEDIATE")  # another writer holds the database
                 started = time.monotonic()

@@ -1,4 +1,4 @@
-"""Operator accounts on a real SQLite file: scrypt password hashes in their
+"""Operator accounts on a real database (SQLite and PostgreSQL): scrypt password hashes in their
 self-describing form, sign-in checks (a missing name costs a hash too), admin
 API tokens stored by hash, sign-in times."""
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +17,8 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
-    c = store.connect(tmp_path / "hub.db")
+def conn(database: str) -> Iterator[sqlite3.Connection]:
+    c = store.connect(database)
     yield c
     c.close()
 

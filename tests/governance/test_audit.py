@@ -1,10 +1,9 @@
-"""The audit trail on a real SQLite file: rows as written, newest first,
+"""The audit trail on a real database (SQLite and PostgreSQL): rows as written, newest first,
 `since` and keyset pagination by id."""
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +12,8 @@ from hubcore.governance import audit
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
-    c = store.connect(tmp_path / "hub.db")
+def conn(database: str) -> Iterator[sqlite3.Connection]:
+    c = store.connect(database)
     yield c
     c.close()
 

@@ -1,0 +1,165 @@
+"""Two real hubs (Apps on their own loops and ports, one database) with a
+[shared] table: a token's limits hold across them, a session's requests
+land on one key whichever hub takes them, and Redis dying costs no request."""
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from hubcore.governance.limits import Limits
+from hubcore.shared.redis_state import Link
+from tests.fakevendor import OPENAI_KEY, FakeVendor
+from tests.hubharness import HubThread, make_config
+from tests.servers import RedisServer
+
+BODY = orjson.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def post(hub: HubThread, token: str, session: str | None = None, **headers: str) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=30)
+    try:
+        sent = {"x-api-key": token, "content-type": "application/json", "anthropic-version": "2023-06-01", **headers}
+        if session is not None:
+            sent["x-claude-code-session-id"] = session
+        conn.request("POST", "/v1/messages", BODY, sent)
+        response = conn.getresponse()
+        return response.status, orjson.loads(response.read())
+    finally:
+        conn.close()
+
+
+@contextmanager
+def two_hubs(tmp_path: Path, vendor: FakeVendor, redis: RedisServer, keys: list[str], **shared: Any) -> Iterator[tuple[HubThread, HubThread]]:
+    upstreams = [
+        {"name": "anthropic", "kind": "anthropic", "base_url": vendor.url, "keys": [{"key": k, "label": k} for k in keys]},
+        {"name": "openai", "kind": "openai", "base_url": vendor.url, "keys": [OPENAI_KEY]},
+    ]
+    database = tmp_path / "hub.db"
+    configs = []
+    for name in ("a", "b"):
+        home = tmp_path / name
+        home.mkdir()
+        configs.append(make_config(
+            home, upstreams, database=str(database), spool=str(home / "spool"),
+            shared={"redis": redis.url, "timeout": 0.5, "heartbeat_interval": 0.2, "instance_ttl": 1.0, **shared},
+        ))
+    with HubThread(configs[0]) as a, HubThread(configs[1]) as b:
+        yield a, b
+
+
+def refreshed(*hubs: HubThread) -> None:
+    for hub in hubs:
+        assert hub.app is not None
+        hub.call(hub.app.refresh_tokens(force=True))
+
+
+def test_rpm_30_across_two_hubs(tmp_path: Path, vendor: FakeVendor, redis_server: RedisServer) -> None:
+    with two_hubs(tmp_path, vendor, redis_server, ["sk-ant-good"]) as (a, b):
+        token = a.mint_limited("alice", Limits(rpm=30))
+        refreshed(b)
+        answers = [post(a if i % 2 else b, token) for i in range(90)]
+        statuses = [status for status, _ in answers]
+        assert statuses.count(200) == 30 and statuses.count(429) == 60
+        refused = next(body for status, body in answers if status == 429)
+        assert refused["error"]["type"] == "rate_limit_error"
+        assert "30 requests per minute" in refused["error"]["message"]
+
+
+def test_concurrency_1_across_two_hubs(tmp_path: Path, vendor: FakeVendor, redis_server: RedisServer) -> None:
+    with two_hubs(tmp_path, vendor, redis_server, ["sk-ant-good"]) as (a, b):
+        token = a.mint_limited("bob", Limits(concurrency=1))
+        refreshed(b)
+        slow: list[int] = []
+        holder = threading.Thread(target=lambda: slow.append(post(a, token, **{"x-fake-first-byte-delay-ms": "1500"})[0]))
+        holder.start()
+        try:
+            time.sleep(0.5)  # hub a's request holds the slot
+            status, body = post(b, token)
+            assert status == 429 and "concurrency limit of user bob" in body["error"]["message"]
+        finally:
+            holder.join(10)
+        assert slow == [200]
+        deadline = time.monotonic() + 5
+        while post(b, token)[0] != 200:  # the slot comes back once the release lands
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+
+def test_a_session_lands_on_one_key_across_hubs(tmp_path: Path, redis_server: RedisServer) -> None:
+    keys = ["sk-ant-one", "sk-ant-two"]
+    with FakeVendor(keys={keys[0]: "ok", keys[1]: "ok", OPENAI_KEY: "ok"}) as vendor:
+        with two_hubs(tmp_path, vendor, redis_server, keys) as (a, b):
+            token = a.mint("carol")
+            refreshed(b)
+            # The hubs' rings would otherwise pick in step (the same round
+            # robin over the same keys) and agree without sharing anything.
+            assert post(b, token)[0] == 200
+            sessions = [f"session-{i}" for i in range(8)]
+            # A vendor's first byte takes far longer than a write to Redis;
+            # a fake one answering at once would race the session's first
+            # write (the documented bound: a new session's first requests,
+            # when they overlap).
+            vendor_time = {"x-fake-first-byte-delay-ms": "30"}
+            for round_ in range(3):
+                for i, session in enumerate(sessions):
+                    # Each session starts on a hub of its own and goes back and forth.
+                    first, second = (a, b) if (i + round_) % 2 else (b, a)
+                    assert post(first, token, session, **vendor_time)[0] == 200
+                    assert post(second, token, session, **vendor_time)[0] == 200
+            used: dict[str, set[str]] = {}
+            for request in vendor.requests:
+                session = request.header("x-claude-code-session-id")
+                if session is not None:
+                    used.setdefault(session, set()).add(request.key)
+            assert {session: len(labels) for session, labels in used.items()} == {session: 1 for session in sessions}
+            assert set().union(*used.values()) == set(keys)  # both keys served: a choice was made each time
+
+
+def test_redis_killed_mid_traffic_costs_no_request(tmp_path: Path, vendor: FakeVendor, redis_server: RedisServer) -> None:
+    with two_hubs(tmp_path, vendor, redis_server, ["sk-ant-good"], timeout=0.05) as (a, b):
+        token = a.mint_limited("dave", Limits(rpm=10_000, concurrency=50))
+        refreshed(b)
+        statuses = []
+        for i in range(40):
+            if i == 15:
+                redis_server.kill()
+            statuses.append(post(a if i % 2 else b, token)[0])
+        assert statuses == [200] * 40
+        for hub in (a, b):
+            assert hub.app is not None and hub.app.shared is not None
+            assert hub.app.shared.degraded
+            assert "hubcore_shared_degraded 1" in hub.app.metrics_text().splitlines()
+            assert hub.app.stats()["shared"]["degraded"] is True
+        redis_server.start()
+        deadline = time.monotonic() + 10
+        while not all(h.app is not None and h.app.shared is not None and h.app.shared.link is Link.SHARED for h in (a, b)):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert post(a, token)[0] == 200
+        assert a.app is not None and "hubcore_shared_degraded 0" in a.app.metrics_text().splitlines()
+
+
+def test_a_key_that_answered_429_through_one_hub_gets_nothing_from_the_other(
+    tmp_path: Path, redis_server: RedisServer,
+) -> None:
+    # Listed first, so that each hub's round robin would try it first.
+    keys = ["sk-ant-limited", "sk-ant-fine"]
+    with FakeVendor(keys={keys[0]: 429, keys[1]: "ok", OPENAI_KEY: "ok"}, retry_after=30.0) as vendor:
+        with two_hubs(tmp_path, vendor, redis_server, keys) as (a, b):
+            token = a.mint("erin")
+            refreshed(b)
+            assert post(a, token)[0] == 200  # 429 on the first key, then the other
+            assert [r.key for r in vendor.requests] == keys
+            for _ in range(6):
+                assert post(b, token)[0] == 200
+            assert [r.key for r in vendor.requests[2:]] == [keys[1]] * 6
+            assert b.app is not None
+            (limited,) = [k for k in b.app.hub.upstreams["anthropic"].ring.snapshot() if k["label"] == keys[0]]
+            assert limited["rests"].get("sonnet", 0) > time.time() + 20  # rests there for the rest of the 30 s
