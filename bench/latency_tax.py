@@ -204,10 +204,14 @@ def add_deltas(rows: dict[str, dict[str, Any]]) -> None:
 # -- the run ------------------------------------------------------------------------
 class Bench:
     def __init__(self, plan: Plan, workdir: Path, clients: int, use_nginx: bool, use_wrk: bool,
-                 hub_source: str | None = None, alt_source: str | None = None, alert_blackhole: bool = False) -> None:
+                 hub_source: str | None = None, alt_source: str | None = None, alert_blackhole: bool = False,
+                 dashboard_load: bool = False) -> None:
         self.plan = plan
         # --alert-blackhole: the measured hub has an [[alert]] target that never answers.
         self.alert_blackhole = alert_blackhole
+        # --dashboard-load: an operator's open dashboard polls the measured hub.
+        self.dashboard_load = dashboard_load
+        self.dashboard: services.DashboardLoad | None = None
         self.hub_source = hub_source
         self.alt_source = alt_source
         self.workdir = workdir
@@ -246,8 +250,15 @@ class Bench:
             self.notes.append("--alert-blackhole: hubcore has an [[alert]] target that never answers, and a soft "
                               "budget its first request passes; an alert delivery hangs on it while requests are "
                               "measured (the --compare hub and the saturation hubs have none).")
+        dashboard_port = services.free_port() if self.dashboard_load else 0
         self.hub = self._own(services.start_hub(self.workdir, "hub", f"http://127.0.0.1:{self.vendor.port}", pool,
-                                                     self.hub_source, alert_url=alert_url))
+                                                     self.hub_source, alert_url=alert_url,
+                                                     dashboard_port=dashboard_port))
+        if self.dashboard_load:
+            self.dashboard = self._own(services.start_dashboard_load(self.hub, dashboard_port, self.hub_source))
+            self.notes.append("--dashboard-load: an operator's dashboard polls hubcore's admin API, the live view "
+                              "every 2 s and the overview every 10 s, while requests are measured (the --compare "
+                              "hub and the saturation hubs have none).")
         if self.alt_source:
             self.alt = self._own(services.start_hub(self.workdir, "hub-alt", f"http://127.0.0.1:{self.vendor.port}", pool,
                                                     self.alt_source))
@@ -684,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alert-blackhole", action="store_true",
                         help="give the hub an [[alert]] webhook that never answers, with an alert hanging on it "
                              "from the first request: its latency must not move (compare with a run without)")
+    parser.add_argument("--dashboard-load", action="store_true",
+                        help="poll the hub's dashboard API as an operator's open live page and overview do: the "
+                             "latency must move by no more than its noise (compare with --compare on this tree)")
     parser.add_argument("--compare", metavar="TREE",
                         help=f"also measure a hub run from this source tree, as path {ALT!r}, interleaved with the others (A/B a change)")
     args = parser.parse_args(argv)
@@ -694,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with workdir(args.workdir, args.keep) as wd:
         bench = Bench(plan, wd, max(1, args.clients), not args.no_nginx, not args.no_wrk, args.hubcore_path, args.compare,
-                      args.alert_blackhole)
+                      args.alert_blackhole, args.dashboard_load)
         try:
             bench.start()
             print(f"bench: services up in {wd}; measuring {', '.join(bench.paths)}…", file=sys.stderr)
@@ -702,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
                 "quick": args.quick,
                 "environment": environment(bench.nginx_bin, bench.wrk_bin) | {
                     "hubcore_path": args.hubcore_path, "compare": args.compare, "alert_blackhole": args.alert_blackhole,
+                    "dashboard_load": args.dashboard_load,
                 },
                 "notes": bench.notes,
                 "plan": plan,
@@ -716,10 +731,14 @@ def main(argv: list[str] | None = None) -> int:
             report["saturation"] = bench.saturation()
             report["hub_rss_peak"] = bench.rss_peak.get("hubcore")
             report["accounting"] = bench.accounting_check()
+            if bench.dashboard is not None:
+                report["dashboard_load"] = {"requests": bench.dashboard.requests, "errors": bench.dashboard.errors}
         finally:
             bench.close()
     report["targets"] = targets(report)
     report["failures"] = failures(report)
+    if report.get("dashboard_load", {}).get("errors"):
+        report["failures"].append(f"the dashboard load got {report['dashboard_load']['errors']} failed answers")
     report["seconds"] = round(time.monotonic() - started, 1)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

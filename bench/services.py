@@ -4,6 +4,7 @@ server) and wrk, found at run time; plus CPU and RSS read from /proc.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import selectors
@@ -222,13 +223,84 @@ class Blackhole:
             conn.close()
 
 
+class DashboardLoad:
+    """What an operator's open dashboard asks of a hub (--dashboard-load):
+    the live view every 2 s, as its page refreshes, and the overview every
+    10 s, through the admin API with an operator's API token; a thread of
+    the benchmark's own, stopped with it."""
+
+    LIVE_EVERY = 2.0
+    OVERVIEW_EVERY = 10.0
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.token = token
+        self.requests = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="dashboard-load", daemon=True)
+        self.thread.start()
+
+    def _get(self, path: str) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path, headers={"authorization": f"Bearer {self.token}"})
+            answer = conn.getresponse()
+            answer.read()
+            self.requests += 1
+            if answer.status != 200:
+                self.errors += 1
+        except OSError:
+            self.errors += 1
+        finally:
+            conn.close()
+
+    def _poll(self) -> None:
+        next_overview = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self._get("/api/v1/live")
+            if now >= next_overview:
+                self._get("/api/v1/overview")
+                next_overview = now + self.OVERVIEW_EVERY
+            self._stop.wait(self.LIVE_EVERY)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(15)
+
+
+def start_dashboard_load(hub: Hub, dashboard_port: int, source: str | None = None) -> DashboardLoad:
+    """An operator on `hub` (`hubcore admin add`, `hubcore admin token`, as
+    a user would) and the load of their open dashboard."""
+    env = _env(source)
+    added = subprocess.run([*_python(), "-m", "hubcore", "admin", "add", "bench", "--password-stdin",
+                            "--config", str(hub.config)], input="bench dashboard password\n",
+                           capture_output=True, text=True, env=env, timeout=60)
+    if added.returncode != 0:
+        raise RuntimeError(f"hubcore admin add failed: {added.stderr.strip()}")
+    minted = subprocess.run([*_python(), "-m", "hubcore", "admin", "token", "bench", "--config", str(hub.config)],
+                            capture_output=True, text=True, env=env, timeout=60)
+    if minted.returncode != 0:
+        raise RuntimeError(f"hubcore admin token failed: {minted.stderr.strip()}")
+    return DashboardLoad(dashboard_port, minted.stdout.strip().splitlines()[-1])
+
+
+def _has_dashboard(source: str | None) -> bool:
+    """Whether the tree hubcore runs from knows the [dashboard] table (trees
+    from before it refuse the table; --compare may run one)."""
+    return (Path(source or REPO) / "hubcore" / "dashboard").is_dir()
+
+
 def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | None = None,
-              launcher: list[str] | None = None, alert_url: str | None = None) -> Hub:
+              launcher: list[str] | None = None, alert_url: str | None = None, dashboard_port: int = 0) -> Hub:
     """`hubcore token create` then `hubcore serve --config`, as a user would
     (hubcore imported from `source` when given: to compare two trees;
     `launcher` replaces `python -m hubcore`, e.g. to run it under a profiler;
     `alert_url`: an [[alert]] target, with a soft budget that the first
-    request passes, see ALERT_CONFIG)."""
+    request passes, see ALERT_CONFIG; `dashboard_port`: the dashboard's
+    listener, else none: several hubs of a run would all want its default
+    port)."""
     d = workdir / name
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -237,6 +309,8 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
     text = HUB_CONFIG.format(port=port, dir=d, upstream=upstream, pool=pool)
     if alert_url is not None:
         text += ALERT_CONFIG.format(url=alert_url)
+    if _has_dashboard(source):
+        text += f'\n[dashboard]\nlisten = "{f"127.0.0.1:{dashboard_port}" if dashboard_port else ""}"\n'
     config.write_text(text)
     env = _env(source)
     env["BENCH_ANTHROPIC_KEY_A"] = VENDOR_KEYS[0]
