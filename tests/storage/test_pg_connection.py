@@ -46,6 +46,7 @@ def test_an_insert_into_an_identity_table_returns_its_id() -> None:
 def test_transaction_statements_and_pragmas() -> None:
     assert pgstore.translate("BEGIN IMMEDIATE").kind == "begin_immediate"
     assert pgstore.translate("BEGIN").kind == "begin"
+    assert pgstore.translate("BEGIN DEFERRED").sql == "BEGIN ISOLATION LEVEL REPEATABLE READ"
     assert pgstore.translate("COMMIT").kind == "commit"
     assert pgstore.translate("ROLLBACK").kind == "rollback"
     assert pgstore.translate("PRAGMA busy_timeout = 1500").value == 1500
