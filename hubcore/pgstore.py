@@ -598,7 +598,7 @@ _TOKEN = re.compile(
 )
 _INSERT_INTO = re.compile(r'\s*INSERT\s+INTO\s+"?(\w+)"?', re.IGNORECASE)
 _PRAGMA_BUSY = re.compile(r"\s*PRAGMA\s+busy_timeout\s*=\s*(\d+)\s*;?\s*$", re.IGNORECASE)
-_ROWS_FIRST_WORDS = frozenset({"SELECT", "WITH", "VALUES", "SHOW", "TABLE"})
+_ROWS_FIRST_WORDS = frozenset({"SELECT", "WITH", "VALUES", "SHOW", "TABLE", "EXPLAIN"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ def test_parameters_are_numbered_outside_literals_and_comments() -> None:
     statement = pgstore.translate("SELECT '?', \"a?\", x -- why?\n FROM t WHERE a = ? AND b = ? /* ? */")
     assert statement.sql == "SELECT '?', \"a?\", x -- why?\n FROM t WHERE a = $1 AND b = $2 /* ? */"
     assert statement.params == 2 and statement.kind == "rows"
+    assert pgstore.translate("EXPLAIN SELECT * FROM usage WHERE id = ?").kind == "rows"
 
 
 def test_the_reserved_name_user_is_quoted_wherever_it_is_a_name() -> None:
