@@ -148,3 +148,14 @@ def floor_of(expr: str) -> str:
         raise ValueError("floor_of: the expression must not hold a ? parameter")
     cast = f"CAST({expr} AS INTEGER)"
     return f"({cast} - CASE WHEN {cast} > {expr} THEN 1 ELSE 0 END)"
+
+
+def indexed_by(conn: object, index: str) -> str:
+    """The clause that makes SQLite read `index` (INDEXED BY; it goes after
+    the table's name), or "" on PostgreSQL, which has no index hints and
+    needs none: its planner chooses from the statistics ANALYZE keeps, where
+    SQLite, without them, may choose blind. `index` is a name from hubcore's
+    own code, never text from a caller."""
+    import sqlite3
+
+    return f"INDEXED BY {index}" if isinstance(conn, sqlite3.Connection) else ""

@@ -43,6 +43,12 @@ is only what no portable spelling exists for:
   the connection's busy timeout as lock_timeout: read-then-write
   transactions of the CLI, the dashboard and the App are serialised as on
   SQLite, and the usage writer, which needs no such lock, is never held up;
+- a plain `BEGIN` (SQLite's deferred transaction, whose reads all see one
+  snapshot of the database) becomes BEGIN ISOLATION LEVEL REPEATABLE READ,
+  the same promise: under PostgreSQL's default each statement would see
+  the commits made since the one before (the budgets' rebuild sums usage
+  rows and usage_carried in two statements, and a retention batch moving
+  spend between them must be seen on one side only);
 - `PRAGMA busy_timeout = N` sets that timeout; any other PRAGMA is refused;
 - an INSERT into a table with an identity `id` (IDENTITY_TABLES, read from
   the migrations below) gets `RETURNING id`, which gives lastrowid;
@@ -592,7 +598,7 @@ _TOKEN = re.compile(
 )
 _INSERT_INTO = re.compile(r'\s*INSERT\s+INTO\s+"?(\w+)"?', re.IGNORECASE)
 _PRAGMA_BUSY = re.compile(r"\s*PRAGMA\s+busy_timeout\s*=\s*(\d+)\s*;?\s*$", re.IGNORECASE)
-_ROWS_FIRST_WORDS = frozenset({"SELECT", "WITH", "VALUES", "SHOW", "TABLE"})
+_ROWS_FIRST_WORDS = frozenset({"SELECT", "WITH", "VALUES", "SHOW", "TABLE", "EXPLAIN"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -622,7 +628,9 @@ def translate(sql: str) -> Statement:
     if first in ("BEGIN", "COMMIT", "END", "ROLLBACK") and len(words) <= 2:
         mode = words[1].upper().rstrip(";") if len(words) > 1 else ""
         if first == "BEGIN":
-            return Statement("BEGIN", "begin_immediate" if mode in ("IMMEDIATE", "EXCLUSIVE") else "begin")
+            if mode in ("IMMEDIATE", "EXCLUSIVE"):
+                return Statement("BEGIN", "begin_immediate")
+            return Statement("BEGIN ISOLATION LEVEL REPEATABLE READ", "begin")
         if first == "ROLLBACK":
             return Statement("ROLLBACK", "rollback")
         return Statement("COMMIT", "commit")

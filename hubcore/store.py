@@ -237,7 +237,7 @@ MIGRATIONS: list[str] = [
     # upstream x key label and x user x project x token (apart: their
     # product is what makes rollups big); a histogram of time to first byte
     # per hour. A trigger keeps them on every usage row actually inserted (a
-    # duplicate request_id that INSERT OR IGNORE skips fires nothing);
+    # duplicate request_id that ON CONFLICT DO NOTHING skips fires nothing);
     # deletes never touch them, so reports outlive raw rows.
     # usage_rollup_zone: the reporting zone's UTC offset from each `start`
     # on (UTC here; set at each start of the hub). A dimension that is NULL

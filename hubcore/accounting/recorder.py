@@ -82,7 +82,7 @@ class UsageRecorder:
       loses it) for at most two flush intervals, one to fill its batch and
       one for the write to show it is stuck. Should the write then succeed,
       the batch's request ids are remembered and replay skips their spool
-      copy (a crash in between leaves that to INSERT OR IGNORE);
+      copy (a crash in between leaves that to ON CONFLICT DO NOTHING);
     - the spool itself fails: the batch goes back to the front of the queue
       and is retried; memory is the last place an event can wait.
 

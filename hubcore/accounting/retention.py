@@ -19,6 +19,18 @@ Theory of operation: what a deletion must leave right.
   so charts over long windows keep what the raw rows no longer have.
 What is gone is gone for the raw-row views: `hubcore usage` over a range
 older than the retention, /requests and a request's detail.
+
+On PostgreSQL a batch is one statement that deletes its rows and carries
+the spend of exactly the rows it deleted (delete_batch), under the advisory
+lock that stands for SQLite's write lock: the CLI's and the dashboard's
+writes and other instances' retention wait for the batch under way, never
+the usage writer, which takes no such lock and inserts rows no batch
+touches. Batches are sized and paced as on SQLite, which bounds the wait
+of the rare insert that does meet one (a replayed request_id whose old row
+is being deleted) and spreads the dead rows over autovacuum's runs. The
+budgets' rebuild reads usage rows and usage_carried in one snapshot
+(pgstore: a plain BEGIN is REPEATABLE READ), so a batch is seen on one
+side only there too.
 """
 from __future__ import annotations
 
@@ -49,28 +61,55 @@ BATCH_MAX = 5000
 PAUSE_MIN = 0.02  # seconds
 
 _DOOMED = "SELECT id FROM usage WHERE ts < ? ORDER BY ts, id LIMIT ?"
-# The rebuild counts a row's cost when it is above zero: so is the carry.
-_CARRY = f"""
-INSERT INTO usage_carried (token_id, user, project, cost_micros, requests, through_ts)
-SELECT token_id, user, project, SUM(CASE WHEN cost_micros > 0 THEN cost_micros ELSE 0 END), COUNT(*), MAX(ts)
-FROM usage WHERE id IN ({_DOOMED}) AND token_id IS NOT NULL
-GROUP BY token_id
-ON CONFLICT (token_id) DO UPDATE SET
-    cost_micros = cost_micros + excluded.cost_micros,
-    requests = requests + excluded.requests,
-    through_ts = max(through_ts, excluded.through_ts)
+# The carry of a batch's rows, per token: the rebuild counts a row's cost
+# when it is above zero, so does the carry. A token's user and project
+# never change (min() picks the one value, which PostgreSQL needs spelt).
+_CARRY_SELECT = """
+SELECT token_id, min(user), min(project), SUM(CASE WHEN cost_micros > 0 THEN cost_micros ELSE 0 END), COUNT(*), MAX(ts)
 """
+_CARRY_INTO = f"""
+INSERT INTO usage_carried (token_id, user, project, cost_micros, requests, through_ts)
+{_CARRY_SELECT}"""
+_CARRY_ADD = """
+ON CONFLICT (token_id) DO UPDATE SET
+    cost_micros = usage_carried.cost_micros + excluded.cost_micros,
+    requests = usage_carried.requests + excluded.requests,
+    through_ts = CASE WHEN excluded.through_ts > usage_carried.through_ts
+                      THEN excluded.through_ts ELSE usage_carried.through_ts END
+"""
+# SQLite: the carry, then the deletion, of the same rows (see delete_batch).
+_CARRY = f"{_CARRY_INTO} FROM usage WHERE id IN ({_DOOMED}) AND token_id IS NOT NULL GROUP BY token_id {_CARRY_ADD}"
 _DELETE = f"DELETE FROM usage WHERE id IN ({_DOOMED})"
+# PostgreSQL: one statement that deletes the rows and carries what it
+# deleted (a data-modifying WITH, which SQLite lacks); the count of rows
+# deleted is its answer.
+_PG_BATCH = f"""
+WITH doomed AS (
+    DELETE FROM usage WHERE id IN ({_DOOMED}) RETURNING token_id, user, project, cost_micros, ts
+), carried AS (
+    {_CARRY_INTO} FROM doomed WHERE token_id IS NOT NULL GROUP BY token_id {_CARRY_ADD}
+)
+SELECT count(*) FROM doomed
+"""
 
 
 def delete_batch(conn: sqlite3.Connection, before: float, size: int) -> int:
     """Delete the `size` oldest rows that arrived before `before`, carrying
     their spend, in one transaction; the number deleted."""
     with store.immediate(conn):
-        # Both statements pick the same rows: the transaction holds the
-        # write lock, so no row comes or goes in between.
-        conn.execute(_CARRY, (before, size))
-        return conn.execute(_DELETE, (before, size)).rowcount
+        if isinstance(conn, sqlite3.Connection):
+            # Both statements pick the same rows: the transaction holds the
+            # write lock, so no row comes or goes in between.
+            conn.execute(_CARRY, (before, size))
+            return conn.execute(_DELETE, (before, size)).rowcount
+        # PostgreSQL's usage writer takes no lock (the advisory lock of
+        # BEGIN IMMEDIATE serialises retention with the other writers and
+        # other instances' retention alone): under READ COMMITTED two
+        # statements could see different rows, say a spooled row of long
+        # ago replayed in between. What one statement deletes is what it
+        # carries, whatever commits meanwhile.
+        (deleted,) = conn.execute(_PG_BATCH, (before, size)).fetchone()
+        return int(deleted)
 
 
 def purge(

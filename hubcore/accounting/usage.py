@@ -90,10 +90,13 @@ ROWS_PER_INSERT = 999 // len(FIELDS)
 
 @functools.lru_cache(maxsize=None)
 def insert_sql(rows: int) -> str:
-    """INSERT of `rows` events. OR IGNORE: request_id is UNIQUE, so replaying
-    a spool that was partly written already inserts each event exactly once."""
+    """INSERT of `rows` events. ON CONFLICT DO NOTHING: request_id is UNIQUE,
+    so replaying a spool that was partly written already inserts each event
+    exactly once (the spelling both engines take, where INSERT OR IGNORE is
+    SQLite's alone)."""
     values = f"({', '.join('?' * len(FIELDS))})"
-    return f"INSERT OR IGNORE INTO usage ({', '.join(FIELDS)}) VALUES {', '.join([values] * rows)}"
+    return (f"INSERT INTO usage ({', '.join(FIELDS)}) VALUES {', '.join([values] * rows)}"
+            " ON CONFLICT (request_id) DO NOTHING")
 
 
 INSERT_SQL = insert_sql(1)

@@ -76,7 +76,10 @@ def write_spend_reset(conn: sqlite3.Connection, kind: str, name: str | int, wind
         raise ValueError(f"unknown budget window {window!r}; choose one of {', '.join(WINDOWS)}")
     conn.execute(
         "INSERT INTO spend_resets (kind, name, budget_window, reset_at) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (kind, name, budget_window) DO UPDATE SET reset_at = MAX(reset_at, excluded.reset_at)",
+        # CASE, not the two-argument max() that PostgreSQL lacks (GREATEST
+        # there); the stored column qualified, which PostgreSQL requires.
+        " ON CONFLICT (kind, name, budget_window) DO UPDATE SET reset_at = CASE"
+        " WHEN excluded.reset_at > spend_resets.reset_at THEN excluded.reset_at ELSE spend_resets.reset_at END",
         (kind, str(name), window, at),
     )
 

@@ -1,12 +1,14 @@
-"""Usage retention on real SQLite files with the time passed in: which rows
-go, in batches, their spend carried so that budgets rebuilt at start (total
-included) do not move, the config's bounds, and the running hub's task that
-deletes at start, logs, and stops with the hub."""
+"""Usage retention on real databases, SQLite and PostgreSQL alike (the
+`database` fixture), with the time passed in: which rows go, in batches,
+their spend carried so that budgets rebuilt at start (total included) do
+not move, two passes at once, the config's bounds, and the running hub's
+task that deletes at start, logs, and stops with the hub (on the engine
+HUBCORE_TEST_DATABASE names). On PostgreSQL the usage writer inserts while
+a batch is under way."""
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import threading
 import time
 from datetime import datetime
@@ -18,8 +20,10 @@ import pytest
 
 from hubcore import config as config_mod, store
 from hubcore.accounting import retention
-from hubcore.accounting.retention import Retention, purge
+from hubcore.accounting.pgwriter import PgUsageWriter
+from hubcore.accounting.retention import Retention, delete_batch, purge
 from hubcore.accounting.usage import UsageEvent, insert_sql, insert_values
+from hubcore.database import is_postgres
 from hubcore.errors import ConfigError
 from hubcore.governance import tokens
 from hubcore.governance.limiter import Limiter
@@ -27,6 +31,7 @@ from hubcore.governance.limits import WINDOWS, calendar_periods
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor
 from tests.hubharness import HubThread, make_config
+from tests.pgserver import PgDatabase, pg_server_database
 
 ZONE = "Europe/Berlin"
 DAY = 86400.0
@@ -44,19 +49,19 @@ def keep_since(now: float) -> float:
     return min(start for start, _ in calendar_periods(now, ZoneInfo(ZONE)))
 
 
-def database(tmp_path: Path) -> Path:
-    path = tmp_path / "hub.db"
-    conn = store.connect(path)
+def seeded(database: str) -> str:
+    """`database` with the tokens of alice (1), bob (2) and carol (3)."""
+    conn = store.connect(database)
     try:
         with store.immediate(conn):
             for user, project in (("alice", "web"), ("bob", None), ("carol", "web")):
                 tokens.create(conn, user, project)
     finally:
         conn.close()
-    return path
+    return database
 
 
-def add_rows(path: Path, spans: list[tuple[float, float, int]]) -> None:
+def make_events(spans: list[tuple[float, float, int]]) -> list[UsageEvent]:
     """For each (first, last, count): `count` rows spread from `first` to
     `last`, for tokens 1-3 (and some refused without a token), costs of
     every kind (none, zero, positive)."""
@@ -72,7 +77,12 @@ def add_rows(path: Path, spans: list[tuple[float, float, int]]) -> None:
                 project=None if token_id is None else ("web", None, "web")[token_id - 1], model="claude-sonnet-4-6",
                 cost_micros=cost,
             ))
-    conn = store.connect(path)
+    return events
+
+
+def add_rows(database: str, spans: list[tuple[float, float, int]]) -> None:
+    events = make_events(spans)
+    conn = store.connect(database)
     try:
         with store.immediate(conn):
             for chunk in range(0, len(events), 30):
@@ -82,17 +92,35 @@ def add_rows(path: Path, spans: list[tuple[float, float, int]]) -> None:
         conn.close()
 
 
-def rows(path: Path) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(path)
+def rows(database: str) -> list[tuple[Any, ...]]:
+    conn = store.connect(database)
     try:
         return conn.execute("SELECT id, ts, token_id, cost_micros FROM usage ORDER BY id").fetchall()
     finally:
         conn.close()
 
 
-def spend(path: Path, now: float) -> dict[tuple[str, str, str], int]:
+def carried(database: str) -> dict[int, tuple[Any, ...]]:
+    conn = store.connect(database)
+    try:
+        return {token: (user, project, micros, requests) for token, user, project, micros, requests
+                in conn.execute("SELECT token_id, user, project, cost_micros, requests FROM usage_carried")}
+    finally:
+        conn.close()
+
+
+def expected_carry(doomed: list[tuple[Any, ...]]) -> dict[int, tuple[Any, ...]]:
+    """What usage_carried holds once the rows `doomed` (rows() rows) are gone."""
+    expected = {}
+    for token_id, user, project in ((1, "alice", "web"), (2, "bob", None), (3, "carol", "web")):
+        mine = [r for r in doomed if r[2] == token_id]
+        expected[token_id] = (user, project, sum(r[3] for r in mine if r[3] and r[3] > 0), len(mine))
+    return expected
+
+
+def spend(database: str, now: float) -> dict[tuple[str, str, str], int]:
     """Every scope's spend in every window, as the hub rebuilds it at start."""
-    conn = store.connect(path)
+    conn = store.connect(database)
     try:
         limiter = Limiter(ZONE)
         limiter.rebuild(conn, now)
@@ -103,41 +131,108 @@ def spend(path: Path, now: float) -> dict[tuple[str, str, str], int]:
     return {(kind, name, window): limiter.spent(kind, name, window, now) for kind, name in scopes for window in WINDOWS}
 
 
-def test_old_rows_go_in_batches_and_their_spend_is_carried_per_token(tmp_path: Path) -> None:
-    path = database(tmp_path)
+def test_old_rows_go_in_batches_and_their_spend_is_carried_per_token(database: str) -> None:
+    path = seeded(database)
     add_rows(path, [(NOW - 200 * DAY, NOW - 41 * DAY, 2600), (NOW - 39 * DAY, NOW, 900)])
     before = rows(path)
     cutoff = NOW - 40 * DAY
     doomed = [r for r in before if r[1] < cutoff]
     assert len(doomed) == 2600
-    removed = purge(str(path), cutoff)
+    removed = purge(path, cutoff)
     assert removed == 2600
     assert rows(path) == [r for r in before if r[1] >= cutoff]
-    conn = sqlite3.connect(path)
-    try:
-        carried = {token: (user, project, micros, requests) for token, user, project, micros, requests
-                   in conn.execute("SELECT token_id, user, project, cost_micros, requests FROM usage_carried")}
-    finally:
-        conn.close()
-    expected = {}
-    for token_id, user, project in ((1, "alice", "web"), (2, "bob", None), (3, "carol", "web")):
-        mine = [r for r in doomed if r[2] == token_id]
-        expected[token_id] = (user, project, sum(r[3] for r in mine if r[3] and r[3] > 0), len(mine))
-    assert carried == expected
+    assert carried(path) == expected_carry(doomed)
     # A second pass finds nothing more, and adds nothing to the carry.
-    assert purge(str(path), cutoff) == 0
+    assert purge(path, cutoff) == 0
     assert len(rows(path)) == 900
+    assert carried(path) == expected_carry(doomed)
 
 
-def test_budgets_rebuilt_after_retention_are_those_before_it_total_included(tmp_path: Path) -> None:
-    path = database(tmp_path)
+def test_two_passes_at_once_delete_each_row_once_and_carry_it_once(database: str) -> None:
+    # Two hubs on one PostgreSQL database each run retention; on SQLite, a
+    # pass of the hub's and one of a second process.
+    path = seeded(database)
+    add_rows(path, [(NOW - 200 * DAY, NOW - 41 * DAY, 6000), (NOW - 39 * DAY, NOW, 100)])
+    before = rows(path)
+    cutoff = NOW - 40 * DAY
+    removed: list[int] = []
+    start = threading.Barrier(2)
+
+    def run() -> None:
+        start.wait()
+        removed.append(purge(path, cutoff))
+
+    passes = [threading.Thread(target=run) for _ in range(2)]
+    for thread in passes:
+        thread.start()
+    for thread in passes:
+        thread.join(60)
+    assert sum(removed) == 6000 and len(removed) == 2
+    assert rows(path) == [r for r in before if r[1] >= cutoff]
+    assert carried(path) == expected_carry([r for r in before if r[1] < cutoff])
+
+
+class _CommitWaits:
+    """A connection whose COMMIT waits for `release`: a batch caught with
+    its rows deleted and its carry written, not yet committed."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def execute(self, sql: str, parameters: Any = ()) -> Any:
+        if sql == "COMMIT":
+            self.reached.set()
+            assert self.release.wait(30)
+        return self.conn.execute(sql, parameters)
+
+
+def test_on_postgresql_the_usage_writer_inserts_while_a_batch_is_under_way(pg_database: PgDatabase) -> None:
+    # SQLite has one write lock, and its writer waits for at most one batch;
+    # PostgreSQL's writer waits for none.
+    path = seeded(pg_server_database(pg_database))
+    add_rows(path, [(NOW - 100 * DAY, NOW - 50 * DAY, 400)])
+    before = rows(path)
+    conn = store.connect(path)
+    held = _CommitWaits(conn)
+    deleted: list[int] = []
+    batch = threading.Thread(target=lambda: deleted.append(delete_batch(held, NOW - 40 * DAY, 1000)))  # type: ignore[arg-type]
+    batch.start()
+    try:
+        assert held.reached.wait(30)
+        fresh = make_events([(NOW - 60, NOW, 20)])
+
+        async def write() -> float:
+            writer = PgUsageWriter(path)  # type: ignore[arg-type]
+            await writer.open()
+            try:
+                started = time.monotonic()
+                assert await asyncio.wait_for(writer.insert(fresh), 10) == 20
+                return time.monotonic() - started
+            finally:
+                await writer.close()
+
+        assert asyncio.run(write()) < 1.0
+        # Until the batch commits, others see its rows and no carry.
+        assert rows(path)[:400] == before and carried(path) == {}
+    finally:
+        held.release.set()
+        batch.join(30)
+        conn.close()
+    assert deleted == [400]
+    assert len(rows(path)) == 20 and carried(path) == expected_carry(before)
+
+
+def test_budgets_rebuilt_after_retention_are_those_before_it_total_included(database: str) -> None:
+    path = seeded(database)
     # Rows from 200 days ago up to now, this month's and week's and the last
     # five hours' among them.
     add_rows(path, [(NOW - 200 * DAY, NOW, 4000), (NOW - 4 * 3600, NOW - 60, 300)])
     kept = spend(path, NOW)
     assert kept[("user", "alice", "total")] > kept[("user", "alice", "month")] > kept[("user", "alice", "day")] > 0
     assert kept[("project", "web", "5h")] > 0
-    task = Retention(str(path), 31, keep_since)
+    task = Retention(path, 31, keep_since)
     removed = task.run_once(NOW)
     assert removed > 2000 and task.removed == removed
     assert min(r[1] for r in rows(path)) >= NOW - 31 * DAY
@@ -181,33 +276,33 @@ class _Pauses(threading.Event):
         return self.is_set()
 
 
-def test_batches_shrink_when_they_are_slow_and_a_pause_as_long_follows_each(tmp_path: Path) -> None:
-    path = database(tmp_path)
+def test_batches_shrink_when_they_are_slow_and_a_pause_as_long_follows_each(database: str) -> None:
+    path = seeded(database)
     add_rows(path, [(NOW - 100 * DAY, NOW - 50 * DAY, 1500)])
     ticks = iter(range(1000))
     stop = _Pauses()
     # Each batch seems to take a whole second: 1,000 rows, then batches of
     # the smallest size (100) for the other 500.
-    removed = purge(str(path), NOW - 40 * DAY, stop=stop, clock=lambda: float(next(ticks)))
+    removed = purge(path, NOW - 40 * DAY, stop=stop, clock=lambda: float(next(ticks)))
     assert removed == 1500 and rows(path) == []
     assert stop.pauses == [1.0] * 6
     assert retention.BATCH_FIRST == 1000 and retention.BATCH_MIN == 100
 
 
-def test_a_stop_ends_the_pass_after_the_batch_under_way(tmp_path: Path) -> None:
-    path = database(tmp_path)
+def test_a_stop_ends_the_pass_after_the_batch_under_way(database: str) -> None:
+    path = seeded(database)
     add_rows(path, [(NOW - 100 * DAY, NOW - 50 * DAY, 2500)])
     stop = _Pauses(stop_after=1)
-    assert purge(str(path), NOW - 40 * DAY, stop=stop) == retention.BATCH_FIRST
+    assert purge(path, NOW - 40 * DAY, stop=stop) == retention.BATCH_FIRST
     assert len(rows(path)) == 2500 - retention.BATCH_FIRST
 
 
-def test_the_task_runs_at_start_and_stops_at_once_while_it_waits(tmp_path: Path) -> None:
-    path = database(tmp_path)
+def test_the_task_runs_at_start_and_stops_at_once_while_it_waits(database: str) -> None:
+    path = seeded(database)
     add_rows(path, [(time.time() - 90 * DAY, time.time() - 60 * DAY, 300)])
 
     async def run() -> float:
-        task = Retention(str(path), 31, keep_since, interval=3600)
+        task = Retention(path, 31, keep_since, interval=3600)
         task.start()
         while task.removed < 300:
             await asyncio.sleep(0.01)
@@ -219,14 +314,20 @@ def test_the_task_runs_at_start_and_stops_at_once_while_it_waits(tmp_path: Path)
     assert rows(path) == []
 
 
-def test_a_locked_database_is_logged_and_retried_next_pass(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = database(tmp_path)
+# What each engine says when the write lock stays taken for the busy timeout.
+LOCKED = {False: "database is locked", True: "canceling statement due to lock timeout"}
+
+
+def test_a_locked_database_is_logged_and_retried_next_pass(database: str, caplog: pytest.LogCaptureFixture) -> None:
+    path = seeded(database)
     add_rows(path, [(time.time() - 90 * DAY, time.time() - 60 * DAY, 50)])
+    # The write lock (on PostgreSQL the advisory lock that stands for it),
+    # as a command or the dashboard holds it.
     holder = store.connect(path)
     holder.execute("BEGIN IMMEDIATE")
 
     async def run() -> None:
-        task = Retention(str(path), 31, keep_since, interval=0.2, busy_timeout_ms=50)
+        task = Retention(path, 31, keep_since, interval=0.2, busy_timeout_ms=50)
         task.start()
         await asyncio.sleep(0.3)
         holder.execute("ROLLBACK")
@@ -240,7 +341,8 @@ def test_a_locked_database_is_logged_and_retried_next_pass(tmp_path: Path, caplo
     finally:
         holder.close()
     messages = [r.getMessage() for r in caplog.records if r.name == "hubcore.usage"]
-    assert any("usage retention: pass failed, retrying in 0.2 s: database is locked" in m for m in messages), messages
+    locked = LOCKED[is_postgres(path)]
+    assert any(f"usage retention: pass failed, retrying in 0.2 s: {locked}" in m for m in messages), messages
     assert any(m.startswith("usage retention: removed 50 rows from before ") for m in messages), messages
     assert rows(path) == []
 
@@ -268,13 +370,13 @@ def test_the_config_takes_zero_or_at_least_31_days(tmp_path: Path) -> None:
 def test_a_running_hub_deletes_old_rows_at_start_and_a_restart_keeps_every_budget(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    path = database(tmp_path)
     now = time.time()
-    add_rows(path, [(now - 120 * DAY, now - 45 * DAY, 1200), (now - 20 * DAY, now - 60, 300)])
-    kept = spend(path, now)
     with FakeVendor() as vendor:
+        # The database the hubs of this run use (HUBCORE_TEST_DATABASE).
         config = make_config(tmp_path, upstreams_for(vendor), budget_timezone=ZONE, usage_retention_days=40)
-        assert config.server.database == str(path)
+        path = seeded(config.server.database)
+        add_rows(path, [(now - 120 * DAY, now - 45 * DAY, 1200), (now - 20 * DAY, now - 60, 300)])
+        kept = spend(path, now)
         with caplog.at_level(logging.INFO, logger="hubcore.usage"):
             with HubThread(config) as hub:
                 deadline = time.monotonic() + 20

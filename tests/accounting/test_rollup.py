@@ -44,7 +44,7 @@ def event(ts: float, request_id: str, **fields: Any) -> UsageEvent:
 
 
 def insert(conn: sqlite3.Connection, events: Sequence[UsageEvent]) -> None:
-    """As the recorder writes: INSERT OR IGNORE, a replayed request_id skipped."""
+    """As the recorder writes: ON CONFLICT DO NOTHING, a replayed request_id skipped."""
     with store.immediate(conn):
         conn.executemany(INSERT_SQL, [tuple(getattr(e, f) for f in FIELDS) for e in events])
 

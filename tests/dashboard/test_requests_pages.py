@@ -25,6 +25,7 @@ from tests.conftest import upstreams_for
 from tests.dashboard.support import Client, add_operator, admin_api_token, operator_sign_in, submit
 from tests.fakevendor import ANTHROPIC_KEY, FakeVendor
 from tests.hubharness import HubThread, make_config
+from tests.pgserver import PgDatabase, pg_server_database
 
 ZONE = "Europe/Berlin"
 EVIL = "<script>alert(1)</script>"
@@ -275,9 +276,11 @@ def test_the_openapi_description_has_both_routes(hub: HubThread) -> None:
     assert set(paths["/api/v1/requests/{id}"]["get"]["responses"]) >= {"200", "400", "404"}
 
 
-def test_a_filtered_page_reads_one_index_in_order(tmp_path: Path) -> None:
+def test_on_sqlite_a_filtered_page_reads_one_index_in_order(tmp_path: Path) -> None:
     """Whatever the filters, the page's query reads an index in (ts, id)
-    order: no sort, no scan of the table."""
+    order: no sort, no scan of the table. SQLite's plan, on a SQLite file
+    whatever HUBCORE_TEST_DATABASE says (INDEXED BY and EXPLAIN QUERY PLAN
+    are SQLite's; PostgreSQL's plans are the next test's)."""
     conn = store.connect(tmp_path / "plans.db")
     try:
         for query in (
@@ -294,6 +297,43 @@ def test_a_filtered_page_reads_one_index_in_order(tmp_path: Path) -> None:
                 f"EXPLAIN QUERY PLAN SELECT * FROM usage INDEXED BY {index} WHERE {' AND '.join(terms) or '1'} "
                 "ORDER BY ts DESC, id DESC LIMIT 51", [v for _, v in query.filters] + where.params))
             assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, (query, plan)
+    finally:
+        conn.close()
+
+
+def test_on_postgresql_a_page_reads_an_index_chosen_by_the_statistics(pg_database: PgDatabase) -> None:
+    """PostgreSQL takes no index hint: with the statistics ANALYZE keeps,
+    its planner never reads the whole table for a page. Where many rows
+    match it reads an index newest first (an incremental sort orders rows
+    of equal ts by id) and stops at the page's end; a rare user's few rows
+    it finds on that user's index."""
+    conn = store.connect(pg_server_database(pg_database))
+    try:
+        conn.execute(
+            "INSERT INTO usage (ts, request_id, endpoint, status, outcome, total_ms, user, project, model)"
+            " SELECT 1700000000.0 + i, 'r' || i, '/v1/messages', CASE WHEN i % 5 = 0 THEN 529 ELSE 200 END,"
+            " CASE WHEN i % 5 = 0 THEN 'upstream_error' ELSE 'ok' END, 1.0,"
+            " CASE WHEN i % 1000 = 0 THEN 'rare' ELSE 'u' || (i % 20) END, 'p' || (i % 7), 'm' || (i % 3)"
+            " FROM generate_series(1, 20000) AS i")
+        conn.execute("ANALYZE usage")
+        for query, index, in_order in (
+            (requests_view.RequestQuery((), None, None, None, 50), "usage_ts", True),
+            (requests_view.RequestQuery((("user", "rare"),), None, None, None, 50), "usage_user_ts", False),
+            (requests_view.RequestQuery((("user", "u3"),), 1_700_000_100.0, 1_700_019_000.0, None, 50), None, True),
+            (requests_view.RequestQuery((("project", "p1"), ("status", 200)), None, None, None, 50), None, True),
+            (requests_view.RequestQuery((("model", "m1"), ("outcome", "ok")), 1.0, None, None, 50), None, True),
+        ):
+            where = requests_view.bounds(conn, query)
+            assert where is not None
+            terms = [f"{c} = ?" for c, _ in query.filters] + where.terms
+            plan = "\n".join(row[0] for row in conn.execute(
+                f"EXPLAIN SELECT * FROM usage WHERE {' AND '.join(terms) or '1 = 1'} ORDER BY ts DESC, id DESC LIMIT 51",
+                [v for _, v in query.filters] + where.params))
+            assert "Seq Scan" not in plan, (query, plan)
+            # "Index Scan Backward using usage_ts on usage", "Bitmap Index Scan on usage_user_ts"
+            assert index is None or re.search(rf"(using|Index Scan on) {index} ", plan + " "), (query, plan)
+            if in_order:
+                assert "Index Scan Backward using " in plan and "Incremental Sort" in plan, (query, plan)
     finally:
         conn.close()
 

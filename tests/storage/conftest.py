@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from hubcore import store
-from hubcore.accounting.usage import FIELDS, UsageEvent, insert_values
+from hubcore.accounting.usage import FIELDS, UsageEvent, insert_sql, insert_values
 from tests.pgserver import pg_server_database
 
 __all__ = ["add_usage", "event", "pg_server_database"]
@@ -24,12 +24,9 @@ def conn(database: str) -> Iterator[sqlite3.Connection]:
     c.close()
 
 
-# Portable (SQLite 3.24+ and PostgreSQL): the usage writer's own INSERT OR
-# IGNORE is SQLite's, and PostgreSQL's writer is accounting.pgwriter.
-INSERT_USAGE = (
-    f"INSERT INTO usage ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
-    " ON CONFLICT (request_id) DO NOTHING"
-)
+# The SQLite usage writer's own INSERT, portable (SQLite 3.24+ and
+# PostgreSQL, whose writer is accounting.pgwriter).
+INSERT_USAGE = insert_sql(1)
 
 
 def add_usage(conn: sqlite3.Connection, *events: UsageEvent) -> None:

@@ -230,6 +230,29 @@ def test_budgets_are_rebuilt_from_usage_rows(conn: sqlite3.Connection) -> None:
     }
 
 
+def test_a_plain_begin_reads_one_snapshot_while_another_connection_commits(database: str) -> None:
+    # What the budgets' rebuild relies on: a retention batch that moves
+    # spend from usage rows to usage_carried while it reads is seen on one
+    # side only.
+    reader, writer = store.connect(database), store.connect(database)
+    try:
+        token_id, _ = tokens.create(writer, "alice")
+        add_usage(writer, event("a", JAN1, token_id=token_id, user="alice", cost_micros=700))
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT SUM(cost_micros) FROM usage").fetchone() == (700,)
+        with store.immediate(writer):
+            writer.execute("DELETE FROM usage")
+            writer.execute("INSERT INTO usage_carried (token_id, user, project, cost_micros, requests, through_ts)"
+                           " VALUES (?, ?, ?, ?, ?, ?)", (token_id, "alice", None, 700, 1, JAN1))
+        assert reader.execute("SELECT count(*) FROM usage_carried").fetchone() == (0,)
+        assert reader.execute("SELECT SUM(cost_micros) FROM usage").fetchone() == (700,)
+        reader.execute("COMMIT")
+        assert reader.execute("SELECT count(*), SUM(cost_micros) FROM usage_carried").fetchone() == (1, 700)
+    finally:
+        reader.close()
+        writer.close()
+
+
 def test_the_schema_is_migrated_once_and_reopened_as_it_is(database: str) -> None:
     first = store.connect(database)
     tokens.create(first, "alice")

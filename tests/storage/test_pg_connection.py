@@ -27,6 +27,7 @@ def test_parameters_are_numbered_outside_literals_and_comments() -> None:
     statement = pgstore.translate("SELECT '?', \"a?\", x -- why?\n FROM t WHERE a = ? AND b = ? /* ? */")
     assert statement.sql == "SELECT '?', \"a?\", x -- why?\n FROM t WHERE a = $1 AND b = $2 /* ? */"
     assert statement.params == 2 and statement.kind == "rows"
+    assert pgstore.translate("EXPLAIN SELECT * FROM usage WHERE id = ?").kind == "rows"
 
 
 def test_the_reserved_name_user_is_quoted_wherever_it_is_a_name() -> None:
@@ -46,6 +47,7 @@ def test_an_insert_into_an_identity_table_returns_its_id() -> None:
 def test_transaction_statements_and_pragmas() -> None:
     assert pgstore.translate("BEGIN IMMEDIATE").kind == "begin_immediate"
     assert pgstore.translate("BEGIN").kind == "begin"
+    assert pgstore.translate("BEGIN DEFERRED").sql == "BEGIN ISOLATION LEVEL REPEATABLE READ"
     assert pgstore.translate("COMMIT").kind == "commit"
     assert pgstore.translate("ROLLBACK").kind == "rollback"
     assert pgstore.translate("PRAGMA busy_timeout = 1500").value == 1500

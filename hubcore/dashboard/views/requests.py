@@ -22,6 +22,8 @@ back it searched, and its cursor (the last entry read, a row that need not
 match) lets the next page search on. No page reads more than SCAN_BUDGET
 rows, whatever the filters: with 2 million rows, at most some 200 ms on a
 busy 2-core machine (`python -m bench.dashboard`), most pages under 20.
+On PostgreSQL the same queries run without the index hints (it has none;
+its planner has statistics), and the same budget bounds a page.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from zoneinfo import ZoneInfo
 
 from hubcore.accounting.usage import FIELDS, OUTCOMES
 from hubcore.dashboard import pages, web
+from hubcore.database import indexed_by
 from hubcore.dashboard.web import Access, BadParameter, Request, Route
 from hubcore.governance.limits import format_time, format_usd
 from hubcore.http.h11server import Reply
@@ -166,8 +169,8 @@ def choose_index(conn: sqlite3.Connection, query: RequestQuery, where: Bounds) -
     for column, value in likely:
         index = _FILTER_INDEXES[column]
         (count,) = conn.execute(
-            f"SELECT count(*) FROM (SELECT 1 FROM usage INDEXED BY {index} "
-            f"WHERE {' AND '.join([f'{column} = ?', *where.terms])} LIMIT {best})",
+            f"SELECT count(*) FROM (SELECT 1 FROM usage {indexed_by(conn, index)} "
+            f"WHERE {' AND '.join([f'{column} = ?', *where.terms])} LIMIT {best}) AS counted",
             [value, *where.params],
         ).fetchone()
         if count < best:
@@ -187,7 +190,8 @@ class Page:
 def _select(conn: sqlite3.Connection, index: str, query: RequestQuery, where: Bounds, limit: int) -> list[dict[str, Any]]:
     terms = [f"{column} = ?" for column, _ in query.filters] + where.terms
     cursor = conn.execute(
-        f"{_SELECT} INDEXED BY {index} WHERE {' AND '.join(terms) or '1'} ORDER BY ts DESC, id DESC LIMIT {limit}",
+        f"{_SELECT} {indexed_by(conn, index)} WHERE {' AND '.join(terms) or '1 = 1'}"
+        f" ORDER BY ts DESC, id DESC LIMIT {limit}",
         [value for _, value in query.filters] + where.params,
     )
     return [dict(zip(_COLUMNS, values)) for values in cursor]
@@ -211,8 +215,9 @@ def list_rows(conn: sqlite3.Connection, query: RequestQuery) -> Page:
     rows = []
     for _ in range(SCAN_BUDGET // SCAN_STEP):
         edge = conn.execute(
-            f"SELECT ts, id FROM usage INDEXED BY {index} WHERE {' AND '.join([f'{column} = ?', *where.terms])} "
-            f"ORDER BY ts DESC, id DESC LIMIT 1 OFFSET {SCAN_STEP - 1}", [value, *where.params],
+            f"SELECT ts, id FROM usage {indexed_by(conn, index)}"
+            f" WHERE {' AND '.join([f'{column} = ?', *where.terms])}"
+            f" ORDER BY ts DESC, id DESC LIMIT 1 OFFSET {SCAN_STEP - 1}", [value, *where.params],
         ).fetchone()
         window = where if edge is None else Bounds(
             where.lower + ["ts >= ? AND (ts > ? OR id >= ?)"], where.lower_params + [edge[0], edge[0], edge[1]],
@@ -237,16 +242,18 @@ def one_row(conn: sqlite3.Connection, row_id: int) -> dict[str, Any] | None:
 
 def suggestions(conn: sqlite3.Connection, column: str) -> list[str]:
     """The distinct values of a filter column, for the form's suggestions:
-    one index seek per value (a skip scan), not a read of every row."""
+    one index seek per value (a skip scan), not a read of every row. The
+    LIMIT is the outer query's, which stops the recursion on both engines
+    (PostgreSQL refuses one inside a recursive query)."""
     assert column in ("user", "project", "model")
     found = conn.execute(
         f"WITH RECURSIVE seen(value) AS ("
         f" SELECT (SELECT min({column}) FROM usage)"
         f" UNION ALL SELECT (SELECT min({column}) FROM usage WHERE {column} > seen.value) FROM seen"
-        f" WHERE seen.value IS NOT NULL LIMIT {SUGGESTIONS_MAX + 1})"
-        f" SELECT value FROM seen WHERE value IS NOT NULL"
+        f" WHERE seen.value IS NOT NULL)"
+        f" SELECT value FROM seen WHERE value IS NOT NULL LIMIT {SUGGESTIONS_MAX}"
     )
-    return [value for (value,) in found][:SUGGESTIONS_MAX]
+    return [value for (value,) in found]
 
 
 def route_chain(route: str | None) -> list[dict[str, Any]]:
