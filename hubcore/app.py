@@ -195,6 +195,8 @@ class App:
             upstream.start()  # the hub's probes of keys whose circuits are open
         self.metrics.start()
         self.alerts.watch_usage(self.recorder.stats, cfg.usage_queue_max)
+        if self.shared is not None:
+            self.alerts.watch_shared(self.shared.stats)
         if self.ops is not None:
             try:
                 await self.ops.start()

@@ -328,6 +328,8 @@ ALERT_EVENTS = (
     "upstream.failover",     # a request moved to an upstream of lower priority
     "upstream.recovered",    # an upstream failed over from, or unavailable, has a usable key again
     "usage.degraded",        # usage rows going to the spool, the queue above 80%, database errors
+    "shared.degraded",       # [shared] Redis unreachable: limits enforced locally (or refused)
+    "shared.recovered",      # [shared] Redis answers again: limits shared again
 )
 ALERT_FORMATS = ("json", "slack")
 
@@ -538,7 +540,7 @@ def parse(data: dict[str, Any], *, source: str, env: dict[str, str]) -> Config:
     )
 
 
-_ALERT_GROUPS = {group: tuple(k for k in ALERT_EVENTS if k.startswith(group + ".")) for group in ("budget", "key", "upstream", "usage")}
+_ALERT_GROUPS = {group: tuple(k for k in ALERT_EVENTS if k.startswith(group + ".")) for group in ("budget", "key", "upstream", "usage", "shared")}
 _ALERT_FIELDS = {f.name for f in dataclasses.fields(AlertConfig)} - {"label"}
 
 

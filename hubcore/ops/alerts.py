@@ -429,6 +429,7 @@ class Alerts:
         self._rings: dict[str, KeyRing] = {}
         self._down: set[str] = set()
         self._usage_task: asyncio.Task[None] | None = None
+        self._shared_task: asyncio.Task[None] | None = None
         self._closed = False
 
     def _wanted(self) -> frozenset[str]:
@@ -568,6 +569,46 @@ class Alerts:
             ))
         return spooled
 
+    def watch_shared(self, stats: UsageStats, interval: float = USAGE_WATCH_INTERVAL) -> None:
+        """Look at the shared state's stats ([shared] Redis) every `interval`
+        seconds and raise shared.degraded when the hub stops sharing limits
+        (Redis unreachable: it enforces its share locally, or refuses), and
+        shared.recovered when it shares them again."""
+        if self._shared_task is None:
+            self._shared_task = asyncio.get_running_loop().create_task(
+                self._watch_shared(stats, interval), name="hubcore-alerts-shared",
+            )
+
+    async def _watch_shared(self, stats: UsageStats, interval: float) -> None:
+        degraded = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                degraded = self._look_at_shared(stats(), degraded)
+            except Exception:
+                log.exception("alerts: looking at the shared state failed")
+
+    def _look_at_shared(self, stats: Mapping[str, Any], was_degraded: bool) -> bool:
+        degraded = bool(stats.get("degraded"))
+        if degraded == was_degraded:
+            return degraded
+        details = {"redis": stats.get("redis"), "on_failure": stats.get("on_failure"),
+                   "instances": stats.get("instances"), "last_error": stats.get("last_error")}
+        if degraded and self.wants("shared.degraded"):
+            refusing = stats.get("on_failure") == "closed"
+            summary = (f"shared state: Redis {stats.get('redis')} unreachable; "
+                       + ("requests are refused until it answers" if refusing
+                          else "each instance enforces its share of every limit locally"))
+            if stats.get("last_error"):
+                summary += f": {stats['last_error']}"
+            self.emit(Alert("shared.degraded", "critical" if refusing else "warning", summary, details,
+                            "shared.degraded"))
+        elif not degraded and self.wants("shared.recovered"):
+            self.emit(Alert("shared.recovered", "info",
+                            f"shared state: Redis {stats.get('redis')} answers again; limits are shared again",
+                            details, "shared.recovered"))
+        return degraded
+
     # -- reload, stats, end -------------------------------------------------------------
 
     def configure(self, configs: Iterable[AlertConfig]) -> list[str]:
@@ -624,9 +665,10 @@ class Alerts:
         deadline = loop.time() + grace
         while loop.time() < deadline and any(t.queue or t.delivering is not None for t in self.targets):
             await asyncio.sleep(0.02)
-        if self._usage_task is not None:
-            self._usage_task.cancel()
-            self._usage_task = None
+        for task in (self._usage_task, self._shared_task):
+            if task is not None:
+                task.cancel()
+        self._usage_task = self._shared_task = None
         for ring in self._rings.values():
             if ring.state_listener == self.on_key_state:
                 ring.state_listener = None
