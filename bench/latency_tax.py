@@ -249,7 +249,8 @@ class Bench:
             alert_url = self._own(services.Blackhole()).url
             self.notes.append("--alert-blackhole: hubcore has an [[alert]] target that never answers, and a soft "
                               "budget its first request passes; an alert delivery hangs on it while requests are "
-                              "measured (the --compare hub and the saturation hubs have none).")
+                              "measured (the --compare hub has the same soft budget and no target; the saturation "
+                              "hubs have neither).")
         dashboard_port = services.free_port() if self.dashboard_load else 0
         self.hub = self._own(services.start_hub(self.workdir, "hub", f"http://127.0.0.1:{self.vendor.port}", pool,
                                                      self.hub_source, alert_url=alert_url,
@@ -261,7 +262,7 @@ class Bench:
                               "hub and the saturation hubs have none).")
         if self.alt_source:
             self.alt = self._own(services.start_hub(self.workdir, "hub-alt", f"http://127.0.0.1:{self.vendor.port}", pool,
-                                                    self.alt_source))
+                                                    self.alt_source, budget=self.alert_blackhole))
         time.sleep(1.0)  # let start-up allocations settle before the idle reading
         self.idle_rss = services.rss_bytes(self.hub.pid)
         saturation = self.nginx_bin is not None and self.wrk_bin is not None
@@ -694,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hubcore-path", help="run the hub from this source tree (its hubcore/ package) instead of this checkout")
     parser.add_argument("--alert-blackhole", action="store_true",
                         help="give the hub an [[alert]] webhook that never answers, with an alert hanging on it "
-                             "from the first request: its latency must not move (compare with a run without)")
+                             "from the first request: its latency must not move (with --compare on this tree, "
+                             "the other hub gets the same soft budget and no target)")
     parser.add_argument("--dashboard-load", action="store_true",
                         help="poll the hub's dashboard API as an operator's open live page and overview do: the "
                              "latency must move by no more than its noise (compare with --compare on this tree)")

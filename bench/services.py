@@ -293,12 +293,15 @@ def _has_dashboard(source: str | None) -> bool:
 
 
 def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | None = None,
-              launcher: list[str] | None = None, alert_url: str | None = None, dashboard_port: int = 0) -> Hub:
+              launcher: list[str] | None = None, alert_url: str | None = None, dashboard_port: int = 0,
+              budget: bool = False) -> Hub:
     """`hubcore token create` then `hubcore serve --config`, as a user would
     (hubcore imported from `source` when given: to compare two trees;
     `launcher` replaces `python -m hubcore`, e.g. to run it under a profiler;
     `alert_url`: an [[alert]] target, with a soft budget that the first
-    request passes, see ALERT_CONFIG; `dashboard_port`: the dashboard's
+    request passes, see ALERT_CONFIG; `budget`: that soft budget without
+    the target, for the hub an --alert-blackhole run compares with (so that
+    only the hanging target differs); `dashboard_port`: the dashboard's
     listener, else none: several hubs of a run would all want its default
     port)."""
     d = workdir / name
@@ -320,7 +323,7 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
     (d / "hubcore.db").touch()
     made = subprocess.run([*_python(), "-m", "hubcore", "token", "create", "--config", str(config),
                            "--user", "bench", "--project", "latency-tax",
-                           *(ALERT_BUDGET if alert_url is not None else [])],
+                           *(ALERT_BUDGET if alert_url is not None or budget else [])],
                           capture_output=True, text=True, env=env, cwd=d, timeout=60)
     if made.returncode != 0:
         raise RuntimeError(f"hubcore token create failed: {made.stderr.strip()}")
