@@ -195,6 +195,8 @@ def hub_config(config: Path, vendor: FakeVendor) -> Path:
             f'keys = ["{ANTHROPIC_KEY}"]\n'
             # The group every restriction below keeps, until one rules it out.
             'group = "fast"\n'
+            # Off: the default port would be shared by every hub on the machine.
+            '\n[dashboard]\nlisten = ""\n'
         )
     return config
 

@@ -82,6 +82,10 @@ name = "anthropic"
 kind = "anthropic"
 base_url = "{vendor.url}"
 keys = ["{ANTHROPIC_KEY}"]
+
+# Off: the default port would be shared by every hub on the machine.
+[dashboard]
+listen = ""
 """
         )
         with open(tmp_path / "hub.log", "w") as log:
