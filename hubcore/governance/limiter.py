@@ -1009,20 +1009,16 @@ class Limiter:
             now = self._clock()
         self._advance(now)
         defined = self._limits
-        entries: list[tuple[str, str, Limits]] = []
         if scope is not None:
             # One scope (a dashboard page's): its limits alone, not a pass over all.
             kind, name = scope
-            by_kind: dict[str, dict[Any, Limits]] = {
-                "token": defined.tokens, "user": defined.users, "project": defined.projects}
-            key: Any = int(name) if kind == "token" and name.isdigit() else name
-            found = by_kind.get(kind, {}).get(key)
-            if found is not None:
-                entries.append((kind, str(key), found))
-        else:
-            entries += [("token", str(i), lim) for i, lim in sorted(defined.tokens.items())]
-            entries += [("user", n, lim) for n, lim in sorted(defined.users.items())]
-            entries += [("project", n, lim) for n, lim in sorted(defined.projects.items())]
+            if kind not in SCOPE_KINDS or (kind == "token" and not name.isdigit()):
+                return []
+            return self.scope_budgets(kind, name, now)
+        entries: list[tuple[str, str, Limits]] = []
+        entries += [("token", str(i), lim) for i, lim in sorted(defined.tokens.items())]
+        entries += [("user", n, lim) for n, lim in sorted(defined.users.items())]
+        entries += [("project", n, lim) for n, lim in sorted(defined.projects.items())]
         lines = []
         for kind, name, limits in entries:
             state = self._scope(kind, name) or _Scope(f"{kind} {name}")

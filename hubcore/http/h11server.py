@@ -10,6 +10,7 @@ listens on, and its routes, are its own.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def busy_answer(content_type: str, body: bytes) -> bytes:
     )
 
 
-class H11Server:
+class H11Server(abc.ABC):
     """The connection handling shared by hubcore's h11 servers."""
 
     name = "http"                    # for logs and task names
@@ -83,9 +84,9 @@ class H11Server:
 
     # -- what a server gives ----------------------------------------------------
 
+    @abc.abstractmethod
     async def dispatch(self, head: h11.Request, body: bytes, peer: str) -> Reply:
-        """`peer`: the client's address ("" on a Unix socket)."""
-        raise NotImplementedError
+        """A request to its Reply; `peer`: the client's address ("" on a Unix socket)."""
 
     def error_reply(self, status: int, message: str) -> Reply:
         return Reply(status, "text/plain; charset=utf-8", message + "\n")
