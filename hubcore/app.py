@@ -98,6 +98,7 @@ class App:
                 seed=self.limiter.spend_report,
             )
             self.recorder.add_listener(self.shared.on_usage)
+            self.limiter.judges_rates = False
         self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter, self.shared)
         if self.shared is not None:
             for name, upstream in self.hub.upstreams.items():

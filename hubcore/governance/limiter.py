@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 from hubcore.config import zone
 from hubcore.database import floor_of
@@ -127,6 +128,44 @@ def groups_refusal(principal: Principal) -> Refused:
         f"{label} may use no upstream group: {said}; no group is allowed by all of them" if said
         else f"{label} may use no upstream group",
         limit="groups", scope=label,
+    )
+
+
+def rpm_refusal(label: str, rpm: int, frees_at: float, now: float, tz: ZoneInfo) -> Refused:
+    """The 429 of a full rpm window that frees a place at `frees_at`, worded
+    alike whether this instance or the hub's shared state counted it."""
+    # Whole seconds, rounded up: a client that waits exactly retry-after
+    # must find the place free.
+    wait = float(max(1, math.ceil(frees_at - now)))
+    return Refused(
+        429, "rate_limit_exceeded",
+        f"rate limit of {label} reached: {rpm} requests per minute; "
+        f"retry in {_format_wait(wait)} (at {format_time(frees_at, tz)})",
+        limit="rpm", scope=label, resets_at=frees_at, retry_after=wait,
+    )
+
+
+def concurrency_refusal(label: str, concurrency: int) -> Refused:
+    return Refused(
+        429, "concurrency_limit_exceeded",
+        f"concurrency limit of {label} reached: {concurrency} requests in flight; "
+        f"retry when one of them ends",
+        limit="concurrency", scope=label, retry_after=CONCURRENCY_RETRY_AFTER,
+    )
+
+
+def budget_refusal(
+    window: str, label: str, spent: int, limit: int, resets_at: float | None, now: float, tz: ZoneInfo,
+) -> Refused:
+    """The 403 of a spent budget; `resets_at` None: it never resets by itself."""
+    if resets_at is None:
+        when = "it does not reset by itself; an administrator can raise it"
+    else:
+        when = f"it resets at {format_time(resets_at, tz)} (in {_format_wait(resets_at - now)})"
+    return Refused(
+        403, "budget_exceeded",
+        f"{_WINDOW_NAMES[window]} budget of {label} is spent: {format_usd(spent)} of {format_usd(limit)}; {when}",
+        limit="budget_" + window, scope=label, resets_at=resets_at,
     )
 
 
@@ -369,6 +408,13 @@ class Limiter:
         self._warn_projects: dict[str, Limits] = {}
         # Told of every threshold crossed (the alerts); called on the loop, in charge().
         self.on_crossing: CrossingListener | None = None
+        # False when the hub's instances share their counts ([shared] redis):
+        # then rpm, concurrency and budgets are judged on what all of them
+        # count (shared.redis_state), and a request this one admitted but the
+        # shared state refused must not fill this instance's rpm window.
+        # Expiry, groups and models are judged here either way, and spend and
+        # requests in flight are still counted for /me and the dashboard.
+        self.judges_rates = True
         self._set_periods(clock())
 
     # -- configuration -------------------------------------------------------
@@ -542,6 +588,8 @@ class Limiter:
                         "and this request names none the hub could read",
                         limit="models", scope=scope.label,
                     )
+        if not self.judges_rates:
+            return
         oldest_kept = int(now // BUCKET_SECONDS) - ROLLING_BUCKETS + 1
         day, week, month = self._day[0], self._week[0], self._month[0]
         for limits, scope in checks:
@@ -574,25 +622,11 @@ class Limiter:
                 if len(hits) >= rpm:
                     # After a lowered limit more than rpm hits may be held:
                     # the oldest len - rpm + 1 of them must age out first.
-                    frees_at = hits[len(hits) - rpm] + RPM_WINDOW
-                    # Whole seconds, rounded up: a client that waits exactly
-                    # retry-after must find the slot free.
-                    wait = float(max(1, math.ceil(frees_at - now)))
-                    raise Refused(
-                        429, "rate_limit_exceeded",
-                        f"rate limit of {scope.label} reached: {rpm} requests per minute; "
-                        f"retry in {_format_wait(wait)} (at {format_time(frees_at, self.tz)})",
-                        limit="rpm", scope=scope.label, resets_at=frees_at, retry_after=wait,
-                    )
+                    raise rpm_refusal(scope.label, rpm, hits[len(hits) - rpm] + RPM_WINDOW, now, self.tz)
         for limits, scope in checks:
             concurrency = limits.concurrency
             if concurrency is not None and scope.in_flight >= concurrency:
-                raise Refused(
-                    429, "concurrency_limit_exceeded",
-                    f"concurrency limit of {scope.label} reached: {concurrency} requests in flight; "
-                    f"retry when one of them ends",
-                    limit="concurrency", scope=scope.label, retry_after=CONCURRENCY_RETRY_AFTER,
-                )
+                raise concurrency_refusal(scope.label, concurrency)
         # Every check passed: only now does this request count against rpm.
         for limits, scope in checks:
             if limits.rpm is not None and scope.hits is not None:
@@ -603,16 +637,7 @@ class Limiter:
             spent = self._spent(scope, window)
             if spent >= limit:
                 resets_at = self._resets_at(scope, window, limit)
-                if resets_at is None:
-                    when = "it does not reset by itself; an administrator can raise it"
-                else:
-                    when = f"it resets at {format_time(resets_at, self.tz)} (in {_format_wait(resets_at - now)})"
-                raise Refused(
-                    403, "budget_exceeded",
-                    f"{_WINDOW_NAMES[window]} budget of {scope.label} is spent: "
-                    f"{format_usd(spent)} of {format_usd(limit)}; {when}",
-                    limit="budget_" + window, scope=scope.label, resets_at=resets_at,
-                )
+                raise budget_refusal(window, scope.label, spent, limit, resets_at, now, self.tz)
 
     # -- spend ---------------------------------------------------------------
 

@@ -108,14 +108,14 @@ from hubcore import __version__
 from hubcore.config import SharedConfig, redis_address, zone
 from hubcore.errors import HubError
 from hubcore.governance.limiter import (
-    _WINDOW_NAMES,
-    CONCURRENCY_RETRY_AFTER,
     Admission,
     BudgetLine,
     Refused,
-    _format_wait,
+    budget_refusal,
+    concurrency_refusal,
+    rpm_refusal,
 )
-from hubcore.governance.limits import Limits, calendar_periods, format_time, format_usd
+from hubcore.governance.limits import Limits, calendar_periods
 from hubcore.governance.storage import ScopeLimits
 from hubcore.governance.tokens import Principal
 from hubcore.shared.fallback import LocalShare
@@ -472,21 +472,9 @@ class SharedState:
         _, label, limits = scopes[index - 1]
         limit = limit_name.decode() if isinstance(limit_name, bytes) else str(limit_name)
         if limit == "rpm":
-            frees_at = now + value / 1000.0
-            wait = float(max(1, math.ceil(value / 1000.0)))
-            return Refused(
-                429, "rate_limit_exceeded",
-                f"rate limit of {label} reached: {limits.rpm} requests per minute; "
-                f"retry in {_format_wait(wait)} (at {format_time(frees_at, self._tz)})",
-                limit="rpm", scope=label, resets_at=frees_at, retry_after=wait,
-            )
+            return rpm_refusal(label, limits.rpm or 0, now + value / 1000.0, now, self._tz)
         if limit == "concurrency":
-            return Refused(
-                429, "concurrency_limit_exceeded",
-                f"concurrency limit of {label} reached: {limits.concurrency} requests in flight; "
-                f"retry when one of them ends",
-                limit="concurrency", scope=label, retry_after=CONCURRENCY_RETRY_AFTER,
-            )
+            return concurrency_refusal(label, limits.concurrency or 0)
         window = limit.removeprefix("budget_")
         budget = limits.budget(window) or 0
         resets_at: float | None = None
@@ -499,15 +487,7 @@ class SharedState:
                 resets_at = self._periods[1][1]
             elif window == "month":
                 resets_at = self._periods[2][1]
-        if resets_at is None:
-            when = "it does not reset by itself; an administrator can raise it"
-        else:
-            when = f"it resets at {format_time(resets_at, self._tz)} (in {_format_wait(resets_at - now)})"
-        return Refused(
-            403, "budget_exceeded",
-            f"{_WINDOW_NAMES[window]} budget of {label} is spent: {format_usd(value)} of {format_usd(budget)}; {when}",
-            limit=limit, scope=label, resets_at=resets_at,
-        )
+        return budget_refusal(window, label, value, budget, resets_at, now, self._tz)
 
     # -- writes off the request path ------------------------------------------------
 

@@ -72,6 +72,20 @@ def test_rpm_30_across_two_hubs(tmp_path: Path, vendor: FakeVendor, redis_server
         assert "30 requests per minute" in refused["error"]["message"]
 
 
+def test_a_request_the_shared_window_refused_takes_no_place_in_the_local_one(
+    tmp_path: Path, vendor: FakeVendor, redis_server: RedisServer,
+) -> None:
+    with two_hubs(tmp_path, vendor, redis_server, ["sk-ant-good"]) as (a, b):
+        token = a.mint_limited("carol", Limits(rpm=2))
+        refreshed(b)
+        assert [post(b, token)[0] for _ in range(2)] == [200, 200]
+        assert [post(a, token)[0] for _ in range(2)] == [429, 429]
+        # The minute passes for the shared window (its key goes, as after
+        # 60 s): hub a, which admitted none itself, has both places to give.
+        assert redis_server.command("DEL", "hubcore:rpm:u:carol") == b":1\r\n"
+        assert [post(a, token)[0] for _ in range(3)] == [200, 200, 429]
+
+
 def test_concurrency_1_across_two_hubs(tmp_path: Path, vendor: FakeVendor, redis_server: RedisServer) -> None:
     with two_hubs(tmp_path, vendor, redis_server, ["sk-ant-good"]) as (a, b):
         token = a.mint_limited("bob", Limits(concurrency=1))
