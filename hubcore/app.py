@@ -27,14 +27,14 @@ from hubcore.errors import ConfigError
 from hubcore.governance.limiter import Limiter
 from hubcore.governance import audit, tokens as tokens_mod
 from hubcore.governance.limits import calendar_periods, effective_groups
-from hubcore.governance.storage import load_scope_limits, read_limits
+from hubcore.governance.storage import ScopeLimits, load_scope_limits, read_limits
 from hubcore.ops.alerts import Alerts
 from hubcore.ops.metrics import KEY_FIELDS, HubMetrics
 from hubcore.ops.server import KeyReset, KeySwitched, OpsServer
 from hubcore.runtime import CycleCollector
 from hubcore.accounting.pricing import Pricing
 from hubcore.gateway.exchange import Exchange, Hub, Phase
-from hubcore.gateway.upstreams import restore_key_switches, store_key_switches
+from hubcore.gateway.upstreams import load_disabled_keys, restore_key_switches, store_key_switches
 from hubcore.http.client import client_ssl_context
 from hubcore.http.server import Server, server_ssl_context
 from hubcore.governance.tokens import TokenTable
@@ -148,6 +148,8 @@ class App:
         self._listener: asyncio.Task[None] | None = None
         # Key switches are stored one at a time, in the order they were made.
         self._key_switch_lock = asyncio.Lock()
+        # Counts the operator's switches made through this instance (see refresh_tokens).
+        self._key_switches = 0
         # The poll, SIGHUP and the ops socket all refresh the token table:
         # one at a time, so an older read never lands after a newer one and
         # the worker threads never share the connection at once.
@@ -359,6 +361,7 @@ class App:
                 states[upstream.config.name] = state.value
         if not states:
             return None
+        self._key_switches += 1
         switches = [(name, label, enabled) for name in states]
         busy_timeout = min(self.config.server.db_busy_timeout, KEY_SWITCH_BUSY_TIMEOUT)
 
@@ -415,6 +418,13 @@ class App:
                 return KeyReset(states, not_audited=str(e))
         return KeyReset(states)
 
+    def _follow_key_switches(self, disabled: dict[str, set[str]]) -> None:
+        """The keys disabled as the database has them: switches another
+        instance made reach this one's rings (KeyRing.follow_switches, which
+        logs each move)."""
+        for name, upstream in self.hub.upstreams.items():
+            upstream.ring.follow_switches(disabled.get(name, set()))
+
     async def refresh_tokens_now(self) -> int:
         """POST /tokens/refresh: the CLI changed tokens or limits."""
         await self.refresh_tokens(force=True)
@@ -431,18 +441,26 @@ class App:
         db = self.db
         if db is None:
             return
-        def refresh() -> Any:
+        def refresh() -> tuple[ScopeLimits, dict[str, set[str]]] | None:
             # Read in a worker thread; apply on the loop.
-            return load_scope_limits(db) if self.tokens.refresh(db, force) else None
+            if not self.tokens.refresh(db, force):
+                return None
+            return load_scope_limits(db), load_disabled_keys(db)
 
         try:
             async with self._refresh_lock:
-                limits = await asyncio.to_thread(refresh)
-                if limits is not None:
+                switches_before = self._key_switches
+                loaded = await asyncio.to_thread(refresh)
+                if loaded is not None:
+                    limits, disabled = loaded
                     self.limiter.update(limits)
                     if self.shared is not None:
                         self.shared.update_limits(limits)
                     log.info("tokens and limits reloaded: %d active tokens", len(self.tokens))
+                    # A switch made here while the read ran may be newer than
+                    # what it read; its own write moves the generation again.
+                    if switches_before == self._key_switches:
+                        self._follow_key_switches(disabled)
         except sqlite3.Error as e:
             log.warning("could not reload tokens (keeping the current table): %s", e)
 

@@ -568,6 +568,10 @@ PG_MIGRATIONS: list[str] = [
     WHERE ttfb_ms IS NOT NULL
     GROUP BY 1, 2;
     """,
+    # 11: key switches move the tokens generation (see store.MIGRATIONS[10]).
+    f"""
+    {_generation_triggers("key_switches")}
+    """,
 ]
 
 SCHEMA_VERSION = len(PG_MIGRATIONS)

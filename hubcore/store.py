@@ -479,6 +479,20 @@ MIGRATIONS: list[str] = [
     WHERE ttfb_ms IS NOT NULL
     GROUP BY 1, 2;
     """,
+    # 11: a key switched on or off moves the tokens generation, so that
+    # every instance on the database follows the operator's switch with the
+    # tokens (App.refresh_tokens), not only the one that took the command.
+    """
+    CREATE TRIGGER key_switches_gen_insert AFTER INSERT ON key_switches BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER key_switches_gen_update AFTER UPDATE ON key_switches BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    CREATE TRIGGER key_switches_gen_delete AFTER DELETE ON key_switches BEGIN
+        UPDATE generation SET value = value + 1 WHERE name = 'tokens';
+    END;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -13,7 +13,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
@@ -143,6 +143,8 @@ class KeyReport(Protocol):
     def rests(self) -> Mapping[str, float]: ...  # model class ("": the whole key) -> seconds
     @property
     def circuit(self) -> float | None: ...
+    @property
+    def revival(self) -> str | None: ...  # the mark of the operator's latest revival or reset
     def dead_for(self, secret: str) -> bool: ...
 
 
@@ -291,6 +293,7 @@ class _Key:
         "rests",
         "held",
         "held_rest",
+        "revival",
     )
 
     def __init__(self, spec: KeySpec) -> None:
@@ -327,6 +330,9 @@ class _Key:
         # wait out.
         self.held = 0.0
         self.held_rest = 0.0
+        # The mark of the operator's latest revival of the key on any hub
+        # instance, as last heard (see hear); None: none heard.
+        self.revival: str | None = None
 
 
 class Lease:
@@ -544,6 +550,15 @@ class KeyRing:
             key = self._keys.get(label)
             if key is None:
                 continue
+            revival = report.revival
+            if revival is not None and revival != key.revival:
+                # An operator revived or reset the key on another instance
+                # (the rests and refusals written before it are gone): the
+                # word holds here too, before any news written after it.
+                key.revival = revival
+                self._expire(key, now)
+                event = _E.ENABLE if key.state is _D else _E.RESET
+                self._transition(key, event, now, None, cause="operator reset on another hub instance", heard=True)
             if report.dead_for(key.spec.secret):
                 if key.state is not _D and key.state is not _X:
                     self._transition(key, _E.REJECTED, now, None, cause="refused by the vendor through another hub instance")
@@ -715,8 +730,10 @@ class KeyRing:
         *,
         probe: bool = False,
         cause: str | None = None,
+        heard: bool = False,
     ) -> None:
-        """The one place a key changes state (see _TRANSITIONS). `failure`
+        """The one place a key changes state (see _TRANSITIONS). `heard`: the
+        move follows another hub instance's word, not told back to them. `failure`
         (TRIP, FAULT) chooses the pause of the circuit it opens; it, `probe`
         (the hub's probe answered) and `cause` (the other key of an
         ORG_LIMITED, the operator's reason) only word the log line."""
@@ -763,7 +780,7 @@ class KeyRing:
             # may be set for later than that, or not at all.
             for waiter in self._probe_waiters:
                 _wake(waiter)
-        if self.listener is not None:
+        if self.listener is not None and not heard:
             self._tell(self.listener, key, event, old, new, now, cause)
         if new is not old:
             level = _log_level(old, new)
@@ -802,7 +819,7 @@ class KeyRing:
         # A refusal heard from another instance comes with its cause: not told again.
         if event is _E.REJECTED and new is _D and old is not _D and cause is None:
             listener.refused(label, key.spec.secret)
-        if event is _E.ENABLE or (event is _E.RELOADED and old is _D):
+        if event is _E.ENABLE or (event is _E.RELOADED and old is _D) or (event is _E.RESET and new is _H):
             listener.revived(label)
 
     def _next_pause(self, pause: float, failure: Failure | None) -> float:
@@ -987,6 +1004,30 @@ class KeyRing:
         self._transition(key, _E.RESET, now, None, cause="operator reset")
         self._notify()
         return key.state
+
+    def follow_switches(self, disabled: Collection[str]) -> list[str]:
+        """The labels the operator disabled as the database has them now,
+        switched on another hub instance: those not disabled here are
+        disabled, those disabled here and no longer listed are enabled. The
+        moves are not told to the other instances (they made them); what
+        changed, as "disabled LABEL" / "enabled LABEL"."""
+        changed = []
+        now = self._clock()
+        for label in sorted(set(disabled) - self._disabled):
+            self._disabled.add(label)
+            key = self._keys.get(label)
+            if key is not None:
+                self._transition(key, _E.DISABLE, now, None, cause="operator disable on another hub instance", heard=True)
+            changed.append(f"disabled {label}")
+        for label in sorted(self._disabled - set(disabled)):
+            self._disabled.discard(label)
+            key = self._keys.get(label)
+            if key is not None:
+                self._transition(key, _E.ENABLE, now, None, cause="operator enable on another hub instance", heard=True)
+            changed.append(f"enabled {label}")
+        if changed:
+            self._notify()
+        return changed
 
     def restore_disabled(self, labels: Iterable[str]) -> None:
         """The labels the operator disabled before a restart (stored): those

@@ -24,7 +24,8 @@
 -- Reply, admitted: {1, key_states, session_key or nil}; key_states is flat
 --   field, value pairs: for 'c...' (a rest after a 429) and 'o...' (a
 --   circuit open) the ms left, for 'd...' (a dead key) the secret's
---   fingerprint; expired fields are deleted on the way.
+--   fingerprint, for 'n...' the mark of the key's latest revival; expired
+--   fields are deleted on the way.
 -- Reply, refused: {0, scope (1-based), limit, value, extra}:
 --   'budget_<window>': value micro-dollars spent, extra ms until a 5h
 --     spend falls under the limit (-1 for other windows);
@@ -146,7 +147,8 @@ local states = {}
 local raw = redis.call('HGETALL', KEYS[1])
 for j = 1, #raw, 2 do
   local field, value = raw[j], raw[j + 1]
-  if string.sub(field, 1, 1) == 'd' then
+  local kind = string.sub(field, 1, 1)
+  if kind == 'd' or kind == 'n' then
     states[#states + 1] = field
     states[#states + 1] = value
   else

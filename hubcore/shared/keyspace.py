@@ -18,7 +18,7 @@ SESSION_ID_MAX = 128
 # Separates a key's label from a model class in a rest's field: labels and
 # class names are config and model ids, never a NUL.
 FIELD_SEP = "\0"
-REST, CIRCUIT, DEAD = "c", "o", "d"
+REST, CIRCUIT, DEAD, REVIVAL = "c", "o", "d", "n"
 
 
 # -- the scripts ------------------------------------------------------------------
@@ -156,6 +156,9 @@ class KeyNews:
     circuit: float | None = None
     # The fingerprint of the secret the vendor refused, None: not refused.
     dead: str | None = None
+    # The mark (Redis's ms) of the latest revival or reset an operator made
+    # on any instance; None: none since Redis has had the key's states.
+    revival: str | None = None
 
     def resting(self, model_class: str) -> float | None:
         """Seconds left of the longer of the key's whole rest and its rest for
@@ -180,6 +183,7 @@ def read_key_states(flat: list[bytes | int]) -> Mapping[str, KeyNews]:
     rests: dict[str, dict[str, float]] = {}
     circuits: dict[str, float] = {}
     dead: dict[str, str] = {}
+    revivals: dict[str, str] = {}
     for i in range(0, len(flat), 2):
         name = flat[i]
         value = flat[i + 1]
@@ -187,14 +191,16 @@ def read_key_states(flat: list[bytes | int]) -> Mapping[str, KeyNews]:
         kind, rest = text[:1], text[1:]
         if kind == DEAD:
             dead[rest] = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+        elif kind == REVIVAL:
+            revivals[rest] = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
         elif kind == CIRCUIT:
             circuits[rest] = int(value) / 1000.0
         elif kind == REST:
             label, _, model_class = rest.partition(FIELD_SEP)
             rests.setdefault(label, {})[model_class] = int(value) / 1000.0
     return {
-        label: KeyNews(rests.get(label, {}), circuits.get(label), dead.get(label))
-        for label in rests.keys() | circuits.keys() | dead.keys()
+        label: KeyNews(rests.get(label, {}), circuits.get(label), dead.get(label), revivals.get(label))
+        for label in rests.keys() | circuits.keys() | dead.keys() | revivals.keys()
     }
 
 

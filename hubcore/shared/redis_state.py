@@ -18,7 +18,8 @@ Data layout (every key under `[shared] prefix`, "hubcore" below; a scope is
     hubcore:charged:<request id>      str   a charge applied (replays add nothing); EX 1 day
     hubcore:keys:<upstream>           hash  'c'<label>NUL<class> -> ms a rest ends,
                                             'o'<label> -> ms an open circuit ends,
-                                            'd'<label> -> fingerprint of a refused secret
+                                            'd'<label> -> fingerprint of a refused secret,
+                                            'n'<label> -> Redis time of an operator's revival
     hubcore:session:<upstream>:<id>   str   key label; PX the upstream's affinity_ttl
 
 Every time in Redis is Redis's own clock (the scripts call TIME), and the

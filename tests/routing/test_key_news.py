@@ -145,6 +145,7 @@ class Report:
 
     rests: Mapping[str, float] = field(default_factory=dict)
     circuit: float | None = None
+    revival: str | None = None
 
     def dead_for(self, secret: str) -> bool:
         return False
@@ -154,3 +155,51 @@ def test_any_key_report_will_do() -> None:
     ring, _ = make_ring([spec("a"), spec("b")])
     ring.hear({"a": Report({"opus": 4.0})})
     assert ring.acquire(model_class="opus").label == "b"  # type: ignore[union-attr]
+
+
+def test_a_revival_heard_ends_rests_and_revives_a_dead_key_once_per_mark() -> None:
+    ring, _ = make_ring([spec("a"), spec("b"), spec("c")])
+    told = ring.listener = Told()
+    ring.hear({"a": KeyNews({"": 30.0}), "b": KeyNews(dead=fingerprint("sk-ant-secret-b"))})
+    ring.disable("c")
+    told.said.clear()
+    assert states(ring) == {"a": "healthy", "b": "dead", "c": "disabled"}
+    assert ring.acquire(tried=frozenset({"b", "c"})) is None  # a is held back
+    # An operator revived each on another instance: the rests written before
+    # the mark are gone from Redis, the mark comes instead.
+    marks = {label: KeyNews(revival="1764950000.000001") for label in "abc"}
+    ring.hear(marks)
+    assert states(ring) == {"a": "healthy", "b": "healthy", "c": "disabled"}  # disabled stays: that is enable's word
+    assert ring.acquire(tried=frozenset({"b", "c"})) is not None
+    assert told.said == []  # not told back to the instances it came from
+    # The same mark with a rest written after it: the rest holds.
+    ring.hear({"a": KeyNews({"": 30.0}, revival="1764950000.000001")})
+    assert ring.acquire(tried=frozenset({"b", "c"})) is None
+
+
+def test_an_operator_reset_is_told_to_the_other_instances_unless_the_key_stays_dead() -> None:
+    ring, _ = make_ring([spec("a"), spec("b")])
+    told = ring.listener = Told()
+    lease = ring.acquire(tried=frozenset({"b"}))
+    assert lease is not None
+    ring.release(lease, rate_limited(30.0))
+    told.said.clear()
+    ring.reset("a")
+    assert told.said == [("revived", "a")]
+    lease = ring.acquire(tried=frozenset({"a"}))
+    assert lease is not None
+    ring.release(lease, AUTH_FAILED)
+    told.said.clear()
+    ring.reset("b")
+    assert told.said == []
+
+
+def test_switches_followed_from_the_database_move_keys_without_telling_anyone() -> None:
+    ring, _ = make_ring([spec("a"), spec("b")])
+    told = ring.listener = Told()
+    assert ring.follow_switches({"a", "gone"}) == ["disabled a", "disabled gone"]
+    assert states(ring) == {"a": "disabled", "b": "healthy"}
+    assert ring.follow_switches({"a", "gone"}) == []
+    assert ring.follow_switches(set()) == ["enabled a", "enabled gone"]
+    assert states(ring) == {"a": "healthy", "b": "healthy"}
+    assert told.said == []

@@ -177,3 +177,56 @@ def test_a_key_that_answered_429_through_one_hub_gets_nothing_from_the_other(
             assert b.app is not None
             (limited,) = [k for k in b.app.hub.upstreams["anthropic"].ring.snapshot() if k["label"] == keys[0]]
             assert limited["rests"].get("sonnet", 0) > time.time() + 20  # rests there for the rest of the 30 s
+
+
+def test_an_operator_reset_through_one_hub_ends_the_rest_on_the_other(tmp_path: Path, redis_server: RedisServer) -> None:
+    keys = ["sk-ant-limited", "sk-ant-fine"]
+    with FakeVendor(keys={keys[0]: 429, keys[1]: "ok", OPENAI_KEY: "ok"}, retry_after=30.0) as vendor:
+        with two_hubs(tmp_path, vendor, redis_server, keys) as (a, b):
+            token = a.mint("fay")
+            refreshed(b)
+            assert post(a, token)[0] == 200  # the first key rests, through hub a
+            assert post(b, token)[0] == 200  # hub b hears of it
+            assert b.app is not None and a.app is not None
+            ring_b = b.app.hub.upstreams["anthropic"].ring
+
+            def rests_on_b() -> dict[str, float]:
+                (row,) = [k for k in ring_b.snapshot() if k["label"] == keys[0]]
+                return dict(row["rests"])
+
+            assert rests_on_b()
+            vendor.set_key_behaviour(keys[0], "ok")  # the vendor takes the key again
+            reset = a.call(a.app.reset_key(keys[0]))
+            assert reset is not None and reset.states == {"anthropic": "healthy"}
+            assert a.call(a.app.shared.flush())  # the word is in Redis
+            sent = len(vendor.requests)
+            for _ in range(4):
+                assert post(b, token)[0] == 200
+            assert rests_on_b() == {}
+            # Hub b sends to the first key again, and tells no one of a reset it only heard.
+            assert keys[0] in [r.key for r in vendor.requests[sent:]]
+
+
+def test_a_key_switched_off_through_one_hub_is_off_on_the_other(tmp_path: Path, redis_server: RedisServer) -> None:
+    keys = ["sk-ant-one", "sk-ant-two"]
+    with FakeVendor(keys={keys[0]: "ok", keys[1]: "ok", OPENAI_KEY: "ok"}) as vendor, \
+            two_hubs(tmp_path, vendor, redis_server, keys) as (a, b):
+        token = a.mint("gus")
+        refreshed(b)
+        assert a.app is not None and b.app is not None
+        switched = a.call(a.app.set_key_enabled(keys[0], False))
+        assert switched is not None and switched.not_stored is None
+
+        def state_on_b(label: str) -> str:
+            (row,) = [k for k in b.app.hub.upstreams["anthropic"].ring.snapshot() if k["label"] == label]
+            return str(row["state"])
+
+        b.call(b.app.refresh_tokens())  # its poll: the generation moved with the switch
+        assert state_on_b(keys[0]) == "disabled"
+        sent = len(vendor.requests)
+        for _ in range(4):
+            assert post(b, token)[0] == 200
+        assert {r.key for r in vendor.requests[sent:]} == {keys[1]}
+        a.call(a.app.set_key_enabled(keys[0], True))
+        b.call(b.app.refresh_tokens())
+        assert state_on_b(keys[0]) == "healthy"
