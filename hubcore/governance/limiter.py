@@ -681,6 +681,18 @@ class Limiter:
             else:
                 add(scope, cost_micros, ts, minute)
 
+    def charge_elsewhere(
+        self, token_id: int | None, user: str | None, project: str | None, cost_micros: int, ts: float,
+    ) -> None:
+        """A charge another hub instance applied (shared.redis_state): counted
+        here like one's own, except that a threshold it crosses is that
+        instance's to announce, not this one's."""
+        on_crossing, self.on_crossing = self.on_crossing, None
+        try:
+            self.charge(token_id, user, project, cost_micros, ts)
+        finally:
+            self.on_crossing = on_crossing
+
     def _add_watched(
         self, scope: _Scope, limits: Limits, kind: str, name: str, cost: int, ts: float, minute: int,
     ) -> None:

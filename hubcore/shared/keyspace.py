@@ -55,12 +55,15 @@ def scope_id(kind: str, name: str | int) -> str:
 class Keyspace:
     """The names of hubcore's keys under one prefix ([shared] prefix)."""
 
-    __slots__ = ("prefix", "instances", "epoch")
+    __slots__ = ("prefix", "instances", "epoch", "charges")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.instances = f"{prefix}:instances"
         self.epoch = f"{prefix}:epoch"
+        # A pub/sub channel, not a key: every charge applied, for the
+        # instances' own counters (SharedState.on_charge_elsewhere).
+        self.charges = f"{prefix}:charges"
 
     def instance(self, instance_id: str) -> str:
         return f"{self.prefix}:instance:{instance_id}"

@@ -21,6 +21,9 @@ Data layout (every key under `[shared] prefix`, "hubcore" below; a scope is
                                             'd'<label> -> fingerprint of a refused secret,
                                             'n'<label> -> Redis time of an operator's revival
     hubcore:session:<upstream>:<id>   str   key label; PX the upstream's affinity_ttl
+    hubcore:charges                   channel each charge applied (instance, token, user,
+                                            project, micro-dollars, ts), for every
+                                            instance's own counters (on_charge_elsewhere)
 
 Every time in Redis is Redis's own clock (the scripts call TIME), and the
 scripts answer with durations, so instances whose clocks disagree share one
@@ -96,6 +99,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import orjson
 from hiredis import pack_command
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import Connection, SSLConnection
@@ -165,6 +169,13 @@ CLOSE_FLUSH_TIMEOUT = 1.0
 
 # What a call to Redis fails with; anything else is a bug and propagates.
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+# How long the charges' subscriber waits for a message before it looks at
+# the link again (a read with nothing to read is no failure).
+FOLLOW_WAIT = 1.0
+
+# Told of every charge another instance applied in Redis: token id, user,
+# project, micro-dollars, arrival (unix seconds); see on_charge_elsewhere.
+ChargeListener = Callable[[int | None, str | None, str | None, int, float], None]
 
 
 class Link(enum.Enum):
@@ -292,6 +303,12 @@ class SharedState:
         self._wake_link = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._set_periods(clock())
+        # Told of the charges other instances apply (set before start()):
+        # the hub's own Limiter counts everyone's spend with them, so that
+        # /me, the budget headers, the dashboard and budget alerts see what
+        # all instances spent, not this one's share. Redis still judges.
+        self.on_charge_elsewhere: ChargeListener | None = None
+        self.charges_heard = 0
 
     # -- life ----------------------------------------------------------------
 
@@ -305,6 +322,8 @@ class SharedState:
             loop.create_task(self._keep_link(), name="hubcore-shared-link"),
             loop.create_task(self._send_forever(), name="hubcore-shared-sender"),
         ]
+        if self.on_charge_elsewhere is not None:
+            self._tasks.append(loop.create_task(self._follow_charges(), name="hubcore-shared-charges"))
 
     async def close(self) -> None:
         """Send what is queued (within CLOSE_FLUSH_TIMEOUT), give back held
@@ -521,10 +540,54 @@ class SharedState:
                 space.spend("5h", scope), space.spend("day", scope, day[0]), space.spend("week", scope, week[0]),
                 space.spend("month", scope, month[0]), space.spend("total", scope),
             ]
+        news = orjson.dumps([self.instance_id, token_id, user, project, cost_micros, ts])
         self._enqueue("charge", tuple(keys), (
             cost_micros, int(ts // 60), CHARGE_MARK_TTL,
             int(day[1]) + PERIOD_KEEP, int(week[1]) + PERIOD_KEEP, int(month[1]) + PERIOD_KEEP,
+            space.charges, news.decode(),
         ))
+
+    async def _follow_charges(self) -> None:
+        """Hand each charge another instance applied to on_charge_elsewhere,
+        from a subscription of its own, while the link is up. Charges made
+        while it was down are not heard again: the instance's counters miss
+        them until it restarts (Redis, which judges, has them)."""
+        listener = self.on_charge_elsewhere
+        assert listener is not None
+        while True:
+            while self._link is not Link.SHARED:
+                await asyncio.sleep(self.config.heartbeat_interval)
+            client = _client(self.config, connections=1)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await pubsub.subscribe(self.space.charges)
+                while self._link is Link.SHARED:
+                    message = await pubsub.get_message(timeout=FOLLOW_WAIT)
+                    if message is not None:
+                        self._heard_charge(message["data"], listener)
+            except _FAILURES as e:
+                # The link task notices and reports a Redis that is gone;
+                # this one waits for it to come back.
+                log.debug("shared state: the charges' subscription ended: %s", e)
+                await asyncio.sleep(self.config.heartbeat_interval)
+            finally:
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        await pubsub.aclose()
+                        await client.aclose()
+                except _FAILURES:
+                    pass
+
+    def _heard_charge(self, data: bytes, listener: ChargeListener) -> None:
+        try:
+            instance, token_id, user, project, cost, ts = orjson.loads(data)
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            log.warning("shared state: a charge message that is not hubcore's on %s", self.space.charges)
+            return
+        if instance != self.instance_id:
+            self.charges_heard += 1
+            listener(token_id, user, project, cost, ts)
 
     def rested(self, upstream: str, label: str, model_class: str, seconds: float) -> None:
         """A key answered 429: it rests `seconds` for `model_class` ("": the
@@ -912,6 +975,7 @@ class SharedState:
             "queue_depth": len(self._queue),
             "dropped": self.dropped,
             "held_slots": len(self._held),
+            "charges_heard": self.charges_heard,
             "degraded_seconds": self._degraded_seconds + degraded_for,
         }
 
@@ -942,7 +1006,7 @@ class UpstreamKeys:
         self._state.key_revived(self.upstream, label)
 
 
-def _client(config: SharedConfig) -> Redis:
+def _client(config: SharedConfig, connections: int | None = None) -> Redis:
     """A redis-py asyncio client whose every step is bounded by `timeout`:
     connect, each read, the wait for a pooled connection; no retries (the
     caller falls back at once rather than wait out a retry's backoff)."""
@@ -960,6 +1024,8 @@ def _client(config: SharedConfig) -> Redis:
             kwargs["ssl_ca_certs"] = config.ca_file
     else:
         kwargs["connection_class"] = Connection
-    pool = BlockingConnectionPool(max_connections=config.max_connections, timeout=config.timeout, **kwargs)
+    pool = BlockingConnectionPool(
+        max_connections=connections or config.max_connections, timeout=config.timeout, **kwargs,
+    )
     # from_pool: the client owns the pool, and aclose() closes its connections.
     return Redis.from_pool(pool)

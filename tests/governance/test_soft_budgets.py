@@ -272,3 +272,13 @@ def test_soft_or_warn_at_without_a_budget_is_refused_before_any_write(
         build_parser().parse_args(["project", "set", "x", "--soft", "--hard"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["project", "set", "x", "--warn-at", "0"])
+
+
+def test_a_threshold_crossed_by_another_instances_charge_is_theirs_to_announce() -> None:
+    limiter, seen = limiter_with({"exp": Limits(budget_day=10 * USD, soft=("day",))})
+    limiter.charge_elsewhere(None, "alice", "exp", 9 * USD, T0)   # 90%: another instance's news
+    assert seen == []
+    assert limiter.spent("project", "exp", "day", T0) == 9 * USD  # counted here all the same
+    limiter.charge(None, "alice", "exp", USD, T0 + 1)             # 100%, by this instance's charge
+    assert [(c.scope, c.threshold) for c in seen] == [("project exp", 100)]
+    assert limiter.on_crossing is not None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from hubcore.governance.limits import Limits
 from hubcore.shared.redis_state import Link
@@ -230,3 +231,47 @@ def test_a_key_switched_off_through_one_hub_is_off_on_the_other(tmp_path: Path, 
         a.call(a.app.set_key_enabled(keys[0], True))
         b.call(b.app.refresh_tokens())
         assert state_on_b(keys[0]) == "healthy"
+
+
+def me(hub: HubThread, token: str) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=30)
+    try:
+        conn.request("GET", "/hubcore/v1/me", headers={"x-api-key": token})
+        response = conn.getresponse()
+        assert response.status == 200
+        return orjson.loads(response.read())  # type: ignore[no-any-return]
+    finally:
+        conn.close()
+
+
+def test_spend_through_one_hub_shows_on_the_others_me_and_budget_headers(
+    tmp_path: Path, vendor: FakeVendor, redis_server: RedisServer,
+) -> None:
+    with two_hubs(tmp_path, vendor, redis_server, ["sk-ant-good"]) as (a, b):
+        token = a.mint_limited("hal", Limits(budget_month=1_000_000_000))
+        refreshed(b)
+        for _ in range(3):
+            assert post(a, token)[0] == 200
+        assert a.app is not None and b.app is not None
+
+        def spent(hub: HubThread) -> int:
+            return int(me(hub, token)["spend"]["month"]["user_micros"])
+
+        deadline = time.monotonic() + 5
+        while spent(a) == 0 or spent(b) != spent(a):
+            assert time.monotonic() < deadline, (spent(a), spent(b))
+            time.sleep(0.02)
+        assert b.app.shared is not None and b.app.shared.stats()["charges_heard"] == 3
+        assert a.app.shared is not None and a.app.shared.stats()["charges_heard"] == 0
+        # Hub b's budget header, written before this request's cost, counts hub a's spend.
+        before = spent(a)
+        conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=30)
+        try:
+            conn.request("POST", "/v1/messages", BODY, {"x-api-key": token, "content-type": "application/json",
+                                                       "anthropic-version": "2023-06-01"})
+            response = conn.getresponse()
+            response.read()
+            remaining = float(response.headers["x-hubcore-budget-remaining"])
+        finally:
+            conn.close()
+        assert remaining == pytest.approx(1000.0 - before / 1e6, abs=1e-6)
