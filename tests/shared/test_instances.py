@@ -12,6 +12,7 @@ requests (a header the hub forwards) to find them in the fake vendor's log.
 from __future__ import annotations
 
 import functools
+import http.client
 import itertools
 import threading
 import time
@@ -267,7 +268,7 @@ class Traffic:
             sequence = f"{self.tag}-{n}"
             try:
                 status, head, _ = instance.post(self.token, {TAG: self.tag, "x-test-sequence": sequence}, timeout=10)
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:
                 self.answers.append((0, "", sequence, f"{instance.name}: {e!r}"))
             else:
                 self.answers.append((status, head.get("x-hubcore-request-id", ""), sequence, instance.name))
