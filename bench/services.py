@@ -294,7 +294,7 @@ def _has_dashboard(source: str | None) -> bool:
 
 def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | None = None,
               launcher: list[str] | None = None, alert_url: str | None = None, dashboard_port: int = 0,
-              budget: bool = False) -> Hub:
+              budget: bool = False, extra_config: str = "") -> Hub:
     """`hubcore token create` then `hubcore serve --config`, as a user would
     (hubcore imported from `source` when given: to compare two trees;
     `launcher` replaces `python -m hubcore`, e.g. to run it under a profiler;
@@ -303,7 +303,8 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
     the target, for the hub an --alert-blackhole run compares with (so that
     only the hanging target differs); `dashboard_port`: the dashboard's
     listener, else none: several hubs of a run would all want its default
-    port)."""
+    port); `extra_config`: TOML tables appended to its config, e.g. a
+    [shared] table)."""
     d = workdir / name
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -314,7 +315,7 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
         text += ALERT_CONFIG.format(url=alert_url)
     if _has_dashboard(source):
         text += f'\n[dashboard]\nlisten = "{f"127.0.0.1:{dashboard_port}" if dashboard_port else ""}"\n'
-    config.write_text(text)
+    config.write_text(text + extra_config)
     env = _env(source)
     env["BENCH_ANTHROPIC_KEY_A"] = VENDOR_KEYS[0]
     # `token create` makes no database unless given --init, which trees from

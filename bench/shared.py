@@ -3,7 +3,11 @@
 next to a bare PING through the same client and to the in-memory Limiter;
 the Redis server's own time per script call (INFO commandstats); latency at
 c=1 and c=16; the admit script's behaviour across two instances (rpm 30
-over 90 admits, concurrency 2); the degraded path.
+over 90 admits, concurrency 2); the degraded path. Then the same cost through
+whole hubs: the fake bench vendor, and two `hubcore serve` processes side by
+side, one plain and one with [shared] redis, measured in interleaved rounds
+by bench/latency_tax.py's machinery: added p50 at c=1 and µs of hub CPU per
+request, with and without Redis (`--only calls` or `--only hubs` for one part).
 
 Run `python -m bench.shared` (or `--quick`; `--json FILE` for the figures).
 Needs redis-server (apt-get install redis-server). Prints a markdown table;
@@ -27,7 +31,9 @@ from typing import Any
 import orjson
 import uvloop
 
-from bench.services import free_port
+from bench import latency_tax, services
+from bench.latency_tax import HEADLINE, Bench, Scenario
+from bench.services import LoadGen, free_port
 from hubcore import config as config_mod
 from hubcore.governance.limiter import Limiter, Refused
 from hubcore.governance.limits import Limits
@@ -70,6 +76,21 @@ class RedisProcess:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def cpu_seconds(self) -> float:
+        """What redis-server says it used, user + system (getrusage: finer
+        than /proc's clock ticks, which a few hundred requests barely move)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as s:
+            s.sendall(b"INFO cpu\r\n")
+            data = b""
+            while b"\r\n" not in data:
+                data += s.recv(4096)
+            head, _, body = data.partition(b"\r\n")
+            size = int(head[1:])  # a bulk string: $<length>\r\n<bytes>\r\n
+            while len(body) < size:
+                body += s.recv(4096)
+        fields = dict(line.split(":", 1) for line in body[:size].decode().splitlines() if ":" in line)
+        return float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"])
 
     def stop(self) -> None:
         self.process.terminate()
@@ -259,6 +280,150 @@ async def run(n: int) -> dict[str, Any]:
     return {"results": results, "behaviour": behaviour}
 
 
+# -- through whole hubs ---------------------------------------------------------------
+REDIS_PATH = "hubcore+redis"
+# The same limits on both hubs' tokens, generous so that every request is
+# admitted: the plain hub checks and charges them in memory, the other in
+# Redis (the admit script per request, the charge queued off the path).
+TOKEN_LIMITS = ("--rpm", "1000000", "--concurrency", "10000", "--budget", "day=100000")
+SHARED_TABLE = """
+[shared]
+redis = "{url}"
+# Above any stall a loaded machine may show: what is measured is the shared
+# path, not the fallback (checked after the run: never degraded).
+timeout = 0.5
+"""
+HUB_SCENARIOS = [HEADLINE, Scenario("small", 20, 0, 1)]
+
+
+class HubPaths(Bench):
+    """latency_tax's Bench over three paths: direct to the vendor, a plain
+    hub, and a hub with [shared] redis, both with the same token limits."""
+
+    def __init__(self, plan: latency_tax.Plan, workdir: Path) -> None:
+        super().__init__(plan, workdir, clients=1, use_nginx=False, use_wrk=False)
+        self.notes = []  # no nginx or wrk here, by design
+        self.paths = ["direct", "hubcore", REDIS_PATH]
+        self.redis: RedisProcess | None = None
+        self.shared_hub: services.Hub | None = None
+        self.redis_cpu = 0.0
+        self.redis_requests = 0
+
+    def start(self) -> None:
+        self.vendor = self._own(services.start_vendor(self.workdir))
+        self.redis = self._own(RedisProcess(self.workdir))
+        upstream = f"http://127.0.0.1:{self.vendor.port}"
+        self.hub = self._own(services.start_hub(self.workdir, "hub", upstream, 64))
+        self.shared_hub = self._own(services.start_hub(self.workdir, "hub-redis", upstream, 64,
+                                                       extra_config=SHARED_TABLE.format(url=self.redis.url)))
+        for hub in (self.hub, self.shared_hub):
+            limit_token(hub)
+        self.gens = [LoadGen()]
+        self.stack.callback(self.gens[0].close)
+
+    def target(self, path: str) -> tuple[int, str, str, int | None]:
+        if path == REDIS_PATH:
+            assert self.shared_hub is not None
+            return self.shared_hub.port, "x-api-key", self.shared_hub.token, self.shared_hub.pid
+        return super().target(path)
+
+    def _batch(self, path: str, jobs: list[dict[str, Any]],
+               peak: dict[str, int] | None = None) -> tuple[dict[str, Any], float]:
+        if path != REDIS_PATH:
+            return super()._batch(path, jobs, peak)
+        assert self.redis is not None
+        before = self.redis.cpu_seconds()
+        result, cpu = super()._batch(path, jobs, peak)
+        self.redis_cpu += self.redis.cpu_seconds() - before
+        self.redis_requests += result["requests"] + result["warmups"]
+        return result, cpu
+
+    def shared_stats(self) -> dict[str, Any]:
+        from hubcore.ops import client as opsclient
+
+        assert self.shared_hub is not None
+        return dict(opsclient.get_stats(str(self.shared_hub.config.parent / "ops.sock"))["shared"])
+
+
+def limit_token(hub: services.Hub) -> None:
+    """TOKEN_LIMITS on the hub's token, told to the running hub (the CLI's ops socket call)."""
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "hubcore", *args, "--config", str(hub.config)],
+                              capture_output=True, text=True, env=services._env(), timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"hubcore {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    (token,) = orjson.loads(cli("token", "list", "--json"))
+    cli("token", "update", str(token["id"]), *TOKEN_LIMITS)
+
+
+def run_hubs(quick: bool) -> dict[str, Any]:
+    plan = latency_tax.quick_plan() if quick else latency_tax.full_plan()
+    plan.rounds = 3 if quick else 6
+    seconds = 1.0 if quick else 2.0
+    with tempfile.TemporaryDirectory(prefix="hubcore-bench-shared-hubs-") as tmp:
+        bench = HubPaths(plan, Path(tmp))
+        try:
+            bench.start()
+            latency = bench.latency(HUB_SCENARIOS, seconds)
+            shared = bench.shared_stats()
+        finally:
+            bench.close()
+    rows = {}
+    for case in latency.values():
+        paths = case["paths"]
+        for path in ("hubcore", REDIS_PATH):
+            row = paths[path]
+            rows[f"{case['scenario']['name']} | {path}"] = {
+                "requests": row["requests"], "errors": row["errors"] + row["bad_streams"],
+                "added_total_p50_us": _us(row["added"]["total"]["p50"]),
+                "added_total_p99_us": _us(row["added"]["total"]["p99"]),
+                "hub_cpu_us": None if row["cpu_s_per_1k"] is None else row["cpu_s_per_1k"] * 1000,
+            }
+    return {
+        "rounds": plan.rounds, "seconds_per_batch": seconds, "rows": rows,
+        "redis_cpu_us": bench.redis_cpu / bench.redis_requests * 1e6 if bench.redis_requests else None,
+        "shared": {k: shared[k] for k in ("state", "degraded_seconds", "errors", "dropped")},
+    }
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e6
+
+
+def hubs_table(report: dict[str, Any]) -> str:
+    shared = report["shared"]
+    failures = sum(shared["errors"].values())
+    lines = [
+        f"Through whole hubs: c=1, {report['rounds']} interleaved rounds of {report['seconds_per_batch']:g} s per "
+        f"path (latency_tax's {latency_tax.C1_THINK_MS:g} ms between requests); added = hub minus direct to the "
+        "vendor at the same percentile, whole answer; hub CPU = the `hubcore serve` process's, all threads, per "
+        f"request. The Redis hub's link after the run: {shared['state']}, {shared['degraded_seconds']:.1f} s "
+        f"degraded, {failures} failed calls; redis-server's own CPU: {_fmt(report['redis_cpu_us'])} µs per request.\n",
+        "| scenario | hub | requests | errors | added p50 µs | added p99 µs | hub CPU µs/request | p50, CPU vs plain |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = report["rows"]
+    for name, row in rows.items():
+        plain = rows.get(name.replace(REDIS_PATH, "hubcore"))
+        versus = ""
+        if plain is not None and plain is not row:
+            versus = (f"{_ratio(row['added_total_p50_us'], plain['added_total_p50_us'])}, "
+                      f"{_ratio(row['hub_cpu_us'], plain['hub_cpu_us'])}")
+        lines.append(f"| {name} | {row['requests']} | {row['errors']} | {_fmt(row['added_total_p50_us'])} | "
+                     f"{_fmt(row['added_total_p99_us'])} | {_fmt(row['hub_cpu_us'])} | {versus} |")
+    return "\n".join(lines)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if a is None or b is None or b <= 0 else f"{a / b:.1f}x"
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
 def table(report: dict[str, Any], n: int) -> str:
     lines = [f"{n:,} calls per row, c=1 unless said; hub CPU is this process's (client and sender), "
              "Redis µs its own time in commands; loopback\n",
@@ -277,18 +442,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer calls")
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
+    parser.add_argument("--only", choices=("calls", "hubs"),
+                        help="calls: SharedState in this process; hubs: through whole hubs (default: both)")
     args = parser.parse_args()
     if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
         print("no redis-server: apt-get install redis-server", file=sys.stderr)
         return 2
-    n = 2_000 if args.quick else 20_000
-    report = uvloop.run(run(n))
-    print(table(report, n))
+    report: dict[str, Any] = {}
+    exact = True
+    if args.only != "hubs":
+        n = 2_000 if args.quick else 20_000
+        report = uvloop.run(run(n))
+        print(table(report, n))
+        behaviour = report["behaviour"]
+        exact = (behaviour["rpm 30, 90 admits alternating over 2 instances: admitted"] == 30
+                 and behaviour["concurrency 2, 10 held admits over 2 instances: admitted"] == 2)
+    if args.only != "calls":
+        report["hubs"] = run_hubs(args.quick)
+        print(("\n" if args.only != "hubs" else "") + hubs_table(report["hubs"]))
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    behaviour = report["behaviour"]
-    exact = (behaviour["rpm 30, 90 admits alternating over 2 instances: admitted"] == 30
-             and behaviour["concurrency 2, 10 held admits over 2 instances: admitted"] == 2)
     return 0 if exact else 1
 
 
