@@ -60,12 +60,14 @@ def _default(values: list[Any]) -> Any:
 def _rows_by(*identity: str, rules: Mapping[str, Merge] | None = None) -> Merge:
     """A list of dicts, one row per identity in the order rows first come,
     the rows of one identity merged field by field."""
+    fields = {**dict.fromkeys(identity, first), **(rules or {})}
+
     def merge(lists: list[Any]) -> list[dict[str, Any]]:
         groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
         for rows in lists:
             for row in rows or ():
                 groups.setdefault(tuple(row.get(name) for name in identity), []).append(row)
-        return [_merge_dicts(rows, fields=rules) for rows in groups.values()]
+        return [_merge_dicts(rows, fields=fields) for rows in groups.values()]
 
     return merge
 
@@ -81,7 +83,7 @@ def _elementwise_sum(lists: list[Any]) -> list[Any]:
 # failures in a row are the closest worker's to opening the circuit.
 KEY_ROW_RULES: dict[str, Merge] = {
     "state": first, "until": first, "priority": first, "weight": first, "headroom": first, "rests": first,
-    "workspace": first, "org": first, "label": first, "last_error": first,
+    "workspace": first, "org": first, "last_error": first,
     "consecutive_failures": largest,
 }
 
