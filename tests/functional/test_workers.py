@@ -257,6 +257,7 @@ def test_two_workers_serve_one_port_and_the_ops_socket_sums_them(
     assert orjson.loads(shown.stdout)["requests"]["total"] == 40
     table = hub.cli("stats")
     assert table.returncode == 0 and "requests 40" in table.stdout, table.stdout
+    assert f"workers     0 pid {pids[0]} up, 1 pid {pids[1]} up" in table.stdout, table.stdout
     keys = hub.cli("keys", "--json")
     assert keys.returncode == 0 and [k["requests"] for k in orjson.loads(keys.stdout)] == [40]
 

@@ -270,3 +270,11 @@ def test_values_print_as_prometheus_reads_them(value: float, text: str) -> None:
 
 def test_nan_prints_as_nan() -> None:
     assert merge.format_value(math.nan) == "NaN"
+
+
+def test_hubcore_stats_names_each_worker() -> None:
+    from hubcore.ops.client import format_stats
+
+    text = format_stats({"workers": [{"index": 0, "pid": 11, "up": True, "restarts": 0},
+                                     {"index": 1, "pid": 12, "up": False, "restarts": 2}]})
+    assert "workers     0 pid 11 up, 1 pid 12 DOWN (2 restarts)" in text
