@@ -113,6 +113,11 @@ def workers_path(name: str, workers: int) -> str:
     return f"{name} x{workers}"
 
 
+# --workers: hubcore as one process with [shared] redis, as each worker has
+# it: what N processes gain, apart from what sharing through Redis costs.
+REDIS_PATH = "hubcore +redis"
+
+
 def quick_plan() -> Plan:
     return Plan(
         rounds=2, c1=[HEADLINE, Scenario("small", 300, 0, 1), Scenario("large", 20, 2.0, 1)], c1_seconds=0.25,
@@ -229,6 +234,7 @@ class Bench:
         self.workers = workers
         self.redis: Any = None
         self.hub_workers: Hub | None = None     # hubcore, N workers, in front of `static`
+        self.hub_redis: Hub | None = None       # hubcore, one process with [shared] redis, in front of `static`
         self.proxy_workers: Service | None = None  # nginx, N worker processes, in front of `static`
         # --alert-blackhole: the measured hub has an [[alert]] target that never answers.
         self.alert_blackhole = alert_blackhole
@@ -331,6 +337,9 @@ class Bench:
         self.hub_workers = self._own(services.start_hub(
             self.workdir, "hub-workers", f"http://127.0.0.1:{static_port}", pool, self.hub_source,
             workers=self.workers, redis_url=self.redis.url))
+        self.hub_redis = self._own(services.start_hub(
+            self.workdir, "hub-redis", f"http://127.0.0.1:{static_port}", pool, self.hub_source,
+            redis_url=self.redis.url))
         port = services.free_port()
         d = self.workdir / "nginx-workers"
         body = services.NGINX_PROXY_SERVER.format(dir=d, name="static", upstream_port=static_port, pool=pool,
@@ -340,7 +349,8 @@ class Bench:
         self.notes.append(f"--workers {self.workers}: the saturation phase also runs hubcore with [server] workers = "
                           f"{self.workers} (sharing state through a local redis-server) and nginx with "
                           f"worker_processes {self.workers}, as `{workers_path('hubcore', self.workers)}` and "
-                          f"`{workers_path('nginx', self.workers)}`; their CPU and RSS are those of all their processes.")
+                          f"`{workers_path('nginx', self.workers)}` (their CPU and RSS are those of all their "
+                          f"processes), and `{REDIS_PATH}`: one hubcore process with the same [shared] redis.")
 
     def _own(self, service: Any) -> Any:
         self.stack.callback(service.stop)
@@ -452,6 +462,8 @@ class Bench:
                                                             self.proxy_workers.pid)
             targets[workers_path("hubcore", self.workers)] = (self.hub_workers.port, self.hub_workers.token,
                                                               self.hub_workers.pid)
+        if self.hub_redis is not None:
+            targets[REDIS_PATH] = (self.hub_redis.port, self.hub_redis.token, self.hub_redis.pid)
         paths = list(targets)
         runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
         for r in range(self.plan.wrk_rounds):
@@ -498,6 +510,7 @@ class Bench:
                 case["workers"] = {
                     "workers": self.workers,
                     "hubcore_speedup": ratio(paths[hub_n]["rps"], paths["hubcore"]["rps"]),
+                    "speedup_over_redis": ratio(paths[hub_n]["rps"], paths[REDIS_PATH]["rps"]),
                     "nginx_speedup": ratio(paths[ngx_n]["rps"], paths["nginx"]["rps"]),
                     "hubcore_share_of_nginx_rps": ratio(paths[hub_n]["rps"], paths[ngx_n]["rps"]),
                 }
@@ -586,9 +599,9 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "figure": None if peak is None else f"{peak / MB:.0f} MB", "met": None if peak is None else peak <= TARGET_STREAMS_RSS})
     workers_case = (report.get("saturation") or {}).get(f"large/c{WORKERS_CONNECTIONS}", {}).get("workers")
     if workers_case is not None:
-        n, speedup = workers_case["workers"], workers_case["hubcore_speedup"]
-        want = TARGET_WORKERS_SPEEDUP * n
-        out.append({"target": f"c={WORKERS_CONNECTIONS}, 90 KB body: hubcore with workers = {n} ≥ {want:.2g}x the "
+        count, speedup = workers_case["workers"], workers_case["hubcore_speedup"]
+        want = TARGET_WORKERS_SPEEDUP * count
+        out.append({"target": f"c={WORKERS_CONNECTIONS}, 90 KB body: hubcore with workers = {count} ≥ {want:.2g}x the "
                               "req/s of workers = 1",
                     "figure": None if speedup is None else f"{speedup:.2f}x (nginx: {_x(workers_case['nginx_speedup'])})",
                     "met": None if speedup is None else speedup >= want})
@@ -724,7 +737,8 @@ def render(report: dict[str, Any]) -> str:
                     f"{cpu} | {cpu_sys} | {_mb(row['rss'])} | {row['errors']} |"
                 )
         workers_rows = [
-            f"| {case['body']} | {case['connections']} | {_x(w['hubcore_speedup'])} | {_x(w['nginx_speedup'])} | "
+            f"| {case['body']} | {case['connections']} | {_x(w['hubcore_speedup'])} | {_x(w['speedup_over_redis'])} | "
+            f"{_x(w['nginx_speedup'])} | "
             f"{'–' if w['hubcore_share_of_nginx_rps'] is None else format(w['hubcore_share_of_nginx_rps'] * 100, '.0f') + '%'} |"
             for case in sat.values() if (w := case.get("workers"))
         ]
@@ -734,8 +748,9 @@ def render(report: dict[str, Any]) -> str:
                 "",
                 f"### {n} workers against one (req/s, same rounds)",
                 "",
-                f"| body | connections | hubcore x{n} / hubcore | nginx x{n} / nginx | hubcore x{n} share of nginx x{n} |",
-                "|---|--:|--:|--:|--:|",
+                f"| body | connections | hubcore x{n} / hubcore | hubcore x{n} / {REDIS_PATH} | nginx x{n} / nginx "
+                f"| hubcore x{n} share of nginx x{n} |",
+                "|---|--:|--:|--:|--:|--:|",
                 *workers_rows,
             ]
     acct = report["accounting"]

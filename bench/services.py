@@ -338,8 +338,8 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
     the target, for the hub an --alert-blackhole run compares with (so that
     only the hanging target differs); `dashboard_port`: the dashboard's
     listener, else none: several hubs of a run would all want its default
-    port); `workers` > 1: [server] workers, sharing state through the Redis
-    at `redis_url`, and returned once every worker listens)."""
+    port); `redis_url`: [shared] redis; `workers` > 1: [server] workers,
+    which need `redis_url`, and returned once every worker listens)."""
     d = workdir / name
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -347,7 +347,7 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
     config = d / "hubcore.toml"
     server_extra = f"workers = {workers}\n" if workers > 1 else ""
     text = HUB_CONFIG.format(port=port, dir=d, upstream=upstream, pool=pool, server_extra=server_extra)
-    if workers > 1:
+    if redis_url is not None:
         text += f'\n[shared]\nredis = "{redis_url}"\n'
 
     if alert_url is not None:
