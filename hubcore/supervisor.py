@@ -42,7 +42,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hubcore import __version__, app as app_mod, config as config_mod, store
+from hubcore import __version__, store
+from hubcore import app as app_mod
+from hubcore import config as config_mod
 from hubcore.config import Config
 from hubcore.errors import ConfigError
 from hubcore.ops import sdnotify

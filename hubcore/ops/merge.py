@@ -188,7 +188,7 @@ class Family:
     """One metric family of an exposition: its HELP and TYPE lines and its
     samples, each keyed by its name and label text as written."""
 
-    __slots__ = ("name", "help", "type", "samples")
+    __slots__ = ("help", "name", "samples", "type")
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -363,7 +363,7 @@ def test_a_worker_killed_is_started_again_while_the_other_keeps_the_port(
     assert statuses.count(0) <= 2, statuses.count(0)
     assert set(statuses) <= {200, 0} and statuses.count(200) >= during - 2
     log = hub.log_text()
-    assert f"worker 1 was killed by SIGKILL" in log
+    assert "worker 1 was killed by SIGKILL" in log
 
     hub.signal(signal.SIGTERM)
     assert hub.wait() == 0
@@ -408,7 +408,7 @@ def test_ready_once_both_listen_watchdog_from_the_supervisor_and_a_stuck_worker_
                 os.kill(stuck, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        assert "worker 0 (pid %d) has not answered on its ops socket" % stuck in hub.log_text()
+        assert f"worker 0 (pid {stuck}) has not answered on its ops socket" in hub.log_text()
         until("WATCHDOG=1")  # the service never stopped pinging: one worker's restart, not the service's
         hub.signal(signal.SIGTERM)
         until("STOPPING=1")
