@@ -140,7 +140,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     # The latency-tax run's hub configuration; its upstream is never dialled
     # (the pool is filled with replaying connections below).
     (workdir / "hubcore.toml").write_text(
-        services.HUB_CONFIG.format(port=0, dir=workdir, upstream="http://127.0.0.1:9", pool=2))
+        services.HUB_CONFIG.format(port=0, dir=workdir, upstream="http://127.0.0.1:9", pool=2, server_extra=""))
     (workdir / "key-b").write_text(payloads.VENDOR_KEYS[1] + "\n")
     config = config_mod.load(str(workdir / "hubcore.toml"), env={"BENCH_ANTHROPIC_KEY_A": payloads.VENDOR_KEYS[0]})
     conn = store.connect(config.server.database)

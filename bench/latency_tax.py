@@ -6,6 +6,7 @@ JSON file. Run `python -m bench` (full) or `python -m bench --quick` (smoke).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -31,6 +32,9 @@ from bench.vendor import raise_fd_limit
 PATHS = ("direct", "nginx", "hubcore")
 ALT = "hubcore-alt"  # --compare: a second hubcore source tree, measured alongside
 FLOOR = "python floor"  # saturation only: bench/floor.py, a bare pass-through proxy on hubcore's stack
+# --workers N: concurrency of the saturation runs that compare N processes
+# with one (issue 20: "requests/s at c=64").
+WORKERS_CONNECTIONS = 64
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIENT_CREDENTIAL = "client-credential-nginx-swaps-it"
 MB = 1024 * 1024
@@ -42,6 +46,7 @@ TARGET_RPS_SHARE = 0.5            # c=16: hubcore req/s >= 50% of nginx's
 TARGET_EVENT_P99 = 0.005          # s: 1,000 open paced streams, added per-event delay p99
 TARGET_STREAMS_RSS = 200 * MB
 TARGET_IDLE_RSS = 60 * MB
+TARGET_WORKERS_SPEEDUP = 0.85     # per worker: workers = 2 gives >= 1.7x the req/s of one, at c=64
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,23 @@ def full_plan() -> Plan:
         streams=1000, stream_events=60, stream_pace_ms=100.0, stream_ramp=2.0, stream_body="large",
         wrk=[("large", 16), ("small", 16), ("large", 256)], wrk_seconds=3.0, wrk_rounds=2,
     )
+
+
+def with_workers(plan: Plan) -> Plan:
+    """The plan of a --workers run: the saturation phase also at c=64, in
+    runs long enough for both hubs' numbers to settle."""
+    extra = [("large", WORKERS_CONNECTIONS), ("small", WORKERS_CONNECTIONS)]
+    return dataclasses.replace(plan, wrk=[*plan.wrk, *(w for w in extra if w not in plan.wrk)],
+                               wrk_seconds=max(plan.wrk_seconds, 3.0), wrk_rounds=max(plan.wrk_rounds, 2))
+
+
+def workers_path(name: str, workers: int) -> str:
+    return f"{name} x{workers}"
+
+
+# --workers: hubcore as one process with [shared] redis, as each worker has
+# it: what N processes gain, apart from what sharing through Redis costs.
+REDIS_PATH = "hubcore +redis"
 
 
 def quick_plan() -> Plan:
@@ -205,8 +227,15 @@ def add_deltas(rows: dict[str, dict[str, Any]]) -> None:
 class Bench:
     def __init__(self, plan: Plan, workdir: Path, clients: int, use_nginx: bool, use_wrk: bool,
                  hub_source: str | None = None, alt_source: str | None = None, alert_blackhole: bool = False,
-                 dashboard_load: bool = False) -> None:
+                 dashboard_load: bool = False, workers: int = 1) -> None:
         self.plan = plan
+        # --workers N: the saturation phase also measures hubcore with
+        # [server] workers = N and nginx with worker_processes N.
+        self.workers = workers
+        self.redis: Any = None
+        self.hub_workers: Hub | None = None     # hubcore, N workers, in front of `static`
+        self.hub_redis: Hub | None = None       # hubcore, one process with [shared] redis, in front of `static`
+        self.proxy_workers: Service | None = None  # nginx, N worker processes, in front of `static`
         # --alert-blackhole: the measured hub has an [[alert]] target that never answers.
         self.alert_blackhole = alert_blackhole
         # --dashboard-load: an operator's open dashboard polls the measured hub.
@@ -281,6 +310,8 @@ class Bench:
                     self.alt_static = self._own(services.start_hub(
                         self.workdir, "hub-alt-static", f"http://127.0.0.1:{static_port}", pool, self.alt_source))
                 self.floor = self._own(services.start_floor(self.workdir, static_port, payloads.VENDOR_KEYS[0]))
+                if self.workers > 1:
+                    self._start_workers(static_port, pool)
             proxy_port = services.free_port()
             d = self.workdir / "nginx-proxy"
             body = services.NGINX_PROXY_SERVER.format(dir=d, name="vendor", upstream_port=self.vendor.port,
@@ -295,6 +326,31 @@ class Bench:
         self.gens = [LoadGen() for _ in range(self.clients)]
         for gen in self.gens:
             self.stack.callback(gen.close)
+
+    def _start_workers(self, static_port: int, pool: int) -> None:
+        """hubcore with [server] workers = N (and the redis-server that
+        needs) and nginx with N worker processes, both in front of `static`."""
+        from bench.shared import RedisProcess
+
+        (self.workdir / "redis").mkdir(exist_ok=True)
+        self.redis = self._own(RedisProcess(self.workdir / "redis"))
+        self.hub_workers = self._own(services.start_hub(
+            self.workdir, "hub-workers", f"http://127.0.0.1:{static_port}", pool, self.hub_source,
+            workers=self.workers, redis_url=self.redis.url))
+        self.hub_redis = self._own(services.start_hub(
+            self.workdir, "hub-redis", f"http://127.0.0.1:{static_port}", pool, self.hub_source,
+            redis_url=self.redis.url))
+        port = services.free_port()
+        d = self.workdir / "nginx-workers"
+        body = services.NGINX_PROXY_SERVER.format(dir=d, name="static", upstream_port=static_port, pool=pool,
+                                                  port=port, key=payloads.VENDOR_KEYS[0])
+        self.proxy_workers = self._own(services.start_nginx(self.nginx_bin, self.workdir, "nginx-workers", body, [port],
+                                                            workers=self.workers))
+        self.notes.append(f"--workers {self.workers}: the saturation phase also runs hubcore with [server] workers = "
+                          f"{self.workers} (sharing state through a local redis-server) and nginx with "
+                          f"worker_processes {self.workers}, as `{workers_path('hubcore', self.workers)}` and "
+                          f"`{workers_path('nginx', self.workers)}` (their CPU and RSS are those of all their "
+                          f"processes), and `{REDIS_PATH}`: one hubcore process with the same [shared] redis.")
 
     def _own(self, service: Any) -> Any:
         self.stack.callback(service.stop)
@@ -401,6 +457,13 @@ class Bench:
             targets[ALT] = (self.alt_static.port, self.alt_static.token, self.alt_static.pid)
         if self.floor is not None:
             targets[FLOOR] = (self.floor.port, CLIENT_CREDENTIAL, self.floor.pid)
+        if self.hub_workers is not None and self.proxy_workers is not None:
+            targets[workers_path("nginx", self.workers)] = (self.proxy_workers.port, CLIENT_CREDENTIAL,
+                                                            self.proxy_workers.pid)
+            targets[workers_path("hubcore", self.workers)] = (self.hub_workers.port, self.hub_workers.token,
+                                                              self.hub_workers.pid)
+        if self.hub_redis is not None:
+            targets[REDIS_PATH] = (self.hub_redis.port, self.hub_redis.token, self.hub_redis.pid)
         paths = list(targets)
         runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
         for r in range(self.plan.wrk_rounds):
@@ -410,12 +473,13 @@ class Bench:
                     port, credential, pid = targets[path]
                     script = self.workdir / f"wrk-{path}-{body}.lua"
                     services.wrk_script(script, bodies[body], (b"x-api-key", credential.encode()), HEADLINE.events)
-                    user0, sys0 = services.cpu_split(pid)
+                    # A process and its workers (--workers), all of one for the others.
+                    user0, sys0 = services.family_cpu_split(pid)
                     result = services.run_wrk(self.wrk_bin, port, script, conns, self.plan.wrk_seconds)
-                    user1, sys1 = services.cpu_split(pid)
+                    user1, sys1 = services.family_cpu_split(pid)
                     result["cpu"] = (user1 - user0) + (sys1 - sys0)
                     result["cpu_sys"] = sys1 - sys0
-                    result["rss"] = services.rss_bytes(pid)
+                    result["rss"] = services.family_rss_bytes(pid)
                     runs.setdefault((body, conns, path), []).append(result)
         out: dict[str, Any] = {}
         for (body, conns, path), results in runs.items():
@@ -441,6 +505,15 @@ class Bench:
                 case["alt_share_of_nginx_rps"] = ratio(paths[ALT]["rps"], paths["nginx"]["rps"])
             if FLOOR in paths:
                 case["floor_share_of_nginx_rps"] = ratio(paths[FLOOR]["rps"], paths["nginx"]["rps"])
+            hub_n, ngx_n = workers_path("hubcore", self.workers), workers_path("nginx", self.workers)
+            if hub_n in paths:
+                case["workers"] = {
+                    "workers": self.workers,
+                    "hubcore_speedup": ratio(paths[hub_n]["rps"], paths["hubcore"]["rps"]),
+                    "speedup_over_redis": ratio(paths[hub_n]["rps"], paths[REDIS_PATH]["rps"]),
+                    "nginx_speedup": ratio(paths[ngx_n]["rps"], paths["nginx"]["rps"]),
+                    "hubcore_share_of_nginx_rps": ratio(paths[hub_n]["rps"], paths[ngx_n]["rps"]),
+                }
         return out
 
     def accounting_check(self) -> dict[str, Any]:
@@ -524,6 +597,14 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     peak = hub_s.get("rss_peak")
     out.append({"target": f"{n} open paced streams: hub RSS ≤ 200 MB",
                 "figure": None if peak is None else f"{peak / MB:.0f} MB", "met": None if peak is None else peak <= TARGET_STREAMS_RSS})
+    workers_case = (report.get("saturation") or {}).get(f"large/c{WORKERS_CONNECTIONS}", {}).get("workers")
+    if workers_case is not None:
+        count, speedup = workers_case["workers"], workers_case["hubcore_speedup"]
+        want = TARGET_WORKERS_SPEEDUP * count
+        out.append({"target": f"c={WORKERS_CONNECTIONS}, 90 KB body: hubcore with workers = {count} ≥ {want:.2g}x the "
+                              "req/s of workers = 1",
+                    "figure": None if speedup is None else f"{speedup:.2f}x (nginx: {_x(workers_case['nginx_speedup'])})",
+                    "met": None if speedup is None else speedup >= want})
     idle = report["hub_idle_rss"]
     out.append({"target": "idle hub RSS ≤ 60 MB", "figure": None if idle is None else f"{idle / MB:.1f} MB",
                 "met": None if idle is None else idle <= TARGET_IDLE_RSS})
@@ -655,6 +736,23 @@ def render(report: dict[str, Any]) -> str:
                     f"{share} | {_us(row['p50'])} | {_us(row['p99'])} | "
                     f"{cpu} | {cpu_sys} | {_mb(row['rss'])} | {row['errors']} |"
                 )
+        workers_rows = [
+            f"| {case['body']} | {case['connections']} | {_x(w['hubcore_speedup'])} | {_x(w['speedup_over_redis'])} | "
+            f"{_x(w['nginx_speedup'])} | "
+            f"{'–' if w['hubcore_share_of_nginx_rps'] is None else format(w['hubcore_share_of_nginx_rps'] * 100, '.0f') + '%'} |"
+            for case in sat.values() if (w := case.get("workers"))
+        ]
+        if workers_rows:
+            n = next(case["workers"]["workers"] for case in sat.values() if case.get("workers"))
+            lines += [
+                "",
+                f"### {n} workers against one (req/s, same rounds)",
+                "",
+                f"| body | connections | hubcore x{n} / hubcore | hubcore x{n} / {REDIS_PATH} | nginx x{n} / nginx "
+                f"| hubcore x{n} share of nginx x{n} |",
+                "|---|--:|--:|--:|--:|--:|",
+                *workers_rows,
+            ]
     acct = report["accounting"]
     lines += ["", f"Accounting: {acct['usage_rows']} usage rows for {acct['hub_requests']} requests through the hub."]
     lines += ["", "### Targets", "", "| target | this run | met |", "|---|---|---|"]
@@ -700,6 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dashboard-load", action="store_true",
                         help="poll the hub's dashboard API as an operator's open live page and overview do: the "
                              "latency must move by no more than its noise (compare with --compare on this tree)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help=f"also measure, at saturation, hubcore with [server] workers = N (and a redis-server "
+                             f"for it) and nginx with worker_processes N, at c={WORKERS_CONNECTIONS} too "
+                             "(needs nginx, wrk and redis-server)")
     parser.add_argument("--compare", metavar="TREE",
                         help=f"also measure a hub run from this source tree, as path {ALT!r}, interleaved with the others (A/B a change)")
     args = parser.parse_args(argv)
@@ -707,10 +809,14 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the servers are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = quick_plan() if args.quick else full_plan()
+    if args.workers < 1:
+        parser.error("--workers: at least 1")
+    if args.workers > 1:
+        plan = with_workers(plan)
     started = time.monotonic()
     with workdir(args.workdir, args.keep) as wd:
         bench = Bench(plan, wd, max(1, args.clients), not args.no_nginx, not args.no_wrk, args.hubcore_path, args.compare,
-                      args.alert_blackhole, args.dashboard_load)
+                      args.alert_blackhole, args.dashboard_load, args.workers)
         try:
             bench.start()
             print(f"bench: services up in {wd}; measuring {', '.join(bench.paths)}…", file=sys.stderr)
@@ -718,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
                 "quick": args.quick,
                 "environment": environment(bench.nginx_bin, bench.wrk_bin) | {
                     "hubcore_path": args.hubcore_path, "compare": args.compare, "alert_blackhole": args.alert_blackhole,
-                    "dashboard_load": args.dashboard_load,
+                    "dashboard_load": args.dashboard_load, "workers": args.workers,
                 },
                 "notes": bench.notes,
                 "plan": plan,

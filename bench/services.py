@@ -48,6 +48,41 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def family(pid: int) -> list[int]:
+    """A process and its children: a supervisor's workers, nginx's master's
+    workers (one process for a server that runs one)."""
+    children: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                children += [int(child) for child in f.read().split()]
+    except FileNotFoundError:
+        pass
+    return [pid, *children]
+
+
+def family_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its children now running."""
+    user = system = 0.0
+    for member in family(pid):
+        try:
+            u, s = cpu_split(member)
+        except FileNotFoundError:  # exited between the listing and the read
+            continue
+        user, system = user + u, system + s
+    return user, system
+
+
+def family_rss_bytes(pid: int) -> int:
+    total = 0
+    for member in family(pid):
+        try:
+            total += rss_bytes(member)
+        except FileNotFoundError:
+            continue
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,7 +198,7 @@ database = "{dir}/hubcore.db"
 ops_socket = "{dir}/ops.sock"
 # Every load client comes from 127.0.0.1: up to 1,000 streams at once.
 max_connections_per_address = 0
-
+{server_extra}
 [[upstream]]
 name = "anthropic"
 kind = "anthropic"
@@ -294,7 +329,8 @@ def _has_dashboard(source: str | None) -> bool:
 
 def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | None = None,
               launcher: list[str] | None = None, alert_url: str | None = None, dashboard_port: int = 0,
-              budget: bool = False, extra_config: str = "") -> Hub:
+              budget: bool = False, workers: int = 1, redis_url: str | None = None,
+              extra_config: str = "") -> Hub:
     """`hubcore token create` then `hubcore serve --config`, as a user would
     (hubcore imported from `source` when given: to compare two trees;
     `launcher` replaces `python -m hubcore`, e.g. to run it under a profiler;
@@ -303,14 +339,19 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
     the target, for the hub an --alert-blackhole run compares with (so that
     only the hanging target differs); `dashboard_port`: the dashboard's
     listener, else none: several hubs of a run would all want its default
-    port); `extra_config`: TOML tables appended to its config, e.g. a
-    [shared] table)."""
+    port); `redis_url`: [shared] redis; `workers` > 1: [server] workers,
+    which need `redis_url`, and returned once every worker listens;
+    `extra_config`: TOML tables appended to its config)."""
     d = workdir / name
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
     (d / "key-b").write_text(VENDOR_KEYS[1] + "\n")
     config = d / "hubcore.toml"
-    text = HUB_CONFIG.format(port=port, dir=d, upstream=upstream, pool=pool)
+    server_extra = f"workers = {workers}\n" if workers > 1 else ""
+    text = HUB_CONFIG.format(port=port, dir=d, upstream=upstream, pool=pool, server_extra=server_extra)
+    if redis_url is not None:
+        text += f'\n[shared]\nredis = "{redis_url}"\n'
+
     if alert_url is not None:
         text += ALERT_CONFIG.format(url=alert_url)
     if _has_dashboard(source):
@@ -335,7 +376,26 @@ def start_hub(workdir: Path, name: str, upstream: str, pool: int, source: str | 
                             stdout=out, stderr=err, env=env, cwd=d, preexec_fn=_die_with_parent)
     hub = Hub(name, proc, port, [out, err], token=token, config=config, database=d / "hubcore.db")
     wait_http(port, proc, f"hubcore ({d / 'hubcore.log'})")
+    if workers > 1:
+        wait_workers(d / "ops.sock", proc, f"hubcore ({d / 'hubcore.log'})")
     return hub
+
+
+def wait_workers(ops_socket: Path, proc: subprocess.Popen[Any], what: str, timeout: float = 60.0) -> None:
+    """Until the supervisor's ops socket says every worker listens."""
+    from hubcore.ops import client as opsclient
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before its workers listened")
+        try:
+            if all(w["up"] for w in opsclient.get_stats(str(ops_socket))["workers"]):
+                return
+        except opsclient.OpsClientError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not every worker listens after {timeout:g} s")
 
 
 def usage_rows(database: Path) -> int:
@@ -363,11 +423,11 @@ def nginx_version(binary: str) -> str:
 
 
 # One process that is its own worker (master_process off): the reference is
-# "nginx, one worker", and the benchmark samples that very pid.
+# "nginx, one worker", and the benchmark samples that very pid. With N
+# workers (--workers), a master and N worker processes, sampled together.
 NGINX_MAIN = """\
 daemon off;
-master_process off;
-worker_processes 1;
+{processes}
 worker_rlimit_nofile 16384;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
@@ -431,12 +491,17 @@ def nginx_string(data: bytes) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
 
 
-def start_nginx(binary: str, workdir: Path, name: str, body: str, ports: list[int]) -> Service:
+def start_nginx(binary: str, workdir: Path, name: str, body: str, ports: list[int], workers: int = 1) -> Service:
     d = workdir / name
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     conf = d / "nginx.conf"
-    conf.write_text(NGINX_MAIN.format(dir=d, body=body))
+    if workers == 1:
+        processes = "master_process off;\nworker_processes 1;"
+    else:
+        # As root, the workers would run as nobody, who cannot use the work directory.
+        processes = f"master_process on;\nworker_processes {workers};" + ("\nuser root;" if os.geteuid() == 0 else "")
+    conf.write_text(NGINX_MAIN.format(dir=d, body=body, processes=processes))
     log = open(d / "stderr.log", "wb")
     proc = subprocess.Popen([binary, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")],
                             stdout=log, stderr=log, preexec_fn=_die_with_parent)

@@ -3,7 +3,8 @@
 The package is built in layers; a module imports only from its own layer or
 from those below it (tests/test_layers.py checks every import):
 
-    cli/, app.py, runtime.py        top: commands, wiring, process set-up
+    cli/, app.py, runtime.py,       top: commands, wiring, process set-up,
+    supervisor.py                   the processes of several workers
     gateway/   ops/   dashboard/    the request path; the ops socket; the web dashboard
                                     (strangers to each other)
     shared/                         state shared between instances through Redis

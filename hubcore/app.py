@@ -158,7 +158,9 @@ class App:
         # Started by serve() only: the collector is the whole process's.
         self.cycles = CycleCollector(loop, config.server.gc_full_interval)
 
-    async def start(self, sock: Any = None) -> list[tuple[str, int]]:
+    async def start(self, sock: Any = None, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+        """Open everything and listen; `reuse_port`: as one of several
+        workers on the port (SO_REUSEPORT), each with a listener of its own."""
         cfg = self.config.server
         # check_same_thread=False: refreshes run in a worker thread, one at a time.
         try:
@@ -181,7 +183,7 @@ class App:
         ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         host, port = config_mod.parse_listen(cfg.listen)
         try:
-            self.addresses = await self.server.start(host, port, ssl=ssl_context, sock=sock)
+            self.addresses = await self.server.start(host, port, ssl=ssl_context, sock=sock, reuse_port=reuse_port)
         except OSError as e:
             raise StartFailed(f"cannot listen on {cfg.listen}: {e.strerror or e}") from e
         if self.dashboard is not None:
@@ -343,12 +345,13 @@ class App:
         return {"model": model, "principal": who, "groups": None if groups is None else sorted(groups), "routes": routes}
 
     async def set_key_enabled(
-        self, label: str, enabled: bool, *, actor: str = "cli", origin: str = "cli",
+        self, label: str, enabled: bool, *, actor: str = "cli", origin: str = "cli", record: bool = True,
     ) -> KeySwitched | None:
         """`hubcore keys enable|disable LABEL` (or the dashboard's, which
         names its own actor and origin): at once in every upstream with such
         a key (the ring logs each change), then stored for restarts with its
-        audit row, off the loop. None when no upstream has the label."""
+        audit row, off the loop (not with `record` False: another worker of
+        the hub stores it). None when no upstream has the label."""
         before, states = {}, {}
         for upstream in self.hub.upstreams.values():
             ring = upstream.ring
@@ -363,6 +366,8 @@ class App:
         if not states:
             return None
         self._key_switches += 1
+        if not record:
+            return KeySwitched(states)
         switches = [(name, label, enabled) for name in states]
         busy_timeout = min(self.config.server.db_busy_timeout, KEY_SWITCH_BUSY_TIMEOUT)
 
@@ -385,11 +390,14 @@ class App:
                 return KeySwitched(states, not_stored=str(e))
         return KeySwitched(states)
 
-    async def reset_key(self, label: str, *, actor: str = "cli", origin: str = "cli") -> KeyReset | None:
+    async def reset_key(
+        self, label: str, *, actor: str = "cli", origin: str = "cli", record: bool = True,
+    ) -> KeyReset | None:
         """`hubcore keys reset LABEL` (or the dashboard's): end the rests
         after 429s and close the circuit of the key with that label in every
         upstream that has one, at once (the ring logs each change; a dead or
-        disabled key stays so), then write its audit row off the loop. None
+        disabled key stays so), then write its audit row off the loop (not
+        with `record` False: another worker of the hub writes it). None
         when no upstream has the label."""
         before: dict[str, Any] = {}
         states: dict[str, str] = {}
@@ -405,6 +413,8 @@ class App:
             states[upstream.config.name] = state.value
         if not states:
             return None
+        if not record:
+            return KeyReset(states)
         busy_timeout = min(self.config.server.db_busy_timeout, KEY_SWITCH_BUSY_TIMEOUT)
 
         def audit_row(conn: sqlite3.Connection) -> None:
@@ -641,6 +651,7 @@ def start_problem(config: Config, *, missing_directories: bool = False) -> str |
         state_path_problem(config, missing_directories=missing_directories)
         or ops_group_problem(config)
         or tls_file_problem(config)
+        or workers_problem(config)
     )
 
 
@@ -666,6 +677,22 @@ def state_path_problem(config: Config, *, missing_directories: bool = False) -> 
         problem = store.path_problem(path) if name == "database" else store.directory_problem(path)
         if problem is not None:
             return f"{name} {path}: {problem}"
+    return None
+
+
+def workers_problem(config: Config) -> str | None:
+    """What several workers cannot start with: a port each worker would
+    pick for itself, or no ops socket, through which the supervisor watches
+    its workers and answers for them."""
+    server = config.server
+    if server.workers <= 1:
+        return None
+    if config_mod.parse_listen(server.listen)[1] == 0:
+        return (f"listen {server.listen}: port 0 would give each of the {server.workers} workers "
+                "(server.workers) a port of its own: name a port")
+    if not server.ops_socket:
+        return (f"ops_socket: server.workers = {server.workers} needs the ops socket: the supervisor "
+                "watches its workers and answers for them through it")
     return None
 
 
@@ -776,11 +803,15 @@ def _write_private(path: Path, text: str) -> None:
         os.fsync(fd)
 
 
-async def serve(config: Config, config_path: str | None, show_token: Callable[[str], None] | None = None) -> int:
+async def serve(
+    config: Config, config_path: str | None, show_token: Callable[[str], None] | None = None, *, worker: bool = False,
+) -> int:
     """Run the hub until it is stopped; 1 when it cannot start. On a
     database without tokens the first token is minted before the listener
     opens (so that its file exists once clients can connect), taken back if
-    the start fails, and handed to `show_token` once the hub listens."""
+    the start fails, and handed to `show_token` once the hub listens.
+    `worker`: one of several workers (hubcore.supervisor), on a port they
+    share; the supervisor minted the first token."""
     loop = asyncio.get_running_loop()
     try:
         app = App(config, loop, config_path)
@@ -788,7 +819,7 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
         log.error("cannot start: %s", e)
         return 1
     try:
-        made = first_token(config)
+        made = None if worker else first_token(config)
     except store.CannotOpen as e:  # a PostgreSQL server that cannot be reached, foremost
         log.error("cannot start: %s", e)
         await app.recorder.close()
@@ -804,7 +835,7 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, early.append, sig)
     try:
-        addresses = await app.start()
+        addresses = await app.start(reuse_port=worker)
     except OSError as e:
         # StartFailed names its step; anything else (a TLS file, the spool) names its file.
         log.error("%s", e if isinstance(e, StartFailed) else f"cannot start: {e}")
@@ -825,11 +856,6 @@ async def serve(config: Config, config_path: str | None, show_token: Callable[[s
         )
         if show_token is not None:
             show_token(token)
-    if config.server.workers > 1:
-        # The supervisor that runs one process per worker is not built yet:
-        # say so rather than serve with fewer processes than asked for.
-        log.warning("server.workers = %d: this hub runs as one process; several workers are not supported yet",
-                    config.server.workers)
     app.install_signals()
     app.cycles.start()
     for host, port in addresses:

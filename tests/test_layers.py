@@ -32,6 +32,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "dashboard": BELOW_GATEWAY | {"dashboard"},
     "cli": EVERYTHING,
     "app": EVERYTHING,
+    "supervisor": EVERYTHING,
     "runtime": EVERYTHING,
     "__main__": EVERYTHING,
 }

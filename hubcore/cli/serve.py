@@ -28,7 +28,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from hubcore import app, runtime
+    from hubcore import app, runtime, supervisor
 
     found = config_path(args)
     cfg = config.load(found)
@@ -37,17 +37,31 @@ def run_serve(args: argparse.Namespace) -> int:
             cfg = config.with_listen(cfg, args.listen)
         except ConfigError as e:
             raise CommandError(str(e), USAGE) from None
+    # One of several workers, started by the supervisor below.
+    slot = supervisor.worker_slot()
+    if slot is not None:
+        if not supervisor.follow_supervisor():
+            raise CommandError("cannot start: the supervisor that started this worker is gone")
+        cfg = supervisor.worker_config(cfg, slot)
     problem = app.start_problem(cfg)
     if problem is not None:
         raise CommandError(f"cannot start: {problem}")
     # From here on the hub's own lines go through its logger, in the
     # configured format (JSON lines under log_format = "json").
     runtime.setup_logging(cfg)
+    if slot is None and cfg.server.workers > 1:
+        if not any(u.keys for u in cfg.upstreams):
+            log.warning("no vendor keys configured (set ANTHROPIC_API_KEY / OPENAI_API_KEY or write a config)")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(supervisor.supervise(cfg, found, args.listen, show_token=show_on_terminal))
     runtime.tune_malloc()
-    if not any(u.keys for u in cfg.upstreams):
+    if slot is not None:
+        supervisor.name_worker_logs(slot.index)
+    elif not any(u.keys for u in cfg.upstreams):
         log.warning("no vendor keys configured (set ANTHROPIC_API_KEY / OPENAI_API_KEY or write a config)")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(app.serve(cfg, found, show_token=show_on_terminal))
+        show = None if slot is not None else show_on_terminal
+        return runner.run(app.serve(cfg, found, show_token=show, worker=slot is not None))
 
 
 def show_on_terminal(token: str) -> None:

@@ -856,12 +856,17 @@ class Server:
             else:
                 self.per_address.pop(peer, None)
 
-    async def start(self, host: str, port: int, ssl: Any = None, sock: Any = None) -> list[tuple[str, int]]:
+    async def start(
+        self, host: str, port: int, ssl: Any = None, sock: Any = None, reuse_port: bool = False,
+    ) -> list[tuple[str, int]]:
+        """Listen; `reuse_port` (SO_REUSEPORT): beside other processes that
+        listen on the same port, the kernel spreading connections among them."""
         if sock is not None:
             server = await self.loop.create_server(lambda: HttpProtocol(self), sock=sock, ssl=ssl, backlog=2048)
         else:
             server = await self.loop.create_server(
-                lambda: HttpProtocol(self), host, port, ssl=ssl, reuse_address=True, backlog=2048
+                lambda: HttpProtocol(self), host, port, ssl=ssl, reuse_address=True,
+                reuse_port=reuse_port or None, backlog=2048,
             )
         self.servers.append(server)
         return [s.getsockname()[:2] for s in server.sockets]

@@ -288,6 +288,15 @@ def format_upstreams(upstreams: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def format_worker(worker: Mapping[str, Any]) -> str:
+    """One worker of a hub of several ([server] workers): `1 pid 4242 up, 2 restarts`."""
+    text = f"{worker.get('index', '?')} pid {worker.get('pid') or '-'} {'up' if worker.get('up') else 'DOWN'}"
+    restarts = worker.get("restarts") or 0
+    if restarts:
+        text += f" ({restarts} restart{'s' if restarts != 1 else ''})"
+    return text
+
+
 def format_stats(d: Mapping[str, Any], *, now: float | None = None) -> str:
     """The `hubcore stats` summary: one screen, the numbers an operator looks at first."""
     req = d.get("requests") or {}
@@ -307,6 +316,9 @@ def format_stats(d: Mapping[str, Any], *, now: float | None = None) -> str:
     refused = d.get("refused") or {}
     if refused:
         lines.append(f"refused     {_counts(refused)}")
+    workers = d.get("workers") or []
+    if workers:
+        lines.append("workers     " + ", ".join(format_worker(w) for w in workers))
     lines += format_upstreams(d.get("upstream") or {})
 
     lines.append("")

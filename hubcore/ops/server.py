@@ -70,11 +70,14 @@ class OpsHandler(Protocol):
 
     def reload(self) -> tuple[bool, str] | Awaitable[tuple[bool, str]]: ...
 
+    # record=False (`?record=0`, from the supervisor of several workers):
+    # change this process only; another worker stores the change and writes
+    # its audit row. Passed only when False.
     def set_key_enabled(
-        self, label: str, enabled: bool
+        self, label: str, enabled: bool, *, record: bool = ...,
     ) -> KeySwitched | None | Awaitable[KeySwitched | None]: ...  # None: no such key
 
-    def reset_key(self, label: str) -> Awaitable[KeyReset | None]: ...  # None: no such key
+    def reset_key(self, label: str, *, record: bool = ...) -> Awaitable[KeyReset | None]: ...  # None: no such key
 
     def explain_route(
         self, model: str | None, kind: str | None = None, token_id: int | None = None, user: str | None = None,
@@ -86,6 +89,11 @@ class OpsHandler(Protocol):
         ...
 
 
+def _records(target: bytes) -> bool:
+    """False for a key action sent with `?record=0`."""
+    return parse_qs(target.partition(b"?")[2].decode("ascii", "replace")).get("record", ["1"])[-1] != "0"
+
+
 def _json(status: int, obj: Any, headers: list[tuple[str, str]] | None = None) -> Reply:
     return Reply(status, JSON, orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS), headers)
 
@@ -94,8 +102,10 @@ def _error(status: int, message: str, headers: list[tuple[str, str]] | None = No
     return _json(status, {"error": message}, headers)
 
 
-class OpsServer(H11Server):
-    """Serves an OpsHandler on a Unix socket at ``path``."""
+class UnixSocketServer(H11Server):
+    """An H11Server on a Unix socket file at ``path``: its mode and group,
+    and the takeover of a socket file a dead process left. The routes are
+    a subclass's."""
 
     name = "ops"
     busy = busy_answer(JSON, b'{"error":"too many ops connections"}')
@@ -103,7 +113,6 @@ class OpsServer(H11Server):
     def __init__(
         self,
         path: str,
-        handler: OpsHandler,
         *,
         mode: int = 0o660,
         group: str | None = None,
@@ -117,7 +126,6 @@ class OpsServer(H11Server):
             request_timeout=request_timeout, write_timeout=write_timeout, max_connections=max_connections,
         ))
         self.path = path
-        self.handler = handler
         self.mode = mode
         self.group = group or None        # "" (the config default) means no group
         self._server: asyncio.AbstractServer | None = None
@@ -223,6 +231,14 @@ class OpsServer(H11Server):
     def error_reply(self, status: int, message: str) -> Reply:
         return _error(status, message)
 
+
+class OpsServer(UnixSocketServer):
+    """Serves an OpsHandler on a Unix socket at ``path``."""
+
+    def __init__(self, path: str, handler: OpsHandler, **options: Any) -> None:
+        super().__init__(path, **options)
+        self.handler = handler
+
     # -- routes ---------------------------------------------------------------------
 
     async def dispatch(self, head: h11.Request, body: bytes, peer: str) -> Reply:
@@ -255,18 +271,19 @@ class OpsServer(H11Server):
             if len(segments) == 3 and segments[0] == "keys" and segments[2] in ("enable", "disable"):
                 if method != "POST":
                     return _error(405, "use POST", [("allow", "POST")])
-                return await self._set_key_enabled(unquote(segments[1]), segments[2] == "enable")
+                return await self._set_key_enabled(
+                    unquote(segments[1]), segments[2] == "enable", _records(head.target))
             if len(segments) == 3 and segments[0] == "keys" and segments[2] == "reset":
                 if method != "POST":
                     return _error(405, "use POST", [("allow", "POST")])
-                return await self._reset_key(unquote(segments[1]))
+                return await self._reset_key(unquote(segments[1]), _records(head.target))
         except Exception as exc:
             log.exception("ops %s %s failed", method, raw_path)
             return _error(500, f"{type(exc).__name__}: {exc}")
         return _error(404, f"no such ops route: {method} {raw_path}")
 
-    async def _set_key_enabled(self, label: str, enabled: bool) -> Reply:
-        result = self.handler.set_key_enabled(label, enabled)
+    async def _set_key_enabled(self, label: str, enabled: bool, record: bool = True) -> Reply:
+        result = self.handler.set_key_enabled(label, enabled, **({} if record else {"record": False}))
         if inspect.isawaitable(result):
             result = await result
         if result is None:
@@ -280,8 +297,8 @@ class OpsServer(H11Server):
             reply["warning"] = f"not stored ({result.not_stored}): a restart forgets this change"
         return _json(200, reply)
 
-    async def _reset_key(self, label: str) -> Reply:
-        result = await self.handler.reset_key(label)
+    async def _reset_key(self, label: str, record: bool = True) -> Reply:
+        result = await self.handler.reset_key(label, **({} if record else {"record": False}))
         if result is None:
             return _error(404, f"no key labelled {label!r}")
         reply: dict[str, Any] = {"label": label, "states": result.states, "audited": result.not_audited is None}
