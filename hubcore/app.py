@@ -203,6 +203,7 @@ class App:
         self.alerts.watch_usage(self.recorder.stats, cfg.usage_queue_max)
         if self.shared is not None:
             self.alerts.watch_shared(self.shared.stats)
+            self.alerts.share_with(self.shared.claim)
         if self.ops is not None:
             try:
                 await self.ops.start()

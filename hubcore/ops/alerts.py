@@ -35,7 +35,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -301,6 +301,7 @@ class Target:
         self.sent = 0
         self.deduplicated = 0
         self.dropped: dict[str, int] = {}
+        self.claim: Claim | None = None
 
     # -- on the emitter's side: never awaits -----------------------------------------
 
@@ -355,6 +356,9 @@ class Target:
                 log.warning("alert %s: queue has room again; %d alerts were dropped while it was full",
                             self.label, self.overflowing)
                 self.overflowing = 0
+            if self.claim is not None and not await self.claim(f"{self.label}:{alert.key}", self.config.min_interval):
+                self.deduplicated += 1  # another instance sent it
+                continue
             self.delivering = alert
             try:
                 await self.deliver(alert)
@@ -405,6 +409,11 @@ class Target:
 # -- the hub's alerts ---------------------------------------------------------------------
 
 UsageStats = Callable[[], Mapping[str, Any]]
+# Whether this instance is the first of the hub's instances to send an alert
+# of this name within these seconds (shared.redis_state.SharedState.claim):
+# an event every instance sees (a key dead through one of them, an upstream
+# down) reaches the webhook once, not once per instance.
+Claim = Callable[[str, float], Awaitable[bool]]
 
 
 class Alerts:
@@ -419,6 +428,7 @@ class Alerts:
         self.timezone = timezone
         self._clock = clock
         self.targets: list[Target] = [Target(c, self.hub, clock) for c in configs]
+        self._claim: Claim | None = None
         # Counters of targets a reload removed, kept so /metrics only grows.
         self._retired_sent = 0
         self._retired_dropped: dict[str, int] = {}
@@ -431,6 +441,12 @@ class Alerts:
         self._usage_task: asyncio.Task[None] | None = None
         self._shared_task: asyncio.Task[None] | None = None
         self._closed = False
+
+    def share_with(self, claim: Claim) -> None:
+        """Send each alert once across the hub's instances (see Claim)."""
+        self._claim = claim
+        for target in self.targets:
+            target.claim = claim
 
     def _wanted(self) -> frozenset[str]:
         return frozenset(kind for target in self.targets for kind in target.kinds)
@@ -622,6 +638,7 @@ class Alerts:
             target = kept.pop(config, None)
             if target is None:
                 target = Target(config, self.hub, self._clock)
+                target.claim = self._claim
                 changes.append(f"alert {config.label}: new settings")
             targets.append(target)
         for target in kept.values():

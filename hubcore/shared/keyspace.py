@@ -82,6 +82,10 @@ class Keyspace:
             return f"{self.prefix}:spend:{window}:{scope}"
         return f"{self.prefix}:spend:{window}:{int(period_start)}:{scope}"
 
+    def alert(self, name: str) -> str:
+        """Held by the instance that sends an alert, for its min_interval."""
+        return f"{self.prefix}:alert:{name}"
+
     def charged(self, request_id: str) -> str:
         return f"{self.prefix}:charged:{request_id}"
 

@@ -16,6 +16,7 @@ Data layout (every key under `[shared] prefix`, "hubcore" below; a scope is
     hubcore:spend:day:<start>:<scope> int   micro-dollars (also week, month); EXPIREAT end + 1 day
     hubcore:spend:total:<scope>       int   micro-dollars
     hubcore:charged:<request id>      str   a charge applied (replays add nothing); EX 1 day
+    hubcore:alert:<target>:<key>      str   the instance that sent that alert; PX its min_interval
     hubcore:keys:<upstream>           hash  'c'<label>NUL<class> -> ms a rest ends,
                                             'o'<label> -> ms an open circuit ends,
                                             'd'<label> -> fingerprint of a refused secret,
@@ -150,6 +151,10 @@ RECONNECT_FIRST = 0.1
 # per write (a charge runs some 30 commands inside Redis).
 SEND_BATCH = 256
 SEND_TIME_PER_WRITE = 0.0002
+# The sender waits this long after the first write of a batch for others to
+# join it: a pipeline of its own per request's charge cost a hub at c=1 as
+# much CPU as the request itself; a few ms late is nothing to a budget.
+SEND_LINGER = 0.003
 # Keys per seed call after Redis lost its data.
 SEED_BATCH = 512
 # A request's charge marker outlives any replay of its charge.
@@ -547,6 +552,21 @@ class SharedState:
             space.charges, news.decode(),
         ))
 
+    async def claim(self, name: str, seconds: float) -> bool:
+        """Whether this instance is the first to claim `name` in the last
+        `seconds` (ops.alerts.Claim). True too when Redis cannot tell: an
+        alert twice is better than none."""
+        client = self._client
+        if client is None or self._link is not Link.SHARED:
+            return True
+        try:
+            async with asyncio.timeout(self._timeout):
+                won = await client.set(self.space.alert(name), self.instance_id, nx=True, px=max(1, int(seconds * 1000)))
+        except _FAILURES as e:
+            log.debug("shared state: could not claim alert %s: %s", name, e)
+            return True
+        return bool(won)
+
     async def _follow_charges(self) -> None:
         """Hand each charge another instance applied to on_charge_elsewhere,
         from a subscription of its own, while the link is up. Charges made
@@ -640,7 +660,10 @@ class SharedState:
         while self._queue or self._sending:
             if self._link is not Link.SHARED:
                 return False
-            self._wake_sender.set()
+            # Woken while it sends, the sender would go round again with
+            # nothing to send, and never be seen idle.
+            if not self._sending:
+                self._wake_sender.set()
             await asyncio.sleep(0.001)
         return True
 
@@ -653,6 +676,8 @@ class SharedState:
             self._sending = True
             batch: list[_Write] = []
             try:
+                if len(self._queue) < SEND_BATCH:
+                    await asyncio.sleep(SEND_LINGER)
                 while self._queue and self._link is Link.SHARED:
                     batch = self._take_batch()
                     if not await self._send(batch):
