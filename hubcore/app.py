@@ -778,6 +778,20 @@ def first_token_path(config: Config) -> Path:
     return Path(os.path.abspath(local)).parent / FIRST_TOKEN_FILE
 
 
+def announce_first_token(made: tuple[int, str, Path] | None, show_token: Callable[[str], None] | None) -> None:
+    """Once the hub listens: where the token first_token minted is (None:
+    none was), and the token itself to `show_token`."""
+    if made is None:
+        return
+    _, token, path = made
+    log.warning(
+        "no hub tokens yet: created one for user 'admin' in %s (readable by this user only); "
+        "use it as ANTHROPIC_AUTH_TOKEN / OPENAI_API_KEY, then delete the file", path,
+    )
+    if show_token is not None:
+        show_token(token)
+
+
 def withdraw_first_token(config: Config, token_id: int) -> None:
     """Take back the token first_token minted for a start that then failed:
     the next start, which may be on another port or with a fixed config,
@@ -849,14 +863,7 @@ async def serve(
         if app.shared is not None:
             await app.shared.close()
         return 1
-    if made is not None:
-        _, token, path = made
-        log.warning(
-            "no hub tokens yet: created one for user 'admin' in %s (readable by this user only); "
-            "use it as ANTHROPIC_AUTH_TOKEN / OPENAI_API_KEY, then delete the file", path,
-        )
-        if show_token is not None:
-            show_token(token)
+    announce_first_token(made, show_token)
     app.install_signals()
     app.cycles.start()
     for host, port in addresses:

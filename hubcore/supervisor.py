@@ -330,14 +330,7 @@ class Supervisor:
         host, port = config_mod.parse_listen(cfg.listen)
         log.info("hubcore %s listening on %s://%s:%d with %d workers (pids %s)", __version__, scheme, host, port,
                  self.count, " ".join(str(w.process.pid) for w in self.workers if w.process is not None))
-        if made is not None:
-            _, token, path = made
-            log.warning(
-                "no hub tokens yet: created one for user 'admin' in %s (readable by this user only); "
-                "use it as ANTHROPIC_AUTH_TOKEN / OPENAI_API_KEY, then delete the file", path,
-            )
-            if show_token is not None:
-                show_token(token)
+        app_mod.announce_first_token(made, show_token)
         sdnotify.ready(f"listening on {cfg.listen} with {self.count} workers")
 
     def _withdraw(self, made: tuple[int, str, Any] | None) -> None:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -198,3 +198,17 @@ def wait_listening(port: int, proc: subprocess.Popen[Any] | None = None, timeout
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {port}")
+
+
+def eventually(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.02) -> T:
+    """Poll `probe()` until it returns something true; that value (an
+    AssertionError naming `what` after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout:g} s")
+        time.sleep(interval)

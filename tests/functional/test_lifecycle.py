@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import pytest
@@ -25,9 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hubcore.ops import client as opsclient
 from tests.fakevendor import OPENAI_KEY, FakeVendor
-from tests.hubharness import REPO, free_port, hubcore_cmd, mint, usage_rows, wait_listening
+from tests.hubharness import REPO, eventually, free_port, hubcore_cmd, mint, usage_rows, wait_listening
 
-T = TypeVar("T")
 
 KEY_ONE = "sk-ant-lifecycle-one"
 KEY_TWO = "sk-ant-lifecycle-two"
@@ -44,15 +43,6 @@ def vendor() -> Iterator[FakeVendor]:
         yield v
 
 
-def eventually(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
 
 
 class Serve:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import pytest
@@ -27,11 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hubcore.ops import client as opsclient
 from tests.fakevendor import FakeVendor
-from tests.hubharness import REPO, free_port, hubcore_cmd, usage_rows
+from tests.hubharness import REPO, eventually, free_port, hubcore_cmd, usage_rows
 from tests.pgserver import PASSWORD, PASSWORD_ENV, PgDatabase, pg_server_database
 from tests.servers import RedisServer
 
-T = TypeVar("T")
 
 KEY_ONE = "sk-ant-workers-one"
 KEY_TWO = "sk-ant-workers-two"
@@ -44,15 +43,6 @@ def vendor() -> Iterator[FakeVendor]:
         yield v
 
 
-def eventually(probe: Callable[[], T | None], timeout: float = 20.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.05)
 
 
 class Workers:

@@ -15,16 +15,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from hubcore.ops import client as opsclient
-from tests.hubharness import REPO, free_port, hubcore_cmd, wait_listening
+from tests.hubharness import REPO, eventually, free_port, hubcore_cmd, wait_listening
 from tests.pgserver import PASSWORD, PASSWORD_ENV, PgDatabase
 
-T = TypeVar("T")
 
 # Seconds an instance gets to listen after `hubcore serve` starts (schema
 # migrations under an advisory lock, three at once, on a loaded machine).
@@ -250,13 +249,3 @@ class Instances:
         return "\n".join(parts)
 
 
-def eventually(probe: Callable[[], T], timeout: float = 10.0, what: str = "condition", interval: float = 0.02) -> T:
-    """Poll `probe()` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g} s")
-        time.sleep(interval)
