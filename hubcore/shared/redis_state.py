@@ -151,9 +151,11 @@ RECONNECT_FIRST = 0.1
 # per write (a charge runs some 30 commands inside Redis).
 SEND_BATCH = 256
 SEND_TIME_PER_WRITE = 0.0002
-# The sender waits this long after the first write of a batch for others to
-# join it: a pipeline of its own per request's charge cost a hub at c=1 as
-# much CPU as the request itself; a few ms late is nothing to a budget.
+# The sender waits this long after the first charge or release of a batch
+# for others to join it: a pipeline of its own per request's charge cost a
+# hub at c=1 as much CPU as the request itself, and a few ms late is
+# nothing to a budget. News of keys and sessions goes at once (the others'
+# next requests depend on it), and takes what waits with it.
 SEND_LINGER = 0.003
 # Keys per seed call after Redis lost its data.
 SEED_BATCH = 512
@@ -305,6 +307,7 @@ class SharedState:
         self.dropped = 0
         self._sending = False
         self._wake_sender = asyncio.Event()
+        self._hurry = asyncio.Event()  # a write that must not linger is queued
         self._wake_link = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._set_periods(clock())
@@ -333,13 +336,7 @@ class SharedState:
     async def close(self) -> None:
         """Send what is queued (within CLOSE_FLUSH_TIMEOUT), give back held
         slots, leave the instance set, disconnect."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await _cancelled(self._tasks)
         self._tasks = []
         self._send_releases()
         client = self._client
@@ -421,7 +418,7 @@ class SharedState:
             # The carried releases may or may not have landed; ZREM again
             # is harmless.
             for slot_key, released in carry:
-                self._enqueue(None, (), ("ZREM", slot_key, released))
+                self._enqueue(None, (), ("ZREM", slot_key, released), linger=True)
             if not isinstance(e, _FAILURES):
                 raise
             self._failed(e, "admit")
@@ -490,7 +487,7 @@ class SharedState:
             self._release_timer = None
         releases, self._releases = self._releases, []
         for slot_key, member in releases:
-            self._enqueue(None, (), ("ZREM", slot_key, member))
+            self._enqueue(None, (), ("ZREM", slot_key, member), linger=True)
 
     def _refusal(self, reply: list[Any], scopes: list[tuple[str, str, Limits]], now: float) -> Refused:
         _, index, limit_name, value, extra = reply
@@ -550,7 +547,7 @@ class SharedState:
             cost_micros, int(ts // 60), CHARGE_MARK_TTL,
             int(day[1]) + PERIOD_KEEP, int(week[1]) + PERIOD_KEEP, int(month[1]) + PERIOD_KEEP,
             space.charges, news.decode(),
-        ))
+        ), linger=True)
 
     async def claim(self, name: str, seconds: float) -> bool:
         """Whether this instance is the first to claim `name` in the last
@@ -642,7 +639,10 @@ class SharedState:
     def _key_state(self, upstream: str, field: str, value: str | int) -> None:
         self._enqueue("keystate", (self.space.key_states(upstream),), (field, value))
 
-    def _enqueue(self, script: str | None, keys: tuple[str, ...], args: tuple[str | int | float, ...]) -> None:
+    def _enqueue(
+        self, script: str | None, keys: tuple[str, ...], args: tuple[str | int | float, ...], *, linger: bool = False,
+    ) -> None:
+        """Queue a write for the sender; `linger`: it may wait SEND_LINGER for others."""
         if self._link is Link.CLOSED:
             return
         queue = self._queue
@@ -650,6 +650,8 @@ class SharedState:
             queue.popleft()
             self.dropped += 1
         queue.append((script, keys, args))
+        if not linger:
+            self._hurry.set()
         if self._link is Link.SHARED and not self._sending:
             self._wake_sender.set()
 
@@ -676,8 +678,13 @@ class SharedState:
             self._sending = True
             batch: list[_Write] = []
             try:
-                if len(self._queue) < SEND_BATCH:
-                    await asyncio.sleep(SEND_LINGER)
+                if not self._hurry.is_set() and len(self._queue) < SEND_BATCH:
+                    try:
+                        async with asyncio.timeout(SEND_LINGER):
+                            await self._hurry.wait()
+                    except TimeoutError:
+                        pass
+                self._hurry.clear()
                 while self._queue and self._link is Link.SHARED:
                     batch = self._take_batch()
                     if not await self._send(batch):
@@ -1029,6 +1036,20 @@ class UpstreamKeys:
 
     def revived(self, label: str) -> None:
         self._state.key_revived(self.upstream, label)
+
+
+async def _cancelled(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel `tasks` and wait until each has ended, cancelling again any
+    that went on: a cancellation that lands as a client library's own
+    timeout expires can be taken for that timeout and swallowed."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("shared state: task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def _client(config: SharedConfig, connections: int | None = None) -> Redis:
