@@ -3,6 +3,7 @@ official sync SDKs can talk to it), or as a `hubcore serve` subprocess."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import sqlite3
@@ -81,6 +82,10 @@ class HubThread:
     """A started App on 127.0.0.1:<ephemeral>, stopped on exit."""
 
     def __init__(self, config: Config) -> None:
+        if config.dashboard.listen == config_mod.DashboardConfig().listen:
+            # The default port is one for every hub of a run (tests run in
+            # parallel): a test that wants the dashboard asks for port 0.
+            config = dataclasses.replace(config, dashboard=dataclasses.replace(config.dashboard, listen=""))
         self.config = config
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="hub", daemon=True)

@@ -308,7 +308,8 @@ def start_fresh(tmp_path: Path, stdout: int) -> tuple[subprocess.Popen[bytes], i
     state.mkdir()
     port = free_port()
     config = tmp_path / "hubcore.toml"
-    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\ndatabase = "{state / "hub.db"}"\nops_socket = ""\n')
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\ndatabase = "{state / "hub.db"}"\nops_socket = ""\n'
+                      '[dashboard]\nlisten = ""\n')
     proc = subprocess.Popen(hubcore_cmd("serve", "--config", str(config)), stdout=stdout, stderr=subprocess.PIPE,
                             env=cli_env(), cwd=tmp_path)
     return proc, port, state
@@ -377,7 +378,8 @@ def state_config(tmp_path: Path, port: int, **paths: Path) -> Path:
     """A config whose database, spool and ops socket are in tmp_path unless given."""
     chosen = {"database": tmp_path / "hub.db", "spool": tmp_path / "hub.spool", "ops_socket": tmp_path / "ops.sock", **paths}
     config = tmp_path / "hubcore.toml"
-    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n' + "".join(f'{k} = "{v}"\n' for k, v in chosen.items()))
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n' + "".join(f'{k} = "{v}"\n' for k, v in chosen.items())
+                      + '[dashboard]\nlisten = ""\n')
     return config
 
 

@@ -29,7 +29,8 @@ CREDENTIAL_KEYS = (
 
 
 def write_config(path: Path, database: Path, extra: str = "") -> Path:
-    path.write_text(f'[server]\ndatabase = "{database}"\nops_socket = ""\n{extra}')
+    # No dashboard: its default port is one for every test of a run.
+    path.write_text(f'[server]\ndatabase = "{database}"\nops_socket = ""\n{extra}\n[dashboard]\nlisten = ""\n')
     return path
 
 

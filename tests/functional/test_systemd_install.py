@@ -108,7 +108,8 @@ def env(**extra: str) -> dict[str, str]:
 def test_the_install_end_to_end(installed: dict[str, Path]) -> None:
     port = free_port()
     config = installed["config"]
-    config.write_text(config.read_text().replace('listen = "127.0.0.1:8787"', f'listen = "127.0.0.1:{port}"'))
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:8787"', f'listen = "127.0.0.1:{port}"')
+                      + '\n[dashboard]\nlisten = ""\n')
     keys = {f"sk-test-{name}": "ok" for name in readme_key_files()}
     with FakeVendor(keys) as vendor:
         config.write_text(re.sub(r'base_url = "https://api\.(anthropic|openai)\.com"', f'base_url = "{vendor.url}"', config.read_text()))
