@@ -39,7 +39,7 @@ from urllib.parse import urlencode
 
 import orjson
 
-from bench.services import REPO, _die_with_parent, _env, free_port, wait_http
+from bench.services import REPO, _die_with_parent, _env, free_port, wait_connect, wait_http
 
 DEFAULT_ROWS = 2_000_000
 QUICK_ROWS = 50_000
@@ -522,6 +522,8 @@ def hub(database: Path, workdir: Path) -> Iterator[tuple[int, subprocess.Popen[A
         try:
             # The start rebuilds every budget from the usage rows first.
             wait_http(port, proc, "hubcore", timeout=300)
+            # The dashboard opens just after the proxy's port.
+            wait_connect(dashboard_port, proc, "hubcore's dashboard")
         except (RuntimeError, TimeoutError) as e:
             raise SystemExit(f"{e}; its log: {workdir / 'hub.log'}") from None
         yield dashboard_port, proc

@@ -89,6 +89,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_connect(port: int, proc: subprocess.Popen[Any], what: str, timeout: float = 20.0) -> None:
+    """Until a connection to the port is accepted (the process must stay alive)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{what} not accepting on 127.0.0.1:{port} after {timeout:g} s")
+
+
 def wait_http(port: int, proc: subprocess.Popen[Any], what: str, timeout: float = 20.0) -> None:
     """Until `GET /` on the port answers (the process must stay alive)."""
     deadline = time.monotonic() + timeout

@@ -205,7 +205,7 @@ def wait_listening(port: int, proc: subprocess.Popen[Any] | None = None, timeout
     raise TimeoutError(f"nothing listening on {port}")
 
 
-def eventually(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition",
+def eventually(probe: Callable[[], T | None], timeout: float = 20.0, what: str = "condition",
                interval: float = 0.02) -> T:
     """Poll `probe()` until it returns something true; that value (an
     AssertionError naming `what` after `timeout` seconds)."""

@@ -10,9 +10,6 @@
 -- ARGV[3]  seconds the marker is kept
 -- ARGV[4..6]  unix seconds when the day, week and month counters may go
 --          (their period's end, and a margin)
--- ARGV[7]  the pub/sub channel of charges, ARGV[8] the message published
---          on it once the charge is applied (the instances keep their own
---          counters of everyone's spend from these)
 -- Reply: 1 charged, 0 already charged.
 
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then return 0 end
@@ -40,5 +37,4 @@ for k = 2, #KEYS, 5 do
   end
   redis.call('INCRBY', KEYS[k + 4], cost)
 end
-redis.call('PUBLISH', ARGV[7], ARGV[8])
 return 1

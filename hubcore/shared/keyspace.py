@@ -61,8 +61,8 @@ class Keyspace:
         self.prefix = prefix
         self.instances = f"{prefix}:instances"
         self.epoch = f"{prefix}:epoch"
-        # A pub/sub channel, not a key: every charge applied, for the
-        # instances' own counters (SharedState.on_charge_elsewhere).
+        # A pub/sub channel, not a key: the charges each batch applied, for
+        # the instances' own counters (SharedState.on_charge_elsewhere).
         self.charges = f"{prefix}:charges"
 
     def instance(self, instance_id: str) -> str:

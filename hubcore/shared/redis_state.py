@@ -22,9 +22,10 @@ Data layout (every key under `[shared] prefix`, "hubcore" below; a scope is
                                             'd'<label> -> fingerprint of a refused secret,
                                             'n'<label> -> Redis time of an operator's revival
     hubcore:session:<upstream>:<id>   str   key label; PX the upstream's affinity_ttl
-    hubcore:charges                   channel each charge applied (instance, token, user,
-                                            project, micro-dollars, ts), for every
-                                            instance's own counters (on_charge_elsewhere)
+    hubcore:charges                   channel the charges each batch applied (instance;
+                                            token, user, project, micro-dollars, ts
+                                            each), for every instance's own counters
+                                            (on_charge_elsewhere)
 
 Every time in Redis is Redis's own clock (the scripts call TIME), and the
 scripts answer with durations, so instances whose clocks disagree share one
@@ -257,7 +258,9 @@ class Grant:
         return self._state is None
 
 
-_Write = tuple[str | None, tuple[str, ...], tuple[str | int | float, ...]]
+# (script or None for a plain command, keys, arguments, what a charge tells
+# the other instances once it is applied or None).
+_Write = tuple[str | None, tuple[str, ...], tuple[str | int | float, ...], "list[Any] | None"]
 
 
 class SharedState:
@@ -343,10 +346,10 @@ class SharedState:
         if client is not None and self._link is Link.SHARED:
             for member, slot_keys in self._held.items():
                 for key in slot_keys:
-                    self._queue.append((None, (), ("ZREM", key, member)))
+                    self._queue.append((None, (), ("ZREM", key, member), None))
             self._held.clear()
-            self._queue.append((None, (), ("ZREM", self.space.instances, self.instance_id)))
-            self._queue.append((None, (), ("DEL", self.space.instance(self.instance_id))))
+            self._queue.append((None, (), ("ZREM", self.space.instances, self.instance_id), None))
+            self._queue.append((None, (), ("DEL", self.space.instance(self.instance_id)), None))
             try:
                 async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
                     while self._queue and self._link is Link.SHARED:
@@ -542,12 +545,10 @@ class SharedState:
                 space.spend("5h", scope), space.spend("day", scope, day[0]), space.spend("week", scope, week[0]),
                 space.spend("month", scope, month[0]), space.spend("total", scope),
             ]
-        news = orjson.dumps([self.instance_id, token_id, user, project, cost_micros, ts])
         self._enqueue("charge", tuple(keys), (
             cost_micros, int(ts // 60), CHARGE_MARK_TTL,
             int(day[1]) + PERIOD_KEEP, int(week[1]) + PERIOD_KEEP, int(month[1]) + PERIOD_KEEP,
-            space.charges, news.decode(),
-        ), linger=True)
+        ), linger=True, news=[token_id, user, project, cost_micros, ts])
 
     async def claim(self, name: str, seconds: float) -> bool:
         """Whether this instance is the first to claim `name` in the last
@@ -598,13 +599,14 @@ class SharedState:
 
     def _heard_charge(self, data: bytes, listener: ChargeListener) -> None:
         try:
-            instance, token_id, user, project, cost, ts = orjson.loads(data)
+            instance, charges = orjson.loads(data)
+            if instance == self.instance_id:
+                return
+            for token_id, user, project, cost, ts in charges:
+                self.charges_heard += 1
+                listener(token_id, user, project, cost, ts)
         except (orjson.JSONDecodeError, TypeError, ValueError):
             log.warning("shared state: a charge message that is not hubcore's on %s", self.space.charges)
-            return
-        if instance != self.instance_id:
-            self.charges_heard += 1
-            listener(token_id, user, project, cost, ts)
 
     def rested(self, upstream: str, label: str, model_class: str, seconds: float) -> None:
         """A key answered 429: it rests `seconds` for `model_class` ("": the
@@ -641,15 +643,17 @@ class SharedState:
 
     def _enqueue(
         self, script: str | None, keys: tuple[str, ...], args: tuple[str | int | float, ...], *, linger: bool = False,
+        news: list[Any] | None = None,
     ) -> None:
-        """Queue a write for the sender; `linger`: it may wait SEND_LINGER for others."""
+        """Queue a write for the sender; `linger`: it may wait SEND_LINGER for
+        others; `news`: a charge's, published once it is applied."""
         if self._link is Link.CLOSED:
             return
         queue = self._queue
         if len(queue) >= self.config.queue_max:
             queue.popleft()
             self.dropped += 1
-        queue.append((script, keys, args))
+        queue.append((script, keys, args, news))
         if not linger:
             self._hurry.set()
         if self._link is Link.SHARED and not self._sending:
@@ -716,7 +720,7 @@ class SharedState:
         if client is None:
             return False
         pipe = client.pipeline(transaction=False)
-        for name, keys, args in batch:
+        for name, keys, args, _ in batch:
             if name is None:
                 pipe.execute_command(*args)
             else:
@@ -737,12 +741,26 @@ class SharedState:
                 self.errors["error"] += 1
                 self.last_error = f"{write[0] or write[2][0]}: {result}"
                 log.warning("shared state: Redis %s refused a write (%s): %s", self.url, write[0] or write[2][0], result)
+        applied = [write[3] for write, result in zip(batch, results) if write[3] is not None and result == 1]
+        if applied:
+            await self._publish(client, applied)
         if unloaded:
             if not again or not await self._load_scripts_now():
                 self._requeue(unloaded)
                 return False
             return await self._send(unloaded, again=False)
         return True
+
+    async def _publish(self, client: Redis, charges: list[list[Any]]) -> None:
+        """Tell the other instances of the charges a batch applied, in one
+        message (a replayed charge that added nothing is not among them).
+        Only their counters of everyone's spend hang on it: a message lost
+        to a failure is logged, not sent again."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await client.publish(self.space.charges, orjson.dumps([self.instance_id, charges]))
+        except _FAILURES as e:
+            log.debug("shared state: %d charges not published: %s", len(charges), e)
 
     # -- the link ----------------------------------------------------------------------
 
