@@ -139,8 +139,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     # The latency-tax run's hub configuration; its upstream is never dialled
     # (the pool is filled with replaying connections below).
-    (workdir / "hubcore.toml").write_text(
-        services.HUB_CONFIG.format(port=0, dir=workdir, upstream="http://127.0.0.1:9", pool=2, server_extra=""))
+    text = services.HUB_CONFIG.format(port=0, dir=workdir, upstream="http://127.0.0.1:9", pool=2, server_extra="")
+    if args.redis:
+        # Limits, key states and sessions shared through a real Redis: its
+        # round trips are real socket waits, the rest as above.
+        text += f'\n[shared]\nredis = "{args.redis}"\ntimeout = 0.5\n'
+    (workdir / "hubcore.toml").write_text(text)
     (workdir / "key-b").write_text(payloads.VENDOR_KEYS[1] + "\n")
     config = config_mod.load(str(workdir / "hubcore.toml"), env={"BENCH_ANTHROPIC_KEY_A": payloads.VENDOR_KEYS[0]})
     conn = store.connect(config.server.database)
@@ -258,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumtime, ncalls)")
     parser.add_argument("--no-access-log", action="store_true")
+    parser.add_argument("--redis", metavar="URL", help="share state through this Redis ([shared] redis)")
     parser.add_argument("--cold", type=int, default=0, metavar="MIB",
                         help="before each request, write MIB MiB elsewhere to evict the caches (as at c=1)")
     args = parser.parse_args(argv)

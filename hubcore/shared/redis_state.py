@@ -108,7 +108,7 @@ from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hubcore import __version__
@@ -291,6 +291,8 @@ class SharedState:
         self._seed: SeedSource = seed if seed is not None else self._local.limiter.spend_report
         self._limits = ScopeLimits()
         self._client: Redis | None = None
+        # Connections taken from the client's pool and kept between calls (see _pipeline).
+        self._idle: list[Connection] = []
         # the link
         self._link = Link.CONNECTING
         self._instances = max(1, instances_hint)
@@ -362,6 +364,9 @@ class SharedState:
             log.warning("shared state: %d writes to Redis %s not sent at close", len(self._queue), self.url)
         self._move(_Event.CLOSE, "closed")
         if client is not None:
+            for conn in self._idle:
+                await client.connection_pool.release(conn)
+            self._idle.clear()
             await client.aclose()
             self._client = None
 
@@ -719,15 +724,13 @@ class SharedState:
         client = self._client
         if client is None:
             return False
-        pipe = client.pipeline(transaction=False)
-        for name, keys, args, _ in batch:
-            if name is None:
-                pipe.execute_command(*args)
-            else:
-                pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+        commands: list[Any] = [
+            args if name is None else ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+            for name, keys, args, _ in batch
+        ]
         try:
             async with asyncio.timeout(self._timeout + len(batch) * SEND_TIME_PER_WRITE):
-                results = await pipe.execute(raise_on_error=False)
+                results = await self._pipeline(client, commands)
         except _FAILURES as e:
             self._failed(e, "write")
             return False
@@ -751,6 +754,40 @@ class SharedState:
             return await self._send(unloaded, again=False)
         return True
 
+    async def _pipeline(self, client: Redis, commands: list[Any]) -> list[Any]:
+        """Send `commands` in one write and read their replies, an error
+        reply as its exception. redis-py's own pipeline and commands encode
+        each argument in Python, time each read, and take a connection from
+        the pool each time (a lock, a condition, a timer): through them the
+        shared path cost a hub at c=1 several times the CPU of the request
+        (bench.hotpath --redis). So commands are packed by hiredis, replies
+        read without a timer of their own (the caller bounds the whole),
+        and connections, once taken from the pool, are kept here between
+        calls; one that failed (redis-py closes one left in the middle of its
+        replies) goes back to the pool."""
+        idle = self._idle
+        conn = idle.pop() if idle else await client.connection_pool.get_connection()
+        try:
+            await conn.send_packed_command(b"".join(pack_command(command) for command in commands), check_health=False)
+            results: list[Any] = []
+            for _ in commands:
+                try:
+                    # math.inf: no timer per read; the caller's bounds all.
+                    results.append(await conn.read_response(timeout=math.inf))
+                except ResponseError as error:
+                    results.append(error)
+        except BaseException:
+            # The others kept here likely share its fate (Redis restarted):
+            # closed too, so that each does not fail one more call.
+            pool = client.connection_pool
+            kept, idle[:] = idle[:], []
+            for other in (conn, *kept):
+                await other.disconnect(nowait=True)
+                await pool.release(other)
+            raise
+        idle.append(conn)
+        return results
+
     async def _publish(self, client: Redis, charges: list[list[Any]]) -> None:
         """Tell the other instances of the charges a batch applied, in one
         message (a replayed charge that added nothing is not among them).
@@ -758,7 +795,7 @@ class SharedState:
         to a failure is logged, not sent again."""
         try:
             async with asyncio.timeout(self._timeout):
-                await client.publish(self.space.charges, orjson.dumps([self.instance_id, charges]))
+                await self._pipeline(client, [("PUBLISH", self.space.charges, orjson.dumps([self.instance_id, charges]))])
         except _FAILURES as e:
             log.debug("shared state: %d charges not published: %s", len(charges), e)
 
@@ -911,25 +948,17 @@ class SharedState:
         await self._renew(reassert=True)
 
     async def _admit_call(self, keys: list[str], args: list[str | int]) -> Any:
-        """The admit script's EVALSHA, packed by hiredis and sent on a pooled
-        connection: a third less CPU than through Redis.execute_command,
-        which encodes each argument in Python (bench/shared.py). On NOSCRIPT,
-        as _eval. The caller bounds the time."""
+        """The admit script's EVALSHA (see _pipeline for why not through
+        redis-py's commands). On NOSCRIPT, as _eval. The caller bounds the time."""
         client = self._client
         assert client is not None
         script = self._scripts["admit"]
-        pool = client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            # hiredis's stub types the command as a 1-tuple; it takes any length.
-            command: Any = ("EVALSHA", script.sha, len(keys), *keys, *args)
-            await conn.send_packed_command(pack_command(command), check_health=False)
-            return await conn.read_response()
-        except NoScriptError:
-            pass
-        finally:
-            await pool.release(conn)
-        return await self._eval(script, keys, args)
+        (reply,) = await self._pipeline(client, [("EVALSHA", script.sha, len(keys), *keys, *args)])
+        if isinstance(reply, NoScriptError):
+            return await self._eval(script, keys, args)
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
 
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
         """EVALSHA, loading the script once if Redis does not have it (a
