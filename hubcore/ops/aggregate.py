@@ -21,7 +21,7 @@ import orjson
 
 from hubcore.http.h11server import Reply
 from hubcore.ops import merge
-from hubcore.ops.client import MAX_RESPONSE, OpsClientError
+from hubcore.ops.client import MAX_RESPONSE, OpsClientError, failed_exchange
 from hubcore.ops.metrics import PROMETHEUS_CONTENT_TYPE
 from hubcore.ops.server import JSON, UnixSocketServer
 
@@ -65,12 +65,8 @@ async def ask(socket_path: str, target: str, method: str = "GET", *, timeout: fl
                 return await _exchange(reader, writer, method, target)
             finally:
                 writer.close()
-    except TimeoutError:
-        raise OpsClientError(f"no answer from {socket_path} within {timeout:g}s") from None
-    except h11.ProtocolError as e:
-        raise OpsClientError(f"bad answer from {socket_path}: {e}") from e
-    except OSError as e:
-        raise OpsClientError(f"{socket_path}: {e.strerror or e}") from e
+    except (OSError, h11.ProtocolError) as e:  # TimeoutError among them
+        raise failed_exchange(e, socket_path, timeout) from e
 
 
 async def _exchange(

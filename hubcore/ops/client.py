@@ -46,6 +46,18 @@ class OpsClientError(Exception):
         self.exit_code = exit_code
 
 
+def failed_exchange(error: BaseException, socket_path: str, timeout: float) -> OpsClientError:
+    """What a failed exchange with an ops socket says: no answer in time, a
+    broken answer, or the socket's own error."""
+    if isinstance(error, TimeoutError):
+        return OpsClientError(f"no answer from {socket_path} within {timeout:g}s")
+    if isinstance(error, h11.ProtocolError):
+        return OpsClientError(f"bad answer from {socket_path}: {error}")
+    if isinstance(error, OSError):
+        return OpsClientError(f"{socket_path}: {error.strerror or error}")
+    return OpsClientError(f"{socket_path}: {error}")
+
+
 class HubNotRunning(OpsClientError):
     """No socket file, or nobody listening on it: no hub to ask."""
 
@@ -70,12 +82,8 @@ def fetch(socket_path: str, path: str, method: str = "GET", *,
         ])
         sock.sendall(conn.send(request) + conn.send(h11.EndOfMessage()))
         return _read_response(conn, sock)
-    except TimeoutError:
-        raise OpsClientError(f"no answer from {socket_path} within {timeout:g}s") from None
-    except h11.ProtocolError as exc:
-        raise OpsClientError(f"bad answer from {socket_path}: {exc}") from exc
-    except OSError as exc:
-        raise OpsClientError(f"{socket_path}: {exc.strerror or exc}") from exc
+    except (OSError, h11.ProtocolError) as exc:  # TimeoutError among them
+        raise failed_exchange(exc, socket_path, timeout) from exc
     finally:
         sock.close()
 
