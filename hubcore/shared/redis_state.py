@@ -763,30 +763,53 @@ class SharedState:
         (bench.hotpath --redis). So commands are packed by hiredis, replies
         read without a timer of their own (the caller bounds the whole),
         and connections, once taken from the pool, are kept here between
-        calls; one that failed (redis-py closes one left in the middle of its
-        replies) goes back to the pool."""
+        calls. A kept connection that Redis closed meanwhile (it restarted)
+        fails before any reply: then every kept one is closed, and the
+        commands go once more on a connection the pool checks first."""
         idle = self._idle
-        conn = idle.pop() if idle else await client.connection_pool.get_connection()
-        try:
-            await conn.send_packed_command(b"".join(pack_command(command) for command in commands), check_health=False)
+        if idle:
+            conn = idle.pop()
             results: list[Any] = []
-            for _ in commands:
-                try:
-                    # math.inf: no timer per read; the caller's bounds all.
-                    results.append(await conn.read_response(timeout=math.inf))
-                except ResponseError as error:
-                    results.append(error)
+            try:
+                await self._exchange(conn, commands, results)
+            except RedisConnectionError:
+                await self._drop_connections(client, conn)
+                if results:
+                    raise
+            except BaseException:
+                await self._drop_connections(client, conn)
+                raise
+            else:
+                self._idle.append(conn)
+                return results
+        conn = await client.connection_pool.get_connection()
+        results = []
+        try:
+            await self._exchange(conn, commands, results)
         except BaseException:
-            # The others kept here likely share its fate (Redis restarted):
-            # closed too, so that each does not fail one more call.
-            pool = client.connection_pool
-            kept, idle[:] = idle[:], []
-            for other in (conn, *kept):
-                await other.disconnect(nowait=True)
-                await pool.release(other)
+            await self._drop_connections(client, conn)
             raise
-        idle.append(conn)
+        self._idle.append(conn)
         return results
+
+    @staticmethod
+    async def _exchange(conn: Connection, commands: list[Any], results: list[Any]) -> None:
+        await conn.send_packed_command(b"".join(pack_command(command) for command in commands), check_health=False)
+        for _ in commands:
+            try:
+                # math.inf: no timer per read; the caller's bounds all.
+                results.append(await conn.read_response(timeout=math.inf))
+            except ResponseError as error:
+                results.append(error)
+
+    async def _drop_connections(self, client: Redis, failed: Connection) -> None:
+        """Close `failed` and those kept with it (they likely share its fate),
+        and give them back to the pool, which connects them again when asked."""
+        pool = client.connection_pool
+        kept, self._idle = self._idle, []
+        for conn in (failed, *kept):
+            await conn.disconnect(nowait=True)
+            await pool.release(conn)
 
     async def _publish(self, client: Redis, charges: list[list[Any]]) -> None:
         """Tell the other instances of the charges a batch applied, in one

@@ -479,3 +479,19 @@ async def test_a_cancelled_admission_is_cancelled_not_degraded(redis_server: Red
             assert a.link is Link.SHARED and a.errors == {"timeout": 0, "connection": 0, "error": 0}
         finally:
             redis_server.resume()
+
+
+async def test_connections_a_restarted_redis_closed_are_replaced_without_degrading(redis_server: RedisServer) -> None:
+    async with hubs(shared_config(redis_server.url), count=1) as (a,):
+        caller = principal(rpm=100)
+        assert await admitted(a, caller)
+        a.charge("req-1", 1, "alice", None, 10, time.time())
+        assert await a.flush()  # the admit's and the sender's connections are kept
+        redis_server.kill()
+        redis_server.start()
+        grant = await a.admit(caller)
+        assert grant.shared  # counted in Redis, not on this instance's share
+        grant.release()
+        a.charge("req-2", 1, "alice", None, 10, time.time())
+        assert await a.flush()
+        assert a.link is Link.SHARED and a.errors == {"timeout": 0, "connection": 0, "error": 0}
