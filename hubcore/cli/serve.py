@@ -49,16 +49,14 @@ def run_serve(args: argparse.Namespace) -> int:
     # From here on the hub's own lines go through its logger, in the
     # configured format (JSON lines under log_format = "json").
     runtime.setup_logging(cfg)
+    if slot is not None:
+        supervisor.name_worker_logs(slot.index)
+    elif not any(u.keys for u in cfg.upstreams):  # said once, by the supervisor when there is one
+        log.warning("no vendor keys configured (set ANTHROPIC_API_KEY / OPENAI_API_KEY or write a config)")
     if slot is None and cfg.server.workers > 1:
-        if not any(u.keys for u in cfg.upstreams):
-            log.warning("no vendor keys configured (set ANTHROPIC_API_KEY / OPENAI_API_KEY or write a config)")
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(supervisor.supervise(cfg, found, args.listen, show_token=show_on_terminal))
     runtime.tune_malloc()
-    if slot is not None:
-        supervisor.name_worker_logs(slot.index)
-    elif not any(u.keys for u in cfg.upstreams):
-        log.warning("no vendor keys configured (set ANTHROPIC_API_KEY / OPENAI_API_KEY or write a config)")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         show = None if slot is not None else show_on_terminal
         return runner.run(app.serve(cfg, found, show_token=show, worker=slot is not None))

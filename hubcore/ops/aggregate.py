@@ -23,7 +23,7 @@ from hubcore.http.h11server import Reply
 from hubcore.ops import merge
 from hubcore.ops.client import MAX_RESPONSE, OpsClientError, failed_exchange
 from hubcore.ops.metrics import PROMETHEUS_CONTENT_TYPE
-from hubcore.ops.server import JSON, UnixSocketServer
+from hubcore.ops.server import JSON, UnixSocketServer, json_error, json_reply
 
 log = logging.getLogger("hubcore.ops")
 
@@ -95,10 +95,6 @@ async def _exchange(
             raise OpsClientError("the worker closed the ops connection before answering")
 
 
-def _json(status: int, obj: Any) -> Reply:
-    return Reply(status, JSON, orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS))
-
-
 class AggregateOpsServer(UnixSocketServer):
     """The supervisor's ops socket: the workers' answers, put together."""
 
@@ -112,7 +108,7 @@ class AggregateOpsServer(UnixSocketServer):
         path = target.split("?", 1)[0]
         why = self.workers.starting()
         if why is not None:
-            return _json(503, {"error": why})
+            return json_error(503, why)
         try:
             if method == "GET" and path == "/stats":
                 return await self._stats()
@@ -123,8 +119,8 @@ class AggregateOpsServer(UnixSocketServer):
             if method == "GET":
                 return await self._first(target)
         except OpsClientError as e:
-            return _json(503, {"error": str(e)})
-        return _json(405, {"error": f"no ops route takes {method}"})
+            return json_error(503, str(e))
+        return json_error(405, f"no ops route takes {method}")
 
     # -- reads --------------------------------------------------------------------
 
@@ -152,7 +148,7 @@ class AggregateOpsServer(UnixSocketServer):
     async def _stats(self) -> Reply:
         stats, metrics = await asyncio.gather(self._answers("/stats"), self._answers("/metrics"))
         if not stats:
-            return _json(503, {"error": "no worker answered"})
+            return json_error(503, "no worker answered")
         merged = merge.merge_stats([orjson.loads(body) for _, body in stats])
         # Exact quantiles of all the requests, from the buckets the workers
         # counted them in.
@@ -165,7 +161,7 @@ class AggregateOpsServer(UnixSocketServer):
         merged["uptime_s"] = time.time() - self.workers.started_at
         answered = {index for index, _ in stats}
         merged["workers"] = [{**row, "up": row["up"] and row["index"] in answered} for row in self.workers.roster()]
-        return _json(200, merged)
+        return json_reply(200, merged)
 
     async def _metrics(self) -> Reply:
         texts = await self._answers("/metrics")
@@ -188,7 +184,7 @@ class AggregateOpsServer(UnixSocketServer):
         """A read only one worker needs to answer (route explain): the first's."""
         listening = self.workers.listening()
         if not listening:
-            return _json(503, {"error": "no worker answers"})
+            return json_error(503, "no worker answers")
         status, content_type, body = await ask(listening[0][1], target, timeout=COMMAND_TIMEOUT)
         return Reply(status, content_type or JSON, body)
 
@@ -197,7 +193,7 @@ class AggregateOpsServer(UnixSocketServer):
     async def _command(self, target: str, path: str) -> Reply:
         listening = self.workers.listening()
         if not listening:
-            return _json(503, {"error": "no worker runs"})
+            return json_error(503, "no worker runs")
         answers: list[tuple[int, int, Any]] = []
         if path.startswith("/keys/"):
             # One worker stores the switch and writes its audit row; the
@@ -215,7 +211,7 @@ class AggregateOpsServer(UnixSocketServer):
              "when it starts again"}
             for row in self.workers.roster() if row["index"] not in running
         ]
-        return _json(status, reply)
+        return json_reply(status, reply)
 
     async def _carry_out(self, index: int, socket: str, target: str) -> tuple[int, int, Any]:
         try:

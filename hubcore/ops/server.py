@@ -94,12 +94,12 @@ def _records(target: bytes) -> bool:
     return parse_qs(target.partition(b"?")[2].decode("ascii", "replace")).get("record", ["1"])[-1] != "0"
 
 
-def _json(status: int, obj: Any, headers: list[tuple[str, str]] | None = None) -> Reply:
+def json_reply(status: int, obj: Any, headers: list[tuple[str, str]] | None = None) -> Reply:
     return Reply(status, JSON, orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS), headers)
 
 
-def _error(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Reply:
-    return _json(status, {"error": message}, headers)
+def json_error(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Reply:
+    return json_reply(status, {"error": message}, headers)
 
 
 class UnixSocketServer(H11Server):
@@ -229,7 +229,7 @@ class UnixSocketServer(H11Server):
         self._inode = None
 
     def error_reply(self, status: int, message: str) -> Reply:
-        return _error(status, message)
+        return json_error(status, message)
 
 
 class OpsServer(UnixSocketServer):
@@ -248,46 +248,46 @@ class OpsServer(UnixSocketServer):
         try:
             if segments == ["stats"]:
                 if method != "GET":
-                    return _error(405, "use GET", [("allow", "GET")])
-                return _json(200, self.handler.stats())
+                    return json_error(405, "use GET", [("allow", "GET")])
+                return json_reply(200, self.handler.stats())
             if segments == ["metrics"]:
                 if method != "GET":
-                    return _error(405, "use GET", [("allow", "GET")])
+                    return json_error(405, "use GET", [("allow", "GET")])
                 return Reply(200, PROMETHEUS_CONTENT_TYPE, self.handler.metrics_text().encode("utf-8"))
             if segments == ["reload"]:
                 if method != "POST":
-                    return _error(405, "use POST", [("allow", "POST")])
+                    return json_error(405, "use POST", [("allow", "POST")])
                 return await self._reload()
             if segments == ["tokens", "refresh"]:
                 # The CLI's word after it changed a token or a limit, so the
                 # change is live when the command returns, not a poll later.
                 if method != "POST":
-                    return _error(405, "use POST", [("allow", "POST")])
-                return _json(200, {"generation": await self.handler.refresh_tokens_now()})
+                    return json_error(405, "use POST", [("allow", "POST")])
+                return json_reply(200, {"generation": await self.handler.refresh_tokens_now()})
             if segments == ["route", "explain"]:
                 if method != "GET":
-                    return _error(405, "use GET", [("allow", "GET")])
+                    return json_error(405, "use GET", [("allow", "GET")])
                 return await self._explain_route(head.target)
             if len(segments) == 3 and segments[0] == "keys" and segments[2] in ("enable", "disable"):
                 if method != "POST":
-                    return _error(405, "use POST", [("allow", "POST")])
+                    return json_error(405, "use POST", [("allow", "POST")])
                 return await self._set_key_enabled(
                     unquote(segments[1]), segments[2] == "enable", _records(head.target))
             if len(segments) == 3 and segments[0] == "keys" and segments[2] == "reset":
                 if method != "POST":
-                    return _error(405, "use POST", [("allow", "POST")])
+                    return json_error(405, "use POST", [("allow", "POST")])
                 return await self._reset_key(unquote(segments[1]), _records(head.target))
         except Exception as exc:
             log.exception("ops %s %s failed", method, raw_path)
-            return _error(500, f"{type(exc).__name__}: {exc}")
-        return _error(404, f"no such ops route: {method} {raw_path}")
+            return json_error(500, f"{type(exc).__name__}: {exc}")
+        return json_error(404, f"no such ops route: {method} {raw_path}")
 
     async def _set_key_enabled(self, label: str, enabled: bool, record: bool = True) -> Reply:
         result = self.handler.set_key_enabled(label, enabled, **({} if record else {"record": False}))
         if inspect.isawaitable(result):
             result = await result
         if result is None:
-            return _error(404, f"no key labelled {label!r}")
+            return json_error(404, f"no key labelled {label!r}")
         # The states after the change: what the operator is told is what the
         # ring now does with the key.
         reply: dict[str, Any] = {
@@ -295,16 +295,16 @@ class OpsServer(UnixSocketServer):
         }
         if result.not_stored is not None:
             reply["warning"] = f"not stored ({result.not_stored}): a restart forgets this change"
-        return _json(200, reply)
+        return json_reply(200, reply)
 
     async def _reset_key(self, label: str, record: bool = True) -> Reply:
         result = await self.handler.reset_key(label, **({} if record else {"record": False}))
         if result is None:
-            return _error(404, f"no key labelled {label!r}")
+            return json_error(404, f"no key labelled {label!r}")
         reply: dict[str, Any] = {"label": label, "states": result.states, "audited": result.not_audited is None}
         if result.not_audited is not None:
             reply["warning"] = f"not audited ({result.not_audited}): the audit trail misses this reset"
-        return _json(200, reply)
+        return json_reply(200, reply)
 
     async def _explain_route(self, target: bytes) -> Reply:
         query = parse_qs(target.partition(b"?")[2].decode("ascii", "replace"))
@@ -315,14 +315,14 @@ class OpsServer(UnixSocketServer):
 
         token_id = one("token_id")
         if token_id is not None and not token_id.isdigit():
-            return _error(400, f"token_id: not a token id: {token_id!r}")
+            return json_error(400, f"token_id: not a token id: {token_id!r}")
         try:
             answer = await self.handler.explain_route(
                 one("model"), one("kind"), int(token_id) if token_id is not None else None, one("user"),
             )
         except LookupError as e:
-            return _error(404, str(e.args[0]) if e.args else "not found")
-        return _json(200, answer)
+            return json_error(404, str(e.args[0]) if e.args else "not found")
+        return json_reply(200, answer)
 
     async def _reload(self) -> Reply:
         result = self.handler.reload()
@@ -330,5 +330,5 @@ class OpsServer(UnixSocketServer):
             result = await result
         ok, message = result
         if ok:
-            return _json(200, {"ok": True, "message": message})
-        return _json(500, {"ok": False, "error": message})
+            return json_reply(200, {"ok": True, "message": message})
+        return json_reply(500, {"ok": False, "error": message})

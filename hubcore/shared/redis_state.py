@@ -607,11 +607,14 @@ class SharedState:
             instance, charges = orjson.loads(data)
             if instance == self.instance_id:
                 return
-            for token_id, user, project, cost, ts in charges:
-                self.charges_heard += 1
-                listener(token_id, user, project, cost, ts)
+            heard = [(token_id, user, project, int(cost), float(ts)) for token_id, user, project, cost, ts in charges]
         except (orjson.JSONDecodeError, TypeError, ValueError):
             log.warning("shared state: a charge message that is not hubcore's on %s", self.space.charges)
+            return
+        # Outside the try: a fault of the listener's is not the message's.
+        for charge in heard:
+            self.charges_heard += 1
+            listener(*charge)
 
     def rested(self, upstream: str, label: str, model_class: str, seconds: float) -> None:
         """A key answered 429: it rests `seconds` for `model_class` ("": the
