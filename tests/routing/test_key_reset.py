@@ -58,6 +58,29 @@ def test_reset_ends_every_model_class_rest_and_keeps_the_readings(captured: Capt
     assert lease is not None and lease.label == "a"
 
 
+def test_reset_forgets_the_no_room_reading_a_429_brought_and_the_key_serves_at_once(captured: Captured) -> None:
+    ring, clock = make_ring([spec("a"), spec("b")])
+    lease = ring.acquire(tried=frozenset({"b"}), model_class=SONNET)
+    assert lease is not None
+    # The 429's head says no room is left for the next 60 s.
+    answer(ring, lease, anthropic_limits(clock, 0.0), rate_limited(60))
+    lease = ring.acquire(tried=frozenset({"a"}), model_class=SONNET)
+    assert lease is not None
+    answer(ring, lease, anthropic_limits(clock, 0.8))
+    assert ring.reset("a") is KeyState.HEALTHY
+    # The operator's word contradicts the 429's: "a" is a candidate again
+    # now, not when the vendor's window would have reset.
+    assert SONNET not in row(ring, "a")["headroom"]
+    assert ring.acquire(tried=frozenset({"b"}), model_class=SONNET) is not None
+    picks = set()
+    for _ in range(4):
+        lease = ring.acquire(model_class=SONNET)
+        assert lease is not None
+        picks.add(lease.label)
+        ring.release(lease)
+    assert "a" in picks
+
+
 def test_reset_closes_an_open_circuit_and_the_next_one_starts_from_the_first_pause(captured: Captured) -> None:
     ring, clock = make_ring([spec("a"), spec("b")], circuit_threshold=2, circuit_pause=5.0, circuit_pause_max=300.0)
     fail_until_open(ring, "a", 2)

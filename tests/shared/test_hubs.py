@@ -182,14 +182,23 @@ def test_a_key_that_answered_429_through_one_hub_gets_nothing_from_the_other(
             assert limited["rests"].get("sonnet", 0) > time.time() + 20  # rests there for the rest of the 30 s
 
 
-def test_an_operator_reset_through_one_hub_ends_the_rest_on_the_other(tmp_path: Path, redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("limited_through", ["a", "b"])
+def test_an_operator_reset_through_one_hub_ends_the_rest_on_the_other(
+    tmp_path: Path, redis_server: RedisServer, limited_through: str,
+) -> None:
     keys = ["sk-ant-limited", "sk-ant-fine"]
     with FakeVendor(keys={keys[0]: 429, keys[1]: "ok", OPENAI_KEY: "ok"}, retry_after=30.0) as vendor:
         with two_hubs(tmp_path, vendor, redis_server, keys) as (a, b):
             token = a.mint("fay")
             refreshed(b)
-            assert post(a, token)[0] == 200  # the first key rests, through hub a
-            assert post(b, token)[0] == 200  # hub b hears of it (or learns it itself)
+            if limited_through == "a":
+                assert post(a, token)[0] == 200  # the first key rests, through hub a
+                assert post(b, token)[0] == 200  # hub b hears of it (or learns it itself)
+            else:
+                # Hub b's own 429, whose head reads no room left on the key:
+                # the reset must outweigh that reading too.
+                assert post(b, token)[0] == 200
+                assert [r.key for r in vendor.requests] == keys
             assert b.app is not None and a.app is not None
             assert b.app.shared is not None and b.call(b.app.shared.flush())  # what b said of it has landed
             ring_b = b.app.hub.upstreams["anthropic"].ring
