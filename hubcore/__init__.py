@@ -17,4 +17,58 @@ Within a row the packages are strangers: governance imports no accounting,
 http no routing.
 """
 
+import os
+import sys
+from importlib.machinery import EXTENSION_SUFFIXES, SOURCE_SUFFIXES, FileFinder, ModuleSpec, SourceFileLoader
+from typing import Sequence
+
 __version__ = "0.1.0"
+
+# The request path's plain-Python modules (setup.py, COMPILED_FROM_SOURCE)
+# are compiled by Cython beside their sources when extensions are built; the
+# source is their pure-Python twin. Python would load the compiled file
+# whenever it lies there, so two cases load the source instead: under
+# HUBCORE_NO_EXTENSIONS every module of the package, and in a source
+# checkout (where the build leaves its generated .c) a module whose .py
+# changed after its build, so that an edit is never silently ignored.
+
+
+class _Twins:
+    """A meta-path finder for hubcore's modules: the source twin where the
+    rules above want it, else None (the normal finders go on)."""
+
+    def __init__(self, source_only: bool) -> None:
+        self.source_only = source_only
+        self._finders: dict[str, FileFinder] = {}
+        self._warned: set[str] = set()
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None, target: object = None) -> ModuleSpec | None:
+        if path is None or not fullname.startswith("hubcore."):
+            return None
+        tail = fullname.rpartition(".")[2]
+        for entry in path:
+            source = os.path.join(entry, tail + ".py")
+            if not os.path.isfile(source):
+                continue
+            if not self.source_only and not self._stale(source, fullname):
+                return None
+            finder = self._finders.get(entry)
+            if finder is None:
+                finder = self._finders[entry] = FileFinder(entry, (SourceFileLoader, SOURCE_SUFFIXES))
+            return finder.find_spec(fullname, target)  # type: ignore[arg-type]
+        return None
+
+    def _stale(self, source: str, fullname: str) -> bool:
+        stem = source[:-3]
+        if not os.path.exists(stem + ".c"):
+            return False  # an installed package: what was built is what runs
+        built = [stem + suffix for suffix in EXTENSION_SUFFIXES if os.path.exists(stem + suffix)]
+        if not built or os.path.getmtime(source) <= os.path.getmtime(built[0]):
+            return False
+        if fullname not in self._warned:
+            self._warned.add(fullname)
+            print(f"hubcore: {source} changed after it was compiled; running it from source "
+                  "(rebuild: pip install -e .)", file=sys.stderr)
+        return True
+
+sys.meta_path.insert(0, _Twins(bool(os.environ.get("HUBCORE_NO_EXTENSIONS"))))
