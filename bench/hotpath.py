@@ -13,8 +13,22 @@ cost nginx the same).
 
     python -m bench.hotpath                  # µs of hub CPU per request
     python -m bench.hotpath --profile        # and where it goes (cProfile)
+    python -m bench.hotpath --instructions   # instructions per request (callgrind)
 
 Compare two trees by running each: `PYTHONPATH=TREE python -m bench.hotpath`.
+
+--instructions counts instructions instead of timing them: on a shared
+machine the count repeats to a fraction of a percent where time does not.
+It runs this benchmark in two child processes, each under valgrind's
+callgrind, with INSTRUCTION_RUNS requests after the same warm-up, and
+divides the difference of the two runs' totals by the difference of their
+request counts, which cancels start-up, imports and shutdown. Callgrind
+counts each thread apart: the event loop's (the main thread), and the
+others, whose per-request share is the usage writer's SQLite thread
+(asyncio's and libuv's worker threads work at start-up only). Python runs
+some 50 times slower under callgrind, and the hub's timers would fire that
+much more often per request: the counted runs lengthen two of them
+(`COUNTED_SERVER_EXTRA`), and leave the usage rows to shutdown.
 """
 from __future__ import annotations
 
@@ -25,6 +39,7 @@ import gc
 import os
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,10 +48,32 @@ from typing import Any
 
 import uvloop
 
-from bench import payloads, services
+from bench import callgrind, payloads, services
 from bench.vendor import RESPONSE_HEADERS, Stream
 
 READ_SIZE = 64 * 1024
+WARMUP_REQUESTS = 200
+
+# --instructions: requests after the warm-up in the two counted runs. With
+# it they make 500 and 1,900 usage rows, fewer than the usage writer's batch
+# (UsageRecorder's 2,000), so that in a counted run the writer's thread
+# works only at shutdown: no thread interleaves with the event loop's while
+# the requests are served (when one did, the count moved by half a percent
+# between runs). Both take some 100 s under callgrind on the shared 2-core
+# machine.
+INSTRUCTION_RUNS = (300, 1700)
+# [server] settings of the counted runs. Under callgrind the hub runs some
+# 50 times slower, and its timers fire that much more often per request.
+# The usage writer's 0.2 s flush interval, 1,000 requests at full speed,
+# would be some 20: how fast the machine ran would decide how many
+# transactions a run makes, and an insert that outlasts the interval has its
+# batch copied to the spool, which at full speed never happens. Lengthened,
+# it leaves the writer a full batch or shutdown to flush at (its cost per row
+# is the same in transactions of 100, 500 or 2,000 rows). The token table's
+# 0.5 s reload check would run every 40 requests instead of every 2,500.
+# A counted run that takes this long is stuck, not slow (one takes a minute).
+COUNTED_RUN_TIMEOUT = 900.0
+COUNTED_SERVER_EXTRA = "usage_flush_interval = 3600.0\ntoken_reload_interval = 3600.0\n"
 
 
 class ClientTransport:
@@ -139,11 +176,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     # The latency-tax run's hub configuration; its upstream is never dialled
     # (the pool is filled with replaying connections below).
-    text = services.HUB_CONFIG.format(port=0, dir=workdir, upstream="http://127.0.0.1:9", pool=2, server_extra="")
+    text = services.HUB_CONFIG.format(port=0, dir=workdir, upstream="http://127.0.0.1:9", pool=2,
+                                      server_extra=COUNTED_SERVER_EXTRA if args.counted else "")
     if args.redis:
         # Limits, key states and sessions shared through a real Redis: its
         # round trips are real socket waits, the rest as above.
         text += f'\n[shared]\nredis = "{args.redis}"\ntimeout = 0.5\n'
+    # No dashboard, as in the latency-tax run: it is off the request path,
+    # and its default port would refuse a second run (or a hub) beside this one.
+    text += '\n[dashboard]\nlisten = ""\n'
     (workdir / "hubcore.toml").write_text(text)
     (workdir / "key-b").write_text(payloads.VENDOR_KEYS[1] + "\n")
     config = config_mod.load(str(workdir / "hubcore.toml"), env={"BENCH_ANTHROPIC_KEY_A": payloads.VENDOR_KEYS[0]})
@@ -159,7 +200,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         app.hub.access = None
     elif app.hub.access is not None:
         app.hub.access.stream = devnull  # formatted and written as in production, to nowhere
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        # As `hubcore serve` does: the usage writer's SQLite thread would
+        # keep the process from exiting.
+        await app.recorder.close()
+        raise
     app.cycles.start()  # the collector as `hubcore serve` has it
     upstream = app.hub.upstreams["anthropic"]
     stream = Stream(20)
@@ -208,7 +255,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         phases[1].append(client.first_write - vendor.answered)
         phases[2].append(end - client.first_write)
 
-    for _ in range(200):
+    for _ in range(WARMUP_REQUESTS):
         await one()
     profiler = cProfile.Profile() if args.profile else None
     batches: list[float] = []
@@ -230,9 +277,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # The usage writer's SQLite work runs in its own thread, which gets
         # the GIL only when this one lets go: with no socket waits here that
         # is at the switch interval, so let it catch up between batches
-        # (untimed), as it does while the hub waits on its sockets.
+        # (untimed), as it does while the hub waits on its sockets. A
+        # counted run leaves its rows to full batches and shutdown.
         t0 = time.process_time() - time.thread_time()
-        while app.recorder.stats()["queue_depth"]:
+        while not args.counted and app.recorder.stats()["queue_depth"]:
             await asyncio.sleep(0.005)
         writer_cpu += time.process_time() - time.thread_time() - t0
     await app.stop()  # as at SIGTERM: drains, flushes the usage writer
@@ -247,8 +295,56 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "rows": rows,
         "cpu_batches": [v * 1e6 for v in cpu_batches],
         "writer_us": writer_cpu / (args.batches * args.requests) * 1e6,
-        "requests": args.batches * args.requests + 200,
+        "requests": args.batches * args.requests + WARMUP_REQUESTS,
         "phases_us": [statistics.median(p) / 1e3 for p in phases],
+    }
+
+
+class ChildFailed(RuntimeError):
+    """A counted run under callgrind exited with an error or did not end."""
+
+
+def _text(output: str | bytes | None) -> str:
+    # TimeoutExpired carries what was read so far as bytes, whatever the text mode.
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def count_instructions(args: argparse.Namespace, valgrind: str) -> dict[str, Any]:
+    """Instructions per request from two runs of this benchmark under
+    callgrind (the module docstring says how); raise ChildFailed when a run
+    fails."""
+    command = [sys.executable, "-m", "bench.hotpath", "--counted", "--batches", "1", "--body", args.body]
+    if args.no_access_log:
+        command.append("--no-access-log")
+    if args.redis:
+        command += ["--redis", args.redis]
+    # The same string hashes in both runs: dict and set layouts, and so the
+    # instructions that walk them, do not change between them.
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    totals: list[dict[int, int]] = []
+    for requests in INSTRUCTION_RUNS:
+        print(f"counting: {requests} requests under callgrind ...", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="hubcore-callgrind-") as d:
+            try:
+                threads, proc = callgrind.run(valgrind, [*command, "--requests", str(requests)], Path(d),
+                                              env=env, timeout=COUNTED_RUN_TIMEOUT)
+            except subprocess.TimeoutExpired as e:
+                raise ChildFailed(f"the run of {requests} requests under callgrind did not end in "
+                                  f"{COUNTED_RUN_TIMEOUT:.0f} s:\n{_text(e.stdout)}{_text(e.stderr)}") from e
+        if proc.returncode != 0:
+            raise ChildFailed(f"the run of {requests} requests under callgrind failed (exit status "
+                              f"{proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        totals.append(threads)
+    n1, n2 = INSTRUCTION_RUNS
+    small, large = totals
+    loop = (large[1] - small[1]) / (n2 - n1)
+    whole = (sum(large.values()) - sum(small.values())) / (n2 - n1)
+    return {
+        "instructions_per_request": whole,
+        "loop_thread": loop,
+        "other_threads": whole - loop,
+        "runs": {n: {"requests": n + WARMUP_REQUESTS, "instructions_by_thread": t}
+                 for n, t in zip(INSTRUCTION_RUNS, totals)},
     }
 
 
@@ -265,7 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", metavar="URL", help="share state through this Redis ([shared] redis)")
     parser.add_argument("--cold", type=int, default=0, metavar="MIB",
                         help="before each request, write MIB MiB elsewhere to evict the caches (as at c=1)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count the hub's instructions per request with callgrind instead (about 100 s)")
+    # One of --instructions' runs under callgrind.
+    parser.add_argument("--counted", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.instructions:
+        return instructions(parser, args)
     with tempfile.TemporaryDirectory(prefix="hubcore-hotpath-") as d:
         result = uvloop.run(run(args, Path(d)))
     from hubcore.accounting import meter as sse
@@ -281,6 +383,35 @@ def main(argv: list[str] | None = None) -> int:
     print("  batches (µs CPU): " + " ".join(f"{v:.0f}" for v in result["cpu_batches"]))
     print(f"  usage rows written: {result['rows']} of {result['requests']} requests")
     return 0 if result["rows"] == result["requests"] else 1
+
+
+def instructions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.profile or args.cold:
+        # Instructions are what callgrind counts: a profiler's would be
+        # counted with them, and evicted caches do not change them.
+        parser.error("--instructions takes neither --profile nor --cold")
+    valgrind = callgrind.find_valgrind()
+    if valgrind is None:
+        print("--instructions needs valgrind (its callgrind tool), which is not installed: "
+              "apt-get install -y valgrind", file=sys.stderr)
+        return 2
+    try:
+        result = count_instructions(args, valgrind)
+    except ChildFailed as e:
+        print(e, file=sys.stderr)
+        return 1
+    from hubcore.accounting import meter as sse
+
+    n1, n2 = INSTRUCTION_RUNS
+    print(f"hub request path, {args.body} body, 20-event stream; meter {sse.Meter.__module__}")
+    print(f"  instructions per request: {result['instructions_per_request']:,.0f} (event loop thread "
+          f"{result['loop_thread']:,.0f}; usage writer and other threads {result['other_threads']:,.0f})")
+    print(f"  callgrind, runs of {n1:,} and {n2:,} requests after {WARMUP_REQUESTS} warm-up ones: "
+          f"the difference of their totals over {n2 - n1:,} requests")
+    for n, counted in result["runs"].items():
+        by_thread = counted["instructions_by_thread"]
+        print(f"  {n:,} requests: " + "; ".join(f"thread {t} {by_thread[t]:,}" for t in sorted(by_thread)))
+    return 0
 
 
 if __name__ == "__main__":
