@@ -172,6 +172,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from hubcore.app import App
     from hubcore.http.server import HttpProtocol
     from hubcore.http.client import ConnState, UpstreamConnection
+    from hubcore.ops.accesslog import AccessLog
 
     loop = asyncio.get_running_loop()
     # The latency-tax run's hub configuration; its upstream is never dialled
@@ -198,7 +199,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     devnull = open(os.devnull, "w")
     if args.no_access_log:
         app.hub.access = None
-    elif app.hub.access is not None:
+    elif isinstance(app.hub.access, AccessLog):
         app.hub.access.stream = devnull  # formatted and written as in production, to nowhere
     try:
         await app.start()

@@ -332,6 +332,7 @@ class Bench:
         needs) and nginx with N worker processes, both in front of `static`."""
         from bench.shared import RedisProcess
 
+        assert self.nginx_bin is not None  # run() measures workers only beside nginx
         (self.workdir / "redis").mkdir(exist_ok=True)
         self.redis = self._own(RedisProcess(self.workdir / "redis"))
         self.hub_workers = self._own(services.start_hub(
