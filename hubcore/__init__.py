@@ -24,10 +24,10 @@ from typing import Sequence
 
 __version__ = "0.1.0"
 
-# The request path's plain-Python modules (setup.py, COMPILED_FROM_SOURCE)
-# are compiled by Cython beside their sources when extensions are built; the
-# source is their pure-Python twin. Python would load the compiled file
-# whenever it lies there, so two cases load the source instead: under
+# Some plain-Python modules (setup.py's COMPILED_FROM_SOURCE) are compiled
+# by Cython beside their sources when extensions are built; the source is
+# their pure-Python twin. Python would load the compiled file whenever it
+# lies there, so two cases load the source instead: under
 # HUBCORE_NO_EXTENSIONS every module of the package, and in a source
 # checkout (where the build leaves its generated .c) a module whose .py
 # changed after its build, so that an edit is never silently ignored.
@@ -70,5 +70,6 @@ class _Twins:
             print(f"hubcore: {source} changed after it was compiled; running it from source "
                   "(rebuild: pip install -e .)", file=sys.stderr)
         return True
+
 
 sys.meta_path.insert(0, _Twins(bool(os.environ.get("HUBCORE_NO_EXTENSIONS"))))

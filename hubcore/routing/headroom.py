@@ -214,6 +214,13 @@ class Headroom:
             del by_class[min(by_class, key=lambda cls: by_class[cls].until)]
         by_class[model_class] = reading
 
+    def forget_exhausted(self) -> None:
+        """Drop the readings of no room left (what a 429's head says), for
+        an operator's word that the key serves again."""
+        by_class = self.by_class
+        for model_class in [cls for cls, reading in by_class.items() if reading.fraction <= 0.0]:
+            del by_class[model_class]
+
     def latest(self, model_class: str) -> Reading | None:
         """The class's latest reading, even one whose limit has reset since."""
         return self.by_class.get(model_class)

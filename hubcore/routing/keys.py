@@ -763,9 +763,7 @@ class KeyRing:
             key.held = key.held_rest = 0.0
             # A reading of no room left is the 429's own word, which the
             # operator's contradicts; readings with room stay the vendor's.
-            by_class = key.room.by_class
-            for model_class in [c for c, reading in by_class.items() if reading.fraction <= 0.0]:
-                del by_class[model_class]
+            key.room.forget_exhausted()
 
         # Rests and pauses only ever lengthen, except that a failed probe sets
         # the doubled pause from now.
