@@ -83,6 +83,14 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
+# The states as module globals (see server.py's phases): an Enum class's
+# attribute costs a slow hook's call, some ten a request here.
+_CONNECTING, _IDLE, _SENDING, _RECEIVING, _DONE, _CLOSED = (
+    ConnState.CONNECTING, ConnState.IDLE, ConnState.SENDING, ConnState.RECEIVING, ConnState.DONE,
+    ConnState.CLOSED,
+)
+
+
 class ResponseHead:
     __slots__ = ("status", "headers", "index", "keep_alive", "content_length", "chunked")
 
@@ -120,7 +128,7 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
                 on_message_complete=self.on_message_complete,
             )
         )
-        self.state = ConnState.CONNECTING
+        self.state = _CONNECTING
         self.reused = False
         self.reading_paused = False
         # per-request
@@ -147,7 +155,7 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
-        if self.state is ConnState.IDLE:
+        if self.state is _IDLE:
             # A pooled connection must be silent; bytes now mean the server
             # is confused or closing. Never reuse it.
             self.close()
@@ -166,11 +174,11 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
-        self.state = ConnState.CLOSED
+        self.state = _CLOSED
         self.parser = detached(httptools.HttpResponseParser)
         self.deadline = 0.0
         self.pool.forget(self)
-        if previous in (ConnState.SENDING, ConnState.RECEIVING) and not self.complete:
+        if previous in (_SENDING, _RECEIVING) and not self.complete:
             if self.head is not None and self.head.content_length is None and not self.head.chunked:
                 # A close-delimited body ends with the connection.
                 self.on_message_complete()
@@ -195,7 +203,7 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
         # time.monotonic(), not the loop's clock: the gateway measures the
         # hub's own share of a request against it (see Exchange.t0).
         self.head_at = time.monotonic()
-        self.state = ConnState.RECEIVING
+        self.state = _RECEIVING
         self.deadline = self.last_activity + self.idle_timeout if self.idle_timeout > 0 else 0.0
         fut = self.head_future
         if fut is not None and not fut.done():
@@ -216,7 +224,7 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
         if self.head is None:
             return  # end of a 1xx interim response
         self.complete = True
-        self.state = ConnState.DONE
+        self.state = _DONE
         self.deadline = 0.0
         sink = self.sink
         if sink is not None:
@@ -248,7 +256,7 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
         assert self.transport is not None
         self.on_head = on_head
         self.on_fail = on_fail
-        self.state = ConnState.SENDING
+        self.state = _SENDING
         self.collector.reset()
         self.head = None
         self.sink = None
@@ -292,21 +300,21 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
         self.on_head = None
         self.on_fail = None
         if (
-            self.state is ConnState.DONE
+            self.state is _DONE
             and self.head is not None
             and self.head.keep_alive
             and self.transport is not None
             and not self.transport.is_closing()
         ):
             self.resume_reading()
-            self.state = ConnState.IDLE
+            self.state = _IDLE
             self.pool.put_idle(self)
         else:
             self.close()
 
     def close(self) -> None:
-        if self.state is not ConnState.CLOSED:
-            self.state = ConnState.CLOSED
+        if self.state is not _CLOSED:
+            self.state = _CLOSED
             self.deadline = 0.0
             self.pool.forget(self)
         fut = self.head_future
@@ -327,16 +335,16 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
     # deadline here instead of a timer per chunk.
     def on_deadline(self, now: float) -> None:
         state = self.state
-        if state is ConnState.IDLE:
+        if state is _IDLE:
             self.close()  # pooled for pool_idle_timeout unused
             return
-        if state is ConnState.RECEIVING:
+        if state is _RECEIVING:
             due = self.last_activity + self.idle_timeout
             if due > now:
                 self.deadline = due
                 return
             exc = UpstreamTimeout(f"upstream stream idle for {self.idle_timeout:g} s", before_response=False)
-        elif state is ConnState.SENDING:
+        elif state is _SENDING:
             exc = UpstreamTimeout(f"no response from upstream within {self.first_byte_timeout:g} s")
         else:
             self.deadline = 0.0
@@ -361,7 +369,7 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
                 fut.set_exception(exc)
             if self.on_fail is not None:
                 self.on_fail()
-        if self.state is not ConnState.CLOSED:
+        if self.state is not _CLOSED:
             self.close()
 
 
@@ -428,7 +436,7 @@ class Pool:
         while self.idle:
             conn = self.idle.pop()  # most recently used: least likely closed by the peer
             conn.deadline = 0.0
-            if conn.state is ConnState.IDLE and conn.transport is not None and not conn.transport.is_closing():
+            if conn.state is _IDLE and conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 self.active.add(conn)
                 return conn
@@ -454,7 +462,7 @@ class Pool:
         except OSError as e:
             conn.close()
             raise ConnectFailed(f"connect to {self.host}:{self.port} failed: {e.strerror or e}") from e
-        conn.state = ConnState.DONE
+        conn.state = _DONE
         self.active.add(conn)
         self.sweeper.start()
         return conn

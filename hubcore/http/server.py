@@ -245,6 +245,15 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+# The phases as module globals, for the request path: an attribute of an
+# Enum class is looked up through EnumType.__getattr__'s slow hook (some
+# 150 ns in CPython 3.11, where a global takes 20), some twenty times a
+# request here.
+_IDLE, _HEAD, _BODY, _BUSY, _LINGER, _CLOSED = (
+    Phase.IDLE, Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.LINGER, Phase.CLOSED,
+)
+
+
 class _Reject(Exception):
     def __init__(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(message)
@@ -301,7 +310,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
                 on_message_complete=self.on_message_complete,
             )
         )
-        self.phase = Phase.IDLE
+        self.phase = _IDLE
         # When the Server's sweeper must look at this connection (loop time,
         # 0.0: never), and the timeout of the phase that set it.
         self.deadline = 0.0
@@ -334,7 +343,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         self.expect_continue = False
         # Where the parser is in the current message; `phase` says BUSY while
         # an earlier request is answered, this still knows head from body.
-        self.message_phase = Phase.IDLE
+        self.message_phase = _IDLE
         # A 100 Continue owed to a request that arrived while another was
         # being answered: it goes out when that answer is complete.
         self.continue_due = False
@@ -356,7 +365,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
             self._refuse_connection(refusal)
             return
         # A new connection must send its request head promptly.
-        self._set_phase(Phase.HEAD)
+        self._set_phase(_HEAD)
 
     def trust(self) -> None:
         """The connection sent credentials the gate accepted: it no longer
@@ -374,13 +383,13 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         # Called with what the transport read; nothing may keep `data` (it
         # is the server's read buffer): httptools hands callbacks copies.
-        if self.phase is Phase.LINGER or self.parsing_stopped:
+        if self.phase is _LINGER or self.parsing_stopped:
             self._linger_drop(len(data))
             return
         now = self.last_activity = self.loop.time()
-        if self.phase is Phase.IDLE:
-            self._set_phase(Phase.HEAD, now)
-        if self.message_phase is not Phase.BODY:
+        if self.phase is _IDLE:
+            self._set_phase(_HEAD, now)
+        if self.message_phase is not _BODY:
             # Counted before parsing, so a head that never ends is caught
             # even when it arrives while an earlier request is answered.
             self.head_bytes += len(data)
@@ -402,14 +411,14 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
             else:
                 self._reject(400, f"malformed HTTP request: {e}")
             return
-        if self.message_phase is Phase.HEAD and self.head_bytes > self.config.max_header_bytes:
+        if self.message_phase is _HEAD and self.head_bytes > self.config.max_header_bytes:
             self._reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
-        elif self.message_phase is Phase.BODY and self.collector.size > self.config.max_header_bytes:
+        elif self.message_phase is _BODY and self.collector.size > self.config.max_header_bytes:
             # Trailers of a chunked body still coming: counted with the head they follow.
             self._reject(431, f"request head and trailers larger than {self.config.max_header_bytes} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.phase = Phase.CLOSED
+        self.phase = _CLOSED
         self.parser = detached(httptools.HttpRequestParser)
         self.server.forget(self)
         if self.server.metrics is not None:
@@ -443,7 +452,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         self.chunked = False
         self.expect_continue = False
         self.continue_due = False
-        self.message_phase = Phase.HEAD
+        self.message_phase = _HEAD
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -483,11 +492,11 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
             self.discarding = True
         elif length > 0:
             self._reserve(length)
-        self.message_phase = Phase.BODY
+        self.message_phase = _BODY
         if not self.busy:
             # While an earlier request is answered the client is waiting for
             # us, not we for it: no body timer until that answer is done.
-            self._set_phase(Phase.BODY, self.last_activity)  # this read's time
+            self._set_phase(_BODY, self.last_activity)  # this read's time
             self.body_started = self.last_activity
         if self.expect_continue and length != 0 and self.transport is not None:
             if not self.busy:
@@ -548,7 +557,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
             request.budget = self.server.body_budget
             self.reserved = 0
         self.body_parts = []
-        self.message_phase = Phase.IDLE
+        self.message_phase = _IDLE
         self.continue_due = False
         self.head_bytes = 0
         self._dispatch(request)
@@ -563,7 +572,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
             self.pause_reading()
 
     def _start(self, request: Request) -> None:
-        self._set_phase(Phase.BUSY)
+        self._set_phase(_BUSY)
         self.busy = True
         self.current = request
         coro = self.app(request, self)
@@ -597,7 +606,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         """The current request is answered and its bookkeeping done: start
         the next pipelined one, or wait for the next request."""
         self._end_current()
-        if self.phase is Phase.CLOSED or self.closing:
+        if self.phase is _CLOSED or self.closing:
             return
         if self.pipeline:
             self._start(self.pipeline.popleft())
@@ -636,7 +645,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
             transport.close()
             return
         transport.write_eof()
-        self.phase = Phase.LINGER
+        self.phase = _LINGER
         self.linger_left = self.config.linger_bytes
         self.timeout = self.config.linger_timeout
         self.deadline = self.loop.time() + self.timeout
@@ -648,7 +657,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
     def _linger_drop(self, size: int) -> None:
         # Before LINGER (a refusal still being answered) reading is paused,
         # and what the last read brought is dropped.
-        if self.phase is Phase.LINGER:
+        if self.phase is _LINGER:
             self.linger_left -= size
             if self.linger_left < 0:
                 self.close()
@@ -713,7 +722,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         App answers it), read nothing more of this connection, and close
         once answered (its Request says keep_alive False)."""
         self.parsing_stopped = True
-        self.message_phase = Phase.IDLE
+        self.message_phase = _IDLE
         self.head_bytes = 0
         self._dispatch(request)
 
@@ -732,14 +741,14 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
     def _set_phase(self, phase: Phase, now: float | None = None) -> None:
         """Enter `phase` and time it from `now` (loop time; None: read the
         clock), unless the caller has just read it."""
-        if self.phase is Phase.LINGER or self.phase is Phase.CLOSED:
+        if self.phase is _LINGER or self.phase is _CLOSED:
             return  # closing: only the linger deadline applies
         self.phase = phase
-        if phase is Phase.HEAD:
+        if phase is _HEAD:
             timeout = self.config.header_timeout
-        elif phase is Phase.BODY:
+        elif phase is _BODY:
             timeout = self.config.body_timeout
-        elif phase is Phase.IDLE:
+        elif phase is _IDLE:
             timeout = self.config.keepalive_timeout
         else:
             self.deadline = 0.0
@@ -752,10 +761,10 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
 
     def on_deadline(self, now: float) -> None:
         timeout = self.timeout
-        if self.phase is Phase.LINGER:
+        if self.phase is _LINGER:
             self.close()
             return
-        if self.phase is Phase.BODY:
+        if self.phase is _BODY:
             # The body timeout is between reads, not for the whole body; the
             # whole body must also come at min_body_rate after a grace of
             # body_timeout, so one byte a minute cannot hold a slot for hours.
@@ -773,7 +782,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
             self._reject(408, f"no request body data for {timeout:g} s")
             return
         self.deadline = 0.0
-        if self.phase is Phase.HEAD and self.message_phase is Phase.HEAD:
+        if self.phase is _HEAD and self.message_phase is _HEAD:
             self._reject(408, f"request head not received within {timeout:g} s")
             return
         self.close()

@@ -440,7 +440,7 @@ class KeyRing:
                 # for the class, and its latest reading is not under the floor.
                 if (
                     entry[1] > now
-                    and key.state is KeyState.HEALTHY
+                    and key.state is _H
                     and key.until is None
                     and key.spec.priority == self._best_priority
                     and key.spec.label not in tried
