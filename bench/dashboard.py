@@ -229,6 +229,7 @@ def build_database(path: Path, rows: int, *, seed: int = 19, now: float | None =
     CREATE statements after it, which is a sort each instead of a random
     insert per row and index."""
     from hubcore import store
+    from hubcore.accounting import rollup
     from hubcore.accounting.usage import FIELDS
 
     rng = random.Random(seed)
@@ -252,7 +253,10 @@ def build_database(path: Path, rows: int, *, seed: int = 19, now: float | None =
         insert = f"INSERT INTO usage ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
         for first in range(0, rows, CHUNK):
             with store.immediate(conn):
+                # As the usage writer does: the rows, then their rollups.
+                (last_id,) = conn.execute(rollup.LAST_ID).fetchone()
                 conn.executemany(insert, data[first:first + CHUNK])
+                rollup.add(conn, last_id)
             if not quiet:
                 print(f"  {min(first + CHUNK, rows):,} rows", file=sys.stderr, flush=True)
         with store.immediate(conn):

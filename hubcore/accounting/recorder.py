@@ -344,6 +344,10 @@ class UsageRecorder:
         full = len(events) - len(events) % per
         await db.execute("BEGIN IMMEDIATE")
         try:
+            # Other worker processes may write to the same file, but not
+            # before COMMIT: BEGIN IMMEDIATE holds the write lock, so the
+            # rows with an id above this one will be exactly this batch's.
+            (last_id,), = await db.execute_fetchall(rollup.LAST_ID)
             inserted = 0
             if full:
                 # executemany's rowcount is the sum over its statements.
@@ -356,6 +360,13 @@ class UsageRecorder:
             if full < len(events):
                 cursor = await db.execute(insert_sql(len(events) - full), insert_values(events[full:]))
                 inserted += cursor.rowcount
+            if inserted:
+                # rollup.add's statements, one thread hop each (aiosqlite
+                # has no public call that runs a function on its thread);
+                # a batch waits for a full one or the flush interval, so
+                # that is at most a few hops a second.
+                for statement in rollup.ADD_STATEMENTS:
+                    await db.execute(statement, {"after_id": last_id})
             await db.execute("COMMIT")
         except BaseException:
             try:

@@ -111,30 +111,82 @@ def _present(dimension: str) -> str:
 
 
 _TTFB_BIN = "COALESCE((SELECT bin FROM usage_ttfb_bins WHERE lower_ms <= ttfb_ms ORDER BY lower_ms DESC LIMIT 1), 0)"
-_DIMS = ", ".join(DIMENSIONS)
-_ADD = ", ".join(f"{c} = usage_hourly.{c} + excluded.{c}" for c in COUNTERS)
 
-_REBUILD_HOURS = f"""
-INSERT INTO usage_hourly
-SELECT {bucket_sql("ts")}, {", ".join(_present(d) for d in DIMENSIONS)}, {", ".join(COUNTERS.values())}
-FROM usage WHERE ts >= ? GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
-ON CONFLICT (hour, {_DIMS}) DO UPDATE SET {_ADD}
-"""
-_REBUILD_TTFB = f"""
+
+def _ordinals(count: int) -> str:
+    return ", ".join(str(i + 1) for i in range(count))
+
+
+def _upsert(table: str, key: Sequence[str], select: str) -> str:
+    """SQL: add the rows of `select` (the columns `key`, then COUNTERS) to
+    `table`, whose primary key `key` is: a new key is inserted, a known one
+    has the counters added to its own."""
+    columns = ", ".join(key)
+    added = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in COUNTERS)
+    return (f"INSERT INTO {table} ({columns}, {', '.join(COUNTERS)})\n{select}\n"
+            f"ON CONFLICT ({columns}) DO UPDATE SET {added}")
+
+
+def _rows_summed(buckets: Sequence[str], where: str) -> str:
+    """SQL: the raw usage rows that `where` picks, summed (COUNTERS) per
+    `buckets` (expressions of the row) and every dimension: the arithmetic
+    of the trigger that kept the rollups before (store.py, migrations 10
+    and 12), each row's bucket by the offset in force at its own `ts`."""
+    keys = [*buckets, *(_present(d) for d in DIMENSIONS)]
+    return (f"SELECT {', '.join(keys)}, {', '.join(COUNTERS.values())}\n"
+            f"FROM usage WHERE {where} GROUP BY {_ordinals(len(keys))}")
+
+
+def _sums_summed(bucket: str, dims: Sequence[str], source: str) -> str:
+    """SQL: the sums in `source` summed again per `bucket` and `dims`."""
+    return (f"SELECT {bucket}, {', '.join(dims)}, {', '.join(f'SUM({c})' for c in COUNTERS)}\n"
+            f"FROM {source} GROUP BY {_ordinals(len(dims) + 1)}")
+
+
+def _ttfb_added(where: str) -> str:
+    """SQL: add the raw rows that `where` picks to the ttfb histogram (rows
+    without a ttfb count in no bin)."""
+    return f"""
 INSERT INTO usage_ttfb_hourly (hour, bin, requests)
 SELECT {bucket_sql("ts")}, {_TTFB_BIN}, COUNT(*)
-FROM usage WHERE ts >= ? AND ttfb_ms IS NOT NULL GROUP BY 1, 2
+FROM usage WHERE {where} AND ttfb_ms IS NOT NULL GROUP BY 1, 2
 ON CONFLICT (hour, bin) DO UPDATE SET requests = usage_ttfb_hourly.requests + excluded.requests
 """
-# A local hour lies within one local day: the days are sums of the hours.
+
+
+# A zone change at start (see `prepare`): the hours summed again from the
+# raw rows, then the days from the hours (a local hour lies within one
+# local day).
+_REBUILD_HOURS = _upsert("usage_hourly", ("hour", *DIMENSIONS), _rows_summed([bucket_sql("ts")], "ts >= ?"))
+_REBUILD_TTFB = _ttfb_added("ts >= ?")
 _REBUILD_DAYS = [
-    f"""
-INSERT INTO {table}
-SELECT {day_sql("hour")}, {", ".join(dims)}, {", ".join(f"SUM({c})" for c in COUNTERS)}
-FROM usage_hourly GROUP BY {", ".join(str(i + 1) for i in range(len(dims) + 1))}
-"""
+    _upsert(table, ("day", *dims), _sums_summed(day_sql("hour"), dims, "usage_hourly"))
     for table, dims in DAY_TABLES.items()
 ]
+
+# A batch of new rows (see `add`): one pass over the rows sums them per
+# hour, UTC offset and every dimension into usage_batch, a table of the
+# connection's own (TEMP: no other connection sees it, nothing of it is
+# written to the database file); the hours and the three days' tables are
+# summed from those few sums, not from the rows again. An hour plus the
+# offset of its rows is their local time rounded down to the hour, so
+# divided by a day it is their local day, as day_sql gives it. The ttfb
+# histogram takes a pass of its own: its bins would split every sum.
+_BATCH = "temp.usage_batch"
+_BATCH_KEY = ("hour", "utc_offset", *DIMENSIONS)
+# The id the next transaction's rows come after (see `add`).
+LAST_ID = "SELECT COALESCE(MAX(id), 0) FROM usage"
+# What `add` runs, in order, each with the parameters {"after_id": ...}.
+ADD_STATEMENTS = (
+    f"CREATE TEMP TABLE IF NOT EXISTS usage_batch ({', '.join((*_BATCH_KEY, *COUNTERS))})",
+    f"DELETE FROM {_BATCH}",   # what a call that failed outside a transaction left
+    f"INSERT INTO {_BATCH} ({', '.join((*_BATCH_KEY, *COUNTERS))})\n"
+    + _rows_summed([bucket_sql("ts"), _offset_sql("ts")], "id > :after_id"),
+    _upsert("usage_hourly", ("hour", *DIMENSIONS), _sums_summed("hour", DIMENSIONS, _BATCH)),
+    *(_upsert(table, ("day", *dims), _sums_summed(f"(hour + utc_offset) / {DAY}", dims, _BATCH))
+      for table, dims in DAY_TABLES.items()),
+    _ttfb_added("id > :after_id"),
+)
 
 
 # -- the reporting zone -------------------------------------------------------------
@@ -257,6 +309,26 @@ def _bucket(ts: float, zone_offsets: Sequence[tuple[int, int]]) -> int:
 
 def _stored_offsets(conn: sqlite3.Connection) -> list[tuple[int, int]]:
     return [(int(s), int(o)) for s, o in conn.execute("SELECT start, utc_offset FROM usage_rollup_zone ORDER BY start")]
+
+
+# -- new rows -------------------------------------------------------------------------
+
+
+def add(conn: sqlite3.Connection, after_id: int) -> None:
+    """Add the usage rows with an id above `after_id` to the rollups.
+
+    Call it in the transaction that inserted them, before its COMMIT, with
+    `after_id` read (LAST_ID) in that transaction before its inserts: the
+    write lock that BEGIN IMMEDIATE took keeps every other connection from
+    inserting meanwhile, so the rows above it are exactly the transaction's
+    own, and rows and rollups commit together. A row that ON CONFLICT DO
+    NOTHING skipped took no id and adds nothing. On PostgreSQL, nothing:
+    its trigger added each row as it was inserted.
+    """
+    if not isinstance(conn, sqlite3.Connection):
+        return
+    for statement in ADD_STATEMENTS:
+        conn.execute(statement, {"after_id": after_id})
 
 
 # -- sums over a range ----------------------------------------------------------------

@@ -1,10 +1,13 @@
 """The usage rollups against the raw rows they sum, on real SQLite: every
 row counted once whatever is replayed, nothing lost when raw rows are
 deleted, local hours and days in zones with DST and with half-hour
-offsets, a zone change at start, the migration's backfill, and reports
-that give `hubcore usage`'s numbers for any range."""
+offsets, a zone change at start, the migration's backfill, the sums of a
+batch (rollup.add) equal to those the trigger before it made row by row, and
+reports that give `hubcore usage`'s numbers for any range."""
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -44,9 +47,12 @@ def event(ts: float, request_id: str, **fields: Any) -> UsageEvent:
 
 
 def insert(conn: sqlite3.Connection, events: Sequence[UsageEvent]) -> None:
-    """As the recorder writes: ON CONFLICT DO NOTHING, a replayed request_id skipped."""
+    """As the recorder writes: ON CONFLICT DO NOTHING, a replayed request_id
+    skipped, and the rows inserted added to the rollups before COMMIT."""
     with store.immediate(conn):
+        (last_id,) = conn.execute(rollup.LAST_ID).fetchone()
         conn.executemany(INSERT_SQL, [tuple(getattr(e, f) for f in FIELDS) for e in events])
+        rollup.add(conn, last_id)
 
 
 def storage_values(e: UsageEvent) -> list[Any]:
@@ -170,9 +176,9 @@ def test_the_rollups_equal_a_group_by_over_the_raw_rows_whatever_is_inserted_twi
         conn.close()
 
 
-def test_the_triggers_buckets_are_the_zones_local_hours_and_days() -> None:
+def test_the_rollups_buckets_are_the_zones_local_hours_and_days() -> None:
     # Every phase and offset change of these zones over decades, as SQLite
-    # computes them in the trigger and Python in Zone.
+    # computes them in rollup.add and Python in Zone.
     for tz in ZONES:
         conn = open_db(tz=tz)
         zone = Zone(tz)
@@ -248,12 +254,7 @@ def test_deleting_raw_rows_leaves_the_rollups_and_the_reports(conn: sqlite3.Conn
 
 def test_the_migration_backfills_the_rows_it_finds(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    old = sqlite3.connect(path, isolation_level=None)
-    rollups = next(i for i, script in enumerate(store.MIGRATIONS) if "CREATE TABLE usage_hourly" in script)
-    for version, script in enumerate(store.MIGRATIONS[:rollups]):
-        for statement in store._split(script):
-            old.execute(statement)
-        old.execute(f"PRAGMA user_version = {version + 1}")
+    old = schema_at(path, next(i for i, script in enumerate(store.MIGRATIONS) if "CREATE TABLE usage_hourly" in script))
     rows = [event(WINDOW_START + i * 1234.5, f"req-{i}", user=("a", None)[i % 2], model="m", cost_micros=i or None,
                   ttfb_ms=float(i)) for i in range(200)]
     old.executemany(INSERT_SQL, [tuple(getattr(e, f) for f in FIELDS) for e in rows])
@@ -266,7 +267,7 @@ def test_the_migration_backfills_the_rows_it_finds(tmp_path: Path) -> None:
         conn.close()
 
 
-def test_on_both_engines_the_trigger_reports_and_zone_changes_agree_with_the_raw_rows(database: str) -> None:
+def test_on_both_engines_the_rollups_reports_and_zone_changes_agree_with_the_raw_rows(database: str) -> None:
     conn = store.connect(database)
     try:
         rollup.prepare(conn, UTC)
@@ -281,7 +282,9 @@ def test_on_both_engines_the_trigger_reports_and_zone_changes_agree_with_the_raw
         ]
         for part in (rows[:200], rows[100:]):   # rows 100 to 199 come twice; request ids repeat as well
             with store.immediate(conn):
+                (last_id,) = conn.execute(rollup.LAST_ID).fetchone()
                 conn.executemany(STORAGE_INSERT, [storage_values(e) for e in part])
+                rollup.add(conn, last_id)   # on PostgreSQL, its trigger's work
         assert_rollups_match(conn, UTC)
         for by in report.GROUPS:
             for since, until in ((None, None), (WINDOW_START + 5000.5, WINDOW_START + 2 * 86400 + 77.7)):
@@ -300,6 +303,209 @@ def test_on_both_engines_the_trigger_reports_and_zone_changes_agree_with_the_raw
         histogram = rollup.ttfb_histogram(conn, Zone(KOLKATA))
         assert sum(histogram.values()) == 125
         assert rollup.percentile(histogram, rollup.ttfb_bins(conn), 0.5) == pytest.approx(10.0 + 125, rel=0.1)
+    finally:
+        conn.close()
+
+
+# -- a batch's sums against the trigger's, row by row -------------------------------------------
+
+# The migration that dropped the trigger which kept the rollups row by row.
+TRIGGER_DROPPED = next(i for i, script in enumerate(store.MIGRATIONS) if "DROP TRIGGER usage_rollup" in script)
+ROLLUPS = ("usage_hourly", *rollup.DAY_TABLES)
+HISTOGRAM = "SELECT hour, bin, requests FROM usage_ttfb_hourly ORDER BY hour, bin"
+
+
+def schema_at(path: str | Path, version: int) -> sqlite3.Connection:
+    """A database of schema `version`, as a hubcore of then left it."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number, script in enumerate(store.MIGRATIONS[:version]):
+        for statement in store._split(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {number + 1}")
+    return conn
+
+
+def with_trigger(path: str | Path = ":memory:", tz: ZoneInfo = UTC) -> sqlite3.Connection:
+    """A database whose rollups the trigger keeps, aligned to `tz`."""
+    conn = schema_at(path, TRIGGER_DROPPED)
+    rollup.prepare(conn, tz)
+    return conn
+
+
+def insert_by_trigger(conn: sqlite3.Connection, events: Sequence[UsageEvent]) -> None:
+    with store.immediate(conn):
+        conn.executemany(INSERT_SQL, [tuple(getattr(e, f) for f in FIELDS) for e in events])
+
+
+def assert_same_rollups(got: sqlite3.Connection, want: sqlite3.Connection) -> None:
+    for table in ROLLUPS:
+        assert_same(stored(got, table), stored(want, table))
+    assert got.execute(HISTOGRAM).fetchall() == want.execute(HISTOGRAM).fetchall()
+
+
+async def written(recorder: UsageRecorder, count: int, what: str = "written") -> None:
+    """Wait until the recorder's `what` counter reaches `count`."""
+    async with asyncio.timeout(10):
+        while recorder.stats()[what] < count:
+            await asyncio.sleep(0.005)
+
+
+@SETTINGS
+@given(batches=batches, tz=st.sampled_from(ZONES))
+def test_a_batch_adds_to_the_rollups_what_the_trigger_added_row_by_row(
+    batches: list[list[UsageEvent]], tz: ZoneInfo,
+) -> None:
+    by_batch, by_row = open_db(tz=tz), with_trigger(tz=tz)
+    try:
+        for batch in batches:
+            for _ in range(2):  # and its replay, which adds nothing
+                insert(by_batch, batch)
+                insert_by_trigger(by_row, batch)
+            assert_same_rollups(by_batch, by_row)
+    finally:
+        by_batch.close()
+        by_row.close()
+
+
+def test_kolkatas_half_hours_bucket_a_batch_as_the_trigger_did() -> None:
+    midnight = datetime(2026, 3, 30, tzinfo=KOLKATA).timestamp()   # 18:30 UTC
+    rows = [event(midnight + offset, f"req-{i}", user=("alice", "bob", None)[i % 3], model=("m1", "m2")[i % 2],
+                  cost_micros=100 + i, ttfb_ms=(None, 5.0 + i)[i % 2])
+            for i, offset in enumerate(range(-3 * 3600, 3 * 3600, 7 * 60 + 13))]
+    # The last second of each local hour and the first of the next: the hour
+    # and, at midnight, the day change between them.
+    rows += [event(midnight + hour * 3600 + second, f"edge-{hour}-{second}", user="carol", cost_micros=1, ttfb_ms=1.0)
+             for hour in range(-3, 4) for second in (-0.001, 0)]
+    by_batch, by_row = open_db(tz=KOLKATA), with_trigger(tz=KOLKATA)
+    try:
+        insert(by_batch, rows)
+        insert_by_trigger(by_row, rows)
+        assert_same_rollups(by_batch, by_row)
+        assert {hour % 3600 for hour, in by_batch.execute("SELECT hour FROM usage_hourly")} == {1800}
+        day = Zone(KOLKATA).day(midnight)
+        per_day = dict(by_batch.execute("SELECT day, SUM(requests) FROM usage_daily_principals GROUP BY day"))
+        assert per_day == {day - 1: sum(e.ts < midnight for e in rows), day: sum(e.ts >= midnight for e in rows)}
+    finally:
+        by_batch.close()
+        by_row.close()
+
+
+async def test_the_writer_adds_a_batch_to_the_rollups_once_whatever_it_skips(tmp_path: Path) -> None:
+    # A write that outlasts the flush interval is copied to the spool and
+    # replayed, its rows then skipped as stored: a long interval keeps the
+    # counts below those of one batch on a busy machine too.
+    recorder = UsageRecorder(tmp_path / "hub.db", tmp_path / "usage.spool", flush_interval=1.0,
+                             timezone="Europe/Berlin")
+    await recorder.start()
+    recorder.record(event(WINDOW_START + 5, "req-stored", user="alice", model="m1", cost_micros=5))
+    await written(recorder, 1)
+    # Users, models, keys and outcomes over 17 hours (Berlin's spring change among them), in one batch.
+    batch = [
+        event(WINDOW_START + 86400 + i * 523.7, f"req-{i}", user=("alice", "bob", "carol", None)[i % 4],
+              project=("p1", None)[i % 2], model=("claude-sonnet-4-6", "gpt-5", None)[i % 3],
+              served_model=(None, "relay-sonnet")[i % 5 == 0], upstream=("primary", "backup")[i % 2],
+              key_label=("k1", "k2", "k3")[i % 3], token_id=(1, 2, None)[i % 3],
+              outcome=("ok", "ok", "upstream_error")[i % 3], input_tokens=10 * i, output_tokens=i, cache_read=3 * i,
+              cost_micros=(None, 100 + i)[i % 4 != 0], cost_basis=(None, "estimate")[i % 5 == 0],
+              ttfb_ms=(None, 3.0 + i)[i % 2])
+        for i in range(120)
+    ]
+    batch.insert(50, dataclasses.replace(batch[10], user="mallory", cost_micros=10 ** 9))   # twice in the batch
+    batch.append(event(WINDOW_START + 9, "req-stored", user="mallory", cost_micros=10 ** 9))  # stored already
+    for e in batch:
+        recorder.record(e)
+    await recorder.close()
+    assert (recorder.stats()["written"], recorder.stats()["ignored"]) == (121, 2)
+    conn = open_db(tmp_path / "hub.db", BERLIN)
+    try:
+        assert_rollups_match(conn, BERLIN)
+        assert conn.execute("SELECT SUM(requests) FROM usage_hourly").fetchone()[0] == 121
+        assert conn.execute("SELECT COUNT(*) FROM usage_daily_principals WHERE user = 'mallory'").fetchone()[0] == 0
+    finally:
+        conn.close()
+
+
+async def test_a_batch_whose_rollups_fail_commits_neither_rows_nor_sums(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "hub.db"
+    recorder = UsageRecorder(path, tmp_path / "usage.spool", flush_interval=0.01, retry_max=0.05)
+    adding = rollup.ADD_STATEMENTS
+    # The last statement fails, after the rows and the other rollups went in.
+    monkeypatch.setattr(rollup, "ADD_STATEMENTS", (*adding[:-1], "SELECT no_such_column FROM usage WHERE id > ?"))
+    await recorder.start()
+    for i in range(20):
+        recorder.record(event(WINDOW_START + i * 600, f"req-{i}", user="alice", cost_micros=i, ttfb_ms=1.0))
+    await written(recorder, 20, "spooled")
+    conn = open_db(path)
+    try:
+        counts = [conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("usage", *ROLLUPS)]
+        assert counts == [0] * (1 + len(ROLLUPS))
+    finally:
+        conn.close()
+    monkeypatch.setattr(rollup, "ADD_STATEMENTS", adding)
+    await written(recorder, 20, "replayed")
+    await recorder.close()
+    conn = open_db(path)
+    try:
+        assert_rollups_match(conn, UTC)
+        assert conn.execute("SELECT SUM(requests) FROM usage_hourly").fetchone()[0] == 20
+    finally:
+        conn.close()
+
+
+async def test_two_writers_on_one_file_never_add_each_others_rows(tmp_path: Path) -> None:
+    # As the workers of `[server] workers = N` share one SQLite file: each
+    # batch's rollups are its own rows', however the two interleave.
+    path = tmp_path / "hub.db"
+    writers = [UsageRecorder(path, tmp_path / f"usage-{n}.spool", flush_interval=0.01) for n in range(2)]
+    for writer in writers:
+        await writer.start()
+    for round_ in range(12):
+        for n, writer in enumerate(writers):
+            for i in range(8):
+                writer.record(event(WINDOW_START + round_ * 3000 + i * 60 + n, f"w{n}-{round_}-{i}", user=f"u{n}",
+                                    cost_micros=round_ + i, ttfb_ms=float(i)))
+        await asyncio.sleep(0.011)
+    for writer in writers:
+        await writer.close()
+    conn = open_db(path)
+    try:
+        assert_rollups_match(conn, UTC)
+        assert conn.execute("SELECT SUM(requests) FROM usage_hourly").fetchone()[0] == 2 * 12 * 8
+    finally:
+        conn.close()
+
+
+async def test_a_database_the_trigger_kept_keeps_its_sums_and_the_writer_adds_to_them(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    old = with_trigger(path, KOLKATA)
+    insert_by_trigger(old, [event(WINDOW_START + i * 1234.5, f"old-{i}", user=("alice", "bob")[i % 2], model="m",
+                                  cost_micros=10 + i, ttfb_ms=float(i)) for i in range(100)])
+    before = {table: stored(old, table) for table in ROLLUPS}
+    histogram = old.execute(HISTOGRAM).fetchall()
+    old.close()
+    recorder = UsageRecorder(path, tmp_path / "usage.spool", flush_interval=0.01, timezone="Asia/Kolkata")
+    await recorder.start()   # migrates: the trigger goes, its sums stay
+    conn = open_db(path, KOLKATA)
+    try:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'usage'").fetchall() == []
+        assert {table: stored(conn, table) for table in ROLLUPS} == before
+        assert conn.execute(HISTOGRAM).fetchall() == histogram
+    finally:
+        conn.close()
+    # New rows in the old rows' hours and days, and an old row replayed.
+    for i in range(60):
+        recorder.record(event(WINDOW_START + i * 2000.5 + 17, f"new-{i}", user=("alice", "carol")[i % 2], model="m",
+                              cost_micros=1000 + i, ttfb_ms=2.0 * i))
+    recorder.record(event(WINDOW_START, "old-0", user="mallory", cost_micros=10 ** 9))
+    await recorder.close()
+    assert (recorder.stats()["written"], recorder.stats()["ignored"]) == (60, 1)
+    conn = open_db(path, KOLKATA)
+    try:
+        assert_rollups_match(conn, KOLKATA)
+        assert conn.execute("SELECT SUM(requests), SUM(cost_micros) FROM usage_daily_principals").fetchone() == (
+            160, sum(10 + i for i in range(100)) + sum(1000 + i for i in range(60)))
     finally:
         conn.close()
 

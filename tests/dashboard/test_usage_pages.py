@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from hubcore import store
-from hubcore.accounting import report
+from hubcore.accounting import report, rollup
 from hubcore.accounting.usage import FIELDS, UsageEvent, insert_values
 from hubcore.dashboard import charts
 from hubcore.dashboard.views import usage as usage_view
@@ -70,11 +70,13 @@ def event(ts: float, request_id: str, **fields: Any) -> UsageEvent:
 
 def insert(hub: HubThread, events: Sequence[UsageEvent]) -> None:
     """Rows as the hub's writer stores them, on either engine (a request id
-    stored already is skipped, and the rollups' trigger runs for the rest)."""
+    stored already is skipped, and the rest are added to the rollups)."""
     conn = store.connect(hub.config.server.database)
     try:
         with store.immediate(conn):
+            (last_id,) = conn.execute(rollup.LAST_ID).fetchone()
             conn.executemany(INSERT_USAGE, [_values(e) for e in events])
+            rollup.add(conn, last_id)
     finally:
         conn.close()
 

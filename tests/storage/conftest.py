@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from hubcore import store
+from hubcore.accounting import rollup
 from hubcore.accounting.usage import FIELDS, UsageEvent, insert_sql, insert_values
 from tests.pgserver import pg_server_database
 
@@ -30,10 +31,14 @@ INSERT_USAGE = insert_sql(1)
 
 
 def add_usage(conn: sqlite3.Connection, *events: UsageEvent) -> None:
+    """Rows and their rollups, as the usage writer stores them (on
+    PostgreSQL the trigger keeps the rollups, and rollup.add does nothing)."""
+    (last_id,) = conn.execute(rollup.LAST_ID).fetchone()
     for event in events:
         values = insert_values([event])
         values[FIELDS.index("output_estimated")] = int(event.output_estimated)
         conn.execute(INSERT_USAGE, values)
+    rollup.add(conn, last_id)
 
 
 def event(request_id: str, ts: float, **fields: Any) -> UsageEvent:

@@ -1,12 +1,14 @@
 """The PostgreSQL migrations are the twins of the SQLite ones: same version
 numbers, and at every version the same tables, columns (name, type, NOT
-NULL), indexes and triggers. Two instances starting at once on an empty
-database migrate it once."""
+NULL), indexes and triggers (but for the usage rollups' trigger, which only
+PostgreSQL keeps from version 12). Two instances starting at once on an
+empty database migrate it once."""
 from __future__ import annotations
 
 import sqlite3
 import threading
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import pytest
@@ -75,6 +77,12 @@ def test_both_engines_have_a_migration_for_every_version() -> None:
     assert pgstore.SCHEMA_VERSION == store.SCHEMA_VERSION
 
 
+# The usage rollups' trigger: SQLite drops it at this version (the usage
+# writer adds each batch to the rollups itself), PostgreSQL keeps it.
+ROLLUP_TRIGGER = ("usage_rollup", "usage")
+ROLLUP_TRIGGER_DROPPED = 12
+
+
 async def test_every_version_has_the_same_schema_on_both(pg_database: PgDatabase, tmp_path: Path) -> None:
     lite = sqlite3.connect(tmp_path / "hub.db", isolation_level=None)
     pg = await asyncpg.connect(pg_database.url, password=pg_database.password)
@@ -84,6 +92,10 @@ async def test_every_version_has_the_same_schema_on_both(pg_database: PgDatabase
                 lite.execute(statement)
             await pg.execute(pgstore.PG_MIGRATIONS[version])
             expected, found = sqlite_shape(lite), await pg_shape(pg)
+            if version + 1 >= ROLLUP_TRIGGER_DROPPED:
+                triggers = cast(set[tuple[str, str]], expected["triggers"])
+                assert ROLLUP_TRIGGER not in triggers
+                expected["triggers"] = triggers | {ROLLUP_TRIGGER}
             for part in expected:
                 assert found[part] == expected[part], f"version {version + 1}: {part} differ"
     finally:
