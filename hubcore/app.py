@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hubcore import __version__, config as config_mod, store
 from hubcore.database import is_postgres, target as database_target
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from hubcore.shared.redis_state import SharedState
 
 log = logging.getLogger("hubcore")
+_T = TypeVar("_T")
 
 # Where `serve` leaves the token it mints on an empty database: in the
 # database's directory, the service's state directory under systemd.
@@ -155,6 +156,8 @@ class App:
         # one at a time, so an older read never lands after a newer one and
         # the worker threads never share the connection at once.
         self._refresh_lock = asyncio.Lock()
+        # Reads of self.db under way in worker threads (see _read_db).
+        self._db_reads: set[asyncio.Future[Any]] = set()
         # Started by serve() only: the collector is the whole process's.
         self.cycles = CycleCollector(loop, config.server.gc_full_interval)
 
@@ -325,7 +328,7 @@ class App:
             if db is None:
                 raise LookupError("the hub has no database open")
             async with self._refresh_lock:
-                who, groups = await asyncio.to_thread(_principal_groups, db, token_id, user)
+                who, groups = await self._read_db(_principal_groups, db, token_id, user)
         kinds = [kind] if kind is not None else list(self.hub.routers)
         routes = []
         for name in kinds:
@@ -462,7 +465,7 @@ class App:
         try:
             async with self._refresh_lock:
                 switches_before = self._key_switches
-                loaded = await asyncio.to_thread(refresh)
+                loaded = await self._read_db(refresh)
                 if loaded is not None:
                     limits, disabled = loaded
                     self.limiter.update(limits)
@@ -475,6 +478,17 @@ class App:
                         self._follow_key_switches(disabled)
         except sqlite3.Error as e:
             log.warning("could not reload tokens (keeping the current table): %s", e)
+
+    def _read_db(self, read: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run `read(*args)` on self.db in a worker thread. Cancelling the
+        await leaves the thread running (a thread cannot be stopped), so
+        stop() waits for every read under way before it closes the
+        connection: closing it under another thread's query crashes the
+        process."""
+        reading = asyncio.ensure_future(asyncio.to_thread(read, *args))
+        self._db_reads.add(reading)
+        reading.add_done_callback(self._db_reads.discard)
+        return asyncio.shield(reading)
 
     async def reload(self) -> tuple[bool, str]:
         """SIGHUP: reload upstreams (origin, pool settings, keys, policy),
@@ -543,6 +557,8 @@ class App:
             await self.ops.close()
         await self.watchdog.stop()
         await self.metrics.stop()
+        if self._db_reads:
+            await asyncio.wait(self._db_reads)
         if self.db is not None:
             self.db.close()
         log.info("stopped")
