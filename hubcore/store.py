@@ -493,14 +493,16 @@ MIGRATIONS: list[str] = [
         UPDATE generation SET value = value + 1 WHERE name = 'tokens';
     END;
     """,
-    # 12: the usage rollups are kept per transaction, no longer per row: the
-    # usage writer adds a batch's sums to them with one INSERT ... SELECT ...
-    # GROUP BY per rollup, in the transaction that inserts the batch
-    # (accounting.rollup.add). The trigger's five upserts a row cost the
-    # writer's thread some 90,000 instructions a row (134,000 with it,
-    # 43,000 without), on the cores that serve the requests. What the
-    # trigger summed stays; new batches add to it. PostgreSQL keeps its
-    # trigger (pgstore.py): it runs in the database server, not in the hub.
+    # 12: the usage rollups are kept per batch, no longer per row: the usage
+    # writer sums a batch's rows with INSERT ... SELECT ... GROUP BY ... ON
+    # CONFLICT DO UPDATE and adds them to the rollups in the transaction
+    # that inserts the batch (accounting.rollup.add). The trigger's five
+    # upserts a row, each with its own zone lookup, cost the writer's thread
+    # some 77,000 instructions a row (134,000 with them, 57,000 without;
+    # python -m bench.hotpath --instructions), on the cores that serve the
+    # requests; the sums per batch cost 32,000. What the trigger summed
+    # stays; new batches add to it. PostgreSQL keeps its trigger
+    # (pgstore.py): it runs in the database server, not in the hub.
     """
     DROP TRIGGER usage_rollup;
     """,

@@ -1,9 +1,11 @@
 """The rollups of usage: sums per local hour of the reporting zone x user x
 project x model x served model x upstream x key label x token, the same per
 local day (in three tables, DAY_TABLES), and a histogram of time to first
-byte per local hour. A trigger on the usage table keeps them (store.py,
-migration 10); this module aligns them to the reporting zone at start and
-sums them over a time range.
+byte per local hour. On SQLite the usage writer adds each batch of rows to
+them in the transaction that inserts it (`add`); on PostgreSQL a trigger
+keeps them (pgstore.py), which runs in the database server, not in the hub.
+This module aligns them to the reporting zone at start and sums them over a
+time range.
 
 Buckets are LOCAL hours of the reporting zone (server.budget_timezone), not
 UTC hours and not quarter hours: a UTC hour straddles local midnight where
@@ -17,8 +19,9 @@ hours (from raw rows) only when the phase changes, and the days (from the
 hours) when any offset does; see `prepare`. The days make long ranges cheap:
 a month of days holds a fraction of a month of hours' rows, the more so as
 the days keep users, models and keys apart (DAY_TABLES). Keeping them
-costs the writer some 30 us a row (in batches of 2000 on the busy 2-core
-test machine, about 20 us without), in its own thread, the GIL let go.
+costs the writer's thread some 32,000 instructions a row (`python -m
+bench.hotpath --instructions`: 90,000 a row with them, 57,000 without; the
+trigger SQLite had until migration 12, five upserts a row, cost 77,000).
 
 Theory of operation of `sums`: a range [since, until) is cut into the whole
 local days it covers (read from a daily rollup), the whole hours left at its
@@ -119,8 +122,8 @@ def _ordinals(count: int) -> str:
 
 def _upsert(table: str, key: Sequence[str], select: str) -> str:
     """SQL: add the rows of `select` (the columns `key`, then COUNTERS) to
-    `table`, whose primary key `key` is: a new key is inserted, a known one
-    has the counters added to its own."""
+    `table`, whose primary key is `key`: a new key's row is inserted, a
+    known key's counters are added to."""
     columns = ", ".join(key)
     added = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in COUNTERS)
     return (f"INSERT INTO {table} ({columns}, {', '.join(COUNTERS)})\n{select}\n"
@@ -174,12 +177,11 @@ _REBUILD_DAYS = [
 # histogram takes a pass of its own: its bins would split every sum.
 _BATCH = "temp.usage_batch"
 _BATCH_KEY = ("hour", "utc_offset", *DIMENSIONS)
-# The id the next transaction's rows come after (see `add`).
-LAST_ID = "SELECT COALESCE(MAX(id), 0) FROM usage"
-# What `add` runs, in order, each with the parameters {"after_id": ...}.
+# What `add` runs, in order, each with the parameters {"after_id": ...}
+# (the usage writer runs them one by one on its aiosqlite connection).
 ADD_STATEMENTS = (
     f"CREATE TEMP TABLE IF NOT EXISTS usage_batch ({', '.join((*_BATCH_KEY, *COUNTERS))})",
-    f"DELETE FROM {_BATCH}",   # what a call that failed outside a transaction left
+    f"DELETE FROM {_BATCH}",   # the sums of the batch before
     f"INSERT INTO {_BATCH} ({', '.join((*_BATCH_KEY, *COUNTERS))})\n"
     + _rows_summed([bucket_sql("ts"), _offset_sql("ts")], "id > :after_id"),
     _upsert("usage_hourly", ("hour", *DIMENSIONS), _sums_summed("hour", DIMENSIONS, _BATCH)),
@@ -187,6 +189,9 @@ ADD_STATEMENTS = (
       for table, dims in DAY_TABLES.items()),
     _ttfb_added("id > :after_id"),
 )
+# The id after which a transaction's rows will be: read it in the
+# transaction, before its inserts (see `add`).
+LAST_ID = "SELECT COALESCE(MAX(id), 0) FROM usage"
 
 
 # -- the reporting zone -------------------------------------------------------------
