@@ -487,8 +487,15 @@ class App:
         process."""
         reading = asyncio.ensure_future(asyncio.to_thread(read, *args))
         self._db_reads.add(reading)
-        reading.add_done_callback(self._db_reads.discard)
+        reading.add_done_callback(self._read_done)
         return asyncio.shield(reading)
+
+    def _read_done(self, reading: asyncio.Future[Any]) -> None:
+        self._db_reads.discard(reading)
+        if not reading.cancelled():
+            # Marked as retrieved: the caller's await reports an error, or
+            # was cancelled and has nobody to report it to.
+            reading.exception()
 
     async def reload(self) -> tuple[bool, str]:
         """SIGHUP: reload upstreams (origin, pool settings, keys, policy),

@@ -362,9 +362,9 @@ class UsageRecorder:
                 inserted += cursor.rowcount
             if inserted:
                 # rollup.add's statements, one thread hop each (aiosqlite
-                # has no public call that runs a function on its thread);
-                # a batch waits for a full one or the flush interval, so
-                # that is at most a few hops a second.
+                # has no public call that runs a function on its thread):
+                # some ten a batch, a batch at most every flush interval
+                # unless the queue holds a full one.
                 for statement in rollup.ADD_STATEMENTS:
                     await db.execute(statement, {"after_id": last_id})
             await db.execute("COMMIT")
