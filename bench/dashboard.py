@@ -252,11 +252,8 @@ def build_database(path: Path, rows: int, *, seed: int = 19, now: float | None =
                 conn.execute(f"DROP INDEX {name}")
         insert = f"INSERT INTO usage ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
         for first in range(0, rows, CHUNK):
-            with store.immediate(conn):
-                # As the usage writer does: the rows, then their rollups.
-                (last_id,) = conn.execute(rollup.LAST_ID).fetchone()
+            with store.immediate(conn), rollup.adding(conn):  # as the usage writer stores rows
                 conn.executemany(insert, data[first:first + CHUNK])
-                rollup.add(conn, last_id)
             if not quiet:
                 print(f"  {min(first + CHUNK, rows):,} rows", file=sys.stderr, flush=True)
         with store.immediate(conn):

@@ -37,7 +37,8 @@ from __future__ import annotations
 import math
 import sqlite3
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from functools import lru_cache
@@ -334,6 +335,19 @@ def add(conn: sqlite3.Connection, after_id: int) -> None:
         return
     for statement in ADD_STATEMENTS:
         conn.execute(statement, {"after_id": after_id})
+
+
+@contextmanager
+def adding(conn: sqlite3.Connection) -> Iterator[None]:
+    """Add the usage rows the block inserts to the rollups as it ends, as
+    the usage writer does (`add`): use it inside the transaction that
+    inserts them, around its inserts."""
+    if not isinstance(conn, sqlite3.Connection):
+        yield  # PostgreSQL: its trigger adds each row
+        return
+    (after_id,) = conn.execute(LAST_ID).fetchone()
+    yield
+    add(conn, after_id)
 
 
 # -- sums over a range ----------------------------------------------------------------

@@ -49,10 +49,8 @@ def event(ts: float, request_id: str, **fields: Any) -> UsageEvent:
 def insert(conn: sqlite3.Connection, events: Sequence[UsageEvent]) -> None:
     """As the recorder writes: ON CONFLICT DO NOTHING, a replayed request_id
     skipped, and the rows inserted added to the rollups before COMMIT."""
-    with store.immediate(conn):
-        (last_id,) = conn.execute(rollup.LAST_ID).fetchone()
+    with store.immediate(conn), rollup.adding(conn):
         conn.executemany(INSERT_SQL, [tuple(getattr(e, f) for f in FIELDS) for e in events])
-        rollup.add(conn, last_id)
 
 
 def storage_values(e: UsageEvent) -> list[Any]:
@@ -291,10 +289,8 @@ def test_on_both_engines_the_rollups_reports_and_zone_changes_agree_with_the_raw
             for i in range(300)
         ]
         for part in (rows[:200], rows[100:]):   # rows 100 to 199 come twice; request ids repeat as well
-            with store.immediate(conn):
-                (last_id,) = conn.execute(rollup.LAST_ID).fetchone()
+            with store.immediate(conn), rollup.adding(conn):   # on PostgreSQL, its trigger's work
                 conn.executemany(STORAGE_INSERT, [storage_values(e) for e in part])
-                rollup.add(conn, last_id)   # on PostgreSQL, its trigger's work
         assert_rollups_match(conn, UTC)
         for by in report.GROUPS:
             for since, until in ((None, None), (WINDOW_START + 5000.5, WINDOW_START + 2 * 86400 + 77.7)):

@@ -73,10 +73,8 @@ def insert(hub: HubThread, events: Sequence[UsageEvent]) -> None:
     stored already is skipped, and the rest are added to the rollups)."""
     conn = store.connect(hub.config.server.database)
     try:
-        with store.immediate(conn):
-            (last_id,) = conn.execute(rollup.LAST_ID).fetchone()
+        with store.immediate(conn), rollup.adding(conn):
             conn.executemany(INSERT_USAGE, [_values(e) for e in events])
-            rollup.add(conn, last_id)
     finally:
         conn.close()
 

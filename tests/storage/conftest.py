@@ -33,12 +33,11 @@ INSERT_USAGE = insert_sql(1)
 def add_usage(conn: sqlite3.Connection, *events: UsageEvent) -> None:
     """Rows and their rollups, as the usage writer stores them (on
     PostgreSQL the trigger keeps the rollups, and rollup.add does nothing)."""
-    (last_id,) = conn.execute(rollup.LAST_ID).fetchone()
-    for event in events:
-        values = insert_values([event])
-        values[FIELDS.index("output_estimated")] = int(event.output_estimated)
-        conn.execute(INSERT_USAGE, values)
-    rollup.add(conn, last_id)
+    with rollup.adding(conn):
+        for event in events:
+            values = insert_values([event])
+            values[FIELDS.index("output_estimated")] = int(event.output_estimated)
+            conn.execute(INSERT_USAGE, values)
 
 
 def event(request_id: str, ts: float, **fields: Any) -> UsageEvent:
