@@ -188,9 +188,11 @@ def test_a_body_is_let_go_once_its_answer_has_begun(
             model="claude-sonnet-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
             extra_headers={**session, "x-fake-status": "400"},
         )
-    assert held == [0, 0, 0]
+    # The hub records an exchange after the client has its answer: the rows
+    # come after _record, so waiting for them orders the check.
     rows = hub.wait_rows(3)
     assert [r["model"] for r in rows] == ["claude-opus-4-6", "claude-haiku-4-5", "claude-sonnet-4-6"]
+    assert held == [0, 0, 0]
 
 
 def test_bearer_token_and_count_tokens_and_models(hub: HubThread, vendor: FakeVendor, token: str) -> None:
