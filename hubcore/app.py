@@ -13,8 +13,10 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import orjson
 
 from hubcore import __version__, config as config_mod, store
 from hubcore.database import is_postgres, target as database_target
@@ -29,6 +31,9 @@ from hubcore.governance import audit, tokens as tokens_mod
 from hubcore.governance.limits import calendar_periods, effective_groups
 from hubcore.governance.storage import ScopeLimits, load_scope_limits, read_limits
 from hubcore.ops.alerts import Alerts
+from hubcore.ops.aggregate import ask
+from hubcore.ops.client import OpsClientError
+from hubcore.ops.merge import LIVE_REQUESTS_SHOWN, merge_live
 from hubcore.ops.metrics import KEY_FIELDS, HubMetrics
 from hubcore.ops.server import KeyReset, KeySwitched, OpsServer
 from hubcore.runtime import CycleCollector
@@ -56,8 +61,10 @@ FIRST_TOKEN_FILE = "first-token"
 # answer, which then says that the switch holds until a restart only.
 KEY_SWITCH_BUSY_TIMEOUT = 2.0
 
-# The in-flight requests the live view lists, oldest first; the rest are counted.
-LIVE_REQUESTS_SHOWN = 50
+# Seconds another worker has to answer worker 0's dashboard with its live
+# view (App.live_view): the page refreshes every 2 s, and a worker that is
+# slower is left out and named missing rather than holding the page.
+LIVE_ASK_TIMEOUT = 0.5
 
 
 class StartFailed(OSError):
@@ -123,6 +130,10 @@ class App:
                 mode=config.server.ops_socket_mode,
                 group=config.server.ops_socket_group or None,
             )
+        # The ops sockets of the hub's other workers (hubcore.supervisor),
+        # asked for their part of the dashboard's live view: set by serve()
+        # in worker 0, the one with the dashboard.
+        self.sibling_ops_sockets: list[str] = []
         self.dashboard: DashboardServer | None = None
         if config.dashboard.listen:
             self.dashboard = DashboardServer(
@@ -305,6 +316,28 @@ class App:
             "requests_not_shown": max(0, len(running) - LIVE_REQUESTS_SHOWN),
             "upstreams": upstreams,
         }
+
+    async def live_view(self) -> dict[str, Any]:
+        """The dashboard's live view of the whole hub: this process's (live),
+        and with several workers every other worker's, asked on its ops
+        socket and merged (ops.merge.merge_live). A worker that does not
+        answer within LIVE_ASK_TIMEOUT is left out, and named so."""
+        own = self.live()
+        if not self.sibling_ops_sockets:
+            return own
+        others = await asyncio.gather(*(self._ask_live(path) for path in self.sibling_ops_sockets))
+        return merge_live([own, *others], LIVE_REQUESTS_SHOWN)
+
+    async def _ask_live(self, path: str) -> dict[str, Any] | None:
+        try:
+            status, _, body = await ask(path, "/live", timeout=LIVE_ASK_TIMEOUT)
+        except OpsClientError as e:
+            log.debug("live view: %s did not answer: %s", path, e)
+            return None
+        if status != 200:
+            return None
+        live: dict[str, Any] = orjson.loads(body)
+        return live
 
     def metrics_text(self) -> str:
         return self.metrics.render_prometheus(
@@ -843,19 +876,22 @@ def _write_private(path: Path, text: str) -> None:
 
 async def serve(
     config: Config, config_path: str | None, show_token: Callable[[str], None] | None = None, *, worker: bool = False,
+    sibling_ops_sockets: Sequence[str] = (),
 ) -> int:
     """Run the hub until it is stopped; 1 when it cannot start. On a
     database without tokens the first token is minted before the listener
     opens (so that its file exists once clients can connect), taken back if
     the start fails, and handed to `show_token` once the hub listens.
     `worker`: one of several workers (hubcore.supervisor), on a port they
-    share; the supervisor minted the first token."""
+    share; the supervisor minted the first token. `sibling_ops_sockets`:
+    the other workers', whose part of the live view the dashboard asks for."""
     loop = asyncio.get_running_loop()
     try:
         app = App(config, loop, config_path)
     except OSError as e:  # start_problem() finds the known ones first, with their field
         log.error("cannot start: %s", e)
         return 1
+    app.sibling_ops_sockets = list(sibling_ops_sockets)
     try:
         made = None if worker else first_token(config)
     except store.CannotOpen as e:  # a PostgreSQL server that cannot be reached, foremost

@@ -98,6 +98,13 @@ def worker_socket(ops_socket: str, index: int) -> str:
     return f"{ops_socket}.w{index}"
 
 
+def sibling_sockets(config: Config, slot: WorkerSlot) -> list[str]:
+    """The ops sockets of the workers other than `slot`, whose part of the
+    live view the dashboard (in worker 0) asks for; `config` is the hub's,
+    before worker_config."""
+    return [worker_socket(config.server.ops_socket, i) for i in range(slot.count) if i != slot.index]
+
+
 def worker_spool(spool: str, index: int) -> str:
     # Worker 0 keeps the plain path, so that a hub going from one process
     # to several (or back) replays what the single process spooled.

@@ -39,9 +39,12 @@ def run_serve(args: argparse.Namespace) -> int:
             raise CommandError(str(e), USAGE) from None
     # One of several workers, started by the supervisor below.
     slot = supervisor.worker_slot()
+    siblings: list[str] = []
     if slot is not None:
         if not supervisor.follow_supervisor():
             raise CommandError("cannot start: the supervisor that started this worker is gone")
+        if slot.index == 0:  # the dashboard's
+            siblings = supervisor.sibling_sockets(cfg, slot)
         cfg = supervisor.worker_config(cfg, slot)
     problem = app.start_problem(cfg)
     if problem is not None:
@@ -59,7 +62,7 @@ def run_serve(args: argparse.Namespace) -> int:
     runtime.tune_malloc()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         show = None if slot is not None else show_on_terminal
-        return runner.run(app.serve(cfg, found, show_token=show, worker=slot is not None))
+        return runner.run(app.serve(cfg, found, show_token=show, worker=slot is not None, sibling_ops_sockets=siblings))
 
 
 def show_on_terminal(token: str) -> None:

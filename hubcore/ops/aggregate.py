@@ -114,6 +114,8 @@ class AggregateOpsServer(UnixSocketServer):
                 return await self._stats()
             if method == "GET" and path == "/metrics":
                 return await self._metrics()
+            if method == "GET" and path == "/live":
+                return await self._live()
             if method == "POST":
                 return await self._command(target, path)
             if method == "GET":
@@ -179,6 +181,14 @@ class AggregateOpsServer(UnixSocketServer):
         ]
         text = merge.render_families([*families.values(), *own])
         return Reply(200, PROMETHEUS_CONTENT_TYPE, text.encode("utf-8"))
+
+    async def _live(self) -> Reply:
+        """The live view of every worker that answers, as worker 0's dashboard shows it."""
+        answers = dict(await self._answers("/live"))
+        if not answers:
+            return json_error(503, "no worker answered")
+        lives = [orjson.loads(answers[i]) if i in answers else None for i in range(self.workers.count)]
+        return json_reply(200, merge.merge_live(lives, merge.LIVE_REQUESTS_SHOWN))
 
     async def _first(self, target: str) -> Reply:
         """A read only one worker needs to answer (route explain): the first's."""

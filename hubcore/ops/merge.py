@@ -159,6 +159,47 @@ def merge_stats(stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return _merge_dicts(stats, STATS_RULES)
 
 
+# -- the dashboard's live view --------------------------------------------------------
+
+# The in-flight requests the live view lists, oldest first; the rest are counted.
+LIVE_REQUESTS_SHOWN = 50
+
+# Fields of an upstream's live row that are the same in every worker (its
+# config, and its keys' health, shared through Redis): worker 0's.
+LIVE_UPSTREAM_RULES: dict[str, Merge] = {
+    "kind": first, "priority": first, "health": first, "keys_usable": first, "next_available_s": first,
+    "keys": _rows_by("label", rules=KEY_ROW_RULES),
+}
+LIVE_RULES: dict[tuple[str, ...], Merge] = {
+    ("now",): largest,
+    ("uptime_s",): first,
+    ("loop_lag_s",): largest,
+    ("upstreams",): _rows_by("name", rules=LIVE_UPSTREAM_RULES),
+}
+
+
+def merge_live(lives: Sequence[Mapping[str, Any] | None], shown: int) -> dict[str, Any]:
+    """The live view (App.live) of a hub made of its workers', in worker
+    order; None for a worker that did not answer in time. Counts add up;
+    the requests in flight are every worker's, the oldest `shown` of them
+    listed (each with its worker), the rest counted; `workers` says which
+    answered, so the page can say whose requests are missing."""
+    answered = [(index, live) for index, live in enumerate(lives) if live is not None]
+    merged = _merge_dicts([live for _, live in answered], LIVE_RULES)
+    running = [
+        {**row, "worker": index} for index, live in answered for row in live.get("requests", ())
+    ]
+    running.sort(key=lambda row: row.get("age_s") or 0.0, reverse=True)
+    hidden = sum(live.get("requests_not_shown", 0) for _, live in answered)
+    merged["requests"] = running[:shown]
+    merged["requests_not_shown"] = hidden + max(0, len(running) - shown)
+    merged["workers"] = [
+        {"index": index, "answered": live is not None, "in_flight": None if live is None else live.get("in_flight")}
+        for index, live in enumerate(lives)
+    ]
+    return merged
+
+
 # -- Prometheus text ----------------------------------------------------------------
 
 # Families whose samples do not add up across workers, and how they merge.

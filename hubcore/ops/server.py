@@ -68,6 +68,8 @@ class OpsHandler(Protocol):
 
     def metrics_text(self) -> str: ...
 
+    def live(self) -> dict[str, Any]: ...  # the dashboard's live view of this process (App.live)
+
     def reload(self) -> tuple[bool, str] | Awaitable[tuple[bool, str]]: ...
 
     # record=False (`?record=0`, from the supervisor of several workers):
@@ -254,6 +256,11 @@ class OpsServer(UnixSocketServer):
                 if method != "GET":
                     return json_error(405, "use GET", [("allow", "GET")])
                 return Reply(200, PROMETHEUS_CONTENT_TYPE, self.handler.metrics_text().encode("utf-8"))
+            if segments == ["live"]:
+                # What worker 0's dashboard asks of the other workers (App.live_view).
+                if method != "GET":
+                    return json_error(405, "use GET", [("allow", "GET")])
+                return json_reply(200, self.handler.live())
             if segments == ["reload"]:
                 if method != "POST":
                     return json_error(405, "use POST", [("allow", "POST")])

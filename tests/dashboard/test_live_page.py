@@ -470,3 +470,20 @@ def test_in_a_browser_the_page_refreshes_by_itself_and_disable_is_a_click(
     assert done.returncode == 0, done.stderr
     WebDriverWait(browser, 10).until(
         lambda b: b.find_element(By.CSS_SELECTOR, "tr[data-key='b']").get_attribute("data-state") == "healthy")
+
+
+def test_the_fragment_names_a_worker_that_did_not_answer() -> None:
+    from zoneinfo import ZoneInfo
+
+    from hubcore.dashboard.views.live import render_fragment
+    from hubcore.ops.merge import merge_live
+
+    own = {"now": 1_800_000_000.0, "uptime_s": 5.0, "draining": False, "connections_open": 1, "in_flight": 1,
+           "streams": 0, "requests_total": 3, "rate_10s": 0.0, "rate_60s": 0.0, "loop_lag_s": 0.0,
+           "requests": [], "requests_not_shown": 0, "upstreams": []}
+    whole = render_fragment(merge_live([own, own], 50), "csrf", ZoneInfo("UTC"))
+    assert "workers-missing" not in whole and 'id="in-flight">2</dd>' in whole  # both workers'
+    missing = render_fragment(merge_live([own, None, None], 50), "csrf", ZoneInfo("UTC"))
+    assert "Workers 1, 2 did not answer in time: their requests are not counted here." in missing
+    one = render_fragment(merge_live([own, None], 50), "csrf", ZoneInfo("UTC"))
+    assert "Worker 1 did not answer in time: its requests are not counted here." in one

@@ -25,6 +25,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hubcore import store
+from hubcore.governance import admins
 from hubcore.ops import client as opsclient
 from tests.fakevendor import FakeVendor
 from tests.hubharness import REPO, eventually, free_port, hubcore_cmd, usage_rows
@@ -49,7 +51,7 @@ class Workers:
     """One `hubcore serve` with [server] workers = 2, its files and its log."""
 
     def __init__(self, tmp: Path, vendor: FakeVendor, redis: RedisServer | None, *, database: str | None = None,
-                 keys: list[tuple[str, str]] | None = None, **server: Any) -> None:
+                 keys: list[tuple[str, str]] | None = None, dashboard: str = "", **server: Any) -> None:
         self.tmp = tmp
         self.vendor = vendor
         self.redis = redis
@@ -63,6 +65,7 @@ class Workers:
         self.server = {"workers": 2, "token_reload_interval": 0.1, "usage_flush_interval": 0.05,
                        "drain_timeout": 20, "spool": str(tmp / "usage.spool"), **server}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.dashboard = dashboard  # its listen address; "": none
         self.write(keys or [("a1", KEY_ONE)])
 
     def write(self, keys: list[tuple[str, str]]) -> None:
@@ -75,7 +78,7 @@ class Workers:
             f'ops_socket = "{self.ops}"\n{server}{shared}\n'
             f'[[upstream]]\nname = "anthropic"\nkind = "anthropic"\nbase_url = "{self.vendor.url}"\n'
             f'keys = [{anthropic_keys}]\n'
-            '\n[dashboard]\nlisten = ""\n'
+            f'\n[dashboard]\nlisten = "{self.dashboard}"\n'
         )
 
     @staticmethod
@@ -258,6 +261,97 @@ def test_two_workers_serve_one_port_and_the_ops_socket_sums_them(
     log = hub.log_text()
     assert "hubcore.supervisor: stopped" in log and log.count("hubcore[w") >= 4
     assert token not in log
+
+
+# -- the dashboard's live view is every worker's ----------------------------------------------
+
+def test_the_live_view_shows_the_requests_in_flight_on_every_worker(
+    workers_factory: Callable[..., Workers], redis_server: RedisServer,
+) -> None:
+    dashboard_port = free_port()
+    hub = workers_factory(redis_server, dashboard=f"127.0.0.1:{dashboard_port}")
+    hub.start()
+    token = hub.first_token()
+    db = store.connect(hub.db)
+    try:
+        admins.add(db, "ops", "a long operator password", time.time())
+        api_token = admins.create_token(db, "ops", time.time())[1]
+    finally:
+        db.close()
+
+    def live() -> dict[str, Any]:
+        page = http.client.HTTPConnection("127.0.0.1", dashboard_port, timeout=10)
+        try:
+            page.request("GET", "/api/v1/live", headers={"authorization": f"Bearer {api_token}"})
+            answer = page.getresponse()
+            body = answer.read()
+        finally:
+            page.close()
+        assert answer.status == 200, body
+        data: dict[str, Any] = orjson.loads(body)
+        return data
+
+    def live_when(ready: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            data = live()
+            return data if ready(data) else None
+
+        return eventually(probe, timeout=20, what="the live view")
+
+    # Sixteen streams held open, each on a fresh connection: the kernel
+    # spreads them over both workers (all on one: a chance of 2 in 2**16).
+    streams = 16
+    body = orjson.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16, "stream": True,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    statuses: list[int] = []
+
+    def stream() -> None:
+        client = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=60)
+        try:
+            client.request("POST", "/v1/messages", body, {
+                "x-api-key": token, "content-type": "application/json", "anthropic-version": "2023-06-01",
+                "x-fake-events": "40", "x-fake-delay-ms": "100",
+            })
+            response = client.getresponse()
+            response.read()
+            statuses.append(response.status)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=stream) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    try:
+        seen = live_when(lambda data: data["in_flight"] == streams)
+        assert len(seen["requests"]) == streams and seen["requests_not_shown"] == 0
+        by_worker = {index: sum(1 for r in seen["requests"] if r["worker"] == index) for index in (0, 1)}
+        assert [w["answered"] for w in seen["workers"]] == [True, True]
+        assert [w["in_flight"] for w in seen["workers"]] == [by_worker[0], by_worker[1]]
+        assert all(n > 0 for n in by_worker.values()), by_worker
+        ages = [r["age_s"] for r in seen["requests"]]
+        assert ages == sorted(ages, reverse=True)  # oldest first, across workers
+        (upstream,) = seen["upstreams"]
+        assert upstream["in_flight"] == streams and upstream["keys"][0]["in_flight"] == streams
+        assert upstream["connections"]["busy"] == streams
+        # The supervisor's ops socket answers the same view.
+        status, answer = opsclient.fetch(hub.ops, "/live")
+        assert status == 200 and orjson.loads(answer)["in_flight"] == streams
+    finally:
+        for thread in threads:
+            thread.join(60)
+    assert statuses == [200] * streams
+    live_when(lambda data: data["in_flight"] == 0)
+
+    # A worker that does not answer is left out and named, not waited on.
+    pids = hub.worker_pids()
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        data = live()
+        assert time.monotonic() - started < 5
+        assert [w["answered"] for w in data["workers"]] == [True, False]
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
 
 
 # -- signals and commands reach every worker ------------------------------------------------

@@ -278,3 +278,55 @@ def test_hubcore_stats_names_each_worker() -> None:
     text = format_stats({"workers": [{"index": 0, "pid": 11, "up": True, "restarts": 0},
                                      {"index": 1, "pid": 12, "up": False, "restarts": 2}]})
     assert "workers     0 pid 11 up, 1 pid 12 DOWN (2 restarts)" in text
+
+
+# -- the dashboard's live view --------------------------------------------------------
+
+def live_view(*, now: float, in_flight: int, ages: list[float], hidden: int, draining: bool = False,
+              lag: float = 0.001, busy: int = 1, state: str = "healthy") -> dict[str, Any]:
+    """One worker's App.live(), with `ages` the requests it lists."""
+    return {
+        "now": now, "uptime_s": 100.0 + now, "draining": draining, "connections_open": in_flight + 1,
+        "in_flight": in_flight, "streams": in_flight, "requests_total": 10 * in_flight,
+        "rate_10s": 1.5, "rate_60s": 0.5, "loop_lag_s": lag,
+        "requests": [{"id": f"r{now}-{age}", "age_s": age} for age in ages], "requests_not_shown": hidden,
+        "upstreams": [{
+            "name": "anthropic", "kind": "anthropic", "priority": 0, "health": "healthy", "keys_usable": 1,
+            "next_available_s": None, "in_flight": in_flight, "attempts": 3, "retries": 1,
+            "answers": {"2xx": 3}, "errors": {"timeout": 1} if busy > 1 else {},
+            "connections": {"busy": busy, "idle": 2},
+            "keys": [key_row("a", requests=3, in_flight=in_flight, failures=busy, state=state)],
+        }],
+    }
+
+
+def test_live_views_add_up_and_list_the_oldest_requests_of_every_worker() -> None:
+    first = live_view(now=10.0, in_flight=3, ages=[5.0, 1.0, 0.5], hidden=0, lag=0.002, state="healthy")
+    second = live_view(now=11.0, in_flight=4, ages=[9.0, 2.0, 0.1], hidden=1, draining=True, busy=3,
+                       state="cooling")
+    merged = merge.merge_live([first, second], shown=4)
+    assert merged["now"] == 11.0 and merged["uptime_s"] == 110.0  # the latest clock, worker 0's uptime
+    assert merged["in_flight"] == 7 and merged["streams"] == 7 and merged["connections_open"] == 9
+    assert merged["requests_total"] == 70 and merged["rate_10s"] == 3.0 and merged["rate_60s"] == 1.0
+    assert merged["loop_lag_s"] == 0.002 and merged["draining"] is True
+    assert [(r["age_s"], r["worker"]) for r in merged["requests"]] == [(9.0, 1), (5.0, 0), (2.0, 1), (1.0, 0)]
+    # Two listed but cut here, and the one worker 1 did not list.
+    assert merged["requests_not_shown"] == 3
+    (upstream,) = merged["upstreams"]
+    assert upstream["in_flight"] == 7 and upstream["attempts"] == 6 and upstream["retries"] == 2
+    assert upstream["answers"] == {"2xx": 6} and upstream["errors"] == {"timeout": 1}
+    assert upstream["connections"] == {"busy": 4, "idle": 4}
+    (key,) = upstream["keys"]
+    # Shared through Redis: worker 0's state; counters add up; failures are the worst worker's.
+    assert key["state"] == "healthy" and key["in_flight"] == 7 and key["requests"] == 6
+    assert key["consecutive_failures"] == 3
+    assert merged["workers"] == [{"index": 0, "answered": True, "in_flight": 3},
+                                 {"index": 1, "answered": True, "in_flight": 4}]
+
+
+def test_a_worker_that_did_not_answer_is_named_and_left_out_of_the_live_view() -> None:
+    first = live_view(now=10.0, in_flight=2, ages=[3.0, 1.0], hidden=0)
+    merged = merge.merge_live([first, None, first], shown=50)
+    assert merged["in_flight"] == 4 and len(merged["requests"]) == 4
+    assert [r["worker"] for r in merged["requests"]] == [0, 2, 0, 2]
+    assert [(w["answered"], w["in_flight"]) for w in merged["workers"]] == [(True, 2), (False, None), (True, 2)]

@@ -6,7 +6,8 @@ hub; with their /api/v1 twins.
 
 Everything comes from the running hub's memory on the loop (App.live and
 App.keys: a walk of the open connections and the key rings), never from the
-database; only the rendering runs in a worker thread. The page is whole
+database; with several workers, each other worker's part is asked on its
+ops socket (App.live_view). Only the rendering runs in a worker thread. The page is whole
 without JavaScript (a refresh link); static/live.js fetches /live/fragment,
 the same tables, every 2 s and patches them in.
 """
@@ -51,7 +52,7 @@ class Reset(Protocol):
 class LiveHub(Protocol):
     """What this view asks of the running hub (hubcore.app.App)."""
 
-    def live(self) -> dict[str, Any]: ...
+    async def live_view(self) -> dict[str, Any]: ...
     def keys(self) -> list[dict[str, Any]]: ...
     async def set_key_enabled(
         self, label: str, enabled: bool, *, actor: str = ..., origin: str = ...,
@@ -126,7 +127,7 @@ async def live_api(request: Request) -> Reply:
     hub = _hub(request)
     if hub is None:
         return _no_hub(request)
-    return web.json_reply({**hub.live(), "timezone": web.zone_of(request).key})
+    return web.json_reply({**await hub.live_view(), "timezone": web.zone_of(request).key})
 
 
 async def keys_api(request: Request) -> Reply:
@@ -140,7 +141,7 @@ async def live_page(request: Request) -> Reply:
     hub = _hub(request)
     if hub is None:
         return _no_hub(request)
-    live = hub.live()
+    live = await hub.live_view()
     tz = web.zone_of(request)
     assert request.operator is not None
     operator, csrf, flash = request.operator, request.csrf, _flash(request)
@@ -165,7 +166,7 @@ async def live_fragment(request: Request) -> Reply:
     hub = _hub(request)
     if hub is None:
         return _no_hub(request)
-    live = hub.live()
+    live = await hub.live_view()
     html = await asyncio.to_thread(render_fragment, live, request.csrf, web.zone_of(request))
     return web.html(html)
 
@@ -216,6 +217,15 @@ def _traffic(live: dict[str, Any], tz: ZoneInfo) -> str:
     moment = datetime.fromtimestamp(live["now"], tz)
     draining = "<p class=\"warning\" id=\"draining\">The hub is shutting down: draining its requests.</p>" \
         if live["draining"] else ""
+    # With several workers (App.live_view): the figures are every worker's
+    # that answered; one that did not is named, its requests missing here.
+    missing = [str(w["index"]) for w in live.get("workers", ()) if not w["answered"]]
+    if missing:
+        draining += (
+            f"<p class=\"warning\" id=\"workers-missing\">Worker{'s' if len(missing) > 1 else ''} "
+            f"{escape(', '.join(missing))} did not answer in time: "
+            f"{'their' if len(missing) > 1 else 'its'} requests are not counted here.</p>"
+        )
     return (
         "<section id=\"live-traffic\"><h2>Traffic <span class=\"as-of\">as of "
         f"<time id=\"live-as-of\" datetime=\"{escape(moment.isoformat(timespec='seconds'))}\">"
