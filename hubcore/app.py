@@ -108,6 +108,7 @@ class App:
             self.recorder.add_listener(self.shared.on_usage)
             self.limiter.judges_rates = False
             self.shared.on_charge_elsewhere = self.limiter.charge_elsewhere
+            self.shared.on_spend_elsewhere = self.limiter.raise_spend
         self.hub = Hub(config, loop, self.tokens, self.recorder, self.prices, self.metrics, self.limiter, self.shared)
         if self.shared is not None:
             for name, upstream in self.hub.upstreams.items():

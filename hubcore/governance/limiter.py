@@ -693,6 +693,47 @@ class Limiter:
         finally:
             self.on_crossing = on_crossing
 
+    def raise_spend(self, kind: str, name: str, window: str, micros: int, now: float | None = None) -> int:
+        """Raise the spend of scope (kind, name) in `window` to `micros` when
+        it is below: what another instance's count says (shared.redis_state,
+        after this one missed charges). Only that window moves, and no
+        threshold is announced (the charges were another instance's). A 5h
+        spend is raised in the current minute: it then ages out later than
+        it would have, never sooner. The micro-dollars added."""
+        if window not in WINDOWS:
+            raise ValueError(f"unknown budget window {window!r}")
+        if now is None:
+            now = self._clock()
+        self._advance(now)
+        scope = self._scope(kind, name)
+        if scope is None:
+            scope = _Scope(f"{kind} {name}")
+            if kind == "token":
+                self._tokens[int(name)] = scope
+            elif kind == "user":
+                self._users[name] = scope
+            else:
+                self._projects[name] = scope
+        # Each window's period made the current one (a charge of nothing),
+        # and the 5h buckets that aged out dropped.
+        self._credit(scope, 0, 0, 0, 0)
+        minute = int(now // BUCKET_SECONDS)
+        self._expire(scope, minute - ROLLING_BUCKETS + 1)
+        missing = micros - self._spent(scope, window)
+        if missing <= 0:
+            return 0
+        if window == "day":
+            scope.day_base -= missing
+        elif window == "week":
+            scope.week_base -= missing
+        elif window == "month":
+            scope.month_base -= missing
+        elif window == "total":
+            scope.total_base -= missing
+        else:
+            self._add_bucket(scope, minute, missing)
+        return missing
+
     def _add_watched(
         self, scope: _Scope, limits: Limits, kind: str, name: str, cost: int, ts: float, minute: int,
     ) -> None:

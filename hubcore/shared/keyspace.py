@@ -23,7 +23,7 @@ REST, CIRCUIT, DEAD, REVIVAL = "c", "o", "d", "n"
 
 # -- the scripts ------------------------------------------------------------------
 
-SCRIPT_NAMES = ("admit", "charge", "heartbeat", "keystate", "seed", "renew")
+SCRIPT_NAMES = ("admit", "charge", "heartbeat", "keystate", "seed", "renew", "spend")
 
 
 @dataclass(frozen=True, slots=True)

@@ -184,6 +184,10 @@ FOLLOW_WAIT = 1.0
 # Told of every charge another instance applied in Redis: token id, user,
 # project, micro-dollars, arrival (unix seconds); see on_charge_elsewhere.
 ChargeListener = Callable[[int | None, str | None, str | None, int, float], None]
+# Raises a scope's spend in one window to what Redis holds when it is
+# below: kind, name, window, micro-dollars; the micro-dollars it added
+# (Limiter.raise_spend).
+SpendRaiser = Callable[[str, str, str, int], int]
 
 
 class Link(enum.Enum):
@@ -322,6 +326,12 @@ class SharedState:
         # all instances spent, not this one's share. Redis still judges.
         self.on_charge_elsewhere: ChargeListener | None = None
         self.charges_heard = 0
+        # With it: the spend of every budget raised to what Redis holds each
+        # time the charges' subscription starts, for the charges announced
+        # while it was down (see _catch_up).
+        self.on_spend_elsewhere: SpendRaiser | None = None
+        self.catch_ups = 0
+        self.caught_up_micros = 0
 
     # -- life ----------------------------------------------------------------
 
@@ -572,11 +582,25 @@ class SharedState:
 
     async def _follow_charges(self) -> None:
         """Hand each charge another instance applied to on_charge_elsewhere,
-        from a subscription of its own, while the link is up. Charges made
-        while it was down are not heard again: the instance's counters miss
-        them until it restarts (Redis, which judges, has them)."""
+        from a subscription of its own, while the link is up.
+
+        Charges announced while the subscription was down (at start, or
+        while Redis or the link was away) are never heard. So each time it
+        subscribes, it catches up: one script reads what Redis holds of
+        every budget's spend and, in the same step, publishes a mark on the
+        channel (spend.lua). The charges heard before the mark are in what
+        it read and are dropped; the spend read raises this instance's
+        (Limiter.raise_spend: the larger of the two, so nothing counts
+        twice); the charges after the mark are heard as usual. What can
+        still be off, at a resubscription only: a charge another instance
+        applied just before the read and announces just after it (counted
+        twice here, at most that instance's one batch), and this instance's
+        own charges not yet sent to Redis when it reads (their spend is
+        raised to Redis's without them; at most the sender's linger of
+        charges)."""
         listener = self.on_charge_elsewhere
         assert listener is not None
+        mark = orjson.dumps([self.instance_id, []])  # others read it as no charges
         while True:
             while self._link is not Link.SHARED:
                 await asyncio.sleep(self.config.heartbeat_interval)
@@ -585,10 +609,16 @@ class SharedState:
             try:
                 async with asyncio.timeout(self._timeout):
                     await pubsub.subscribe(self.space.charges)
+                spend = await self._read_spend(mark)
                 while self._link is Link.SHARED:
                     message = await pubsub.get_message(timeout=FOLLOW_WAIT)
-                    if message is not None:
+                    if message is None:
+                        continue
+                    if spend is None:
                         self._heard_charge(message["data"], listener)
+                    elif message["data"] == mark:
+                        self._catch_up(spend)
+                        spend = None
             except _FAILURES as e:
                 # The link task notices and reports a Redis that is gone;
                 # this one waits for it to come back.
@@ -601,6 +631,43 @@ class SharedState:
                         await client.aclose()
                 except _FAILURES:
                     pass
+
+    async def _read_spend(self, mark: bytes) -> list[tuple[BudgetLine, int]] | None:
+        """What Redis holds of each budget's spend, read with spend.lua, which
+        publishes `mark` on the charges channel in the same step; None when
+        this instance has no spend to raise (no budgets, or no raiser)."""
+        if self.on_spend_elsewhere is None:
+            return None
+        now = self._clock()
+        if now >= self._boundary:
+            self._set_periods(now)
+        lines = [line for line in self._seed()]
+        client = self._client
+        if not lines or client is None:
+            return None
+        keys = [self._spend_key(line)[0] for line in lines]
+        kinds = ["r" if line.window == "5h" else "n" for line in lines]
+        async with asyncio.timeout(self._timeout):
+            held = await self._eval(self._scripts["spend"], keys, [self.space.charges, mark.decode(), *kinds])
+        return [(line, int(micros)) for line, micros in zip(lines, held)]
+
+    def _catch_up(self, spend: list[tuple[BudgetLine, int]]) -> None:
+        """Raise each budget's spend here to what Redis held (see _follow_charges)."""
+        raise_spend = self.on_spend_elsewhere
+        assert raise_spend is not None
+        self.catch_ups += 1
+        for line, micros in spend:
+            self.caught_up_micros += raise_spend(line.kind, line.name, line.window, micros)
+
+    def _spend_key(self, line: BudgetLine) -> tuple[str, int]:
+        """The Redis key of a budget's spend in its current period, and the
+        unix seconds a counter of it may go (0: never; a 5h hash, the total)."""
+        scope = scope_id(line.kind, line.name)
+        if line.window in ("5h", "total"):
+            return self.space.spend(line.window, scope), 0
+        day, week, month = self._periods
+        period = {"day": day, "week": week, "month": month}[line.window]
+        return self.space.spend(line.window, scope, period[0]), int(period[1]) + PERIOD_KEEP
 
     def _heard_charge(self, data: bytes, listener: ChargeListener) -> None:
         try:
@@ -948,21 +1015,14 @@ class SharedState:
         now = self._clock()
         if now >= self._boundary:
             self._set_periods(now)
-        space = self.space
-        day, week, month = self._periods
         keys: list[str] = []
         args: list[str | int] = []
         for line in self._seed():
             if line.spent_micros <= 0:
                 continue
-            scope = scope_id(line.kind, line.name)
-            if line.window == "5h":
-                keys.append(space.spend("5h", scope))
-                args += ["r", line.spent_micros, 0]
-                continue
-            period = {"day": day, "week": week, "month": month}.get(line.window)
-            keys.append(space.spend(line.window, scope, period[0] if period else None))
-            args += ["n", line.spent_micros, int(period[1]) + PERIOD_KEEP if period else 0]
+            key, expires = self._spend_key(line)
+            keys.append(key)
+            args += ["r" if line.window == "5h" else "n", line.spent_micros, expires]
         script = self._scripts["seed"]
         for start in range(0, len(keys), SEED_BATCH):
             try:
@@ -981,18 +1041,28 @@ class SharedState:
         script = self._scripts["admit"]
         (reply,) = await self._pipeline(client, [("EVALSHA", script.sha, len(keys), *keys, *args)])
         if isinstance(reply, NoScriptError):
-            return await self._eval(script, keys, args)
+            return await self._eval(script, keys, args, idempotent=False)
         if isinstance(reply, ResponseError):
             raise reply
         return reply
 
-    async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
+    async def _eval(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int | float], *, idempotent: bool = True,
+    ) -> Any:
         """EVALSHA, loading the script once if Redis does not have it (a
-        restart, SCRIPT FLUSH). The caller bounds the time."""
+        restart, SCRIPT FLUSH). The caller bounds the time. An `idempotent`
+        script (every one but admit's) that meets a pooled connection Redis
+        closed meanwhile (it restarted) goes once more: the pool checks the
+        connection it hands out next, as _pipeline's second try does."""
         client = self._client
         assert client is not None
         try:
-            return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            try:
+                return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except RedisConnectionError:
+                if not idempotent:
+                    raise
+                return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             await client.execute_command("SCRIPT", "LOAD", script.source)
             return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -1081,6 +1151,8 @@ class SharedState:
             "dropped": self.dropped,
             "held_slots": len(self._held),
             "charges_heard": self.charges_heard,
+            "catch_ups": self.catch_ups,
+            "caught_up_micros": self.caught_up_micros,
             "degraded_seconds": self._degraded_seconds + degraded_for,
         }
 

@@ -282,3 +282,39 @@ def test_a_threshold_crossed_by_another_instances_charge_is_theirs_to_announce()
     limiter.charge(None, "alice", "exp", USD, T0 + 1)             # 100%, by this instance's charge
     assert [(c.scope, c.threshold) for c in seen] == [("project exp", 100)]
     assert limiter.on_crossing is not None
+
+
+def test_raise_spend_moves_one_window_to_what_another_count_holds_and_announces_nothing() -> None:
+    # What an instance that missed charges does with what Redis holds
+    # (shared.redis_state catching up): each window on its own, never down.
+    limiter, seen = limiter_with({"exp": Limits(budget_day=10 * USD, budget_month=100 * USD, soft=("day",))})
+    limiter.charge(None, "alice", "exp", 2 * USD, T0)
+    assert limiter.raise_spend("project", "exp", "month", 7 * USD, T0) == 5 * USD
+    assert limiter.raise_spend("project", "exp", "month", 6 * USD, T0) == 0   # never lowered
+    assert [limiter.spent("project", "exp", w, T0) for w in ("5h", "day", "week", "month", "total")] == [
+        2 * USD, 2 * USD, 2 * USD, 7 * USD, 2 * USD]
+    assert limiter.raise_spend("project", "exp", "day", 9 * USD, T0) == 7 * USD  # 90% of the soft day budget
+    assert limiter.raise_spend("project", "exp", "5h", 4 * USD, T0) == 2 * USD
+    assert limiter.raise_spend("project", "exp", "total", 12 * USD, T0) == 10 * USD
+    assert seen == []  # the charges were another instance's to announce
+    assert [limiter.spent("project", "exp", w, T0) for w in ("5h", "day", "week", "month", "total")] == [
+        4 * USD, 9 * USD, 2 * USD, 7 * USD, 12 * USD]
+    # This instance's next charge counts in every window from there, and
+    # the threshold it crosses is its own.
+    limiter.charge(None, "alice", "exp", USD, T0 + 1)
+    assert [limiter.spent("project", "exp", w, T0 + 1) for w in ("5h", "day", "week", "month", "total")] == [
+        5 * USD, 10 * USD, 3 * USD, 8 * USD, 13 * USD]
+    assert [(c.scope, c.threshold) for c in seen] == [("project exp", 100)]
+    # The day raised counts in its day only; the 5h raise ages out five
+    # hours after it was made.
+    assert limiter.spent("project", "exp", "day", T0 + 86400) == 0
+    assert limiter.spent("project", "exp", "5h", T0 + 5 * 3600 + 120) == 0
+
+
+def test_raise_spend_of_a_scope_never_charged_here_and_bad_windows() -> None:
+    limiter, _ = limiter_with({})
+    assert limiter.raise_spend("user", "bob", "week", 3 * USD, T0) == 3 * USD
+    assert limiter.raise_spend("token", "7", "day", USD, T0) == USD
+    assert limiter.spent("user", "bob", "week", T0) == 3 * USD and limiter.spent("token", 7, "day", T0) == USD
+    with pytest.raises(ValueError, match="unknown budget window"):
+        limiter.raise_spend("user", "bob", "year", USD, T0)

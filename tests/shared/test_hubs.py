@@ -13,11 +13,12 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 
 from hubcore.governance.limits import Limits
 from hubcore.shared.redis_state import Link
 from tests.fakevendor import OPENAI_KEY, FakeVendor
-from tests.hubharness import HubThread, make_config
+from tests.hubharness import HubThread, eventually, make_config
 from tests.servers import RedisServer
 
 BODY = orjson.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
@@ -37,7 +38,9 @@ def post(hub: HubThread, token: str, session: str | None = None, **headers: str)
 
 
 @contextmanager
-def two_hubs(tmp_path: Path, vendor: FakeVendor, redis: RedisServer, keys: list[str], **shared: Any) -> Iterator[tuple[HubThread, HubThread]]:
+def two_hubs(tmp_path: Path, vendor: FakeVendor, redis: RedisServer, keys: list[str], b_shared: dict[str, Any] | None = None,
+             **shared: Any) -> Iterator[tuple[HubThread, HubThread]]:
+    """Hubs a and b on one database and one Redis; `b_shared`: b's [shared] settings that differ."""
     upstreams = [
         {"name": "anthropic", "kind": "anthropic", "base_url": vendor.url, "keys": [{"key": k, "label": k} for k in keys]},
         {"name": "openai", "kind": "openai", "base_url": vendor.url, "keys": [OPENAI_KEY]},
@@ -49,7 +52,8 @@ def two_hubs(tmp_path: Path, vendor: FakeVendor, redis: RedisServer, keys: list[
         home.mkdir()
         configs.append(make_config(
             home, upstreams, database=str(database), spool=str(home / "spool"),
-            shared={"redis": redis.url, "timeout": 0.5, "heartbeat_interval": 0.2, "instance_ttl": 1.0, **shared},
+            shared={"redis": redis.url, "timeout": 0.5, "heartbeat_interval": 0.2, "instance_ttl": 1.0, **shared,
+                    **(b_shared or {} if name == "b" else {})},
         ))
     with HubThread(configs[0]) as a, HubThread(configs[1]) as b:
         yield a, b
@@ -287,3 +291,52 @@ def test_spend_through_one_hub_shows_on_the_others_me_and_budget_headers(
         finally:
             conn.close()
         assert remaining == pytest.approx(1000.0 - before / 1e6, abs=1e-6)
+
+
+def test_charges_made_while_a_hubs_link_was_down_are_caught_up_when_it_returns(
+    tmp_path: Path, vendor: FakeVendor, redis_server: RedisServer,
+) -> None:
+    # Hub b reaches Redis as a user of its own, so that its link alone can
+    # be cut (its user refused, its connections killed) while a charges.
+    admin = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    admin.acl_setuser("bee", enabled=True, passwords=["+bee-secret"], keys=["*"], channels=["*"], commands=["+@all"])
+    b_shared = {"redis": redis_server.url.replace("redis://", "redis://bee@"), "password": "bee-secret"}
+    with two_hubs(tmp_path, vendor, redis_server, ["sk-ant-good"], b_shared=b_shared) as (a, b):
+        assert a.app is not None and a.app.shared is not None and b.app is not None and b.app.shared is not None
+        shared_b = b.app.shared
+        token = a.mint_limited("hal", Limits(budget_month=1_000_000_000, budget_5h=1_000_000_000))
+        refreshed(b)
+
+        def spent(hub: HubThread, window: str) -> int:
+            assert hub.app is not None
+            return hub.app.limiter.spent("user", "hal", window)
+
+        def agree() -> bool:
+            return all(spent(b, w) == spent(a, w) > 0 for w in ("month", "5h"))
+
+        assert post(a, token)[0] == 200
+        eventually(lambda: agree() or None, what="b hears a's charge")
+        assert shared_b.stats()["charges_heard"] == 1
+
+        before = shared_b.stats()
+        admin.acl_setuser("bee", enabled=False)
+        admin.client_kill_filter(user="bee")
+        eventually(lambda: shared_b.stats()["state"] == "degraded" or None, what="b's link down")
+        for _ in range(3):
+            assert post(a, token)[0] == 200
+        assert a.call(a.app.shared.flush())
+        # Announced while b was away: b did not hear them.
+        assert spent(b, "month") < spent(a, "month")
+
+        admin.acl_setuser("bee", enabled=True)
+        eventually(lambda: shared_b.stats()["state"] == "shared" or None, what="b's link back")
+        eventually(lambda: agree() or None, what="b caught up")
+        stats = shared_b.stats()
+        assert stats["charges_heard"] == 1 and stats["catch_ups"] == before["catch_ups"] + 1
+        # Month and 5h, three requests each.
+        assert stats["caught_up_micros"] - before["caught_up_micros"] == 2 * 3 * (spent(a, "month") // 4)
+        assert me(b, token)["spend"]["month"]["user_micros"] == spent(a, "month")
+
+        # Charges after the catch-up are heard again, and count once.
+        assert post(a, token)[0] == 200
+        eventually(lambda: (shared_b.stats()["charges_heard"] == 2 and agree()) or None, what="b hears again")
