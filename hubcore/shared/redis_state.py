@@ -25,7 +25,8 @@ Data layout (every key under `[shared] prefix`, "hubcore" below; a scope is
     hubcore:charges                   channel the charges each batch applied (instance;
                                             token, user, project, micro-dollars, ts
                                             each), for every instance's own counters
-                                            (on_charge_elsewhere)
+                                            (on_charge_elsewhere); and the mark of an
+                                            instance catching up ([id, []], spend.lua)
 
 Every time in Redis is Redis's own clock (the scripts call TIME), and the
 scripts answer with durations, so instances whose clocks disagree share one
@@ -641,7 +642,7 @@ class SharedState:
         now = self._clock()
         if now >= self._boundary:
             self._set_periods(now)
-        lines = [line for line in self._seed()]
+        lines = list(self._seed())
         client = self._client
         if not lines or client is None:
             return None

@@ -7,9 +7,9 @@ hub; with their /api/v1 twins.
 Everything comes from the running hub's memory on the loop (App.live and
 App.keys: a walk of the open connections and the key rings), never from the
 database; with several workers, each other worker's part is asked on its
-ops socket (App.live_view). Only the rendering runs in a worker thread. The page is whole
-without JavaScript (a refresh link); static/live.js fetches /live/fragment,
-the same tables, every 2 s and patches them in.
+ops socket (App.live_view). Only the rendering runs in a worker thread. The
+page is whole without JavaScript (a refresh link); static/live.js fetches
+/live/fragment, the same tables, every 2 s and patches them in.
 """
 from __future__ import annotations
 
