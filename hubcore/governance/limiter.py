@@ -701,7 +701,7 @@ class Limiter:
         spend is raised in the current minute: it then ages out later than
         it would have, never sooner. The micro-dollars added."""
         if window not in WINDOWS:
-            raise ValueError(f"unknown budget window {window!r}")
+            raise ValueError(f"unknown budget window {window!r}; choose one of {', '.join(WINDOWS)}")
         if now is None:
             now = self._clock()
         self._advance(now)
