@@ -45,18 +45,12 @@ cdef inline bint _named(bytes name, bytes wanted):
 
 
 cdef class HeaderCollector:
-    cdef public list headers
-    cdef public dict index
-    cdef public Py_ssize_t size
-    cdef public long long content_length
-    cdef public object control
-    cdef public Py_ssize_t hosts
-    cdef public bint sealed
+    # Its fields are declared in _wire.pxd, where _conn.pyx reads them.
 
     def __init__(self):
         self.reset()
 
-    def reset(self):
+    cpdef reset(self):
         self.headers = []
         self.index = {}
         self.size = 0
@@ -65,7 +59,7 @@ cdef class HeaderCollector:
         self.hosts = 0
         self.sealed = False
 
-    def seal(self):
+    cpdef seal(self):
         self.sealed = True
 
     def on_header(self, bytes name not None, bytes value not None):

@@ -1,6 +1,7 @@
 """The client side of the hub: HTTP/1.1 over uvloop, parsed with httptools.
 
-One `HttpProtocol` per connection, one `Request` per message. The protocol
+One `HttpProtocol` per connection, one `Request` per message; what every
+request does is the connection core's (hubcore.http.conn). The protocol
 enforces the limits (head size, body size, read timeouts and minimum body
 rate, connection counts overall, per address and before authentication, the
 memory held by bodies in flight), refuses request smuggling, answers
@@ -24,24 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import ctypes
-import enum
-import logging
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from http import HTTPStatus
-from types import SimpleNamespace
 from typing import cast, Any, Protocol
 
 import httptools
 
 from hubcore.config import ServerConfig
+from hubcore.http.conn import BodyBudget, ConnCore, Phase, Reject, Request
 from hubcore.http.deadlines import Sweeper, sweep_interval
 from hubcore.http.flow import ReadFlow, detached
 from hubcore.http.wire import HeaderCollector
 
-log = logging.getLogger("hubcore.server")
-
+__all__ = [
+    "App", "BodyBudget", "ErrorRenderer", "Gate", "Handler", "HttpProtocol", "Phase", "Request",
+    "Server", "ServerMetrics", "plain_error", "server_ssl_context", "status_line",
+]
 
 def _status_line(status: int) -> bytes:
     try:
@@ -53,90 +53,14 @@ def _status_line(status: int) -> bytes:
 
 # Status lines are built once; the vendors' statuses plus the hub's own.
 STATUS_LINES = {s: _status_line(s) for s in [*map(int, HTTPStatus), 529]}
-CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 # The shared read buffer: as much as one socket read takes (uvloop's own
 # read buffer is this size too).
 READ_BUFFER_BYTES = 256 * 1024
-# A body that came in more pieces than this (a client's small chunks) is
-# joined at once rather than written upstream piece by piece.
-MAX_BODY_PARTS = 16
-# Request bodies arrive in pieces of up to READ_BUFFER_BYTES, below glibc's
-# mmap threshold, so freeing them leaves holes in the heap that glibc keeps
-# (60 token-less clients sending 31 MiB each once left the hub at 1.9 GB).
-# After this many body bytes were freed the heap's free pages are given back
-# with malloc_trim, at most once per TRIM_MIN_INTERVAL seconds.
-TRIM_AFTER_BYTES = 16 * 1024 * 1024
-TRIM_MIN_INTERVAL = 1.0
-# A request refused at its head with a body up to this size (announced by
-# Content-Length) has its body read and dropped, so the connection stays
-# usable, as after any answer; a larger or chunked one is not read at all,
-# and the connection is closed after the refusal.
-REFUSED_BODY_DISCARD_BYTES = 64 * 1024
 
 
 def status_line(status: int) -> bytes:
     line = STATUS_LINES.get(status)
     return line if line is not None else _status_line(status)
-
-
-class Request:
-    __slots__ = (
-        "method", "path", "target", "headers", "index", "control", "parts", "body_size",
-        "_body", "keep_alive", "http_version", "context", "reserved", "budget",
-    )
-
-    def __init__(
-        self,
-        method: bytes,
-        target: bytes,
-        head: HeaderCollector,
-        parts: list[bytes],
-        keep_alive: bool,
-        http_version: str,
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.path = target.partition(b"?")[0]
-        self.headers: list[tuple[bytes, bytes]] = head.headers  # names lower-cased, in order received
-        self.index: dict[bytes, bytes] = head.index  # each name's first value
-        # Transfer-Encoding, Expect and Connection, in order (None: none came).
-        self.control: list[tuple[bytes, bytes]] | None = head.control
-        # The body as the reads brought it: it can go upstream as it is, and
-        # is joined only when something reads it whole (see `body`).
-        if len(parts) > MAX_BODY_PARTS:
-            parts = [b"".join(parts)]
-        self.parts = parts
-        self.body_size = sum(map(len, parts))
-        self._body: bytes | None = b"" if not parts else parts[0] if len(parts) == 1 else None
-        self.keep_alive = keep_alive
-        self.http_version = http_version
-        # What the application's gate said of the head (see `Gate`).
-        self.context: Any = None
-        # Bytes of the in-flight body budget this request holds.
-        self.reserved = 0
-        self.budget: BodyBudget | None = None
-
-    @property
-    def body(self) -> bytes:
-        """The whole body, joined on first use."""
-        body = self._body
-        if body is None:
-            body = self._body = b"".join(self.parts)
-            self.parts = [body]
-        return body
-
-    def drop_body(self) -> None:
-        """Let go of the body (up to max_body_bytes) once nothing can resend it."""
-        self._body = b""
-        self.parts = []
-        if self.reserved:
-            assert self.budget is not None
-            self.budget.release(self.reserved)
-            self.reserved = 0
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of header `name` (lower-case), or None."""
-        return self.index.get(name)
 
 
 class Handler(Protocol):
@@ -184,169 +108,30 @@ class ServerMetrics(Protocol):
 Gate = Callable[["HttpProtocol", bytes, bytes, HeaderCollector], Any]
 
 
-class BodyBudget:
-    """The memory that request bodies hold across all connections: reserved
-    as a head announces its Content-Length (or as chunks arrive), released
-    when the body is let go; freed memory is handed back to the system."""
-
-    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.limit = limit
-        self.loop = loop
-        self.in_flight = 0
-        self.freed_since_trim = 0
-        self.last_trim = 0.0
-        self.trim_handle: asyncio.TimerHandle | asyncio.Handle | None = None
-
-    def reserve(self, size: int) -> bool:
-        if self.in_flight + size > self.limit:
-            return False
-        self.in_flight += size
-        return True
-
-    def release(self, size: int) -> None:
-        self.in_flight -= size
-        self.freed_since_trim += size
-        if self.freed_since_trim >= TRIM_AFTER_BYTES and self.trim_handle is None and _malloc_trim is not None:
-            delay = max(0.0, self.last_trim + TRIM_MIN_INTERVAL - self.loop.time())
-            self.trim_handle = self.loop.call_later(delay, self._trim)
-
-    def _trim(self) -> None:
-        self.trim_handle = None
-        self.freed_since_trim = 0
-        self.last_trim = self.loop.time()
-        if _malloc_trim is not None:
-            _malloc_trim(0)
-
-    def close(self) -> None:
-        if self.trim_handle is not None:
-            self.trim_handle.cancel()
-            self.trim_handle = None
+# The phases as module globals (see _conn_py): the rare paths below use these.
+_HEAD, _BODY, _LINGER, _CLOSED = Phase.HEAD, Phase.BODY, Phase.LINGER, Phase.CLOSED
 
 
-def _load_malloc_trim() -> Any:
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc
-    trim.argtypes = (ctypes.c_size_t,)
-    trim.restype = ctypes.c_int
-    return trim
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-class Phase(enum.Enum):
-    IDLE = "idle"          # keep-alive: waiting for the next request
-    HEAD = "head"          # receiving a request head
-    BODY = "body"          # receiving a request body
-    BUSY = "busy"          # the request is being answered
-    LINGER = "linger"      # answered and closing: unread input is dropped
-    CLOSED = "closed"
-
-
-# The phases as module globals, for the request path: an attribute of an
-# Enum class is looked up through EnumType.__getattr__'s slow hook (some
-# 150 ns in CPython 3.11, where a global takes 20), some twenty times a
-# request here.
-_IDLE, _HEAD, _BODY, _BUSY, _LINGER, _CLOSED = (
-    Phase.IDLE, Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.LINGER, Phase.CLOSED,
-)
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
-class _RefusedAtHead(Exception):
-    """Stops the parser at a head the gate refused; the body stays unread."""
-
-    def __init__(self, request: Request) -> None:
-        super().__init__("refused at its head")
-        self.request = request
-
-
-class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
+class HttpProtocol(ConnCore, ReadFlow, asyncio.BufferedProtocol):
     """One client connection. The transport reads straight into the server's
     shared read buffer (`get_buffer`), which the parser consumes at once:
     no bytes object per read, and a 90 KB request body is copied once (into
-    its pieces) on its way from the socket instead of twice."""
+    its pieces) on its way from the socket instead of twice.
+
+    What every request does (reading it, handing it to the App, getting
+    ready for the next) is the core's (hubcore.http.conn, compiled when
+    built); what is rare is here: admission, refusals, lingering, closing,
+    the sweeper's timeouts."""
 
     def __init__(self, server: Server) -> None:
-        # per-connection
-        self.server = server
-        self.config = server.config
-        self.loop = server.loop
-        self.app = server.app
-        self.gate = server.gate
-        self.transport: asyncio.Transport | None = None
+        super().__init__(server)
+        # per-connection, beside the core's
         # The client's address (None on a Unix socket), for the per-address cap.
         self.peer: str | None = None
         # Has sent a request whose credentials the gate accepted (see trust()).
         self.trusted = False
-        # A framing error met while an earlier request was being answered:
-        # refused once that answer (and those pipelined before it) are done.
-        self.pending_reject: _Reject | None = None
-        # A refused head ended parsing: whatever else comes is not read.
-        self.parsing_stopped = False
         # Bytes the LINGER phase may still drop before closing.
         self.linger_left = 0
-        # The request being answered, whose body budget is released when done.
-        self.current: Request | None = None
-        # httptools calls on_header for every header: that callback is
-        # compiled (hubcore.http.wire), the per-message ones stay here.
-        self.collector = HeaderCollector()
-        self.parser = httptools.HttpRequestParser(
-            SimpleNamespace(
-                on_message_begin=self.on_message_begin,
-                on_url=self.on_url,
-                on_header=self.collector.on_header,
-                on_headers_complete=self.on_headers_complete,
-                on_body=self.on_body,
-                on_message_complete=self.on_message_complete,
-            )
-        )
-        self.phase = _IDLE
-        # When the Server's sweeper must look at this connection (loop time,
-        # 0.0: never), and the timeout of the phase that set it.
-        self.deadline = 0.0
-        self.timeout = 0.0
-        self.last_activity = 0.0
-        self.pipeline: deque[Request] = deque()
-        # A request is being answered (in its task, or in callbacks).
-        self.busy = False
-        self.task: asyncio.Task[None] | None = None
-        self.handler: Handler | None = None
-        self.write_paused = False
-        self.reading_paused = False
-        self.closing = False
-        # per-request (the one being parsed)
-        self.url = b""
-        self.method = b""
-        self.version = ""
-        # What the gate said of the head, for its Request; when it is a
-        # refusal, the (small) body is read and dropped.
-        self.context: Any = None
-        self.discarding = False
-        self.chunked = False  # Transfer-Encoding: chunked
-        self.head_bytes = 0
-        self.body_parts: list[bytes] = []
-        self.body_size = 0
-        # Bytes of the body budget this message's body holds, and when its
-        # first body read came (loop time), for the minimum body rate.
-        self.reserved = 0
-        self.body_started = 0.0
-        self.expect_continue = False
-        # Where the parser is in the current message; `phase` says BUSY while
-        # an earlier request is answered, this still knows head from body.
-        self.message_phase = _IDLE
-        # A 100 Continue owed to a request that arrived while another was
-        # being answered: it goes out when that answer is complete.
-        self.continue_due = False
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -365,7 +150,7 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
             self._refuse_connection(refusal)
             return
         # A new connection must send its request head promptly.
-        self._set_phase(_HEAD)
+        self.set_phase(_HEAD)
 
     def trust(self) -> None:
         """The connection sent credentials the gate accepted: it no longer
@@ -373,49 +158,6 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         if not self.trusted:
             self.trusted = True
             self.server.untrusted.pop(self, None)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.server.read_view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.server.read_view[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        # Called with what the transport read; nothing may keep `data` (it
-        # is the server's read buffer): httptools hands callbacks copies.
-        if self.phase is _LINGER or self.parsing_stopped:
-            self._linger_drop(len(data))
-            return
-        now = self.last_activity = self.loop.time()
-        if self.phase is _IDLE:
-            self._set_phase(_HEAD, now)
-        if self.message_phase is not _BODY:
-            # Counted before parsing, so a head that never ends is caught
-            # even when it arrives while an earlier request is answered.
-            self.head_bytes += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # on_headers_complete refuses CONNECT and Upgrade first; this is
-            # what llhttp still calls an upgrade.
-            self._reject(400, "protocol upgrades are not supported")
-            return
-        except httptools.HttpParserError as e:
-            # httptools re-raises an exception from a callback as a
-            # HttpParserCallbackError whose context is the original.
-            reason = e.__context__
-            if isinstance(reason, _RefusedAtHead):
-                self._refused_at_head(reason.request)
-            elif isinstance(reason, _Reject):
-                self._reject(reason.status, reason.message, reason.headers)
-            else:
-                self._reject(400, f"malformed HTTP request: {e}")
-            return
-        if self.message_phase is _HEAD and self.head_bytes > self.config.max_header_bytes:
-            self._reject(431, f"request head larger than {self.config.max_header_bytes} bytes")
-        elif self.message_phase is _BODY and self.collector.size > self.config.max_header_bytes:
-            # Trailers of a chunked body still coming: counted with the head they follow.
-            self._reject(431, f"request head and trailers larger than {self.config.max_header_bytes} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = _CLOSED
@@ -441,195 +183,12 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         if self.handler is not None:
             self.handler.resume_writing()
 
-    # -- httptools callbacks (never await) ---------------------------------
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.collector.reset()
-        self.body_parts = []
-        self.body_size = 0
-        self.reserved = 0
-        self.discarding = False
-        self.chunked = False
-        self.expect_continue = False
-        self.continue_due = False
-        self.message_phase = _HEAD
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_headers_complete(self) -> None:
-        head = self.collector
-        head.seal()  # a chunked body's trailers are not headers
-        config = self.config
-        if len(self.url) + head.size > config.max_header_bytes:
-            raise _Reject(431, f"request head larger than {config.max_header_bytes} bytes")
-        # Read once here, where the head's checks need them, and again by
-        # on_message_complete from these attributes, not from the parser.
-        method = self.method = self.parser.get_method()
-        version = self.version = self.parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise _Reject(505, f"HTTP/{version} is not supported; hubcore speaks HTTP/1.1")
-        if method == b"CONNECT":
-            raise _Reject(405, "CONNECT is not supported: hubcore is not a forward proxy")
-        if head.hosts != 1 and (head.hosts > 1 or version == "1.1"):
-            # RFC 9112 3.2: a 1.1 request without exactly one Host is a 400.
-            raise _Reject(400, "a request must carry exactly one Host header")
-        if head.control is not None:
-            self._control_headers(head.control)
-        if b"upgrade" in head.index:
-            raise _Reject(400, "protocol upgrades (WebSocket, h2c) are not supported")
-        length = head.content_length
-        if length > config.max_body_bytes:
-            raise _Reject(413, f"request body larger than {config.max_body_bytes} bytes")
-        context = self.gate(self, method, self.url, head) if self.gate is not None else None
-        self.context = context
-        if isinstance(context, BaseException):
-            # A client waiting for 100 Continue gets the refusal instead.
-            if self.expect_continue or self.chunked or length > REFUSED_BODY_DISCARD_BYTES:
-                request = Request(method, self.url, head, [], False, version)
-                request.context = context
-                raise _RefusedAtHead(request)
-            self.discarding = True
-        elif length > 0:
-            self._reserve(length)
-        self.message_phase = _BODY
-        if not self.busy:
-            # While an earlier request is answered the client is waiting for
-            # us, not we for it: no body timer until that answer is done.
-            self._set_phase(_BODY, self.last_activity)  # this read's time
-            self.body_started = self.last_activity
-        if self.expect_continue and length != 0 and self.transport is not None:
-            if not self.busy:
-                self.transport.write(CONTINUE_100)
-            else:
-                # Written now it would land inside the running response.
-                self.continue_due = True
-
-    def _control_headers(self, control: list[tuple[bytes, bytes]]) -> None:
-        for name, value in control:
-            if name == b"expect":
-                if value.lower() != b"100-continue":
-                    raise _Reject(417, "unsupported Expect header")
-                self.expect_continue = True
-            elif name == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    # Only plain chunked framing is understood end to end;
-                    # anything else is a classic smuggling vector.
-                    raise _Reject(400, "unsupported Transfer-Encoding")
-                self.chunked = True
-
-    def _reserve(self, size: int) -> None:
-        """Hold `size` (the body's length, or the bytes of a chunked one so
-        far) against the server's body budget, or refuse the request."""
-        extra = size - self.reserved
-        if not self.server.body_budget.reserve(extra):
-            raise _Reject(503, "hubcore holds as many request bodies as it may; retry shortly",
-                          ((b"retry-after", b"1"),))
-        self.reserved = size
-
-    def on_body(self, body: bytes) -> None:
-        size = self.body_size = self.body_size + len(body)
-        if size > self.config.max_body_bytes:
-            raise _Reject(413, f"request body larger than {self.config.max_body_bytes} bytes")
-        if self.discarding:
-            return
-        if size > self.reserved:
-            # A chunked body (or one longer than announced, which llhttp
-            # does not let through): reserved as it comes.
-            self._reserve(size)
-        self.body_parts.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.collector.size > self.config.max_header_bytes:
-            raise _Reject(431, f"request head and trailers larger than {self.config.max_header_bytes} bytes")
-        request = Request(
-            self.method,
-            self.url,
-            self.collector,
-            self.body_parts,
-            self.parser.should_keep_alive(),
-            self.version,
-        )
-        request.context = self.context
-        self.context = None
-        if self.reserved:
-            request.reserved = self.reserved
-            request.budget = self.server.body_budget
-            self.reserved = 0
-        self.body_parts = []
-        self.message_phase = _IDLE
-        self.continue_due = False
-        self.head_bytes = 0
-        self._dispatch(request)
-
     # -- running requests --------------------------------------------------
-    def _dispatch(self, request: Request) -> None:
-        if not self.busy:
-            self._start(request)
-        else:
-            # A pipelined request: answer in order, stop reading meanwhile.
-            self.pipeline.append(request)
-            self.pause_reading()
-
-    def _start(self, request: Request) -> None:
-        self._set_phase(_BUSY)
-        self.busy = True
-        self.current = request
-        coro = self.app(request, self)
-        if coro is not None:
-            self.run_task(coro)
-
     def run_task(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run the current request's coroutine as its task."""
         self.task = task = self.loop.create_task(coro)
         self.server.tasks.add(task)
         task.add_done_callback(self._on_task_done)
-
-    def _on_task_done(self, task: asyncio.Task[None]) -> None:
-        self.server.tasks.discard(task)
-        self.task = None
-        if not task.cancelled() and task.exception() is not None:
-            log.error("request handler failed", exc_info=task.exception())
-            self._end_current()
-            self.close()
-            return
-        self.request_done()
-
-    def _end_current(self) -> None:
-        self.handler = None
-        self.busy = False
-        request, self.current = self.current, None
-        if request is not None:
-            request.drop_body()
-
-    def request_done(self) -> None:
-        """The current request is answered and its bookkeeping done: start
-        the next pipelined one, or wait for the next request."""
-        self._end_current()
-        if self.phase is _CLOSED or self.closing:
-            return
-        if self.pipeline:
-            self._start(self.pipeline.popleft())
-            return
-        if self.pending_reject is not None:
-            # Every request before the bad bytes has its answer: now refuse them.
-            reject, self.pending_reject = self.pending_reject, None
-            self._reject(reject.status, reject.message, reject.headers)
-            return
-        self.resume_reading()
-        if self.server.draining:
-            self.close()
-            return
-        # Part of the next request may have arrived meanwhile: time it from now.
-        self._set_phase(self.message_phase)
-        if self.continue_due and self.transport is not None:
-            self.continue_due = False
-            self.transport.write(CONTINUE_100)
-
-    def finish(self, keep_alive: bool) -> None:
-        """The response is fully written; close unless it may be kept alive."""
-        if not keep_alive:
-            self.close_gracefully()
 
     def close_gracefully(self) -> None:
         """Close after the answer written so far, without a reset: send FIN,
@@ -661,10 +220,6 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
             self.linger_left -= size
             if self.linger_left < 0:
                 self.close()
-
-    def writelines(self, data: list[bytes] | tuple[bytes, ...]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(data)
 
     def send_response(
         self,
@@ -710,25 +265,16 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
             # gets it (and those of requests pipelined before the bad bytes);
             # the refusal follows once they are done (request_done).
             self.pause_reading()
-            self.pending_reject = _Reject(status, message, headers)
+            self.pending_reject = Reject(status, message, headers)
             return
         rendered, body = self.server.render_error(status, message, self.url)
         self.send_response(status, [*rendered, *headers], body, keep_alive=False)
         if self.server.metrics is not None:
             self.server.metrics.refuse(f"http_{status}")
 
-    def _refused_at_head(self, request: Request) -> None:
-        """The gate refused a head: hand the request over with no body (the
-        App answers it), read nothing more of this connection, and close
-        once answered (its Request says keep_alive False)."""
-        self.parsing_stopped = True
-        self.message_phase = _IDLE
-        self.head_bytes = 0
-        self._dispatch(request)
-
     def _release_partial_body(self) -> None:
         if self.reserved:
-            self.server.body_budget.release(self.reserved)
+            self.budget.release(self.reserved)
             self.reserved = 0
         self.body_parts = []
 
@@ -737,27 +283,6 @@ class HttpProtocol(ReadFlow, asyncio.BufferedProtocol):
         self.send_response(503, [*rendered, (b"retry-after", b"1")], body, keep_alive=False)
         if self.server.metrics is not None:
             self.server.metrics.refuse(reason.replace(" ", "_"))
-
-    def _set_phase(self, phase: Phase, now: float | None = None) -> None:
-        """Enter `phase` and time it from `now` (loop time; None: read the
-        clock), unless the caller has just read it."""
-        if self.phase is _LINGER or self.phase is _CLOSED:
-            return  # closing: only the linger deadline applies
-        self.phase = phase
-        if phase is _HEAD:
-            timeout = self.config.header_timeout
-        elif phase is _BODY:
-            timeout = self.config.body_timeout
-        elif phase is _IDLE:
-            timeout = self.config.keepalive_timeout
-        else:
-            self.deadline = 0.0
-            return
-        if now is None:
-            now = self.loop.time()
-        self.last_activity = now
-        self.timeout = timeout
-        self.deadline = now + timeout if timeout > 0 else 0.0
 
     def on_deadline(self, now: float) -> None:
         timeout = self.timeout

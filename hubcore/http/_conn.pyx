@@ -1,0 +1,540 @@
+# cython: language_level=3
+"""A client connection's common request path, compiled: the twin of
+`_conn_py.py` (see there for the contract; tests/http/test_conn.py holds
+both to it).
+
+The same methods in the same order, on typed fields: the parser's
+callbacks and `data_received` stay Python-callable (httptools and the
+transport call them), while what they call among themselves (`_set_phase`,
+`_reserve`, `_dispatch`, `_start`, `_end_current`, the body budget, a
+Request's `drop_body`) are C calls. The rare paths are the subclass's
+(server.HttpProtocol), called as Python methods."""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memchr
+
+import logging
+from collections import deque
+from types import SimpleNamespace
+
+import httptools
+
+from hubcore.http._wire cimport HeaderCollector
+
+# What is not hot is the Python twin's, shared.
+from hubcore.http._conn_py import (
+    CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, TRIM_AFTER_BYTES, TRIM_MIN_INTERVAL,
+    Phase, RefusedAtHead, Reject, malloc_trim,
+)
+
+log = logging.getLogger("hubcore.server")
+
+# The phases as C globals: `phase is _BODY` is a pointer comparison.
+cdef object _IDLE = Phase.IDLE
+cdef object _HEAD = Phase.HEAD
+cdef object _BODY = Phase.BODY
+cdef object _BUSY = Phase.BUSY
+cdef object _LINGER = Phase.LINGER
+cdef object _CLOSED = Phase.CLOSED
+
+cdef bytes _CONTINUE_100 = CONTINUE_100
+cdef Py_ssize_t _MAX_BODY_PARTS = MAX_BODY_PARTS
+cdef long long _REFUSED_BODY_DISCARD_BYTES = REFUSED_BODY_DISCARD_BYTES
+cdef Py_ssize_t _TRIM_AFTER_BYTES = TRIM_AFTER_BYTES
+cdef double _TRIM_MIN_INTERVAL = TRIM_MIN_INTERVAL
+cdef object _malloc_trim = malloc_trim
+cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
+cdef object _HttpParserError = httptools.HttpParserError
+
+
+cdef class BodyBudget:
+    """See _conn_py.BodyBudget."""
+
+    cdef public Py_ssize_t limit
+    cdef public object loop
+    cdef public Py_ssize_t in_flight
+    cdef public Py_ssize_t freed_since_trim
+    cdef public double last_trim
+    cdef public object trim_handle
+
+    def __init__(self, Py_ssize_t limit, loop):
+        self.limit = limit
+        self.loop = loop
+        self.in_flight = 0
+        self.freed_since_trim = 0
+        self.last_trim = 0.0
+        self.trim_handle = None
+
+    cpdef bint reserve(self, Py_ssize_t size) except -1:
+        if self.in_flight + size > self.limit:
+            return False
+        self.in_flight += size
+        return True
+
+    cpdef release(self, Py_ssize_t size):
+        self.in_flight -= size
+        self.freed_since_trim += size
+        if self.freed_since_trim >= _TRIM_AFTER_BYTES and self.trim_handle is None and _malloc_trim is not None:
+            delay = max(0.0, self.last_trim + _TRIM_MIN_INTERVAL - self.loop.time())
+            self.trim_handle = self.loop.call_later(delay, self._trim)
+
+    def _trim(self):
+        self.trim_handle = None
+        self.freed_since_trim = 0
+        self.last_trim = self.loop.time()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+
+    def close(self):
+        if self.trim_handle is not None:
+            self.trim_handle.cancel()
+            self.trim_handle = None
+
+
+cdef bytes _path_of(bytes target):
+    """`target.partition(b"?")[0]`, without the tuple and its other two pieces."""
+    cdef const char* start = PyBytes_AS_STRING(target)
+    cdef const char* mark = <const char*>memchr(start, 63, PyBytes_GET_SIZE(target))  # '?'
+    if mark == NULL:
+        return target
+    return start[:mark - start]
+
+
+# One Request per request: kept instances spare the allocator a round trip.
+@cython.freelist(8)
+cdef class Request:
+    """See _conn_py.Request."""
+
+    cdef public bytes method
+    cdef public bytes path
+    cdef public bytes target
+    cdef public list headers
+    cdef public dict index
+    cdef public object control
+    cdef public list parts
+    cdef public Py_ssize_t body_size
+    cdef object _body
+    cdef public bint keep_alive
+    cdef public str http_version
+    cdef public object context
+    cdef public Py_ssize_t reserved
+    cdef public BodyBudget budget
+
+    def __init__(self, bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version):
+        self._fill(method, target, head, parts, keep_alive, http_version)
+
+    cdef _fill(self, bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version):
+        cdef Py_ssize_t size = 0
+        self.method = method
+        self.target = target
+        self.path = _path_of(target)
+        self.headers = head.headers  # names lower-cased, in order received
+        self.index = head.index  # each name's first value
+        # Transfer-Encoding, Expect and Connection, in order (None: none came).
+        self.control = head.control
+        # The body as the reads brought it: it can go upstream as it is, and
+        # is joined only when something reads it whole (see `body`).
+        if len(parts) > _MAX_BODY_PARTS:
+            parts = [b"".join(parts)]
+        self.parts = parts
+        for part in parts:
+            size += len(part)
+        self.body_size = size
+        self._body = b"" if not parts else parts[0] if len(parts) == 1 else None
+        self.keep_alive = keep_alive
+        self.http_version = http_version
+        # What the application's gate said of the head (see server.Gate).
+        self.context = None
+        # Bytes of the in-flight body budget this request holds.
+        self.reserved = 0
+        self.budget = None
+
+    @property
+    def body(self):
+        """The whole body, joined on first use."""
+        body = self._body
+        if body is None:
+            body = self._body = b"".join(self.parts)
+            self.parts = [body]
+        return body
+
+    cpdef drop_body(self):
+        """Let go of the body (up to max_body_bytes) once nothing can resend it."""
+        self._body = b""
+        self.parts = []
+        if self.reserved:
+            assert self.budget is not None
+            self.budget.release(self.reserved)
+            self.reserved = 0
+
+    def header(self, name):
+        """The first value of header `name` (lower-case), or None."""
+        return self.index.get(name)
+
+
+cdef Request _new_request(bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version):
+    # Request(...) from C would pack a tuple and parse it in __init__.
+    cdef Request request = Request.__new__(Request)
+    request._fill(method, target, head, parts, keep_alive, http_version)
+    return request
+
+
+cdef class ConnCore:
+    """See _conn_py.ConnCore."""
+
+    # per-connection
+    cdef public object server
+    cdef public object config
+    cdef public object loop
+    cdef public object app
+    cdef public object gate
+    cdef readonly BodyBudget budget
+    cdef public object transport
+    cdef public bint reading_paused
+    cdef public bint parsing_stopped
+    cdef public object pending_reject
+    cdef public Request current
+    cdef readonly HeaderCollector collector
+    cdef public object parser
+    cdef public object phase
+    cdef public double deadline
+    cdef public double timeout
+    cdef public double last_activity
+    cdef public object pipeline
+    cdef public bint busy
+    cdef public object task
+    cdef public object handler
+    cdef public bint write_paused
+    cdef public bint closing
+    # What is read of the server and its config per request, as C values
+    # (the config is frozen; a reload applies to new connections).
+    cdef object _time  # loop.time
+    cdef object _read_view  # server.read_view
+    cdef long long _max_header_bytes
+    cdef long long _max_body_bytes
+    cdef double _header_timeout
+    cdef double _body_timeout
+    cdef double _keepalive_timeout
+    # per-request (the one being parsed)
+    cdef public bytes url
+    cdef public bytes method
+    cdef public str version
+    cdef public object context
+    cdef public bint discarding
+    cdef public bint chunked
+    cdef public Py_ssize_t head_bytes
+    cdef public list body_parts
+    cdef public Py_ssize_t body_size
+    cdef public Py_ssize_t reserved
+    cdef public double body_started
+    cdef public bint expect_continue
+    cdef public object message_phase
+    cdef public bint continue_due
+
+    def __init__(self, server):
+        config = server.config
+        # per-connection
+        self.server = server
+        self.config = config
+        self.loop = server.loop
+        self.app = server.app
+        self.gate = server.gate
+        self.budget = server.body_budget
+        self.transport = None
+        self.reading_paused = False
+        self.parsing_stopped = False
+        self.pending_reject = None
+        self.current = None
+        self.collector = HeaderCollector()
+        self.parser = httptools.HttpRequestParser(
+            SimpleNamespace(
+                on_message_begin=self.on_message_begin,
+                on_url=self.on_url,
+                on_header=self.collector.on_header,
+                on_headers_complete=self.on_headers_complete,
+                on_body=self.on_body,
+                on_message_complete=self.on_message_complete,
+            )
+        )
+        self.phase = _IDLE
+        self.deadline = 0.0
+        self.timeout = 0.0
+        self.last_activity = 0.0
+        self.pipeline = deque()
+        self.busy = False
+        self.task = None
+        self.handler = None
+        self.write_paused = False
+        self.closing = False
+        self._time = self.loop.time
+        self._read_view = server.read_view
+        self._max_header_bytes = config.max_header_bytes
+        self._max_body_bytes = config.max_body_bytes
+        self._header_timeout = config.header_timeout
+        self._body_timeout = config.body_timeout
+        self._keepalive_timeout = config.keepalive_timeout
+        # per-request
+        self.url = b""
+        self.method = b""
+        self.version = ""
+        self.context = None
+        self.discarding = False
+        self.chunked = False
+        self.head_bytes = 0
+        self.body_parts = []
+        self.body_size = 0
+        self.reserved = 0
+        self.body_started = 0.0
+        self.expect_continue = False
+        self.message_phase = _IDLE
+        self.continue_due = False
+
+    # -- reading -----------------------------------------------------------
+    def get_buffer(self, sizehint):
+        return self._read_view
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.data_received(self._read_view[:nbytes])
+
+    def data_received(self, data):
+        cdef Py_ssize_t size = len(data)
+        cdef double now
+        if self.phase is _LINGER or self.parsing_stopped:
+            self._linger_drop(size)
+            return
+        now = self.last_activity = self._time()
+        if self.phase is _IDLE:
+            self._set_phase(_HEAD, now)
+        if self.message_phase is not _BODY:
+            self.head_bytes += size
+        try:
+            self.parser.feed_data(data)
+        except _HttpParserUpgrade:
+            self._reject(400, "protocol upgrades are not supported")
+            return
+        except _HttpParserError as e:
+            reason = e.__context__
+            if isinstance(reason, RefusedAtHead):
+                self._refused_at_head(reason.request)
+            elif isinstance(reason, Reject):
+                self._reject(reason.status, reason.message, reason.headers)
+            else:
+                self._reject(400, f"malformed HTTP request: {e}")
+            return
+        if self.message_phase is _HEAD and self.head_bytes > self._max_header_bytes:
+            self._reject(431, f"request head larger than {self._max_header_bytes} bytes")
+        elif self.message_phase is _BODY and self.collector.size > self._max_header_bytes:
+            self._reject(431, f"request head and trailers larger than {self._max_header_bytes} bytes")
+
+    # -- httptools callbacks (never await) ---------------------------------
+    def on_message_begin(self):
+        self.url = b""
+        self.collector.reset()
+        self.body_parts = []
+        self.body_size = 0
+        self.reserved = 0
+        self.discarding = False
+        self.chunked = False
+        self.expect_continue = False
+        self.continue_due = False
+        self.message_phase = _HEAD
+
+    def on_url(self, bytes url):
+        self.url += url
+
+    def on_headers_complete(self):
+        cdef HeaderCollector head = self.collector
+        cdef long long length
+        head.seal()
+        if len(self.url) + head.size > self._max_header_bytes:
+            raise Reject(431, f"request head larger than {self._max_header_bytes} bytes")
+        method = self.method = self.parser.get_method()
+        version = self.version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise Reject(505, f"HTTP/{version} is not supported; hubcore speaks HTTP/1.1")
+        if method == b"CONNECT":
+            raise Reject(405, "CONNECT is not supported: hubcore is not a forward proxy")
+        if head.hosts != 1 and (head.hosts > 1 or version == "1.1"):
+            raise Reject(400, "a request must carry exactly one Host header")
+        if head.control is not None:
+            self._control_headers(head.control)
+        if b"upgrade" in head.index:
+            raise Reject(400, "protocol upgrades (WebSocket, h2c) are not supported")
+        length = head.content_length
+        if length > self._max_body_bytes:
+            raise Reject(413, f"request body larger than {self._max_body_bytes} bytes")
+        context = self.gate(self, method, self.url, head) if self.gate is not None else None
+        self.context = context
+        if isinstance(context, BaseException):
+            if self.expect_continue or self.chunked or length > _REFUSED_BODY_DISCARD_BYTES:
+                request = _new_request(method, self.url, head, [], False, version)
+                request.context = context
+                raise RefusedAtHead(request)
+            self.discarding = True
+        elif length > 0:
+            self._reserve(length)
+        self.message_phase = _BODY
+        if not self.busy:
+            self._set_phase(_BODY, self.last_activity)
+            self.body_started = self.last_activity
+        if self.expect_continue and length != 0 and self.transport is not None:
+            if not self.busy:
+                self.transport.write(_CONTINUE_100)
+            else:
+                self.continue_due = True
+
+    cdef _control_headers(self, list control):
+        for name, value in control:
+            if name == b"expect":
+                if value.lower() != b"100-continue":
+                    raise Reject(417, "unsupported Expect header")
+                self.expect_continue = True
+            elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise Reject(400, "unsupported Transfer-Encoding")
+                self.chunked = True
+
+    cdef _reserve(self, Py_ssize_t size):
+        cdef Py_ssize_t extra = size - self.reserved
+        if not self.budget.reserve(extra):
+            raise Reject(503, "hubcore holds as many request bodies as it may; retry shortly",
+                         ((b"retry-after", b"1"),))
+        self.reserved = size
+
+    def on_body(self, bytes body):
+        cdef Py_ssize_t size = self.body_size + PyBytes_GET_SIZE(body)
+        self.body_size = size
+        if size > self._max_body_bytes:
+            raise Reject(413, f"request body larger than {self._max_body_bytes} bytes")
+        if self.discarding:
+            return
+        if size > self.reserved:
+            self._reserve(size)
+        self.body_parts.append(body)
+
+    def on_message_complete(self):
+        cdef Request request
+        if self.collector.size > self._max_header_bytes:
+            raise Reject(431, f"request head and trailers larger than {self._max_header_bytes} bytes")
+        request = _new_request(
+            self.method,
+            self.url,
+            self.collector,
+            self.body_parts,
+            self.parser.should_keep_alive(),
+            self.version,
+        )
+        request.context = self.context
+        self.context = None
+        if self.reserved:
+            request.reserved = self.reserved
+            request.budget = self.budget
+            self.reserved = 0
+        self.body_parts = []
+        self.message_phase = _IDLE
+        self.continue_due = False
+        self.head_bytes = 0
+        self._dispatch(request)
+
+    cdef _refused_at_head(self, Request request):
+        self.parsing_stopped = True
+        self.message_phase = _IDLE
+        self.head_bytes = 0
+        self._dispatch(request)
+
+    # -- running requests --------------------------------------------------
+    cdef _dispatch(self, Request request):
+        if not self.busy:
+            self._start(request)
+        else:
+            self.pipeline.append(request)
+            self.pause_reading()
+
+    cdef _start(self, Request request):
+        self._set_phase(_BUSY, -1.0)
+        self.busy = True
+        self.current = request
+        coro = self.app(request, self)
+        if coro is not None:
+            self.run_task(coro)
+
+    def _on_task_done(self, task):
+        self.server.tasks.discard(task)
+        self.task = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request handler failed", exc_info=task.exception())
+            self._end_current()
+            self.close()
+            return
+        self.request_done()
+
+    cdef _end_current(self):
+        self.handler = None
+        self.busy = False
+        request = self.current
+        self.current = None
+        if request is not None:
+            request.drop_body()
+
+    def request_done(self):
+        """The current request is answered and its bookkeeping done: start
+        the next pipelined one, or wait for the next request."""
+        self._end_current()
+        if self.phase is _CLOSED or self.closing:
+            return
+        if self.pipeline:
+            self._start(self.pipeline.popleft())
+            return
+        if self.pending_reject is not None:
+            reject = self.pending_reject
+            self.pending_reject = None
+            self._reject(reject.status, reject.message, reject.headers)
+            return
+        # ReadFlow.resume_reading does nothing unless reading is paused:
+        # asked only then, the usual request makes no Python call here.
+        if self.reading_paused:
+            self.resume_reading()
+        if self.server.draining:
+            self.close()
+            return
+        self._set_phase(self.message_phase, -1.0)
+        if self.continue_due and self.transport is not None:
+            self.continue_due = False
+            self.transport.write(_CONTINUE_100)
+
+    def finish(self, keep_alive):
+        """The response is fully written; close unless it may be kept alive."""
+        if not keep_alive:
+            self.close_gracefully()
+
+    def writelines(self, data):
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(data)
+
+    # -- timeouts ------------------------------------------------------------
+    def set_phase(self, phase):
+        """Enter `phase`, timed from now (for the subclass)."""
+        self._set_phase(phase, -1.0)
+
+    cdef _set_phase(self, object phase, double now):
+        # `now` < 0 stands for the twin's None (read the clock): loop time
+        # is never negative.
+        cdef double timeout
+        if self.phase is _LINGER or self.phase is _CLOSED:
+            return
+        self.phase = phase
+        if phase is _HEAD:
+            timeout = self._header_timeout
+        elif phase is _BODY:
+            timeout = self._body_timeout
+        elif phase is _IDLE:
+            timeout = self._keepalive_timeout
+        else:
+            self.deadline = 0.0
+            return
+        if now < 0:
+            now = self._time()
+        self.last_activity = now
+        self.timeout = timeout
+        self.deadline = now + timeout if timeout > 0 else 0.0

@@ -1,0 +1,390 @@
+"""A client connection's common request path, both twins (hubcore.http.conn):
+the same bytes, whole or split anywhere, give the same requests, the same
+refusals with the same statuses, and the same phases and deadlines.
+
+Each twin's core is driven through a subclass that stands in for
+server.HttpProtocol's rare paths and records what they were asked."""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from hubcore.config import ServerConfig
+from hubcore.http import _conn_py, conn
+from hubcore.http._conn_py import CONTINUE_100, Phase
+
+NO_EXTENSIONS = bool(os.environ.get("HUBCORE_NO_EXTENSIONS"))
+START = 1000.0
+CONFIG = ServerConfig(
+    max_header_bytes=1024, max_body_bytes=4096, max_body_bytes_in_flight=8192,
+    header_timeout=5.0, body_timeout=7.0, keepalive_timeout=11.0,
+)
+
+GET = b"GET /v1/models?limit=2 HTTP/1.1\r\nHost: hub\r\nX-Api-Key: K\r\n\r\n"
+POST = (b"POST /v1/messages HTTP/1.1\r\nhost: hub\r\ncontent-type: application/json\r\n"
+        b"content-length: 26\r\n\r\n{\"model\": \"m\", \"x\": [1,2]}")
+CHUNKED = (b"POST /v1/messages HTTP/1.1\r\nhost: hub\r\ntransfer-encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+CLOSE_10 = b"GET / HTTP/1.0\r\n\r\n"
+EXPECT = b"POST /v1/messages HTTP/1.1\r\nhost: hub\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n"
+# Refused by the gate (see Server.gate below): a path under /refused.
+REFUSED_SMALL = b"POST /refused HTTP/1.1\r\nhost: hub\r\ncontent-length: 4\r\n\r\nbody" + GET
+REFUSED_CHUNKED = b"POST /refused HTTP/1.1\r\nhost: hub\r\ntransfer-encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
+
+REJECTED = {
+    "head too large": (b"GET / HTTP/1.1\r\nhost: hub\r\nx-big: " + b"a" * 1100 + b"\r\n\r\n", 431),
+    "head never ends": (b"GET / HTTP/1.1\r\nhost: hub\r\nx-big: " + b"a" * 1100, 431),
+    "connect": (b"CONNECT hub:443 HTTP/1.1\r\nhost: hub:443\r\n\r\n", 405),
+    "no host": (b"GET / HTTP/1.1\r\n\r\n", 400),
+    "two hosts": (b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", 400),
+    "expectation": (b"POST / HTTP/1.1\r\nhost: hub\r\nexpect: magic\r\ncontent-length: 1\r\n\r\nx", 417),
+    "transfer coding": (b"POST / HTTP/1.1\r\nhost: hub\r\ntransfer-encoding: gzip, chunked\r\n\r\n", 400),
+    "upgrade": (b"GET / HTTP/1.1\r\nhost: hub\r\nupgrade: websocket\r\n\r\n", 400),
+    "body by length": (b"POST / HTTP/1.1\r\nhost: hub\r\ncontent-length: 5000\r\n\r\n", 413),
+    "body chunked": (b"POST / HTTP/1.1\r\nhost: hub\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + (b"800\r\n" + b"x" * 2048 + b"\r\n") * 3, 413),
+    "malformed": (b"GET / HTTP/1.1\r\nhost hub\r\n\r\n", 400),
+    "trailers too large": (b"POST / HTTP/1.1\r\nhost: hub\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n"
+                           b"x-trailer: " + b"t" * 1100 + b"\r\n\r\n", 431),
+}
+
+
+@pytest.fixture(scope="module", params=["c", "py"])
+def twin(request: pytest.FixtureRequest) -> ModuleType:
+    if request.param == "c":
+        if NO_EXTENSIONS:
+            pytest.skip("HUBCORE_NO_EXTENSIONS is set")
+        return importlib.import_module("hubcore.http._conn")
+    return _conn_py
+
+
+def twins() -> list[ModuleType]:
+    return [_conn_py] if NO_EXTENSIONS else [importlib.import_module("hubcore.http._conn"), _conn_py]
+
+
+class Loop:
+    def __init__(self) -> None:
+        self.now = START
+
+    def time(self) -> float:
+        return self.now
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.written.extend(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+class Server:
+    """What the core reads of server.Server."""
+
+    def __init__(self, twin: ModuleType, app: Any) -> None:
+        self.config = CONFIG
+        self.loop = Loop()
+        self.app = app
+        self.body_budget = twin.BodyBudget(CONFIG.max_body_bytes_in_flight, self.loop)
+        self.read_view = memoryview(bytearray(64 * 1024))
+        self.tasks: set[Any] = set()
+        self.draining = False
+
+    @staticmethod
+    def gate(protocol: Any, method: bytes, target: bytes, head: Any) -> Any:
+        return PermissionError("refused") if target.startswith(b"/refused") else ("ok", method, target)
+
+
+def connection(twin: ModuleType, answer: bool = False) -> Any:
+    """A connection on `twin`'s core; `answer`: each request is answered at once."""
+
+    class Recorder(twin.ConnCore):  # type: ignore[name-defined,misc]
+        def __init__(self, server: Server) -> None:
+            super().__init__(server)
+            self.requests: list[Any] = []
+            self.rejects: list[int] = []
+            self.lingered = 0
+            self.closed_gracefully = False
+
+        def _reject(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+            # As HttpProtocol's does, short of answering.
+            self.deadline = 0.0
+            self.parsing_stopped = True
+            self.rejects.append(status)
+
+        def _linger_drop(self, size: int) -> None:
+            self.lingered += size
+
+        def close(self) -> None:
+            self.closing = True
+
+        def close_gracefully(self) -> None:
+            self.closed_gracefully = True
+
+        def run_task(self, coro: Coroutine[Any, Any, None]) -> None:
+            raise AssertionError("the App of these tests answers in callbacks")
+
+        def pause_reading(self) -> None:
+            self.reading_paused = True
+
+        def resume_reading(self) -> None:
+            self.reading_paused = False
+
+    def app(request: Any, protocol: Any) -> None:
+        protocol.requests.append(request)
+        if answer:
+            protocol.request_done()
+
+    proto = Recorder(Server(twin, app))
+    proto.transport = Transport()
+    proto.set_phase(Phase.HEAD)
+    return proto
+
+
+def feed(proto: Any, data: bytes, cuts: list[int] = []) -> None:
+    at = 0
+    for cut in [*sorted(cuts), len(data)]:
+        if cut > at:
+            proto.data_received(data[at:cut])
+            at = cut
+
+
+def summary(proto: Any) -> dict[str, Any]:
+    """What both twins must agree on, after a stream."""
+    return {
+        "requests": [
+            (r.method, r.target, r.path, r.headers, r.index, r.control, r.body, r.body_size, r.keep_alive,
+             r.http_version, r.context if not isinstance(r.context, BaseException) else repr(r.context))
+            for r in proto.requests
+        ],
+        "rejects": proto.rejects,
+        "phase": proto.phase,
+        "message_phase": proto.message_phase,
+        "deadline": proto.deadline,
+        "busy": proto.busy,
+        "parsing_stopped": proto.parsing_stopped,
+        "in_flight": proto.budget.in_flight,
+        "written": proto.transport.written,
+        "lingered": proto.lingered,
+    }
+
+
+def test_compiled_twin_loaded() -> None:
+    """Fails where the build should have produced the compiled twin but it did not load."""
+    want = not NO_EXTENSIONS and platform.python_implementation() == "CPython"
+    assert conn.COMPILED is want
+    module = "hubcore.http._conn" if want else "hubcore.http._conn_py"
+    assert conn.ConnCore.__module__ == conn.Request.__module__ == conn.BodyBudget.__module__ == module
+
+
+def test_no_extensions_selects_pure_twin() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "import hubcore.http.conn as c; print(c.COMPILED, c.ConnCore.__module__)"],
+        cwd=Path(__file__).parents[2], env={**os.environ, "HUBCORE_NO_EXTENSIONS": "1"},
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert out.stdout.split() == ["False", "hubcore.http._conn_py"]
+
+
+def test_a_request_is_handed_over_and_the_connection_waits_for_the_next(twin: ModuleType) -> None:
+    proto = connection(twin)
+    assert proto.phase is Phase.HEAD and proto.deadline == START + 5.0
+    feed(proto, GET)
+    (request,) = proto.requests
+    assert (request.method, request.target, request.path) == (b"GET", b"/v1/models?limit=2", b"/v1/models")
+    assert request.headers == [(b"host", b"hub"), (b"x-api-key", b"K")]
+    assert request.header(b"x-api-key") == b"K" and request.header(b"cookie") is None
+    assert request.control is None and request.keep_alive and request.http_version == "1.1"
+    assert request.context == ("ok", b"GET", b"/v1/models?limit=2")
+    assert (request.body, request.parts, request.body_size) == (b"", [], 0)
+    assert proto.phase is Phase.BUSY and proto.busy and proto.current is request and proto.deadline == 0.0
+    proto.loop.now = START + 3
+    proto.request_done()
+    assert proto.phase is Phase.IDLE and not proto.busy and proto.current is None
+    assert proto.deadline == START + 3 + 11.0 and proto.last_activity == START + 3
+
+
+def test_a_body_is_kept_as_read_and_its_budget_released_when_done(twin: ModuleType) -> None:
+    proto = connection(twin)
+    head, body = POST.split(b"\r\n\r\n")
+    feed(proto, head + b"\r\n\r\n")
+    assert proto.phase is Phase.BODY and proto.deadline == START + 7.0 and proto.budget.in_flight == 26
+    feed(proto, body[:10])
+    feed(proto, body[10:])
+    (request,) = proto.requests
+    assert request.parts == [body[:10], body[10:]] and request.body_size == 26
+    assert request.body == body and request.parts == [body]
+    assert proto.budget.in_flight == 26
+    proto.request_done()
+    assert proto.budget.in_flight == 0 and request.parts == [] and request.body == b""
+
+
+def test_a_chunked_body_is_reserved_as_it_comes(twin: ModuleType) -> None:
+    proto = connection(twin)
+    second = CHUNKED.index(b"6\r\n")
+    feed(proto, CHUNKED[:second])
+    assert proto.budget.in_flight == 5 and proto.chunked
+    feed(proto, CHUNKED[second:])
+    (request,) = proto.requests
+    assert request.body == b"hello world" and request.control == [(b"transfer-encoding", b"chunked")]
+    assert proto.budget.in_flight == 11
+    proto.request_done()
+    assert proto.budget.in_flight == 0
+
+
+def test_many_small_pieces_are_joined_at_once(twin: ModuleType) -> None:
+    proto = connection(twin)
+    chunks = b"".join(b"1\r\n%c\r\n" % c for c in b"abcdefghijklmnopqrst")
+    feed(proto, b"POST / HTTP/1.1\r\nhost: hub\r\ntransfer-encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+    (request,) = proto.requests
+    assert request.parts == [b"abcdefghijklmnopqrst"] and request.body_size == 20
+
+
+def test_http_10_is_not_kept_alive(twin: ModuleType) -> None:
+    proto = connection(twin)
+    feed(proto, CLOSE_10)
+    (request,) = proto.requests
+    assert not request.keep_alive and request.http_version == "1.0" and request.path == b"/"
+
+
+@pytest.mark.parametrize("name", sorted(REJECTED))
+def test_refusals_and_their_statuses(twin: ModuleType, name: str) -> None:
+    data, status = REJECTED[name]
+    proto = connection(twin)
+    feed(proto, data)
+    assert proto.rejects == [status] and proto.requests == [] and proto.parsing_stopped
+    assert proto.budget.in_flight == proto.reserved  # released by HttpProtocol._reject, not stood in for here
+    feed(proto, GET)
+    assert proto.lingered == len(GET) and proto.requests == []
+
+
+def test_a_full_body_budget_is_a_503(twin: ModuleType) -> None:
+    proto = connection(twin)
+    assert proto.budget.reserve(8192 - 10)
+    feed(proto, POST)
+    assert proto.rejects == [503]
+    proto.budget.release(8192 - 10)
+
+
+def test_a_refused_head_with_a_small_body_has_it_read_and_dropped(twin: ModuleType) -> None:
+    proto = connection(twin, answer=True)
+    feed(proto, REFUSED_SMALL)
+    refused, following = proto.requests
+    assert isinstance(refused.context, PermissionError) and refused.body == b"" and refused.keep_alive
+    assert following.path == b"/v1/models" and not proto.parsing_stopped
+    assert proto.budget.in_flight == 0
+
+
+def test_a_refused_chunked_head_stops_parsing(twin: ModuleType) -> None:
+    proto = connection(twin)
+    feed(proto, REFUSED_CHUNKED)
+    (refused,) = proto.requests
+    assert isinstance(refused.context, PermissionError) and not refused.keep_alive and refused.body == b""
+    assert proto.parsing_stopped and proto.message_phase is Phase.IDLE and proto.head_bytes == 0
+    assert proto.lingered == 0
+    feed(proto, GET)
+    assert proto.lingered == len(GET)
+
+
+def test_pipelined_requests_wait_their_turn_with_reading_paused(twin: ModuleType) -> None:
+    proto = connection(twin)
+    feed(proto, GET + POST + CLOSE_10)
+    assert len(proto.requests) == 1 and len(proto.pipeline) == 2 and proto.reading_paused
+    proto.request_done()
+    assert [r.method for r in proto.requests] == [b"GET", b"POST"] and proto.requests[1].body_size == 26
+    proto.request_done()
+    assert len(proto.requests) == 3 and not proto.pipeline
+    proto.request_done()
+    assert not proto.reading_paused and proto.phase is Phase.IDLE and proto.budget.in_flight == 0
+
+
+def test_expect_100_is_answered_before_the_body_or_after_the_running_answer(twin: ModuleType) -> None:
+    proto = connection(twin)
+    feed(proto, EXPECT)
+    assert proto.transport.written == [CONTINUE_100]
+    feed(proto, b"abc")
+    assert proto.requests[0].body == b"abc"
+    # Pipelined behind a running request: owed, and written once it is done.
+    feed(proto, EXPECT)
+    assert proto.transport.written == [CONTINUE_100] and proto.continue_due
+    assert proto.message_phase is Phase.BODY and proto.phase is Phase.BUSY
+    proto.request_done()
+    assert proto.transport.written == [CONTINUE_100, CONTINUE_100] and proto.phase is Phase.BODY
+
+
+def test_a_finished_answer_closes_unless_kept_alive(twin: ModuleType) -> None:
+    proto = connection(twin)
+    proto.writelines([b"a", b"b"])
+    proto.finish(True)
+    assert not proto.closed_gracefully and proto.transport.written == [b"a", b"b"]
+    proto.finish(False)
+    assert proto.closed_gracefully
+    proto.transport.closing = True
+    proto.writelines([b"c"])
+    assert proto.transport.written == [b"a", b"b"]
+
+
+def test_a_draining_server_closes_the_connection_after_its_answer(twin: ModuleType) -> None:
+    proto = connection(twin)
+    feed(proto, GET)
+    proto.server.draining = True
+    proto.request_done()
+    assert proto.closing and proto.phase is Phase.BUSY
+
+
+def test_the_body_budget_gives_memory_back_after_enough_was_freed(twin: ModuleType) -> None:
+    calls: list[tuple[float, Any]] = []
+
+    class TimerLoop(Loop):
+        def call_later(self, delay: float, callback: Any) -> Any:
+            calls.append((delay, callback))
+            return object()
+
+    budget = twin.BodyBudget(100 * 1024 * 1024, TimerLoop())
+    assert budget.reserve(64 * 1024 * 1024) and not budget.reserve(64 * 1024 * 1024)
+    budget.release(64 * 1024 * 1024)
+    assert budget.in_flight == 0
+    if _conn_py.malloc_trim is None:
+        assert calls == []
+        return
+    ((delay, callback),) = calls
+    assert delay == 0.0
+    callback()
+    assert budget.freed_since_trim == 0 and budget.trim_handle is None and budget.last_trim == START
+
+
+STREAMS = [GET, POST, CHUNKED, CLOSE_10, GET + POST + GET, REFUSED_SMALL, REFUSED_CHUNKED,
+           *(data for data, _ in REJECTED.values())]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(STREAMS), st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
+       st.booleans())
+def test_the_twins_agree_on_any_stream_split_anywhere(data: bytes, cuts: list[int], answer: bool) -> None:
+    results = []
+    for twin in twins():
+        proto = connection(twin, answer=answer)
+        feed(proto, data, [c for c in cuts if c < len(data)])
+        results.append(summary(proto))
+    assert all(result == results[0] for result in results)
+    # And one piece or many, the same requests.
+    whole = connection(twins()[0], answer=answer)
+    feed(whole, data)
+    assert summary(whole)["requests"] == results[0]["requests"]
