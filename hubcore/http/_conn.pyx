@@ -298,6 +298,8 @@ cdef class ConnCore:
         self.data_received(self._read_view[:nbytes])
 
     def data_received(self, data):
+        # Called with what the transport read; nothing may keep `data` (it
+        # is the server's read buffer): httptools hands callbacks copies.
         cdef Py_ssize_t size = len(data)
         cdef double now
         if self.phase is _LINGER or self.parsing_stopped:
@@ -307,6 +309,8 @@ cdef class ConnCore:
         if self.phase is _IDLE:
             self._set_phase(_HEAD, now)
         if self.message_phase is not _BODY:
+            # Counted before parsing, so a head that never ends is caught
+            # even when it arrives while an earlier request is answered.
             self.head_bytes += size
         try:
             self.parser.feed_data(data)
@@ -314,6 +318,8 @@ cdef class ConnCore:
             self._reject(400, "protocol upgrades are not supported")
             return
         except _HttpParserError as e:
+            # httptools re-raises an exception from a callback as a
+            # HttpParserCallbackError whose context is the original.
             reason = e.__context__
             if isinstance(reason, RefusedAtHead):
                 self._refused_at_head(reason.request)
@@ -325,6 +331,7 @@ cdef class ConnCore:
         if self.message_phase is _HEAD and self.head_bytes > self._max_header_bytes:
             self._reject(431, f"request head larger than {self._max_header_bytes} bytes")
         elif self.message_phase is _BODY and self.collector.size > self._max_header_bytes:
+            # Trailers of a chunked body still coming: counted with the head they follow.
             self._reject(431, f"request head and trailers larger than {self._max_header_bytes} bytes")
 
     # -- httptools callbacks (never await) ---------------------------------
@@ -346,7 +353,7 @@ cdef class ConnCore:
     def on_headers_complete(self):
         cdef HeaderCollector head = self.collector
         cdef long long length
-        head.seal()
+        head.seal()  # a chunked body's trailers are not headers
         if len(self.url) + head.size > self._max_header_bytes:
             raise Reject(431, f"request head larger than {self._max_header_bytes} bytes")
         method = self.method = self.parser.get_method()
@@ -356,6 +363,7 @@ cdef class ConnCore:
         if method == b"CONNECT":
             raise Reject(405, "CONNECT is not supported: hubcore is not a forward proxy")
         if head.hosts != 1 and (head.hosts > 1 or version == "1.1"):
+            # RFC 9112 3.2: a 1.1 request without exactly one Host is a 400.
             raise Reject(400, "a request must carry exactly one Host header")
         if head.control is not None:
             self._control_headers(head.control)
@@ -367,6 +375,7 @@ cdef class ConnCore:
         context = self.gate(self, method, self.url, head) if self.gate is not None else None
         self.context = context
         if isinstance(context, BaseException):
+            # A client waiting for 100 Continue gets the refusal instead.
             if self.expect_continue or self.chunked or length > _REFUSED_BODY_DISCARD_BYTES:
                 request = _new_request(method, self.url, head, [], False, version)
                 request.context = context
@@ -376,12 +385,15 @@ cdef class ConnCore:
             self._reserve(length)
         self.message_phase = _BODY
         if not self.busy:
-            self._set_phase(_BODY, self.last_activity)
+            # While an earlier request is answered the client is waiting for
+            # us, not we for it: no body timer until that answer is done.
+            self._set_phase(_BODY, self.last_activity)  # this read's time
             self.body_started = self.last_activity
         if self.expect_continue and length != 0 and self.transport is not None:
             if not self.busy:
                 self.transport.write(_CONTINUE_100)
             else:
+                # Written now it would land inside the running response.
                 self.continue_due = True
 
     cdef _control_headers(self, list control):
@@ -392,6 +404,8 @@ cdef class ConnCore:
                 self.expect_continue = True
             elif name == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
+                    # Only plain chunked framing is understood end to end;
+                    # anything else is a classic smuggling vector.
                     raise Reject(400, "unsupported Transfer-Encoding")
                 self.chunked = True
 
@@ -410,6 +424,8 @@ cdef class ConnCore:
         if self.discarding:
             return
         if size > self.reserved:
+            # A chunked body (or one longer than announced, which llhttp
+            # does not let through): reserved as it comes.
             self._reserve(size)
         self.body_parts.append(body)
 
@@ -448,6 +464,7 @@ cdef class ConnCore:
         if not self.busy:
             self._start(request)
         else:
+            # A pipelined request: answer in order, stop reading meanwhile.
             self.pipeline.append(request)
             self.pause_reading()
 
@@ -487,6 +504,7 @@ cdef class ConnCore:
             self._start(self.pipeline.popleft())
             return
         if self.pending_reject is not None:
+            # Every request before the bad bytes has its answer: now refuse them.
             reject = self.pending_reject
             self.pending_reject = None
             self._reject(reject.status, reject.message, reject.headers)
@@ -498,6 +516,7 @@ cdef class ConnCore:
         if self.server.draining:
             self.close()
             return
+        # Part of the next request may have arrived meanwhile: time it from now.
         self._set_phase(self.message_phase, -1.0)
         if self.continue_due and self.transport is not None:
             self.continue_due = False
@@ -522,7 +541,7 @@ cdef class ConnCore:
         # is never negative.
         cdef double timeout
         if self.phase is _LINGER or self.phase is _CLOSED:
-            return
+            return  # closing: only the linger deadline applies
         self.phase = phase
         if phase is _HEAD:
             timeout = self._header_timeout
