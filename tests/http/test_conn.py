@@ -115,7 +115,7 @@ class Server:
 def connection(twin: ModuleType, answer: bool = False) -> Any:
     """A connection on `twin`'s core; `answer`: each request is answered at once."""
 
-    class Recorder(twin.ConnCore):  # type: ignore[name-defined,misc]
+    class Recorder(twin.ConnCore):
         def __init__(self, server: Server) -> None:
             super().__init__(server)
             self.requests: list[Any] = []
