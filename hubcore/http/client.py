@@ -2,20 +2,21 @@
 parsing with httptools, timeouts and flow control.
 
 Theory of operation: one `UpstreamConnection` (an asyncio Protocol) carries
-one request at a time. Header callbacks go to a compiled `HeaderCollector`
-(hubcore.http.wire). The Exchange awaits the response head (status and headers)
-as a future, because retry decisions are made on it; it is also called with
-the head as it is parsed (`on_head`), so that a response it will not retry
-gets its sink attached in the read that brought the head. The body then flows
-by callbacks: the chunks httptools finds in one read are collected by
-`list.append` (a C call, no Python frame per SSE event) and handed to the
-attached `BodySink` together at the end of the read (it writes them to the
-client in one write and feeds the meter; the read that ends the body hands
-its chunks over with the end), with no task switch and no queue. Chunks that
-arrive while no sink is attached (a response about to be retried, or read
-as an error body) are held until one is. A slow client pauses this
-transport's reading (`pause_reading`), which lets TCP push back on the
-vendor, so nothing in between grows without bound.
+one request at a time; what every request does is its core's
+(hubcore.http.upstream, compiled when built), and header callbacks go to a
+compiled `HeaderCollector` (hubcore.http.wire). The Exchange awaits the
+response head (status and headers) as a future, because retry decisions are
+made on it; it is also called with the head as it is parsed (`on_head`), so
+that a response it will not retry gets its sink attached in the read that
+brought the head. The body then flows by callbacks: the chunks httptools
+finds in one read are collected by `list.append` (a C call, no Python frame
+per SSE event) and handed to the attached `BodySink` together at the end of
+the read (it writes them to the client in one write and feeds the meter; the
+read that ends the body hands its chunks over with the end), with no task
+switch and no queue. Chunks that arrive while no sink is attached (a
+response about to be retried, or read as an error body) are held until one
+is. A slow client pauses this transport's reading (`pause_reading`), which
+lets TCP push back on the vendor, so nothing in between grows without bound.
 
 A connection goes back to the pool only from the IDLE state, i.e. after a
 complete response with keep-alive; anything else closes it.
@@ -23,151 +24,43 @@ complete response with keep-alive; anything else closes it.
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
 import ssl
-import time
-from collections import deque
-from collections.abc import Callable
-from types import SimpleNamespace
-from typing import cast, Protocol
+from typing import cast
 
 import httptools
 
 from hubcore.http.deadlines import Sweeper, sweep_interval
 from hubcore.http.flow import ReadFlow, detached
-from hubcore.http.wire import HeaderCollector
+from hubcore.http.upstream import (
+    BodySink, ConnectFailed, ConnectionClosed, ConnState, PoolCore, ResponseHead, UpstreamCore, UpstreamError,
+    UpstreamTimeout,
+)
+
+__all__ = [
+    "BodySink", "ConnState", "ConnectFailed", "ConnectionClosed", "Pool", "ResponseHead", "UpstreamConnection",
+    "UpstreamError", "UpstreamTimeout", "client_ssl_context",
+]
 
 log = logging.getLogger("hubcore.upstream")
 
-
-class UpstreamError(Exception):
-    """A failure talking to the vendor. `before_response` is True when no
-    response byte was received, so the request may be retried elsewhere."""
-
-    kind = "upstream_error"
-
-    def __init__(self, message: str, *, before_response: bool = True) -> None:
-        super().__init__(message)
-        self.before_response = before_response
-
-
-class ConnectFailed(UpstreamError):
-    kind = "connect_failed"
-
-
-class UpstreamTimeout(UpstreamError):
-    kind = "timeout"
-
-
-class ConnectionClosed(UpstreamError):
-    kind = "connection_closed"
-
-
-class BodySink(Protocol):
-    # The body chunks of one read; the list is reused: consume it in the call.
-    def on_data(self, parts: list[bytes]) -> None: ...
-    # The body is complete; `parts` are its last chunks (maybe none), which
-    # came in the same read: the sink can write them and the end together.
-    def on_complete(self, parts: list[bytes]) -> None: ...
-    def on_error(self, exc: UpstreamError) -> None: ...
-
-
-class ConnState(enum.Enum):
-    CONNECTING = "connecting"
-    IDLE = "idle"          # in the pool, reusable
-    SENDING = "sending"    # request written, waiting for the response head
-    RECEIVING = "receiving"  # head received, body in progress
-    DONE = "done"          # response complete, not yet back in the pool
-    CLOSED = "closed"
-
-
-# The states as module globals (see server.py's phases): an Enum class's
-# attribute costs a slow hook's call, some ten a request here.
-_CONNECTING, _IDLE, _SENDING, _RECEIVING, _DONE, _CLOSED = (
-    ConnState.CONNECTING, ConnState.IDLE, ConnState.SENDING, ConnState.RECEIVING, ConnState.DONE,
-    ConnState.CLOSED,
+# The states as module globals (see _upstream_py): the rare paths below use these.
+_IDLE, _SENDING, _RECEIVING, _DONE, _CLOSED = (
+    ConnState.IDLE, ConnState.SENDING, ConnState.RECEIVING, ConnState.DONE, ConnState.CLOSED,
 )
 
 
-class ResponseHead:
-    __slots__ = ("status", "headers", "index", "keep_alive", "content_length", "chunked")
-
-    def __init__(self, status: int, head: HeaderCollector, keep_alive: bool) -> None:
-        self.status = status
-        self.headers: list[tuple[bytes, bytes]] = head.headers  # names lower-cased, in order
-        self.index: dict[bytes, bytes] = head.index
-        self.keep_alive = keep_alive
-        self.content_length: int | None = head.content_length if head.content_length >= 0 else None
-        self.chunked = False
-        for name, value in head.control or ():
-            if name == b"transfer-encoding":
-                self.chunked = b"chunked" in value.lower()
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of header `name` (lower-case), or None."""
-        return self.index.get(name)
-
-
-class UpstreamConnection(ReadFlow, asyncio.Protocol):
-    def __init__(self, pool: Pool) -> None:
-        # per-connection
-        self.pool = pool
-        self.loop = pool.loop
-        self.transport: asyncio.Transport | None = None
-        # Body chunks go straight into a list: httptools binds its callbacks
-        # once, so the list object stays and is emptied after each delivery.
-        self.body_parts: list[bytes] = []
-        self.collector = HeaderCollector()  # compiled: no Python frame per header
-        self.parser = httptools.HttpResponseParser(
-            SimpleNamespace(
-                on_header=self.collector.on_header,
-                on_headers_complete=self.on_headers_complete,
-                on_body=self.body_parts.append,
-                on_message_complete=self.on_message_complete,
-            )
-        )
-        self.state = _CONNECTING
-        self.reused = False
-        self.reading_paused = False
-        # per-request
-        self.head_future: asyncio.Future[ResponseHead] | None = None
-        self.on_head: Callable[[ResponseHead], None] | None = None
-        self.on_fail: Callable[[], None] | None = None
-        self.head: ResponseHead | None = None
-        self.head_at = 0.0
-        self.sink: BodySink | None = None
-        self.held: list[bytes] = []
-        self.complete = False
-        self.failure: UpstreamError | None = None
-        # When the pool's sweeper must look at this connection (loop time;
-        # 0.0: never): first byte, stream idle, or pooled idle timeout.
-        self.deadline = 0.0
-        self.last_activity = 0.0
-        self.first_byte_timeout = 0.0
-        self.idle_timeout = 0.0
+class UpstreamConnection(UpstreamCore, ReadFlow, asyncio.Protocol):
+    """One connection to a vendor. What every request does (writing it,
+    reading the answer's head and body, going back to the pool) is the
+    core's (hubcore.http.upstream, compiled when built); what is rare is
+    here: connection loss, timeouts, failures, closing."""
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
-        if self.state is _IDLE:
-            # A pooled connection must be silent; bytes now mean the server
-            # is confused or closing. Never reuse it.
-            self.close()
-            return
-        try:
-            self.parser.feed_data(data)
-            if self.body_parts:
-                self._deliver()
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
-        except httptools.HttpParserError as e:
-            self._fail(UpstreamError(f"invalid response from upstream: {e}", before_response=self.head is None))
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost does the rest
@@ -192,125 +85,11 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
     def resume_writing(self) -> None:
         pass
 
-    # -- httptools callbacks ---------------------------------------------
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if status < 200:
-            self.collector.reset()  # 1xx interim response: the real one follows
-            return
-        head = ResponseHead(status, self.collector, self.parser.should_keep_alive())
-        self.head = head
-        # time.monotonic(), not the loop's clock: the gateway measures the
-        # hub's own share of a request against it (see Exchange.t0).
-        self.head_at = time.monotonic()
-        self.state = _RECEIVING
-        self.deadline = self.last_activity + self.idle_timeout if self.idle_timeout > 0 else 0.0
-        fut = self.head_future
-        if fut is not None and not fut.done():
-            fut.set_result(head)
-        if self.on_head is not None:
-            self.on_head(head)
-
-    def _deliver(self) -> None:
-        parts = self.body_parts
-        sink = self.sink
-        if sink is not None:
-            sink.on_data(parts)
-        else:
-            self.held.extend(parts)
-        parts.clear()
-
-    def on_message_complete(self) -> None:
-        if self.head is None:
-            return  # end of a 1xx interim response
-        self.complete = True
-        self.state = _DONE
-        self.deadline = 0.0
-        sink = self.sink
-        if sink is not None:
-            parts = self.body_parts
-            sink.on_complete(parts)
-            parts.clear()
-        # else the chunks wait in `held` (data_received delivers them there)
-        # for attach(), which completes the sink.
-
-    # -- used by the Exchange --------------------------------------------
-    def send(
-        self,
-        head: bytes,
-        body: list[bytes],
-        first_byte_timeout: float,
-        idle_timeout: float,
-        on_head: Callable[[ResponseHead], None] | None = None,
-        on_fail: Callable[[], None] | None = None,
-    ) -> asyncio.Future[ResponseHead]:
-        """Write a request (its head, then its body in pieces, in one write);
-        the future gets the response head. `on_head`, if
-        given, is also called with it as it arrives, in the read that brought
-        it: a caller can attach a sink there and the body chunks of that same
-        read reach it without waiting for the future's waiter to wake.
-        `on_fail`, if given, is called when a failure reaches no one else:
-        the future fails or is cancelled, or the connection fails after the
-        head and before a sink is attached (a caller that awaits nothing
-        learns so)."""
-        assert self.transport is not None
-        self.on_head = on_head
-        self.on_fail = on_fail
-        self.state = _SENDING
-        self.collector.reset()
-        self.head = None
-        self.sink = None
-        self.held = []
-        self.body_parts.clear()
-        self.complete = False
-        self.failure = None
-        self.first_byte_timeout = first_byte_timeout
-        self.idle_timeout = idle_timeout
-        self.head_future = self.loop.create_future()
-        if body:
-            self.transport.writelines([head, *body])
-        else:
-            self.transport.write(head)
-        now = self.last_activity = self.loop.time()
-        self.deadline = now + first_byte_timeout if first_byte_timeout > 0 else 0.0
-        return self.head_future
-
-    def attach(self, sink: BodySink) -> None:
-        """Start delivering the body to `sink` (held chunks first)."""
-        self.sink = sink
-        held, self.held = self.held, []
-        if self.complete:
-            sink.on_complete(held)
-            return
-        if held:
-            sink.on_data(held)
-        if self.failure is not None:
-            sink.on_error(self.failure)
-
     async def read_body(self, limit: int = 1024 * 1024) -> bytes:
         """Read a whole (small) body, e.g. an error body that decides a retry."""
         collector = _Collector(self.loop, limit)
         self.attach(collector)
         return await collector.future
-
-    def release(self) -> None:
-        """Give the connection back: pooled if the response completed cleanly."""
-        self.sink = None
-        self.head_future = None
-        self.on_head = None
-        self.on_fail = None
-        if (
-            self.state is _DONE
-            and self.head is not None
-            and self.head.keep_alive
-            and self.transport is not None
-            and not self.transport.is_closing()
-        ):
-            self.resume_reading()
-            self.state = _IDLE
-            self.pool.put_idle(self)
-        else:
-            self.close()
 
     def close(self) -> None:
         if self.state is not _CLOSED:
@@ -358,7 +137,7 @@ class UpstreamConnection(ReadFlow, asyncio.Protocol):
             return
         self.failure = exc
         if self.body_parts:
-            self._deliver()  # what arrived before the failure goes out first
+            self.deliver()  # what arrived before the failure goes out first
         fut = self.head_future
         if self.sink is not None and (fut is None or fut.done()):
             self.sink.on_error(exc)
@@ -398,8 +177,9 @@ class _Collector:
             self.future.set_exception(exc)
 
 
-class Pool:
-    """Keep-alive connections to one origin (scheme, host, port)."""
+class Pool(PoolCore):
+    """Keep-alive connections to one origin (scheme, host, port). Taking an
+    idle connection and putting one back are the core's (PoolCore)."""
 
     def __init__(
         self,
@@ -413,34 +193,17 @@ class Pool:
         idle_timeout: float,
         sweep_every: float | None = None,
     ) -> None:
-        self.loop = loop
+        # Every connection's timeouts, idle or busy; `sweep_every` should be
+        # sweep_interval() of the shortest one the requests will use.
+        sweeper = Sweeper(
+            loop, sweep_every if sweep_every is not None else sweep_interval(idle_timeout),
+            lambda: itertools.chain(self.idle, self.active),
+        )
+        super().__init__(loop, max_idle, idle_timeout, sweeper)
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
-        self.max_idle = max_idle
-        self.idle_timeout = idle_timeout
-        self.idle: deque[UpstreamConnection] = deque()
-        self.active: set[UpstreamConnection] = set()
-        # Every connection's timeouts, idle or busy; `sweep_every` should be
-        # sweep_interval() of the shortest one the requests will use.
-        self.sweeper = Sweeper(
-            loop, sweep_every if sweep_every is not None else sweep_interval(idle_timeout),
-            lambda: itertools.chain(self.idle, self.active),
-        )
-        # Set by retire(): connections still busy close when they are done.
-        self.retired = False
-
-    def take_idle(self) -> UpstreamConnection | None:
-        """A pooled connection that is still usable, or None."""
-        while self.idle:
-            conn = self.idle.pop()  # most recently used: least likely closed by the peer
-            conn.deadline = 0.0
-            if conn.state is _IDLE and conn.transport is not None and not conn.transport.is_closing():
-                conn.reused = True
-                self.active.add(conn)
-                return conn
-        return None
 
     async def connect(self) -> UpstreamConnection:
         conn = UpstreamConnection(self)
@@ -466,15 +229,6 @@ class Pool:
         self.active.add(conn)
         self.sweeper.start()
         return conn
-
-    def put_idle(self, conn: UpstreamConnection) -> None:
-        self.active.discard(conn)
-        if self.retired or len(self.idle) >= self.max_idle or self.idle_timeout <= 0:
-            conn.close()
-            return
-        self.idle.append(conn)
-        conn.deadline = self.loop.time() + self.idle_timeout
-        self.sweeper.start()
 
     def forget(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)

@@ -1,0 +1,320 @@
+# cython: language_level=3
+"""An upstream connection's common response path, compiled: the twin of
+`_upstream_py.py` (see there for the contract; tests/http/test_upstream.py
+holds both to it).
+
+The same methods in the same order, on typed fields: the parser's callbacks,
+`data_received` and what the Exchange calls stay Python-callable, while what
+they call among themselves (`_deliver`, building the ResponseHead, the
+pool's `_put_idle`, the header collector's `reset`) are C calls. The rare
+paths are the subclass's (client.UpstreamConnection), called as Python
+methods."""
+
+cimport cython
+
+import time
+from collections import deque
+from types import SimpleNamespace
+
+import httptools
+
+from hubcore.http._wire cimport HeaderCollector
+
+# What is not hot is the Python twin's, shared.
+from hubcore.http._upstream_py import ConnState, UpstreamError
+
+# The states as C globals: `state is _IDLE` is a pointer comparison.
+cdef object _CONNECTING = ConnState.CONNECTING
+cdef object _IDLE = ConnState.IDLE
+cdef object _SENDING = ConnState.SENDING
+cdef object _RECEIVING = ConnState.RECEIVING
+cdef object _DONE = ConnState.DONE
+cdef object _CLOSED = ConnState.CLOSED
+
+# Declared ahead: a connection knows its pool's type, for the C call back into it.
+cdef class PoolCore
+
+
+cdef object _monotonic = time.monotonic
+cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
+cdef object _HttpParserError = httptools.HttpParserError
+
+
+# One ResponseHead per attempt: kept instances spare the allocator a round trip.
+@cython.freelist(8)
+cdef class ResponseHead:
+    """See _upstream_py.ResponseHead."""
+
+    cdef public int status
+    cdef public list headers
+    cdef public dict index
+    cdef public bint keep_alive
+    cdef public object content_length
+    cdef public bint chunked
+
+    def __init__(self, int status, HeaderCollector head, bint keep_alive):
+        self._fill(status, head, keep_alive)
+
+    cdef _fill(self, int status, HeaderCollector head, bint keep_alive):
+        self.status = status
+        self.headers = head.headers  # names lower-cased, in order
+        self.index = head.index
+        self.keep_alive = keep_alive
+        self.content_length = head.content_length if head.content_length >= 0 else None
+        self.chunked = False
+        if head.control is not None:
+            for name, value in head.control:
+                if name == b"transfer-encoding":
+                    self.chunked = b"chunked" in value.lower()
+
+    def header(self, name):
+        """The first value of header `name` (lower-case), or None."""
+        return self.index.get(name)
+
+
+cdef ResponseHead _new_head(int status, HeaderCollector head, bint keep_alive):
+    # ResponseHead(...) from C would pack a tuple and parse it in __init__.
+    cdef ResponseHead response = ResponseHead.__new__(ResponseHead)
+    response._fill(status, head, keep_alive)
+    return response
+
+
+cdef class UpstreamCore:
+    """See _upstream_py.UpstreamCore."""
+
+    # per-connection
+    cdef public PoolCore pool
+    cdef public object loop
+    cdef public object transport
+    cdef readonly list body_parts
+    cdef readonly HeaderCollector collector
+    cdef public object parser
+    cdef public object state
+    cdef public bint reused
+    cdef public bint reading_paused
+    cdef object _time  # loop.time
+    # per-request
+    cdef public object head_future
+    cdef public object on_head
+    cdef public object on_fail
+    cdef public ResponseHead head
+    cdef public double head_at
+    cdef public object sink
+    cdef public list held
+    cdef public bint complete
+    cdef public object failure
+    cdef public double deadline
+    cdef public double last_activity
+    cdef public double first_byte_timeout
+    cdef public double idle_timeout
+
+    def __init__(self, PoolCore pool):
+        # per-connection
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport = None
+        # Body chunks go straight into a list: httptools binds its callbacks
+        # once, so the list object stays and is emptied after each delivery.
+        self.body_parts = []
+        self.collector = HeaderCollector()
+        self.parser = httptools.HttpResponseParser(
+            SimpleNamespace(
+                on_header=self.collector.on_header,
+                on_headers_complete=self.on_headers_complete,
+                on_body=self.body_parts.append,
+                on_message_complete=self.on_message_complete,
+            )
+        )
+        self.state = _CONNECTING
+        self.reused = False
+        self.reading_paused = False
+        self._time = self.loop.time
+        # per-request
+        self.head_future = None
+        self.on_head = None
+        self.on_fail = None
+        self.head = None
+        self.head_at = 0.0
+        self.sink = None
+        self.held = []
+        self.complete = False
+        self.failure = None
+        self.deadline = 0.0
+        self.last_activity = 0.0
+        self.first_byte_timeout = 0.0
+        self.idle_timeout = 0.0
+
+    # -- reading -----------------------------------------------------------
+    def data_received(self, data):
+        self.last_activity = self._time()
+        if self.state is _IDLE:
+            # A pooled connection must be silent; bytes now mean the server
+            # is confused or closing. Never reuse it.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+            if self.body_parts:
+                self._deliver()
+        except _HttpParserUpgrade:
+            self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
+        except _HttpParserError as e:
+            self._fail(UpstreamError(f"invalid response from upstream: {e}", before_response=self.head is None))
+
+    # -- httptools callbacks -----------------------------------------------
+    def on_headers_complete(self):
+        cdef int status = self.parser.get_status_code()
+        cdef ResponseHead head
+        if status < 200:
+            self.collector.reset()  # 1xx interim response: the real one follows
+            return
+        head = _new_head(status, self.collector, self.parser.should_keep_alive())
+        self.head = head
+        # time.monotonic(), not the loop's clock: the gateway measures the
+        # hub's own share of a request against it (see Exchange.t0).
+        self.head_at = _monotonic()
+        self.state = _RECEIVING
+        self.deadline = self.last_activity + self.idle_timeout if self.idle_timeout > 0 else 0.0
+        fut = self.head_future
+        if fut is not None and not fut.done():
+            fut.set_result(head)
+        if self.on_head is not None:
+            self.on_head(head)
+
+    def deliver(self):
+        """Hand the chunks read so far to the sink, or hold them (for the subclass)."""
+        self._deliver()
+
+    cdef _deliver(self):
+        cdef list parts = self.body_parts
+        sink = self.sink
+        if sink is not None:
+            sink.on_data(parts)
+        else:
+            self.held.extend(parts)
+        parts.clear()
+
+    def on_message_complete(self):
+        cdef list parts
+        if self.head is None:
+            return  # end of a 1xx interim response
+        self.complete = True
+        self.state = _DONE
+        self.deadline = 0.0
+        sink = self.sink
+        if sink is not None:
+            parts = self.body_parts
+            sink.on_complete(parts)
+            parts.clear()
+        # else the chunks wait in `held` (data_received delivers them there)
+        # for attach(), which completes the sink.
+
+    # -- used by the Exchange ----------------------------------------------
+    def send(self, head, body, double first_byte_timeout, double idle_timeout, on_head=None, on_fail=None):
+        """See _upstream_py.UpstreamCore.send."""
+        cdef double now
+        assert self.transport is not None
+        self.on_head = on_head
+        self.on_fail = on_fail
+        self.state = _SENDING
+        self.collector.reset()
+        self.head = None
+        self.sink = None
+        self.held = []
+        self.body_parts.clear()
+        self.complete = False
+        self.failure = None
+        self.first_byte_timeout = first_byte_timeout
+        self.idle_timeout = idle_timeout
+        self.head_future = self.loop.create_future()
+        if body:
+            self.transport.writelines([head, *body])
+        else:
+            self.transport.write(head)
+        now = self.last_activity = self._time()
+        self.deadline = now + first_byte_timeout if first_byte_timeout > 0 else 0.0
+        return self.head_future
+
+    def attach(self, sink):
+        """Start delivering the body to `sink` (held chunks first)."""
+        cdef list held = self.held
+        self.sink = sink
+        self.held = []
+        if self.complete:
+            sink.on_complete(held)
+            return
+        if held:
+            sink.on_data(held)
+        if self.failure is not None:
+            sink.on_error(self.failure)
+
+    def release(self):
+        """Give the connection back: pooled if the response completed cleanly."""
+        self.sink = None
+        self.head_future = None
+        self.on_head = None
+        self.on_fail = None
+        if (
+            self.state is _DONE
+            and self.head is not None
+            and self.head.keep_alive
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            # ReadFlow.resume_reading does nothing unless reading is paused:
+            # asked only then, the usual request makes no Python call here.
+            if self.reading_paused:
+                self.resume_reading()
+            self.state = _IDLE
+            self.pool._put_idle(self)
+        else:
+            self.close()
+
+
+cdef class PoolCore:
+    """See _upstream_py.PoolCore."""
+
+    cdef public object loop
+    cdef public Py_ssize_t max_idle
+    cdef public double idle_timeout
+    cdef public object idle
+    cdef public set active
+    cdef public object sweeper
+    cdef public bint retired
+    cdef object _time  # loop.time
+
+    def __init__(self, loop, Py_ssize_t max_idle, double idle_timeout, sweeper):
+        self.loop = loop
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.idle = deque()
+        self.active = set()
+        self.sweeper = sweeper
+        self.retired = False
+        self._time = loop.time
+
+    def take_idle(self):
+        """A pooled connection that is still usable, or None."""
+        cdef UpstreamCore conn
+        idle = self.idle
+        while idle:
+            conn = idle.pop()  # most recently used: least likely closed by the peer
+            conn.deadline = 0.0
+            if conn.state is _IDLE and conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                self.active.add(conn)
+                return conn
+        return None
+
+    def put_idle(self, UpstreamCore conn):
+        """Keep `conn` for reuse, or close it (for callers outside the core)."""
+        self._put_idle(conn)
+
+    cdef _put_idle(self, UpstreamCore conn):
+        self.active.discard(conn)
+        if self.retired or len(self.idle) >= self.max_idle or self.idle_timeout <= 0:
+            conn.close()
+            return
+        self.idle.append(conn)
+        conn.deadline = self._time() + self.idle_timeout
+        self.sweeper.start()
