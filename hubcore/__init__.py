@@ -17,9 +17,12 @@ Within a row the packages are strangers: governance imports no accounting,
 http no routing.
 """
 
+import importlib
 import os
+import platform
 import sys
 from importlib.machinery import EXTENSION_SUFFIXES, SOURCE_SUFFIXES, FileFinder, ModuleSpec, SourceFileLoader
+from types import ModuleType
 from typing import Sequence
 
 __version__ = "0.1.0"
@@ -73,3 +76,17 @@ class _Twins:
 
 
 sys.meta_path.insert(0, _Twins(bool(os.environ.get("HUBCORE_NO_EXTENSIONS"))))
+
+
+def load_twin(compiled: str, pure: str) -> tuple[ModuleType, bool]:
+    """The Cython extension `compiled` and True, or its pure-Python twin
+    `pure` and False: the twin under HUBCORE_NO_EXTENSIONS (any non-empty
+    value), on an interpreter other than CPython, and when the extension
+    was not built. The modules that pick one (accounting.meter, http.wire,
+    http.conn, http.upstream) show type checkers the twin."""
+    if not os.environ.get("HUBCORE_NO_EXTENSIONS") and platform.python_implementation() == "CPython":
+        try:
+            return importlib.import_module(compiled), True
+        except ImportError:
+            pass
+    return importlib.import_module(pure), False

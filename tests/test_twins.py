@@ -116,3 +116,17 @@ def test_an_installed_package_runs_what_was_built_whatever_the_file_times(tmp_pa
     assert hubcore._Twins(source_only=False).find_spec("hubcore.probe", [str(tmp_path)]) is None
     spec = hubcore._Twins(source_only=True).find_spec("hubcore.probe", [str(tmp_path)])
     assert spec is not None and spec.origin == str(source)
+
+
+def test_load_twin_falls_back_to_the_pure_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hubcore import load_twin
+    from hubcore.http import _wire_py
+
+    # An extension that was not built: the twin, said so.
+    assert load_twin("hubcore.http._not_built", "hubcore.http._wire_py") == (_wire_py, False)
+    monkeypatch.setenv("HUBCORE_NO_EXTENSIONS", "1")
+    assert load_twin("hubcore.http._wire", "hubcore.http._wire_py") == (_wire_py, False)
+    monkeypatch.setenv("HUBCORE_NO_EXTENSIONS", "")
+    if not NO_EXTENSIONS:
+        module, compiled = load_twin("hubcore.http._wire", "hubcore.http._wire_py")
+        assert compiled and module.__file__.endswith(SUFFIX)

@@ -53,10 +53,9 @@ Conventions (the same columns mean the same thing for every vendor):
 selects the pure-Python twin; type checkers see that twin.
 """
 
-import os
-import platform
 from typing import TYPE_CHECKING
 
+from hubcore import load_twin
 from hubcore._meter_errors import MeterError
 from hubcore.accounting._meter_interpret import CHARS_PER_TOKEN, estimated_tokens
 from hubcore.accounting._meter_py import session_from_user_id
@@ -66,23 +65,13 @@ __all__ = [
     "MAX_EVENT_SIZE", "Meter", "MeterError", "estimated_tokens", "scan_request", "session_from_user_id",
 ]
 
-COMPILED = False
 if TYPE_CHECKING:
     from hubcore.accounting._meter_py import (
         FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Meter, scan_request,
     )
-else:
-    if not os.environ.get("HUBCORE_NO_EXTENSIONS") and platform.python_implementation() == "CPython":
-        try:
-            from hubcore.accounting._meter import (
-                FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Meter,
-                scan_request,
-            )
 
-            COMPILED = True
-        except ImportError:
-            pass
-    if not COMPILED:
-        from hubcore.accounting._meter_py import (
-            FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Meter, scan_request,
-        )
+    COMPILED = False
+else:
+    _twin, COMPILED = load_twin("hubcore.accounting._meter", "hubcore.accounting._meter_py")
+    FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES = _twin.FMT_ANTHROPIC, _twin.FMT_OPENAI_CHAT, _twin.FMT_OPENAI_RESPONSES
+    MAX_BODY_SIZE, MAX_EVENT_SIZE, Meter, scan_request = _twin.MAX_BODY_SIZE, _twin.MAX_EVENT_SIZE, _twin.Meter, _twin.scan_request

@@ -4,10 +4,9 @@ built, else the pure-Python one (`_conn_py.py`); `HUBCORE_NO_EXTENSIONS`
 (any non-empty value) or a non-CPython interpreter selects the pure twin, as
 for head handling (hubcore.http.wire)."""
 
-import os
-import platform
 from typing import TYPE_CHECKING
 
+from hubcore import load_twin
 from hubcore.http._conn_py import (
     CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, Phase, RefusedAtHead, Reject,
 )
@@ -17,16 +16,10 @@ __all__ = [
     "BodyBudget", "ConnCore", "Phase", "RefusedAtHead", "Reject", "Request",
 ]
 
-COMPILED = False
 if TYPE_CHECKING:
     from hubcore.http._conn_py import BodyBudget, ConnCore, Request
-else:
-    if not os.environ.get("HUBCORE_NO_EXTENSIONS") and platform.python_implementation() == "CPython":
-        try:
-            from hubcore.http._conn import BodyBudget, ConnCore, Request
 
-            COMPILED = True
-        except ImportError:
-            pass
-    if not COMPILED:
-        from hubcore.http._conn_py import BodyBudget, ConnCore, Request
+    COMPILED = False
+else:
+    _twin, COMPILED = load_twin("hubcore.http._conn", "hubcore.http._conn_py")
+    BodyBudget, ConnCore, Request = _twin.BodyBudget, _twin.ConnCore, _twin.Request

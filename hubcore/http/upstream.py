@@ -5,10 +5,9 @@ reading its response, going back to the pool): the compiled twin
 selects the pure twin, as for the client connection's core
 (hubcore.http.conn)."""
 
-import os
-import platform
 from typing import TYPE_CHECKING
 
+from hubcore import load_twin
 from hubcore.http._upstream_py import (
     BodySink, ConnectFailed, ConnectionClosed, ConnState, UpstreamError, UpstreamTimeout,
 )
@@ -18,16 +17,10 @@ __all__ = [
     "UpstreamCore", "UpstreamError", "UpstreamTimeout",
 ]
 
-COMPILED = False
 if TYPE_CHECKING:
     from hubcore.http._upstream_py import PoolCore, ResponseHead, UpstreamCore
-else:
-    if not os.environ.get("HUBCORE_NO_EXTENSIONS") and platform.python_implementation() == "CPython":
-        try:
-            from hubcore.http._upstream import PoolCore, ResponseHead, UpstreamCore
 
-            COMPILED = True
-        except ImportError:
-            pass
-    if not COMPILED:
-        from hubcore.http._upstream_py import PoolCore, ResponseHead, UpstreamCore
+    COMPILED = False
+else:
+    _twin, COMPILED = load_twin("hubcore.http._upstream", "hubcore.http._upstream_py")
+    PoolCore, ResponseHead, UpstreamCore = _twin.PoolCore, _twin.ResponseHead, _twin.UpstreamCore

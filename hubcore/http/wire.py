@@ -3,10 +3,10 @@ built, else the pure-Python one (`_wire_py.py`); `HUBCORE_NO_EXTENSIONS`
 (any non-empty value) or a non-CPython interpreter selects the pure twin, as
 for the meter (hubcore.accounting.meter)."""
 
-import os
-import platform
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
+
+from hubcore import load_twin
 
 __all__ = ["COMPILED", "CONTROL", "NO_CALLBACKS", "HeaderCollector", "render_head"]
 
@@ -16,16 +16,10 @@ __all__ = ["COMPILED", "CONTROL", "NO_CALLBACKS", "HeaderCollector", "render_hea
 # upstream.py) swaps in a parser built on this instead.
 NO_CALLBACKS = SimpleNamespace()
 
-COMPILED = False
 if TYPE_CHECKING:
     from hubcore.http._wire_py import CONTROL, HeaderCollector, render_head
-else:
-    if not os.environ.get("HUBCORE_NO_EXTENSIONS") and platform.python_implementation() == "CPython":
-        try:
-            from hubcore.http._wire import CONTROL, HeaderCollector, render_head
 
-            COMPILED = True
-        except ImportError:
-            pass
-    if not COMPILED:
-        from hubcore.http._wire_py import CONTROL, HeaderCollector, render_head
+    COMPILED = False
+else:
+    _twin, COMPILED = load_twin("hubcore.http._wire", "hubcore.http._wire_py")
+    CONTROL, HeaderCollector, render_head = _twin.CONTROL, _twin.HeaderCollector, _twin.render_head

@@ -6,13 +6,7 @@ Each twin's core is driven through a subclass that stands in for
 server.HttpProtocol's rare paths and records what they were asked."""
 from __future__ import annotations
 
-import importlib
-import os
-import platform
-import subprocess
-import sys
 from collections.abc import Coroutine
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -22,8 +16,10 @@ from hypothesis import given, settings, strategies as st
 from hubcore.config import ServerConfig
 from hubcore.http import _conn_py, conn
 from hubcore.http._conn_py import CONTINUE_100, Phase
+from tests.http.twins import (
+    Transport, both, check_compiled_loaded, check_no_extensions_selects_pure, feed, twin_of,
+)
 
-NO_EXTENSIONS = bool(os.environ.get("HUBCORE_NO_EXTENSIONS"))
 START = 1000.0
 CONFIG = ServerConfig(
     max_header_bytes=1024, max_body_bytes=4096, max_body_bytes_in_flight=8192,
@@ -61,15 +57,11 @@ REJECTED = {
 
 @pytest.fixture(scope="module", params=["c", "py"])
 def twin(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "c":
-        if NO_EXTENSIONS:
-            pytest.skip("HUBCORE_NO_EXTENSIONS is set")
-        return importlib.import_module("hubcore.http._conn")
-    return _conn_py
+    return twin_of(request.param, "hubcore.http._conn", _conn_py)
 
 
 def twins() -> list[ModuleType]:
-    return [_conn_py] if NO_EXTENSIONS else [importlib.import_module("hubcore.http._conn"), _conn_py]
+    return both("hubcore.http._conn", _conn_py)
 
 
 class Loop:
@@ -78,21 +70,6 @@ class Loop:
 
     def time(self) -> float:
         return self.now
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def writelines(self, data: list[bytes]) -> None:
-        self.written.extend(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
 
 
 class Server:
@@ -158,14 +135,6 @@ def connection(twin: ModuleType, answer: bool = False) -> Any:
     return proto
 
 
-def feed(proto: Any, data: bytes, cuts: list[int] = []) -> None:
-    at = 0
-    for cut in [*sorted(cuts), len(data)]:
-        if cut > at:
-            proto.data_received(data[at:cut])
-            at = cut
-
-
 def summary(proto: Any) -> dict[str, Any]:
     """What both twins must agree on, after a stream."""
     return {
@@ -187,20 +156,11 @@ def summary(proto: Any) -> dict[str, Any]:
 
 
 def test_compiled_twin_loaded() -> None:
-    """Fails where the build should have produced the compiled twin but it did not load."""
-    want = not NO_EXTENSIONS and platform.python_implementation() == "CPython"
-    assert conn.COMPILED is want
-    module = "hubcore.http._conn" if want else "hubcore.http._conn_py"
-    assert conn.ConnCore.__module__ == conn.Request.__module__ == conn.BodyBudget.__module__ == module
+    check_compiled_loaded(conn, [conn.ConnCore, conn.Request, conn.BodyBudget], "hubcore.http._conn", "hubcore.http._conn_py")
 
 
 def test_no_extensions_selects_pure_twin() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", "import hubcore.http.conn as c; print(c.COMPILED, c.ConnCore.__module__)"],
-        cwd=Path(__file__).parents[2], env={**os.environ, "HUBCORE_NO_EXTENSIONS": "1"},
-        capture_output=True, text=True, timeout=60, check=True,
-    )
-    assert out.stdout.split() == ["False", "hubcore.http._conn_py"]
+    check_no_extensions_selects_pure("hubcore.http.conn", "ConnCore", "hubcore.http._conn_py")
 
 
 def test_a_request_is_handed_over_and_the_connection_waits_for_the_next(twin: ModuleType) -> None:

@@ -7,12 +7,6 @@ Each twin's core is driven through a subclass that stands in for
 client.UpstreamConnection's rare paths and records what they were asked."""
 from __future__ import annotations
 
-import importlib
-import os
-import platform
-import subprocess
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -22,8 +16,11 @@ from hypothesis import given, settings, strategies as st
 from hubcore.http import _upstream_py, upstream
 from hubcore.http._upstream_py import ConnState, UpstreamError
 from hubcore.http.wire import HeaderCollector
+from tests.http.twins import (
+    Transport, both, check_compiled_loaded, check_no_extensions_selects_pure, twin_of,
+)
+from tests.http.twins import feed as fed
 
-NO_EXTENSIONS = bool(os.environ.get("HUBCORE_NO_EXTENSIONS"))
 START = 1000.0
 FIRST_BYTE_TIMEOUT = 5.0
 IDLE_TIMEOUT = 7.0
@@ -48,15 +45,11 @@ MALFORMED_BODY = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel
 
 @pytest.fixture(scope="module", params=["c", "py"])
 def twin(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "c":
-        if NO_EXTENSIONS:
-            pytest.skip("HUBCORE_NO_EXTENSIONS is set")
-        return importlib.import_module("hubcore.http._upstream")
-    return _upstream_py
+    return twin_of(request.param, "hubcore.http._upstream", _upstream_py)
 
 
 def twins() -> list[ModuleType]:
-    return [_upstream_py] if NO_EXTENSIONS else [importlib.import_module("hubcore.http._upstream"), _upstream_py]
+    return both("hubcore.http._upstream", _upstream_py)
 
 
 class Future:
@@ -90,21 +83,6 @@ class Loop:
 
     def create_future(self) -> Future:
         return Future()
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def writelines(self, data: list[bytes]) -> None:
-        self.written.extend(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
 
 
 class Sweeper:
@@ -187,12 +165,12 @@ def connection(twin: ModuleType, pool: Any = None, attach_on_head: bool = True) 
 
 
 def feed(proto: Any, data: bytes, cuts: list[int] = []) -> None:
-    at = 0
-    for cut in [*sorted(cuts), len(data)]:
-        if cut > at:
-            proto.loop.now += 1
-            proto.data_received(data[at:cut])
-            at = cut
+    """Each read a second after the one before."""
+
+    def tick() -> None:
+        proto.loop.now += 1
+
+    fed(proto, data, cuts, tick)
 
 
 def head_fields(head: Any) -> Any:
@@ -222,21 +200,12 @@ def summary(proto: Any) -> dict[str, Any]:
 
 
 def test_compiled_twin_loaded() -> None:
-    """Fails where the build should have produced the compiled twin but it did not load."""
-    want = not NO_EXTENSIONS and platform.python_implementation() == "CPython"
-    assert upstream.COMPILED is want
-    module = "hubcore.http._upstream" if want else "hubcore.http._upstream_py"
-    assert (upstream.UpstreamCore.__module__ == upstream.PoolCore.__module__
-            == upstream.ResponseHead.__module__ == module)
+    check_compiled_loaded(upstream, [upstream.UpstreamCore, upstream.PoolCore, upstream.ResponseHead],
+                          "hubcore.http._upstream", "hubcore.http._upstream_py")
 
 
 def test_no_extensions_selects_pure_twin() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", "import hubcore.http.upstream as u; print(u.COMPILED, u.UpstreamCore.__module__)"],
-        cwd=Path(__file__).parents[2], env={**os.environ, "HUBCORE_NO_EXTENSIONS": "1"},
-        capture_output=True, text=True, timeout=60, check=True,
-    )
-    assert out.stdout.split() == ["False", "hubcore.http._upstream_py"]
+    check_no_extensions_selects_pure("hubcore.http.upstream", "UpstreamCore", "hubcore.http._upstream_py")
 
 
 def test_a_request_is_written_in_one_write_and_timed_to_its_first_byte(twin: ModuleType) -> None:
