@@ -52,6 +52,16 @@ from bench import callgrind, payloads, services
 from bench.vendor import RESPONSE_HEADERS, Stream
 
 READ_SIZE = 64 * 1024
+
+
+def compiled_or_twins() -> str:
+    """Which module of each compiled/pure-Python pair this process runs: a
+    figure of a run on a twin is not one of the compiled path."""
+    from hubcore.accounting import meter
+    from hubcore.http import conn, upstream, wire
+
+    return (f"meter {meter.Meter.__module__}, heads {wire.HeaderCollector.__module__}, "
+            f"connections {conn.ConnCore.__module__} and {upstream.UpstreamCore.__module__}")
 WARMUP_REQUESTS = 200
 
 # --instructions: requests after the warm-up in the two counted runs. With
@@ -371,9 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         return instructions(parser, args)
     with tempfile.TemporaryDirectory(prefix="hubcore-hotpath-") as d:
         result = uvloop.run(run(args, Path(d)))
-    from hubcore.accounting import meter as sse
 
-    print(f"hub request path, {args.body} body, 20-event stream; meter {sse.Meter.__module__}")
+    print(f"hub request path, {args.body} body, 20-event stream; {compiled_or_twins()}")
     print(f"  per request: {min(result['cpu_batches']):.1f} µs CPU on the event loop's thread in the least "
           f"disturbed of {args.batches} batches of {args.requests} (median {result['loop_cpu_us']:.1f} µs; "
           f"wall {result['wall_us']:.1f} µs)")
@@ -401,10 +410,9 @@ def instructions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     except ChildFailed as e:
         print(e, file=sys.stderr)
         return 1
-    from hubcore.accounting import meter as sse
 
     n1, n2 = INSTRUCTION_RUNS
-    print(f"hub request path, {args.body} body, 20-event stream; meter {sse.Meter.__module__}")
+    print(f"hub request path, {args.body} body, 20-event stream; {compiled_or_twins()}")
     print(f"  instructions per request: {result['instructions_per_request']:,.0f} (event loop thread "
           f"{result['loop_thread']:,.0f}; usage writer and other threads {result['other_threads']:,.0f})")
     print(f"  callgrind, runs of {n1:,} and {n2:,} requests after {WARMUP_REQUESTS} warm-up ones: "

@@ -53,7 +53,7 @@ def two_hubs(tmp_path: Path, vendor: FakeVendor, redis: RedisServer, keys: list[
         configs.append(make_config(
             home, upstreams, database=str(database), spool=str(home / "spool"),
             shared={"redis": redis.url, "timeout": 0.5, "heartbeat_interval": 0.2, "instance_ttl": 1.0, **shared,
-                    **(b_shared or {} if name == "b" else {})},
+                    **((b_shared or {}) if name == "b" else {})},
         ))
     with HubThread(configs[0]) as a, HubThread(configs[1]) as b:
         yield a, b
