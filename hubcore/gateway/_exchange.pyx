@@ -15,6 +15,13 @@ ring, limiter, router and recorder, are called as Python methods."""
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from cpython.bytes cimport PyBytes_FromFormat, PyBytes_GET_SIZE
 
+# The connection cores, compiled with this one (setup.py builds all or none;
+# an import of this module fails without them, and the pure twin runs): the
+# request, its client connection, the upstream connection and the answer's
+# head are typed fields, read and called in C.
+from hubcore.http._conn cimport ConnCore, Request
+from hubcore.http._upstream cimport PoolCore, ResponseHead, UpstreamCore
+
 import logging
 
 from hubcore.accounting import meter as sse
@@ -84,8 +91,8 @@ cdef class ExchangeCore:
 
     cdef public object hub
     cdef public object loop
-    cdef public object request
-    cdef public object protocol
+    cdef public Request request
+    cdef public ConnCore protocol
     cdef public str request_id
     cdef public double ts
     cdef public double t0
@@ -119,8 +126,8 @@ cdef class ExchangeCore:
     cdef public object outcome
     cdef public object error_type
     cdef public object meter
-    cdef public object conn
-    cdef public object head
+    cdef public UpstreamCore conn
+    cdef public ResponseHead head
     cdef public object head_failure
     cdef public bint in_callbacks
     cdef public bint gone
@@ -145,7 +152,7 @@ cdef class ExchangeCore:
         self.last_data = b""
         self.pending_head = []
 
-    def __init__(self, hub, request, protocol):
+    def __init__(self, hub, Request request, ConnCore protocol):
         self.hub = hub
         self.loop = hub.loop
         self.request = request
@@ -212,11 +219,14 @@ cdef class ExchangeCore:
     # -- the first attempt -------------------------------------------------------
     def _first_attempt(self, upstream):
         """See the twin."""
+        cdef PoolCore pool
+        cdef UpstreamCore conn
         lease = upstream.ring.acquire(self.session_id, model_class=model_class(self.model))
         if lease is None:
             return
         self.lease = lease
-        conn = upstream.pool.take_idle()
+        pool = upstream.pool
+        conn = pool._take_idle()
         if conn is not None:
             self.conn = conn
             self._count_attempt(upstream.config, lease)
@@ -234,18 +244,18 @@ cdef class ExchangeCore:
         if metrics is not None:
             metrics.upstream_attempt(name, retry=self.attempts > 1)
 
-    cpdef _write_request(self, upstream, conn, bytes head):
+    cpdef _write_request(self, upstream, UpstreamCore conn, bytes head):
         cfg = upstream.config
         parts = self.request.parts if self.mapped is None else self.mapped[1]
-        future = conn.send(head, parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head, self.ensure_task)
+        future = conn._send(head, parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head, self.ensure_task)
         self._move(AWAITING_HEAD)
         self._sent_at = _clock(CLOCK_MONOTONIC)
         return future
 
     cpdef bytes _request_head(self, upstream, secret):
         """See the twin."""
-        request = self.request
-        body_size = request.body_size
+        cdef Request request = self.request
+        cdef Py_ssize_t body_size = request.body_size
         self.mapped = None
         config = upstream.config
         if config.model_map and request.method == b"POST":
@@ -258,7 +268,7 @@ cdef class ExchangeCore:
         )
 
     # -- the answer --------------------------------------------------------------
-    def _on_head(self, head):
+    def _on_head(self, ResponseHead head):
         """See the twin."""
         failure = self.head_failure = classify(head.status, head.headers)
         lease = self.lease
@@ -275,15 +285,16 @@ cdef class ExchangeCore:
             self.ensure_task()  # the retry
 
     # cpdef, not cdef: a test makes it fail through the class.
-    cpdef _begin_stream(self, head):
+    cpdef _begin_stream(self, ResponseHead head):
         cdef int status
-        conn = self.conn
+        cdef Request request
+        cdef UpstreamCore conn = self.conn
         assert conn is not None
         self._move(HOLDING_HEAD)
         self.head = head
         self._head_at = conn.head_at
         status = self.status = head.status
-        content_type = head.header(b"content-type") or b""
+        content_type = head.index.get(b"content-type") or b""
         self.sse_body = content_type.startswith(b"text/event-stream")
         route = self.route
         if route is not None and 200 <= status < 300:
@@ -306,7 +317,7 @@ cdef class ExchangeCore:
             self.done = self.loop.create_future()
         if self.protocol.write_paused:
             conn.pause_reading()
-        conn.attach(self)
+        conn._attach(self)
 
     def on_data(self, list parts):
         """See the twin."""
@@ -352,7 +363,7 @@ cdef class ExchangeCore:
         if end and self.chunked:
             out.append(b"0\r\n\r\n")
         if out:
-            self.protocol.writelines(out)
+            self.protocol._writelines(out)
         meter = self.meter
         if meter is not None and size:
             try:
@@ -378,6 +389,7 @@ cdef class ExchangeCore:
 
     cpdef _scan_unless_named(self):
         """See the twin."""
+        cdef Request request
         meter = self.meter
         if self.scanned:
             return
@@ -391,7 +403,7 @@ cdef class ExchangeCore:
     # -- the end -----------------------------------------------------------------
     def _finish(self):
         """See the twin."""
-        protocol = self.protocol
+        cdef ConnCore protocol = self.protocol
         try:
             try:
                 self._stream_done()
@@ -402,17 +414,17 @@ cdef class ExchangeCore:
         except Exception:
             log.exception("request handler failed")
             protocol.close()
-        protocol.request_done()
+        protocol._request_done()
 
     cpdef _stream_done(self):
         self._release_conn()
-        self.protocol.finish(self.keep_alive)
+        self.protocol._finish(self.keep_alive)
 
     cpdef _release_conn(self):
-        conn = self.conn
+        cdef UpstreamCore conn = self.conn
         self.conn = None
         if conn is not None:
-            conn.release()
+            conn._release()
 
     cpdef _release_lease(self, lease, failure):
         """See the twin."""
@@ -473,7 +485,7 @@ cdef class ExchangeCore:
             self.ts, self.request_id, route.endpoint, self.status, self.outcome, (now - self.t0) * 1000.0,
             principal, upstream.config.name if upstream is not None else None, self.key_label, self.model,
             self.error_type, (self._ttfb - self.t0) * 1000.0 if self._ttfb >= 0.0 else None, self.attempts,
-            self.session_id, _decode(self.request.header(b"user-agent")), self.sse_body, self.meter, route.kind,
+            self.session_id, _decode(self.request.index.get(b"user-agent")), self.sse_body, self.meter, route.kind,
             hub.prices, self.mapped[0] if self.mapped is not None else None,
             route_text,
             upstream.config.cost_multiplier if upstream is not None else 1.0,
