@@ -26,14 +26,16 @@ import logging
 
 from hubcore.accounting import meter as sse
 from hubcore.accounting.usage import Outcome
-from hubcore.errors import ANTHROPIC, MeterError
+from hubcore.errors import ANTHROPIC, HubError, MeterError
+from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
 from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head
-from hubcore.gateway.routes import ME_PATH
+from hubcore.gateway.routes import ME_PATH, flavour_for_path, leading_model, route_for, session_from_headers
+from hubcore.governance.tokens import Principal
 from hubcore.routing.failures import CLIENT_ABORTED, classify, in_stream_failure, retryable
 from hubcore.routing.headroom import model_class
 
 # What is not hot is the Python twin's, shared.
-from hubcore.gateway._exchange_py import _MOVES, Phase, _budget_headers, _decode, usage_event
+from hubcore.gateway._exchange_py import _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers, _decode, usage_event
 
 log = logging.getLogger("hubcore.proxy")
 
@@ -65,6 +67,8 @@ cdef object _REFUSED = Outcome.REFUSED
 cdef object _CHUNKED = Framing.CHUNKED
 cdef object _CLIENT_ABORTED_FAILURE = CLIENT_ABORTED
 cdef object _Meter = sse.Meter
+cdef object _HubError = HubError
+cdef object _Principal = Principal
 cdef object _MeterError = MeterError
 cdef str _ME_ROUTE = ME_PATH.decode()
 cdef bytes _ME_PATH = ME_PATH
@@ -216,8 +220,82 @@ cdef class ExchangeCore:
         self._phase = phase
         return 0
 
-    # -- the first attempt -------------------------------------------------------
-    def _first_attempt(self, upstream):
+    # -- admission and the first attempt ----------------------------------------
+    def begin(self):
+        """See the twin."""
+        try:
+            upstream = self.upstream = self._admit()
+            if upstream is not None and self.hub.shared is None:
+                self._move(SENDING)
+                self._first_attempt(upstream)
+        except _HubError as e:
+            self.refusal = e
+
+    cpdef _admit(self):
+        """Route, authenticate and admit the request (HubError if refused);
+        the upstream to send it to, or None once answered here."""
+        cdef Request request = self.request
+        cdef bytes path = request.path
+        cdef bytes method = request.method
+        cdef bint refusing_unpriced
+        if path == b"/":
+            if method != b"GET" and method != b"HEAD":
+                raise _HubError(405, "method not allowed")
+            self.respond(200, ROOT_HEADERS, ROOT_BODY, head_only=method == b"HEAD")
+            return None
+        self.route = route = route_for(path, request.index)
+        self.flavour = route.flavour if route is not None else flavour_for_path(path)
+        context = request.context
+        if isinstance(context, _HubError):
+            if context.status == 404:
+                self.route = None  # the row and metrics say "other", as for any unrouted path
+            raise context  # refused at its head: the body was never read
+        if route is None:
+            # The one path Hub.gate passes without a route, authenticated:
+            # the caller's own spend.
+            self._answer_me(context)
+            return None
+        # Hub.gate routed and authenticated the head: anything else came
+        # with a Principal.
+        assert isinstance(context, _Principal), "a request the gate did not judge"
+        principal = self.principal = context
+        if method not in route.methods:
+            raise _HubError(405, f"{method.decode()} is not allowed on {route.endpoint}")
+        hub = self.hub
+        limiter = hub.limiter
+        prices = hub.prices
+        refusing_unpriced = prices is not None and prices.unpriced == _REFUSE_UNPRICED
+        if method == b"POST":
+            self._check_body()
+            self.session_id = session_from_headers(request.index)
+            # The body is read for the model and session before the send
+            # only when the request cannot go out without them (see the twin).
+            if (self.session_id is None or refusing_unpriced
+                    or (limiter is not None and limiter.needs_model(principal))):
+                self._scan_body()
+            else:
+                # The model picks the key's rate-limit class; Claude Code
+                # writes it first, where it is read without a scan.
+                self.model = leading_model(request.parts[0]) if request.parts else None
+        kind = route.kind
+        router = hub.routers.get(kind)
+        upstream = router.single if router is not None and principal.groups is None else None
+        if upstream is None:
+            upstream = self._route(kind, router)
+        if not upstream.config.keys:
+            raise _HubError(503, f"no {kind} upstream key is configured; the hub operator must add one")
+        if refusing_unpriced and prices is not None and prices.refuses(kind, self.model):
+            raise _HubError(
+                400, f"model {self.model!r} has no price on this hub, and its setting "
+                f'[pricing] unpriced = "refuse" refuses requests for models without one; '
+                "ask the hub operator to add its price",
+                code="model_not_priced",
+            )
+        if limiter is not None:
+            self.admission = limiter.admit(principal, self.model, self.ts, model_required=self.scanned)
+        return upstream
+
+    cpdef _first_attempt(self, upstream):
         """See the twin."""
         cdef PoolCore pool
         cdef UpstreamCore conn

@@ -1,12 +1,13 @@
 """A request's common path through the Exchange, the pure-Python twin of
-`_exchange.pyx`: what every request sent in callbacks does once it is
-admitted, from its first attempt's key and write to its usage row and
-metrics (`_first_attempt` … `_write_request`, `_on_head` → `_begin_stream`,
-`on_data`/`on_complete` → `_write`, `_finish` → `_stream_done`,
-`_release_conn`, `_release_lease`, `_end` → `_record`, `report`).
-`hubcore.gateway.exchange_core` picks a twin; exchange.py's `Exchange`
-subclasses its `ExchangeCore` and keeps what is rare (admission, retries in
-the task, refusals, failures, shared state, shutdown).
+`_exchange.pyx`: what every request sent in callbacks does, from its
+admission and its first attempt's key and write to its usage row and
+metrics (`begin` → `_admit`, `_first_attempt` … `_write_request`,
+`_on_head` → `_begin_stream`, `on_data`/`on_complete` → `_write`,
+`_finish` → `_stream_done`, `_release_conn`, `_release_lease`,
+`_end` → `_record`, `report`). `hubcore.gateway.exchange_core` picks a
+twin; exchange.py's `Exchange` subclasses its `ExchangeCore` and keeps what
+is rare (routing among several upstreams, the hub's own answers and
+refusals, retries in the task, failures, shared state, shutdown).
 
 The twins behave the same (tests/gateway/test_exchange_core.py runs both
 through the same steps). What is not hot lives here once and the compiled
@@ -24,8 +25,9 @@ from hubcore.accounting import meter as sse
 from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.config import UpstreamConfig
 from hubcore.errors import ANTHROPIC, HubError, MeterError
+from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
 from hubcore.gateway.rewrite import Framing, budget_headers, keeps_alive, request_head, response_framing, response_head
-from hubcore.gateway.routes import ME_PATH, Route
+from hubcore.gateway.routes import ME_PATH, Route, flavour_for_path, leading_model, route_for, session_from_headers
 from hubcore.governance.tokens import Principal
 from hubcore.routing.attempts import AttemptChain
 from hubcore.routing.failures import CLIENT_ABORTED, Failure, classify, in_stream_failure, retryable
@@ -111,13 +113,15 @@ _OK, _CLIENT_ABORTED, _UPSTREAM_ERROR, _UPSTREAM_ABORTED, _REFUSED = (
     Outcome.OK, Outcome.CLIENT_ABORTED, Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_ABORTED, Outcome.REFUSED,
 )
 _CHUNKED = Framing.CHUNKED
+# The [pricing] unpriced rule under which a model without a price is refused.
+_REFUSE_UNPRICED = "refuse"
 
 
 class ExchangeCore:
     """The state of one request and what every request does with it; the
     subclass (exchange.Exchange) supplies the rare paths it calls:
-    `ensure_task`, `_end_attempt`, `_scan_body`, `_mapped_body`,
-    `_share_session_key`."""
+    `respond`, `_answer_me`, `_check_body`, `_route`, `ensure_task`,
+    `_end_attempt`, `_scan_body`, `_mapped_body`, `_share_session_key`."""
 
     # What a request starts with, as class attributes: an instance stores only
     # what changes, which spares some thirty stores on every request.
@@ -177,6 +181,15 @@ class ExchangeCore:
     failure: Exception | None = None
 
     if TYPE_CHECKING:
+        from hubcore.routing.router import Router
+
+        def respond(
+            self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, head_only: bool = False,
+            budget: Budget | None = None,
+        ) -> None: ...
+        def _answer_me(self, principal: object) -> None: ...
+        def _check_body(self) -> None: ...
+        def _route(self, kind: str, router: Router | None) -> UpstreamRuntime: ...
         def ensure_task(self) -> None: ...
         def _end_attempt(self, outcome: int | str) -> None: ...
         def _scan_body(self) -> None: ...
@@ -206,6 +219,85 @@ class ExchangeCore:
         if phase not in _MOVES[self.phase]:
             raise RuntimeError(f"request {self.request_id}: no move from {self.phase.name} to {phase.name}")
         self.phase = phase
+
+    # -- admission and the first attempt ----------------------------------------
+    def begin(self) -> None:
+        """Admit the request and, when a key and a pooled connection are at
+        hand, send it: no step up to that write waits, so none needs the
+        task (see Hub.handle). `run` does everything else."""
+        try:
+            upstream = self.upstream = self._admit()
+            if upstream is not None and self.hub.shared is None:
+                self._enter(_SENDING)
+                self._first_attempt(upstream)
+        except HubError as e:
+            self.refusal = e
+
+    def _admit(self) -> UpstreamRuntime | None:
+        """Route, authenticate and admit the request (HubError if refused);
+        the upstream to send it to, or None once answered here."""
+        request = self.request
+        if request.path == b"/":
+            if request.method not in (b"GET", b"HEAD"):
+                raise HubError(405, "method not allowed")
+            self.respond(200, ROOT_HEADERS, ROOT_BODY, head_only=request.method == b"HEAD")
+            return None
+        self.route = route = route_for(request.path, request.index)
+        self.flavour = route.flavour if route else flavour_for_path(request.path)
+        context = request.context
+        if isinstance(context, HubError):
+            if context.status == 404:
+                self.route = None  # the row and metrics say "other", as for any unrouted path
+            raise context  # refused at its head: the body was never read
+        if route is None:
+            # The one path Hub.gate passes without a route, authenticated:
+            # the caller's own spend.
+            self._answer_me(context)
+            return None
+        # Hub.gate routed and authenticated the head: anything else came
+        # with a Principal.
+        assert isinstance(context, Principal), "a request the gate did not judge"
+        self.principal = context
+        if request.method not in route.methods:
+            raise HubError(405, f"{request.method.decode()} is not allowed on {route.endpoint}")
+        limiter = self.hub.limiter
+        prices = self.hub.prices
+        refusing_unpriced = prices is not None and prices.unpriced == _REFUSE_UNPRICED
+        if request.method == b"POST":
+            self._check_body()
+            self.session_id = session_from_headers(request.index)
+            # The body is read for the model and session before the send
+            # only when the request cannot go out without them (a model
+            # allow-list, a session to keep on its key, a model without a
+            # price to refuse); otherwise only if the vendor's answer does
+            # not name the model (see _write).
+            if (self.session_id is None or refusing_unpriced
+                    or (limiter is not None and limiter.needs_model(self.principal))):
+                self._scan_body()
+            else:
+                # The model picks the key's rate-limit class; Claude Code
+                # writes it first, where it is read without a scan.
+                self.model = leading_model(request.parts[0]) if request.parts else None
+        router = self.hub.routers.get(route.kind)
+        upstream = router.single if router is not None and self.principal.groups is None else None
+        if upstream is None:
+            upstream = self._route(route.kind, router)
+        if not upstream.config.keys:
+            raise HubError(503, f"no {route.kind} upstream key is configured; the hub operator must add one")
+        if refusing_unpriced and prices is not None and prices.refuses(route.kind, self.model):
+            raise HubError(
+                400, f"model {self.model!r} has no price on this hub, and its setting "
+                f'[pricing] unpriced = "refuse" refuses requests for models without one; '
+                "ask the hub operator to add its price",
+                code="model_not_priced",
+            )
+        if limiter is not None:
+            self.admission = limiter.admit(
+                self.principal, self.model, self.ts,
+                model_required=self.scanned,
+            )
+        return upstream
+
 
     def _first_attempt(self, upstream: UpstreamRuntime) -> None:
         """Take the first attempt's key and, on a pooled connection, send the

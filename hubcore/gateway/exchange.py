@@ -36,12 +36,10 @@ from hubcore.routing.failures import (
 from hubcore.routing.headroom import model_class
 from hubcore.routing.keys import KeyReport, KeyRing, Lease
 from hubcore.routing.router import Router
-from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS, give_up, refusal_headers, render_http_error, sse_error_event
+from hubcore.gateway.answers import give_up, refusal_headers, render_http_error, sse_error_event
 from hubcore.gateway.me import ME_HEADERS, Ledger, me_body
 from hubcore.gateway.rewrite import with_model
-from hubcore.gateway.routes import (
-    ME_PATH, authenticate, flavour_for_path, leading_model, printable_path, route_for, session_from_headers,
-)
+from hubcore.gateway.routes import ME_PATH, authenticate, printable_path, route_for
 from hubcore.gateway.upstreams import UpstreamRuntime
 from hubcore.gateway._exchange_py import (
     _CLIENT_ABORTED, _DONE, _FINISHING, _HOLDING_HEAD, _REFUSED, _SENDING, _STREAMING, _UPSTREAM_ABORTED,
@@ -62,8 +60,6 @@ log = logging.getLogger("hubcore.proxy")
 JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
 # Bytes of an error body the hub reads before deciding to retry.
 ERROR_BODY_LIMIT = 1024 * 1024
-# The [pricing] unpriced rule under which a model without a price is refused.
-_REFUSE_UNPRICED = "refuse"
 
 
 # -- the Hub's collaborators, as the gateway calls them ------------------------
@@ -308,18 +304,6 @@ class Exchange(ExchangeCore):
             self.conn.resume_reading()
 
     # -- the request ---------------------------------------------------------
-    def begin(self) -> None:
-        """Admit the request and, when a key and a pooled connection are at
-        hand, send it: no step up to that write waits, so none needs the
-        task (see Hub.handle). `run` does everything else."""
-        try:
-            upstream = self.upstream = self._admit()
-            if upstream is not None and self.hub.shared is None:
-                self._enter(_SENDING)
-                self._first_attempt(upstream)
-        except HubError as e:
-            self.refusal = e
-
     async def run(self) -> None:
         try:
             if self.failure is not None:
@@ -349,71 +333,6 @@ class Exchange(ExchangeCore):
             raise
         finally:
             self._end()
-
-    def _admit(self) -> UpstreamRuntime | None:
-        """Route, authenticate and admit the request (HubError if refused);
-        the upstream to send it to, or None once answered here."""
-        request = self.request
-        if request.path == b"/":
-            if request.method not in (b"GET", b"HEAD"):
-                raise HubError(405, "method not allowed")
-            self.respond(200, ROOT_HEADERS, ROOT_BODY, head_only=request.method == b"HEAD")
-            return None
-        self.route = route = route_for(request.path, request.index)
-        self.flavour = route.flavour if route else flavour_for_path(request.path)
-        context = request.context
-        if isinstance(context, HubError):
-            if context.status == 404:
-                self.route = None  # the row and metrics say "other", as for any unrouted path
-            raise context  # refused at its head: the body was never read
-        if route is None:
-            # The one path Hub.gate passes without a route, authenticated:
-            # the caller's own spend.
-            self._answer_me(context)
-            return None
-        # Hub.gate routed and authenticated the head: anything else came
-        # with a Principal.
-        assert isinstance(context, Principal), "a request the gate did not judge"
-        self.principal = context
-        if request.method not in route.methods:
-            raise HubError(405, f"{request.method.decode()} is not allowed on {route.endpoint}")
-        limiter = self.hub.limiter
-        prices = self.hub.prices
-        refusing_unpriced = prices is not None and prices.unpriced == _REFUSE_UNPRICED
-        if request.method == b"POST":
-            self._check_body()
-            self.session_id = session_from_headers(request.index)
-            # The body is read for the model and session before the send
-            # only when the request cannot go out without them (a model
-            # allow-list, a session to keep on its key, a model without a
-            # price to refuse); otherwise only if the vendor's answer does
-            # not name the model (see _write).
-            if (self.session_id is None or refusing_unpriced
-                    or (limiter is not None and limiter.needs_model(self.principal))):
-                self._scan_body()
-            else:
-                # The model picks the key's rate-limit class; Claude Code
-                # writes it first, where it is read without a scan.
-                self.model = leading_model(request.parts[0]) if request.parts else None
-        router = self.hub.routers.get(route.kind)
-        upstream = router.single if router is not None and self.principal.groups is None else None
-        if upstream is None:
-            upstream = self._route(route.kind, router)
-        if not upstream.config.keys:
-            raise HubError(503, f"no {route.kind} upstream key is configured; the hub operator must add one")
-        if refusing_unpriced and prices is not None and prices.refuses(route.kind, self.model):
-            raise HubError(
-                400, f"model {self.model!r} has no price on this hub, and its setting "
-                f'[pricing] unpriced = "refuse" refuses requests for models without one; '
-                "ask the hub operator to add its price",
-                code="model_not_priced",
-            )
-        if limiter is not None:
-            self.admission = limiter.admit(
-                self.principal, self.model, self.ts,
-                model_required=self.scanned,
-            )
-        return upstream
 
     async def _admit_shared(self, upstream: UpstreamRuntime) -> None:
         """Admit on what every instance counts (one round trip, or this
