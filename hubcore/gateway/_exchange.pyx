@@ -5,12 +5,16 @@ test_exchange_core.py holds both to it).
 
 The same methods in the same order, on typed fields: the request's state is
 C fields (the phase a C int, the flags C ints, the clock readings C
-doubles), and what the steps call among themselves (`_move`, `_write`,
-`_count_attempt`, `_release_conn`, `_end`, `_record`, ...) are C calls.
-What other code calls stays Python-callable (the connections' callbacks,
-the subclass's rare paths, the tests); what the subclass (exchange.Exchange)
-supplies (`ensure_task`, `_scan_body`, `_end_attempt`, ...), and the key
-ring, limiter, router and recorder, are called as Python methods."""
+doubles), and what the steps call among themselves (`_admit`,
+`_first_attempt`, `_move`, `_write`, `_count_attempt`, `_release_conn`,
+`_end`, `_record`, `usage_event`, ...) are C calls, as are the calls on
+the connection cores (_conn.pxd, _upstream.pxd). What other code calls
+stays Python-callable (the connections' callbacks, the subclass's rare
+paths, the tests); what the subclass (exchange.Exchange) supplies
+(`respond`, `_route`, `ensure_task`, `_scan_body`, `_end_attempt`, ...),
+and the key ring, limiter, router, metrics and recorder, are called as
+Python methods. A method a test replaces through the class (`_record`,
+`_begin_stream`) is cpdef, so the replacement is still what runs."""
 
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from cpython.bytes cimport PyBytes_FromFormat, PyBytes_GET_SIZE
@@ -25,7 +29,7 @@ from hubcore.http._upstream cimport PoolCore, ResponseHead, UpstreamCore
 import logging
 
 from hubcore.accounting import meter as sse
-from hubcore.accounting.usage import Outcome
+from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
 from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head
@@ -35,7 +39,7 @@ from hubcore.routing.failures import CLIENT_ABORTED, classify, in_stream_failure
 from hubcore.routing.headroom import model_class
 
 # What is not hot is the Python twin's, shared.
-from hubcore.gateway._exchange_py import _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers, _decode, usage_event
+from hubcore.gateway._exchange_py import _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers, _decode
 
 log = logging.getLogger("hubcore.proxy")
 
@@ -64,6 +68,8 @@ cdef object _OK = Outcome.OK
 cdef object _CLIENT_ABORTED = Outcome.CLIENT_ABORTED
 cdef object _UPSTREAM_ERROR = Outcome.UPSTREAM_ERROR
 cdef object _REFUSED = Outcome.REFUSED
+cdef object _UPSTREAM_ABORTED = Outcome.UPSTREAM_ABORTED
+cdef object _UsageEvent = UsageEvent
 cdef object _CHUNKED = Framing.CHUNKED
 cdef object _CLIENT_ABORTED_FAILURE = CLIENT_ABORTED
 cdef object _Meter = sse.Meter
@@ -362,7 +368,6 @@ cdef class ExchangeCore:
                 metrics.upstream_answered(self.attempt_upstream, head.status)
             self.ensure_task()  # the retry
 
-    # cpdef, not cdef: a test makes it fail through the class.
     cpdef _begin_stream(self, ResponseHead head):
         cdef int status
         cdef Request request
@@ -522,7 +527,6 @@ cdef class ExchangeCore:
             self.grant.release()
         self._record()
 
-    # cpdef, not cdef: tests wrap it through the class.
     cpdef _record(self):
         cdef double now
         if self.lease is not None and self.upstream is not None:
@@ -610,3 +614,74 @@ cdef class ExchangeCore:
             metrics.observe_queue_wait(self.queued)
         if self.outcome is _REFUSED:
             metrics.refuse(self.error_type or str(self.status))
+
+
+cpdef usage_event(
+    double ts, str request_id, str endpoint, int status, outcome, double total_ms, principal, upstream, key_label,
+    model, error_type, ttfb_ms, int attempts, session_id, user_agent, bint sse_body, meter, vendor, prices,
+    served_model=None, route=None, double cost_multiplier=1.0,
+):
+    """See the twin: the usage row of a request that has ended. A C call
+    from _record."""
+    cdef bint output_estimated
+    if meter is None:
+        input_tokens = output_tokens = cache_write_5m = cache_write_1h = cache_read = 0
+        reasoning_tokens = server_tool_requests = 0
+        stop_reason = None
+        output_estimated = False
+    else:
+        if served_model is None:
+            model = meter.model or model
+        input_tokens, output_tokens = meter.input_tokens, meter.output_tokens
+        cache_write_5m, cache_write_1h, cache_read = meter.cache_write_5m, meter.cache_write_1h, meter.cache_read
+        reasoning_tokens, server_tool_requests = meter.reasoning_tokens, meter.server_tool_requests
+        stop_reason = meter.stop_reason
+        # A stream cut before its final usage: output estimated (see the twin).
+        output_estimated = meter.output_estimated
+        if error_type is None:
+            meter_error = meter.error_type
+            if meter_error:
+                error_type = meter_error
+        if outcome is _OK and sse_body and not meter.completed:
+            outcome = _UPSTREAM_ABORTED
+    # Priced even without a meter (see the twin).
+    if prices is None:
+        cost_micros = cost_basis = None
+    else:
+        cost_micros, cost_basis = prices.cost(
+            vendor, model, input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read,
+            forwarded=attempts > 0, multiplier=cost_multiplier,
+        )
+    # Positional, in UsageEvent's field order.
+    return _UsageEvent(
+        ts,
+        request_id,
+        endpoint,
+        status,
+        outcome,
+        total_ms,
+        principal.token_id,
+        principal.user,
+        principal.project,
+        upstream,
+        key_label,
+        model,
+        input_tokens,
+        output_tokens,
+        cache_write_5m,
+        cache_write_1h,
+        cache_read,
+        reasoning_tokens,
+        server_tool_requests,
+        stop_reason,
+        error_type,
+        cost_micros,
+        ttfb_ms,
+        attempts,
+        session_id,
+        user_agent,
+        output_estimated,
+        cost_basis,
+        served_model,
+        route,
+    )

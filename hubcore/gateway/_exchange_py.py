@@ -11,7 +11,7 @@ refusals, retries in the task, failures, shared state, shutdown).
 
 The twins behave the same (tests/gateway/test_exchange_core.py runs both
 through the same steps). What is not hot lives here once and the compiled
-twin imports it: the phases and their moves, `usage_event`.
+twin imports it: the phases and their moves, the budget headers.
 """
 from __future__ import annotations
 
