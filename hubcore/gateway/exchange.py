@@ -7,13 +7,13 @@ The Exchange orchestrates; what it decides is in pure functions beside it:
 routes.py (route, token, session), rewrite.py (the heads on their way
 through), answers.py (the hub's own answers) and `usage_event`.
 
-What every request does once admitted (its first attempt sent from the read
-that completed it, the answer streamed from the upstream's callbacks, the
-usage row and the metrics) is the core's, `ExchangeCore`
+What every request does (its admission and first attempt, sent from the
+read that completed it, the answer streamed from the upstream's callbacks,
+the usage row and the metrics) is the core's, `ExchangeCore`
 (hubcore.gateway.exchange_core, compiled when built), with the request's
 phases (the theory of operation is in `_exchange_py.py`); `Exchange` keeps
-what is rare: admission, retries in the task, the hub's own answers,
-failures, shared state, shutdown.
+what is rare: routing among several upstreams, the hub's own answers and
+refusals, retries in the task, failures, shared state, shutdown.
 """
 from __future__ import annotations
 
