@@ -58,10 +58,12 @@ def compiled_or_twins() -> str:
     """Which module of each compiled/pure-Python pair this process runs: a
     figure of a run on a twin is not one of the compiled path."""
     from hubcore.accounting import meter
+    from hubcore.gateway import exchange_core
     from hubcore.http import conn, upstream, wire
 
     return (f"meter {meter.Meter.__module__}, heads {wire.HeaderCollector.__module__}, "
-            f"connections {conn.ConnCore.__module__} and {upstream.UpstreamCore.__module__}")
+            f"connections {conn.ConnCore.__module__} and {upstream.UpstreamCore.__module__}, "
+            f"exchange {exchange_core.ExchangeCore.__module__}")
 WARMUP_REQUESTS = 200
 
 # --instructions: requests after the warm-up in the two counted runs. With

@@ -541,6 +541,7 @@ class Bench:
 def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
     from hubcore import __version__
     from hubcore.accounting import meter as sse
+    from hubcore.gateway import exchange_core
     from hubcore.http import conn, upstream, wire
 
     def run(cmd: list[str]) -> str:
@@ -557,6 +558,7 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
         "meter": sse.Meter.__module__,
         "wire": wire.HeaderCollector.__module__,
         "connections": f"{conn.ConnCore.__module__}, {upstream.UpstreamCore.__module__}",
+        "exchange": exchange_core.ExchangeCore.__module__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
@@ -648,7 +650,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"## hubcore latency tax — {'quick' if report['quick'] else 'full'} run, {env['date']}",
         "",
-        f"hubcore {env['hubcore']} ({env['commit'] or 'no commit'}, meter `{env['meter']}`, heads `{env.get('wire', '?')}`, connections `{env.get('connections', '?')}`), Python {env['python']}, "
+        f"hubcore {env['hubcore']} ({env['commit'] or 'no commit'}, meter `{env['meter']}`, heads `{env.get('wire', '?')}`, connections `{env.get('connections', '?')}`, exchange `{env.get('exchange', '?')}`), Python {env['python']}, "
         f"{env['cpus']} CPUs ({env['cpu_model']}), load average at start {env['loadavg_at_start']:.2f}; "
         f"nginx {env['nginx'] or 'absent'}; {env['wrk'] or 'wrk absent'}. All on 127.0.0.1; "
         "times in µs; *added* = path minus direct at the same percentile; *event* = arrival of each SSE text "

@@ -50,13 +50,7 @@ cdef object _HttpParserError = httptools.HttpParserError
 
 cdef class BodyBudget:
     """See _conn_py.BodyBudget."""
-
-    cdef public Py_ssize_t limit
-    cdef public object loop
-    cdef public Py_ssize_t in_flight
-    cdef public Py_ssize_t freed_since_trim
-    cdef public double last_trim
-    cdef public object trim_handle
+    # Its fields are declared in _conn.pxd, as are Request's and ConnCore's.
 
     def __init__(self, Py_ssize_t limit, loop):
         self.limit = limit
@@ -105,21 +99,6 @@ cdef bytes _path_of(bytes target):
 @cython.freelist(8)
 cdef class Request:
     """See _conn_py.Request."""
-
-    cdef public bytes method
-    cdef public bytes path
-    cdef public bytes target
-    cdef public list headers
-    cdef public dict index
-    cdef public object control
-    cdef public list parts
-    cdef public Py_ssize_t body_size
-    cdef object _body
-    cdef public bint keep_alive
-    cdef public str http_version
-    cdef public object context
-    cdef public Py_ssize_t reserved
-    cdef public BodyBudget budget
 
     def __init__(self, bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version):
         self._fill(method, target, head, parts, keep_alive, http_version)
@@ -182,55 +161,8 @@ cdef Request _new_request(bytes method, bytes target, HeaderCollector head, list
 
 cdef class ConnCore:
     """See _conn_py.ConnCore."""
-
-    # per-connection
-    cdef public object server
-    cdef public object config
-    cdef public object loop
-    cdef public object app
-    cdef public object gate
-    cdef readonly BodyBudget budget
-    cdef public object transport
-    cdef public bint reading_paused
-    cdef public bint parsing_stopped
-    cdef public object pending_reject
-    cdef public Request current
-    cdef readonly HeaderCollector collector
-    cdef public object parser
-    cdef public object phase
-    cdef public double deadline
-    cdef public double timeout
-    cdef public double last_activity
-    cdef public object pipeline
-    cdef public bint busy
-    cdef public object task
-    cdef public object handler
-    cdef public bint write_paused
-    cdef public bint closing
-    # What is read of the server and its config per request, as C values
-    # (the config is frozen; a reload applies to new connections).
-    cdef object _time  # loop.time
-    cdef object _read_view  # server.read_view
-    cdef long long _max_header_bytes
-    cdef long long _max_body_bytes
-    cdef double _header_timeout
-    cdef double _body_timeout
-    cdef double _keepalive_timeout
-    # per-request (the one being parsed)
-    cdef public bytes url
-    cdef public bytes method
-    cdef public str version
-    cdef public object context
-    cdef public bint discarding
-    cdef public bint chunked
-    cdef public Py_ssize_t head_bytes
-    cdef public list body_parts
-    cdef public Py_ssize_t body_size
-    cdef public Py_ssize_t reserved
-    cdef public double body_started
-    cdef public bint expect_continue
-    cdef public object message_phase
-    cdef public bint continue_due
+    # Its fields are declared in _conn.pxd, where the Exchange's core
+    # (hubcore/gateway/_exchange.pyx) reads them.
 
     def __init__(self, server):
         config = server.config
@@ -497,6 +429,9 @@ cdef class ConnCore:
     def request_done(self):
         """The current request is answered and its bookkeeping done: start
         the next pipelined one, or wait for the next request."""
+        self._request_done()
+
+    cdef _request_done(self):
         self._end_current()
         if self.phase is _CLOSED or self.closing:
             return
@@ -524,10 +459,17 @@ cdef class ConnCore:
 
     def finish(self, keep_alive):
         """The response is fully written; close unless it may be kept alive."""
+        self._finish(keep_alive)
+
+    cdef _finish(self, bint keep_alive):
         if not keep_alive:
             self.close_gracefully()
 
     def writelines(self, data):
+        self._writelines(data)
+
+    # The Exchange's core calls these three in C (see _conn.pxd).
+    cdef _writelines(self, data):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(data)
 

@@ -31,10 +31,6 @@ cdef object _RECEIVING = ConnState.RECEIVING
 cdef object _DONE = ConnState.DONE
 cdef object _CLOSED = ConnState.CLOSED
 
-# Declared ahead: a connection knows its pool's type, for the C call back into it.
-cdef class PoolCore
-
-
 cdef object _monotonic = time.monotonic
 cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
 cdef object _HttpParserError = httptools.HttpParserError
@@ -44,13 +40,8 @@ cdef object _HttpParserError = httptools.HttpParserError
 @cython.freelist(8)
 cdef class ResponseHead:
     """See _upstream_py.ResponseHead."""
-
-    cdef public int status
-    cdef public list headers
-    cdef public dict index
-    cdef public bint keep_alive
-    cdef public object content_length
-    cdef public bint chunked
+    # Its fields are declared in _upstream.pxd, as are UpstreamCore's and
+    # PoolCore's, where the Exchange's core reads them.
 
     def __init__(self, int status, HeaderCollector head, bint keep_alive):
         self._fill(status, head, keep_alive)
@@ -81,32 +72,6 @@ cdef ResponseHead _new_head(int status, HeaderCollector head, bint keep_alive):
 
 cdef class UpstreamCore:
     """See _upstream_py.UpstreamCore."""
-
-    # per-connection
-    cdef public PoolCore pool
-    cdef public object loop
-    cdef public object transport
-    cdef readonly list body_parts
-    cdef readonly HeaderCollector collector
-    cdef public object parser
-    cdef public object state
-    cdef public bint reused
-    cdef public bint reading_paused
-    cdef object _time  # loop.time
-    # per-request
-    cdef public object head_future
-    cdef public object on_head
-    cdef public object on_fail
-    cdef public ResponseHead head
-    cdef public double head_at
-    cdef public object sink
-    cdef public list held
-    cdef public bint complete
-    cdef public object failure
-    cdef public double deadline
-    cdef public double last_activity
-    cdef public double first_byte_timeout
-    cdef public double idle_timeout
 
     def __init__(self, PoolCore pool):
         # per-connection
@@ -212,6 +177,10 @@ cdef class UpstreamCore:
     # -- used by the Exchange ----------------------------------------------
     def send(self, head, body, double first_byte_timeout, double idle_timeout, on_head=None, on_fail=None):
         """See _upstream_py.UpstreamCore.send."""
+        return self._send(head, body, first_byte_timeout, idle_timeout, on_head, on_fail)
+
+    # The Exchange's core calls _send, _attach and _release in C (see _upstream.pxd).
+    cdef _send(self, head, body, double first_byte_timeout, double idle_timeout, on_head, on_fail):
         cdef double now
         assert self.transport is not None
         self.on_head = on_head
@@ -237,6 +206,9 @@ cdef class UpstreamCore:
 
     def attach(self, sink):
         """Start delivering the body to `sink` (held chunks first)."""
+        self._attach(sink)
+
+    cdef _attach(self, sink):
         cdef list held = self.held
         self.sink = sink
         self.held = []
@@ -250,6 +222,9 @@ cdef class UpstreamCore:
 
     def release(self):
         """Give the connection back: pooled if the response completed cleanly."""
+        self._release()
+
+    cdef _release(self):
         self.sink = None
         self.head_future = None
         self.on_head = None
@@ -274,15 +249,6 @@ cdef class UpstreamCore:
 cdef class PoolCore:
     """See _upstream_py.PoolCore."""
 
-    cdef public object loop
-    cdef public Py_ssize_t max_idle
-    cdef public double idle_timeout
-    cdef public object idle
-    cdef public set active
-    cdef public object sweeper
-    cdef public bint retired
-    cdef object _time  # loop.time
-
     def __init__(self, loop, Py_ssize_t max_idle, double idle_timeout, sweeper):
         self.loop = loop
         self.max_idle = max_idle
@@ -295,6 +261,9 @@ cdef class PoolCore:
 
     def take_idle(self):
         """A pooled connection that is still usable, or None."""
+        return self._take_idle()
+
+    cdef UpstreamCore _take_idle(self):
         cdef UpstreamCore conn
         idle = self.idle
         while idle:

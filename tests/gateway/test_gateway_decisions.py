@@ -558,4 +558,6 @@ def test_no_retry_once_bytes_reached_the_client_and_nothing_after_done() -> None
 
 
 def test_an_exchange_starts_admitting() -> None:
-    assert Exchange.phase is Phase.ADMITTING
+    # An instance: the compiled core keeps the phase as a C int, read
+    # through a property (the class has no Phase to show).
+    assert Exchange.__new__(Exchange).phase is Phase.ADMITTING

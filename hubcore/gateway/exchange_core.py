@@ -1,0 +1,22 @@
+"""A request's common path through the Exchange (its first attempt sent
+from the read that completed the request, the answer streamed from the
+upstream's callbacks, the usage row and the metrics): the compiled twin
+(`_exchange.pyx`) when built, else the pure-Python one (`_exchange_py.py`);
+`HUBCORE_NO_EXTENSIONS` (any non-empty value) or a non-CPython interpreter
+selects the pure twin, as for the connection cores (hubcore.http.conn,
+hubcore.http.upstream)."""
+
+from typing import TYPE_CHECKING
+
+from hubcore import load_twin
+from hubcore.gateway._exchange_py import _MOVES, Phase
+
+__all__ = ["COMPILED", "ExchangeCore", "Phase", "_MOVES", "usage_event"]
+
+if TYPE_CHECKING:
+    from hubcore.gateway._exchange_py import ExchangeCore, usage_event
+
+    COMPILED = False
+else:
+    _twin, COMPILED = load_twin("hubcore.gateway._exchange", "hubcore.gateway._exchange_py")
+    ExchangeCore, usage_event = _twin.ExchangeCore, _twin.usage_event
