@@ -59,11 +59,12 @@ def compiled_or_twins() -> str:
     figure of a run on a twin is not one of the compiled path."""
     from hubcore.accounting import meter
     from hubcore.http import conn, upstream, wire
+    from hubcore.governance import admit
     from hubcore.routing import lease
 
     return (f"meter {meter.Meter.__module__}, heads {wire.HeaderCollector.__module__}, "
             f"connections {conn.ConnCore.__module__} and {upstream.UpstreamCore.__module__}, "
-            f"key ring {lease.RingCore.__module__}")
+            f"key ring {lease.RingCore.__module__}, limiter {admit.LimiterCore.__module__}")
 WARMUP_REQUESTS = 200
 
 # --instructions: requests after the warm-up in the two counted runs. With

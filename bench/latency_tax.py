@@ -532,6 +532,7 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
     from hubcore import __version__
     from hubcore.accounting import meter as sse
     from hubcore.http import conn, upstream, wire
+    from hubcore.governance import admit
     from hubcore.routing import lease
 
     def run(cmd: list[str]) -> str:
@@ -549,6 +550,7 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
         "wire": wire.HeaderCollector.__module__,
         "connections": f"{conn.ConnCore.__module__}, {upstream.UpstreamCore.__module__}",
         "key_ring": lease.RingCore.__module__,
+        "limiter": admit.LimiterCore.__module__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
