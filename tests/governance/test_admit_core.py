@@ -25,7 +25,7 @@ from hubcore.governance.limits import Limits
 from hubcore.governance.storage import ScopeLimits
 from hubcore.governance.tokens import Principal
 from tests.governance.test_limits import T0
-from tests.http.twins import both, check_compiled_loaded, check_no_extensions_selects_pure, twin_of
+from tests.http.twins import NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, twin_of
 
 USD = 1_000_000
 
@@ -170,7 +170,7 @@ def run(twin: ModuleType, steps: list[tuple[Any, ...]], defined: bool) -> Iterat
                [astuple(line) for line in limiter.spend_report(clock[0])], [astuple(c) for c in crossings])
 
 
-@pytest.mark.skipif(len(twins()) < 2, reason="one twin in this run (HUBCORE_NO_EXTENSIONS)")
+@pytest.mark.skipif(NO_EXTENSIONS, reason="one twin in this run (HUBCORE_NO_EXTENSIONS)")
 @settings(max_examples=200, deadline=None)
 @given(steps=st.lists(STEP, min_size=5, max_size=60), defined=st.booleans())
 def test_both_twins_give_the_same_refusals_counters_and_spend(steps: list[tuple[Any, ...]], defined: bool) -> None:

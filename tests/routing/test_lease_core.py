@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from hubcore.routing import _lease_py, lease
 from hubcore.routing.failures import Failure, FailureKind
-from tests.http.twins import both, check_compiled_loaded, check_no_extensions_selects_pure, twin_of
+from tests.http.twins import NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, twin_of
 from tests.routing.test_keys import FakeClock, spec
 
 LABELS = ("a", "b", "c")
@@ -165,7 +165,7 @@ def run(twin: ModuleType, specs: list[Any], steps: list[tuple[Any, ...]], policy
         yield "state", ring.states(), ring.snapshot(), ring.session_count()
 
 
-@pytest.mark.skipif(len(twins()) < 2, reason="one twin in this run (HUBCORE_NO_EXTENSIONS)")
+@pytest.mark.skipif(NO_EXTENSIONS, reason="one twin in this run (HUBCORE_NO_EXTENSIONS)")
 @settings(max_examples=300, deadline=None)
 @given(
     steps=st.lists(STEP, min_size=10, max_size=80),
