@@ -543,6 +543,8 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
     from hubcore.accounting import meter as sse
     from hubcore.gateway import exchange_core
     from hubcore.http import conn, upstream, wire
+    from hubcore.governance import admit
+    from hubcore.routing import lease
 
     def run(cmd: list[str]) -> str:
         try:
@@ -559,6 +561,8 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
         "wire": wire.HeaderCollector.__module__,
         "connections": f"{conn.ConnCore.__module__}, {upstream.UpstreamCore.__module__}",
         "exchange": exchange_core.ExchangeCore.__module__,
+        "key_ring": lease.RingCore.__module__,
+        "limiter": admit.LimiterCore.__module__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),

@@ -83,7 +83,8 @@ def load_twin(compiled: str, pure: str) -> tuple[ModuleType, bool]:
     `pure` and False: the twin under HUBCORE_NO_EXTENSIONS (any non-empty
     value), on an interpreter other than CPython, and when the extension
     was not built. The modules that pick one (accounting.meter, http.wire,
-    http.conn, http.upstream) show type checkers the twin."""
+    http.conn, http.upstream, gateway.exchange_core, routing.lease,
+    governance.admit) show type checkers the twin."""
     if not os.environ.get("HUBCORE_NO_EXTENSIONS") and platform.python_implementation() == "CPython":
         try:
             return importlib.import_module(compiled), True

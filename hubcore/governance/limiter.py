@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from hubcore.config import zone
@@ -38,18 +38,20 @@ from hubcore.governance.limits import SCOPE_KINDS, WINDOWS, Limits, calendar_per
 from hubcore.governance.storage import ScopeLimits, load_scope_limits
 from hubcore.governance.tokens import Principal
 
+# A scope's counters, an admission, and what every request runs of the
+# Limiter: compiled when built (hubcore.governance.admit).
+from hubcore.governance.admit import BUCKET_SECONDS, Admission, LimiterCore, _Scope
+from hubcore.governance.admit import NEVER as _NEVER
+
 # Requests per minute are counted over a sliding 60-second window.
 RPM_WINDOW = 60.0
-BUCKET_SECONDS = 60
 ROLLING_BUCKETS = 5 * 3600 // BUCKET_SECONDS
 # Nothing says when an in-flight request will end; one second keeps clients
 # retrying briskly without hammering (the header's smallest unit).
 CONCURRENCY_RETRY_AFTER = 1.0
 
-_NEVER = -math.inf
 # Token ids per `IN (...)` of a rebuild's query (SQLite allows 32766 parameters).
 _IDS_PER_QUERY = 500
-_NO_RESETS: dict[str, float] = {}
 
 _WINDOW_NAMES = {
     "5h": "5-hour rolling",
@@ -58,22 +60,6 @@ _WINDOW_NAMES = {
     "month": "monthly",
     "total": "total",
 }
-
-
-class Spend(Protocol):
-    """What the Limiter reads of a usage event (accounting's UsageEvent): who
-    spent how much, for a request that arrived when."""
-
-    @property
-    def token_id(self) -> int | None: ...
-    @property
-    def user(self) -> str | None: ...
-    @property
-    def project(self) -> str | None: ...
-    @property
-    def cost_micros(self) -> int | None: ...
-    @property
-    def ts(self) -> float: ...
 
 
 def _format_wait(seconds: float) -> str:
@@ -211,65 +197,6 @@ def crossed(before: int, after: int, limit: int, percents: tuple[int, ...]) -> i
 
 # -- counters ---------------------------------------------------------------------
 
-class _Scope:
-    """Counters of one token, user or project. Spend is in micro-dollars."""
-
-    __slots__ = (
-        "label", "in_flight", "hits", "total", "total_base", "day_start", "day_base", "week_start", "week_base",
-        "month_start", "month_base", "periods", "counts_from", "resets", "buckets", "rolling",
-    )
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.in_flight = 0
-        self.hits: deque[float] | None = None     # admit times in the last minute, while rpm is set
-        self.clear_spend()
-
-    def clear_spend(self) -> None:
-        self.total = 0
-        # Spend in the period starting at *_start is total - *_base: a charge
-        # in the current day then only adds to total. Read against another
-        # period a window counts as zero (it resets lazily). The `total`
-        # window is total - total_base: nonzero only after a spend reset.
-        self.total_base = 0
-        self.day_start = self.week_start = self.month_start = -math.inf
-        self.day_base = self.week_base = self.month_base = 0
-        # The Limiter's current periods object once *_start are all current.
-        self.periods: object = None
-        # While periods is current: a charge of a request that arrived at
-        # counts_from or later counts in every window (the start of the day,
-        # or a later spend reset); an earlier one takes the slow path.
-        self.counts_from = math.inf
-        # window -> the moment its spend counts from (spend resets); None: none.
-        self.resets: dict[str, float] | None = None
-        self.buckets: deque[list[int]] | None = None   # [minute, micros], oldest first
-        self.rolling = 0
-
-
-class Admission:
-    """An admitted request's hold on the in-flight counters; release() once it ends."""
-
-    __slots__ = ("_scopes",)
-
-    # The budgets over the request (BudgetedAdmission); on the class, None,
-    # for a principal without any: the common case pays nothing for them.
-    budget: BudgetView | None = None
-
-    def __init__(self, scopes: tuple[_Scope, ...]) -> None:
-        self._scopes: tuple[_Scope, ...] | None = scopes
-
-    def release(self) -> None:
-        """Idempotent: a second call does nothing."""
-        scopes, self._scopes = self._scopes, None
-        if scopes is not None:
-            for scope in scopes:
-                scope.in_flight -= 1
-
-    @property
-    def released(self) -> bool:
-        return self._scopes is None
-
-
 class BudgetedAdmission(Admission):
     """The Admission of a request that some budget of its token, user or project applies to."""
 
@@ -376,7 +303,7 @@ def _binding_key(remaining: int, window: str, limit: int, resets_at: float | Non
     return remaining, -resets_at
 
 
-class Limiter:
+class Limiter(LimiterCore):
     """In-memory counters for every scope and the checks against them.
 
     Theory of operation. Each token, user and project has a `_Scope` of
@@ -392,6 +319,12 @@ class Limiter:
     times of the last minute in a deque bounded by the limit, which makes
     "the (N+1)th request within 60 s" exact. Everything runs on the event
     loop thread; nothing here locks.
+
+    What every request runs (admit up to its checks, needs_model, charge,
+    an Admission's release) is the core's, compiled when built
+    (hubcore.governance.admit); the core calls _admit_limited, _advance,
+    _credit, _add_bucket and _add_watched when the common case does not
+    hold.
     """
 
     def __init__(self, tz: str = "UTC", clock: Callable[[], float] = time.time) -> None:
@@ -467,59 +400,32 @@ class Limiter:
 
     # -- the request path --------------------------------------------------------
 
-    def admit(
-        self, principal: Principal, model: str | None = None, now: float | None = None,
-        *, model_required: bool = False,
+    def _admit_limited(
+        self, principal: Principal, model: str | None, now: float, model_required: bool,
+        scopes: tuple[_Scope, ...], token_limits: Limits | None, user_limits: Limits | None,
+        project_limits: Limits | None,
     ) -> Admission:
-        """Admit a request or raise Refused. `model` None (no model in the
-        request, e.g. GET /v1/models) passes the model allow-lists unless
-        `model_required` (a request body the hub could not read a model from
-        must not slip past an allow-list)."""
-        if now is None:
-            now = self._clock()
-        if now >= self._boundary:
-            self._advance(now)
-        token = self._tokens.get(principal.token_id)
-        if token is None:
-            token = self._tokens[principal.token_id] = _Scope(f"token {principal.token_id}")
-        user = self._users.get(principal.user)
-        if user is None:
-            user = self._users[principal.user] = _Scope(f"user {principal.user}")
-        defined = self._limits
-        token_limits = principal.limits
-        user_limits = defined.users.get(principal.user)
-        project_limits = None
-        if principal.project is None:
-            scopes: tuple[_Scope, ...] = (token, user)
-        else:
-            project = self._projects.get(principal.project)
-            if project is None:
-                project = self._projects[principal.project] = _Scope(f"project {principal.project}")
-            scopes = (token, user, project)
-            project_limits = defined.projects.get(principal.project)
-        # principal.groups: a user's or project's groups restriction reaches
-        # the token table before update() brings its limits here.
-        if (token_limits is not None or user_limits is not None or project_limits is not None
-                or principal.groups is not None):
-            checks = []
-            if token_limits is not None:
-                checks.append((token_limits, token))
-            if user_limits is not None:
-                checks.append((user_limits, user))
-            if project_limits is not None:
-                checks.append((project_limits, scopes[2]))
-            try:
-                self._check(checks, model, now, model_required, principal)
-            except Refused as refused:
-                refused.budget = self._budget_view(principal, scopes, token_limits, user_limits, project_limits)
-                raise
-            budget = self._budget_view(principal, scopes, token_limits, user_limits, project_limits)
-            if budget is not None:
-                for scope in scopes:
-                    scope.in_flight += 1
-                return BudgetedAdmission(scopes, budget)
+        """admit() past its common case: a limit applies to the token, user
+        or project (`*_limits`, `scopes` their counters in that order), or a
+        groups restriction to the principal. Every check, then the hold,
+        with the budgets over the request."""
+        checks = []
+        if token_limits is not None:
+            checks.append((token_limits, scopes[0]))
+        if user_limits is not None:
+            checks.append((user_limits, scopes[1]))
+        if project_limits is not None:
+            checks.append((project_limits, scopes[2]))
+        try:
+            self._check(checks, model, now, model_required, principal)
+        except Refused as refused:
+            refused.budget = self._budget_view(principal, scopes, token_limits, user_limits, project_limits)
+            raise
+        budget = self._budget_view(principal, scopes, token_limits, user_limits, project_limits)
         for scope in scopes:
             scope.in_flight += 1
+        if budget is not None:
+            return BudgetedAdmission(scopes, budget)
         return Admission(scopes)
 
     def _budget_view(
@@ -536,20 +442,6 @@ class Limiter:
         if project is not None and project.budgets:
             budgeted.append(("project", str(principal.project), project, scopes[2]))
         return BudgetView(self, tuple(budgeted)) if budgeted else None
-
-    def needs_model(self, principal: Principal) -> bool:
-        """Whether admitting `principal` depends on the request's model: a
-        model allow-list applies to its token, user or project. When none
-        does, the hub need not read the model before the request goes out."""
-        defined = self._limits
-        for limits in (
-            principal.limits,
-            defined.users.get(principal.user),
-            defined.projects.get(principal.project) if principal.project is not None else None,
-        ):
-            if limits is not None and limits.model_re is not None:
-                return True
-        return False
 
     def _check(
         self, checks: list[tuple[Limits, _Scope]], model: str | None, now: float, model_required: bool,
@@ -640,46 +532,6 @@ class Limiter:
                 raise budget_refusal(window, scope.label, spent, limit, resets_at, now, self.tz)
 
     # -- spend ---------------------------------------------------------------
-
-    def on_usage(self, event: Spend) -> None:
-        """A UsageRecorder listener: charge each event as it is recorded."""
-        self.charge(event.token_id, event.user, event.project, event.cost_micros, event.ts)
-
-    def charge(
-        self, token_id: int | None, user: str | None, project: str | None,
-        cost_micros: int | None, ts: float,
-    ) -> None:
-        """Add a request's cost to its token's, user's and project's windows."""
-        if not cost_micros or cost_micros < 0:
-            return
-        if ts >= self._boundary:
-            self._advance(ts)
-        minute = int(ts // BUCKET_SECONDS)
-        add = self._add
-        if token_id is not None:
-            scope = self._tokens.get(token_id)
-            if scope is None:
-                scope = self._tokens[token_id] = _Scope(f"token {token_id}")
-            if self._warn_tokens and (watched := self._warn_tokens.get(token_id)) is not None:
-                self._add_watched(scope, watched, "token", str(token_id), cost_micros, ts, minute)
-            else:
-                add(scope, cost_micros, ts, minute)
-        if user is not None:
-            scope = self._users.get(user)
-            if scope is None:
-                scope = self._users[user] = _Scope(f"user {user}")
-            if self._warn_users and (watched := self._warn_users.get(user)) is not None:
-                self._add_watched(scope, watched, "user", user, cost_micros, ts, minute)
-            else:
-                add(scope, cost_micros, ts, minute)
-        if project is not None:
-            scope = self._projects.get(project)
-            if scope is None:
-                scope = self._projects[project] = _Scope(f"project {project}")
-            if self._warn_projects and (watched := self._warn_projects.get(project)) is not None:
-                self._add_watched(scope, watched, "project", project, cost_micros, ts, minute)
-            else:
-                add(scope, cost_micros, ts, minute)
 
     def charge_elsewhere(
         self, token_id: int | None, user: str | None, project: str | None, cost_micros: int, ts: float,
@@ -922,34 +774,6 @@ class Limiter:
                 scope = self._projects[project] = _Scope(f"project {project}")
             scopes.append(scope)
         return scopes
-
-    def _add(self, scope: _Scope, cost: int, ts: float, minute: int) -> None:
-        # The day starts no earlier than its week and month: a charge in the
-        # current day of a scope already in the current periods (and after
-        # its spend resets) is in every window, and total - *_base moves with
-        # total alone.
-        if scope.periods is self._periods and ts >= scope.counts_from:
-            scope.total += cost
-        else:
-            # A cost from before a period's start (a request that arrived
-            # yesterday and ended today) belongs to a period already over;
-            # one from before a spend reset, to the spend it forgave.
-            resets = scope.resets or _NO_RESETS
-            self._credit(
-                scope, cost,
-                cost if ts >= self._day_start and ts >= resets.get("day", _NEVER) else 0,
-                cost if ts >= self._week[0] and ts >= resets.get("week", _NEVER) else 0,
-                cost if ts >= self._month[0] and ts >= resets.get("month", _NEVER) else 0,
-                cost if ts >= resets.get("total", _NEVER) else 0,
-            )
-            if ts < resets.get("5h", _NEVER):
-                return
-        buckets = scope.buckets
-        if buckets and buckets[-1][0] == minute:
-            buckets[-1][1] += cost
-            scope.rolling += cost
-        else:
-            self._add_bucket(scope, minute, cost)
 
     def _credit(
         self, scope: _Scope, amount: int, in_day: int, in_week: int, in_month: int, in_total: int | None = None,

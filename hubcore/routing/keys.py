@@ -20,7 +20,6 @@ from typing import Any, Protocol
 # The key settings are configuration values; re-exported for the ring's callers.
 from hubcore.config import KeyPolicy, KeySpec
 from hubcore.routing.affinity import Affinity
-from hubcore.routing.balance import least_loaded
 
 # Failure and its classifiers are re-exported here until every caller imports
 # them from hubcore.routing.failures.
@@ -33,7 +32,12 @@ from hubcore.routing.failures import (
     parse_rfc3339,
     retryable,
 )
-from hubcore.routing.headroom import MAX_CLASSES, Headroom, read_index
+from hubcore.routing.headroom import MAX_CLASSES
+
+# A key's state and counters, a lease, and what every request runs of the
+# ring: compiled when built (hubcore.routing.lease).
+from hubcore.routing.lease import KeyState, Lease, RingCore, _Key
+from hubcore.routing.lease import wake as _wake
 
 __all__ = [
     "Failure",
@@ -58,16 +62,6 @@ log = logging.getLogger("hubcore.keys")
 # old state, new state, reason). Called inside the ring's own calls: it must
 # not call back into the ring, except to read `states()`.
 StateListener = Callable[["KeyRing", str, "KeyState", "KeyState", str], None]
-
-
-class KeyState(enum.Enum):
-    HEALTHY = "healthy"
-    COOLING = "cooling"  # rate limited until `until`
-    OPEN = "open"  # circuit open until `until`
-    HALF_OPEN = "half_open"  # the pause is over: the hub's probe is due
-    PROBING = "probing"  # the hub's probe is out; its answer decides
-    DEAD = "dead"  # the vendor refused the key (401/403); a reload or the operator revives it
-    DISABLED = "disabled"  # by an operator, until the operator enables it
 
 
 # ---------------------------------------------------------------------------
@@ -272,108 +266,16 @@ _OUTCOME_EVENTS = {
 }
 
 
-class _Key:
-    """A key's spec, its state and its counters (one object per label and secret)."""
-
-    __slots__ = (
-        "spec",
-        "state",
-        "until",
-        "pause",
-        "probe",
-        "current",
-        "in_flight",
-        "requests",
-        "rate_limited",
-        "errors",
-        "consecutive_failures",
-        "last_error",
-        "room",
-        "read_due",
-        "rests",
-        "held",
-        "held_rest",
-        "revival",
-    )
-
-    def __init__(self, spec: KeySpec) -> None:
-        self.spec = spec
-        self.state = KeyState.HEALTHY
-        # Monotonic time when COOLING or OPEN ends; None in the other states.
-        self.until: float | None = None
-        # Length of the current (or last) open period, doubled per failed
-        # probe and per relapse on probation; 0.0 once a user's request was
-        # answered since, so that the next circuit starts from the policy's pause.
-        self.pause = 0.0
-        # The hub's probe lease, from take_probes() until it is released
-        # (whatever the state is by then).
-        self.probe: Lease | None = None
-        # Smooth weighted round-robin accumulator (of shares: weight x room).
-        self.current = 0.0
-        self.in_flight = 0
-        self.requests = 0
-        self.rate_limited = 0
-        self.errors = 0
-        self.consecutive_failures = 0
-        self.last_error: str | None = None
-        # What the vendor's rate-limit headers said of the key's room, per model class.
-        self.room = Headroom()
-        # Monotonic time before which an answer's headers are not read again
-        # for a class the key has a reading of (KeyPolicy.headroom_read_interval).
-        self.read_due = 0.0
-        # Model class -> monotonic time its rest after a 429 ends, in any
-        # state (a class never named here has no rest of its own).
-        self.rests: dict[str, float] = {}
-        # Monotonic time before which another hub instance holds the key
-        # back (a rest of the whole key, or its circuit open there: see
-        # hear); held_rest is the part that is a rest, which a request may
-        # wait out.
-        self.held = 0.0
-        self.held_rest = 0.0
-        # The mark of the operator's latest revival of the key on any hub
-        # instance, as last heard (see hear); None: none heard.
-        self.revival: str | None = None
-
-
-class Lease:
-    """One attempt's hold on a key; give it back with KeyRing.release, once."""
-
-    __slots__ = ("_key", "probe", "released", "model_class")
-
-    def __init__(self, key: _Key, probe: bool, model_class: str = "") -> None:
-        self._key = key
-        # True for the hub's own probe of an open circuit (take_probes).
-        self.probe = probe
-        self.released = False
-        # The rate-limit class of the request's model (headroom.model_class):
-        # its answers' readings and 429s are that class's; "" for unknown.
-        self.model_class = model_class
-
-    @property
-    def label(self) -> str:
-        return self._key.spec.label
-
-    @property
-    def secret(self) -> str:
-        return self._key.spec.secret
-
-    @property
-    def workspace(self) -> str | None:
-        return self._key.spec.workspace
-
-    @property
-    def org(self) -> str | None:
-        return self._key.spec.org
-
-    def __repr__(self) -> str:
-        return f"<Lease {self.label!r} probe={self.probe} released={self.released}>"
-
-
-class KeyRing:
+class KeyRing(RingCore):
     """The keys of one upstream: selection, health and session affinity.
 
     Not thread-safe: it belongs to one event loop. `clock` is monotonic
     seconds (injectable for tests); `wall_clock` only converts times for display.
+
+    What every request runs (acquire, observe, release up to its common
+    case) is the core's, compiled when built (hubcore.routing.lease); the
+    rest is here, and the core calls _expire, _previous_key and _settle
+    when the common case does not hold.
     """
 
     def __init__(
@@ -406,112 +308,6 @@ class KeyRing:
 
     # -- selection ---------------------------------------------------------
 
-    def acquire(
-        self,
-        session_id: str | None = None,
-        tried: AbstractSet[str] = frozenset(),
-        reason: Failure | None = None,
-        previous: Lease | None = None,
-        model_class: str = "",
-    ) -> Lease | None:
-        """A lease on the best HEALTHY key not in `tried` and not resting for
-        `model_class` (headroom.model_class of the request's model; "" when
-        unknown), or None if there is none.
-
-        Best: the lowest priority tier; there, keys with at least the
-        policy's headroom_floor of their room left for the class (the
-        vendor's latest reading), or if none has, those with the most room;
-        the session's key if it is among them (or every key is under the
-        floor); else, when failing over (`reason`), a key of another org
-        after a 429 and of the same workspace after other failures, relative
-        to `previous` (the failed lease; default: the session's key, or the
-        one key in `tried`); then the least loaded per weight x room, ties by
-        smooth weighted round-robin (see _pick). The chosen key becomes the
-        session's key.
-        """
-        now = self._clock()
-        if session_id is not None:
-            entry = self._sessions.entries.get(session_id)
-            if entry is not None:
-                key = entry[0]
-                # The common case, decided without looking at the other keys:
-                # the session's key is healthy, untried, still in the ring, in
-                # its best tier whatever state the others are in, not resting
-                # for the class, and its latest reading is not under the floor.
-                if (
-                    entry[1] > now
-                    and key.state is _H
-                    and key.until is None
-                    and key.spec.priority == self._best_priority
-                    and key.spec.label not in tried
-                    and model_class not in key.rests
-                    and key.held <= now
-                    and self._keys.get(key.spec.label) is key
-                    # Its room, as _above_floor judges it: the one key of a
-                    # ring is used whatever its room; another needs no
-                    # reading in force under the floor (or at nothing).
-                    and (len(self._keys) == 1
-                         or (reading := key.room.by_class.get(model_class)) is None
-                         or (reading.fraction >= self.policy.headroom_floor and reading.fraction > 0.0)
-                         or reading.until <= self._wall_clock())
-                ):
-                    key.in_flight += 1
-                    key.requests += 1
-                    # Affinity.remember, inline: every request of a session comes here.
-                    sessions = self._sessions.entries
-                    sessions[session_id] = (key, now + self._sessions.ttl)
-                    sessions.move_to_end(session_id)
-                    return Lease(key, probe=False, model_class=model_class)
-        # The usable keys of the best tier, in one pass (loops, not
-        # comprehensions: this runs for every request of a ring of several keys).
-        best: list[_Key] = []
-        tier = 0
-        for key in self._keys.values():
-            self._expire(key, now)
-            if key.state is not _H or key.spec.label in tried or model_class in key.rests or key.held > now:
-                continue
-            priority = key.spec.priority
-            if not best or priority < tier:
-                best = [key]
-                tier = priority
-            elif priority == tier:
-                best.append(key)
-        if not best:
-            return None
-        rooms: dict[_Key, float] | None = None
-        roomy, all_low = best, False
-        if len(best) > 1:
-            wall = self._wall_clock()
-            rooms = {}
-            for key in best:
-                rooms[key] = key.room.fraction(model_class, wall)
-            roomy, all_low = _above_floor(best, rooms, self.policy.headroom_floor)
-
-        sticky = self._sessions.get(session_id, now) if session_id is not None else None
-        # A session keeps its key under the floor only when every key is:
-        # its prompt cache is worth more than a few points of room.
-        if sticky is not None and (sticky in roomy or (all_low and sticky in best)):
-            chosen = sticky
-        else:
-            before = self._previous_key(previous, sticky, tried)
-            if before is not None:
-                if reason is not None:
-                    away_from_org = reason.kind is FailureKind.RATE_LIMITED
-                else:
-                    # The session moves without a fresh failure: its key is
-                    # resting (for the class), broken, gone, short of room, or
-                    # in a worse tier than now usable.
-                    away_from_org = before.state is KeyState.COOLING or model_class in before.rests
-                roomy = _prefer(roomy, before, away_from_org)
-            chosen = self._pick(roomy, rooms)
-
-        lease = Lease(chosen, probe=False, model_class=model_class)
-        chosen.in_flight += 1
-        chosen.requests += 1
-        if session_id is not None:
-            self._sessions.remember(session_id, chosen, now)
-        return lease
-
     def _previous_key(self, previous: Lease | None, sticky: _Key | None, tried: AbstractSet[str]) -> _Key | None:
         if previous is not None:
             return previous._key
@@ -521,14 +317,6 @@ class KeyRing:
             (label,) = tried
             return self._keys.get(label)
         return None
-
-    @staticmethod
-    def _pick(candidates: list[_Key], rooms: Mapping[_Key, float] | None) -> _Key:
-        # Each key's share is its weight times its room (1.0 where no reading
-        # is in force); routing.balance spreads by it.
-        if len(candidates) == 1:
-            return candidates[0]
-        return least_loaded(candidates, [_share(key, rooms) for key in candidates])
 
     # -- affinity ------------------------------------------------------------
 
@@ -591,41 +379,9 @@ class KeyRing:
 
     # -- outcomes ------------------------------------------------------------
 
-    def observe(self, lease: Lease, headers: Mapping[bytes, bytes], model_class: str | None = None) -> None:
-        """Keep what an answer's rate-limit headers say of the lease's key's
-        room, for the lease's model class (or `model_class`, when the caller
-        learnt it after acquiring). `headers`: by lower-case name, first
-        value each (ResponseHead.index). Call it once per answer head, error
-        or not, before release; a head without limits changes nothing.
-        Reading an Anthropic head with four limits costs some 20k
-        instructions, so a ring of one key reads nothing (there is no choice
-        for the room to weigh), and a key whose class has a reading reads
-        again only once `headroom_read_interval` has passed."""
-        if len(self._keys) == 1:
-            # Nothing to choose between: the reading would only be shown.
-            return
-        key = lease._key
-        cls = lease.model_class if model_class is None else model_class
-        now = self._clock()
-        if now < key.read_due and cls in key.room.by_class:
-            return
-        reading = read_index(headers, self._wall_clock())
-        if reading is not None:
-            key.room.update(cls, reading)
-            key.read_due = now + self.policy.headroom_read_interval
-
-    def release(self, lease: Lease, failure: Failure | None = None) -> None:
-        """Give a lease back with its outcome: None for success (any answer
-        that says nothing against the key), else the Failure."""
-        if lease.released:
-            raise RuntimeError(f"{lease!r} released twice")
-        lease.released = True
-        key = lease._key
-        key.in_flight -= 1
-        if failure is None and key.state is _H and key.consecutive_failures == 0 and key.probe is None:
-            # The common case, in which _transition would change nothing.
-            self._notify()
-            return
+    def _settle(self, lease: Lease, key: _Key, failure: Failure | None) -> None:
+        """release() past its common case: the outcome moves the key (or
+        its class) or ends its probe."""
         now = self._clock()
         self._expire(key, now)
         # The probe slot is freed only by the probe itself, so at most one is
@@ -963,10 +719,6 @@ class KeyRing:
                     timer.cancel()
                 waiters.discard(waiter)
 
-    def _notify(self) -> None:
-        for waiter in self._waiters:
-            _wake(waiter)
-
     # -- operator --------------------------------------------------------------
 
     def disable(self, label: str) -> KeyState | None:
@@ -1126,49 +878,6 @@ class KeyRing:
         return f"<KeyRing {self.name!r} keys={len(self._keys)}>"
 
 
-def _prefer(candidates: list[_Key], before: _Key, away_from_org: bool) -> list[_Key]:
-    """Narrow the failover candidates, each step only if something is left:
-    after a 429 to other orgs (same-org keys share the limit), then to the
-    failed key's workspace (it holds the session's prompt cache)."""
-    org = before.spec.org
-    if away_from_org and org is not None:
-        elsewhere = [key for key in candidates if key.spec.org != org]
-        if elsewhere:
-            candidates = elsewhere
-    workspace = before.spec.workspace
-    if workspace is not None:
-        same = [key for key in candidates if key.spec.workspace == workspace]
-        if same:
-            candidates = same
-    return candidates
-
-
-def _above_floor(candidates: list[_Key], rooms: Mapping[_Key, float], floor: float) -> tuple[list[_Key], bool]:
-    """The candidates with at least `floor` of their room left (and some):
-    a key under it is about to answer 429, so it is chosen only when no
-    other key has more; when every key is under it, those with the most,
-    and True (every key is low)."""
-    roomy = []
-    most = -1.0
-    for key in candidates:
-        room = rooms[key]
-        if room >= floor and room > 0.0:
-            roomy.append(key)
-        elif room > most:
-            most = room
-    if roomy:
-        return roomy, False
-    return [key for key in candidates if rooms[key] == most], True
-
-
-def _share(key: _Key, rooms: Mapping[_Key, float] | None) -> float:
-    """A key's share of the traffic: its weight times its room. Keys with no
-    room at all are candidates together only when none has any (see
-    _above_floor): then by weight."""
-    room = 1.0 if rooms is None else rooms[key]
-    return key.spec.weight * room if room > 0.0 else float(key.spec.weight)
-
-
 _CIRCUIT_STATES = frozenset({_O, _HO, _PR})
 
 
@@ -1232,8 +941,3 @@ def _probe_due(key: _Key) -> bool:
     # HALF_OPEN, and not still waiting for a probe from before the circuit
     # last opened (one that outlived its PROBING period): one probe at a time.
     return key.state is _HO and key.probe is None
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
