@@ -1,15 +1,15 @@
 """Build hubcore, with the compiled SSE meter (and the interpretation code its
 twins share), HTTP head handling, the client connection's request path, the
 upstream connection's response path, the Exchange's common path, the key
-ring's common path, the Limiter's request path and the metrics'
-per-request counters unless HUBCORE_NO_EXTENSIONS=1.
+ring's common path, the Limiter's request path, the metrics' per-request
+counters and the access log's line unless HUBCORE_NO_EXTENSIONS=1.
 
 The pure-Python twins (hubcore/accounting/_meter_py.py, hubcore/http/_wire_py.py,
 hubcore/http/_conn_py.py, hubcore/http/_upstream_py.py,
 hubcore/gateway/_exchange_py.py, hubcore/routing/_lease_py.py,
-hubcore/governance/_admit_py.py, hubcore/ops/_tally_py.py, and the
-sources of COMPILED_FROM_SOURCE) are always installed, so a build without a compiler,
-or with the variable set, still gives a working hub; at run time
+hubcore/governance/_admit_py.py, hubcore/ops/_tally_py.py,
+hubcore/ops/_access_py.py, and the sources of COMPILED_FROM_SOURCE) are
+always installed, so a build without a compiler, or with the variable set, still gives a working hub; at run time
 HUBCORE_NO_EXTENSIONS=1 loads them (hubcore/__init__.py).
 """
 import os
@@ -41,6 +41,7 @@ if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
             Extension("hubcore.routing._lease", ["hubcore/routing/_lease.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.governance._admit", ["hubcore/governance/_admit.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.ops._tally", ["hubcore/ops/_tally.pyx"], extra_compile_args=["-O3"]),
+            Extension("hubcore.ops._access", ["hubcore/ops/_access.pyx"], extra_compile_args=["-O3"]),
         ],
         compiler_directives={"language_level": "3"},
     ) + cythonize(

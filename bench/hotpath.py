@@ -61,13 +61,14 @@ def compiled_or_twins() -> str:
     from hubcore.gateway import exchange_core
     from hubcore.http import conn, upstream, wire
     from hubcore.governance import admit
-    from hubcore.ops import tally
+    from hubcore.ops import access_core, tally
     from hubcore.routing import lease
 
     return (f"meter {meter.Meter.__module__}, heads {wire.HeaderCollector.__module__}, "
             f"connections {conn.ConnCore.__module__} and {upstream.UpstreamCore.__module__}, "
             f"exchange {exchange_core.ExchangeCore.__module__}, key ring {lease.RingCore.__module__}, "
-            f"limiter {admit.LimiterCore.__module__}, metrics {tally.TallyCore.__module__}")
+            f"limiter {admit.LimiterCore.__module__}, metrics {tally.TallyCore.__module__}, "
+            f"access log {access_core.AccessCore.__module__}")
 WARMUP_REQUESTS = 200
 
 # --instructions: requests after the warm-up in the two counted runs. With

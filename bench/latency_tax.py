@@ -544,7 +544,7 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
     from hubcore.gateway import exchange_core
     from hubcore.http import conn, upstream, wire
     from hubcore.governance import admit
-    from hubcore.ops import tally
+    from hubcore.ops import access_core, tally
     from hubcore.routing import lease
 
     def run(cmd: list[str]) -> str:
@@ -565,6 +565,7 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
         "key_ring": lease.RingCore.__module__,
         "limiter": admit.LimiterCore.__module__,
         "metrics": tally.TallyCore.__module__,
+        "access_log": access_core.AccessCore.__module__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TextIO
 
-import orjson
-
-from hubcore.accounting.usage import UsageEvent
+from hubcore.ops.access_core import _JSON_FIELDS, TEXT_LINE, AccessCore, _json_line
 
 # Seconds a line may wait in the buffer; short enough for `journalctl -f`.
 FLUSH_INTERVAL = 0.2
@@ -35,41 +32,17 @@ REFUSAL_WINDOW = 10.0  # seconds
 REFUSAL_WINDOWS_MAX = 10_000
 SUMMARY_LINE = "%d more requests from %s refused with %d in the last %.1f s"
 
-# One format for every access line, with or without a usage row: `-` where
-# a request had no such thing (a refused request has no user, model or key).
-TEXT_LINE = (
-    "%s access %s user=%s project=%s model=%s key=%s status=%d outcome=%s in=%d out=%d "
-    "cw5m=%d cw1h=%d cr=%d cost_micros=%s ttfb_ms=%s total_ms=%.3f attempts=%d endpoint=%s client=%s\n"
-)
 MAX_PATH_TEXT = 200  # bytes of a refused request's path shown; a path is the client's to choose
 
 
-class AccessLog:
-    def __init__(self, stream: TextIO, loop: asyncio.AbstractEventLoop, json: bool = False, flush_interval: float = FLUSH_INTERVAL) -> None:
-        self.stream = stream
-        self.loop = loop
-        self.json = json
-        self.flush_interval = flush_interval
-        self.lines: list[str] = []
-        self.timer: asyncio.TimerHandle | None = None
-        self._second = -1
-        self._stamp = ""
-        self.refusals = RefusalLog(loop, logging.getLogger("hubcore.access"))
+class AccessLog(AccessCore):
+    """The access log of one hub process. The line of each usage row and the
+    buffer are its base's (hubcore.ops.access_core: compiled when built)."""
 
-    def record(self, event: UsageEvent, client: str | None = None) -> None:
-        """The line of a request that left a usage row."""
-        if self.json:
-            line = _json_line(event.ts, {k: getattr(event, k) for k in _JSON_FIELDS}, client)
-        else:
-            line = TEXT_LINE % (
-                self._timestamp(event.ts), event.request_id, event.user or "-", event.project or "-",
-                event.model or "-", event.key_label or "-", event.status, event.outcome, event.input_tokens,
-                event.output_tokens, event.cache_write_5m, event.cache_write_1h, event.cache_read,
-                "-" if event.cost_micros is None else event.cost_micros,
-                "-" if event.ttfb_ms is None else "%.3f" % event.ttfb_ms, event.total_ms, event.attempts,
-                event.endpoint, client or "-",
-            )
-        self._append(line)
+    def __init__(self, stream: TextIO, loop: asyncio.AbstractEventLoop, json: bool = False, flush_interval: float = FLUSH_INTERVAL) -> None:
+        super().__init__(loop, json, flush_interval)
+        self.stream = stream
+        self.refusals = RefusalLog(loop, logging.getLogger("hubcore.access"))
 
     def refused(self, ts: float, request_id: str, path: bytes, status: int, outcome: str,
                 total_ms: float, client: str | None) -> None:
@@ -86,18 +59,6 @@ class AccessLog:
                 total_ms, 0, endpoint, client or "-",
             )
         self._append(line)
-
-    def _append(self, line: str) -> None:
-        self.lines.append(line)
-        if self.timer is None:
-            self.timer = self.loop.call_later(self.flush_interval, self.flush)
-
-    def _timestamp(self, ts: float) -> str:
-        second = int(ts)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return self._stamp
 
     def flush(self) -> None:
         if self.timer is not None:
@@ -187,25 +148,12 @@ class RefusalLog:
             self.logger.info(SUMMARY_LINE, count, key[0], key[1], now - opened)
 
 
-_JSON_FIELDS = (
-    "request_id", "user", "project", "model", "key_label", "endpoint", "status", "outcome",
-    "input_tokens", "output_tokens", "cache_write_5m", "cache_write_1h", "cache_read",
-    "reasoning_tokens", "cost_micros", "ttfb_ms", "total_ms", "attempts",
-)
 # A refused request's values of the fields it has no usage for.
 _REFUSED_FIELDS: dict[str, object] = {
     **dict.fromkeys(_JSON_FIELDS, None),
     **dict.fromkeys(("input_tokens", "output_tokens", "cache_write_5m", "cache_write_1h", "cache_read",
                      "reasoning_tokens", "attempts"), 0),
 }
-
-
-def _json_line(ts: float, fields: dict[str, object], client: str | None) -> str:
-    """An access line as the JSON log formatter shapes every record
-    (runtime.JsonFormatter): ts, level, logger, msg, then the fields."""
-    return orjson.dumps(
-        {"ts": ts, "level": "info", "logger": "hubcore.access", "msg": "access", **fields, "client": client}
-    ).decode() + "\n"
 
 
 def printable_path(path: bytes) -> str:

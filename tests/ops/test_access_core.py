@@ -1,0 +1,118 @@
+"""The access log's per-request line, both twins (hubcore.ops._access,
+compiled, and _access_py): the same usage rows give the same lines, byte
+for byte, in text and JSON, and the same buffering. tests/ops/test_accesslog.py
+holds the behaviour on whichever twin the run selects.
+
+Each twin gets an AccessLog of its own: hubcore.ops.accesslog loaded again
+with hubcore.ops.access_core standing for that twin."""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import io
+import sys
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hubcore.accounting.usage import UsageEvent
+from hubcore.ops import _access_py, access_core
+from tests.http.twins import NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, twin_of
+
+COMPILED = "hubcore.ops._access"
+
+
+def accesslog_module(twin: ModuleType) -> ModuleType:
+    """hubcore.ops.accesslog built on `twin` (not registered in sys.modules)."""
+    found = importlib.util.find_spec("hubcore.ops.accesslog")
+    assert found is not None and found.loader is not None
+    module = importlib.util.module_from_spec(found)
+    selector = ModuleType("hubcore.ops.access_core")
+    selector.__dict__.update(vars(access_core))
+    selector.__dict__.update(AccessCore=twin.AccessCore)
+    saved = sys.modules["hubcore.ops.access_core"]
+    sys.modules["hubcore.ops.access_core"] = selector
+    try:
+        found.loader.exec_module(module)
+    finally:
+        sys.modules["hubcore.ops.access_core"] = saved
+    return module
+
+
+MODULE_OF: dict[str, ModuleType] = {}
+
+
+def accesslog_of(twin: ModuleType) -> ModuleType:
+    if twin.__name__ not in MODULE_OF:
+        MODULE_OF[twin.__name__] = accesslog_module(twin)
+    return MODULE_OF[twin.__name__]
+
+
+@pytest.fixture(params=["c", "py"])
+def twin(request: pytest.FixtureRequest) -> ModuleType:
+    return twin_of(request.param, COMPILED, _access_py)
+
+
+def test_compiled_twin_loaded() -> None:
+    check_compiled_loaded(access_core, [access_core.AccessCore], COMPILED, "hubcore.ops._access_py")
+
+
+def test_no_extensions_selects_pure_twin() -> None:
+    check_no_extensions_selects_pure("hubcore.ops.access_core", "AccessCore", "hubcore.ops._access_py")
+
+
+async def test_access_log_runs_on_the_twin(twin: ModuleType) -> None:
+    out = io.StringIO()
+    log = accesslog_of(twin).AccessLog(out, asyncio.get_running_loop(), flush_interval=0.01)
+    assert isinstance(log, twin.AccessCore)
+    log.record(UsageEvent(ts=1_800_000_000.0, request_id="hc_1", endpoint="/v1/messages", status=200,
+                          outcome="ok", total_ms=1.0), "192.0.2.1")
+    log.refused(1_800_000_000.5, "hc_2", b"/x", 401, "refused", 0.5, None)
+    assert len(log.lines) == 2 and log.timer is not None
+    await asyncio.sleep(0.05)
+    assert log.lines == [] and log.timer is None
+    first, second = out.getvalue().splitlines()
+    assert " access hc_1 user=- " in first and first.endswith("client=192.0.2.1")
+    assert first[:19] == second[:19]  # the same second: the same stamp
+
+
+text = st.one_of(st.none(), st.text(max_size=8))
+usage_events = st.builds(
+    UsageEvent,
+    ts=st.floats(1.0e9, 2.0e9), request_id=st.text(min_size=1, max_size=8), endpoint=st.text(max_size=8),
+    status=st.integers(100, 599), outcome=st.sampled_from(["ok", "refused", "upstream_error"]),
+    total_ms=st.floats(0.0, 1e7), user=text, project=text, model=text, key_label=text,
+    input_tokens=st.integers(0, 10**9), output_tokens=st.integers(0, 10**9), cache_write_5m=st.integers(0, 10**6),
+    cache_write_1h=st.integers(0, 10**6), cache_read=st.integers(0, 10**9), reasoning_tokens=st.integers(0, 10**6),
+    cost_micros=st.one_of(st.none(), st.integers(0, 10**12)), ttfb_ms=st.one_of(st.none(), st.floats(0.0, 1e7)),
+    attempts=st.integers(0, 5),
+)
+
+
+class Loop:
+    """call_later recorded, never run: the buffer stays as record left it."""
+
+    def __init__(self) -> None:
+        self.timers: list[Any] = []
+
+    def call_later(self, delay: float, callback: Any) -> object:
+        self.timers.append((delay, callback))
+        return object()
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="HUBCORE_NO_EXTENSIONS is set: only the pure twin")
+@settings(max_examples=150, deadline=None)
+@given(events=st.lists(st.tuples(usage_events, st.one_of(st.none(), st.text(max_size=8))), max_size=12),
+       json=st.booleans())
+def test_both_twins_write_the_same_lines(events: list[tuple[UsageEvent, str | None]], json: bool) -> None:
+    results = []
+    for twin in both(COMPILED, _access_py):
+        loop = Loop()
+        log = accesslog_of(twin).AccessLog(io.StringIO(), loop, json=json)  # type: ignore[arg-type]
+        for event, client in events:
+            log.record(event, client)
+        results.append((list(log.lines), [delay for delay, _ in loop.timers]))
+    assert results[0] == results[1]
