@@ -9,8 +9,9 @@ hubcore/http/_conn_py.py, hubcore/http/_upstream_py.py,
 hubcore/gateway/_exchange_py.py, hubcore/routing/_lease_py.py,
 hubcore/governance/_admit_py.py, hubcore/ops/_tally_py.py,
 hubcore/ops/_access_py.py, and the sources of COMPILED_FROM_SOURCE) are
-always installed, so a build without a compiler, or with the variable set, still gives a working hub; at run time
-HUBCORE_NO_EXTENSIONS=1 loads them (hubcore/__init__.py).
+always installed, so a build without a compiler, or with the variable set,
+still gives a working hub; at run time HUBCORE_NO_EXTENSIONS=1 loads them
+(hubcore/__init__.py).
 """
 import os
 
