@@ -563,6 +563,8 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
         "exchange": exchange_core.ExchangeCore.__module__,
         "key_ring": lease.RingCore.__module__,
         "limiter": admit.LimiterCore.__module__,
+        # The compiled Exchange calls the compiled head functions; the pure one, Python's.
+        "head_functions": "hubcore.gateway._heads" if exchange_core.COMPILED else "hubcore.gateway.rewrite and routes",
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),

@@ -32,6 +32,12 @@ from hubcore.http._upstream cimport PoolCore, ResponseHead, UpstreamCore
 # is not one of them (a test's fake) is called as a Python object.
 from hubcore.governance._admit cimport Admission, LimiterCore
 from hubcore.routing._lease cimport RingCore
+# The gateway's functions of the heads (the route, the session, the leading
+# model, its rate-limit class, the head the vendor gets and the one the
+# client gets), likewise: C calls to their compiled twins.
+from hubcore.gateway._heads cimport (
+    leading_model, model_class, request_head, response_head, route_for, session_from_headers,
+)
 
 import logging
 
@@ -39,14 +45,13 @@ from hubcore.accounting import meter as sse
 from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
-from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head
-from hubcore.gateway.routes import ME_PATH, flavour_for_path, leading_model, route_for, session_from_headers
+from hubcore.gateway.rewrite import Framing, keeps_alive, response_framing
+from hubcore.gateway.routes import ME_PATH, flavour_for_path
 from hubcore.governance.tokens import Principal
 from hubcore.routing.failures import CLIENT_ABORTED, classify, in_stream_failure, retryable
-from hubcore.routing.headroom import model_class
 
 # What is not hot is the Python twin's, shared.
-from hubcore.gateway._exchange_py import _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers, _decode
+from hubcore.gateway._exchange_py import _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers
 
 log = logging.getLogger("hubcore.proxy")
 
@@ -101,6 +106,11 @@ cdef inline double _clock(int clock):
 
 cdef inline object _maybe(double value):
     return None if value < 0.0 else value
+
+
+cdef inline object _decode(value):
+    """See the twin's _decode."""
+    return value.decode("latin-1") if value is not None else None
 
 
 # The calls on the key ring, the limiter and an admission: C calls on their
