@@ -51,7 +51,7 @@ from hubcore.governance.tokens import Principal
 from hubcore.routing.failures import CLIENT_ABORTED, classify, in_stream_failure, retryable
 
 # What is not hot is the Python twin's, shared.
-from hubcore.gateway._exchange_py import _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers
+from hubcore.gateway._exchange_py import JSON_OBJECT_START, _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers
 
 log = logging.getLogger("hubcore.proxy")
 
@@ -90,6 +90,7 @@ cdef object _Principal = Principal
 cdef object _MeterError = MeterError
 cdef str _ME_ROUTE = ME_PATH.decode()
 cdef bytes _ME_PATH = ME_PATH
+cdef object _JSON_OBJECT_START = JSON_OBJECT_START
 
 # The clock readings a request keeps that may be unset (None to Python):
 # a C double below zero, which neither clock gives.
@@ -527,6 +528,13 @@ cdef class ExchangeCore:
                 meter.close()
             except _MeterError as e:
                 log.warning("request %s: metering failed at the end of the body: %s", self.request_id, e)
+
+    cpdef _check_body(self):
+        """See the twin."""
+        cdef Request request = self.request
+        first = request.parts[0][:1] if request.parts else b""
+        if first != b"{" and _JSON_OBJECT_START.match(request.body) is None:
+            raise _HubError(400, "request body must be a JSON object")
 
     cpdef _scan_unless_named(self):
         """See the twin."""
