@@ -1,17 +1,19 @@
 """Build hubcore, with the compiled SSE meter (and the interpretation code its
 twins share), HTTP head handling, the client connection's request path, the
-upstream connection's response path, the Exchange's common path, the key
-ring's common path, the Limiter's request path, the metrics' per-request
-counters and the access log's line unless HUBCORE_NO_EXTENSIONS=1.
+upstream connection's response path, the Exchange's common path (and the
+gateway's head functions it calls), the key ring's common path, the
+Limiter's request path, the metrics' per-request counters and the access
+log's line unless HUBCORE_NO_EXTENSIONS=1.
 
 The pure-Python twins (hubcore/accounting/_meter_py.py, hubcore/http/_wire_py.py,
 hubcore/http/_conn_py.py, hubcore/http/_upstream_py.py,
 hubcore/gateway/_exchange_py.py, hubcore/routing/_lease_py.py,
 hubcore/governance/_admit_py.py, hubcore/ops/_tally_py.py,
-hubcore/ops/_access_py.py, and the sources of COMPILED_FROM_SOURCE) are
-always installed, so a build without a compiler, or with the variable set,
-still gives a working hub; at run time HUBCORE_NO_EXTENSIONS=1 loads them
-(hubcore/__init__.py).
+hubcore/ops/_access_py.py, hubcore/gateway/rewrite.py, routes.py and
+hubcore/routing/headroom.py for _heads.pyx, and the sources of
+COMPILED_FROM_SOURCE) are always installed, so a build without a
+compiler, or with the variable set, still gives a working hub; at run
+time HUBCORE_NO_EXTENSIONS=1 loads them (hubcore/__init__.py).
 """
 import os
 
@@ -39,6 +41,7 @@ if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
             Extension("hubcore.http._conn", ["hubcore/http/_conn.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.http._upstream", ["hubcore/http/_upstream.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.gateway._exchange", ["hubcore/gateway/_exchange.pyx"], extra_compile_args=["-O3"]),
+            Extension("hubcore.gateway._heads", ["hubcore/gateway/_heads.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.routing._lease", ["hubcore/routing/_lease.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.governance._admit", ["hubcore/governance/_admit.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.ops._tally", ["hubcore/ops/_tally.pyx"], extra_compile_args=["-O3"]),

@@ -68,7 +68,8 @@ def compiled_or_twins() -> str:
             f"connections {conn.ConnCore.__module__} and {upstream.UpstreamCore.__module__}, "
             f"exchange {exchange_core.ExchangeCore.__module__}, key ring {lease.RingCore.__module__}, "
             f"limiter {admit.LimiterCore.__module__}, metrics {tally.TallyCore.__module__}, "
-            f"access log {access_core.AccessCore.__module__}")
+            f"access log {access_core.AccessCore.__module__}, head functions "
+            f"{'hubcore.gateway._heads' if exchange_core.COMPILED else 'hubcore.gateway.rewrite and routes'}")
 WARMUP_REQUESTS = 200
 
 # --instructions: requests after the warm-up in the two counted runs. With

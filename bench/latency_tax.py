@@ -566,6 +566,8 @@ def environment(nginx_bin: str | None, wrk_bin: str | None) -> dict[str, Any]:
         "limiter": admit.LimiterCore.__module__,
         "metrics": tally.TallyCore.__module__,
         "access_log": access_core.AccessCore.__module__,
+        # The compiled Exchange calls the compiled head functions; the pure one, Python's.
+        "head_functions": "hubcore.gateway._heads" if exchange_core.COMPILED else "hubcore.gateway.rewrite and routes",
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),

@@ -8,13 +8,15 @@ C fields (the phase a C int, the flags C ints, the clock readings C
 doubles), and what the steps call among themselves (`_admit`,
 `_first_attempt`, `_move`, `_write`, `_count_attempt`, `_release_conn`,
 `_end`, `_record`, `usage_event`, ...) are C calls, as are the calls on
-the connection cores (_conn.pxd, _upstream.pxd). What other code calls
-stays Python-callable (the connections' callbacks, the subclass's rare
-paths, the tests); what the subclass (exchange.Exchange) supplies
-(`respond`, `_route`, `ensure_task`, `_scan_body`, `_end_attempt`, ...),
-and the key ring, limiter, router, metrics and recorder, are called as
-Python methods. A method a test replaces through the class (`_record`,
-`_begin_stream`) is cpdef, so the replacement is still what runs."""
+the connection cores (_conn.pxd, _upstream.pxd) and on the key ring's and
+limiter's cores (_lease.pxd, _admit.pxd: acquire, observe, release,
+needs_model, admit, an admission's release). What other code calls stays
+Python-callable (the connections' callbacks, the subclass's rare paths,
+the tests); what the subclass (exchange.Exchange) supplies (`respond`,
+`_route`, `ensure_task`, `_scan_body`, `_end_attempt`, ...), and the
+router, metrics and recorder, are called as Python methods. A method a
+test replaces through the class (`_record`, `_begin_stream`) is cpdef, so
+the replacement is still what runs."""
 
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from cpython.bytes cimport PyBytes_FromFormat, PyBytes_GET_SIZE
@@ -25,6 +27,17 @@ from cpython.bytes cimport PyBytes_FromFormat, PyBytes_GET_SIZE
 # head are typed fields, read and called in C.
 from hubcore.http._conn cimport ConnCore, Request
 from hubcore.http._upstream cimport PoolCore, ResponseHead, UpstreamCore
+# The key ring's and limiter's cores, likewise (built with this one, or
+# this one fails to import and the pure twin runs): a ring or limiter that
+# is not one of them (a test's fake) is called as a Python object.
+from hubcore.governance._admit cimport Admission, LimiterCore
+from hubcore.routing._lease cimport RingCore
+# The gateway's functions of the heads (the route, the session, the leading
+# model, its rate-limit class, the head the vendor gets and the one the
+# client gets), likewise: C calls to their compiled twins.
+from hubcore.gateway._heads cimport (
+    leading_model, model_class, request_head, response_head, route_for, session_from_headers,
+)
 
 import logging
 
@@ -32,14 +45,13 @@ from hubcore.accounting import meter as sse
 from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
-from hubcore.gateway.rewrite import Framing, keeps_alive, request_head, response_framing, response_head
-from hubcore.gateway.routes import ME_PATH, flavour_for_path, leading_model, route_for, session_from_headers
+from hubcore.gateway.rewrite import Framing, keeps_alive, response_framing
+from hubcore.gateway.routes import ME_PATH, flavour_for_path
 from hubcore.governance.tokens import Principal
 from hubcore.routing.failures import CLIENT_ABORTED, classify, in_stream_failure, retryable
-from hubcore.routing.headroom import model_class
 
 # What is not hot is the Python twin's, shared.
-from hubcore.gateway._exchange_py import _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers, _decode
+from hubcore.gateway._exchange_py import JSON_OBJECT_START, _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers
 
 log = logging.getLogger("hubcore.proxy")
 
@@ -78,6 +90,7 @@ cdef object _Principal = Principal
 cdef object _MeterError = MeterError
 cdef str _ME_ROUTE = ME_PATH.decode()
 cdef bytes _ME_PATH = ME_PATH
+cdef object _JSON_OBJECT_START = JSON_OBJECT_START
 
 # The clock readings a request keeps that may be unset (None to Python):
 # a C double below zero, which neither clock gives.
@@ -94,6 +107,52 @@ cdef inline double _clock(int clock):
 
 cdef inline object _maybe(double value):
     return None if value < 0.0 else value
+
+
+cdef inline object _decode(value):
+    """See the twin's _decode."""
+    return value.decode("latin-1") if value is not None else None
+
+
+# The calls on the key ring, the limiter and an admission: C calls on their
+# compiled cores (KeyRing, Limiter and BudgetedAdmission subclass them),
+# Python calls on anything else.
+cdef frozenset _NOTHING_TRIED = frozenset()
+
+
+cdef inline object _acquire(ring, session_id, str model_class):
+    if isinstance(ring, RingCore):
+        # A C call takes the defaults before model_class positionally.
+        return (<RingCore>ring).acquire(session_id, _NOTHING_TRIED, None, None, model_class)
+    return ring.acquire(session_id, model_class=model_class)
+
+
+cdef inline int _observe(ring, lease, dict headers) except -1:
+    if isinstance(ring, RingCore):
+        (<RingCore>ring).observe(lease, headers)
+    else:
+        ring.observe(lease, headers)
+    return 0
+
+
+cdef inline int _release(ring, lease, failure) except -1:
+    if isinstance(ring, RingCore):
+        (<RingCore>ring).release(lease, failure)
+    else:
+        ring.release(lease, failure)
+    return 0
+
+
+cdef inline bint _needs_model(limiter, principal) except -1:
+    if isinstance(limiter, LimiterCore):
+        return (<LimiterCore>limiter).needs_model(principal)
+    return limiter.needs_model(principal)
+
+
+cdef inline object _admit_with(limiter, principal, model, double now, bint model_required):
+    if isinstance(limiter, LimiterCore):
+        return (<LimiterCore>limiter)._admit_request(principal, model, now, model_required)
+    return limiter.admit(principal, model, now, model_required=model_required)
 
 
 cdef class ExchangeCore:
@@ -277,7 +336,7 @@ cdef class ExchangeCore:
             # The body is read for the model and session before the send
             # only when the request cannot go out without them (see the twin).
             if (self.session_id is None or refusing_unpriced
-                    or (limiter is not None and limiter.needs_model(principal))):
+                    or (limiter is not None and _needs_model(limiter, principal))):
                 self._scan_body()
             else:
                 # The model picks the key's rate-limit class; Claude Code
@@ -298,14 +357,14 @@ cdef class ExchangeCore:
                 code="model_not_priced",
             )
         if limiter is not None:
-            self.admission = limiter.admit(principal, self.model, self.ts, model_required=self.scanned)
+            self.admission = _admit_with(limiter, principal, self.model, self.ts, self.scanned)
         return upstream
 
     cpdef _first_attempt(self, upstream):
         """See the twin."""
         cdef PoolCore pool
         cdef UpstreamCore conn
-        lease = upstream.ring.acquire(self.session_id, model_class=model_class(self.model))
+        lease = _acquire(upstream.ring, self.session_id, model_class(self.model))
         if lease is None:
             return
         self.lease = lease
@@ -359,7 +418,7 @@ cdef class ExchangeCore:
         upstream = self.upstream
         if lease is not None and upstream is not None:
             # The rate-limit headers of every answer: the room the key has left.
-            upstream.ring.observe(lease, head.index)
+            _observe(upstream.ring, lease, head.index)
         if failure is None or not retryable(failure):
             self._begin_stream(head)  # its answer is counted with the request (see report)
         else:
@@ -470,6 +529,13 @@ cdef class ExchangeCore:
             except _MeterError as e:
                 log.warning("request %s: metering failed at the end of the body: %s", self.request_id, e)
 
+    cpdef _check_body(self):
+        """See the twin."""
+        cdef Request request = self.request
+        first = request.parts[0][:1] if request.parts else b""
+        if first != b"{" and _JSON_OBJECT_START.match(request.body) is None:
+            raise _HubError(400, "request body must be a JSON object")
+
     cpdef _scan_unless_named(self):
         """See the twin."""
         cdef Request request
@@ -516,13 +582,17 @@ cdef class ExchangeCore:
             if failure is None:
                 meter = self.meter
                 failure = in_stream_failure(meter.error_type if meter is not None else None)
-            upstream.ring.release(lease, failure)
+            _release(upstream.ring, lease, failure)
             self.lease = None
 
     cpdef _end(self):
         self._move(DONE)
-        if self.admission is not None:
-            self.admission.release()
+        admission = self.admission
+        if admission is not None:
+            if isinstance(admission, Admission):
+                (<Admission>admission).release()
+            else:
+                admission.release()
         if self.grant is not None:
             self.grant.release()
         self._record()
@@ -530,7 +600,7 @@ cdef class ExchangeCore:
     cpdef _record(self):
         cdef double now
         if self.lease is not None and self.upstream is not None:
-            self.upstream.ring.release(self.lease, _CLIENT_ABORTED_FAILURE)
+            _release(self.upstream.ring, self.lease, _CLIENT_ABORTED_FAILURE)
             self.lease = None
         if self.conn is not None:
             self.conn.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -115,12 +116,14 @@ _OK, _CLIENT_ABORTED, _UPSTREAM_ERROR, _UPSTREAM_ABORTED, _REFUSED = (
 _CHUNKED = Framing.CHUNKED
 # The [pricing] unpriced rule under which a model without a price is refused.
 _REFUSE_UNPRICED = "refuse"
+# A JSON object after optional whitespace; matched in place, never copied.
+JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
 
 
 class ExchangeCore:
     """The state of one request and what every request does with it; the
     subclass (exchange.Exchange) supplies the rare paths it calls:
-    `respond`, `_answer_me`, `_check_body`, `_route`, `ensure_task`,
+    `respond`, `_answer_me`, `_route`, `ensure_task`,
     `_end_attempt`, `_scan_body`, `_mapped_body`, `_share_session_key`."""
 
     # What a request starts with, as class attributes: an instance stores only
@@ -188,7 +191,6 @@ class ExchangeCore:
             budget: Budget | None = None,
         ) -> None: ...
         def _answer_me(self, principal: object) -> None: ...
-        def _check_body(self) -> None: ...
         def _route(self, kind: str, router: Router | None) -> UpstreamRuntime: ...
         def ensure_task(self) -> None: ...
         def _end_attempt(self, outcome: int | str) -> None: ...
@@ -459,6 +461,12 @@ class ExchangeCore:
                 meter.close()
             except MeterError as e:
                 log.warning("request %s: metering failed at the end of the body: %s", self.request_id, e)
+
+    def _check_body(self) -> None:
+        request = self.request
+        first = request.parts[0][:1] if request.parts else b""
+        if first != b"{" and JSON_OBJECT_START.match(request.body) is None:
+            raise HubError(400, "request body must be a JSON object")
 
     def _scan_unless_named(self) -> None:
         """The usage row's model comes from the vendor's answer, which names

@@ -43,7 +43,7 @@ from hubcore.gateway.routes import ME_PATH, authenticate, printable_path, route_
 from hubcore.gateway.upstreams import UpstreamRuntime
 from hubcore.gateway._exchange_py import (
     _CLIENT_ABORTED, _DONE, _FINISHING, _HOLDING_HEAD, _REFUSED, _SENDING, _STREAMING, _UPSTREAM_ABORTED,
-    _UPSTREAM_ERROR, _budget_headers,
+    _UPSTREAM_ERROR, JSON_OBJECT_START, _budget_headers,
 )
 # Phase and _MOVES are named here as they always were (app.py, the tests).
 from hubcore.gateway.exchange_core import _MOVES, ExchangeCore, Phase, usage_event
@@ -56,8 +56,6 @@ from hubcore.http.wire import HeaderCollector
 log = logging.getLogger("hubcore.proxy")
 
 
-# A JSON object after optional whitespace; matched in place, never copied.
-JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
 # Bytes of an error body the hub reads before deciding to retry.
 ERROR_BODY_LIMIT = 1024 * 1024
 
@@ -429,12 +427,6 @@ class Exchange(ExchangeCore):
             if self.hub.on_failover is not None:
                 self.hub.on_failover(upstream.config, moved.config)
         return moved
-
-    def _check_body(self) -> None:
-        request = self.request
-        first = request.parts[0][:1] if request.parts else b""
-        if first != b"{" and JSON_OBJECT_START.match(request.body) is None:
-            raise HubError(400, "request body must be a JSON object")
 
     def _scan_body(self) -> None:
         """Read model, metadata.user_id and prompt_cache_key from a POST

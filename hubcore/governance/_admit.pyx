@@ -25,25 +25,11 @@ cdef dict _NO_RESETS = NO_RESETS
 cdef double _INF = math.inf
 
 
+# The classes' fields, and the methods the Exchange's core calls in C, are
+# declared in _admit.pxd.
+
 cdef class _Scope:
     """See _admit_py._Scope."""
-
-    cdef public str label
-    cdef public long in_flight
-    cdef public object hits
-    cdef public object total
-    cdef public object total_base
-    cdef public double day_start
-    cdef public object day_base
-    cdef public double week_start
-    cdef public object week_base
-    cdef public double month_start
-    cdef public object month_base
-    cdef public object periods
-    cdef public double counts_from
-    cdef public dict resets
-    cdef public object buckets
-    cdef public object rolling
 
     def __init__(self, str label):
         self.label = label
@@ -67,8 +53,6 @@ cdef class _Scope:
 @cython.freelist(8)
 cdef class Admission:
     """See _admit_py.Admission."""
-
-    cdef public tuple _scopes
 
     # The budgets over the request (BudgetedAdmission); on the class, None,
     # for a principal without any: the common case pays nothing for them.
@@ -117,27 +101,15 @@ cdef inline long long _minute(double ts):
 cdef class LimiterCore:
     """See _admit_py.LimiterCore."""
 
-    cdef public object tz
-    cdef public object _clock
-    cdef public dict _tokens
-    cdef public dict _users
-    cdef public dict _projects
-    cdef public object _limits
-    cdef public dict _warn_tokens
-    cdef public dict _warn_users
-    cdef public dict _warn_projects
-    cdef public object on_crossing
-    cdef public bint judges_rates
-    cdef public object _periods
-    cdef public tuple _day
-    cdef public tuple _week
-    cdef public tuple _month
-    cdef public double _day_start
-    cdef public double _boundary
-
     # -- the request path --------------------------------------------------------
 
     def admit(self, principal, model=None, now=None, *, bint model_required=False):
+        return self._admit_request(principal, model, now, model_required)
+
+    # admit's steps, which the Exchange's core calls in C (admit keeps its
+    # keyword-only argument as a def method): a subclass overriding admit
+    # is not seen there.
+    cdef _admit_request(self, principal, model, now, bint model_required):
         if now is None:
             now = self._clock()
         if <double>now >= self._boundary:

@@ -24,27 +24,11 @@ cdef object _prefer = prefer
 cdef frozenset _NOTHING_TRIED = frozenset()
 
 
+# The classes' fields, and the methods the Exchange's core calls in C, are
+# declared in _lease.pxd.
+
 cdef class _Key:
     """See _lease_py._Key."""
-
-    cdef public object spec
-    cdef public object state
-    cdef public object until
-    cdef public double pause
-    cdef public object probe
-    cdef public double current
-    cdef public long in_flight
-    cdef public long requests
-    cdef public long rate_limited
-    cdef public long errors
-    cdef public long consecutive_failures
-    cdef public object last_error
-    cdef public object room
-    cdef public double read_due
-    cdef public dict rests
-    cdef public double held
-    cdef public double held_rest
-    cdef public object revival
 
     def __init__(self, spec):
         self.spec = spec
@@ -71,11 +55,6 @@ cdef class _Key:
 @cython.freelist(8)
 cdef class Lease:
     """See _lease_py.Lease."""
-
-    cdef public _Key _key
-    cdef public bint probe
-    cdef public bint released
-    cdef public str model_class
 
     def __init__(self, _Key key, probe, str model_class=""):
         self._key = key
@@ -124,14 +103,6 @@ cdef inline int _check_lease(Lease lease) except -1:
 
 cdef class RingCore:
     """See _lease_py.RingCore."""
-
-    cdef public object policy
-    cdef public object _clock
-    cdef public object _wall_clock
-    cdef public dict _keys
-    cdef public object _sessions
-    cdef public set _waiters
-    cdef public long _best_priority
 
     # -- selection ---------------------------------------------------------
 
@@ -267,7 +238,7 @@ cdef class RingCore:
     def _notify(self):
         self._wake_waiters()
 
-    cdef inline void _wake_waiters(self) except *:
+    cdef void _wake_waiters(self) except *:
         if self._waiters:
             for waiter in self._waiters:
                 _wake(waiter)

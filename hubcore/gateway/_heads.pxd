@@ -1,0 +1,11 @@
+# The compiled functions of _heads.pyx, declared here so that the
+# Exchange's core (hubcore/gateway/_exchange.pyx) calls them in C.
+
+cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host_line, bytes auth_line,
+                         list headers, control, Py_ssize_t body_size)
+cpdef bytes response_head(int status, list headers, framing, content_length, bint keep_alive, str request_id,
+                          list budget=*)
+cpdef route_for(bytes path, dict index=*)
+cpdef session_from_headers(dict index)
+cpdef leading_model(bytes body_start)
+cpdef str model_class(model)

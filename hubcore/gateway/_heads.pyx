@@ -1,0 +1,123 @@
+# cython: language_level=3
+"""The gateway's pure functions of a request's heads on its common path,
+compiled: the twins of rewrite.request_head and rewrite.response_head (the
+head the vendor gets and the one the client gets), routes.route_for,
+routes.session_from_headers, routes.leading_model and headroom.model_class
+(see there for the contracts; tests/gateway/test_heads_twins.py holds both
+twins to the same results on the same inputs).
+
+The same steps in the same order, on typed arguments, called in C by the
+Exchange's core (_heads.pxd) instead of as Python functions, some ten calls
+a request. Only the compiled Exchange calls them: it is built with this
+module (setup.py builds all or none; without it the compiled Exchange does
+not import), and the pure Exchange calls the Python functions."""
+
+from cpython.bytes cimport PyBytes_FromFormat
+
+from hubcore.gateway.rewrite import ACCEPT_IDENTITY, REQUEST_DROP, RESPONSE_DROP, Framing
+from hubcore.gateway.routes import _LEADING_MODEL, MODEL_ID, MODELS_PREFIX, OPENAI_MODELS, ROUTES, SESSION_HEADERS
+from hubcore.http.server import STATUS_LINES, status_line
+from hubcore.http.wire import render_head
+from hubcore.routing import headroom
+
+cdef frozenset _REQUEST_DROP = REQUEST_DROP
+cdef frozenset _RESPONSE_DROP = RESPONSE_DROP
+cdef bytes _ACCEPT_IDENTITY = ACCEPT_IDENTITY
+cdef dict _STATUS_LINES = STATUS_LINES
+cdef object _status_line = status_line
+cdef object _render_head = render_head
+# The framings as C globals: `framing is _LENGTH` is a pointer comparison.
+cdef object _LENGTH = Framing.LENGTH
+cdef object _CHUNKED = Framing.CHUNKED
+cdef dict _ROUTES = ROUTES
+# The one route whose endpoint is "/v1/models" (route_for compares the
+# objects, not their endpoint strings).
+cdef object _MODELS = ROUTES[b"/v1/models"]
+assert [route for route in ROUTES.values() if route.endpoint == "/v1/models"] == [_MODELS]
+cdef object _OPENAI_MODELS = OPENAI_MODELS
+cdef bytes _MODELS_PREFIX = MODELS_PREFIX
+cdef Py_ssize_t _MODELS_PREFIX_LEN = len(MODELS_PREFIX)
+cdef object _MODEL_ID = MODEL_ID
+cdef tuple _SESSION_HEADERS = SESSION_HEADERS
+cdef object _LEADING = _LEADING_MODEL
+# headroom's memo itself (cleared, never replaced), and the function that
+# fills it on a miss.
+cdef dict _classes = headroom._classes
+cdef object _model_class = headroom.model_class
+
+
+# -- rewrite ------------------------------------------------------------------
+
+cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host_line, bytes auth_line,
+                         list headers, control, Py_ssize_t body_size):
+    """See rewrite.request_head."""
+    cdef bytes start = b"%s %s%s HTTP/1.1\r\n%s" % (method, base_path, target, host_line)
+    cdef object drop = _REQUEST_DROP
+    cdef bytes tail
+    for name, value in control or ():
+        if name == b"connection":
+            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+            named = {t.strip().lower() for t in value.split(b",")}
+            if not named <= drop:
+                drop = drop | named
+    tail = auth_line + _ACCEPT_IDENTITY
+    if body_size or method == b"POST":
+        tail += PyBytes_FromFormat(b"content-length: %zd\r\n", body_size)  # b"content-length: %d\r\n" % body_size
+    return _render_head(start, headers, drop, tail + b"\r\n")
+
+
+cpdef bytes response_head(int status, list headers, framing, content_length, bint keep_alive, str request_id,
+                          list budget=None):
+    """See rewrite.response_head."""
+    cdef bytes tail = b"x-hubcore-request-id: " + request_id.encode() + b"\r\n"
+    if budget is not None:
+        tail += b"".join([b"%s: %s\r\n" % pair for pair in budget])
+    if framing is _LENGTH:
+        assert content_length is not None
+        tail += b"content-length: %d\r\n" % content_length
+    elif framing is _CHUNKED:
+        tail += b"transfer-encoding: chunked\r\n"
+    if not keep_alive:
+        tail += b"connection: close\r\n"
+    # server.status_line, inline.
+    line = _STATUS_LINES.get(status)
+    return _render_head(line if line is not None else _status_line(status), headers, _RESPONSE_DROP, tail + b"\r\n")
+
+
+# -- routes -------------------------------------------------------------------
+
+cpdef route_for(bytes path, dict index=None):
+    """See routes.route_for."""
+    route = _ROUTES.get(path)
+    if route is None and path.startswith(_MODELS_PREFIX) and _MODEL_ID.fullmatch(path, _MODELS_PREFIX_LEN):
+        route = _MODELS
+    if route is _MODELS and index is not None and b"anthropic-version" not in index:
+        return _OPENAI_MODELS
+    return route
+
+
+cpdef session_from_headers(dict index):
+    """See routes.session_from_headers."""
+    for name in _SESSION_HEADERS:
+        value = index.get(name)
+        if value:
+            return value.decode("latin-1")
+    return None
+
+
+cpdef leading_model(bytes body_start):
+    """See routes.leading_model."""
+    match = _LEADING.match(body_start)
+    return match.group(1).decode("ascii") if match is not None else None
+
+
+# -- headroom -----------------------------------------------------------------
+
+cpdef str model_class(model):
+    """See headroom.model_class: its memo read in C; a miss is its own call."""
+    if not model:
+        return ""
+    found = _classes.get(model)
+    if found is None:
+        return _model_class(model)
+    return found
