@@ -9,8 +9,6 @@ Each twin gets a Limiter of its own: hubcore.governance.limiter loaded
 again with hubcore.governance.admit standing for that twin."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import astuple
 from collections.abc import Iterator
 from types import ModuleType
@@ -25,35 +23,16 @@ from hubcore.governance.limits import Limits
 from hubcore.governance.storage import ScopeLimits
 from hubcore.governance.tokens import Principal
 from tests.governance.test_limits import T0
-from tests.http.twins import NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, twin_of
+from tests.http.twins import (
+    NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, module_on_twin, twin_of,
+)
 
 USD = 1_000_000
 
 
-def limiter_module(twin: ModuleType) -> ModuleType:
-    """hubcore.governance.limiter built on `twin` (not registered in sys.modules)."""
-    found = importlib.util.find_spec("hubcore.governance.limiter")
-    assert found is not None and found.loader is not None
-    module = importlib.util.module_from_spec(found)
-    selector = ModuleType("hubcore.governance.admit")
-    selector.__dict__.update(vars(admit))
-    selector.__dict__.update(Admission=twin.Admission, LimiterCore=twin.LimiterCore, _Scope=twin._Scope)
-    saved = sys.modules["hubcore.governance.admit"]
-    sys.modules["hubcore.governance.admit"] = selector
-    try:
-        found.loader.exec_module(module)
-    finally:
-        sys.modules["hubcore.governance.admit"] = saved
-    return module
-
-
-MODULES: dict[str, ModuleType] = {}
-
-
 def limiter_of(twin: ModuleType, clock: list[float]) -> Any:
-    module = MODULES.get(twin.__name__)
-    if module is None:
-        module = MODULES[twin.__name__] = limiter_module(twin)
+    module = module_on_twin("hubcore.governance.limiter", "hubcore.governance.admit", twin,
+                            ["Admission", "LimiterCore", "_Scope"])
     return module.Limiter("Europe/Paris", clock=lambda: clock[0])
 
 

@@ -1,10 +1,12 @@
-"""What the twin tests of the compiled connection cores share
-(tests/http/test_conn.py, test_upstream.py): which twins this run has, a
-transport that keeps what is written, feeding a stream in pieces, and the
-checks that the selecting module loaded the twin it should."""
+"""What the twin tests of the compiled cores share (tests/http/test_conn.py,
+test_upstream.py, and those of the key ring, limiter, metrics and access
+log): which twins this run has, a module built on a given twin, a transport
+that keeps what is written, feeding a stream in pieces, and the checks that
+the selecting module loaded the twin it should."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import platform
 import subprocess
@@ -32,6 +34,36 @@ def twin_of(param: str, compiled: str, pure: ModuleType) -> ModuleType:
 def both(compiled: str, pure: ModuleType) -> list[ModuleType]:
     """Every twin this run has."""
     return [pure] if NO_EXTENSIONS else [importlib.import_module(compiled), pure]
+
+
+_BUILT: dict[tuple[str, str], ModuleType] = {}
+
+
+def module_on_twin(module: str, selector: str, twin: ModuleType, names: list[str]) -> ModuleType:
+    """`module` (e.g. hubcore.routing.keys) executed afresh with its selector
+    module (hubcore.routing.lease) giving `names` from `twin`, so that the
+    Python built on a core runs on either twin in one process; made once per
+    twin, and not registered in sys.modules."""
+    built = _BUILT.get((module, twin.__name__))
+    if built is not None:
+        return built
+    found = importlib.util.find_spec(module)
+    assert found is not None and found.loader is not None
+    built = importlib.util.module_from_spec(found)
+    on_twin = ModuleType(selector)
+    on_twin.__dict__.update(vars(importlib.import_module(selector)))
+    on_twin.__dict__.update({name: getattr(twin, name) for name in names})
+    saved = sys.modules[selector]
+    sys.modules[selector] = on_twin
+    try:
+        found.loader.exec_module(built)
+    finally:
+        sys.modules[selector] = saved
+    taken = [name for name in names if hasattr(built, name)]
+    assert taken and all(getattr(built, name) is getattr(twin, name) for name in taken), \
+        f"{module} did not take {names} from {twin.__name__}"
+    _BUILT[module, twin.__name__] = built
+    return built
 
 
 class Transport:

@@ -8,9 +8,7 @@ with hubcore.ops.access_core standing for that twin."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
-import sys
 from types import ModuleType
 from typing import Any
 
@@ -20,35 +18,16 @@ from hypothesis import strategies as st
 
 from hubcore.accounting.usage import UsageEvent
 from hubcore.ops import _access_py, access_core
-from tests.http.twins import NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, twin_of
+from tests.http.twins import (
+    NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, module_on_twin, twin_of,
+)
 
 COMPILED = "hubcore.ops._access"
 
 
-def accesslog_module(twin: ModuleType) -> ModuleType:
-    """hubcore.ops.accesslog built on `twin` (not registered in sys.modules)."""
-    found = importlib.util.find_spec("hubcore.ops.accesslog")
-    assert found is not None and found.loader is not None
-    module = importlib.util.module_from_spec(found)
-    selector = ModuleType("hubcore.ops.access_core")
-    selector.__dict__.update(vars(access_core))
-    selector.__dict__.update(AccessCore=twin.AccessCore)
-    saved = sys.modules["hubcore.ops.access_core"]
-    sys.modules["hubcore.ops.access_core"] = selector
-    try:
-        found.loader.exec_module(module)
-    finally:
-        sys.modules["hubcore.ops.access_core"] = saved
-    return module
-
-
-MODULE_OF: dict[str, ModuleType] = {}
-
-
 def accesslog_of(twin: ModuleType) -> ModuleType:
-    if twin.__name__ not in MODULE_OF:
-        MODULE_OF[twin.__name__] = accesslog_module(twin)
-    return MODULE_OF[twin.__name__]
+    """hubcore.ops.accesslog built on `twin`."""
+    return module_on_twin("hubcore.ops.accesslog", "hubcore.ops.access_core", twin, ["AccessCore"])
 
 
 @pytest.fixture(params=["c", "py"])

@@ -8,9 +8,7 @@ Each twin gets a HubMetrics of its own: hubcore.ops.metrics loaded again with
 hubcore.ops.tally standing for that twin."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from types import ModuleType
 from typing import Any
 
@@ -20,35 +18,16 @@ from hypothesis import strategies as st
 
 from hubcore.accounting.usage import UsageEvent
 from hubcore.ops import _tally_py, tally
-from tests.http.twins import NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, twin_of
+from tests.http.twins import (
+    NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, module_on_twin, twin_of,
+)
 
 COMPILED = "hubcore.ops._tally"
 
 
-def metrics_module(twin: ModuleType) -> ModuleType:
-    """hubcore.ops.metrics built on `twin` (not registered in sys.modules)."""
-    found = importlib.util.find_spec("hubcore.ops.metrics")
-    assert found is not None and found.loader is not None
-    module = importlib.util.module_from_spec(found)
-    selector = ModuleType("hubcore.ops.tally")
-    selector.__dict__.update(vars(tally))
-    selector.__dict__.update(Histogram=twin.Histogram, TallyCore=twin.TallyCore)
-    saved = sys.modules["hubcore.ops.tally"]
-    sys.modules["hubcore.ops.tally"] = selector
-    try:
-        found.loader.exec_module(module)
-    finally:
-        sys.modules["hubcore.ops.tally"] = saved
-    return module
-
-
-METRICS_OF: dict[str, ModuleType] = {}
-
-
 def metrics_of(twin: ModuleType) -> ModuleType:
-    if twin.__name__ not in METRICS_OF:
-        METRICS_OF[twin.__name__] = metrics_module(twin)
-    return METRICS_OF[twin.__name__]
+    """hubcore.ops.metrics built on `twin`."""
+    return module_on_twin("hubcore.ops.metrics", "hubcore.ops.tally", twin, ["Histogram", "TallyCore"])
 
 
 @pytest.fixture(params=["c", "py"])

@@ -8,8 +8,6 @@ Each twin gets a KeyRing of its own: hubcore.routing.keys loaded again with
 hubcore.routing.lease standing for that twin."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -20,7 +18,9 @@ from hypothesis import strategies as st
 
 from hubcore.routing import _lease_py, lease
 from hubcore.routing.failures import Failure, FailureKind
-from tests.http.twins import NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, twin_of
+from tests.http.twins import (
+    NO_EXTENSIONS, both, check_compiled_loaded, check_no_extensions_selects_pure, module_on_twin, twin_of,
+)
 from tests.routing.test_keys import FakeClock, spec
 
 LABELS = ("a", "b", "c")
@@ -39,30 +39,9 @@ FAILURES: tuple[Failure | None, ...] = (
 )
 
 
-def keys_module(twin: ModuleType) -> ModuleType:
-    """hubcore.routing.keys built on `twin` (not registered in sys.modules)."""
-    found = importlib.util.find_spec("hubcore.routing.keys")
-    assert found is not None and found.loader is not None
-    module = importlib.util.module_from_spec(found)
-    selector = ModuleType("hubcore.routing.lease")
-    selector.__dict__.update(vars(lease))
-    selector.__dict__.update(Lease=twin.Lease, RingCore=twin.RingCore, _Key=twin._Key, pick=twin.pick, wake=twin.wake)
-    saved = sys.modules["hubcore.routing.lease"]
-    sys.modules["hubcore.routing.lease"] = selector
-    try:
-        found.loader.exec_module(module)
-    finally:
-        sys.modules["hubcore.routing.lease"] = saved
-    return module
-
-
-KEYS_OF: dict[str, ModuleType] = {}
-
-
 def ring_of(twin: ModuleType, specs: list[Any], clock: FakeClock, **policy: Any) -> Any:
-    keys = KEYS_OF.get(twin.__name__)
-    if keys is None:
-        keys = KEYS_OF[twin.__name__] = keys_module(twin)
+    keys = module_on_twin("hubcore.routing.keys", "hubcore.routing.lease", twin,
+                          ["Lease", "RingCore", "_Key", "pick", "wake"])
     return keys.KeyRing("anthropic", specs, keys.KeyPolicy(**policy), clock=clock, wall_clock=clock.wall)
 
 
