@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from hubcore.http import _upstream_py, upstream
 from hubcore.http._upstream_py import ConnState, UpstreamError
@@ -344,6 +344,8 @@ STREAMS = [SSE, JSON, REFUSED, INTERIM, CLOSE_DELIMITED, EMPTY, MALFORMED_HEAD, 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(STREAMS), st.lists(st.integers(min_value=0, max_value=400), max_size=6),
        st.booleans(), st.booleans())
+# Split inside the chunk before the broken one (a failure CI's hypothesis run found).
+@example(MALFORMED_BODY, [51], False, False)
 def test_the_twins_agree_on_any_stream_split_anywhere(data: bytes, cuts: list[int], attach_on_head: bool,
                                                       release: bool) -> None:
     results = []
@@ -362,4 +364,12 @@ def test_the_twins_agree_on_any_stream_split_anywhere(data: bytes, cuts: list[in
     if not attach_on_head:
         whole.attach(whole.sink_used)
     body = [b"".join(p for e in s["events"] if e[0] != "error" for p in e[1]) for s in (summary(whole), results[0])]
-    assert summary(whole)["head"] == results[0]["head"] and body[0] == body[1]
+    assert summary(whole)["head"] == results[0]["head"]
+    if summary(whole)["failures"]:
+        # A read that breaks the framing hands over none of its chunks (so
+        # that an answer broken in its first read can still be retried);
+        # each read before it was handed over. Split, the stream can only
+        # bring more of the body before the break, never other bytes.
+        assert body[1].startswith(body[0])
+    else:
+        assert body[0] == body[1]
