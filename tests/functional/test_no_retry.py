@@ -15,7 +15,7 @@ import pytest
 from hubcore.governance.limits import Limits
 from tests.conftest import upstreams_for
 from tests.fakevendor import ANTHROPIC_KEY, FakeVendor
-from tests.hubharness import HubThread, make_config
+from tests.hubharness import HubThread, eventually, make_config
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -27,8 +27,14 @@ def hub(vendor: FakeVendor, tmp_path: Path) -> Iterator[HubThread]:
 
 
 def requests_seen(hub: HubThread) -> int:
-    assert hub.app is not None
-    return hub.app.metrics.requests_total
+    """Requests the hub has finished, once none is in flight: a request is
+    counted after its answer is written (Exchange.report), so the count can
+    lag the client's return by a moment."""
+    app = hub.app
+    assert app is not None
+    metrics = app.metrics
+    eventually(lambda: metrics.in_flight == 0, timeout=5.0, what="no request in flight")
+    return metrics.requests_total
 
 
 CASES: dict[str, Callable[[HubThread], str]] = {
