@@ -129,25 +129,27 @@ class LimiterCore:
     _day_start: float
     _boundary: float
 
-    # What Limiter keeps in Python, called when the common case does not hold.
-    def _advance(self, now: float) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:
+        # What Limiter keeps in Python, called when the common case does not
+        # hold: declared for type checkers, defined by the subclass.
+        def _advance(self, now: float) -> None:
+            ...
 
-    def _admit_limited(
-        self, principal: Principal, model: str | None, now: float, model_required: bool,
-        scopes: tuple[_Scope, ...], token: Limits | None, user: Limits | None, project: Limits | None,
-    ) -> Admission:
-        raise NotImplementedError
+        def _admit_limited(
+            self, principal: Principal, model: str | None, now: float, model_required: bool,
+            scopes: tuple[_Scope, ...], token: Limits | None, user: Limits | None, project: Limits | None,
+        ) -> Admission:
+            ...
 
-    def _add_watched(
-        self, scope: _Scope, limits: Limits, kind: str, name: str, cost: int, ts: float, minute: int,
-    ) -> None:
-        raise NotImplementedError
+        def _add_watched(
+            self, scope: _Scope, limits: Limits, kind: str, name: str, cost: int, ts: float, minute: int,
+        ) -> None:
+            ...
 
-    def _credit(
-        self, scope: _Scope, amount: int, in_day: int, in_week: int, in_month: int, in_total: int | None = None,
-    ) -> None:
-        raise NotImplementedError
+        def _credit(
+            self, scope: _Scope, amount: int, in_day: int, in_week: int, in_month: int, in_total: int | None = None,
+        ) -> None:
+            ...
 
     def _add_bucket(self, scope: _Scope, minute: int, cost: int) -> None:
         raise NotImplementedError

@@ -152,15 +152,17 @@ class RingCore:
     _waiters: set[asyncio.Future[None]]
     _best_priority: int
 
-    # What KeyRing keeps in Python, called when the common case does not hold.
-    def _expire(self, key: _Key, now: float) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:
+        # What KeyRing keeps in Python, called when the common case does not
+        # hold: declared for type checkers, defined by the subclass.
+        def _expire(self, key: _Key, now: float) -> None:
+            ...
 
-    def _previous_key(self, previous: Lease | None, sticky: _Key | None, tried: AbstractSet[str]) -> _Key | None:
-        raise NotImplementedError
+        def _previous_key(self, previous: Lease | None, sticky: _Key | None, tried: AbstractSet[str]) -> _Key | None:
+            ...
 
-    def _settle(self, lease: Lease, key: _Key, failure: Failure | None) -> None:
-        raise NotImplementedError
+        def _settle(self, lease: Lease, key: _Key, failure: Failure | None) -> None:
+            ...
 
     # -- selection ---------------------------------------------------------
 
