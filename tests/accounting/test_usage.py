@@ -15,7 +15,7 @@ import pytest
 
 from hubcore import store
 from hubcore.accounting.recorder import UsageRecorder
-from hubcore.accounting.usage import FIELDS, ROWS_PER_INSERT, UsageEvent
+from hubcore.accounting.usage import FIELDS, ROWS_PER_INSERT, Outcome, UsageEvent
 from tests.accounting.test_spool import LINE_WITHOUT_NEW_FIELDS, OLD_LINE
 
 BASE_TS = 1_760_000_000.0
@@ -145,6 +145,33 @@ async def test_row_appears_within_flush_interval_and_round_trips(
     finally:
         conn.close()
     assert dict(stored) == dataclasses.asdict(events[2])
+
+
+async def test_nones_bools_and_outcomes_are_stored_as_sqlite_null_integer_and_text(
+    recorder_factory: Callable[..., UsageRecorder], db: Path
+) -> None:
+    """usage.py binds None, bool and Outcome through its own sqlite3
+    adapters (cheaper than sqlite3's lookup): the stored types must be the
+    ones sqlite3 would store without them, which the dashboard's sums and
+    filters read."""
+    recorder = recorder_factory(flush_interval=0.05)
+    await recorder.start()
+    recorder.record(make_event(0, outcome=Outcome.UPSTREAM_ABORTED, output_estimated=True, model=None,
+                               cost_micros=None, ttfb_ms=None))
+    recorder.record(make_event(1, outcome=Outcome.OK, output_estimated=False))
+    await eventually(lambda: recorder.stats()["written"] == 2)
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute(
+            "SELECT outcome, typeof(outcome), output_estimated, typeof(output_estimated), typeof(model),"
+            " typeof(cost_micros), typeof(ttfb_ms) FROM usage ORDER BY request_id"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert rows == [
+        ("upstream_aborted", "text", 1, "integer", "null", "null", "null"),
+        ("ok", "text", 0, "integer", "text", "integer", "real"),
+    ]
 
 
 async def test_full_batches_do_not_wait_for_the_interval(
