@@ -36,7 +36,8 @@ from hubcore.routing._lease cimport RingCore
 # model, its rate-limit class, the head the vendor gets and the one the
 # client gets), likewise: C calls to their compiled twins.
 from hubcore.gateway._heads cimport (
-    leading_model, model_class, request_head, response_head, route_for, session_from_headers,
+    keeps_alive, leading_model, model_class, request_head, response_framing, response_head, route_for,
+    session_from_headers,
 )
 
 import logging
@@ -45,7 +46,7 @@ from hubcore.accounting import meter as sse
 from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
-from hubcore.gateway.rewrite import Framing, keeps_alive, response_framing
+from hubcore.gateway.rewrite import Framing
 from hubcore.gateway.routes import ME_PATH, flavour_for_path
 from hubcore.governance.tokens import Principal
 from hubcore.routing.failures import CLIENT_ABORTED, classify, in_stream_failure, retryable
@@ -413,7 +414,9 @@ cdef class ExchangeCore:
     # -- the answer --------------------------------------------------------------
     def _on_head(self, ResponseHead head):
         """See the twin."""
-        failure = self.head_failure = classify(head.status, head.headers)
+        # classify's first rule, without the call: an answer below 400 says
+        # nothing against the key.
+        failure = self.head_failure = None if head.status < 400 else classify(head.status, head.headers)
         lease = self.lease
         upstream = self.upstream
         if lease is not None and upstream is not None:
@@ -581,7 +584,9 @@ cdef class ExchangeCore:
         if lease is not None and upstream is not None:
             if failure is None:
                 meter = self.meter
-                failure = in_stream_failure(meter.error_type if meter is not None else None)
+                error_type = meter.error_type if meter is not None else None
+                # in_stream_failure of no error event is None, without the call.
+                failure = None if error_type is None else in_stream_failure(error_type)
             _release(upstream.ring, lease, failure)
             self.lease = None
 

@@ -5,6 +5,8 @@ cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host
                          list headers, control, Py_ssize_t body_size)
 cpdef bytes response_head(int status, list headers, framing, content_length, bint keep_alive, str request_id,
                           list budget=*)
+cpdef response_framing(int status, content_length, bint client_http11)
+cpdef bint keeps_alive(framing, bint client_keep_alive)
 cpdef route_for(bytes path, dict index=*)
 cpdef session_from_headers(dict index)
 cpdef leading_model(bytes body_start)

@@ -1,7 +1,9 @@
 # cython: language_level=3
 """The gateway's pure functions of a request's heads on its common path,
 compiled: the twins of rewrite.request_head and rewrite.response_head (the
-head the vendor gets and the one the client gets), routes.route_for,
+head the vendor gets and the one the client gets), rewrite.response_framing
+and rewrite.keeps_alive (how the client's answer is framed and whether its
+connection stays open), routes.route_for,
 routes.session_from_headers, routes.leading_model and headroom.model_class
 (see there for the contracts; tests/gateway/test_heads_twins.py holds both
 twins to the same results on the same inputs).
@@ -29,6 +31,8 @@ cdef object _render_head = render_head
 # The framings as C globals: `framing is _LENGTH` is a pointer comparison.
 cdef object _LENGTH = Framing.LENGTH
 cdef object _CHUNKED = Framing.CHUNKED
+cdef object _BODILESS = Framing.BODILESS
+cdef object _UNTIL_CLOSE = Framing.UNTIL_CLOSE
 cdef dict _ROUTES = ROUTES
 # The one route whose endpoint is "/v1/models" (route_for compares the
 # objects, not their endpoint strings).
@@ -82,6 +86,20 @@ cpdef bytes response_head(int status, list headers, framing, content_length, bin
     # server.status_line, inline.
     line = _STATUS_LINES.get(status)
     return _render_head(line if line is not None else _status_line(status), headers, _RESPONSE_DROP, tail + b"\r\n")
+
+
+cpdef response_framing(int status, content_length, bint client_http11):
+    if content_length is not None:
+        return _LENGTH
+    if status == 204 or status == 304:
+        return _BODILESS  # they end at their head (see the twin)
+    if client_http11:
+        return _CHUNKED
+    return _UNTIL_CLOSE
+
+
+cpdef bint keeps_alive(framing, bint client_keep_alive):
+    return client_keep_alive and framing is not _UNTIL_CLOSE
 
 
 # -- routes -------------------------------------------------------------------

@@ -85,6 +85,22 @@ def test_response_head_twins_give_the_same_bytes(
     assert outcome(compiled().response_head, *args) == outcome(rewrite.response_head, *args)
 
 
+@given(
+    status=st.sampled_from([100, 200, 204, 206, 304, 400, 429, 500]) | st.integers(min_value=100, max_value=999),
+    content_length=st.none() | st.integers(min_value=0, max_value=10**12),
+    client_http11=st.booleans(),
+    client_keep_alive=st.booleans(),
+)
+def test_framing_and_keep_alive_twins_agree(
+    status: int, content_length: int | None, client_http11: bool, client_keep_alive: bool,
+) -> None:
+    heads = compiled()
+    framing = heads.response_framing(status, content_length, client_http11)
+    assert framing is rewrite.response_framing(status, content_length, client_http11)
+    for each in Framing:
+        assert heads.keeps_alive(each, client_keep_alive) == rewrite.keeps_alive(each, client_keep_alive)
+
+
 def test_the_examples_of_the_rewrite_tests_give_the_same_bytes() -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"999"), (b"connection", b"x")]
     for args in [
