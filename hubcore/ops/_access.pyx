@@ -8,11 +8,105 @@ method and the stamp and the buffer are C calls on typed fields rather
 than two more Python calls per request. `_timestamp` and `_append` stay
 callable from Python (AccessLog.refused uses them) through thin wrappers."""
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.object cimport PyObject_Str
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_CheckExact, PyUnicode_DecodeUTF8
+from libc.math cimport isfinite
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+
 import time
 
 from hubcore.ops._access_py import _JSON_FIELDS, TEXT_LINE, _json_line
 
 cdef str _TEXT_LINE = TEXT_LINE  # typed, so `%` is PyUnicode_Format
+
+# A text line is written into a C buffer of this size, field by field, as
+# TEXT_LINE's conversions would write it. A line that does not fit, or a
+# field that is not of the type its conversion expects on the common path
+# (an int that is not an exact int or does not fit 64 bits, a float that
+# is not a finite exact float, a str that UTF-8 cannot encode), is made
+# with TEXT_LINE instead: the same text either way. The literal pieces of
+# _text_line are TEXT_LINE's (tests/ops/test_access_core.py holds the
+# lines of both twins byte for byte).
+cdef enum:
+    LINE_MAX = 1024
+
+
+cdef struct _Line:
+    char buf[LINE_MAX]
+    Py_ssize_t n
+
+
+cdef inline bint _bytes(_Line* line, const char* s, Py_ssize_t size) noexcept:
+    if line.n + size > LINE_MAX:
+        return False
+    memcpy(line.buf + line.n, s, size)
+    line.n += size
+    return True
+
+
+cdef inline bint _lit(_Line* line, bytes text) noexcept:
+    return _bytes(line, PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text))
+
+
+cdef bint _str(_Line* line, value) except -1:
+    """`%s` of `value`: str(value) (an Outcome's text), in UTF-8."""
+    cdef Py_ssize_t size
+    cdef const char* s
+    if not PyUnicode_CheckExact(value):
+        value = PyObject_Str(value)
+    try:
+        s = PyUnicode_AsUTF8AndSize(value, &size)
+    except UnicodeEncodeError:
+        return False  # a lone surrogate: TEXT_LINE's text has it
+    return _bytes(line, s, size)
+
+
+cdef bint _int(_Line* line, value) except -1:
+    """`%d` (or `%s`) of an exact int that fits 64 bits, in decimal."""
+    cdef int overflow = 0
+    cdef long long v
+    cdef unsigned long long u
+    cdef char digits[24]
+    cdef int i = 24
+    if not PyLong_CheckExact(value):
+        return False
+    v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow:
+        return False
+    # Negated as unsigned: the most negative value has no positive twin.
+    u = (0ULL - <unsigned long long>v) if v < 0 else <unsigned long long>v
+    while True:
+        i -= 1
+        digits[i] = <char>(48 + u % 10)
+        u //= 10
+        if u == 0:
+            break
+    if v < 0:
+        i -= 1
+        digits[i] = 45  # '-'
+    return _bytes(line, digits + i, 24 - i)
+
+
+cdef bint _millis(_Line* line, value) except -1:
+    """`%.3f` of a finite exact float: C's printf rounds it as Python does
+    (the exact binary value, correctly rounded); NaN and the infinities are
+    spelled differently, and take TEXT_LINE."""
+    cdef double v
+    cdef int written
+    if not PyFloat_CheckExact(value):
+        return False
+    v = PyFloat_AS_DOUBLE(value)
+    if not isfinite(v):
+        return False
+    written = snprintf(line.buf + line.n, LINE_MAX - line.n, "%.3f", v)
+    if written < 0 or written >= LINE_MAX - line.n:
+        return False
+    line.n += written
+    return True
 cdef tuple _FIELDS = _JSON_FIELDS
 cdef object _strftime = time.strftime
 cdef object _localtime = time.localtime
@@ -43,17 +137,49 @@ cdef class AccessCore:
         if self.json:
             line = _json_line(event.ts, {k: getattr(event, k) for k in _FIELDS}, client)
         else:
-            ttfb_ms = event.ttfb_ms
-            cost_micros = event.cost_micros
-            line = _TEXT_LINE % (
-                self._stamp_of(event.ts), event.request_id, event.user or "-", event.project or "-",
-                event.model or "-", event.key_label or "-", event.status, event.outcome, event.input_tokens,
-                event.output_tokens, event.cache_write_5m, event.cache_write_1h, event.cache_read,
-                "-" if cost_micros is None else cost_micros,
-                "-" if ttfb_ms is None else "%.3f" % ttfb_ms, event.total_ms, event.attempts,
-                event.endpoint, client or "-",
-            )
+            line = self._text_line(event, client)
         self._add(line)
+
+    cdef str _text_line(self, event, client):
+        """TEXT_LINE % (the event's fields), written into a C buffer (see
+        LINE_MAX), else by TEXT_LINE itself."""
+        cdef _Line line
+        line.n = 0
+        stamp = self._stamp_of(event.ts)
+        ttfb_ms = event.ttfb_ms
+        cost_micros = event.cost_micros
+        if (
+            _str(&line, stamp) and _lit(&line, b" access ") and _str(&line, event.request_id)
+            and _lit(&line, b" user=") and _str(&line, event.user or "-")
+            and _lit(&line, b" project=") and _str(&line, event.project or "-")
+            and _lit(&line, b" model=") and _str(&line, event.model or "-")
+            and _lit(&line, b" key=") and _str(&line, event.key_label or "-")
+            and _lit(&line, b" status=") and _int(&line, event.status)
+            and _lit(&line, b" outcome=") and _str(&line, event.outcome)
+            and _lit(&line, b" in=") and _int(&line, event.input_tokens)
+            and _lit(&line, b" out=") and _int(&line, event.output_tokens)
+            and _lit(&line, b" cw5m=") and _int(&line, event.cache_write_5m)
+            and _lit(&line, b" cw1h=") and _int(&line, event.cache_write_1h)
+            and _lit(&line, b" cr=") and _int(&line, event.cache_read)
+            and _lit(&line, b" cost_micros=")
+            and (_lit(&line, b"-") if cost_micros is None else _int(&line, cost_micros))
+            and _lit(&line, b" ttfb_ms=")
+            and (_lit(&line, b"-") if ttfb_ms is None else _millis(&line, ttfb_ms))
+            and _lit(&line, b" total_ms=") and _millis(&line, event.total_ms)
+            and _lit(&line, b" attempts=") and _int(&line, event.attempts)
+            and _lit(&line, b" endpoint=") and _str(&line, event.endpoint)
+            and _lit(&line, b" client=") and _str(&line, client or "-")
+            and _lit(&line, b"\n")
+        ):
+            return PyUnicode_DecodeUTF8(line.buf, line.n, NULL)
+        return _TEXT_LINE % (
+            stamp, event.request_id, event.user or "-", event.project or "-",
+            event.model or "-", event.key_label or "-", event.status, event.outcome, event.input_tokens,
+            event.output_tokens, event.cache_write_5m, event.cache_write_1h, event.cache_read,
+            "-" if cost_micros is None else cost_micros,
+            "-" if ttfb_ms is None else "%.3f" % ttfb_ms, event.total_ms, event.attempts,
+            event.endpoint, client or "-",
+        )
 
     def _append(self, line):
         self._add(line)

@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hubcore.gateway import rewrite, routes
@@ -138,9 +138,26 @@ def test_session_from_headers_twins_give_the_same_session(index: dict[bytes, byt
     assert compiled().session_from_headers(index) == routes.session_from_headers(index)
 
 
-@settings(max_examples=300, deadline=None)
+# Bodies that start as routes._LEADING_MODEL wants, or nearly: each part
+# right or a near miss (other whitespace, another key, a missing quote,
+# characters outside a model id, ids of 0 to 300 characters).
+SPACES = st.text(st.sampled_from(" \t\n\r\x0b\x0c\xa0\x1c"), max_size=3).map(lambda t: t.encode("latin-1"))
+MODEL_IDS = st.text(st.sampled_from("aZ09._:@+/-") | st.characters(max_codepoint=255), max_size=4).map(
+    lambda t: t.encode("latin-1")) | st.sampled_from([b"", b"m" * 255, b"m" * 256, b"m" * 257, b"m" * 300])
+LEADING = st.tuples(
+    st.sampled_from([b"{", b"{", b"[", b""]), SPACES, st.sampled_from([b'"model"', b'"model"', b'"Model"', b'"mode"', b"model"]),
+    SPACES, st.sampled_from([b":", b":", b"="]), SPACES, st.sampled_from([b'"', b'"', b""]), MODEL_IDS,
+    st.sampled_from([b'"', b'"', b"", b"\\"]), st.binary(max_size=4),
+).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
 @given(start=st.sampled_from([b'{"model":"claude-opus-4-1","max_tokens":1}', b'{ "model" : "gpt-5.1"', b'{"max_tokens":1,"model":"x"}',
-                              b'{"model":"a\\u0062"}', b"", b"[]"]) | st.binary(max_size=40))
+                              b'{"model":"a\\u0062"}', b"", b"[]"]) | st.binary(max_size=40) | LEADING)
+@example(start=b'{"model":"' + b"m" * 256 + b'"}')
+@example(start=b'{"model":"' + b"m" * 257 + b'"}')
+@example(start=b'{\x0b"model"\x0c:\r\n\t "claude-opus-4-1"')
+@example(start=b'{"model":"claude\x1copus"')
 def test_leading_model_twins_give_the_same_model(start: bytes) -> None:
     assert compiled().leading_model(start) == routes.leading_model(start)
 
