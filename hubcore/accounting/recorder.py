@@ -21,7 +21,7 @@ import aiosqlite
 from hubcore import store
 from hubcore.accounting import rollup
 from hubcore.accounting.spool import SPOOL_ERRORS, Spool, encode_line
-from hubcore.accounting.usage import ROWS_PER_INSERT, UsageEvent, insert_sql, insert_values
+from hubcore.accounting.usage import UsageEvent, insert_chunks, insert_sql, insert_values
 from hubcore.config import zone
 from hubcore.database import PgTarget, is_postgres, target as as_target
 
@@ -340,26 +340,23 @@ class UsageRecorder:
         db = self._db
         if db is None:
             raise ValueError("usage database is not open")
-        per = ROWS_PER_INSERT
-        full = len(events) - len(events) % per
         await db.execute("BEGIN IMMEDIATE")
         try:
             # Other worker processes may write to the same file, but not
             # before COMMIT: BEGIN IMMEDIATE holds the write lock, so the
             # rows with an id above this one will be exactly this batch's.
             (last_id,), = await db.execute_fetchall(rollup.LAST_ID)
-            inserted = 0
-            if full:
+            inserted = at = 0
+            for size, statements in insert_chunks(len(events)):
+                end = at + size * statements
                 # executemany's rowcount is the sum over its statements.
                 # Flattened by C iterators: this runs on the event loop's
                 # thread, some thirty values per row.
                 cursor = await db.executemany(
-                    insert_sql(per), [insert_values(events[i:i + per]) for i in range(0, full, per)]
+                    insert_sql(size), [insert_values(events[i:i + size]) for i in range(at, end, size)]
                 )
                 inserted += cursor.rowcount
-            if full < len(events):
-                cursor = await db.execute(insert_sql(len(events) - full), insert_values(events[full:]))
-                inserted += cursor.rowcount
+                at = end
             if inserted:
                 # rollup.add's statements, one thread hop each (aiosqlite
                 # has no public call that runs a function on its thread):

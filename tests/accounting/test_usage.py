@@ -12,10 +12,12 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hubcore import store
 from hubcore.accounting.recorder import UsageRecorder
-from hubcore.accounting.usage import FIELDS, ROWS_PER_INSERT, Outcome, UsageEvent
+from hubcore.accounting.usage import FIELDS, INSERT_SIZES, ROWS_PER_INSERT, Outcome, UsageEvent, insert_chunks
 from tests.accounting.test_spool import LINE_WITHOUT_NEW_FIELDS, OLD_LINE
 
 BASE_TS = 1_760_000_000.0
@@ -174,6 +176,19 @@ async def test_nones_bools_and_outcomes_are_stored_as_sqlite_null_integer_and_te
     ]
 
 
+@given(rows=st.integers(0, 20_000))
+def test_a_batch_goes_in_as_few_statements_of_the_few_prepared_sizes(rows: int) -> None:
+    chunks = insert_chunks(rows)
+    assert sum(size * statements for size, statements in chunks) == rows
+    sizes = [size for size, _ in chunks]
+    assert sizes == sorted(set(sizes), reverse=True) and set(sizes) <= set(INSERT_SIZES)
+    # Each smaller size only takes what the larger one left: fewer rows than it.
+    for size, statements in chunks:
+        larger = [s for s in INSERT_SIZES if s > size]
+        assert not larger or size * statements < min(larger)
+    assert INSERT_SIZES[0] * len(FIELDS) <= sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+
+
 async def test_full_batches_do_not_wait_for_the_interval(
     recorder_factory: Callable[..., UsageRecorder], db: Path
 ) -> None:
@@ -207,10 +222,13 @@ async def test_batches_of_many_statements_keep_every_column_and_skip_duplicates(
     recorder_factory: Callable[..., UsageRecorder], db: Path
 ) -> None:
     """A batch goes in as several multi-row INSERTs (ROWS_PER_INSERT rows
-    each, then the rest): every column of every row lands where it belongs,
-    and duplicates anywhere in the batch are counted as ignored, not written."""
+    each, then the rest in statements of each smaller size of
+    INSERT_SIZES): every column of every row lands where it belongs, and
+    duplicates anywhere in the batch are counted as ignored, not written."""
     events = [make_event(i, user=f"user-{i}", model=f"model-{i % 7}", stop_reason=None if i % 3 else "max_tokens",
-                         ttfb_ms=None if i % 5 == 0 else i / 8) for i in range(3 * ROWS_PER_INSERT + 5)]
+                         ttfb_ms=None if i % 5 == 0 else i / 8)
+              for i in range(3 * ROWS_PER_INSERT + sum(INSERT_SIZES[1:]))]
+    assert [size for size, _ in insert_chunks(len(events) - ROWS_PER_INSERT)] == list(INSERT_SIZES)
     first = recorder_factory(flush_interval=60.0, batch_max=len(events))
     await first.start()
     for event in events[: 2 * ROWS_PER_INSERT]:
