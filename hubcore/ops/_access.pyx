@@ -15,7 +15,7 @@ from cpython.object cimport PyObject_Str
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_CheckExact, PyUnicode_DecodeUTF8
 from libc.math cimport isfinite
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 import time
 
@@ -94,7 +94,8 @@ cdef bint _int(_Line* line, value) except -1:
 cdef bint _millis(_Line* line, value) except -1:
     """`%.3f` of a finite exact float: C's printf rounds it as Python does
     (the exact binary value, correctly rounded); NaN and the infinities are
-    spelled differently, and take TEXT_LINE."""
+    spelled differently, and take TEXT_LINE, as does a number written with
+    a decimal comma (a process whose LC_NUMERIC some library changed)."""
     cdef double v
     cdef int written
     if not PyFloat_CheckExact(value):
@@ -103,7 +104,7 @@ cdef bint _millis(_Line* line, value) except -1:
     if not isfinite(v):
         return False
     written = snprintf(line.buf + line.n, LINE_MAX - line.n, "%.3f", v)
-    if written < 0 or written >= LINE_MAX - line.n:
+    if written < 0 or written >= LINE_MAX - line.n or memchr(line.buf + line.n, 44, written) != NULL:
         return False
     line.n += written
     return True
