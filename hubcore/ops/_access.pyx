@@ -5,8 +5,10 @@ it).
 
 The same steps in the same order; what changes is that `record` is a C
 method and the stamp and the buffer are C calls on typed fields rather
-than two more Python calls per request. `_timestamp` and `_append` stay
-callable from Python (AccessLog.refused uses them) through thin wrappers."""
+than two more Python calls per request, and that a text line is written
+field by field into a C buffer (`_text_line`) rather than by `str %`.
+`_timestamp` and `_append` stay callable from Python (AccessLog.refused
+uses them) through thin wrappers."""
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
