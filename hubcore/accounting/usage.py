@@ -13,7 +13,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 
 class Outcome(enum.StrEnum):
@@ -89,7 +89,8 @@ def insert_values(events: Sequence[UsageEvent]) -> list[Any]:
 # which holds the GIL the event loop needs. These adapters bind the same
 # values (NULL, 0 or 1, the outcome's text) without the lookup. They are
 # process-wide, and bind what sqlite3 would bind anyway.
-sqlite3.register_adapter(type(None), {}.get)  # None -> None: a C call, not a Python frame
+# None -> None with {}.get: a C call, not a Python frame.
+sqlite3.register_adapter(type(None), cast(Callable[[None], None], {}.get))
 sqlite3.register_adapter(bool, int)
 sqlite3.register_adapter(Outcome, str)
 
