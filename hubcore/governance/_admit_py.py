@@ -151,8 +151,8 @@ class LimiterCore:
         ) -> None:
             ...
 
-    def _add_bucket(self, scope: _Scope, minute: int, cost: int) -> None:
-        raise NotImplementedError
+        def _add_bucket(self, scope: _Scope, minute: int, cost: int) -> None:
+            ...
 
     # -- the request path --------------------------------------------------------
 
