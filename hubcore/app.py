@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 
@@ -610,6 +610,12 @@ class App:
         self.loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
 
+    def on_signal(self, sig: int) -> None:
+        if sig == signal.SIGHUP:
+            self._on_hup()
+        else:
+            self._on_stop_signal()
+
     def _on_stop_signal(self) -> None:
         if not self.server.draining:
             self.loop.create_task(self.stop())
@@ -875,6 +881,49 @@ def _write_private(path: Path, text: str) -> None:
         os.fsync(fd)
 
 
+class SignalTarget(Protocol):
+    def install_signals(self) -> None: ...
+    def on_signal(self, sig: int) -> None: ...
+
+
+class StartSignals:
+    """The stop and reload signals while the hub starts. The proxy listens
+    before the dashboard and the ops socket open, so a supervisor's SIGTERM
+    can come in between (right after the port answers): it is held until the
+    start ends, then acted on, instead of killing the process or being lost.
+
+    The loop runs a signal's handler as a callback queued when it reads the
+    signal from its wake-up pipe, and that callback can be queued behind the
+    step that ends the start: one that runs after `release` goes straight to
+    the app."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.held: list[int] = []
+        self.target: SignalTarget | None = None
+        for sig in self.SIGNALS:
+            loop.add_signal_handler(sig, self.on_signal, sig)
+
+    def on_signal(self, sig: int) -> None:
+        if self.target is None:
+            self.held.append(sig)
+        else:
+            self.target.on_signal(sig)
+
+    def release(self, target: SignalTarget) -> None:
+        """The start has ended: `target` takes the signals from now on, and
+        those held are acted on; a stop wins over a reload."""
+        self.target = target
+        target.install_signals()
+        stops = [sig for sig in self.held if sig != signal.SIGHUP]
+        if stops:
+            target.on_signal(stops[0])
+        elif self.held:
+            target.on_signal(signal.SIGHUP)
+        self.held.clear()
+
+
 async def serve(
     config: Config, config_path: str | None, show_token: Callable[[str], None] | None = None, *, worker: bool = False,
     sibling_ops_sockets: Sequence[str] = (),
@@ -903,12 +952,7 @@ async def serve(
         log.error("cannot write the first hub token: %s", e)
         await app.recorder.close()
         return 1
-    # The proxy listens before the dashboard and the ops socket open: a
-    # signal in between (a supervisor's stop right after the port answers)
-    # waits for the start to finish, instead of killing the process.
-    early: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, early.append, sig)
+    early = StartSignals(loop)
     try:
         addresses = await app.start(reuse_port=worker)
     except OSError as e:
@@ -924,14 +968,10 @@ async def serve(
             await app.shared.close()
         return 1
     announce_first_token(made, show_token)
-    app.install_signals()
     app.cycles.start()
     for host, port in addresses:
         scheme = "https" if config.server.tls_cert else "http"
         log.info("hubcore %s listening on %s://%s:%d", __version__, scheme, host, port)
-    if signal.SIGTERM in early or signal.SIGINT in early:
-        app._on_stop_signal()
-    elif signal.SIGHUP in early:
-        app._on_hup()
+    early.release(app)
     await app.stopped.wait()
     return 0
