@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -190,6 +191,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
             input_text: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(hubcore_cmd(*args), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
                           input=input_text)
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float = 40) -> tuple[Any, Any]:
+    """SIGTERM, as a supervisor stops the hub; its (stdout, stderr). One that
+    has not exited within `timeout` is killed before TimeoutExpired goes up,
+    so that it does not run on into the next test and fail that one as a
+    leaked process."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
 
 
 def wait_listening(port: int, proc: subprocess.Popen[Any] | None = None, timeout: float = 20.0) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from hubcore import config as config_mod, store
 from hubcore.cli import common
 from hubcore.cli.main import build_parser
 from tests.cli.test_cli import TOKEN_LINE, _parsers, cli_env, hubcore
-from tests.hubharness import free_port, hubcore_cmd, mint, wait_listening
+from tests.hubharness import free_port, hubcore_cmd, mint, terminate, wait_listening
 
 # Keys only the service can read: under systemd, $CREDENTIALS_DIRECTORY is
 # set for the service alone, never for an operator's shell.
@@ -112,8 +111,7 @@ def test_serve_and_the_commands_find_the_same_config(tmp_path: Path) -> None:
         token = (state / "first-token").read_text().strip()
         assert [(r["user"], token.startswith(r["prefix"])) for r in orjson.loads(listed.stdout)] == [("admin", True)]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=40)
+        terminate(proc)
     assert proc.returncode == 0
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from hubcore.app import StartSignals
 from tests.cli.test_cli import cli_env, hubcore
-from tests.hubharness import free_port, hubcore_cmd, wait_listening
+from tests.hubharness import free_port, hubcore_cmd, terminate, wait_listening
 
 
 def write_config(tmp_path: Path, port: int, extra: str = "", upstreams: str = "", dashboard: str = "") -> Path:
@@ -46,14 +46,7 @@ def serve(config: Path, *extra: str) -> subprocess.Popen[str]:
 
 
 def stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=40)
-    except subprocess.TimeoutExpired:
-        # Not left running into the next test, which would see it as its own leak.
-        proc.kill()
-        proc.communicate()
-        raise
+    _, err = terminate(proc)
     assert proc.returncode == 0, err
     return err
 

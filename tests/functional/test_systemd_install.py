@@ -10,7 +10,6 @@ from __future__ import annotations
 import grp
 import os
 import re
-import signal
 import subprocess
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from hubcore import config as config_mod
 from tests.fakevendor import FakeVendor
 from tests.functional.test_systemd_unit import EXAMPLE, UNIT, one, parse_unit
-from tests.hubharness import REPO, free_port, hubcore_cmd, wait_listening
+from tests.hubharness import REPO, free_port, hubcore_cmd, terminate, wait_listening
 
 README = REPO / "README.md"
 VENV = "/opt/hubcore"
@@ -143,6 +142,5 @@ def test_the_install_end_to_end(installed: dict[str, Path]) -> None:
                 client.close()
             assert sum(vendor.hits[key] for key in keys) == 1
         finally:
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=40)
+            _, err = terminate(proc)
         assert proc.returncode == 0, err

@@ -6,7 +6,6 @@ poll set far longer), and loses no usage row while the server is stopped."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ from hubcore import store
 from hubcore.governance import tokens
 from tests.conftest import upstreams_for
 from tests.fakevendor import FakeVendor
-from tests.hubharness import REPO, HubThread, free_port, hubcore_cmd, make_config, run_cli, wait_listening
+from tests.hubharness import REPO, HubThread, free_port, hubcore_cmd, make_config, run_cli, terminate, wait_listening
 from tests.pgserver import PASSWORD, PASSWORD_ENV, PgDatabase, PgServer, wait_until
 from tests.storage.conftest import add_usage, event, pg_server_database
 
@@ -201,8 +200,7 @@ def test_serve_on_an_empty_postgresql_database_mints_the_first_token_beside_the_
         listed = orjson.loads(cli(config, "token", "list", "--json").stdout)
         assert [(t["user"], token.startswith(t["prefix"])) for t in listed] == [("admin", True)]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=40)
+        _, err = terminate(proc)
     assert proc.returncode == 0, err
     assert PASSWORD not in err
 
