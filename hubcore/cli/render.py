@@ -16,8 +16,9 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from hubcore.accounting.report import Row
+from hubcore.dashboard import reports
 from hubcore.governance.limiter import BudgetLine
-from hubcore.governance.limits import MICROS_PER_USD, Limits, format_time, format_usd
+from hubcore.governance.limits import Limits, format_time, format_usd
 from hubcore.governance.tokens import Principal, TokenInfo
 
 __all__ = [
@@ -220,91 +221,22 @@ def _plain_usd(micros: int) -> str:
 
 # -- usage -----------------------------------------------------------------------
 
-CSV_HEADER = (
-    "group", "requests", "input", "output", "cache_write_5m", "cache_write_1h",
-    "cache_read", "reasoning", "cost_usd", "unpriced", "cache_hit_ratio", "errors", "estimated",
-)
-
-
 def usage_report(
     rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None, fmt: str = "table",
 ) -> str:
     """The usage report in `fmt` (one of FORMATS); `day` groups by UTC date."""
     check_format(fmt)
     if fmt == "json":
-        return _usage_json(rows, total, by, since, until)
+        # The document the dashboard exports for the same report, key for key.
+        return orjson.dumps(reports.usage_document(rows, total, by, since, until), option=orjson.OPT_INDENT_2).decode()
     if fmt == "csv":
-        return _usage_csv(rows, total, by)
+        return reports.usage_csv(rows, total, by)
     return _usage_table(rows, total, by, since, until)
 
 
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else format_time(ts)
-
-
-def _as_dict(row: Row, by: str) -> dict[str, object]:
-    named: dict[str, object] = {}
-    if by == "token" and row.group is not None:
-        named = {"token_id": int(row.group), "user": row.user, "note": row.note}
-    return {
-        **named,
-        "group": row.group,
-        "requests": row.requests,
-        "input": row.input,
-        "output": row.output,
-        "cache_write_5m": row.cache_write_5m,
-        "cache_write_1h": row.cache_write_1h,
-        "cache_read": row.cache_read,
-        "reasoning": row.reasoning,
-        "cost_micros": row.cost_micros,
-        "cost_usd": row.cost_micros / MICROS_PER_USD,
-        "unpriced": row.unpriced,
-        "cache_hit_ratio": row.cache_hit,
-        "errors": row.errors,
-        "estimated": row.estimated,
-    }
-
-
-def _usage_json(rows: Sequence[Row], total: Row, by: str, since: float | None, until: float | None) -> str:
-    total_dict = _as_dict(total, "total")
-    del total_dict["group"]
-    document = {
-        "by": by,
-        "since": _iso(since),
-        "until": _iso(until),
-        "groups": [_as_dict(r, by) for r in rows],
-        "total": total_dict,
-    }
-    return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
-
-
-def _usage_csv(rows: Sequence[Row], total: Row, by: str) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    # By token, the token's user and note follow as two more columns.
-    named = by == "token"
-    writer.writerow([*CSV_HEADER, *(("user", "note") if named else ())])
-    for row in [*rows, total]:
-        hit = row.cache_hit
-        names = (row.user or "", row.note or "") if named else ()
-        writer.writerow([
-            "TOTAL" if row is total else (row.group or ""),
-            row.requests, row.input, row.output, row.cache_write_5m,
-            row.cache_write_1h, row.cache_read, row.reasoning,
-            # Six decimals: the exact cost, no float rounding.
-            _plain_usd(row.cost_micros),
-            row.unpriced,
-            "" if hit is None else f"{hit:.4f}",
-            row.errors,
-            row.estimated,
-            *names,
-        ])
-    return out.getvalue()
 
 
 def _group_label(row: Row) -> str:
@@ -330,7 +262,9 @@ def _usage_table(rows: Sequence[Row], total: Row, by: str, since: float | None, 
         ]
 
     body = [cells(r, _group_label(r)) for r in rows]
-    title = f"usage by {by}, {_iso(since) or 'beginning'} to {_iso(until) or 'now'} (UTC)"
+    start = "beginning" if since is None else format_time(since)
+    end = "now" if until is None else format_time(until)
+    title = f"usage by {by}, {start} to {end} (UTC)"
     lines = table([header, None, *body, None, cells(total, "total")], right=range(1, len(header)))
     if total.estimated:
         lines += ["", f"~ includes estimated cost: {total.estimated:,} requests for models without a price, "
