@@ -19,6 +19,11 @@ test replaces through the class (`_record`, `_begin_stream`) is cpdef, so
 the replacement is still what runs."""
 
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+
+cdef extern from *:
+    # GCC's and Clang's checked arithmetic: true when the result overflowed.
+    bint __builtin_smulll_overflow(long long a, long long b, long long* result) nogil
+    bint __builtin_saddll_overflow(long long a, long long b, long long* result) nogil
 from cpython.bytes cimport PyBytes_FromFormat, PyBytes_GET_SIZE
 
 # The connection cores, compiled with this one (setup.py builds all or none;
@@ -43,6 +48,7 @@ from hubcore.gateway._heads cimport (
 import logging
 
 from hubcore.accounting import meter as sse
+from hubcore.accounting.pricing import LOOKUP_MEMO_MAX, TOKENS_PER_PRICE_UNIT, Pricing
 from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
@@ -83,6 +89,7 @@ cdef object _UPSTREAM_ERROR = Outcome.UPSTREAM_ERROR
 cdef object _REFUSED = Outcome.REFUSED
 cdef object _UPSTREAM_ABORTED = Outcome.UPSTREAM_ABORTED
 cdef object _UsageEvent = UsageEvent
+cdef object _Pricing = Pricing
 cdef object _CHUNKED = Framing.CHUNKED
 cdef object _CLIENT_ABORTED_FAILURE = CLIENT_ABORTED
 cdef object _Meter = sse.Meter
@@ -691,6 +698,89 @@ cdef class ExchangeCore:
             metrics.refuse(self.error_type or str(self.status))
 
 
+# -- the cost of the common request ----------------------------------------------
+
+# Pricing.cost is three Python calls a request (cost, price_for,
+# Price.cost_micros) and some 8,000 instructions. Its common case, a model
+# with a price of its own at the list price (no multiplier) and below any
+# long-context threshold, is the sum of five products, done here in C from
+# the price's five figures, kept by model id for the Pricing they came from
+# (a reload makes a new Pricing, which empties them). Everything else (no
+# price, an estimate, a multiplier, long context, counts past 64 bits) is
+# Pricing.cost's, as in the twin.
+cdef object _priced_by = None
+cdef dict _price_rows = {}
+cdef object _NOT_LISTED = object()   # a model with no price of its own, or one C does not take
+cdef long long _UNIT = TOKENS_PER_PRICE_UNIT
+cdef long long _HALF = TOKENS_PER_PRICE_UNIT // 2
+# What a count or a figure may be in C: four counts add up within 64 bits
+# (the long-context test); products and sums are checked as they are made.
+cdef object _LIMIT = 2 ** 60
+
+cdef object _price_row(price):
+    """A Price's five per-million figures and its long-context threshold
+    (-1: none), as a tuple of ints; _NOT_LISTED for no price or figures C
+    does not take (not plain ints from 0 up to 2**60)."""
+    if price is None:
+        return _NOT_LISTED
+    above = price.long_context_above
+    row = (price.input, price.cache_write_5m, price.cache_write_1h, price.cache_read, price.output,
+           0 if above is None else above)
+    for figure in row:
+        if type(figure) is not int or not 0 <= figure < _LIMIT:
+            return _NOT_LISTED
+    return row[:5] + (-1,) if above is None else row
+
+
+cdef inline bint _as_count(object tokens, long long* out):
+    """A token count as a C long long: False for anything but a plain int
+    from 0 up to 2**60 (left to Pricing.cost)."""
+    if type(tokens) is not int or not 0 <= tokens < _LIMIT:
+        return False
+    out[0] = tokens
+    return True
+
+
+cdef object _list_price_cost(prices, model, input_tokens, output_tokens, cache_write_5m, cache_write_1h,
+                             cache_read, double multiplier):
+    """Price.cost_micros at the list price, in C, for the common case (see
+    above); None when Pricing.cost is to answer."""
+    global _priced_by, _price_rows
+    cdef long long counts[5]
+    cdef long long figures[5]
+    cdef long long total = 0, product
+    cdef int i
+    if multiplier != 1.0 or type(model) is not str or type(prices) is not _Pricing:
+        return None
+    if prices is not _priced_by:
+        _price_rows = {}
+        _priced_by = prices
+    row = _price_rows.get(model)
+    if row is None:
+        row = _price_row(prices.table.price_for(model))
+        if len(_price_rows) >= LOOKUP_MEMO_MAX:
+            _price_rows.clear()
+        _price_rows[model] = row
+    if row is _NOT_LISTED:
+        return None
+    if not (_as_count(input_tokens, &counts[0]) and _as_count(cache_write_5m, &counts[1])
+            and _as_count(cache_write_1h, &counts[2]) and _as_count(cache_read, &counts[3])
+            and _as_count(output_tokens, &counts[4])):
+        return None
+    above = <long long>(<tuple>row)[5]
+    if above >= 0 and counts[0] + counts[1] + counts[2] + counts[3] > above:
+        return None  # long-context prices
+    for i in range(5):
+        figures[i] = (<tuple>row)[i]
+        if __builtin_smulll_overflow(counts[i], figures[i], &product) or \
+                __builtin_saddll_overflow(total, product, &total):
+            return None
+    # Both non-negative: C's division rounds down as Python's // does.
+    if __builtin_saddll_overflow(total, _HALF, &total):
+        return None
+    return total // _UNIT
+
+
 cpdef usage_event(
     double ts, str request_id, str endpoint, int status, outcome, double total_ms, principal, upstream, key_label,
     model, error_type, ttfb_ms, int attempts, session_id, user_agent, bint sse_body, meter, vendor, prices,
@@ -723,10 +813,15 @@ cpdef usage_event(
     if prices is None:
         cost_micros = cost_basis = None
     else:
-        cost_micros, cost_basis = prices.cost(
-            vendor, model, input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read,
-            forwarded=attempts > 0, multiplier=cost_multiplier,
-        )
+        cost_micros = _list_price_cost(prices, model, input_tokens, output_tokens, cache_write_5m, cache_write_1h,
+                                       cache_read, cost_multiplier)
+        if cost_micros is not None:
+            cost_basis = None
+        else:
+            cost_micros, cost_basis = prices.cost(
+                vendor, model, input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read,
+                forwarded=attempts > 0, multiplier=cost_multiplier,
+            )
     # Positional, in UsageEvent's field order.
     return _UsageEvent(
         ts,
