@@ -24,7 +24,10 @@ cdef extern from *:
     # GCC's and Clang's checked arithmetic: true when the result overflowed.
     bint __builtin_smulll_overflow(long long a, long long b, long long* result) nogil
     bint __builtin_saddll_overflow(long long a, long long b, long long* result) nogil
-from cpython.bytes cimport PyBytes_FromFormat, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromFormat, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.stdio cimport snprintf
+from libc.string cimport memchr, memcpy
 
 # The connection cores, compiled with this one (setup.py builds all or none;
 # an import of this module fails without them, and the pure twin runs): the
@@ -46,6 +49,7 @@ from hubcore.gateway._heads cimport (
 )
 
 import logging
+import os
 
 from hubcore.accounting import meter as sse
 from hubcore.accounting.pricing import LOOKUP_MEMO_MAX, TOKENS_PER_PRICE_UNIT, Pricing
@@ -53,8 +57,8 @@ from hubcore.accounting.usage import Outcome, UsageEvent
 from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
 from hubcore.gateway.rewrite import Framing
-from hubcore.gateway.routes import ME_PATH, flavour_for_path
-from hubcore.governance.tokens import Principal
+from hubcore.gateway.routes import ME_PATH, authenticate, flavour_for_path, printable_path
+from hubcore.governance.tokens import Principal, TokenTable
 from hubcore.routing.failures import CLIENT_ABORTED, classify, in_stream_failure, retryable
 
 # What is not hot is the Python twin's, shared.
@@ -95,6 +99,7 @@ cdef object _CLIENT_ABORTED_FAILURE = CLIENT_ABORTED
 cdef object _Meter = sse.Meter
 cdef object _HubError = HubError
 cdef object _Principal = Principal
+cdef object _TokenTable = TokenTable
 cdef object _MeterError = MeterError
 cdef str _ME_ROUTE = ME_PATH.decode()
 cdef bytes _ME_PATH = ME_PATH
@@ -161,6 +166,49 @@ cdef inline object _admit_with(limiter, principal, model, double now, bint model
     if isinstance(limiter, LimiterCore):
         return (<LimiterCore>limiter)._admit_request(principal, model, now, model_required)
     return limiter.admit(principal, model, now, model_required=model_required)
+
+
+cdef class HubCore:
+    """See _exchange_py.HubCore: the gate and the request ids, without a
+    Python frame for a request on a known route with a token seen before."""
+
+    cdef public object tokens
+    cdef char _id_prefix[16]
+    cdef unsigned long long _id_counter
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+        prefix = ("hc_" + os.urandom(4).hex()).encode("ascii")
+        memcpy(self._id_prefix, <const char*>prefix, len(prefix) + 1)
+        self._id_counter = 0
+
+    cpdef str request_id(self):
+        cdef char text[48]
+        cdef int n
+        self._id_counter += 1
+        n = snprintf(text, sizeof(text), "%s%010llx", self._id_prefix, self._id_counter)
+        return PyUnicode_DecodeASCII(text, n, NULL)
+
+    def gate(self, protocol, bytes method, bytes target, head):
+        cdef const char* t = PyBytes_AS_STRING(target)
+        cdef const char* q = <const char*>memchr(t, 63, PyBytes_GET_SIZE(target))  # '?'
+        path = target if q == NULL else PyBytes_FromStringAndSize(t, q - t)
+        if path == b"/":
+            return None
+        if route_for(path) is None and path != ME_PATH:
+            return _HubError(404, f"no route for {printable_path(path)}")
+        index = head.index
+        principal = None
+        token = index.get(b"x-api-key")
+        if token is not None and PyBytes_GET_SIZE(token) and type(self.tokens) is _TokenTable:
+            principal = self.tokens.seen.get(token)
+        if principal is None:
+            # Bearer tokens, tokens not seen since the last reload, refusals:
+            # the twin's steps.
+            principal = authenticate(self.tokens, index)
+        if isinstance(principal, _Principal) and not protocol.trusted:
+            protocol.trust()
+        return principal
 
 
 cdef class ExchangeCore:
@@ -234,7 +282,7 @@ cdef class ExchangeCore:
         self.loop = hub.loop
         self.request = request
         self.protocol = protocol
-        self.request_id = hub.request_id()
+        self.request_id = (<HubCore>hub).request_id() if isinstance(hub, HubCore) else hub.request_id()
         self.ts = _clock(CLOCK_REALTIME)
         # Latencies are measured on CLOCK_MONOTONIC (time.monotonic()), not
         # loop.time(): see the twin.

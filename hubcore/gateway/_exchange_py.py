@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import re
 import time
 from typing import TYPE_CHECKING
@@ -28,8 +29,10 @@ from hubcore.config import UpstreamConfig
 from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
 from hubcore.gateway.rewrite import Framing, budget_headers, keeps_alive, request_head, response_framing, response_head
-from hubcore.gateway.routes import ME_PATH, Route, flavour_for_path, leading_model, route_for, session_from_headers
-from hubcore.governance.tokens import Principal
+from hubcore.gateway.routes import (
+    ME_PATH, Route, authenticate, flavour_for_path, leading_model, printable_path, route_for, session_from_headers,
+)
+from hubcore.governance.tokens import Principal, TokenTable
 from hubcore.routing.attempts import AttemptChain
 from hubcore.routing.failures import CLIENT_ABORTED, Failure, classify, in_stream_failure, retryable
 from hubcore.routing.headroom import model_class
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from hubcore.gateway.upstreams import UpstreamRuntime
     from hubcore.http.client import ResponseHead, UpstreamConnection, UpstreamError
     from hubcore.http.server import HttpProtocol, Request
+    from hubcore.http.wire import HeaderCollector
 
 log = logging.getLogger("hubcore.proxy")
 
@@ -118,6 +122,36 @@ _CHUNKED = Framing.CHUNKED
 _REFUSE_UNPRICED = "refuse"
 # A JSON object after optional whitespace; matched in place, never copied.
 JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
+
+
+class HubCore:
+    """What the hub does for every request before its Exchange: the gate
+    that judges its head (server.Gate) and its request id. The hub
+    (exchange.Hub) is this and the rest of what the Exchange needs."""
+
+    def __init__(self, tokens: TokenTable) -> None:
+        self.tokens = tokens
+        self._id_prefix = "hc_" + os.urandom(4).hex()
+        self._id_counter = 0
+
+    def request_id(self) -> str:
+        self._id_counter += 1
+        return "%s%010x" % (self._id_prefix, self._id_counter)
+
+    def gate(self, protocol: HttpProtocol, method: bytes, target: bytes, head: HeaderCollector) -> Principal | HubError | None:
+        """Judge a request head before its body is read (server.Gate): a
+        HubError for a target with no route or a missing, unknown or revoked
+        token, which is answered without reading the body; else the caller's
+        Principal (None for the hub's own root)."""
+        path = target.partition(b"?")[0]
+        if path == b"/":
+            return None
+        if route_for(path) is None and path != ME_PATH:
+            return HubError(404, f"no route for {printable_path(path)}")
+        principal = authenticate(self.tokens, head.index)
+        if isinstance(principal, Principal):
+            protocol.trust()
+        return principal
 
 
 class ExchangeCore:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -39,19 +38,18 @@ from hubcore.routing.router import Router
 from hubcore.gateway.answers import give_up, refusal_headers, render_http_error, sse_error_event
 from hubcore.gateway.me import ME_HEADERS, Ledger, me_body
 from hubcore.gateway.rewrite import with_model
-from hubcore.gateway.routes import ME_PATH, authenticate, printable_path, route_for
+from hubcore.gateway.routes import ME_PATH
 from hubcore.gateway.upstreams import UpstreamRuntime
 from hubcore.gateway._exchange_py import (
     _CLIENT_ABORTED, _DONE, _FINISHING, _HOLDING_HEAD, _REFUSED, _SENDING, _STREAMING, _UPSTREAM_ABORTED,
     _UPSTREAM_ERROR, JSON_OBJECT_START, _budget_headers,
 )
 # Phase and _MOVES are named here as they always were (app.py, the tests).
-from hubcore.gateway.exchange_core import _MOVES, ExchangeCore, Phase, usage_event
+from hubcore.gateway.exchange_core import _MOVES, ExchangeCore, HubCore, Phase, usage_event
 from hubcore.http.server import HttpProtocol, Request
 from hubcore.governance.limiter import Refused, groups_refusal
 from hubcore.governance.tokens import Principal, TokenTable
 from hubcore.http.client import ResponseHead, UpstreamError, UpstreamTimeout
-from hubcore.http.wire import HeaderCollector
 
 log = logging.getLogger("hubcore.proxy")
 
@@ -171,8 +169,9 @@ class AccessSink(Protocol):
     def close(self) -> None: ...  # by the app, at shutdown
 
 
-class Hub:
-    """Everything the Exchange needs, shared by all connections."""
+class Hub(HubCore):
+    """Everything the Exchange needs, shared by all connections; its gate
+    and request ids are the core's (HubCore)."""
 
     # How the HTTP layer words its own refusals (server.ErrorRenderer).
     render_error = staticmethod(render_http_error)
@@ -182,6 +181,7 @@ class Hub:
         prices: Pricer | None, metrics: Metrics | None = None, limiter: Admitter | None = None,
         shared: SharedAdmitter | None = None,
     ) -> None:
+        super().__init__(tokens)
         self.config = config
         self.limiter = limiter
         # With [shared] redis only: then each request awaits its admission
@@ -189,7 +189,6 @@ class Hub:
         self.shared = shared
         self.access: AccessSink | None = None
         self.loop = loop
-        self.tokens = tokens
         self.recorder = recorder
         self.prices = prices
         self.metrics = metrics
@@ -207,30 +206,9 @@ class Hub:
                     [u for u in self.upstreams.values() if u.config.kind == kind],
                     affinity_ttl=policy.affinity_ttl, affinity_max_sessions=policy.affinity_max_sessions,
                 )
-        self._id_prefix = "hc_" + os.urandom(4).hex()
-        self._id_counter = 0
         # Told of each failover, (from, to), after it is counted (the alerts:
         # hubcore.ops.alerts); only failing attempts come this way.
         self.on_failover: Callable[[UpstreamConfig, UpstreamConfig], None] | None = None
-
-    def request_id(self) -> str:
-        self._id_counter += 1
-        return "%s%010x" % (self._id_prefix, self._id_counter)
-
-    def gate(self, protocol: HttpProtocol, method: bytes, target: bytes, head: HeaderCollector) -> Principal | HubError | None:
-        """Judge a request head before its body is read (server.Gate): a
-        HubError for a target with no route or a missing, unknown or revoked
-        token, which is answered without reading the body; else the caller's
-        Principal (None for the hub's own root)."""
-        path = target.partition(b"?")[0]
-        if path == b"/":
-            return None
-        if route_for(path) is None and path != ME_PATH:
-            return HubError(404, f"no route for {printable_path(path)}")
-        principal = authenticate(self.tokens, head.index)
-        if isinstance(principal, Principal):
-            protocol.trust()
-        return principal
 
     def handle(self, request: Request, protocol: HttpProtocol) -> Coroutine[Any, Any, None] | None:
         """Take a request: what needs no waiting, up to its first write

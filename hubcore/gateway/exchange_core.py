@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 from hubcore import load_twin
 from hubcore.gateway._exchange_py import _MOVES, Phase
 
-__all__ = ["COMPILED", "ExchangeCore", "Phase", "_MOVES", "usage_event"]
+__all__ = ["COMPILED", "ExchangeCore", "HubCore", "Phase", "_MOVES", "usage_event"]
 
 if TYPE_CHECKING:
-    from hubcore.gateway._exchange_py import ExchangeCore, usage_event
+    from hubcore.gateway._exchange_py import ExchangeCore, HubCore, usage_event
 
     COMPILED = False
 else:
     _twin, COMPILED = load_twin("hubcore.gateway._exchange", "hubcore.gateway._exchange_py")
-    ExchangeCore, usage_event = _twin.ExchangeCore, _twin.usage_event
+    ExchangeCore, HubCore, usage_event = _twin.ExchangeCore, _twin.HubCore, _twin.usage_event

@@ -260,8 +260,10 @@ class TokenTable:
         self._generation = -1
         # Tokens seen valid since the last reload, by their value: a token
         # is hashed once per reload, not per request. Bounded; emptied by
-        # every reload, so a revoked token stops working with it.
-        self._seen: dict[bytes, Principal] = {}
+        # every reload, so a revoked token stops working with it. The
+        # compiled gate (gateway._exchange.HubCore) reads it first, as
+        # `lookup` does, without a call.
+        self.seen: dict[bytes, Principal] = {}
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -272,13 +274,13 @@ class TokenTable:
         return self._generation
 
     def lookup(self, token: bytes) -> Principal | None:
-        principal = self._seen.get(token)
+        principal = self.seen.get(token)
         if principal is None:
             principal = self._by_hash.get(hashlib.sha256(token).digest())
             if principal is not None:
-                if len(self._seen) >= SEEN_MAX:
-                    self._seen.clear()
-                self._seen[token] = principal
+                if len(self.seen) >= SEEN_MAX:
+                    self.seen.clear()
+                self.seen[token] = principal
         return principal
 
     def revoked_at(self, token: bytes) -> float | None:
@@ -292,6 +294,6 @@ class TokenTable:
             return False
         self._by_hash = load_table(conn)
         self._revoked = load_revoked(conn)
-        self._seen = {}
+        self.seen = {}
         self._generation = current
         return True

@@ -1,0 +1,132 @@
+"""The hub's per-request steps before its Exchange (HubCore: the gate and
+the request ids), both twins: the same verdict on every head (no route, the
+hub's root, `me`, a missing, bearer, unknown, revoked or known token, one
+seen before), the same trust given to the connection, and ids of the same
+shape, one after the other."""
+from __future__ import annotations
+
+import importlib
+import re
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+
+from hubcore import store
+from hubcore.errors import HubError
+from hubcore.gateway import _exchange_py
+from hubcore.governance import tokens
+from hubcore.governance.tokens import Principal, TokenTable
+from tests.http.twins import NO_EXTENSIONS
+
+
+@pytest.fixture(params=["c", "py"])
+def twin(request: pytest.FixtureRequest) -> ModuleType:
+    if request.param == "c":
+        if NO_EXTENSIONS:
+            pytest.skip("HUBCORE_NO_EXTENSIONS is set")
+        return importlib.import_module("hubcore.gateway._exchange")
+    return _exchange_py
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    conn = store.connect(tmp_path / "hub.db")
+    yield conn
+    conn.close()
+
+
+class Protocol:
+    """A client connection as the gate sees it: trusted once it showed a valid token."""
+
+    def __init__(self) -> None:
+        self.trusted = False
+        self.trusts = 0
+
+    def trust(self) -> None:
+        self.trusts += 1
+        self.trusted = True
+
+
+def verdict(outcome: object) -> Any:
+    """What a gate's answer says: the refusal's status and message, the principal's user, or None."""
+    if isinstance(outcome, HubError):
+        return (outcome.status, str(outcome))
+    if isinstance(outcome, Principal):
+        return outcome.user
+    assert outcome is None
+    return None
+
+
+def test_the_gate_judges_each_head_as_the_twin_does(twin: ModuleType, db: sqlite3.Connection) -> None:
+    _, alice = tokens.create(db, "alice")
+    revoked_id, revoked = tokens.create(db, "bob")
+    tokens.revoke(db, revoked_id)
+    table = TokenTable()
+    table.refresh(db, force=True)
+    hub = twin.HubCore(table)
+    heads = [
+        (b"/v1/messages", {b"x-api-key": alice.encode()}, "alice"),
+        (b"/v1/messages?beta=true", {b"x-api-key": alice.encode()}, "alice"),   # seen before now
+        (b"/v1/messages", {b"authorization": b"Bearer " + alice.encode()}, "alice"),
+        (b"/v1/responses", {b"x-api-key": alice.encode()}, "alice"),
+        (b"/v1/models/claude-opus-4-6", {b"x-api-key": alice.encode()}, "alice"),
+        (b"/hubcore/v1/me", {b"x-api-key": alice.encode()}, "alice"),
+        (b"/", {}, None),
+        (b"/?x", {}, None),
+        (b"/v1/messages", {}, (401, "missing hub token: send it as x-api-key or Authorization: Bearer")),
+        (b"/v1/messages", {b"x-api-key": b""}, (401, "missing hub token: send it as x-api-key or Authorization: Bearer")),
+        (b"/v1/messages", {b"x-api-key": b"hc_not-a-token"}, (401, "invalid hub token")),
+        (b"/v1/messages?x=1", {b"x-api-key": revoked.encode()}, 403),
+        (b"/v1/complete", {b"x-api-key": alice.encode()}, (404, "no route for '/v1/complete'")),
+        (b"/v1/models/../admin", {b"x-api-key": alice.encode()}, (404, "no route for '/v1/models/../admin'")),
+    ]
+    for target, index, expected in heads:
+        protocol = Protocol()
+        outcome = verdict(hub.gate(protocol, b"POST", target, SimpleNamespace(index=index)))
+        if isinstance(expected, int):
+            assert outcome[0] == expected, target
+        else:
+            assert outcome == expected, target
+        # Trusted exactly when a principal came back.
+        assert protocol.trusts == (1 if isinstance(expected, str) else 0), target
+        assert outcome == verdict(_exchange_py.HubCore.gate(hub, protocol, b"POST", target,  # type: ignore[arg-type]
+                                                              SimpleNamespace(index=index)))
+
+
+def test_a_trusted_connection_is_not_trusted_again(twin: ModuleType, db: sqlite3.Connection) -> None:
+    _, alice = tokens.create(db, "alice")
+    table = TokenTable()
+    table.refresh(db, force=True)
+    hub = twin.HubCore(table)
+    protocol = Protocol()
+    head = SimpleNamespace(index={b"x-api-key": alice.encode()})
+    for _ in range(3):
+        assert verdict(hub.gate(protocol, b"POST", b"/v1/messages", head)) == "alice"
+    # The twin calls trust() each time, which does nothing once trusted; the
+    # compiled gate reads `trusted` first. Either way it is trusted once.
+    assert protocol.trusted
+
+
+def test_a_reload_that_revoked_a_token_seen_before_refuses_it(twin: ModuleType, db: sqlite3.Connection) -> None:
+    token_id, alice = tokens.create(db, "alice")
+    table = TokenTable()
+    table.refresh(db, force=True)
+    hub = twin.HubCore(table)
+    head = SimpleNamespace(index={b"x-api-key": alice.encode()})
+    assert verdict(hub.gate(Protocol(), b"POST", b"/v1/messages", head)) == "alice"
+    tokens.revoke(db, token_id)
+    assert table.refresh(db)
+    assert verdict(hub.gate(Protocol(), b"POST", b"/v1/messages", head))[0] == 403
+
+
+def test_request_ids_are_the_hubs_prefix_then_a_count(twin: ModuleType) -> None:
+    hub = twin.HubCore(TokenTable())
+    ids = [hub.request_id() for _ in range(20)]
+    assert all(re.fullmatch(r"hc_[0-9a-f]{8}[0-9a-f]{10}", i) for i in ids), ids
+    assert len({i[:11] for i in ids}) == 1
+    assert [int(i[11:], 16) for i in ids] == list(range(1, 21))
+    assert twin.HubCore(TokenTable()).request_id()[:11] != ids[0][:11]  # another hub, another prefix (2**-32)
