@@ -169,10 +169,14 @@ cdef inline object _admit_with(limiter, principal, model, double now, bint model
 
 
 cdef class HubCore:
-    """See _exchange_py.HubCore: the gate and the request ids, without a
-    Python frame for a request on a known route with a token seen before."""
+    """See _exchange_py.HubCore: a request's start, its gate and its id,
+    without a Python frame for a request on a known route with a token seen
+    before."""
 
     cdef public object tokens
+    # The hub's (exchange.Hub): its Exchange class and its metrics.
+    cdef public object exchange_type
+    cdef public object metrics
     cdef char _id_prefix[16]
     cdef unsigned long long _id_counter
 
@@ -181,6 +185,22 @@ cdef class HubCore:
         prefix = ("hc_" + os.urandom(4).hex()).encode("ascii")
         memcpy(self._id_prefix, <const char*>prefix, len(prefix) + 1)
         self._id_counter = 0
+
+    def handle(self, request, protocol):
+        exchange = self.exchange_type(self, request, protocol)
+        protocol.handler = exchange
+        try:
+            exchange.begin()
+        except Exception as e:
+            # A bug: raised again in the task, which logs it (server.py).
+            exchange.failure = e
+            exchange.in_callbacks = False
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.request_started()
+        if exchange.in_callbacks:
+            return None
+        return self._run(exchange)
 
     cpdef str request_id(self):
         cdef char text[48]

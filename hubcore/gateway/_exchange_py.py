@@ -39,7 +39,10 @@ from hubcore.routing.headroom import model_class
 from hubcore.routing.keys import Lease
 
 if TYPE_CHECKING:
-    from hubcore.gateway.exchange import Admission, Budget, Hub, Pricer, SharedGrant
+    from collections.abc import Callable, Coroutine
+    from typing import Any
+
+    from hubcore.gateway.exchange import Admission, Budget, Hub, Metrics, Pricer, SharedGrant
     from hubcore.gateway.upstreams import UpstreamRuntime
     from hubcore.http.client import ResponseHead, UpstreamConnection, UpstreamError
     from hubcore.http.server import HttpProtocol, Request
@@ -129,10 +132,38 @@ class HubCore:
     that judges its head (server.Gate) and its request id. The hub
     (exchange.Hub) is this and the rest of what the Exchange needs."""
 
+    if TYPE_CHECKING:
+        # The hub's: its Exchange class, its metrics, and the task of a
+        # request that does not go on in callbacks.
+        exchange_type: Callable[..., ExchangeCore]
+        metrics: Metrics | None
+
+        def _run(self, exchange: Any) -> Coroutine[Any, Any, None]: ...
+
     def __init__(self, tokens: TokenTable) -> None:
         self.tokens = tokens
         self._id_prefix = "hc_" + os.urandom(4).hex()
         self._id_counter = 0
+
+    def handle(self, request: Request, protocol: HttpProtocol) -> Coroutine[Any, Any, None] | None:
+        """Take a request: what needs no waiting, up to its first write
+        upstream, is done now, in the read that completed it. A request sent
+        on a pooled connection goes on in callbacks (see Exchange.ensure_task);
+        any other runs in the coroutine returned (the server's task for this
+        request), which is then created off the path the client waits on."""
+        exchange = self.exchange_type(self, request, protocol)
+        protocol.handler = exchange  # type: ignore[assignment]
+        try:
+            exchange.begin()
+        except Exception as e:
+            # A bug: raised again in the task, which logs it (server.py).
+            exchange.failure = e
+            exchange.in_callbacks = False
+        if self.metrics is not None:
+            self.metrics.request_started()
+        if exchange.in_callbacks:
+            return None
+        return self._run(exchange)
 
     def request_id(self) -> str:
         self._id_counter += 1

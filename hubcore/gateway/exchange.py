@@ -21,8 +21,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from hubcore.accounting import meter as sse
 from hubcore.accounting.usage import UsageEvent
@@ -46,7 +46,6 @@ from hubcore.gateway._exchange_py import (
 )
 # Phase and _MOVES are named here as they always were (app.py, the tests).
 from hubcore.gateway.exchange_core import _MOVES, ExchangeCore, HubCore, Phase, usage_event
-from hubcore.http.server import HttpProtocol, Request
 from hubcore.governance.limiter import Refused, groups_refusal
 from hubcore.governance.tokens import Principal, TokenTable
 from hubcore.http.client import ResponseHead, UpstreamError, UpstreamTimeout
@@ -182,6 +181,7 @@ class Hub(HubCore):
         shared: SharedAdmitter | None = None,
     ) -> None:
         super().__init__(tokens)
+        self.exchange_type = Exchange
         self.config = config
         self.limiter = limiter
         # With [shared] redis only: then each request awaits its admission
@@ -209,26 +209,6 @@ class Hub(HubCore):
         # Told of each failover, (from, to), after it is counted (the alerts:
         # hubcore.ops.alerts); only failing attempts come this way.
         self.on_failover: Callable[[UpstreamConfig, UpstreamConfig], None] | None = None
-
-    def handle(self, request: Request, protocol: HttpProtocol) -> Coroutine[Any, Any, None] | None:
-        """Take a request: what needs no waiting, up to its first write
-        upstream, is done now, in the read that completed it. A request sent
-        on a pooled connection goes on in callbacks (see Exchange.ensure_task);
-        any other runs in the coroutine returned (the server's task for this
-        request), which is then created off the path the client waits on."""
-        exchange = Exchange(self, request, protocol)
-        protocol.handler = exchange
-        try:
-            exchange.begin()
-        except Exception as e:
-            # A bug: raised again in the task, which logs it (server.py).
-            exchange.failure = e
-            exchange.in_callbacks = False
-        if self.metrics is not None:
-            self.metrics.request_started()
-        if exchange.in_callbacks:
-            return None
-        return self._run(exchange)
 
     async def _run(self, exchange: Exchange) -> None:
         try:

@@ -93,8 +93,8 @@ def test_the_gate_judges_each_head_as_the_twin_does(twin: ModuleType, db: sqlite
             assert outcome == expected, target
         # Trusted exactly when a principal came back.
         assert protocol.trusts == (1 if isinstance(expected, str) else 0), target
-        assert outcome == verdict(_exchange_py.HubCore.gate(hub, protocol, b"POST", target,  # type: ignore[arg-type]
-                                                              SimpleNamespace(index=index)))
+        head: Any = SimpleNamespace(index=index)
+        assert outcome == verdict(_exchange_py.HubCore.gate(hub, protocol, b"POST", target, head))  # type: ignore[arg-type]
 
 
 def test_a_trusted_connection_is_not_trusted_again(twin: ModuleType, db: sqlite3.Connection) -> None:
@@ -130,3 +130,61 @@ def test_request_ids_are_the_hubs_prefix_then_a_count(twin: ModuleType) -> None:
     assert len({i[:11] for i in ids}) == 1
     assert [int(i[11:], 16) for i in ids] == list(range(1, 21))
     assert twin.HubCore(TokenTable()).request_id()[:11] != ids[0][:11]  # another hub, another prefix (2**-32)
+
+
+class Started:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def request_started(self) -> None:
+        self.count += 1
+
+
+def hub_of(twin: ModuleType, begin_raises: bool, in_callbacks: bool) -> Any:
+    class Exchange:
+        def __init__(self, hub: Any, request: object, protocol: Any) -> None:
+            self.hub, self.request, self.protocol = hub, request, protocol
+            self.failure: BaseException | None = None
+            self.in_callbacks = in_callbacks
+
+        def begin(self) -> None:
+            if begin_raises:
+                raise RuntimeError("a bug in begin")
+
+    class Hub(twin.HubCore):  # type: ignore[name-defined, misc]
+        def __init__(self) -> None:
+            super().__init__(TokenTable())
+            self.exchange_type = Exchange
+            self.metrics = Started()
+
+        async def _run(self, exchange: Any) -> Any:
+            return exchange
+
+    return Hub()
+
+
+def ran(coroutine: Any) -> Any:
+    """What a coroutine that does not wait returns."""
+    assert coroutine is not None
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the task waited")
+
+
+def test_handle_begins_the_exchange_and_returns_a_task_only_when_it_left_the_callbacks(twin: ModuleType) -> None:
+    protocol = SimpleNamespace(handler=None)
+    in_callbacks = hub_of(twin, begin_raises=False, in_callbacks=True)
+    assert in_callbacks.handle("request", protocol) is None
+    assert protocol.handler.request == "request" and in_callbacks.metrics.count == 1
+
+    task = hub_of(twin, begin_raises=False, in_callbacks=False)
+    assert ran(task.handle("request", protocol)) is protocol.handler  # the hub's _run, of this exchange
+    assert task.metrics.count == 1
+
+    # A bug in begin: kept on the exchange for its task to raise and log.
+    failing = hub_of(twin, begin_raises=True, in_callbacks=True)
+    assert ran(failing.handle("request", protocol)) is protocol.handler
+    assert isinstance(protocol.handler.failure, RuntimeError) and protocol.handler.in_callbacks is False
+    assert failing.metrics.count == 1
