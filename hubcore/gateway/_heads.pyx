@@ -20,7 +20,9 @@ from libc.string cimport memcmp
 from hubcore.gateway.rewrite import ACCEPT_IDENTITY, REQUEST_DROP, RESPONSE_DROP, Framing
 from hubcore.gateway.routes import MODEL_ID, MODELS_PREFIX, OPENAI_MODELS, ROUTES, SESSION_HEADERS
 from hubcore.http.server import STATUS_LINES, status_line
-from hubcore.http.wire import render_head
+# render_head is compiled with this module (setup.py builds all or none):
+# a C call.
+from hubcore.http._wire cimport render_head
 from hubcore.routing import headroom
 
 cdef frozenset _REQUEST_DROP = REQUEST_DROP
@@ -28,7 +30,9 @@ cdef frozenset _RESPONSE_DROP = RESPONSE_DROP
 cdef bytes _ACCEPT_IDENTITY = ACCEPT_IDENTITY
 cdef dict _STATUS_LINES = STATUS_LINES
 cdef object _status_line = status_line
-cdef object _render_head = render_head
+# Content lengths written with PyBytes_FromFormat (%zd); a larger one (none
+# reaches the hub: its parser takes at most 18 digits) with %.
+cdef object _LONG_LONG_LIMIT = 2 ** 63
 # The framings as C globals: `framing is _LENGTH` is a pointer comparison.
 cdef object _LENGTH = Framing.LENGTH
 cdef object _CHUNKED = Framing.CHUNKED
@@ -55,7 +59,9 @@ cdef object _model_class = headroom.model_class
 cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host_line, bytes auth_line,
                          list headers, control, Py_ssize_t body_size):
     """See rewrite.request_head."""
-    cdef bytes start = b"%s %s%s HTTP/1.1\r\n%s" % (method, base_path, target, host_line)
+    # Joined, not formatted with %: bytes formatting parses its format on
+    # every call, and cost more than the rest of the head.
+    cdef bytes start = b"".join((method, b" ", base_path, target, b" HTTP/1.1\r\n", host_line))
     cdef object drop = _REQUEST_DROP
     cdef bytes tail
     for name, value in control or ():
@@ -64,28 +70,34 @@ cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host
             named = {t.strip().lower() for t in value.split(b",")}
             if not named <= drop:
                 drop = drop | named
-    tail = auth_line + _ACCEPT_IDENTITY
     if body_size or method == b"POST":
-        tail += PyBytes_FromFormat(b"content-length: %zd\r\n", body_size)  # b"content-length: %d\r\n" % body_size
-    return _render_head(start, headers, drop, tail + b"\r\n")
+        tail = b"".join((auth_line, _ACCEPT_IDENTITY, PyBytes_FromFormat(b"content-length: %zd\r\n", body_size), b"\r\n"))
+    else:
+        tail = b"".join((auth_line, _ACCEPT_IDENTITY, b"\r\n"))
+    return render_head(start, headers, drop, tail)
 
 
 cpdef bytes response_head(int status, list headers, framing, content_length, bint keep_alive, str request_id,
                           list budget=None):
     """See rewrite.response_head."""
-    cdef bytes tail = b"x-hubcore-request-id: " + request_id.encode() + b"\r\n"
+    # Joined once (see request_head).
+    cdef list tail = [b"x-hubcore-request-id: ", request_id.encode(), b"\r\n"]
     if budget is not None:
-        tail += b"".join([b"%s: %s\r\n" % pair for pair in budget])
+        tail += [b"%s: %s\r\n" % pair for pair in budget]
     if framing is _LENGTH:
         assert content_length is not None
-        tail += b"content-length: %d\r\n" % content_length
+        if type(content_length) is int and 0 <= content_length < _LONG_LONG_LIMIT:
+            tail.append(PyBytes_FromFormat(b"content-length: %zd\r\n", <Py_ssize_t>content_length))
+        else:
+            tail.append(b"content-length: %d\r\n" % content_length)
     elif framing is _CHUNKED:
-        tail += b"transfer-encoding: chunked\r\n"
+        tail.append(b"transfer-encoding: chunked\r\n")
     if not keep_alive:
-        tail += b"connection: close\r\n"
+        tail.append(b"connection: close\r\n")
+    tail.append(b"\r\n")
     # server.status_line, inline.
     line = _STATUS_LINES.get(status)
-    return _render_head(line if line is not None else _status_line(status), headers, _RESPONSE_DROP, tail + b"\r\n")
+    return render_head(line if line is not None else _status_line(status), headers, _RESPONSE_DROP, b"".join(tail))
 
 
 cpdef response_framing(int status, content_length, bint client_http11):

@@ -13,3 +13,6 @@ cdef class HeaderCollector:
 
     cpdef reset(self)
     cpdef seal(self)
+
+# The head every request writes twice (gateway/_heads.pyx): a C call.
+cpdef bytes render_head(bytes start, list headers, object drop, bytes tail)

@@ -93,11 +93,16 @@ cdef class HeaderCollector:
         PyDict_SetDefault(self.index, name, value)
 
 
-def render_head(bytes start not None, list headers not None, drop not None, bytes tail not None) -> bytes:
-    cdef Py_ssize_t count = PyList_GET_SIZE(headers), i, total, at, ln, lv
+cpdef bytes render_head(bytes start, list headers, object drop, bytes tail):
+    cdef Py_ssize_t count, i, total, at, ln, lv
     cdef object item, name, value
     cdef char* out
     cdef list kept = []
+    # A C call from the gateway's head functions (_heads.pyx); from Python,
+    # None is refused as a def's `not None` would refuse it.
+    if start is None or headers is None or drop is None or tail is None:
+        raise TypeError("render_head() takes bytes, a list, a set and bytes, not None")
+    count = PyList_GET_SIZE(headers)
     total = PyBytes_GET_SIZE(start) + PyBytes_GET_SIZE(tail)
     for i in range(count):
         item = <object>PyList_GET_ITEM(headers, i)

@@ -72,7 +72,8 @@ def test_request_head_twins_give_the_same_bytes(
     status=st.sampled_from([200, 204, 304, 400, 429, 500, 529, 599, 799]),
     headers=HEADERS,
     framing=st.sampled_from(list(Framing)),
-    content_length=st.none() | st.integers(min_value=0, max_value=10**12),
+    # Past 2**63 the compiled head formats with % instead of in C.
+    content_length=st.none() | st.integers(min_value=0, max_value=10**12) | st.sampled_from([2**63 - 1, 2**63, 10**30]),
     keep_alive=st.booleans(),
     request_id=st.text(max_size=16),
     budget=st.none() | st.lists(st.tuples(st.binary(min_size=1, max_size=12), VALUES), max_size=2),
