@@ -19,15 +19,15 @@ test replaces through the class (`_record`, `_begin_stream`) is cpdef, so
 the replacement is still what runs."""
 
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromFormat, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.stdio cimport snprintf
+from libc.string cimport memchr, memcpy
 
 cdef extern from *:
     # GCC's and Clang's checked arithmetic: true when the result overflowed.
     bint __builtin_smulll_overflow(long long a, long long b, long long* result) nogil
     bint __builtin_saddll_overflow(long long a, long long b, long long* result) nogil
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromFormat, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.unicode cimport PyUnicode_DecodeASCII
-from libc.stdio cimport snprintf
-from libc.string cimport memchr, memcpy
 
 # The connection cores, compiled with this one (setup.py builds all or none;
 # an import of this module fails without them, and the pure twin runs): the
@@ -220,7 +220,7 @@ cdef class HubCore:
         index = head.index
         principal = None
         token = index.get(b"x-api-key")
-        if token is not None and PyBytes_GET_SIZE(token) and type(self.tokens) is _TokenTable:
+        if type(token) is bytes and PyBytes_GET_SIZE(token) and type(self.tokens) is _TokenTable:
             principal = self.tokens.seen.get(token)
         if principal is None:
             # Bearer tokens, tokens not seen since the last reload, refusals:

@@ -4,10 +4,12 @@ admission and its first attempt's key and write to its usage row and
 metrics (`begin` → `_admit`, `_first_attempt` … `_write_request`,
 `_on_head` → `_begin_stream`, `on_data`/`on_complete` → `_write`,
 `_finish` → `_stream_done`, `_release_conn`, `_release_lease`,
-`_end` → `_record`, `report`). `hubcore.gateway.exchange_core` picks a
-twin; exchange.py's `Exchange` subclasses its `ExchangeCore` and keeps what
-is rare (routing among several upstreams, the hub's own answers and
-refusals, retries in the task, failures, shared state, shutdown).
+`_end` → `_record`, `report`); and what the hub does for each request
+before its Exchange (`HubCore`: `handle`, `gate`, `request_id`).
+`hubcore.gateway.exchange_core` picks a twin; exchange.py's `Exchange`
+subclasses its `ExchangeCore` and keeps what is rare (routing among several
+upstreams, the hub's own answers and refusals, retries in the task,
+failures, shared state, shutdown), and its `Hub` subclasses `HubCore`.
 
 The twins behave the same (tests/gateway/test_exchange_core.py runs both
 through the same steps). What is not hot lives here once and the compiled

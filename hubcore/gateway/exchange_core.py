@@ -1,6 +1,7 @@
 """A request's common path through the Exchange (its first attempt sent
 from the read that completed the request, the answer streamed from the
-upstream's callbacks, the usage row and the metrics): the compiled twin
+upstream's callbacks, the usage row and the metrics), and the hub's start
+of each request (its gate, id and Exchange, `HubCore`): the compiled twin
 (`_exchange.pyx`) when built, else the pure-Python one (`_exchange_py.py`);
 `HUBCORE_NO_EXTENSIONS` (any non-empty value) or a non-CPython interpreter
 selects the pure twin, as for the connection cores (hubcore.http.conn,

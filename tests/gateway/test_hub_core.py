@@ -5,7 +5,6 @@ seen before), the same trust given to the connection, and ids of the same
 shape, one after the other."""
 from __future__ import annotations
 
-import importlib
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -20,16 +19,12 @@ from hubcore.errors import HubError
 from hubcore.gateway import _exchange_py
 from hubcore.governance import tokens
 from hubcore.governance.tokens import Principal, TokenTable
-from tests.http.twins import NO_EXTENSIONS
+from tests.http.twins import twin_of
 
 
 @pytest.fixture(params=["c", "py"])
 def twin(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "c":
-        if NO_EXTENSIONS:
-            pytest.skip("HUBCORE_NO_EXTENSIONS is set")
-        return importlib.import_module("hubcore.gateway._exchange")
-    return _exchange_py
+    return twin_of(request.param, "hubcore.gateway._exchange", _exchange_py)
 
 
 @pytest.fixture

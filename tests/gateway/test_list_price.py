@@ -5,11 +5,9 @@ Pricing.cost: the same cost and basis as the pure twin, which asks
 Pricing.cost every time, for any model, counts and multiplier."""
 from __future__ import annotations
 
-import importlib
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
-import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +15,7 @@ from hubcore.accounting.pricing import Price, Pricing, PriceTable
 from hubcore.accounting.usage import Outcome
 from hubcore.gateway import _exchange_py
 from hubcore.governance.tokens import Principal
-from tests.http.twins import NO_EXTENSIONS
+from tests.http.twins import twin_of
 
 ALICE = Principal(token_id=7, user="alice", project=None, prefix="hc_x")
 BUILT_IN = Pricing.load()
@@ -31,9 +29,7 @@ counts = st.one_of(st.integers(0, 10**7), st.integers(0, 2**70), st.sampled_from
 
 
 def compiled() -> ModuleType:
-    if NO_EXTENSIONS:
-        pytest.skip("HUBCORE_NO_EXTENSIONS is set")
-    return importlib.import_module("hubcore.gateway._exchange")
+    return twin_of("c", "hubcore.gateway._exchange", _exchange_py)
 
 
 def row(twin: Any, prices: Any, model: str | None, tokens: tuple[int, ...], multiplier: float = 1.0,
