@@ -605,12 +605,8 @@ class App:
         log.info("stopped")
         self.stopped.set()
 
-    def install_signals(self) -> None:
-        self.loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
-        self.loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
-        self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-
     def on_signal(self, sig: int) -> None:
+        """SIGTERM and SIGINT stop the hub, SIGHUP reloads it (see StartSignals)."""
         if sig == signal.SIGHUP:
             self._on_hup()
         else:
@@ -882,20 +878,21 @@ def _write_private(path: Path, text: str) -> None:
 
 
 class SignalTarget(Protocol):
-    def install_signals(self) -> None: ...
     def on_signal(self, sig: int) -> None: ...
 
 
 class StartSignals:
-    """The stop and reload signals while the hub starts. The proxy listens
-    before the dashboard and the ops socket open, so a supervisor's SIGTERM
-    can come in between (right after the port answers): it is held until the
-    start ends, then acted on, instead of killing the process or being lost.
+    """The stop and reload signals of `hubcore serve`, from before the start
+    to the end. The proxy listens before the dashboard and the ops socket
+    open, so a supervisor's SIGTERM can come in between (right after the
+    port answers): it is held until the start ends, then acted on, instead
+    of killing the process or being lost; from then on each signal goes to
+    the app as it comes.
 
-    The loop runs a signal's handler as a callback queued when it reads the
-    signal from its wake-up pipe, and that callback can be queued behind the
-    step that ends the start: one that runs after `release` goes straight to
-    the app."""
+    The same handlers serve throughout: the loop runs a signal's handler as
+    a callback queued when it reads the signal from its wake-up pipe, and
+    one queued behind the step that ends the start still runs the handler
+    that was installed when the signal came."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -915,7 +912,6 @@ class StartSignals:
         """The start has ended: `target` takes the signals from now on, and
         those held are acted on; a stop wins over a reload."""
         self.target = target
-        target.install_signals()
         stops = [sig for sig in self.held if sig != signal.SIGHUP]
         if stops:
             target.on_signal(stops[0])
@@ -952,7 +948,7 @@ async def serve(
         log.error("cannot write the first hub token: %s", e)
         await app.recorder.close()
         return 1
-    early = StartSignals(loop)
+    signals = StartSignals(loop)
     try:
         addresses = await app.start(reuse_port=worker)
     except OSError as e:
@@ -972,6 +968,6 @@ async def serve(
     for host, port in addresses:
         scheme = "https" if config.server.tls_cert else "http"
         log.info("hubcore %s listening on %s://%s:%d", __version__, scheme, host, port)
-    early.release(app)
+    signals.release(app)
     await app.stopped.wait()
     return 0
