@@ -215,7 +215,7 @@ cdef class HubCore:
         path = target if q == NULL else PyBytes_FromStringAndSize(t, q - t)
         if path == b"/":
             return None
-        if route_for(path) is None and path != ME_PATH:
+        if route_for(path) is None and path != _ME_PATH:
             return _HubError(404, f"no route for {printable_path(path)}")
         index = head.index
         principal = None
@@ -792,12 +792,11 @@ cdef object _price_row(price):
     if price is None:
         return _NOT_LISTED
     above = price.long_context_above
-    row = (price.input, price.cache_write_5m, price.cache_write_1h, price.cache_read, price.output,
-           0 if above is None else above)
-    for figure in row:
+    figures = (price.input, price.cache_write_5m, price.cache_write_1h, price.cache_read, price.output)
+    for figure in (figures if above is None else figures + (above,)):
         if type(figure) is not int or not 0 <= figure < _LIMIT:
             return _NOT_LISTED
-    return row[:5] + (-1,) if above is None else row
+    return figures + (-1 if above is None else above,)
 
 
 cdef inline bint _as_count(object tokens, long long* out):
