@@ -27,8 +27,10 @@ from hubcore._meter_errors import MeterError
 # of the deltas the walk below leaves to orjson).
 from hubcore.accounting import _meter_interpret as _interpret
 from hubcore.accounting._meter_interpret import (
-    FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE, Reading,
+    FMT_ANTHROPIC, FMT_OPENAI_CHAT, FMT_OPENAI_RESPONSES, MAX_BODY_SIZE, MAX_EVENT_SIZE,
 )
+# Reading is compiled with a C layout (_meter_interpret.pxd, cimported by
+# _meter.pxd): its counters and calls are struct fields and C calls from here.
 
 cdef enum:
     # Bytes. A buffer that grew past this for one big event is freed after
@@ -87,10 +89,7 @@ _init_tables()
 
 # -- growable byte buffer -----------------------------------------------------
 
-cdef struct Buf:
-    unsigned char* data
-    Py_ssize_t len
-    Py_ssize_t cap
+# Buf (a growable byte buffer) is declared in _meter.pxd.
 
 
 cdef int _buf_put(Buf* b, const unsigned char* p, Py_ssize_t n) except -1:
@@ -667,35 +666,8 @@ cdef object _as_bytes(object data):
 
 cdef class Meter:
     """Counts one response's tokens from its bytes, fed in pieces as they pass."""
-
-    cdef readonly int fmt
-    cdef readonly bint sse
-    # the counters (model, tokens, stop reason, error...), read from the
-    # decoded objects by the shared code and forwarded by __getattr__
-    cdef object _reading
-    cdef readonly Py_ssize_t events
-    cdef readonly Py_ssize_t malformed
-    cdef readonly Py_ssize_t delta_chars
-    cdef bint _closed
-    # SSE framing
-    cdef Py_ssize_t _max_event
-    cdef Buf _tail
-    cdef bint _discarding
-    cdef bint _after_cr
-    # the event being assembled: its first data line stays a view into the
-    # caller's buffer until the event ends or the buffer does
-    cdef int _kind
-    cdef Py_ssize_t _ndata
-    cdef Py_ssize_t _dlen
-    cdef bint _poisoned
-    cdef bint _has_view
-    cdef const unsigned char* _view
-    cdef Py_ssize_t _view_len
-    cdef Buf _acc
-    # non-SSE body
-    cdef Py_ssize_t _max_body
-    cdef bytearray _body
-    cdef bint _overflow
+    # Its fields and C calls are declared in _meter.pxd, where the exchange
+    # core (hubcore/gateway/_exchange.pyx) reads the counters.
 
     def __init__(self, fmt, sse, *, Py_ssize_t max_event_size=MAX_EVENT_SIZE,
                  Py_ssize_t max_body_size=MAX_BODY_SIZE):
@@ -872,7 +844,7 @@ cdef class Meter:
                 _buf_put(&self._tail, p + i, n - i)
         return 0
 
-    cdef inline Py_ssize_t _past_eol(self, const unsigned char* p, Py_ssize_t j, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t _past_eol(self, const unsigned char* p, Py_ssize_t j, Py_ssize_t n) noexcept:
         if p[j] == 13:
             if j + 1 < n:
                 return j + 2 if p[j + 1] == 10 else j + 1

@@ -47,6 +47,10 @@ from hubcore.gateway._heads cimport (
     keeps_alive, leading_model, model_class, request_head, response_framing, response_head, route_for,
     session_from_headers,
 )
+# The compiled meter and the Reading that keeps its counters, likewise: the
+# usage row reads them as C fields.
+from hubcore.accounting._meter cimport Meter as CompiledMeter
+from hubcore.accounting._meter_interpret cimport Reading
 
 import logging
 import os
@@ -848,6 +852,25 @@ cdef object _list_price_cost(prices, model, input_tokens, output_tokens, cache_w
     return total // _UNIT
 
 
+cdef tuple _meter_counts(meter):
+    """A meter's model, token counts, stop reason, whether the output is
+    estimated, error type and completion, in that order."""
+    cdef Reading reading
+    cdef Py_ssize_t delta_chars
+    if type(meter) is CompiledMeter:
+        # C fields of the meter's Reading, which its properties return: not
+        # a dozen attribute lookups.
+        reading = (<CompiledMeter>meter)._reading
+        delta_chars = (<CompiledMeter>meter).delta_chars
+        return (reading.model, reading.input_tokens, reading._output_tokens(delta_chars), reading.cache_write_5m,
+                reading.cache_write_1h, reading.cache_read, reading.reasoning_tokens, reading.server_tool_requests,
+                reading.stop_reason, reading._output_estimated(delta_chars), reading.error_type, reading.completed)
+    # The pure twin's meter, or a test's.
+    return (meter.model, meter.input_tokens, meter.output_tokens, meter.cache_write_5m, meter.cache_write_1h,
+            meter.cache_read, meter.reasoning_tokens, meter.server_tool_requests, meter.stop_reason,
+            meter.output_estimated, meter.error_type, meter.completed)
+
+
 cpdef usage_event(
     double ts, str request_id, str endpoint, int status, outcome, double total_ms, principal, upstream, key_label,
     model, error_type, ttfb_ms, int attempts, session_id, user_agent, bint sse_body, meter, vendor, prices,
@@ -862,19 +885,14 @@ cpdef usage_event(
         stop_reason = None
         output_estimated = False
     else:
+        (metered_model, input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, reasoning_tokens,
+         server_tool_requests, stop_reason, output_estimated, meter_error, completed) = _meter_counts(meter)
         if served_model is None:
-            model = meter.model or model
-        input_tokens, output_tokens = meter.input_tokens, meter.output_tokens
-        cache_write_5m, cache_write_1h, cache_read = meter.cache_write_5m, meter.cache_write_1h, meter.cache_read
-        reasoning_tokens, server_tool_requests = meter.reasoning_tokens, meter.server_tool_requests
-        stop_reason = meter.stop_reason
+            model = metered_model or model
         # A stream cut before its final usage: output estimated (see the twin).
-        output_estimated = meter.output_estimated
-        if error_type is None:
-            meter_error = meter.error_type
-            if meter_error:
-                error_type = meter_error
-        if outcome is _OK and sse_body and not meter.completed:
+        if error_type is None and meter_error:
+            error_type = meter_error
+        if outcome is _OK and sse_body and not completed:
             outcome = _UPSTREAM_ABORTED
     # Priced even without a meter (see the twin).
     if prices is None:

@@ -24,8 +24,8 @@ from hubcore.http._wire cimport HeaderCollector
 
 # What is not hot is the Python twin's, shared.
 from hubcore.http._conn_py import (
-    CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, TRIM_AFTER_BYTES, TRIM_MIN_INTERVAL,
-    Phase, RefusedAtHead, Reject, malloc_trim,
+    CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, REQUEST_HEADERS_EXPECTED, TRIM_AFTER_BYTES,
+    TRIM_MIN_INTERVAL, Phase, RefusedAtHead, Reject, malloc_trim,
 )
 
 log = logging.getLogger("hubcore.server")
@@ -178,7 +178,7 @@ cdef class ConnCore:
         self.parsing_stopped = False
         self.pending_reject = None
         self.current = None
-        self.collector = HeaderCollector()
+        self.collector = HeaderCollector(REQUEST_HEADERS_EXPECTED)
         self.parser = httptools.HttpRequestParser(
             SimpleNamespace(
                 on_message_begin=self.on_message_begin,

@@ -33,6 +33,9 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 # A body that came in more pieces than this (a client's small chunks) is
 # joined at once rather than written upstream piece by piece.
 MAX_BODY_PARTS = 16
+# Headers a request usually has, the size the header index is made with:
+# Claude Code sends some forty.
+REQUEST_HEADERS_EXPECTED = 48
 # A request refused at its head with a body up to this size (announced by
 # Content-Length) has its body read and dropped, so the connection stays
 # usable, as after any answer; a larger or chunked one is not read at all,
@@ -220,7 +223,7 @@ class ConnCore:
         self.current: Request | None = None
         # httptools calls on_header for every header: that callback is
         # compiled (hubcore.http.wire), the per-message ones are here.
-        self.collector = HeaderCollector()
+        self.collector = HeaderCollector(REQUEST_HEADERS_EXPECTED)
         self.parser = httptools.HttpRequestParser(
             SimpleNamespace(
                 on_message_begin=self.on_message_begin,

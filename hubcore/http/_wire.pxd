@@ -10,6 +10,7 @@ cdef class HeaderCollector:
     cdef public object control
     cdef public Py_ssize_t hosts
     cdef public bint sealed
+    cdef readonly Py_ssize_t expected
 
     cpdef reset(self)
     cpdef seal(self)

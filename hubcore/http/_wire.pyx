@@ -9,6 +9,10 @@ from cpython.set cimport PySet_Contains
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.string cimport memchr, memcpy
 
+cdef extern from "Python.h":
+    # A dict with room for `minused` entries, made without the resizes on the way.
+    dict _PyDict_NewPresized(Py_ssize_t minused)
+
 CONTROL = frozenset({b"transfer-encoding", b"expect", b"connection"})
 
 cdef bytes _CONTENT_LENGTH = b"content-length"
@@ -47,12 +51,15 @@ cdef inline bint _named(bytes name, bytes wanted):
 cdef class HeaderCollector:
     # Its fields are declared in _wire.pxd, where _conn.pyx reads them.
 
-    def __init__(self):
+    def __init__(self, Py_ssize_t expected=0):
+        self.expected = expected
         self.reset()
 
     cpdef reset(self):
         self.headers = []
-        self.index = {}
+        # Made with room for the expected headers: a dict grown one header
+        # at a time is rebuilt on the way (four times for forty headers).
+        self.index = _PyDict_NewPresized(self.expected) if self.expected > 0 else {}
         self.size = 0
         self.content_length = -1
         self.control = None

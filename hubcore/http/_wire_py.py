@@ -27,11 +27,15 @@ class HeaderCollector:
     message; the previous message keeps the list and the index it was given.
     `seal()` ends the head: fields after it (a chunked body's trailers) are
     counted in `size` but not kept, so they never pass as headers.
+
+    `expected`: how many headers a message usually has, a hint the compiled
+    twin sizes its index by (this one has no use for it).
     """
 
-    __slots__ = ("headers", "index", "size", "content_length", "control", "hosts", "sealed")
+    __slots__ = ("headers", "index", "size", "content_length", "control", "hosts", "sealed", "expected")
 
-    def __init__(self) -> None:
+    def __init__(self, expected: int = 0) -> None:
+        self.expected = expected
         self.headers: list[tuple[bytes, bytes]] = []
         self.index: dict[bytes, bytes] = {}
         self.size = 0

@@ -93,6 +93,24 @@ def test_reset_starts_a_new_message_and_leaves_the_old_one(twin: ModuleType) -> 
     assert c.headers == [(b"b", b"2")]
 
 
+def test_a_collector_sized_for_many_headers_collects_the_same(twin: ModuleType) -> None:
+    # The compiled twin makes its index with room for `expected` headers; a
+    # message with fewer, as many or more, and the next one, come out as
+    # from a collector without the hint.
+    for count in (0, 3, 48, 120):
+        headers = [(f"X-H{i}".encode(), str(i).encode()) for i in range(count)] + [(b"x-h0", b"again")]
+        sized, plain = twin.HeaderCollector(48), twin.HeaderCollector()
+        for c in (sized, plain):
+            for name, value in headers:
+                c.on_header(name, value)
+        assert (sized.headers, sized.index, sized.size) == (plain.headers, plain.index, plain.size)
+        first = sized.index
+        sized.reset()
+        sized.on_header(b"B", b"2")
+        assert sized.index == {b"b": b"2"} and sized.headers == [(b"b", b"2")]
+        assert len(first) == count + (0 if count else 1) and sized.expected == 48
+
+
 def test_render_head(twin: ModuleType) -> None:
     headers = [(b"host", b"h"), (b"x-api-key", b"secret"), (b"accept", b"*/*"), (b"x-empty", b"")]
     start = b"POST /v1/messages HTTP/1.1\r\n"

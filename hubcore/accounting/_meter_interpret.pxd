@@ -1,0 +1,37 @@
+# The compiled Reading's layout: a C struct and C-level method calls instead
+# of slot descriptors and bound-method lookups, for the compiled meter
+# (_meter.pyx) and for Reading's own code. The .py stays the one source of
+# what the counters mean; the pure twin runs it as Python.
+
+cdef class Reading:
+    cdef public object fmt
+    cdef public object model
+    cdef public object input_tokens
+    cdef public object cache_write_5m
+    cdef public object cache_write_1h
+    cdef public object cache_read
+    cdef public object reasoning_tokens
+    cdef public object server_tool_requests
+    cdef public object stop_reason
+    cdef public object error_type
+    cdef public object completed
+    cdef public object _output_reported
+    cdef public object _final_usage
+    cdef public object _oa_input
+    cdef public object _oa_cached
+
+    cpdef _output_tokens(self, delta_chars)
+    cpdef _output_estimated(self, delta_chars)
+    cpdef _error(self, kind)
+    cpdef _stop(self)
+    cpdef _done(self)
+    cpdef _event(self, kind, obj)
+    cpdef _untyped(self, obj)
+    cpdef _chunk(self, obj, whole)
+    cpdef _unstreamed(self, obj)
+    cpdef _anthropic_message(self, msg)
+    cpdef _anthropic_usage(self, usage)
+    cpdef _cache_write_total(self, total)
+    cpdef _openai_usage(self, usage, inp, out, inp_details, out_details)
+    cpdef _responses_obj(self, resp, status_default)
+    cpdef _chat_obj(self, obj)
