@@ -45,6 +45,7 @@ cdef class _Key:
         self.last_error = None
         self.room = Headroom()
         self.read_due = 0.0
+        self.reported = False
         self.rests = {}
         self.held = 0.0
         self.held_rest = 0.0
@@ -215,12 +216,13 @@ cdef class RingCore:
         cdef _Key key = lease._key
         cls = lease.model_class if model_class is None else model_class
         cdef double now = self._clock()
-        if now < key.read_due and cls in key.room.by_class:
+        if now < key.read_due and (cls in key.room.by_class or not key.reported):
             return
         reading = _read_index(headers, self._wall_clock())
+        key.read_due = now + self.policy.headroom_read_interval
+        key.reported = reading is not None
         if reading is not None:
             key.room.update(cls, reading)
-            key.read_due = now + self.policy.headroom_read_interval
 
     cpdef release(self, Lease lease, failure=None):
         _check_lease(lease)

@@ -60,6 +60,7 @@ class _Key:
         "last_error",
         "room",
         "read_due",
+        "reported",
         "rests",
         "held",
         "held_rest",
@@ -89,8 +90,11 @@ class _Key:
         # What the vendor's rate-limit headers said of the key's room, per model class.
         self.room = Headroom()
         # Monotonic time before which an answer's headers are not read again
-        # for a class the key has a reading of (KeyPolicy.headroom_read_interval).
+        # for a class the key has a reading of, or for any class when the
+        # last head read reported no limits (KeyPolicy.headroom_read_interval).
         self.read_due = 0.0
+        # Whether the last head read reported limits.
+        self.reported = False
         # Model class -> monotonic time its rest after a 429 ends, in any
         # state (a class never named here has no rest of its own).
         self.rests: dict[str, float] = {}
@@ -284,20 +288,24 @@ class RingCore:
         or not, before release; a head without limits changes nothing.
         Reading an Anthropic head with four limits costs some 20k
         instructions, so a ring of one key reads nothing (there is no choice
-        for the room to weigh), and a key whose class has a reading reads
-        again only once `headroom_read_interval` has passed."""
+        for the room to weigh), a key whose class has a reading reads again
+        only once `headroom_read_interval` has passed, and so does a key
+        whose last head read had no limits."""
         if len(self._keys) == 1:
             # Nothing to choose between: the reading would only be shown.
             return
         key = lease._key
         cls = lease.model_class if model_class is None else model_class
         now = self._clock()
-        if now < key.read_due and cls in key.room.by_class:
+        if now < key.read_due and (cls in key.room.by_class or not key.reported):
             return
         reading = read_index(headers, self._wall_clock())
+        # A head without limits (an upstream or relay that sends none) is
+        # not read again on every answer either.
+        key.read_due = now + self.policy.headroom_read_interval
+        key.reported = reading is not None
         if reading is not None:
             key.room.update(cls, reading)
-            key.read_due = now + self.policy.headroom_read_interval
 
     def release(self, lease: Lease, failure: Failure | None = None) -> None:
         """Give a lease back with its outcome: None for success (any answer

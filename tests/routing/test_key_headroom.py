@@ -236,6 +236,44 @@ def test_a_reading_stands_for_the_read_interval_then_the_next_answer_is_read() -
     assert row(ring, "a")["headroom"][OPUS]["remaining"] == 0.4
 
 
+class ReadCounted(dict[bytes, bytes]):
+    """A head that counts the ring's reads of it."""
+
+    reads = 0
+
+    def get(self, name: bytes, default: object = None) -> object:  # type: ignore[override]
+        ReadCounted.reads += 1
+        return super().get(name, default)
+
+
+def answer_counted(ring: KeyRing, model_class: str, headers: Headers) -> bool:
+    """One answer from key a; whether the ring read its head."""
+    lease = ring.acquire(tried=frozenset({"b"}), model_class=model_class)
+    assert lease is not None
+    before = ReadCounted.reads
+    ring.observe(lease, ReadCounted(headers))
+    ring.release(lease)
+    return ReadCounted.reads > before
+
+
+def test_heads_without_limits_are_read_once_per_interval_too() -> None:
+    # An upstream (or a relay) that sends no rate-limit headers: its heads
+    # are not read on every answer, but once per interval, as any other.
+    ring, clock = make_ring([spec("a"), spec("b")], headroom_read_interval=0.05)
+    bare = [(b"content-type", b"text/event-stream"), (b"request-id", b"req_1")]
+    assert [answer_counted(ring, SONNET, bare) for _ in range(4)] == [True, False, False, False]
+    # Within the interval, an answer that has limits waits for it too.
+    assert not answer_counted(ring, OPUS, anthropic_limits(clock, 0.4))
+    assert row(ring, "a")["headroom"] == {}
+    clock.advance(0.05)
+    assert answer_counted(ring, OPUS, anthropic_limits(clock, 0.4))
+    assert row(ring, "a")["headroom"][OPUS]["remaining"] == 0.4
+    # Limits reported: a class without a reading is read at once again.
+    assert answer_counted(ring, SONNET, anthropic_limits(clock, 0.7))
+    assert row(ring, "a")["headroom"][SONNET]["remaining"] == 0.7
+    assert not answer_counted(ring, SONNET, anthropic_limits(clock, 0.1))
+
+
 def test_a_single_key_ring_reads_nothing_and_uses_its_key_whatever_its_room() -> None:
     ring, clock = make_ring([spec("a")])
     rooms = {"a": 0.01}
