@@ -323,4 +323,8 @@ class PoolCore:
             return
         self.idle.append(conn)
         conn.deadline = self.loop.time() + self.idle_timeout
-        self.sweeper.start()
+        # Once per request: the sweeper is nearly always running already, and
+        # its start() would be a Python call that does nothing.
+        sweeper = self.sweeper
+        if sweeper.handle is None:
+            sweeper.start()

@@ -86,11 +86,15 @@ class Loop:
 
 
 class Sweeper:
+    """deadlines.Sweeper's part the pool sees: `handle` is set while it sweeps."""
+
     def __init__(self) -> None:
         self.starts = 0
+        self.handle: object = None
 
     def start(self) -> None:
         self.starts += 1
+        self.handle = object()
 
 
 class Sink:
@@ -288,6 +292,15 @@ def test_a_kept_alive_connection_goes_back_to_the_pool_and_is_taken_again(twin: 
     assert pool.take_idle() is proto
     assert proto.reused and proto.deadline == 0.0 and pool.active == {proto} and not pool.idle
     assert pool.take_idle() is None
+    # Another goes idle while the sweeper runs: not started a second time;
+    # once it has stopped (no members left), started again.
+    for expected_starts in (1, 2):
+        other = connection(twin, pool)
+        feed(other, JSON)
+        other.release()
+        assert list(pool.idle) == [other] and pool.sweeper.starts == expected_starts
+        assert pool.take_idle() is other
+        pool.sweeper.handle = None
 
 
 def test_take_idle_skips_connections_that_are_closing(twin: ModuleType) -> None:
