@@ -183,7 +183,7 @@ class KeyPolicy:
     # per-minute limit is the last 3 seconds of an evenly spent minute.
     headroom_floor: float = 0.05
     # Seconds a key's reading stands before an answer's rate-limit headers
-    # are read again, and before a key whose last head had none is read
+    # are read again, and before a key whose heads come without any is read
     # again (the vendors' limits are per minute; reading every answer costs
     # microseconds each on the request path). 0: every answer.
     headroom_read_interval: float = 0.05

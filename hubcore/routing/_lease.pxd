@@ -19,7 +19,7 @@ cdef class _Key:
     cdef public object last_error
     cdef public object room
     cdef public double read_due
-    cdef public bint reported
+    cdef public long bare_reads
     cdef public dict rests
     cdef public double held
     cdef public double held_rest

@@ -11,7 +11,7 @@ when the common case does not hold."""
 
 cimport cython
 
-from hubcore.routing._lease_py import KeyState, prefer
+from hubcore.routing._lease_py import BARE_READS_TO_WAIT, KeyState, prefer
 from hubcore.routing.failures import FailureKind
 from hubcore.routing.headroom import Headroom, read_index
 
@@ -20,6 +20,7 @@ cdef object _H = KeyState.HEALTHY
 cdef object _C = KeyState.COOLING
 cdef object _RATE_LIMITED = FailureKind.RATE_LIMITED
 cdef object _read_index = read_index
+cdef long _BARE_READS_TO_WAIT = BARE_READS_TO_WAIT
 cdef object _prefer = prefer
 cdef frozenset _NOTHING_TRIED = frozenset()
 
@@ -45,7 +46,7 @@ cdef class _Key:
         self.last_error = None
         self.room = Headroom()
         self.read_due = 0.0
-        self.reported = False
+        self.bare_reads = 0
         self.rests = {}
         self.held = 0.0
         self.held_rest = 0.0
@@ -216,12 +217,14 @@ cdef class RingCore:
         cdef _Key key = lease._key
         cls = lease.model_class if model_class is None else model_class
         cdef double now = self._clock()
-        if now < key.read_due and (cls in key.room.by_class or not key.reported):
+        if now < key.read_due and (cls in key.room.by_class or key.bare_reads >= _BARE_READS_TO_WAIT):
             return
         reading = _read_index(headers, self._wall_clock())
         key.read_due = now + self.policy.headroom_read_interval
-        key.reported = reading is not None
-        if reading is not None:
+        if reading is None:
+            key.bare_reads += 1
+        else:
+            key.bare_reads = 0
             key.room.update(cls, reading)
 
     cpdef release(self, Lease lease, failure=None):

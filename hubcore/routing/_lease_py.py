@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 __all__ = ["KeyState", "Lease", "RingCore", "above_floor", "prefer", "share", "wake"]
 
 
+# Heads in a row without rate-limit headers after which a key's heads are
+# read once per read interval instead of on every answer: one such head may
+# be an odd answer (an error page of a proxy between), two say the upstream
+# sends none.
+BARE_READS_TO_WAIT = 2
+
+
 class KeyState(enum.Enum):
     HEALTHY = "healthy"
     COOLING = "cooling"  # rate limited until `until`
@@ -60,7 +67,7 @@ class _Key:
         "last_error",
         "room",
         "read_due",
-        "reported",
+        "bare_reads",
         "rests",
         "held",
         "held_rest",
@@ -90,11 +97,11 @@ class _Key:
         # What the vendor's rate-limit headers said of the key's room, per model class.
         self.room = Headroom()
         # Monotonic time before which an answer's headers are not read again
-        # for a class the key has a reading of, or for any class when the
-        # last head read reported no limits (KeyPolicy.headroom_read_interval).
+        # for a class the key has a reading of, or for any class once heads
+        # come without limits (KeyPolicy.headroom_read_interval).
         self.read_due = 0.0
-        # Whether the last head read reported limits.
-        self.reported = False
+        # Heads read in a row that reported no limits.
+        self.bare_reads = 0
         # Model class -> monotonic time its rest after a 429 ends, in any
         # state (a class never named here has no rest of its own).
         self.rests: dict[str, float] = {}
@@ -290,21 +297,22 @@ class RingCore:
         instructions, so a ring of one key reads nothing (there is no choice
         for the room to weigh), a key whose class has a reading reads again
         only once `headroom_read_interval` has passed, and so does a key
-        whose last head read had no limits."""
+        whose last BARE_READS_TO_WAIT heads read had no limits (an upstream
+        or relay that sends none)."""
         if len(self._keys) == 1:
             # Nothing to choose between: the reading would only be shown.
             return
         key = lease._key
         cls = lease.model_class if model_class is None else model_class
         now = self._clock()
-        if now < key.read_due and (cls in key.room.by_class or not key.reported):
+        if now < key.read_due and (cls in key.room.by_class or key.bare_reads >= BARE_READS_TO_WAIT):
             return
         reading = read_index(headers, self._wall_clock())
-        # A head without limits (an upstream or relay that sends none) is
-        # not read again on every answer either.
         key.read_due = now + self.policy.headroom_read_interval
-        key.reported = reading is not None
-        if reading is not None:
+        if reading is None:
+            key.bare_reads += 1
+        else:
+            key.bare_reads = 0
             key.room.update(cls, reading)
 
     def release(self, lease: Lease, failure: Failure | None = None) -> None:

@@ -235,7 +235,7 @@ def pool(twins: Twins) -> Any:
         def pause_reading(self) -> None:
             self.reading_paused = True
 
-    the_pool = Pool(Loop(), 4, 60.0, SimpleNamespace(start=lambda: None))
+    the_pool = Pool(Loop(), 4, 60.0, SimpleNamespace(start=lambda: None, handle=None))
     conn = Connection(the_pool)
     conn.transport = Transport()
     conn.state = ConnState.IDLE

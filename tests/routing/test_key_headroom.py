@@ -257,11 +257,12 @@ def answer_counted(ring: KeyRing, model_class: str, headers: Headers) -> bool:
 
 
 def test_heads_without_limits_are_read_once_per_interval_too() -> None:
-    # An upstream (or a relay) that sends no rate-limit headers: its heads
-    # are not read on every answer, but once per interval, as any other.
+    # An upstream (or a relay) that sends no rate-limit headers: once two
+    # heads in a row had none, its heads are read once per interval, not on
+    # every answer.
     ring, clock = make_ring([spec("a"), spec("b")], headroom_read_interval=0.05)
     bare = [(b"content-type", b"text/event-stream"), (b"request-id", b"req_1")]
-    assert [answer_counted(ring, SONNET, bare) for _ in range(4)] == [True, False, False, False]
+    assert [answer_counted(ring, SONNET, bare) for _ in range(4)] == [True, True, False, False]
     # Within the interval, an answer that has limits waits for it too.
     assert not answer_counted(ring, OPUS, anthropic_limits(clock, 0.4))
     assert row(ring, "a")["headroom"] == {}
@@ -272,6 +273,11 @@ def test_heads_without_limits_are_read_once_per_interval_too() -> None:
     assert answer_counted(ring, SONNET, anthropic_limits(clock, 0.7))
     assert row(ring, "a")["headroom"][SONNET]["remaining"] == 0.7
     assert not answer_counted(ring, SONNET, anthropic_limits(clock, 0.1))
+    # One head without limits (an odd answer) does not stop the next from being read.
+    clock.advance(0.05)
+    assert answer_counted(ring, OPUS, bare)
+    assert answer_counted(ring, "haiku", anthropic_limits(clock, 0.3))
+    assert row(ring, "a")["headroom"]["haiku"]["remaining"] == 0.3
 
 
 def test_a_single_key_ring_reads_nothing_and_uses_its_key_whatever_its_room() -> None:
