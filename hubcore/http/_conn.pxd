@@ -87,6 +87,7 @@ cdef class ConnCore:
     cdef public object message_phase
     cdef public bint continue_due
 
+    cdef _received(self, data)
     cdef _control_headers(self, list control)
     cdef _reserve(self, Py_ssize_t size)
     cdef _refused_at_head(self, Request request)

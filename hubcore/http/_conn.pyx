@@ -227,9 +227,13 @@ cdef class ConnCore:
         return self._read_view
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        self.data_received(self._read_view[:nbytes])
+        # A C call, not a lookup of data_received: once or twice a request.
+        self._received(self._read_view[:nbytes])
 
     def data_received(self, data):
+        self._received(data)
+
+    cdef _received(self, data):
         # Called with what the transport read; nothing may keep `data` (it
         # is the server's read buffer): httptools hands callbacks copies.
         cdef Py_ssize_t size = len(data)

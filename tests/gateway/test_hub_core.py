@@ -125,6 +125,11 @@ def test_request_ids_are_the_hubs_prefix_then_a_count(twin: ModuleType) -> None:
     assert len({i[:11] for i in ids}) == 1
     assert [int(i[11:], 16) for i in ids] == list(range(1, 21))
     assert twin.HubCore(TokenTable()).request_id()[:11] != ids[0][:11]  # another hub, another prefix (2**-32)
+    # Ten digits at least, more once the count needs them.
+    hub._id_counter = 16**10 - 2
+    assert [hub.request_id()[11:] for _ in range(3)] == ["ffffffffff", "10000000000", "10000000001"]
+    hub._id_counter = 16**15 - 1
+    assert hub.request_id()[11:] == "1000000000000000"
 
 
 class Started:
