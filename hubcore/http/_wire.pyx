@@ -57,9 +57,7 @@ cdef class HeaderCollector:
 
     cpdef reset(self):
         self.headers = []
-        # Made with room for the expected headers: a dict grown one header
-        # at a time is rebuilt on the way (four times for forty headers).
-        self.index = _PyDict_NewPresized(self.expected) if self.expected > 0 else {}
+        self.index = {}
         self.size = 0
         self.content_length = -1
         self.control = None
@@ -96,6 +94,12 @@ cdef class HeaderCollector:
         elif memchr(PyBytes_AS_STRING(name), 95, PyBytes_GET_SIZE(name)) != NULL:  # '_'
             if name.replace(b"_", b"-").strip(b"-") in FRAMING:
                 raise ValueError(f"header name {name!r} may be read as a framing header")
+        if self.expected > 0 and PyList_GET_SIZE(self.headers) == 0:
+            # The first header: the index is made again with room for the
+            # expected ones (a dict grown one header at a time is rebuilt on
+            # the way, four times for forty), now rather than at reset, so
+            # that an idle connection does not hold the room.
+            self.index = _PyDict_NewPresized(self.expected)
         self.headers.append((name, value))
         PyDict_SetDefault(self.index, name, value)
 
