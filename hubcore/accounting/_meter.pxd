@@ -22,7 +22,7 @@ cdef class Meter:
     cdef readonly int fmt
     cdef readonly bint sse
     # the counters (model, tokens, stop reason, error...), read from the
-    # decoded objects by the shared code and forwarded by the properties below
+    # decoded objects by the shared code and returned by its properties (_meter.pyx)
     cdef Reading _reading
     cdef readonly Py_ssize_t events
     cdef readonly Py_ssize_t malformed
