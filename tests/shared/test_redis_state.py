@@ -425,8 +425,12 @@ async def test_a_redis_that_lost_its_data_is_seeded_with_spend(
         key = a.space.spend("day", "t:1", a._period_starts[0])
         await until(lambda: redis_server.command("EXISTS", key) == b":1\r\n")
         await until(lambda: sum("lost its data" in r.getMessage() for r in caplog.records) == 2)
-        # Each hub raised the counter to what it knew itself, the larger
-        # stands: a lower bound of the spend (3 USD), never more.
+        # Each hub raises the counter to what it knew itself, the larger
+        # stands: a lower bound of the spend (3 USD), never more. A hub logs
+        # before its seed lands: wait for the larger, then for both hubs to
+        # be back (each seeds before it is), and it still stands.
+        await until(lambda: redis_server.command("GET", key) == b"$7\r\n2000000\r\n")
+        await until(lambda: a.link is Link.SHARED and b.link is Link.SHARED)
         assert redis_server.command("GET", key) == b"$7\r\n2000000\r\n"
         assert not await admitted(b, caller)
 
