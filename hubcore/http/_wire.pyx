@@ -97,7 +97,7 @@ cdef class HeaderCollector:
         if self.expected > 0 and PyList_GET_SIZE(self.headers) == 0:
             # The first header: the index is made again with room for the
             # expected ones (a dict grown one header at a time is rebuilt on
-            # the way, four times for forty), now rather than at reset, so
+            # the way, three times for twenty), now rather than at reset, so
             # that an idle connection does not hold the room.
             self.index = _PyDict_NewPresized(self.expected)
         self.headers.append((name, value))
