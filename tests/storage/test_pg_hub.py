@@ -162,12 +162,16 @@ def test_a_hub_loses_no_usage_row_while_postgresql_is_stopped(
 
 def test_the_listener_comes_back_after_losing_its_connection(pg_hub: HubThread, pg_database: PgDatabase) -> None:
     conn = store.connect(pg_server_database(pg_database))
+    listening = ("SELECT pid FROM pg_stat_activity"
+                 " WHERE datname = ? AND query LIKE 'LISTEN%' AND pid != pg_backend_pid()")
     try:
+        # The hub's listener connects and listens in the background once it has started.
+        assert wait_until(lambda: len(conn.execute(listening, (pg_database.name,)).fetchall()) == 1, timeout=5.0), (
+            "one listening connection")
         killed = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = ? AND query LIKE 'LISTEN%' AND pid != pg_backend_pid()", (pg_database.name,),
+            f"SELECT pg_terminate_backend(pid) FROM ({listening}) AS listener", (pg_database.name,),
         ).fetchall()
-        assert killed == [(True,)], "one listening connection"
+        assert killed == [(True,)]
         # Made while nobody listens: the refresh that follows the reconnect finds it.
         _, value = tokens.create(conn, "erin")
     finally:
