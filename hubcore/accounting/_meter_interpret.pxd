@@ -3,6 +3,11 @@
 # (_meter.pyx) and for Reading's own code. The .py stays the one source of
 # what the counters mean; the pure twin runs it as Python.
 
+cimport cython
+
+# A vendor's count as sent, or None: a C call from the methods below.
+cpdef _count(v)
+
 cdef class Reading:
     cdef public object fmt
     cdef public object model
@@ -25,13 +30,17 @@ cdef class Reading:
     cpdef _error(self, kind)
     cpdef _stop(self)
     cpdef _done(self)
+    @cython.locals(event=dict)
     cpdef _event(self, kind, obj)
     cpdef _untyped(self, obj)
     cpdef _chunk(self, obj, whole)
     cpdef _unstreamed(self, obj)
-    cpdef _anthropic_message(self, msg)
+    # Every caller checked that these are dicts.
+    cpdef _anthropic_message(self, dict msg)
+    @cython.locals(counts=dict)
     cpdef _anthropic_usage(self, usage)
     cpdef _cache_write_total(self, total)
+    @cython.locals(counts=dict)
     cpdef _openai_usage(self, usage, inp, out, inp_details, out_details)
-    cpdef _responses_obj(self, resp, status_default)
-    cpdef _chat_obj(self, obj)
+    cpdef _responses_obj(self, dict resp, status_default)
+    cpdef _chat_obj(self, dict obj)

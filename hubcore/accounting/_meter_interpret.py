@@ -231,27 +231,30 @@ class Reading:
             if kind == ERROR or kind == R_FAILED:
                 self._error("error")
             return 0
+        # Checked above; typed `dict` in the compiled twin (the .pxd), whose
+        # `.get`s are then C calls instead of method lookups.
+        event = obj
         if kind == A_START:
-            msg = obj.get("message")
+            msg = event.get("message")
             if type(msg) is dict:
                 self._anthropic_message(msg)
         elif kind == A_DELTA:
-            delta = obj.get("delta")
+            delta = event.get("delta")
             if type(delta) is dict:
                 sr = delta.get("stop_reason")
                 if type(sr) is str:
                     self.stop_reason = sr
             # message_delta follows the last content block: its output count is final
-            if self._anthropic_usage(obj.get("usage")):
+            if self._anthropic_usage(event.get("usage")):
                 self._final_usage = True
         elif kind == A_TEXT:
-            return _anthropic_text(obj)
+            return _anthropic_text(event)
         elif kind == R_TEXT:
-            return _responses_text(obj)
+            return _responses_text(event)
         elif kind == A_STOP:
             self._stop()
         elif kind == A_BLOCK:
-            block = obj.get("content_block")
+            block = event.get("content_block")
             if type(block) is dict and block.get("type") == "fallback":
                 to = block.get("to")
                 if type(to) is dict:
@@ -260,20 +263,20 @@ class Reading:
                         self.model = m
         elif kind == ERROR:
             if self.fmt == FMT_ANTHROPIC:
-                err = obj.get("error")
+                err = event.get("error")
                 et = err.get("type") if type(err) is dict else None
                 self._error(et if type(et) is str and et else "error")
             else:
-                code = obj.get("code")
-                self._error(code if type(code) is str and code else _openai_error(obj.get("error")))
+                code = event.get("code")
+                self._error(code if type(code) is str and code else _openai_error(event.get("error")))
         elif kind == R_CREATED:
-            resp = obj.get("response")
+            resp = event.get("response")
             if type(resp) is dict:
                 m = resp.get("model")
                 if type(m) is str:
                     self.model = m
         elif kind in _TERMINAL_STATUS:
-            resp = obj.get("response")
+            resp = event.get("response")
             if type(resp) is dict:
                 self._responses_obj(resp, _TERMINAL_STATUS[kind])
             elif kind == R_FAILED:
@@ -329,16 +332,17 @@ class Reading:
         # overwrite, never add: message_delta numbers are running totals
         if type(usage) is not dict:
             return False
-        v = _count(usage.get("input_tokens"))
+        counts = usage  # checked: typed `dict` in the compiled twin (the .pxd)
+        v = _count(counts.get("input_tokens"))
         if v is not None:
             self.input_tokens = v
-        output = _count(usage.get("output_tokens"))
+        output = _count(counts.get("output_tokens"))
         if output is not None:
             self._output_reported = output
-        v = _count(usage.get("cache_read_input_tokens"))
+        v = _count(counts.get("cache_read_input_tokens"))
         if v is not None:
             self.cache_read = v
-        split = usage.get("cache_creation")
+        split = counts.get("cache_creation")
         if type(split) is dict:
             v = _count(split.get("ephemeral_5m_input_tokens"))
             if v is not None:
@@ -346,15 +350,15 @@ class Reading:
             v = _count(split.get("ephemeral_1h_input_tokens"))
             if v is not None:
                 self.cache_write_1h = v
-        v = _count(usage.get("cache_creation_input_tokens"))
+        v = _count(counts.get("cache_creation_input_tokens"))
         if v is not None:
             self._cache_write_total(v)
-        details = usage.get("output_tokens_details")
+        details = counts.get("output_tokens_details")
         if type(details) is dict:
             v = _count(details.get("thinking_tokens"))
             if v is not None:
                 self.reasoning_tokens = v
-        tools = usage.get("server_tool_use")
+        tools = counts.get("server_tool_use")
         if type(tools) is dict:
             total = 0
             for key, n in tools.items():
@@ -389,22 +393,23 @@ class Reading:
     def _openai_usage(self, usage: object, inp: str, out: str, inp_details: str, out_details: str) -> None:
         if type(usage) is not dict:
             return
-        v = _count(usage.get(inp))
+        counts = usage  # checked: typed `dict` in the compiled twin (the .pxd)
+        v = _count(counts.get(inp))
         if v is not None:
             self._oa_input = v
-        details = usage.get(inp_details)
+        details = counts.get(inp_details)
         if type(details) is dict:
             v = _count(details.get("cached_tokens"))
             if v is not None:
                 self._oa_cached = v
         self.cache_read = self._oa_cached
         self.input_tokens = max(self._oa_input - self._oa_cached, 0)
-        v = _count(usage.get(out))
+        v = _count(counts.get(out))
         if v is not None:
             # OpenAI sends usage once, at the end: it is final
             self._output_reported = v
             self._final_usage = True
-        details = usage.get(out_details)
+        details = counts.get(out_details)
         if type(details) is dict:
             v = _count(details.get("reasoning_tokens"))
             if v is not None:

@@ -985,6 +985,31 @@ def test_bogus_counts_are_ignored(twin: ModuleType) -> None:
     assert (got["input_tokens"], got["output_tokens"], got["cache_read"], got["server_tool_requests"]) == (10, 1, 4, 5)
 
 
+_ODD_VALUES = [b"[1,2]", b'"12"', b"7", b"null", b"true"]
+
+
+@pytest.mark.parametrize("odd", _ODD_VALUES)
+def test_members_of_another_json_type_are_passed_over(twin: ModuleType, odd: bytes) -> None:
+    """A usage, message, response or split that is not an object counts for
+    nothing (the compiled twin reads objects as typed dicts) and the
+    stream's other figures stand."""
+    got = run(twin, _start_and_delta(b'{"input_tokens":10,"output_tokens":1,"cache_creation":' + odd + b"}", odd))
+    assert (got["model"], got["input_tokens"], got["output_tokens"], got["cache_write_5m"]) == ("m", 10, 1, 0)
+    assert got["stop_reason"] == "end_turn"
+    got = run(twin, b'event: message_start\ndata: {"type":"message_start","message":' + odd + b"}\n\n")
+    assert (got["model"], got["input_tokens"]) == (None, 0)
+    responses = (
+        b'event: response.completed\ndata: {"type":"response.completed","response":' + odd + b"}\n\n"
+        b'event: response.completed\ndata: {"type":"response.completed","response":{"model":"r","usage":'
+        + odd + b"}}\n\n"
+    )
+    got = run(twin, responses, FMT_OPENAI_RESPONSES)
+    assert (got["model"], got["input_tokens"], got["output_tokens"]) == ("r", 0, 0)
+    chat = b'data: {"model":"c","choices":' + odd + b',"usage":' + odd + b"}\n\ndata: [DONE]\n\n"
+    got = run(twin, chat, FMT_OPENAI_CHAT)
+    assert (got["model"], got["input_tokens"]) == ("c", 0)
+
+
 # -- properties -----------------------------------------------------------------------------
 
 _SAMPLE_LINES = sorted(
