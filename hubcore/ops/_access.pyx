@@ -15,7 +15,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.object cimport PyObject_Str
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_CheckExact, PyUnicode_DecodeUTF8
-from libc.math cimport isfinite
+from libc.math cimport frexp, isfinite, ldexp, signbit
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
 
@@ -93,23 +93,75 @@ cdef bint _int(_Line* line, value) except -1:
     return _bytes(line, digits + i, 24 - i)
 
 
+# The fast path of `%.3f`: a time in milliseconds under this many (31
+# years; a request's times are far below it) is written from its exact
+# binary value by integer arithmetic, without printf.
+cdef double _MILLIS_EXACT_BELOW = 1e12
+
+cdef unsigned long long _thousandths(double v) noexcept:
+    """round(v * 1000) for 0 <= v < _MILLIS_EXACT_BELOW, computed on v's
+    exact binary value and rounded half to even, as Python's and C's `%.3f`
+    round it: v is m * 2**-shift for an integer m of at most 53 bits, so
+    v * 1000 is m * 1000 (below 2**63, exact) shifted right by `shift`."""
+    cdef int exponent
+    cdef double fraction
+    cdef unsigned long long m, scaled, quotient, rest, half
+    cdef int shift
+    if v == 0.0:
+        return 0
+    fraction = frexp(v, &exponent)  # v = fraction * 2**exponent, 0.5 <= fraction < 1
+    m = <unsigned long long>ldexp(fraction, 53)  # exact: 53 bits at most
+    shift = 53 - exponent  # at least 13: v < 1e12 < 2**40
+    if shift >= 64:
+        return 0  # v * 1000 < 2**63 / 2**64: under a half
+    scaled = m * 1000
+    quotient = scaled >> shift
+    rest = scaled & ((1ULL << shift) - 1)
+    half = 1ULL << (shift - 1)
+    if rest > half or (rest == half and (quotient & 1)):
+        quotient += 1
+    return quotient
+
+
 cdef bint _millis(_Line* line, value) except -1:
-    """`%.3f` of a finite exact float: C's printf rounds it as Python does
-    (the exact binary value, correctly rounded); NaN and the infinities are
-    spelled differently, and take TEXT_LINE, as does a number written with
-    a decimal comma (a process whose LC_NUMERIC some library changed)."""
+    """`%.3f` of a finite exact float: written from its exact binary value,
+    correctly rounded, as Python and C's printf write it (by hand below
+    _MILLIS_EXACT_BELOW, else by snprintf); NaN and the infinities are
+    spelled differently, and take TEXT_LINE, as does a number snprintf
+    writes with a decimal comma (a process whose LC_NUMERIC some library
+    changed)."""
     cdef double v
     cdef int written
+    cdef unsigned long long whole
+    cdef char digits[32]
+    cdef int i = 32, k
     if not PyFloat_CheckExact(value):
         return False
     v = PyFloat_AS_DOUBLE(value)
     if not isfinite(v):
         return False
+    if 0.0 <= v < _MILLIS_EXACT_BELOW and not signbit(v):
+        whole = _thousandths(v)
+        for k in range(3):
+            i -= 1
+            digits[i] = <char>(48 + whole % 10)
+            whole //= 10
+        i -= 1
+        digits[i] = 46  # '.'
+        while True:
+            i -= 1
+            digits[i] = <char>(48 + whole % 10)
+            whole //= 10
+            if whole == 0:
+                break
+        return _bytes(line, digits + i, 32 - i)
     written = snprintf(line.buf + line.n, LINE_MAX - line.n, "%.3f", v)
     if written < 0 or written >= LINE_MAX - line.n or memchr(line.buf + line.n, 44, written) != NULL:
         return False
     line.n += written
     return True
+
+
 cdef tuple _FIELDS = _JSON_FIELDS
 cdef object _strftime = time.strftime
 cdef object _localtime = time.localtime

@@ -65,8 +65,14 @@ async def test_access_log_runs_on_the_twin(twin: ModuleType) -> None:
 text = st.one_of(st.none(), st.text(max_size=8), st.text(st.characters(codec=None), max_size=4),
                  st.text(min_size=300, max_size=400))
 counts = st.one_of(st.integers(0, 10**9), st.integers(-(2**70), 2**70), st.booleans())
-millis = st.one_of(st.floats(0.0, 1e7), st.floats(allow_nan=True, allow_infinity=True), st.integers(0, 10**6),
-                   st.sampled_from([0.0625, 0.0005, 2.5e-4, 1.0005, -0.0, 1e300]))
+# The compiled twin writes `%.3f` by hand below 1e12 ms: values next to a
+# rounding tie, on an exact one (an odd number of sixteenths: the only
+# doubles whose thousandths end in exactly a half), tiny and large ones.
+MILLIS_EDGES = [0.0625, 0.0005, 2.5e-4, 1.0005, -0.0, 1e300, 0.0, 5e-324, 4.9e-4, 0.00049999999999999999,
+                999.9995, 999.99949999999, 0.9995, 1e12, 1e12 - 0.0005, 999999999999.9995, 2.0**-14 * 3, 123.4565]
+millis = st.one_of(st.floats(0.0, 1e7), st.floats(0.0, 1e13), st.floats(allow_nan=True, allow_infinity=True),
+                   st.integers(0, 10**6), st.integers(0, 10**9).map(lambda k: k / 1000 + 0.0005),
+                   st.integers(0, 2**30).map(lambda k: (2 * k + 1) / 16), st.sampled_from(MILLIS_EDGES))
 usage_events = st.builds(
     UsageEvent,
     ts=st.floats(1.0e9, 2.0e9), request_id=st.text(min_size=1, max_size=8), endpoint=st.text(max_size=8),
@@ -107,3 +113,18 @@ def test_both_twins_write_the_same_lines(events: list[tuple[UsageEvent, str | No
                 raised.append(str(e))
         results.append((list(log.lines), [delay for delay, _ in loop.timers], raised))
     assert results[0] == results[1]
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="HUBCORE_NO_EXTENSIONS is set: only the pure twin")
+def test_milliseconds_are_written_as_percent_three_f_writes_them() -> None:
+    """The compiled line's ttfb_ms and total_ms are `%.3f` of the exact
+    value, ties to even: at the edges, on every exact tie under 1 s (odd
+    sixteenths of a ms) and next to the ties of the first 3 ms."""
+    values = MILLIS_EDGES + [k / 16 for k in range(1, 16_000, 2)] + [k / 1000 + 0.0005 for k in range(3000)]
+    compiled = accesslog_of(twin_of("c", COMPILED, _access_py))
+    for ms in values:
+        log = compiled.AccessLog(io.StringIO(), Loop(), json=False)
+        log.record(UsageEvent(ts=1.7e9, request_id="r", endpoint="/v1/messages", status=200, outcome="ok",
+                              total_ms=ms, ttfb_ms=ms), None)
+        (line,) = log.lines
+        assert f" ttfb_ms={'%.3f' % ms} total_ms={'%.3f' % ms} " in line, ms
