@@ -67,6 +67,17 @@ cdef bint _str(_Line* line, value) except -1:
     return _bytes(line, s, size)
 
 
+cdef inline int _decimal(char* end, unsigned long long u) noexcept:
+    """Write `u` in decimal just before `end`; return how many digits."""
+    cdef int n = 0
+    while True:
+        n += 1
+        end[-n] = <char>(48 + u % 10)
+        u //= 10
+        if u == 0:
+            return n
+
+
 cdef bint _int(_Line* line, value) except -1:
     """`%d` (or `%s`) of an exact int that fits 64 bits, in decimal."""
     cdef int overflow = 0
@@ -81,12 +92,7 @@ cdef bint _int(_Line* line, value) except -1:
         return False
     # Negated as unsigned: the most negative value has no positive twin.
     u = (0ULL - <unsigned long long>v) if v < 0 else <unsigned long long>v
-    while True:
-        i -= 1
-        digits[i] = <char>(48 + u % 10)
-        u //= 10
-        if u == 0:
-            break
+    i -= _decimal(digits + i, u)
     if v < 0:
         i -= 1
         digits[i] = 45  # '-'
@@ -142,18 +148,13 @@ cdef bint _millis(_Line* line, value) except -1:
         return False
     if 0.0 <= v < _MILLIS_EXACT_BELOW and not signbit(v):
         whole = _thousandths(v)
-        for k in range(3):
+        for k in range(3):  # the thousandths, zeros included
             i -= 1
             digits[i] = <char>(48 + whole % 10)
             whole //= 10
         i -= 1
         digits[i] = 46  # '.'
-        while True:
-            i -= 1
-            digits[i] = <char>(48 + whole % 10)
-            whole //= 10
-            if whole == 0:
-                break
+        i -= _decimal(digits + i, whole)
         return _bytes(line, digits + i, 32 - i)
     written = snprintf(line.buf + line.n, LINE_MAX - line.n, "%.3f", v)
     if written < 0 or written >= LINE_MAX - line.n or memchr(line.buf + line.n, 44, written) != NULL:
