@@ -2,14 +2,16 @@
 twins share), HTTP head handling, the client connection's request path, the
 upstream connection's response path, the Exchange's common path (and the
 gateway's head functions it calls), the key ring's common path, the
-Limiter's request path, the metrics' per-request counters and the access
-log's line unless HUBCORE_NO_EXTENSIONS=1.
+Limiter's request path, the metrics' per-request counters, the access
+log's line and the usage writer's bound values unless
+HUBCORE_NO_EXTENSIONS=1.
 
 The pure-Python twins (hubcore/accounting/_meter_py.py, hubcore/http/_wire_py.py,
 hubcore/http/_conn_py.py, hubcore/http/_upstream_py.py,
 hubcore/gateway/_exchange_py.py, hubcore/routing/_lease_py.py,
 hubcore/governance/_admit_py.py, hubcore/ops/_tally_py.py,
-hubcore/ops/_access_py.py, hubcore/gateway/rewrite.py, routes.py and
+hubcore/ops/_access_py.py, hubcore/accounting/_rows_py.py,
+hubcore/gateway/rewrite.py, routes.py and
 hubcore/routing/headroom.py for _heads.pyx, and the sources of
 COMPILED_FROM_SOURCE) are always installed, so a build without a
 compiler, or with the variable set, still gives a working hub; at run
@@ -46,6 +48,7 @@ if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
             Extension("hubcore.governance._admit", ["hubcore/governance/_admit.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.ops._tally", ["hubcore/ops/_tally.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.ops._access", ["hubcore/ops/_access.pyx"], extra_compile_args=["-O3"]),
+            Extension("hubcore.accounting._rows", ["hubcore/accounting/_rows.pyx"], extra_compile_args=["-O3"]),
         ],
         compiler_directives={"language_level": "3"},
     ) + cythonize(

@@ -21,7 +21,8 @@ import aiosqlite
 from hubcore import store
 from hubcore.accounting import rollup
 from hubcore.accounting.spool import SPOOL_ERRORS, Spool, encode_line
-from hubcore.accounting.usage import UsageEvent, insert_chunks, insert_sql, insert_values
+from hubcore.accounting.rows import insert_values
+from hubcore.accounting.usage import UsageEvent, insert_chunks, insert_sql
 from hubcore.config import zone
 from hubcore.database import PgTarget, is_postgres, target as as_target
 

@@ -8,10 +8,9 @@ import dataclasses
 import enum
 import functools
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
-from itertools import chain
 from operator import attrgetter
 from typing import Any, cast
 
@@ -74,12 +73,9 @@ class UsageEvent:
 
 # The usage table's columns carry the same names as UsageEvent's fields.
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageEvent))
-_row: Callable[[UsageEvent], tuple[Any, ...]] = attrgetter(*FIELDS)
-
-
-def insert_values(events: Sequence[UsageEvent]) -> list[Any]:
-    """The bound parameters of a multi-row INSERT of `events`, row after row."""
-    return list(chain.from_iterable(map(_row, events)))
+# A row's values in column order; the bound parameters of a multi-row
+# INSERT are `hubcore.accounting.rows.insert_values`.
+row: Callable[[UsageEvent], tuple[Any, ...]] = attrgetter(*FIELDS)
 
 
 # sqlite3 binds an exact int, float or str as it is, and sends any other

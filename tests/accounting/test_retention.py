@@ -22,7 +22,8 @@ from hubcore import config as config_mod, store
 from hubcore.accounting import retention
 from hubcore.accounting.pgwriter import PgUsageWriter
 from hubcore.accounting.retention import Retention, delete_batch, purge
-from hubcore.accounting.usage import UsageEvent, insert_sql, insert_values
+from hubcore.accounting.rows import insert_values
+from hubcore.accounting.usage import UsageEvent, insert_sql
 from hubcore.database import is_postgres
 from hubcore.errors import ConfigError
 from hubcore.governance import tokens

@@ -279,7 +279,8 @@ def test_the_migration_marks_old_rows_without_a_cost(tmp_path: Path) -> None:
 
 
 def insert(conn: sqlite3.Connection, events: list[UsageEvent]) -> None:
-    from hubcore.accounting.usage import INSERT_SQL, insert_values
+    from hubcore.accounting.rows import insert_values
+    from hubcore.accounting.usage import INSERT_SQL
 
     for e in events:
         conn.execute(INSERT_SQL, insert_values([e]))

@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from hubcore import store
-from hubcore.accounting.usage import FIELDS, UsageEvent, insert_sql, insert_values
+from hubcore.accounting.rows import insert_values
+from hubcore.accounting.usage import FIELDS, UsageEvent, insert_sql
 from hubcore.dashboard.views import requests as requests_view
 from hubcore.governance.limits import format_time, format_usd
 from tests.conftest import upstreams_for

@@ -21,7 +21,8 @@ import pytest
 
 from hubcore import store
 from hubcore.accounting import report, rollup
-from hubcore.accounting.usage import FIELDS, UsageEvent, insert_values
+from hubcore.accounting.rows import insert_values
+from hubcore.accounting.usage import FIELDS, UsageEvent
 from hubcore.dashboard import charts
 from hubcore.dashboard.views import usage as usage_view
 from hubcore.governance.limits import Limits

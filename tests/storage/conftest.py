@@ -12,7 +12,8 @@ import pytest
 
 from hubcore import store
 from hubcore.accounting import rollup
-from hubcore.accounting.usage import FIELDS, UsageEvent, insert_sql, insert_values
+from hubcore.accounting.rows import insert_values
+from hubcore.accounting.usage import FIELDS, UsageEvent, insert_sql
 from tests.pgserver import pg_server_database
 
 __all__ = ["add_usage", "event", "pg_server_database"]

@@ -1,0 +1,83 @@
+# cython: language_level=3
+"""The usage writer's bound values, compiled: the twin of `_rows_py.py`
+(see there for the contract; tests/accounting/test_rows.py holds both to it).
+
+A batch's rows are flattened on the event loop's thread, thirty fields a
+row; read by name (the pure twin's `attrgetter`), each field is a lookup
+through UsageEvent's type to its slot's descriptor. UsageEvent is a slotted
+dataclass, so each field lives at a fixed offset in the instance, which
+that descriptor records: this twin reads the offsets once, at import, and
+each row's values straight from their slots. Anything but an exact
+UsageEvent (a subclass may lay out more slots; a test's stand-in has none),
+or a field that is unset, sends the batch to the pure twin, which reads by
+name and raises as it does."""
+
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
+
+from types import MemberDescriptorType
+
+from hubcore.accounting._rows_py import insert_values as _by_name
+from hubcore.accounting.usage import FIELDS, UsageEvent
+
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    int T_OBJECT_EX  # an object slot: what __slots__ makes
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+
+cdef enum:
+    FIELDS_MAX = 64
+
+cdef type _UsageEvent = UsageEvent
+cdef Py_ssize_t _fields = len(FIELDS)
+cdef Py_ssize_t _offsets[FIELDS_MAX]
+
+
+cdef void _read_offsets() except *:
+    cdef Py_ssize_t i
+    if _fields > FIELDS_MAX:
+        raise ImportError(f"UsageEvent has {_fields} fields, more than the {FIELDS_MAX} this module reads")
+    for i, name in enumerate(FIELDS):
+        descriptor = UsageEvent.__dict__[name]
+        if (type(descriptor) is not MemberDescriptorType
+                or (<PyMemberDescrObject*><PyObject*>descriptor).d_member.type != T_OBJECT_EX):
+            raise ImportError(f"UsageEvent.{name} is not an object slot")
+        _offsets[i] = (<PyMemberDescrObject*><PyObject*>descriptor).d_member.offset
+
+
+_read_offsets()
+
+
+cpdef list insert_values(events):
+    """See the twin."""
+    cdef list batch, values
+    cdef Py_ssize_t n, i, j, at = 0
+    cdef PyObject* value
+    cdef char* base
+    if type(events) is not list:
+        return _by_name(events)
+    batch = events
+    for event in batch:
+        if type(event) is not _UsageEvent:
+            return _by_name(batch)
+    n = len(batch)
+    values = PyList_New(n * _fields)
+    for i in range(n):
+        event = batch[i]
+        base = <char*><PyObject*>event
+        for j in range(_fields):
+            value = (<PyObject**>(base + _offsets[j]))[0]
+            if value == NULL:
+                # Unset (deleted): the twin raises AttributeError for it.
+                # The list's items not yet set are NULL, which it may hold.
+                return _by_name(batch)
+            Py_INCREF(<object>value)
+            PyList_SET_ITEM(values, at, <object>value)
+            at += 1
+    return values
