@@ -93,6 +93,7 @@ cdef class UpstreamCore:
         self.state = _CONNECTING
         self.reused = False
         self.reading_paused = False
+        self.feeding = False
         self._time = self.loop.time
         # per-request
         self.head_future = None
@@ -101,6 +102,7 @@ cdef class UpstreamCore:
         self.head = None
         self.head_at = 0.0
         self.sink = None
+        self.after_read = None
         self.held = []
         self.complete = False
         self.failure = None
@@ -117,14 +119,22 @@ cdef class UpstreamCore:
             # is confused or closing. Never reuse it.
             self.close()
             return
+        self.feeding = True
         try:
-            self.parser.feed_data(data)
-            if self.body_parts:
-                self._deliver()
-        except _HttpParserUpgrade:
-            self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
-        except _HttpParserError as e:
-            self._fail(UpstreamError(f"invalid response from upstream: {e}", before_response=self.head is None))
+            try:
+                self.parser.feed_data(data)
+                if self.body_parts:
+                    self._deliver()
+            except _HttpParserUpgrade:
+                self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
+            except _HttpParserError as e:
+                self._fail(UpstreamError(f"invalid response from upstream: {e}", before_response=self.head is None))
+        finally:
+            self.feeding = False
+            after = self.after_read
+            if after is not None:
+                self.after_read = None
+                after()
 
     # -- httptools callbacks -----------------------------------------------
     def on_headers_complete(self):
