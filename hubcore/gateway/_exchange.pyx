@@ -144,11 +144,14 @@ cdef inline object _acquire(ring, session_id, str model_class):
     return ring.acquire(session_id, model_class=model_class)
 
 
-cdef inline int _observe(ring, lease, dict headers) except -1:
+cdef inline int _observe(ring, lease, ResponseHead head) except -1:
+    # The head is indexed only for a ring that will read it now (a key
+    # whose reading stands reads nothing until its interval has passed).
     if isinstance(ring, RingCore):
-        (<RingCore>ring).observe(lease, headers)
+        if (<RingCore>ring).reading_due(lease):
+            (<RingCore>ring).observe(lease, head.index)
     else:
-        ring.observe(lease, headers)
+        ring.observe(lease, head.index)
     return 0
 
 
@@ -235,15 +238,14 @@ cdef class HubCore:
             return None
         if route_for(path) is None and path != _ME_PATH:
             return _HubError(404, f"no route for {printable_path(path)}")
-        index = head.index
         principal = None
-        token = index.get(b"x-api-key")
+        token = head.header(b"x-api-key")
         if type(token) is bytes and PyBytes_GET_SIZE(token) and type(self.tokens) is _TokenTable:
             principal = self.tokens.seen.get(token)
         if principal is None:
             # Bearer tokens, tokens not seen since the last reload, refusals:
             # the twin's steps.
-            principal = authenticate(self.tokens, index)
+            principal = authenticate(self.tokens, head.index)
         if isinstance(principal, _Principal) and not protocol.trusted:
             protocol.trust()
         return principal
@@ -402,7 +404,7 @@ cdef class ExchangeCore:
                 raise _HubError(405, "method not allowed")
             self.respond(200, ROOT_HEADERS, ROOT_BODY, head_only=method == b"HEAD")
             return None
-        self.route = route = route_for(path, request.index)
+        self.route = route = route_for(path, request.headers)
         self.flavour = route.flavour if route is not None else flavour_for_path(path)
         context = request.context
         if isinstance(context, _HubError):
@@ -426,7 +428,7 @@ cdef class ExchangeCore:
         refusing_unpriced = prices is not None and prices.unpriced == _REFUSE_UNPRICED
         if method == b"POST":
             self._check_body()
-            self.session_id = session_from_headers(request.index)
+            self.session_id = session_from_headers(request.headers)
             # The body is read for the model and session before the send
             # only when the request cannot go out without them (see the twin).
             if (self.session_id is None or refusing_unpriced
@@ -514,7 +516,7 @@ cdef class ExchangeCore:
         upstream = self.upstream
         if lease is not None and upstream is not None:
             # The rate-limit headers of every answer: the room the key has left.
-            _observe(upstream.ring, lease, head.index)
+            _observe(upstream.ring, lease, head)
         if failure is None or not retryable(failure):
             self._begin_stream(head)  # its answer is counted with the request (see report)
         else:
@@ -532,7 +534,7 @@ cdef class ExchangeCore:
         self.head = head
         self._head_at = conn.head_at
         status = self.status = head.status
-        content_type = head.index.get(b"content-type") or b""
+        content_type = head.header(b"content-type") or b""
         self.sse_body = content_type.startswith(b"text/event-stream")
         route = self.route
         if route is not None and 200 <= status < 300:
@@ -741,7 +743,7 @@ cdef class ExchangeCore:
             self.ts, self.request_id, route.endpoint, self.status, self.outcome, (now - self.t0) * 1000.0,
             principal, upstream.config.name if upstream is not None else None, self.key_label, self.model,
             self.error_type, (self._ttfb - self.t0) * 1000.0 if self._ttfb >= 0.0 else None, self.attempts,
-            self.session_id, _decode(self.request.index.get(b"user-agent")), self.sse_body, self.meter, route.kind,
+            self.session_id, _decode(self.request.header(b"user-agent")), self.sse_body, self.meter, route.kind,
             hub.prices, self.mapped[0] if self.mapped is not None else None,
             route_text,
             upstream.config.cost_multiplier if upstream is not None else 1.0,

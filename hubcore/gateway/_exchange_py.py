@@ -311,7 +311,7 @@ class ExchangeCore:
                 raise HubError(405, "method not allowed")
             self.respond(200, ROOT_HEADERS, ROOT_BODY, head_only=request.method == b"HEAD")
             return None
-        self.route = route = route_for(request.path, request.index)
+        self.route = route = route_for(request.path, request.headers)
         self.flavour = route.flavour if route else flavour_for_path(request.path)
         context = request.context
         if isinstance(context, HubError):
@@ -334,7 +334,7 @@ class ExchangeCore:
         refusing_unpriced = prices is not None and prices.unpriced == _REFUSE_UNPRICED
         if request.method == b"POST":
             self._check_body()
-            self.session_id = session_from_headers(request.index)
+            self.session_id = session_from_headers(request.headers)
             # The body is read for the model and session before the send
             # only when the request cannot go out without them (a model
             # allow-list, a session to keep on its key, a model without a

@@ -22,7 +22,7 @@ from hubcore.gateway.routes import MODEL_ID, MODELS_PREFIX, OPENAI_MODELS, ROUTE
 from hubcore.http.server import STATUS_LINES, status_line
 # render_head is compiled with this module (setup.py builds all or none):
 # a C call.
-from hubcore.http._wire cimport render_head
+from hubcore.http._wire cimport first_value, render_head
 from hubcore.routing import headroom
 
 cdef frozenset _REQUEST_DROP = REQUEST_DROP
@@ -116,20 +116,20 @@ cpdef bint keeps_alive(framing, bint client_keep_alive):
 
 # -- routes -------------------------------------------------------------------
 
-cpdef route_for(bytes path, dict index=None):
+cpdef route_for(bytes path, list headers=None):
     """See routes.route_for."""
     route = _ROUTES.get(path)
     if route is None and path.startswith(_MODELS_PREFIX) and _MODEL_ID.fullmatch(path, _MODELS_PREFIX_LEN):
         route = _MODELS
-    if route is _MODELS and index is not None and b"anthropic-version" not in index:
+    if route is _MODELS and headers is not None and first_value(headers, b"anthropic-version") is None:
         return _OPENAI_MODELS
     return route
 
 
-cpdef session_from_headers(dict index):
+cpdef session_from_headers(list headers):
     """See routes.session_from_headers."""
     for name in _SESSION_HEADERS:
-        value = index.get(name)
+        value = first_value(headers, name)
         if value:
             return value.decode("latin-1")
     return None

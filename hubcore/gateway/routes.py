@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from hubcore.accounting import meter as sse
 from hubcore.errors import ANTHROPIC, OPENAI, HubError
 from hubcore.governance.tokens import Principal, TokenTable
+from hubcore.http.wire import first_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +44,18 @@ ME_PATH = b"/hubcore/v1/me"
 SESSION_HEADERS = (b"x-claude-code-session-id", b"session_id", b"session-id")
 
 
-def route_for(path: bytes, index: dict[bytes, bytes] | None = None) -> Route | None:
+def route_for(path: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> Route | None:
     """The route of a request path, or None. Only the exact paths, and
     `/v1/models/{id}` with a plain model id: the target goes to the vendor
     as the client sent it, with the hub's key, so nothing else (dot segments,
     encoded slashes or dots, other vendor endpoints) may pass. Given the
-    head's `index`, a models listing without anthropic-version goes to the
-    OpenAI upstream."""
+    head's `headers` (lower-case names), a models listing without
+    anthropic-version goes to the OpenAI upstream."""
     route = ROUTES.get(path)
     if route is None and path.startswith(MODELS_PREFIX) and MODEL_ID.fullmatch(path, len(MODELS_PREFIX)):
         route = ROUTES[b"/v1/models"]
-    if route is not None and route.endpoint == "/v1/models" and index is not None and b"anthropic-version" not in index:
+    if (route is not None and route.endpoint == "/v1/models" and headers is not None
+            and first_value(headers, b"anthropic-version") is None):
         return OPENAI_MODELS
     return route
 
@@ -98,11 +100,11 @@ def leading_model(body_start: bytes) -> str | None:
     return match.group(1).decode("ascii") if match is not None else None
 
 
-def session_from_headers(index: dict[bytes, bytes]) -> str | None:
+def session_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
     """The session a request head names, if any (the body may name one too:
-    see meter.scan_request)."""
+    see meter.scan_request); `headers`: lower-case names, in order."""
     for name in SESSION_HEADERS:
-        value = index.get(name)
+        value = first_value(headers, name)
         if value:
             return value.decode("latin-1")
     return None

@@ -22,7 +22,7 @@ cdef class Request:
     cdef public bytes path
     cdef public bytes target
     cdef public list headers
-    cdef public dict index
+    cdef dict _index  # made on first use of `index`
     cdef public object control
     cdef public list parts
     cdef public Py_ssize_t body_size
@@ -35,6 +35,7 @@ cdef class Request:
 
     cdef _fill(self, bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version)
     cpdef drop_body(self)
+    cpdef header(self, name)
 
 
 cdef class ConnCore:

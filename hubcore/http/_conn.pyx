@@ -20,11 +20,11 @@ from types import SimpleNamespace
 
 import httptools
 
-from hubcore.http._wire cimport HeaderCollector
+from hubcore.http._wire cimport HeaderCollector, first_value, index_of
 
 # What is not hot is the Python twin's, shared.
 from hubcore.http._conn_py import (
-    CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, REQUEST_HEADERS_EXPECTED, TRIM_AFTER_BYTES,
+    CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, TRIM_AFTER_BYTES,
     TRIM_MIN_INTERVAL, Phase, RefusedAtHead, Reject, malloc_trim,
 )
 
@@ -109,7 +109,7 @@ cdef class Request:
         self.target = target
         self.path = _path_of(target)
         self.headers = head.headers  # names lower-cased, in order received
-        self.index = head.index  # each name's first value
+        self._index = None
         # Transfer-Encoding, Expect and Connection, in order (None: none came).
         self.control = head.control
         # The body as the reads brought it: it can go upstream as it is, and
@@ -147,9 +147,18 @@ cdef class Request:
             self.budget.release(self.reserved)
             self.reserved = 0
 
-    def header(self, name):
+    @property
+    def index(self):
+        """Each name's first value, made on first use (see the twin)."""
+        if self._index is None:
+            self._index = index_of(self.headers)
+        return self._index
+
+    cpdef header(self, name):
         """The first value of header `name` (lower-case), or None."""
-        return self.index.get(name)
+        if self._index is not None:
+            return self._index.get(name)
+        return first_value(self.headers, name)
 
 
 cdef Request _new_request(bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version):
@@ -178,7 +187,7 @@ cdef class ConnCore:
         self.parsing_stopped = False
         self.pending_reject = None
         self.current = None
-        self.collector = HeaderCollector(REQUEST_HEADERS_EXPECTED)
+        self.collector = HeaderCollector()
         self.parser = httptools.HttpRequestParser(
             SimpleNamespace(
                 on_message_begin=self.on_message_begin,
@@ -303,7 +312,7 @@ cdef class ConnCore:
             raise Reject(400, "a request must carry exactly one Host header")
         if head.control is not None:
             self._control_headers(head.control)
-        if b"upgrade" in head.index:
+        if head.header(b"upgrade") is not None:
             raise Reject(400, "protocol upgrades (WebSocket, h2c) are not supported")
         length = head.content_length
         if length > self._max_body_bytes:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from hubcore.http.wire import HeaderCollector
+from hubcore.http.wire import HeaderCollector, first_value, index_of
 
 if TYPE_CHECKING:
     from hubcore.http.server import App, Gate, Handler, Server
@@ -33,10 +33,6 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 # A body that came in more pieces than this (a client's small chunks) is
 # joined at once rather than written upstream piece by piece.
 MAX_BODY_PARTS = 16
-# Headers a request usually has, the size the header index is made with:
-# Claude Code sends some twenty (a dict made for 24 has room for 42; one made
-# for more takes twice the memory for every request in flight).
-REQUEST_HEADERS_EXPECTED = 24
 # A request refused at its head with a body up to this size (announced by
 # Content-Length) has its body read and dropped, so the connection stays
 # usable, as after any answer; a larger or chunked one is not read at all,
@@ -141,7 +137,7 @@ class BodyBudget:
 
 class Request:
     __slots__ = (
-        "method", "path", "target", "headers", "index", "control", "parts", "body_size",
+        "method", "path", "target", "headers", "_index", "control", "parts", "body_size",
         "_body", "keep_alive", "http_version", "context", "reserved", "budget",
     )
 
@@ -158,7 +154,7 @@ class Request:
         self.target = target
         self.path = target.partition(b"?")[0]
         self.headers: list[tuple[bytes, bytes]] = head.headers  # names lower-cased, in order received
-        self.index: dict[bytes, bytes] = head.index  # each name's first value
+        self._index: dict[bytes, bytes] | None = None
         # Transfer-Encoding, Expect and Connection, in order (None: none came).
         self.control: list[tuple[bytes, bytes]] | None = head.control
         # The body as the reads brought it: it can go upstream as it is, and
@@ -194,9 +190,20 @@ class Request:
             self.budget.release(self.reserved)
             self.reserved = 0
 
+    @property
+    def index(self) -> dict[bytes, bytes]:
+        """Each name's first value, made on first use: the hot path reads
+        its few headers with `header`, a scan of `headers`."""
+        index = self._index
+        if index is None:
+            index = self._index = index_of(self.headers)
+        return index
+
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower-case), or None."""
-        return self.index.get(name)
+        if self._index is not None:
+            return self._index.get(name)
+        return first_value(self.headers, name)
 
 
 class ConnCore:
@@ -224,7 +231,7 @@ class ConnCore:
         self.current: Request | None = None
         # httptools calls on_header for every header: that callback is
         # compiled (hubcore.http.wire), the per-message ones are here.
-        self.collector = HeaderCollector(REQUEST_HEADERS_EXPECTED)
+        self.collector = HeaderCollector()
         self.parser = httptools.HttpRequestParser(
             SimpleNamespace(
                 on_message_begin=self.on_message_begin,
@@ -362,7 +369,7 @@ class ConnCore:
             raise Reject(400, "a request must carry exactly one Host header")
         if head.control is not None:
             self._control_headers(head.control)
-        if b"upgrade" in head.index:
+        if head.header(b"upgrade") is not None:
             raise Reject(400, "protocol upgrades (WebSocket, h2c) are not supported")
         length = head.content_length
         if length > config.max_body_bytes:

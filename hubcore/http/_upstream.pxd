@@ -9,12 +9,13 @@ from hubcore.http._wire cimport HeaderCollector
 cdef class ResponseHead:
     cdef public int status
     cdef public list headers
-    cdef public dict index
+    cdef dict _index  # made on first use of `index`
     cdef public bint keep_alive
     cdef public object content_length
     cdef public bint chunked
 
     cdef _fill(self, int status, HeaderCollector head, bint keep_alive)
+    cpdef header(self, name)
 
 
 cdef class PoolCore:

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import httptools
 
-from hubcore.http._wire cimport HeaderCollector
+from hubcore.http._wire cimport HeaderCollector, first_value, index_of
 
 # What is not hot is the Python twin's, shared.
 from hubcore.http._upstream_py import ConnState, UpstreamError
@@ -49,7 +49,7 @@ cdef class ResponseHead:
     cdef _fill(self, int status, HeaderCollector head, bint keep_alive):
         self.status = status
         self.headers = head.headers  # names lower-cased, in order
-        self.index = head.index
+        self._index = None
         self.keep_alive = keep_alive
         self.content_length = head.content_length if head.content_length >= 0 else None
         self.chunked = False
@@ -58,9 +58,18 @@ cdef class ResponseHead:
                 if name == b"transfer-encoding":
                     self.chunked = b"chunked" in value.lower()
 
-    def header(self, name):
+    @property
+    def index(self):
+        """Each name's first value, made on first use (see the twin)."""
+        if self._index is None:
+            self._index = index_of(self.headers)
+        return self._index
+
+    cpdef header(self, name):
         """The first value of header `name` (lower-case), or None."""
-        return self.index.get(name)
+        if self._index is not None:
+            return self._index.get(name)
+        return first_value(self.headers, name)
 
 
 cdef ResponseHead _new_head(int status, HeaderCollector head, bint keep_alive):

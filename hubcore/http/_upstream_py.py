@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
-from hubcore.http.wire import HeaderCollector
+from hubcore.http.wire import HeaderCollector, first_value, index_of
 
 if TYPE_CHECKING:
     from hubcore.http.client import Pool, UpstreamConnection
@@ -79,12 +79,12 @@ _CONNECTING, _IDLE, _SENDING, _RECEIVING, _DONE, _CLOSED = (
 
 
 class ResponseHead:
-    __slots__ = ("status", "headers", "index", "keep_alive", "content_length", "chunked")
+    __slots__ = ("status", "headers", "_index", "keep_alive", "content_length", "chunked")
 
     def __init__(self, status: int, head: HeaderCollector, keep_alive: bool) -> None:
         self.status = status
         self.headers: list[tuple[bytes, bytes]] = head.headers  # names lower-cased, in order
-        self.index: dict[bytes, bytes] = head.index
+        self._index: dict[bytes, bytes] | None = None
         self.keep_alive = keep_alive
         self.content_length: int | None = head.content_length if head.content_length >= 0 else None
         self.chunked = False
@@ -92,9 +92,21 @@ class ResponseHead:
             if name == b"transfer-encoding":
                 self.chunked = b"chunked" in value.lower()
 
+    @property
+    def index(self) -> dict[bytes, bytes]:
+        """Each name's first value, made on first use: an answer's head is
+        read by `header` (a scan), and indexed only for a reading of its
+        rate limits or an error to classify."""
+        index = self._index
+        if index is None:
+            index = self._index = index_of(self.headers)
+        return index
+
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower-case), or None."""
-        return self.index.get(name)
+        if self._index is not None:
+            return self._index.get(name)
+        return first_value(self.headers, name)
 
 
 class UpstreamCore:

@@ -4,16 +4,21 @@
 
 cdef class HeaderCollector:
     cdef public list headers
-    cdef public dict index
+    cdef dict _index  # made on first use of `index`
     cdef public Py_ssize_t size
     cdef public long long content_length
     cdef public object control
     cdef public Py_ssize_t hosts
     cdef public bint sealed
-    cdef readonly Py_ssize_t expected
 
     cpdef reset(self)
     cpdef seal(self)
+    cpdef header(self, name)
+
+# A header's first value by a scan, and the index made from a list: C calls
+# from the connection cores, the Exchange's core and the head functions.
+cpdef first_value(list headers, name)
+cpdef dict index_of(list headers)
 
 # The head every request writes twice (gateway/_heads.pyx): a C call.
 cpdef bytes render_head(bytes start, list headers, object drop, bytes tail)

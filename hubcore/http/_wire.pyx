@@ -7,7 +7,7 @@ from cpython.dict cimport PyDict_SetDefault
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.set cimport PySet_Contains
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 cdef extern from "Python.h":
     # A dict with room for `minused` entries, made without the resizes on the way.
@@ -51,18 +51,28 @@ cdef inline bint _named(bytes name, bytes wanted):
 cdef class HeaderCollector:
     # Its fields are declared in _wire.pxd, where _conn.pyx reads them.
 
-    def __init__(self, Py_ssize_t expected=0):
-        self.expected = expected
+    def __init__(self):
         self.reset()
 
     cpdef reset(self):
         self.headers = []
-        self.index = {}
+        self._index = None
         self.size = 0
         self.content_length = -1
         self.control = None
         self.hosts = 0
         self.sealed = False
+
+    @property
+    def index(self):
+        """Each name's first value, made on first use."""
+        if self._index is None:
+            self._index = index_of(self.headers)
+        return self._index
+
+    cpdef header(self, name):
+        """The first value of header `name` (lower-case), or None."""
+        return first_value(self.headers, name)
 
     cpdef seal(self):
         self.sealed = True
@@ -94,14 +104,56 @@ cdef class HeaderCollector:
         elif memchr(PyBytes_AS_STRING(name), 95, PyBytes_GET_SIZE(name)) != NULL:  # '_'
             if name.replace(b"_", b"-").strip(b"-") in FRAMING:
                 raise ValueError(f"header name {name!r} may be read as a framing header")
-        if self.expected > 0 and PyList_GET_SIZE(self.headers) == 0:
-            # The first header: the index is made again with room for the
-            # expected ones (a dict grown one header at a time is rebuilt on
-            # the way, three times for twenty), now rather than at reset, so
-            # that an idle connection does not hold the room.
-            self.index = _PyDict_NewPresized(self.expected)
         self.headers.append((name, value))
-        PyDict_SetDefault(self.index, name, value)
+        self._index = None
+
+
+cpdef first_value(list headers, name):
+    """See the twin. A scan that compares lengths before bytes: for the
+    handful of names a request looks up, cheaper than hashing every name
+    into a dict."""
+    cdef Py_ssize_t i, count, size
+    cdef const char* wanted
+    cdef object item, key
+    if headers is None:
+        raise TypeError("first_value() takes a list, not None")
+    count = PyList_GET_SIZE(headers)
+    if type(name) is not bytes:
+        for i in range(count):
+            item = <object>PyList_GET_ITEM(headers, i)
+            if item[0] == name:
+                return item[1]
+        return None
+    size = PyBytes_GET_SIZE(name)
+    wanted = PyBytes_AS_STRING(name)
+    for i in range(count):
+        item = <object>PyList_GET_ITEM(headers, i)
+        if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+            raise TypeError("headers must be (name, value) tuples")
+        key = <object>PyTuple_GET_ITEM(item, 0)
+        if type(key) is bytes:
+            if PyBytes_GET_SIZE(key) == size and memcmp(PyBytes_AS_STRING(key), wanted, size) == 0:
+                return <object>PyTuple_GET_ITEM(item, 1)
+        elif key == name:
+            return <object>PyTuple_GET_ITEM(item, 1)
+    return None
+
+
+cpdef dict index_of(list headers):
+    """See the twin."""
+    cdef Py_ssize_t i, count
+    cdef object item
+    cdef dict index
+    if headers is None:
+        raise TypeError("index_of() takes a list, not None")
+    count = PyList_GET_SIZE(headers)
+    index = _PyDict_NewPresized(count)
+    for i in range(count):
+        item = <object>PyList_GET_ITEM(headers, i)
+        if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+            raise TypeError("headers must be (name, value) tuples")
+        PyDict_SetDefault(index, <object>PyTuple_GET_ITEM(item, 0), <object>PyTuple_GET_ITEM(item, 1))
+    return index
 
 
 cpdef bytes render_head(bytes start, list headers, object drop, bytes tail):

@@ -21,23 +21,23 @@ class HeaderCollector:
 
     Also keeps, as it goes: the head's size (each header counted as
     `name: value` plus CRLF), Content-Length as an int (-1 when absent), the
-    Transfer-Encoding, Expect and Connection headers for the caller to judge, how
-    many Host headers came (RFC 9112 wants exactly one), and an index from each
-    name to its first value. `reset()` starts the next
-    message; the previous message keeps the list and the index it was given.
-    `seal()` ends the head: fields after it (a chunked body's trailers) are
-    counted in `size` but not kept, so they never pass as headers.
+    Transfer-Encoding, Expect and Connection headers for the caller to judge,
+    and how many Host headers came (RFC 9112 wants exactly one). `reset()`
+    starts the next message; the previous message keeps the list it was
+    given. `seal()` ends the head: fields after it (a chunked body's
+    trailers) are counted in `size` but not kept, so they never pass as
+    headers.
 
-    `expected`: how many headers a message usually has, a hint the compiled
-    twin sizes its index by (this one has no use for it).
+    `header(name)` reads a name's first value by a scan of the list, and
+    `index` (each name's first value) is made on first use: a request's few
+    lookups cost less than hashing its twenty-odd names into a dict.
     """
 
-    __slots__ = ("headers", "index", "size", "content_length", "control", "hosts", "sealed", "expected")
+    __slots__ = ("headers", "_index", "size", "content_length", "control", "hosts", "sealed")
 
-    def __init__(self, expected: int = 0) -> None:
-        self.expected = expected
+    def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
-        self.index: dict[bytes, bytes] = {}
+        self._index: dict[bytes, bytes] | None = None
         self.size = 0
         self.content_length = -1
         self.control: list[tuple[bytes, bytes]] | None = None
@@ -46,12 +46,24 @@ class HeaderCollector:
 
     def reset(self) -> None:
         self.headers = []
-        self.index = {}
+        self._index = None
         self.size = 0
         self.content_length = -1
         self.control = None
         self.hosts = 0
         self.sealed = False
+
+    @property
+    def index(self) -> dict[bytes, bytes]:
+        """Each name's first value, made on first use."""
+        index = self._index
+        if index is None:
+            index = self._index = index_of(self.headers)
+        return index
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower-case), or None."""
+        return first_value(self.headers, name)
 
     def seal(self) -> None:
         self.sealed = True
@@ -76,7 +88,23 @@ class HeaderCollector:
         elif b"_" in name and name.replace(b"_", b"-").strip(b"-") in FRAMING:
             raise ValueError(f"header name {name!r} may be read as a framing header")
         self.headers.append((name, value))
-        self.index.setdefault(name, value)
+        self._index = None
+
+
+def first_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header `name` in `headers`, or None."""
+    for n, value in headers:
+        if n == name:
+            return value
+    return None
+
+
+def index_of(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Each name in `headers` with its first value."""
+    index: dict[bytes, bytes] = {}
+    for name, value in headers:
+        index.setdefault(name, value)
+    return index
 
 
 def render_head(start: bytes, headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] | set[bytes], tail: bytes) -> bytes:

@@ -44,6 +44,7 @@ cdef class RingCore:
 
     cpdef Lease acquire(self, session_id=*, tried=*, reason=*, previous=*, str model_class=*)
     cdef Lease _acquire_among(self, double now, session_id, tried, reason, previous, str model_class)
+    cpdef bint reading_due(self, Lease lease, model_class=*) except -1
     cpdef observe(self, Lease lease, headers, model_class=*)
     cpdef release(self, Lease lease, failure=*)
     cdef void _wake_waiters(self) except *

@@ -209,6 +209,16 @@ cdef class RingCore:
 
     # -- outcomes ------------------------------------------------------------
 
+    cpdef bint reading_due(self, Lease lease, model_class=None) except -1:
+        """See the twin."""
+        if len(self._keys) == 1:
+            return False
+        _check_lease(lease)
+        cdef _Key key = lease._key
+        cls = lease.model_class if model_class is None else model_class
+        return not (self._clock() < key.read_due
+                    and (cls in key.room.by_class or key.bare_reads >= _BARE_READS_TO_WAIT))
+
     cpdef observe(self, Lease lease, headers, model_class=None):
         _check_lease(lease)
         if len(self._keys) == 1:

@@ -287,6 +287,17 @@ class RingCore:
 
     # -- outcomes ------------------------------------------------------------
 
+    def reading_due(self, lease: Lease, model_class: str | None = None) -> bool:
+        """Whether `observe` would read an answer's head for this lease now
+        (see there): asked first, a caller need not index a head that would
+        not be read."""
+        if len(self._keys) == 1:
+            return False
+        key = lease._key
+        cls = lease.model_class if model_class is None else model_class
+        return not (self._clock() < key.read_due
+                    and (cls in key.room.by_class or key.bare_reads >= BARE_READS_TO_WAIT))
+
     def observe(self, lease: Lease, headers: Mapping[bytes, bytes], model_class: str | None = None) -> None:
         """Keep what an answer's rate-limit headers say of the lease's key's
         room, for the lease's model class (or `model_class`, when the caller

@@ -144,17 +144,30 @@ def test_authenticate_refuses(index: dict[bytes, bytes], status: int, message: s
         assert (refusal.error_type, refusal.code) == ("permission_error", "token_revoked")
 
 
+def test_a_models_listing_without_anthropic_version_goes_to_openai() -> None:
+    models = routes.route_for(b"/v1/models")
+    assert routes.route_for(b"/v1/models", None) is models
+    assert routes.route_for(b"/v1/models", [(b"anthropic-version", b"2023-06-01")]) is models
+    # Present, even empty, is Anthropic's; absent is OpenAI's.
+    assert routes.route_for(b"/v1/models", [(b"x-api-key", b"k"), (b"anthropic-version", b"")]) is models
+    assert routes.route_for(b"/v1/models", [(b"x-api-key", b"k")]) is routes.OPENAI_MODELS
+    assert routes.route_for(b"/v1/messages", []) is routes.route_for(b"/v1/messages")
+
+
 @pytest.mark.parametrize(
-    ("index", "session"),
+    ("headers", "session"),
     [
-        ({}, None),
-        ({b"x-claude-code-session-id": b"cc-1", b"session_id": b"codex-1"}, "cc-1"),
-        ({b"x-claude-code-session-id": b"", b"session_id": b"codex-1"}, "codex-1"),
-        ({b"session-id": b"s\xe9"}, "s\xe9"),
+        ([], None),
+        ([(b"x-claude-code-session-id", b"cc-1"), (b"session_id", b"codex-1")], "cc-1"),
+        ([(b"session_id", b"codex-1"), (b"x-claude-code-session-id", b"cc-1")], "cc-1"),
+        ([(b"x-claude-code-session-id", b""), (b"session_id", b"codex-1")], "codex-1"),
+        ([(b"session-id", b"s\xe9")], "s\xe9"),
+        # A name's first value is the one read.
+        ([(b"session-id", b"first"), (b"session-id", b"second")], "first"),
     ],
 )
-def test_session_from_headers(index: dict[bytes, bytes], session: str | None) -> None:
-    assert routes.session_from_headers(index) == session
+def test_session_from_headers(headers: list[tuple[bytes, bytes]], session: str | None) -> None:
+    assert routes.session_from_headers(headers) == session
 
 
 def test_printable_path_is_bounded_and_escaped() -> None:

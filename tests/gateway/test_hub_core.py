@@ -19,7 +19,16 @@ from hubcore.errors import HubError
 from hubcore.gateway import _exchange_py
 from hubcore.governance import tokens
 from hubcore.governance.tokens import Principal, TokenTable
+from hubcore.http.wire import HeaderCollector
 from tests.http.twins import twin_of
+
+
+def head_of(index: dict[bytes, bytes]) -> HeaderCollector:
+    """A request head as the server's parser hands it to the gate."""
+    head = HeaderCollector()
+    for name, value in index.items():
+        head.on_header(name, value)
+    return head
 
 
 @pytest.fixture(params=["c", "py"])
@@ -81,14 +90,14 @@ def test_the_gate_judges_each_head_as_the_twin_does(twin: ModuleType, db: sqlite
     ]
     for target, index, expected in heads:
         protocol = Protocol()
-        outcome = verdict(hub.gate(protocol, b"POST", target, SimpleNamespace(index=index)))
+        outcome = verdict(hub.gate(protocol, b"POST", target, head_of(index)))
         if isinstance(expected, int):
             assert outcome[0] == expected, target
         else:
             assert outcome == expected, target
         # Trusted exactly when a principal came back.
         assert protocol.trusts == (1 if isinstance(expected, str) else 0), target
-        head: Any = SimpleNamespace(index=index)
+        head = head_of(index)
         assert outcome == verdict(_exchange_py.HubCore.gate(hub, protocol, b"POST", target, head))  # type: ignore[arg-type]
 
 
@@ -98,7 +107,7 @@ def test_a_trusted_connection_is_not_trusted_again(twin: ModuleType, db: sqlite3
     table.refresh(db, force=True)
     hub = twin.HubCore(table)
     protocol = Protocol()
-    head = SimpleNamespace(index={b"x-api-key": alice.encode()})
+    head = head_of({b"x-api-key": alice.encode()})
     for _ in range(3):
         assert verdict(hub.gate(protocol, b"POST", b"/v1/messages", head)) == "alice"
     # The twin calls trust() each time, which does nothing once trusted; the
@@ -111,7 +120,7 @@ def test_a_reload_that_revoked_a_token_seen_before_refuses_it(twin: ModuleType, 
     table = TokenTable()
     table.refresh(db, force=True)
     hub = twin.HubCore(table)
-    head = SimpleNamespace(index={b"x-api-key": alice.encode()})
+    head = head_of({b"x-api-key": alice.encode()})
     assert verdict(hub.gate(Protocol(), b"POST", b"/v1/messages", head)) == "alice"
     tokens.revoke(db, token_id)
     assert table.refresh(db)

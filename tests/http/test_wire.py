@@ -93,22 +93,36 @@ def test_reset_starts_a_new_message_and_leaves_the_old_one(twin: ModuleType) -> 
     assert c.headers == [(b"b", b"2")]
 
 
-def test_a_collector_sized_for_many_headers_collects_the_same(twin: ModuleType) -> None:
-    # The compiled twin makes its index with room for `expected` headers; a
-    # message with fewer, as many or more, and the next one, come out as
-    # from a collector without the hint.
-    for count in (0, 3, 48, 120):
-        headers = [(f"X-H{i}".encode(), str(i).encode()) for i in range(count)] + [(b"x-h0", b"again")]
-        sized, plain = twin.HeaderCollector(48), twin.HeaderCollector()
-        for c in (sized, plain):
-            for name, value in headers:
-                c.on_header(name, value)
-        assert (sized.headers, sized.index, sized.size) == (plain.headers, plain.index, plain.size)
-        first = sized.index
-        sized.reset()
-        sized.on_header(b"B", b"2")
-        assert sized.index == {b"b": b"2"} and sized.headers == [(b"b", b"2")]
-        assert len(first) == count + (0 if count else 1) and sized.expected == 48
+def test_the_index_is_made_on_first_use_and_header_reads_the_first_value(twin: ModuleType) -> None:
+    # Names are looked up by a scan of the list; the index, each name's
+    # first value, is made when asked for, kept until the list changes, and
+    # gone with reset().
+    for count in (0, 3, 48):
+        headers = [(f"X-H{i}".encode(), str(i).encode()) for i in range(count)] + [(b"X-H0", b"again")]
+        c = twin.HeaderCollector()
+        for name, value in headers:
+            c.on_header(name, value)
+        assert c.header(b"x-h0") == (b"0" if count else b"again")
+        assert c.header(b"X-H0") is None and c.header(b"absent") is None and c.header("x-h0") is None
+        first = c.index
+        assert first == {n.lower(): v for n, v in reversed(headers)} and c.index is first
+        c.on_header(b"Late", b"1")
+        assert c.index is not first and c.index[b"late"] == b"1" and c.header(b"late") == b"1"
+        c.reset()
+        c.on_header(b"B", b"2")
+        assert c.index == {b"b": b"2"} and c.headers == [(b"b", b"2")] and c.header(b"b") == b"2"
+
+
+@given(headers=st.lists(st.tuples(st.sampled_from([b"a", b"b", b"ab", b"x-api-key", b""]), st.binary(max_size=4)),
+                        max_size=12),
+       name=st.sampled_from([b"a", b"b", b"ab", b"x-api-key", b"", b"zz"]))
+def test_first_value_and_index_of_twins_agree(headers: list[tuple[bytes, bytes]], name: bytes) -> None:
+    expected_index: dict[bytes, bytes] = {}
+    for n, v in headers:
+        expected_index.setdefault(n, v)
+    for t in [_wire_py] + ([] if NO_EXTENSIONS else [importlib.import_module("hubcore.http._wire")]):
+        assert t.first_value(headers, name) == expected_index.get(name)
+        assert t.index_of(headers) == expected_index
 
 
 def test_render_head(twin: ModuleType) -> None:
