@@ -22,11 +22,14 @@ from hubcore.gateway.routes import MODEL_ID, MODELS_PREFIX, OPENAI_MODELS, ROUTE
 from hubcore.http.server import STATUS_LINES, status_line
 # render_head is compiled with this module (setup.py builds all or none):
 # a C call.
-from hubcore.http._wire cimport first_value, render_head
+from hubcore.http._wire cimport NameSet, first_value, render_head
 from hubcore.routing import headroom
 
 cdef frozenset _REQUEST_DROP = REQUEST_DROP
-cdef frozenset _RESPONSE_DROP = RESPONSE_DROP
+# The same names for render_head, which looks each head's names up in them
+# without hashing them.
+cdef NameSet _REQUEST_DROP_NAMES = NameSet(REQUEST_DROP)
+cdef NameSet _RESPONSE_DROP_NAMES = NameSet(RESPONSE_DROP)
 cdef bytes _ACCEPT_IDENTITY = ACCEPT_IDENTITY
 cdef dict _STATUS_LINES = STATUS_LINES
 cdef object _status_line = status_line
@@ -70,6 +73,8 @@ cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host
             named = {t.strip().lower() for t in value.split(b",")}
             if not named <= drop:
                 drop = drop | named
+    if drop is _REQUEST_DROP:
+        drop = _REQUEST_DROP_NAMES
     if body_size or method == b"POST":
         tail = b"".join((auth_line, _ACCEPT_IDENTITY, PyBytes_FromFormat(b"content-length: %zd\r\n", body_size), b"\r\n"))
     else:
@@ -97,7 +102,8 @@ cpdef bytes response_head(int status, list headers, framing, content_length, bin
     tail.append(b"\r\n")
     # server.status_line, inline.
     line = _STATUS_LINES.get(status)
-    return render_head(line if line is not None else _status_line(status), headers, _RESPONSE_DROP, b"".join(tail))
+    return render_head(line if line is not None else _status_line(status), headers, _RESPONSE_DROP_NAMES,
+                       b"".join(tail))
 
 
 cpdef response_framing(int status, content_length, bint client_http11):

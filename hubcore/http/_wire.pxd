@@ -15,6 +15,12 @@ cdef class HeaderCollector:
     cpdef seal(self)
     cpdef header(self, name)
 
+cdef class NameSet:
+    cdef readonly frozenset names
+    cdef tuple _by_length  # for each length, the names of that length
+
+    cdef bint has(self, object name) except -1
+
 # A header's first value by a scan, and the index made from a list: C calls
 # from the connection cores, the Exchange's core and the head functions.
 cpdef first_value(list headers, name)

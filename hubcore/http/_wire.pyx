@@ -156,6 +156,52 @@ cpdef dict index_of(list headers):
     return index
 
 
+cdef enum:
+    _NAME_BUCKETS = 64  # names of 64 bytes and more share the last bucket
+
+
+cdef class NameSet:
+    """A fixed set of header names (bytes) that answers `in` by length and
+    bytes, with no hashing: render_head asks it of every header of every
+    head, and a parsed header's name is a new object each message, whose
+    hash would be computed on each lookup. Made once from a set; `names`
+    is that set, for everything else."""
+
+    def __init__(self, names):
+        buckets = [[] for _ in range(_NAME_BUCKETS)]
+        self.names = frozenset(names)
+        for name in self.names:
+            if type(name) is not bytes:
+                raise TypeError("a NameSet holds bytes")
+            buckets[min(PyBytes_GET_SIZE(name), _NAME_BUCKETS - 1)].append(name)
+        self._by_length = tuple(tuple(bucket) for bucket in buckets)
+
+    cdef bint has(self, object name) except -1:
+        cdef Py_ssize_t size, i, count
+        cdef tuple bucket
+        cdef object member
+        if type(name) is not bytes:
+            return name in self.names
+        size = PyBytes_GET_SIZE(name)
+        bucket = <tuple>PyTuple_GET_ITEM(self._by_length, size if size < _NAME_BUCKETS else _NAME_BUCKETS - 1)
+        count = PyTuple_GET_SIZE(bucket)
+        for i in range(count):
+            member = <object>PyTuple_GET_ITEM(bucket, i)
+            if (PyBytes_GET_SIZE(member) == size
+                    and memcmp(PyBytes_AS_STRING(member), PyBytes_AS_STRING(name), size) == 0):
+                return True
+        return False
+
+    def __contains__(self, name):
+        return self.has(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
 cpdef bytes render_head(bytes start, list headers, object drop, bytes tail):
     cdef Py_ssize_t count, i, total, at, ln, lv
     cdef object item, name, value
@@ -164,7 +210,7 @@ cpdef bytes render_head(bytes start, list headers, object drop, bytes tail):
     # A C call from the gateway's head functions (_heads.pyx); from Python,
     # None is refused as a def's `not None` would refuse it.
     if start is None or headers is None or drop is None or tail is None:
-        raise TypeError("render_head() takes bytes, a list, a set and bytes, not None")
+        raise TypeError("render_head() takes bytes, a list, a set (or a NameSet) and bytes, not None")
     count = PyList_GET_SIZE(headers)
     total = PyBytes_GET_SIZE(start) + PyBytes_GET_SIZE(tail)
     for i in range(count):
@@ -175,7 +221,10 @@ cpdef bytes render_head(bytes start, list headers, object drop, bytes tail):
         value = <object>PyTuple_GET_ITEM(item, 1)
         if type(name) is not bytes or type(value) is not bytes:
             raise TypeError("header names and values must be bytes")
-        if PySet_Contains(drop, name):
+        if type(drop) is NameSet:
+            if (<NameSet>drop).has(name):
+                continue
+        elif PySet_Contains(drop, name):
             continue
         kept.append(item)
         total += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4

@@ -184,3 +184,31 @@ def test_fields_after_seal_are_counted_not_kept(twin: ModuleType) -> None:
     c.reset()
     c.on_header(b"a", b"b")
     assert c.headers == [(b"a", b"b")]
+
+
+names = st.binary(max_size=70)
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="the compiled twin's NameSet; HUBCORE_NO_EXTENSIONS is set")
+@given(members=st.sets(names, max_size=12), probes=st.lists(names, max_size=12),
+       headers=header_list)
+def test_a_name_set_holds_what_its_set_holds(members: set[bytes], probes: list[bytes],
+                                             headers: list[tuple[bytes, bytes]]) -> None:
+    # By length and bytes, without hashing: the same answers as the set,
+    # names of 64 bytes and more included, and the same head from render_head.
+    compiled = importlib.import_module("hubcore.http._wire")
+    name_set = compiled.NameSet(members)
+    for probe in [*probes, *members, *(m + b"x" for m in members), *(m[:-1] for m in members if m)]:
+        assert (probe in name_set) == (probe in members)
+    assert "text" not in name_set and None not in name_set
+    assert sorted(name_set) == sorted(members) and len(name_set) == len(members)
+    drop = frozenset(members) | {n for n, _ in headers[:2]}
+    assert compiled.render_head(b"S", headers, compiled.NameSet(drop), b"T") == (
+        compiled.render_head(b"S", headers, drop, b"T"))
+
+
+def test_a_name_set_holds_bytes_only() -> None:
+    if NO_EXTENSIONS:
+        pytest.skip("the compiled twin's NameSet; HUBCORE_NO_EXTENSIONS is set")
+    with pytest.raises(TypeError):
+        importlib.import_module("hubcore.http._wire").NameSet({b"a", "b"})
