@@ -566,20 +566,14 @@ cdef class ExchangeCore:
 
     def on_complete(self, list parts):
         """See the twin."""
-        cdef UpstreamCore conn
         if not self.gone:
             self._write(parts[0] if len(parts) == 1 else b"".join(parts), True)
         if self.in_callbacks:
             if self._phase != FINISHING:
                 # The bookkeeping runs once this read's callbacks are over
-                # (the connection goes back to the pool there): at the end
-                # of the read, as the twin says.
+                # (the connection goes back to the pool there).
                 self._move(FINISHING)
-                conn = self.conn
-                if conn is not None and conn.feeding and conn.after_read is None:
-                    conn.after_read = self._finish
-                else:
-                    self.loop.call_soon(self._finish)
+                self.loop.call_soon(self._finish)
             return
         self._move(FINISHING)
         done = self.done

@@ -475,16 +475,9 @@ class ExchangeCore:
         if self.in_callbacks:
             if self.phase is not _FINISHING:
                 # The bookkeeping runs once this read's callbacks are over
-                # (the connection goes back to the pool there): the
-                # connection calls it when the read it is parsing is done,
-                # with no loop turn between (a Handle and a turn a request
-                # saved); a completion outside a read is scheduled.
+                # (the connection goes back to the pool there).
                 self._enter(_FINISHING)
-                conn = self.conn
-                if conn is not None and conn.feeding and conn.after_read is None:
-                    conn.after_read = self._finish
-                else:
-                    self.loop.call_soon(self._finish)
+                self.loop.call_soon(self._finish)
             return
         self._enter(_FINISHING)
         done = self.done

@@ -43,7 +43,6 @@ cdef class UpstreamCore:
     cdef public object state
     cdef public bint reused
     cdef public bint reading_paused
-    cdef public bint feeding
     cdef object _time  # loop.time
     # per-request
     cdef public object head_future
@@ -52,7 +51,6 @@ cdef class UpstreamCore:
     cdef public ResponseHead head
     cdef public double head_at
     cdef public object sink
-    cdef public object after_read
     cdef public list held
     cdef public bint complete
     cdef public object failure

@@ -102,7 +102,6 @@ cdef class UpstreamCore:
         self.state = _CONNECTING
         self.reused = False
         self.reading_paused = False
-        self.feeding = False
         self._time = self.loop.time
         # per-request
         self.head_future = None
@@ -111,7 +110,6 @@ cdef class UpstreamCore:
         self.head = None
         self.head_at = 0.0
         self.sink = None
-        self.after_read = None
         self.held = []
         self.complete = False
         self.failure = None
@@ -128,22 +126,14 @@ cdef class UpstreamCore:
             # is confused or closing. Never reuse it.
             self.close()
             return
-        self.feeding = True
         try:
-            try:
-                self.parser.feed_data(data)
-                if self.body_parts:
-                    self._deliver()
-            except _HttpParserUpgrade:
-                self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
-            except _HttpParserError as e:
-                self._fail(UpstreamError(f"invalid response from upstream: {e}", before_response=self.head is None))
-        finally:
-            self.feeding = False
-            after = self.after_read
-            if after is not None:
-                self.after_read = None
-                after()
+            self.parser.feed_data(data)
+            if self.body_parts:
+                self._deliver()
+        except _HttpParserUpgrade:
+            self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
+        except _HttpParserError as e:
+            self._fail(UpstreamError(f"invalid response from upstream: {e}", before_response=self.head is None))
 
     # -- httptools callbacks -----------------------------------------------
     def on_headers_complete(self):

@@ -135,9 +135,6 @@ class UpstreamCore:
         self.state = _CONNECTING
         self.reused = False
         self.reading_paused: bool = False
-        # True while a read's bytes are being parsed: the sink's callbacks
-        # run inside it, and what must wait for their end goes in after_read.
-        self.feeding = False
         # per-request
         self.head_future: asyncio.Future[ResponseHead] | None = None
         self.on_head: Callable[[ResponseHead], None] | None = None
@@ -145,8 +142,6 @@ class UpstreamCore:
         self.head: ResponseHead | None = None
         self.head_at = 0.0
         self.sink: BodySink | None = None
-        # Called once when the read being parsed is over (see data_received).
-        self.after_read: Callable[[], None] | None = None
         self.held: list[bytes] = []
         self.complete = False
         self.failure: UpstreamError | None = None
@@ -171,26 +166,14 @@ class UpstreamCore:
             # is confused or closing. Never reuse it.
             self.close()
             return
-        self.feeding = True
         try:
-            try:
-                self.parser.feed_data(data)
-                if self.body_parts:
-                    self._deliver()
-            except httptools.HttpParserUpgrade:
-                self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
-            except httptools.HttpParserError as e:
-                self._fail(UpstreamError(f"invalid response from upstream: {e}", before_response=self.head is None))
-        finally:
-            self.feeding = False
-            # What a sink left for the end of this read's callbacks (the
-            # Exchange's bookkeeping, which gives this connection back to
-            # the pool) runs here, with no loop turn between, and runs
-            # even if the read raised.
-            after = self.after_read
-            if after is not None:
-                self.after_read = None
-                after()
+            self.parser.feed_data(data)
+            if self.body_parts:
+                self._deliver()
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
+        except httptools.HttpParserError as e:
+            self._fail(UpstreamError(f"invalid response from upstream: {e}", before_response=self.head is None))
 
     # -- httptools callbacks -----------------------------------------------
     def on_headers_complete(self) -> None:

@@ -28,7 +28,6 @@ from hubcore.governance.tokens import Principal
 from hubcore.http import _conn_py, _upstream_py
 from hubcore.http._conn_py import Phase as ConnPhase
 from hubcore.http._upstream_py import ConnState
-from hubcore.http.upstream import UpstreamError
 from tests.http.twins import NO_EXTENSIONS, Transport, check_compiled_loaded, check_no_extensions_selects_pure
 
 REQUEST = (b"POST /v1/messages HTTP/1.1\r\nhost: hub\r\ncontent-type: application/json\r\n"
@@ -236,9 +235,6 @@ def pool(twins: Twins) -> Any:
         def pause_reading(self) -> None:
             self.reading_paused = True
 
-        def _fail(self, exc: Exception) -> None:
-            self.failed = exc
-
     the_pool = Pool(Loop(), 4, 60.0, SimpleNamespace(start=lambda: None, handle=None))
     conn = Connection(the_pool)
     conn.transport = Transport()
@@ -309,8 +305,6 @@ class Run:
             self.conn.data_received(response[at:cut])
             self.phases.append(self.exchange.phase)
             at = cut
-        # What the reads left to a later loop turn.
-        self.scheduled = list(self.hub.loop.soon)
         self.hub.loop.run()
         self.phases.append(self.exchange.phase)
 
@@ -362,10 +356,7 @@ def test_no_extensions_selects_pure_twin() -> None:
 def test_a_streamed_answer_goes_through_and_is_recorded(twin: Twins) -> None:
     r = run(twin, SSE, [len(SSE) - 40])
     e = r.exchange
-    # The bookkeeping ran at the end of the read that completed the answer,
-    # with nothing left for a later loop turn.
-    assert r.phases == [Phase.ADMITTING, Phase.AWAITING_HEAD, Phase.STREAMING, Phase.DONE, Phase.DONE]
-    assert r.scheduled == [] and not r.conn.feeding and r.conn.after_read is None
+    assert r.phases == [Phase.ADMITTING, Phase.AWAITING_HEAD, Phase.STREAMING, Phase.FINISHING, Phase.DONE]
     head, _, body = b"".join(r.client.transport.written).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"x-hubcore-request-id: hc_test0001" in head
     assert body.endswith(b"0\r\n\r\n") and b"message_stop" in body
@@ -387,34 +378,10 @@ def test_a_streamed_answer_goes_through_and_is_recorded(twin: Twins) -> None:
 
 def test_a_json_answer_goes_through_in_one_read(twin: Twins) -> None:
     r = run(twin, JSON)
-    assert r.phases == [Phase.ADMITTING, Phase.AWAITING_HEAD, Phase.DONE, Phase.DONE] and r.scheduled == []
+    assert r.phases == [Phase.ADMITTING, Phase.AWAITING_HEAD, Phase.FINISHING, Phase.DONE]
     assert b"".join(r.client.transport.written).endswith(b"\r\n\r\n" + JSON_BODY)
     (event,) = r.hub.recorder.events
     assert (event.input_tokens, event.output_tokens, event.stop_reason) == (3, 4, "end_turn")
-
-
-def test_an_answer_completed_outside_a_read_is_finished_in_a_later_turn(twin: Twins) -> None:
-    # A connection that completes its sink when it is not parsing a read
-    # (nothing would run an after_read hook) has the bookkeeping scheduled.
-    r = Run(twin)
-    r.send()
-    r.conn.data_received(SSE[:len(SSE) - 40])
-    assert r.exchange.phase is Phase.STREAMING and not r.conn.feeding
-    r.exchange.on_complete([])
-    assert r.exchange.phase is Phase.FINISHING and len(r.hub.loop.soon) == 1 and r.conn.after_read is None
-    r.hub.loop.run()
-    assert r.exchange.phase is Phase.DONE and len(r.hub.recorder.events) == 1
-
-
-def test_the_bookkeeping_runs_after_a_read_that_failed(twin: Twins) -> None:
-    # Bytes after the answer's end that the parser refuses fail the
-    # connection in the read that completed the answer: the hook still runs,
-    # after the failure, and the request is recorded.
-    r = Run(twin)
-    r.send()
-    r.conn.data_received(SSE + b"\x00not http\r\n\r\n")
-    assert isinstance(r.conn.failed, UpstreamError) and r.conn.after_read is None and not r.conn.feeding
-    assert r.exchange.phase is Phase.DONE and len(r.hub.recorder.events) == 1 and r.hub.loop.soon == []
 
 
 def test_a_retryable_head_hands_the_request_to_its_task(twin: Twins) -> None:
