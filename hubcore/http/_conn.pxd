@@ -2,7 +2,7 @@
 # that the Exchange's core (hubcore/gateway/_exchange.pyx) reads the request
 # and writes the answer without a Python attribute lookup or call.
 
-from hubcore.http._wire cimport HeaderCollector
+from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 
 cdef class BodyBudget:
@@ -17,12 +17,10 @@ cdef class BodyBudget:
     cpdef release(self, Py_ssize_t size)
 
 
-cdef class Request:
+cdef class Request(HeaderList):
     cdef public bytes method
     cdef public bytes path
     cdef public bytes target
-    cdef public list headers
-    cdef dict _index  # made on first use of `index`
     cdef public object control
     cdef public list parts
     cdef public Py_ssize_t body_size
@@ -35,7 +33,6 @@ cdef class Request:
 
     cdef _fill(self, bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version)
     cpdef drop_body(self)
-    cpdef header(self, name)
 
 
 cdef class ConnCore:

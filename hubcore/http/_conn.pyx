@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import httptools
 
-from hubcore.http._wire cimport HeaderCollector, first_value, index_of
+from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 # What is not hot is the Python twin's, shared.
 from hubcore.http._conn_py import (
@@ -97,7 +97,7 @@ cdef bytes _path_of(bytes target):
 
 # One Request per request: kept instances spare the allocator a round trip.
 @cython.freelist(8)
-cdef class Request:
+cdef class Request(HeaderList):
     """See _conn_py.Request."""
 
     def __init__(self, bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version):
@@ -147,18 +147,6 @@ cdef class Request:
             self.budget.release(self.reserved)
             self.reserved = 0
 
-    @property
-    def index(self):
-        """Each name's first value, made on first use (see the twin)."""
-        if self._index is None:
-            self._index = index_of(self.headers)
-        return self._index
-
-    cpdef header(self, name):
-        """The first value of header `name` (lower-case), or None."""
-        if self._index is not None:
-            return self._index.get(name)
-        return first_value(self.headers, name)
 
 
 cdef Request _new_request(bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version):

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from hubcore.http.wire import HeaderCollector, first_value, index_of
+from hubcore.http._wire_py import HeaderList
+from hubcore.http.wire import HeaderCollector
 
 if TYPE_CHECKING:
     from hubcore.http.server import App, Gate, Handler, Server
@@ -135,9 +136,9 @@ class BodyBudget:
             self.trim_handle = None
 
 
-class Request:
+class Request(HeaderList):
     __slots__ = (
-        "method", "path", "target", "headers", "_index", "control", "parts", "body_size",
+        "method", "path", "target", "control", "parts", "body_size",
         "_body", "keep_alive", "http_version", "context", "reserved", "budget",
     )
 
@@ -153,8 +154,8 @@ class Request:
         self.method = method
         self.target = target
         self.path = target.partition(b"?")[0]
-        self.headers: list[tuple[bytes, bytes]] = head.headers  # names lower-cased, in order received
-        self._index: dict[bytes, bytes] | None = None
+        self.headers = head.headers  # names lower-cased, in order received
+        self._index = None
         # Transfer-Encoding, Expect and Connection, in order (None: none came).
         self.control: list[tuple[bytes, bytes]] | None = head.control
         # The body as the reads brought it: it can go upstream as it is, and
@@ -190,20 +191,6 @@ class Request:
             self.budget.release(self.reserved)
             self.reserved = 0
 
-    @property
-    def index(self) -> dict[bytes, bytes]:
-        """Each name's first value, made on first use: the hot path reads
-        its few headers with `header`, a scan of `headers`."""
-        index = self._index
-        if index is None:
-            index = self._index = index_of(self.headers)
-        return index
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of header `name` (lower-case), or None."""
-        if self._index is not None:
-            return self._index.get(name)
-        return first_value(self.headers, name)
 
 
 class ConnCore:

@@ -3,19 +3,16 @@
 # head and sends, attaches and releases without a Python attribute lookup
 # or call.
 
-from hubcore.http._wire cimport HeaderCollector
+from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 
-cdef class ResponseHead:
+cdef class ResponseHead(HeaderList):
     cdef public int status
-    cdef public list headers
-    cdef dict _index  # made on first use of `index`
     cdef public bint keep_alive
     cdef public object content_length
     cdef public bint chunked
 
     cdef _fill(self, int status, HeaderCollector head, bint keep_alive)
-    cpdef header(self, name)
 
 
 cdef class PoolCore:

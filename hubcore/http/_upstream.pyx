@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import httptools
 
-from hubcore.http._wire cimport HeaderCollector, first_value, index_of
+from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 # What is not hot is the Python twin's, shared.
 from hubcore.http._upstream_py import ConnState, UpstreamError
@@ -38,7 +38,7 @@ cdef object _HttpParserError = httptools.HttpParserError
 
 # One ResponseHead per attempt: kept instances spare the allocator a round trip.
 @cython.freelist(8)
-cdef class ResponseHead:
+cdef class ResponseHead(HeaderList):
     """See _upstream_py.ResponseHead."""
     # Its fields are declared in _upstream.pxd, as are UpstreamCore's and
     # PoolCore's, where the Exchange's core reads them.
@@ -58,18 +58,6 @@ cdef class ResponseHead:
                 if name == b"transfer-encoding":
                     self.chunked = b"chunked" in value.lower()
 
-    @property
-    def index(self):
-        """Each name's first value, made on first use (see the twin)."""
-        if self._index is None:
-            self._index = index_of(self.headers)
-        return self._index
-
-    cpdef header(self, name):
-        """The first value of header `name` (lower-case), or None."""
-        if self._index is not None:
-            return self._index.get(name)
-        return first_value(self.headers, name)
 
 
 cdef ResponseHead _new_head(int status, HeaderCollector head, bint keep_alive):

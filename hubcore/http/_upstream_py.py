@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
-from hubcore.http.wire import HeaderCollector, first_value, index_of
+from hubcore.http._wire_py import HeaderList
+from hubcore.http.wire import HeaderCollector
 
 if TYPE_CHECKING:
     from hubcore.http.client import Pool, UpstreamConnection
@@ -78,35 +79,19 @@ _CONNECTING, _IDLE, _SENDING, _RECEIVING, _DONE, _CLOSED = (
 )
 
 
-class ResponseHead:
-    __slots__ = ("status", "headers", "_index", "keep_alive", "content_length", "chunked")
+class ResponseHead(HeaderList):
+    __slots__ = ("status", "keep_alive", "content_length", "chunked")
 
     def __init__(self, status: int, head: HeaderCollector, keep_alive: bool) -> None:
         self.status = status
-        self.headers: list[tuple[bytes, bytes]] = head.headers  # names lower-cased, in order
-        self._index: dict[bytes, bytes] | None = None
+        self.headers = head.headers  # names lower-cased, in order
+        self._index = None
         self.keep_alive = keep_alive
         self.content_length: int | None = head.content_length if head.content_length >= 0 else None
         self.chunked = False
         for name, value in head.control or ():
             if name == b"transfer-encoding":
                 self.chunked = b"chunked" in value.lower()
-
-    @property
-    def index(self) -> dict[bytes, bytes]:
-        """Each name's first value, made on first use: an answer's head is
-        read by `header` (a scan), and indexed only for a reading of its
-        rate limits or an error to classify."""
-        index = self._index
-        if index is None:
-            index = self._index = index_of(self.headers)
-        return index
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of header `name` (lower-case), or None."""
-        if self._index is not None:
-            return self._index.get(name)
-        return first_value(self.headers, name)
 
 
 class UpstreamCore:

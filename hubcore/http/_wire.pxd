@@ -2,9 +2,14 @@
 # the connection core (_conn.pyx) reads and calls them without a Python
 # attribute lookup, some ten times a request.
 
-cdef class HeaderCollector:
+cdef class HeaderList:
     cdef public list headers
     cdef dict _index  # made on first use of `index`
+
+    cpdef header(self, name)
+
+
+cdef class HeaderCollector(HeaderList):
     cdef public Py_ssize_t size
     cdef public long long content_length
     cdef public object control
@@ -13,7 +18,6 @@ cdef class HeaderCollector:
 
     cpdef reset(self)
     cpdef seal(self)
-    cpdef header(self, name)
 
 cdef class NameSet:
     cdef readonly frozenset names

@@ -48,7 +48,24 @@ cdef inline bint _named(bytes name, bytes wanted):
     return n == PyBytes_GET_SIZE(wanted) and name == wanted
 
 
-cdef class HeaderCollector:
+cdef class HeaderList:
+    """See the twin."""
+
+    @property
+    def index(self):
+        """Each name's first value, made on first use."""
+        if self._index is None:
+            self._index = index_of(self.headers)
+        return self._index
+
+    cpdef header(self, name):
+        """The first value of header `name` (lower-case), or None."""
+        if self._index is not None:
+            return self._index.get(name)
+        return first_value(self.headers, name)
+
+
+cdef class HeaderCollector(HeaderList):
     # Its fields are declared in _wire.pxd, where _conn.pyx reads them.
 
     def __init__(self):
@@ -62,17 +79,6 @@ cdef class HeaderCollector:
         self.control = None
         self.hosts = 0
         self.sealed = False
-
-    @property
-    def index(self):
-        """Each name's first value, made on first use."""
-        if self._index is None:
-            self._index = index_of(self.headers)
-        return self._index
-
-    cpdef header(self, name):
-        """The first value of header `name` (lower-case), or None."""
-        return first_value(self.headers, name)
 
     cpdef seal(self):
         self.sealed = True
@@ -119,10 +125,9 @@ cpdef first_value(list headers, name):
         raise TypeError("first_value() takes a list, not None")
     count = PyList_GET_SIZE(headers)
     if type(name) is not bytes:
-        for i in range(count):
-            item = <object>PyList_GET_ITEM(headers, i)
-            if item[0] == name:
-                return item[1]
+        for n, value in headers:
+            if n == name:
+                return value
         return None
     size = PyBytes_GET_SIZE(name)
     wanted = PyBytes_AS_STRING(name)
@@ -140,19 +145,12 @@ cpdef first_value(list headers, name):
 
 
 cpdef dict index_of(list headers):
-    """See the twin."""
-    cdef Py_ssize_t i, count
-    cdef object item
-    cdef dict index
+    """See the twin (made once per head, when something asks for it)."""
     if headers is None:
         raise TypeError("index_of() takes a list, not None")
-    count = PyList_GET_SIZE(headers)
-    index = _PyDict_NewPresized(count)
-    for i in range(count):
-        item = <object>PyList_GET_ITEM(headers, i)
-        if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
-            raise TypeError("headers must be (name, value) tuples")
-        PyDict_SetDefault(index, <object>PyTuple_GET_ITEM(item, 0), <object>PyTuple_GET_ITEM(item, 1))
+    cdef dict index = _PyDict_NewPresized(PyList_GET_SIZE(headers))
+    for name, value in headers:
+        PyDict_SetDefault(index, name, value)
     return index
 
 

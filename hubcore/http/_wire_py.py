@@ -16,8 +16,36 @@ CONTROL = frozenset({b"transfer-encoding", b"expect", b"connection"})
 FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
-class HeaderCollector:
-    """Collects one message's headers, names lower-cased, in order.
+class HeaderList:
+    """A message's headers, names lower-cased, in order (`headers`), read by
+    name: `header(name)` is a name's first value, by a scan of the list
+    until `index` (each name's first value) is asked for, which makes it
+    once. A request's few lookups cost less as scans than hashing its
+    twenty-odd names into a dict. Request and ResponseHead are such lists,
+    and so is the collector that gathers them."""
+
+    __slots__ = ("headers", "_index")
+
+    headers: list[tuple[bytes, bytes]]
+    _index: dict[bytes, bytes] | None
+
+    @property
+    def index(self) -> dict[bytes, bytes]:
+        """Each name's first value, made on first use."""
+        index = self._index
+        if index is None:
+            index = self._index = index_of(self.headers)
+        return index
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower-case), or None."""
+        if self._index is not None:
+            return self._index.get(name)
+        return first_value(self.headers, name)
+
+
+class HeaderCollector(HeaderList):
+    """Collects one message's headers (see HeaderList).
 
     Also keeps, as it goes: the head's size (each header counted as
     `name: value` plus CRLF), Content-Length as an int (-1 when absent), the
@@ -27,17 +55,13 @@ class HeaderCollector:
     given. `seal()` ends the head: fields after it (a chunked body's
     trailers) are counted in `size` but not kept, so they never pass as
     headers.
-
-    `header(name)` reads a name's first value by a scan of the list, and
-    `index` (each name's first value) is made on first use: a request's few
-    lookups cost less than hashing its twenty-odd names into a dict.
     """
 
-    __slots__ = ("headers", "_index", "size", "content_length", "control", "hosts", "sealed")
+    __slots__ = ("size", "content_length", "control", "hosts", "sealed")
 
     def __init__(self) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
-        self._index: dict[bytes, bytes] | None = None
+        self.headers = []
+        self._index = None
         self.size = 0
         self.content_length = -1
         self.control: list[tuple[bytes, bytes]] | None = None
@@ -52,18 +76,6 @@ class HeaderCollector:
         self.control = None
         self.hosts = 0
         self.sealed = False
-
-    @property
-    def index(self) -> dict[bytes, bytes]:
-        """Each name's first value, made on first use."""
-        index = self._index
-        if index is None:
-            index = self._index = index_of(self.headers)
-        return index
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of header `name` (lower-case), or None."""
-        return first_value(self.headers, name)
 
     def seal(self) -> None:
         self.sealed = True

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from hubcore import load_twin
 
-__all__ = ["COMPILED", "CONTROL", "NO_CALLBACKS", "HeaderCollector", "first_value", "index_of", "render_head"]
+__all__ = ["COMPILED", "CONTROL", "NO_CALLBACKS", "HeaderCollector", "HeaderList", "first_value", "index_of", "render_head"]
 
 # The callbacks of a closed connection's parser: none. A live parser holds
 # its connection's bound methods, a reference cycle that would keep a closed
@@ -17,10 +17,10 @@ __all__ = ["COMPILED", "CONTROL", "NO_CALLBACKS", "HeaderCollector", "first_valu
 NO_CALLBACKS = SimpleNamespace()
 
 if TYPE_CHECKING:
-    from hubcore.http._wire_py import CONTROL, HeaderCollector, first_value, index_of, render_head
+    from hubcore.http._wire_py import CONTROL, HeaderCollector, HeaderList, first_value, index_of, render_head
 
     COMPILED = False
 else:
     _twin, COMPILED = load_twin("hubcore.http._wire", "hubcore.http._wire_py")
     CONTROL, HeaderCollector, render_head = _twin.CONTROL, _twin.HeaderCollector, _twin.render_head
-    first_value, index_of = _twin.first_value, _twin.index_of
+    HeaderList, first_value, index_of = _twin.HeaderList, _twin.first_value, _twin.index_of
