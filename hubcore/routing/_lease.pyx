@@ -103,6 +103,11 @@ cdef inline int _check_lease(Lease lease) except -1:
     return 0
 
 
+cdef inline bint _due(_Key key, cls, double now) except -1:
+    """See the twin's _due."""
+    return not (now < key.read_due and (cls in key.room.by_class or key.bare_reads >= _BARE_READS_TO_WAIT))
+
+
 cdef class RingCore:
     """See _lease_py.RingCore."""
 
@@ -214,10 +219,7 @@ cdef class RingCore:
         if len(self._keys) == 1:
             return False
         _check_lease(lease)
-        cdef _Key key = lease._key
-        cls = lease.model_class if model_class is None else model_class
-        return not (self._clock() < key.read_due
-                    and (cls in key.room.by_class or key.bare_reads >= _BARE_READS_TO_WAIT))
+        return _due(lease._key, lease.model_class if model_class is None else model_class, self._clock())
 
     cpdef observe(self, Lease lease, headers, model_class=None):
         _check_lease(lease)
@@ -227,7 +229,7 @@ cdef class RingCore:
         cdef _Key key = lease._key
         cls = lease.model_class if model_class is None else model_class
         cdef double now = self._clock()
-        if now < key.read_due and (cls in key.room.by_class or key.bare_reads >= _BARE_READS_TO_WAIT):
+        if not _due(key, cls, now):
             return
         reading = _read_index(headers, self._wall_clock())
         key.read_due = now + self.policy.headroom_read_interval

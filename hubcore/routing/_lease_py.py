@@ -293,10 +293,7 @@ class RingCore:
         not be read."""
         if len(self._keys) == 1:
             return False
-        key = lease._key
-        cls = lease.model_class if model_class is None else model_class
-        return not (self._clock() < key.read_due
-                    and (cls in key.room.by_class or key.bare_reads >= BARE_READS_TO_WAIT))
+        return _due(lease._key, lease.model_class if model_class is None else model_class, self._clock())
 
     def observe(self, lease: Lease, headers: Mapping[bytes, bytes], model_class: str | None = None) -> None:
         """Keep what an answer's rate-limit headers say of the lease's key's
@@ -316,7 +313,7 @@ class RingCore:
         key = lease._key
         cls = lease.model_class if model_class is None else model_class
         now = self._clock()
-        if now < key.read_due and (cls in key.room.by_class or key.bare_reads >= BARE_READS_TO_WAIT):
+        if not _due(key, cls, now):
             return
         reading = read_index(headers, self._wall_clock())
         key.read_due = now + self.policy.headroom_read_interval
@@ -343,6 +340,14 @@ class RingCore:
     def _notify(self) -> None:
         for waiter in self._waiters:
             wake(waiter)
+
+
+def _due(key: _Key, model_class: str, now: float) -> bool:
+    """Whether an answer's head for `model_class` on `key` is to be read at
+    `now`: always once the read interval has passed; before it, only for a
+    class without a reading, unless the key's last BARE_READS_TO_WAIT heads
+    read had no limits."""
+    return not (now < key.read_due and (model_class in key.room.by_class or key.bare_reads >= BARE_READS_TO_WAIT))
 
 
 def prefer(candidates: list[_Key], before: _Key, away_from_org: bool) -> list[_Key]:

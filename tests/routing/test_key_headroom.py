@@ -247,13 +247,17 @@ class ReadCounted(dict[bytes, bytes]):
 
 
 def answer_counted(ring: KeyRing, model_class: str, headers: Headers) -> bool:
-    """One answer from key a; whether the ring read its head."""
+    """One answer from key a; whether the ring read its head, which
+    reading_due says beforehand (a caller indexes a head only then)."""
     lease = ring.acquire(tried=frozenset({"b"}), model_class=model_class)
     assert lease is not None
+    due = ring.reading_due(lease)
     before = ReadCounted.reads
     ring.observe(lease, ReadCounted(headers))
     ring.release(lease)
-    return ReadCounted.reads > before
+    read = ReadCounted.reads > before
+    assert due == read
+    return read
 
 
 def test_heads_without_limits_are_read_once_per_interval_too() -> None:
@@ -285,6 +289,9 @@ def test_a_single_key_ring_reads_nothing_and_uses_its_key_whatever_its_room() ->
     rooms = {"a": 0.01}
     assert run(ring, clock, rooms, n=3) == {"a": 3}
     assert row(ring, "a")["headroom"] == {}
+    lease = ring.acquire()
+    assert lease is not None and not ring.reading_due(lease)
+    ring.release(lease)
 
 
 # -- sessions ---------------------------------------------------------------------------------------
