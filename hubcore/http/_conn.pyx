@@ -148,7 +148,6 @@ cdef class Request(HeaderList):
             self.reserved = 0
 
 
-
 cdef Request _new_request(bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version):
     # Request(...) from C would pack a tuple and parse it in __init__.
     cdef Request request = Request.__new__(Request)

@@ -59,7 +59,6 @@ cdef class ResponseHead(HeaderList):
                     self.chunked = b"chunked" in value.lower()
 
 
-
 cdef ResponseHead _new_head(int status, HeaderCollector head, bint keep_alive):
     # ResponseHead(...) from C would pack a tuple and parse it in __init__.
     cdef ResponseHead response = ResponseHead.__new__(ResponseHead)

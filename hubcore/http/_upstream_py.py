@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
+# The pure HeaderList as the base (the compiled one's index is a C field
+# this twin cannot set); the collector is the compiled one when built.
 from hubcore.http._wire_py import HeaderList
 from hubcore.http.wire import HeaderCollector
 
