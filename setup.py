@@ -3,14 +3,15 @@ twins share), HTTP head handling, the client connection's request path, the
 upstream connection's response path, the Exchange's common path (and the
 gateway's head functions it calls), the key ring's common path, the
 Limiter's request path, the metrics' per-request counters, the access
-log's line and the usage writer's bound values unless
-HUBCORE_NO_EXTENSIONS=1.
+log's line, the usage writer's bound values and its SQLite connection
+unless HUBCORE_NO_EXTENSIONS=1.
 
 The pure-Python twins (hubcore/accounting/_meter_py.py, hubcore/http/_wire_py.py,
 hubcore/http/_conn_py.py, hubcore/http/_upstream_py.py,
 hubcore/gateway/_exchange_py.py, hubcore/routing/_lease_py.py,
 hubcore/governance/_admit_py.py, hubcore/ops/_tally_py.py,
 hubcore/ops/_access_py.py, hubcore/accounting/_rows_py.py,
+hubcore/accounting/_sqlite_batch_py.py,
 hubcore/gateway/rewrite.py, routes.py and
 hubcore/routing/headroom.py for _heads.pyx, and the sources of
 COMPILED_FROM_SOURCE) are always installed, so a build without a
@@ -31,6 +32,27 @@ from setuptools import setup
 # are quicker than the generic ones of compiled code.
 COMPILED_FROM_SOURCE = ["hubcore/accounting/_meter_interpret.py"]
 
+
+
+def sqlite_extensions() -> list:
+    """The SQLite usage writer's connection, which calls SQLite's C API:
+    built where SQLite's header is (Debian: libsqlite3-dev), else left to
+    its pure twin with a note, so that a machine without it still builds
+    the rest."""
+    from setuptools import Extension
+    from setuptools._distutils.ccompiler import new_compiler
+    from setuptools._distutils.sysconfig import customize_compiler
+
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    if not compiler.has_function("sqlite3_libversion", includes=["sqlite3.h"], libraries=["sqlite3"]):
+        print("setup.py: SQLite's header or library not found (libsqlite3-dev); "
+              "the usage writer's connection runs its pure-Python twin")
+        return []
+    return [Extension("hubcore.accounting._sqlite_batch", ["hubcore/accounting/_sqlite_batch.pyx"],
+                      libraries=["sqlite3"], extra_compile_args=["-O3"])]
+
+
 ext_modules = []
 if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
     from Cython.Build import cythonize
@@ -49,6 +71,7 @@ if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
             Extension("hubcore.ops._tally", ["hubcore/ops/_tally.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.ops._access", ["hubcore/ops/_access.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.accounting._rows", ["hubcore/accounting/_rows.pyx"], extra_compile_args=["-O3"]),
+            *sqlite_extensions(),
         ],
         compiler_directives={"language_level": "3"},
     ) + cythonize(

@@ -84,8 +84,8 @@ def load_twin(compiled: str, pure: str) -> tuple[ModuleType, bool]:
     value), on an interpreter other than CPython, and when the extension
     was not built. The modules that pick one (accounting.meter, http.wire,
     http.conn, http.upstream, gateway.exchange_core, routing.lease,
-    governance.admit, ops.tally, ops.access_core, accounting.rows) show type
-    checkers the twin."""
+    governance.admit, ops.tally, ops.access_core, accounting.rows,
+    accounting.sqlitewriter) show type checkers the twin."""
     if not os.environ.get("HUBCORE_NO_EXTENSIONS") and platform.python_implementation() == "CPython":
         try:
             return importlib.import_module(compiled), True

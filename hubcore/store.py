@@ -617,13 +617,21 @@ def database_problem(path: str | Path) -> str | None:
     return None
 
 
-def configure(conn: sqlite3.Connection) -> None:
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
+# What every hubcore connection to SQLite sets, in order (the usage
+# writer's compiled connection, accounting/_sqlite_batch.pyx, too).
+PRAGMAS: tuple[tuple[str, str], ...] = (
+    ("busy_timeout", str(BUSY_TIMEOUT_MS)),
+    ("journal_mode", "WAL"),
     # NORMAL is durable against process crashes in WAL mode; only a power cut
     # can lose the last transactions, which the spool cannot help with either.
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
+    ("synchronous", "NORMAL"),
+    ("foreign_keys", "ON"),
+)
+
+
+def configure(conn: sqlite3.Connection) -> None:
+    for name, value in PRAGMAS:
+        conn.execute(f"PRAGMA {name} = {value}")
 
 
 @contextmanager

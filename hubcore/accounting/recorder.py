@@ -1,8 +1,8 @@
 """UsageRecorder, which takes usage events off the request path and into
 SQLite: a bounded queue, one batch-writing task, and a Spool for whatever the
-database cannot take yet, so that no event is ever lost. On PostgreSQL the
-same recorder writes through accounting.pgwriter instead of its SQLite
-connection; everything else here is the same for both.
+database cannot take yet, so that no event is ever lost. The batches go in
+through accounting.sqlitewriter, or accounting.pgwriter on PostgreSQL;
+everything else here is the same for both.
 """
 from __future__ import annotations
 
@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-import aiosqlite
-
 from hubcore import store
 from hubcore.accounting import rollup
 from hubcore.accounting.spool import SPOOL_ERRORS, Spool, encode_line
-from hubcore.accounting.rows import insert_values
-from hubcore.accounting.usage import UsageEvent, insert_chunks, insert_sql
+from hubcore.accounting.sqlitewriter import SqliteUsageWriter
+from hubcore.accounting.usage import UsageEvent
 from hubcore.config import zone
 from hubcore.database import PgTarget, is_postgres, target as as_target
 
@@ -33,8 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("hubcore.usage")
 
 # Everything that can go wrong writing to SQLite: locked past the busy
-# timeout, unwritable file, disk full, corruption (sqlite3.Error), or the
-# connection already gone (aiosqlite raises ValueError).
+# timeout, unwritable file, disk full, corruption, the connection already
+# closed (sqlite3.Error), or a text SQLite cannot take as UTF-8 (a
+# UnicodeEncodeError, a ValueError).
 _DB_ERRORS = (sqlite3.Error, ValueError)
 
 DEFAULT_CLOSE_TIMEOUT = 30.0  # seconds close() keeps trying when both DB and spool fail
@@ -46,19 +45,6 @@ UNPRICED_MODELS_MAX = 100
 OTHER_MODELS = "_other"
 
 Listener = Callable[[UsageEvent], None]
-
-
-class _ConfiguredConnection(sqlite3.Connection):
-    """A sqlite3 connection with the pragmas every hubcore connection uses.
-
-    aiosqlite opens its connection in its own thread; passing this class as
-    the factory applies store.configure() there, so the writer cannot drift
-    from the rest of hubcore.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        store.configure(self)
 
 
 class UsageRecorder:
@@ -108,11 +94,9 @@ class UsageRecorder:
     ) -> None:
         if queue_max < 1 or batch_max < 1 or flush_interval <= 0:
             raise ValueError("queue_max and batch_max must be >= 1, flush_interval > 0")
-        self._db_path = Path(db_path)
         self._queue_max = queue_max
         self._flush_interval = flush_interval
         self._batch_max = batch_max
-        self._busy_timeout_ms = busy_timeout_ms
         self._retry_max = max(retry_max, flush_interval)
         # The reporting zone, whose local hours and days the rollups' are.
         self._zone = zone(timezone)
@@ -122,14 +106,15 @@ class UsageRecorder:
         self._queue: deque[UsageEvent] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._db: aiosqlite.Connection | None = None
-        # PostgreSQL: the backend that takes the batches instead of self._db
-        # (imported only then: asyncpg takes a while to import).
-        self._pg: PgUsageWriter | None = None
+        # The writer that takes the batches: PostgreSQL's imported only when
+        # used (asyncpg takes a while to import).
+        self._writer: SqliteUsageWriter | PgUsageWriter
         if isinstance(db_path, str) and is_postgres(db_path):
             from hubcore.accounting.pgwriter import PgUsageWriter
 
-            self._pg = PgUsageWriter(as_target(db_path))
+            self._writer = PgUsageWriter(as_target(db_path))
+        else:
+            self._writer = SqliteUsageWriter(db_path, busy_timeout_ms)
         self._closing = False
         self._closed = False
         self._close_deadline = 0.0
@@ -163,16 +148,13 @@ class UsageRecorder:
         zone, replay a leftover spool, start the writer."""
         if self._task is not None:
             raise RuntimeError("UsageRecorder already started")
-        if self._pg is not None:
-            await self._pg.open()
-            await asyncio.to_thread(_migrate, self._pg.target, self._zone)
+        writer = self._writer
+        if isinstance(writer, SqliteUsageWriter):
+            await asyncio.to_thread(_migrate, writer.path, self._zone)
+            await writer.open()
         else:
-            await asyncio.to_thread(_migrate, self._db_path, self._zone)
-            self._db = await aiosqlite.connect(
-                self._db_path, isolation_level=None, factory=_ConfiguredConnection
-            )
-            if self._busy_timeout_ms != store.BUSY_TIMEOUT_MS:
-                await self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            await writer.open()
+            await asyncio.to_thread(_migrate, writer.target, self._zone)
         spool = self._spool
         if spool.path.exists():
             try:
@@ -254,14 +236,10 @@ class UsageRecorder:
         if self._spool.dirty:
             self._fsync_spool()
         self._close_spool()
-        if self._pg is not None:
-            await self._pg.close()
-        if self._db is not None:
-            try:
-                await self._db.close()
-            except _DB_ERRORS as exc:
-                self._note_error("closing the usage database failed", exc)
-            self._db = None
+        try:
+            await self._writer.close()
+        except _DB_ERRORS as exc:
+            self._note_error("closing the usage database failed", exc)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -334,44 +312,7 @@ class UsageRecorder:
 
     async def _insert(self, events: Sequence[UsageEvent]) -> int:
         """Insert events in one transaction; return how many were new."""
-        if self._pg is not None:
-            inserted = await self._pg.insert(events)
-            self._ignored += len(events) - inserted
-            return inserted
-        db = self._db
-        if db is None:
-            raise ValueError("usage database is not open")
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            # Other worker processes may write to the same file, but not
-            # before COMMIT: BEGIN IMMEDIATE holds the write lock, so the
-            # rows with an id above this one will be exactly this batch's.
-            (last_id,), = await db.execute_fetchall(rollup.LAST_ID)
-            inserted = at = 0
-            for size, statements in insert_chunks(len(events)):
-                end = at + size * statements
-                # executemany's rowcount is the sum over its statements.
-                # Flattened by C iterators: this runs on the event loop's
-                # thread, some thirty values per row.
-                cursor = await db.executemany(
-                    insert_sql(size), [insert_values(events[i:i + size]) for i in range(at, end, size)]
-                )
-                inserted += cursor.rowcount
-                at = end
-            if inserted:
-                # rollup.add's statements, one thread hop each (aiosqlite
-                # has no public call that runs a function on its thread):
-                # some ten a batch, a batch at most every flush interval
-                # unless the queue holds a full one.
-                for statement in rollup.ADD_STATEMENTS:
-                    await db.execute(statement, {"after_id": last_id})
-            await db.execute("COMMIT")
-        except BaseException:
-            try:
-                await db.execute("ROLLBACK")
-            except _DB_ERRORS:
-                pass  # BEGIN itself failed: no transaction to roll back
-            raise
+        inserted = await self._writer.insert(events)
         if inserted < len(events):
             self._ignored += len(events) - inserted
         return inserted

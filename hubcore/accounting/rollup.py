@@ -179,7 +179,7 @@ _REBUILD_DAYS = [
 _BATCH = "temp.usage_batch"
 _BATCH_KEY = ("hour", "utc_offset", *DIMENSIONS)
 # What `add` runs, in order, each with the parameters {"after_id": ...}
-# (the usage writer runs them one by one on its aiosqlite connection).
+# (the usage writer runs them in the transaction of its inserts).
 ADD_STATEMENTS = (
     f"CREATE TEMP TABLE IF NOT EXISTS usage_batch ({', '.join((*_BATCH_KEY, *COUNTERS))})",
     f"DELETE FROM {_BATCH}",   # the sums of the batch before

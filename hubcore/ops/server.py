@@ -143,7 +143,7 @@ class UnixSocketServer(H11Server):
             # Mode and group are set between bind() and listen(): until
             # listen() nobody can connect, so there is no window in which the
             # socket is reachable with the umask's permissions, and the
-            # process-wide umask (shared with aiosqlite's thread) stays alone.
+            # process-wide umask (shared with the usage writer's thread) stays alone.
             st = os.stat(self.path)
             self._inode = (st.st_dev, st.st_ino)
             os.chmod(self.path, self.mode)

@@ -420,15 +420,15 @@ async def test_the_writer_adds_a_batch_to_the_rollups_once_whatever_it_skips(tmp
         conn.close()
 
 
-async def test_a_batch_whose_rollups_fail_commits_neither_rows_nor_sums(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_batch_whose_rollups_fail_commits_neither_rows_nor_sums(tmp_path: Path) -> None:
     path = tmp_path / "hub.db"
     recorder = UsageRecorder(path, tmp_path / "usage.spool", flush_interval=0.01, retry_max=0.05)
-    adding = rollup.ADD_STATEMENTS
-    # The last statement fails, after the rows and the other rollups went in.
-    monkeypatch.setattr(rollup, "ADD_STATEMENTS", (*adding[:-1], "SELECT no_such_column FROM usage WHERE id > :after_id"))
     await recorder.start()
+    # The last statement (the ttfb histogram's) fails, after the rows and
+    # the other rollups went in.
+    assert "usage_ttfb_hourly" in rollup.ADD_STATEMENTS[-1]
+    refusing = store.connect(path)
+    refusing.execute("CREATE TRIGGER refuse BEFORE INSERT ON usage_ttfb_hourly BEGIN SELECT RAISE(ABORT, 'refused'); END")
     for i in range(20):
         recorder.record(event(WINDOW_START + i * 600, f"req-{i}", user="alice", cost_micros=i, ttfb_ms=1.0))
     await written(recorder, 20, "spooled")
@@ -438,7 +438,8 @@ async def test_a_batch_whose_rollups_fail_commits_neither_rows_nor_sums(
         assert counts == [0] * (1 + len(ROLLUPS))
     finally:
         conn.close()
-    monkeypatch.setattr(rollup, "ADD_STATEMENTS", adding)
+    refusing.execute("DROP TRIGGER refuse")
+    refusing.close()
     await written(recorder, 20, "replayed")
     await recorder.close()
     conn = open_db(path)

@@ -192,7 +192,7 @@ def test_systemd_analyze_security_score() -> None:
 # PR_MDWE_REFUSE_EXEC_GAIN 1.
 
 MDWE_WORKLOAD = textwrap.dedent("""
-    import ctypes, glob, importlib, mmap, os, sqlite3, ssl, sys
+    import ctypes, glob, importlib, mmap, os, sqlite3, ssl, sys, tempfile
 
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(66, 0, 0, 0, 0) & 1, "MDWE is not in force"
@@ -203,7 +203,7 @@ MDWE_WORKLOAD = textwrap.dedent("""
     else:
         raise AssertionError("a W+X mapping was allowed: the check proves nothing")
 
-    import asyncio, h11, httptools, orjson, aiosqlite, uvloop
+    import asyncio, h11, httptools, orjson, uvloop
     for mod in ("hubcore.ops.metrics", "hubcore.ops.server", "hubcore.ops.client", "hubcore.ops.sdnotify"):
         importlib.import_module(mod)
     here = os.path.dirname(importlib.import_module("hubcore").__file__)
@@ -234,9 +234,12 @@ MDWE_WORKLOAD = textwrap.dedent("""
         writer.close()
         server.close()
         await server.wait_closed()
-        async with aiosqlite.connect(":memory:") as db:
-            async with db.execute("select 1") as cur:
-                assert await cur.fetchone() == (1,)
+        # SQLite on a thread of its own, as the usage writer runs it.
+        from hubcore.accounting.sqlitewriter import BatchConnection
+        with tempfile.TemporaryDirectory() as directory:
+            conn = await asyncio.get_running_loop().run_in_executor(
+                None, BatchConnection, os.path.join(directory, "hub.db"), 100)
+            await asyncio.get_running_loop().run_in_executor(None, conn.close)
     uvloop.run(main())
     print("mdwe-ok")
 """)
