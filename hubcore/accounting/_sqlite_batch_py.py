@@ -3,11 +3,12 @@
 
 A BatchConnection is made, used and closed on one thread, the writer's,
 but for `prepare`, which the event loop's thread calls: it reads a batch
-of UsageEvents into what `write` takes, so that the writer's thread holds
-no Python object the loop may change. `write` inserts a prepared batch in
-one transaction, the rollups added in the same (rollup.add), and returns
-how many rows were new; a failure raises the sqlite3 exception SQLite's
-result code maps to, with the transaction rolled back.
+of UsageEvents into what `write` takes, Python work that holds the GIL
+and so costs the loop's thread no handoff when done there. `write`
+inserts a prepared batch in one transaction, the rollups added in the
+same (rollup.add), and returns how many rows were new; a failure raises
+the sqlite3 exception SQLite's result code maps to, with the transaction
+rolled back.
 """
 from __future__ import annotations
 
