@@ -222,7 +222,7 @@ cdef class BatchConnection:
         # Other processes may write to the same file, but not before COMMIT:
         # BEGIN IMMEDIATE holds the write lock, so the rows with an id above
         # this one will be exactly this batch's (see rollup.add).
-        code = self._ready(&self._last_id, rollup_last_id)
+        code = self._ready(&self._last_id, _LAST_ID)
         if code == SQLITE_OK:
             code = sqlite3_step(self._last_id)
             if code == SQLITE_ROW:
@@ -312,10 +312,11 @@ cdef class BatchConnection:
         if code != SQLITE_OK:
             return code
         code = sqlite3_step(stmt[0])
-        sqlite3_reset(stmt[0])
         if code == SQLITE_DONE:
-            return SQLITE_OK
-        self._keep_db_error()
+            code = SQLITE_OK
+        else:
+            self._keep_db_error()
+        sqlite3_reset(stmt[0])
         return code
 
     # -- errors ------------------------------------------------------------------------
@@ -342,9 +343,8 @@ cdef class BatchConnection:
         raise exc
 
 
-cdef const char* rollup_last_id = NULL
 _last_id_sql = rollup.LAST_ID.encode()
-rollup_last_id = PyBytes_AS_STRING(_last_id_sql)
+cdef const char* _LAST_ID = PyBytes_AS_STRING(_last_id_sql)
 
 
 cdef int _configure(Database* db, int busy_timeout_ms) noexcept nogil:
@@ -409,23 +409,26 @@ cdef int _bind(sqlite3_stmt* stmt, int index, const Value* value) noexcept nogil
     return sqlite3_bind_blob(stmt, index, value.data, value.size, SQLITE_STATIC)
 
 
+def _names(*names):
+    return frozenset(getattr(sqlite3, f"SQLITE_{name}") for name in names)
+
+
+# Which sqlite3 exception Python's sqlite3 raises for a primary result code
+# (the table of CPython's Modules/_sqlite/util.c); any other, DatabaseError.
+_RAISED_AS = (
+    (_names("INTERNAL", "NOTFOUND"), sqlite3.InternalError),
+    (_names("NOMEM"), MemoryError),
+    (_names("CORRUPT"), sqlite3.DatabaseError),
+    (_names("TOOBIG"), sqlite3.DataError),
+    (_names("CONSTRAINT", "MISMATCH"), sqlite3.IntegrityError),
+    (_names("MISUSE", "RANGE"), sqlite3.InterfaceError),
+    (_names("ERROR", "PERM", "ABORT", "BUSY", "LOCKED", "READONLY", "INTERRUPT", "IOERR", "FULL",
+            "CANTOPEN", "PROTOCOL", "EMPTY", "SCHEMA"), sqlite3.OperationalError),
+)
+
+
 def _exception_for(int primary):
-    """The sqlite3 exception class Python's sqlite3 raises for a primary
-    result code (the same table as CPython's Modules/_sqlite/util.c)."""
-    if primary in (2, 12):          # INTERNAL, NOTFOUND
-        return sqlite3.InternalError
-    if primary == SQLITE_NOMEM:
-        return MemoryError
-    if primary == 11:               # CORRUPT
-        return sqlite3.DatabaseError
-    if primary == 18:               # TOOBIG
-        return sqlite3.DataError
-    if primary in (19, 20):         # CONSTRAINT, MISMATCH
-        return sqlite3.IntegrityError
-    if primary in (21, 25):         # MISUSE, RANGE
-        return sqlite3.InterfaceError
-    if primary in (1, 3, 4, 5, 6, 8, 9, 10, 13, 14, 15, 16, 17):
-        # ERROR, PERM, ABORT, BUSY, LOCKED, READONLY, INTERRUPT, IOERR,
-        # FULL, CANTOPEN, PROTOCOL, EMPTY, SCHEMA
-        return sqlite3.OperationalError
+    for codes, exception in _RAISED_AS:
+        if primary in codes:
+            return exception
     return sqlite3.DatabaseError
