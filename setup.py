@@ -33,7 +33,6 @@ from setuptools import setup
 COMPILED_FROM_SOURCE = ["hubcore/accounting/_meter_interpret.py"]
 
 
-
 def sqlite_extensions() -> list:
     """The SQLite usage writer's connection, which calls SQLite's C API:
     built where SQLite's header is (Debian: libsqlite3-dev), else left to

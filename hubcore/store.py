@@ -629,8 +629,10 @@ PRAGMAS: tuple[tuple[str, str], ...] = (
 )
 
 
-def configure(conn: sqlite3.Connection) -> None:
+def configure(conn: sqlite3.Connection, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
     for name, value in PRAGMAS:
+        if name == "busy_timeout":
+            value = str(int(busy_timeout_ms))
         conn.execute(f"PRAGMA {name} = {value}")
 
 

@@ -1,7 +1,7 @@
 # cython: language_level=3
 """The SQLite usage writer's connection, compiled: the twin of
-`_sqlite_batch_py.py` (see there for the contract; tests/accounting/
-test_sqlite_batch.py holds both to it).
+`_sqlite_batch_py.py` (see there for the contract;
+tests/accounting/test_sqlite_batch.py holds both to it).
 
 Why it exists: the pure twin binds each of a batch's values through
 Python's sqlite3 module, holding the GIL (some thirty values a row), and

@@ -41,10 +41,7 @@ class BatchConnection:
         # thread that closes it should that not be the writer's.
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            for name, value in store.PRAGMAS:
-                if name != "busy_timeout":
-                    conn.execute(f"PRAGMA {name} = {value}")
+            store.configure(conn, busy_timeout_ms)
         except BaseException:
             conn.close()
             raise

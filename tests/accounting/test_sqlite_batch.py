@@ -299,7 +299,7 @@ async def test_a_writer_that_cannot_open_leaves_no_thread(tmp_path: Path) -> Non
     await writer.close()
 
 
-def test_statement_sizes_are_few(twin: ModuleType, tmp_path: Path) -> None:
+def test_every_remainder_of_the_statement_sizes_goes_in_whole(twin: ModuleType, tmp_path: Path) -> None:
     """A batch of every remainder goes in whole (the sizes' sums, and one
     less and one more)."""
     conn = twin.BatchConnection(migrated(tmp_path / "hub.db"), 1000)
