@@ -7,9 +7,17 @@ bench` starts them, then either
   calls that wake another process (socket writes) look heavier than they are;
 - `--mode calls`: the hub runs under cProfile with a thread-CPU clock and the
   summary counts Python calls per request, the number to drive down (the hub
-  spends roughly its per-call cost times that count), free of timing noise.
+  spends roughly its per-call cost times that count), free of timing noise;
+- `--mode perf`: the saturation phase's set-up (hubcore and bench/floor.py in
+  front of nginx serving the recorded stream, wrk as the client; `apt-get
+  install nginx wrk linux-perf`), each proxy measured once plain (req/s, CPU
+  per request) and once under `perf record` with call graphs; the busiest
+  thread's CPU is split by library, system call and interpreter function
+  (bench/perfsplit.py). Neither of the other modes sees a compiled request
+  path: this one shows what is left of the interpreter in it, and which
+  compiled code asks for it.
 
-Run `python -m bench.profile [--mode calls]`.
+Run `python -m bench.profile [--mode calls|perf]`.
 """
 from __future__ import annotations
 
@@ -25,8 +33,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench import payloads, services
-from bench.latency_tax import RESULTS
+from bench import payloads, perfsplit, services
+from bench.latency_tax import CLIENT_CREDENTIAL, FLOOR, HEADLINE, RESULTS, Bench, full_plan
 from bench.vendor import raise_fd_limit
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
@@ -196,13 +204,75 @@ def _calls(args: argparse.Namespace, work: Path, vendor: services.Service, gen: 
     return 0
 
 
+def _perf(args: argparse.Namespace, work: Path, out: Path) -> int:
+    perf = shutil.which("perf")
+    missing = [name for name, found in (("perf", perf), ("wrk", services.find_wrk()), ("nginx", services.find_nginx()))
+               if found is None]
+    if missing:
+        print(f"{', '.join(missing)} not found: apt-get install -y linux-perf wrk nginx", file=sys.stderr)
+        return 2
+    assert perf is not None
+    bench = Bench(full_plan(), work, 1, True, True, args.hubcore_path)
+    try:
+        bench.start()
+        assert bench.wrk_bin is not None and bench.hub_static is not None and bench.floor is not None
+        targets = {
+            "hubcore": (bench.hub_static.port, bench.hub_static.token, bench.hub_static.pid),
+            FLOOR: (bench.floor.port, CLIENT_CREDENTIAL, bench.floor.pid),
+        }
+        body = work / f"body-{args.body}.json"
+        body.write_bytes(payloads.BODIES[args.body]())
+        for level in args.levels:
+            report = []
+            for path, (port, credential, pid) in targets.items():
+                slug = path.replace(" ", "-")
+                script = work / f"wrk-{slug}.lua"
+                services.wrk_script(script, body, (b"x-api-key", credential.encode()), HEADLINE.events)
+                services.run_wrk(bench.wrk_bin, port, script, level, 1.0)  # warm the pools
+                # Plain first: perf's unwinding costs the sampled process CPU.
+                user0, sys0 = services.family_cpu_split(pid)
+                plain = services.run_wrk(bench.wrk_bin, port, script, level, args.seconds)
+                user1, sys1 = services.family_cpu_split(pid)
+                requests = plain.get("requests") or 0
+                cpu_us = ((user1 - user0) + (sys1 - sys0)) / requests * 1e6 if requests else None
+                data = out / f"perf-{slug}-c{level}.data"
+                record = subprocess.Popen(
+                    [perf, "record", "-q", "-F", str(args.rate), "--call-graph", "dwarf,16384", "-o", str(data),
+                     "-p", ",".join(map(str, services.family(pid))), "--", "sleep", str(max(1, round(args.seconds)))],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                # wrk outlasts the recording by a second on each side.
+                time.sleep(0.2)
+                services.run_wrk(bench.wrk_bin, port, script, level, args.seconds + 2)
+                _, err = record.communicate(timeout=args.seconds + 60)
+                if record.returncode != 0:
+                    print(f"perf record failed: {err.decode().strip()}", file=sys.stderr)
+                    return 1
+                script_out = subprocess.run([perf, "script", "-F", "tid,ip,sym,dso", "-i", str(data)],
+                                            capture_output=True, text=True, timeout=600)
+                if script_out.returncode != 0:
+                    print(f"perf script failed: {script_out.stderr.strip()}", file=sys.stderr)
+                    return 1
+                result = perfsplit.split(perfsplit.samples(script_out.stdout.splitlines()))
+                cpu_text = f"{cpu_us:.1f} µs of CPU a request (user + system)" if cpu_us is not None else "CPU unknown"
+                title = (f"{path} at c={level} ({args.body} body): {plain['rps']:.0f} req/s, {cpu_text}; "
+                         f"{result.total} samples at {args.rate} Hz")
+                report.append(perfsplit.render(title, result, cpu_us))
+            text = "\n".join(report)
+            (out / f"perf-c{level}.md").write_text(text)
+            print(text)
+    finally:
+        bench.close()
+    print(f"(perf data in {out}: perf report -i FILE)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("spy", "calls"), default="spy")
+    parser.add_argument("--mode", choices=("spy", "calls", "perf"), default="spy")
     parser.add_argument("--out", default=str(RESULTS / "profile"), help="output directory (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=10.0, help="load time per concurrency level")
-    parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
+    parser.add_argument("--rate", type=int, default=500, help="py-spy's or perf's samples per second")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated levels (default: %(default)s)")
     parser.add_argument("--body", default="large", choices=sorted(payloads.BODIES))
     parser.add_argument("--events", type=int, default=20)
@@ -214,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="hubcore-profile-"))
+    if args.mode == "perf":
+        try:
+            return _perf(args, work, out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     vendor = services.start_vendor(work)
     gen = services.LoadGen()
     try:
