@@ -73,6 +73,7 @@ cdef class ConnCore:
     cdef public bytes url
     cdef public bytes method
     cdef public str version
+    cdef public str line_version
     cdef public object context
     cdef public bint discarding
     cdef public bint chunked

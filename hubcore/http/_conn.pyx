@@ -11,8 +11,9 @@ Request's `drop_body`) are C calls. The rare paths are the subclass's
 (server.HttpProtocol), called as Python methods."""
 
 cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.string cimport memchr
+from libc.string cimport memchr, memcmp
 
 import logging
 from collections import deque
@@ -24,7 +25,7 @@ from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 # What is not hot is the Python twin's, shared.
 from hubcore.http._conn_py import (
-    CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, TRIM_AFTER_BYTES,
+    CONTINUE_100, MAX_BODY_PARTS, MAX_REQUEST_LINE, REFUSED_BODY_DISCARD_BYTES, TRIM_AFTER_BYTES,
     TRIM_MIN_INTERVAL, Phase, RefusedAtHead, Reject, malloc_trim,
 )
 
@@ -46,6 +47,31 @@ cdef double _TRIM_MIN_INTERVAL = TRIM_MIN_INTERVAL
 cdef object _malloc_trim = malloc_trim
 cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
 cdef object _HttpParserError = httptools.HttpParserError
+cdef Py_ssize_t _MAX_REQUEST_LINE = MAX_REQUEST_LINE
+cdef str _V11 = "1.1"
+cdef str _V10 = "1.0"
+
+
+cpdef str line_version(data):
+    """See the twin: the version of a whole request line at the start of
+    `data`, or None."""
+    cdef Py_buffer view
+    cdef const char* start
+    cdef const char* end
+    cdef str version = None
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        start = <const char*>view.buf
+        end = <const char*>memchr(start, 10, min(view.len, _MAX_REQUEST_LINE))  # '\n'
+        # " HTTP/1.x\r" before it
+        if end != NULL and end - start >= 10 and memcmp(end - 10, b" HTTP/1.", 8) == 0 and end[-1] == 13:
+            if end[-2] == 49:  # '1'
+                version = _V11
+            elif end[-2] == 48:  # '0'
+                version = _V10
+    finally:
+        PyBuffer_Release(&view)
+    return version
 
 
 cdef class BodyBudget:
@@ -206,6 +232,7 @@ cdef class ConnCore:
         self.url = b""
         self.method = b""
         self.version = ""
+        self.line_version = None
         self.context = None
         self.discarding = False
         self.chunked = False
@@ -244,6 +271,9 @@ cdef class ConnCore:
             # Counted before parsing, so a head that never ends is caught
             # even when it arrives while an earlier request is answered.
             self.head_bytes += size
+            if self.message_phase is _IDLE:
+                # The parser is between messages: this read starts the next one.
+                self.line_version = line_version(data)
         try:
             self.parser.feed_data(data)
         except _HttpParserUpgrade:
@@ -289,7 +319,12 @@ cdef class ConnCore:
         if len(self.url) + head.size > self._max_header_bytes:
             raise Reject(431, f"request head larger than {self._max_header_bytes} bytes")
         method = self.method = self.parser.get_method()
-        version = self.version = self.parser.get_http_version()
+        version = self.line_version
+        if version is None:
+            version = self.parser.get_http_version()
+        else:
+            self.line_version = None  # a message later in this read has its own line
+        self.version = version
         if version != "1.1" and version != "1.0":
             raise Reject(505, f"HTTP/{version} is not supported; hubcore speaks HTTP/1.1")
         if method == b"CONNECT":

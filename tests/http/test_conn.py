@@ -330,7 +330,13 @@ def test_the_body_budget_gives_memory_back_after_enough_was_freed(twin: ModuleTy
     assert budget.freed_since_trim == 0 and budget.trim_handle is None and budget.last_trim == START
 
 
-STREAMS = [GET, POST, CHUNKED, CLOSE_10, GET + POST + GET, REFUSED_SMALL, REFUSED_CHUNKED,
+# The request line's version is read from the read a message starts with,
+# else asked of the parser: 1.0 after 1.1 in one read, empty lines before a
+# request line, a version llhttp refuses.
+VERSIONS = [GET + CLOSE_10, CLOSE_10 + GET, b"\r\n" + CLOSE_10, b"\r\n\r\n" + GET + b"\r\n" + CLOSE_10,
+            b"GET / HTTP/1.2\r\nhost: hub\r\n\r\n", b"GET / HTTP/2.0\r\nhost: hub\r\n\r\n",
+            b"GET / HTTP/1.1 \r\nhost: hub\r\n\r\n", b"GET /a HTTP/1.0\nhost: hub\n\n"]
+STREAMS = [GET, POST, CHUNKED, CLOSE_10, GET + POST + GET, REFUSED_SMALL, REFUSED_CHUNKED, *VERSIONS,
            *(data for data, _ in REJECTED.values())]
 
 
@@ -348,3 +354,74 @@ def test_the_twins_agree_on_any_stream_split_anywhere(data: bytes, cuts: list[in
     whole = connection(twins()[0], answer=answer)
     feed(whole, data)
     assert summary(whole)["requests"] == results[0]["requests"]
+
+
+LINES = {
+    b"GET / HTTP/1.1\r\nhost: hub\r\n\r\n": "1.1",
+    b"POST /v1/messages?beta=true HTTP/1.0\r\n": "1.0",
+    b"GET / HTTP/1.1\r\n": "1.1",
+    b"GET / HTTP/1.1": None,           # not ended yet
+    b"GET / HTTP/1.1\n": None,        # a bare LF: the parser's to judge
+    b"\r\nGET / HTTP/1.1\r\n": None,  # an empty line first
+    b"GET / HTTP/1.2\r\n": None,
+    b"GET / HTTP/2.0\r\n": None,
+    b"GET / http/1.1\r\n": None,
+    b"GET / HTTP/1.1 \r\n": None,
+    b"HTTP/1.1\r\n": None,           # too short to have a method and a target
+    b" HTTP/1.1\r\n": "1.1",         # the parser refuses it: its version is never read
+    b"": None,
+    b"x" * 9000 + b" HTTP/1.1\r\n": None,  # the line is looked for in the first 8 KiB only
+}
+
+
+@pytest.mark.parametrize("data", sorted(LINES))
+def test_line_version(twin: ModuleType, data: bytes) -> None:
+    assert twin.line_version(data) == LINES[data]
+    assert twin.line_version(memoryview(bytearray(data))) == LINES[data]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40) | st.sampled_from(sorted(LINES)).flatmap(
+    lambda line: st.integers(0, len(line)).map(lambda n: line[:n])))
+def test_the_twins_read_the_same_line_version(data: bytes) -> None:
+    assert len({twin.line_version(data) for twin in twins()}) == 1
+
+
+class CountingParser:
+    """The connection's parser, counting the version reads asked of it."""
+
+    def __init__(self, parser: Any) -> None:
+        self.parser = parser
+        self.asked = 0
+
+    def feed_data(self, data: Any) -> None:
+        self.parser.feed_data(data)
+
+    def get_method(self) -> bytes:
+        return bytes(self.parser.get_method())
+
+    def get_http_version(self) -> str:
+        self.asked += 1
+        return str(self.parser.get_http_version())
+
+    def should_keep_alive(self) -> bool:
+        return bool(self.parser.should_keep_alive())
+
+
+@pytest.mark.parametrize("data, cuts, asked, versions", [
+    (GET, [], 0, ["1.1"]),                            # the line whole in the read the message starts with
+    (GET, [5], 1, ["1.1"]),                           # the line cut: the parser is asked
+    (GET, [len(GET) - 3], 0, ["1.1"]),                # the head cut after the line
+    (CLOSE_10, [], 0, ["1.0"]),
+    (GET + CLOSE_10, [], 1, ["1.1", "1.0"]),          # the second message starts inside a read
+    (GET + CLOSE_10, [len(GET)], 0, ["1.1", "1.0"]),  # each message starts a read
+    (CLOSE_10 + GET, [], 0, ["1.0"]),                 # 1.0 is not kept alive: the GET is not parsed
+    (b"\r\n" + CLOSE_10, [], 1, ["1.0"]),             # an empty line before the request line
+])
+def test_the_parser_is_asked_the_version_only_when_the_read_does_not_say(
+        twin: ModuleType, data: bytes, cuts: list[int], asked: int, versions: list[str]) -> None:
+    proto = connection(twin, answer=True)
+    parser = proto.parser = CountingParser(proto.parser)
+    feed(proto, data, cuts)
+    assert [r.http_version for r in proto.requests] == versions
+    assert parser.asked == asked
