@@ -13,8 +13,9 @@ or a field that is unset, sends the batch to the pure twin, which reads by
 name and raises as it does."""
 
 from cpython.list cimport PyList_New, PyList_SET_ITEM
-from cpython.object cimport PyObject
+from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 from types import MemberDescriptorType
 
@@ -52,6 +53,27 @@ cdef void _read_offsets() except *:
 
 
 _read_offsets()
+cdef tuple _NO_ARGS = ()
+
+
+cpdef object new_event(tuple values):
+    """See the twin: the UsageEvent of `values`, in FIELDS order. Its
+    dataclass __init__ runs in the interpreter (a frame and thirty stores,
+    some 0.7 µs a request in the running hub); this fills the slots the
+    offsets name."""
+    cdef Py_ssize_t j
+    cdef object value
+    cdef char* base
+    if PyTuple_GET_SIZE(values) != _fields:
+        return _UsageEvent(*values)  # the same TypeError
+    # object.__new__(UsageEvent): the type's own allocation, every slot unset.
+    event = (<PyTypeObject*>_UsageEvent).tp_new(_UsageEvent, <PyObject*>_NO_ARGS, NULL)
+    base = <char*><PyObject*>event
+    for j in range(_fields):
+        value = <object>PyTuple_GET_ITEM(values, j)
+        Py_INCREF(value)
+        (<PyObject**>(base + _offsets[j]))[0] = <PyObject*>value
+    return event
 
 
 cpdef list insert_values(events):

@@ -13,3 +13,8 @@ def insert_values(events: Sequence[UsageEvent]) -> list[Any]:
     """The bound parameters of a multi-row INSERT of `events` (see
     usage.insert_sql), row after row, each in the usage table's column order."""
     return list(chain.from_iterable(map(row, events)))
+
+
+def new_event(values: tuple[Any, ...]) -> UsageEvent:
+    """The UsageEvent of `values`, given in FIELDS order (its positional call)."""
+    return UsageEvent(*values)

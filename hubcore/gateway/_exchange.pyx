@@ -50,13 +50,14 @@ from hubcore.gateway._heads cimport (
 # usage row reads them as C fields.
 from hubcore.accounting._meter cimport Meter as CompiledMeter
 from hubcore.accounting._meter_interpret cimport Reading
+from hubcore.accounting._rows cimport new_event
 
 import logging
 import os
 
 from hubcore.accounting import meter as sse
 from hubcore.accounting.pricing import LOOKUP_MEMO_MAX, TOKENS_PER_PRICE_UNIT, Pricing
-from hubcore.accounting.usage import Outcome, UsageEvent
+from hubcore.accounting.usage import Outcome
 from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
 from hubcore.gateway.rewrite import Framing
@@ -95,7 +96,6 @@ cdef object _CLIENT_ABORTED = Outcome.CLIENT_ABORTED
 cdef object _UPSTREAM_ERROR = Outcome.UPSTREAM_ERROR
 cdef object _REFUSED = Outcome.REFUSED
 cdef object _UPSTREAM_ABORTED = Outcome.UPSTREAM_ABORTED
-cdef object _UsageEvent = UsageEvent
 cdef const char* _HEX_DIGITS = b"0123456789abcdef"
 cdef object _Pricing = Pricing
 cdef object _CHUNKED = Framing.CHUNKED
@@ -923,8 +923,8 @@ cpdef usage_event(
                 vendor, model, input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read,
                 forwarded=attempts > 0, multiplier=cost_multiplier,
             )
-    # Positional, in UsageEvent's field order.
-    return _UsageEvent(
+    # In UsageEvent's field order; new_event fills its slots in C.
+    return new_event((
         ts,
         request_id,
         endpoint,
@@ -955,4 +955,4 @@ cpdef usage_event(
         cost_basis,
         served_model,
         route,
-    )
+    ))

@@ -3,6 +3,7 @@ exact UsageEvent's slots by their offsets, the pure one by name; the same
 values (the very objects) either way, and anything else goes by name."""
 from __future__ import annotations
 
+import gc
 import sys
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -109,3 +110,50 @@ def test_both_twins_bind_the_same_rows(batch: list[UsageEvent]) -> None:
     compiled = twin_of("c", COMPILED, _rows_py).insert_values(batch)
     pure = _rows_py.insert_values(batch)
     assert len(compiled) == len(pure) and all(a is b for a, b in zip(compiled, pure))
+
+
+def test_new_event_fills_every_field_with_its_value(twin: ModuleType) -> None:
+    values = tuple(getattr(event(4), name) for name in FIELDS)
+    made = twin.new_event(values)
+    assert type(made) is UsageEvent and made == event(4)
+    assert all(getattr(made, name) is value for name, value in zip(FIELDS, values, strict=True))
+    assert gc.is_tracked(made)  # its fields may hold containers, as a constructed one's may
+    made.model = "changed"  # an ordinary instance: its slots are writable, unset ones raise
+    del made.user
+    with pytest.raises(AttributeError):
+        made.user
+
+
+def test_new_event_holds_its_own_references(twin: ModuleType) -> None:
+    user = "".join(["bob", str(len(FIELDS))])  # a str no other object holds
+    values = tuple(user if name == "user" else getattr(event(5), name) for name in FIELDS)
+    before = sys.getrefcount(user)
+    made = twin.new_event(values)
+    assert sys.getrefcount(user) == before + 1
+    del values
+    assert made.user == "bob" + str(len(FIELDS))
+    del made
+    assert sys.getrefcount(user) == before - 1
+
+
+def test_new_event_of_another_count_is_the_constructors(twin: ModuleType) -> None:
+    """Fewer values leave the last fields their defaults, too many or too
+    few for the fields without one raise: the positional call's results."""
+    values = tuple(getattr(event(6), name) for name in FIELDS)
+    assert twin.new_event(values[:-2]) == UsageEvent(*values[:-2])
+    for wrong in (values + (None,), values[:3]):
+        with pytest.raises(TypeError) as made:
+            twin.new_event(wrong)
+        with pytest.raises(TypeError) as constructed:
+            UsageEvent(*wrong)
+        assert str(made.value) == str(constructed.value)
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="HUBCORE_NO_EXTENSIONS is set: only the pure twin")
+@settings(max_examples=200, deadline=None)
+@given(made=events)
+def test_both_twins_make_the_same_event(made: UsageEvent) -> None:
+    values = tuple(getattr(made, name) for name in FIELDS)
+    compiled = twin_of("c", COMPILED, _rows_py).new_event(values)
+    assert compiled == _rows_py.new_event(values) == made
+    assert repr(compiled) == repr(made)
