@@ -53,6 +53,7 @@ cdef void _read_offsets() except *:
 
 
 _read_offsets()
+
 cdef tuple _NO_ARGS = ()
 
 
@@ -65,7 +66,7 @@ cpdef object new_event(tuple values):
     cdef object value
     cdef char* base
     if PyTuple_GET_SIZE(values) != _fields:
-        return _UsageEvent(*values)  # the same TypeError
+        return _UsageEvent(*values)  # the constructor's defaults, or its TypeError
     # object.__new__(UsageEvent): the type's own allocation, every slot unset.
     event = (<PyTypeObject*>_UsageEvent).tp_new(_UsageEvent, <PyObject*>_NO_ARGS, NULL)
     base = <char*><PyObject*>event
