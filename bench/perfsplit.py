@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 # `perf script -F tid,ip,sym,dso` with call graphs: a line with the thread
-# id, then one line per frame ("\t<address> <symbol> (<dso>)"), innermost
+# id (padded on the left), then one line per frame ("\t<address> <symbol> (<dso>)"), innermost
 # first, then a blank line. A frame inlined into the next one has
 # "(inlined)" where the dso goes.
 FRAME = re.compile(r"^\s+[0-9a-f]+ (?P<sym>.*) \((?P<dso>[^()]*)\)$")
@@ -56,7 +56,9 @@ def samples(lines: Iterable[str]) -> Iterator[Sample]:
                 yield current
             current = None
             continue
-        if not line[0].isspace():
+        if not line.startswith("\t"):
+            # A sample's first line: its thread id, right-aligned in a few
+            # columns (" 2482 "); frames are the lines that begin with a tab.
             head = line.split()
             if head and head[0].isdigit():
                 current = Sample(int(head[0]))

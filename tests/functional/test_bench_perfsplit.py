@@ -15,7 +15,7 @@ K = "[kernel.kallsyms]"
 
 
 def sample(tid: int, *frames: tuple[str, str]) -> str:
-    lines = [f"{tid} "]
+    lines = [f"{tid:5} "]  # perf pads a thread id to five columns
     for i, (sym, dso) in enumerate(frames):
         lines.append(f"\t{0x1000 + i:16x} {sym} ({dso})")
     return "\n".join(lines) + "\n\n"
@@ -53,6 +53,12 @@ def test_samples_keep_real_frames_and_drop_inlined_ones() -> None:
     assert ("uv__writev", "inlined") not in first.frames
     assert first.frames[-1] == ("uv__try_write", UVLOOP)
     assert got[5].frames[0] == ("PyBytes_FromStringAndSize", PY)  # the inlined memcpy is its own
+
+
+def test_a_thread_id_of_any_width_starts_a_sample() -> None:
+    text = sample(123456, ("tcp_sendmsg", K)) + "    7 \n\t    1000 _PyType_Lookup (" + PY + ")\n"
+    got = list(perfsplit.samples(text.splitlines()))
+    assert [(s.tid, s.frames) for s in got] == [(123456, [("tcp_sendmsg", K)]), (7, [("_PyType_Lookup", PY)])]
 
 
 def test_a_sample_without_a_trailing_blank_line_counts() -> None:
