@@ -240,7 +240,8 @@ def _perf(args: argparse.Namespace, work: Path, out: Path) -> int:
                     [perf, "record", "-q", "-F", str(args.rate), "--call-graph", "dwarf,16384", "-o", str(data),
                      "-p", ",".join(map(str, services.family(pid))), "--", "sleep", str(max(1, round(args.seconds)))],
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                # wrk outlasts the recording by a second on each side.
+                # wrk starts just after the recording and outlasts it; the
+                # moment before wrk connects adds no samples (an idle loop uses no CPU).
                 time.sleep(0.2)
                 services.run_wrk(bench.wrk_bin, port, script, level, args.seconds + 2)
                 _, err = record.communicate(timeout=args.seconds + 60)
