@@ -36,7 +36,8 @@ GROUPS = (
     ("SQLite", ("libsqlite3",)),
     ("libc", ("libc.so", "libc-")),
 )
-# The kernel's system call entry points, outermost first in the walk.
+# The kernel frame every system call passes through; the frame just inside
+# it (the next one toward the leaf) names the call.
 SYSCALL_ENTRY = "do_syscall_64"
 
 

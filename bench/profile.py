@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=500, help="py-spy's or perf's samples per second")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated levels (default: %(default)s)")
     parser.add_argument("--body", default="large", choices=sorted(payloads.BODIES))
-    parser.add_argument("--events", type=int, default=20)
+    parser.add_argument("--events", type=int, default=20,
+                        help="events a stream (spy, calls; perf serves the recorded 20-event stream)")
     parser.add_argument("--native", action="store_true", help="spy: include native frames (uvloop, httptools, the meter)")
     parser.add_argument("--hubcore-path", help="run the hub from this source tree instead of this checkout")
     args = parser.parse_args(argv)

@@ -94,7 +94,7 @@ def line_version(data: bytes | memoryview) -> str | None:
     before the request line, another version), which the parser is asked for.
 
     httptools formats its version with str.format each time it is asked,
-    some 1.5 µs a request in the hub's running, against a look at the read
+    some 1.5 µs a request in the running hub, against a look at the read
     the request line arrived in. When that read starts the message, its
     first line is the request line llhttp parses, and a line llhttp takes
     that ends in " HTTP/1.1" names 1.1 (no space may come before it in a
