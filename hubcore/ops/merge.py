@@ -42,6 +42,12 @@ def largest(values: list[Any]) -> Any:
     return max(numbers) if numbers else first(values)
 
 
+def every(values: list[Any]) -> Any:
+    """A flag true of the hub only when every worker that has it says so."""
+    present = [v for v in values if v is not None]
+    return all(present) if present else None
+
+
 def _default(values: list[Any]) -> Any:
     """Numbers add up, flags are raised by any worker, dicts merge key by
     key, anything else (a string, a list) is worker 0's."""
@@ -120,6 +126,8 @@ STATS_RULES: dict[tuple[str, ...], Merge] = {
     ("shared", "instance_id"): first,
     # Seconds the hub was degraded, not worker-seconds.
     ("shared", "degraded_seconds"): largest,
+    # The hub hears every charge only when each of its workers does.
+    ("shared", "following_charges"): every,
 }
 
 

@@ -73,6 +73,7 @@ WRITER_FIELDS: tuple[str, ...] = (
 SHARED_FIELDS: tuple[str, ...] = (
     "redis", "state", "degraded", "on_failure", "instance_id", "instances", "errors", "last_error",
     "queue_depth", "dropped", "held_slots", "degraded_seconds",
+    "following_charges", "charges_heard", "catch_ups", "caught_up_micros",
 )
 
 # The status_class label of hubcore_upstream_requests_total: what an attempt

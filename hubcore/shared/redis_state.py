@@ -327,6 +327,9 @@ class SharedState:
         # all instances spent, not this one's share. Redis still judges.
         self.on_charge_elsewhere: ChargeListener | None = None
         self.charges_heard = 0
+        # True while every charge announced is heard: subscribed, and past
+        # the mark of the catch-up that subscribing starts.
+        self.following_charges = False
         # With it: the spend of every budget raised to what Redis holds each
         # time the charges' subscription starts, for the charges announced
         # while it was down (see _catch_up).
@@ -611,6 +614,7 @@ class SharedState:
                 async with asyncio.timeout(self._timeout):
                     await pubsub.subscribe(self.space.charges)
                 spend = await self._read_spend(mark)
+                self.following_charges = spend is None
                 while self._link is Link.SHARED:
                     message = await pubsub.get_message(timeout=FOLLOW_WAIT)
                     if message is None:
@@ -620,12 +624,14 @@ class SharedState:
                     elif message["data"] == mark:
                         self._catch_up(spend)
                         spend = None
+                        self.following_charges = True
             except _FAILURES as e:
                 # The link task notices and reports a Redis that is gone;
                 # this one waits for it to come back.
                 log.debug("shared state: the charges' subscription ended: %s", e)
                 await asyncio.sleep(self.config.heartbeat_interval)
             finally:
+                self.following_charges = False
                 try:
                     async with asyncio.timeout(self._timeout):
                         await pubsub.aclose()
@@ -1152,6 +1158,7 @@ class SharedState:
             "dropped": self.dropped,
             "held_slots": len(self._held),
             "charges_heard": self.charges_heard,
+            "following_charges": self.following_charges,
             "catch_ups": self.catch_ups,
             "caught_up_micros": self.caught_up_micros,
             "degraded_seconds": self._degraded_seconds + degraded_for,

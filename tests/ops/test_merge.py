@@ -161,10 +161,12 @@ def test_merged_stats_sum_counters_and_keep_what_is_shared() -> None:
                        key_row("a2", requests=2, in_flight=1, failures=0)]},
     ]
     shared = [{"redis": "redis://h:1/0", "state": "shared", "degraded": False, "instances": 2, "instance_id": "aa",
-               "errors": {"timeout": 1}, "queue_depth": 3, "degraded_seconds": 1.5, "last_error": None},
+               "errors": {"timeout": 1}, "queue_depth": 3, "degraded_seconds": 1.5, "last_error": None,
+               "following_charges": True, "charges_heard": 4, "catch_ups": 1, "caught_up_micros": 100},
               {"redis": "redis://h:1/0", "state": "shared", "degraded": True, "instances": 2, "instance_id": "bb",
                "errors": {"timeout": 2, "connection": 1}, "queue_depth": 0, "degraded_seconds": 4.0,
-               "last_error": "boom"}]
+               "last_error": "boom", "following_charges": False, "charges_heard": 5, "catch_ups": 2,
+               "caught_up_micros": 50}]
     stats = []
     for i, m in enumerate(metrics[:2]):
         m.sample_lag(0.01 * (i + 1))
@@ -203,6 +205,10 @@ def test_merged_stats_sum_counters_and_keep_what_is_shared() -> None:
     assert merged["shared"]["instances"] == 2 and merged["shared"]["errors"] == {"timeout": 3, "connection": 1}
     assert (merged["shared"]["instance_id"], merged["shared"]["queue_depth"]) == ("aa", 3)
     assert merged["shared"]["degraded_seconds"] == 4.0  # the hub's seconds degraded, not the workers' sum
+    # One worker not hearing the others' charges: the hub does not hear them all.
+    assert merged["shared"]["following_charges"] is False
+    assert (merged["shared"]["charges_heard"], merged["shared"]["catch_ups"],
+            merged["shared"]["caught_up_micros"]) == (9, 3, 150)
     assert merged["gc"] == {"scheduled": True, "full_collections": 1, "collections_by_generation": [2, 4, 7],
                             "last_full_collection_ms": 6.0}
     assert merged["alerts"]["sent"] == 3

@@ -65,6 +65,15 @@ def refreshed(*hubs: HubThread) -> None:
         hub.call(hub.app.refresh_tokens(force=True))
 
 
+def following(hub: HubThread) -> None:
+    """Wait until `hub` hears every charge the others announce: charges
+    announced before its subscription is up reach it through the catch-up
+    instead, which a test counting heard charges must not race."""
+    assert hub.app is not None and hub.app.shared is not None
+    shared = hub.app.shared
+    eventually(lambda: shared.stats()["following_charges"] or None, what="the charges' subscription")
+
+
 def test_rpm_30_across_two_hubs(tmp_path: Path, vendor: FakeVendor, redis_server: RedisServer) -> None:
     with two_hubs(tmp_path, vendor, redis_server, ["sk-ant-good"]) as (a, b):
         token = a.mint_limited("alice", Limits(rpm=30))
@@ -266,6 +275,7 @@ def test_spend_through_one_hub_shows_on_the_others_me_and_budget_headers(
     with two_hubs(tmp_path, vendor, redis_server, ["sk-ant-good"]) as (a, b):
         token = a.mint_limited("hal", Limits(budget_month=1_000_000_000))
         refreshed(b)
+        following(b)
         for _ in range(3):
             assert post(a, token)[0] == 200
         assert a.app is not None and b.app is not None
@@ -277,8 +287,10 @@ def test_spend_through_one_hub_shows_on_the_others_me_and_budget_headers(
         while spent(a) == 0 or spent(b) != spent(a):
             assert time.monotonic() < deadline, (spent(a), spent(b))
             time.sleep(0.02)
-        assert b.app.shared is not None and b.app.shared.stats()["charges_heard"] == 3
-        assert a.app.shared is not None and a.app.shared.stats()["charges_heard"] == 0
+        # As /stats shows them.
+        seen_b, seen_a = b.app.stats()["shared"], a.app.stats()["shared"]
+        assert (seen_b["charges_heard"], seen_b["following_charges"]) == (3, True)
+        assert (seen_a["charges_heard"], seen_a["following_charges"]) == (0, True)
         # Hub b's budget header, written before this request's cost, counts hub a's spend.
         before = spent(a)
         conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=30)
@@ -306,6 +318,7 @@ def test_charges_made_while_a_hubs_link_was_down_are_caught_up_when_it_returns(
         shared_b = b.app.shared
         token = a.mint_limited("hal", Limits(budget_month=1_000_000_000, budget_5h=1_000_000_000))
         refreshed(b)
+        following(b)
 
         def spent(hub: HubThread, window: str) -> int:
             assert hub.app is not None
@@ -322,6 +335,7 @@ def test_charges_made_while_a_hubs_link_was_down_are_caught_up_when_it_returns(
         admin.acl_setuser("bee", enabled=False)
         admin.client_kill_filter(user="bee")
         eventually(lambda: shared_b.stats()["state"] == "degraded" or None, what="b's link down")
+        eventually(lambda: not shared_b.stats()["following_charges"] or None, what="b's subscription down")
         for _ in range(3):
             assert post(a, token)[0] == 200
         assert a.call(a.app.shared.flush())
@@ -331,6 +345,7 @@ def test_charges_made_while_a_hubs_link_was_down_are_caught_up_when_it_returns(
         admin.acl_setuser("bee", enabled=True)
         eventually(lambda: shared_b.stats()["state"] == "shared" or None, what="b's link back")
         eventually(lambda: agree() or None, what="b caught up")
+        following(b)
         stats = shared_b.stats()
         assert stats["charges_heard"] == 1 and stats["catch_ups"] == before["catch_ups"] + 1
         # Month and 5h, three requests each.
