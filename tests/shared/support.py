@@ -30,12 +30,18 @@ def principal(token_id: int = 1, user: str = "alice", project: str | None = None
 
 
 @asynccontextmanager
-async def hubs(config: SharedConfig, count: int = 2, **options: Any) -> AsyncIterator[list[SharedState]]:
-    """`count` instances, started; closed at the end."""
+async def hubs(config: SharedConfig, count: int = 2, *, linked: bool = True,
+               **options: Any) -> AsyncIterator[list[SharedState]]:
+    """`count` instances, started; closed at the end. `linked`: each with
+    its link up first. Start returns degraded when Redis answers its first
+    calls late (a loaded machine, a test's tiny timeout), and comes back
+    at the next beat; a test of what is shared must not begin before."""
     states = [SharedState(config, instance_id=f"hub{i}", **options) for i in range(count)]
     try:
         for state in states:
             await state.start()
+        if linked:
+            await until(lambda: all(state.link is Link.SHARED for state in states), timeout=10.0)
         yield states
     finally:
         for state in states:

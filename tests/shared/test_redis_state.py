@@ -445,7 +445,7 @@ async def test_a_password_is_used_and_never_shown(tmp_path: Path, caplog: pytest
         async with hubs(good, count=1) as (a,):
             assert a.link is Link.SHARED
         wrong = dataclasses.replace(good, password="not-" + password)
-        async with hubs(wrong, count=1) as (c,):
+        async with hubs(wrong, count=1, linked=False) as (c,):
             assert c.degraded
             assert "not-" + password not in str(c.stats())
         assert password not in caplog.text
@@ -460,7 +460,7 @@ async def test_metrics_say_degraded(silent_server: SilentServer, redis_server: R
         text = metrics.render_prometheus(shared=up.stats())
         assert "hubcore_shared_degraded 0" in text.splitlines()
         assert metrics.snapshot(shared=up.stats())["shared"]["state"] == "shared"
-    async with hubs(shared_config(silent_server.url, timeout=0.05), count=1) as (down,):
+    async with hubs(shared_config(silent_server.url, timeout=0.05), count=1, linked=False) as (down,):
         text = metrics.render_prometheus(shared=down.stats())
     families = {f.name: f for f in prometheus_client.parser.text_string_to_metric_families(text)}
     assert families["hubcore_shared_degraded"].samples[0].value == 1
