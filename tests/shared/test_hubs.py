@@ -275,6 +275,7 @@ def test_spend_through_one_hub_shows_on_the_others_me_and_budget_headers(
     with two_hubs(tmp_path, vendor, redis_server, ["sk-ant-good"]) as (a, b):
         token = a.mint_limited("hal", Limits(budget_month=1_000_000_000))
         refreshed(b)
+        following(a)
         following(b)
         for _ in range(3):
             assert post(a, token)[0] == 200
