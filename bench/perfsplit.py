@@ -17,9 +17,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 # `perf script -F tid,ip,sym,dso` with call graphs: a line with the thread
-# id (padded on the left), then one line per frame ("\t<address> <symbol> (<dso>)"), innermost
-# first, then a blank line. A frame inlined into the next one has
-# "(inlined)" where the dso goes.
+# id (padded on the left), then one line per frame, innermost first
+# ("\t<address> <symbol> (<dso>)"), then a blank line. A frame inlined
+# into the next one has "(inlined)" where the dso goes.
 FRAME = re.compile(r"^\s+[0-9a-f]+ (?P<sym>.*) \((?P<dso>[^()]*)\)$")
 
 # Library groups, in the order the tables show them.
