@@ -52,6 +52,13 @@ def sqlite_extensions() -> list:
                       libraries=["sqlite3"], extra_compile_args=["-O3"])]
 
 
+# llhttp, the HTTP parser httptools wraps, vendored at the version httptools
+# ships (hubcore/http/llhttp/README.md): the compiled connection core runs
+# it itself. Its header is needed wherever the core's declarations
+# (_conn.pxd) are cimported; its symbols stay inside the module.
+LLHTTP = "hubcore/http/llhttp"
+LLHTTP_SOURCES = [f"{LLHTTP}/llhttp.c", f"{LLHTTP}/api.c", f"{LLHTTP}/http.c"]
+
 ext_modules = []
 if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
     from Cython.Build import cythonize
@@ -61,9 +68,11 @@ if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
         [
             Extension("hubcore.accounting._meter", ["hubcore/accounting/_meter.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.http._wire", ["hubcore/http/_wire.pyx"], extra_compile_args=["-O3"]),
-            Extension("hubcore.http._conn", ["hubcore/http/_conn.pyx"], extra_compile_args=["-O3"]),
+            Extension("hubcore.http._conn", ["hubcore/http/_conn.pyx", *LLHTTP_SOURCES], include_dirs=[LLHTTP],
+                      extra_compile_args=["-O3", "-fvisibility=hidden"]),
             Extension("hubcore.http._upstream", ["hubcore/http/_upstream.pyx"], extra_compile_args=["-O3"]),
-            Extension("hubcore.gateway._exchange", ["hubcore/gateway/_exchange.pyx"], extra_compile_args=["-O3"]),
+            Extension("hubcore.gateway._exchange", ["hubcore/gateway/_exchange.pyx"], include_dirs=[LLHTTP],
+                      extra_compile_args=["-O3"]),
             Extension("hubcore.gateway._heads", ["hubcore/gateway/_heads.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.routing._lease", ["hubcore/routing/_lease.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.governance._admit", ["hubcore/governance/_admit.pyx"], extra_compile_args=["-O3"]),

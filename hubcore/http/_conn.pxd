@@ -2,6 +2,7 @@
 # that the Exchange's core (hubcore/gateway/_exchange.pyx) reads the request
 # and writes the answer without a Python attribute lookup or call.
 
+from hubcore.http._llhttp cimport llhttp_errno_t, llhttp_t
 from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 
@@ -49,7 +50,11 @@ cdef class ConnCore:
     cdef public object pending_reject
     cdef public Request current
     cdef readonly HeaderCollector collector
-    cdef public object parser
+    cdef public object parser  # the twin's; None here (see _http)
+    cdef llhttp_t _http  # the request parser, run by _received
+    cdef object _error  # what a callback of _http's raised, until _parse_failed reads it
+    cdef bytes _field  # the header being read: its name and value so far
+    cdef bytes _value
     cdef public object phase
     cdef public double deadline
     cdef public double timeout
@@ -64,6 +69,7 @@ cdef class ConnCore:
     # (the config is frozen; a reload applies to new connections).
     cdef object _time  # loop.time
     cdef object _read_view  # server.read_view
+    cdef const char* _read_buffer  # its address
     cdef long long _max_header_bytes
     cdef long long _max_body_bytes
     cdef double _header_timeout
@@ -73,7 +79,6 @@ cdef class ConnCore:
     cdef public bytes url
     cdef public bytes method
     cdef public str version
-    cdef public str line_version
     cdef public object context
     cdef public bint discarding
     cdef public bint chunked
@@ -86,7 +91,16 @@ cdef class ConnCore:
     cdef public object message_phase
     cdef public bint continue_due
 
-    cdef _received(self, data)
+    cdef _received(self, const char* data, Py_ssize_t size)
+    cdef _parse_failed(self, llhttp_errno_t err)
+    cdef _message_begin(self)
+    cdef _url(self, bytes url)
+    cdef _header_field(self, bytes field)
+    cdef _header_value(self, bytes value)
+    cdef _flush_header(self)
+    cdef _headers_complete(self)
+    cdef _body(self, bytes body)
+    cdef _message_complete(self)
     cdef _control_headers(self, list control)
     cdef _reserve(self, Py_ssize_t size)
     cdef _refused_at_head(self, Request request)

@@ -3,9 +3,14 @@
 `_conn_py.py` (see there for the contract; tests/http/test_conn.py holds
 both to it).
 
-The same methods in the same order, on typed fields: the parser's
-callbacks and `data_received` stay Python-callable (httptools and the
-transport call them), while what they call among themselves (`_set_phase`,
+The same methods in the same order, on typed fields. Where the twin hands
+its reads to httptools, which calls back into Python for the request line,
+each header, each piece of the body and the message's ends, this core runs
+llhttp itself, the parser httptools wraps (the same version, vendored in
+hubcore/http/llhttp/): its callbacks are C functions that call the core's
+methods in C, and the request line's method and version are read from the
+parser's fields. `data_received` and `buffer_updated` stay Python-callable
+(the transport calls them); what they call among themselves (`_set_phase`,
 `_reserve`, `_dispatch`, `_start`, `_end_current`, the body budget, a
 Request's `drop_body`) are C calls. The rare paths are the subclass's
 (server.HttpProtocol), called as Python methods."""
@@ -13,20 +18,25 @@ Request's `drop_body`) are C calls. The rare paths are the subclass's
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.string cimport memchr, memcmp
+from libc.string cimport memchr
 
 import logging
 from collections import deque
-from types import SimpleNamespace
 
-import httptools
-
+from hubcore.http._llhttp cimport (
+    HPE_OK, HPE_PAUSED_UPGRADE, HPE_USER, HTTP_GET, HTTP_HEAD, HTTP_POST, HTTP_REQUEST, llhttp_errno_t,
+    llhttp_execute, llhttp_get_error_reason, llhttp_init, llhttp_method_name, llhttp_method_t,
+    llhttp_resume_after_upgrade, llhttp_set_error_reason, llhttp_settings_init, llhttp_settings_t,
+    llhttp_should_keep_alive, llhttp_t,
+)
 from hubcore.http._wire cimport HeaderCollector, HeaderList
 
-# What is not hot is the Python twin's, shared.
+# What is not hot is the Python twin's, shared. `line_version` is the
+# twin's read of the version from the request line, which this core takes
+# from llhttp's fields instead; it is here so that both twins have it.
 from hubcore.http._conn_py import (
-    CONTINUE_100, MAX_BODY_PARTS, MAX_REQUEST_LINE, REFUSED_BODY_DISCARD_BYTES, TRIM_AFTER_BYTES,
-    TRIM_MIN_INTERVAL, Phase, RefusedAtHead, Reject, malloc_trim,
+    CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, TRIM_AFTER_BYTES, TRIM_MIN_INTERVAL, Phase,
+    RefusedAtHead, Reject, line_version, malloc_trim,
 )
 
 log = logging.getLogger("hubcore.server")
@@ -45,33 +55,11 @@ cdef long long _REFUSED_BODY_DISCARD_BYTES = REFUSED_BODY_DISCARD_BYTES
 cdef Py_ssize_t _TRIM_AFTER_BYTES = TRIM_AFTER_BYTES
 cdef double _TRIM_MIN_INTERVAL = TRIM_MIN_INTERVAL
 cdef object _malloc_trim = malloc_trim
-cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
-cdef object _HttpParserError = httptools.HttpParserError
-cdef Py_ssize_t _MAX_REQUEST_LINE = MAX_REQUEST_LINE
 cdef str _V11 = "1.1"
 cdef str _V10 = "1.0"
-
-
-cpdef str line_version(data):
-    """See the twin: the version of a whole request line at the start of
-    `data`, or None."""
-    cdef Py_buffer view
-    cdef const char* start
-    cdef const char* end
-    cdef str version = None
-    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-    try:
-        start = <const char*>view.buf
-        end = <const char*>memchr(start, 10, min(view.len, _MAX_REQUEST_LINE))  # '\n'
-        # " HTTP/1.x\r" before it
-        if end != NULL and end - start >= 10 and memcmp(end - 10, b" HTTP/1.", 8) == 0 and end[-1] == 13:
-            if end[-2] == 49:  # '1'
-                version = _V11
-            elif end[-2] == 48:  # '0'
-                version = _V10
-    finally:
-        PyBuffer_Release(&view)
-    return version
+cdef bytes _GET = b"GET"
+cdef bytes _HEAD_METHOD = b"HEAD"
+cdef bytes _POST = b"POST"
 
 
 cdef class BodyBudget:
@@ -181,6 +169,136 @@ cdef Request _new_request(bytes method, bytes target, HeaderCollector head, list
     return request
 
 
+cdef bytes _method_name(int method):
+    """The request's method as llhttp names it, without a new bytes object
+    for the usual three."""
+    if method == HTTP_POST:
+        return _POST
+    if method == HTTP_GET:
+        return _GET
+    if method == HTTP_HEAD:
+        return _HEAD_METHOD
+    return <bytes>llhttp_method_name(<llhttp_method_t>method)
+
+
+cdef const char* _address_of(object buffer) except NULL:
+    """Where the server's read buffer is. It stays there while the
+    connection lives: the core holds the memoryview that exports it, and a
+    bytearray with an export cannot be resized."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+    PyBuffer_Release(&view)
+    return <const char*>view.buf
+
+
+# -- llhttp's callbacks --------------------------------------------------------
+# C functions that llhttp calls with the connection core as the parser's
+# `data`. They call the core's methods in C and never raise: an exception is
+# kept on the core, and the non-zero return stops the parse, as httptools'
+# callbacks do (with the same error reasons, so that both twins answer a bad
+# request alike).
+
+cdef llhttp_settings_t _SETTINGS  # llhttp keeps a pointer to it: module-lived
+llhttp_settings_init(&_SETTINGS)
+
+
+cdef int _stopped(llhttp_t* http, ConnCore core, BaseException error, const char* reason) noexcept:
+    # A data callback failed: llhttp reports HPE_USER with this reason.
+    core._error = error
+    llhttp_set_error_reason(http, reason)
+    return HPE_USER
+
+
+cdef int _on_message_begin(llhttp_t* http) noexcept:
+    cdef ConnCore core = <ConnCore>http.data
+    try:
+        core._message_begin()
+    except BaseException as e:
+        core._error = e
+        return -1
+    return 0
+
+
+cdef int _on_url(llhttp_t* http, const char* at, size_t length) noexcept:
+    cdef ConnCore core = <ConnCore>http.data
+    try:
+        core._url(at[:length])
+    except BaseException as e:
+        return _stopped(http, core, e, b"`on_url` callback error")
+    return 0
+
+
+cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcept:
+    cdef ConnCore core = <ConnCore>http.data
+    try:
+        core._header_field(at[:length])
+    except BaseException as e:
+        return _stopped(http, core, e, b"`on_header_field` callback error")
+    return 0
+
+
+cdef int _on_header_value(llhttp_t* http, const char* at, size_t length) noexcept:
+    cdef ConnCore core = <ConnCore>http.data
+    try:
+        core._header_value(at[:length])
+    except BaseException as e:
+        return _stopped(http, core, e, b"`on_header_value` callback error")
+    return 0
+
+
+cdef int _on_headers_complete(llhttp_t* http) noexcept:
+    cdef ConnCore core = <ConnCore>http.data
+    try:
+        core._flush_header()
+        core._headers_complete()
+    except BaseException as e:
+        core._error = e
+        return -1
+    # What llhttp still takes for an upgrade (the core refuses CONNECT and
+    # Upgrade first): 1 skips the body, and the parse stops at the head.
+    return 1 if http.upgrade else 0
+
+
+cdef int _on_body(llhttp_t* http, const char* at, size_t length) noexcept:
+    cdef ConnCore core = <ConnCore>http.data
+    try:
+        core._body(at[:length])
+    except BaseException as e:
+        return _stopped(http, core, e, b"`on_body` callback error")
+    return 0
+
+
+cdef int _on_chunk_complete(llhttp_t* http) noexcept:
+    # After the last chunk: its trailers' last line.
+    cdef ConnCore core = <ConnCore>http.data
+    try:
+        core._flush_header()
+    except BaseException as e:
+        core._error = e
+        return -1
+    return 0
+
+
+cdef int _on_message_complete(llhttp_t* http) noexcept:
+    cdef ConnCore core = <ConnCore>http.data
+    try:
+        core._message_complete()
+    except BaseException as e:
+        core._error = e
+        return -1
+    return 0
+
+
+_SETTINGS.on_message_begin = _on_message_begin
+_SETTINGS.on_url = _on_url
+_SETTINGS.on_header_field = _on_header_field
+_SETTINGS.on_header_value = _on_header_value
+_SETTINGS.on_headers_complete = _on_headers_complete
+_SETTINGS.on_body = _on_body
+_SETTINGS.on_chunk_complete = _on_chunk_complete
+_SETTINGS.on_message_complete = _on_message_complete
+
+
 cdef class ConnCore:
     """See _conn_py.ConnCore."""
     # Its fields are declared in _conn.pxd, where the Exchange's core
@@ -201,16 +319,14 @@ cdef class ConnCore:
         self.pending_reject = None
         self.current = None
         self.collector = HeaderCollector()
-        self.parser = httptools.HttpRequestParser(
-            SimpleNamespace(
-                on_message_begin=self.on_message_begin,
-                on_url=self.on_url,
-                on_header=self.collector.on_header,
-                on_headers_complete=self.on_headers_complete,
-                on_body=self.on_body,
-                on_message_complete=self.on_message_complete,
-            )
-        )
+        # The twin's httptools parser; this core parses with `_http`.
+        self.parser = None
+        llhttp_init(&self._http, HTTP_REQUEST, &_SETTINGS)
+        # A borrowed reference: the core owns the parser, so it outlives it.
+        self._http.data = <void*>self
+        self._error = None
+        self._field = None
+        self._value = None
         self.phase = _IDLE
         self.deadline = 0.0
         self.timeout = 0.0
@@ -223,6 +339,7 @@ cdef class ConnCore:
         self.closing = False
         self._time = self.loop.time
         self._read_view = server.read_view
+        self._read_buffer = _address_of(self._read_view)
         self._max_header_bytes = config.max_header_bytes
         self._max_body_bytes = config.max_body_bytes
         self._header_timeout = config.header_timeout
@@ -232,7 +349,6 @@ cdef class ConnCore:
         self.url = b""
         self.method = b""
         self.version = ""
-        self.line_version = None
         self.context = None
         self.discarding = False
         self.chunked = False
@@ -250,17 +366,22 @@ cdef class ConnCore:
         return self._read_view
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        # A C call, not a lookup of data_received: once or twice a request.
-        self._received(self._read_view[:nbytes])
+        # A C call on the read buffer's address: once or twice a request.
+        self._received(self._read_buffer, nbytes)
 
     def data_received(self, data):
-        self._received(data)
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self._received(<const char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
 
-    cdef _received(self, data):
+    cdef _received(self, const char* data, Py_ssize_t size):
         # Called with what the transport read; nothing may keep `data` (it
-        # is the server's read buffer): httptools hands callbacks copies.
-        cdef Py_ssize_t size = len(data)
+        # is the server's read buffer): the callbacks take copies.
         cdef double now
+        cdef llhttp_errno_t err
         if self.phase is _LINGER or self.parsing_stopped:
             self._linger_drop(size)
             return
@@ -271,24 +392,9 @@ cdef class ConnCore:
             # Counted before parsing, so a head that never ends is caught
             # even when it arrives while an earlier request is answered.
             self.head_bytes += size
-            if self.message_phase is _IDLE:
-                # The parser is between messages: this read starts the next one.
-                self.line_version = line_version(data)
-        try:
-            self.parser.feed_data(data)
-        except _HttpParserUpgrade:
-            self._reject(400, "protocol upgrades are not supported")
-            return
-        except _HttpParserError as e:
-            # httptools re-raises an exception from a callback as a
-            # HttpParserCallbackError whose context is the original.
-            reason = e.__context__
-            if isinstance(reason, RefusedAtHead):
-                self._refused_at_head(reason.request)
-            elif isinstance(reason, Reject):
-                self._reject(reason.status, reason.message, reason.headers)
-            else:
-                self._reject(400, f"malformed HTTP request: {e}")
+        err = llhttp_execute(&self._http, data, size)
+        if err != HPE_OK:
+            self._parse_failed(err)
             return
         if self.message_phase is _HEAD and self.head_bytes > self._max_header_bytes:
             self._reject(431, f"request head larger than {self._max_header_bytes} bytes")
@@ -296,8 +402,26 @@ cdef class ConnCore:
             # Trailers of a chunked body still coming: counted with the head they follow.
             self._reject(431, f"request head and trailers larger than {self._max_header_bytes} bytes")
 
-    # -- httptools callbacks (never await) ---------------------------------
-    def on_message_begin(self):
+    cdef _parse_failed(self, llhttp_errno_t err):
+        # Where the twin catches httptools' exceptions: what a callback
+        # raised, or llhttp's own reason for refusing the bytes.
+        reason = self._error
+        self._error = None
+        if err == HPE_PAUSED_UPGRADE and self._http.upgrade:
+            llhttp_resume_after_upgrade(&self._http)
+            self._reject(400, "protocol upgrades are not supported")
+        elif isinstance(reason, RefusedAtHead):
+            self._refused_at_head(reason.request)
+        elif isinstance(reason, Reject):
+            self._reject(reason.status, reason.message, reason.headers)
+        elif isinstance(reason, ValueError):
+            # The header collector's refusal says what is wrong.
+            self._reject(400, f"malformed HTTP request: {reason}")
+        else:
+            self._reject(400, f"malformed HTTP request: {llhttp_get_error_reason(&self._http).decode('latin-1')}")
+
+    # -- what llhttp's callbacks call (never await) --------------------------
+    cdef _message_begin(self):
         self.url = b""
         self.collector.reset()
         self.body_parts = []
@@ -309,21 +433,40 @@ cdef class ConnCore:
         self.continue_due = False
         self.message_phase = _HEAD
 
-    def on_url(self, bytes url):
-        self.url += url
+    cdef _url(self, bytes url):
+        self.url = url if not self.url else self.url + url
 
-    def on_headers_complete(self):
+    # A header's name and value can each come in pieces, split by a read:
+    # the header is passed on when the next one starts, or the head ends
+    # (or a chunked body's trailers do), as httptools does.
+    cdef _header_field(self, bytes field):
+        self._flush_header()
+        self._field = field if self._field is None else self._field + field
+
+    cdef _header_value(self, bytes value):
+        self._value = value if self._value is None else self._value + value
+
+    cdef _flush_header(self):
+        if self._value is not None:
+            name = self._field
+            value = self._value
+            self._field = self._value = None
+            self.collector._add(name, value)
+
+    cdef _headers_complete(self):
         cdef HeaderCollector head = self.collector
         cdef long long length
+        cdef int major = self._http.http_major, minor = self._http.http_minor
         head.seal()  # a chunked body's trailers are not headers
         if len(self.url) + head.size > self._max_header_bytes:
             raise Reject(431, f"request head larger than {self._max_header_bytes} bytes")
-        method = self.method = self.parser.get_method()
-        version = self.line_version
-        if version is None:
-            version = self.parser.get_http_version()
+        method = self.method = _method_name(self._http.method)
+        if major == 1 and minor == 1:
+            version = _V11
+        elif major == 1 and minor == 0:
+            version = _V10
         else:
-            self.line_version = None  # a message later in this read has its own line
+            version = f"{major}.{minor}"
         self.version = version
         if version != "1.1" and version != "1.0":
             raise Reject(505, f"HTTP/{version} is not supported; hubcore speaks HTTP/1.1")
@@ -383,7 +526,7 @@ cdef class ConnCore:
                          ((b"retry-after", b"1"),))
         self.reserved = size
 
-    def on_body(self, bytes body):
+    cdef _body(self, bytes body):
         cdef Py_ssize_t size = self.body_size + PyBytes_GET_SIZE(body)
         self.body_size = size
         if size > self._max_body_bytes:
@@ -396,7 +539,7 @@ cdef class ConnCore:
             self._reserve(size)
         self.body_parts.append(body)
 
-    def on_message_complete(self):
+    cdef _message_complete(self):
         cdef Request request
         if self.collector.size > self._max_header_bytes:
             raise Reject(431, f"request head and trailers larger than {self._max_header_bytes} bytes")
@@ -405,7 +548,7 @@ cdef class ConnCore:
             self.url,
             self.collector,
             self.body_parts,
-            self.parser.should_keep_alive(),
+            llhttp_should_keep_alive(&self._http) != 0,
             self.version,
         )
         request.context = self.context

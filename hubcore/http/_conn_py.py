@@ -339,6 +339,10 @@ class ConnCore:
                 self._refused_at_head(reason.request)
             elif isinstance(reason, Reject):
                 self._reject(reason.status, reason.message, reason.headers)
+            elif isinstance(reason, ValueError):
+                # The header collector's refusal says what is wrong, where
+                # httptools' own words name only the callback.
+                self._reject(400, f"malformed HTTP request: {reason}")
             else:
                 self._reject(400, f"malformed HTTP request: {e}")
             return

@@ -18,6 +18,7 @@ cdef class HeaderCollector(HeaderList):
 
     cpdef reset(self)
     cpdef seal(self)
+    cdef _add(self, bytes name, bytes value)  # on_header's work, for _conn.pyx
 
 cdef class NameSet:
     cdef readonly frozenset names

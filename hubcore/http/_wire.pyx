@@ -84,6 +84,10 @@ cdef class HeaderCollector(HeaderList):
         self.sealed = True
 
     def on_header(self, bytes name not None, bytes value not None):
+        self._add(name, value)
+
+    cdef _add(self, bytes name, bytes value):
+        # The compiled connection core's call: names and values are bytes.
         cdef Py_ssize_t i, n
         cdef const unsigned char* v
         cdef long long length = 0

@@ -161,7 +161,10 @@ class HttpProtocol(ConnCore, ReadFlow, asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = _CLOSED
-        self.parser = detached(httptools.HttpRequestParser)
+        if self.parser is not None:
+            # The twin's httptools parser holds this connection's bound
+            # methods; the compiled core's llhttp parser is part of it.
+            self.parser = detached(httptools.HttpRequestParser)
         self.server.forget(self)
         if self.server.metrics is not None:
             self.server.metrics.connection_closed()
