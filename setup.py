@@ -53,9 +53,10 @@ def sqlite_extensions() -> list:
 
 
 # llhttp, the HTTP parser httptools wraps, vendored at the version httptools
-# ships (hubcore/http/llhttp/README.md): the compiled connection core runs
-# it itself. Its header is needed wherever the core's declarations
-# (_conn.pxd) are cimported; its symbols stay inside the module.
+# ships (hubcore/http/llhttp/README.md): the compiled connection cores run
+# it themselves, each with its own copy, whose symbols stay inside the
+# module. Its header is needed wherever the cores' declarations (_conn.pxd,
+# _upstream.pxd) are cimported.
 LLHTTP = "hubcore/http/llhttp"
 LLHTTP_SOURCES = [f"{LLHTTP}/llhttp.c", f"{LLHTTP}/api.c", f"{LLHTTP}/http.c"]
 
@@ -70,7 +71,8 @@ if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
             Extension("hubcore.http._wire", ["hubcore/http/_wire.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.http._conn", ["hubcore/http/_conn.pyx", *LLHTTP_SOURCES], include_dirs=[LLHTTP],
                       extra_compile_args=["-O3", "-fvisibility=hidden"]),
-            Extension("hubcore.http._upstream", ["hubcore/http/_upstream.pyx"], extra_compile_args=["-O3"]),
+            Extension("hubcore.http._upstream", ["hubcore/http/_upstream.pyx", *LLHTTP_SOURCES], include_dirs=[LLHTTP],
+                      extra_compile_args=["-O3", "-fvisibility=hidden"]),
             Extension("hubcore.gateway._exchange", ["hubcore/gateway/_exchange.pyx"], include_dirs=[LLHTTP],
                       extra_compile_args=["-O3"]),
             Extension("hubcore.gateway._heads", ["hubcore/gateway/_heads.pyx"], extra_compile_args=["-O3"]),

@@ -1,4 +1,4 @@
-# llhttp's C API, as much of it as the compiled connection core uses: the
+# llhttp's C API, as much of it as the compiled connection cores use: the
 # parser httptools wraps, vendored in hubcore/http/llhttp/ (the version
 # httptools ships, so that both twins parse alike) and called without
 # httptools' Python callbacks in between.
@@ -15,6 +15,7 @@ cdef extern from "llhttp.h":
         uint8_t http_minor
         uint8_t upgrade
         uint16_t flags
+        uint16_t status_code
 
     # The callbacks never raise: they keep the exception on the connection
     # and return non-zero, which stops the parse.
@@ -33,6 +34,7 @@ cdef extern from "llhttp.h":
 
     ctypedef enum llhttp_type_t:
         HTTP_REQUEST
+        HTTP_RESPONSE
 
     ctypedef enum llhttp_errno_t:
         HPE_OK

@@ -3,6 +3,7 @@
 # head and sends, attaches and releases without a Python attribute lookup
 # or call.
 
+from hubcore.http._llhttp cimport llhttp_errno_t, llhttp_t
 from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 
@@ -36,7 +37,11 @@ cdef class UpstreamCore:
     cdef public object transport
     cdef readonly list body_parts
     cdef readonly HeaderCollector collector
-    cdef public object parser
+    cdef public object parser  # the twin's; None here (see _http)
+    cdef llhttp_t _http  # the response parser, run by data_received
+    cdef object _error  # what a callback of _http's raised, until _parse_failed drops it
+    cdef bytes _field  # the header being read: its name and value so far
+    cdef bytes _value
     cdef public object state
     cdef public bint reused
     cdef public bint reading_paused
@@ -56,6 +61,12 @@ cdef class UpstreamCore:
     cdef public double first_byte_timeout
     cdef public double idle_timeout
 
+    cdef _parse_failed(self, llhttp_errno_t err)
+    cdef _header_field(self, bytes field)
+    cdef _header_value(self, bytes value)
+    cdef _flush_header(self)
+    cdef _headers_complete(self)
+    cdef _message_complete(self)
     cdef _deliver(self)
     cdef _send(self, head, body, double first_byte_timeout, double idle_timeout, on_head, on_fail)
     cdef _attach(self, sink)

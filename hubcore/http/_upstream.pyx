@@ -3,21 +3,28 @@
 `_upstream_py.py` (see there for the contract; tests/http/test_upstream.py
 holds both to it).
 
-The same methods in the same order, on typed fields: the parser's callbacks,
-`data_received` and what the Exchange calls stay Python-callable, while what
-they call among themselves (`_deliver`, building the ResponseHead, the
-pool's `_put_idle`, the header collector's `reset`) are C calls. The rare
-paths are the subclass's (client.UpstreamConnection), called as Python
-methods."""
+The same methods in the same order, on typed fields. Where the twin hands
+its reads to httptools, which calls back into Python for each header, the
+head's end and the message's, this core runs llhttp itself, as the client
+connection's core does (hubcore/http/_conn.pyx): its callbacks are C
+functions that call the core's methods in C, and the status comes from the
+parser's fields. `data_received`, `on_message_complete` and what the
+Exchange calls stay Python-callable, while what they call among themselves
+(`_deliver`, building the ResponseHead, the pool's `_put_idle`, the header
+collector's `reset`) are C calls. The rare paths are the subclass's
+(client.UpstreamConnection), called as Python methods."""
 
 cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
 import time
 from collections import deque
-from types import SimpleNamespace
 
-import httptools
-
+from hubcore.http._llhttp cimport (
+    HPE_OK, HPE_PAUSED_UPGRADE, HPE_USER, HTTP_RESPONSE, llhttp_errno_t, llhttp_execute,
+    llhttp_get_error_reason, llhttp_init, llhttp_resume_after_upgrade, llhttp_set_error_reason,
+    llhttp_settings_init, llhttp_settings_t, llhttp_should_keep_alive, llhttp_t,
+)
 from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 # What is not hot is the Python twin's, shared.
@@ -32,8 +39,6 @@ cdef object _DONE = ConnState.DONE
 cdef object _CLOSED = ConnState.CLOSED
 
 cdef object _monotonic = time.monotonic
-cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
-cdef object _HttpParserError = httptools.HttpParserError
 
 
 # One ResponseHead per attempt: kept instances spare the allocator a round trip.
@@ -66,6 +71,89 @@ cdef ResponseHead _new_head(int status, HeaderCollector head, bint keep_alive):
     return response
 
 
+# -- llhttp's callbacks --------------------------------------------------------
+# As the client connection core's (see there): C functions called with the
+# core as the parser's `data`, which keep an exception on the core rather
+# than raise, with httptools' error reasons.
+
+cdef llhttp_settings_t _SETTINGS  # llhttp keeps a pointer to it: module-lived
+llhttp_settings_init(&_SETTINGS)
+
+
+cdef int _stopped(llhttp_t* http, UpstreamCore core, BaseException error, const char* reason) noexcept:
+    core._error = error
+    llhttp_set_error_reason(http, reason)
+    return HPE_USER
+
+
+cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcept:
+    cdef UpstreamCore core = <UpstreamCore>http.data
+    try:
+        core._header_field(at[:length])
+    except BaseException as e:
+        return _stopped(http, core, e, b"`on_header_field` callback error")
+    return 0
+
+
+cdef int _on_header_value(llhttp_t* http, const char* at, size_t length) noexcept:
+    cdef UpstreamCore core = <UpstreamCore>http.data
+    try:
+        core._header_value(at[:length])
+    except BaseException as e:
+        return _stopped(http, core, e, b"`on_header_value` callback error")
+    return 0
+
+
+cdef int _on_headers_complete(llhttp_t* http) noexcept:
+    cdef UpstreamCore core = <UpstreamCore>http.data
+    try:
+        core._flush_header()
+        core._headers_complete()
+    except BaseException as e:
+        core._error = e
+        return -1
+    # A 101 (or a CONNECT's answer): 1 skips the body, and the parse stops.
+    return 1 if http.upgrade else 0
+
+
+cdef int _on_body(llhttp_t* http, const char* at, size_t length) noexcept:
+    cdef UpstreamCore core = <UpstreamCore>http.data
+    try:
+        core.body_parts.append(at[:length])
+    except BaseException as e:
+        return _stopped(http, core, e, b"`on_body` callback error")
+    return 0
+
+
+cdef int _on_chunk_complete(llhttp_t* http) noexcept:
+    # After the last chunk: its trailers' last line.
+    cdef UpstreamCore core = <UpstreamCore>http.data
+    try:
+        core._flush_header()
+    except BaseException as e:
+        core._error = e
+        return -1
+    return 0
+
+
+cdef int _on_message_complete(llhttp_t* http) noexcept:
+    cdef UpstreamCore core = <UpstreamCore>http.data
+    try:
+        core._message_complete()
+    except BaseException as e:
+        core._error = e
+        return -1
+    return 0
+
+
+_SETTINGS.on_header_field = _on_header_field
+_SETTINGS.on_header_value = _on_header_value
+_SETTINGS.on_headers_complete = _on_headers_complete
+_SETTINGS.on_body = _on_body
+_SETTINGS.on_chunk_complete = _on_chunk_complete
+_SETTINGS.on_message_complete = _on_message_complete
+
+
 cdef class UpstreamCore:
     """See _upstream_py.UpstreamCore."""
 
@@ -74,18 +162,18 @@ cdef class UpstreamCore:
         self.pool = pool
         self.loop = pool.loop
         self.transport = None
-        # Body chunks go straight into a list: httptools binds its callbacks
-        # once, so the list object stays and is emptied after each delivery.
+        # Body chunks go into a list, emptied after each delivery (as the
+        # twin's, whose httptools binds its append once).
         self.body_parts = []
         self.collector = HeaderCollector()
-        self.parser = httptools.HttpResponseParser(
-            SimpleNamespace(
-                on_header=self.collector.on_header,
-                on_headers_complete=self.on_headers_complete,
-                on_body=self.body_parts.append,
-                on_message_complete=self.on_message_complete,
-            )
-        )
+        # The twin's httptools parser; this core parses with `_http`.
+        self.parser = None
+        llhttp_init(&self._http, HTTP_RESPONSE, &_SETTINGS)
+        # A borrowed reference: the core owns the parser, so it outlives it.
+        self._http.data = <void*>self
+        self._error = None
+        self._field = None
+        self._value = None
         self.state = _CONNECTING
         self.reused = False
         self.reading_paused = False
@@ -107,29 +195,61 @@ cdef class UpstreamCore:
 
     # -- reading -----------------------------------------------------------
     def data_received(self, data):
+        cdef Py_buffer view
+        cdef llhttp_errno_t err
         self.last_activity = self._time()
         if self.state is _IDLE:
             # A pooled connection must be silent; bytes now mean the server
             # is confused or closing. Never reuse it.
             self.close()
             return
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            self.parser.feed_data(data)
-            if self.body_parts:
-                self._deliver()
-        except _HttpParserUpgrade:
-            self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
-        except _HttpParserError as e:
-            self._fail(UpstreamError(f"invalid response from upstream: {e}", before_response=self.head is None))
+            err = llhttp_execute(&self._http, <const char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        if err != HPE_OK:
+            self._parse_failed(err)
+        elif self.body_parts:
+            self._deliver()
 
-    # -- httptools callbacks -----------------------------------------------
-    def on_headers_complete(self):
-        cdef int status = self.parser.get_status_code()
+    cdef _parse_failed(self, llhttp_errno_t err):
+        # Where the twin catches httptools' exceptions, which give what a
+        # callback raised only as their context, and say llhttp's reason.
+        self._error = None
+        if err == HPE_PAUSED_UPGRADE and self._http.upgrade:
+            llhttp_resume_after_upgrade(&self._http)
+            self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
+        else:
+            reason = llhttp_get_error_reason(&self._http).decode("latin-1")
+            self._fail(UpstreamError(f"invalid response from upstream: {reason}", before_response=self.head is None))
+
+    # -- what llhttp's callbacks call ----------------------------------------
+    # A header's name and value can each come in pieces, split by a read:
+    # the header is passed on when the next one starts, or the head ends
+    # (or a chunked body's trailers do), as httptools does.
+    cdef _header_field(self, bytes field):
+        self._flush_header()
+        self._field = field if self._field is None else self._field + field
+
+    cdef _header_value(self, bytes value):
+        self._value = value if self._value is None else self._value + value
+
+    cdef _flush_header(self):
+        if self._value is not None:
+            name = self._field
+            value = self._value
+            self._field = self._value = None
+            self.collector._add(name, value)
+
+    cdef _headers_complete(self):
+        cdef int status = self._http.status_code
         cdef ResponseHead head
         if status < 200:
             self.collector.reset()  # 1xx interim response: the real one follows
             return
-        head = _new_head(status, self.collector, self.parser.should_keep_alive())
+        self.collector.seal()  # a chunked body's trailers are not the head's
+        head = _new_head(status, self.collector, llhttp_should_keep_alive(&self._http) != 0)
         self.head = head
         # time.monotonic(), not the loop's clock: the gateway measures the
         # hub's own share of a request against it (see Exchange.t0).
@@ -156,6 +276,10 @@ cdef class UpstreamCore:
         parts.clear()
 
     def on_message_complete(self):
+        """The body is whole (the subclass's call for one the close ends)."""
+        self._message_complete()
+
+    cdef _message_complete(self):
         cdef list parts
         if self.head is None:
             return  # end of a 1xx interim response

@@ -168,6 +168,7 @@ class UpstreamCore:
         if status < 200:
             self.collector.reset()  # 1xx interim response: the real one follows
             return
+        self.collector.seal()  # a chunked body's trailers are not the head's
         head = ResponseHead(status, self.collector, self.parser.should_keep_alive())
         self.head = head
         # time.monotonic(), not the loop's clock: the gateway measures the

@@ -68,7 +68,10 @@ class UpstreamConnection(UpstreamCore, ReadFlow, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
         self.state = _CLOSED
-        self.parser = detached(httptools.HttpResponseParser)
+        if self.parser is not None:
+            # The twin's httptools parser holds this connection's bound
+            # methods; the compiled core's llhttp parser is part of it.
+            self.parser = detached(httptools.HttpResponseParser)
         self.deadline = 0.0
         self.pool.forget(self)
         if previous in (_SENDING, _RECEIVING) and not self.complete:

@@ -41,6 +41,12 @@ MALFORMED_HEAD = b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n"
 # A name some servers read as Transfer-Encoding: refused by the header collector.
 AMBIGUOUS_HEAD = b"HTTP/1.1 200 OK\r\ntransfer_encoding: chunked\r\ncontent-length: 2\r\n\r\n{}"
 MALFORMED_BODY = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+# The compiled core runs llhttp without httptools: it must read these, and
+# refuse the bad ones with the same reasons, as the twin does.
+TRAILERS = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 1\r\nx-last: 2\r\n\r\n")
+UPGRADE = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nxyz"
+BAD_STATUS = b"HTTP/1.1 2x0 OK\r\ncontent-length: 0\r\n\r\n"
+BAD_LENGTH = b"HTTP/1.1 200 OK\r\ncontent-length: 1x\r\n\r\n"
 
 
 @pytest.fixture(scope="module", params=["c", "py"])
@@ -342,6 +348,28 @@ def test_a_malformed_response_fails_the_connection(twin: ModuleType, data: bytes
     assert before is before_response
 
 
+@pytest.mark.parametrize("data, message", [
+    (MALFORMED_HEAD, "invalid response from upstream: Invalid header token"),
+    (AMBIGUOUS_HEAD, "invalid response from upstream: `on_header_field` callback error"),
+    (MALFORMED_BODY, "invalid response from upstream: Invalid character in chunk size"),
+    (BAD_STATUS, "invalid response from upstream: Invalid status code"),
+    (BAD_LENGTH, "invalid response from upstream: Invalid character in Content-Length"),
+    (UPGRADE, "upstream tried to upgrade the connection"),
+])
+def test_a_malformed_response_is_failed_saying_why(twin: ModuleType, data: bytes, message: str) -> None:
+    proto = connection(twin)
+    feed(proto, data)
+    assert [m for _, m, _ in proto.failures] == [message]
+
+
+def test_trailers_end_a_chunked_body_and_are_not_headers(twin: ModuleType) -> None:
+    proto = connection(twin)
+    feed(proto, TRAILERS)
+    assert proto.complete and proto.failures == []
+    assert proto.head.headers == [(b"transfer-encoding", b"chunked")]
+    assert proto.sink_used.events == [("complete", [b"hello"])]
+
+
 def test_a_response_head_outside_a_connection(twin: ModuleType) -> None:
     collector = HeaderCollector()
     collector.on_header(b"Transfer-Encoding", b"gzip, Chunked")
@@ -351,7 +379,7 @@ def test_a_response_head_outside_a_connection(twin: ModuleType) -> None:
 
 
 STREAMS = [SSE, JSON, REFUSED, INTERIM, CLOSE_DELIMITED, EMPTY, MALFORMED_HEAD, AMBIGUOUS_HEAD, MALFORMED_BODY,
-           JSON + b"HTTP/1.1 200 OK\r\n\r\n"]
+           JSON + b"HTTP/1.1 200 OK\r\n\r\n", TRAILERS, UPGRADE, BAD_STATUS, BAD_LENGTH]
 
 
 @settings(max_examples=200, deadline=None)
