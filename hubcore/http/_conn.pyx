@@ -31,12 +31,12 @@ from hubcore.http._llhttp cimport (
 )
 from hubcore.http._wire cimport HeaderCollector, HeaderList
 
-# What is not hot is the Python twin's, shared. `line_version` is the
-# twin's read of the version from the request line, which this core takes
-# from llhttp's fields instead; it is here so that both twins have it.
+# What is not hot is the Python twin's, shared. (The twin's line_version,
+# its read of the version from the request line, has no part here: this
+# core reads llhttp's fields.)
 from hubcore.http._conn_py import (
     CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, TRIM_AFTER_BYTES, TRIM_MIN_INTERVAL, Phase,
-    RefusedAtHead, Reject, line_version, malloc_trim,
+    RefusedAtHead, Reject, malloc_trim,
 )
 
 log = logging.getLogger("hubcore.server")
