@@ -52,12 +52,12 @@ def sqlite_extensions() -> list:
                       libraries=["sqlite3"], extra_compile_args=["-O3"])]
 
 
-# llhttp, the HTTP parser httptools wraps, vendored at the version httptools
-# ships (hubcore/http/llhttp/README.md): the compiled connection cores run
-# it themselves, each with its own copy, whose symbols stay inside the
-# module. Its header is needed wherever the cores' declarations (_conn.pxd,
-# _upstream.pxd) are cimported.
-LLHTTP = "hubcore/http/llhttp"
+# llhttp, the HTTP parser httptools wraps, vendored at the version
+# httptools ships (hubcore/http/vendor/llhttp/README.md): the compiled
+# connection cores run it themselves, each with its own copy, whose symbols
+# stay inside the module. Its header is needed wherever the cores'
+# declarations (_conn.pxd, _upstream.pxd) are cimported.
+LLHTTP = "hubcore/http/vendor/llhttp"
 LLHTTP_SOURCES = [f"{LLHTTP}/llhttp.c", f"{LLHTTP}/api.c", f"{LLHTTP}/http.c"]
 
 ext_modules = []

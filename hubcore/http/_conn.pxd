@@ -53,8 +53,6 @@ cdef class ConnCore:
     cdef public object parser  # the twin's; None here (see _http)
     cdef llhttp_t _http  # the request parser, run by _received
     cdef object _error  # what a callback of _http's raised, until _parse_failed reads it
-    cdef bytes _field  # the header being read: its name and value so far
-    cdef bytes _value
     cdef public object phase
     cdef public double deadline
     cdef public double timeout
@@ -95,9 +93,6 @@ cdef class ConnCore:
     cdef _parse_failed(self, llhttp_errno_t err)
     cdef _message_begin(self)
     cdef _url(self, bytes url)
-    cdef _header_field(self, bytes field)
-    cdef _header_value(self, bytes value)
-    cdef _flush_header(self)
     cdef _headers_complete(self)
     cdef _body(self, bytes body)
     cdef _message_complete(self)

@@ -7,9 +7,9 @@ The same methods in the same order, on typed fields. Where the twin hands
 its reads to httptools, which calls back into Python for the request line,
 each header, each piece of the body and the message's ends, this core runs
 llhttp itself, the parser httptools wraps (the same version, vendored in
-hubcore/http/llhttp/): its callbacks are C functions that call the core's
-methods in C, and the request line's method and version are read from the
-parser's fields. `data_received` and `buffer_updated` stay Python-callable
+hubcore/http/vendor/llhttp/): its callbacks are C functions that call the
+core's methods in C, and the request line's method and version are read
+from the parser's fields. `data_received` and `buffer_updated` stay Python-callable
 (the transport calls them); what they call among themselves (`_set_phase`,
 `_reserve`, `_dispatch`, `_start`, `_end_current`, the body budget, a
 Request's `drop_body`) are C calls. The rare paths are the subclass's
@@ -231,7 +231,7 @@ cdef int _on_url(llhttp_t* http, const char* at, size_t length) noexcept:
 cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcept:
     cdef ConnCore core = <ConnCore>http.data
     try:
-        core._header_field(at[:length])
+        core.collector._name_piece(at[:length])
     except BaseException as e:
         return _stopped(http, core, e, b"`on_header_field` callback error")
     return 0
@@ -240,7 +240,7 @@ cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcep
 cdef int _on_header_value(llhttp_t* http, const char* at, size_t length) noexcept:
     cdef ConnCore core = <ConnCore>http.data
     try:
-        core._header_value(at[:length])
+        core.collector._value_piece(at[:length])
     except BaseException as e:
         return _stopped(http, core, e, b"`on_header_value` callback error")
     return 0
@@ -249,7 +249,7 @@ cdef int _on_header_value(llhttp_t* http, const char* at, size_t length) noexcep
 cdef int _on_headers_complete(llhttp_t* http) noexcept:
     cdef ConnCore core = <ConnCore>http.data
     try:
-        core._flush_header()
+        core.collector._flush()
         core._headers_complete()
     except BaseException as e:
         core._error = e
@@ -272,7 +272,7 @@ cdef int _on_chunk_complete(llhttp_t* http) noexcept:
     # After the last chunk: its trailers' last line.
     cdef ConnCore core = <ConnCore>http.data
     try:
-        core._flush_header()
+        core.collector._flush()
     except BaseException as e:
         core._error = e
         return -1
@@ -325,8 +325,6 @@ cdef class ConnCore:
         # A borrowed reference: the core owns the parser, so it outlives it.
         self._http.data = <void*>self
         self._error = None
-        self._field = None
-        self._value = None
         self.phase = _IDLE
         self.deadline = 0.0
         self.timeout = 0.0
@@ -435,23 +433,6 @@ cdef class ConnCore:
 
     cdef _url(self, bytes url):
         self.url = url if not self.url else self.url + url
-
-    # A header's name and value can each come in pieces, split by a read:
-    # the header is passed on when the next one starts, or the head ends
-    # (or a chunked body's trailers do), as httptools does.
-    cdef _header_field(self, bytes field):
-        self._flush_header()
-        self._field = field if self._field is None else self._field + field
-
-    cdef _header_value(self, bytes value):
-        self._value = value if self._value is None else self._value + value
-
-    cdef _flush_header(self):
-        if self._value is not None:
-            name = self._field
-            value = self._value
-            self._field = self._value = None
-            self.collector._add(name, value)
 
     cdef _headers_complete(self):
         cdef HeaderCollector head = self.collector

@@ -1,7 +1,7 @@
 # llhttp's C API, as much of it as the compiled connection cores use: the
-# parser httptools wraps, vendored in hubcore/http/llhttp/ (the version
-# httptools ships, so that both twins parse alike) and called without
-# httptools' Python callbacks in between.
+# parser httptools wraps, vendored in hubcore/http/vendor/llhttp/ (the
+# version httptools ships, so that both twins parse alike) and called
+# without httptools' Python callbacks in between.
 
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
 

@@ -40,8 +40,6 @@ cdef class UpstreamCore:
     cdef public object parser  # the twin's; None here (see _http)
     cdef llhttp_t _http  # the response parser, run by data_received
     cdef object _error  # what a callback of _http's raised, until _parse_failed drops it
-    cdef bytes _field  # the header being read: its name and value so far
-    cdef bytes _value
     cdef public object state
     cdef public bint reused
     cdef public bint reading_paused
@@ -62,9 +60,6 @@ cdef class UpstreamCore:
     cdef public double idle_timeout
 
     cdef _parse_failed(self, llhttp_errno_t err)
-    cdef _header_field(self, bytes field)
-    cdef _header_value(self, bytes value)
-    cdef _flush_header(self)
     cdef _headers_complete(self)
     cdef _message_complete(self)
     cdef _deliver(self)

@@ -89,7 +89,7 @@ cdef int _stopped(llhttp_t* http, UpstreamCore core, BaseException error, const 
 cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcept:
     cdef UpstreamCore core = <UpstreamCore>http.data
     try:
-        core._header_field(at[:length])
+        core.collector._name_piece(at[:length])
     except BaseException as e:
         return _stopped(http, core, e, b"`on_header_field` callback error")
     return 0
@@ -98,7 +98,7 @@ cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcep
 cdef int _on_header_value(llhttp_t* http, const char* at, size_t length) noexcept:
     cdef UpstreamCore core = <UpstreamCore>http.data
     try:
-        core._header_value(at[:length])
+        core.collector._value_piece(at[:length])
     except BaseException as e:
         return _stopped(http, core, e, b"`on_header_value` callback error")
     return 0
@@ -107,7 +107,7 @@ cdef int _on_header_value(llhttp_t* http, const char* at, size_t length) noexcep
 cdef int _on_headers_complete(llhttp_t* http) noexcept:
     cdef UpstreamCore core = <UpstreamCore>http.data
     try:
-        core._flush_header()
+        core.collector._flush()
         core._headers_complete()
     except BaseException as e:
         core._error = e
@@ -129,7 +129,7 @@ cdef int _on_chunk_complete(llhttp_t* http) noexcept:
     # After the last chunk: its trailers' last line.
     cdef UpstreamCore core = <UpstreamCore>http.data
     try:
-        core._flush_header()
+        core.collector._flush()
     except BaseException as e:
         core._error = e
         return -1
@@ -172,8 +172,6 @@ cdef class UpstreamCore:
         # A borrowed reference: the core owns the parser, so it outlives it.
         self._http.data = <void*>self
         self._error = None
-        self._field = None
-        self._value = None
         self.state = _CONNECTING
         self.reused = False
         self.reading_paused = False
@@ -225,23 +223,6 @@ cdef class UpstreamCore:
             self._fail(UpstreamError(f"invalid response from upstream: {reason}", before_response=self.head is None))
 
     # -- what llhttp's callbacks call ----------------------------------------
-    # A header's name and value can each come in pieces, split by a read:
-    # the header is passed on when the next one starts, or the head ends
-    # (or a chunked body's trailers do), as httptools does.
-    cdef _header_field(self, bytes field):
-        self._flush_header()
-        self._field = field if self._field is None else self._field + field
-
-    cdef _header_value(self, bytes value):
-        self._value = value if self._value is None else self._value + value
-
-    cdef _flush_header(self):
-        if self._value is not None:
-            name = self._field
-            value = self._value
-            self._field = self._value = None
-            self.collector._add(name, value)
-
     cdef _headers_complete(self):
         cdef int status = self._http.status_code
         cdef ResponseHead head

@@ -16,9 +16,17 @@ cdef class HeaderCollector(HeaderList):
     cdef public Py_ssize_t hosts
     cdef public bint sealed
 
+    # The header being read by llhttp, in pieces: its name and value so far.
+    cdef bytes _name
+    cdef bytes _value
+
     cpdef reset(self)
     cpdef seal(self)
-    cdef _add(self, bytes name, bytes value)  # on_header's work, for _conn.pyx
+    # For the compiled connection cores, which run llhttp (see _wire.pyx).
+    cdef _add(self, bytes name, bytes value)
+    cdef _name_piece(self, bytes piece)
+    cdef _value_piece(self, bytes piece)
+    cdef _flush(self)
 
 cdef class NameSet:
     cdef readonly frozenset names

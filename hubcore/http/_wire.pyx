@@ -79,6 +79,8 @@ cdef class HeaderCollector(HeaderList):
         self.control = None
         self.hosts = 0
         self.sealed = False
+        self._name = None
+        self._value = None
 
     cpdef seal(self):
         self.sealed = True
@@ -86,8 +88,25 @@ cdef class HeaderCollector(HeaderList):
     def on_header(self, bytes name not None, bytes value not None):
         self._add(name, value)
 
+    # llhttp hands a header's name and value over in pieces where a read
+    # splits them: a header is added when the next one starts, or the head
+    # ends (or a chunked body's trailers do), as httptools does.
+    cdef _name_piece(self, bytes piece):
+        self._flush()
+        self._name = piece if self._name is None else self._name + piece
+
+    cdef _value_piece(self, bytes piece):
+        self._value = piece if self._value is None else self._value + piece
+
+    cdef _flush(self):
+        if self._value is not None:
+            name = self._name
+            value = self._value
+            self._name = self._value = None
+            self._add(name, value)
+
     cdef _add(self, bytes name, bytes value):
-        # The compiled connection core's call: names and values are bytes.
+        # on_header's work, called in C: names and values are bytes.
         cdef Py_ssize_t i, n
         cdef const unsigned char* v
         cdef long long length = 0
