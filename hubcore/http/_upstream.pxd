@@ -39,7 +39,6 @@ cdef class UpstreamCore:
     cdef readonly HeaderCollector collector
     cdef public object parser  # the twin's; None here (see _http)
     cdef llhttp_t _http  # the response parser, run by data_received
-    cdef object _error  # what a callback of _http's raised, until _parse_failed drops it
     cdef public object state
     cdef public bint reused
     cdef public bint reading_paused

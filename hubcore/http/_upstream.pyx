@@ -73,15 +73,15 @@ cdef ResponseHead _new_head(int status, HeaderCollector head, bint keep_alive):
 
 # -- llhttp's callbacks --------------------------------------------------------
 # As the client connection core's (see there): C functions called with the
-# core as the parser's `data`, which keep an exception on the core rather
-# than raise, with httptools' error reasons.
+# core as the parser's `data`, which never raise, with httptools' error
+# reasons. What a callback raised is not kept: the failure says llhttp's
+# reason, as the twin's does.
 
 cdef llhttp_settings_t _SETTINGS  # llhttp keeps a pointer to it: module-lived
 llhttp_settings_init(&_SETTINGS)
 
 
-cdef int _stopped(llhttp_t* http, UpstreamCore core, BaseException error, const char* reason) noexcept:
-    core._error = error
+cdef int _stopped(llhttp_t* http, const char* reason) noexcept:
     llhttp_set_error_reason(http, reason)
     return HPE_USER
 
@@ -90,8 +90,8 @@ cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcep
     cdef UpstreamCore core = <UpstreamCore>http.data
     try:
         core.collector._name_piece(at[:length])
-    except BaseException as e:
-        return _stopped(http, core, e, b"`on_header_field` callback error")
+    except BaseException:
+        return _stopped(http, b"`on_header_field` callback error")
     return 0
 
 
@@ -99,8 +99,8 @@ cdef int _on_header_value(llhttp_t* http, const char* at, size_t length) noexcep
     cdef UpstreamCore core = <UpstreamCore>http.data
     try:
         core.collector._value_piece(at[:length])
-    except BaseException as e:
-        return _stopped(http, core, e, b"`on_header_value` callback error")
+    except BaseException:
+        return _stopped(http, b"`on_header_value` callback error")
     return 0
 
 
@@ -109,8 +109,7 @@ cdef int _on_headers_complete(llhttp_t* http) noexcept:
     try:
         core.collector._flush()
         core._headers_complete()
-    except BaseException as e:
-        core._error = e
+    except BaseException:
         return -1
     # A 101 (or a CONNECT's answer): 1 skips the body, and the parse stops.
     return 1 if http.upgrade else 0
@@ -120,8 +119,8 @@ cdef int _on_body(llhttp_t* http, const char* at, size_t length) noexcept:
     cdef UpstreamCore core = <UpstreamCore>http.data
     try:
         core.body_parts.append(at[:length])
-    except BaseException as e:
-        return _stopped(http, core, e, b"`on_body` callback error")
+    except BaseException:
+        return _stopped(http, b"`on_body` callback error")
     return 0
 
 
@@ -130,8 +129,7 @@ cdef int _on_chunk_complete(llhttp_t* http) noexcept:
     cdef UpstreamCore core = <UpstreamCore>http.data
     try:
         core.collector._flush()
-    except BaseException as e:
-        core._error = e
+    except BaseException:
         return -1
     return 0
 
@@ -140,8 +138,7 @@ cdef int _on_message_complete(llhttp_t* http) noexcept:
     cdef UpstreamCore core = <UpstreamCore>http.data
     try:
         core._message_complete()
-    except BaseException as e:
-        core._error = e
+    except BaseException:
         return -1
     return 0
 
@@ -171,7 +168,6 @@ cdef class UpstreamCore:
         llhttp_init(&self._http, HTTP_RESPONSE, &_SETTINGS)
         # A borrowed reference: the core owns the parser, so it outlives it.
         self._http.data = <void*>self
-        self._error = None
         self.state = _CONNECTING
         self.reused = False
         self.reading_paused = False
@@ -212,9 +208,7 @@ cdef class UpstreamCore:
             self._deliver()
 
     cdef _parse_failed(self, llhttp_errno_t err):
-        # Where the twin catches httptools' exceptions, which give what a
-        # callback raised only as their context, and say llhttp's reason.
-        self._error = None
+        # Where the twin catches httptools' exceptions and says their reason.
         if err == HPE_PAUSED_UPGRADE and self._http.upgrade:
             llhttp_resume_after_upgrade(&self._http)
             self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
