@@ -509,34 +509,51 @@ class Browser:
 # -- the run ---------------------------------------------------------------------------------------
 
 
+PORT_TAKEN = b"address already in use"
+START_ATTEMPTS = 3
+
+
 @contextmanager
 def hub(database: Path, workdir: Path) -> Iterator[tuple[int, subprocess.Popen[Any]]]:
-    """`hubcore serve` on the database, as a user runs it: (dashboard port, process)."""
-    port, dashboard_port = free_port(), free_port()
-    config = workdir / "hubcore.toml"
-    config.write_text(HUB_CONFIG.format(port=port, dashboard_port=dashboard_port, database=database, dir=workdir,
-                                        tz=TIMEZONE))
-    log = open(workdir / "hub.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "hubcore", "serve", "--config", str(config)], stdout=log,
-                            stderr=subprocess.STDOUT, env=_env(), cwd=workdir, preexec_fn=_die_with_parent)
-    try:
+    """`hubcore serve` on the database, as a user runs it: (dashboard port, process).
+
+    The ports are picked free but bound only by the hub, so another process
+    (a parallel test, an outgoing connection) can take one in between; a start
+    refused for that alone is tried again on fresh ports."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        port, dashboard_port = free_port(), free_port()
+        config = workdir / "hubcore.toml"
+        config.write_text(HUB_CONFIG.format(port=port, dashboard_port=dashboard_port, database=database,
+                                            dir=workdir, tz=TIMEZONE))
+        log_path = workdir / "hub.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "hubcore", "serve", "--config", str(config)],
+                                    stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=workdir,
+                                    preexec_fn=_die_with_parent)
         try:
-            # The start rebuilds every budget from the usage rows first.
-            wait_http(port, proc, "hubcore", timeout=300)
-            # The dashboard opens just after the proxy's port.
-            wait_connect(dashboard_port, proc, "hubcore's dashboard")
-        except (RuntimeError, TimeoutError) as e:
-            raise SystemExit(f"{e}; its log: {workdir / 'hub.log'}") from None
-        yield dashboard_port, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
             try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        log.close()
+                # The start rebuilds every budget from the usage rows first.
+                wait_http(port, proc, "hubcore", timeout=300)
+                # The dashboard opens just after the proxy's port.
+                wait_connect(dashboard_port, proc, "hubcore's dashboard")
+            except (RuntimeError, TimeoutError) as e:
+                said = log_path.read_bytes()
+                if proc.poll() is not None and PORT_TAKEN in said and attempt < START_ATTEMPTS:
+                    print(f"a port was taken before hubcore bound it; starting again (attempt {attempt + 1})",
+                          file=sys.stderr)
+                    continue
+                tail = said.decode(errors="replace").strip().splitlines()[-5:]
+                raise SystemExit(f"{e}; its log ({log_path}) ends:\n" + "\n".join(tail)) from None
+            yield dashboard_port, proc
+            return
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
 
 
 def percentile(values: list[float], share: float) -> float:

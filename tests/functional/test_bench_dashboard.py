@@ -4,13 +4,16 @@ routes it asks for."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from bench import dashboard
+from bench.services import free_port
 from hubcore import store
 from hubcore.config import DashboardConfig
 from hubcore.dashboard.server import DashboardServer
@@ -84,3 +87,30 @@ def test_path_parameters_get_sample_values_and_unknown_ones_are_reported() -> No
     assert [(t.path, t.who) for t in chosen] == [
         ("/requests/42", "operator"), ("/tokens/7", "operator"), ("/api/v1/keys/a", "api"), ("/me", "developer")]
     assert skipped == ["/widgets/{id}: no sample value for its parameter (add one to PARAMETERS)"]
+
+
+def test_a_hub_start_refused_because_a_picked_port_was_taken_is_tried_on_fresh_ports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(dashboard, "free_port", lambda: next(picks, None) or free_port())
+    try:
+        with dashboard.hub(tmp_path / "hub.db", tmp_path) as (dashboard_port, proc):
+            assert proc.poll() is None
+            socket.create_connection(("127.0.0.1", dashboard_port), timeout=5).close()
+    finally:
+        taken.close()
+    assert proc.poll() is not None  # stopped on leaving
+    assert "a port was taken before hubcore bound it; starting again (attempt 2)" in capsys.readouterr().err
+
+
+def test_a_hub_that_fails_to_start_for_another_reason_says_what_its_log_ends_with(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dashboard, "HUB_CONFIG", dashboard.HUB_CONFIG.replace('kind = "anthropic"', 'kind = "nope"'))
+    with pytest.raises(SystemExit) as exited:
+        with dashboard.hub(tmp_path / "hub.db", tmp_path):
+            raise AssertionError("the hub should not have started")
+    said = str(exited.value)
+    assert "exited with status" in said and "upstream[0].kind: must be one of" in said and str(tmp_path / "hub.log") in said
