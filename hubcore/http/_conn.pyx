@@ -15,7 +15,6 @@ from the parser's fields. `data_received` and `buffer_updated` stay Python-calla
 Request's `drop_body`) are C calls. The rare paths are the subclass's
 (server.HttpProtocol), called as Python methods."""
 
-cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memchr
@@ -109,8 +108,6 @@ cdef bytes _path_of(bytes target):
     return start[:mark - start]
 
 
-# One Request per request: kept instances spare the allocator a round trip.
-@cython.freelist(8)
 cdef class Request(HeaderList):
     """See _conn_py.Request."""
 

@@ -14,7 +14,6 @@ Exchange calls stay Python-callable, while what they call among themselves
 collector's `reset`) are C calls. The rare paths are the subclass's
 (client.UpstreamConnection), called as Python methods."""
 
-cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
 import time
@@ -41,8 +40,6 @@ cdef object _CLOSED = ConnState.CLOSED
 cdef object _monotonic = time.monotonic
 
 
-# One ResponseHead per attempt: kept instances spare the allocator a round trip.
-@cython.freelist(8)
 cdef class ResponseHead(HeaderList):
     """See _upstream_py.ResponseHead."""
     # Its fields are declared in _upstream.pxd, as are UpstreamCore's and

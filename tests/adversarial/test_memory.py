@@ -47,6 +47,9 @@ def serve(tmp_path: Path, vendor: FakeVendor, request: pytest.FixtureRequest) ->
 
 
 def warm(serve: Serve, token: str) -> anthropic.Anthropic:
+    """A client that has made 20 requests through the hub (the caller closes
+    it: an unclosed client's socket would be reported in whichever test the
+    garbage collector frees it)."""
     client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{serve.port}", api_key=token, max_retries=0, timeout=30)
     for _ in range(20):
         client.messages.create(model="claude-sonnet-4-6", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
@@ -77,7 +80,7 @@ def push_body(port: int, head: bytes, size: int, piece: bytes) -> bytes:
 def test_token_less_31_mib_bodies_do_not_grow_the_hub(serve: Serve) -> None:
     token = mint(serve.db, "warm")
     proc = serve.start()
-    warm(serve, token)
+    warm(serve, token).close()
     before = rss(proc.pid)
     head = b"POST /v1/messages HTTP/1.1\r\nhost: hub\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (31 * MIB)
     piece = b"x" * (256 * 1024)
@@ -93,7 +96,7 @@ def test_token_less_31_mib_bodies_do_not_grow_the_hub(serve: Serve) -> None:
 def test_bodies_in_flight_stay_under_their_cap_and_their_memory_goes_back(serve: Serve, vendor: FakeVendor) -> None:
     token = mint(serve.db, "bulk")
     proc = serve.start()
-    warm(serve, token)
+    warm(serve, token).close()
     before = rss(proc.pid)
     size = 2 * MIB
     text = b"y" * (size - 200)
@@ -161,6 +164,7 @@ def test_a_flood_of_slow_connections_does_not_lock_out_a_client(serve: Serve, ve
     finally:
         for sock in flood:
             sock.close()
+        client.close()
     print(f"\n20 requests served in {took:.2f} s beside 500 slow connections; RSS {before / MIB:.1f} -> {after / MIB:.1f} MiB")
     assert served == 20
     assert after - before < 32 * MIB
