@@ -54,9 +54,10 @@ def sqlite_extensions() -> list:
 
 # llhttp, the HTTP parser httptools wraps, vendored at the version
 # httptools ships (hubcore/http/vendor/llhttp/README.md): the compiled
-# connection cores run it themselves, each with its own copy, whose symbols
-# stay inside the module. Its header is needed wherever the cores'
-# declarations (_conn.pxd, _upstream.pxd) are cimported.
+# connection cores run it through their common base, hubcore.http._parsing,
+# the one module it is compiled into (its symbols stay inside). Its header
+# is needed wherever the cores' declarations (_parsing.pxd, _conn.pxd,
+# _upstream.pxd) are cimported.
 LLHTTP = "hubcore/http/vendor/llhttp"
 LLHTTP_SOURCES = [f"{LLHTTP}/llhttp.c", f"{LLHTTP}/api.c", f"{LLHTTP}/http.c"]
 
@@ -69,10 +70,12 @@ if not os.environ.get("HUBCORE_NO_EXTENSIONS"):
         [
             Extension("hubcore.accounting._meter", ["hubcore/accounting/_meter.pyx"], extra_compile_args=["-O3"]),
             Extension("hubcore.http._wire", ["hubcore/http/_wire.pyx"], extra_compile_args=["-O3"]),
-            Extension("hubcore.http._conn", ["hubcore/http/_conn.pyx", *LLHTTP_SOURCES], include_dirs=[LLHTTP],
+            Extension("hubcore.http._parsing", ["hubcore/http/_parsing.pyx", *LLHTTP_SOURCES], include_dirs=[LLHTTP],
                       extra_compile_args=["-O3", "-fvisibility=hidden"]),
-            Extension("hubcore.http._upstream", ["hubcore/http/_upstream.pyx", *LLHTTP_SOURCES], include_dirs=[LLHTTP],
-                      extra_compile_args=["-O3", "-fvisibility=hidden"]),
+            Extension("hubcore.http._conn", ["hubcore/http/_conn.pyx"], include_dirs=[LLHTTP],
+                      extra_compile_args=["-O3"]),
+            Extension("hubcore.http._upstream", ["hubcore/http/_upstream.pyx"], include_dirs=[LLHTTP],
+                      extra_compile_args=["-O3"]),
             Extension("hubcore.gateway._exchange", ["hubcore/gateway/_exchange.pyx"], include_dirs=[LLHTTP],
                       extra_compile_args=["-O3"]),
             Extension("hubcore.gateway._heads", ["hubcore/gateway/_heads.pyx"], extra_compile_args=["-O3"]),

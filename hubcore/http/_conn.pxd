@@ -2,7 +2,8 @@
 # that the Exchange's core (hubcore/gateway/_exchange.pyx) reads the request
 # and writes the answer without a Python attribute lookup or call.
 
-from hubcore.http._llhttp cimport llhttp_errno_t, llhttp_t
+from hubcore.http._llhttp cimport llhttp_errno_t
+from hubcore.http._parsing cimport ParsingCore
 from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 
@@ -36,7 +37,8 @@ cdef class Request(HeaderList):
     cpdef drop_body(self)
 
 
-cdef class ConnCore:
+cdef class ConnCore(ParsingCore):
+    # (its parser `_http` and header `collector` are ParsingCore's)
     # per-connection
     cdef public object server
     cdef public object config
@@ -49,9 +51,7 @@ cdef class ConnCore:
     cdef public bint parsing_stopped
     cdef public object pending_reject
     cdef public Request current
-    cdef readonly HeaderCollector collector
     cdef public object parser  # the twin's; None here (see _http)
-    cdef llhttp_t _http  # the request parser, run by _received
     cdef object _error  # what a callback of _http's raised, until _parse_failed reads it
     cdef public object phase
     cdef public double deadline
@@ -91,11 +91,6 @@ cdef class ConnCore:
 
     cdef _received(self, const char* data, Py_ssize_t size)
     cdef _parse_failed(self, llhttp_errno_t err)
-    cdef _message_begin(self)
-    cdef _url(self, bytes url)
-    cdef _headers_complete(self)
-    cdef _body(self, bytes body)
-    cdef _message_complete(self)
     cdef _control_headers(self, list control)
     cdef _reserve(self, Py_ssize_t size)
     cdef _refused_at_head(self, Request request)

@@ -4,13 +4,13 @@
 both to it).
 
 The same methods in the same order, on typed fields. Where the twin hands
-its reads to httptools, which calls back into Python for the request line,
-each header, each piece of the body and the message's ends, this core runs
-llhttp itself, the parser httptools wraps (the same version, vendored in
-hubcore/http/vendor/llhttp/): its callbacks are C functions that call the
-core's methods in C, and the request line's method and version are read
-from the parser's fields. `data_received` and `buffer_updated` stay Python-callable
-(the transport calls them); what they call among themselves (`_set_phase`,
+its reads to httptools, this core runs llhttp itself, the parser httptools
+wraps, as a ParsingCore (hubcore/http/_parsing.pyx): llhttp's callbacks
+call this core's steps (`_message_begin`, `_url`, `_headers_complete`,
+`_body`, `_message_complete`) in C, and the request line's method and
+version are read from the parser's fields. `data_received` and
+`buffer_updated` stay Python-callable (the transport calls them); what they
+call among themselves (`_set_phase`,
 `_reserve`, `_dispatch`, `_start`, `_end_current`, the body budget, a
 Request's `drop_body`) are C calls. The rare paths are the subclass's
 (server.HttpProtocol), called as Python methods."""
@@ -22,12 +22,8 @@ from libc.string cimport memchr
 import logging
 from collections import deque
 
-from hubcore.http._llhttp cimport (
-    HPE_OK, HPE_PAUSED_UPGRADE, HPE_USER, HTTP_GET, HTTP_HEAD, HTTP_POST, HTTP_REQUEST, llhttp_errno_t,
-    llhttp_execute, llhttp_get_error_reason, llhttp_init, llhttp_method_name, llhttp_method_t,
-    llhttp_resume_after_upgrade, llhttp_set_error_reason, llhttp_settings_init, llhttp_settings_t,
-    llhttp_should_keep_alive, llhttp_t,
-)
+from hubcore.http._llhttp cimport HPE_OK, HTTP_REQUEST, llhttp_errno_t
+from hubcore.http._parsing cimport ParsingCore
 from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 # What is not hot is the Python twin's, shared. (The twin's line_version,
@@ -56,9 +52,6 @@ cdef double _TRIM_MIN_INTERVAL = TRIM_MIN_INTERVAL
 cdef object _malloc_trim = malloc_trim
 cdef str _V11 = "1.1"
 cdef str _V10 = "1.0"
-cdef bytes _GET = b"GET"
-cdef bytes _HEAD_METHOD = b"HEAD"
-cdef bytes _POST = b"POST"
 
 
 cdef class BodyBudget:
@@ -166,18 +159,6 @@ cdef Request _new_request(bytes method, bytes target, HeaderCollector head, list
     return request
 
 
-cdef bytes _method_name(int method):
-    """The request's method as llhttp names it, without a new bytes object
-    for the usual three."""
-    if method == HTTP_POST:
-        return _POST
-    if method == HTTP_GET:
-        return _GET
-    if method == HTTP_HEAD:
-        return _HEAD_METHOD
-    return <bytes>llhttp_method_name(<llhttp_method_t>method)
-
-
 cdef const char* _address_of(object buffer) except NULL:
     """Where the server's read buffer is. It stays there while the
     connection lives: the core holds the memoryview that exports it, and a
@@ -188,115 +169,7 @@ cdef const char* _address_of(object buffer) except NULL:
     return <const char*>view.buf
 
 
-# -- llhttp's callbacks --------------------------------------------------------
-# C functions that llhttp calls with the connection core as the parser's
-# `data`. They call the core's methods in C and never raise: an exception is
-# kept on the core, and the non-zero return stops the parse, as httptools'
-# callbacks do (with the same error reasons, so that both twins answer a bad
-# request alike).
-
-cdef llhttp_settings_t _SETTINGS  # llhttp keeps a pointer to it: module-lived
-llhttp_settings_init(&_SETTINGS)
-
-
-cdef int _stopped(llhttp_t* http, ConnCore core, BaseException error, const char* reason) noexcept:
-    # A data callback failed: llhttp reports HPE_USER with this reason.
-    core._error = error
-    llhttp_set_error_reason(http, reason)
-    return HPE_USER
-
-
-cdef int _on_message_begin(llhttp_t* http) noexcept:
-    cdef ConnCore core = <ConnCore>http.data
-    try:
-        core._message_begin()
-    except BaseException as e:
-        core._error = e
-        return -1
-    return 0
-
-
-cdef int _on_url(llhttp_t* http, const char* at, size_t length) noexcept:
-    cdef ConnCore core = <ConnCore>http.data
-    try:
-        core._url(at[:length])
-    except BaseException as e:
-        return _stopped(http, core, e, b"`on_url` callback error")
-    return 0
-
-
-cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcept:
-    cdef ConnCore core = <ConnCore>http.data
-    try:
-        core.collector._name_piece(at[:length])
-    except BaseException as e:
-        return _stopped(http, core, e, b"`on_header_field` callback error")
-    return 0
-
-
-cdef int _on_header_value(llhttp_t* http, const char* at, size_t length) noexcept:
-    cdef ConnCore core = <ConnCore>http.data
-    try:
-        core.collector._value_piece(at[:length])
-    except BaseException as e:
-        return _stopped(http, core, e, b"`on_header_value` callback error")
-    return 0
-
-
-cdef int _on_headers_complete(llhttp_t* http) noexcept:
-    cdef ConnCore core = <ConnCore>http.data
-    try:
-        core.collector._flush()
-        core._headers_complete()
-    except BaseException as e:
-        core._error = e
-        return -1
-    # What llhttp still takes for an upgrade (the core refuses CONNECT and
-    # Upgrade first): 1 skips the body, and the parse stops at the head.
-    return 1 if http.upgrade else 0
-
-
-cdef int _on_body(llhttp_t* http, const char* at, size_t length) noexcept:
-    cdef ConnCore core = <ConnCore>http.data
-    try:
-        core._body(at[:length])
-    except BaseException as e:
-        return _stopped(http, core, e, b"`on_body` callback error")
-    return 0
-
-
-cdef int _on_chunk_complete(llhttp_t* http) noexcept:
-    # After the last chunk: its trailers' last line.
-    cdef ConnCore core = <ConnCore>http.data
-    try:
-        core.collector._flush()
-    except BaseException as e:
-        core._error = e
-        return -1
-    return 0
-
-
-cdef int _on_message_complete(llhttp_t* http) noexcept:
-    cdef ConnCore core = <ConnCore>http.data
-    try:
-        core._message_complete()
-    except BaseException as e:
-        core._error = e
-        return -1
-    return 0
-
-
-_SETTINGS.on_message_begin = _on_message_begin
-_SETTINGS.on_url = _on_url
-_SETTINGS.on_header_field = _on_header_field
-_SETTINGS.on_header_value = _on_header_value
-_SETTINGS.on_headers_complete = _on_headers_complete
-_SETTINGS.on_body = _on_body
-_SETTINGS.on_chunk_complete = _on_chunk_complete
-_SETTINGS.on_message_complete = _on_message_complete
-
-
-cdef class ConnCore:
+cdef class ConnCore(ParsingCore):
     """See _conn_py.ConnCore."""
     # Its fields are declared in _conn.pxd, where the Exchange's core
     # (hubcore/gateway/_exchange.pyx) reads them.
@@ -315,12 +188,9 @@ cdef class ConnCore:
         self.parsing_stopped = False
         self.pending_reject = None
         self.current = None
-        self.collector = HeaderCollector()
         # The twin's httptools parser; this core parses with `_http`.
         self.parser = None
-        llhttp_init(&self._http, HTTP_REQUEST, &_SETTINGS)
-        # A borrowed reference: the core owns the parser, so it outlives it.
-        self._http.data = <void*>self
+        self._start_parser(HTTP_REQUEST)
         self._error = None
         self.phase = _IDLE
         self.deadline = 0.0
@@ -387,7 +257,7 @@ cdef class ConnCore:
             # Counted before parsing, so a head that never ends is caught
             # even when it arrives while an earlier request is answered.
             self.head_bytes += size
-        err = llhttp_execute(&self._http, data, size)
+        err = self._execute(data, size)
         if err != HPE_OK:
             self._parse_failed(err)
             return
@@ -402,8 +272,7 @@ cdef class ConnCore:
         # raised, or llhttp's own reason for refusing the bytes.
         reason = self._error
         self._error = None
-        if err == HPE_PAUSED_UPGRADE and self._http.upgrade:
-            llhttp_resume_after_upgrade(&self._http)
+        if self._upgrade_paused(err):
             self._reject(400, "protocol upgrades are not supported")
         elif isinstance(reason, RefusedAtHead):
             self._refused_at_head(reason.request)
@@ -413,9 +282,12 @@ cdef class ConnCore:
             # The header collector's refusal says what is wrong.
             self._reject(400, f"malformed HTTP request: {reason}")
         else:
-            self._reject(400, f"malformed HTTP request: {llhttp_get_error_reason(&self._http).decode('latin-1')}")
+            self._reject(400, f"malformed HTTP request: {self._refusal()}")
 
     # -- what llhttp's callbacks call (never await) --------------------------
+    cdef _callback_failed(self, BaseException error):
+        self._error = error  # for _parse_failed, which says why
+
     cdef _message_begin(self):
         self.url = b""
         self.collector.reset()
@@ -438,7 +310,7 @@ cdef class ConnCore:
         head.seal()  # a chunked body's trailers are not headers
         if len(self.url) + head.size > self._max_header_bytes:
             raise Reject(431, f"request head larger than {self._max_header_bytes} bytes")
-        method = self.method = _method_name(self._http.method)
+        method = self.method = self._method()
         if major == 1 and minor == 1:
             version = _V11
         elif major == 1 and minor == 0:
@@ -526,7 +398,7 @@ cdef class ConnCore:
             self.url,
             self.collector,
             self.body_parts,
-            llhttp_should_keep_alive(&self._http) != 0,
+            self._keep_alive(),
             self.version,
         )
         request.context = self.context

@@ -3,7 +3,8 @@
 # head and sends, attaches and releases without a Python attribute lookup
 # or call.
 
-from hubcore.http._llhttp cimport llhttp_errno_t, llhttp_t
+from hubcore.http._llhttp cimport llhttp_errno_t
+from hubcore.http._parsing cimport ParsingCore
 from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 
@@ -30,15 +31,14 @@ cdef class PoolCore:
     cdef _put_idle(self, UpstreamCore conn)
 
 
-cdef class UpstreamCore:
+cdef class UpstreamCore(ParsingCore):
+    # (its parser `_http` and header `collector` are ParsingCore's)
     # per-connection
     cdef public PoolCore pool
     cdef public object loop
     cdef public object transport
     cdef readonly list body_parts
-    cdef readonly HeaderCollector collector
     cdef public object parser  # the twin's; None here (see _http)
-    cdef llhttp_t _http  # the response parser, run by data_received
     cdef public object state
     cdef public bint reused
     cdef public bint reading_paused
@@ -59,8 +59,6 @@ cdef class UpstreamCore:
     cdef public double idle_timeout
 
     cdef _parse_failed(self, llhttp_errno_t err)
-    cdef _headers_complete(self)
-    cdef _message_complete(self)
     cdef _deliver(self)
     cdef _send(self, head, body, double first_byte_timeout, double idle_timeout, on_head, on_fail)
     cdef _attach(self, sink)

@@ -4,11 +4,10 @@
 holds both to it).
 
 The same methods in the same order, on typed fields. Where the twin hands
-its reads to httptools, which calls back into Python for each header, the
-head's end and the message's, this core runs llhttp itself, as the client
-connection's core does (hubcore/http/_conn.pyx): its callbacks are C
-functions that call the core's methods in C, and the status comes from the
-parser's fields. `data_received`, `on_message_complete` and what the
+its reads to httptools, this core runs llhttp itself, as a ParsingCore
+(hubcore/http/_parsing.pyx), as the client connection's core does: llhttp's
+callbacks call this core's `_headers_complete`, `_body` and
+`_message_complete` in C, and the status comes from the parser's fields. `data_received`, `on_message_complete` and what the
 Exchange calls stay Python-callable, while what they call among themselves
 (`_deliver`, building the ResponseHead, the pool's `_put_idle`, the header
 collector's `reset`) are C calls. The rare paths are the subclass's
@@ -19,11 +18,8 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 import time
 from collections import deque
 
-from hubcore.http._llhttp cimport (
-    HPE_OK, HPE_PAUSED_UPGRADE, HPE_USER, HTTP_RESPONSE, llhttp_errno_t, llhttp_execute,
-    llhttp_get_error_reason, llhttp_init, llhttp_resume_after_upgrade, llhttp_set_error_reason,
-    llhttp_settings_init, llhttp_settings_t, llhttp_should_keep_alive, llhttp_t,
-)
+from hubcore.http._llhttp cimport HPE_OK, HTTP_RESPONSE, llhttp_errno_t
+from hubcore.http._parsing cimport ParsingCore
 from hubcore.http._wire cimport HeaderCollector, HeaderList
 
 # What is not hot is the Python twin's, shared.
@@ -68,87 +64,7 @@ cdef ResponseHead _new_head(int status, HeaderCollector head, bint keep_alive):
     return response
 
 
-# -- llhttp's callbacks --------------------------------------------------------
-# As the client connection core's (see there): C functions called with the
-# core as the parser's `data`, which never raise, with httptools' error
-# reasons. What a callback raised is not kept: the failure says llhttp's
-# reason, as the twin's does.
-
-cdef llhttp_settings_t _SETTINGS  # llhttp keeps a pointer to it: module-lived
-llhttp_settings_init(&_SETTINGS)
-
-
-cdef int _stopped(llhttp_t* http, const char* reason) noexcept:
-    llhttp_set_error_reason(http, reason)
-    return HPE_USER
-
-
-cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcept:
-    cdef UpstreamCore core = <UpstreamCore>http.data
-    try:
-        core.collector._name_piece(at[:length])
-    except BaseException:
-        return _stopped(http, b"`on_header_field` callback error")
-    return 0
-
-
-cdef int _on_header_value(llhttp_t* http, const char* at, size_t length) noexcept:
-    cdef UpstreamCore core = <UpstreamCore>http.data
-    try:
-        core.collector._value_piece(at[:length])
-    except BaseException:
-        return _stopped(http, b"`on_header_value` callback error")
-    return 0
-
-
-cdef int _on_headers_complete(llhttp_t* http) noexcept:
-    cdef UpstreamCore core = <UpstreamCore>http.data
-    try:
-        core.collector._flush()
-        core._headers_complete()
-    except BaseException:
-        return -1
-    # A 101 (or a CONNECT's answer): 1 skips the body, and the parse stops.
-    return 1 if http.upgrade else 0
-
-
-cdef int _on_body(llhttp_t* http, const char* at, size_t length) noexcept:
-    cdef UpstreamCore core = <UpstreamCore>http.data
-    try:
-        core.body_parts.append(at[:length])
-    except BaseException:
-        return _stopped(http, b"`on_body` callback error")
-    return 0
-
-
-cdef int _on_chunk_complete(llhttp_t* http) noexcept:
-    # After the last chunk: its trailers' last line.
-    cdef UpstreamCore core = <UpstreamCore>http.data
-    try:
-        core.collector._flush()
-    except BaseException:
-        return -1
-    return 0
-
-
-cdef int _on_message_complete(llhttp_t* http) noexcept:
-    cdef UpstreamCore core = <UpstreamCore>http.data
-    try:
-        core._message_complete()
-    except BaseException:
-        return -1
-    return 0
-
-
-_SETTINGS.on_header_field = _on_header_field
-_SETTINGS.on_header_value = _on_header_value
-_SETTINGS.on_headers_complete = _on_headers_complete
-_SETTINGS.on_body = _on_body
-_SETTINGS.on_chunk_complete = _on_chunk_complete
-_SETTINGS.on_message_complete = _on_message_complete
-
-
-cdef class UpstreamCore:
+cdef class UpstreamCore(ParsingCore):
     """See _upstream_py.UpstreamCore."""
 
     def __init__(self, PoolCore pool):
@@ -159,12 +75,9 @@ cdef class UpstreamCore:
         # Body chunks go into a list, emptied after each delivery (as the
         # twin's, whose httptools binds its append once).
         self.body_parts = []
-        self.collector = HeaderCollector()
         # The twin's httptools parser; this core parses with `_http`.
         self.parser = None
-        llhttp_init(&self._http, HTTP_RESPONSE, &_SETTINGS)
-        # A borrowed reference: the core owns the parser, so it outlives it.
-        self._http.data = <void*>self
+        self._start_parser(HTTP_RESPONSE)
         self.state = _CONNECTING
         self.reused = False
         self.reading_paused = False
@@ -196,7 +109,7 @@ cdef class UpstreamCore:
             return
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            err = llhttp_execute(&self._http, <const char*>view.buf, view.len)
+            err = self._execute(<const char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
         if err != HPE_OK:
@@ -205,13 +118,14 @@ cdef class UpstreamCore:
             self._deliver()
 
     cdef _parse_failed(self, llhttp_errno_t err):
-        # Where the twin catches httptools' exceptions and says their reason.
-        if err == HPE_PAUSED_UPGRADE and self._http.upgrade:
-            llhttp_resume_after_upgrade(&self._http)
+        # Where the twin catches httptools' exceptions and says their reason
+        # (what a callback raised is not kept: the reason is llhttp's, as the
+        # twin's is).
+        if self._upgrade_paused(err):
             self._fail(UpstreamError("upstream tried to upgrade the connection", before_response=self.head is None))
         else:
-            reason = llhttp_get_error_reason(&self._http).decode("latin-1")
-            self._fail(UpstreamError(f"invalid response from upstream: {reason}", before_response=self.head is None))
+            self._fail(UpstreamError(f"invalid response from upstream: {self._refusal()}",
+                                     before_response=self.head is None))
 
     # -- what llhttp's callbacks call ----------------------------------------
     cdef _headers_complete(self):
@@ -221,7 +135,7 @@ cdef class UpstreamCore:
             self.collector.reset()  # 1xx interim response: the real one follows
             return
         self.collector.seal()  # a chunked body's trailers are not the head's
-        head = _new_head(status, self.collector, llhttp_should_keep_alive(&self._http) != 0)
+        head = _new_head(status, self.collector, self._keep_alive())
         self.head = head
         # time.monotonic(), not the loop's clock: the gateway measures the
         # hub's own share of a request against it (see Exchange.t0).
@@ -233,6 +147,9 @@ cdef class UpstreamCore:
             fut.set_result(head)
         if self.on_head is not None:
             self.on_head(head)
+
+    cdef _body(self, bytes piece):
+        self.body_parts.append(piece)
 
     def deliver(self):
         """Hand the chunks read so far to the sink, or hold them (for the subclass)."""
