@@ -520,12 +520,11 @@ def hub(database: Path, workdir: Path) -> Iterator[tuple[int, subprocess.Popen[A
     The ports are picked free but bound only by the hub, so another process
     (a parallel test, an outgoing connection) can take one in between; a start
     refused for that alone is tried again on fresh ports."""
+    config, log_path = workdir / "hubcore.toml", workdir / "hub.log"
     for attempt in range(1, START_ATTEMPTS + 1):
         port, dashboard_port = free_port(), free_port()
-        config = workdir / "hubcore.toml"
         config.write_text(HUB_CONFIG.format(port=port, dashboard_port=dashboard_port, database=database,
                                             dir=workdir, tz=TIMEZONE))
-        log_path = workdir / "hub.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "hubcore", "serve", "--config", str(config)],
                                     stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=workdir,

@@ -7,10 +7,11 @@ The same methods in the same order, on typed fields. Where the twin hands
 its reads to httptools, this core runs llhttp itself, as a ParsingCore
 (hubcore/http/_parsing.pyx), as the client connection's core does: llhttp's
 callbacks call this core's `_headers_complete`, `_body` and
-`_message_complete` in C, and the status comes from the parser's fields. `data_received`, `on_message_complete` and what the
-Exchange calls stay Python-callable, while what they call among themselves
-(`_deliver`, building the ResponseHead, the pool's `_put_idle`, the header
-collector's `reset`) are C calls. The rare paths are the subclass's
+`_message_complete` in C, and the status comes from the parser's fields.
+`data_received`, `on_message_complete` and what the Exchange calls stay
+Python-callable, while what they call among themselves (`_deliver`,
+building the ResponseHead, the pool's `_put_idle`, the header collector's
+`reset`) are C calls. The rare paths are the subclass's
 (client.UpstreamConnection), called as Python methods."""
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
