@@ -55,12 +55,13 @@ cdef object _malloc_trim = malloc_trim
 cdef str _V11 = "1.1"
 cdef str _V10 = "1.0"
 
-# What a head is read into: the read buffer's first 16 KB (heads are a few
-# KB; a longer one takes more reads). Were the whole buffer offered, a
-# request of up to 256 KB would arrive in one read and its body be copied
-# out of the buffer; offered this much, the body's rest is read by the
-# next read straight into the request's own bytes (see get_buffer).
-cdef Py_ssize_t _HEAD_READ_BYTES = 16 * 1024
+# What a head is read into: the read buffer's first 8 KB (the SDKs' heads
+# are one or two KB; a longer one takes more reads, as nginx's 8 KB header
+# buffers do). Were the whole buffer offered, a request of up to 256 KB
+# would arrive in one read and its body be copied out of the buffer;
+# offered this much, the body's rest is read by the next read straight
+# into the request's own bytes (see get_buffer).
+cdef Py_ssize_t _HEAD_READ_BYTES = 8 * 1024
 
 cdef extern from "Python.h":
     void Py_SET_SIZE(object o, Py_ssize_t size)
@@ -282,7 +283,9 @@ cdef class ConnCore(ParsingCore):
             # waiting (another read, which would find nothing, follows such
             # a read); a byte that lands there begins what follows the body.
             self._reading_body = True
-            return _window(self._direct, self._direct_filled, self._direct_size - self._direct_filled + 1)
+            # As a memoryview: transports ask it for its length (uvloop's TLS
+            # one does) and may hand it on to what takes any buffer.
+            return memoryview(_window(self._direct, self._direct_filled, self._direct_size - self._direct_filled + 1))
         self._reading_body = False
         if self.message_phase is _BODY:
             return self._read_view  # a chunked body, or one being discarded

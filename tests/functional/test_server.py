@@ -602,6 +602,22 @@ def test_pipelined_requests_are_answered_in_order(hub: HubThread, vendor: FakeVe
     assert len(vendor.requests) == 1
 
 
+def test_a_long_body_pipelined_with_the_next_request_goes_upstream_whole(tmp_path: Path, vendor: FakeVendor) -> None:
+    # Longer than a head's read: the compiled core reads its rest straight
+    # into the request's bytes, and what follows it begins the next request.
+    body = b'{"model":"claude-sonnet-4-6","max_tokens":8,"messages":[{"role":"user","content":"%s"}]}' % (
+        b"0123456789" * 10_000)
+    with running_hub(tmp_path, vendor, max_body_bytes=256 * 1024) as hub:
+        token = hub_token(hub)
+        wire = Wire(hub.port)
+        wire.send(messages_request(token, body) + GET_ROOT + messages_request(token, body))
+        assert wire.response().status == 200
+        assert wire.response().body == b"hubcore\n"
+        assert wire.response().status == 200
+        assert [r.body for r in vendor.requests] == [body, body]
+        assert [row["model"] for row in hub.wait_rows(2)] == ["claude-sonnet-4-6"] * 2
+
+
 def test_pipelined_request_waits_out_a_slow_stream(hub: HubThread, vendor: FakeVendor) -> None:
     # The stream outlasts body_timeout and header_timeout several times over;
     # the request queued behind it is complete and must not be timed out.
