@@ -19,12 +19,6 @@ cdef class BodyBudget:
     cpdef release(self, Py_ssize_t size)
 
 
-cdef class BodyWindow:
-    cdef char* start
-    cdef Py_ssize_t size
-    cdef bytes owner
-
-
 cdef class Request(HeaderList):
     cdef public bytes method
     cdef public bytes path
@@ -74,8 +68,6 @@ cdef class ConnCore(ParsingCore):
     cdef object _time  # loop.time
     cdef object _read_view  # server.read_view
     cdef const char* _read_buffer  # its address
-    cdef object _head_view  # its first HEAD_READ_BYTES: what a head is read into
-    cdef bint _reading_body  # get_buffer lent a BodyWindow: the read went into `_direct`
     cdef long long _max_header_bytes
     cdef long long _max_body_bytes
     cdef double _header_timeout
@@ -90,11 +82,6 @@ cdef class ConnCore(ParsingCore):
     cdef public bint chunked
     cdef public Py_ssize_t head_bytes
     cdef public list body_parts
-    # A body of announced length, read in place (see ConnCore.get_buffer):
-    # a bytes object of that length plus one byte, filled up to `_direct_filled`.
-    cdef bytes _direct
-    cdef Py_ssize_t _direct_size
-    cdef Py_ssize_t _direct_filled
     cdef public Py_ssize_t body_size
     cdef public Py_ssize_t reserved
     cdef public double body_started

@@ -8,18 +8,15 @@ its reads to httptools, this core runs llhttp itself, the parser httptools
 wraps, as a ParsingCore (hubcore/http/_parsing.pyx): llhttp's callbacks
 call this core's steps (`_message_begin`, `_url`, `_headers_complete`,
 `_body`, `_message_complete`) in C, and the request line's method and
-version are read from the parser's fields. A body whose length the head
-announced is read in place: the reads after the head go straight into the
-bytes object the request will keep (see `get_buffer`), where the twin
-copies each piece out of the read buffer. `data_received` and
+version are read from the parser's fields. `data_received` and
 `buffer_updated` stay Python-callable (the transport calls them); what they
 call among themselves (`_set_phase`, `_reserve`, `_dispatch`, `_start`,
 `_end_current`, the body budget, a Request's `drop_body`) are C calls. The rare paths are the subclass's
 (server.HttpProtocol), called as Python methods."""
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memchr, memcpy
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memchr
 
 import logging
 from collections import deque
@@ -54,17 +51,6 @@ cdef double _TRIM_MIN_INTERVAL = TRIM_MIN_INTERVAL
 cdef object _malloc_trim = malloc_trim
 cdef str _V11 = "1.1"
 cdef str _V10 = "1.0"
-
-# What a head is read into: the read buffer's first 8 KB (the SDKs' heads
-# are one or two KB; a longer one takes more reads, as nginx's 8 KB header
-# buffers do). Were the whole buffer offered, a request of up to 256 KB
-# would arrive in one read and its body be copied out of the buffer;
-# offered this much, the body's rest is read by the next read straight
-# into the request's own bytes (see get_buffer).
-cdef Py_ssize_t _HEAD_READ_BYTES = 8 * 1024
-
-cdef extern from "Python.h":
-    void Py_SET_SIZE(object o, Py_ssize_t size)
 
 
 cdef class BodyBudget:
@@ -165,35 +151,6 @@ cdef class Request(HeaderList):
             self.reserved = 0
 
 
-cdef class BodyWindow:
-    """The unread rest of a body read in place: a writable buffer over the
-    bytes object (`owner`) that will hold the body, lent to the transport
-    for one read. Nothing else holds that object until the body is whole."""
-
-    def __getbuffer__(self, Py_buffer* view, int flags):
-        PyBuffer_FillInfo(view, self, self.start, self.size, 0, flags)
-
-    def __releasebuffer__(self, Py_buffer* view):
-        pass
-
-
-cdef BodyWindow _window(bytes owner, Py_ssize_t at, Py_ssize_t size):
-    cdef BodyWindow window = BodyWindow.__new__(BodyWindow)
-    window.owner = owner
-    window.start = PyBytes_AS_STRING(owner) + at
-    window.size = size
-    return window
-
-
-cdef bytes _sealed(bytes body, Py_ssize_t size):
-    """`body`, read in place, cut to the `size` bytes it holds (its last,
-    spare byte is the window's, see get_buffer) and ended as every bytes
-    object is. It has had no other holder, so changing it is safe."""
-    Py_SET_SIZE(body, size)
-    PyBytes_AS_STRING(body)[size] = 0
-    return body
-
-
 cdef Request _new_request(bytes method, bytes target, HeaderCollector head, list parts, bint keep_alive, str http_version):
     # Request(...) from C would pack a tuple and parse it in __init__.
     cdef Request request = Request.__new__(Request)
@@ -247,8 +204,6 @@ cdef class ConnCore(ParsingCore):
         self._time = self.loop.time
         self._read_view = server.read_view
         self._read_buffer = _address_of(self._read_view)
-        self._head_view = self._read_view[:_HEAD_READ_BYTES]
-        self._reading_body = False
         self._max_header_bytes = config.max_header_bytes
         self._max_body_bytes = config.max_body_bytes
         self._header_timeout = config.header_timeout
@@ -263,9 +218,6 @@ cdef class ConnCore(ParsingCore):
         self.chunked = False
         self.head_bytes = 0
         self.body_parts = []
-        self._direct = None
-        self._direct_size = 0
-        self._direct_filled = 0
         self.body_size = 0
         self.reserved = 0
         self.body_started = 0.0
@@ -275,44 +227,11 @@ cdef class ConnCore(ParsingCore):
 
     # -- reading -----------------------------------------------------------
     def get_buffer(self, sizehint):
-        if self._direct is not None and not self.parsing_stopped and self.phase is not _LINGER:
-            # The rest of a body of announced length: read where the request
-            # will keep it, so it is never copied out of the read buffer.
-            # One byte more than the rest, so that a read that fills the
-            # window is not taken by the transport to mean more may be
-            # waiting (another read, which would find nothing, follows such
-            # a read); a byte that lands there begins what follows the body.
-            self._reading_body = True
-            # As a memoryview: transports ask it for its length (uvloop's TLS
-            # one does) and may hand it on to what takes any buffer.
-            return memoryview(_window(self._direct, self._direct_filled, self._direct_size - self._direct_filled + 1))
-        self._reading_body = False
-        if self.message_phase is _BODY:
-            return self._read_view  # a chunked body, or one being discarded
-        return self._head_view
+        return self._read_view
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        # A C call on where the read went: once or twice a request.
-        cdef bytes body
-        cdef char* start
-        cdef char spare
-        cdef Py_ssize_t rest
-        if not self._reading_body:
-            self._received(self._read_buffer, nbytes)
-            return
-        self._reading_body = False
-        body = self._direct  # held here: the read may complete the request
-        start = PyBytes_AS_STRING(body) + self._direct_filled
-        rest = self._direct_size - self._direct_filled
-        if nbytes <= rest:
-            self._received(start, nbytes)
-            return
-        # The spare byte was filled (nbytes is rest + 1): it is parsed after
-        # the body, as a read of its own, from a copy (the body is cut off
-        # before it once whole).
-        spare = start[rest]
-        self._received(start, rest)
-        self._received(&spare, 1)
+        # A C call on the read buffer's address: once or twice a request.
+        self._received(self._read_buffer, nbytes)
 
     def data_received(self, data):
         cdef Py_buffer view
@@ -352,7 +271,6 @@ cdef class ConnCore(ParsingCore):
         # raised, or llhttp's own reason for refusing the bytes.
         reason = self._error
         self._error = None
-        self._direct = None
         if self._upgrade_paused(err):
             self._reject(400, "protocol upgrades are not supported")
         elif isinstance(reason, RefusedAtHead):
@@ -373,7 +291,6 @@ cdef class ConnCore(ParsingCore):
         self.url = b""
         self.collector.reset()
         self.body_parts = []
-        self._direct = None
         self.body_size = 0
         self.reserved = 0
         self.discarding = False
@@ -425,13 +342,6 @@ cdef class ConnCore(ParsingCore):
             self.discarding = True
         elif length > 0:
             self._reserve(length)
-            # Kept where it is read (see get_buffer); what came with the
-            # head is copied in by _body. The allocation is what the twin's
-            # pieces take, made once; malloc leaves the unfilled pages
-            # unmapped until the body fills them.
-            self._direct = PyBytes_FromStringAndSize(NULL, length + 1)
-            self._direct_size = length
-            self._direct_filled = 0
         self.message_phase = _BODY
         if not self.busy:
             # While an earlier request is answered the client is waiting for
@@ -465,39 +375,28 @@ cdef class ConnCore(ParsingCore):
                          ((b"retry-after", b"1"),))
         self.reserved = size
 
-    cdef _body(self, const char* at, Py_ssize_t length):
-        cdef char* into
-        cdef Py_ssize_t size = self.body_size + length
+    cdef _body(self, bytes body):
+        cdef Py_ssize_t size = self.body_size + PyBytes_GET_SIZE(body)
         self.body_size = size
         if size > self._max_body_bytes:
             raise Reject(413, f"request body larger than {self._max_body_bytes} bytes")
         if self.discarding:
             return
-        if self._direct is not None:
-            # llhttp lets through no more than the announced length.
-            into = PyBytes_AS_STRING(self._direct) + self._direct_filled
-            if at != into:
-                memcpy(into, at, length)  # it came in the read buffer
-            self._direct_filled += length
-            return
         if size > self.reserved:
-            # A chunked body: reserved as it comes.
+            # A chunked body (or one longer than announced, which llhttp
+            # does not let through): reserved as it comes.
             self._reserve(size)
-        self.body_parts.append(at[:length])
+        self.body_parts.append(body)
 
     cdef _message_complete(self):
         cdef Request request
-        cdef list parts = self.body_parts
         if self.collector.size > self._max_header_bytes:
             raise Reject(431, f"request head and trailers larger than {self._max_header_bytes} bytes")
-        if self._direct is not None:
-            parts = [_sealed(self._direct, self._direct_size)]
-            self._direct = None
         request = _new_request(
             self.method,
             self.url,
             self.collector,
-            parts,
+            self.body_parts,
             self._keep_alive(),
             self.version,
         )

@@ -22,5 +22,5 @@ cdef class ParsingCore:
     cdef _message_begin(self)
     cdef _url(self, bytes url)
     cdef _headers_complete(self)
-    cdef _body(self, const char* at, Py_ssize_t length)
+    cdef _body(self, bytes piece)
     cdef _message_complete(self)

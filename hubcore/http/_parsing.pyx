@@ -94,11 +94,9 @@ cdef int _on_headers_complete(llhttp_t* http) noexcept:
 
 
 cdef int _on_body(llhttp_t* http, const char* at, size_t length) noexcept:
-    # The piece as llhttp found it: the core decides where it is kept (the
-    # client core may have had it read in place already).
     cdef ParsingCore core = <ParsingCore>http.data
     try:
-        core._body(at, <Py_ssize_t>length)
+        core._body(at[:length])
     except BaseException as e:
         return _stopped(http, core, e, b"`on_body` callback error")
     return 0
@@ -187,7 +185,7 @@ cdef class ParsingCore:
     cdef _headers_complete(self):
         pass
 
-    cdef _body(self, const char* at, Py_ssize_t length):
+    cdef _body(self, bytes piece):
         pass
 
     cdef _message_complete(self):

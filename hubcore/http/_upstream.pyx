@@ -149,8 +149,8 @@ cdef class UpstreamCore(ParsingCore):
         if self.on_head is not None:
             self.on_head(head)
 
-    cdef _body(self, const char* at, Py_ssize_t length):
-        self.body_parts.append(at[:length])
+    cdef _body(self, bytes piece):
+        self.body_parts.append(piece)
 
     def deliver(self):
         """Hand the chunks read so far to the sink, or hold them (for the subclass)."""

@@ -116,9 +116,7 @@ class HttpProtocol(ConnCore, ReadFlow, asyncio.BufferedProtocol):
     """One client connection. The transport reads straight into the server's
     shared read buffer (`get_buffer`), which the parser consumes at once:
     no bytes object per read, and a 90 KB request body is copied once (into
-    its pieces) on its way from the socket instead of twice; the compiled
-    core reads a body of announced length into the request's own bytes,
-    past the head's read, and copies only what came with the head.
+    its pieces) on its way from the socket instead of twice.
 
     What every request does (reading it, handing it to the App, getting
     ready for the next) is the core's (hubcore.http.conn, compiled when

@@ -603,8 +603,8 @@ def test_pipelined_requests_are_answered_in_order(hub: HubThread, vendor: FakeVe
 
 
 def test_a_long_body_pipelined_with_the_next_request_goes_upstream_whole(tmp_path: Path, vendor: FakeVendor) -> None:
-    # Longer than a head's read: the compiled core reads its rest straight
-    # into the request's bytes, and what follows it begins the next request.
+    # Sent in one write with the requests after it: however the hub's reads
+    # cut it, the body goes upstream whole and what follows begins the next.
     body = b'{"model":"claude-sonnet-4-6","max_tokens":8,"messages":[{"role":"user","content":"%s"}]}' % (
         b"0123456789" * 10_000)
     with running_hub(tmp_path, vendor, max_body_bytes=256 * 1024) as hub:
