@@ -11,8 +11,9 @@ call this core's steps (`_message_begin`, `_url`, `_headers_complete`,
 version are read from the parser's fields. `data_received` and
 `buffer_updated` stay Python-callable (the transport calls them); what they
 call among themselves (`_set_phase`, `_reserve`, `_dispatch`, `_start`,
-`_end_current`, the body budget, a Request's `drop_body`) are C calls. The rare paths are the subclass's
-(server.HttpProtocol), called as Python methods."""
+`_end_current`, the body budget, a Request's `drop_body`) are C calls. The
+rare paths are the subclass's (server.HttpProtocol), called as Python
+methods."""
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
