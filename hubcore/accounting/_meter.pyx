@@ -10,11 +10,13 @@
 """Compiled twin of the streaming meter: the SSE framing, event sorting and delta text counting in C.
 
 Mirrors `_meter_py.py` method for method (same names, same numbers); the few
-events that carry usage are decoded with orjson exactly as there, and what
-they mean is read by the same code, `_meter_interpret.Reading`.
+events that carry usage are decoded with orjson as there, except Anthropic's
+message_start and message_delta, walked in place into the members that matter;
+what they mean is read by the same code, `_meter_interpret.Reading`.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy
@@ -645,6 +647,195 @@ cdef Py_ssize_t _anthropic_delta_chars(const unsigned char* p, Py_ssize_t n) noe
     return chars
 
 
+# -- the usage of message_start and message_delta ---------------------------------
+#
+# Theory of operation. Every Anthropic stream has one message_start and one
+# message_delta, the events whose usage the bill is made of; orjson decoding
+# them whole (some 400 and 200 bytes, a dozen members each) was most of the
+# meter's cost a stream. Instead they are walked in place like the deltas,
+# checking the whole event as `_jvalue` does, and only the members Reading
+# reads from them (`_event`, `_anthropic_message`, `_anthropic_usage`) are
+# made into Python objects: a pruned copy of what orjson would return, which
+# Reading then takes exactly as it takes orjson's. A repeated member is
+# assigned again, so the last one stands, as in orjson. A wanted member whose
+# value is not what the walk makes (an escaped string, a float, a negative
+# number, an array, an escaped key) or anything not sure sends the event to
+# orjson, as in the pure twin.
+
+cdef enum:
+    _U_LEAF = 0  # a string, a count, true, false or null
+    _U_START = 1  # message_start: "message" -> _U_MESSAGE
+    _U_MESSAGE = 2  # "model", "stop_reason"; "usage" -> _U_USAGE
+    _U_DELTA_ROOT = 3  # message_delta: "delta" -> _U_DELTA; "usage" -> _U_USAGE
+    _U_DELTA = 4  # "stop_reason"
+    _U_USAGE = 5  # the counts; "cache_creation" -> _U_SPLIT, "output_tokens_details" -> _U_DETAILS,
+    #               "server_tool_use" -> _U_TOOLS
+    _U_SPLIT = 6  # "ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"
+    _U_DETAILS = 7  # "thinking_tokens"
+    _U_TOOLS = 8  # every member (Reading sums those named *_requests)
+
+
+cdef object _usage_member(int node, const unsigned char* k, Py_ssize_t kn, int* child):
+    """The key Reading reads member `k` of an object at `node` by, and the node of its value; None if unread."""
+    child[0] = _U_LEAF
+    if node == _U_START:
+        if _eq(k, kn, b"message", 7):
+            child[0] = _U_MESSAGE
+            return "message"
+    elif node == _U_MESSAGE:
+        if _eq(k, kn, b"model", 5):
+            return "model"
+        if _eq(k, kn, b"stop_reason", 11):
+            return "stop_reason"
+        if _eq(k, kn, b"usage", 5):
+            child[0] = _U_USAGE
+            return "usage"
+    elif node == _U_DELTA_ROOT:
+        if _eq(k, kn, b"delta", 5):
+            child[0] = _U_DELTA
+            return "delta"
+        if _eq(k, kn, b"usage", 5):
+            child[0] = _U_USAGE
+            return "usage"
+    elif node == _U_DELTA:
+        if _eq(k, kn, b"stop_reason", 11):
+            return "stop_reason"
+    elif node == _U_USAGE:
+        if _eq(k, kn, b"input_tokens", 12):
+            return "input_tokens"
+        if _eq(k, kn, b"output_tokens", 13):
+            return "output_tokens"
+        if _eq(k, kn, b"cache_read_input_tokens", 23):
+            return "cache_read_input_tokens"
+        if _eq(k, kn, b"cache_creation_input_tokens", 27):
+            return "cache_creation_input_tokens"
+        if _eq(k, kn, b"cache_creation", 14):
+            child[0] = _U_SPLIT
+            return "cache_creation"
+        if _eq(k, kn, b"output_tokens_details", 21):
+            child[0] = _U_DETAILS
+            return "output_tokens_details"
+        if _eq(k, kn, b"server_tool_use", 15):
+            child[0] = _U_TOOLS
+            return "server_tool_use"
+    elif node == _U_SPLIT:
+        if _eq(k, kn, b"ephemeral_5m_input_tokens", 25):
+            return "ephemeral_5m_input_tokens"
+        if _eq(k, kn, b"ephemeral_1h_input_tokens", 25):
+            return "ephemeral_1h_input_tokens"
+    elif node == _U_DETAILS:
+        if _eq(k, kn, b"thinking_tokens", 15):
+            return "thinking_tokens"
+    elif node == _U_TOOLS:
+        # the key is plain (no escape: checked by the caller) and valid UTF-8 (_jstring)
+        return PyUnicode_DecodeUTF8(<const char*>k, kn, NULL)
+    return None
+
+
+cdef Py_ssize_t _usage_leaf(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, dict into, object key) except -2:
+    """Set into[key] to the scalar at p[i] as orjson decodes it; the index past it, or -1 if unsure."""
+    cdef Py_ssize_t j, ignored = 0
+    cdef long long v = 0
+    cdef unsigned char c = p[i]
+    if c == 34:
+        j = _jstring(p, i, n, &ignored)
+        if j < 0 or memchr(p + i + 1, 92, j - i - 2) != NULL:
+            return -1
+        into[key] = PyUnicode_DecodeUTF8(<const char*>p + i + 1, j - i - 2, NULL)
+        return j
+    if 48 <= c <= 57:
+        # a count: digits only (a fraction or a sign goes to orjson); _jnumber
+        # checks the spelling and keeps it within 18 digits
+        j = _jnumber(p, i, n)
+        if j < 0:
+            return -1
+        while i < j:
+            if not 48 <= p[i] <= 57:
+                return -1
+            v = v * 10 + (p[i] - 48)
+            i += 1
+        into[key] = v
+        return j
+    if c == 110 and _at(p, i, n, b"null", 4):
+        into[key] = None
+        return i + 4
+    if c == 116 and _at(p, i, n, b"true", 4):
+        into[key] = True
+        return i + 4
+    if c == 102 and _at(p, i, n, b"false", 5):
+        into[key] = False
+        return i + 5
+    return -1
+
+
+cdef Py_ssize_t _usage_object(
+    const unsigned char* p, Py_ssize_t i, Py_ssize_t n, int node, int depth, dict into,
+) except -2:
+    """Walk the object at p[i] ('{'), putting the members Reading reads into `into`; the index past it, or -1."""
+    cdef Py_ssize_t ks, ignored = 0
+    cdef int child
+    cdef dict inner
+    if depth >= _MAX_DEPTH:
+        return -1
+    i = _skip_ws(p, i + 1, n)
+    if i < n and p[i] == 125:  # }
+        return i + 1
+    while True:
+        if i >= n or p[i] != 34:
+            return -1
+        ks = i + 1
+        i = _jstring(p, i, n, &ignored)
+        if i < 0:
+            return -1
+        # an escaped key may spell a wanted one: orjson decides
+        if memchr(p + ks, 92, i - 1 - ks) != NULL:
+            return -1
+        key = _usage_member(node, p + ks, i - 1 - ks, &child)
+        i = _skip_ws(p, i, n)
+        if i >= n or p[i] != 58:
+            return -1
+        i = _skip_ws(p, i + 1, n)
+        if i >= n:
+            return -1
+        if key is None:
+            i = _jvalue(p, i, n, _N_NONE, depth + 1, &ignored)
+        elif child == _U_LEAF:
+            i = _usage_leaf(p, i, n, into, key)
+        elif p[i] == 123:
+            inner = {}
+            i = _usage_object(p, i, n, child, depth + 1, inner)
+            into[key] = inner
+        elif _at(p, i, n, b"null", 4):
+            into[key] = None
+            i += 4
+        else:
+            return -1
+        if i < 0:
+            return -1
+        i = _skip_ws(p, i, n)
+        if i >= n:
+            return -1
+        if p[i] == 44:  # ,
+            i = _skip_ws(p, i + 1, n)
+        elif p[i] == 125:
+            return i + 1
+        else:
+            return -1
+
+
+cdef object _usage_event(const unsigned char* p, Py_ssize_t n, int root):
+    """What orjson makes of a message_start (`root` _U_START) or message_delta
+    (_U_DELTA_ROOT) event, pruned to the members Reading reads; None if unsure."""
+    cdef dict event = {}
+    cdef Py_ssize_t i = _skip_ws(p, 0, n)
+    if i >= n or p[i] != 123:
+        return None
+    i = _usage_object(p, i, n, root, 0, event)
+    if i < 0 or _skip_ws(p, i, n) != n:
+        return None
+    return event
+
+
 cdef object _as_bytes(object data):
     if type(data) is bytes or type(data) is bytearray:
         return data
@@ -959,7 +1150,12 @@ cdef class Meter:
             return 0
         if kind == _R_CREATED and self._reading.model is not None:
             return 0
-        self.delta_chars += self._reading._event(kind, self._loads(d, dn))
+        obj = None
+        if kind == _A_START or kind == _A_DELTA:
+            obj = _usage_event(d, dn, _U_START if kind == _A_START else _U_DELTA_ROOT)
+        if obj is None:
+            obj = self._loads(d, dn)
+        self.delta_chars += self._reading._event(kind, obj)
         return 0
 
     cdef int _chat_event(self, const unsigned char* d, Py_ssize_t dn) except -1:

@@ -1105,20 +1105,24 @@ def _json_string(draw: st.DrawFn, s: str, key: bool = False) -> str:
 
 
 @st.composite
-def _json_text(draw: st.DrawFn, value: Any) -> str:
-    """Any JSON value, with JSON whitespace (a line feed too: data lines are joined by one) sprinkled in."""
+def _json_text(draw: st.DrawFn, value: Any, plain: bool = False) -> str:
+    """Any JSON value, with JSON whitespace (a line feed too: data lines are joined by one) sprinkled in.
+
+    `plain`: strings mostly spelled as keys are (see _json_string).
+    """
     def ws() -> str:
         return draw(st.sampled_from(["", "", "", " ", "\t", "\n ", "  "]))
 
     if isinstance(value, _Obj):
         members = [
-            ws() + draw(_json_string(k, key=True)) + ws() + ":" + ws() + draw(_json_text(v)) + ws() for k, v in value
+            ws() + draw(_json_string(k, key=True)) + ws() + ":" + ws() + draw(_json_text(v, plain)) + ws()
+            for k, v in value
         ]
         return "{" + (",".join(members) or ws()) + "}"
     if isinstance(value, list):
-        return "[" + (",".join(ws() + draw(_json_text(v)) + ws() for v in value) or ws()) + "]"
+        return "[" + (",".join(ws() + draw(_json_text(v, plain)) + ws() for v in value) or ws()) + "]"
     if isinstance(value, str):
-        return draw(_json_string(value))
+        return draw(_json_string(value, key=plain))
     return json.dumps(value)
 
 
@@ -1168,3 +1172,93 @@ def test_delta_text_counts_as_the_stdlib_decodes_it(event: tuple[int, str, bytes
             got = result(meter_over(twin, pieces, fmt))
             assert (got["delta_chars"], got["malformed"]) == (want, 0), twin.__name__
             assert got["output_tokens"] == math.ceil(want / 4)
+
+
+# -- the usage of message_start and message_delta, walked in place by the compiled twin --
+
+_USAGE_KEYS = st.sampled_from([
+    "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation",
+    "ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens", "output_tokens_details", "thinking_tokens",
+    "server_tool_use", "web_search_requests", "web_fetch_requests", "service_tier", "x", "é",
+])
+_NESTED_USAGE = {"cache_creation", "output_tokens_details", "server_tool_use"}
+# Counts mostly as the vendor sends them; now and then what Reading passes over.
+_COUNT_VALUES = (
+    st.integers(0, 10**12) | st.integers(0, 10**12) | st.integers(0, 10**12)
+    | st.sampled_from([None, True, False, -3, -0, 0.0, 2.5, 1e3, 10**19, 10**18 - 1, "7", [1], {}])
+)
+# Members nobody reads: plain mostly; any JSON (exponents too, which send
+# the compiled twin to orjson) now and then.
+_OTHER_VALUES = st.none() | st.integers(-(10**6), 10**9) | _JSON_TEXT | st.lists(st.integers(), max_size=2) | _JSON_VALUES
+
+
+@st.composite
+def _usage_members(draw: st.DrawFn, nested: bool = True) -> _Obj:
+    members = []
+    for key in draw(st.lists(_USAGE_KEYS, max_size=7)):
+        if key in _NESTED_USAGE and nested and draw(st.integers(0, 3)):
+            members.append((key, draw(_usage_members(nested=False))))
+        else:
+            members.append((key, draw(_COUNT_VALUES)))
+    return _Obj(members)
+
+
+@st.composite
+def _usage_events(draw: st.DrawFn) -> tuple[bool, bytes]:
+    """(whether it is a message_start, its data): either event with random usage, members and spelling."""
+    extra = st.lists(st.tuples(st.sampled_from(["id", "x", "content", "stop_sequence", "role"]), _OTHER_VALUES),
+                     max_size=2)
+    usage = draw(_usage_members() | _usage_members() | st.sampled_from([None, [], "u"]))
+    stop = draw(st.sampled_from(["end_turn", "tool_use", "max_tokens", None, 3, "é\"\\n"]))
+    start = draw(st.booleans())
+    if start:
+        model = draw(st.sampled_from(["claude-opus-4-6", "claude-sonnet-4-5", "é", "m\\", None, 7, {}]))
+        message = _Obj(draw(st.permutations([
+            ("id", "msg_1"), ("type", "message"), ("role", "assistant"), ("model", model), ("content", []),
+            ("stop_reason", stop), ("usage", usage), *draw(extra),
+            # a repeated member: the last one stands
+            *draw(st.lists(st.tuples(st.sampled_from(["model", "usage", "stop_reason"]),
+                                     st.sampled_from(["m2", None]) | _usage_members()), max_size=1)),
+        ])))
+        root = [("message", message)]
+    else:
+        delta = _Obj(draw(st.permutations([("stop_reason", stop), ("stop_sequence", None), *draw(extra)])))
+        root = [("delta", delta), ("usage", usage)]
+    name = "message_start" if start else "message_delta"
+    members = draw(st.permutations([*root, *draw(extra)]))
+    # strings mostly plain: an escaped one where Reading looks sends the event to orjson
+    return start, draw(_json_text(_Obj([("type", name), *members]), plain=True)).encode()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(_usage_events(), min_size=1, max_size=3),
+    named=st.booleans(),
+    corrupt=st.sampled_from([None] * 2) | st.tuples(
+        st.integers(0, 10_000),
+        st.sampled_from([b"", b"x", b"\xff", b"\xc3", b'"', b"\\", b",", b"}", b"]", b"e5", b"-", b".", b"0", b"\t"])
+        | st.binary(max_size=2),
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=4),
+)
+def test_usage_events_count_as_orjson_decodes_them(
+    events: list[tuple[bool, bytes]], named: bool, corrupt: tuple[int, bytes] | None, cuts: list[int],
+) -> None:
+    """Both twins read the usage of message_start and message_delta alike
+    however they are spelled, repeated members and odd values included; and
+    alike again once a byte is cut or changed (JSON or not)."""
+    stream = b""
+    for i, (start, data) in enumerate(events):
+        if corrupt is not None and i == 0:
+            at = corrupt[0] % (len(data) + 1)
+            data = data[:at] + corrupt[1] + data[at + 1:]
+        lines = b"".join(b"data: " + line + b"\n" for line in data.split(b"\n"))
+        name = b"message_start" if start else b"message_delta"
+        stream += (b"event: " + name + b"\n" if named else b"") + lines + b"\n"
+    want = run(_sse_py, stream)
+    if corrupt is None:
+        assert want["malformed"] == 0
+    if not NO_EXTENSIONS:
+        c = import_c()
+        assert run(c, stream) == want
+        assert result(meter_over(c, _split(stream, cuts))) == want
