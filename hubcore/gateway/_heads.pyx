@@ -14,27 +14,29 @@ a request. Only the compiled Exchange calls them: it is built with this
 module (setup.py builds all or none; without it the compiled Exchange does
 not import), and the pure Exchange calls the Python functions."""
 
-from cpython.bytes cimport PyBytes_FromFormat
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdio cimport snprintf
 from libc.string cimport memcmp
 
 from hubcore.gateway.rewrite import ACCEPT_IDENTITY, REQUEST_DROP, RESPONSE_DROP, Framing
 from hubcore.gateway.routes import MODEL_ID, MODELS_PREFIX, OPENAI_MODELS, ROUTES, SESSION_HEADERS
 from hubcore.http.server import STATUS_LINES, status_line
-# render_head is compiled with this module (setup.py builds all or none):
+# render_pieces is compiled with this module (setup.py builds all or none):
 # a C call.
-from hubcore.http._wire cimport NameSet, first_value, render_head
+from hubcore.http._wire cimport NameSet, Piece, first_value, render_pieces
 from hubcore.routing import headroom
 
 cdef frozenset _REQUEST_DROP = REQUEST_DROP
-# The same names for render_head, which looks each head's names up in them
+# The same names for render_pieces, which looks each head's names up in them
 # without hashing them.
 cdef NameSet _REQUEST_DROP_NAMES = NameSet(REQUEST_DROP)
 cdef NameSet _RESPONSE_DROP_NAMES = NameSet(RESPONSE_DROP)
 cdef bytes _ACCEPT_IDENTITY = ACCEPT_IDENTITY
 cdef dict _STATUS_LINES = STATUS_LINES
 cdef object _status_line = status_line
-# Content lengths written with PyBytes_FromFormat (%zd); a larger one (none
-# reaches the hub: its parser takes at most 18 digits) with %.
+# Content lengths written with snprintf (%zd); a larger one (none reaches
+# the hub: its parser takes at most 18 digits) with %.
 cdef object _LONG_LONG_LIMIT = 2 ** 63
 # The framings as C globals: `framing is _LENGTH` is a pointer comparison.
 cdef object _LENGTH = Framing.LENGTH
@@ -59,14 +61,41 @@ cdef object _model_class = headroom.model_class
 
 # -- rewrite ------------------------------------------------------------------
 
+cdef inline Piece _piece(bytes b):
+    cdef Piece piece
+    piece.data = PyBytes_AS_STRING(b)
+    piece.size = PyBytes_GET_SIZE(b)
+    return piece
+
+
+cdef inline Piece _literal(const char* s, Py_ssize_t size):
+    cdef Piece piece
+    piece.data = s
+    piece.size = size
+    return piece
+
+
+cdef Piece _length_line(char* buf, Py_ssize_t length):
+    """`content-length: <length>` CRLF, written into `buf` (48 bytes)."""
+    cdef int n = snprintf(buf, 48, b"content-length: %zd\r\n", length)
+    return _literal(buf, n)
+
+
 cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host_line, bytes auth_line,
                          list headers, control, Py_ssize_t body_size):
     """See rewrite.request_head."""
-    # Joined, not formatted with %: bytes formatting parses its format on
-    # every call, and cost more than the rest of the head.
-    cdef bytes start = b"".join((method, b" ", base_path, target, b" HTTP/1.1\r\n", host_line))
+    # Its start and tail go to render_pieces as they are, not joined into
+    # bytes of their own first (nor formatted with %, which parses its
+    # format on every call).
+    cdef Piece before[6]
+    cdef Piece after[4]  # at most: auth, accept, length, the end
+    cdef char length[48]
+    cdef Py_ssize_t nafter = 2
     cdef object drop = _REQUEST_DROP
-    cdef bytes tail
+    if method is None or target is None or base_path is None or host_line is None or auth_line is None:
+        raise TypeError("request_head() takes bytes, not None")
+    if headers is None:
+        raise TypeError("request_head() takes a list of headers, not None")
     for name, value in control or ():
         if name == b"connection":
             # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
@@ -75,35 +104,64 @@ cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host
                 drop = drop | named
     if drop is _REQUEST_DROP:
         drop = _REQUEST_DROP_NAMES
+    before[0] = _piece(method)
+    before[1] = _literal(b" ", 1)
+    before[2] = _piece(base_path)
+    before[3] = _piece(target)
+    before[4] = _literal(b" HTTP/1.1\r\n", 11)
+    before[5] = _piece(host_line)
+    after[0] = _piece(auth_line)
+    after[1] = _piece(_ACCEPT_IDENTITY)
     if body_size or method == b"POST":
-        tail = b"".join((auth_line, _ACCEPT_IDENTITY, PyBytes_FromFormat(b"content-length: %zd\r\n", body_size), b"\r\n"))
-    else:
-        tail = b"".join((auth_line, _ACCEPT_IDENTITY, b"\r\n"))
-    return render_head(start, headers, drop, tail)
+        after[2] = _length_line(length, body_size)
+        nafter = 3
+    after[nafter] = _literal(b"\r\n", 2)
+    return render_pieces(before, 6, headers, drop, after, nafter + 1)
 
 
 cpdef bytes response_head(int status, list headers, framing, content_length, bint keep_alive, str request_id,
                           list budget=None):
     """See rewrite.response_head."""
-    # Joined once (see request_head).
-    cdef list tail = [b"x-hubcore-request-id: ", request_id.encode(), b"\r\n"]
+    cdef Piece before
+    cdef Piece after[7]  # at most: the id (3), budget, framing, close, the end
+    cdef Py_ssize_t nafter = 0, id_size
+    cdef const char* id_text
+    cdef char length[48]
+    # The pieces point into these: they live until the head is made.
+    cdef bytes budget_lines = None, long_length = None
+    if headers is None:
+        raise TypeError("response_head() takes a list of headers, not None")
+    # server.status_line, inline.
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _status_line(status)
+    before = _piece(line)
+    # Its UTF-8, as the twin's encode() (kept in the str, not made anew).
+    id_text = PyUnicode_AsUTF8AndSize(request_id, &id_size)
+    after[0] = _literal(b"x-hubcore-request-id: ", 22)
+    after[1] = _literal(id_text, id_size)
+    after[2] = _literal(b"\r\n", 2)
+    nafter = 3
     if budget is not None:
-        tail += [b"%s: %s\r\n" % pair for pair in budget]
+        budget_lines = b"".join([b"%s: %s\r\n" % pair for pair in budget])
+        after[nafter] = _piece(budget_lines)
+        nafter += 1
     if framing is _LENGTH:
         assert content_length is not None
         if type(content_length) is int and 0 <= content_length < _LONG_LONG_LIMIT:
-            tail.append(PyBytes_FromFormat(b"content-length: %zd\r\n", <Py_ssize_t>content_length))
+            after[nafter] = _length_line(length, <Py_ssize_t>content_length)
         else:
-            tail.append(b"content-length: %d\r\n" % content_length)
+            long_length = b"content-length: %d\r\n" % content_length
+            after[nafter] = _piece(long_length)
+        nafter += 1
     elif framing is _CHUNKED:
-        tail.append(b"transfer-encoding: chunked\r\n")
+        after[nafter] = _literal(b"transfer-encoding: chunked\r\n", 28)
+        nafter += 1
     if not keep_alive:
-        tail.append(b"connection: close\r\n")
-    tail.append(b"\r\n")
-    # server.status_line, inline.
-    line = _STATUS_LINES.get(status)
-    return render_head(line if line is not None else _status_line(status), headers, _RESPONSE_DROP_NAMES,
-                       b"".join(tail))
+        after[nafter] = _literal(b"connection: close\r\n", 19)
+        nafter += 1
+    after[nafter] = _literal(b"\r\n", 2)
+    return render_pieces(&before, 1, headers, _RESPONSE_DROP_NAMES, after, nafter + 1)
 
 
 cpdef response_framing(int status, content_length, bint client_http11):

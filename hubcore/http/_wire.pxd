@@ -39,5 +39,12 @@ cdef class NameSet:
 cpdef first_value(list headers, name)
 cpdef dict index_of(list headers)
 
-# The head every request writes twice (gateway/_heads.pyx): a C call.
+# The head every request writes twice (gateway/_heads.pyx): a C call, and
+# the same from a start and a tail in pieces (a pointer and a size each).
+cdef struct Piece:
+    const char* data
+    Py_ssize_t size
+
 cpdef bytes render_head(bytes start, list headers, object drop, bytes tail)
+cdef bytes render_pieces(const Piece* before, Py_ssize_t nbefore, list headers, object drop,
+                         const Piece* after, Py_ssize_t nafter)

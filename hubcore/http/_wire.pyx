@@ -5,6 +5,7 @@
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_SetDefault
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.set cimport PySet_Contains
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.string cimport memchr, memcmp, memcpy
@@ -223,50 +224,91 @@ cdef class NameSet:
         return len(self.names)
 
 
-cpdef bytes render_head(bytes start, list headers, object drop, bytes tail):
-    cdef Py_ssize_t count, i, total, at, ln, lv
+cdef enum:
+    # Headers whose places render_pieces keeps on the stack; a head with
+    # more keeps them in memory it asks for.
+    _KEPT_ON_STACK = 64
+
+
+cdef bytes render_pieces(const Piece* before, Py_ssize_t nbefore, list headers, object drop,
+                         const Piece* after, Py_ssize_t nafter):
+    """The pieces `before`, then `name: value` CRLF for every header whose
+    name is not in `drop`, then the pieces `after`, as one bytes object:
+    render_head for callers that hold a head's start and tail in pieces,
+    which it writes without joining them first."""
+    cdef Py_ssize_t count, i, j, total = 0, at = 0, ln, lv, nkept = 0
+    cdef Py_ssize_t kept_on_stack[_KEPT_ON_STACK]
+    cdef Py_ssize_t* kept = kept_on_stack
     cdef object item, name, value
     cdef char* out
-    cdef list kept = []
+    cdef bint by_length = type(drop) is NameSet
+    count = PyList_GET_SIZE(headers)
+    for i in range(nbefore):
+        total += before[i].size
+    for i in range(nafter):
+        total += after[i].size
+    if count > _KEPT_ON_STACK:
+        kept = <Py_ssize_t*>PyMem_Malloc(count * sizeof(Py_ssize_t))
+        if kept == NULL:
+            raise MemoryError()
+    try:
+        for i in range(count):
+            item = <object>PyList_GET_ITEM(headers, i)
+            if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+                raise TypeError("headers must be (name, value) tuples")
+            name = <object>PyTuple_GET_ITEM(item, 0)
+            value = <object>PyTuple_GET_ITEM(item, 1)
+            if type(name) is not bytes or type(value) is not bytes:
+                raise TypeError("header names and values must be bytes")
+            if by_length:
+                if (<NameSet>drop).has(name):
+                    continue
+            elif PySet_Contains(drop, name):
+                continue
+            kept[nkept] = i
+            nkept += 1
+            total += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
+        result = PyBytes_FromStringAndSize(NULL, total)
+        out = PyBytes_AS_STRING(result)
+        for i in range(nbefore):
+            memcpy(out + at, before[i].data, before[i].size)
+            at += before[i].size
+        for j in range(nkept):
+            # The items counted above: no Python code has run since (a bytes
+            # object is not tracked by the collector, so making one starts
+            # no collection and no finalizer).
+            item = <object>PyList_GET_ITEM(headers, kept[j])
+            name = <object>PyTuple_GET_ITEM(item, 0)
+            value = <object>PyTuple_GET_ITEM(item, 1)
+            ln = PyBytes_GET_SIZE(name)
+            lv = PyBytes_GET_SIZE(value)
+            memcpy(out + at, PyBytes_AS_STRING(name), ln)
+            at += ln
+            out[at] = 58   # ':'
+            out[at + 1] = 32   # ' '
+            at += 2
+            memcpy(out + at, PyBytes_AS_STRING(value), lv)
+            at += lv
+            out[at] = 13
+            out[at + 1] = 10
+            at += 2
+        for i in range(nafter):
+            memcpy(out + at, after[i].data, after[i].size)
+            at += after[i].size
+    finally:
+        if kept != kept_on_stack:
+            PyMem_Free(kept)
+    return result
+
+
+cpdef bytes render_head(bytes start, list headers, object drop, bytes tail):
+    cdef Piece before, after
     # A C call from the gateway's head functions (_heads.pyx); from Python,
     # None is refused as a def's `not None` would refuse it.
     if start is None or headers is None or drop is None or tail is None:
         raise TypeError("render_head() takes bytes, a list, a set (or a NameSet) and bytes, not None")
-    count = PyList_GET_SIZE(headers)
-    total = PyBytes_GET_SIZE(start) + PyBytes_GET_SIZE(tail)
-    for i in range(count):
-        item = <object>PyList_GET_ITEM(headers, i)
-        if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
-            raise TypeError("headers must be (name, value) tuples")
-        name = <object>PyTuple_GET_ITEM(item, 0)
-        value = <object>PyTuple_GET_ITEM(item, 1)
-        if type(name) is not bytes or type(value) is not bytes:
-            raise TypeError("header names and values must be bytes")
-        if type(drop) is NameSet:
-            if (<NameSet>drop).has(name):
-                continue
-        elif PySet_Contains(drop, name):
-            continue
-        kept.append(item)
-        total += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
-    result = PyBytes_FromStringAndSize(NULL, total)
-    out = PyBytes_AS_STRING(result)
-    at = PyBytes_GET_SIZE(start)
-    memcpy(out, PyBytes_AS_STRING(start), at)
-    for item in kept:
-        name = <object>PyTuple_GET_ITEM(item, 0)
-        value = <object>PyTuple_GET_ITEM(item, 1)
-        ln = PyBytes_GET_SIZE(name)
-        lv = PyBytes_GET_SIZE(value)
-        memcpy(out + at, PyBytes_AS_STRING(name), ln)
-        at += ln
-        out[at] = 58   # ':'
-        out[at + 1] = 32   # ' '
-        at += 2
-        memcpy(out + at, PyBytes_AS_STRING(value), lv)
-        at += lv
-        out[at] = 13
-        out[at + 1] = 10
-        at += 2
-    memcpy(out + at, PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail))
-    return result
+    before.data = PyBytes_AS_STRING(start)
+    before.size = PyBytes_GET_SIZE(start)
+    after.data = PyBytes_AS_STRING(tail)
+    after.size = PyBytes_GET_SIZE(tail)
+    return render_pieces(&before, 1, headers, drop, &after, 1)
