@@ -64,7 +64,7 @@ cdef int _on_url(llhttp_t* http, const char* at, size_t length) noexcept:
 cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcept:
     cdef ParsingCore core = <ParsingCore>http.data
     try:
-        core.collector._name_piece(at[:length])
+        core.collector._name_span(at, length)
     except BaseException as e:
         return _stopped(http, core, e, b"`on_header_field` callback error")
     return 0
@@ -73,7 +73,7 @@ cdef int _on_header_field(llhttp_t* http, const char* at, size_t length) noexcep
 cdef int _on_header_value(llhttp_t* http, const char* at, size_t length) noexcept:
     cdef ParsingCore core = <ParsingCore>http.data
     try:
-        core.collector._value_piece(at[:length])
+        core.collector._value_span(at, length)
     except BaseException as e:
         return _stopped(http, core, e, b"`on_header_value` callback error")
     return 0
@@ -143,7 +143,11 @@ cdef class ParsingCore:
         self._http.data = <void*>self
 
     cdef llhttp_errno_t _execute(self, const char* data, Py_ssize_t size):
-        return llhttp_execute(&self._http, data, size)
+        cdef llhttp_errno_t err = llhttp_execute(&self._http, data, size)
+        # The read's bytes are about to be reused: a header cut off at its
+        # end keeps what it has of them as bytes (see the header collector).
+        self.collector._own()
+        return err
 
     cdef bint _upgrade_paused(self, llhttp_errno_t err):
         """Whether the parse stopped at an upgrade's head (which neither

@@ -16,16 +16,23 @@ cdef class HeaderCollector(HeaderList):
     cdef public Py_ssize_t hosts
     cdef public bint sealed
 
-    # The header being read by llhttp, in pieces: its name and value so far.
+    # The header being read by llhttp, in pieces: its name and value so far,
+    # as spans of the read being parsed (a length of -1: none) or as bytes.
     cdef bytes _name
     cdef bytes _value
+    cdef const char* _name_at
+    cdef Py_ssize_t _name_len
+    cdef const char* _value_at
+    cdef Py_ssize_t _value_len
 
     cpdef reset(self)
     cpdef seal(self)
     # For the compiled connection cores, which run llhttp (see _wire.pyx).
-    cdef _add(self, bytes name, bytes value)
-    cdef _name_piece(self, bytes piece)
-    cdef _value_piece(self, bytes piece)
+    cdef bint _add(self, bytes name, bytes value) except -1
+    cdef _add_whole(self, const char* name, Py_ssize_t nn, const char* value, Py_ssize_t vn)
+    cdef _name_span(self, const char* at, Py_ssize_t n)
+    cdef _value_span(self, const char* at, Py_ssize_t n)
+    cdef int _own(self) except -1
     cdef _flush(self)
 
 cdef class NameSet:

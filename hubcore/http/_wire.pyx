@@ -8,6 +8,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.set cimport PySet_Contains
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy
 
 cdef extern from "Python.h":
@@ -66,6 +67,61 @@ cdef class HeaderList:
         return first_value(self.headers, name)
 
 
+# -- headers read whole, kept from one head to the next ---------------------------
+#
+# Theory of operation. Most of a head's headers come again, byte for byte, in
+# the next head on the hub (a client's own headers; a vendor's content type,
+# limits and servers), and making each one's name, value and pair anew, and
+# letting them go with the request, was most of what a head cost. So a
+# header read whole within one read is looked up in a small direct-mapped
+# cache of pairs, by a hash of its bytes as they came; a hit appends the
+# cached (name, value) tuple, the very object the collector would have made
+# (tuples and bytes are immutable, so sharing them changes no result). A
+# miss makes the pair as before and, if it is plain (a name already in lower
+# case, none of the names _add acts on, no '_', a value of at most
+# _PAIR_VALUE_MAX bytes) and no credential (_NOT_KEPT: a key lives no
+# longer than the head it came in), keeps it in its slot in place of
+# whatever was there. The cache is bounded (_PAIRS slots) and a collision
+# only costs a miss: headers chosen to collide slow their own head, nobody
+# else's.
+
+cdef enum:
+    _PAIRS = 512  # slots, a power of two
+    _PAIR_VALUE_MAX = 128  # bytes: a longer value is not kept
+
+cdef list _pairs = [None] * _PAIRS
+cdef NameSet _NOT_KEPT = NameSet({b"authorization", b"proxy-authorization", b"x-api-key", b"x-goog-api-key",
+                                  b"api-key", b"cookie", b"set-cookie"})
+
+
+cdef inline uint64_t _mix(uint64_t h, const char* p, Py_ssize_t n) noexcept:
+    cdef uint64_t w
+    while n >= 8:
+        memcpy(&w, p, 8)
+        h = (h ^ w) * <uint64_t>0x9E3779B97F4A7C15
+        h ^= h >> 32
+        p += 8
+        n -= 8
+    if n:
+        w = 0
+        memcpy(&w, p, n)
+        h = (h ^ w) * <uint64_t>0x9E3779B97F4A7C15
+        h ^= h >> 32
+    return h
+
+
+cdef inline Py_ssize_t _pair_slot(const char* name, Py_ssize_t nn, const char* value, Py_ssize_t vn) noexcept:
+    cdef uint64_t h = _mix(_mix(<uint64_t>nn * 1315423911 + <uint64_t>vn, name, nn), value, vn)
+    return <Py_ssize_t>((h ^ (h >> 29)) & (_PAIRS - 1))
+
+
+cdef inline bint _pair_is(object pair, const char* name, Py_ssize_t nn, const char* value, Py_ssize_t vn) noexcept:
+    cdef object n = <object>PyTuple_GET_ITEM(pair, 0)
+    cdef object v = <object>PyTuple_GET_ITEM(pair, 1)
+    return (PyBytes_GET_SIZE(n) == nn and PyBytes_GET_SIZE(v) == vn
+            and memcmp(PyBytes_AS_STRING(n), name, nn) == 0 and memcmp(PyBytes_AS_STRING(v), value, vn) == 0)
+
+
 cdef class HeaderCollector(HeaderList):
     # Its fields are declared in _wire.pxd, where _conn.pyx reads them.
 
@@ -82,6 +138,8 @@ cdef class HeaderCollector(HeaderList):
         self.sealed = False
         self._name = None
         self._value = None
+        self._name_len = -1
+        self._value_len = -1
 
     cpdef seal(self):
         self.sealed = True
@@ -89,31 +147,91 @@ cdef class HeaderCollector(HeaderList):
     def on_header(self, bytes name not None, bytes value not None):
         self._add(name, value)
 
-    # llhttp hands a header's name and value over in pieces where a read
-    # splits them: a header is added when the next one starts, or the head
-    # ends (or a chunked body's trailers do), as httptools does.
-    cdef _name_piece(self, bytes piece):
-        self._flush()
-        self._name = piece if self._name is None else self._name + piece
+    # llhttp hands a header's name and value over in pieces, each a span of
+    # the read it parses: a header is added when the next one starts, or the
+    # head ends (or a chunked body's trailers do), as httptools adds it. A
+    # span is only good while its read is parsed: one a header still holds
+    # when the read ends is kept as bytes (_own), and the rest of its name
+    # or value joined to them.
+    cdef _name_span(self, const char* at, Py_ssize_t n):
+        if self._value is not None or self._value_len >= 0:
+            self._flush()
+        if self._name is not None:
+            self._name = self._name + at[:n]
+        elif self._name_len >= 0:
+            self._name = self._name_at[:self._name_len] + at[:n]
+            self._name_len = -1
+        else:
+            self._name_at = at
+            self._name_len = n
 
-    cdef _value_piece(self, bytes piece):
-        self._value = piece if self._value is None else self._value + piece
+    cdef _value_span(self, const char* at, Py_ssize_t n):
+        if self._value is not None:
+            self._value = self._value + at[:n]
+        elif self._value_len >= 0:
+            self._value = self._value_at[:self._value_len] + at[:n]
+            self._value_len = -1
+        else:
+            self._value_at = at
+            self._value_len = n
+
+    cdef int _own(self) except -1:
+        # A span is held only while no bytes are (see _name_span).
+        if self._name_len >= 0:
+            self._name = self._name_at[:self._name_len]
+            self._name_len = -1
+        if self._value_len >= 0:
+            self._value = self._value_at[:self._value_len]
+            self._value_len = -1
+        return 0
 
     cdef _flush(self):
-        if self._value is not None:
-            name = self._name
-            value = self._value
-            self._name = self._value = None
-            self._add(name, value)
+        cdef bytes name, value
+        cdef Py_ssize_t nn = self._name_len, vn = self._value_len
+        if nn >= 0 and vn >= 0:
+            self._name_len = self._value_len = -1
+            self._add_whole(self._name_at, nn, self._value_at, vn)
+            return
+        if self._value is None and self._value_len < 0:
+            return
+        name = self._name if self._name_len < 0 else self._name_at[:self._name_len]
+        value = self._value if self._value_len < 0 else self._value_at[:self._value_len]
+        self._name = self._value = None
+        self._name_len = self._value_len = -1
+        self._add(b"" if name is None else name, value)
 
-    cdef _add(self, bytes name, bytes value):
-        # on_header's work, called in C: names and values are bytes.
+    cdef _add_whole(self, const char* name, Py_ssize_t nn, const char* value, Py_ssize_t vn):
+        """A header read whole: the cached pair of its bytes, else the pair made and added (see above)."""
+        cdef Py_ssize_t slot = -1
+        cdef object pair
+        cdef bytes made
+        if vn <= _PAIR_VALUE_MAX:
+            slot = _pair_slot(name, nn, value, vn)
+            pair = <object>PyList_GET_ITEM(_pairs, slot)
+            if pair is not None and _pair_is(pair, name, nn, value, vn):
+                # _add's work for a plain header
+                self.size += nn + vn + 4
+                if not self.sealed:
+                    self.headers.append(pair)
+                    self._index = None
+                return
+        made = name[:nn]
+        if self._add(made, value[:vn]) and slot >= 0:
+            pair = <object>PyList_GET_ITEM(self.headers, PyList_GET_SIZE(self.headers) - 1)  # the one just added
+            # its name was lower case as it came, and it is no credential
+            if <object>PyTuple_GET_ITEM(pair, 0) is made and not _NOT_KEPT.has(made):
+                _pairs[slot] = pair
+
+    cdef bint _add(self, bytes name, bytes value) except -1:
+        """on_header's work, called in C: names and values are bytes.
+        Whether the header is a plain one, appended and nothing else."""
         cdef Py_ssize_t i, n
         cdef const unsigned char* v
         cdef long long length = 0
+        cdef bint plain = False
         self.size += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
         if self.sealed:
-            return
+            return False
         name = _lower(name)
         if _named(name, _CONTENT_LENGTH):
             n = PyBytes_GET_SIZE(value)
@@ -134,8 +252,11 @@ cdef class HeaderCollector(HeaderList):
         elif memchr(PyBytes_AS_STRING(name), 95, PyBytes_GET_SIZE(name)) != NULL:  # '_'
             if name.replace(b"_", b"-").strip(b"-") in FRAMING:
                 raise ValueError(f"header name {name!r} may be read as a framing header")
+        else:
+            plain = True
         self.headers.append((name, value))
         self._index = None
+        return plain
 
 
 cpdef first_value(list headers, name):

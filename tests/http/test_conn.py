@@ -256,6 +256,22 @@ def test_a_body_of_announced_length_arrives_whole_however_the_reads_fall(size: i
     assert results[0]["in_flight"] == (len(POST.partition(b"\r\n\r\n")[2]) if then is POST else 11 if then is CHUNKED else 0)
 
 
+def test_a_key_is_never_kept_past_its_request(twin: ModuleType) -> None:
+    """The compiled header collector hands the next head the pairs it made
+    for the last (see _wire.pyx), but never a credential's: the same
+    request twice shares its plain header and not its key."""
+    head = b"GET /v1/models HTTP/1.1\r\nhost: hub\r\nx-api-key: K\r\nauthorization: Bearer K\r\naccept: */*\r\n\r\n"
+    proto = connection(twin)
+    feed(proto, head)
+    proto.request_done()
+    feed(proto, head)
+    first, second = proto.requests
+    assert first.headers == second.headers == [
+        (b"host", b"hub"), (b"x-api-key", b"K"), (b"authorization", b"Bearer K"), (b"accept", b"*/*")]
+    shared = {a[0] for a, b in zip(first.headers, second.headers) if a is b}
+    assert shared == (set() if twin is _conn_py else {b"accept"})
+
+
 def test_the_request_after_a_long_body_in_the_same_read_is_parsed(twin: ModuleType) -> None:
     proto = connection(twin, answer=True, config=LONG)
     head, body = long_post(40_000)

@@ -378,6 +378,34 @@ def test_a_response_head_outside_a_connection(twin: ModuleType) -> None:
                                  {b"transfer-encoding": b"gzip, Chunked"}, False, None, True)
 
 
+# A vendor's head as it comes again and again: plain headers, one with a
+# name in capitals, a length, a value too long to be kept, and a credential.
+REPEATED = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nserver: cloudflare\r\n"
+            b"X-Upper: 1\r\ncontent-length: 2\r\nx-long: " + b"v" * 200 + b"\r\nvia: 1.1 google\r\n"
+            b"set-cookie: s=1\r\n\r\n{}")
+REPEATED_HEADERS = [(b"content-type", b"application/json"), (b"server", b"cloudflare"), (b"x-upper", b"1"),
+                    (b"content-length", b"2"), (b"x-long", b"v" * 200), (b"via", b"1.1 google"),
+                    (b"set-cookie", b"s=1")]
+
+
+@pytest.mark.parametrize(("cuts", "shared"), [
+    ([], {b"content-type", b"server", b"via"}),
+    ([40], {b"server", b"via"}),  # the second head's content-type is cut in two
+], ids=["whole", "cut-in-a-header"])
+def test_plain_headers_read_whole_are_the_same_objects_in_the_next_head(
+    twin: ModuleType, cuts: list[int], shared: set[bytes],
+) -> None:
+    """Both twins read the same headers; the compiled one hands the next
+    head the pairs it made for the last (see _wire.pyx) where they are
+    plain and came whole within one read, and makes the others anew."""
+    first, second = connection(twin), connection(twin)
+    feed(first, REPEATED)
+    feed(second, REPEATED, cuts)
+    assert first.head.headers == second.head.headers == REPEATED_HEADERS
+    if twin is not _upstream_py:
+        assert {a[0] for a, b in zip(first.head.headers, second.head.headers) if a is b} == shared
+
+
 STREAMS = [SSE, JSON, REFUSED, INTERIM, CLOSE_DELIMITED, EMPTY, MALFORMED_HEAD, AMBIGUOUS_HEAD, MALFORMED_BODY,
            JSON + b"HTTP/1.1 200 OK\r\n\r\n", TRAILERS, UPGRADE, BAD_STATUS, BAD_LENGTH]
 
