@@ -677,6 +677,8 @@ cdef enum:
 
 cdef object _usage_member(int node, const unsigned char* k, Py_ssize_t kn, int* child):
     """The key Reading reads member `k` of an object at `node` by, and the node of its value; None if unread."""
+    # Written out, not looked up in a table of (bytes, str, node): a loop over
+    # such a table cost 0.3 us more a stream (of 5.7, bench.meter's stream).
     child[0] = _U_LEAF
     if node == _U_START:
         if _eq(k, kn, b"message", 7):
