@@ -14,7 +14,6 @@ a request. Only the compiled Exchange calls them: it is built with this
 module (setup.py builds all or none; without it the compiled Exchange does
 not import), and the pure Exchange calls the Python functions."""
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdio cimport snprintf
 from libc.string cimport memcmp
@@ -24,7 +23,7 @@ from hubcore.gateway.routes import MODEL_ID, MODELS_PREFIX, OPENAI_MODELS, ROUTE
 from hubcore.http.server import STATUS_LINES, status_line
 # render_pieces is compiled with this module (setup.py builds all or none):
 # a C call.
-from hubcore.http._wire cimport NameSet, Piece, first_value, render_pieces
+from hubcore.http._wire cimport NameSet, Piece, first_value, piece_of, render_pieces
 from hubcore.routing import headroom
 
 cdef frozenset _REQUEST_DROP = REQUEST_DROP
@@ -60,13 +59,6 @@ cdef object _model_class = headroom.model_class
 
 
 # -- rewrite ------------------------------------------------------------------
-
-cdef inline Piece _piece(bytes b):
-    cdef Piece piece
-    piece.data = PyBytes_AS_STRING(b)
-    piece.size = PyBytes_GET_SIZE(b)
-    return piece
-
 
 cdef inline Piece _literal(const char* s, Py_ssize_t size):
     cdef Piece piece
@@ -104,14 +96,14 @@ cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host
                 drop = drop | named
     if drop is _REQUEST_DROP:
         drop = _REQUEST_DROP_NAMES
-    before[0] = _piece(method)
+    before[0] = piece_of(method)
     before[1] = _literal(b" ", 1)
-    before[2] = _piece(base_path)
-    before[3] = _piece(target)
+    before[2] = piece_of(base_path)
+    before[3] = piece_of(target)
     before[4] = _literal(b" HTTP/1.1\r\n", 11)
-    before[5] = _piece(host_line)
-    after[0] = _piece(auth_line)
-    after[1] = _piece(_ACCEPT_IDENTITY)
+    before[5] = piece_of(host_line)
+    after[0] = piece_of(auth_line)
+    after[1] = piece_of(_ACCEPT_IDENTITY)
     if body_size or method == b"POST":
         after[2] = _length_line(length, body_size)
         nafter = 3
@@ -135,7 +127,7 @@ cpdef bytes response_head(int status, list headers, framing, content_length, bin
     line = _STATUS_LINES.get(status)
     if line is None:
         line = _status_line(status)
-    before = _piece(line)
+    before = piece_of(line)
     # Its UTF-8, as the twin's encode() (kept in the str, not made anew).
     id_text = PyUnicode_AsUTF8AndSize(request_id, &id_size)
     after[0] = _literal(b"x-hubcore-request-id: ", 22)
@@ -144,7 +136,7 @@ cpdef bytes response_head(int status, list headers, framing, content_length, bin
     nafter = 3
     if budget is not None:
         budget_lines = b"".join([b"%s: %s\r\n" % pair for pair in budget])
-        after[nafter] = _piece(budget_lines)
+        after[nafter] = piece_of(budget_lines)
         nafter += 1
     if framing is _LENGTH:
         assert content_length is not None
@@ -152,7 +144,7 @@ cpdef bytes response_head(int status, list headers, framing, content_length, bin
             after[nafter] = _length_line(length, <Py_ssize_t>content_length)
         else:
             long_length = b"content-length: %d\r\n" % content_length
-            after[nafter] = _piece(long_length)
+            after[nafter] = piece_of(long_length)
         nafter += 1
     elif framing is _CHUNKED:
         after[nafter] = _literal(b"transfer-encoding: chunked\r\n", 28)

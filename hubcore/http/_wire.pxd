@@ -2,6 +2,9 @@
 # the connection core (_conn.pyx) reads and calls them without a Python
 # attribute lookup, some ten times a request.
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+
 cdef class HeaderList:
     cdef public list headers
     cdef dict _index  # made on first use of `index`
@@ -51,6 +54,12 @@ cpdef dict index_of(list headers)
 cdef struct Piece:
     const char* data
     Py_ssize_t size
+
+cdef inline Piece piece_of(bytes b):
+    cdef Piece piece
+    piece.data = PyBytes_AS_STRING(b)
+    piece.size = PyBytes_GET_SIZE(b)
+    return piece
 
 cpdef bytes render_head(bytes start, list headers, object drop, bytes tail)
 cdef bytes render_pieces(const Piece* before, Py_ssize_t nbefore, list headers, object drop,

@@ -428,8 +428,6 @@ cpdef bytes render_head(bytes start, list headers, object drop, bytes tail):
     # None is refused as a def's `not None` would refuse it.
     if start is None or headers is None or drop is None or tail is None:
         raise TypeError("render_head() takes bytes, a list, a set (or a NameSet) and bytes, not None")
-    before.data = PyBytes_AS_STRING(start)
-    before.size = PyBytes_GET_SIZE(start)
-    after.data = PyBytes_AS_STRING(tail)
-    after.size = PyBytes_GET_SIZE(tail)
+    before = piece_of(start)
+    after = piece_of(tail)
     return render_pieces(&before, 1, headers, drop, &after, 1)
