@@ -26,6 +26,11 @@ cdef class Request(HeaderList):
     cdef public object control
     cdef public list parts
     cdef public Py_ssize_t body_size
+    # A body of BODY_WHOLE_BYTES or more: its length, and once a read has
+    # brought only part of it, the bytes object it is filled into.
+    cdef Py_ssize_t _whole_size
+    cdef bytes _whole
+    cdef Py_ssize_t _whole_fill
     cdef object _body
     cdef public bint keep_alive
     cdef public str http_version
@@ -68,6 +73,7 @@ cdef class ConnCore(ParsingCore):
     cdef object _time  # loop.time
     cdef object _read_view  # server.read_view
     cdef const char* _read_buffer  # its address
+    cdef const char* _reading_at  # where the transport's current read lands (see get_buffer)
     cdef long long _max_header_bytes
     cdef long long _max_body_bytes
     cdef double _header_timeout
@@ -93,6 +99,7 @@ cdef class ConnCore(ParsingCore):
     cdef _parse_failed(self, llhttp_errno_t err)
     cdef _control_headers(self, list control)
     cdef _reserve(self, Py_ssize_t size)
+    cdef _body_at(self, const char* at, Py_ssize_t length)
     cdef _refused_at_head(self, Request request)
     cdef _dispatch(self, Request request)
     cdef _start(self, Request request)

@@ -15,9 +15,10 @@ call among themselves (`_set_phase`, `_reserve`, `_dispatch`, `_start`,
 rare paths are the subclass's (server.HttpProtocol), called as Python
 methods."""
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.string cimport memchr
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from libc.string cimport memchr, memcpy
 
 import logging
 from collections import deque
@@ -30,8 +31,8 @@ from hubcore.http._wire cimport HeaderCollector, HeaderList
 # its read of the version from the request line, has no part here: this
 # core reads llhttp's fields.)
 from hubcore.http._conn_py import (
-    CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, TRIM_AFTER_BYTES, TRIM_MIN_INTERVAL, Phase,
-    RefusedAtHead, Reject, malloc_trim,
+    BODY_WHOLE_BYTES, CONTINUE_100, MAX_BODY_PARTS, REFUSED_BODY_DISCARD_BYTES, TRIM_AFTER_BYTES, TRIM_MIN_INTERVAL,
+    Phase, RefusedAtHead, Reject, malloc_trim,
 )
 
 log = logging.getLogger("hubcore.server")
@@ -46,6 +47,7 @@ cdef object _CLOSED = Phase.CLOSED
 
 cdef bytes _CONTINUE_100 = CONTINUE_100
 cdef Py_ssize_t _MAX_BODY_PARTS = MAX_BODY_PARTS
+cdef Py_ssize_t _BODY_WHOLE_BYTES = BODY_WHOLE_BYTES
 cdef long long _REFUSED_BODY_DISCARD_BYTES = REFUSED_BODY_DISCARD_BYTES
 cdef Py_ssize_t _TRIM_AFTER_BYTES = TRIM_AFTER_BYTES
 cdef double _TRIM_MIN_INTERVAL = TRIM_MIN_INTERVAL
@@ -205,6 +207,7 @@ cdef class ConnCore(ParsingCore):
         self._time = self.loop.time
         self._read_view = server.read_view
         self._read_buffer = _address_of(self._read_view)
+        self._reading_at = self._read_buffer
         self._max_header_bytes = config.max_header_bytes
         self._max_body_bytes = config.max_body_bytes
         self._header_timeout = config.header_timeout
@@ -220,6 +223,9 @@ cdef class ConnCore(ParsingCore):
         self.head_bytes = 0
         self.body_parts = []
         self.body_size = 0
+        self._whole_size = 0
+        self._whole = None
+        self._whole_fill = 0
         self.reserved = 0
         self.body_started = 0.0
         self.expect_continue = False
@@ -228,11 +234,27 @@ cdef class ConnCore(ParsingCore):
 
     # -- reading -----------------------------------------------------------
     def get_buffer(self, sizehint):
+        # The reads of a long body that its head's read did not bring land
+        # in the bytes object it is kept in (see BODY_WHOLE_BYTES), not in
+        # the read buffer: no copy, and no join. The view lends no more than
+        # the body still lacks, so a read never takes the next request's
+        # bytes into it; and that object is seen by no one before its last
+        # byte is in (the request is made only then).
+        cdef Py_ssize_t fill = self._whole_fill, missing
+        cdef bytes whole = self._whole
+        cdef char* at
+        if whole is not None and self.message_phase is _BODY and not self.parsing_stopped:
+            missing = PyBytes_GET_SIZE(whole) - fill
+            if missing > 0:
+                at = PyBytes_AS_STRING(whole) + fill
+                self._reading_at = at
+                return PyMemoryView_FromMemory(at, missing, PyBUF_WRITE)
+        self._reading_at = self._read_buffer
         return self._read_view
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        # A C call on the read buffer's address: once or twice a request.
-        self._received(self._read_buffer, nbytes)
+        # A C call on where get_buffer pointed the read: once or twice a request.
+        self._received(self._reading_at, nbytes)
 
     def data_received(self, data):
         cdef Py_buffer view
@@ -293,6 +315,9 @@ cdef class ConnCore(ParsingCore):
         self.collector.reset()
         self.body_parts = []
         self.body_size = 0
+        self._whole_size = 0
+        self._whole = None
+        self._whole_fill = 0
         self.reserved = 0
         self.discarding = False
         self.chunked = False
@@ -343,6 +368,8 @@ cdef class ConnCore(ParsingCore):
             self.discarding = True
         elif length > 0:
             self._reserve(length)
+            if length >= _BODY_WHOLE_BYTES:
+                self._whole_size = length
         self.message_phase = _BODY
         if not self.busy:
             # While an earlier request is answered the client is waiting for
@@ -376,6 +403,27 @@ cdef class ConnCore(ParsingCore):
                          ((b"retry-after", b"1"),))
         self.reserved = size
 
+    cdef _body_at(self, const char* at, Py_ssize_t length):
+        cdef Py_ssize_t fill = self._whole_fill
+        cdef bytes whole = self._whole
+        cdef char* end
+        if whole is None:
+            if self._whole_size == 0 or length == self._whole_size:
+                # A short body's piece, or a long body read whole at once.
+                self._body(at[:length])
+                return
+            # A long body's first piece: the object it is kept in, filled
+            # here and by the reads get_buffer lends it to; nothing else
+            # sees it before it is full.
+            whole = self._whole = PyBytes_FromStringAndSize(NULL, self._whole_size)
+        # llhttp hands over no more than Content-Length announced.
+        assert length <= PyBytes_GET_SIZE(whole) - fill
+        end = PyBytes_AS_STRING(whole) + fill
+        if at != end:  # in the read buffer, not read in place
+            memcpy(end, at, length)
+        self._whole_fill = fill + length
+        self.body_size += length
+
     cdef _body(self, bytes body):
         cdef Py_ssize_t size = self.body_size + PyBytes_GET_SIZE(body)
         self.body_size = size
@@ -393,6 +441,9 @@ cdef class ConnCore(ParsingCore):
         cdef Request request
         if self.collector.size > self._max_header_bytes:
             raise Reject(431, f"request head and trailers larger than {self._max_header_bytes} bytes")
+        if self._whole is not None:
+            self.body_parts = [self._whole]
+            self._whole = None
         request = _new_request(
             self.method,
             self.url,

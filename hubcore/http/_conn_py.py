@@ -38,6 +38,13 @@ MAX_REQUEST_LINE = 8192
 # A body that came in more pieces than this (a client's small chunks) is
 # joined at once rather than written upstream piece by piece.
 MAX_BODY_PARTS = 16
+# A body announced by Content-Length at least this long is kept as one
+# bytes object, never joined. The compiled core reads what of it the head's
+# read did not bring straight into that object rather than into the
+# server's read buffer (see _conn.pyx's get_buffer), which spares copying a
+# long conversation out of the buffer read by read and joining it after. A
+# shorter body is kept in the pieces the reads brought.
+BODY_WHOLE_BYTES = 16 * 1024
 # A request refused at its head with a body up to this size (announced by
 # Content-Length) has its body read and dropped, so the connection stays
 # usable, as after any answer; a larger or chunked one is not read at all,
@@ -279,6 +286,7 @@ class ConnCore:
         self.head_bytes = 0
         self.body_parts: list[bytes] = []
         self.body_size = 0
+        self.body_whole = False  # see BODY_WHOLE_BYTES
         # Bytes of the body budget this message's body holds, and when its
         # first body read came (loop time), for the minimum body rate.
         self.reserved = 0
@@ -359,6 +367,7 @@ class ConnCore:
         self.collector.reset()
         self.body_parts = []
         self.body_size = 0
+        self.body_whole = False
         self.reserved = 0
         self.discarding = False
         self.chunked = False
@@ -409,6 +418,7 @@ class ConnCore:
             self.discarding = True
         elif length > 0:
             self._reserve(length)
+            self.body_whole = length >= BODY_WHOLE_BYTES
         self.message_phase = _BODY
         if not self.busy:
             # While an earlier request is answered the client is waiting for
@@ -459,11 +469,14 @@ class ConnCore:
     def on_message_complete(self) -> None:
         if self.collector.size > self.config.max_header_bytes:
             raise Reject(431, f"request head and trailers larger than {self.config.max_header_bytes} bytes")
+        parts = self.body_parts
+        if self.body_whole and len(parts) > 1:
+            parts = [b"".join(parts)]
         request = Request(
             self.method,
             self.url,
             self.collector,
-            self.body_parts,
+            parts,
             self.parser.should_keep_alive(),
             self.version,
         )

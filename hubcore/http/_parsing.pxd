@@ -23,4 +23,5 @@ cdef class ParsingCore:
     cdef _url(self, bytes url)
     cdef _headers_complete(self)
     cdef _body(self, bytes piece)
+    cdef _body_at(self, const char* at, Py_ssize_t length)
     cdef _message_complete(self)

@@ -96,7 +96,7 @@ cdef int _on_headers_complete(llhttp_t* http) noexcept:
 cdef int _on_body(llhttp_t* http, const char* at, size_t length) noexcept:
     cdef ParsingCore core = <ParsingCore>http.data
     try:
-        core._body(at[:length])
+        core._body_at(at, length)
     except BaseException as e:
         return _stopped(http, core, e, b"`on_body` callback error")
     return 0
@@ -191,6 +191,11 @@ cdef class ParsingCore:
 
     cdef _body(self, bytes piece):
         pass
+
+    cdef _body_at(self, const char* at, Py_ssize_t length):
+        # Where the body's bytes lie in the read: a core that can keep them
+        # without a bytes object of their own overrides this.
+        self._body(at[:length])
 
     cdef _message_complete(self):
         pass

@@ -249,11 +249,51 @@ def test_a_body_of_announced_length_arrives_whole_however_the_reads_fall(size: i
         read(proto, data, [c for c in cuts if c < len(data)])
         first = proto.requests[0]
         assert first.body_size == size and b"".join(first.parts) == body
+        # A long body is one bytes object, whichever twin read it.
+        assert len(first.parts) == 1 or size < _conn_py.BODY_WHOLE_BYTES
         proto.request_done()
         results.append(summary(proto))
     assert all(result == results[0] for result in results)
     assert len(results[0]["requests"]) == (2 if then else 1)
     assert results[0]["in_flight"] == (len(POST.partition(b"\r\n\r\n")[2]) if then is POST else 11 if then is CHUNKED else 0)
+
+
+def test_a_long_body_is_read_where_it_is_kept(twin: ModuleType) -> None:
+    """What of a long body its head's read did not bring, the compiled core
+    reads into the bytes object it keeps the body in: get_buffer lends that
+    object's missing part rather than the read buffer. The twin reads into
+    the read buffer; both keep the body as one object."""
+    proto = connection(twin, config=LONG)
+    head, body = long_post(100_000)
+    lent: list[int] = []
+
+    def read_lent(data: bytes) -> None:
+        at = 0
+        while at < len(data):
+            with memoryview(proto.get_buffer(-1)) as buffer:
+                lent.append(len(buffer))
+                size = min(len(buffer), len(data) - at)
+                buffer[:size] = data[at:at + size]
+            proto.buffer_updated(size)
+            at += size
+
+    read_lent(head + body)
+    (first,) = proto.requests
+    assert first.parts == [body] and type(first.parts[0]) is bytes and first.body == body
+    proto.request_done()
+    read_lent(GET + head + body[:90_000])
+    second = proto.requests[1]
+    assert (second.method, second.target) == (b"GET", b"/v1/models?limit=2")
+    buffer = READ_BUFFER_BYTES
+    if twin is _conn_py:
+        assert set(lent) == {buffer}
+    else:
+        # The head and the body's start | the rest of the body, in place |
+        # the GET, the next head and its body's start | the rest, in place.
+        assert lent == [buffer, 100_000 - (buffer - len(head)), buffer, 100_000 - (buffer - len(GET) - len(head))]
+    # A refusal ends the lending: the rest is read to be dropped.
+    proto._reject(408, "the body took too long")
+    assert len(proto.get_buffer(-1)) == buffer
 
 
 def test_a_key_is_never_kept_past_its_request(twin: ModuleType) -> None:
