@@ -87,7 +87,7 @@ class Plan:
     stream_pace_ms: float
     stream_ramp: float
     stream_body: str
-    stream_rounds: int           # open-streams phase: rounds, the path order rotating
+    stream_rounds: int           # open-streams phase: rounds, in round_order
     wrk: list[tuple[str, int]]   # (body, connections)
     wrk_seconds: float
     wrk_rounds: int
@@ -127,6 +127,19 @@ def quick_plan() -> Plan:
         streams=200, stream_events=20, stream_pace_ms=100.0, stream_ramp=0.5, stream_body="large",
         stream_rounds=1, wrk=[("large", 16)], wrk_seconds=1.0, wrk_rounds=1,
     )
+
+
+def round_order(paths: list[str], r: int) -> list[str]:
+    """The paths' order in round `r`: the rounds of a Williams design, so
+    that over len(paths) rounds (2 x that for an odd count) each path runs
+    once in each place and right after each other path once (a rotation
+    had each path always run right after the same other one)."""
+    n = len(paths)
+    first = [0]
+    for i in range(1, n):
+        first.append((i + 1) // 2 if i % 2 else n - i // 2)
+    row = [paths[(j + r) % n] for j in first]
+    return row[::-1] if n % 2 and (r // n) % 2 else row
 
 
 # -- statistics ---------------------------------------------------------------------
@@ -404,13 +417,13 @@ class Bench:
 
     # -- phases --------------------------------------------------------------------------
     def latency(self, scenarios: list[Scenario], seconds: float) -> dict[str, dict[str, Any]]:
-        """Every scenario on every path, in rounds; the path order rotates
-        each round so that drift and warm caches favour none."""
+        """Every scenario on every path, in rounds; the path order changes
+        each round (round_order) so that drift, warm caches and the path
+        run just before favour none."""
         tallies = {(sc, p): Tally() for sc in scenarios for p in self.paths}
         for r in range(self.plan.rounds):
             for sc in scenarios:
-                order = self.paths[r % len(self.paths):] + self.paths[:r % len(self.paths)]
-                for path in order:
+                for path in round_order(self.paths, r):
                     duration = seconds * (2 if sc.pace_ms else 1)
                     think = C1_THINK_MS if sc.concurrency == 1 else 0.0
                     result, cpu = self._batch(path, self._jobs(path, sc, duration=duration, think_ms=think))
@@ -424,7 +437,7 @@ class Bench:
 
     def open_streams(self) -> dict[str, Any]:
         """`streams` paced streams open at once per path: per-event transit
-        and the proxy's memory. In rounds whose path order rotates, as in
+        and the proxy's memory. In rounds whose path order changes, as in
         `latency`: in one pass in a fixed order, the time to first byte
         while a thousand streams open moved by a factor of five between
         runs, and favoured whichever path went first."""
@@ -434,7 +447,7 @@ class Bench:
         before: dict[str, int | None] = {}
         peaks: dict[str, dict[str, int]] = {path: {} for path in self.paths}
         for r in range(plan.stream_rounds):
-            for path in self.paths[r % len(self.paths):] + self.paths[:r % len(self.paths)]:
+            for path in round_order(self.paths, r):
                 pid = self.target(path)[3]
                 if path not in before:
                     before[path] = services.rss_bytes(pid) if pid else None
@@ -480,8 +493,7 @@ class Bench:
         runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
         for r in range(self.plan.wrk_rounds):
             for body, conns in self.plan.wrk:
-                order = paths[r % len(paths):] + paths[:r % len(paths)]
-                for path in order:
+                for path in round_order(paths, r):
                     port, credential, pid = targets[path]
                     script = self.workdir / f"wrk-{path}-{body}.lua"
                     services.wrk_script(script, bodies[body], (b"x-api-key", credential.encode()), HEADLINE.events)
@@ -727,7 +739,7 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"### {streams['scenario']['name']} (ramp {streams['scenario']['ramp_s']:g} s, "
-        f"{streams['scenario'].get('rounds', 1)} round(s), the path order rotating)",
+        f"{streams['scenario'].get('rounds', 1)} round(s), in a balanced order)",
         "",
         "| path | streams ok | events | TTFB p50 | p99 | event p50 | event p90 | event p99 | event added p50 | event added p99 | RSS before MB | RSS peak MB | CPU s/1k | errors |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
