@@ -234,9 +234,10 @@ cdef class ConnCore(ParsingCore):
 
     # -- reading -----------------------------------------------------------
     def get_buffer(self, sizehint):
-        # The reads of a long body that its head's read did not bring land
-        # in the bytes object it is kept in (see BODY_WHOLE_BYTES), not in
-        # the read buffer: no copy, and no join. The view lends no more than
+        # Once a read has brought only part of a long body, the reads of
+        # the rest land in the bytes object it is kept in (see
+        # BODY_WHOLE_BYTES), not in the read buffer: no copy, and no join
+        # (_body_at copied that first part). The view lends no more than
         # the body still lacks, so a read never takes the next request's
         # bytes into it; and that object is seen by no one before its last
         # byte is in (the request is made only then).

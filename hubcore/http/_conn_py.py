@@ -39,11 +39,11 @@ MAX_REQUEST_LINE = 8192
 # joined at once rather than written upstream piece by piece.
 MAX_BODY_PARTS = 16
 # A body announced by Content-Length at least this long is kept as one
-# bytes object, never joined. The compiled core reads what of it the head's
-# read did not bring straight into that object rather than into the
-# server's read buffer (see _conn.pyx's get_buffer), which spares copying a
-# long conversation out of the buffer read by read and joining it after. A
-# shorter body is kept in the pieces the reads brought.
+# bytes object, never joined. Once a read has brought only part of it, the
+# compiled core reads the rest straight into that object rather than into
+# the server's read buffer (see _conn.pyx's get_buffer), which spares
+# copying a long conversation out of the buffer read by read and joining it
+# after. A shorter body is kept in the pieces the reads brought.
 BODY_WHOLE_BYTES = 16 * 1024
 # A request refused at its head with a body up to this size (announced by
 # Content-Length) has its body read and dropped, so the connection stays
