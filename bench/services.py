@@ -221,9 +221,14 @@ keys = [
   {{ key = "env:BENCH_ANTHROPIC_KEY_A", label = "key-a" }},
   {{ key = "file:{dir}/key-b", label = "key-b" }},
 ]
-# Keep as many idle vendor connections as the benchmark has in flight (the
-# nginx reference gets the same upstream keepalive).
+# Keep as many idle vendor connections as the benchmark has in flight, for
+# longer than a phase leaves between two batches of one path (the nginx
+# reference gets the same upstream keepalive). At the default 30 s a hub
+# path opened its 1,000 vendor connections afresh in some rounds and not in
+# others, as the order of the paths fell: its streams' time to first byte
+# and event p99 followed its place in the rounds.
 pool_max_idle = {pool}
+pool_idle_timeout = 120.0
 """
 
 
@@ -467,7 +472,7 @@ NGINX_PROXY_SERVER = """\
     server 127.0.0.1:{upstream_port};
     keepalive {pool};
     keepalive_requests 1000000;
-    keepalive_timeout 60s;
+    keepalive_timeout 120s;
   }}
   server {{
     listen 127.0.0.1:{port} backlog=4096;
