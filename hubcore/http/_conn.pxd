@@ -26,11 +26,6 @@ cdef class Request(HeaderList):
     cdef public object control
     cdef public list parts
     cdef public Py_ssize_t body_size
-    # A body of BODY_WHOLE_BYTES or more: its length, and once a read has
-    # brought only part of it, the bytes object it is filled into.
-    cdef Py_ssize_t _whole_size
-    cdef bytes _whole
-    cdef Py_ssize_t _whole_fill
     cdef object _body
     cdef public bint keep_alive
     cdef public str http_version
@@ -89,6 +84,11 @@ cdef class ConnCore(ParsingCore):
     cdef public Py_ssize_t head_bytes
     cdef public list body_parts
     cdef public Py_ssize_t body_size
+    # A body of BODY_WHOLE_BYTES or more: its length, and once a read has
+    # brought only part of it, the bytes object it is filled into.
+    cdef Py_ssize_t _whole_size
+    cdef bytes _whole
+    cdef Py_ssize_t _whole_fill
     cdef public Py_ssize_t reserved
     cdef public double body_started
     cdef public bint expect_continue

@@ -54,8 +54,9 @@ REFUSED_BODY_DISCARD_BYTES = 64 * 1024
 # whole (BODY_WHOLE_BYTES); glibc serves most of them from its heap (its
 # mmap threshold rises to the largest block freed, up to 32 MiB), so
 # freeing them leaves holes in the heap that glibc keeps (60 token-less
-# clients sending 31 MiB each once left the hub at 1.9 GB). After this many body bytes were freed the heap's free pages are
-# given back with malloc_trim, at most once per TRIM_MIN_INTERVAL seconds.
+# clients sending 31 MiB each once left the hub at 1.9 GB). After this many
+# body bytes were freed the heap's free pages are given back with
+# malloc_trim, at most once per TRIM_MIN_INTERVAL seconds.
 TRIM_AFTER_BYTES = 16 * 1024 * 1024
 TRIM_MIN_INTERVAL = 1.0
 

@@ -20,4 +20,3 @@ def test_each_path_has_each_place_and_each_predecessor_equally(n: int) -> None:
     assert set(places.values()) == {len(rounds) // n} and len(places) == n * n
     after = Counter(pair for order in rounds for pair in zip(order, order[1:]))
     assert len(after) == n * (n - 1) and len(set(after.values())) == 1
-

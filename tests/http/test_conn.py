@@ -288,6 +288,9 @@ def test_a_long_body_is_read_where_it_is_kept(twin: ModuleType) -> None:
     if twin is _conn_py:
         assert set(lent) == {buffer}
     else:
+        # The core's own C fields, not its subclass's instance dict (where
+        # an undeclared field would land, looked up on every read).
+        assert not {"_whole", "_whole_size", "_whole_fill"} & set(vars(proto))
         # The head and the body's start | the rest of the body, in place |
         # the GET, the next head and its body's start | the rest, in place.
         assert lent == [buffer, 100_000 - (buffer - len(head)), buffer, 100_000 - (buffer - len(GET) - len(head))]
