@@ -1,2 +1,40 @@
-# The request path's UsageEvent maker, a C call from gateway/_exchange.pyx.
+# The request path's UsageEvent maker, a C call from gateway/_exchange.pyx,
+# and the reader of an event's fields by their slots for the compiled
+# listeners that read an event on every request (ops/_tally.pyx,
+# ops/_access.pyx, governance/_admit.pyx).
 cpdef object new_event(tuple values)
+
+# UsageEvent's fields in FIELDS order (_rows.pyx checks the order at import).
+cdef enum:
+    F_TS
+    F_REQUEST_ID
+    F_ENDPOINT
+    F_STATUS
+    F_OUTCOME
+    F_TOTAL_MS
+    F_TOKEN_ID
+    F_USER
+    F_PROJECT
+    F_UPSTREAM
+    F_KEY_LABEL
+    F_MODEL
+    F_INPUT_TOKENS
+    F_OUTPUT_TOKENS
+    F_CACHE_WRITE_5M
+    F_CACHE_WRITE_1H
+    F_CACHE_READ
+    F_REASONING_TOKENS
+    F_SERVER_TOOL_REQUESTS
+    F_STOP_REASON
+    F_ERROR_TYPE
+    F_COST_MICROS
+    F_TTFB_MS
+    F_ATTEMPTS
+    F_SESSION_ID
+    F_USER_AGENT
+    F_OUTPUT_ESTIMATED
+    F_COST_BASIS
+    F_SERVED_MODEL
+    F_ROUTE
+
+cdef object event_field(object event, int field)

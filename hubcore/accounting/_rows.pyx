@@ -54,6 +54,39 @@ cdef void _read_offsets() except *:
 
 _read_offsets()
 
+# Each F_ constant (_rows.pxd) with the field it names for event_field:
+# the module is not used unless they name FIELDS, each at its place.
+_CONSTANTS = (
+    (F_TS, "ts"), (F_REQUEST_ID, "request_id"), (F_ENDPOINT, "endpoint"), (F_STATUS, "status"),
+    (F_OUTCOME, "outcome"), (F_TOTAL_MS, "total_ms"), (F_TOKEN_ID, "token_id"), (F_USER, "user"),
+    (F_PROJECT, "project"), (F_UPSTREAM, "upstream"), (F_KEY_LABEL, "key_label"), (F_MODEL, "model"),
+    (F_INPUT_TOKENS, "input_tokens"), (F_OUTPUT_TOKENS, "output_tokens"),
+    (F_CACHE_WRITE_5M, "cache_write_5m"), (F_CACHE_WRITE_1H, "cache_write_1h"), (F_CACHE_READ, "cache_read"),
+    (F_REASONING_TOKENS, "reasoning_tokens"), (F_SERVER_TOOL_REQUESTS, "server_tool_requests"),
+    (F_STOP_REASON, "stop_reason"), (F_ERROR_TYPE, "error_type"), (F_COST_MICROS, "cost_micros"),
+    (F_TTFB_MS, "ttfb_ms"), (F_ATTEMPTS, "attempts"), (F_SESSION_ID, "session_id"),
+    (F_USER_AGENT, "user_agent"), (F_OUTPUT_ESTIMATED, "output_estimated"), (F_COST_BASIS, "cost_basis"),
+    (F_SERVED_MODEL, "served_model"), (F_ROUTE, "route"),
+)
+if len(_CONSTANTS) != _fields or any(FIELDS[constant] != name for constant, name in _CONSTANTS):
+    raise ImportError("_rows.pxd's F_ constants do not name UsageEvent's fields at their places")
+
+cdef tuple _FIELD_NAMES = FIELDS
+
+
+cdef object event_field(object event, int field):
+    """`getattr(event, FIELDS[field])`: read straight from its slot for an
+    exact UsageEvent (the listeners that read an event on every request read
+    some thirty fields, each a lookup through the type by name), by name for
+    anything else or a slot that is unset, which raises as the name does."""
+    cdef PyObject* value
+    if type(event) is _UsageEvent:
+        value = (<PyObject**>(<char*><PyObject*>event + _offsets[field]))[0]
+        if value != NULL:
+            return <object>value
+    return getattr(event, <str>_FIELD_NAMES[field])
+
+
 cdef tuple _NO_ARGS = ()
 
 

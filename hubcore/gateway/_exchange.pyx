@@ -66,7 +66,9 @@ from hubcore.governance.tokens import Principal, TokenTable
 from hubcore.routing.failures import CLIENT_ABORTED, classify, in_stream_failure, retryable
 
 # What is not hot is the Python twin's, shared.
-from hubcore.gateway._exchange_py import JSON_OBJECT_START, _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers
+from hubcore.gateway._exchange_py import (
+    AUTH_LINES_MAX, JSON_OBJECT_START, _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers,
+)
 
 log = logging.getLogger("hubcore.proxy")
 
@@ -175,15 +177,69 @@ cdef inline object _admit_with(limiter, principal, model, double now, bint model
     return limiter.admit(principal, model, now, model_required=model_required)
 
 
+cdef Py_ssize_t _AUTH_LINES_MAX = AUTH_LINES_MAX
+
+
+cdef class UpstreamRuntimeCore:
+    """See _exchange_py.UpstreamRuntimeCore: read by the Exchange's core as
+    C fields, its auth line a C call."""
+
+    cdef public object config
+    cdef public PoolCore pool
+    cdef public object ring
+    cdef public bytes host_header
+    cdef public bytes base_path
+    cdef public bint auth_anthropic
+    cdef public dict _auth_lines
+
+    def __cinit__(self):
+        self.host_header = self.base_path = b""
+
+    def address(self, config):
+        """See the twin."""
+        default_port = 443 if config.scheme == "https" else 80
+        host = config.host if config.port == default_port else f"{config.host}:{config.port}"
+        self.host_header = b"host: " + host.encode() + b"\r\n"
+        self.base_path = config.base_path.encode()
+        self.auth_anthropic = config.kind == "anthropic"
+        self._auth_lines = {}
+
+    cpdef bytes auth_header(self, str secret):
+        cdef dict lines = self._auth_lines
+        line = lines.get(secret)
+        if line is None:
+            if len(lines) >= _AUTH_LINES_MAX:
+                lines.clear()
+            name = b"x-api-key: " if self.auth_anthropic else b"authorization: Bearer "
+            line = lines[secret] = name + secret.encode() + b"\r\n"
+        return line
+
+
+cdef inline int _check_upstream(UpstreamRuntimeCore upstream) except -1:
+    # What reading a field of None would raise in the twin, rather than
+    # the C read through a null pointer (Python calls these with an upstream).
+    if upstream is None:
+        raise AttributeError("'NoneType' object has no attribute 'config'")
+    return 0
+
+
 cdef class HubCore:
     """See _exchange_py.HubCore: a request's start, its gate and its id,
     without a Python frame for a request on a known route with a token seen
     before."""
 
     cdef public object tokens
-    # The hub's (exchange.Hub): its Exchange class and its metrics.
+    # The hub's (exchange.Hub): its Exchange class, and what each Exchange
+    # reads of it, so that the Exchange's core reads them as C fields.
     cdef public object exchange_type
     cdef public object metrics
+    cdef public object loop
+    cdef public object limiter
+    cdef public object prices
+    cdef public dict routers
+    cdef public object recorder
+    cdef public object access
+    cdef public object shared
     cdef char _id_prefix[16]
     cdef Py_ssize_t _id_prefix_len
     # Public for the twins' tests (the pure twin's is an attribute).
@@ -254,7 +310,7 @@ cdef class HubCore:
 cdef class ExchangeCore:
     """See _exchange_py.ExchangeCore."""
 
-    cdef public object hub
+    cdef public HubCore hub
     cdef public object loop
     cdef public Request request
     cdef public ConnCore protocol
@@ -275,7 +331,7 @@ cdef class ExchangeCore:
     cdef public object model
     cdef public bint scanned
     cdef public object session_id
-    cdef public object upstream
+    cdef public UpstreamRuntimeCore upstream
     cdef public object mapped
     cdef public object chain
     cdef public str attempt_upstream
@@ -317,12 +373,12 @@ cdef class ExchangeCore:
         self.last_data = b""
         self.pending_head = []
 
-    def __init__(self, hub, Request request, ConnCore protocol):
+    def __init__(self, HubCore hub, Request request, ConnCore protocol):
         self.hub = hub
         self.loop = hub.loop
         self.request = request
         self.protocol = protocol
-        self.request_id = (<HubCore>hub).request_id() if isinstance(hub, HubCore) else hub.request_id()
+        self.request_id = hub.request_id()
         self.ts = _clock(CLOCK_REALTIME)
         # Latencies are measured on CLOCK_MONOTONIC (time.monotonic()), not
         # loop.time(): see the twin.
@@ -399,6 +455,8 @@ cdef class ExchangeCore:
         cdef bytes path = request.path
         cdef bytes method = request.method
         cdef bint refusing_unpriced
+        cdef HubCore hub
+        cdef UpstreamRuntimeCore upstream
         if path == b"/":
             if method != b"GET" and method != b"HEAD":
                 raise _HubError(405, "method not allowed")
@@ -443,6 +501,7 @@ cdef class ExchangeCore:
         upstream = router.single if router is not None and principal.groups is None else None
         if upstream is None:
             upstream = self._route(kind, router)
+            assert upstream is not None, "_route returns an upstream or raises"
         if not upstream.config.keys:
             raise _HubError(503, f"no {kind} upstream key is configured; the hub operator must add one")
         if refusing_unpriced and prices is not None and prices.refuses(kind, self.model):
@@ -456,8 +515,9 @@ cdef class ExchangeCore:
             self.admission = _admit_with(limiter, principal, self.model, self.ts, self.scanned)
         return upstream
 
-    cpdef _first_attempt(self, upstream):
+    cpdef _first_attempt(self, UpstreamRuntimeCore upstream):
         """See the twin."""
+        _check_upstream(upstream)
         cdef PoolCore pool
         cdef UpstreamCore conn
         lease = _acquire(upstream.ring, self.session_id, model_class(self.model))
@@ -483,7 +543,8 @@ cdef class ExchangeCore:
         if metrics is not None:
             metrics.upstream_attempt(name, retry=self.attempts > 1)
 
-    cpdef _write_request(self, upstream, UpstreamCore conn, bytes head):
+    cpdef _write_request(self, UpstreamRuntimeCore upstream, UpstreamCore conn, bytes head):
+        _check_upstream(upstream)
         cfg = upstream.config
         parts = self.request.parts if self.mapped is None else self.mapped[1]
         future = conn._send(head, parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head, self.ensure_task)
@@ -491,8 +552,9 @@ cdef class ExchangeCore:
         self._sent_at = _clock(CLOCK_MONOTONIC)
         return future
 
-    cpdef bytes _request_head(self, upstream, secret):
+    cpdef bytes _request_head(self, UpstreamRuntimeCore upstream, secret):
         """See the twin."""
+        _check_upstream(upstream)
         cdef Request request = self.request
         cdef Py_ssize_t body_size = request.body_size
         self.mapped = None
@@ -511,9 +573,9 @@ cdef class ExchangeCore:
         """See the twin."""
         # classify's first rule, without the call: an answer below 400 says
         # nothing against the key.
+        cdef UpstreamRuntimeCore upstream = self.upstream
         failure = self.head_failure = None if head.status < 400 else classify(head.status, head.headers)
         lease = self.lease
-        upstream = self.upstream
         if lease is not None and upstream is not None:
             # The rate-limit headers of every answer: the room the key has left.
             _observe(upstream.ring, lease, head)
@@ -675,7 +737,7 @@ cdef class ExchangeCore:
 
     cpdef _release_lease(self, lease, failure):
         """See the twin."""
-        upstream = self.upstream
+        cdef UpstreamRuntimeCore upstream = self.upstream
         if lease is not None and upstream is not None:
             if failure is None:
                 meter = self.meter
@@ -699,6 +761,8 @@ cdef class ExchangeCore:
 
     cpdef _record(self):
         cdef double now
+        cdef HubCore hub
+        cdef UpstreamRuntimeCore upstream
         if self.lease is not None and self.upstream is not None:
             _release(self.upstream.ring, self.lease, _CLIENT_ABORTED_FAILURE)
             self.lease = None

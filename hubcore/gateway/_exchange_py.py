@@ -129,6 +129,46 @@ _REFUSE_UNPRICED = "refuse"
 JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
 
 
+# Most auth lines an upstream keeps for reuse: keys rotated by many reloads
+# would grow them.
+AUTH_LINES_MAX = 1024
+
+
+class UpstreamRuntimeCore:
+    """What each attempt reads of an upstream as the hub runs it
+    (gateway.upstreams.UpstreamRuntime, which sets all of it): its config,
+    connection pool and key ring, and the head lines of requests to its
+    origin."""
+
+    if TYPE_CHECKING:
+        config: UpstreamConfig
+        pool: Any
+        ring: Any
+
+    host_header = b""
+    base_path = b""
+    auth_anthropic = False
+
+    def address(self, config: UpstreamConfig) -> None:
+        """The head lines of requests to `config`'s origin."""
+        default_port = 443 if config.scheme == "https" else 80
+        host = config.host if config.port == default_port else f"{config.host}:{config.port}"
+        self.host_header = b"host: " + host.encode() + b"\r\n"
+        self.base_path = config.base_path.encode()
+        self.auth_anthropic = config.kind == "anthropic"
+        self._auth_lines: dict[str, bytes] = {}
+
+    def auth_header(self, secret: str) -> bytes:
+        lines = self._auth_lines
+        line = lines.get(secret)
+        if line is None:
+            if len(lines) >= AUTH_LINES_MAX:
+                lines.clear()
+            name = b"x-api-key: " if self.auth_anthropic else b"authorization: Bearer "
+            line = lines[secret] = name + secret.encode() + b"\r\n"
+        return line
+
+
 class HubCore:
     """What the hub does for every request before its Exchange: the gate
     that judges its head (server.Gate) and its request id. The hub

@@ -28,14 +28,11 @@ from urllib.parse import urlsplit
 from hubcore import store
 from hubcore.config import KeyPolicy, KeySpec, UpstreamConfig
 from hubcore.errors import ConfigError
+from hubcore.gateway.exchange_core import UpstreamRuntimeCore
 from hubcore.gateway.probe import Prober
 from hubcore.http.client import Pool, client_ssl_context
 from hubcore.http.deadlines import sweep_interval
 from hubcore.routing.keys import KeyRing
-
-# Most auth lines kept for reuse: keys rotated by many reloads would grow it.
-AUTH_LINES_MAX = 1024
-
 
 def pool_settings(config: UpstreamConfig) -> tuple[Any, ...]:
     """What a pool is built from: the origin, TLS, connect and idle settings.
@@ -190,9 +187,11 @@ class Reconfig:
     changes: list[str]
 
 
-class UpstreamRuntime:
+class UpstreamRuntime(UpstreamRuntimeCore):
     """One configured upstream: its connection pool, its key ring, and the
-    prober that brings keys with open circuits back (started by the app)."""
+    prober that brings keys with open circuits back (started by the app).
+    What each attempt reads of it (its config, pool, ring and head lines,
+    `auth_header`) is its core's (gateway.exchange_core)."""
 
     def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -203,29 +202,7 @@ class UpstreamRuntime:
         self.retired: list[Pool] = []
         self.ring = KeyRing(config.name, list(config.keys), ring_policy(config))
         self.prober = Prober(self, loop)
-        self.host_header = b""
-        self.base_path = b""
-        self.auth_anthropic = False
-        self._auth_lines: dict[str, bytes] = {}
-        self._address(config)
-
-    def _address(self, config: UpstreamConfig) -> None:
-        """The head lines of requests to `config`'s origin."""
-        default_port = 443 if config.scheme == "https" else 80
-        host = config.host if config.port == default_port else f"{config.host}:{config.port}"
-        self.host_header = b"host: " + host.encode() + b"\r\n"
-        self.base_path = config.base_path.encode()
-        self.auth_anthropic = config.kind == "anthropic"
-        self._auth_lines = {}
-
-    def auth_header(self, secret: str) -> bytes:
-        line = self._auth_lines.get(secret)
-        if line is None:
-            if len(self._auth_lines) >= AUTH_LINES_MAX:
-                self._auth_lines.clear()
-            name = b"x-api-key: " if self.auth_anthropic else b"authorization: Bearer "
-            line = self._auth_lines[secret] = name + secret.encode() + b"\r\n"
-        return line
+        self.address(config)
 
     # -- as the router sees it (routing.router.Candidate) -------------------------
 
@@ -294,7 +271,7 @@ class UpstreamRuntime:
         else:
             self.pool.sweeper.interval = sweep_every(config)
         self.ring.replace_specs(list(config.keys), ring_policy(config))
-        self._address(config)
+        self.address(config)
         self.config = config
         return changes
 

@@ -15,6 +15,8 @@ does not hold."""
 cimport cython
 from libc.math cimport copysign, floor, fmod
 
+from hubcore.accounting._rows cimport F_COST_MICROS, F_PROJECT, F_TOKEN_ID, F_TS, F_USER, event_field
+
 import math
 
 from hubcore.governance._admit_py import BUCKET_SECONDS, NEVER, NO_RESETS
@@ -167,7 +169,8 @@ cdef class LimiterCore:
     # -- spend ---------------------------------------------------------------
 
     cpdef on_usage(self, event):
-        self._charge(event.token_id, event.user, event.project, event.cost_micros, event.ts)
+        self._charge(event_field(event, F_TOKEN_ID), event_field(event, F_USER), event_field(event, F_PROJECT),
+                     event_field(event, F_COST_MICROS), event_field(event, F_TS))
 
     cpdef charge(self, token_id, user, project, cost_micros, ts):
         self._charge(token_id, user, project, cost_micros, ts)

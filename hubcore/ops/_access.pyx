@@ -19,6 +19,12 @@ from libc.math cimport frexp, isfinite, ldexp, signbit
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
 
+from hubcore.accounting._rows cimport (
+    F_ATTEMPTS, F_CACHE_READ, F_CACHE_WRITE_1H, F_CACHE_WRITE_5M, F_COST_MICROS, F_ENDPOINT, F_INPUT_TOKENS,
+    F_KEY_LABEL, F_MODEL, F_OUTCOME, F_OUTPUT_TOKENS, F_PROJECT, F_REQUEST_ID, F_STATUS, F_TOTAL_MS, F_TS,
+    F_TTFB_MS, F_USER, event_field,
+)
+
 import time
 
 from hubcore.ops._access_py import _JSON_FIELDS, TEXT_LINE, _json_line
@@ -201,29 +207,29 @@ cdef class AccessCore:
         LINE_MAX), else by TEXT_LINE itself."""
         cdef _Line line
         line.n = 0
-        stamp = self._stamp_of(event.ts)
-        ttfb_ms = event.ttfb_ms
-        cost_micros = event.cost_micros
+        stamp = self._stamp_of(event_field(event, F_TS))
+        ttfb_ms = event_field(event, F_TTFB_MS)
+        cost_micros = event_field(event, F_COST_MICROS)
         if (
-            _str(&line, stamp) and _lit(&line, b" access ") and _str(&line, event.request_id)
-            and _lit(&line, b" user=") and _str(&line, event.user or "-")
-            and _lit(&line, b" project=") and _str(&line, event.project or "-")
-            and _lit(&line, b" model=") and _str(&line, event.model or "-")
-            and _lit(&line, b" key=") and _str(&line, event.key_label or "-")
-            and _lit(&line, b" status=") and _int(&line, event.status)
-            and _lit(&line, b" outcome=") and _str(&line, event.outcome)
-            and _lit(&line, b" in=") and _int(&line, event.input_tokens)
-            and _lit(&line, b" out=") and _int(&line, event.output_tokens)
-            and _lit(&line, b" cw5m=") and _int(&line, event.cache_write_5m)
-            and _lit(&line, b" cw1h=") and _int(&line, event.cache_write_1h)
-            and _lit(&line, b" cr=") and _int(&line, event.cache_read)
+            _str(&line, stamp) and _lit(&line, b" access ") and _str(&line, event_field(event, F_REQUEST_ID))
+            and _lit(&line, b" user=") and _str(&line, event_field(event, F_USER) or "-")
+            and _lit(&line, b" project=") and _str(&line, event_field(event, F_PROJECT) or "-")
+            and _lit(&line, b" model=") and _str(&line, event_field(event, F_MODEL) or "-")
+            and _lit(&line, b" key=") and _str(&line, event_field(event, F_KEY_LABEL) or "-")
+            and _lit(&line, b" status=") and _int(&line, event_field(event, F_STATUS))
+            and _lit(&line, b" outcome=") and _str(&line, event_field(event, F_OUTCOME))
+            and _lit(&line, b" in=") and _int(&line, event_field(event, F_INPUT_TOKENS))
+            and _lit(&line, b" out=") and _int(&line, event_field(event, F_OUTPUT_TOKENS))
+            and _lit(&line, b" cw5m=") and _int(&line, event_field(event, F_CACHE_WRITE_5M))
+            and _lit(&line, b" cw1h=") and _int(&line, event_field(event, F_CACHE_WRITE_1H))
+            and _lit(&line, b" cr=") and _int(&line, event_field(event, F_CACHE_READ))
             and _lit(&line, b" cost_micros=")
             and (_lit(&line, b"-") if cost_micros is None else _int(&line, cost_micros))
             and _lit(&line, b" ttfb_ms=")
             and (_lit(&line, b"-") if ttfb_ms is None else _millis(&line, ttfb_ms))
-            and _lit(&line, b" total_ms=") and _millis(&line, event.total_ms)
-            and _lit(&line, b" attempts=") and _int(&line, event.attempts)
-            and _lit(&line, b" endpoint=") and _str(&line, event.endpoint)
+            and _lit(&line, b" total_ms=") and _millis(&line, event_field(event, F_TOTAL_MS))
+            and _lit(&line, b" attempts=") and _int(&line, event_field(event, F_ATTEMPTS))
+            and _lit(&line, b" endpoint=") and _str(&line, event_field(event, F_ENDPOINT))
             and _lit(&line, b" client=") and _str(&line, client or "-")
             and _lit(&line, b"\n")
         ):

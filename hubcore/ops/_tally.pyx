@@ -11,6 +11,11 @@ cimport cython
 from libc.math cimport isinf
 from libc.stdlib cimport free, malloc
 
+from hubcore.accounting._rows cimport (
+    F_CACHE_READ, F_CACHE_WRITE_1H, F_CACHE_WRITE_5M, F_COST_MICROS, F_INPUT_TOKENS, F_MODEL, F_OUTPUT_TOKENS,
+    F_PROJECT, F_USER, event_field,
+)
+
 # Label sets of the per-user, project and model counters: see the twin.
 DEFAULT_MAX_SERIES = 2000
 OTHER_SERIES = ("_other", "_other", "_other")
@@ -175,16 +180,18 @@ cdef class TallyCore:
 
     cpdef on_usage(self, event):
         """See the twin."""
-        cost = event.cost_micros or 0
-        input_tokens = event.input_tokens
-        output_tokens = event.output_tokens
-        cache_read = event.cache_read
-        cache_write_5m = event.cache_write_5m
-        cache_write_1h = event.cache_write_1h
+        cost = event_field(event, F_COST_MICROS) or 0
+        input_tokens = event_field(event, F_INPUT_TOKENS)
+        output_tokens = event_field(event, F_OUTPUT_TOKENS)
+        cache_read = event_field(event, F_CACHE_READ)
+        cache_write_5m = event_field(event, F_CACHE_WRITE_5M)
+        cache_write_1h = event_field(event, F_CACHE_WRITE_1H)
         if not (cost or input_tokens or output_tokens or cache_read or cache_write_5m or cache_write_1h):
             return
         usage = self.usage
-        key = (event.user or "", event.project or "", event.model or "")
+        key = (
+            event_field(event, F_USER) or "", event_field(event, F_PROJECT) or "", event_field(event, F_MODEL) or "",
+        )
         row = usage.get(key)
         if row is None:
             if len(usage) >= self.max_series and key != _OTHER_SERIES:

@@ -152,17 +152,24 @@ class Access:
         self.log.append(("access.record", event.request_id, client))
 
 
-class Hub:
-    def __init__(self, log: list[tuple[Any, ...]]) -> None:
-        self.loop = Loop()
-        self.metrics = Calls(log, "metrics")
-        self.recorder = Recorder()
-        self.access = Access(log)
-        self.prices = None
-        self.shared = None
+def hub(twins: Twins, log: list[tuple[Any, ...]]) -> Any:
+    """A hub on the twin's core (the compiled Exchange core holds a HubCore
+    and reads what it needs of it as C fields)."""
 
-    def request_id(self) -> str:
-        return "hc_test0001"
+    class Hub(twins.exchange.HubCore):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.loop = Loop()
+            self.metrics = Calls(log, "metrics")
+            self.recorder = Recorder()
+            self.access = Access(log)
+            self.prices = None
+            self.shared = None
+
+        def request_id(self) -> str:
+            return "hc_test0001"
+
+    return Hub()
 
 
 class Server:
@@ -272,16 +279,18 @@ class Run:
 
     def __init__(self, twins: Twins) -> None:
         self.log: list[tuple[Any, ...]] = []
-        self.hub = Hub(self.log)
+        self.hub = hub(twins, self.log)
         self.client = client(twins, self.log)
         self.pool = pool(twins)
         self.conn = self.pool.idle[0]
-        self.upstream = SimpleNamespace(
-            config=SimpleNamespace(name="vendor", first_byte_timeout=30.0, stream_idle_timeout=60.0,
-                                   model_map={}, cost_multiplier=1.0),
-            ring=Ring(self.log), pool=self.pool, base_path=b"", host_header=b"host: api.vendor\r\n",
-            auth_header=lambda secret: b"x-api-key: " + secret.encode() + b"\r\n",
+        self.upstream = upstream = twins.exchange.UpstreamRuntimeCore()
+        upstream.config = SimpleNamespace(
+            name="vendor", kind="anthropic", scheme="https", host="api.vendor", port=443, base_path="",
+            first_byte_timeout=30.0, stream_idle_timeout=60.0, model_map={}, cost_multiplier=1.0,
         )
+        upstream.address(upstream.config)
+        upstream.ring = Ring(self.log)
+        upstream.pool = self.pool
         self.client.data_received(REQUEST)
         (request,) = self.client.requests
         self.exchange = exchange_class(twins, self.log)(self.hub, request, self.client)
@@ -436,3 +445,32 @@ def test_a_new_exchange_reads_as_the_twin_class_defaults(twin: Twins) -> None:
     assert exchange.ttfb == 5.0
     exchange.ttfb = None
     assert exchange.ttfb is None
+
+
+def test_an_upstreams_head_lines_are_made_once_and_kept(twin: Twins) -> None:
+    """What each attempt reads of its upstream (UpstreamRuntimeCore): the
+    host line (its port only when not the scheme's), the base path, and the
+    auth line of each key, made at its first use and the same bytes after,
+    as the vendor's kind spells it; at most AUTH_LINES_MAX of them kept."""
+    upstream = twin.exchange.UpstreamRuntimeCore()
+    config = SimpleNamespace(kind="anthropic", scheme="https", host="api.vendor", port=443, base_path="/v9")
+    upstream.address(config)
+    assert (upstream.host_header, upstream.base_path) == (b"host: api.vendor\r\n", b"/v9")
+    line = upstream.auth_header("sk-one")
+    assert line == b"x-api-key: sk-one\r\n" and upstream.auth_header("sk-one") is line
+    upstream.address(SimpleNamespace(kind="openai", scheme="http", host="10.0.0.2", port=8080, base_path=""))
+    assert (upstream.host_header, upstream.base_path) == (b"host: 10.0.0.2:8080\r\n", b"")
+    assert upstream.auth_header("sk-one") == b"authorization: Bearer sk-one\r\n"
+    for i in range(twin.exchange.AUTH_LINES_MAX + 5):
+        assert upstream.auth_header(f"sk-{i}") == b"authorization: Bearer sk-%d\r\n" % i
+    assert len(upstream._auth_lines) <= twin.exchange.AUTH_LINES_MAX
+
+
+def test_the_hubs_upstreams_are_the_loaded_core() -> None:
+    """The Exchange's core reads the hub's upstreams through their core: the
+    compiled one when built (its fields are C fields, its auth line a C call)."""
+    from hubcore.gateway.upstreams import UpstreamRuntime
+
+    assert issubclass(UpstreamRuntime, exchange_core.UpstreamRuntimeCore)
+    assert exchange_core.UpstreamRuntimeCore.__module__ == (
+        "hubcore.gateway._exchange_py" if NO_EXTENSIONS else "hubcore.gateway._exchange")
