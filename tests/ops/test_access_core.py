@@ -8,8 +8,9 @@ with hubcore.ops.access_core standing for that twin."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -128,3 +129,32 @@ def test_milliseconds_are_written_as_percent_three_f_writes_them() -> None:
                               total_ms=ms, ttfb_ms=ms), None)
         (line,) = log.lines
         assert f" ttfb_ms={'%.3f' % ms} total_ms={'%.3f' % ms} " in line, ms
+
+
+def test_a_line_reads_any_event_by_its_fields(twin: ModuleType) -> None:
+    """The compiled twin reads an exact UsageEvent's fields from its slots
+    (accounting._rows.event_field); a subclass of it or a stand-in with the
+    same fields is read by name and gives the same line, and a field that
+    is unset raises as reading it does."""
+    fields = dict(ts=1_800_000_000.25, request_id="hc_9", endpoint="/v1/messages", status=200, outcome=Outcome.OK,
+                  total_ms=12.5, user="ada", project="lab", model="claude-opus-4-6", key_label="k1",
+                  input_tokens=5, output_tokens=7, cache_read=3, cost_micros=42, ttfb_ms=1.5, attempts=1)
+
+    class Event(UsageEvent):
+        __slots__ = ("extra",)
+
+    def line(event: Any) -> str:
+        log = accesslog_of(twin).AccessLog(io.StringIO(), Loop())
+        log.record(event, "192.0.2.1")
+        (text,) = log.lines
+        return str(text)
+
+    exact = line(UsageEvent(**fields))  # type: ignore[arg-type]
+    assert " user=ada project=lab model=claude-opus-4-6 key=k1 status=200 outcome=ok in=5 out=7 " in exact
+    assert line(Event(**fields)) == exact  # type: ignore[arg-type]
+    stand_in = dataclasses.asdict(UsageEvent(**fields))  # type: ignore[arg-type]
+    assert line(SimpleNamespace(**stand_in)) == exact
+    unset = UsageEvent(**fields)  # type: ignore[arg-type]
+    del unset.model
+    with pytest.raises(AttributeError, match="model"):
+        line(unset)
