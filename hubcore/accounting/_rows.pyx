@@ -17,20 +17,10 @@ from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
-from types import MemberDescriptorType
+from hubcore._slots cimport read_slot, slot_offset
 
 from hubcore.accounting._rows_py import insert_values as _by_name
 from hubcore.accounting.usage import FIELDS, UsageEvent
-
-cdef extern from "structmember.h":
-    ctypedef struct PyMemberDef:
-        int type
-        Py_ssize_t offset
-    int T_OBJECT_EX  # an object slot: what __slots__ makes
-
-cdef extern from "Python.h":
-    ctypedef struct PyMemberDescrObject:
-        PyMemberDef* d_member
 
 cdef enum:
     FIELDS_MAX = 64
@@ -45,11 +35,7 @@ cdef void _read_offsets() except *:
     if _fields > FIELDS_MAX:
         raise ImportError(f"UsageEvent has {_fields} fields, more than the {FIELDS_MAX} this module reads")
     for i, name in enumerate(FIELDS):
-        descriptor = UsageEvent.__dict__[name]
-        if (type(descriptor) is not MemberDescriptorType
-                or (<PyMemberDescrObject*><PyObject*>descriptor).d_member.type != T_OBJECT_EX):
-            raise ImportError(f"UsageEvent.{name} is not an object slot")
-        _offsets[i] = (<PyMemberDescrObject*><PyObject*>descriptor).d_member.offset
+        _offsets[i] = slot_offset(UsageEvent, name)
 
 
 _read_offsets()
@@ -75,16 +61,10 @@ cdef tuple _FIELD_NAMES = FIELDS
 
 
 cdef object event_field(object event, int field):
-    """`getattr(event, FIELDS[field])`: read straight from its slot for an
-    exact UsageEvent (the listeners that read an event on every request read
-    some thirty fields, each a lookup through the type by name), by name for
-    anything else or a slot that is unset, which raises as the name does."""
-    cdef PyObject* value
-    if type(event) is _UsageEvent:
-        value = (<PyObject**>(<char*><PyObject*>event + _offsets[field]))[0]
-        if value != NULL:
-            return <object>value
-    return getattr(event, <str>_FIELD_NAMES[field])
+    """`getattr(event, FIELDS[field])`, from its slot for an exact UsageEvent
+    (the listeners that read an event on every request read some thirty
+    fields): see hubcore/_slots.pxd."""
+    return read_slot(event, _UsageEvent, _offsets[field], <str>_FIELD_NAMES[field])
 
 
 cdef tuple _NO_ARGS = ()

@@ -50,6 +50,7 @@ from hubcore.gateway._heads cimport (
 # usage row reads them as C fields.
 from hubcore.accounting._meter cimport Meter as CompiledMeter
 from hubcore.accounting._meter_interpret cimport Reading
+from hubcore._slots cimport read_slot, slot_offset
 from hubcore.accounting._rows cimport new_event
 
 import logging
@@ -104,7 +105,12 @@ cdef object _CHUNKED = Framing.CHUNKED
 cdef object _CLIENT_ABORTED_FAILURE = CLIENT_ABORTED
 cdef object _Meter = sse.Meter
 cdef object _HubError = HubError
-cdef object _Principal = Principal
+cdef type _Principal = Principal
+# What the request path reads of its Principal, from its slots (hubcore/_slots.pxd).
+cdef Py_ssize_t _TOKEN_ID = slot_offset(Principal, "token_id")
+cdef Py_ssize_t _USER = slot_offset(Principal, "user")
+cdef Py_ssize_t _PROJECT = slot_offset(Principal, "project")
+cdef Py_ssize_t _GROUPS = slot_offset(Principal, "groups")
 cdef object _TokenTable = TokenTable
 cdef object _MeterError = MeterError
 cdef str _ME_ROUTE = ME_PATH.decode()
@@ -498,7 +504,8 @@ cdef class ExchangeCore:
                 self.model = leading_model(request.parts[0]) if request.parts else None
         kind = route.kind
         router = hub.routers.get(kind)
-        upstream = router.single if router is not None and principal.groups is None else None
+        groups = read_slot(principal, _Principal, _GROUPS, "groups")
+        upstream = router.single if router is not None and groups is None else None
         if upstream is None:
             upstream = self._route(kind, router)
             assert upstream is not None, "_route returns an upstream or raises"
@@ -995,9 +1002,9 @@ cpdef usage_event(
         status,
         outcome,
         total_ms,
-        principal.token_id,
-        principal.user,
-        principal.project,
+        read_slot(principal, _Principal, _TOKEN_ID, "token_id"),
+        read_slot(principal, _Principal, _USER, "user"),
+        read_slot(principal, _Principal, _PROJECT, "project"),
         upstream,
         key_label,
         model,

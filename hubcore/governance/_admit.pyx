@@ -15,16 +15,31 @@ does not hold."""
 cimport cython
 from libc.math cimport copysign, floor, fmod
 
+from hubcore._slots cimport read_slot, slot_offset
 from hubcore.accounting._rows cimport F_COST_MICROS, F_PROJECT, F_TOKEN_ID, F_TS, F_USER, event_field
 
 import math
 
 from hubcore.governance._admit_py import BUCKET_SECONDS, NEVER, NO_RESETS
+from hubcore.governance.storage import ScopeLimits
+from hubcore.governance.tokens import Principal
 
 cdef double _BUCKET_SECONDS = BUCKET_SECONDS
 cdef double _NEVER = NEVER
 cdef dict _NO_RESETS = NO_RESETS
 cdef double _INF = math.inf
+
+# What admit and needs_model read of a Principal and of the stored limits
+# on every request, from their slots (hubcore/_slots.pxd).
+cdef type _Principal = Principal
+cdef Py_ssize_t _TOKEN_ID = slot_offset(Principal, "token_id")
+cdef Py_ssize_t _USER = slot_offset(Principal, "user")
+cdef Py_ssize_t _PROJECT = slot_offset(Principal, "project")
+cdef Py_ssize_t _LIMITS = slot_offset(Principal, "limits")
+cdef Py_ssize_t _GROUPS = slot_offset(Principal, "groups")
+cdef type _ScopeLimits = ScopeLimits
+cdef Py_ssize_t _USERS_LIMITS = slot_offset(ScopeLimits, "users")
+cdef Py_ssize_t _PROJECTS_LIMITS = slot_offset(ScopeLimits, "projects")
 
 
 # The classes' fields, and the methods the Exchange's core calls in C, are
@@ -118,19 +133,21 @@ cdef class LimiterCore:
             self._advance(now)
         cdef _Scope token, user, project = None
         cdef tuple scopes
-        token_id = principal.token_id
+        cdef dict users_limits, projects_limits
+        token_id = read_slot(principal, _Principal, _TOKEN_ID, "token_id")
         token = self._tokens.get(token_id)
         if token is None:
             token = self._tokens[token_id] = _Scope(f"token {token_id}")
-        name = principal.user
+        name = read_slot(principal, _Principal, _USER, "user")
         user = self._users.get(name)
         if user is None:
             user = self._users[name] = _Scope(f"user {name}")
         defined = self._limits
-        token_limits = principal.limits
-        user_limits = defined.users.get(name)
+        token_limits = read_slot(principal, _Principal, _LIMITS, "limits")
+        users_limits = read_slot(defined, _ScopeLimits, _USERS_LIMITS, "users")
+        user_limits = users_limits.get(name)
         project_limits = None
-        name = principal.project
+        name = read_slot(principal, _Principal, _PROJECT, "project")
         if name is None:
             scopes = (token, user)
         else:
@@ -138,11 +155,12 @@ cdef class LimiterCore:
             if project is None:
                 project = self._projects[name] = _Scope(f"project {name}")
             scopes = (token, user, project)
-            project_limits = defined.projects.get(name)
+            projects_limits = read_slot(defined, _ScopeLimits, _PROJECTS_LIMITS, "projects")
+            project_limits = projects_limits.get(name)
         # principal.groups: a user's or project's groups restriction reaches
         # the token table before update() brings its limits here.
         if (token_limits is not None or user_limits is not None or project_limits is not None
-                or principal.groups is not None):
+                or read_slot(principal, _Principal, _GROUPS, "groups") is not None):
             return self._admit_limited(principal, model, now, model_required, scopes,
                                        token_limits, user_limits, project_limits)
         token.in_flight += 1
@@ -152,16 +170,20 @@ cdef class LimiterCore:
         return _admission(scopes)
 
     cpdef bint needs_model(self, principal) except -1:
+        cdef dict users_limits, projects_limits
         defined = self._limits
-        limits = principal.limits
+        limits = read_slot(principal, _Principal, _LIMITS, "limits")
         if limits is not None and limits.model_re is not None:
             return True
-        limits = defined.users.get(principal.user)
+        user = read_slot(principal, _Principal, _USER, "user")
+        users_limits = read_slot(defined, _ScopeLimits, _USERS_LIMITS, "users")
+        limits = users_limits.get(user)
         if limits is not None and limits.model_re is not None:
             return True
-        project = principal.project
+        project = read_slot(principal, _Principal, _PROJECT, "project")
         if project is not None:
-            limits = defined.projects.get(project)
+            projects_limits = read_slot(defined, _ScopeLimits, _PROJECTS_LIMITS, "projects")
+            limits = projects_limits.get(project)
             if limits is not None and limits.model_re is not None:
                 return True
         return False
