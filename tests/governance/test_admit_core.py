@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import astuple
 from collections.abc import Iterator
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -163,3 +163,29 @@ def test_a_charge_lands_in_the_minute_python_floors_it_to(twin: ModuleType, ts: 
     limiter.charge(1, None, None, 5, ts)
     scope = limiter._tokens[1]
     assert list(scope.buckets) == [[int(ts // 60), 5]]
+
+
+def test_a_principal_is_read_by_its_fields_whatever_its_class(twin: ModuleType) -> None:
+    """The compiled twin reads an exact Principal's fields, and the stored
+    limits' users and projects, from their slots (hubcore/_slots.pxd); a
+    subclass or a stand-in with the same fields is read by name to the same
+    admission, and a field that is unset raises as reading it does."""
+
+    class Caller(Principal):
+        __slots__ = ("note",)
+
+    fields = dict(token_id=4, user="alice", project="proj", prefix="hc-test", limits=Limits(models=("claude-*",)))
+    results = []
+    callers = (Principal(**fields), Caller(**fields), SimpleNamespace(**fields, groups=None))  # type: ignore[arg-type]
+    for principal in callers:
+        limiter = limiter_of(twin, [T0])
+        limiter.update(DEFINED)
+        admission = limiter.admit(principal, "claude-opus-4-6", T0)
+        results.append((limiter.needs_model(principal), [limiter.in_flight(kind, name) for kind, name in SCOPES],
+                        limiter.in_flight("token", 4), admission.budget.tightest(T0).limit_micros))
+    assert results[0] == (True, [0, 1, 1, 0, 0], 1, 3 * USD)
+    assert results == [results[0]] * 3
+    unset = Principal(**fields)  # type: ignore[arg-type]
+    object.__delattr__(unset, "project")
+    with pytest.raises(AttributeError, match="project"):
+        limiter_of(twin, [T0]).admit(unset, None, T0)
