@@ -59,6 +59,7 @@ import os
 from hubcore.accounting import meter as sse
 from hubcore.accounting.pricing import LOOKUP_MEMO_MAX, TOKENS_PER_PRICE_UNIT, Pricing
 from hubcore.accounting.usage import Outcome
+from hubcore.config import UpstreamConfig
 from hubcore.errors import ANTHROPIC, HubError, MeterError
 from hubcore.gateway.answers import ROOT_BODY, ROOT_HEADERS
 from hubcore.gateway.rewrite import Framing
@@ -111,6 +112,14 @@ cdef Py_ssize_t _TOKEN_ID = slot_offset(Principal, "token_id")
 cdef Py_ssize_t _USER = slot_offset(Principal, "user")
 cdef Py_ssize_t _PROJECT = slot_offset(Principal, "project")
 cdef Py_ssize_t _GROUPS = slot_offset(Principal, "groups")
+# And of its upstream's config.
+cdef type _UpstreamConfig = UpstreamConfig
+cdef Py_ssize_t _KEYS = slot_offset(UpstreamConfig, "keys")
+cdef Py_ssize_t _NAME = slot_offset(UpstreamConfig, "name")
+cdef Py_ssize_t _FIRST_BYTE_TIMEOUT = slot_offset(UpstreamConfig, "first_byte_timeout")
+cdef Py_ssize_t _STREAM_IDLE_TIMEOUT = slot_offset(UpstreamConfig, "stream_idle_timeout")
+cdef Py_ssize_t _MODEL_MAP = slot_offset(UpstreamConfig, "model_map")
+cdef Py_ssize_t _COST_MULTIPLIER = slot_offset(UpstreamConfig, "cost_multiplier")
 cdef object _TokenTable = TokenTable
 cdef object _MeterError = MeterError
 cdef str _ME_ROUTE = ME_PATH.decode()
@@ -509,7 +518,7 @@ cdef class ExchangeCore:
         if upstream is None:
             upstream = self._route(kind, router)
             assert upstream is not None, "_route returns an upstream or raises"
-        if not upstream.config.keys:
+        if not read_slot(upstream.config, _UpstreamConfig, _KEYS, "keys"):
             raise _HubError(503, f"no {kind} upstream key is configured; the hub operator must add one")
         if refusing_unpriced and prices is not None and prices.refuses(kind, self.model):
             raise _HubError(
@@ -544,7 +553,7 @@ cdef class ExchangeCore:
         if self.grant is not None and self.session_id is not None and label != self.shared_session_key:
             self._share_session_key(cfg, label)
         self.attempts += 1
-        name = self.attempt_upstream = cfg.name
+        name = self.attempt_upstream = read_slot(cfg, _UpstreamConfig, _NAME, "name")
         self.attempt_open = True
         metrics = self.hub.metrics
         if metrics is not None:
@@ -554,7 +563,11 @@ cdef class ExchangeCore:
         _check_upstream(upstream)
         cfg = upstream.config
         parts = self.request.parts if self.mapped is None else self.mapped[1]
-        future = conn._send(head, parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head, self.ensure_task)
+        future = conn._send(
+            head, parts, read_slot(cfg, _UpstreamConfig, _FIRST_BYTE_TIMEOUT, "first_byte_timeout"),
+            read_slot(cfg, _UpstreamConfig, _STREAM_IDLE_TIMEOUT, "stream_idle_timeout"), self._on_head,
+            self.ensure_task,
+        )
         self._move(AWAITING_HEAD)
         self._sent_at = _clock(CLOCK_MONOTONIC)
         return future
@@ -566,7 +579,7 @@ cdef class ExchangeCore:
         cdef Py_ssize_t body_size = request.body_size
         self.mapped = None
         config = upstream.config
-        if config.model_map and request.method == b"POST":
+        if read_slot(config, _UpstreamConfig, _MODEL_MAP, "model_map") and request.method == b"POST":
             self.mapped = self._mapped_body(config)
             if self.mapped is not None:
                 body_size = len(self.mapped[1][0])
@@ -803,15 +816,21 @@ cdef class ExchangeCore:
         else:
             route_text = chain.render() if chain is not None else None
         upstream = self.upstream
+        upstream_name = None
+        cost_multiplier = 1.0
+        if upstream is not None:
+            cfg = upstream.config
+            upstream_name = read_slot(cfg, _UpstreamConfig, _NAME, "name")
+            cost_multiplier = read_slot(cfg, _UpstreamConfig, _COST_MULTIPLIER, "cost_multiplier")
         hub = self.hub
         event = usage_event(
             self.ts, self.request_id, route.endpoint, self.status, self.outcome, (now - self.t0) * 1000.0,
-            principal, upstream.config.name if upstream is not None else None, self.key_label, self.model,
+            principal, upstream_name, self.key_label, self.model,
             self.error_type, (self._ttfb - self.t0) * 1000.0 if self._ttfb >= 0.0 else None, self.attempts,
             self.session_id, _decode(self.request.header(b"user-agent")), self.sse_body, self.meter, route.kind,
             hub.prices, self.mapped[0] if self.mapped is not None else None,
             route_text,
-            upstream.config.cost_multiplier if upstream is not None else 1.0,
+            cost_multiplier,
         )
         hub.recorder.record(event)
         self._log(now, event)
