@@ -2,7 +2,8 @@
 # read by name is a lookup through the type to the slot's descriptor, some
 # hundred instructions and a few cache lines each time, which the request
 # path's compiled modules pay on every request for the dataclasses they read
-# (accounting/_rows.pyx: UsageEvent; governance/_admit.pyx: Principal).
+# (accounting/_rows.pyx: UsageEvent; governance/_admit.pyx: Principal and
+# the stored limits; gateway/_exchange.pyx: Principal and UpstreamConfig).
 # A dataclass(slots=True) keeps each field in a slot at a fixed offset in
 # the instance, which the slot's descriptor records: read once at import.
 

@@ -1,7 +1,7 @@
 # The request path's UsageEvent maker, a C call from gateway/_exchange.pyx,
 # and the reader of an event's fields by their slots for the compiled
 # listeners that read an event on every request (ops/_tally.pyx,
-# ops/_access.pyx, governance/_admit.pyx).
+# ops/_access.pyx).
 cpdef object new_event(tuple values)
 
 # UsageEvent's fields in FIELDS order (_rows.pyx checks the order at import).

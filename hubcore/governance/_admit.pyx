@@ -16,7 +16,6 @@ cimport cython
 from libc.math cimport copysign, floor, fmod
 
 from hubcore._slots cimport read_slot, slot_offset
-from hubcore.accounting._rows cimport F_COST_MICROS, F_PROJECT, F_TOKEN_ID, F_TS, F_USER, event_field
 
 import math
 
@@ -191,8 +190,7 @@ cdef class LimiterCore:
     # -- spend ---------------------------------------------------------------
 
     cpdef on_usage(self, event):
-        self._charge(event_field(event, F_TOKEN_ID), event_field(event, F_USER), event_field(event, F_PROJECT),
-                     event_field(event, F_COST_MICROS), event_field(event, F_TS))
+        self._charge(event.token_id, event.user, event.project, event.cost_micros, event.ts)
 
     cpdef charge(self, token_id, user, project, cost_micros, ts):
         self._charge(token_id, user, project, cost_micros, ts)
