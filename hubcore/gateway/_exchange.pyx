@@ -69,7 +69,7 @@ from hubcore.routing.failures import CLIENT_ABORTED, classify, in_stream_failure
 
 # What is not hot is the Python twin's, shared.
 from hubcore.gateway._exchange_py import (
-    AUTH_LINES_MAX, JSON_OBJECT_START, _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers,
+    AUTH_LINES_MAX, JSON_OBJECT_START, _MOVES, _REFUSE_UNPRICED, Phase, _budget_headers, origin_lines,
 )
 
 log = logging.getLogger("hubcore.proxy")
@@ -212,11 +212,7 @@ cdef class UpstreamRuntimeCore:
 
     def address(self, config):
         """See the twin."""
-        default_port = 443 if config.scheme == "https" else 80
-        host = config.host if config.port == default_port else f"{config.host}:{config.port}"
-        self.host_header = b"host: " + host.encode() + b"\r\n"
-        self.base_path = config.base_path.encode()
-        self.auth_anthropic = config.kind == "anthropic"
+        self.host_header, self.base_path, self.auth_anthropic = origin_lines(config)
         self._auth_lines = {}
 
     cpdef bytes auth_header(self, str secret):

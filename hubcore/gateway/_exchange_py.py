@@ -134,6 +134,14 @@ JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
 AUTH_LINES_MAX = 1024
 
 
+def origin_lines(config: UpstreamConfig) -> tuple[bytes, bytes, bool]:
+    """The host line and base path of requests to `config`'s origin, and
+    whether their auth line is Anthropic's (`x-api-key`) or a bearer token."""
+    default_port = 443 if config.scheme == "https" else 80
+    host = config.host if config.port == default_port else f"{config.host}:{config.port}"
+    return b"host: " + host.encode() + b"\r\n", config.base_path.encode(), config.kind == "anthropic"
+
+
 class UpstreamRuntimeCore:
     """What each attempt reads of an upstream as the hub runs it
     (gateway.upstreams.UpstreamRuntime, which sets all of it): its config,
@@ -151,11 +159,7 @@ class UpstreamRuntimeCore:
 
     def address(self, config: UpstreamConfig) -> None:
         """The head lines of requests to `config`'s origin."""
-        default_port = 443 if config.scheme == "https" else 80
-        host = config.host if config.port == default_port else f"{config.host}:{config.port}"
-        self.host_header = b"host: " + host.encode() + b"\r\n"
-        self.base_path = config.base_path.encode()
-        self.auth_anthropic = config.kind == "anthropic"
+        self.host_header, self.base_path, self.auth_anthropic = origin_lines(config)
         self._auth_lines: dict[str, bytes] = {}
 
     def auth_header(self, secret: str) -> bytes:
