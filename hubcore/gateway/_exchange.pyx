@@ -37,7 +37,9 @@ from hubcore.http._upstream cimport PoolCore, ResponseHead, UpstreamCore
 # The key ring's and limiter's cores, likewise (built with this one, or
 # this one fails to import and the pure twin runs): a ring or limiter that
 # is not one of them (a test's fake) is called as a Python object.
-from hubcore.governance._admit cimport Admission, LimiterCore
+from hubcore.governance._admit cimport (
+    P_GROUPS, P_PROJECT, P_TOKEN_ID, P_USER, Admission, LimiterCore, principal_field,
+)
 from hubcore.routing._lease cimport RingCore
 # The gateway's functions of the heads (the route, the session, the leading
 # model, its rate-limit class, the head the vendor gets and the one the
@@ -107,12 +109,8 @@ cdef object _CLIENT_ABORTED_FAILURE = CLIENT_ABORTED
 cdef object _Meter = sse.Meter
 cdef object _HubError = HubError
 cdef type _Principal = Principal
-# What the request path reads of its Principal, from its slots (hubcore/_slots.pxd).
-cdef Py_ssize_t _TOKEN_ID = slot_offset(Principal, "token_id")
-cdef Py_ssize_t _USER = slot_offset(Principal, "user")
-cdef Py_ssize_t _PROJECT = slot_offset(Principal, "project")
-cdef Py_ssize_t _GROUPS = slot_offset(Principal, "groups")
-# And of its upstream's config.
+# What the request path reads of its upstream's config, from its slots
+# (hubcore/_slots.pxd; of its Principal: _admit.principal_field).
 cdef type _UpstreamConfig = UpstreamConfig
 cdef Py_ssize_t _KEYS = slot_offset(UpstreamConfig, "keys")
 cdef Py_ssize_t _NAME = slot_offset(UpstreamConfig, "name")
@@ -509,7 +507,7 @@ cdef class ExchangeCore:
                 self.model = leading_model(request.parts[0]) if request.parts else None
         kind = route.kind
         router = hub.routers.get(kind)
-        groups = read_slot(principal, _Principal, _GROUPS, "groups")
+        groups = principal_field(principal, P_GROUPS)
         upstream = router.single if router is not None and groups is None else None
         if upstream is None:
             upstream = self._route(kind, router)
@@ -1017,9 +1015,9 @@ cpdef usage_event(
         status,
         outcome,
         total_ms,
-        read_slot(principal, _Principal, _TOKEN_ID, "token_id"),
-        read_slot(principal, _Principal, _USER, "user"),
-        read_slot(principal, _Principal, _PROJECT, "project"),
+        principal_field(principal, P_TOKEN_ID),
+        principal_field(principal, P_USER),
+        principal_field(principal, P_PROJECT),
         upstream,
         key_label,
         model,

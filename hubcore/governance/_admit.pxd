@@ -55,3 +55,15 @@ cdef class LimiterCore:
     cpdef charge(self, token_id, user, project, cost_micros, ts)
     cdef int _charge(self, token_id, user, project, cost_micros, ts) except -1
     cdef int _add_cost(self, _Scope scope, cost, ts, double t, long long minute) except -1
+
+
+# The fields of a Principal that principal_field reads from its slots.
+cdef enum:
+    P_TOKEN_ID
+    P_USER
+    P_PROJECT
+    P_LIMITS
+    P_GROUPS
+    P_FIELDS
+
+cdef object principal_field(object principal, int field)

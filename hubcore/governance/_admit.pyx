@@ -28,17 +28,26 @@ cdef double _NEVER = NEVER
 cdef dict _NO_RESETS = NO_RESETS
 cdef double _INF = math.inf
 
-# What admit and needs_model read of a Principal and of the stored limits
-# on every request, from their slots (hubcore/_slots.pxd).
+# What admit and needs_model (and the Exchange's core, through
+# principal_field) read of a Principal and of the stored limits on every
+# request, from their slots (hubcore/_slots.pxd).
 cdef type _Principal = Principal
-cdef Py_ssize_t _TOKEN_ID = slot_offset(Principal, "token_id")
-cdef Py_ssize_t _USER = slot_offset(Principal, "user")
-cdef Py_ssize_t _PROJECT = slot_offset(Principal, "project")
-cdef Py_ssize_t _LIMITS = slot_offset(Principal, "limits")
-cdef Py_ssize_t _GROUPS = slot_offset(Principal, "groups")
+cdef Py_ssize_t _PRINCIPAL_OFFSETS[P_FIELDS]
+cdef list _PRINCIPAL_NAMES = [None] * P_FIELDS
+for _field, _name in (
+    (P_TOKEN_ID, "token_id"), (P_USER, "user"), (P_PROJECT, "project"), (P_LIMITS, "limits"), (P_GROUPS, "groups"),
+):
+    _PRINCIPAL_OFFSETS[_field] = slot_offset(Principal, _name)
+    _PRINCIPAL_NAMES[_field] = _name
 cdef type _ScopeLimits = ScopeLimits
 cdef Py_ssize_t _USERS_LIMITS = slot_offset(ScopeLimits, "users")
 cdef Py_ssize_t _PROJECTS_LIMITS = slot_offset(ScopeLimits, "projects")
+
+
+cdef object principal_field(object principal, int field):
+    """`getattr(principal, name)` of the P_ constant `field`, from its slot
+    for an exact Principal."""
+    return read_slot(principal, _Principal, _PRINCIPAL_OFFSETS[field], <str>_PRINCIPAL_NAMES[field])
 
 
 # The classes' fields, and the methods the Exchange's core calls in C, are
@@ -133,20 +142,20 @@ cdef class LimiterCore:
         cdef _Scope token, user, project = None
         cdef tuple scopes
         cdef dict users_limits, projects_limits
-        token_id = read_slot(principal, _Principal, _TOKEN_ID, "token_id")
+        token_id = principal_field(principal, P_TOKEN_ID)
         token = self._tokens.get(token_id)
         if token is None:
             token = self._tokens[token_id] = _Scope(f"token {token_id}")
-        name = read_slot(principal, _Principal, _USER, "user")
+        name = principal_field(principal, P_USER)
         user = self._users.get(name)
         if user is None:
             user = self._users[name] = _Scope(f"user {name}")
         defined = self._limits
-        token_limits = read_slot(principal, _Principal, _LIMITS, "limits")
+        token_limits = principal_field(principal, P_LIMITS)
         users_limits = read_slot(defined, _ScopeLimits, _USERS_LIMITS, "users")
         user_limits = users_limits.get(name)
         project_limits = None
-        name = read_slot(principal, _Principal, _PROJECT, "project")
+        name = principal_field(principal, P_PROJECT)
         if name is None:
             scopes = (token, user)
         else:
@@ -159,7 +168,7 @@ cdef class LimiterCore:
         # principal.groups: a user's or project's groups restriction reaches
         # the token table before update() brings its limits here.
         if (token_limits is not None or user_limits is not None or project_limits is not None
-                or read_slot(principal, _Principal, _GROUPS, "groups") is not None):
+                or principal_field(principal, P_GROUPS) is not None):
             return self._admit_limited(principal, model, now, model_required, scopes,
                                        token_limits, user_limits, project_limits)
         token.in_flight += 1
@@ -171,15 +180,15 @@ cdef class LimiterCore:
     cpdef bint needs_model(self, principal) except -1:
         cdef dict users_limits, projects_limits
         defined = self._limits
-        limits = read_slot(principal, _Principal, _LIMITS, "limits")
+        limits = principal_field(principal, P_LIMITS)
         if limits is not None and limits.model_re is not None:
             return True
-        user = read_slot(principal, _Principal, _USER, "user")
+        user = principal_field(principal, P_USER)
         users_limits = read_slot(defined, _ScopeLimits, _USERS_LIMITS, "users")
         limits = users_limits.get(user)
         if limits is not None and limits.model_re is not None:
             return True
-        project = read_slot(principal, _Principal, _PROJECT, "project")
+        project = principal_field(principal, P_PROJECT)
         if project is not None:
             projects_limits = read_slot(defined, _ScopeLimits, _PROJECTS_LIMITS, "projects")
             limits = projects_limits.get(project)
