@@ -34,6 +34,7 @@ from hubcore.http.client import Pool, client_ssl_context
 from hubcore.http.deadlines import sweep_interval
 from hubcore.routing.keys import KeyRing
 
+
 def pool_settings(config: UpstreamConfig) -> tuple[Any, ...]:
     """What a pool is built from: the origin, TLS, connect and idle settings.
     A reload that changes any of them gets a new pool."""
