@@ -539,7 +539,8 @@ cdef class ExchangeCore:
         if conn is not None:
             self.conn = conn
             self._count_attempt(upstream.config, lease)
-            self.sending = self._write_request(upstream, conn, self._request_head(upstream, lease.secret))
+            self._write_request(upstream, conn, self._request_head(upstream, lease.secret))
+            self.sending = conn
             self.in_callbacks = True
 
     cpdef _count_attempt(self, cfg, lease):
@@ -557,14 +558,13 @@ cdef class ExchangeCore:
         _check_upstream(upstream)
         cfg = upstream.config
         parts = self.request.parts if self.mapped is None else self.mapped[1]
-        future = conn._send(
+        conn._send(
             head, parts, read_slot(cfg, _UpstreamConfig, _FIRST_BYTE_TIMEOUT, "first_byte_timeout"),
             read_slot(cfg, _UpstreamConfig, _STREAM_IDLE_TIMEOUT, "stream_idle_timeout"), self._on_head,
             self.ensure_task,
         )
         self._move(AWAITING_HEAD)
         self._sent_at = _clock(CLOCK_MONOTONIC)
-        return future
 
     cpdef bytes _request_head(self, UpstreamRuntimeCore upstream, secret):
         """See the twin."""

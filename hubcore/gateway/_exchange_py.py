@@ -288,10 +288,11 @@ class ExchangeCore:
     done: asyncio.Future[None] | None = None
     # The body bytes of the vendor's latest read, as written to the client.
     last_data = b""
-    # set by begin(): the refusal to answer with, the first attempt's head
-    # future, or an unexpected exception (a bug), for run() to take up
+    # set by begin(): the refusal to answer with, the connection the first
+    # attempt was written on (whose head the task awaits if it takes over),
+    # or an unexpected exception (a bug), for run() to take up
     refusal: HubError | None = None
-    sending: asyncio.Future[ResponseHead] | None = None
+    sending: UpstreamConnection | None = None
     failure: Exception | None = None
 
     if TYPE_CHECKING:
@@ -424,7 +425,8 @@ class ExchangeCore:
         if conn is not None:
             self.conn = conn
             self._count_attempt(upstream.config, lease)
-            self.sending = self._write_request(upstream, conn, self._request_head(upstream, lease.secret))
+            self._write_request(upstream, conn, self._request_head(upstream, lease.secret))
+            self.sending = conn
             self.in_callbacks = True
 
     def _count_attempt(self, cfg: UpstreamConfig, lease: Lease) -> None:
@@ -437,13 +439,14 @@ class ExchangeCore:
         if self.hub.metrics is not None:
             self.hub.metrics.upstream_attempt(cfg.name, retry=self.attempts > 1)
 
-    def _write_request(self, upstream: UpstreamRuntime, conn: UpstreamConnection, head: bytes) -> asyncio.Future[ResponseHead]:
+    def _write_request(self, upstream: UpstreamRuntime, conn: UpstreamConnection, head: bytes) -> None:
+        """Send an attempt on `conn`: its head comes to _on_head, a failure
+        before it to the task (ensure_task), which awaits conn.head_waiter()."""
         cfg = upstream.config
         parts = self.request.parts if self.mapped is None else self.mapped[1]
-        future = conn.send(head, parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head, self.ensure_task)
+        conn.write_request(head, parts, cfg.first_byte_timeout, cfg.stream_idle_timeout, self._on_head, self.ensure_task)
         self._enter(_AWAITING_HEAD)
         self.sent_at = time.monotonic()
-        return future
 
     def _request_head(self, upstream: UpstreamRuntime, secret: str) -> bytes:
         """The head of an attempt on `upstream`; sets the body it goes with

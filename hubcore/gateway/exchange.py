@@ -566,8 +566,8 @@ class Exchange(ExchangeCore):
         head: bytes | None = None
         for fresh in (False, True):
             if sending is not None:
-                conn, future, sending = self.conn, sending, None
-                assert conn is not None
+                conn, sending = sending, None
+                assert conn is self.conn
             else:
                 if head is None:
                     head = self._request_head(upstream, lease.secret)
@@ -575,9 +575,9 @@ class Exchange(ExchangeCore):
                 if conn is None:
                     conn = await upstream.pool.connect()
                 self.conn = conn
-                future = self._write_request(upstream, conn, head)
+                self._write_request(upstream, conn, head)
             try:
-                response = await future
+                response = await conn.head_waiter()
                 self.head_at = conn.head_at
                 return response
             except UpstreamError as e:

@@ -84,7 +84,7 @@ cdef class UpstreamCore(ParsingCore):
         self.reading_paused = False
         self._time = self.loop.time
         # per-request
-        self.head_future = None
+        self.head_future = None  # made only when asked (head_waiter)
         self.on_head = None
         self.on_fail = None
         self.head = None
@@ -187,14 +187,21 @@ cdef class UpstreamCore(ParsingCore):
     # -- used by the Exchange ----------------------------------------------
     def send(self, head, body, double first_byte_timeout, double idle_timeout, on_head=None, on_fail=None):
         """See _upstream_py.UpstreamCore.send."""
-        return self._send(head, body, first_byte_timeout, idle_timeout, on_head, on_fail)
+        self._send(head, body, first_byte_timeout, idle_timeout, on_head, on_fail)
+        return self.head_waiter()
+
+    def write_request(self, head, body, double first_byte_timeout, double idle_timeout, on_head=None, on_fail=None):
+        """See _upstream_py.UpstreamCore.write_request."""
+        self._send(head, body, first_byte_timeout, idle_timeout, on_head, on_fail)
 
     # The Exchange's core calls _send, _attach and _release in C (see _upstream.pxd).
     cdef _send(self, head, body, double first_byte_timeout, double idle_timeout, on_head, on_fail):
+        # The twin's write_request.
         cdef double now
         assert self.transport is not None
         self.on_head = on_head
         self.on_fail = on_fail
+        self.head_future = None
         self.state = _SENDING
         self.collector.reset()
         self.head = None
@@ -205,14 +212,12 @@ cdef class UpstreamCore(ParsingCore):
         self.failure = None
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
-        self.head_future = self.loop.create_future()
         if body:
             self.transport.writelines([head, *body])
         else:
             self.transport.write(head)
         now = self.last_activity = self._time()
         self.deadline = now + first_byte_timeout if first_byte_timeout > 0 else 0.0
-        return self.head_future
 
     def attach(self, sink):
         """Start delivering the body to `sink` (held chunks first)."""

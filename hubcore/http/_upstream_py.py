@@ -123,6 +123,7 @@ class UpstreamCore:
         self.reused = False
         self.reading_paused: bool = False
         # per-request
+        # The response head's future: made only when asked (head_waiter).
         self.head_future: asyncio.Future[ResponseHead] | None = None
         self.on_head: Callable[[ResponseHead], None] | None = None
         self.on_fail: Callable[[], None] | None = None
@@ -144,6 +145,7 @@ class UpstreamCore:
         def close(self) -> None: ...
         def _fail(self, exc: UpstreamError) -> None: ...
         def resume_reading(self) -> None: ...
+        def head_waiter(self) -> asyncio.Future[ResponseHead]: ...
 
     # -- reading -----------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -219,18 +221,31 @@ class UpstreamCore:
         on_head: Callable[[ResponseHead], None] | None = None,
         on_fail: Callable[[], None] | None = None,
     ) -> asyncio.Future[ResponseHead]:
-        """Write a request (its head, then its body in pieces, in one write);
-        the future gets the response head. `on_head`, if
-        given, is also called with it as it arrives, in the read that brought
-        it: a caller can attach a sink there and the body chunks of that same
-        read reach it without waiting for the future's waiter to wake.
-        `on_fail`, if given, is called when a failure reaches no one else:
-        the future fails or is cancelled, or the connection fails after the
-        head and before a sink is attached (a caller that awaits nothing
-        learns so)."""
+        """Write a request (see `write_request`); the future gets the response head."""
+        self.write_request(head, body, first_byte_timeout, idle_timeout, on_head, on_fail)
+        return self.head_waiter()
+
+    def write_request(
+        self,
+        head: bytes,
+        body: list[bytes],
+        first_byte_timeout: float,
+        idle_timeout: float,
+        on_head: Callable[[ResponseHead], None] | None = None,
+        on_fail: Callable[[], None] | None = None,
+    ) -> None:
+        """Write a request: its head, then its body in pieces, in one write.
+        `on_head`, if given, is called with the response head as it arrives,
+        in the read that brought it: a caller can attach a sink there and the
+        body chunks of that same read reach it at once. `on_fail`, if given,
+        is called when a failure reaches no one else: before the head (and
+        then `head_waiter()`'s future fails or is cancelled), or after it and
+        before a sink is attached. A caller that goes on by these callbacks
+        makes no future; one that awaits the head asks `head_waiter()`."""
         assert self.transport is not None
         self.on_head = on_head
         self.on_fail = on_fail
+        self.head_future = None
         self.state = _SENDING
         self.collector.reset()
         self.head = None
@@ -241,14 +256,12 @@ class UpstreamCore:
         self.failure = None
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
-        self.head_future = self.loop.create_future()
         if body:
             self.transport.writelines([head, *body])
         else:
             self.transport.write(head)
         now = self.last_activity = self.loop.time()
         self.deadline = now + first_byte_timeout if first_byte_timeout > 0 else 0.0
-        return self.head_future
 
     def attach(self, sink: BodySink) -> None:
         """Start delivering the body to `sink` (held chunks first)."""

@@ -95,6 +95,9 @@ class UpstreamConnection(UpstreamCore, ReadFlow, asyncio.Protocol):
         return await collector.future
 
     def close(self) -> None:
+        # The head was still awaited: a request written, no head and no
+        # failure since (a failure comes here after it is told).
+        awaited = self.state is _SENDING and self.failure is None
         if self.state is not _CLOSED:
             self.state = _CLOSED
             self.deadline = 0.0
@@ -106,6 +109,10 @@ class UpstreamConnection(UpstreamCore, ReadFlow, asyncio.Protocol):
             # than leave it to the first-byte timeout, and rather than fail it
             # with an UpstreamError that would be retried on another key.
             fut.cancel()
+            if self.on_fail is not None:
+                self.on_fail()
+        elif fut is None and awaited:
+            # The same, with no waiter made yet: head_waiter() makes it cancelled.
             if self.on_fail is not None:
                 self.on_fail()
         if self.transport is not None and not self.transport.is_closing():
@@ -135,6 +142,21 @@ class UpstreamConnection(UpstreamCore, ReadFlow, asyncio.Protocol):
         self._fail(exc)
         self.close()
 
+    def head_waiter(self) -> asyncio.Future[ResponseHead]:
+        """The future of the response head to the request written last,
+        made when first asked: done already if the head, a failure or a
+        close (cancelled) came first."""
+        fut = self.head_future
+        if fut is None:
+            fut = self.head_future = self.loop.create_future()
+            if self.head is not None:
+                fut.set_result(self.head)
+            elif self.failure is not None:
+                fut.set_exception(self.failure)
+            elif self.state is _CLOSED:
+                fut.cancel()
+        return fut
+
     def _fail(self, exc: UpstreamError) -> None:
         if self.failure is not None or self.complete:
             return
@@ -146,7 +168,7 @@ class UpstreamConnection(UpstreamCore, ReadFlow, asyncio.Protocol):
             self.sink.on_error(exc)
         else:
             # Before the head, or after it with no sink attached yet: the
-            # sender may not be awaiting the future (see `send`).
+            # sender may be awaiting no future (see `write_request`).
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
             if self.on_fail is not None:

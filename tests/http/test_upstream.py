@@ -14,6 +14,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from hubcore.http import _upstream_py, upstream
+from hubcore.http.client import UpstreamConnection
 from hubcore.http._upstream_py import ConnState, UpstreamError
 from hubcore.http.wire import HeaderCollector
 from tests.http.twins import (
@@ -160,6 +161,8 @@ def connection(twin: ModuleType, pool: Any = None, attach_on_head: bool = True) 
         def resume_reading(self) -> None:
             self.resumed += 1
             self.reading_paused = False
+
+        head_waiter = UpstreamConnection.head_waiter  # reads only the core's fields
 
     def on_head(head: Any) -> None:
         proto.heads.append(head)
@@ -442,3 +445,65 @@ def test_the_twins_agree_on_any_stream_split_anywhere(data: bytes, cuts: list[in
         assert body[1].startswith(body[0])
     else:
         assert body[0] == body[1]
+
+
+class AbortableTransport(Transport):
+    def abort(self) -> None:
+        self.closing = True
+
+
+def written(on_fails: list[int]) -> Any:
+    """client.UpstreamConnection on the loaded core, a request written on it
+    by write_request with the Exchange's callbacks."""
+    conn = UpstreamConnection(pool_of(upstream))
+    conn.transport = AbortableTransport()
+    conn.state = ConnState.DONE
+    conn.pool.active.add(conn)
+    conn.write_request(REQUEST_HEAD, [b"{}"], FIRST_BYTE_TIMEOUT, IDLE_TIMEOUT, None, lambda: on_fails.append(1))
+    return conn
+
+
+def test_the_head_future_is_made_only_when_asked_for_and_says_what_came_first() -> None:
+    # A request sent by callbacks makes no future.
+    fails: list[int] = []
+    conn = written(fails)
+    assert conn.head_future is None and conn.state is ConnState.SENDING
+    feed(conn, JSON)
+    assert conn.head_future is None
+    waiter = conn.head_waiter()
+    assert waiter.state == "result" and waiter.outcome is conn.head and conn.head_waiter() is waiter
+    conn.release()
+    assert conn.head_future is None and fails == []
+
+    # A waiter asked for first is resolved by the head.
+    conn = written(fails)
+    waiter = conn.head_waiter()
+    assert waiter.state == "pending"
+    feed(conn, JSON)
+    assert waiter.state == "result" and waiter.outcome is conn.head and fails == []
+
+    # Failed before the head: told once, by on_fail; the waiter has the failure.
+    conn = written(fails)
+    feed(conn, MALFORMED_HEAD)
+    assert fails == [1] and conn.state is ConnState.CLOSED
+    waiter = conn.head_waiter()
+    assert waiter.state == "exception" and waiter.outcome is conn.failure and waiter.outcome.before_response
+    conn.close()
+    assert fails == [1]
+
+    # Closed by the hub while the head was awaited: on_fail once, the waiter cancelled.
+    for asked_first in (False, True):
+        fails.clear()
+        conn = written(fails)
+        early = conn.head_waiter() if asked_first else None
+        conn.close()
+        conn.close()
+        assert fails == [1] and conn.transport.closing
+        assert conn.head_waiter().state == "cancelled" and (early is None or early.state == "cancelled")
+
+    # Closed after the head: nothing was awaited.
+    fails.clear()
+    conn = written(fails)
+    feed(conn, SSE[:SSE.index(b"\r\n\r\n") + 4])
+    conn.close()
+    assert fails == [] and conn.head_waiter().outcome is conn.head
