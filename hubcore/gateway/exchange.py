@@ -571,9 +571,8 @@ class Exchange(ExchangeCore):
             else:
                 if head is None:
                     head = self._request_head(upstream, lease.secret)
-                conn = None if fresh else upstream.pool.take_idle()
-                if conn is None:
-                    conn = await upstream.pool.connect()
+                idle = None if fresh else upstream.pool.take_idle()
+                conn = idle if idle is not None else await upstream.pool.connect()
                 self.conn = conn
                 self._write_request(upstream, conn, head)
             try:
