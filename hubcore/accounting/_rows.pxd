@@ -38,3 +38,16 @@ cdef enum:
     F_ROUTE
 
 cdef object event_field(object event, int field)
+
+
+# The usage recorder's per-request part (accounting.recorder.UsageRecorder
+# is its subclass); its fields are the subclass's too.
+cdef class RecorderCore:
+    cdef public Py_ssize_t _queue_max
+    cdef public Py_ssize_t _batch_max
+    cdef public list _listeners
+    cdef public object _queue
+    cdef public object _wake
+    cdef public bint _closed
+
+    cpdef record(self, event)

@@ -19,7 +19,10 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 from hubcore._slots cimport read_slot, slot_offset
 
-from hubcore.accounting._rows_py import insert_values as _by_name
+import asyncio
+from collections import deque
+
+from hubcore.accounting._rows_py import insert_values as _by_name, log as _log
 from hubcore.accounting.usage import FIELDS, UsageEvent
 
 cdef enum:
@@ -117,3 +120,37 @@ cpdef list insert_values(events):
             PyList_SET_ITEM(values, at, <object>value)
             at += 1
     return values
+
+
+cdef class RecorderCore:
+    """See _rows_py.RecorderCore: `record` without a Python frame, the
+    event's fields read by their slots."""
+
+    def __init__(self, Py_ssize_t queue_max, Py_ssize_t batch_max):
+        self._queue_max = queue_max
+        self._batch_max = batch_max
+        self._listeners = []
+        self._queue = deque()
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    cpdef record(self, event):
+        """See the twin."""
+        cdef Py_ssize_t n
+        model = event_field(event, F_MODEL)
+        if model is not None and (event_field(event, F_COST_BASIS) is not None
+                                  or event_field(event, F_COST_MICROS) is None):
+            self._count_unpriced(model)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                _log.exception("usage listener %r failed", listener)
+        queue = self._queue
+        if self._closed or len(queue) >= self._queue_max:
+            self._overflow(event)
+            return
+        queue.append(event)
+        n = len(queue)
+        if n == 1 or n >= self._batch_max:
+            self._wake.set()

@@ -10,14 +10,15 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from hubcore import store
 from hubcore.accounting import rollup
+from hubcore.accounting._rows_py import Listener
+from hubcore.accounting.rows import RecorderCore
 from hubcore.accounting.spool import SPOOL_ERRORS, Spool, encode_line
 from hubcore.accounting.sqlitewriter import SqliteUsageWriter
 from hubcore.accounting.usage import UsageEvent
@@ -44,13 +45,12 @@ DEFAULT_CLOSE_TIMEOUT = 30.0  # seconds close() keeps trying when both DB and sp
 UNPRICED_MODELS_MAX = 100
 OTHER_MODELS = "_other"
 
-Listener = Callable[[UsageEvent], None]
 
-
-class UsageRecorder:
+class UsageRecorder(RecorderCore):
     """Queue of UsageEvents drained into SQLite by one writer task.
 
-    Theory of operation. `record()` appends to a deque and, only when the
+    Theory of operation. `record()` (the core's, compiled when built: see
+    accounting.rows) appends to a deque and, only when the
     queue goes from empty to non-empty or reaches a full batch, sets an
     asyncio.Event; it never touches the database. The writer task wakes on
     that event, waits up to `flush_interval` for a batch to fill, and inserts
@@ -94,17 +94,14 @@ class UsageRecorder:
     ) -> None:
         if queue_max < 1 or batch_max < 1 or flush_interval <= 0:
             raise ValueError("queue_max and batch_max must be >= 1, flush_interval > 0")
-        self._queue_max = queue_max
+        # The queue, its wake-up, the listeners and the closed flag: the core's.
+        super().__init__(queue_max, batch_max)
         self._flush_interval = flush_interval
-        self._batch_max = batch_max
         self._retry_max = max(retry_max, flush_interval)
         # The reporting zone, whose local hours and days the rollups' are.
         self._zone = zone(timezone)
-        self._listeners: list[Listener] = []
 
-        # queue and writer
-        self._queue: deque[UsageEvent] = deque()
-        self._wake = asyncio.Event()
+        # writer
         self._task: asyncio.Task[None] | None = None
         # The writer that takes the batches: PostgreSQL's imported only when
         # used (asyncpg takes a while to import).
@@ -116,7 +113,6 @@ class UsageRecorder:
         else:
             self._writer = SqliteUsageWriter(db_path, busy_timeout_ms)
         self._closing = False
-        self._closed = False
         self._close_deadline = 0.0
         # the batch an INSERT is writing, and whether the spool holds a copy
         self._in_flight: Sequence[UsageEvent] = ()
@@ -174,29 +170,6 @@ class UsageRecorder:
             self._run(), name="hubcore-usage-writer"
         )
         self._task.add_done_callback(self._writer_done)
-
-    def record(self, event: UsageEvent) -> None:
-        """Queue one event for writing. Non-blocking; never raises.
-
-        Call it from the event loop's thread (the queue and the spool are not
-        locked), like every other method here.
-        """
-        model = event.model
-        if model is not None and (event.cost_basis is not None or event.cost_micros is None):
-            self._count_unpriced(model)
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("usage listener %r failed", listener)
-        queue = self._queue
-        if self._closed or len(queue) >= self._queue_max:
-            self._overflow(event)
-            return
-        queue.append(event)
-        n = len(queue)
-        if n == 1 or n >= self._batch_max:
-            self._wake.set()
 
     def _count_unpriced(self, model: str) -> None:
         self._unpriced += 1

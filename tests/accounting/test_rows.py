@@ -1,6 +1,7 @@
 """The usage writer's bound values on both twins: the compiled one reads an
 exact UsageEvent's slots by their offsets, the pure one by name; the same
-values (the very objects) either way, and anything else goes by name."""
+values (the very objects) either way, and anything else goes by name. And
+the usage recorder's per-request part, `RecorderCore.record`, on both."""
 from __future__ import annotations
 
 import gc
@@ -25,7 +26,8 @@ def twin(request: pytest.FixtureRequest) -> ModuleType:
 
 
 def test_compiled_twin_loaded() -> None:
-    check_compiled_loaded(rows, [rows.insert_values], COMPILED, "hubcore.accounting._rows_py")  # type: ignore[list-item]
+    check_compiled_loaded(rows, [rows.insert_values, rows.RecorderCore],  # type: ignore[list-item]
+                          COMPILED, "hubcore.accounting._rows_py")
 
 
 def test_no_extensions_selects_pure_twin() -> None:
@@ -157,3 +159,57 @@ def test_both_twins_make_the_same_event(made: UsageEvent) -> None:
     compiled = twin_of("c", COMPILED, _rows_py).new_event(values)
     assert compiled == _rows_py.new_event(values) == made
     assert repr(compiled) == repr(made)
+
+
+def recorder_of(twin: ModuleType, queue_max: int = 3, batch_max: int = 3) -> Any:
+    """A RecorderCore with UsageRecorder's two rare paths recorded."""
+
+    class Recorder(twin.RecorderCore):  # type: ignore[name-defined, misc]
+        def __init__(self) -> None:
+            super().__init__(queue_max, batch_max)
+            self.unpriced: list[str] = []
+            self.overflowed: list[UsageEvent] = []
+
+        def _count_unpriced(self, model: str) -> None:
+            self.unpriced.append(model)
+
+        def _overflow(self, event: UsageEvent) -> None:
+            self.overflowed.append(event)
+
+    return Recorder()
+
+
+@pytest.mark.parametrize("kind", ["exact", "stand-in"])
+def test_record_tells_the_listeners_queues_and_wakes_the_writer(twin: ModuleType, kind: str) -> None:
+    recorder = recorder_of(twin)
+    heard: list[Any] = []
+    recorder._listeners.append(heard.append)
+
+    def failing(_: Any) -> None:
+        raise RuntimeError("a listener's bug")
+
+    recorder._listeners.append(failing)  # logged; the event goes on
+    recorder._listeners.append(lambda e: heard.append(("second", e)))
+    events = [
+        event(0, cost_micros=120),                         # priced
+        event(1, cost_micros=None),                        # no price: counted
+        event(2, cost_micros=80, cost_basis="estimate"),   # priced by an estimate: counted
+        event(3, model=None),                              # no model: nothing to count
+    ]
+    made = events if kind == "exact" else [SimpleNamespace(**{n: getattr(e, n) for n in FIELDS}) for e in events]
+    woken = []
+    for e in made[:3]:
+        recorder._wake.clear()
+        recorder.record(e)
+        woken.append(recorder._wake.is_set())
+    # Woken as the queue leaves empty and when it holds a batch (3), not between.
+    assert woken == [True, False, True]
+    assert list(recorder._queue) == made[:3] and recorder.overflowed == []
+    recorder.record(made[3])  # the queue holds 3, its most: the spool's
+    assert list(recorder._queue) == made[:3] and recorder.overflowed == [made[3]]
+    assert heard == [x for e in made for x in (e, ("second", e))]
+    assert recorder.unpriced == ["claude-sonnet-4-5", "claude-sonnet-4-5"]
+    recorder._queue.clear()
+    recorder._closed = True  # a straggler after close: the spool's too
+    recorder.record(made[0])
+    assert not recorder._queue and recorder.overflowed == [made[3], made[0]]
