@@ -655,11 +655,16 @@ cdef Py_ssize_t _anthropic_delta_chars(const unsigned char* p, Py_ssize_t n) noe
 # meter's cost a stream. Instead they are walked in place like the deltas,
 # checking the whole event as `_jvalue` does, and only the members Reading
 # reads from them (`_event`, `_anthropic_message`, `_anthropic_usage`) are
-# made into Python objects: a pruned copy of what orjson would return, which
-# Reading then takes exactly as it takes orjson's. A repeated member is
-# assigned again, so the last one stands, as in orjson. A wanted member whose
-# value is not what the walk makes (an escaped string, a float, a negative
-# number, an array, an escaped key) or anything not sure sends the event to
+# kept, in a _Usage struct: the message's (or the delta's) model and stop
+# reason as spans of the event's bytes, and the usage object's counts as C
+# integers. Reading takes them as it takes orjson's objects: the strings
+# where they are strings, and the counts by `_anthropic_counts`, which
+# `_anthropic_usage` calls with what it reads of a decoded usage object. A
+# repeated member sets its part of the struct again (an object member
+# clears what the one before it left), so the last one stands, as in
+# orjson. A wanted member whose value is not what the walk reads (an
+# escaped string, a float, a negative number, an array, an escaped key, a
+# number where an object goes) or anything not sure sends the event to
 # orjson, as in the pure twin.
 
 cdef enum:
@@ -672,78 +677,144 @@ cdef enum:
     #               "server_tool_use" -> _U_TOOLS
     _U_SPLIT = 6  # "ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"
     _U_DETAILS = 7  # "thinking_tokens"
-    _U_TOOLS = 8  # every member (Reading sums those named *_requests)
+    _U_TOOLS = 8  # every member (Reading sums the counts of those named *_requests)
+
+# The counts of a usage object Reading reads, in `_anthropic_counts`'s order.
+cdef enum:
+    _C_INPUT = 0
+    _C_OUTPUT = 1
+    _C_CACHE_READ = 2
+    _C_WRITE_5M = 3
+    _C_WRITE_1H = 4
+    _C_WRITE_TOTAL = 5
+    _C_THINKING = 6
+    _COUNTS = 7
+
+# What a member is to Reading (_usage_member): a count (_C_*), or one of these.
+cdef enum:
+    _M_UNREAD = -1
+    _M_MESSAGE = 100
+    _M_DELTA = 101
+    _M_MODEL = 102
+    _M_STOP = 103
+    _M_USAGE = 104
+    _M_SPLIT = 105
+    _M_DETAILS = 106
+    _M_TOOLS = 107
+    _M_TOOL = 108
+
+cdef enum:
+    # server_tool_use members kept (a member repeated is one); more sends
+    # the event to orjson. Vendors send one or two.
+    _TOOLS_MAX = 8
 
 
-cdef object _usage_member(int node, const unsigned char* k, Py_ssize_t kn, int* child):
-    """The key Reading reads member `k` of an object at `node` by, and the node of its value; None if unread."""
-    # Written out, not looked up in a table of (bytes, str, node): a loop over
-    # such a table cost 0.3 us more a stream (of 5.7, bench.meter's stream).
+cdef struct _Tool:
+    const unsigned char* key  # plain (unescaped), valid UTF-8
+    Py_ssize_t kn
+    long long count  # -1: not a count
+
+
+cdef struct _Usage:
+    # The string members: a span of the event's bytes (plain, valid UTF-8),
+    # or NULL where the member is missing or not a string.
+    const unsigned char* model
+    Py_ssize_t model_n
+    const unsigned char* stop
+    Py_ssize_t stop_n
+    bint usage  # the usage member is an object: its counts follow
+    long long counts[_COUNTS]  # -1: missing, or not a count (Reading's _count gives None)
+    bint tools  # its server_tool_use is an object
+    int ntools
+    _Tool tool[_TOOLS_MAX]
+
+
+cdef inline void _clear_usage(_Usage* u) noexcept:
+    cdef int c
+    u.usage = False
+    for c in range(_COUNTS):
+        u.counts[c] = -1
+    u.tools = False
+    u.ntools = 0
+
+
+cdef int _usage_member(int node, const unsigned char* k, Py_ssize_t kn, int* child) noexcept:
+    """What member `k` of an object at `node` is to Reading (a _C_ count or
+    an _M_ kind), and the node of its value."""
+    # Written out, not looked up in a table of (bytes, member, node): a loop
+    # over such a table cost 0.3 us more a stream (of 5.7, bench.meter's).
     child[0] = _U_LEAF
     if node == _U_START:
         if _eq(k, kn, b"message", 7):
             child[0] = _U_MESSAGE
-            return "message"
+            return _M_MESSAGE
     elif node == _U_MESSAGE:
         if _eq(k, kn, b"model", 5):
-            return "model"
+            return _M_MODEL
         if _eq(k, kn, b"stop_reason", 11):
-            return "stop_reason"
+            return _M_STOP
         if _eq(k, kn, b"usage", 5):
             child[0] = _U_USAGE
-            return "usage"
+            return _M_USAGE
     elif node == _U_DELTA_ROOT:
         if _eq(k, kn, b"delta", 5):
             child[0] = _U_DELTA
-            return "delta"
+            return _M_DELTA
         if _eq(k, kn, b"usage", 5):
             child[0] = _U_USAGE
-            return "usage"
+            return _M_USAGE
     elif node == _U_DELTA:
         if _eq(k, kn, b"stop_reason", 11):
-            return "stop_reason"
+            return _M_STOP
     elif node == _U_USAGE:
         if _eq(k, kn, b"input_tokens", 12):
-            return "input_tokens"
+            return _C_INPUT
         if _eq(k, kn, b"output_tokens", 13):
-            return "output_tokens"
+            return _C_OUTPUT
         if _eq(k, kn, b"cache_read_input_tokens", 23):
-            return "cache_read_input_tokens"
+            return _C_CACHE_READ
         if _eq(k, kn, b"cache_creation_input_tokens", 27):
-            return "cache_creation_input_tokens"
+            return _C_WRITE_TOTAL
         if _eq(k, kn, b"cache_creation", 14):
             child[0] = _U_SPLIT
-            return "cache_creation"
+            return _M_SPLIT
         if _eq(k, kn, b"output_tokens_details", 21):
             child[0] = _U_DETAILS
-            return "output_tokens_details"
+            return _M_DETAILS
         if _eq(k, kn, b"server_tool_use", 15):
             child[0] = _U_TOOLS
-            return "server_tool_use"
+            return _M_TOOLS
     elif node == _U_SPLIT:
         if _eq(k, kn, b"ephemeral_5m_input_tokens", 25):
-            return "ephemeral_5m_input_tokens"
+            return _C_WRITE_5M
         if _eq(k, kn, b"ephemeral_1h_input_tokens", 25):
-            return "ephemeral_1h_input_tokens"
+            return _C_WRITE_1H
     elif node == _U_DETAILS:
         if _eq(k, kn, b"thinking_tokens", 15):
-            return "thinking_tokens"
+            return _C_THINKING
     elif node == _U_TOOLS:
-        # the key is plain (no escape: checked by the caller) and valid UTF-8 (_jstring)
-        return PyUnicode_DecodeUTF8(<const char*>k, kn, NULL)
-    return None
+        return _M_TOOL
+    return _M_UNREAD
 
 
-cdef Py_ssize_t _usage_leaf(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, dict into, object key) except -2:
-    """Set into[key] to the scalar at p[i] as orjson decodes it; the index past it, or -1 if unsure."""
+cdef Py_ssize_t _usage_leaf(
+    const unsigned char* p, Py_ssize_t i, Py_ssize_t n, long long* count, const unsigned char** text,
+    Py_ssize_t* text_n,
+) noexcept:
+    """Read the scalar at p[i] as orjson decodes it: a count into `count`
+    (else -1 there), a string's span into `text` (else NULL there); the
+    index past it, or -1 if unsure."""
     cdef Py_ssize_t j, ignored = 0
     cdef long long v = 0
     cdef unsigned char c = p[i]
+    count[0] = -1
+    text[0] = NULL
     if c == 34:
         j = _jstring(p, i, n, &ignored)
         if j < 0 or memchr(p + i + 1, 92, j - i - 2) != NULL:
             return -1
-        into[key] = PyUnicode_DecodeUTF8(<const char*>p + i + 1, j - i - 2, NULL)
+        text[0] = p + i + 1
+        text_n[0] = j - i - 2
         return j
     if 48 <= c <= 57:
         # a count: digits only (a fraction or a sign goes to orjson); _jnumber
@@ -756,27 +827,43 @@ cdef Py_ssize_t _usage_leaf(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, 
                 return -1
             v = v * 10 + (p[i] - 48)
             i += 1
-        into[key] = v
+        count[0] = v
         return j
     if c == 110 and _at(p, i, n, b"null", 4):
-        into[key] = None
         return i + 4
     if c == 116 and _at(p, i, n, b"true", 4):
-        into[key] = True
         return i + 4
     if c == 102 and _at(p, i, n, b"false", 5):
-        into[key] = False
         return i + 5
     return -1
 
 
+cdef int _keep_tool(_Usage* u, const unsigned char* k, Py_ssize_t kn, long long count) noexcept:
+    """server_tool_use's member `k`: its count kept, a repeated key's
+    replacing the one before (the last stands, as in a dict); -1 if there
+    are more than _TOOLS_MAX."""
+    cdef int t
+    for t in range(u.ntools):
+        if u.tool[t].kn == kn and memcmp(u.tool[t].key, k, kn) == 0:
+            u.tool[t].count = count
+            return 0
+    if u.ntools == _TOOLS_MAX:
+        return -1
+    u.tool[u.ntools].key = k
+    u.tool[u.ntools].kn = kn
+    u.tool[u.ntools].count = count
+    u.ntools += 1
+    return 0
+
+
 cdef Py_ssize_t _usage_object(
-    const unsigned char* p, Py_ssize_t i, Py_ssize_t n, int node, int depth, dict into,
-) except -2:
-    """Walk the object at p[i] ('{'), putting the members Reading reads into `into`; the index past it, or -1."""
-    cdef Py_ssize_t ks, ignored = 0
-    cdef int child
-    cdef dict inner
+    const unsigned char* p, Py_ssize_t i, Py_ssize_t n, int node, int depth, _Usage* u,
+) noexcept:
+    """Walk the object at p[i] ('{'), keeping the members Reading reads in `u`; the index past it, or -1."""
+    cdef Py_ssize_t ks, kn, ignored = 0, text_n = 0
+    cdef int child, member
+    cdef long long count
+    cdef const unsigned char* text
     if depth >= _MAX_DEPTH:
         return -1
     i = _skip_ws(p, i + 1, n)
@@ -789,29 +876,58 @@ cdef Py_ssize_t _usage_object(
         i = _jstring(p, i, n, &ignored)
         if i < 0:
             return -1
+        kn = i - 1 - ks
         # an escaped key may spell a wanted one: orjson decides
-        if memchr(p + ks, 92, i - 1 - ks) != NULL:
+        if memchr(p + ks, 92, kn) != NULL:
             return -1
-        key = _usage_member(node, p + ks, i - 1 - ks, &child)
+        member = _usage_member(node, p + ks, kn, &child)
         i = _skip_ws(p, i, n)
         if i >= n or p[i] != 58:
             return -1
         i = _skip_ws(p, i + 1, n)
         if i >= n:
             return -1
-        if key is None:
+        if member == _M_UNREAD:
             i = _jvalue(p, i, n, _N_NONE, depth + 1, &ignored)
         elif child == _U_LEAF:
-            i = _usage_leaf(p, i, n, into, key)
-        elif p[i] == 123:
-            inner = {}
-            i = _usage_object(p, i, n, child, depth + 1, inner)
-            into[key] = inner
-        elif _at(p, i, n, b"null", 4):
-            into[key] = None
-            i += 4
+            i = _usage_leaf(p, i, n, &count, &text, &text_n)
+            if member < _COUNTS:
+                u.counts[member] = count
+            elif member == _M_MODEL:
+                u.model = text
+                u.model_n = text_n
+            elif member == _M_STOP:
+                u.stop = text
+                u.stop_n = text_n
+            elif i >= 0 and _keep_tool(u, p + ks, kn, count) < 0:  # _M_TOOL
+                return -1
         else:
-            return -1
+            # An object member: what the one before it left is cleared
+            # (it replaced that one whole); null leaves nothing.
+            if member == _M_MESSAGE:
+                u.model = u.stop = NULL
+                _clear_usage(u)
+            elif member == _M_DELTA:
+                u.stop = NULL
+            elif member == _M_USAGE:
+                _clear_usage(u)
+            elif member == _M_SPLIT:
+                u.counts[_C_WRITE_5M] = u.counts[_C_WRITE_1H] = -1
+            elif member == _M_DETAILS:
+                u.counts[_C_THINKING] = -1
+            else:  # _M_TOOLS
+                u.tools = False
+                u.ntools = 0
+            if p[i] == 123:
+                if member == _M_USAGE:
+                    u.usage = True
+                elif member == _M_TOOLS:
+                    u.tools = True
+                i = _usage_object(p, i, n, child, depth + 1, u)
+            elif _at(p, i, n, b"null", 4):
+                i += 4
+            else:
+                return -1
         if i < 0:
             return -1
         i = _skip_ws(p, i, n)
@@ -825,17 +941,52 @@ cdef Py_ssize_t _usage_object(
             return -1
 
 
-cdef object _usage_event(const unsigned char* p, Py_ssize_t n, int root):
-    """What orjson makes of a message_start (`root` _U_START) or message_delta
-    (_U_DELTA_ROOT) event, pruned to the members Reading reads; None if unsure."""
-    cdef dict event = {}
+cdef bint _walk_usage(const unsigned char* p, Py_ssize_t n, int root, _Usage* u) noexcept:
+    """Walk a message_start (`root` _U_START) or message_delta (_U_DELTA_ROOT)
+    event into `u`, as orjson would decode it; False if unsure."""
     cdef Py_ssize_t i = _skip_ws(p, 0, n)
+    u.model = u.stop = NULL
+    _clear_usage(u)
     if i >= n or p[i] != 123:
+        return False
+    i = _usage_object(p, i, n, root, 0, u)
+    return i >= 0 and _skip_ws(p, i, n) == n
+
+
+cdef inline object _count_of(long long count):
+    return None if count < 0 else count
+
+
+cdef object _tool_requests(_Usage* u):
+    """What Reading makes of server_tool_use: the sum of the counts of its
+    members named *_requests; None if it is not an object."""
+    cdef long long total = 0
+    cdef int t
+    if not u.tools:
         return None
-    i = _usage_object(p, i, n, root, 0, event)
-    if i < 0 or _skip_ws(p, i, n) != n:
-        return None
-    return event
+    for t in range(u.ntools):
+        # each count is below 10**18 and there are at most 8: no overflow
+        if u.tool[t].count >= 0 and u.tool[t].kn >= 9 and memcmp(u.tool[t].key + u.tool[t].kn - 9, b"_requests", 9) == 0:
+            total += u.tool[t].count
+    return total
+
+
+cdef int _read_usage(Reading reading, _Usage* u, bint start) except -1:
+    """Reading's `_event` of the event walked into `u`: message_start's
+    message (`_anthropic_message`) or message_delta's delta and usage."""
+    if u.model != NULL:
+        reading.model = PyUnicode_DecodeUTF8(<const char*>u.model, u.model_n, NULL)
+    if u.stop != NULL:
+        reading.stop_reason = PyUnicode_DecodeUTF8(<const char*>u.stop, u.stop_n, NULL)
+    if u.usage:
+        if reading._anthropic_counts(
+            _count_of(u.counts[_C_INPUT]), _count_of(u.counts[_C_OUTPUT]), _count_of(u.counts[_C_CACHE_READ]),
+            _count_of(u.counts[_C_WRITE_5M]), _count_of(u.counts[_C_WRITE_1H]),
+            _count_of(u.counts[_C_WRITE_TOTAL]), _count_of(u.counts[_C_THINKING]), _tool_requests(u),
+        ) and not start:
+            # message_delta follows the last content block: its output count is final
+            reading._final_usage = True
+    return 0
 
 
 cdef object _as_bytes(object data):
@@ -1129,6 +1280,7 @@ cdef class Meter:
 
     cdef int _event(self, int kind, const unsigned char* d, Py_ssize_t dn) except -1:
         cdef Py_ssize_t ts = 0, te = 0, chars
+        cdef _Usage usage
         if self.fmt == _FMT_CHAT:
             return self._chat_event(d, dn)
         if kind == _SNIFF:
@@ -1152,11 +1304,11 @@ cdef class Meter:
             return 0
         if kind == _R_CREATED and self._reading.model is not None:
             return 0
-        obj = None
-        if kind == _A_START or kind == _A_DELTA:
-            obj = _usage_event(d, dn, _U_START if kind == _A_START else _U_DELTA_ROOT)
-        if obj is None:
-            obj = self._loads(d, dn)
+        if (kind == _A_START or kind == _A_DELTA) and _walk_usage(
+                d, dn, _U_START if kind == _A_START else _U_DELTA_ROOT, &usage):
+            _read_usage(self._reading, &usage, kind == _A_START)
+            return 0
+        obj = self._loads(d, dn)
         self.delta_chars += self._reading._event(kind, obj)
         return 0
 

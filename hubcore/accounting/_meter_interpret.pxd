@@ -39,6 +39,8 @@ cdef class Reading:
     cpdef _anthropic_message(self, dict msg)
     @cython.locals(counts=dict)
     cpdef _anthropic_usage(self, usage)
+    cpdef bint _anthropic_counts(self, input_tokens, output, cache_read, write_5m, write_1h, write_total, thinking,
+                                 tool_requests) except -1
     cpdef _cache_write_total(self, total)
     @cython.locals(counts=dict)
     cpdef _openai_usage(self, usage, inp, out, inp_details, out_details)

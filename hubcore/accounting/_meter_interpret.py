@@ -329,43 +329,56 @@ class Reading:
 
     def _anthropic_usage(self, usage: object) -> bool:
         """Take a usage object; whether it carried an output count."""
-        # overwrite, never add: message_delta numbers are running totals
         if type(usage) is not dict:
             return False
         counts = usage  # checked: typed `dict` in the compiled twin (the .pxd)
-        v = _count(counts.get("input_tokens"))
-        if v is not None:
-            self.input_tokens = v
-        output = _count(counts.get("output_tokens"))
-        if output is not None:
-            self._output_reported = output
-        v = _count(counts.get("cache_read_input_tokens"))
-        if v is not None:
-            self.cache_read = v
         split = counts.get("cache_creation")
-        if type(split) is dict:
-            v = _count(split.get("ephemeral_5m_input_tokens"))
-            if v is not None:
-                self.cache_write_5m = v
-            v = _count(split.get("ephemeral_1h_input_tokens"))
-            if v is not None:
-                self.cache_write_1h = v
-        v = _count(counts.get("cache_creation_input_tokens"))
-        if v is not None:
-            self._cache_write_total(v)
         details = counts.get("output_tokens_details")
-        if type(details) is dict:
-            v = _count(details.get("thinking_tokens"))
-            if v is not None:
-                self.reasoning_tokens = v
         tools = counts.get("server_tool_use")
+        tool_requests = None
         if type(tools) is dict:
-            total = 0
+            tool_requests = 0
             for key, n in tools.items():
                 c = _count(n)
                 if c is not None and key.endswith("_requests"):
-                    total += c
-            self.server_tool_requests = total
+                    tool_requests += c
+        return self._anthropic_counts(
+            _count(counts.get("input_tokens")),
+            _count(counts.get("output_tokens")),
+            _count(counts.get("cache_read_input_tokens")),
+            _count(split.get("ephemeral_5m_input_tokens")) if type(split) is dict else None,
+            _count(split.get("ephemeral_1h_input_tokens")) if type(split) is dict else None,
+            _count(counts.get("cache_creation_input_tokens")),
+            _count(details.get("thinking_tokens")) if type(details) is dict else None,
+            tool_requests,
+        )
+
+    def _anthropic_counts(
+        self, input_tokens: int | None, output: int | None, cache_read: int | None, write_5m: int | None,
+        write_1h: int | None, write_total: int | None, thinking: int | None, tool_requests: int | None,
+    ) -> bool:
+        """A usage object's counts, each None where it had none (or one that
+        is not a count); whether it carried an output count. The compiled
+        meter walks message_start's and message_delta's usage into these
+        without making the object."""
+        # overwrite, never add: message_delta numbers are running totals
+        if input_tokens is not None:
+            self.input_tokens = input_tokens
+        if output is not None:
+            self._output_reported = output
+        if cache_read is not None:
+            self.cache_read = cache_read
+        if write_5m is not None:
+            self.cache_write_5m = write_5m
+        if write_1h is not None:
+            self.cache_write_1h = write_1h
+        if write_total is not None:
+            # after the split, which it is made to add up to
+            self._cache_write_total(write_total)
+        if thinking is not None:
+            self.reasoning_tokens = thinking
+        if tool_requests is not None:
+            self.server_tool_requests = tool_requests
         return output is not None
 
     def _cache_write_total(self, total: int) -> None:

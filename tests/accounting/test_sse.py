@@ -985,6 +985,26 @@ def test_bogus_counts_are_ignored(twin: ModuleType) -> None:
     assert (got["input_tokens"], got["output_tokens"], got["cache_read"], got["server_tool_requests"]) == (10, 1, 4, 5)
 
 
+def test_a_repeated_member_stands_as_the_last(twin: ModuleType) -> None:
+    """As in the dict orjson makes: a repeated count, split, tool or usage
+    replaces the one before it whole, null included."""
+    got = run(twin, _start_and_delta(
+        b'{"input_tokens":10,"output_tokens":1,"cache_creation_input_tokens":9,'
+        b'"cache_creation":{"ephemeral_5m_input_tokens":9},"cache_creation":{"ephemeral_1h_input_tokens":9},'
+        b'"output_tokens_details":{"thinking_tokens":4},"output_tokens_details":null}',
+        b'{"output_tokens":50,"server_tool_use":{"web_search_requests":2,"web_fetch_requests":1,'
+        b'"web_search_requests":5},"output_tokens":7,"input_tokens":3,"input_tokens":null}',
+    ))
+    assert (got["input_tokens"], got["output_tokens"], got["server_tool_requests"]) == (10, 7, 6)
+    assert (got["cache_write_5m"], got["cache_write_1h"], got["reasoning_tokens"]) == (0, 9, 0)
+    # a second usage member replaces the first: its counts, not the first's, stand
+    got = run(twin, _start_and_delta(
+        b'{"input_tokens":10,"output_tokens":1}',
+        b'{"output_tokens":50,"server_tool_use":{"web_search_requests":2}},"usage":{"cache_read_input_tokens":6}',
+    ))
+    assert (got["output_tokens"], got["server_tool_requests"], got["cache_read"]) == (1, 0, 6)
+
+
 _ODD_VALUES = [b"[1,2]", b'"12"', b"7", b"null", b"true"]
 
 
