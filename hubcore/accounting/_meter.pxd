@@ -48,6 +48,7 @@ cdef class Meter:
     cdef bytearray _body
     cdef bint _overflow
 
+    cdef int _start(self, fmt, bint sse, Py_ssize_t max_event_size, Py_ssize_t max_body_size) except -1
     cdef int _feed_sse(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef Py_ssize_t _past_eol(self, const unsigned char* p, Py_ssize_t j, Py_ssize_t n) noexcept
     cdef int _line(self, const unsigned char* s, Py_ssize_t n) except -1
@@ -58,3 +59,7 @@ cdef class Meter:
     cdef int _chat_event(self, const unsigned char* d, Py_ssize_t dn) except -1
     cdef object _loads(self, const unsigned char* d, Py_ssize_t dn)
     cdef _close_body(self)
+
+
+# Meter(fmt, sse), for the exchange core.
+cdef Meter new_meter(fmt, bint sse)

@@ -1015,11 +1015,14 @@ cdef class Meter:
 
     def __init__(self, fmt, sse, *, Py_ssize_t max_event_size=MAX_EVENT_SIZE,
                  Py_ssize_t max_body_size=MAX_BODY_SIZE):
+        self._start(fmt, sse, max_event_size, max_body_size)
+
+    cdef int _start(self, fmt, bint sse, Py_ssize_t max_event_size, Py_ssize_t max_body_size) except -1:
         self._reading = Reading(fmt)  # raises MeterError for an unknown format
         if max_event_size < 1 or max_body_size < 0:
             raise MeterError("size caps must be positive")
         self.fmt = fmt
-        self.sse = bool(sse)
+        self.sse = sse
         self.events = 0
         self.malformed = 0
         self.delta_chars = 0
@@ -1035,6 +1038,7 @@ cdef class Meter:
         self._max_body = max_body_size
         self._body = bytearray()
         self._overflow = False
+        return 0
 
     def __dealloc__(self):
         _buf_free(&self._tail)
@@ -1352,6 +1356,18 @@ cdef class Meter:
             self.malformed += 1
             obj = None
         self._reading._unstreamed(obj)
+
+
+cdef Py_ssize_t _DEFAULT_MAX_EVENT = MAX_EVENT_SIZE
+cdef Py_ssize_t _DEFAULT_MAX_BODY = MAX_BODY_SIZE
+
+
+cdef Meter new_meter(fmt, bint sse):
+    """Meter(fmt, sse) with the default caps, for the exchange core: a C
+    call where the type call packs and parses its arguments."""
+    cdef Meter meter = Meter.__new__(Meter)
+    meter._start(fmt, sse, _DEFAULT_MAX_EVENT, _DEFAULT_MAX_BODY)
+    return meter
 
 
 # -- request scanning -----------------------------------------------------------

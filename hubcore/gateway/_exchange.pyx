@@ -50,7 +50,7 @@ from hubcore.gateway._heads cimport (
 )
 # The compiled meter and the Reading that keeps its counters, likewise: the
 # usage row reads them as C fields.
-from hubcore.accounting._meter cimport Meter as CompiledMeter
+from hubcore.accounting._meter cimport Meter as CompiledMeter, new_meter
 from hubcore.accounting._meter_interpret cimport Reading
 from hubcore._slots cimport read_slot, slot_offset
 from hubcore.accounting._rows cimport new_event
@@ -58,7 +58,6 @@ from hubcore.accounting._rows cimport new_event
 import logging
 import os
 
-from hubcore.accounting import meter as sse
 from hubcore.accounting.pricing import LOOKUP_MEMO_MAX, TOKENS_PER_PRICE_UNIT, Pricing
 from hubcore.accounting.usage import Outcome
 from hubcore.config import UpstreamConfig
@@ -106,7 +105,6 @@ cdef const char* _HEX_DIGITS = b"0123456789abcdef"
 cdef object _Pricing = Pricing
 cdef object _CHUNKED = Framing.CHUNKED
 cdef object _CLIENT_ABORTED_FAILURE = CLIENT_ABORTED
-cdef object _Meter = sse.Meter
 cdef object _HubError = HubError
 cdef type _Principal = Principal
 # What the request path reads of its upstream's config, from its slots
@@ -616,7 +614,7 @@ cdef class ExchangeCore:
         if route is not None and 200 <= status < 300:
             fmt = route.fmt
             if fmt:
-                self.meter = _Meter(fmt, self.sse_body)
+                self.meter = new_meter(fmt, self.sse_body)
         request = self.request
         content_length = head.content_length
         framing = response_framing(status, content_length, request.http_version == "1.1")
