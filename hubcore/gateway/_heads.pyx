@@ -15,8 +15,7 @@ module (setup.py builds all or none; without it the compiled Exchange does
 not import), and the pure Exchange calls the Python functions."""
 
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.stdio cimport snprintf
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
 from hubcore.gateway.rewrite import ACCEPT_IDENTITY, REQUEST_DROP, RESPONSE_DROP, Framing
 from hubcore.gateway.routes import MODEL_ID, MODELS_PREFIX, OPENAI_MODELS, ROUTES, SESSION_HEADERS
@@ -32,10 +31,16 @@ cdef frozenset _REQUEST_DROP = REQUEST_DROP
 cdef NameSet _REQUEST_DROP_NAMES = NameSet(REQUEST_DROP)
 cdef NameSet _RESPONSE_DROP_NAMES = NameSet(RESPONSE_DROP)
 cdef bytes _ACCEPT_IDENTITY = ACCEPT_IDENTITY
+# Connection header values whose tokens all name headers in REQUEST_DROP,
+# as request_head found them; at most this many, of at most this size,
+# whatever clients send.
+cdef dict _CONNECTION_DROPPED = {}
+cdef Py_ssize_t _CONNECTION_VALUES_MAX = 64
+cdef Py_ssize_t _CONNECTION_VALUE_BYTES = 64
 cdef dict _STATUS_LINES = STATUS_LINES
 cdef object _status_line = status_line
-# Content lengths written with snprintf (%zd); a larger one (none reaches
-# the hub: its parser takes at most 18 digits) with %.
+# Content lengths written by _length_line; a larger one (none reaches the
+# hub: its parser takes at most 18 digits) with %.
 cdef object _LONG_LONG_LIMIT = 2 ** 63
 # The framings as C globals: `framing is _LENGTH` is a pointer comparison.
 cdef object _LENGTH = Framing.LENGTH
@@ -68,9 +73,23 @@ cdef inline Piece _literal(const char* s, Py_ssize_t size):
 
 
 cdef Piece _length_line(char* buf, Py_ssize_t length):
-    """`content-length: <length>` CRLF, written into `buf` (48 bytes)."""
-    cdef int n = snprintf(buf, 48, b"content-length: %zd\r\n", length)
-    return _literal(buf, n)
+    """`content-length: <length>` CRLF (length >= 0), written into `buf`
+    (48 bytes) digit by digit: snprintf parsed its format on every call."""
+    cdef char digits[24]
+    cdef int n = 0, at = 16
+    cdef size_t rest = <size_t>length
+    while True:
+        n += 1
+        digits[24 - n] = <char>(48 + rest % 10)
+        rest //= 10
+        if rest == 0:
+            break
+    memcpy(buf, b"content-length: ", 16)
+    memcpy(buf + at, digits + 24 - n, n)
+    at += n
+    buf[at] = 13
+    buf[at + 1] = 10
+    return _literal(buf, at + 2)
 
 
 cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host_line, bytes auth_line,
@@ -91,8 +110,15 @@ cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host
     for name, value in control or ():
         if name == b"connection":
             # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+            # Clients send one or two values ("keep-alive"), which name only
+            # headers dropped anyway: remembered, they make no set.
+            if _CONNECTION_DROPPED.get(value) is True:
+                continue
             named = {t.strip().lower() for t in value.split(b",")}
-            if not named <= drop:
+            if named <= _REQUEST_DROP:
+                if len(_CONNECTION_DROPPED) < _CONNECTION_VALUES_MAX and len(value) <= _CONNECTION_VALUE_BYTES:
+                    _CONNECTION_DROPPED[value] = True
+            elif not named <= drop:
                 drop = drop | named
     if drop is _REQUEST_DROP:
         drop = _REQUEST_DROP_NAMES
