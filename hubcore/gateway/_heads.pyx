@@ -14,7 +14,8 @@ a request. Only the compiled Exchange calls them: it is built with this
 module (setup.py builds all or none; without it the compiled Exchange does
 not import), and the pure Exchange calls the Python functions."""
 
-from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeLatin1
 from libc.string cimport memcmp, memcpy
 
 from hubcore.gateway.rewrite import ACCEPT_IDENTITY, REQUEST_DROP, RESPONSE_DROP, Framing
@@ -213,6 +214,8 @@ cpdef session_from_headers(list headers):
     for name in _SESSION_HEADERS:
         value = first_value(headers, name)
         if value:
+            if type(value) is bytes:  # as a parsed head's are: a C call
+                return PyUnicode_DecodeLatin1(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value), NULL)
             return value.decode("latin-1")
     return None
 
