@@ -10,10 +10,32 @@ release's common case read them as C fields. What KeyRing keeps in Python
 when the common case does not hold."""
 
 cimport cython
+from cpython.dict cimport PyDict_GetItem
+from cpython.unicode cimport PyUnicode_CheckExact
+from cpython.object cimport PyObject
 
+from hubcore._slots cimport read_slot, slot_offset
+
+from hubcore.config import KeySpec
 from hubcore.routing._lease_py import BARE_READS_TO_WAIT, KeyState, prefer
 from hubcore.routing.failures import FailureKind
 from hubcore.routing.headroom import Headroom, read_index
+
+# A key's spec, read by its slots (see hubcore/_slots.pxd): the lease and
+# the selection read its label, priority, weight and secret on every request.
+cdef type _KeySpec = KeySpec
+cdef Py_ssize_t _LABEL = slot_offset(KeySpec, "label")
+cdef Py_ssize_t _PRIORITY = slot_offset(KeySpec, "priority")
+cdef Py_ssize_t _WEIGHT = slot_offset(KeySpec, "weight")
+cdef Py_ssize_t _SECRET = slot_offset(KeySpec, "secret")
+
+
+cdef inline object _label(_Key key):
+    return read_slot(key.spec, _KeySpec, _LABEL, "label")
+
+
+cdef inline object _priority(_Key key):
+    return read_slot(key.spec, _KeySpec, _PRIORITY, "priority")
 
 # The states as C globals: `key.state is _H` is a pointer comparison.
 cdef object _H = KeyState.HEALTHY
@@ -66,11 +88,11 @@ cdef class Lease:
 
     @property
     def label(self):
-        return self._key.spec.label
+        return _label(self._key)
 
     @property
     def secret(self):
-        return self._key.spec.secret
+        return read_slot(self._key.spec, _KeySpec, _SECRET, "secret")
 
     @property
     def workspace(self):
@@ -118,11 +140,17 @@ cdef class RingCore:
         cdef double now = self._clock()
         cdef _Key key
         cdef object entry, sessions, reading
+        cdef PyObject* found
         if session_id is not None:
-            # The sessions are an OrderedDict: read and written through its
-            # own methods (a dict's C calls would skip its order).
+            # The sessions are an OrderedDict: written through its own
+            # methods (a dict's C calls would skip its order); read as the
+            # dict it is (reading moves nothing), in C for an exact str.
             sessions = self._sessions.entries
-            entry = sessions.get(session_id)
+            if PyUnicode_CheckExact(session_id) and isinstance(sessions, dict):
+                found = PyDict_GetItem(sessions, session_id)
+                entry = <object>found if found != NULL else None
+            else:
+                entry = sessions.get(session_id)
             if entry is not None:
                 key = <_Key?>(<tuple?>entry)[0]
                 # The common case, decided without looking at the other keys:
@@ -133,11 +161,11 @@ cdef class RingCore:
                     <double>(<tuple>entry)[1] > now
                     and key.state is _H
                     and key.until is None
-                    and key.spec.priority == self._best_priority
-                    and key.spec.label not in tried
+                    and _priority(key) == self._best_priority
+                    and _label(key) not in tried
                     and model_class not in key.rests
                     and key.held <= now
-                    and self._keys.get(key.spec.label) is key
+                    and self._keys.get(_label(key)) is key
                 ):
                     # Its room, as above_floor judges it: the one key of a
                     # ring is used whatever its room; another needs no
@@ -169,9 +197,9 @@ cdef class RingCore:
             # KeyRing._expire, called only when it has something to do.
             if (key.until is not None and <double>key.until <= now) or key.rests:
                 self._expire(key, now)
-            if key.state is not _H or key.spec.label in tried or model_class in key.rests or key.held > now:
+            if key.state is not _H or _label(key) in tried or model_class in key.rests or key.held > now:
                 continue
-            priority = key.spec.priority
+            priority = _priority(key)
             if not best or priority < tier:
                 best = [key]
                 tier = priority
@@ -280,7 +308,7 @@ cdef tuple _above_floor(list candidates, dict rooms, double floor):
 cdef inline double _share(_Key key, dict rooms) except? -1.0:
     """See _lease_py.share."""
     cdef double room = 1.0 if rooms is None else rooms[key]
-    cdef double weight = key.spec.weight
+    cdef double weight = read_slot(key.spec, _KeySpec, _WEIGHT, "weight")
     return weight * room if room > 0.0 else weight
 
 
