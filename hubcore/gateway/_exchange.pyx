@@ -20,6 +20,8 @@ the replacement is still what runs."""
 
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromFormat, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeLatin1
 from libc.string cimport memchr, memcmp, memcpy
 
@@ -34,6 +36,7 @@ cdef extern from *:
 # head are typed fields, read and called in C.
 from hubcore.http._conn cimport ConnCore, Request
 from hubcore.http._upstream cimport PoolCore, ResponseHead, UpstreamCore
+from hubcore.http._wire cimport HeaderList
 # The key ring's and limiter's cores, likewise (built with this one, or
 # this one fails to import and the pure twin runs): a ring or limiter that
 # is not one of them (a test's fake) is called as a Python object.
@@ -296,6 +299,7 @@ cdef class HubCore:
         return PyUnicode_DecodeASCII(text, n + digits, NULL)
 
     def gate(self, protocol, bytes method, bytes target, head):
+        cdef PyObject* found
         cdef const char* t = PyBytes_AS_STRING(target)
         cdef const char* q = <const char*>memchr(t, 63, PyBytes_GET_SIZE(target))  # '?'
         path = target if q == NULL else PyBytes_FromStringAndSize(t, q - t)
@@ -304,9 +308,15 @@ cdef class HubCore:
         if route_for(path) is None and path != _ME_PATH:
             return _HubError(404, f"no route for {printable_path(path)}")
         principal = None
-        token = head.header(b"x-api-key")
+        # The server's head is a HeaderCollector: its header() a C call.
+        token = (<HeaderList>head).header(b"x-api-key") if isinstance(head, HeaderList) else head.header(b"x-api-key")
         if type(token) is bytes and PyBytes_GET_SIZE(token) and type(self.tokens) is _TokenTable:
-            principal = self.tokens.seen.get(token)
+            seen = self.tokens.seen
+            if type(seen) is dict:
+                found = PyDict_GetItem(seen, token)
+                principal = <object>found if found != NULL else None
+            else:
+                principal = seen.get(token)
         if principal is None:
             # Bearer tokens, tokens not seen since the last reload, refusals:
             # the twin's steps.
