@@ -15,6 +15,7 @@ building the ResponseHead, the pool's `_put_idle`, the header collector's
 (client.UpstreamConnection), called as Python methods."""
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.list cimport PyList_Clear
 
 import time
 from collections import deque
@@ -163,7 +164,7 @@ cdef class UpstreamCore(ParsingCore):
             sink.on_data(parts)
         else:
             self.held.extend(parts)
-        parts.clear()
+        PyList_Clear(parts)  # parts.clear() would be a method lookup and a call
 
     def on_message_complete(self):
         """The body is whole (the subclass's call for one the close ends)."""
@@ -180,7 +181,7 @@ cdef class UpstreamCore(ParsingCore):
         if sink is not None:
             parts = self.body_parts
             sink.on_complete(parts)
-            parts.clear()
+            PyList_Clear(parts)
         # else the chunks wait in `held` (data_received delivers them there)
         # for attach(), which completes the sink.
 
@@ -207,7 +208,7 @@ cdef class UpstreamCore(ParsingCore):
         self.head = None
         self.sink = None
         self.held = []
-        self.body_parts.clear()
+        PyList_Clear(self.body_parts)
         self.complete = False
         self.failure = None
         self.first_byte_timeout = first_byte_timeout
