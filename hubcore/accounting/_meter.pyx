@@ -15,7 +15,7 @@ message_start and message_delta, walked in place into the members that matter;
 what they mean is read by the same code, `_meter_interpret.Reading`.
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.stdint cimport uint64_t
@@ -1102,6 +1102,9 @@ cdef class Meter:
     def feed(self, data) -> None:
         cdef const unsigned char[:] view
         cdef Py_ssize_t n
+        if type(data) is bytes:
+            self._feed_bytes(data)
+            return
         if self._closed:
             raise MeterError("feed() after close()")
         data = _as_bytes(data)
@@ -1110,15 +1113,32 @@ cdef class Meter:
         if n == 0:
             return
         if not self.sse:
-            if self._overflow:
-                return
-            if len(self._body) + n > self._max_body:
-                self._overflow = True
-                self._body = bytearray()
-            else:
-                self._body += data
+            self._feed_body(data, n)
             return
         self._feed_sse(&view[0], n)
+
+    cdef int _feed_bytes(self, bytes data) except -1:
+        """feed() of bytes (what the exchange core hands over), read in
+        place: a typed memoryview of it was an object made per call."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        if self._closed:
+            raise MeterError("feed() after close()")
+        if n == 0:
+            return 0
+        if not self.sse:
+            return self._feed_body(data, n)
+        return self._feed_sse(<const unsigned char*>PyBytes_AS_STRING(data), n)
+
+    cdef int _feed_body(self, data, Py_ssize_t n) except -1:
+        """A non-SSE body's `n` more bytes, kept up to the cap."""
+        if self._overflow:
+            return 0
+        if len(self._body) + n > self._max_body:
+            self._overflow = True
+            self._body = bytearray()
+        else:
+            self._body += data
+        return 0
 
     def close(self) -> None:
         cdef Py_ssize_t tl

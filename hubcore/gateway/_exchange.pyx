@@ -694,7 +694,10 @@ cdef class ExchangeCore:
         meter = self.meter
         if meter is not None and size:
             try:
-                meter.feed(data)
+                if type(meter) is CompiledMeter and type(data) is bytes:
+                    (<CompiledMeter>meter)._feed_bytes(data)  # a C call
+                else:
+                    meter.feed(data)
             except _MeterError as e:
                 log.warning("request %s: metering stopped: %s", self.request_id, e)
                 self.meter = None
