@@ -3,8 +3,8 @@ twins share), HTTP head handling, the client connection's request path, the
 upstream connection's response path, the Exchange's common path (and the
 gateway's head functions it calls), the key ring's common path, the
 Limiter's request path, the metrics' per-request counters, the access
-log's line, the usage writer's bound values and its SQLite connection
-unless HUBCORE_NO_EXTENSIONS=1.
+log's line, the usage writer's bound values, the usage recorder's record
+and the usage writer's SQLite connection unless HUBCORE_NO_EXTENSIONS=1.
 
 The pure-Python twins (hubcore/accounting/_meter_py.py, hubcore/http/_wire_py.py,
 hubcore/http/_conn_py.py, hubcore/http/_upstream_py.py,
