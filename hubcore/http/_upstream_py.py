@@ -96,6 +96,11 @@ class ResponseHead(HeaderList):
                 self.chunked = b"chunked" in value.lower()
 
 
+# What write_request calls with the response head, and when a failure reaches no one else.
+OnHead = Callable[[ResponseHead], None]
+OnFail = Callable[[], None]
+
+
 class UpstreamCore:
     """The per-connection and per-request state of an upstream connection,
     and what every request does with it. The subclass
@@ -125,8 +130,8 @@ class UpstreamCore:
         # per-request
         # The response head's future: made only when asked (head_waiter).
         self.head_future: asyncio.Future[ResponseHead] | None = None
-        self.on_head: Callable[[ResponseHead], None] | None = None
-        self.on_fail: Callable[[], None] | None = None
+        self.on_head: OnHead | None = None
+        self.on_fail: OnFail | None = None
         self.head: ResponseHead | None = None
         self.head_at = 0.0
         self.sink: BodySink | None = None
@@ -212,28 +217,14 @@ class UpstreamCore:
         # for attach(), which completes the sink.
 
     # -- used by the Exchange ----------------------------------------------
-    def send(
-        self,
-        head: bytes,
-        body: list[bytes],
-        first_byte_timeout: float,
-        idle_timeout: float,
-        on_head: Callable[[ResponseHead], None] | None = None,
-        on_fail: Callable[[], None] | None = None,
-    ) -> asyncio.Future[ResponseHead]:
+    def send(self, head: bytes, body: list[bytes], first_byte_timeout: float, idle_timeout: float,
+             on_head: OnHead | None = None, on_fail: OnFail | None = None) -> asyncio.Future[ResponseHead]:
         """Write a request (see `write_request`); the future gets the response head."""
         self.write_request(head, body, first_byte_timeout, idle_timeout, on_head, on_fail)
         return self.head_waiter()
 
-    def write_request(
-        self,
-        head: bytes,
-        body: list[bytes],
-        first_byte_timeout: float,
-        idle_timeout: float,
-        on_head: Callable[[ResponseHead], None] | None = None,
-        on_fail: Callable[[], None] | None = None,
-    ) -> None:
+    def write_request(self, head: bytes, body: list[bytes], first_byte_timeout: float, idle_timeout: float,
+                      on_head: OnHead | None = None, on_fail: OnFail | None = None) -> None:
         """Write a request: its head, then its body in pieces, in one write.
         `on_head`, if given, is called with the response head as it arrives,
         in the read that brought it: a caller can attach a sink there and the
