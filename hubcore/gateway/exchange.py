@@ -566,8 +566,7 @@ class Exchange(ExchangeCore):
         head: bytes | None = None
         for fresh in (False, True):
             if sending is not None:
-                conn, sending = sending, None
-                assert conn is self.conn
+                conn, sending = sending, None  # the first attempt's, written by begin()
             else:
                 if head is None:
                     head = self._request_head(upstream, lease.secret)
