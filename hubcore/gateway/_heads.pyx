@@ -18,6 +18,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeLatin1
 from libc.string cimport memcmp, memcpy
 
+from hubcore._digits cimport write_decimal
+
 from hubcore.gateway.rewrite import ACCEPT_IDENTITY, REQUEST_DROP, RESPONSE_DROP, Framing
 from hubcore.gateway.routes import MODEL_ID, MODELS_PREFIX, OPENAI_MODELS, ROUTES, SESSION_HEADERS
 from hubcore.http.server import STATUS_LINES, status_line
@@ -35,7 +37,7 @@ cdef bytes _ACCEPT_IDENTITY = ACCEPT_IDENTITY
 # Connection header values whose tokens all name headers in REQUEST_DROP,
 # as request_head found them; at most this many, of at most this size,
 # whatever clients send.
-cdef dict _CONNECTION_DROPPED = {}
+cdef set _CONNECTION_DROPPED = set()
 cdef Py_ssize_t _CONNECTION_VALUES_MAX = 64
 cdef Py_ssize_t _CONNECTION_VALUE_BYTES = 64
 cdef dict _STATUS_LINES = STATUS_LINES
@@ -77,14 +79,8 @@ cdef Piece _length_line(char* buf, Py_ssize_t length):
     """`content-length: <length>` CRLF (length >= 0), written into `buf`
     (48 bytes) digit by digit: snprintf parsed its format on every call."""
     cdef char digits[24]
-    cdef int n = 0, at = 16
-    cdef size_t rest = <size_t>length
-    while True:
-        n += 1
-        digits[24 - n] = <char>(48 + rest % 10)
-        rest //= 10
-        if rest == 0:
-            break
+    cdef int at = 16
+    cdef int n = write_decimal(digits + 24, <unsigned long long>length)
     memcpy(buf, b"content-length: ", 16)
     memcpy(buf + at, digits + 24 - n, n)
     at += n
@@ -113,12 +109,12 @@ cpdef bytes request_head(bytes method, bytes target, bytes base_path, bytes host
             # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
             # Clients send one or two values ("keep-alive"), which name only
             # headers dropped anyway: remembered, they make no set.
-            if _CONNECTION_DROPPED.get(value) is True:
+            if value in _CONNECTION_DROPPED:
                 continue
             named = {t.strip().lower() for t in value.split(b",")}
             if named <= _REQUEST_DROP:
                 if len(_CONNECTION_DROPPED) < _CONNECTION_VALUES_MAX and len(value) <= _CONNECTION_VALUE_BYTES:
-                    _CONNECTION_DROPPED[value] = True
+                    _CONNECTION_DROPPED.add(value)
             elif not named <= drop:
                 drop = drop | named
     if drop is _REQUEST_DROP:

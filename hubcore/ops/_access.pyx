@@ -19,6 +19,7 @@ from libc.math cimport frexp, isfinite, ldexp, signbit
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
 
+from hubcore._digits cimport write_decimal
 from hubcore.accounting._rows cimport (
     F_ATTEMPTS, F_CACHE_READ, F_CACHE_WRITE_1H, F_CACHE_WRITE_5M, F_COST_MICROS, F_ENDPOINT, F_INPUT_TOKENS,
     F_KEY_LABEL, F_MODEL, F_OUTCOME, F_OUTPUT_TOKENS, F_PROJECT, F_REQUEST_ID, F_STATUS, F_TOTAL_MS, F_TS,
@@ -73,17 +74,6 @@ cdef bint _str(_Line* line, value) except -1:
     return _bytes(line, s, size)
 
 
-cdef inline int _decimal(char* end, unsigned long long u) noexcept:
-    """Write `u` in decimal just before `end`; return how many digits."""
-    cdef int n = 0
-    while True:
-        n += 1
-        end[-n] = <char>(48 + u % 10)
-        u //= 10
-        if u == 0:
-            return n
-
-
 cdef bint _int(_Line* line, value) except -1:
     """`%d` (or `%s`) of an exact int that fits 64 bits, in decimal."""
     cdef int overflow = 0
@@ -98,7 +88,7 @@ cdef bint _int(_Line* line, value) except -1:
         return False
     # Negated as unsigned: the most negative value has no positive twin.
     u = (0ULL - <unsigned long long>v) if v < 0 else <unsigned long long>v
-    i -= _decimal(digits + i, u)
+    i -= write_decimal(digits + i, u)
     if v < 0:
         i -= 1
         digits[i] = 45  # '-'
@@ -160,7 +150,7 @@ cdef bint _millis(_Line* line, value) except -1:
             whole //= 10
         i -= 1
         digits[i] = 46  # '.'
-        i -= _decimal(digits + i, whole)
+        i -= write_decimal(digits + i, whole)
         return _bytes(line, digits + i, 32 - i)
     written = snprintf(line.buf + line.n, LINE_MAX - line.n, "%.3f", v)
     if written < 0 or written >= LINE_MAX - line.n or memchr(line.buf + line.n, 44, written) != NULL:
