@@ -50,7 +50,7 @@ cdef class Meter:
 
     cdef int _start(self, fmt, bint sse, Py_ssize_t max_event_size, Py_ssize_t max_body_size) except -1
     cdef int _feed_bytes(self, bytes data) except -1
-    cdef int _feed_body(self, data, Py_ssize_t n) except -1
+    cdef int _feed_at(self, data, const unsigned char* p, Py_ssize_t n) except -1
     cdef int _feed_sse(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef Py_ssize_t _past_eol(self, const unsigned char* p, Py_ssize_t j, Py_ssize_t n) noexcept
     cdef int _line(self, const unsigned char* s, Py_ssize_t n) except -1

@@ -1101,7 +1101,6 @@ cdef class Meter:
 
     def feed(self, data) -> None:
         cdef const unsigned char[:] view
-        cdef Py_ssize_t n
         if type(data) is bytes:
             self._feed_bytes(data)
             return
@@ -1109,28 +1108,22 @@ cdef class Meter:
             raise MeterError("feed() after close()")
         data = _as_bytes(data)
         view = data
-        n = view.shape[0]
-        if n == 0:
-            return
-        if not self.sse:
-            self._feed_body(data, n)
-            return
-        self._feed_sse(&view[0], n)
+        if view.shape[0]:
+            self._feed_at(data, &view[0], view.shape[0])
 
     cdef int _feed_bytes(self, bytes data) except -1:
         """feed() of bytes (what the exchange core hands over), read in
         place: a typed memoryview of it was an object made per call."""
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         if self._closed:
             raise MeterError("feed() after close()")
+        return self._feed_at(data, <const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+    cdef int _feed_at(self, data, const unsigned char* p, Py_ssize_t n) except -1:
+        """The `n` bytes of `data` at `p`: a non-SSE body's kept up to the cap."""
         if n == 0:
             return 0
-        if not self.sse:
-            return self._feed_body(data, n)
-        return self._feed_sse(<const unsigned char*>PyBytes_AS_STRING(data), n)
-
-    cdef int _feed_body(self, data, Py_ssize_t n) except -1:
-        """A non-SSE body's `n` more bytes, kept up to the cap."""
+        if self.sse:
+            return self._feed_sse(p, n)
         if self._overflow:
             return 0
         if len(self._body) + n > self._max_body:
